@@ -1,0 +1,15 @@
+//! The certificate authority: key handling, the development PKI, CSR checks and the
+//! certificate profiles. Knows rcgen and x509-parser; knows nothing of storage.
+
+pub mod csr;
+pub mod pki;
+pub mod profile;
+pub mod signer;
+
+pub use csr::{parse_device_csr, DevicePublicKey, MAX_CSR_BYTES};
+pub use pki::{init_dev_pki, CaMaterial, PkiFiles};
+pub use profile::{issue_device_certificate, DeviceCertificate, DeviceProfile};
+pub use signer::{CaSigner, KeyFileSigner};
+
+/// Role names carried in client certificates as a URI SAN `urn:payra:role:<name>`.
+pub const ROLE_URI_PREFIX: &str = "urn:payra:role:";

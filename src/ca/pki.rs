@@ -1,0 +1,376 @@
+//! The development PKI (`payra init`) and loading the CA material at start, refusing to start
+//! with a key that others can read or that does not match its certificate.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber, PKCS_ECDSA_P256_SHA256,
+};
+use rustls_pki_types::CertificateDer;
+use time::{Duration, OffsetDateTime};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::signer::{CaSigner, KeyFileSigner, RcgenSigner};
+use super::ROLE_URI_PREFIX;
+use crate::error::{Error, Result};
+use crate::model::Serial;
+
+/// The file names `payra init` writes, relative to the certs directory.
+#[derive(Debug, Clone)]
+pub struct PkiFiles {
+    pub dir: PathBuf,
+}
+
+impl PkiFiles {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        PkiFiles { dir: dir.into() }
+    }
+    pub fn root_cert(&self) -> PathBuf {
+        self.dir.join("root.pem")
+    }
+    pub fn root_key(&self) -> PathBuf {
+        self.dir.join("root.key")
+    }
+    pub fn issuing_cert(&self) -> PathBuf {
+        self.dir.join("issuing.pem")
+    }
+    pub fn issuing_key(&self) -> PathBuf {
+        self.dir.join("issuing.key")
+    }
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.join("server.pem")
+    }
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.join("server.key")
+    }
+    /// `operator.pem` / `service.pem` and their keys.
+    pub fn client_cert(&self, role: &str) -> PathBuf {
+        self.dir.join(format!("{role}.pem"))
+    }
+    pub fn client_key(&self, role: &str) -> PathBuf {
+        self.dir.join(format!("{role}.key"))
+    }
+
+    /// Every file `payra init` writes.
+    pub fn all(&self) -> Vec<PathBuf> {
+        vec![
+            self.root_cert(),
+            self.root_key(),
+            self.issuing_cert(),
+            self.issuing_key(),
+            self.server_cert(),
+            self.server_key(),
+            self.client_cert("operator"),
+            self.client_key("operator"),
+            self.client_cert("service"),
+            self.client_key("service"),
+        ]
+    }
+}
+
+fn now_utc() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+fn random_serial() -> SerialNumber {
+    SerialNumber::from_slice(Serial::random().as_bytes())
+}
+
+fn name(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "payra");
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn new_key() -> Result<KeyPair> {
+    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| Error::internal(format!("key generation: {e}")))
+}
+
+fn rcgen_err(e: rcgen::Error) -> Error {
+    Error::internal(format!("certificate generation: {e}"))
+}
+
+/// Writes `contents` to `path` with mode 0600 (keys) or 0644 (certificates).
+fn write_file(path: &Path, contents: &str, secret: bool) -> Result<()> {
+    let mode = if secret { 0o600 } else { 0o644 };
+    let _ = fs::remove_file(path);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| Error::internal(format!("{}: {e}", path.display())))?;
+    file.write_all(contents.as_bytes())?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// Params for a client certificate of `role`, issued by the issuing CA.
+fn client_params(role: &str, not_before: OffsetDateTime) -> Result<CertificateParams> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = name(&format!("payra {role}"));
+    params.serial_number = Some(random_serial());
+    params.not_before = not_before;
+    params.not_after = not_before + Duration::days(365 * 2);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.subject_alt_names = vec![SanType::URI(
+        format!("{ROLE_URI_PREFIX}{role}")
+            .try_into()
+            .map_err(rcgen_err)?,
+    )];
+    Ok(params)
+}
+
+/// Writes a development PKI into `dir`: root CA (10 years), issuing CA (pathLen 0, 5 years),
+/// a localhost TLS server certificate and `operator` / `service` client certificates. Keys are
+/// PKCS#8 PEM with mode 0600. Refuses to overwrite an existing PKI unless `force`.
+pub fn init_dev_pki(dir: &Path, force: bool) -> Result<()> {
+    let files = PkiFiles::new(dir);
+    if !force {
+        if let Some(existing) = files.all().into_iter().find(|p| p.exists()) {
+            return Err(Error::AlreadyExists(format!(
+                "{} exists; refusing to overwrite a PKI (use --force to replace it)",
+                existing.display()
+            )));
+        }
+    }
+    fs::create_dir_all(dir)?;
+    let not_before = now_utc() - Duration::hours(1);
+
+    let root_key = new_key()?;
+    let mut root_params = CertificateParams::default();
+    root_params.distinguished_name = name("payra development root CA");
+    root_params.serial_number = Some(random_serial());
+    root_params.not_before = not_before;
+    root_params.not_after = not_before + Duration::days(3653);
+    root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    root_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let root_cert = root_params.self_signed(&root_key).map_err(rcgen_err)?;
+    let root_issuer = Issuer::new(root_params, &root_key);
+
+    let issuing_key = new_key()?;
+    let mut issuing_params = CertificateParams::default();
+    issuing_params.distinguished_name = name("payra development issuing CA");
+    issuing_params.serial_number = Some(random_serial());
+    issuing_params.not_before = not_before;
+    issuing_params.not_after = not_before + Duration::days(1827);
+    issuing_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    issuing_params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+    ];
+    issuing_params.use_authority_key_identifier_extension = true;
+    let issuing_cert = issuing_params
+        .signed_by(&issuing_key, &root_issuer)
+        .map_err(rcgen_err)?;
+    let issuing_issuer = Issuer::new(issuing_params, &issuing_key);
+
+    let server_key = new_key()?;
+    let mut server_params = CertificateParams::new(vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ])
+    .map_err(rcgen_err)?;
+    server_params.distinguished_name = name("localhost");
+    server_params.serial_number = Some(random_serial());
+    server_params.not_before = not_before;
+    server_params.not_after = not_before + Duration::days(365 * 2);
+    server_params.is_ca = IsCa::ExplicitNoCa;
+    server_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    server_params.use_authority_key_identifier_extension = true;
+    let server_cert = server_params
+        .signed_by(&server_key, &issuing_issuer)
+        .map_err(rcgen_err)?;
+
+    write_file(&files.root_cert(), &root_cert.pem(), false)?;
+    write_file(&files.root_key(), &root_key.serialize_pem(), true)?;
+    write_file(&files.issuing_cert(), &issuing_cert.pem(), false)?;
+    write_file(&files.issuing_key(), &issuing_key.serialize_pem(), true)?;
+    write_file(&files.server_cert(), &server_cert.pem(), false)?;
+    write_file(&files.server_key(), &server_key.serialize_pem(), true)?;
+    for role in ["operator", "service"] {
+        let key = new_key()?;
+        let cert = client_params(role, not_before)?
+            .signed_by(&key, &issuing_issuer)
+            .map_err(rcgen_err)?;
+        write_file(&files.client_cert(role), &cert.pem(), false)?;
+        write_file(&files.client_key(role), &key.serialize_pem(), true)?;
+    }
+    Ok(())
+}
+
+/// Reads a private key file, refusing one that group or others may read.
+pub fn read_private_key(path: &Path) -> Result<String> {
+    let meta = fs::metadata(path)
+        .map_err(|e| Error::FailedPrecondition(format!("{}: {e}", path.display())))?;
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(Error::FailedPrecondition(format!(
+            "{} has mode {:o}; a private key must not be readable by group or others (chmod 600)",
+            path.display(),
+            mode & 0o777
+        )));
+    }
+    fs::read_to_string(path)
+        .map_err(|e| Error::FailedPrecondition(format!("{}: {e}", path.display())))
+}
+
+/// Reads the first certificate of a PEM file.
+pub fn read_certificate_der(path: &Path) -> Result<Vec<u8>> {
+    let text = fs::read_to_string(path)
+        .map_err(|e| Error::FailedPrecondition(format!("{}: {e}", path.display())))?;
+    let block = pem::parse(&text).map_err(|e| {
+        Error::FailedPrecondition(format!("{}: not a PEM certificate: {e}", path.display()))
+    })?;
+    if block.tag() != "CERTIFICATE" {
+        return Err(Error::FailedPrecondition(format!(
+            "{}: expected a CERTIFICATE block, found {}",
+            path.display(),
+            block.tag()
+        )));
+    }
+    Ok(block.into_contents())
+}
+
+/// The uncompressed SEC1 public key of a certificate.
+fn certificate_public_key(der: &[u8], what: &Path) -> Result<Vec<u8>> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| {
+        Error::FailedPrecondition(format!("{}: not an X.509 certificate: {e}", what.display()))
+    })?;
+    Ok(cert.public_key().subject_public_key.data.to_vec())
+}
+
+/// Owns the issuing CA's signer in a form rcgen can borrow for every issuance.
+#[derive(Clone)]
+pub struct SharedSigner(pub Arc<dyn CaSigner>);
+
+impl rcgen::PublicKeyData for SharedSigner {
+    fn der_bytes(&self) -> &[u8] {
+        self.0.public_key_sec1()
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        &PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl rcgen::SigningKey for SharedSigner {
+    fn sign(&self, message: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
+        rcgen::SigningKey::sign(&RcgenSigner(self.0.as_ref()), message)
+    }
+}
+
+/// The CA material the server runs with: issuing CA certificate and signer, the root, and the
+/// TLS server identity.
+pub struct CaMaterial {
+    pub root_der: Vec<u8>,
+    pub issuing_der: Vec<u8>,
+    pub issuer: Issuer<'static, SharedSigner>,
+    pub signer: Arc<dyn CaSigner>,
+    /// `server.pem` followed by `issuing.pem`, for the TLS handshake.
+    pub server_chain_pem: String,
+    pub server_key_pem: String,
+}
+
+impl CaMaterial {
+    /// Loads the PKI from `dir`, refusing keys readable by others and an issuing key that does
+    /// not match the issuing certificate.
+    pub fn load(dir: &Path) -> Result<CaMaterial> {
+        let files = PkiFiles::new(dir);
+        let root_der = read_certificate_der(&files.root_cert())?;
+        let issuing_der = read_certificate_der(&files.issuing_cert())?;
+        let signer: Arc<dyn CaSigner> = Arc::new(KeyFileSigner::from_pkcs8_pem(
+            &read_private_key(&files.issuing_key())?,
+        )?);
+        let cert_key = certificate_public_key(&issuing_der, &files.issuing_cert())?;
+        if cert_key != signer.public_key_sec1() {
+            return Err(Error::FailedPrecondition(format!(
+                "{} does not match the public key of {}; refusing to start",
+                files.issuing_key().display(),
+                files.issuing_cert().display()
+            )));
+        }
+        let issuer = Issuer::from_ca_cert_der(
+            &CertificateDer::from(issuing_der.clone()),
+            SharedSigner(signer.clone()),
+        )
+        .map_err(|e| Error::FailedPrecondition(format!("issuing CA certificate: {e}")))?;
+        let server_key_pem = read_private_key(&files.server_key())?;
+        let server_pem = fs::read_to_string(files.server_cert())?;
+        let issuing_pem = fs::read_to_string(files.issuing_cert())?;
+        Ok(CaMaterial {
+            root_der,
+            issuing_der,
+            issuer,
+            signer,
+            server_chain_pem: format!("{}\n{}", server_pem.trim_end(), issuing_pem),
+            server_key_pem,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ok_init_then_load() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dev_pki(dir.path(), false).unwrap();
+        let files = PkiFiles::new(dir.path());
+        for path in files.all() {
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            if path.extension().is_some_and(|e| e == "key") {
+                assert_eq!(mode, 0o600, "{}", path.display());
+            }
+        }
+        CaMaterial::load(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn fail_init_refuses_overwrite_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dev_pki(dir.path(), false).unwrap();
+        let before = fs::read(dir.path().join("root.pem")).unwrap();
+        let err = init_dev_pki(dir.path(), false).unwrap_err();
+        assert!(err.to_string().contains("--force"), "{err}");
+        assert_eq!(before, fs::read(dir.path().join("root.pem")).unwrap());
+        init_dev_pki(dir.path(), true).unwrap();
+        assert_ne!(before, fs::read(dir.path().join("root.pem")).unwrap());
+    }
+
+    #[test]
+    fn fail_load_key_readable_by_others() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dev_pki(dir.path(), false).unwrap();
+        let key = dir.path().join("issuing.key");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = CaMaterial::load(dir.path()).err().unwrap();
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn fail_load_key_not_matching_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dev_pki(dir.path(), false).unwrap();
+        fs::copy(
+            dir.path().join("server.key"),
+            dir.path().join("issuing.key"),
+        )
+        .unwrap();
+        let err = CaMaterial::load(dir.path()).err().unwrap();
+        assert!(err.to_string().contains("does not match"), "{err}");
+    }
+}

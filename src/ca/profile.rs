@@ -1,0 +1,137 @@
+//! The device certificate profile. payra decides every field: the CSR contributes only the
+//! public key (rcgen's defaults are unsafe for a CA, so nothing is left to them).
+
+use der::asn1::Ia5String;
+use der::Encode;
+use rcgen::{
+    CertificateParams, CrlDistributionPoint, CustomExtension, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber,
+    SignatureAlgorithm, PKCS_ECDSA_P256_SHA256,
+};
+use time::OffsetDateTime;
+use x509_cert::ext::pkix::name::GeneralName;
+use x509_cert::ext::pkix::{AccessDescription, AuthorityInfoAccessSyntax};
+
+use super::csr::DevicePublicKey;
+use super::pki::SharedSigner;
+use super::ROLE_URI_PREFIX;
+use crate::error::{Error, Result};
+use crate::model::{CustomerId, DeviceId, Serial};
+
+/// OID of the `authorityInfoAccess` extension (RFC 5280 4.2.2.1).
+const OID_AUTHORITY_INFO_ACCESS: &[u64] = &[1, 3, 6, 1, 5, 5, 7, 1, 1];
+/// OID of the `UID` attribute (RFC 4519), which carries the customer id in the subject.
+const OID_USER_ID: &[u64] = &[0, 9, 2342, 19200300, 100, 1, 1];
+
+/// Role URI carried by every device certificate.
+pub const DEVICE_ROLE: &str = "device";
+
+/// The adjustable part of the device profile, from configuration.
+#[derive(Debug, Clone)]
+pub struct DeviceProfile {
+    pub validity_s: i64,
+    pub backdate_s: i64,
+    pub crl_url: String,
+    pub ocsp_url: String,
+}
+
+/// An issued device certificate and the facts payra records about it.
+#[derive(Debug, Clone)]
+pub struct DeviceCertificate {
+    pub der: Vec<u8>,
+    pub subject: String,
+    pub not_before_s: i64,
+    pub not_after_s: i64,
+}
+
+impl PublicKeyData for DevicePublicKey {
+    fn der_bytes(&self) -> &[u8] {
+        self.sec1()
+    }
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        &PKCS_ECDSA_P256_SHA256
+    }
+}
+
+fn time_from_unix(seconds: i64) -> Result<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp(seconds)
+        .map_err(|e| Error::internal(format!("time out of range: {e}")))
+}
+
+fn uri(value: String) -> Result<SanType> {
+    let ia5 = value
+        .try_into()
+        .map_err(|e: rcgen::Error| Error::internal(format!("URI SAN: {e}")))?;
+    Ok(SanType::URI(ia5))
+}
+
+/// The DER `authorityInfoAccess` value pointing at the OCSP responder.
+fn authority_info_access(ocsp_url: &str) -> Result<Vec<u8>> {
+    let location = Ia5String::new(ocsp_url)
+        .map_err(|e| Error::internal(format!("OCSP URL is not IA5: {e}")))?;
+    let aia = AuthorityInfoAccessSyntax(vec![AccessDescription {
+        access_method: const_oid::db::rfc5280::ID_AD_OCSP,
+        access_location: GeneralName::UniformResourceIdentifier(location),
+    }]);
+    aia.to_der()
+        .map_err(|e| Error::internal(format!("encoding AIA: {e}")))
+}
+
+/// Signs a device certificate for `key`, naming `customer` and `device`.
+///
+/// Subject `CN=<device>, UID=<customer>, O=payra device`; URI SANs `urn:payra:role:device`,
+/// `urn:payra:customer:<customer>`, `urn:payra:device:<device>`; KeyUsage digitalSignature
+/// (critical), EKU clientAuth, BasicConstraints CA:false (critical), SKI, AKI, CRL
+/// distribution point and OCSP AIA; notBefore `now - backdate`, notAfter `now + validity`.
+pub fn issue_device_certificate(
+    issuer: &Issuer<'static, SharedSigner>,
+    profile: &DeviceProfile,
+    key: &DevicePublicKey,
+    serial: &Serial,
+    customer: &CustomerId,
+    device: &DeviceId,
+    now_s: i64,
+) -> Result<DeviceCertificate> {
+    let not_before_s = now_s - profile.backdate_s;
+    let not_after_s = now_s + profile.validity_s;
+
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "payra device");
+    dn.push(
+        DnType::CustomDnType(OID_USER_ID.to_vec()),
+        customer.as_str(),
+    );
+    dn.push(DnType::CommonName, device.as_str());
+
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn;
+    params.serial_number = Some(SerialNumber::from_slice(serial.as_bytes()));
+    params.not_before = time_from_unix(not_before_s)?;
+    params.not_after = time_from_unix(not_after_s)?;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.subject_alt_names = vec![
+        uri(format!("{ROLE_URI_PREFIX}{DEVICE_ROLE}"))?,
+        uri(format!("urn:payra:customer:{customer}"))?,
+        uri(format!("urn:payra:device:{device}"))?,
+    ];
+    params.crl_distribution_points = vec![CrlDistributionPoint {
+        uris: vec![profile.crl_url.clone()],
+    }];
+    params.custom_extensions = vec![CustomExtension::from_oid_content(
+        OID_AUTHORITY_INFO_ACCESS,
+        authority_info_access(&profile.ocsp_url)?,
+    )];
+
+    let cert = params
+        .signed_by(key, issuer)
+        .map_err(|e| Error::internal(format!("signing device certificate: {e}")))?;
+    Ok(DeviceCertificate {
+        der: cert.der().to_vec(),
+        subject: format!("CN={device},UID={customer},O=payra device"),
+        not_before_s,
+        not_after_s,
+    })
+}

@@ -1,0 +1,70 @@
+//! The CA signing seam. Everything the CA signs goes through [`CaSigner`], so a PKCS#11 HSM or a
+//! KMS can replace the key file without touching the profiles.
+
+use rcgen::{KeyPair, PublicKeyData, SignatureAlgorithm, SigningKey, PKCS_ECDSA_P256_SHA256};
+
+use crate::error::{Error, Result};
+
+/// A CA private key that signs with ECDSA P-256 / SHA-256.
+pub trait CaSigner: Send + Sync {
+    /// The public key as an uncompressed SEC1 point (65 octets).
+    fn public_key_sec1(&self) -> &[u8];
+
+    /// Signs `message` (hashing it with SHA-256) and returns a DER ECDSA signature.
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>>;
+}
+
+/// A P-256 key loaded from a PKCS#8 file, signing with ring.
+pub struct KeyFileSigner {
+    key: KeyPair,
+}
+
+impl KeyFileSigner {
+    /// Loads an unencrypted PKCS#8 PEM P-256 key.
+    pub fn from_pkcs8_pem(pem: &str) -> Result<Self> {
+        let key = KeyPair::from_pkcs8_pem_and_sign_algo(pem, &PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| Error::internal(format!("CA key is not a PKCS#8 P-256 key: {e}")))?;
+        Ok(KeyFileSigner { key })
+    }
+
+    /// Wraps an rcgen key pair (used by `payra init`, which generates the keys).
+    pub fn from_key_pair(key: KeyPair) -> Result<Self> {
+        if !key.is_compatible(&PKCS_ECDSA_P256_SHA256) {
+            return Err(Error::internal("CA key is not P-256"));
+        }
+        Ok(KeyFileSigner { key })
+    }
+}
+
+impl CaSigner for KeyFileSigner {
+    fn public_key_sec1(&self) -> &[u8] {
+        self.key.public_key_raw()
+    }
+
+    fn sign(&self, message: &[u8]) -> Result<Vec<u8>> {
+        self.key
+            .sign(message)
+            .map_err(|e| Error::internal(format!("CA signing failed: {e}")))
+    }
+}
+
+/// Presents any [`CaSigner`] to rcgen.
+pub(crate) struct RcgenSigner<'a>(pub &'a dyn CaSigner);
+
+impl PublicKeyData for RcgenSigner<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        self.0.public_key_sec1()
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        &PKCS_ECDSA_P256_SHA256
+    }
+}
+
+impl SigningKey for RcgenSigner<'_> {
+    fn sign(&self, message: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
+        self.0
+            .sign(message)
+            .map_err(|_| rcgen::Error::RingUnspecified)
+    }
+}

@@ -1,0 +1,183 @@
+//! The Rust client of payra: used by the CLI and the tests, and the reference for SDK authors.
+//! [`DeviceKey`] is the device side (key generation, CSR); [`Client`] speaks gRPC over TLS.
+
+use std::path::{Path, PathBuf};
+
+use p256::pkcs8::{DecodePrivateKey, EncodePrivateKey, LineEnding};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::Status;
+
+use crate::error::{Error, Result};
+use crate::wire::proto;
+
+pub use crate::wire::proto::DeviceInfo as ProtoDeviceInfo;
+
+/// Which certificate the client presents.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// No client certificate (a phone before enrollment).
+    None,
+    /// A PEM certificate and its PKCS#8 PEM key.
+    Files { certificate: PathBuf, key: PathBuf },
+}
+
+impl Credential {
+    /// The `operator` or `service` credential that `payra init` wrote into `certs_dir`.
+    pub fn role(certs_dir: &Path, role: &str) -> Credential {
+        Credential::Files {
+            certificate: certs_dir.join(format!("{role}.pem")),
+            key: certs_dir.join(format!("{role}.key")),
+        }
+    }
+
+    /// The credential `payra device enroll` wrote into `device_dir`.
+    pub fn device(device_dir: &Path) -> Credential {
+        Credential::Files {
+            certificate: device_dir.join("device.pem"),
+            key: device_dir.join("device.key"),
+        }
+    }
+}
+
+fn read(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path)
+        .map_err(|e| Error::FailedPrecondition(format!("{}: {e}", path.display())))
+}
+
+/// A connection to a payra server.
+#[derive(Clone)]
+pub struct Client {
+    channel: Channel,
+}
+
+impl Client {
+    /// Connects to `server` (`https://host:port`), trusting `root_ca` (PEM), presenting
+    /// `credential`. The server certificate must be valid for `localhost` or the host given.
+    pub async fn connect(server: &str, root_ca: &Path, credential: &Credential) -> Result<Client> {
+        let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(root_ca)?));
+        let host = server
+            .trim_start_matches("https://")
+            .rsplit_once(':')
+            .map(|(host, _)| host.trim_matches(['[', ']']))
+            .unwrap_or("localhost")
+            .to_string();
+        tls = tls.domain_name(host);
+        if let Credential::Files { certificate, key } = credential {
+            tls = tls.identity(Identity::from_pem(read(certificate)?, read(key)?));
+        }
+        let channel = Channel::from_shared(server.to_string())
+            .map_err(|e| Error::invalid("server", e))?
+            .tls_config(tls)
+            .map_err(|e| Error::invalid("server", e))?
+            .connect()
+            .await
+            .map_err(|e| Error::FailedPrecondition(format!("cannot connect to {server}: {e}")))?;
+        Ok(Client { channel })
+    }
+
+    pub fn registration(&self) -> proto::registration_client::RegistrationClient<Channel> {
+        proto::registration_client::RegistrationClient::new(self.channel.clone())
+    }
+
+    pub fn enrollment(&self) -> proto::enrollment_client::EnrollmentClient<Channel> {
+        proto::enrollment_client::EnrollmentClient::new(self.channel.clone())
+    }
+
+    pub fn verification(&self) -> proto::verification_client::VerificationClient<Channel> {
+        proto::verification_client::VerificationClient::new(self.channel.clone())
+    }
+
+    pub fn admin(&self) -> proto::admin_client::AdminClient<Channel> {
+        proto::admin_client::AdminClient::new(self.channel.clone())
+    }
+
+    /// `Registration.CreateEnrollmentToken`.
+    pub async fn create_enrollment_token(
+        &self,
+        customer_id: &str,
+        ttl_s: i64,
+    ) -> Result<proto::CreateEnrollmentTokenResponse, Status> {
+        let response = self
+            .registration()
+            .create_enrollment_token(proto::CreateEnrollmentTokenRequest {
+                customer_id: customer_id.to_string(),
+                ttl_s,
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+
+    /// `Enrollment.Enroll`.
+    pub async fn enroll(
+        &self,
+        token: &str,
+        csr_der: Vec<u8>,
+        device_id: &str,
+        device_info: proto::DeviceInfo,
+    ) -> Result<proto::EnrollResponse, Status> {
+        let response = self
+            .enrollment()
+            .enroll(proto::EnrollRequest {
+                token: token.to_string(),
+                csr_der,
+                device_id: device_id.to_string(),
+                device_info: Some(device_info),
+            })
+            .await?;
+        Ok(response.into_inner())
+    }
+}
+
+/// A device's P-256 key, as a phone keeps it in its keystore.
+pub struct DeviceKey {
+    secret: p256::SecretKey,
+}
+
+impl DeviceKey {
+    /// A fresh random key.
+    pub fn generate() -> DeviceKey {
+        DeviceKey {
+            secret: p256::SecretKey::random(&mut rand::rngs::OsRng),
+        }
+    }
+
+    /// Reads a PKCS#8 PEM key.
+    pub fn from_pkcs8_pem(pem: &str) -> Result<DeviceKey> {
+        let secret = p256::SecretKey::from_pkcs8_pem(pem)
+            .map_err(|e| Error::invalid("device key", format!("not a PKCS#8 P-256 key: {e}")))?;
+        Ok(DeviceKey { secret })
+    }
+
+    /// The key as PKCS#8 PEM.
+    pub fn to_pkcs8_pem(&self) -> Result<String> {
+        let pem = self
+            .secret
+            .to_pkcs8_pem(LineEnding::LF)
+            .map_err(|e| Error::internal(format!("encoding key: {e}")))?;
+        Ok(pem.to_string())
+    }
+
+    /// The p256 secret key (for signing).
+    pub fn secret(&self) -> &p256::SecretKey {
+        &self.secret
+    }
+
+    /// A PKCS#10 CSR (DER) for this key. Its subject is informational: payra ignores it.
+    pub fn csr_der(&self, device_id: &str) -> Result<Vec<u8>> {
+        let der = self
+            .secret
+            .to_pkcs8_der()
+            .map_err(|e| Error::internal(format!("encoding key: {e}")))?;
+        let key_pair = rcgen::KeyPair::try_from(der.as_bytes())
+            .map_err(|e| Error::internal(format!("loading key: {e}")))?;
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, device_id);
+        let csr = params
+            .serialize_request(&key_pair)
+            .map_err(|e| Error::internal(format!("building CSR: {e}")))?;
+        Ok(csr.der().to_vec())
+    }
+}

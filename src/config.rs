@@ -1,0 +1,182 @@
+//! One validated [`Config`], built from defaults, then a TOML file, then the environment and
+//! flags (the CLI applies those last two, so flags > environment > file > defaults).
+//! Unknown keys in the file are errors that name the key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Everything `payra serve` needs to know.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where the gRPC (TLS) listener binds.
+    pub grpc_addr: SocketAddr,
+    /// Where the plain HTTP listener (CRL, OCSP, metrics, health) binds.
+    pub http_addr: SocketAddr,
+    /// Directory with the PKI files `payra init` writes.
+    pub certs_dir: PathBuf,
+    /// Directory of the embedded database.
+    pub data_dir: PathBuf,
+    /// Base URL under which relying parties reach the HTTP listener; issued certificates carry
+    /// `{public_base_url}/crl` and `{public_base_url}/ocsp`.
+    pub public_base_url: String,
+    pub issuance: IssuanceConfig,
+    pub tokens: TokenConfig,
+    pub limits: LimitConfig,
+}
+
+/// The certificate profile's adjustable parts.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IssuanceConfig {
+    /// Lifetime of a device certificate, in days.
+    pub validity_days: u32,
+    /// How far notBefore is set back from the issuance time, for phones with slow clocks.
+    pub backdate_s: u32,
+}
+
+/// Enrollment token lifetimes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// TTL used when the request leaves it at 0.
+    pub default_ttl_s: u32,
+    /// Largest TTL a caller may ask for.
+    pub max_ttl_s: u32,
+}
+
+/// Request-size limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitConfig {
+    /// Largest gRPC message accepted, in bytes.
+    pub max_message_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            certs_dir: PathBuf::from("certs"),
+            data_dir: PathBuf::from("data"),
+            public_base_url: "http://127.0.0.1:8080".to_string(),
+            issuance: IssuanceConfig::default(),
+            tokens: TokenConfig::default(),
+            limits: LimitConfig::default(),
+        }
+    }
+}
+
+impl Default for IssuanceConfig {
+    fn default() -> Self {
+        IssuanceConfig {
+            validity_days: 365,
+            backdate_s: 300,
+        }
+    }
+}
+
+impl Default for TokenConfig {
+    fn default() -> Self {
+        TokenConfig {
+            default_ttl_s: 600,
+            max_ttl_s: 86_400,
+        }
+    }
+}
+
+impl Default for LimitConfig {
+    fn default() -> Self {
+        LimitConfig {
+            max_message_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file over the defaults and validates the result.
+    pub fn from_file(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::invalid("config", format!("{}: {e}", path.display())))?;
+        Config::from_toml(&text)
+    }
+
+    /// Parses TOML text over the defaults and validates the result.
+    pub fn from_toml(text: &str) -> Result<Config> {
+        let config: Config =
+            toml::from_str(text).map_err(|e| Error::invalid("config", e.message()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the rules no type expresses.
+    pub fn validate(&self) -> Result<()> {
+        if self.issuance.validity_days == 0 || self.issuance.validity_days > 3650 {
+            return Err(Error::invalid(
+                "issuance.validity_days",
+                "must be between 1 and 3650",
+            ));
+        }
+        if self.tokens.default_ttl_s == 0 || self.tokens.default_ttl_s > self.tokens.max_ttl_s {
+            return Err(Error::invalid(
+                "tokens.default_ttl_s",
+                "must be at least 1 and at most tokens.max_ttl_s",
+            ));
+        }
+        if !(self.public_base_url.starts_with("http://")
+            || self.public_base_url.starts_with("https://"))
+        {
+            return Err(Error::invalid(
+                "public_base_url",
+                "must start with http:// or https://",
+            ));
+        }
+        if self.limits.max_message_bytes < 16 * 1024 {
+            return Err(Error::invalid(
+                "limits.max_message_bytes",
+                "must be at least 16384 (a CSR may be 8 KiB)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// URL of the CRL, as put into issued certificates.
+    pub fn crl_url(&self) -> String {
+        format!("{}/crl", self.public_base_url.trim_end_matches('/'))
+    }
+
+    /// URL of the OCSP responder, as put into issued certificates.
+    pub fn ocsp_url(&self) -> String {
+        format!("{}/ocsp", self.public_base_url.trim_end_matches('/'))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ok_empty_file_gives_defaults() {
+        let config = Config::from_toml("").expect("empty config");
+        assert_eq!(config.grpc_addr.port(), 8443);
+        assert_eq!(config.issuance.validity_days, 365);
+        assert_eq!(config.crl_url(), "http://127.0.0.1:8080/crl");
+    }
+
+    #[test]
+    fn fail_unknown_key_is_named() {
+        let err = Config::from_toml("[issuance]\nvalidty_days = 3\n").unwrap_err();
+        assert!(err.to_string().contains("validty_days"), "{err}");
+    }
+
+    #[test]
+    fn fail_default_ttl_above_max() {
+        let err = Config::from_toml("[tokens]\ndefault_ttl_s = 100\nmax_ttl_s = 50\n").unwrap_err();
+        assert!(err.to_string().contains("tokens.default_ttl_s"), "{err}");
+    }
+}

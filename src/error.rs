@@ -1,0 +1,96 @@
+//! The domain error type. Every layer below `wire` returns [`Error`]; `wire` maps it to a gRPC
+//! status in one place, so a caller always gets the same code for the same problem.
+
+use std::fmt;
+
+/// What went wrong, in domain words. Messages of the client-facing kinds are shown to the
+/// caller and must name the field or the rule; [`Error::Internal`] details are logged only.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A request field is missing, malformed or out of range.
+    #[error("{field}: {message}")]
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
+    /// The caller presented no usable credential.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's role may not do this.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The thing to create exists already.
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request is well-formed but the state does not allow it (used token, revoked
+    /// certificate, ...).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A rate or size limit was reached.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A fault inside payra (storage, signing). The text is for the log, never for the caller.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// The coarse class of an [`Error`], for status mapping and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    InvalidArgument,
+    Unauthenticated,
+    PermissionDenied,
+    NotFound,
+    AlreadyExists,
+    FailedPrecondition,
+    ResourceExhausted,
+    Internal,
+}
+
+impl Error {
+    /// An invalid-argument error naming `field`.
+    pub fn invalid(field: &'static str, message: impl fmt::Display) -> Self {
+        Error::InvalidArgument {
+            field,
+            message: message.to_string(),
+        }
+    }
+
+    /// An internal error; `context` goes to the log only.
+    pub fn internal(context: impl fmt::Display) -> Self {
+        Error::Internal(context.to_string())
+    }
+
+    /// The class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::InvalidArgument { .. } => ErrorKind::InvalidArgument,
+            Error::Unauthenticated(_) => ErrorKind::Unauthenticated,
+            Error::PermissionDenied(_) => ErrorKind::PermissionDenied,
+            Error::NotFound(_) => ErrorKind::NotFound,
+            Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            Error::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
+            Error::ResourceExhausted(_) => ErrorKind::ResourceExhausted,
+            Error::Internal(_) => ErrorKind::Internal,
+        }
+    }
+}
+
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        Error::internal(format!("storage: {e}"))
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::internal(format!("io: {e}"))
+    }
+}
+
+/// Result with the domain [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,409 @@
+//! The `payra` command: the server and the operator / developer CLI in one binary.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Args, Parser, Subcommand};
+
+use payra::ca::{init_dev_pki, PkiFiles};
+use payra::client::{Client, Credential, DeviceKey, ProtoDeviceInfo};
+use payra::clock::SystemClock;
+use payra::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "payra",
+    version,
+    about = "RA and issuing CA for mobile-payment device certificates"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a development PKI (root, issuing CA, server, operator and service credentials).
+    Init {
+        #[arg(long, default_value = "certs")]
+        dir: PathBuf,
+        /// Replace an existing PKI.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the server. With no arguments: a development server on loopback, creating
+    /// `certs/` and `data/` on first start.
+    Serve(ServeArgs),
+    /// Enrollment tokens (as the payment service).
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Act as a phone: enroll a key.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// Inspect certificates (as an operator).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML configuration file (see payra.example.toml).
+    #[arg(long, env = "PAYRA_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long, env = "PAYRA_CERTS")]
+    certs: Option<PathBuf>,
+    #[arg(long, env = "PAYRA_DATA")]
+    data: Option<PathBuf>,
+    #[arg(long, env = "PAYRA_GRPC_ADDR")]
+    grpc_addr: Option<std::net::SocketAddr>,
+    #[arg(long, env = "PAYRA_HTTP_ADDR")]
+    http_addr: Option<std::net::SocketAddr>,
+    /// Base URL of the HTTP listener as relying parties see it (CRL and OCSP URLs).
+    #[arg(long, env = "PAYRA_PUBLIC_BASE_URL")]
+    public_base_url: Option<String>,
+}
+
+#[derive(Args, Clone)]
+struct Connection {
+    /// gRPC endpoint of the server.
+    #[arg(long, env = "PAYRA_SERVER", default_value = "https://localhost:8443")]
+    server: String,
+    /// Directory with root.pem and the role credentials.
+    #[arg(long, env = "PAYRA_CERTS", default_value = "certs")]
+    certs: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a one-time enrollment token for a customer (uses service.pem).
+    Create {
+        #[arg(long)]
+        customer: String,
+        /// Lifetime in seconds; 0 means the server's default.
+        #[arg(long, default_value_t = 0)]
+        ttl_s: i64,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Generate a P-256 key, send a CSR with the token, and write device.key / device.pem.
+    Enroll {
+        #[arg(long)]
+        token: String,
+        #[arg(long)]
+        device: String,
+        /// Directory to write the key and certificate into.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "cli")]
+        platform: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Show one certificate's record (uses operator.pem).
+    Show {
+        serial: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+type CliResult = Result<(), String>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> CliResult {
+    match cli.command {
+        Command::Init { dir, force } => {
+            init_dev_pki(&dir, force).map_err(|e| e.to_string())?;
+            println!("wrote a development PKI to {}", dir.display());
+            Ok(())
+        }
+        Command::Serve(args) => serve(args).await,
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    customer,
+                    ttl_s,
+                    json,
+                    connection,
+                },
+        } => {
+            let client =
+                connect(&connection, Credential::role(&connection.certs, "service")).await?;
+            let token = client
+                .create_enrollment_token(&customer, ttl_s)
+                .await
+                .map_err(status_message)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"token": token.token, "expires_at_unix_s": token.expires_at_unix_s})
+                );
+            } else {
+                println!("{}", token.token);
+                eprintln!("expires at {} (Unix seconds)", token.expires_at_unix_s);
+            }
+            Ok(())
+        }
+        Command::Device {
+            command:
+                DeviceCommand::Enroll {
+                    token,
+                    device,
+                    out,
+                    platform,
+                    connection,
+                },
+        } => enroll_device(&connection, &token, &device, &out, &platform).await,
+        Command::Certs {
+            command:
+                CertsCommand::Show {
+                    serial,
+                    json,
+                    connection,
+                },
+        } => {
+            let client =
+                connect(&connection, Credential::role(&connection.certs, "operator")).await?;
+            let record = client
+                .admin()
+                .get_certificate(payra::wire::proto::GetCertificateRequest { serial })
+                .await
+                .map_err(status_message)?
+                .into_inner();
+            print_record(&record, json);
+            Ok(())
+        }
+    }
+}
+
+fn status_message(status: tonic::Status) -> String {
+    format!("{:?}: {}", status.code(), status.message())
+}
+
+async fn connect(connection: &Connection, credential: Credential) -> Result<Client, String> {
+    Client::connect(
+        &connection.server,
+        &connection.certs.join("root.pem"),
+        &credential,
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+async fn serve(args: ServeArgs) -> CliResult {
+    let mut config = match &args.config {
+        Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
+        None => Config::default(),
+    };
+    let explicit_certs = args.certs.is_some() || args.config.is_some();
+    if let Some(certs) = args.certs {
+        config.certs_dir = certs;
+    }
+    if let Some(data) = args.data {
+        config.data_dir = data;
+    }
+    if let Some(addr) = args.grpc_addr {
+        config.grpc_addr = addr;
+    }
+    if let Some(addr) = args.http_addr {
+        config.http_addr = addr;
+    }
+    if let Some(url) = args.public_base_url {
+        config.public_base_url = url;
+    }
+    config.validate().map_err(|e| e.to_string())?;
+
+    if !explicit_certs && !PkiFiles::new(&config.certs_dir).root_cert().exists() {
+        init_dev_pki(&config.certs_dir, false).map_err(|e| e.to_string())?;
+        tracing::warn!(
+            certs = %config.certs_dir.display(),
+            "created a DEVELOPMENT PKI; do not use it in production"
+        );
+    }
+    tracing::info!(
+        certs = %config.certs_dir.display(),
+        data = %config.data_dir.display(),
+        "try: payra token create --customer alice, then payra device enroll --token ... --device phone-1 --out phone-1"
+    );
+    let mut server = payra::server::start(config, Arc::new(SystemClock))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            server.trigger_shutdown();
+        }
+    }
+    server.wait().await.map_err(|e| e.to_string())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn write_secret(path: &Path, contents: &str) -> Result<(), String> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    file.write_all(contents.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+async fn enroll_device(
+    connection: &Connection,
+    token: &str,
+    device: &str,
+    out: &Path,
+    platform: &str,
+) -> CliResult {
+    let key = DeviceKey::generate();
+    let csr = key.csr_der(device).map_err(|e| e.to_string())?;
+    let client = connect(connection, Credential::None).await?;
+    let info = ProtoDeviceInfo {
+        platform: platform.to_string(),
+        model: "payra-cli".to_string(),
+        os_version: std::env::consts::OS.to_string(),
+        app_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let issued = client
+        .enroll(token, csr, device, info)
+        .await
+        .map_err(status_message)?;
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    write_secret(
+        &out.join("device.key"),
+        &key.to_pkcs8_pem().map_err(|e| e.to_string())?,
+    )?;
+    let mut chain = pem::encode(&pem::Pem::new(
+        "CERTIFICATE",
+        issued.certificate_der.clone(),
+    ));
+    for ca in &issued.chain_der {
+        chain.push_str(&pem::encode(&pem::Pem::new("CERTIFICATE", ca.clone())));
+    }
+    std::fs::write(out.join("device.pem"), chain).map_err(|e| e.to_string())?;
+    std::fs::write(out.join("serial"), format!("{}\n", issued.serial))
+        .map_err(|e| e.to_string())?;
+    println!("{}", issued.serial);
+    eprintln!(
+        "enrolled {device}: serial {}, valid until {} (Unix seconds); key and certificate in {}",
+        issued.serial,
+        issued.not_after_unix_s,
+        out.display()
+    );
+    Ok(())
+}
+
+fn print_record(record: &payra::wire::proto::CertificateRecord, json: bool) {
+    use payra::wire::proto::{CertificateStatus, RevocationReason};
+    let status = CertificateStatus::try_from(record.status)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("CERTIFICATE_STATUS_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into());
+    let reason = RevocationReason::try_from(record.revocation_reason)
+        .map(|r| {
+            r.as_str_name()
+                .trim_start_matches("REVOCATION_REASON_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into());
+    if json {
+        let value = serde_json::json!({
+            "serial": record.serial,
+            "customer_id": record.customer_id,
+            "device_id": record.device_id,
+            "subject": record.subject,
+            "status": status,
+            "not_before_unix_s": record.not_before_unix_s,
+            "not_after_unix_s": record.not_after_unix_s,
+            "issued_at_unix_s": record.issued_at_unix_s,
+            "revoked_at_unix_s": record.revoked_at_unix_s,
+            "revocation_reason": if record.revoked_at_unix_s != 0 { Some(reason.clone()) } else { None },
+            "renewed_from_serial": record.renewed_from_serial,
+            "superseded_by_serial": record.superseded_by_serial,
+        });
+        println!("{value}");
+        return;
+    }
+    println!("serial       {}", record.serial);
+    println!("customer     {}", record.customer_id);
+    println!("device       {}", record.device_id);
+    println!("subject      {}", record.subject);
+    println!("status       {status}");
+    println!("not before   {}", record.not_before_unix_s);
+    println!("not after    {}", record.not_after_unix_s);
+    println!("issued at    {}", record.issued_at_unix_s);
+    if record.revoked_at_unix_s != 0 {
+        println!("revoked at   {}", record.revoked_at_unix_s);
+        println!("reason       {reason}");
+    }
+}

@@ -1,0 +1,182 @@
+//! Enrollment tokens and device enrollment (BRIEF flow 1).
+
+use rand::RngCore;
+
+use super::Ra;
+use crate::ca::{issue_device_certificate, parse_device_csr};
+use crate::error::{Error, Result};
+use crate::model::{CustomerId, DeviceId, DeviceInfo, Serial};
+use crate::store::{
+    CertificateRecord, IssueOutcome, TokenHash, TokenRecord, TokenRejection, RECORD_VERSION,
+};
+
+/// Prefix of every enrollment token, so secret scanners and people can recognise one.
+pub const TOKEN_PREFIX: &str = "payra_et_";
+/// Longest token string accepted from a caller (a real one is 73 characters).
+pub const MAX_TOKEN_LEN: usize = 128;
+
+/// A freshly created token: shown to the caller once, stored only as a hash.
+#[derive(Debug, Clone)]
+pub struct EnrollmentToken {
+    pub token: String,
+    pub expires_at_s: i64,
+}
+
+/// A parsed `Enroll` request.
+#[derive(Debug, Clone)]
+pub struct EnrollRequest {
+    pub token: String,
+    pub csr_der: Vec<u8>,
+    pub device_id: DeviceId,
+    pub device_info: DeviceInfo,
+}
+
+/// An issued certificate as returned to the phone.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub record: CertificateRecord,
+    pub certificate_der: Vec<u8>,
+    /// Issuing CA first, root excluded.
+    pub chain_der: Vec<Vec<u8>>,
+}
+
+/// Checks the shape of a token string before it is hashed and looked up.
+pub fn check_token_shape(token: &str) -> Result<()> {
+    if token.is_empty() {
+        return Err(Error::invalid("token", "is required"));
+    }
+    if token.len() > MAX_TOKEN_LEN {
+        return Err(Error::invalid(
+            "token",
+            format!("at most {MAX_TOKEN_LEN} characters allowed"),
+        ));
+    }
+    Ok(())
+}
+
+impl Ra {
+    /// Creates a single-use enrollment token for `customer`, valid for `ttl_s` seconds
+    /// (0: the configured default). The token carries 256 random bits.
+    pub fn create_enrollment_token(
+        &self,
+        customer: CustomerId,
+        ttl_s: i64,
+    ) -> Result<EnrollmentToken> {
+        let ttl_s = match ttl_s {
+            0 => self.policy.token_default_ttl_s,
+            t if t < 0 => return Err(Error::invalid("ttl_s", "must not be negative")),
+            t if t > self.policy.token_max_ttl_s => {
+                return Err(Error::invalid(
+                    "ttl_s",
+                    format!("at most {} seconds allowed", self.policy.token_max_ttl_s),
+                ))
+            }
+            t => t,
+        };
+        let mut secret = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut secret);
+        let token = format!("{TOKEN_PREFIX}{}", hex::encode(secret));
+        let now_s = self.clock.now_s();
+        let record = TokenRecord {
+            version: RECORD_VERSION,
+            customer_id: customer,
+            created_at_s: now_s,
+            expires_at_s: now_s + ttl_s,
+            used_at_s: None,
+            used_for_serial: None,
+        };
+        self.store.put_token(&TokenHash::of(&token), &record)?;
+        Ok(EnrollmentToken {
+            token,
+            expires_at_s: record.expires_at_s,
+        })
+    }
+
+    /// Enrolls a device key: checks the CSR (proof of possession, P-256), consumes the token
+    /// and issues a certificate for the token's customer and the given device.
+    ///
+    /// The certificate is signed before the token is consumed, and the consumption and the
+    /// certificate record commit in one transaction: a request that fails at any step
+    /// changes nothing, and of concurrent uses of one token exactly one gets a certificate.
+    /// A losing request's signed certificate is dropped unseen; it never leaves the process.
+    pub fn enroll(&self, request: EnrollRequest) -> Result<Issued> {
+        check_token_shape(&request.token)?;
+        request.device_info.validate()?;
+        let public_key = parse_device_csr(&request.csr_der)?;
+        let hash = TokenHash::of(&request.token);
+        let now_s = self.clock.now_s();
+        let token = self
+            .store
+            .token(&hash)?
+            .ok_or_else(|| token_error(TokenRejection::Unknown))?;
+        if let Some(used_at_s) = token.used_at_s {
+            return Err(token_error(TokenRejection::AlreadyUsed { used_at_s }));
+        }
+        if now_s >= token.expires_at_s {
+            return Err(token_error(TokenRejection::Expired {
+                expired_at_s: token.expires_at_s,
+            }));
+        }
+
+        let serial = Serial::random();
+        let certificate = issue_device_certificate(
+            &self.ca.issuer,
+            &self.policy.profile,
+            &public_key,
+            &serial,
+            &token.customer_id,
+            &request.device_id,
+            now_s,
+        )?;
+        let record = CertificateRecord {
+            version: RECORD_VERSION,
+            serial,
+            customer_id: token.customer_id,
+            device_id: request.device_id,
+            device_info: request.device_info,
+            subject: certificate.subject,
+            not_before_s: certificate.not_before_s,
+            not_after_s: certificate.not_after_s,
+            issued_at_s: now_s,
+            public_key_hex: hex::encode(public_key.sec1()),
+            certificate_b64: CertificateRecord::encode_der(&certificate.der),
+            revocation: None,
+            renewed_from: None,
+            superseded_by: None,
+        };
+        match self.store.issue_with_token(&hash, now_s, &record)? {
+            IssueOutcome::Issued => {}
+            IssueOutcome::TokenRejected(rejection) => return Err(token_error(rejection)),
+            IssueOutcome::SerialTaken => {
+                return Err(Error::internal(
+                    "random serial collided with an existing one",
+                ))
+            }
+        }
+        tracing::info!(
+            serial = %record.serial,
+            customer = %record.customer_id,
+            device = %record.device_id,
+            "certificate issued"
+        );
+        Ok(Issued {
+            certificate_der: certificate.der,
+            chain_der: vec![self.ca.issuing_der.clone()],
+            record,
+        })
+    }
+}
+
+fn token_error(rejection: TokenRejection) -> Error {
+    match rejection {
+        TokenRejection::Unknown => Error::Unauthenticated(
+            "enrollment token is not valid; ask the payment service for a new one".into(),
+        ),
+        TokenRejection::Expired { expired_at_s } => Error::FailedPrecondition(format!(
+            "enrollment token expired at {expired_at_s} (Unix seconds); ask the payment service for a new one"
+        )),
+        TokenRejection::AlreadyUsed { .. } => Error::FailedPrecondition(
+            "enrollment token has already been used; a token enrolls one key once".into(),
+        ),
+    }
+}

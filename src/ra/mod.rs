@@ -1,0 +1,84 @@
+//! The registration authority: the whole story of each operation, in one place per RPC.
+//! Every method reads the same way: parse → ask policy → sign and store → answer. Methods
+//! block on storage sync; the wire layer runs them off the async executor.
+
+mod enrollment;
+mod status;
+
+pub use enrollment::{EnrollRequest, EnrollmentToken, Issued};
+pub use status::{CertificateStatus, StatusView};
+
+use std::sync::Arc;
+
+use crate::ca::{CaMaterial, DeviceProfile};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::model::Serial;
+use crate::store::{CertificateRecord, Store};
+
+/// Policy numbers the RA needs from configuration.
+#[derive(Debug, Clone)]
+pub struct RaPolicy {
+    pub token_default_ttl_s: i64,
+    pub token_max_ttl_s: i64,
+    pub profile: DeviceProfile,
+}
+
+impl RaPolicy {
+    /// Takes the RA's part of `config`.
+    pub fn from_config(config: &Config) -> RaPolicy {
+        RaPolicy {
+            token_default_ttl_s: i64::from(config.tokens.default_ttl_s),
+            token_max_ttl_s: i64::from(config.tokens.max_ttl_s),
+            profile: DeviceProfile {
+                validity_s: i64::from(config.issuance.validity_days) * 86_400,
+                backdate_s: i64::from(config.issuance.backdate_s),
+                crl_url: config.crl_url(),
+                ocsp_url: config.ocsp_url(),
+            },
+        }
+    }
+}
+
+/// The registration authority and its collaborators.
+pub struct Ra {
+    store: Arc<dyn Store>,
+    ca: Arc<CaMaterial>,
+    clock: Arc<dyn Clock>,
+    policy: RaPolicy,
+}
+
+impl Ra {
+    pub fn new(
+        store: Arc<dyn Store>,
+        ca: Arc<CaMaterial>,
+        clock: Arc<dyn Clock>,
+        policy: RaPolicy,
+    ) -> Ra {
+        Ra {
+            store,
+            ca,
+            clock,
+            policy,
+        }
+    }
+
+    /// The CA material (for the chain in responses and the TLS setup).
+    pub fn ca(&self) -> &CaMaterial {
+        &self.ca
+    }
+
+    /// The full record of a certificate payra issued; `NotFound` otherwise.
+    pub fn certificate(&self, serial: &Serial) -> Result<CertificateRecord> {
+        self.store
+            .certificate(serial)?
+            .ok_or_else(|| Error::NotFound(format!("no certificate with serial {serial}")))
+    }
+
+    /// Where a certificate stands now.
+    pub fn certificate_status(&self, serial: &Serial) -> Result<StatusView> {
+        let record = self.certificate(serial)?;
+        Ok(StatusView::of(&record, self.clock.now_s()))
+    }
+}

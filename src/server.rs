@@ -1,0 +1,172 @@
+//! Assembles a running payra: loads the CA, opens storage, binds the gRPC (TLS) and HTTP
+//! listeners, and stops them on request.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+
+use crate::ca::CaMaterial;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::ra::{Ra, RaPolicy};
+use crate::store::{SledStore, Store};
+use crate::wire::proto;
+use crate::wire::{AdminService, EnrollmentService, RegistrationService, VerificationService};
+
+/// A server that is accepting connections.
+pub struct RunningServer {
+    /// The bound gRPC address (the real port when the config asked for port 0).
+    pub grpc_addr: SocketAddr,
+    /// The bound HTTP address.
+    pub http_addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    grpc: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
+    http: JoinHandle<std::io::Result<()>>,
+    store: Arc<SledStore>,
+}
+
+fn pem_of(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
+async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| Error::FailedPrecondition(format!("cannot listen for {what} on {addr}: {e}")))
+}
+
+/// Starts payra with `config`, reading time from `clock`.
+pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServer> {
+    config.validate()?;
+    let ca = Arc::new(CaMaterial::load(&config.certs_dir)?);
+    let store = Arc::new(SledStore::open(&config.data_dir)?);
+    let ra = Arc::new(Ra::new(
+        store.clone() as Arc<dyn Store>,
+        ca.clone(),
+        clock,
+        RaPolicy::from_config(&config),
+    ));
+
+    // Phones enroll without a certificate, so client auth is optional; a certificate that is
+    // presented must chain to payra's root or issuing CA.
+    let client_roots = format!("{}{}", pem_of(&ca.root_der), pem_of(&ca.issuing_der));
+    let tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(&ca.server_chain_pem, &ca.server_key_pem))
+        .client_ca_root(Certificate::from_pem(client_roots))
+        .client_auth_optional(true);
+
+    let grpc_listener = bind(config.grpc_addr, "gRPC").await?;
+    let http_listener = bind(config.http_addr, "HTTP").await?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+
+    let max = config.limits.max_message_bytes;
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| Error::internal(format!("reflection: {e}")))?;
+    for service in [
+        "payra.v1.Enrollment",
+        "payra.v1.Registration",
+        "payra.v1.Verification",
+        "payra.v1.Admin",
+    ] {
+        health_reporter
+            .set_service_status(service, tonic_health::ServingStatus::Serving)
+            .await;
+    }
+
+    let router = Server::builder()
+        .tls_config(tls)
+        .map_err(|e| Error::FailedPrecondition(format!("TLS configuration: {e}")))?
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            proto::registration_server::RegistrationServer::new(RegistrationService {
+                ra: ra.clone(),
+            })
+            .max_decoding_message_size(max),
+        )
+        .add_service(
+            proto::enrollment_server::EnrollmentServer::new(EnrollmentService { ra: ra.clone() })
+                .max_decoding_message_size(max),
+        )
+        .add_service(
+            proto::verification_server::VerificationServer::new(VerificationService {
+                ra: ra.clone(),
+            })
+            .max_decoding_message_size(max),
+        )
+        .add_service(
+            proto::admin_server::AdminServer::new(AdminService { ra: ra.clone() })
+                .max_decoding_message_size(max),
+        );
+
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
+    let grpc = tokio::spawn(async move {
+        let result = router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {
+                let _ = shutdown_rx.await;
+            })
+            .await;
+        let _ = http_stop_tx.send(());
+        result
+    });
+    let http = tokio::spawn(crate::http::serve(http_listener, async {
+        let _ = http_stop_rx.await;
+    }));
+    tracing::info!(%grpc_addr, %http_addr, "payra is serving");
+    Ok(RunningServer {
+        grpc_addr,
+        http_addr,
+        shutdown: Some(shutdown_tx),
+        grpc,
+        http,
+        store,
+    })
+}
+
+impl RunningServer {
+    /// Stops accepting, lets in-flight RPCs finish, and makes storage durable.
+    pub async fn shutdown(mut self) -> Result<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.wait().await
+    }
+
+    /// Waits until the server stops (after [`RunningServer::shutdown`] or a fatal error).
+    pub async fn wait(self) -> Result<()> {
+        let grpc = self.grpc.await;
+        let http = self.http.await;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.close())
+            .await
+            .map_err(|e| Error::internal(format!("closing storage: {e}")))??;
+        match grpc {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(Error::internal(format!("gRPC server: {e}"))),
+            Err(e) => return Err(Error::internal(format!("gRPC task: {e}"))),
+        }
+        match http {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(Error::internal(format!("HTTP server: {e}"))),
+            Err(e) => Err(Error::internal(format!("HTTP task: {e}"))),
+        }
+    }
+
+    /// Asks the server to stop, without waiting.
+    pub fn trigger_shutdown(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}

@@ -1,0 +1,225 @@
+//! The behaviour every [`Store`] backend must show. Each backend's tests call
+//! [`run_all`] with a fresh, empty store.
+
+use std::sync::{Arc, Barrier};
+
+use super::*;
+use crate::model::{DeviceInfo, RevocationReason};
+
+fn token(customer: &str, expires_at_s: i64) -> TokenRecord {
+    TokenRecord {
+        version: RECORD_VERSION,
+        customer_id: CustomerId::parse("customer_id", customer).unwrap(),
+        created_at_s: 0,
+        expires_at_s,
+        used_at_s: None,
+        used_for_serial: None,
+    }
+}
+
+fn certificate(customer: &str, device: &str) -> CertificateRecord {
+    CertificateRecord {
+        version: RECORD_VERSION,
+        serial: Serial::random(),
+        customer_id: CustomerId::parse("customer_id", customer).unwrap(),
+        device_id: DeviceId::parse("device_id", device).unwrap(),
+        device_info: DeviceInfo::default(),
+        subject: format!("CN={device}"),
+        not_before_s: 0,
+        not_after_s: 1000,
+        issued_at_s: 0,
+        public_key_hex: "04".into(),
+        certificate_b64: String::new(),
+        revocation: None,
+        renewed_from: None,
+        superseded_by: None,
+    }
+}
+
+pub fn run_all(store: Arc<dyn Store>) {
+    token_is_consumed_once(store.as_ref());
+    expired_and_unknown_tokens_write_nothing(store.as_ref());
+    concurrent_token_use_issues_exactly_once(store.clone());
+    indexes_list_by_customer_and_device(store.as_ref());
+    revoke_is_all_or_nothing(store.as_ref());
+}
+
+fn token_is_consumed_once(store: &dyn Store) {
+    let hash = TokenHash::of("t-once");
+    store.put_token(&hash, &token("c-once", 100)).unwrap();
+    let first = certificate("c-once", "d1");
+    assert_eq!(
+        store.issue_with_token(&hash, 10, &first).unwrap(),
+        IssueOutcome::Issued
+    );
+    let second = certificate("c-once", "d2");
+    assert_eq!(
+        store.issue_with_token(&hash, 11, &second).unwrap(),
+        IssueOutcome::TokenRejected(TokenRejection::AlreadyUsed { used_at_s: 10 })
+    );
+    assert!(store.certificate(&second.serial).unwrap().is_none());
+    let stored = store.token(&hash).unwrap().unwrap();
+    assert_eq!(stored.used_for_serial, Some(first.serial.clone()));
+    assert_eq!(store.certificate(&first.serial).unwrap(), Some(first));
+}
+
+fn expired_and_unknown_tokens_write_nothing(store: &dyn Store) {
+    let hash = TokenHash::of("t-expired");
+    store.put_token(&hash, &token("c-exp", 100)).unwrap();
+    let cert = certificate("c-exp", "d1");
+    assert_eq!(
+        store.issue_with_token(&hash, 100, &cert).unwrap(),
+        IssueOutcome::TokenRejected(TokenRejection::Expired { expired_at_s: 100 })
+    );
+    assert_eq!(
+        store
+            .issue_with_token(&TokenHash::of("never-created"), 1, &cert)
+            .unwrap(),
+        IssueOutcome::TokenRejected(TokenRejection::Unknown)
+    );
+    assert!(store.certificate(&cert.serial).unwrap().is_none());
+    assert_eq!(store.token(&hash).unwrap().unwrap().used_at_s, None);
+}
+
+fn concurrent_token_use_issues_exactly_once(store: Arc<dyn Store>) {
+    let hash = TokenHash::of("t-race");
+    store.put_token(&hash, &token("c-race", 100)).unwrap();
+    let threads = 8;
+    let barrier = Arc::new(Barrier::new(threads));
+    let handles: Vec<_> = (0..threads)
+        .map(|i| {
+            let store = store.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let cert = certificate("c-race", &format!("d{i}"));
+                barrier.wait();
+                store.issue_with_token(&hash, 1, &cert).unwrap()
+            })
+        })
+        .collect();
+    let issued = handles
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .filter(|o| *o == IssueOutcome::Issued)
+        .count();
+    assert_eq!(issued, 1);
+    let customer = CustomerId::parse("customer_id", "c-race").unwrap();
+    assert_eq!(store.serials_by_customer(&customer).unwrap().len(), 1);
+}
+
+fn indexes_list_by_customer_and_device(store: &dyn Store) {
+    let mut serials = Vec::new();
+    for (i, device) in ["dA", "dB", "dA"].iter().enumerate() {
+        let hash = TokenHash::of(&format!("t-index-{i}"));
+        store.put_token(&hash, &token("c-index", 100)).unwrap();
+        let cert = certificate("c-index", device);
+        serials.push(cert.serial.clone());
+        store.issue_with_token(&hash, 1, &cert).unwrap();
+    }
+    let customer = CustomerId::parse("customer_id", "c-index").unwrap();
+    let mut expected = serials.clone();
+    expected.sort();
+    let mut listed = store.serials_by_customer(&customer).unwrap();
+    listed.sort();
+    assert_eq!(listed, expected);
+    let device = DeviceId::parse("device_id", "dA").unwrap();
+    let mut expected_a = vec![serials[0].clone(), serials[2].clone()];
+    expected_a.sort();
+    let mut listed_a = store.serials_by_device(&device).unwrap();
+    listed_a.sort();
+    assert_eq!(listed_a, expected_a);
+    // A customer id that is a prefix of another must not see the other's certificates.
+    let prefix = CustomerId::parse("customer_id", "c-inde").unwrap();
+    assert!(store.serials_by_customer(&prefix).unwrap().is_empty());
+}
+
+fn revoke_is_all_or_nothing(store: &dyn Store) {
+    let mut serials = Vec::new();
+    for i in 0..2 {
+        let hash = TokenHash::of(&format!("t-revoke-{i}"));
+        store.put_token(&hash, &token("c-revoke", 100)).unwrap();
+        let cert = certificate("c-revoke", "d");
+        serials.push(cert.serial.clone());
+        store.issue_with_token(&hash, 1, &cert).unwrap();
+    }
+    let revocation = Revocation {
+        revoked_at_s: 5,
+        reason: RevocationReason::KeyCompromise,
+    };
+    let unknown = Serial::random();
+    let batch = vec![serials[0].clone(), unknown.clone()];
+    assert_eq!(
+        store.revoke(&batch, &revocation).unwrap(),
+        Err(RevokeRejection::NotFound(unknown))
+    );
+    assert!(store
+        .certificate(&serials[0])
+        .unwrap()
+        .unwrap()
+        .revocation
+        .is_none());
+    store.revoke(&serials, &revocation).unwrap().unwrap();
+    assert_eq!(
+        store.revoke(&serials[..1], &revocation).unwrap(),
+        Err(RevokeRejection::AlreadyRevoked(
+            serials[0].clone(),
+            revocation
+        ))
+    );
+    assert_eq!(
+        store.certificate(&serials[1]).unwrap().unwrap().revocation,
+        Some(revocation)
+    );
+}
+
+#[test]
+fn sled_store_conforms() {
+    let dir = tempfile::tempdir().unwrap();
+    run_all(Arc::new(SledStore::open(dir.path()).unwrap()));
+}
+
+#[test]
+fn sled_store_batches_concurrent_syncs() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    let writers = 16;
+    let per_writer = 20;
+    let barrier = Arc::new(Barrier::new(writers));
+    let handles: Vec<_> = (0..writers)
+        .map(|w| {
+            let store = store.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                for i in 0..per_writer {
+                    let hash = TokenHash::of(&format!("batch-{w}-{i}"));
+                    store.put_token(&hash, &token("c-batch", 100)).unwrap();
+                }
+            })
+        })
+        .collect();
+    for handle in handles {
+        handle.join().unwrap();
+    }
+    let syncs = store.group_commit().syncs();
+    assert!(
+        syncs < (writers * per_writer) as u64,
+        "{syncs} syncs for {} writes: no batching",
+        writers * per_writer
+    );
+}
+
+#[test]
+fn sled_store_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = certificate("c-reopen", "d");
+    let hash = TokenHash::of("t-reopen");
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        store.put_token(&hash, &token("c-reopen", 100)).unwrap();
+        store.issue_with_token(&hash, 1, &cert).unwrap();
+    }
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(store.certificate(&cert.serial).unwrap(), Some(cert));
+    assert!(store.token(&hash).unwrap().unwrap().used_at_s.is_some());
+}

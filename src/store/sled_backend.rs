@@ -1,0 +1,261 @@
+//! The embedded sled backend of [`Store`].
+//!
+//! Trees: `certificates` (serial → JSON record), `tokens` (token hash → JSON record),
+//! `by_customer` and `by_device` (`<id>\0<serial>` → empty). Records are JSON with a version
+//! field, readable by a person with any sled dump tool.
+
+use std::path::Path;
+
+use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
+use sled::{Db, Transactional, Tree};
+
+use super::group_commit::GroupCommit;
+use super::records::{CertificateRecord, Revocation, TokenHash, TokenRecord};
+use super::{IssueOutcome, RevokeRejection, Store, TokenRejection};
+use crate::error::{Error, Result};
+use crate::model::{CustomerId, DeviceId, Serial};
+
+/// [`Store`] on an embedded sled database, with group-committed durability.
+pub struct SledStore {
+    db: Db,
+    certificates: Tree,
+    tokens: Tree,
+    by_customer: Tree,
+    by_device: Tree,
+    commit: GroupCommit,
+}
+
+fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value).map_err(|e| Error::internal(format!("encoding record: {e}")))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| Error::internal(format!("decoding record: {e}")))
+}
+
+fn index_key(id: &str, serial: &Serial) -> Vec<u8> {
+    let mut key = Vec::with_capacity(id.len() + 1 + serial.as_bytes().len());
+    key.extend_from_slice(id.as_bytes());
+    key.push(0);
+    key.extend_from_slice(serial.as_bytes());
+    key
+}
+
+fn index_prefix(id: &str) -> Vec<u8> {
+    let mut key = id.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+/// Turns a transaction's outcome into ours: aborts carry a domain answer.
+fn finish<T>(result: std::result::Result<T, TransactionError<Error>>) -> Result<T> {
+    match result {
+        Ok(value) => Ok(value),
+        Err(TransactionError::Abort(e)) => Err(e),
+        Err(TransactionError::Storage(e)) => Err(e.into()),
+    }
+}
+
+fn abort(e: Error) -> ConflictableTransactionError<Error> {
+    ConflictableTransactionError::Abort(e)
+}
+
+impl SledStore {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<SledStore> {
+        std::fs::create_dir_all(dir)?;
+        let db = sled::Config::new()
+            .path(dir)
+            .open()
+            .map_err(|e| Error::internal(format!("opening database {}: {e}", dir.display())))?;
+        let commit = GroupCommit::new(db.clone(), dir)?;
+        Ok(SledStore {
+            certificates: db.open_tree("certificates")?,
+            tokens: db.open_tree("tokens")?,
+            by_customer: db.open_tree("by_customer")?,
+            by_device: db.open_tree("by_device")?,
+            db,
+            commit,
+        })
+    }
+
+    /// The durability barrier, for metrics and tests of batching.
+    pub fn group_commit(&self) -> &GroupCommit {
+        &self.commit
+    }
+
+    /// Flushes and syncs everything; for shutdown.
+    pub fn close(&self) -> Result<()> {
+        self.commit.sync()?;
+        let _ = &self.db;
+        Ok(())
+    }
+
+    fn serials_under(tree: &Tree, id: &str) -> Result<Vec<Serial>> {
+        let prefix = index_prefix(id);
+        tree.scan_prefix(&prefix)
+            .keys()
+            .map(|key| {
+                let key = key?;
+                Serial::from_bytes("serial", &key[prefix.len()..])
+                    .map_err(|e| Error::internal(format!("corrupt index key: {e}")))
+            })
+            .collect()
+    }
+}
+
+fn check_token(
+    tokens: &TransactionalTree,
+    hash: &TokenHash,
+    now_s: i64,
+) -> std::result::Result<
+    std::result::Result<TokenRecord, TokenRejection>,
+    ConflictableTransactionError<Error>,
+> {
+    let Some(bytes) = tokens.get(hash.0)? else {
+        return Ok(Err(TokenRejection::Unknown));
+    };
+    let token: TokenRecord = decode(&bytes).map_err(abort)?;
+    if let Some(used_at_s) = token.used_at_s {
+        return Ok(Err(TokenRejection::AlreadyUsed { used_at_s }));
+    }
+    if now_s >= token.expires_at_s {
+        return Ok(Err(TokenRejection::Expired {
+            expired_at_s: token.expires_at_s,
+        }));
+    }
+    Ok(Ok(token))
+}
+
+impl Store for SledStore {
+    fn put_token(&self, hash: &TokenHash, token: &TokenRecord) -> Result<()> {
+        let value = encode(token)?;
+        let previous = self
+            .tokens
+            .compare_and_swap(hash.0, None as Option<&[u8]>, Some(value))?;
+        if previous.is_err() {
+            return Err(Error::internal("token hash collision"));
+        }
+        self.commit.sync()
+    }
+
+    fn token(&self, hash: &TokenHash) -> Result<Option<TokenRecord>> {
+        self.tokens
+            .get(hash.0)?
+            .map(|bytes| decode(&bytes))
+            .transpose()
+    }
+
+    fn issue_with_token(
+        &self,
+        hash: &TokenHash,
+        now_s: i64,
+        certificate: &CertificateRecord,
+    ) -> Result<IssueOutcome> {
+        let serial_key = certificate.serial.as_bytes().to_vec();
+        let cert_value = encode(certificate)?;
+        let outcome = (
+            &self.tokens,
+            &self.certificates,
+            &self.by_customer,
+            &self.by_device,
+        )
+            .transaction(|(tokens, certificates, by_customer, by_device)| {
+                let mut token = match check_token(tokens, hash, now_s)? {
+                    Ok(token) => token,
+                    Err(rejection) => return Ok(IssueOutcome::TokenRejected(rejection)),
+                };
+                if certificates.get(&serial_key)?.is_some() {
+                    return Ok(IssueOutcome::SerialTaken);
+                }
+                token.used_at_s = Some(now_s);
+                token.used_for_serial = Some(certificate.serial.clone());
+                tokens.insert(&hash.0, encode(&token).map_err(abort)?)?;
+                certificates.insert(serial_key.as_slice(), cert_value.as_slice())?;
+                by_customer.insert(
+                    index_key(certificate.customer_id.as_str(), &certificate.serial),
+                    &[] as &[u8],
+                )?;
+                by_device.insert(
+                    index_key(certificate.device_id.as_str(), &certificate.serial),
+                    &[] as &[u8],
+                )?;
+                Ok(IssueOutcome::Issued)
+            });
+        let outcome = finish(outcome)?;
+        if outcome == IssueOutcome::Issued {
+            self.commit.sync()?;
+        }
+        Ok(outcome)
+    }
+
+    fn certificate(&self, serial: &Serial) -> Result<Option<CertificateRecord>> {
+        self.certificates
+            .get(serial.as_bytes())?
+            .map(|bytes| decode(&bytes))
+            .transpose()
+    }
+
+    fn serials_by_customer(&self, customer: &CustomerId) -> Result<Vec<Serial>> {
+        Self::serials_under(&self.by_customer, customer.as_str())
+    }
+
+    fn serials_by_device(&self, device: &DeviceId) -> Result<Vec<Serial>> {
+        Self::serials_under(&self.by_device, device.as_str())
+    }
+
+    fn certificates_after(
+        &self,
+        after: Option<&Serial>,
+        limit: usize,
+    ) -> Result<Vec<CertificateRecord>> {
+        // Serials are compared as big-endian magnitudes of up to 20 octets; sled orders keys
+        // bytewise, which agrees for equal lengths and is a stable order otherwise.
+        let iter = match after {
+            Some(serial) => self.certificates.range::<&[u8], _>((
+                std::ops::Bound::Excluded(serial.as_bytes()),
+                std::ops::Bound::Unbounded,
+            )),
+            None => self.certificates.iter(),
+        };
+        iter.values()
+            .take(limit)
+            .map(|value| decode(&value?))
+            .collect()
+    }
+
+    fn revoke(
+        &self,
+        serials: &[Serial],
+        revocation: &Revocation,
+    ) -> Result<std::result::Result<(), RevokeRejection>> {
+        // sled commits a transaction's writes whenever the closure returns Ok, so every check
+        // runs before the first write: a rejected batch writes nothing.
+        let outcome = self.certificates.transaction(|certificates| {
+            let mut records = Vec::with_capacity(serials.len());
+            for serial in serials {
+                let Some(bytes) = certificates.get(serial.as_bytes())? else {
+                    return Ok(Err(RevokeRejection::NotFound(serial.clone())));
+                };
+                let record: CertificateRecord = decode(&bytes).map_err(abort)?;
+                if let Some(existing) = record.revocation {
+                    return Ok(Err(RevokeRejection::AlreadyRevoked(
+                        serial.clone(),
+                        existing,
+                    )));
+                }
+                records.push(record);
+            }
+            for mut record in records {
+                record.revocation = Some(*revocation);
+                certificates.insert(record.serial.as_bytes(), encode(&record).map_err(abort)?)?;
+            }
+            Ok(Ok(()))
+        });
+        let outcome = finish(outcome)?;
+        if outcome.is_ok() {
+            self.commit.sync()?;
+        }
+        Ok(outcome)
+    }
+}
