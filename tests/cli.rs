@@ -1,0 +1,155 @@
+//! End to end through the `payra` binary, as an operator or developer would type it.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn payra(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_payra"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run payra");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_token_create_then_device_enroll_then_certs_show() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let certs = server.certs();
+    let certs = path_str(&certs);
+
+    let (ok, stdout, stderr) = payra(&[
+        "token",
+        "create",
+        "--customer",
+        "alice",
+        "--server",
+        &url,
+        "--certs",
+        certs,
+    ]);
+    assert!(ok, "{stderr}");
+    let token = stdout.trim().to_string();
+    assert!(token.starts_with("payra_et_"), "{stdout}");
+
+    let out = server.dir.path().join("phone-1");
+    let (ok, stdout, stderr) = payra(&[
+        "device",
+        "enroll",
+        "--token",
+        &token,
+        "--device",
+        "phone-1",
+        "--out",
+        path_str(&out),
+        "--server",
+        &url,
+        "--certs",
+        certs,
+    ]);
+    assert!(ok, "{stderr}");
+    let serial = stdout.trim().to_string();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out.join("device.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    // device.pem holds the leaf and the issuing CA: openssl verifies it against the root.
+    let (ok, text) = openssl(&[
+        "verify",
+        "-CAfile",
+        &format!("{certs}/root.pem"),
+        "-untrusted",
+        path_str(&out.join("device.pem")),
+        path_str(&out.join("device.pem")),
+    ]);
+    assert!(ok, "{text}");
+
+    let (ok, stdout, stderr) = payra(&[
+        "certs", "show", &serial, "--json", "--server", &url, "--certs", certs,
+    ]);
+    assert!(ok, "{stderr}");
+    let record: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(record["serial"], serial.as_str());
+    assert_eq!(record["customer_id"], "alice");
+    assert_eq!(record["status"], "valid");
+
+    // Reusing the token fails with a non-zero exit and the server's message.
+    let (ok, _, stderr) = payra(&[
+        "device",
+        "enroll",
+        "--token",
+        &token,
+        "--device",
+        "phone-2",
+        "--out",
+        path_str(&server.dir.path().join("phone-2")),
+        "--server",
+        &url,
+        "--certs",
+        certs,
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("already been used"), "{stderr}");
+}
+
+#[test]
+fn fail_init_refuses_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let (ok, _, stderr) = payra(&["init", "--dir", path_str(&certs)]);
+    assert!(ok, "{stderr}");
+    for name in [
+        "root.pem",
+        "root.key",
+        "issuing.pem",
+        "issuing.key",
+        "server.pem",
+        "server.key",
+        "operator.pem",
+        "operator.key",
+        "service.pem",
+        "service.key",
+    ] {
+        assert!(certs.join(name).exists(), "{name}");
+    }
+    let (ok, _, stderr) = payra(&["init", "--dir", path_str(&certs)]);
+    assert!(!ok);
+    assert!(stderr.contains("--force"), "{stderr}");
+    let (ok, _, stderr) = payra(&["init", "--dir", path_str(&certs), "--force"]);
+    assert!(ok, "{stderr}");
+    // The development PKI chains: issuing under root, pathlen 0.
+    let (ok, text) = openssl(&[
+        "verify",
+        "-CAfile",
+        path_str(&certs.join("root.pem")),
+        path_str(&certs.join("issuing.pem")),
+    ]);
+    assert!(ok, "{text}");
+    let (ok, text) = openssl(&[
+        "x509",
+        "-in",
+        path_str(&certs.join("issuing.pem")),
+        "-noout",
+        "-text",
+    ]);
+    assert!(ok);
+    assert!(text.contains("CA:TRUE, pathlen:0"), "{text}");
+    let (_, text) = openssl(&[
+        "x509",
+        "-in",
+        path_str(&certs.join("operator.pem")),
+        "-noout",
+        "-text",
+    ]);
+    assert!(text.contains("URI:urn:payra:role:operator"), "{text}");
+}
