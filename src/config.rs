@@ -27,6 +27,27 @@ pub struct Config {
     pub issuance: IssuanceConfig,
     pub tokens: TokenConfig,
     pub limits: LimitConfig,
+    pub revocation: RevocationConfig,
+}
+
+/// CRL and OCSP publication.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RevocationConfig {
+    /// nextUpdate of each CRL is thisUpdate plus this; a new CRL is signed at half of it.
+    pub crl_validity_s: u32,
+    /// nextUpdate of OCSP responses is thisUpdate plus this; cached responses are re-signed
+    /// at half of it, and at once on any revocation.
+    pub ocsp_validity_s: u32,
+}
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        RevocationConfig {
+            crl_validity_s: 86_400,
+            ocsp_validity_s: 3_600,
+        }
+    }
 }
 
 /// The certificate profile's adjustable parts.
@@ -68,6 +89,7 @@ impl Default for Config {
             issuance: IssuanceConfig::default(),
             tokens: TokenConfig::default(),
             limits: LimitConfig::default(),
+            revocation: RevocationConfig::default(),
         }
     }
 }
@@ -140,6 +162,12 @@ impl Config {
             return Err(Error::invalid(
                 "limits.max_message_bytes",
                 "must be at least 16384 (a CSR may be 8 KiB)",
+            ));
+        }
+        if self.revocation.crl_validity_s < 60 || self.revocation.ocsp_validity_s < 60 {
+            return Err(Error::invalid(
+                "revocation",
+                "crl_validity_s and ocsp_validity_s must be at least 60",
             ));
         }
         Ok(())

@@ -52,6 +52,90 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Revoke a certificate, every certificate of a device, or of a customer (as an operator).
+    Revoke(RevokeArgs),
+    /// Release a certificate from certificate-hold (as an operator).
+    Unhold {
+        serial: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).args(["serial", "device", "customer"])))]
+struct RevokeArgs {
+    /// Serial (hex) of the certificate to revoke.
+    serial: Option<String>,
+    /// Revoke every live certificate of this device.
+    #[arg(long)]
+    device: Option<String>,
+    /// Revoke every live certificate of this customer.
+    #[arg(long)]
+    customer: Option<String>,
+    #[arg(long, value_enum, default_value_t = Reason::Unspecified)]
+    reason: Reason,
+    /// Report what would be revoked without changing anything (device and customer only).
+    #[arg(long)]
+    dry_run: bool,
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    connection: Connection,
+}
+
+/// RFC 5280 revocation reasons, as the CLI spells them.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Reason {
+    Unspecified,
+    KeyCompromise,
+    AffiliationChanged,
+    Superseded,
+    CessationOfOperation,
+    CertificateHold,
+    PrivilegeWithdrawn,
+}
+
+impl Reason {
+    fn to_proto(self) -> i32 {
+        use payra::wire::proto::RevocationReason as P;
+        (match self {
+            Reason::Unspecified => P::Unspecified,
+            Reason::KeyCompromise => P::KeyCompromise,
+            Reason::AffiliationChanged => P::AffiliationChanged,
+            Reason::Superseded => P::Superseded,
+            Reason::CessationOfOperation => P::CessationOfOperation,
+            Reason::CertificateHold => P::CertificateHold,
+            Reason::PrivilegeWithdrawn => P::PrivilegeWithdrawn,
+        }) as i32
+    }
+}
+
+/// Certificate statuses, as the CLI spells them.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum StatusFilter {
+    Valid,
+    Revoked,
+    Expired,
+    Superseded,
+    OnHold,
+    NotYetValid,
+}
+
+impl StatusFilter {
+    fn to_proto(self) -> i32 {
+        use payra::wire::proto::CertificateStatus as P;
+        (match self {
+            StatusFilter::Valid => P::Valid,
+            StatusFilter::Revoked => P::Revoked,
+            StatusFilter::Expired => P::Expired,
+            StatusFilter::Superseded => P::Superseded,
+            StatusFilter::OnHold => P::OnHold,
+            StatusFilter::NotYetValid => P::NotYetValid,
+        }) as i32
+    }
 }
 
 #[derive(Args)]
@@ -118,6 +202,27 @@ enum DeviceCommand {
 
 #[derive(Subcommand)]
 enum CertsCommand {
+    /// List certificates, filtered; follows page tokens unless --page-size is given.
+    List {
+        #[arg(long)]
+        customer: Option<String>,
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long, value_enum)]
+        status: Option<StatusFilter>,
+        /// Only certificates whose notAfter is before this Unix time (seconds).
+        #[arg(long)]
+        expiring_before: Option<i64>,
+        /// Show one page of this size and print the next page token.
+        #[arg(long)]
+        page_size: Option<i32>,
+        #[arg(long)]
+        page_token: Option<String>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Show one certificate's record (uses operator.pem).
     Show {
         serial: String,
@@ -224,6 +329,162 @@ async fn run(cli: Cli) -> CliResult {
             print_record(&record, json);
             Ok(())
         }
+        Command::Certs {
+            command:
+                CertsCommand::List {
+                    customer,
+                    device,
+                    status,
+                    expiring_before,
+                    page_size,
+                    page_token,
+                    json,
+                    connection,
+                },
+        } => {
+            let client =
+                connect(&connection, Credential::role(&connection.certs, "operator")).await?;
+            let mut request = payra::wire::proto::ListCertificatesRequest {
+                customer_id: customer.unwrap_or_default(),
+                device_id: device.unwrap_or_default(),
+                status: status.map_or(0, StatusFilter::to_proto),
+                expiring_before_unix_s: expiring_before.unwrap_or(0),
+                page_size: page_size.unwrap_or(0),
+                page_token: page_token.unwrap_or_default(),
+            };
+            let mut records = Vec::new();
+            let next = loop {
+                let page = client
+                    .admin()
+                    .list_certificates(request.clone())
+                    .await
+                    .map_err(status_message)?
+                    .into_inner();
+                records.extend(page.certificates);
+                if page.next_page_token.is_empty() || page_size.is_some() {
+                    break page.next_page_token;
+                }
+                request.page_token = page.next_page_token;
+            };
+            print_list(&records, &next, json);
+            Ok(())
+        }
+        Command::Revoke(args) => revoke(args).await,
+        Command::Unhold {
+            serial,
+            json,
+            connection,
+        } => {
+            let client =
+                connect(&connection, Credential::role(&connection.certs, "operator")).await?;
+            let record = client
+                .admin()
+                .unhold_certificate(payra::wire::proto::UnholdCertificateRequest { serial })
+                .await
+                .map_err(status_message)?
+                .into_inner();
+            print_record(&record, json);
+            Ok(())
+        }
+    }
+}
+
+async fn revoke(args: RevokeArgs) -> CliResult {
+    use payra::wire::proto;
+    let client = connect(
+        &args.connection,
+        Credential::role(&args.connection.certs, "operator"),
+    )
+    .await?;
+    let mut admin = client.admin();
+    let reason = args.reason.to_proto();
+    let response = if let Some(serial) = args.serial {
+        if args.dry_run {
+            return Err("--dry-run applies to --device and --customer".into());
+        }
+        admin
+            .revoke_certificate(proto::RevokeCertificateRequest { serial, reason })
+            .await
+    } else if let Some(device_id) = args.device {
+        admin
+            .revoke_device(proto::RevokeDeviceRequest {
+                device_id,
+                reason,
+                dry_run: args.dry_run,
+            })
+            .await
+    } else if let Some(customer_id) = args.customer {
+        admin
+            .revoke_customer(proto::RevokeCustomerRequest {
+                customer_id,
+                reason,
+                dry_run: args.dry_run,
+            })
+            .await
+    } else {
+        return Err("name a serial, --device or --customer".into());
+    };
+    let response = response.map_err(status_message)?.into_inner();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "revoked_serials": response.revoked_serials,
+                "revoked_at_unix_s": response.revoked_at_unix_s,
+                "dry_run": response.dry_run,
+            })
+        );
+        return Ok(());
+    }
+    let verb = if response.dry_run {
+        "would revoke"
+    } else {
+        "revoked"
+    };
+    if response.revoked_serials.is_empty() {
+        println!("nothing to revoke: no live certificates matched");
+    }
+    for serial in &response.revoked_serials {
+        println!("{verb} {serial}");
+    }
+    Ok(())
+}
+
+fn status_name(status: i32) -> String {
+    payra::wire::proto::CertificateStatus::try_from(status)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("CERTIFICATE_STATUS_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn print_list(records: &[payra::wire::proto::CertificateRecord], next: &str, json: bool) {
+    if json {
+        let items: Vec<_> = records.iter().map(record_json).collect();
+        println!(
+            "{}",
+            serde_json::json!({"certificates": items, "next_page_token": next})
+        );
+        return;
+    }
+    println!(
+        "{:<34} {:<20} {:<20} {:<12} {:>12}",
+        "SERIAL", "CUSTOMER", "DEVICE", "STATUS", "NOT_AFTER"
+    );
+    for record in records {
+        println!(
+            "{:<34} {:<20} {:<20} {:<12} {:>12}",
+            record.serial,
+            record.customer_id,
+            record.device_id,
+            status_name(record.status),
+            record.not_after_unix_s
+        );
+    }
+    if !next.is_empty() {
+        println!("next page: --page-token {next}");
     }
 }
 
@@ -360,24 +621,22 @@ async fn enroll_device(
     Ok(())
 }
 
-fn print_record(record: &payra::wire::proto::CertificateRecord, json: bool) {
-    use payra::wire::proto::{CertificateStatus, RevocationReason};
-    let status = CertificateStatus::try_from(record.status)
-        .map(|s| {
-            s.as_str_name()
-                .trim_start_matches("CERTIFICATE_STATUS_")
-                .to_lowercase()
-        })
-        .unwrap_or_else(|_| "unknown".into());
-    let reason = RevocationReason::try_from(record.revocation_reason)
+fn reason_name(reason: i32) -> String {
+    payra::wire::proto::RevocationReason::try_from(reason)
         .map(|r| {
             r.as_str_name()
                 .trim_start_matches("REVOCATION_REASON_")
                 .to_lowercase()
+                .replace('_', "-")
         })
-        .unwrap_or_else(|_| "unknown".into());
-    if json {
-        let value = serde_json::json!({
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// The stable JSON form of a record for scripts.
+fn record_json(record: &payra::wire::proto::CertificateRecord) -> serde_json::Value {
+    let status = status_name(record.status);
+    let reason = reason_name(record.revocation_reason);
+    serde_json::json!({
             "serial": record.serial,
             "customer_id": record.customer_id,
             "device_id": record.device_id,
@@ -390,8 +649,14 @@ fn print_record(record: &payra::wire::proto::CertificateRecord, json: bool) {
             "revocation_reason": if record.revoked_at_unix_s != 0 { Some(reason.clone()) } else { None },
             "renewed_from_serial": record.renewed_from_serial,
             "superseded_by_serial": record.superseded_by_serial,
-        });
-        println!("{value}");
+    })
+}
+
+fn print_record(record: &payra::wire::proto::CertificateRecord, json: bool) {
+    let status = status_name(record.status);
+    let reason = reason_name(record.revocation_reason);
+    if json {
+        println!("{}", record_json(record));
         return;
     }
     println!("serial       {}", record.serial);

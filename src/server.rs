@@ -28,6 +28,7 @@ pub struct RunningServer {
     shutdown: Option<oneshot::Sender<()>>,
     grpc: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     http: JoinHandle<std::io::Result<()>>,
+    crl_task: JoinHandle<()>,
     store: Arc<SledStore>,
 }
 
@@ -51,7 +52,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         ca.clone(),
         clock,
         RaPolicy::from_config(&config),
-    ));
+    )?);
 
     // Phones enroll without a certificate, so client auth is optional; a certificate that is
     // presented must chain to payra's root or issuing CA.
@@ -120,9 +121,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         let _ = http_stop_tx.send(());
         result
     });
-    let http = tokio::spawn(crate::http::serve(http_listener, async {
+    let http = tokio::spawn(crate::http::serve(http_listener, ra.clone(), async {
         let _ = http_stop_rx.await;
     }));
+    let crl_task = tokio::spawn(keep_crl_current(ra.clone()));
     tracing::info!(%grpc_addr, %http_addr, "payra is serving");
     Ok(RunningServer {
         grpc_addr,
@@ -130,8 +132,33 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         shutdown: Some(shutdown_tx),
         grpc,
         http,
+        crl_task,
         store,
     })
+}
+
+/// Signs a new CRL soon after revocations (a burst within the coalescing delay gets one CRL)
+/// and before half of the current one's validity has passed. `GET /crl` also rebuilds on
+/// demand, so this task only keeps the served CRL warm.
+async fn keep_crl_current(ra: Arc<Ra>) {
+    const COALESCE: std::time::Duration = std::time::Duration::from_millis(250);
+    let refresh = std::time::Duration::from_secs(
+        u64::try_from(ra.publication().crl_refresh_s())
+            .unwrap_or(3600)
+            .max(1),
+    );
+    loop {
+        let build = ra.clone();
+        match tokio::task::spawn_blocking(move || build.current_crl()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "CRL refresh failed"),
+            Err(e) => tracing::error!(error = %e, "CRL task failed"),
+        }
+        tokio::select! {
+            _ = ra.publication().crl_wakeup().notified() => tokio::time::sleep(COALESCE).await,
+            _ = tokio::time::sleep(refresh) => {}
+        }
+    }
 }
 
 impl RunningServer {
@@ -147,6 +174,7 @@ impl RunningServer {
     pub async fn wait(self) -> Result<()> {
         let grpc = self.grpc.await;
         let http = self.http.await;
+        self.crl_task.abort();
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.close())
             .await

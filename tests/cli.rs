@@ -153,3 +153,112 @@ fn fail_init_refuses_to_overwrite() {
     ]);
     assert!(text.contains("URI:urn:payra:role:operator"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_revoke_unhold_and_list_from_the_cli() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let certs = server.certs();
+    let certs = path_str(&certs);
+    let (_, a) = server.enroll("kate", "kate-phone").await;
+    let (_, b) = server.enroll("kate", "kate-tablet").await;
+    let conn = ["--server", url.as_str(), "--certs", certs];
+
+    let mut args = vec!["revoke", "--customer", "kate", "--dry-run", "--json"];
+    args.extend(conn);
+    let (ok, stdout, stderr) = payra(&args);
+    assert!(ok, "{stderr}");
+    let dry: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(dry["dry_run"], true);
+    assert_eq!(dry["revoked_serials"].as_array().unwrap().len(), 2);
+
+    let mut args = vec!["revoke", a.serial.as_str(), "--reason", "certificate-hold"];
+    args.extend(conn);
+    let (ok, stdout, stderr) = payra(&args);
+    assert!(ok, "{stderr}");
+    assert!(
+        stdout.contains(&format!("revoked {}", a.serial)),
+        "{stdout}"
+    );
+
+    let mut args = vec![
+        "certs",
+        "list",
+        "--customer",
+        "kate",
+        "--status",
+        "on-hold",
+        "--json",
+    ];
+    args.extend(conn);
+    let (ok, stdout, stderr) = payra(&args);
+    assert!(ok, "{stderr}");
+    let listed: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let items = listed["certificates"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["serial"], a.serial.as_str());
+    assert_eq!(items[0]["revocation_reason"], "certificate-hold");
+
+    let mut args = vec!["unhold", a.serial.as_str()];
+    args.extend(conn);
+    let (ok, stdout, stderr) = payra(&args);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("valid"), "{stdout}");
+
+    let mut args = vec![
+        "revoke",
+        "--device",
+        "kate-tablet",
+        "--reason",
+        "key-compromise",
+    ];
+    args.extend(conn);
+    let (ok, stdout, stderr) = payra(&args);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains(&b.serial), "{stdout}");
+
+    // A second revocation fails with a non-zero exit and the server's message.
+    let mut args = vec!["revoke", b.serial.as_str(), "--reason", "key-compromise"];
+    args.extend(conn);
+    let (ok, _, stderr) = payra(&args);
+    assert!(!ok);
+    assert!(
+        stderr.contains("FailedPrecondition") && stderr.contains("already revoked"),
+        "{stderr}"
+    );
+
+    let mut args = vec!["certs", "list", "--customer", "kate"];
+    args.extend(conn);
+    let (ok, stdout, stderr) = payra(&args);
+    assert!(ok, "{stderr}");
+    assert!(stdout.starts_with("SERIAL"), "{stdout}");
+    assert!(
+        stdout.contains("revoked") && stdout.contains("valid"),
+        "{stdout}"
+    );
+
+    // The service credential cannot revoke: the CLI uses operator.pem, so swap it in.
+    let swapped = server.dir.path().join("swapped");
+    std::fs::create_dir_all(&swapped).unwrap();
+    std::fs::copy(server.certs().join("root.pem"), swapped.join("root.pem")).unwrap();
+    std::fs::copy(
+        server.certs().join("service.pem"),
+        swapped.join("operator.pem"),
+    )
+    .unwrap();
+    std::fs::copy(
+        server.certs().join("service.key"),
+        swapped.join("operator.key"),
+    )
+    .unwrap();
+    let (ok, _, stderr) = payra(&[
+        "revoke",
+        a.serial.as_str(),
+        "--server",
+        url.as_str(),
+        "--certs",
+        path_str(&swapped),
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("PermissionDenied"), "{stderr}");
+}

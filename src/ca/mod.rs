@@ -1,12 +1,16 @@
 //! The certificate authority: key handling, the development PKI, CSR checks and the
 //! certificate profiles. Knows rcgen and x509-parser; knows nothing of storage.
 
+pub mod crl;
 pub mod csr;
+pub mod ocsp;
 pub mod pki;
 pub mod profile;
 pub mod signer;
 
+pub use crl::{build_crl, CrlEntry};
 pub use csr::{parse_device_csr, DevicePublicKey, MAX_CSR_BYTES};
+pub use ocsp::{OcspResponder, OcspStatus, ParsedOcspRequest};
 pub use pki::{init_dev_pki, CaMaterial, PkiFiles};
 pub use profile::{issue_device_certificate, DeviceCertificate, DeviceProfile};
 pub use signer::{CaSigner, KeyFileSigner};

@@ -1,18 +1,91 @@
-//! The plain-HTTP listener: health now; CRL, OCSP and metrics as they land.
+//! The plain-HTTP listener for relying parties: the CRL, the OCSP responder (RFC 6960 GET and
+//! POST), and health. Plain HTTP on purpose: CRLs and OCSP responses are signed objects.
 
 use std::future::Future;
+use std::sync::Arc;
 
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
+use base64::Engine;
 use tokio::net::TcpListener;
+
+use crate::ca::ocsp::MAX_OCSP_REQUEST_BYTES;
+use crate::ra::Ra;
 
 /// Serves the HTTP routes on `listener` until `stop` completes.
 pub async fn serve(
     listener: TcpListener,
+    ra: Arc<Ra>,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = Router::new().route("/healthz", get(|| async { "ok\n" }));
-    axum::serve(listener, app)
+    axum::serve(listener, router(ra))
         .with_graceful_shutdown(stop)
         .await
+}
+
+/// The routes, for serving and for tests.
+pub fn router(ra: Arc<Ra>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/crl", get(crl))
+        .route("/ocsp", axum::routing::post(ocsp_post))
+        .route("/ocsp/{*request}", get(ocsp_get))
+        .layer(DefaultBodyLimit::max(MAX_OCSP_REQUEST_BYTES))
+        .with_state(ra)
+}
+
+async fn crl(State(ra): State<Arc<Ra>>) -> Response {
+    match tokio::task::spawn_blocking(move || ra.current_crl()).await {
+        Ok(Ok(crl)) => (
+            [
+                (header::CONTENT_TYPE, "application/pkix-crl"),
+                (header::CACHE_CONTROL, "max-age=60"),
+            ],
+            crl.der,
+        )
+            .into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "building the CRL failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "CRL unavailable\n").into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "CRL task failed");
+            (StatusCode::INTERNAL_SERVER_ERROR, "CRL unavailable\n").into_response()
+        }
+    }
+}
+
+fn ocsp_reply(der: Vec<u8>) -> Response {
+    ([(header::CONTENT_TYPE, "application/ocsp-response")], der).into_response()
+}
+
+async fn answer_ocsp(ra: Arc<Ra>, request: Vec<u8>) -> Response {
+    match tokio::task::spawn_blocking(move || ra.ocsp_response(&request)).await {
+        Ok(der) => ocsp_reply(der),
+        Err(e) => {
+            tracing::error!(error = %e, "OCSP task failed");
+            ocsp_reply(crate::ca::OcspResponder::malformed())
+        }
+    }
+}
+
+async fn ocsp_post(State(ra): State<Arc<Ra>>, body: Bytes) -> Response {
+    answer_ocsp(ra, body.to_vec()).await
+}
+
+/// RFC 6960 A.1: GET {url}/{url-encoding of base-64 encoding of the DER request}. The path
+/// is already percent-decoded by the router.
+async fn ocsp_get(State(ra): State<Arc<Ra>>, Path(encoded): Path<String>) -> Response {
+    if encoded.len() > MAX_OCSP_REQUEST_BYTES * 2 {
+        return ocsp_reply(crate::ca::OcspResponder::malformed());
+    }
+    let compact: String = encoded.chars().filter(|c| !c.is_whitespace()).collect();
+    match base64::engine::general_purpose::STANDARD.decode(compact.as_bytes()) {
+        Ok(der) => answer_ocsp(ra, der).await,
+        Err(_) => ocsp_reply(crate::ca::OcspResponder::malformed()),
+    }
 }

@@ -2,12 +2,14 @@
 
 use rand::RngCore;
 
+use super::status::{CertificateStatus, StatusView};
 use super::Ra;
 use crate::ca::{issue_device_certificate, parse_device_csr};
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, DeviceId, DeviceInfo, Serial};
 use crate::store::{
-    CertificateRecord, IssueOutcome, TokenHash, TokenRecord, TokenRejection, RECORD_VERSION,
+    CertificateRecord, IssueOutcome, RevokeRejection, TokenHash, TokenRecord, TokenRejection,
+    RECORD_VERSION,
 };
 
 /// Prefix of every enrollment token, so secret scanners and people can recognise one.
@@ -29,6 +31,15 @@ pub struct EnrollRequest {
     pub csr_der: Vec<u8>,
     pub device_id: DeviceId,
     pub device_info: DeviceInfo,
+}
+
+/// A parsed `Renew` request; the current certificate comes from mutual TLS.
+#[derive(Debug, Clone)]
+pub struct RenewRequest {
+    pub current: Serial,
+    pub csr_der: Vec<u8>,
+    /// `None` keeps the device info on record.
+    pub device_info: Option<DeviceInfo>,
 }
 
 /// An issued certificate as returned to the phone.
@@ -158,6 +169,96 @@ impl Ra {
             customer = %record.customer_id,
             device = %record.device_id,
             "certificate issued"
+        );
+        Ok(Issued {
+            certificate_der: certificate.der,
+            chain_der: vec![self.ca.issuing_der.clone()],
+            record,
+        })
+    }
+}
+
+impl Ra {
+    /// Renews a device certificate: the device proves its current certificate over mutual TLS
+    /// and sends a new CSR (a new key is allowed). The new certificate names the same customer
+    /// and device; the old one is revoked as superseded in the same transaction. Only a valid
+    /// (unexpired, unrevoked) certificate can renew; anything else enrolls again.
+    pub fn renew(&self, request: RenewRequest) -> Result<Issued> {
+        if let Some(info) = &request.device_info {
+            info.validate()?;
+        }
+        let public_key = parse_device_csr(&request.csr_der)?;
+        let now_s = self.clock.now_s();
+        let current = self.store.certificate(&request.current)?.ok_or_else(|| {
+            Error::Unauthenticated(format!(
+                "certificate {} is not a payra device certificate on record",
+                request.current
+            ))
+        })?;
+        match StatusView::of(&current, now_s).status {
+            CertificateStatus::Valid => {}
+            CertificateStatus::Expired => {
+                return Err(Error::Unauthenticated(format!(
+                    "certificate {} expired at {} (Unix seconds); enroll again with a new token",
+                    current.serial, current.not_after_s
+                )))
+            }
+            CertificateStatus::NotYetValid => {
+                return Err(Error::Unauthenticated(format!(
+                    "certificate {} is not valid yet",
+                    current.serial
+                )))
+            }
+            other => {
+                return Err(Error::Unauthenticated(format!(
+                    "certificate {} is {:?} and cannot renew; enroll again with a new token",
+                    current.serial, other
+                )))
+            }
+        }
+        let serial = Serial::random();
+        let certificate = issue_device_certificate(
+            &self.ca.issuer,
+            &self.policy.profile,
+            &public_key,
+            &serial,
+            &current.customer_id,
+            &current.device_id,
+            now_s,
+        )?;
+        let record = CertificateRecord {
+            version: RECORD_VERSION,
+            serial,
+            customer_id: current.customer_id.clone(),
+            device_id: current.device_id.clone(),
+            device_info: request
+                .device_info
+                .unwrap_or_else(|| current.device_info.clone()),
+            subject: certificate.subject,
+            not_before_s: certificate.not_before_s,
+            not_after_s: certificate.not_after_s,
+            issued_at_s: now_s,
+            public_key_hex: hex::encode(public_key.sec1()),
+            certificate_b64: CertificateRecord::encode_der(&certificate.der),
+            revocation: None,
+            renewed_from: Some(current.serial.clone()),
+            superseded_by: None,
+        };
+        match self.store.renew(&current.serial, &record, now_s)? {
+            Ok(()) => {}
+            Err(RevokeRejection::AlreadyRevoked(serial, _)) => {
+                return Err(Error::Unauthenticated(format!(
+                    "certificate {serial} was revoked meanwhile; enroll again with a new token"
+                )))
+            }
+            Err(other) => return Err(Error::internal(format!("renew: {other:?}"))),
+        }
+        self.publication.revocation_changed();
+        tracing::info!(
+            old = %current.serial,
+            new = %record.serial,
+            device = %record.device_id,
+            "certificate renewed"
         );
         Ok(Issued {
             certificate_der: certificate.der,

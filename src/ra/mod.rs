@@ -3,14 +3,18 @@
 //! block on storage sync; the wire layer runs them off the async executor.
 
 mod enrollment;
+mod publication;
+mod revocation;
 mod status;
 
-pub use enrollment::{EnrollRequest, EnrollmentToken, Issued};
+pub use enrollment::{EnrollRequest, EnrollmentToken, Issued, RenewRequest};
+pub use publication::{Publication, PublishedCrl};
+pub use revocation::{CertificatePage, CertificateQuery, RevokeOutcome, MAX_PAGE_SIZE};
 pub use status::{CertificateStatus, StatusView};
 
 use std::sync::Arc;
 
-use crate::ca::{CaMaterial, DeviceProfile};
+use crate::ca::{CaMaterial, DeviceProfile, OcspResponder};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -23,6 +27,8 @@ pub struct RaPolicy {
     pub token_default_ttl_s: i64,
     pub token_max_ttl_s: i64,
     pub profile: DeviceProfile,
+    pub crl_validity_s: i64,
+    pub ocsp_validity_s: i64,
 }
 
 impl RaPolicy {
@@ -37,6 +43,8 @@ impl RaPolicy {
                 crl_url: config.crl_url(),
                 ocsp_url: config.ocsp_url(),
             },
+            crl_validity_s: i64::from(config.revocation.crl_validity_s),
+            ocsp_validity_s: i64::from(config.revocation.ocsp_validity_s),
         }
     }
 }
@@ -47,6 +55,7 @@ pub struct Ra {
     ca: Arc<CaMaterial>,
     clock: Arc<dyn Clock>,
     policy: RaPolicy,
+    publication: Publication,
 }
 
 impl Ra {
@@ -55,13 +64,22 @@ impl Ra {
         ca: Arc<CaMaterial>,
         clock: Arc<dyn Clock>,
         policy: RaPolicy,
-    ) -> Ra {
-        Ra {
+    ) -> Result<Ra> {
+        let responder = OcspResponder::new(&ca.issuing_der, ca.signer.clone())?;
+        let publication =
+            Publication::new(responder, policy.crl_validity_s, policy.ocsp_validity_s);
+        Ok(Ra {
             store,
             ca,
             clock,
             policy,
-        }
+            publication,
+        })
+    }
+
+    /// CRL and OCSP state (for the background CRL task).
+    pub fn publication(&self) -> &Publication {
+        &self.publication
     }
 
     /// The CA material (for the chain in responses and the TLS setup).

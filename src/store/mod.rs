@@ -9,7 +9,9 @@ mod records;
 mod sled_backend;
 
 pub use group_commit::GroupCommit;
-pub use records::{CertificateRecord, Revocation, TokenHash, TokenRecord, RECORD_VERSION};
+pub use records::{
+    CertificateRecord, Revocation, RevokedEntry, TokenHash, TokenRecord, RECORD_VERSION,
+};
 pub use sled_backend::SledStore;
 
 use crate::error::Result;
@@ -32,11 +34,13 @@ pub enum IssueOutcome {
     SerialTaken,
 }
 
-/// Why a certificate could not be revoked.
+/// Why a certificate could not be revoked, renewed or released from hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RevokeRejection {
     NotFound(Serial),
     AlreadyRevoked(Serial, Revocation),
+    /// Unhold of a certificate that is not on hold.
+    NotOnHold(Serial),
 }
 
 /// Persistent state of the RA and CA.
@@ -75,11 +79,32 @@ pub trait Store: Send + Sync {
     ) -> Result<Vec<CertificateRecord>>;
 
     /// Revokes every serial in `serials` with `revocation`, all or none: if any is unknown or
-    /// already revoked, nothing is written and the first such serial is reported. Durable on
-    /// return.
+    /// already revoked, nothing is written and the first such serial is reported. A
+    /// certificate on hold may be revoked for good (RFC 5280 5.3.1): its entry is replaced.
+    /// Durable on return.
     fn revoke(
         &self,
         serials: &[Serial],
         revocation: &Revocation,
     ) -> Result<Result<(), RevokeRejection>>;
+
+    /// Releases a certificate from certificateHold. Durable on return.
+    fn unhold(&self, serial: &Serial) -> Result<Result<CertificateRecord, RevokeRejection>>;
+
+    /// Atomically marks `old` superseded by `new` (revocation reason superseded at
+    /// `revoked_at_s`) and stores `new` with its indexes. `old` must be unrevoked. Durable on
+    /// return.
+    fn renew(
+        &self,
+        old: &Serial,
+        new: &CertificateRecord,
+        revoked_at_s: i64,
+    ) -> Result<Result<(), RevokeRejection>>;
+
+    /// Every revoked certificate (including those on hold), for the CRL.
+    fn revoked_entries(&self) -> Result<Vec<RevokedEntry>>;
+
+    /// Takes the next CRL number: strictly greater than every number taken before, across
+    /// restarts. Durable on return.
+    fn next_crl_number(&self) -> Result<u64>;
 }

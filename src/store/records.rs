@@ -41,6 +41,16 @@ pub struct Revocation {
     pub reason: RevocationReason,
 }
 
+/// A revoked certificate as the CRL needs it, kept in its own index so building a CRL reads
+/// only revoked certificates.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokedEntry {
+    pub serial: Serial,
+    pub revocation: Revocation,
+    pub not_after_s: i64,
+}
+
 /// A certificate payra issued, keyed by serial.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,8 +1,8 @@
 //! The embedded sled backend of [`Store`].
 //!
 //! Trees: `certificates` (serial → JSON record), `tokens` (token hash → JSON record),
-//! `by_customer` and `by_device` (`<id>\0<serial>` → empty). Records are JSON with a version
-//! field, readable by a person with any sled dump tool.
+//! `by_customer` and `by_device` (`<id>\0<serial>` → empty), `revoked` (serial → JSON
+//! [`RevokedEntry`]) and `meta` (counters). Records are JSON with a version field.
 
 use std::path::Path;
 
@@ -10,10 +10,10 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::{Db, Transactional, Tree};
 
 use super::group_commit::GroupCommit;
-use super::records::{CertificateRecord, Revocation, TokenHash, TokenRecord};
+use super::records::{CertificateRecord, Revocation, RevokedEntry, TokenHash, TokenRecord};
 use super::{IssueOutcome, RevokeRejection, Store, TokenRejection};
 use crate::error::{Error, Result};
-use crate::model::{CustomerId, DeviceId, Serial};
+use crate::model::{CustomerId, DeviceId, RevocationReason, Serial};
 
 /// [`Store`] on an embedded sled database, with group-committed durability.
 pub struct SledStore {
@@ -22,8 +22,12 @@ pub struct SledStore {
     tokens: Tree,
     by_customer: Tree,
     by_device: Tree,
+    revoked: Tree,
+    meta: Tree,
     commit: GroupCommit,
 }
+
+const CRL_NUMBER_KEY: &[u8] = b"crl_number";
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| Error::internal(format!("encoding record: {e}")))
@@ -74,6 +78,8 @@ impl SledStore {
             tokens: db.open_tree("tokens")?,
             by_customer: db.open_tree("by_customer")?,
             by_device: db.open_tree("by_device")?,
+            revoked: db.open_tree("revoked")?,
+            meta: db.open_tree("meta")?,
             db,
             commit,
         })
@@ -231,7 +237,7 @@ impl Store for SledStore {
     ) -> Result<std::result::Result<(), RevokeRejection>> {
         // sled commits a transaction's writes whenever the closure returns Ok, so every check
         // runs before the first write: a rejected batch writes nothing.
-        let outcome = self.certificates.transaction(|certificates| {
+        let outcome = (&self.certificates, &self.revoked).transaction(|(certificates, revoked)| {
             let mut records = Vec::with_capacity(serials.len());
             for serial in serials {
                 let Some(bytes) = certificates.get(serial.as_bytes())? else {
@@ -239,15 +245,20 @@ impl Store for SledStore {
                 };
                 let record: CertificateRecord = decode(&bytes).map_err(abort)?;
                 if let Some(existing) = record.revocation {
-                    return Ok(Err(RevokeRejection::AlreadyRevoked(
-                        serial.clone(),
-                        existing,
-                    )));
+                    let hold_made_permanent = existing.reason == RevocationReason::CertificateHold
+                        && revocation.reason != RevocationReason::CertificateHold;
+                    if !hold_made_permanent {
+                        return Ok(Err(RevokeRejection::AlreadyRevoked(
+                            serial.clone(),
+                            existing,
+                        )));
+                    }
                 }
                 records.push(record);
             }
             for mut record in records {
                 record.revocation = Some(*revocation);
+                put_revoked(revoked, &record).map_err(abort)?;
                 certificates.insert(record.serial.as_bytes(), encode(&record).map_err(abort)?)?;
             }
             Ok(Ok(()))
@@ -258,4 +269,116 @@ impl Store for SledStore {
         }
         Ok(outcome)
     }
+
+    fn unhold(
+        &self,
+        serial: &Serial,
+    ) -> Result<std::result::Result<CertificateRecord, RevokeRejection>> {
+        let outcome = (&self.certificates, &self.revoked).transaction(|(certificates, revoked)| {
+            let Some(bytes) = certificates.get(serial.as_bytes())? else {
+                return Ok(Err(RevokeRejection::NotFound(serial.clone())));
+            };
+            let mut record: CertificateRecord = decode(&bytes).map_err(abort)?;
+            match record.revocation {
+                Some(r) if r.reason == RevocationReason::CertificateHold => {}
+                _ => return Ok(Err(RevokeRejection::NotOnHold(serial.clone()))),
+            }
+            record.revocation = None;
+            revoked.remove(serial.as_bytes())?;
+            certificates.insert(serial.as_bytes(), encode(&record).map_err(abort)?)?;
+            Ok(Ok(record))
+        });
+        let outcome = finish(outcome)?;
+        if outcome.is_ok() {
+            self.commit.sync()?;
+        }
+        Ok(outcome)
+    }
+
+    fn renew(
+        &self,
+        old: &Serial,
+        new: &CertificateRecord,
+        revoked_at_s: i64,
+    ) -> Result<std::result::Result<(), RevokeRejection>> {
+        let new_value = encode(new)?;
+        let outcome = (
+            &self.certificates,
+            &self.revoked,
+            &self.by_customer,
+            &self.by_device,
+        )
+            .transaction(|(certificates, revoked, by_customer, by_device)| {
+                let Some(bytes) = certificates.get(old.as_bytes())? else {
+                    return Ok(Err(RevokeRejection::NotFound(old.clone())));
+                };
+                let mut record: CertificateRecord = decode(&bytes).map_err(abort)?;
+                if let Some(existing) = record.revocation {
+                    return Ok(Err(RevokeRejection::AlreadyRevoked(old.clone(), existing)));
+                }
+                if certificates.get(new.serial.as_bytes())?.is_some() {
+                    return Err(abort(Error::internal("random serial collided")));
+                }
+                record.revocation = Some(Revocation {
+                    revoked_at_s,
+                    reason: RevocationReason::Superseded,
+                });
+                record.superseded_by = Some(new.serial.clone());
+                put_revoked(revoked, &record).map_err(abort)?;
+                certificates.insert(old.as_bytes(), encode(&record).map_err(abort)?)?;
+                certificates.insert(new.serial.as_bytes(), new_value.as_slice())?;
+                by_customer.insert(
+                    index_key(new.customer_id.as_str(), &new.serial),
+                    &[] as &[u8],
+                )?;
+                by_device.insert(index_key(new.device_id.as_str(), &new.serial), &[] as &[u8])?;
+                Ok(Ok(()))
+            });
+        let outcome = finish(outcome)?;
+        if outcome.is_ok() {
+            self.commit.sync()?;
+        }
+        Ok(outcome)
+    }
+
+    fn revoked_entries(&self) -> Result<Vec<RevokedEntry>> {
+        self.revoked
+            .iter()
+            .values()
+            .map(|value| decode(&value?))
+            .collect()
+    }
+
+    fn next_crl_number(&self) -> Result<u64> {
+        let updated = self.meta.update_and_fetch(CRL_NUMBER_KEY, |old| {
+            let current = old
+                .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+                .map_or(0, u64::from_be_bytes);
+            Some((current + 1).to_be_bytes().to_vec())
+        })?;
+        let number = updated
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
+            .map(u64::from_be_bytes)
+            .ok_or_else(|| Error::internal("CRL number missing after update"))?;
+        self.commit.sync()?;
+        Ok(number)
+    }
+}
+
+fn put_revoked(
+    revoked: &TransactionalTree,
+    record: &CertificateRecord,
+) -> std::result::Result<(), Error> {
+    let Some(revocation) = record.revocation else {
+        return Ok(());
+    };
+    let entry = RevokedEntry {
+        serial: record.serial.clone(),
+        revocation,
+        not_after_s: record.not_after_s,
+    };
+    revoked
+        .insert(record.serial.as_bytes(), encode(&entry)?)
+        .map_err(|e| Error::internal(format!("storage: {e:?}")))?;
+    Ok(())
 }

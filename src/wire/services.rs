@@ -6,11 +6,14 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use super::auth::Caller;
 use super::auth::{authorize, Rpc};
 use super::proto;
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, DeviceId, DeviceInfo, RevocationReason, Serial};
-use crate::ra::{CertificateStatus, EnrollRequest, Ra, StatusView};
+use crate::ra::{
+    CertificateQuery, CertificateStatus, EnrollRequest, Ra, RenewRequest, RevokeOutcome, StatusView,
+};
 use crate::store::CertificateRecord;
 
 /// Runs blocking RA work (storage sync, signing) on tokio's blocking pool.
@@ -74,6 +77,55 @@ fn reason_to_proto(reason: RevocationReason) -> proto::RevocationReason {
         RevocationReason::CessationOfOperation => P::CessationOfOperation,
         RevocationReason::CertificateHold => P::CertificateHold,
         RevocationReason::PrivilegeWithdrawn => P::PrivilegeWithdrawn,
+    }
+}
+
+fn reason_from_proto(value: i32) -> Result<RevocationReason> {
+    use proto::RevocationReason as P;
+    match P::try_from(value) {
+        Ok(P::Unspecified) => Ok(RevocationReason::Unspecified),
+        Ok(P::KeyCompromise) => Ok(RevocationReason::KeyCompromise),
+        Ok(P::AffiliationChanged) => Ok(RevocationReason::AffiliationChanged),
+        Ok(P::Superseded) => Ok(RevocationReason::Superseded),
+        Ok(P::CessationOfOperation) => Ok(RevocationReason::CessationOfOperation),
+        Ok(P::CertificateHold) => Ok(RevocationReason::CertificateHold),
+        Ok(P::PrivilegeWithdrawn) => Ok(RevocationReason::PrivilegeWithdrawn),
+        Err(_) => Err(Error::invalid(
+            "reason",
+            format!("{value} is not a revocation reason payra accepts"),
+        )),
+    }
+}
+
+fn status_from_proto(value: i32) -> Result<Option<CertificateStatus>> {
+    use proto::CertificateStatus as P;
+    Ok(match P::try_from(value) {
+        Ok(P::Unspecified) => None,
+        Ok(P::Valid) => Some(CertificateStatus::Valid),
+        Ok(P::Revoked) => Some(CertificateStatus::Revoked),
+        Ok(P::Expired) => Some(CertificateStatus::Expired),
+        Ok(P::Superseded) => Some(CertificateStatus::Superseded),
+        Ok(P::OnHold) => Some(CertificateStatus::OnHold),
+        Ok(P::NotYetValid) => Some(CertificateStatus::NotYetValid),
+        Err(_) => return Err(Error::invalid("status", format!("{value} is not a status"))),
+    })
+}
+
+fn revoke_response(outcome: RevokeOutcome) -> proto::RevokeResponse {
+    proto::RevokeResponse {
+        revoked_serials: outcome.serials.iter().map(Serial::to_hex).collect(),
+        revoked_at_unix_s: outcome.revoked_at_s,
+        dry_run: outcome.dry_run,
+    }
+}
+
+fn issued_response(issued: crate::ra::Issued) -> proto::EnrollResponse {
+    proto::EnrollResponse {
+        certificate_der: issued.certificate_der,
+        chain_der: issued.chain_der,
+        serial: issued.record.serial.to_hex(),
+        not_before_unix_s: issued.record.not_before_s,
+        not_after_unix_s: issued.record.not_after_s,
     }
 }
 
@@ -151,13 +203,25 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
         let request = EnrollRequest::try_from(request.into_inner())?;
         let ra = self.ra.clone();
         let issued = blocking(move || ra.enroll(request)).await?;
-        Ok(Response::new(proto::EnrollResponse {
-            certificate_der: issued.certificate_der,
-            chain_der: issued.chain_der,
-            serial: issued.record.serial.to_hex(),
-            not_before_unix_s: issued.record.not_before_s,
-            not_after_unix_s: issued.record.not_after_s,
-        }))
+        Ok(Response::new(issued_response(issued)))
+    }
+
+    async fn renew(
+        &self,
+        request: Request<proto::RenewRequest>,
+    ) -> Result<Response<proto::EnrollResponse>, Status> {
+        let Caller::Device(current) = authorize(&request, Rpc::Renew)? else {
+            return Err(Error::PermissionDenied("Renew needs a device certificate".into()).into());
+        };
+        let request = request.into_inner();
+        let request = RenewRequest {
+            current,
+            csr_der: request.csr_der,
+            device_info: request.device_info.map(DeviceInfo::from),
+        };
+        let ra = self.ra.clone();
+        let issued = blocking(move || ra.renew(request)).await?;
+        Ok(Response::new(issued_response(issued)))
     }
 }
 
@@ -205,5 +269,96 @@ impl proto::admin_server::Admin for AdminService {
         let record = self.ra.certificate(&serial)?;
         let view = self.ra.certificate_status(&serial)?;
         Ok(Response::new(record_to_proto(record, &view)))
+    }
+
+    async fn revoke_certificate(
+        &self,
+        request: Request<proto::RevokeCertificateRequest>,
+    ) -> Result<Response<proto::RevokeResponse>, Status> {
+        authorize(&request, Rpc::RevokeCertificate)?;
+        let request = request.into_inner();
+        let serial = Serial::parse("serial", &request.serial)?;
+        let reason = reason_from_proto(request.reason)?;
+        let ra = self.ra.clone();
+        let outcome = blocking(move || ra.revoke_certificate(&serial, reason)).await?;
+        Ok(Response::new(revoke_response(outcome)))
+    }
+
+    async fn revoke_device(
+        &self,
+        request: Request<proto::RevokeDeviceRequest>,
+    ) -> Result<Response<proto::RevokeResponse>, Status> {
+        authorize(&request, Rpc::RevokeDevice)?;
+        let request = request.into_inner();
+        let device = DeviceId::parse("device_id", &request.device_id)?;
+        let reason = reason_from_proto(request.reason)?;
+        let ra = self.ra.clone();
+        let outcome = blocking(move || ra.revoke_device(&device, reason, request.dry_run)).await?;
+        Ok(Response::new(revoke_response(outcome)))
+    }
+
+    async fn revoke_customer(
+        &self,
+        request: Request<proto::RevokeCustomerRequest>,
+    ) -> Result<Response<proto::RevokeResponse>, Status> {
+        authorize(&request, Rpc::RevokeCustomer)?;
+        let request = request.into_inner();
+        let customer = CustomerId::parse("customer_id", &request.customer_id)?;
+        let reason = reason_from_proto(request.reason)?;
+        let ra = self.ra.clone();
+        let outcome =
+            blocking(move || ra.revoke_customer(&customer, reason, request.dry_run)).await?;
+        Ok(Response::new(revoke_response(outcome)))
+    }
+
+    async fn unhold_certificate(
+        &self,
+        request: Request<proto::UnholdCertificateRequest>,
+    ) -> Result<Response<proto::CertificateRecord>, Status> {
+        authorize(&request, Rpc::UnholdCertificate)?;
+        let serial = Serial::parse("serial", &request.into_inner().serial)?;
+        let ra = self.ra.clone();
+        let record = blocking(move || ra.unhold_certificate(&serial)).await?;
+        let view = self.ra.certificate_status(&record.serial)?;
+        Ok(Response::new(record_to_proto(record, &view)))
+    }
+
+    async fn list_certificates(
+        &self,
+        request: Request<proto::ListCertificatesRequest>,
+    ) -> Result<Response<proto::ListCertificatesResponse>, Status> {
+        authorize(&request, Rpc::ListCertificates)?;
+        let request = request.into_inner();
+        let query = CertificateQuery {
+            customer: match request.customer_id.as_str() {
+                "" => None,
+                id => Some(CustomerId::parse("customer_id", id)?),
+            },
+            device: match request.device_id.as_str() {
+                "" => None,
+                id => Some(DeviceId::parse("device_id", id)?),
+            },
+            status: status_from_proto(request.status)?,
+            expiring_before_s: match request.expiring_before_unix_s {
+                0 => None,
+                t => Some(t),
+            },
+            page_size: usize::try_from(request.page_size)
+                .map_err(|_| Error::invalid("page_size", "must not be negative"))?,
+            after: match request.page_token.as_str() {
+                "" => None,
+                token => Some(Serial::parse("page_token", token)?),
+            },
+        };
+        let ra = self.ra.clone();
+        let page = blocking(move || ra.list_certificates(&query)).await?;
+        Ok(Response::new(proto::ListCertificatesResponse {
+            certificates: page
+                .certificates
+                .into_iter()
+                .map(|(record, view)| record_to_proto(record, &view))
+                .collect(),
+            next_page_token: page.next.map(|s| s.to_hex()).unwrap_or_default(),
+        }))
     }
 }

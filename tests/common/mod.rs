@@ -154,3 +154,108 @@ pub fn openssl(args: &[&str]) -> (bool, String) {
 pub fn path_str(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
+
+/// Writes a device's key and certificate chain the way `payra device enroll` does; returns
+/// the directory.
+pub fn write_device_dir(dir: &Path, key: &DeviceKey, issued: &proto::EnrollResponse) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut chain = pem(&issued.certificate_der);
+    for ca in &issued.chain_der {
+        chain.push_str(&pem(ca));
+    }
+    std::fs::write(dir.join("device.pem"), chain).unwrap();
+    std::fs::write(dir.join("device.key"), key.to_pkcs8_pem().unwrap()).unwrap();
+    std::fs::write(dir.join("leaf.pem"), pem(&issued.certificate_der)).unwrap();
+    dir.to_path_buf()
+}
+
+impl TestServer {
+    /// A client presenting the device certificate in `device_dir`.
+    pub async fn device(&self, device_dir: &Path) -> Client {
+        self.client(Credential::device(device_dir)).await
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.http_addr())
+    }
+
+    /// Revokes `serial` as the operator.
+    pub async fn revoke(
+        &self,
+        serial: &str,
+        reason: proto::RevocationReason,
+    ) -> proto::RevokeResponse {
+        self.operator()
+            .await
+            .admin()
+            .revoke_certificate(proto::RevokeCertificateRequest {
+                serial: serial.to_string(),
+                reason: reason as i32,
+            })
+            .await
+            .expect("revoke")
+            .into_inner()
+    }
+
+    pub async fn status(&self, serial: &str) -> proto::GetCertificateStatusResponse {
+        self.service()
+            .await
+            .verification()
+            .get_certificate_status(proto::GetCertificateStatusRequest {
+                serial: serial.to_string(),
+            })
+            .await
+            .expect("status")
+            .into_inner()
+    }
+}
+
+/// GETs `url` with a plain HTTP/1.1 request over TCP; returns (status code, headers, body).
+pub async fn http_get(url: &str) -> (u16, String, Vec<u8>) {
+    http_request("GET", url, &[]).await
+}
+
+pub async fn http_request(method: &str, url: &str, body: &[u8]) -> (u16, String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://").expect("http url");
+    let (host, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut stream = tokio::net::TcpStream::connect(host).await.expect("connect");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/ocsp-request\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(body).await.unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.unwrap();
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("header end");
+    let headers = String::from_utf8_lossy(&response[..split]).into_owned();
+    let code: u16 = headers[9..12].parse().unwrap();
+    let mut body = response[split + 4..].to_vec();
+    if headers
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (code, headers, body)
+}
+
+fn dechunk(mut data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let line_end = data.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&data[..line_end]).unwrap().trim(), 16)
+                .unwrap();
+        data = &data[line_end + 2..];
+        if size == 0 {
+            return out;
+        }
+        out.extend_from_slice(&data[..size]);
+        data = &data[size + 2..];
+    }
+}

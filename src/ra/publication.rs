@@ -1,0 +1,208 @@
+//! Publishing revocation status to relying parties: the CRL and the OCSP responder, with
+//! caches that a revocation invalidates before it is acknowledged.
+//!
+//! Every change of revocation state bumps a generation counter after it is durable and
+//! before the RPC answers. A cached CRL or OCSP response remembers the generation it was
+//! built at and is rebuilt when the counter has moved, so nothing published lags an
+//! acknowledged revocation.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, RwLock};
+
+use super::Ra;
+use crate::ca::{build_crl, CrlEntry, OcspResponder, OcspStatus};
+use crate::error::Result;
+use crate::model::Serial;
+
+/// Most cached OCSP responses; the cache is emptied when it grows past this.
+const OCSP_CACHE_LIMIT: usize = 100_000;
+
+/// A signed CRL and what it was built from.
+#[derive(Debug, Clone)]
+pub struct PublishedCrl {
+    pub der: Vec<u8>,
+    pub number: u64,
+    pub this_update_s: i64,
+    pub next_update_s: i64,
+    generation: u64,
+}
+
+#[derive(Debug, Clone)]
+struct CachedOcsp {
+    der: Vec<u8>,
+    this_update_s: i64,
+    generation: u64,
+}
+
+/// CRL and OCSP state of a running RA.
+pub struct Publication {
+    responder: OcspResponder,
+    generation: AtomicU64,
+    crl: Mutex<Option<PublishedCrl>>,
+    ocsp_cache: RwLock<HashMap<Serial, CachedOcsp>>,
+    crl_wakeup: tokio::sync::Notify,
+    crl_validity_s: i64,
+    ocsp_validity_s: i64,
+}
+
+impl Publication {
+    pub fn new(responder: OcspResponder, crl_validity_s: i64, ocsp_validity_s: i64) -> Self {
+        Publication {
+            responder,
+            generation: AtomicU64::new(0),
+            crl: Mutex::new(None),
+            ocsp_cache: RwLock::new(HashMap::new()),
+            crl_wakeup: tokio::sync::Notify::new(),
+            crl_validity_s,
+            ocsp_validity_s,
+        }
+    }
+
+    /// Records that revocation state changed (call after the change is durable).
+    pub fn revocation_changed(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.crl_wakeup.notify_one();
+    }
+
+    /// Woken on every revocation change; the CRL task waits on it.
+    pub fn crl_wakeup(&self) -> &tokio::sync::Notify {
+        &self.crl_wakeup
+    }
+
+    /// Seconds between CRL rebuilds when nothing changes.
+    pub fn crl_refresh_s(&self) -> i64 {
+        self.crl_validity_s / 2
+    }
+}
+
+impl Ra {
+    /// The current CRL, rebuilt first if a revocation changed since the last one or half its
+    /// validity has passed. Concurrent callers share one rebuild.
+    pub fn current_crl(&self) -> Result<PublishedCrl> {
+        let publication = &self.publication;
+        let mut slot = publication.crl.lock().unwrap_or_else(|p| p.into_inner());
+        let now_s = self.clock.now_s();
+        let generation = publication.generation.load(Ordering::SeqCst);
+        if let Some(crl) = slot.as_ref() {
+            let fresh = now_s < crl.this_update_s + publication.crl_refresh_s();
+            if crl.generation == generation && fresh {
+                return Ok(crl.clone());
+            }
+        }
+        let entries: Vec<CrlEntry> = self
+            .store
+            .revoked_entries()?
+            .into_iter()
+            // An expired certificate may leave the CRL (RFC 5280 3.3).
+            .filter(|entry| entry.not_after_s > now_s)
+            .map(|entry| CrlEntry {
+                serial: entry.serial,
+                revoked_at_s: entry.revocation.revoked_at_s,
+                reason: entry.revocation.reason,
+            })
+            .collect();
+        let number = self.store.next_crl_number()?;
+        let next_update_s = now_s + publication.crl_validity_s;
+        let der = build_crl(&self.ca.issuer, number, now_s, next_update_s, &entries)?;
+        tracing::info!(number, entries = entries.len(), "CRL signed");
+        let crl = PublishedCrl {
+            der,
+            number,
+            this_update_s: now_s,
+            next_update_s,
+            generation,
+        };
+        *slot = Some(crl.clone());
+        Ok(crl)
+    }
+
+    /// Answers a DER OCSP request with a DER OCSP response; never fails (a malformed request
+    /// gets `malformedRequest`, an internal fault `internalError`).
+    pub fn ocsp_response(&self, request_der: &[u8]) -> Vec<u8> {
+        let publication = &self.publication;
+        let Some(request) = publication.responder.parse_request(request_der) else {
+            return OcspResponder::malformed();
+        };
+        let now_s = self.clock.now_s();
+        let generation = publication.generation.load(Ordering::SeqCst);
+        let cacheable = request.nonce.is_none() && request.items.len() == 1;
+        let cache_key = request.items.first().and_then(|(_, serial)| serial.clone());
+        if cacheable {
+            if let Some(serial) = &cache_key {
+                let cache = publication
+                    .ocsp_cache
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner());
+                if let Some(hit) = cache.get(serial) {
+                    if hit.generation == generation
+                        && now_s < hit.this_update_s + publication.ocsp_validity_s / 2
+                    {
+                        return hit.der.clone();
+                    }
+                }
+            }
+        }
+        let mut statuses = Vec::with_capacity(request.items.len());
+        for (_, serial) in &request.items {
+            let status = match serial {
+                None => OcspStatus::Unknown,
+                Some(serial) => match self.store.certificate(serial) {
+                    Ok(Some(record)) => match record.revocation {
+                        Some(r) => OcspStatus::Revoked {
+                            revoked_at_s: r.revoked_at_s,
+                            reason: r.reason,
+                        },
+                        None => OcspStatus::Good,
+                    },
+                    Ok(None) => OcspStatus::Unknown,
+                    Err(e) => {
+                        tracing::error!(error = %e, "OCSP status lookup failed");
+                        return x509_ocsp_internal_error();
+                    }
+                },
+            };
+            statuses.push(status);
+        }
+        let der = match publication.responder.respond(
+            &request,
+            &statuses,
+            now_s,
+            publication.ocsp_validity_s,
+        ) {
+            Ok(der) => der,
+            Err(e) => {
+                tracing::error!(error = %e, "OCSP signing failed");
+                return x509_ocsp_internal_error();
+            }
+        };
+        // Unknown answers are not cached: the serial may be issued a moment later.
+        if let (true, Some(serial), Some(status)) = (cacheable, cache_key, statuses.first()) {
+            if *status != OcspStatus::Unknown {
+                let mut cache = publication
+                    .ocsp_cache
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner());
+                if cache.len() >= OCSP_CACHE_LIMIT {
+                    cache.clear();
+                }
+                cache.insert(
+                    serial,
+                    CachedOcsp {
+                        der: der.clone(),
+                        this_update_s: now_s,
+                        generation,
+                    },
+                );
+            }
+        }
+        der
+    }
+}
+
+fn x509_ocsp_internal_error() -> Vec<u8> {
+    use der::Encode;
+    x509_ocsp::OcspResponse::internal_error()
+        .to_der()
+        .unwrap_or_else(|_| vec![0x30, 0x03, 0x0a, 0x01, 0x02])
+}

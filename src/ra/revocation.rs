@@ -1,0 +1,249 @@
+//! Revocation (BRIEF flow 3), release from hold, and the certificate inventory.
+
+use super::status::{CertificateStatus, StatusView};
+use super::Ra;
+use crate::error::{Error, Result};
+use crate::model::{CustomerId, DeviceId, RevocationReason, Serial};
+use crate::store::{CertificateRecord, Revocation, RevokeRejection};
+
+/// What a revocation call did (or, with `dry_run`, would do).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevokeOutcome {
+    pub serials: Vec<Serial>,
+    pub revoked_at_s: i64,
+    pub dry_run: bool,
+}
+
+/// Filters and paging of [`Ra::list_certificates`].
+#[derive(Debug, Clone, Default)]
+pub struct CertificateQuery {
+    pub customer: Option<CustomerId>,
+    pub device: Option<DeviceId>,
+    pub status: Option<CertificateStatus>,
+    pub expiring_before_s: Option<i64>,
+    pub page_size: usize,
+    pub after: Option<Serial>,
+}
+
+/// One page of certificates, in serial order.
+#[derive(Debug, Clone)]
+pub struct CertificatePage {
+    pub certificates: Vec<(CertificateRecord, StatusView)>,
+    /// Where the next page starts; `None` at the end.
+    pub next: Option<Serial>,
+}
+
+/// Default and largest page sizes of ListCertificates.
+pub const DEFAULT_PAGE_SIZE: usize = 100;
+pub const MAX_PAGE_SIZE: usize = 1000;
+/// Most records one ListCertificates call examines without an index, so a call with a
+/// rare filter returns a short page (with a page token) instead of scanning everything.
+const MAX_SCAN_PER_PAGE: usize = 10_000;
+
+fn rejection_error(rejection: RevokeRejection) -> Error {
+    match rejection {
+        RevokeRejection::NotFound(serial) => {
+            Error::NotFound(format!("no certificate with serial {serial}"))
+        }
+        RevokeRejection::AlreadyRevoked(serial, existing) => Error::FailedPrecondition(format!(
+            "certificate {serial} was already revoked at {} (Unix seconds) with reason {}; a \
+             revocation is final (only certificate-hold can be released or made permanent)",
+            existing.revoked_at_s,
+            existing.reason.cli_name()
+        )),
+        RevokeRejection::NotOnHold(serial) => Error::FailedPrecondition(format!(
+            "certificate {serial} is not on hold; only certificate-hold can be released"
+        )),
+    }
+}
+
+impl Ra {
+    /// Revokes one certificate. Unknown serial: `NotFound`. Already revoked:
+    /// `FailedPrecondition` naming the original time and reason (nothing changes), except that
+    /// a certificate on hold may be revoked for good.
+    pub fn revoke_certificate(
+        &self,
+        serial: &Serial,
+        reason: RevocationReason,
+    ) -> Result<RevokeOutcome> {
+        self.revoke_batch(vec![serial.clone()], reason, false)
+    }
+
+    /// Revokes every live certificate of `device` (unrevoked or on hold, not expired).
+    pub fn revoke_device(
+        &self,
+        device: &DeviceId,
+        reason: RevocationReason,
+        dry_run: bool,
+    ) -> Result<RevokeOutcome> {
+        let serials = self.store.serials_by_device(device)?;
+        if serials.is_empty() {
+            return Err(Error::NotFound(format!(
+                "no certificates for device {device}"
+            )));
+        }
+        let live = self.live_serials(serials, reason)?;
+        self.revoke_batch(live, reason, dry_run)
+    }
+
+    /// Revokes every live certificate of `customer`.
+    pub fn revoke_customer(
+        &self,
+        customer: &CustomerId,
+        reason: RevocationReason,
+        dry_run: bool,
+    ) -> Result<RevokeOutcome> {
+        let serials = self.store.serials_by_customer(customer)?;
+        if serials.is_empty() {
+            return Err(Error::NotFound(format!(
+                "no certificates for customer {customer}"
+            )));
+        }
+        let live = self.live_serials(serials, reason)?;
+        self.revoke_batch(live, reason, dry_run)
+    }
+
+    /// The serials a bulk revocation with `reason` would change.
+    fn live_serials(&self, serials: Vec<Serial>, reason: RevocationReason) -> Result<Vec<Serial>> {
+        let now_s = self.clock.now_s();
+        let mut live = Vec::new();
+        for serial in serials {
+            let Some(record) = self.store.certificate(&serial)? else {
+                continue;
+            };
+            let changeable = match record.revocation {
+                None => true,
+                Some(r) => {
+                    r.reason == RevocationReason::CertificateHold
+                        && reason != RevocationReason::CertificateHold
+                }
+            };
+            if changeable && now_s < record.not_after_s {
+                live.push(serial);
+            }
+        }
+        Ok(live)
+    }
+
+    fn revoke_batch(
+        &self,
+        serials: Vec<Serial>,
+        reason: RevocationReason,
+        dry_run: bool,
+    ) -> Result<RevokeOutcome> {
+        let revoked_at_s = self.clock.now_s();
+        if dry_run || serials.is_empty() {
+            return Ok(RevokeOutcome {
+                serials,
+                revoked_at_s,
+                dry_run,
+            });
+        }
+        let revocation = Revocation {
+            revoked_at_s,
+            reason,
+        };
+        self.store
+            .revoke(&serials, &revocation)?
+            .map_err(rejection_error)?;
+        self.publication.revocation_changed();
+        for serial in &serials {
+            tracing::info!(serial = %serial, reason = reason.cli_name(), "certificate revoked");
+        }
+        Ok(RevokeOutcome {
+            serials,
+            revoked_at_s,
+            dry_run,
+        })
+    }
+
+    /// Releases a certificate from certificateHold: it is good again everywhere.
+    pub fn unhold_certificate(&self, serial: &Serial) -> Result<CertificateRecord> {
+        let record = self.store.unhold(serial)?.map_err(rejection_error)?;
+        self.publication.revocation_changed();
+        tracing::info!(serial = %serial, "certificate released from hold");
+        Ok(record)
+    }
+
+    /// Lists certificates matching `query`, in serial order, one page at a time.
+    pub fn list_certificates(&self, query: &CertificateQuery) -> Result<CertificatePage> {
+        let page_size = match query.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(Error::invalid(
+                    "page_size",
+                    format!("at most {MAX_PAGE_SIZE} allowed"),
+                ))
+            }
+            n => n,
+        };
+        let now_s = self.clock.now_s();
+        let matches = |record: &CertificateRecord, view: &StatusView| {
+            query.status.is_none_or(|s| s == view.status)
+                && query
+                    .expiring_before_s
+                    .is_none_or(|t| record.not_after_s < t)
+                && query
+                    .customer
+                    .as_ref()
+                    .is_none_or(|c| *c == record.customer_id)
+                && query.device.as_ref().is_none_or(|d| *d == record.device_id)
+        };
+        let mut certificates = Vec::new();
+        let indexed = match (&query.customer, &query.device) {
+            (_, Some(device)) => Some(self.store.serials_by_device(device)?),
+            (Some(customer), None) => Some(self.store.serials_by_customer(customer)?),
+            (None, None) => None,
+        };
+        if let Some(mut serials) = indexed {
+            serials.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            let start = query.after.as_ref().map_or(0, |after| {
+                serials.partition_point(|s| s.as_bytes() <= after.as_bytes())
+            });
+            for serial in &serials[start..] {
+                let Some(record) = self.store.certificate(serial)? else {
+                    continue;
+                };
+                let view = StatusView::of(&record, now_s);
+                if matches(&record, &view) {
+                    if certificates.len() == page_size {
+                        let next = certificates
+                            .last()
+                            .map(|(r, _): &(CertificateRecord, StatusView)| r.serial.clone());
+                        return Ok(CertificatePage { certificates, next });
+                    }
+                    certificates.push((record, view));
+                }
+            }
+            return Ok(CertificatePage {
+                certificates,
+                next: None,
+            });
+        }
+        let mut after = query.after.clone();
+        let mut scanned = 0;
+        loop {
+            let batch = self.store.certificates_after(after.as_ref(), 256)?;
+            if batch.is_empty() {
+                return Ok(CertificatePage {
+                    certificates,
+                    next: None,
+                });
+            }
+            for record in batch {
+                scanned += 1;
+                after = Some(record.serial.clone());
+                let view = StatusView::of(&record, now_s);
+                if matches(&record, &view) {
+                    certificates.push((record, view));
+                }
+                if certificates.len() == page_size || scanned >= MAX_SCAN_PER_PAGE {
+                    return Ok(CertificatePage {
+                        certificates,
+                        next: after,
+                    });
+                }
+            }
+        }
+    }
+}
