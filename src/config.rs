@@ -28,6 +28,48 @@ pub struct Config {
     pub tokens: TokenConfig,
     pub limits: LimitConfig,
     pub revocation: RevocationConfig,
+    pub verification: VerificationConfig,
+    pub ledger: LedgerConfig,
+}
+
+/// Payment verification.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VerificationConfig {
+    /// How far an intent's created_at may be from the server's clock, either way.
+    pub skew_s: u32,
+}
+
+impl Default for VerificationConfig {
+    fn default() -> Self {
+        VerificationConfig { skew_s: 120 }
+    }
+}
+
+/// The daily limit ledger. Amounts are fen.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// Offset from UTC of the time zone whose calendar day the limits count in. China has
+    /// no daylight saving time, so Asia/Shanghai is a fixed +08:00 (28800 s).
+    pub utc_offset_s: i32,
+    /// Tier A limit for customers without an agreed limit (`payra.v1.Admin/SetAgreedLimit`).
+    pub default_agreed_limit_fen: i64,
+    pub limit_b_fen: i64,
+    pub limit_c_fen: i64,
+    pub limit_d_fen: i64,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        LedgerConfig {
+            utc_offset_s: 8 * 3600,
+            default_agreed_limit_fen: 5_000_000,
+            limit_b_fen: 500_000,
+            limit_c_fen: 100_000,
+            limit_d_fen: 50_000,
+        }
+    }
 }
 
 /// CRL and OCSP publication.
@@ -90,6 +132,8 @@ impl Default for Config {
             tokens: TokenConfig::default(),
             limits: LimitConfig::default(),
             revocation: RevocationConfig::default(),
+            verification: VerificationConfig::default(),
+            ledger: LedgerConfig::default(),
         }
     }
 }
@@ -169,6 +213,31 @@ impl Config {
                 "revocation",
                 "crl_validity_s and ocsp_validity_s must be at least 60",
             ));
+        }
+        if self.verification.skew_s == 0 || self.verification.skew_s > 3600 {
+            return Err(Error::invalid(
+                "verification.skew_s",
+                "must be between 1 and 3600",
+            ));
+        }
+        if self.ledger.utc_offset_s.abs() > 14 * 3600 {
+            return Err(Error::invalid(
+                "ledger.utc_offset_s",
+                "must be within ±14 hours (±50400 s)",
+            ));
+        }
+        for (field, value) in [
+            (
+                "ledger.default_agreed_limit_fen",
+                self.ledger.default_agreed_limit_fen,
+            ),
+            ("ledger.limit_b_fen", self.ledger.limit_b_fen),
+            ("ledger.limit_c_fen", self.ledger.limit_c_fen),
+            ("ledger.limit_d_fen", self.ledger.limit_d_fen),
+        ] {
+            if value < 0 {
+                return Err(Error::invalid(field, "must not be negative"));
+            }
         }
         Ok(())
     }

@@ -54,6 +54,16 @@ enum Command {
     },
     /// Revoke a certificate, every certificate of a device, or of a customer (as an operator).
     Revoke(RevokeArgs),
+    /// Evidence kept for disputes (as an operator).
+    Evidence {
+        #[command(subcommand)]
+        command: EvidenceCommand,
+    },
+    /// Agreed tier-A limits (as an operator).
+    Limits {
+        #[command(subcommand)]
+        command: LimitsCommand,
+    },
     /// Release a certificate from certificate-hold (as an operator).
     Unhold {
         serial: String,
@@ -195,6 +205,78 @@ enum DeviceCommand {
         out: PathBuf,
         #[arg(long, default_value = "cli")]
         platform: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Sign a payment intent with the device key and have the payment service (service.pem)
+    /// verify it: prints the verdict, tier, categories and limit status.
+    Pay {
+        /// Directory written by `payra device enroll` (device.key, device.pem).
+        #[arg(long)]
+        device_dir: PathBuf,
+        #[arg(long)]
+        merchant: String,
+        #[arg(long)]
+        order: String,
+        /// Amount in CNY, e.g. 12.34.
+        #[arg(long)]
+        amount: String,
+        /// A factor the payment service verified: payment_pin, password, sms_otp, otp,
+        /// fingerprint, face. Repeat for several.
+        #[arg(long = "factor")]
+        factors: Vec<String>,
+        #[arg(long, value_enum, default_value_t = SceneArg::InApp)]
+        scene: SceneArg,
+        /// Add the amount to today's ledger if it fits.
+        #[arg(long)]
+        reserve: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+/// Payment scenes, as the CLI spells them.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum SceneArg {
+    InApp,
+    DynamicBarcode,
+    StaticBarcode,
+    Online,
+}
+
+impl SceneArg {
+    fn to_proto(self) -> i32 {
+        use payra::wire::proto::Scene as P;
+        (match self {
+            SceneArg::InApp => P::InApp,
+            SceneArg::DynamicBarcode => P::DynamicBarcode,
+            SceneArg::StaticBarcode => P::StaticBarcode,
+            SceneArg::Online => P::Online,
+        }) as i32
+    }
+}
+
+#[derive(Subcommand)]
+enum EvidenceCommand {
+    /// Show the evidence kept for a verification (as an operator).
+    Show {
+        id: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Subcommand)]
+enum LimitsCommand {
+    /// Set a customer's agreed tier-A daily limit, in CNY (as an operator).
+    Set {
+        #[arg(long)]
+        customer: String,
+        /// Daily limit in CNY, e.g. 20000.00.
+        #[arg(long)]
+        amount: String,
         #[command(flatten)]
         connection: Connection,
     },
@@ -370,6 +452,85 @@ async fn run(cli: Cli) -> CliResult {
             Ok(())
         }
         Command::Revoke(args) => revoke(args).await,
+        Command::Device {
+            command:
+                DeviceCommand::Pay {
+                    device_dir,
+                    merchant,
+                    order,
+                    amount,
+                    factors,
+                    scene,
+                    reserve,
+                    json,
+                    connection,
+                },
+        } => {
+            pay(PayArgs {
+                device_dir,
+                merchant,
+                order,
+                amount,
+                factors,
+                scene,
+                reserve,
+                json,
+                connection,
+            })
+            .await
+        }
+        Command::Evidence {
+            command: EvidenceCommand::Show { id, connection },
+        } => {
+            let client =
+                connect(&connection, Credential::role(&connection.certs, "operator")).await?;
+            let evidence = client
+                .admin()
+                .get_evidence(payra::wire::proto::GetEvidenceRequest { evidence_id: id })
+                .await
+                .map_err(status_message)?
+                .into_inner();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "evidence_id": evidence.evidence_id,
+                    "certificate_serial": evidence.certificate_serial,
+                    "customer_id": evidence.customer_id,
+                    "verdict": evidence.verdict,
+                    "tier": evidence.tier,
+                    "categories": evidence.categories,
+                    "reserved_fen": evidence.reserved_fen,
+                    "day": evidence.day,
+                    "released": evidence.released,
+                    "recorded_at_unix_ms": evidence.recorded_at_unix_ms,
+                    "intent_hex": hex::encode(&evidence.intent),
+                    "signature_hex": hex::encode(&evidence.signature),
+                })
+            );
+            Ok(())
+        }
+        Command::Limits {
+            command:
+                LimitsCommand::Set {
+                    customer,
+                    amount,
+                    connection,
+                },
+        } => {
+            let fen = payra::client::parse_amount_fen(&amount).map_err(|e| e.to_string())?;
+            let client =
+                connect(&connection, Credential::role(&connection.certs, "operator")).await?;
+            client
+                .admin()
+                .set_agreed_limit(payra::wire::proto::SetAgreedLimitRequest {
+                    customer_id: customer.clone(),
+                    daily_limit_fen: fen,
+                })
+                .await
+                .map_err(status_message)?;
+            println!("tier-A daily limit of {customer} set to {fen} fen");
+            Ok(())
+        }
         Command::Unhold {
             serial,
             json,
@@ -386,6 +547,141 @@ async fn run(cli: Cli) -> CliResult {
             print_record(&record, json);
             Ok(())
         }
+    }
+}
+
+struct PayArgs {
+    device_dir: PathBuf,
+    merchant: String,
+    order: String,
+    amount: String,
+    factors: Vec<String>,
+    scene: SceneArg,
+    reserve: bool,
+    json: bool,
+    connection: Connection,
+}
+
+async fn pay(args: PayArgs) -> CliResult {
+    use payra::client::{encode_intent, factor_category, random_nonce, DeviceIdentity};
+    use payra::wire::proto;
+    let amount_fen = payra::client::parse_amount_fen(&args.amount).map_err(|e| e.to_string())?;
+    let key_pem = std::fs::read_to_string(args.device_dir.join("device.key"))
+        .map_err(|e| format!("{}: {e}", args.device_dir.join("device.key").display()))?;
+    let key = DeviceKey::from_pkcs8_pem(&key_pem).map_err(|e| e.to_string())?;
+    let cert_pem = std::fs::read_to_string(args.device_dir.join("device.pem"))
+        .map_err(|e| format!("{}: {e}", args.device_dir.join("device.pem").display()))?;
+    let cert = pem::parse(&cert_pem).map_err(|e| format!("device.pem: {e}"))?;
+    let identity = DeviceIdentity::from_certificate(cert.contents()).map_err(|e| e.to_string())?;
+    let factors = args
+        .factors
+        .iter()
+        .map(|method| {
+            factor_category(method)
+                .map(|category| proto::Factor {
+                    category: category as i32,
+                    method: method.clone(),
+                })
+                .ok_or_else(|| {
+                    format!(
+                        "unknown factor {method:?}; known: payment_pin, password, sms_otp, otp, \
+                         fingerprint, face"
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let intent = proto::PaymentIntent {
+        customer_id: identity.customer_id.clone(),
+        device_id: identity.device_id.clone(),
+        merchant_id: args.merchant.clone(),
+        order_id: args.order.clone(),
+        amount_fen,
+        currency: "CNY".into(),
+        created_at_ms: payra::clock::Clock::now_ms(&SystemClock),
+        nonce: random_nonce(),
+        scene: args.scene.to_proto(),
+    };
+    let intent_bytes = encode_intent(&intent);
+    let signature = key.sign_intent(&intent_bytes);
+    let client = connect(
+        &args.connection,
+        Credential::role(&args.connection.certs, "service"),
+    )
+    .await?;
+    let answer = client
+        .verification()
+        .verify_payment(proto::VerifyPaymentRequest {
+            intent: intent_bytes,
+            signature,
+            certificate_serial: identity.serial.clone(),
+            transaction: Some(proto::Transaction {
+                merchant_id: args.merchant,
+                order_id: args.order,
+                amount_fen,
+                currency: "CNY".into(),
+            }),
+            factors,
+            reserve: args.reserve,
+        })
+        .await
+        .map_err(status_message)?
+        .into_inner();
+    let verdict = proto::Verdict::try_from(answer.verdict)
+        .map(|v| v.as_str_name().trim_start_matches("VERDICT_").to_string())
+        .unwrap_or_else(|_| "UNKNOWN".into());
+    let tier = proto::Tier::try_from(answer.tier)
+        .map(|t| t.as_str_name().trim_start_matches("TIER_").to_string())
+        .unwrap_or_else(|_| "?".into());
+    let categories: Vec<String> = answer
+        .categories
+        .iter()
+        .map(|c| {
+            proto::FactorCategory::try_from(*c)
+                .map(|c| {
+                    c.as_str_name()
+                        .trim_start_matches("FACTOR_CATEGORY_")
+                        .to_lowercase()
+                })
+                .unwrap_or_else(|_| "?".into())
+        })
+        .collect();
+    let limit = answer.limit.unwrap_or_default();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "verdict": verdict,
+                "reason": answer.reason,
+                "tier": tier,
+                "categories": categories,
+                "limit_fen": limit.limit_fen,
+                "used_fen": limit.used_fen,
+                "remaining_fen": limit.remaining_fen,
+                "fits": limit.fits,
+                "reserved": limit.reserved,
+                "day": limit.day,
+                "evidence_id": answer.evidence_id,
+            })
+        );
+    } else {
+        println!("verdict      {verdict}");
+        if !answer.reason.is_empty() {
+            println!("reason       {}", answer.reason);
+        }
+        println!("tier         {tier}");
+        println!("categories   {}", categories.join(", "));
+        println!(
+            "limit        {} fen, used {} fen, remaining {} fen ({})",
+            limit.limit_fen, limit.used_fen, limit.remaining_fen, limit.day
+        );
+        println!("fits         {}", limit.fits);
+        println!("reserved     {}", limit.reserved);
+        println!("evidence     {}", answer.evidence_id);
+    }
+    if verdict == "VERIFIED" {
+        Ok(())
+    } else {
+        Err(format!("payment not verified: {verdict}"))
     }
 }
 

@@ -258,6 +258,65 @@ impl DeviceInfo {
     }
 }
 
+// The vocabulary of the PBOC limit tiers; the rules that use it live in `ra::tiers`.
+
+/// A category of authentication factor (43号 Art. 22). "Two factors" means two *categories*.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FactorCategory {
+    /// Known only to the customer: static password, payment PIN.
+    Knowledge,
+    /// Held only by the customer: digital certificate, electronic signature, OTP over a
+    /// secure channel.
+    Possession,
+    /// The customer's biometrics: fingerprint, face.
+    Inherence,
+}
+
+/// A factor the payment service verified itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Factor {
+    pub category: FactorCategory,
+    /// Free-form method name, for evidence: `payment_pin`, `sms_otp`, `fingerprint`.
+    pub method: String,
+}
+
+/// Where the payment happens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scene {
+    InApp,
+    DynamicBarcode,
+    StaticBarcode,
+    Online,
+}
+
+/// The limit tier of a transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Tier {
+    /// Two or more categories, one of them a digital certificate / electronic signature:
+    /// limit agreed with the customer.
+    A,
+    /// Two or more categories without a certificate: 5,000 CNY a day.
+    B,
+    /// Fewer than two categories: 1,000 CNY a day.
+    C,
+    /// Static barcode, whatever the verification: 500 CNY a day.
+    D,
+}
+
+impl Tier {
+    /// The letter, for keys and logs.
+    pub fn letter(self) -> &'static str {
+        match self {
+            Tier::A => "A",
+            Tier::B => "B",
+            Tier::C => "C",
+            Tier::D => "D",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

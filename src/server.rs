@@ -29,6 +29,7 @@ pub struct RunningServer {
     grpc: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     http: JoinHandle<std::io::Result<()>>,
     crl_task: JoinHandle<()>,
+    purge_task: JoinHandle<()>,
     store: Arc<SledStore>,
 }
 
@@ -125,6 +126,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         let _ = http_stop_rx.await;
     }));
     let crl_task = tokio::spawn(keep_crl_current(ra.clone()));
+    let purge_task = tokio::spawn(purge_nonces(ra.clone()));
     tracing::info!(%grpc_addr, %http_addr, "payra is serving");
     Ok(RunningServer {
         grpc_addr,
@@ -133,8 +135,23 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         grpc,
         http,
         crl_task,
+        purge_task,
         store,
     })
+}
+
+/// Forgets nonces whose replay window has passed, once a minute.
+async fn purge_nonces(ra: Arc<Ra>) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+        let purge = ra.clone();
+        match tokio::task::spawn_blocking(move || purge.purge_expired_nonces()).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(purged)) => tracing::debug!(purged, "expired nonces purged"),
+            Ok(Err(e)) => tracing::error!(error = %e, "nonce purge failed"),
+            Err(e) => tracing::error!(error = %e, "nonce purge task failed"),
+        }
+    }
 }
 
 /// Signs a new CRL soon after revocations (a burst within the coalescing delay gets one CRL)
@@ -175,6 +192,7 @@ impl RunningServer {
         let grpc = self.grpc.await;
         let http = self.http.await;
         self.crl_task.abort();
+        self.purge_task.abort();
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.close())
             .await

@@ -523,19 +523,3 @@ async fn fail_token_creation_needs_service_or_operator_and_valid_customer() {
         assert_eq!(err.code(), Code::InvalidArgument, "{case}");
     }
 }
-
-#[tokio::test]
-async fn ok_unimplemented_rpcs_say_so() {
-    let server = TestServer::start().await;
-    let err = server
-        .operator()
-        .await
-        .admin()
-        .set_agreed_limit(proto::SetAgreedLimitRequest {
-            customer_id: "x".into(),
-            daily_limit_fen: 1,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-}

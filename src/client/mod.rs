@@ -181,3 +181,135 @@ impl DeviceKey {
         Ok(csr.der().to_vec())
     }
 }
+
+/// Signing payment intents: the device side of docs/payment-signature.md.
+impl DeviceKey {
+    /// Signs `intent_bytes` as a device must: ECDSA P-256 / SHA-256 over
+    /// `"payra.v1.PaymentIntent\n" || intent_bytes`. Returns the DER signature.
+    pub fn sign_intent(&self, intent_bytes: &[u8]) -> Vec<u8> {
+        use p256::ecdsa::signature::Signer;
+        let key = p256::ecdsa::SigningKey::from(&self.secret);
+        let signature: p256::ecdsa::Signature =
+            key.sign(&crate::ra::signature::signed_message(intent_bytes));
+        signature.to_der().as_bytes().to_vec()
+    }
+
+    /// The same signature as raw 64-byte r‖s (JOSE style).
+    pub fn sign_intent_raw(&self, intent_bytes: &[u8]) -> Vec<u8> {
+        use p256::ecdsa::signature::Signer;
+        let key = p256::ecdsa::SigningKey::from(&self.secret);
+        let signature: p256::ecdsa::Signature =
+            key.sign(&crate::ra::signature::signed_message(intent_bytes));
+        signature.to_bytes().to_vec()
+    }
+}
+
+/// Serializes an intent once, as the app must before signing.
+pub fn encode_intent(intent: &proto::PaymentIntent) -> Vec<u8> {
+    prost::Message::encode_to_vec(intent)
+}
+
+/// A fresh random 32-byte nonce.
+pub fn random_nonce() -> Vec<u8> {
+    use rand::RngCore;
+    let mut nonce = vec![0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    nonce
+}
+
+/// Customer, device and serial named by a payra device certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceIdentity {
+    pub customer_id: String,
+    pub device_id: String,
+    pub serial: String,
+}
+
+impl DeviceIdentity {
+    /// Reads the URI SANs `urn:payra:customer:<id>` and `urn:payra:device:<id>`.
+    pub fn from_certificate(der: &[u8]) -> Result<DeviceIdentity> {
+        use x509_parser::extensions::GeneralName;
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(der)
+            .map_err(|_| Error::invalid("certificate", "does not parse"))?;
+        let mut customer = None;
+        let mut device = None;
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                if let GeneralName::URI(uri) = name {
+                    if let Some(id) = uri.strip_prefix("urn:payra:customer:") {
+                        customer = Some(id.to_string());
+                    }
+                    if let Some(id) = uri.strip_prefix("urn:payra:device:") {
+                        device = Some(id.to_string());
+                    }
+                }
+            }
+        }
+        match (customer, device) {
+            (Some(customer_id), Some(device_id)) => Ok(DeviceIdentity {
+                customer_id,
+                device_id,
+                serial: hex::encode(cert.raw_serial())
+                    .trim_start_matches("00")
+                    .to_string(),
+            }),
+            _ => Err(Error::invalid(
+                "certificate",
+                "is not a payra device certificate (no customer/device URIs)",
+            )),
+        }
+    }
+}
+
+/// Parses a CNY amount such as `12.34` into fen, exactly (no floating point).
+pub fn parse_amount_fen(text: &str) -> Result<i64> {
+    let bad = || Error::invalid("amount", format!("{text:?} is not an amount like 12.34"));
+    let (yuan, fen) = match text.split_once('.') {
+        Some((yuan, fen)) => (yuan, fen),
+        None => (text, ""),
+    };
+    if yuan.is_empty() || fen.len() > 2 || !yuan.chars().all(|c| c.is_ascii_digit()) {
+        return Err(bad());
+    }
+    if !fen.chars().all(|c| c.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let yuan: i64 = yuan.parse().map_err(|_| bad())?;
+    let fen: i64 = format!("{fen:0<2}").parse().map_err(|_| bad())?;
+    yuan.checked_mul(100)
+        .and_then(|v| v.checked_add(fen))
+        .ok_or_else(bad)
+}
+
+/// The factor category of a well-known method name (`payment_pin`, `sms_otp`, ...).
+pub fn factor_category(method: &str) -> Option<proto::FactorCategory> {
+    use proto::FactorCategory as C;
+    match method {
+        "payment_pin" | "password" | "static_password" => Some(C::Knowledge),
+        "sms_otp" | "otp" | "hardware_token" => Some(C::Possession),
+        "fingerprint" | "face" | "voice" => Some(C::Inherence),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts_parse_exactly() {
+        for (text, fen) in [
+            ("12.34", 1234),
+            ("0.01", 1),
+            ("5", 500),
+            ("5.5", 550),
+            ("1000.00", 100_000),
+        ] {
+            assert_eq!(parse_amount_fen(text).unwrap(), fen, "{text}");
+        }
+        for text in ["", ".5", "1.234", "-1", "1e3", "12,34", "abc"] {
+            assert!(parse_amount_fen(text).is_err(), "{text}");
+        }
+    }
+}

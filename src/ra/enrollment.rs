@@ -164,6 +164,7 @@ impl Ra {
                 ))
             }
         }
+        self.cache.put(&record);
         tracing::info!(
             serial = %record.serial,
             customer = %record.customer_id,
@@ -253,6 +254,14 @@ impl Ra {
             }
             Err(other) => return Err(Error::internal(format!("renew: {other:?}"))),
         }
+        self.cache.put(&record);
+        self.cache.set_revocation(
+            std::slice::from_ref(&current.serial),
+            Some(crate::store::Revocation {
+                revoked_at_s: now_s,
+                reason: crate::model::RevocationReason::Superseded,
+            }),
+        );
         self.publication.revocation_changed();
         tracing::info!(
             old = %current.serial,

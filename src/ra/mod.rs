@@ -2,15 +2,27 @@
 //! Every method reads the same way: parse → ask policy → sign and store → answer. Methods
 //! block on storage sync; the wire layer runs them off the async executor.
 
+mod cache;
 mod enrollment;
 mod publication;
+mod replay;
 mod revocation;
+pub mod signature;
 mod status;
+pub mod tiers;
+mod verification;
 
 pub use enrollment::{EnrollRequest, EnrollmentToken, Issued, RenewRequest};
 pub use publication::{Publication, PublishedCrl};
 pub use revocation::{CertificatePage, CertificateQuery, RevokeOutcome, MAX_PAGE_SIZE};
 pub use status::{CertificateStatus, StatusView};
+pub use verification::{
+    Decision, LedgerPolicy, LimitStatus, PaymentIntent, QualifyRequest, Transaction, Verdict,
+    VerifyRequest, MAX_INTENT_BYTES,
+};
+
+use cache::CertificateCache;
+use replay::ReplayGuard;
 
 use std::sync::Arc;
 
@@ -29,6 +41,7 @@ pub struct RaPolicy {
     pub profile: DeviceProfile,
     pub crl_validity_s: i64,
     pub ocsp_validity_s: i64,
+    pub ledger: LedgerPolicy,
 }
 
 impl RaPolicy {
@@ -45,6 +58,14 @@ impl RaPolicy {
             },
             crl_validity_s: i64::from(config.revocation.crl_validity_s),
             ocsp_validity_s: i64::from(config.revocation.ocsp_validity_s),
+            ledger: LedgerPolicy {
+                utc_offset_s: config.ledger.utc_offset_s,
+                default_agreed_limit_fen: config.ledger.default_agreed_limit_fen,
+                limit_b_fen: config.ledger.limit_b_fen,
+                limit_c_fen: config.ledger.limit_c_fen,
+                limit_d_fen: config.ledger.limit_d_fen,
+                skew_ms: i64::from(config.verification.skew_s) * 1000,
+            },
         }
     }
 }
@@ -56,6 +77,8 @@ pub struct Ra {
     clock: Arc<dyn Clock>,
     policy: RaPolicy,
     publication: Publication,
+    cache: CertificateCache,
+    replay: ReplayGuard,
 }
 
 impl Ra {
@@ -65,6 +88,9 @@ impl Ra {
         clock: Arc<dyn Clock>,
         policy: RaPolicy,
     ) -> Result<Ra> {
+        let cache = CertificateCache::load(store.as_ref())?;
+        let replay = ReplayGuard::with(store.live_nonces(clock.now_ms())?);
+        tracing::info!(certificates = cache.len(), "certificate cache loaded");
         let responder = OcspResponder::new(&ca.issuing_der, ca.signer.clone())?;
         let publication =
             Publication::new(responder, policy.crl_validity_s, policy.ocsp_validity_s);
@@ -74,6 +100,8 @@ impl Ra {
             clock,
             policy,
             publication,
+            cache,
+            replay,
         })
     }
 
@@ -94,9 +122,17 @@ impl Ra {
             .ok_or_else(|| Error::NotFound(format!("no certificate with serial {serial}")))
     }
 
-    /// Where a certificate stands now.
+    /// Where a certificate stands now; from memory, no disk read.
     pub fn certificate_status(&self, serial: &Serial) -> Result<StatusView> {
-        let record = self.certificate(serial)?;
-        Ok(StatusView::of(&record, self.clock.now_s()))
+        let cached = self
+            .cache
+            .get(serial)
+            .ok_or_else(|| Error::NotFound(format!("no certificate with serial {serial}")))?;
+        Ok(StatusView::at(
+            cached.not_before_s,
+            cached.not_after_s,
+            cached.revocation,
+            self.clock.now_s(),
+        ))
     }
 }

@@ -146,6 +146,7 @@ impl Ra {
         self.store
             .revoke(&serials, &revocation)?
             .map_err(rejection_error)?;
+        self.cache.set_revocation(&serials, Some(revocation));
         self.publication.revocation_changed();
         for serial in &serials {
             tracing::info!(serial = %serial, reason = reason.cli_name(), "certificate revoked");
@@ -160,6 +161,8 @@ impl Ra {
     /// Releases a certificate from certificateHold: it is good again everywhere.
     pub fn unhold_certificate(&self, serial: &Serial) -> Result<CertificateRecord> {
         let record = self.store.unhold(serial)?.map_err(rejection_error)?;
+        self.cache
+            .set_revocation(std::slice::from_ref(serial), None);
         self.publication.revocation_changed();
         tracing::info!(serial = %serial, "certificate released from hold");
         Ok(record)

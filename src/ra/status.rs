@@ -26,7 +26,22 @@ pub struct StatusView {
 impl StatusView {
     /// The status of `record` at `now_s`.
     pub fn of(record: &CertificateRecord, now_s: i64) -> StatusView {
-        let status = match record.revocation {
+        Self::at(
+            record.not_before_s,
+            record.not_after_s,
+            record.revocation,
+            now_s,
+        )
+    }
+
+    /// The status of a certificate with these facts at `now_s`.
+    pub fn at(
+        not_before_s: i64,
+        not_after_s: i64,
+        revocation: Option<Revocation>,
+        now_s: i64,
+    ) -> StatusView {
+        let status = match revocation {
             Some(Revocation {
                 reason: RevocationReason::CertificateHold,
                 ..
@@ -36,14 +51,14 @@ impl StatusView {
                 ..
             }) => CertificateStatus::Superseded,
             Some(_) => CertificateStatus::Revoked,
-            None if now_s < record.not_before_s => CertificateStatus::NotYetValid,
-            None if now_s >= record.not_after_s => CertificateStatus::Expired,
+            None if now_s < not_before_s => CertificateStatus::NotYetValid,
+            None if now_s >= not_after_s => CertificateStatus::Expired,
             None => CertificateStatus::Valid,
         };
         StatusView {
             status,
-            not_after_s: record.not_after_s,
-            revocation: record.revocation,
+            not_after_s,
+            revocation,
         }
     }
 }

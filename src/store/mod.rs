@@ -10,12 +10,13 @@ mod sled_backend;
 
 pub use group_commit::GroupCommit;
 pub use records::{
-    CertificateRecord, Revocation, RevokedEntry, TokenHash, TokenRecord, RECORD_VERSION,
+    CertificateRecord, EvidenceRecord, Revocation, RevokedEntry, TokenHash, TokenRecord,
+    RECORD_VERSION,
 };
 pub use sled_backend::SledStore;
 
 use crate::error::Result;
-use crate::model::{CustomerId, DeviceId, Serial};
+use crate::model::{CustomerId, DeviceId, Serial, Tier};
 
 /// Why a token could not be consumed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +42,60 @@ pub enum RevokeRejection {
     AlreadyRevoked(Serial, Revocation),
     /// Unhold of a certificate that is not on hold.
     NotOnHold(Serial),
+}
+
+/// A (certificate, nonce) pair claimed by a verification, remembered until `expires_at_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NonceClaim {
+    pub serial: Serial,
+    pub nonce: Vec<u8>,
+    pub expires_at_ms: i64,
+}
+
+impl NonceClaim {
+    /// The storage key: serial length, serial, nonce.
+    pub fn key(&self) -> Vec<u8> {
+        nonce_key(&self.serial, &self.nonce)
+    }
+}
+
+/// The storage key of a (serial, nonce) pair: serial length, serial, nonce.
+pub fn nonce_key(serial: &Serial, nonce: &[u8]) -> Vec<u8> {
+    let serial = serial.as_bytes();
+    let mut key = Vec::with_capacity(1 + serial.len() + nonce.len());
+    // A serial is at most 20 octets, so its length fits one byte.
+    key.push(serial.len() as u8);
+    key.extend_from_slice(serial);
+    key.extend_from_slice(nonce);
+    key
+}
+
+/// An amount to add to a customer's ledger bucket if it fits under `limit_fen`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub customer: CustomerId,
+    pub day: String,
+    pub tier: Tier,
+    pub amount_fen: i64,
+    pub limit_fen: i64,
+}
+
+/// What [`Store::record_decision`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionOutcome {
+    /// Evidence stored; `reserved` tells whether the amount was added, `used_fen` is the
+    /// bucket's total afterwards (0 without a reservation).
+    Recorded { reserved: bool, used_fen: i64 },
+    /// The nonce was claimed before: nothing was written.
+    NonceReplayed,
+}
+
+/// Why a reservation could not be released.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseRejection {
+    NotFound,
+    NothingReserved,
+    AlreadyReleased { released_at_ms: i64 },
 }
 
 /// Persistent state of the RA and CA.
@@ -103,6 +158,42 @@ pub trait Store: Send + Sync {
 
     /// Every revoked certificate (including those on hold), for the CRL.
     fn revoked_entries(&self) -> Result<Vec<RevokedEntry>>;
+
+    /// Atomically: claims `nonce` (if any; a claimed nonce answers `NonceReplayed` and writes
+    /// nothing), adds `reservation` to its bucket if the total stays within its limit, and
+    /// stores `evidence` (with `reserved_fen` set to what was added). Durable on return.
+    fn record_decision(
+        &self,
+        evidence: &EvidenceRecord,
+        nonce: Option<&NonceClaim>,
+        reservation: Option<&Reservation>,
+    ) -> Result<DecisionOutcome>;
+
+    /// The amount used in a ledger bucket.
+    fn ledger_used(&self, customer: &CustomerId, day: &str, tier: Tier) -> Result<i64>;
+
+    /// Gives back what evidence `evidence_id` reserved, once. Durable on return. Answers the
+    /// updated evidence and the bucket's total afterwards.
+    fn release_reservation(
+        &self,
+        evidence_id: &str,
+        released_at_ms: i64,
+    ) -> Result<Result<(EvidenceRecord, i64), ReleaseRejection>>;
+
+    /// The evidence stored under `evidence_id`.
+    fn evidence(&self, evidence_id: &str) -> Result<Option<EvidenceRecord>>;
+
+    /// The customer's agreed tier-A daily limit, if one was set.
+    fn agreed_limit(&self, customer: &CustomerId) -> Result<Option<i64>>;
+
+    /// Sets the customer's agreed tier-A daily limit. Durable on return.
+    fn set_agreed_limit(&self, customer: &CustomerId, limit_fen: i64) -> Result<()>;
+
+    /// Every remembered nonce that expires after `now_ms`, as (key, expiry).
+    fn live_nonces(&self, now_ms: i64) -> Result<Vec<(Vec<u8>, i64)>>;
+
+    /// Forgets nonces that expired at or before `now_ms`; returns how many.
+    fn purge_nonces(&self, now_ms: i64) -> Result<usize>;
 
     /// Takes the next CRL number: strictly greater than every number taken before, across
     /// restarts. Durable on return.

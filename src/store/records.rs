@@ -4,7 +4,9 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::model::{CustomerId, DeviceId, DeviceInfo, RevocationReason, Serial};
+use crate::model::{
+    CustomerId, DeviceId, DeviceInfo, Factor, FactorCategory, RevocationReason, Serial, Tier,
+};
 
 /// The version written by this build.
 pub const RECORD_VERSION: u32 = 1;
@@ -89,6 +91,34 @@ impl CertificateRecord {
     }
 }
 
+/// What payra decided for one VerifyPayment or QualifyTransaction, kept for disputes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvidenceRecord {
+    pub version: u32,
+    pub evidence_id: String,
+    /// `verify_payment` or `qualify_transaction`.
+    pub kind: String,
+    pub recorded_at_ms: i64,
+    pub certificate_serial: Option<Serial>,
+    pub customer_id: Option<CustomerId>,
+    /// The signed intent bytes and the signature exactly as received, base64.
+    pub intent_b64: String,
+    pub signature_b64: String,
+    /// The verdict name (`VERIFIED`, `BAD_SIGNATURE`, ...) and its human-readable reason.
+    pub verdict: String,
+    pub reason: String,
+    pub tier: Tier,
+    pub categories: Vec<FactorCategory>,
+    pub factors: Vec<Factor>,
+    pub amount_fen: i64,
+    /// What was added to the ledger (0 when nothing was reserved).
+    pub reserved_fen: i64,
+    /// The ledger day (YYYY-MM-DD in the configured time zone).
+    pub day: String,
+    pub released_at_ms: Option<i64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +148,18 @@ mod tests {
             RevocationReason::KeyCompromise
         );
         assert_eq!(cert.certificate_der(), vec![0, 1, 2]);
+
+        let evidence = r#"{"version":1,"evidence_id":"ev_00","kind":"verify_payment",
+            "recorded_at_ms":1764000000123,"certificate_serial":"4a1b2c3d4e5f60718293a4b5c6d7e8f9",
+            "customer_id":"cust-1","intent_b64":"CgE=","signature_b64":"MEQ=","verdict":"VERIFIED",
+            "reason":"","tier":"A","categories":["knowledge","possession"],
+            "factors":[{"category":"knowledge","method":"payment_pin"}],"amount_fen":1234,
+            "reserved_fen":1234,"day":"2025-11-25","released_at_ms":null}"#;
+        let evidence: EvidenceRecord = serde_json::from_str(evidence).unwrap();
+        assert_eq!(evidence.tier, Tier::A);
+        assert_eq!(
+            evidence.categories,
+            vec![FactorCategory::Knowledge, FactorCategory::Possession]
+        );
     }
 }

@@ -10,10 +10,15 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use sled::{Db, Transactional, Tree};
 
 use super::group_commit::GroupCommit;
-use super::records::{CertificateRecord, Revocation, RevokedEntry, TokenHash, TokenRecord};
-use super::{IssueOutcome, RevokeRejection, Store, TokenRejection};
+use super::records::{
+    CertificateRecord, EvidenceRecord, Revocation, RevokedEntry, TokenHash, TokenRecord,
+};
+use super::{
+    DecisionOutcome, IssueOutcome, NonceClaim, ReleaseRejection, Reservation, RevokeRejection,
+    Store, TokenRejection,
+};
 use crate::error::{Error, Result};
-use crate::model::{CustomerId, DeviceId, RevocationReason, Serial};
+use crate::model::{CustomerId, DeviceId, RevocationReason, Serial, Tier};
 
 /// [`Store`] on an embedded sled database, with group-committed durability.
 pub struct SledStore {
@@ -24,6 +29,10 @@ pub struct SledStore {
     by_device: Tree,
     revoked: Tree,
     meta: Tree,
+    nonces: Tree,
+    ledger: Tree,
+    evidence: Tree,
+    agreed_limits: Tree,
     commit: GroupCommit,
 }
 
@@ -80,6 +89,10 @@ impl SledStore {
             by_device: db.open_tree("by_device")?,
             revoked: db.open_tree("revoked")?,
             meta: db.open_tree("meta")?,
+            nonces: db.open_tree("nonces")?,
+            ledger: db.open_tree("ledger")?,
+            evidence: db.open_tree("evidence")?,
+            agreed_limits: db.open_tree("agreed_limits")?,
             db,
             commit,
         })
@@ -349,6 +362,140 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn record_decision(
+        &self,
+        evidence: &EvidenceRecord,
+        nonce: Option<&NonceClaim>,
+        reservation: Option<&Reservation>,
+    ) -> Result<DecisionOutcome> {
+        let outcome = (&self.nonces, &self.ledger, &self.evidence).transaction(
+            |(nonces, ledger, evidence_tree)| {
+                if let Some(claim) = nonce {
+                    let key = claim.key();
+                    if nonces.get(&key)?.is_some() {
+                        return Ok(DecisionOutcome::NonceReplayed);
+                    }
+                    nonces.insert(key, &claim.expires_at_ms.to_be_bytes())?;
+                }
+                let mut record = evidence.clone();
+                let mut reserved = false;
+                let mut used_fen = 0;
+                if let Some(r) = reservation {
+                    let key = ledger_key(&r.customer, &r.day, r.tier);
+                    let used = read_i64(ledger.get(&key)?);
+                    used_fen = used;
+                    if r.amount_fen > 0 && used.saturating_add(r.amount_fen) <= r.limit_fen {
+                        used_fen = used + r.amount_fen;
+                        ledger.insert(key, &used_fen.to_be_bytes())?;
+                        record.reserved_fen = r.amount_fen;
+                        reserved = true;
+                    }
+                }
+                evidence_tree.insert(
+                    record.evidence_id.as_bytes(),
+                    encode(&record).map_err(abort)?,
+                )?;
+                Ok(DecisionOutcome::Recorded { reserved, used_fen })
+            },
+        );
+        let outcome = finish(outcome)?;
+        if matches!(outcome, DecisionOutcome::Recorded { .. }) {
+            self.commit.sync()?;
+        }
+        Ok(outcome)
+    }
+
+    fn ledger_used(&self, customer: &CustomerId, day: &str, tier: Tier) -> Result<i64> {
+        Ok(read_i64(self.ledger.get(ledger_key(customer, day, tier))?))
+    }
+
+    fn release_reservation(
+        &self,
+        evidence_id: &str,
+        released_at_ms: i64,
+    ) -> Result<std::result::Result<(EvidenceRecord, i64), ReleaseRejection>> {
+        let outcome = (&self.ledger, &self.evidence).transaction(|(ledger, evidence_tree)| {
+            let Some(bytes) = evidence_tree.get(evidence_id.as_bytes())? else {
+                return Ok(Err(ReleaseRejection::NotFound));
+            };
+            let mut record: EvidenceRecord = decode(&bytes).map_err(abort)?;
+            if let Some(released_at_ms) = record.released_at_ms {
+                return Ok(Err(ReleaseRejection::AlreadyReleased { released_at_ms }));
+            }
+            let Some(customer) = record
+                .customer_id
+                .clone()
+                .filter(|_| record.reserved_fen > 0)
+            else {
+                return Ok(Err(ReleaseRejection::NothingReserved));
+            };
+            let key = ledger_key(&customer, &record.day, record.tier);
+            let used = (read_i64(ledger.get(&key)?) - record.reserved_fen).max(0);
+            ledger.insert(key, &used.to_be_bytes())?;
+            record.released_at_ms = Some(released_at_ms);
+            evidence_tree.insert(evidence_id.as_bytes(), encode(&record).map_err(abort)?)?;
+            Ok(Ok((record, used)))
+        });
+        let outcome = finish(outcome)?;
+        if outcome.is_ok() {
+            self.commit.sync()?;
+        }
+        Ok(outcome)
+    }
+
+    fn evidence(&self, evidence_id: &str) -> Result<Option<EvidenceRecord>> {
+        self.evidence
+            .get(evidence_id.as_bytes())?
+            .map(|bytes| decode(&bytes))
+            .transpose()
+    }
+
+    fn agreed_limit(&self, customer: &CustomerId) -> Result<Option<i64>> {
+        Ok(self
+            .agreed_limits
+            .get(customer.as_str().as_bytes())?
+            .map(|bytes| read_i64(Some(bytes))))
+    }
+
+    fn set_agreed_limit(&self, customer: &CustomerId, limit_fen: i64) -> Result<()> {
+        self.agreed_limits
+            .insert(customer.as_str().as_bytes(), &limit_fen.to_be_bytes())?;
+        self.commit.sync()
+    }
+
+    fn live_nonces(&self, now_ms: i64) -> Result<Vec<(Vec<u8>, i64)>> {
+        let mut live = Vec::new();
+        for entry in self.nonces.iter() {
+            let (key, value) = entry?;
+            let expires_at_ms = read_i64(Some(value));
+            if expires_at_ms > now_ms {
+                live.push((key.to_vec(), expires_at_ms));
+            }
+        }
+        Ok(live)
+    }
+
+    fn purge_nonces(&self, now_ms: i64) -> Result<usize> {
+        let mut purged = 0;
+        for entry in self.nonces.iter() {
+            let (key, value) = entry?;
+            if read_i64(Some(value.clone())) <= now_ms {
+                // Only remove the entry if it is still the expired one we read.
+                if self
+                    .nonces
+                    .compare_and_swap(&key, Some(value), None as Option<&[u8]>)?
+                    .is_ok()
+                {
+                    purged += 1;
+                }
+            }
+        }
+        if purged > 0 {
+            self.commit.sync()?;
+        }
+        Ok(purged)
+    }
+
     fn next_crl_number(&self) -> Result<u64> {
         let updated = self.meta.update_and_fetch(CRL_NUMBER_KEY, |old| {
             let current = old
@@ -363,6 +510,21 @@ impl Store for SledStore {
         self.commit.sync()?;
         Ok(number)
     }
+}
+
+fn ledger_key(customer: &CustomerId, day: &str, tier: Tier) -> Vec<u8> {
+    let mut key = customer.as_str().as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(day.as_bytes());
+    key.push(0);
+    key.extend_from_slice(tier.letter().as_bytes());
+    key
+}
+
+fn read_i64(bytes: Option<sled::IVec>) -> i64 {
+    bytes
+        .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+        .map_or(0, i64::from_be_bytes)
 }
 
 fn put_revoked(

@@ -10,9 +10,13 @@ use super::auth::Caller;
 use super::auth::{authorize, Rpc};
 use super::proto;
 use crate::error::{Error, Result};
-use crate::model::{CustomerId, DeviceId, DeviceInfo, RevocationReason, Serial};
+use crate::model::{
+    CustomerId, DeviceId, DeviceInfo, Factor, FactorCategory, RevocationReason, Scene, Serial, Tier,
+};
 use crate::ra::{
-    CertificateQuery, CertificateStatus, EnrollRequest, Ra, RenewRequest, RevokeOutcome, StatusView,
+    CertificateQuery, CertificateStatus, Decision, EnrollRequest, LimitStatus, PaymentIntent,
+    QualifyRequest, Ra, RenewRequest, RevokeOutcome, StatusView, Transaction, Verdict,
+    VerifyRequest,
 };
 use crate::store::CertificateRecord;
 
@@ -225,6 +229,150 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
     }
 }
 
+fn scene_from_proto(value: i32) -> Option<Scene> {
+    use proto::Scene as P;
+    match P::try_from(value) {
+        Ok(P::InApp) => Some(Scene::InApp),
+        Ok(P::DynamicBarcode) => Some(Scene::DynamicBarcode),
+        Ok(P::StaticBarcode) => Some(Scene::StaticBarcode),
+        Ok(P::Online) => Some(Scene::Online),
+        Ok(P::Unspecified) | Err(_) => None,
+    }
+}
+
+fn category_from_proto(value: i32) -> Result<FactorCategory> {
+    use proto::FactorCategory as P;
+    match P::try_from(value) {
+        Ok(P::Knowledge) => Ok(FactorCategory::Knowledge),
+        Ok(P::Possession) => Ok(FactorCategory::Possession),
+        Ok(P::Inherence) => Ok(FactorCategory::Inherence),
+        Ok(P::Unspecified) | Err(_) => Err(Error::invalid(
+            "factors.category",
+            "must be KNOWLEDGE, POSSESSION or INHERENCE",
+        )),
+    }
+}
+
+fn category_to_proto(category: FactorCategory) -> i32 {
+    use proto::FactorCategory as P;
+    (match category {
+        FactorCategory::Knowledge => P::Knowledge,
+        FactorCategory::Possession => P::Possession,
+        FactorCategory::Inherence => P::Inherence,
+    }) as i32
+}
+
+fn tier_to_proto(tier: Tier) -> i32 {
+    use proto::Tier as P;
+    (match tier {
+        Tier::A => P::A,
+        Tier::B => P::B,
+        Tier::C => P::C,
+        Tier::D => P::D,
+    }) as i32
+}
+
+fn verdict_to_proto(verdict: Verdict) -> i32 {
+    use proto::Verdict as P;
+    (match verdict {
+        Verdict::Verified => P::Verified,
+        Verdict::UnknownCertificate => P::UnknownCertificate,
+        Verdict::CertificateRevoked => P::CertificateRevoked,
+        Verdict::CertificateExpired => P::CertificateExpired,
+        Verdict::BadSignature => P::BadSignature,
+        Verdict::MalformedIntent => P::MalformedIntent,
+        Verdict::IdentityMismatch => P::IdentityMismatch,
+        Verdict::TransactionMismatch => P::TransactionMismatch,
+        Verdict::StaleTimestamp => P::StaleTimestamp,
+        Verdict::ReplayedNonce => P::ReplayedNonce,
+    }) as i32
+}
+
+fn limit_to_proto(limit: LimitStatus) -> proto::LimitStatus {
+    proto::LimitStatus {
+        tier: tier_to_proto(limit.tier),
+        limit_fen: limit.limit_fen,
+        used_fen: limit.used_fen,
+        remaining_fen: limit.remaining_fen,
+        fits: limit.fits,
+        reserved: limit.reserved,
+        day: limit.day,
+    }
+}
+
+fn factors_from_proto(factors: Vec<proto::Factor>) -> Result<Vec<Factor>> {
+    factors
+        .into_iter()
+        .map(|f| {
+            Ok(Factor {
+                category: category_from_proto(f.category)?,
+                method: f.method,
+            })
+        })
+        .collect()
+}
+
+fn transaction_from_proto(tx: Option<proto::Transaction>) -> Result<Transaction> {
+    let tx = tx.ok_or_else(|| Error::invalid("transaction", "is required"))?;
+    Ok(Transaction {
+        merchant_id: tx.merchant_id,
+        order_id: tx.order_id,
+        amount_fen: tx.amount_fen,
+        currency: tx.currency,
+    })
+}
+
+/// Decodes the signed intent bytes; the verdict for a failure is decided after the
+/// signature check.
+fn decode_intent(bytes: &[u8]) -> std::result::Result<PaymentIntent, String> {
+    let intent = <proto::PaymentIntent as prost::Message>::decode(bytes)
+        .map_err(|e| format!("not a payra.v1.PaymentIntent: {e}"))?;
+    Ok(PaymentIntent {
+        customer_id: intent.customer_id,
+        device_id: intent.device_id,
+        merchant_id: intent.merchant_id,
+        order_id: intent.order_id,
+        amount_fen: intent.amount_fen,
+        currency: intent.currency,
+        created_at_ms: intent.created_at_ms,
+        nonce: intent.nonce,
+        scene: scene_from_proto(intent.scene),
+    })
+}
+
+impl TryFrom<proto::VerifyPaymentRequest> for VerifyRequest {
+    type Error = Error;
+    fn try_from(request: proto::VerifyPaymentRequest) -> Result<VerifyRequest> {
+        Ok(VerifyRequest {
+            intent: decode_intent(&request.intent),
+            intent_bytes: request.intent,
+            signature: request.signature,
+            serial: Serial::parse("certificate_serial", &request.certificate_serial)?,
+            transaction: transaction_from_proto(request.transaction)?,
+            factors: factors_from_proto(request.factors)?,
+            reserve: request.reserve,
+        })
+    }
+}
+
+impl TryFrom<proto::QualifyTransactionRequest> for QualifyRequest {
+    type Error = Error;
+    fn try_from(request: proto::QualifyTransactionRequest) -> Result<QualifyRequest> {
+        Ok(QualifyRequest {
+            customer: CustomerId::parse("customer_id", &request.customer_id)?,
+            transaction: transaction_from_proto(request.transaction)?,
+            factors: factors_from_proto(request.factors)?,
+            scene: scene_from_proto(request.scene).ok_or_else(|| {
+                Error::invalid(
+                    "scene",
+                    "must be IN_APP, DYNAMIC_BARCODE, STATIC_BARCODE or ONLINE",
+                )
+            })?,
+            reserve: request.reserve,
+        })
+    }
+}
+
 /// `payra.v1.Verification`.
 pub struct VerificationService {
     pub ra: Arc<Ra>,
@@ -232,6 +380,61 @@ pub struct VerificationService {
 
 #[tonic::async_trait]
 impl proto::verification_server::Verification for VerificationService {
+    async fn verify_payment(
+        &self,
+        request: Request<proto::VerifyPaymentRequest>,
+    ) -> Result<Response<proto::VerifyPaymentResponse>, Status> {
+        authorize(&request, Rpc::VerifyPayment)?;
+        let request = VerifyRequest::try_from(request.into_inner())?;
+        let ra = self.ra.clone();
+        let decision: Decision = blocking(move || ra.verify_payment(request)).await?;
+        Ok(Response::new(proto::VerifyPaymentResponse {
+            verdict: verdict_to_proto(decision.verdict),
+            reason: decision.reason,
+            tier: tier_to_proto(decision.tier),
+            categories: decision
+                .categories
+                .into_iter()
+                .map(category_to_proto)
+                .collect(),
+            limit: decision.limit.map(limit_to_proto),
+            evidence_id: decision.evidence_id,
+        }))
+    }
+
+    async fn qualify_transaction(
+        &self,
+        request: Request<proto::QualifyTransactionRequest>,
+    ) -> Result<Response<proto::QualifyTransactionResponse>, Status> {
+        authorize(&request, Rpc::QualifyTransaction)?;
+        let request = QualifyRequest::try_from(request.into_inner())?;
+        let ra = self.ra.clone();
+        let decision = blocking(move || ra.qualify_transaction(request)).await?;
+        Ok(Response::new(proto::QualifyTransactionResponse {
+            tier: tier_to_proto(decision.tier),
+            categories: decision
+                .categories
+                .into_iter()
+                .map(category_to_proto)
+                .collect(),
+            limit: decision.limit.map(limit_to_proto),
+            evidence_id: decision.evidence_id,
+        }))
+    }
+
+    async fn release_reservation(
+        &self,
+        request: Request<proto::ReleaseReservationRequest>,
+    ) -> Result<Response<proto::ReleaseReservationResponse>, Status> {
+        authorize(&request, Rpc::ReleaseReservation)?;
+        let evidence_id = request.into_inner().evidence_id;
+        let ra = self.ra.clone();
+        let limit = blocking(move || ra.release_reservation(&evidence_id)).await?;
+        Ok(Response::new(proto::ReleaseReservationResponse {
+            limit: Some(limit_to_proto(limit)),
+        }))
+    }
+
     async fn get_certificate_status(
         &self,
         request: Request<proto::GetCertificateStatusRequest>,
@@ -321,6 +524,59 @@ impl proto::admin_server::Admin for AdminService {
         let record = blocking(move || ra.unhold_certificate(&serial)).await?;
         let view = self.ra.certificate_status(&record.serial)?;
         Ok(Response::new(record_to_proto(record, &view)))
+    }
+
+    async fn set_agreed_limit(
+        &self,
+        request: Request<proto::SetAgreedLimitRequest>,
+    ) -> Result<Response<proto::SetAgreedLimitResponse>, Status> {
+        authorize(&request, Rpc::SetAgreedLimit)?;
+        let request = request.into_inner();
+        let customer = CustomerId::parse("customer_id", &request.customer_id)?;
+        let limit = request.daily_limit_fen;
+        let ra = self.ra.clone();
+        let stored = customer.clone();
+        blocking(move || ra.set_agreed_limit(&stored, limit)).await?;
+        Ok(Response::new(proto::SetAgreedLimitResponse {
+            customer_id: customer.to_string(),
+            daily_limit_fen: limit,
+        }))
+    }
+
+    async fn get_evidence(
+        &self,
+        request: Request<proto::GetEvidenceRequest>,
+    ) -> Result<Response<proto::Evidence>, Status> {
+        authorize(&request, Rpc::GetEvidence)?;
+        let evidence_id = request.into_inner().evidence_id;
+        let ra = self.ra.clone();
+        let record = blocking(move || ra.evidence(&evidence_id)).await?;
+        let engine = &base64::engine::general_purpose::STANDARD;
+        use base64::Engine;
+        Ok(Response::new(proto::Evidence {
+            evidence_id: record.evidence_id,
+            intent: engine.decode(&record.intent_b64).unwrap_or_default(),
+            signature: engine.decode(&record.signature_b64).unwrap_or_default(),
+            certificate_serial: record
+                .certificate_serial
+                .map(|s| s.to_hex())
+                .unwrap_or_default(),
+            verdict: record.verdict,
+            tier: record.tier.letter().to_string(),
+            categories: record
+                .categories
+                .iter()
+                .map(|c| format!("{c:?}").to_lowercase())
+                .collect(),
+            reserved_fen: record.reserved_fen,
+            recorded_at_unix_ms: record.recorded_at_ms,
+            customer_id: record
+                .customer_id
+                .map(|c| c.to_string())
+                .unwrap_or_default(),
+            day: record.day,
+            released: record.released_at_ms.is_some(),
+        }))
     }
 
     async fn list_certificates(

@@ -1,0 +1,104 @@
+//! The in-memory view of every certificate the verifier needs: key, identity, validity and
+//! revocation. Loaded at start, updated after each durable change and before the change is
+//! acknowledged, so the hot path reads no disk and a revocation is effective for the very
+//! next verification.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use crate::error::Result;
+use crate::model::{CustomerId, DeviceId, Serial};
+use crate::store::{CertificateRecord, Revocation, Store};
+
+/// What the verifier knows about one certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CachedCertificate {
+    /// Uncompressed SEC1 P-256 point.
+    pub public_key: Vec<u8>,
+    pub customer: CustomerId,
+    pub device: DeviceId,
+    pub not_before_s: i64,
+    pub not_after_s: i64,
+    pub revocation: Option<Revocation>,
+}
+
+impl CachedCertificate {
+    fn of(record: &CertificateRecord) -> Option<CachedCertificate> {
+        Some(CachedCertificate {
+            public_key: hex::decode(&record.public_key_hex).ok()?,
+            customer: record.customer_id.clone(),
+            device: record.device_id.clone(),
+            not_before_s: record.not_before_s,
+            not_after_s: record.not_after_s,
+            revocation: record.revocation,
+        })
+    }
+}
+
+/// serial → certificate facts, shared by all request threads.
+#[derive(Default)]
+pub struct CertificateCache {
+    map: RwLock<HashMap<Serial, Arc<CachedCertificate>>>,
+}
+
+impl CertificateCache {
+    /// Reads every certificate from `store`.
+    pub fn load(store: &dyn Store) -> Result<CertificateCache> {
+        let mut map = HashMap::new();
+        let mut after: Option<Serial> = None;
+        loop {
+            let batch = store.certificates_after(after.as_ref(), 4096)?;
+            let Some(last) = batch.last() else { break };
+            after = Some(last.serial.clone());
+            for record in &batch {
+                match CachedCertificate::of(record) {
+                    Some(entry) => {
+                        map.insert(record.serial.clone(), Arc::new(entry));
+                    }
+                    None => {
+                        tracing::error!(serial = %record.serial, "stored public key is not hex")
+                    }
+                }
+            }
+        }
+        Ok(CertificateCache {
+            map: RwLock::new(map),
+        })
+    }
+
+    /// The facts about `serial`, if payra issued it.
+    pub fn get(&self, serial: &Serial) -> Option<Arc<CachedCertificate>> {
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(serial)
+            .cloned()
+    }
+
+    /// Adds or replaces a certificate.
+    pub fn put(&self, record: &CertificateRecord) {
+        if let Some(entry) = CachedCertificate::of(record) {
+            self.map
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(record.serial.clone(), Arc::new(entry));
+        }
+    }
+
+    /// Sets (or clears, with `None`) the revocation of known serials.
+    pub fn set_revocation(&self, serials: &[Serial], revocation: Option<Revocation>) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        for serial in serials {
+            if let Some(entry) = map.get(serial) {
+                let mut updated = CachedCertificate::clone(entry);
+                updated.revocation = revocation;
+                map.insert(serial.clone(), Arc::new(updated));
+            }
+        }
+    }
+
+    /// How many certificates are cached.
+    pub(crate) fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}

@@ -1,0 +1,156 @@
+//! The PBOC limit-tier engine: pure code, no I/O.
+//!
+//! Sources: 银发〔2017〕296号《条码支付业务规范（试行）》 (tiers and limits for barcode payments) and
+//! 《非银行支付机构网络支付业务管理办法》 (PBOC announcement 2015 No. 43) Art. 22 (the three factor
+//! categories) and Art. 24 (limits by verification strength). docs/tiers.md has the table and
+//! worked examples.
+
+use std::collections::BTreeSet;
+
+pub use crate::model::{Factor, FactorCategory, Scene, Tier};
+
+/// The tier decision and the categories it counted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TierDecision {
+    pub tier: Tier,
+    pub categories: BTreeSet<FactorCategory>,
+}
+
+/// Decides the tier.
+///
+/// `certificate_verified` is true only for a `VERIFIED` device signature under a valid,
+/// unrevoked payra certificate; it counts as the possession category. The service's factors
+/// add their categories (a second possession factor such as an SMS OTP adds nothing new).
+/// Static barcode is D whatever the factors; otherwise A needs the certificate and two or
+/// more categories, B two or more categories without it, and everything else is C.
+pub fn decide_tier(certificate_verified: bool, factors: &[Factor], scene: Scene) -> TierDecision {
+    let mut categories: BTreeSet<FactorCategory> = factors.iter().map(|f| f.category).collect();
+    if certificate_verified {
+        categories.insert(FactorCategory::Possession);
+    }
+    let tier = if scene == Scene::StaticBarcode {
+        Tier::D
+    } else if categories.len() >= 2 && certificate_verified {
+        Tier::A
+    } else if categories.len() >= 2 {
+        Tier::B
+    } else {
+        Tier::C
+    };
+    TierDecision { tier, categories }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use FactorCategory::*;
+
+    fn factors(categories: &[FactorCategory]) -> Vec<Factor> {
+        categories
+            .iter()
+            .map(|c| Factor {
+                category: *c,
+                method: format!("{c:?}").to_lowercase(),
+            })
+            .collect()
+    }
+
+    /// The reference rule, written independently of `decide_tier`'s branches: count the
+    /// distinct categories, then read the BRIEF's table top to bottom.
+    fn expected(cert: bool, service: &[FactorCategory], scene: Scene) -> Tier {
+        let mut distinct: Vec<FactorCategory> = service.to_vec();
+        if cert {
+            distinct.push(Possession);
+        }
+        distinct.sort();
+        distinct.dedup();
+        match (scene, distinct.len(), cert) {
+            (Scene::StaticBarcode, _, _) => Tier::D,
+            (_, n, true) if n >= 2 => Tier::A,
+            (_, n, false) if n >= 2 => Tier::B,
+            _ => Tier::C,
+        }
+    }
+
+    #[test]
+    fn every_combination_of_categories_and_scenes() {
+        let all = [Knowledge, Possession, Inherence];
+        let scenes = [
+            Scene::InApp,
+            Scene::DynamicBarcode,
+            Scene::StaticBarcode,
+            Scene::Online,
+        ];
+        let mut cases = 0;
+        // Every multiset of up to two factors per category (0..=2 each), with and without
+        // the certificate, in every scene.
+        for k in 0..=2 {
+            for p in 0..=2 {
+                for i in 0..=2 {
+                    let mut service = Vec::new();
+                    service.extend(std::iter::repeat_n(all[0], k));
+                    service.extend(std::iter::repeat_n(all[1], p));
+                    service.extend(std::iter::repeat_n(all[2], i));
+                    for cert in [false, true] {
+                        for scene in scenes {
+                            let decision = decide_tier(cert, &factors(&service), scene);
+                            assert_eq!(
+                                decision.tier,
+                                expected(cert, &service, scene),
+                                "cert={cert} service={service:?} scene={scene:?}"
+                            );
+                            assert_eq!(decision.categories.contains(&Possession), cert || p > 0);
+                            cases += 1;
+                        }
+                    }
+                }
+            }
+        }
+        assert_eq!(cases, 27 * 2 * 4);
+    }
+
+    #[test]
+    fn worked_examples_from_the_brief() {
+        let table = [
+            (
+                "ok/cert+sms_otp is one category",
+                true,
+                vec![Possession],
+                Scene::InApp,
+                Tier::C,
+            ),
+            ("ok/cert+pin", true, vec![Knowledge], Scene::InApp, Tier::A),
+            (
+                "ok/cert+fingerprint",
+                true,
+                vec![Inherence],
+                Scene::Online,
+                Tier::A,
+            ),
+            (
+                "ok/pin+sms_otp",
+                false,
+                vec![Knowledge, Possession],
+                Scene::InApp,
+                Tier::B,
+            ),
+            ("ok/pin only", false, vec![Knowledge], Scene::InApp, Tier::C),
+            ("ok/cert only", true, vec![], Scene::DynamicBarcode, Tier::C),
+            (
+                "ok/static code",
+                true,
+                vec![Knowledge, Inherence],
+                Scene::StaticBarcode,
+                Tier::D,
+            ),
+            ("ok/nothing", false, vec![], Scene::Online, Tier::C),
+        ];
+        for (name, cert, service, scene, tier) in table {
+            assert_eq!(
+                decide_tier(cert, &factors(&service), scene).tier,
+                tier,
+                "{name}"
+            );
+        }
+    }
+}

@@ -1,0 +1,656 @@
+//! End to end: VerifyPayment verdicts, tiers, the daily ledger, evidence and replay, over
+//! real TLS against a real server; signatures also made by OpenSSL.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use payra::client::{encode_intent, random_nonce, DeviceKey};
+use payra::clock::Clock;
+use payra::wire::proto;
+use proto::{FactorCategory as Cat, Verdict};
+use tonic::Code;
+
+struct Phone {
+    key: DeviceKey,
+    serial: String,
+    customer: String,
+    device: String,
+    dir: std::path::PathBuf,
+}
+
+async fn phone(server: &TestServer, customer: &str, device: &str) -> Phone {
+    let (key, issued) = server.enroll(customer, device).await;
+    let dir = write_device_dir(&server.dir.path().join(&issued.serial), &key, &issued);
+    Phone {
+        key,
+        serial: issued.serial,
+        customer: customer.into(),
+        device: device.into(),
+        dir,
+    }
+}
+
+fn intent(
+    server: &TestServer,
+    phone: &Phone,
+    order: &str,
+    amount_fen: i64,
+) -> proto::PaymentIntent {
+    proto::PaymentIntent {
+        customer_id: phone.customer.clone(),
+        device_id: phone.device.clone(),
+        merchant_id: "m-coffee".into(),
+        order_id: order.into(),
+        amount_fen,
+        currency: "CNY".into(),
+        created_at_ms: server.clock.now_ms(),
+        nonce: random_nonce(),
+        scene: proto::Scene::InApp as i32,
+    }
+}
+
+fn tx_of(intent: &proto::PaymentIntent) -> proto::Transaction {
+    proto::Transaction {
+        merchant_id: intent.merchant_id.clone(),
+        order_id: intent.order_id.clone(),
+        amount_fen: intent.amount_fen,
+        currency: intent.currency.clone(),
+    }
+}
+
+fn pin() -> proto::Factor {
+    proto::Factor {
+        category: Cat::Knowledge as i32,
+        method: "payment_pin".into(),
+    }
+}
+
+fn sms() -> proto::Factor {
+    proto::Factor {
+        category: Cat::Possession as i32,
+        method: "sms_otp".into(),
+    }
+}
+
+fn request(
+    phone: &Phone,
+    intent: &proto::PaymentIntent,
+    factors: Vec<proto::Factor>,
+    reserve: bool,
+) -> proto::VerifyPaymentRequest {
+    let bytes = encode_intent(intent);
+    proto::VerifyPaymentRequest {
+        signature: phone.key.sign_intent(&bytes),
+        intent: bytes,
+        certificate_serial: phone.serial.clone(),
+        transaction: Some(tx_of(intent)),
+        factors,
+        reserve,
+    }
+}
+
+async fn verify(
+    server: &TestServer,
+    request: proto::VerifyPaymentRequest,
+) -> proto::VerifyPaymentResponse {
+    server
+        .service()
+        .await
+        .verification()
+        .verify_payment(request)
+        .await
+        .expect("VerifyPayment answers")
+        .into_inner()
+}
+
+fn verdict(response: &proto::VerifyPaymentResponse) -> Verdict {
+    Verdict::try_from(response.verdict).unwrap()
+}
+
+#[tokio::test]
+async fn ok_verified_with_pin_is_tier_a_and_reserves() {
+    let server = TestServer::start().await;
+    let p = phone(&server, "alice", "a-1").await;
+    let i = intent(&server, &p, "o-1", 1234);
+    let answer = verify(&server, request(&p, &i, vec![pin()], true)).await;
+    assert_eq!(verdict(&answer), Verdict::Verified, "{}", answer.reason);
+    assert_eq!(answer.tier, proto::Tier::A as i32);
+    assert_eq!(
+        answer.categories,
+        vec![Cat::Knowledge as i32, Cat::Possession as i32]
+    );
+    let limit = answer.limit.unwrap();
+    assert_eq!(limit.limit_fen, 5_000_000, "default agreed limit");
+    assert_eq!(limit.used_fen, 1234);
+    assert_eq!(limit.remaining_fen, 5_000_000 - 1234);
+    assert!(limit.fits && limit.reserved);
+    assert!(answer.evidence_id.starts_with("ev_"));
+
+    // The evidence keeps the signed bytes for disputes.
+    let evidence = server
+        .operator()
+        .await
+        .admin()
+        .get_evidence(proto::GetEvidenceRequest {
+            evidence_id: answer.evidence_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(evidence.intent, encode_intent(&i));
+    assert_eq!(evidence.verdict, "VERIFIED");
+    assert_eq!(evidence.tier, "A");
+    assert_eq!(evidence.reserved_fen, 1234);
+    assert_eq!(evidence.certificate_serial, p.serial);
+
+    // Certificate + SMS OTP is one category: tier C.
+    let i2 = intent(&server, &p, "o-2", 100);
+    let answer = verify(&server, request(&p, &i2, vec![sms()], false)).await;
+    assert_eq!(verdict(&answer), Verdict::Verified);
+    assert_eq!(answer.tier, proto::Tier::C as i32);
+    assert_eq!(answer.categories, vec![Cat::Possession as i32]);
+    assert_eq!(answer.limit.unwrap().limit_fen, 100_000);
+}
+
+#[tokio::test]
+async fn fail_every_verdict_end_to_end() {
+    let server = TestServer::start().await;
+    let p = phone(&server, "bob", "b-1").await;
+    let other = phone(&server, "carl", "c-1").await;
+
+    // Unknown certificate.
+    let i = intent(&server, &p, "o-unknown", 100);
+    let mut r = request(&p, &i, vec![pin()], true);
+    r.certificate_serial = "4ccccccccccccccccccccccccccccccc".into();
+    let a = verify(&server, r).await;
+    assert_eq!(verdict(&a), Verdict::UnknownCertificate);
+    assert!(a.limit.is_none());
+
+    // Bad signature: signed by another key.
+    let i = intent(&server, &p, "o-badsig", 100);
+    let mut r = request(&p, &i, vec![pin()], true);
+    r.signature = other.key.sign_intent(&r.intent);
+    let a = verify(&server, r).await;
+    assert_eq!(verdict(&a), Verdict::BadSignature);
+    assert_eq!(
+        a.tier,
+        proto::Tier::C as i32,
+        "a refused signature never counts the certificate"
+    );
+    assert!(!a.limit.as_ref().unwrap().reserved);
+
+    // Malformed intent: validly signed bytes that are not a PaymentIntent.
+    let junk = vec![0xff, 0xff, 0xff];
+    let r = proto::VerifyPaymentRequest {
+        signature: p.key.sign_intent(&junk),
+        intent: junk,
+        certificate_serial: p.serial.clone(),
+        transaction: Some(tx_of(&i)),
+        factors: vec![],
+        reserve: false,
+    };
+    assert_eq!(verdict(&verify(&server, r).await), Verdict::MalformedIntent);
+
+    // Malformed intent: a nonce that is too short.
+    let mut i = intent(&server, &p, "o-short-nonce", 100);
+    i.nonce = vec![1; 8];
+    assert_eq!(
+        verdict(&verify(&server, request(&p, &i, vec![], false)).await),
+        Verdict::MalformedIntent
+    );
+
+    // Identity mismatch: the intent names another device.
+    let mut i = intent(&server, &p, "o-identity", 100);
+    i.device_id = "someone-else".into();
+    assert_eq!(
+        verdict(&verify(&server, request(&p, &i, vec![], false)).await),
+        Verdict::IdentityMismatch
+    );
+
+    // Transaction mismatch: the service is about to charge more than was signed.
+    let i = intent(&server, &p, "o-amount", 100);
+    let mut r = request(&p, &i, vec![], true);
+    r.transaction.as_mut().unwrap().amount_fen = 10_000;
+    let a = verify(&server, r).await;
+    assert_eq!(verdict(&a), Verdict::TransactionMismatch);
+    assert!(a.reason.contains("amount_fen"), "{}", a.reason);
+
+    // Stale and future timestamps (skew ±120 s).
+    let mut i = intent(&server, &p, "o-stale", 100);
+    i.created_at_ms -= 121_000;
+    assert_eq!(
+        verdict(&verify(&server, request(&p, &i, vec![], false)).await),
+        Verdict::StaleTimestamp
+    );
+    let mut i = intent(&server, &p, "o-future", 100);
+    i.created_at_ms += 121_000;
+    assert_eq!(
+        verdict(&verify(&server, request(&p, &i, vec![], false)).await),
+        Verdict::StaleTimestamp
+    );
+
+    // Replayed nonce.
+    let i = intent(&server, &p, "o-replay", 100);
+    assert_eq!(
+        verdict(&verify(&server, request(&p, &i, vec![], false)).await),
+        Verdict::Verified
+    );
+    assert_eq!(
+        verdict(&verify(&server, request(&p, &i, vec![], false)).await),
+        Verdict::ReplayedNonce
+    );
+
+    // Expired: the server's clock moves past notAfter (the intent is fresh).
+    server.clock.advance_ms(366 * 86_400 * 1000);
+    let i = intent(&server, &p, "o-expired", 100);
+    assert_eq!(
+        verdict(&verify(&server, request(&p, &i, vec![], false)).await),
+        Verdict::CertificateExpired
+    );
+    server.clock.advance_ms(-366 * 86_400 * 1000);
+
+    // Revoked: refused on the first verification after the revocation is acknowledged.
+    server
+        .revoke(&p.serial, proto::RevocationReason::KeyCompromise)
+        .await;
+    let i = intent(&server, &p, "o-revoked", 100);
+    let a = verify(&server, request(&p, &i, vec![pin()], true)).await;
+    assert_eq!(verdict(&a), Verdict::CertificateRevoked);
+    assert!(a.reason.contains("key-compromise"), "{}", a.reason);
+}
+
+#[tokio::test]
+async fn fail_malformed_requests_are_invalid_argument() {
+    let server = TestServer::start().await;
+    let p = phone(&server, "dina", "d-1").await;
+    let client = server.service().await;
+    let i = intent(&server, &p, "o", 100);
+    let base = request(&p, &i, vec![pin()], false);
+    type Mutation = Box<dyn Fn(&mut proto::VerifyPaymentRequest)>;
+    let cases: Vec<(&str, Mutation)> = vec![
+        ("transaction", Box::new(|r| r.transaction = None)),
+        (
+            "certificate_serial",
+            Box::new(|r| r.certificate_serial = "xyz".into()),
+        ),
+        ("intent", Box::new(|r| r.intent = vec![0; 5000])),
+        ("signature", Box::new(|r| r.signature = vec![])),
+        (
+            "transaction.amount_fen",
+            Box::new(|r| r.transaction.as_mut().unwrap().amount_fen = 0),
+        ),
+        (
+            "transaction.currency",
+            Box::new(|r| r.transaction.as_mut().unwrap().currency = "USD".into()),
+        ),
+        (
+            "factors.category",
+            Box::new(|r| {
+                r.factors = vec![proto::Factor {
+                    category: 0,
+                    method: "x".into(),
+                }]
+            }),
+        ),
+        ("factors", Box::new(|r| r.factors = vec![pin(); 9])),
+    ];
+    for (field, mutate) in cases {
+        let mut r = base.clone();
+        mutate(&mut r);
+        let err = client.verification().verify_payment(r).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}");
+        assert!(
+            err.message().starts_with(field),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    // Nothing was reserved or replay-marked by the refusals: the base request still works.
+    let a = verify(&server, base).await;
+    assert_eq!(verdict(&a), Verdict::Verified);
+    let err = server
+        .anonymous()
+        .await
+        .verification()
+        .verify_payment(request(&p, &i, vec![], false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    let err = server
+        .operator()
+        .await
+        .verification()
+        .verify_payment(request(&p, &i, vec![], false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_openssl_signatures_verify_in_both_encodings() {
+    let server = TestServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.pem");
+    let csr = dir.path().join("csr.der");
+    assert!(
+        openssl(&[
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            path_str(&key)
+        ])
+        .0
+    );
+    assert!(
+        openssl(&[
+            "req",
+            "-new",
+            "-key",
+            path_str(&key),
+            "-outform",
+            "DER",
+            "-out",
+            path_str(&csr),
+            "-subj",
+            "/CN=x"
+        ])
+        .0
+    );
+    let token = server.token("erin").await;
+    let issued = server
+        .anonymous()
+        .await
+        .enroll(
+            &token,
+            std::fs::read(&csr).unwrap(),
+            "erin-phone",
+            device_info(),
+        )
+        .await
+        .unwrap();
+    for (order, raw) in [("o-der", false), ("o-raw", true)] {
+        let i = proto::PaymentIntent {
+            customer_id: "erin".into(),
+            device_id: "erin-phone".into(),
+            merchant_id: "m-1".into(),
+            order_id: order.into(),
+            amount_fen: 500,
+            currency: "CNY".into(),
+            created_at_ms: server.clock.now_ms(),
+            nonce: random_nonce(),
+            scene: proto::Scene::DynamicBarcode as i32,
+        };
+        let bytes = encode_intent(&i);
+        let message = dir.path().join(format!("{order}.bin"));
+        let mut signed = b"payra.v1.PaymentIntent\n".to_vec();
+        signed.extend_from_slice(&bytes);
+        std::fs::write(&message, &signed).unwrap();
+        let sig_path = dir.path().join(format!("{order}.sig"));
+        let (ok, text) = openssl(&[
+            "dgst",
+            "-sha256",
+            "-sign",
+            path_str(&key),
+            "-out",
+            path_str(&sig_path),
+            path_str(&message),
+        ]);
+        assert!(ok, "{text}");
+        let der_sig = std::fs::read(&sig_path).unwrap();
+        let signature = if raw {
+            let sig = p256::ecdsa::Signature::from_der(&der_sig).unwrap();
+            sig.to_bytes().to_vec()
+        } else {
+            der_sig
+        };
+        let answer = verify(
+            &server,
+            proto::VerifyPaymentRequest {
+                intent: bytes,
+                signature,
+                certificate_serial: issued.serial.clone(),
+                transaction: Some(tx_of(&i)),
+                factors: vec![pin()],
+                reserve: false,
+            },
+        )
+        .await;
+        assert_eq!(
+            verdict(&answer),
+            Verdict::Verified,
+            "{order}: {}",
+            answer.reason
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_fifty_concurrent_reservations_of_a_fifth_never_overshoot() {
+    let server = Arc::new(TestServer::start().await);
+    let p = Arc::new(phone(&server, "fay", "f-1").await);
+    // Tier C (certificate only): limit 100,000 fen; each payment is 20,000.
+    let mut tasks = Vec::new();
+    for n in 0..50 {
+        let server = server.clone();
+        let p = p.clone();
+        let client = server.service().await;
+        tasks.push(tokio::spawn(async move {
+            let i = intent(&server, &p, &format!("o-{n}"), 20_000);
+            client
+                .verification()
+                .verify_payment(request(&p, &i, vec![], true))
+                .await
+                .unwrap()
+                .into_inner()
+        }));
+    }
+    let mut reserved = 0;
+    for task in tasks {
+        let answer = task.await.unwrap();
+        assert_eq!(verdict(&answer), Verdict::Verified);
+        let limit = answer.limit.unwrap();
+        if limit.reserved {
+            reserved += 1;
+        } else {
+            assert!(!limit.fits);
+        }
+    }
+    assert_eq!(reserved, 5);
+    let q = server
+        .service()
+        .await
+        .verification()
+        .qualify_transaction(proto::QualifyTransactionRequest {
+            customer_id: "fay".into(),
+            transaction: Some(proto::Transaction {
+                merchant_id: "m".into(),
+                order_id: "q".into(),
+                amount_fen: 1,
+                currency: "CNY".into(),
+            }),
+            factors: vec![],
+            scene: proto::Scene::InApp as i32,
+            reserve: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let limit = q.limit.unwrap();
+    assert_eq!(limit.used_fen, 5 * 20_000);
+    assert_eq!(limit.remaining_fen, 0);
+    assert!(!limit.fits);
+}
+
+#[tokio::test]
+async fn ok_day_rollover_resets_used_and_release_gives_back() {
+    let server = TestServer::start().await;
+    // 2026-11-25 15:59:00 UTC is 23:59 in Shanghai.
+    server.clock.set_ms(1_795_622_340_000);
+    let p = phone(&server, "gus", "g-1").await;
+    let i = intent(&server, &p, "o-late", 30_000);
+    let a = verify(&server, request(&p, &i, vec![], true)).await;
+    let limit = a.limit.unwrap();
+    assert_eq!((limit.used_fen, limit.day.as_str()), (30_000, "2026-11-25"));
+
+    let i = intent(&server, &p, "o-late-2", 20_000);
+    let second = verify(&server, request(&p, &i, vec![], true)).await;
+    assert_eq!(second.limit.as_ref().unwrap().used_fen, 50_000);
+    let released = server
+        .service()
+        .await
+        .verification()
+        .release_reservation(proto::ReleaseReservationRequest {
+            evidence_id: second.evidence_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(released.limit.unwrap().used_fen, 30_000);
+    let err = server
+        .service()
+        .await
+        .verification()
+        .release_reservation(proto::ReleaseReservationRequest {
+            evidence_id: second.evidence_id.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::FailedPrecondition,
+        "a reservation is released once"
+    );
+
+    server.clock.advance_ms(60_000); // 00:00 in Shanghai: a new day
+    let i = intent(&server, &p, "o-early", 10_000);
+    let a = verify(&server, request(&p, &i, vec![], true)).await;
+    let limit = a.limit.unwrap();
+    assert_eq!((limit.used_fen, limit.day.as_str()), (10_000, "2026-11-26"));
+}
+
+#[tokio::test]
+async fn ok_agreed_limit_and_qualify_tiers() {
+    let server = TestServer::start().await;
+    let p = phone(&server, "hana", "h-1").await;
+    server
+        .operator()
+        .await
+        .admin()
+        .set_agreed_limit(proto::SetAgreedLimitRequest {
+            customer_id: "hana".into(),
+            daily_limit_fen: 2_000_000,
+        })
+        .await
+        .unwrap();
+    let i = intent(&server, &p, "o-1", 100);
+    let a = verify(&server, request(&p, &i, vec![pin()], false)).await;
+    assert_eq!(a.tier, proto::Tier::A as i32);
+    assert_eq!(a.limit.unwrap().limit_fen, 2_000_000);
+
+    let service = server.service().await;
+    let qualify =
+        |factors: Vec<proto::Factor>, scene: proto::Scene| proto::QualifyTransactionRequest {
+            customer_id: "hana".into(),
+            transaction: Some(proto::Transaction {
+                merchant_id: "m".into(),
+                order_id: "o".into(),
+                amount_fen: 100,
+                currency: "CNY".into(),
+            }),
+            factors,
+            scene: scene as i32,
+            reserve: false,
+        };
+    for (factors, scene, tier, limit) in [
+        (
+            vec![pin(), sms()],
+            proto::Scene::InApp,
+            proto::Tier::B,
+            500_000,
+        ),
+        (vec![pin()], proto::Scene::Online, proto::Tier::C, 100_000),
+        (
+            vec![pin(), sms()],
+            proto::Scene::StaticBarcode,
+            proto::Tier::D,
+            50_000,
+        ),
+    ] {
+        let q = service
+            .verification()
+            .qualify_transaction(qualify(factors, scene))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(q.tier, tier as i32);
+        assert_eq!(q.limit.unwrap().limit_fen, limit);
+    }
+    let err = service
+        .verification()
+        .qualify_transaction(qualify(vec![], proto::Scene::Unspecified))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn fail_nonce_replayed_after_restart() {
+    let mut server = TestServer::start().await;
+    let p = phone(&server, "ivan", "i-1").await;
+    let i = intent(&server, &p, "o-1", 100);
+    assert_eq!(
+        verdict(&verify(&server, request(&p, &i, vec![], false)).await),
+        Verdict::Verified
+    );
+    server.restart().await;
+    assert_eq!(
+        verdict(&verify(&server, request(&p, &i, vec![], false)).await),
+        Verdict::ReplayedNonce
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_device_pay_cli() {
+    let server = TestServer::start().await;
+    let p = phone(&server, "jill", "j-1").await;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_payra"))
+        .args([
+            "device",
+            "pay",
+            "--device-dir",
+            path_str(&p.dir),
+            "--merchant",
+            "m-1",
+            "--order",
+            "o-1",
+            "--amount",
+            "12.34",
+            "--factor",
+            "payment_pin",
+            "--reserve",
+            "--json",
+            "--server",
+            &server.url(),
+            "--certs",
+            path_str(&server.certs()),
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answer["verdict"], "VERIFIED");
+    assert_eq!(answer["tier"], "A");
+    assert_eq!(answer["used_fen"], 1234);
+    assert_eq!(answer["reserved"], true);
+}
