@@ -88,6 +88,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
     let router = Server::builder()
         .tls_config(tls)
         .map_err(|e| Error::FailedPrecondition(format!("TLS configuration: {e}")))?
+        .layer(crate::wire::auth::AuthLayer)
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -193,10 +194,20 @@ impl RunningServer {
         let http = self.http.await;
         self.crl_task.abort();
         self.purge_task.abort();
+        let _ = self.crl_task.await;
+        let _ = self.purge_task.await;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.close())
             .await
             .map_err(|e| Error::internal(format!("closing storage: {e}")))??;
+        // Blocking work started before the stop (a CRL build, a request's storage sync) still
+        // holds the store; the database closes, and its lock is released, when the last
+        // holder finishes. Wait for that, bounded, so a restart in the same process finds
+        // the database free.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while Arc::strong_count(&self.store) > 1 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         match grpc {
             Ok(Ok(())) => {}
             Ok(Err(e)) => return Err(Error::internal(format!("gRPC server: {e}"))),

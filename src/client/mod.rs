@@ -75,6 +75,11 @@ impl Client {
         Ok(Client { channel })
     }
 
+    /// The underlying channel, for other gRPC services (health, reflection).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
     pub fn registration(&self) -> proto::registration_client::RegistrationClient<Channel> {
         proto::registration_client::RegistrationClient::new(self.channel.clone())
     }

@@ -1,8 +1,14 @@
 //! Roles from verified client certificates, and the authorization matrix: which role may call
-//! which RPC. The TLS layer has already checked that a presented certificate chains to payra's
-//! CA, so a role URI in it was put there by payra.
+//! which RPC, enforced in one place, [`AuthLayer`], before any handler runs. The TLS layer has
+//! already checked that a presented certificate chains to payra's CA, so a role URI in it was
+//! put there by payra.
 
-use tonic::Request;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::{Request, Status};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -62,6 +68,29 @@ pub enum Rpc {
 }
 
 impl Rpc {
+    /// The RPC a gRPC path names; `None` for paths outside payra's services.
+    pub fn from_path(path: &str) -> Option<Rpc> {
+        let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+        Some(match (service, method) {
+            ("payra.v1.Enrollment", "Enroll") => Rpc::Enroll,
+            ("payra.v1.Enrollment", "Renew") => Rpc::Renew,
+            ("payra.v1.Registration", "CreateEnrollmentToken") => Rpc::CreateEnrollmentToken,
+            ("payra.v1.Verification", "VerifyPayment") => Rpc::VerifyPayment,
+            ("payra.v1.Verification", "QualifyTransaction") => Rpc::QualifyTransaction,
+            ("payra.v1.Verification", "GetCertificateStatus") => Rpc::GetCertificateStatus,
+            ("payra.v1.Verification", "ReleaseReservation") => Rpc::ReleaseReservation,
+            ("payra.v1.Admin", "RevokeCertificate") => Rpc::RevokeCertificate,
+            ("payra.v1.Admin", "RevokeDevice") => Rpc::RevokeDevice,
+            ("payra.v1.Admin", "RevokeCustomer") => Rpc::RevokeCustomer,
+            ("payra.v1.Admin", "UnholdCertificate") => Rpc::UnholdCertificate,
+            ("payra.v1.Admin", "GetCertificate") => Rpc::GetCertificate,
+            ("payra.v1.Admin", "ListCertificates") => Rpc::ListCertificates,
+            ("payra.v1.Admin", "SetAgreedLimit") => Rpc::SetAgreedLimit,
+            ("payra.v1.Admin", "GetEvidence") => Rpc::GetEvidence,
+            _ => return None,
+        })
+    }
+
     /// All RPCs, for tests that walk the whole matrix.
     pub const ALL: [Rpc; 15] = [
         Rpc::Enroll,
@@ -130,23 +159,23 @@ pub fn caller_from_certificate(der: &[u8]) -> Result<Caller> {
     }
 }
 
-/// The caller of `request`, from the certificate the TLS layer verified.
+/// The caller a request was authorized as, put into its extensions by [`AuthLayer`].
 pub fn caller<T>(request: &Request<T>) -> Result<Caller> {
-    match request.peer_certs() {
-        Some(certs) if !certs.is_empty() => caller_from_certificate(certs[0].as_ref()),
-        _ => Ok(Caller::Anonymous),
-    }
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Error::internal("request reached a handler without authorization"))
 }
 
-/// Checks the matrix for `rpc`: no certificate where one is needed is `Unauthenticated`, a
-/// role that may not call it is `PermissionDenied`.
-pub fn authorize<T>(request: &Request<T>, rpc: Rpc) -> Result<Caller> {
-    let caller = caller(request)?;
+/// Checks the matrix for `rpc` and `caller`: no certificate where one is needed is
+/// `Unauthenticated`, a role that may not call it is `PermissionDenied`.
+pub fn check(rpc: Rpc, caller: &Caller) -> Result<()> {
     let allowed = rpc.allowed_roles();
     if allowed.contains(&caller.role()) {
-        return Ok(caller);
+        return Ok(());
     }
-    if caller == Caller::Anonymous {
+    if *caller == Caller::Anonymous {
         return Err(Error::Unauthenticated(format!(
             "{rpc:?} needs a client certificate of role {}",
             role_list(allowed)
@@ -165,4 +194,79 @@ fn role_list(roles: &[Role]) -> String {
         .map(|r| format!("{r:?}").to_lowercase())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The caller named by the client certificate of an HTTP/2 request, if any.
+fn caller_of<B>(request: &http::Request<B>) -> Result<Caller> {
+    let certs = request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(|info| info.peer_certs());
+    match certs {
+        Some(certs) if !certs.is_empty() => caller_from_certificate(certs[0].as_ref()),
+        _ => Ok(Caller::Anonymous),
+    }
+}
+
+/// Decides a request before routing: `Ok(Some(caller))` for an allowed payra RPC,
+/// `Ok(None)` for the standard services (health, reflection), which anyone may call.
+fn authorize_request<B>(request: &http::Request<B>) -> Result<Option<Caller>> {
+    let path = request.uri().path();
+    let Some(rpc) = Rpc::from_path(path) else {
+        if path.starts_with("/payra.") {
+            return Err(Error::PermissionDenied(format!("unknown method {path}")));
+        }
+        return Ok(None);
+    };
+    let caller = caller_of(request)?;
+    check(rpc, &caller)?;
+    Ok(Some(caller))
+}
+
+/// The tower layer that enforces the authorization matrix for every gRPC request.
+#[derive(Debug, Clone, Default)]
+pub struct AuthLayer;
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = AuthService<S>;
+    fn layer(&self, inner: S) -> AuthService<S> {
+        AuthService { inner }
+    }
+}
+
+/// See [`AuthLayer`].
+#[derive(Debug, Clone)]
+pub struct AuthService<S> {
+    inner: S,
+}
+
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = std::result::Result<T, E>> + Send>>;
+
+impl<S, B> tower::Service<http::Request<B>> for AuthService<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<tonic::body::Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<std::result::Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        match authorize_request(&request) {
+            Ok(caller) => {
+                if let Some(caller) = caller {
+                    request.extensions_mut().insert(caller);
+                }
+                Box::pin(self.inner.call(request))
+            }
+            Err(error) => {
+                let response = Status::from(error).into_http();
+                Box::pin(async move { Ok(response) })
+            }
+        }
+    }
 }

@@ -1,13 +1,12 @@
-//! The tonic services. Each handler: authorize → parse the proto into domain types → call the
-//! RA off the async executor → convert the answer. RPCs later work implements answer
-//! UNIMPLEMENTED through the generated default methods.
+//! The tonic services. Authorization already ran in [`super::auth::AuthLayer`]; each handler
+//! parses the proto into domain types → calls the RA off the async executor → converts the
+//! answer.
 
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::auth::Caller;
-use super::auth::{authorize, Rpc};
+use super::auth::{caller, Caller};
 use super::proto;
 use crate::error::{Error, Result};
 use crate::model::{
@@ -180,7 +179,6 @@ impl proto::registration_server::Registration for RegistrationService {
         &self,
         request: Request<proto::CreateEnrollmentTokenRequest>,
     ) -> Result<Response<proto::CreateEnrollmentTokenResponse>, Status> {
-        authorize(&request, Rpc::CreateEnrollmentToken)?;
         let request = request.into_inner();
         let customer = CustomerId::parse("customer_id", &request.customer_id)?;
         let ra = self.ra.clone();
@@ -203,7 +201,6 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
         &self,
         request: Request<proto::EnrollRequest>,
     ) -> Result<Response<proto::EnrollResponse>, Status> {
-        authorize(&request, Rpc::Enroll)?;
         let request = EnrollRequest::try_from(request.into_inner())?;
         let ra = self.ra.clone();
         let issued = blocking(move || ra.enroll(request)).await?;
@@ -214,7 +211,7 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
         &self,
         request: Request<proto::RenewRequest>,
     ) -> Result<Response<proto::EnrollResponse>, Status> {
-        let Caller::Device(current) = authorize(&request, Rpc::Renew)? else {
+        let Caller::Device(current) = caller(&request)? else {
             return Err(Error::PermissionDenied("Renew needs a device certificate".into()).into());
         };
         let request = request.into_inner();
@@ -384,7 +381,6 @@ impl proto::verification_server::Verification for VerificationService {
         &self,
         request: Request<proto::VerifyPaymentRequest>,
     ) -> Result<Response<proto::VerifyPaymentResponse>, Status> {
-        authorize(&request, Rpc::VerifyPayment)?;
         let request = VerifyRequest::try_from(request.into_inner())?;
         let ra = self.ra.clone();
         let decision: Decision = blocking(move || ra.verify_payment(request)).await?;
@@ -406,7 +402,6 @@ impl proto::verification_server::Verification for VerificationService {
         &self,
         request: Request<proto::QualifyTransactionRequest>,
     ) -> Result<Response<proto::QualifyTransactionResponse>, Status> {
-        authorize(&request, Rpc::QualifyTransaction)?;
         let request = QualifyRequest::try_from(request.into_inner())?;
         let ra = self.ra.clone();
         let decision = blocking(move || ra.qualify_transaction(request)).await?;
@@ -426,7 +421,6 @@ impl proto::verification_server::Verification for VerificationService {
         &self,
         request: Request<proto::ReleaseReservationRequest>,
     ) -> Result<Response<proto::ReleaseReservationResponse>, Status> {
-        authorize(&request, Rpc::ReleaseReservation)?;
         let evidence_id = request.into_inner().evidence_id;
         let ra = self.ra.clone();
         let limit = blocking(move || ra.release_reservation(&evidence_id)).await?;
@@ -439,7 +433,6 @@ impl proto::verification_server::Verification for VerificationService {
         &self,
         request: Request<proto::GetCertificateStatusRequest>,
     ) -> Result<Response<proto::GetCertificateStatusResponse>, Status> {
-        authorize(&request, Rpc::GetCertificateStatus)?;
         let serial = Serial::parse("serial", &request.into_inner().serial)?;
         let view = self.ra.certificate_status(&serial)?;
         Ok(Response::new(proto::GetCertificateStatusResponse {
@@ -467,7 +460,6 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::GetCertificateRequest>,
     ) -> Result<Response<proto::CertificateRecord>, Status> {
-        authorize(&request, Rpc::GetCertificate)?;
         let serial = Serial::parse("serial", &request.into_inner().serial)?;
         let record = self.ra.certificate(&serial)?;
         let view = self.ra.certificate_status(&serial)?;
@@ -478,7 +470,6 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::RevokeCertificateRequest>,
     ) -> Result<Response<proto::RevokeResponse>, Status> {
-        authorize(&request, Rpc::RevokeCertificate)?;
         let request = request.into_inner();
         let serial = Serial::parse("serial", &request.serial)?;
         let reason = reason_from_proto(request.reason)?;
@@ -491,7 +482,6 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::RevokeDeviceRequest>,
     ) -> Result<Response<proto::RevokeResponse>, Status> {
-        authorize(&request, Rpc::RevokeDevice)?;
         let request = request.into_inner();
         let device = DeviceId::parse("device_id", &request.device_id)?;
         let reason = reason_from_proto(request.reason)?;
@@ -504,7 +494,6 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::RevokeCustomerRequest>,
     ) -> Result<Response<proto::RevokeResponse>, Status> {
-        authorize(&request, Rpc::RevokeCustomer)?;
         let request = request.into_inner();
         let customer = CustomerId::parse("customer_id", &request.customer_id)?;
         let reason = reason_from_proto(request.reason)?;
@@ -518,7 +507,6 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::UnholdCertificateRequest>,
     ) -> Result<Response<proto::CertificateRecord>, Status> {
-        authorize(&request, Rpc::UnholdCertificate)?;
         let serial = Serial::parse("serial", &request.into_inner().serial)?;
         let ra = self.ra.clone();
         let record = blocking(move || ra.unhold_certificate(&serial)).await?;
@@ -530,7 +518,6 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::SetAgreedLimitRequest>,
     ) -> Result<Response<proto::SetAgreedLimitResponse>, Status> {
-        authorize(&request, Rpc::SetAgreedLimit)?;
         let request = request.into_inner();
         let customer = CustomerId::parse("customer_id", &request.customer_id)?;
         let limit = request.daily_limit_fen;
@@ -547,7 +534,6 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::GetEvidenceRequest>,
     ) -> Result<Response<proto::Evidence>, Status> {
-        authorize(&request, Rpc::GetEvidence)?;
         let evidence_id = request.into_inner().evidence_id;
         let ra = self.ra.clone();
         let record = blocking(move || ra.evidence(&evidence_id)).await?;
@@ -583,7 +569,6 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::ListCertificatesRequest>,
     ) -> Result<Response<proto::ListCertificatesResponse>, Status> {
-        authorize(&request, Rpc::ListCertificates)?;
         let request = request.into_inner();
         let query = CertificateQuery {
             customer: match request.customer_id.as_str() {

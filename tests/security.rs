@@ -1,0 +1,265 @@
+//! End to end: the authorization matrix, cell by cell, and malformed input over gRPC.
+
+mod common;
+
+use common::*;
+use payra::client::Client;
+use payra::wire::auth::{Role, Rpc};
+use payra::wire::proto;
+use tonic::{Code, Status};
+
+/// Calls `rpc` with a minimal request; the answer's code tells whether authorization let it
+/// through.
+async fn call(client: &Client, rpc: Rpc) -> Result<(), Status> {
+    match rpc {
+        Rpc::Enroll => client
+            .enrollment()
+            .enroll(proto::EnrollRequest::default())
+            .await
+            .map(|_| ()),
+        Rpc::Renew => client
+            .enrollment()
+            .renew(proto::RenewRequest::default())
+            .await
+            .map(|_| ()),
+        Rpc::CreateEnrollmentToken => client
+            .registration()
+            .create_enrollment_token(proto::CreateEnrollmentTokenRequest::default())
+            .await
+            .map(|_| ()),
+        Rpc::VerifyPayment => client
+            .verification()
+            .verify_payment(proto::VerifyPaymentRequest::default())
+            .await
+            .map(|_| ()),
+        Rpc::QualifyTransaction => client
+            .verification()
+            .qualify_transaction(proto::QualifyTransactionRequest::default())
+            .await
+            .map(|_| ()),
+        Rpc::GetCertificateStatus => client
+            .verification()
+            .get_certificate_status(proto::GetCertificateStatusRequest::default())
+            .await
+            .map(|_| ()),
+        Rpc::ReleaseReservation => client
+            .verification()
+            .release_reservation(proto::ReleaseReservationRequest::default())
+            .await
+            .map(|_| ()),
+        Rpc::RevokeCertificate => client
+            .admin()
+            .revoke_certificate(proto::RevokeCertificateRequest::default())
+            .await
+            .map(|_| ()),
+        Rpc::RevokeDevice => client
+            .admin()
+            .revoke_device(proto::RevokeDeviceRequest::default())
+            .await
+            .map(|_| ()),
+        Rpc::RevokeCustomer => client
+            .admin()
+            .revoke_customer(proto::RevokeCustomerRequest::default())
+            .await
+            .map(|_| ()),
+        Rpc::UnholdCertificate => client
+            .admin()
+            .unhold_certificate(proto::UnholdCertificateRequest::default())
+            .await
+            .map(|_| ()),
+        Rpc::GetCertificate => client
+            .admin()
+            .get_certificate(proto::GetCertificateRequest::default())
+            .await
+            .map(|_| ()),
+        Rpc::ListCertificates => client
+            .admin()
+            .list_certificates(proto::ListCertificatesRequest::default())
+            .await
+            .map(|_| ()),
+        Rpc::SetAgreedLimit => client
+            .admin()
+            .set_agreed_limit(proto::SetAgreedLimitRequest::default())
+            .await
+            .map(|_| ()),
+        Rpc::GetEvidence => client
+            .admin()
+            .get_evidence(proto::GetEvidenceRequest::default())
+            .await
+            .map(|_| ()),
+    }
+}
+
+fn denied_by_layer(status: &Status) -> bool {
+    (status.code() == Code::Unauthenticated
+        && status.message().contains("needs a client certificate"))
+        || (status.code() == Code::PermissionDenied
+            && status.message().contains("is not allowed for role"))
+}
+
+#[tokio::test]
+async fn every_cell_of_the_authorization_matrix() {
+    let server = TestServer::start().await;
+    let (key, issued) = server.enroll("matrix", "matrix-phone").await;
+    let device_dir = write_device_dir(&server.dir.path().join("device"), &key, &issued);
+    let clients = [
+        (Role::Anonymous, server.anonymous().await),
+        (Role::Device, server.device(&device_dir).await),
+        (Role::Service, server.service().await),
+        (Role::Operator, server.operator().await),
+    ];
+    let mut cells = 0;
+    for rpc in Rpc::ALL {
+        for (role, client) in &clients {
+            let allowed = rpc.allowed_roles().contains(role);
+            let result = call(client, rpc).await;
+            match (&result, allowed) {
+                (Ok(()), true) => {}
+                (Err(status), true) => assert!(
+                    !denied_by_layer(status),
+                    "{rpc:?} as {role:?} must be allowed: {status:?}"
+                ),
+                (Ok(()), false) => panic!("{rpc:?} as {role:?} must be denied"),
+                (Err(status), false) => {
+                    let expected = if *role == Role::Anonymous {
+                        Code::Unauthenticated
+                    } else {
+                        Code::PermissionDenied
+                    };
+                    assert_eq!(status.code(), expected, "{rpc:?} as {role:?}: {status:?}");
+                    assert!(denied_by_layer(status), "{rpc:?} as {role:?}: {status:?}");
+                }
+            }
+            cells += 1;
+        }
+    }
+    assert_eq!(cells, 15 * 4);
+    // Health is open to everyone, so load balancers need no certificate.
+    let mut health =
+        tonic_health::pb::health_client::HealthClient::new(server.anonymous().await.channel());
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "payra.v1.Verification".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        serving.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
+#[tokio::test]
+async fn fail_malformed_input_gets_clear_codes_and_the_server_keeps_serving() {
+    let server = TestServer::start().await;
+    let phone = server.anonymous().await;
+    let service = server.service().await;
+    let operator = server.operator().await;
+    let token = server.token("malformed").await;
+
+    // Empty messages: every field missing.
+    let err = phone
+        .enrollment()
+        .enroll(proto::EnrollRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = service
+        .registration()
+        .create_enrollment_token(proto::CreateEnrollmentTokenRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (err.code(), err.message()),
+        (Code::InvalidArgument, "customer_id: is required")
+    );
+
+    // Truncated DER and huge fields.
+    let csr = payra::client::DeviceKey::generate().csr_der("d").unwrap();
+    for (case, request) in [
+        (
+            "truncated CSR",
+            proto::EnrollRequest {
+                token: token.clone(),
+                csr_der: csr[..csr.len() / 2].to_vec(),
+                device_id: "d".into(),
+                device_info: None,
+            },
+        ),
+        (
+            "huge token",
+            proto::EnrollRequest {
+                token: "x".repeat(10_000),
+                csr_der: csr.clone(),
+                device_id: "d".into(),
+                device_info: None,
+            },
+        ),
+        (
+            "huge device id",
+            proto::EnrollRequest {
+                token: token.clone(),
+                csr_der: csr.clone(),
+                device_id: "d".repeat(200),
+                device_info: None,
+            },
+        ),
+        (
+            "control chars in device info",
+            proto::EnrollRequest {
+                token: token.clone(),
+                csr_der: csr.clone(),
+                device_id: "d".into(),
+                device_info: Some(proto::DeviceInfo {
+                    platform: "and\u{0}roid".into(),
+                    ..Default::default()
+                }),
+            },
+        ),
+    ] {
+        let err = phone.enrollment().enroll(request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{case}: {err:?}");
+    }
+
+    // A message over the gRPC size limit is refused before decoding (tonic answers
+    // OUT_OF_RANGE naming the limit).
+    let err = phone
+        .enrollment()
+        .enroll(proto::EnrollRequest {
+            token: token.clone(),
+            csr_der: vec![0; 200_000],
+            device_id: "d".into(),
+            device_info: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("the limit is: 65536"), "{err:?}");
+
+    // Wrong enum values.
+    let err = operator
+        .admin()
+        .list_certificates(proto::ListCertificatesRequest {
+            status: 99,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = operator
+        .admin()
+        .list_certificates(proto::ListCertificatesRequest {
+            page_size: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+
+    // Still serving, and the token the refused requests carried still works.
+    phone
+        .enroll(&token, csr, "d", device_info())
+        .await
+        .expect("server still serves and the token is unused");
+}
