@@ -54,6 +54,11 @@ enum Command {
     },
     /// Revoke a certificate, every certificate of a device, or of a customer (as an operator).
     Revoke(RevokeArgs),
+    /// The hash-chained audit log, read offline from a stopped server's data directory.
+    Audit {
+        #[command(subcommand)]
+        command: AuditCommand,
+    },
     /// Evidence kept for disputes (as an operator).
     Evidence {
         #[command(subcommand)]
@@ -259,6 +264,22 @@ impl SceneArg {
 }
 
 #[derive(Subcommand)]
+enum AuditCommand {
+    /// Recompute the chain; exit non-zero naming the first broken entry.
+    Verify {
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+    },
+    /// Show the latest entries, oldest first, one JSON object per line.
+    Tail {
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: u64,
+    },
+}
+
+#[derive(Subcommand)]
 enum EvidenceCommand {
     /// Show the evidence kept for a verification (as an operator).
     Show {
@@ -452,6 +473,7 @@ async fn run(cli: Cli) -> CliResult {
             Ok(())
         }
         Command::Revoke(args) => revoke(args).await,
+        Command::Audit { command } => audit(command),
         Command::Device {
             command:
                 DeviceCommand::Pay {
@@ -545,6 +567,50 @@ async fn run(cli: Cli) -> CliResult {
                 .map_err(status_message)?
                 .into_inner();
             print_record(&record, json);
+            Ok(())
+        }
+    }
+}
+
+/// Opens the database read-only in spirit: the audit commands never write. sled allows one
+/// process at a time, so the server must be stopped.
+fn open_data(data: &Path) -> Result<payra::store::SledStore, String> {
+    if !data.join("db").exists() {
+        return Err(format!("{} holds no payra database", data.display()));
+    }
+    payra::store::SledStore::open(data).map_err(|e| {
+        format!("{e} (is the server still running? the audit commands need it stopped)")
+    })
+}
+
+fn audit(command: AuditCommand) -> CliResult {
+    use payra::store::{verify_audit_log, AuditCheck, Store};
+    match command {
+        AuditCommand::Verify { data } => {
+            let store = open_data(&data)?;
+            match verify_audit_log(&store).map_err(|e| e.to_string())? {
+                AuditCheck::Intact { entries } => {
+                    println!("audit log intact: {entries} entries");
+                    Ok(())
+                }
+                AuditCheck::Broken { seq, reason } => {
+                    Err(format!("audit log broken at entry {seq}: {reason}"))
+                }
+            }
+        }
+        AuditCommand::Tail { data, lines } => {
+            let store = open_data(&data)?;
+            let head = store.audit_head().map_err(|e| e.to_string())?;
+            let after = head.saturating_sub(lines);
+            let entries = store
+                .audit_entries(after, usize::try_from(lines).unwrap_or(usize::MAX))
+                .map_err(|e| e.to_string())?;
+            for entry in entries {
+                println!(
+                    "{}",
+                    serde_json::to_string(&entry).map_err(|e| e.to_string())?
+                );
+            }
             Ok(())
         }
     }

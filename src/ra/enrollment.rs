@@ -7,6 +7,7 @@ use super::Ra;
 use crate::ca::{issue_device_certificate, parse_device_csr};
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, DeviceId, DeviceInfo, Serial};
+use crate::store::{Actor, AuditEvent};
 use crate::store::{
     CertificateRecord, IssueOutcome, RevokeRejection, TokenHash, TokenRecord, TokenRejection,
     RECORD_VERSION,
@@ -70,6 +71,7 @@ impl Ra {
     /// (0: the configured default). The token carries 256 random bits.
     pub fn create_enrollment_token(
         &self,
+        actor: &Actor,
         customer: CustomerId,
         ttl_s: i64,
     ) -> Result<EnrollmentToken> {
@@ -96,7 +98,15 @@ impl Ra {
             used_at_s: None,
             used_for_serial: None,
         };
-        self.store.put_token(&TokenHash::of(&token), &record)?;
+        let audit = AuditEvent::new(
+            self.clock.now_ms(),
+            actor,
+            "token.created",
+            record.customer_id.as_str(),
+            "ok",
+        );
+        self.store
+            .put_token(&TokenHash::of(&token), &record, &audit)?;
         Ok(EnrollmentToken {
             token,
             expires_at_s: record.expires_at_s,
@@ -110,7 +120,7 @@ impl Ra {
     /// certificate record commit in one transaction: a request that fails at any step
     /// changes nothing, and of concurrent uses of one token exactly one gets a certificate.
     /// A losing request's signed certificate is dropped unseen; it never leaves the process.
-    pub fn enroll(&self, request: EnrollRequest) -> Result<Issued> {
+    pub fn enroll(&self, actor: &Actor, request: EnrollRequest) -> Result<Issued> {
         check_token_shape(&request.token)?;
         request.device_info.validate()?;
         let public_key = parse_device_csr(&request.csr_der)?;
@@ -155,7 +165,17 @@ impl Ra {
             renewed_from: None,
             superseded_by: None,
         };
-        match self.store.issue_with_token(&hash, now_s, &record)? {
+        let audit = AuditEvent::new(
+            self.clock.now_ms(),
+            actor,
+            "certificate.issued",
+            record.serial.to_hex(),
+            format!(
+                "token used; customer {} device {}",
+                record.customer_id, record.device_id
+            ),
+        );
+        match self.store.issue_with_token(&hash, now_s, &record, &audit)? {
             IssueOutcome::Issued => {}
             IssueOutcome::TokenRejected(rejection) => return Err(token_error(rejection)),
             IssueOutcome::SerialTaken => {
@@ -184,7 +204,7 @@ impl Ra {
     /// and sends a new CSR (a new key is allowed). The new certificate names the same customer
     /// and device; the old one is revoked as superseded in the same transaction. Only a valid
     /// (unexpired, unrevoked) certificate can renew; anything else enrolls again.
-    pub fn renew(&self, request: RenewRequest) -> Result<Issued> {
+    pub fn renew(&self, actor: &Actor, request: RenewRequest) -> Result<Issued> {
         if let Some(info) = &request.device_info {
             info.validate()?;
         }
@@ -245,7 +265,14 @@ impl Ra {
             renewed_from: Some(current.serial.clone()),
             superseded_by: None,
         };
-        match self.store.renew(&current.serial, &record, now_s)? {
+        let audit = AuditEvent::new(
+            self.clock.now_ms(),
+            actor,
+            "certificate.renewed",
+            record.serial.to_hex(),
+            format!("supersedes {}", current.serial),
+        );
+        match self.store.renew(&current.serial, &record, now_s, &audit)? {
             Ok(()) => {}
             Err(RevokeRejection::AlreadyRevoked(serial, _)) => {
                 return Err(Error::Unauthenticated(format!(

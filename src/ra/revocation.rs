@@ -4,7 +4,7 @@ use super::status::{CertificateStatus, StatusView};
 use super::Ra;
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, DeviceId, RevocationReason, Serial};
-use crate::store::{CertificateRecord, Revocation, RevokeRejection};
+use crate::store::{Actor, AuditEvent, CertificateRecord, Revocation, RevokeRejection};
 
 /// What a revocation call did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,15 +63,17 @@ impl Ra {
     /// a certificate on hold may be revoked for good.
     pub fn revoke_certificate(
         &self,
+        actor: &Actor,
         serial: &Serial,
         reason: RevocationReason,
     ) -> Result<RevokeOutcome> {
-        self.revoke_batch(vec![serial.clone()], reason, false)
+        self.revoke_batch(actor, vec![serial.clone()], reason, false)
     }
 
     /// Revokes every live certificate of `device` (unrevoked or on hold, not expired).
     pub fn revoke_device(
         &self,
+        actor: &Actor,
         device: &DeviceId,
         reason: RevocationReason,
         dry_run: bool,
@@ -83,12 +85,13 @@ impl Ra {
             )));
         }
         let live = self.live_serials(serials, reason)?;
-        self.revoke_batch(live, reason, dry_run)
+        self.revoke_batch(actor, live, reason, dry_run)
     }
 
     /// Revokes every live certificate of `customer`.
     pub fn revoke_customer(
         &self,
+        actor: &Actor,
         customer: &CustomerId,
         reason: RevocationReason,
         dry_run: bool,
@@ -100,7 +103,7 @@ impl Ra {
             )));
         }
         let live = self.live_serials(serials, reason)?;
-        self.revoke_batch(live, reason, dry_run)
+        self.revoke_batch(actor, live, reason, dry_run)
     }
 
     /// The serials a bulk revocation with `reason` would change.
@@ -127,6 +130,7 @@ impl Ra {
 
     fn revoke_batch(
         &self,
+        actor: &Actor,
         serials: Vec<Serial>,
         reason: RevocationReason,
         dry_run: bool,
@@ -144,7 +148,17 @@ impl Ra {
             reason,
         };
         self.store
-            .revoke(&serials, &revocation)?
+            .revoke(
+                &serials,
+                &revocation,
+                &AuditEvent::new(
+                    self.clock.now_ms(),
+                    actor,
+                    "certificate.revoked",
+                    "",
+                    reason.cli_name(),
+                ),
+            )?
             .map_err(rejection_error)?;
         self.cache.set_revocation(&serials, Some(revocation));
         self.publication.revocation_changed();
@@ -159,8 +173,18 @@ impl Ra {
     }
 
     /// Releases a certificate from certificateHold: it is good again everywhere.
-    pub fn unhold_certificate(&self, serial: &Serial) -> Result<CertificateRecord> {
-        let record = self.store.unhold(serial)?.map_err(rejection_error)?;
+    pub fn unhold_certificate(&self, actor: &Actor, serial: &Serial) -> Result<CertificateRecord> {
+        let audit = AuditEvent::new(
+            self.clock.now_ms(),
+            actor,
+            "certificate.unheld",
+            serial.to_hex(),
+            "ok",
+        );
+        let record = self
+            .store
+            .unhold(serial, &audit)?
+            .map_err(rejection_error)?;
         self.cache
             .set_revocation(std::slice::from_ref(serial), None);
         self.publication.revocation_changed();

@@ -10,7 +10,8 @@ use super::Ra;
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, Factor, FactorCategory, Scene, Serial, Tier};
 use crate::store::{
-    DecisionOutcome, EvidenceRecord, NonceClaim, ReleaseRejection, Reservation, RECORD_VERSION,
+    Actor, AuditEvent, DecisionOutcome, EvidenceRecord, NonceClaim, ReleaseRejection, Reservation,
+    RECORD_VERSION,
 };
 
 /// Largest serialized intent accepted.
@@ -378,7 +379,7 @@ impl Ra {
     /// VerifyPayment: the verdict, tier, limit status and evidence for a device-signed
     /// intent. A failed verification is an `Ok` decision with a refusing verdict; it never
     /// counts the certificate factor and never reserves.
-    pub fn verify_payment(&self, request: VerifyRequest) -> Result<Decision> {
+    pub fn verify_payment(&self, actor: &Actor, request: VerifyRequest) -> Result<Decision> {
         request.transaction.validate()?;
         validate_factors(&request.factors)?;
         if request.intent_bytes.is_empty() || request.intent_bytes.len() > MAX_INTENT_BYTES {
@@ -409,6 +410,7 @@ impl Ra {
         let verified = checked.verdict == Verdict::Verified;
         let decision = decide_tier(verified, &request.factors, checked.scene);
         let result = self.decide(
+            actor,
             "verify_payment",
             now_ms,
             checked.customer.clone(),
@@ -433,12 +435,13 @@ impl Ra {
     }
 
     /// QualifyTransaction: the tier and limit from the service's factors alone (B, C or D).
-    pub fn qualify_transaction(&self, request: QualifyRequest) -> Result<Decision> {
+    pub fn qualify_transaction(&self, actor: &Actor, request: QualifyRequest) -> Result<Decision> {
         request.transaction.validate()?;
         validate_factors(&request.factors)?;
         let now_ms = self.clock.now_ms();
         let decision = decide_tier(false, &request.factors, request.scene);
         self.decide(
+            actor,
             "qualify_transaction",
             now_ms,
             Some(request.customer),
@@ -460,6 +463,7 @@ impl Ra {
     #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
+        actor: &Actor,
         kind: &str,
         now_ms: i64,
         customer: Option<CustomerId>,
@@ -511,16 +515,31 @@ impl Ra {
         };
         let mut verdict = verdict;
         let mut reason = reason.to_string();
-        let mut outcome = self
-            .store
-            .record_decision(&evidence, nonce, reservation.as_ref())?;
+        let audit = |verdict: Verdict| {
+            AuditEvent::new(
+                now_ms,
+                actor,
+                if kind == "verify_payment" {
+                    "payment.verified"
+                } else {
+                    "transaction.qualified"
+                },
+                evidence.evidence_id.clone(),
+                format!("{} tier {}", verdict.name(), tier.letter()),
+            )
+        };
+        let mut outcome =
+            self.store
+                .record_decision(&evidence, nonce, reservation.as_ref(), &audit(verdict))?;
         if outcome == DecisionOutcome::NonceReplayed {
             // Storage knew the nonce although memory did not: refuse, and record that.
             verdict = Verdict::ReplayedNonce;
             reason = "this nonce was already used with this certificate".into();
             evidence.verdict = verdict.name().to_string();
             evidence.reason = reason.clone();
-            outcome = self.store.record_decision(&evidence, None, None)?;
+            outcome = self
+                .store
+                .record_decision(&evidence, None, None, &audit(verdict))?;
         }
         let (reserved, used_after) = match outcome {
             DecisionOutcome::Recorded { reserved, used_fen } => (reserved, used_fen),
@@ -562,14 +581,18 @@ impl Ra {
 
     /// Gives back the amount an evidence reserved, for a payment that failed downstream.
     /// Unknown id: `NotFound`; nothing reserved or already released: `FailedPrecondition`.
-    pub fn release_reservation(&self, evidence_id: &str) -> Result<LimitStatus> {
+    pub fn release_reservation(&self, actor: &Actor, evidence_id: &str) -> Result<LimitStatus> {
         if evidence_id.is_empty() || evidence_id.len() > 64 {
             return Err(Error::invalid("evidence_id", "must be 1 to 64 characters"));
         }
         let now_ms = self.clock.now_ms();
         let (record, used_fen) = self
             .store
-            .release_reservation(evidence_id, now_ms)?
+            .release_reservation(
+                evidence_id,
+                now_ms,
+                &AuditEvent::new(now_ms, actor, "reservation.released", evidence_id, "ok"),
+            )?
             .map_err(|rejection| match rejection {
                 ReleaseRejection::NotFound => {
                     Error::NotFound(format!("no evidence with id {evidence_id}"))
@@ -605,11 +628,23 @@ impl Ra {
     }
 
     /// Sets a customer's agreed tier-A daily limit.
-    pub fn set_agreed_limit(&self, customer: &CustomerId, limit_fen: i64) -> Result<()> {
+    pub fn set_agreed_limit(
+        &self,
+        actor: &Actor,
+        customer: &CustomerId,
+        limit_fen: i64,
+    ) -> Result<()> {
         if limit_fen < 0 {
             return Err(Error::invalid("daily_limit_fen", "must not be negative"));
         }
-        self.store.set_agreed_limit(customer, limit_fen)?;
+        let audit = AuditEvent::new(
+            self.clock.now_ms(),
+            actor,
+            "limit.set",
+            customer.as_str(),
+            format!("{limit_fen} fen"),
+        );
+        self.store.set_agreed_limit(customer, limit_fen, &audit)?;
         tracing::info!(customer = %customer, limit_fen, "agreed tier-A limit set");
         Ok(())
     }

@@ -6,6 +6,10 @@ use std::sync::{Arc, Barrier};
 use super::*;
 use crate::model::{DeviceInfo, RevocationReason};
 
+fn ev() -> AuditEvent {
+    AuditEvent::new(0, &Actor::system(), "test", "t", "ok")
+}
+
 fn token(customer: &str, expires_at_s: i64) -> TokenRecord {
     TokenRecord {
         version: RECORD_VERSION,
@@ -42,19 +46,133 @@ pub fn run_all(store: Arc<dyn Store>) {
     concurrent_token_use_issues_exactly_once(store.clone());
     indexes_list_by_customer_and_device(store.as_ref());
     revoke_is_all_or_nothing(store.as_ref());
+    decisions_claim_nonces_once_and_never_overshoot(store.as_ref());
+    crl_numbers_grow(store.as_ref());
+    audit_chain_links_every_change(store.as_ref());
+}
+
+fn evidence(id: &str, amount_fen: i64) -> EvidenceRecord {
+    EvidenceRecord {
+        version: RECORD_VERSION,
+        evidence_id: id.into(),
+        kind: "verify_payment".into(),
+        recorded_at_ms: 0,
+        certificate_serial: None,
+        customer_id: Some(CustomerId::parse("customer_id", "c-ledger").unwrap()),
+        intent_b64: String::new(),
+        signature_b64: String::new(),
+        verdict: "VERIFIED".into(),
+        reason: String::new(),
+        tier: crate::model::Tier::C,
+        categories: vec![],
+        factors: vec![],
+        amount_fen,
+        reserved_fen: 0,
+        day: "2026-11-25".into(),
+        released_at_ms: None,
+    }
+}
+
+fn decisions_claim_nonces_once_and_never_overshoot(store: &dyn Store) {
+    let customer = CustomerId::parse("customer_id", "c-ledger").unwrap();
+    let reservation = |amount_fen| Reservation {
+        customer: customer.clone(),
+        day: "2026-11-25".into(),
+        tier: crate::model::Tier::C,
+        amount_fen,
+        limit_fen: 100,
+    };
+    let claim = NonceClaim {
+        serial: Serial::random(),
+        nonce: vec![7; 16],
+        expires_at_ms: 1_000,
+    };
+    assert_eq!(
+        store
+            .record_decision(
+                &evidence("ev-1", 60),
+                Some(&claim),
+                Some(&reservation(60)),
+                &ev()
+            )
+            .unwrap(),
+        DecisionOutcome::Recorded {
+            reserved: true,
+            used_fen: 60
+        }
+    );
+    assert_eq!(
+        store
+            .record_decision(
+                &evidence("ev-2", 60),
+                Some(&claim),
+                Some(&reservation(60)),
+                &ev()
+            )
+            .unwrap(),
+        DecisionOutcome::NonceReplayed
+    );
+    assert!(
+        store.evidence("ev-2").unwrap().is_none(),
+        "a replay writes nothing"
+    );
+    assert_eq!(
+        store
+            .record_decision(&evidence("ev-3", 60), None, Some(&reservation(60)), &ev())
+            .unwrap(),
+        DecisionOutcome::Recorded {
+            reserved: false,
+            used_fen: 60
+        }
+    );
+    assert_eq!(store.evidence("ev-1").unwrap().unwrap().reserved_fen, 60);
+    assert_eq!(store.evidence("ev-3").unwrap().unwrap().reserved_fen, 0);
+    let (_, used) = store
+        .release_reservation("ev-1", 5, &ev())
+        .unwrap()
+        .unwrap();
+    assert_eq!(used, 0);
+    assert_eq!(
+        store.release_reservation("ev-1", 6, &ev()).unwrap(),
+        Err(ReleaseRejection::AlreadyReleased { released_at_ms: 5 })
+    );
+    assert_eq!(
+        store.release_reservation("ev-3", 6, &ev()).unwrap(),
+        Err(ReleaseRejection::NothingReserved)
+    );
+    assert_eq!(store.live_nonces(999).unwrap().len(), 1);
+    assert_eq!(store.purge_nonces(1_000).unwrap(), 1);
+    assert!(store.live_nonces(0).unwrap().is_empty());
+}
+
+fn crl_numbers_grow(store: &dyn Store) {
+    let first = store.next_crl_number().unwrap();
+    let second = store.next_crl_number().unwrap();
+    assert!(second > first);
+}
+
+fn audit_chain_links_every_change(store: &dyn Store) {
+    let head = store.audit_head().unwrap();
+    assert!(head > 10, "every change above appended an entry ({head})");
+    assert_eq!(
+        verify_audit_log(store).unwrap(),
+        AuditCheck::Intact { entries: head }
+    );
 }
 
 fn token_is_consumed_once(store: &dyn Store) {
     let hash = TokenHash::of("t-once");
-    store.put_token(&hash, &token("c-once", 100)).unwrap();
+    store
+        .put_token(&hash, &token("c-once", 100), &ev())
+        .unwrap();
     let first = certificate("c-once", "d1");
     assert_eq!(
-        store.issue_with_token(&hash, 10, &first).unwrap(),
+        store.issue_with_token(&hash, 10, &first, &ev()).unwrap(),
         IssueOutcome::Issued
     );
     let second = certificate("c-once", "d2");
     assert_eq!(
-        store.issue_with_token(&hash, 11, &second).unwrap(),
+        store.issue_with_token(&hash, 11, &second, &ev()).unwrap(),
         IssueOutcome::TokenRejected(TokenRejection::AlreadyUsed { used_at_s: 10 })
     );
     assert!(store.certificate(&second.serial).unwrap().is_none());
@@ -65,15 +183,15 @@ fn token_is_consumed_once(store: &dyn Store) {
 
 fn expired_and_unknown_tokens_write_nothing(store: &dyn Store) {
     let hash = TokenHash::of("t-expired");
-    store.put_token(&hash, &token("c-exp", 100)).unwrap();
+    store.put_token(&hash, &token("c-exp", 100), &ev()).unwrap();
     let cert = certificate("c-exp", "d1");
     assert_eq!(
-        store.issue_with_token(&hash, 100, &cert).unwrap(),
+        store.issue_with_token(&hash, 100, &cert, &ev()).unwrap(),
         IssueOutcome::TokenRejected(TokenRejection::Expired { expired_at_s: 100 })
     );
     assert_eq!(
         store
-            .issue_with_token(&TokenHash::of("never-created"), 1, &cert)
+            .issue_with_token(&TokenHash::of("never-created"), 1, &cert, &ev())
             .unwrap(),
         IssueOutcome::TokenRejected(TokenRejection::Unknown)
     );
@@ -83,7 +201,9 @@ fn expired_and_unknown_tokens_write_nothing(store: &dyn Store) {
 
 fn concurrent_token_use_issues_exactly_once(store: Arc<dyn Store>) {
     let hash = TokenHash::of("t-race");
-    store.put_token(&hash, &token("c-race", 100)).unwrap();
+    store
+        .put_token(&hash, &token("c-race", 100), &ev())
+        .unwrap();
     let threads = 8;
     let barrier = Arc::new(Barrier::new(threads));
     let handles: Vec<_> = (0..threads)
@@ -93,7 +213,7 @@ fn concurrent_token_use_issues_exactly_once(store: Arc<dyn Store>) {
             std::thread::spawn(move || {
                 let cert = certificate("c-race", &format!("d{i}"));
                 barrier.wait();
-                store.issue_with_token(&hash, 1, &cert).unwrap()
+                store.issue_with_token(&hash, 1, &cert, &ev()).unwrap()
             })
         })
         .collect();
@@ -111,10 +231,12 @@ fn indexes_list_by_customer_and_device(store: &dyn Store) {
     let mut serials = Vec::new();
     for (i, device) in ["dA", "dB", "dA"].iter().enumerate() {
         let hash = TokenHash::of(&format!("t-index-{i}"));
-        store.put_token(&hash, &token("c-index", 100)).unwrap();
+        store
+            .put_token(&hash, &token("c-index", 100), &ev())
+            .unwrap();
         let cert = certificate("c-index", device);
         serials.push(cert.serial.clone());
-        store.issue_with_token(&hash, 1, &cert).unwrap();
+        store.issue_with_token(&hash, 1, &cert, &ev()).unwrap();
     }
     let customer = CustomerId::parse("customer_id", "c-index").unwrap();
     let mut expected = serials.clone();
@@ -137,10 +259,12 @@ fn revoke_is_all_or_nothing(store: &dyn Store) {
     let mut serials = Vec::new();
     for i in 0..2 {
         let hash = TokenHash::of(&format!("t-revoke-{i}"));
-        store.put_token(&hash, &token("c-revoke", 100)).unwrap();
+        store
+            .put_token(&hash, &token("c-revoke", 100), &ev())
+            .unwrap();
         let cert = certificate("c-revoke", "d");
         serials.push(cert.serial.clone());
-        store.issue_with_token(&hash, 1, &cert).unwrap();
+        store.issue_with_token(&hash, 1, &cert, &ev()).unwrap();
     }
     let revocation = Revocation {
         revoked_at_s: 5,
@@ -149,7 +273,7 @@ fn revoke_is_all_or_nothing(store: &dyn Store) {
     let unknown = Serial::random();
     let batch = vec![serials[0].clone(), unknown.clone()];
     assert_eq!(
-        store.revoke(&batch, &revocation).unwrap(),
+        store.revoke(&batch, &revocation, &ev()).unwrap(),
         Err(RevokeRejection::NotFound(unknown))
     );
     assert!(store
@@ -158,9 +282,9 @@ fn revoke_is_all_or_nothing(store: &dyn Store) {
         .unwrap()
         .revocation
         .is_none());
-    store.revoke(&serials, &revocation).unwrap().unwrap();
+    store.revoke(&serials, &revocation, &ev()).unwrap().unwrap();
     assert_eq!(
-        store.revoke(&serials[..1], &revocation).unwrap(),
+        store.revoke(&serials[..1], &revocation, &ev()).unwrap(),
         Err(RevokeRejection::AlreadyRevoked(
             serials[0].clone(),
             revocation
@@ -193,7 +317,9 @@ fn sled_store_batches_concurrent_syncs() {
                 barrier.wait();
                 for i in 0..per_writer {
                     let hash = TokenHash::of(&format!("batch-{w}-{i}"));
-                    store.put_token(&hash, &token("c-batch", 100)).unwrap();
+                    store
+                        .put_token(&hash, &token("c-batch", 100), &ev())
+                        .unwrap();
                 }
             })
         })
@@ -216,8 +342,10 @@ fn sled_store_survives_reopen() {
     let hash = TokenHash::of("t-reopen");
     {
         let store = SledStore::open(dir.path()).unwrap();
-        store.put_token(&hash, &token("c-reopen", 100)).unwrap();
-        store.issue_with_token(&hash, 1, &cert).unwrap();
+        store
+            .put_token(&hash, &token("c-reopen", 100), &ev())
+            .unwrap();
+        store.issue_with_token(&hash, 1, &cert, &ev()).unwrap();
     }
     let store = SledStore::open(dir.path()).unwrap();
     assert_eq!(store.certificate(&cert.serial).unwrap(), Some(cert));

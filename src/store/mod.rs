@@ -2,12 +2,14 @@
 //! [`SledStore`] is the embedded default. Every mutating method returns only after its change
 //! is on stable storage, and changes that belong together commit atomically.
 
+pub mod audit;
 #[cfg(test)]
 mod conformance;
 mod group_commit;
 mod records;
 mod sled_backend;
 
+pub use audit::{Actor, AuditCheck, AuditEntry, AuditEvent};
 pub use group_commit::GroupCommit;
 pub use records::{
     CertificateRecord, EvidenceRecord, Revocation, RevokedEntry, TokenHash, TokenRecord,
@@ -16,6 +18,19 @@ pub use records::{
 pub use sled_backend::SledStore;
 
 use crate::error::Result;
+
+/// Recomputes the whole audit chain of `store`, in pages.
+pub fn verify_audit_log(store: &dyn Store) -> Result<AuditCheck> {
+    let mut entries = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = store.audit_entries(after, 4096)?;
+        let Some(last) = page.last() else { break };
+        after = last.body.seq;
+        entries.extend(page);
+    }
+    Ok(audit::verify_chain(entries))
+}
 use crate::model::{CustomerId, DeviceId, Serial, Tier};
 
 /// Why a token could not be consumed.
@@ -101,7 +116,7 @@ pub enum ReleaseRejection {
 /// Persistent state of the RA and CA.
 pub trait Store: Send + Sync {
     /// Stores a new enrollment token under its hash. Durable on return.
-    fn put_token(&self, hash: &TokenHash, token: &TokenRecord) -> Result<()>;
+    fn put_token(&self, hash: &TokenHash, token: &TokenRecord, audit: &AuditEvent) -> Result<()>;
 
     /// The token stored under `hash`, if any.
     fn token(&self, hash: &TokenHash) -> Result<Option<TokenRecord>>;
@@ -115,6 +130,7 @@ pub trait Store: Send + Sync {
         hash: &TokenHash,
         now_s: i64,
         certificate: &CertificateRecord,
+        audit: &AuditEvent,
     ) -> Result<IssueOutcome>;
 
     /// The certificate with `serial`, if payra issued it.
@@ -137,14 +153,20 @@ pub trait Store: Send + Sync {
     /// already revoked, nothing is written and the first such serial is reported. A
     /// certificate on hold may be revoked for good (RFC 5280 5.3.1): its entry is replaced.
     /// Durable on return.
+    /// One audit entry is appended per serial, `audit` with its target set to the serial.
     fn revoke(
         &self,
         serials: &[Serial],
         revocation: &Revocation,
+        audit: &AuditEvent,
     ) -> Result<Result<(), RevokeRejection>>;
 
     /// Releases a certificate from certificateHold. Durable on return.
-    fn unhold(&self, serial: &Serial) -> Result<Result<CertificateRecord, RevokeRejection>>;
+    fn unhold(
+        &self,
+        serial: &Serial,
+        audit: &AuditEvent,
+    ) -> Result<Result<CertificateRecord, RevokeRejection>>;
 
     /// Atomically marks `old` superseded by `new` (revocation reason superseded at
     /// `revoked_at_s`) and stores `new` with its indexes. `old` must be unrevoked. Durable on
@@ -154,6 +176,7 @@ pub trait Store: Send + Sync {
         old: &Serial,
         new: &CertificateRecord,
         revoked_at_s: i64,
+        audit: &AuditEvent,
     ) -> Result<Result<(), RevokeRejection>>;
 
     /// Every revoked certificate (including those on hold), for the CRL.
@@ -162,11 +185,13 @@ pub trait Store: Send + Sync {
     /// Atomically: claims `nonce` (if any; a claimed nonce answers `NonceReplayed` and writes
     /// nothing), adds `reservation` to its bucket if the total stays within its limit, and
     /// stores `evidence` (with `reserved_fen` set to what was added). Durable on return.
+    /// The audit entry's outcome is completed with the reservation result.
     fn record_decision(
         &self,
         evidence: &EvidenceRecord,
         nonce: Option<&NonceClaim>,
         reservation: Option<&Reservation>,
+        audit: &AuditEvent,
     ) -> Result<DecisionOutcome>;
 
     /// The amount used in a ledger bucket.
@@ -178,6 +203,7 @@ pub trait Store: Send + Sync {
         &self,
         evidence_id: &str,
         released_at_ms: i64,
+        audit: &AuditEvent,
     ) -> Result<Result<(EvidenceRecord, i64), ReleaseRejection>>;
 
     /// The evidence stored under `evidence_id`.
@@ -187,13 +213,24 @@ pub trait Store: Send + Sync {
     fn agreed_limit(&self, customer: &CustomerId) -> Result<Option<i64>>;
 
     /// Sets the customer's agreed tier-A daily limit. Durable on return.
-    fn set_agreed_limit(&self, customer: &CustomerId, limit_fen: i64) -> Result<()>;
+    fn set_agreed_limit(
+        &self,
+        customer: &CustomerId,
+        limit_fen: i64,
+        audit: &AuditEvent,
+    ) -> Result<()>;
 
     /// Every remembered nonce that expires after `now_ms`, as (key, expiry).
     fn live_nonces(&self, now_ms: i64) -> Result<Vec<(Vec<u8>, i64)>>;
 
     /// Forgets nonces that expired at or before `now_ms`; returns how many.
     fn purge_nonces(&self, now_ms: i64) -> Result<usize>;
+
+    /// Up to `limit` audit entries with sequence numbers above `after_seq`, in order.
+    fn audit_entries(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>>;
+
+    /// The sequence number of the last audit entry (0 when the log is empty).
+    fn audit_head(&self) -> Result<u64>;
 
     /// Takes the next CRL number: strictly greater than every number taken before, across
     /// restarts. Durable on return.

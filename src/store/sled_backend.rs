@@ -9,6 +9,7 @@ use std::path::Path;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::{Db, Transactional, Tree};
 
+use super::audit::{chain_hash, AuditBody, AuditEntry, AuditEvent, GENESIS_HASH};
 use super::group_commit::GroupCommit;
 use super::records::{
     CertificateRecord, EvidenceRecord, Revocation, RevokedEntry, TokenHash, TokenRecord,
@@ -33,8 +34,11 @@ pub struct SledStore {
     ledger: Tree,
     evidence: Tree,
     agreed_limits: Tree,
+    audit: Tree,
     commit: GroupCommit,
 }
+
+const AUDIT_HEAD_KEY: &[u8] = b"audit_head";
 
 const CRL_NUMBER_KEY: &[u8] = b"crl_number";
 
@@ -93,6 +97,7 @@ impl SledStore {
             ledger: db.open_tree("ledger")?,
             evidence: db.open_tree("evidence")?,
             agreed_limits: db.open_tree("agreed_limits")?,
+            audit: db.open_tree("audit")?,
             db,
             commit,
         })
@@ -147,14 +152,17 @@ fn check_token(
 }
 
 impl Store for SledStore {
-    fn put_token(&self, hash: &TokenHash, token: &TokenRecord) -> Result<()> {
+    fn put_token(&self, hash: &TokenHash, token: &TokenRecord, audit: &AuditEvent) -> Result<()> {
         let value = encode(token)?;
-        let previous = self
-            .tokens
-            .compare_and_swap(hash.0, None as Option<&[u8]>, Some(value))?;
-        if previous.is_err() {
-            return Err(Error::internal("token hash collision"));
-        }
+        let outcome = (&self.tokens, &self.audit, &self.meta).transaction(|(tokens, log, meta)| {
+            if tokens.get(hash.0)?.is_some() {
+                return Err(abort(Error::internal("token hash collision")));
+            }
+            tokens.insert(&hash.0, value.as_slice())?;
+            append_audit(log, meta, audit)?;
+            Ok(())
+        });
+        finish(outcome)?;
         self.commit.sync()
     }
 
@@ -170,6 +178,7 @@ impl Store for SledStore {
         hash: &TokenHash,
         now_s: i64,
         certificate: &CertificateRecord,
+        audit: &AuditEvent,
     ) -> Result<IssueOutcome> {
         let serial_key = certificate.serial.as_bytes().to_vec();
         let cert_value = encode(certificate)?;
@@ -178,29 +187,34 @@ impl Store for SledStore {
             &self.certificates,
             &self.by_customer,
             &self.by_device,
+            &self.audit,
+            &self.meta,
         )
-            .transaction(|(tokens, certificates, by_customer, by_device)| {
-                let mut token = match check_token(tokens, hash, now_s)? {
-                    Ok(token) => token,
-                    Err(rejection) => return Ok(IssueOutcome::TokenRejected(rejection)),
-                };
-                if certificates.get(&serial_key)?.is_some() {
-                    return Ok(IssueOutcome::SerialTaken);
-                }
-                token.used_at_s = Some(now_s);
-                token.used_for_serial = Some(certificate.serial.clone());
-                tokens.insert(&hash.0, encode(&token).map_err(abort)?)?;
-                certificates.insert(serial_key.as_slice(), cert_value.as_slice())?;
-                by_customer.insert(
-                    index_key(certificate.customer_id.as_str(), &certificate.serial),
-                    &[] as &[u8],
-                )?;
-                by_device.insert(
-                    index_key(certificate.device_id.as_str(), &certificate.serial),
-                    &[] as &[u8],
-                )?;
-                Ok(IssueOutcome::Issued)
-            });
+            .transaction(
+                |(tokens, certificates, by_customer, by_device, log, meta)| {
+                    let mut token = match check_token(tokens, hash, now_s)? {
+                        Ok(token) => token,
+                        Err(rejection) => return Ok(IssueOutcome::TokenRejected(rejection)),
+                    };
+                    if certificates.get(&serial_key)?.is_some() {
+                        return Ok(IssueOutcome::SerialTaken);
+                    }
+                    token.used_at_s = Some(now_s);
+                    token.used_for_serial = Some(certificate.serial.clone());
+                    tokens.insert(&hash.0, encode(&token).map_err(abort)?)?;
+                    certificates.insert(serial_key.as_slice(), cert_value.as_slice())?;
+                    by_customer.insert(
+                        index_key(certificate.customer_id.as_str(), &certificate.serial),
+                        &[] as &[u8],
+                    )?;
+                    by_device.insert(
+                        index_key(certificate.device_id.as_str(), &certificate.serial),
+                        &[] as &[u8],
+                    )?;
+                    append_audit(log, meta, audit)?;
+                    Ok(IssueOutcome::Issued)
+                },
+            );
         let outcome = finish(outcome)?;
         if outcome == IssueOutcome::Issued {
             self.commit.sync()?;
@@ -247,35 +261,43 @@ impl Store for SledStore {
         &self,
         serials: &[Serial],
         revocation: &Revocation,
+        audit: &AuditEvent,
     ) -> Result<std::result::Result<(), RevokeRejection>> {
         // sled commits a transaction's writes whenever the closure returns Ok, so every check
         // runs before the first write: a rejected batch writes nothing.
-        let outcome = (&self.certificates, &self.revoked).transaction(|(certificates, revoked)| {
-            let mut records = Vec::with_capacity(serials.len());
-            for serial in serials {
-                let Some(bytes) = certificates.get(serial.as_bytes())? else {
-                    return Ok(Err(RevokeRejection::NotFound(serial.clone())));
-                };
-                let record: CertificateRecord = decode(&bytes).map_err(abort)?;
-                if let Some(existing) = record.revocation {
-                    let hold_made_permanent = existing.reason == RevocationReason::CertificateHold
-                        && revocation.reason != RevocationReason::CertificateHold;
-                    if !hold_made_permanent {
-                        return Ok(Err(RevokeRejection::AlreadyRevoked(
-                            serial.clone(),
-                            existing,
-                        )));
+        let outcome = (&self.certificates, &self.revoked, &self.audit, &self.meta).transaction(
+            |(certificates, revoked, log, meta)| {
+                let mut records = Vec::with_capacity(serials.len());
+                for serial in serials {
+                    let Some(bytes) = certificates.get(serial.as_bytes())? else {
+                        return Ok(Err(RevokeRejection::NotFound(serial.clone())));
+                    };
+                    let record: CertificateRecord = decode(&bytes).map_err(abort)?;
+                    if let Some(existing) = record.revocation {
+                        let hold_made_permanent = existing.reason
+                            == RevocationReason::CertificateHold
+                            && revocation.reason != RevocationReason::CertificateHold;
+                        if !hold_made_permanent {
+                            return Ok(Err(RevokeRejection::AlreadyRevoked(
+                                serial.clone(),
+                                existing,
+                            )));
+                        }
                     }
+                    records.push(record);
                 }
-                records.push(record);
-            }
-            for mut record in records {
-                record.revocation = Some(*revocation);
-                put_revoked(revoked, &record).map_err(abort)?;
-                certificates.insert(record.serial.as_bytes(), encode(&record).map_err(abort)?)?;
-            }
-            Ok(Ok(()))
-        });
+                for mut record in records {
+                    record.revocation = Some(*revocation);
+                    put_revoked(revoked, &record).map_err(abort)?;
+                    certificates
+                        .insert(record.serial.as_bytes(), encode(&record).map_err(abort)?)?;
+                    let mut event = audit.clone();
+                    event.target = record.serial.to_hex();
+                    append_audit(log, meta, &event)?;
+                }
+                Ok(Ok(()))
+            },
+        );
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
             self.commit.sync()?;
@@ -286,21 +308,25 @@ impl Store for SledStore {
     fn unhold(
         &self,
         serial: &Serial,
+        audit: &AuditEvent,
     ) -> Result<std::result::Result<CertificateRecord, RevokeRejection>> {
-        let outcome = (&self.certificates, &self.revoked).transaction(|(certificates, revoked)| {
-            let Some(bytes) = certificates.get(serial.as_bytes())? else {
-                return Ok(Err(RevokeRejection::NotFound(serial.clone())));
-            };
-            let mut record: CertificateRecord = decode(&bytes).map_err(abort)?;
-            match record.revocation {
-                Some(r) if r.reason == RevocationReason::CertificateHold => {}
-                _ => return Ok(Err(RevokeRejection::NotOnHold(serial.clone()))),
-            }
-            record.revocation = None;
-            revoked.remove(serial.as_bytes())?;
-            certificates.insert(serial.as_bytes(), encode(&record).map_err(abort)?)?;
-            Ok(Ok(record))
-        });
+        let outcome = (&self.certificates, &self.revoked, &self.audit, &self.meta).transaction(
+            |(certificates, revoked, log, meta)| {
+                let Some(bytes) = certificates.get(serial.as_bytes())? else {
+                    return Ok(Err(RevokeRejection::NotFound(serial.clone())));
+                };
+                let mut record: CertificateRecord = decode(&bytes).map_err(abort)?;
+                match record.revocation {
+                    Some(r) if r.reason == RevocationReason::CertificateHold => {}
+                    _ => return Ok(Err(RevokeRejection::NotOnHold(serial.clone()))),
+                }
+                record.revocation = None;
+                revoked.remove(serial.as_bytes())?;
+                certificates.insert(serial.as_bytes(), encode(&record).map_err(abort)?)?;
+                append_audit(log, meta, audit)?;
+                Ok(Ok(record))
+            },
+        );
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
             self.commit.sync()?;
@@ -313,6 +339,7 @@ impl Store for SledStore {
         old: &Serial,
         new: &CertificateRecord,
         revoked_at_s: i64,
+        audit: &AuditEvent,
     ) -> Result<std::result::Result<(), RevokeRejection>> {
         let new_value = encode(new)?;
         let outcome = (
@@ -320,33 +347,39 @@ impl Store for SledStore {
             &self.revoked,
             &self.by_customer,
             &self.by_device,
+            &self.audit,
+            &self.meta,
         )
-            .transaction(|(certificates, revoked, by_customer, by_device)| {
-                let Some(bytes) = certificates.get(old.as_bytes())? else {
-                    return Ok(Err(RevokeRejection::NotFound(old.clone())));
-                };
-                let mut record: CertificateRecord = decode(&bytes).map_err(abort)?;
-                if let Some(existing) = record.revocation {
-                    return Ok(Err(RevokeRejection::AlreadyRevoked(old.clone(), existing)));
-                }
-                if certificates.get(new.serial.as_bytes())?.is_some() {
-                    return Err(abort(Error::internal("random serial collided")));
-                }
-                record.revocation = Some(Revocation {
-                    revoked_at_s,
-                    reason: RevocationReason::Superseded,
-                });
-                record.superseded_by = Some(new.serial.clone());
-                put_revoked(revoked, &record).map_err(abort)?;
-                certificates.insert(old.as_bytes(), encode(&record).map_err(abort)?)?;
-                certificates.insert(new.serial.as_bytes(), new_value.as_slice())?;
-                by_customer.insert(
-                    index_key(new.customer_id.as_str(), &new.serial),
-                    &[] as &[u8],
-                )?;
-                by_device.insert(index_key(new.device_id.as_str(), &new.serial), &[] as &[u8])?;
-                Ok(Ok(()))
-            });
+            .transaction(
+                |(certificates, revoked, by_customer, by_device, log, meta)| {
+                    let Some(bytes) = certificates.get(old.as_bytes())? else {
+                        return Ok(Err(RevokeRejection::NotFound(old.clone())));
+                    };
+                    let mut record: CertificateRecord = decode(&bytes).map_err(abort)?;
+                    if let Some(existing) = record.revocation {
+                        return Ok(Err(RevokeRejection::AlreadyRevoked(old.clone(), existing)));
+                    }
+                    if certificates.get(new.serial.as_bytes())?.is_some() {
+                        return Err(abort(Error::internal("random serial collided")));
+                    }
+                    record.revocation = Some(Revocation {
+                        revoked_at_s,
+                        reason: RevocationReason::Superseded,
+                    });
+                    record.superseded_by = Some(new.serial.clone());
+                    put_revoked(revoked, &record).map_err(abort)?;
+                    certificates.insert(old.as_bytes(), encode(&record).map_err(abort)?)?;
+                    certificates.insert(new.serial.as_bytes(), new_value.as_slice())?;
+                    by_customer.insert(
+                        index_key(new.customer_id.as_str(), &new.serial),
+                        &[] as &[u8],
+                    )?;
+                    by_device
+                        .insert(index_key(new.device_id.as_str(), &new.serial), &[] as &[u8])?;
+                    append_audit(log, meta, audit)?;
+                    Ok(Ok(()))
+                },
+            );
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
             self.commit.sync()?;
@@ -367,9 +400,16 @@ impl Store for SledStore {
         evidence: &EvidenceRecord,
         nonce: Option<&NonceClaim>,
         reservation: Option<&Reservation>,
+        audit: &AuditEvent,
     ) -> Result<DecisionOutcome> {
-        let outcome = (&self.nonces, &self.ledger, &self.evidence).transaction(
-            |(nonces, ledger, evidence_tree)| {
+        let outcome = (
+            &self.nonces,
+            &self.ledger,
+            &self.evidence,
+            &self.audit,
+            &self.meta,
+        )
+            .transaction(|(nonces, ledger, evidence_tree, log, meta)| {
                 if let Some(claim) = nonce {
                     let key = claim.key();
                     if nonces.get(&key)?.is_some() {
@@ -395,9 +435,15 @@ impl Store for SledStore {
                     record.evidence_id.as_bytes(),
                     encode(&record).map_err(abort)?,
                 )?;
+                let mut event = audit.clone();
+                if reservation.is_some() {
+                    let note = if reserved { "reserved" } else { "not reserved" };
+                    event.outcome =
+                        format!("{}; {note} {} fen", event.outcome, evidence.amount_fen);
+                }
+                append_audit(log, meta, &event)?;
                 Ok(DecisionOutcome::Recorded { reserved, used_fen })
-            },
-        );
+            });
         let outcome = finish(outcome)?;
         if matches!(outcome, DecisionOutcome::Recorded { .. }) {
             self.commit.sync()?;
@@ -413,29 +459,33 @@ impl Store for SledStore {
         &self,
         evidence_id: &str,
         released_at_ms: i64,
+        audit: &AuditEvent,
     ) -> Result<std::result::Result<(EvidenceRecord, i64), ReleaseRejection>> {
-        let outcome = (&self.ledger, &self.evidence).transaction(|(ledger, evidence_tree)| {
-            let Some(bytes) = evidence_tree.get(evidence_id.as_bytes())? else {
-                return Ok(Err(ReleaseRejection::NotFound));
-            };
-            let mut record: EvidenceRecord = decode(&bytes).map_err(abort)?;
-            if let Some(released_at_ms) = record.released_at_ms {
-                return Ok(Err(ReleaseRejection::AlreadyReleased { released_at_ms }));
-            }
-            let Some(customer) = record
-                .customer_id
-                .clone()
-                .filter(|_| record.reserved_fen > 0)
-            else {
-                return Ok(Err(ReleaseRejection::NothingReserved));
-            };
-            let key = ledger_key(&customer, &record.day, record.tier);
-            let used = (read_i64(ledger.get(&key)?) - record.reserved_fen).max(0);
-            ledger.insert(key, &used.to_be_bytes())?;
-            record.released_at_ms = Some(released_at_ms);
-            evidence_tree.insert(evidence_id.as_bytes(), encode(&record).map_err(abort)?)?;
-            Ok(Ok((record, used)))
-        });
+        let outcome = (&self.ledger, &self.evidence, &self.audit, &self.meta).transaction(
+            |(ledger, evidence_tree, log, meta)| {
+                let Some(bytes) = evidence_tree.get(evidence_id.as_bytes())? else {
+                    return Ok(Err(ReleaseRejection::NotFound));
+                };
+                let mut record: EvidenceRecord = decode(&bytes).map_err(abort)?;
+                if let Some(released_at_ms) = record.released_at_ms {
+                    return Ok(Err(ReleaseRejection::AlreadyReleased { released_at_ms }));
+                }
+                let Some(customer) = record
+                    .customer_id
+                    .clone()
+                    .filter(|_| record.reserved_fen > 0)
+                else {
+                    return Ok(Err(ReleaseRejection::NothingReserved));
+                };
+                let key = ledger_key(&customer, &record.day, record.tier);
+                let used = (read_i64(ledger.get(&key)?) - record.reserved_fen).max(0);
+                ledger.insert(key, &used.to_be_bytes())?;
+                record.released_at_ms = Some(released_at_ms);
+                evidence_tree.insert(evidence_id.as_bytes(), encode(&record).map_err(abort)?)?;
+                append_audit(log, meta, audit)?;
+                Ok(Ok((record, used)))
+            },
+        );
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
             self.commit.sync()?;
@@ -457,9 +507,19 @@ impl Store for SledStore {
             .map(|bytes| read_i64(Some(bytes))))
     }
 
-    fn set_agreed_limit(&self, customer: &CustomerId, limit_fen: i64) -> Result<()> {
-        self.agreed_limits
-            .insert(customer.as_str().as_bytes(), &limit_fen.to_be_bytes())?;
+    fn set_agreed_limit(
+        &self,
+        customer: &CustomerId,
+        limit_fen: i64,
+        audit: &AuditEvent,
+    ) -> Result<()> {
+        let outcome =
+            (&self.agreed_limits, &self.audit, &self.meta).transaction(|(limits, log, meta)| {
+                limits.insert(customer.as_str().as_bytes(), &limit_fen.to_be_bytes())?;
+                append_audit(log, meta, audit)?;
+                Ok(())
+            });
+        finish(outcome)?;
         self.commit.sync()
     }
 
@@ -496,6 +556,26 @@ impl Store for SledStore {
         Ok(purged)
     }
 
+    fn audit_entries(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>> {
+        self.audit
+            .range((after_seq.saturating_add(1)).to_be_bytes()..)
+            .values()
+            .take(limit)
+            .map(|value| decode(&value?))
+            .collect()
+    }
+
+    fn audit_head(&self) -> Result<u64> {
+        Ok(match self.meta.get(AUDIT_HEAD_KEY)? {
+            Some(head) if head.len() == 40 => {
+                let mut seq = [0u8; 8];
+                seq.copy_from_slice(&head[..8]);
+                u64::from_be_bytes(seq)
+            }
+            _ => 0,
+        })
+    }
+
     fn next_crl_number(&self) -> Result<u64> {
         let updated = self.meta.update_and_fetch(CRL_NUMBER_KEY, |old| {
             let current = old
@@ -510,6 +590,39 @@ impl Store for SledStore {
         self.commit.sync()?;
         Ok(number)
     }
+}
+
+/// Appends `event` to the audit chain inside a transaction: reads the head, links the new
+/// entry to it and moves the head. Transactions touching the head are serialized by sled.
+fn append_audit(
+    audit: &TransactionalTree,
+    meta: &TransactionalTree,
+    event: &AuditEvent,
+) -> std::result::Result<(), ConflictableTransactionError<Error>> {
+    let (seq, prev) = match meta.get(AUDIT_HEAD_KEY)? {
+        Some(head) if head.len() == 40 => {
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(&head[..8]);
+            (u64::from_be_bytes(seq), head[8..].to_vec())
+        }
+        _ => (0, GENESIS_HASH.to_vec()),
+    };
+    let body = AuditBody {
+        version: 1,
+        seq: seq + 1,
+        prev_hash: hex::encode(&prev),
+        event: event.clone(),
+    };
+    let hash = chain_hash(&prev, &body);
+    let entry = AuditEntry {
+        body,
+        hash: hex::encode(hash),
+    };
+    audit.insert(&(seq + 1).to_be_bytes(), encode(&entry).map_err(abort)?)?;
+    let mut head = (seq + 1).to_be_bytes().to_vec();
+    head.extend_from_slice(&hash);
+    meta.insert(AUDIT_HEAD_KEY, head)?;
+    Ok(())
 }
 
 fn ledger_key(customer: &CustomerId, day: &str, tier: Tier) -> Vec<u8> {

@@ -15,6 +15,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use crate::ca::ROLE_URI_PREFIX;
 use crate::error::{Error, Result};
 use crate::model::Serial;
+use crate::store::Actor;
 
 /// Who is calling.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,6 +169,15 @@ pub fn caller<T>(request: &Request<T>) -> Result<Caller> {
         .ok_or_else(|| Error::internal("request reached a handler without authorization"))
 }
 
+/// Who made `request`, for the audit log: the client certificate's fingerprint and role.
+pub fn actor<T>(request: &Request<T>) -> Actor {
+    request
+        .extensions()
+        .get::<Actor>()
+        .cloned()
+        .unwrap_or_else(Actor::anonymous)
+}
+
 /// Checks the matrix for `rpc` and `caller`: no certificate where one is needed is
 /// `Unauthenticated`, a role that may not call it is `PermissionDenied`.
 pub fn check(rpc: Rpc, caller: &Caller) -> Result<()> {
@@ -197,20 +207,25 @@ fn role_list(roles: &[Role]) -> String {
 }
 
 /// The caller named by the client certificate of an HTTP/2 request, if any.
-fn caller_of<B>(request: &http::Request<B>) -> Result<Caller> {
+fn caller_of<B>(request: &http::Request<B>) -> Result<(Caller, Actor)> {
     let certs = request
         .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
         .and_then(|info| info.peer_certs());
     match certs {
-        Some(certs) if !certs.is_empty() => caller_from_certificate(certs[0].as_ref()),
-        _ => Ok(Caller::Anonymous),
+        Some(certs) if !certs.is_empty() => {
+            let der = certs[0].as_ref();
+            let caller = caller_from_certificate(der)?;
+            let role = format!("{:?}", caller.role()).to_lowercase();
+            Ok((caller, Actor::with_certificate(&role, der)))
+        }
+        _ => Ok((Caller::Anonymous, Actor::anonymous())),
     }
 }
 
 /// Decides a request before routing: `Ok(Some(caller))` for an allowed payra RPC,
 /// `Ok(None)` for the standard services (health, reflection), which anyone may call.
-fn authorize_request<B>(request: &http::Request<B>) -> Result<Option<Caller>> {
+fn authorize_request<B>(request: &http::Request<B>) -> Result<Option<(Caller, Actor)>> {
     let path = request.uri().path();
     let Some(rpc) = Rpc::from_path(path) else {
         if path.starts_with("/payra.") {
@@ -218,9 +233,9 @@ fn authorize_request<B>(request: &http::Request<B>) -> Result<Option<Caller>> {
         }
         return Ok(None);
     };
-    let caller = caller_of(request)?;
+    let (caller, actor) = caller_of(request)?;
     check(rpc, &caller)?;
-    Ok(Some(caller))
+    Ok(Some((caller, actor)))
 }
 
 /// The tower layer that enforces the authorization matrix for every gRPC request.
@@ -258,8 +273,9 @@ where
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
         match authorize_request(&request) {
             Ok(caller) => {
-                if let Some(caller) = caller {
+                if let Some((caller, actor)) = caller {
                     request.extensions_mut().insert(caller);
+                    request.extensions_mut().insert(actor);
                 }
                 Box::pin(self.inner.call(request))
             }

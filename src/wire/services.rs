@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::auth::{caller, Caller};
+use super::auth::{actor, caller, Caller};
 use super::proto;
 use crate::error::{Error, Result};
 use crate::model::{
@@ -179,10 +179,12 @@ impl proto::registration_server::Registration for RegistrationService {
         &self,
         request: Request<proto::CreateEnrollmentTokenRequest>,
     ) -> Result<Response<proto::CreateEnrollmentTokenResponse>, Status> {
+        let actor = actor(&request);
         let request = request.into_inner();
         let customer = CustomerId::parse("customer_id", &request.customer_id)?;
         let ra = self.ra.clone();
-        let token = blocking(move || ra.create_enrollment_token(customer, request.ttl_s)).await?;
+        let token =
+            blocking(move || ra.create_enrollment_token(&actor, customer, request.ttl_s)).await?;
         Ok(Response::new(proto::CreateEnrollmentTokenResponse {
             token: token.token,
             expires_at_unix_s: token.expires_at_s,
@@ -201,9 +203,10 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
         &self,
         request: Request<proto::EnrollRequest>,
     ) -> Result<Response<proto::EnrollResponse>, Status> {
+        let actor = actor(&request);
         let request = EnrollRequest::try_from(request.into_inner())?;
         let ra = self.ra.clone();
-        let issued = blocking(move || ra.enroll(request)).await?;
+        let issued = blocking(move || ra.enroll(&actor, request)).await?;
         Ok(Response::new(issued_response(issued)))
     }
 
@@ -211,6 +214,7 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
         &self,
         request: Request<proto::RenewRequest>,
     ) -> Result<Response<proto::EnrollResponse>, Status> {
+        let actor = actor(&request);
         let Caller::Device(current) = caller(&request)? else {
             return Err(Error::PermissionDenied("Renew needs a device certificate".into()).into());
         };
@@ -221,7 +225,7 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
             device_info: request.device_info.map(DeviceInfo::from),
         };
         let ra = self.ra.clone();
-        let issued = blocking(move || ra.renew(request)).await?;
+        let issued = blocking(move || ra.renew(&actor, request)).await?;
         Ok(Response::new(issued_response(issued)))
     }
 }
@@ -381,9 +385,10 @@ impl proto::verification_server::Verification for VerificationService {
         &self,
         request: Request<proto::VerifyPaymentRequest>,
     ) -> Result<Response<proto::VerifyPaymentResponse>, Status> {
+        let actor = actor(&request);
         let request = VerifyRequest::try_from(request.into_inner())?;
         let ra = self.ra.clone();
-        let decision: Decision = blocking(move || ra.verify_payment(request)).await?;
+        let decision: Decision = blocking(move || ra.verify_payment(&actor, request)).await?;
         Ok(Response::new(proto::VerifyPaymentResponse {
             verdict: verdict_to_proto(decision.verdict),
             reason: decision.reason,
@@ -402,9 +407,10 @@ impl proto::verification_server::Verification for VerificationService {
         &self,
         request: Request<proto::QualifyTransactionRequest>,
     ) -> Result<Response<proto::QualifyTransactionResponse>, Status> {
+        let actor = actor(&request);
         let request = QualifyRequest::try_from(request.into_inner())?;
         let ra = self.ra.clone();
-        let decision = blocking(move || ra.qualify_transaction(request)).await?;
+        let decision = blocking(move || ra.qualify_transaction(&actor, request)).await?;
         Ok(Response::new(proto::QualifyTransactionResponse {
             tier: tier_to_proto(decision.tier),
             categories: decision
@@ -421,9 +427,10 @@ impl proto::verification_server::Verification for VerificationService {
         &self,
         request: Request<proto::ReleaseReservationRequest>,
     ) -> Result<Response<proto::ReleaseReservationResponse>, Status> {
+        let actor = actor(&request);
         let evidence_id = request.into_inner().evidence_id;
         let ra = self.ra.clone();
-        let limit = blocking(move || ra.release_reservation(&evidence_id)).await?;
+        let limit = blocking(move || ra.release_reservation(&actor, &evidence_id)).await?;
         Ok(Response::new(proto::ReleaseReservationResponse {
             limit: Some(limit_to_proto(limit)),
         }))
@@ -470,11 +477,12 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::RevokeCertificateRequest>,
     ) -> Result<Response<proto::RevokeResponse>, Status> {
+        let actor = actor(&request);
         let request = request.into_inner();
         let serial = Serial::parse("serial", &request.serial)?;
         let reason = reason_from_proto(request.reason)?;
         let ra = self.ra.clone();
-        let outcome = blocking(move || ra.revoke_certificate(&serial, reason)).await?;
+        let outcome = blocking(move || ra.revoke_certificate(&actor, &serial, reason)).await?;
         Ok(Response::new(revoke_response(outcome)))
     }
 
@@ -482,11 +490,13 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::RevokeDeviceRequest>,
     ) -> Result<Response<proto::RevokeResponse>, Status> {
+        let actor = actor(&request);
         let request = request.into_inner();
         let device = DeviceId::parse("device_id", &request.device_id)?;
         let reason = reason_from_proto(request.reason)?;
         let ra = self.ra.clone();
-        let outcome = blocking(move || ra.revoke_device(&device, reason, request.dry_run)).await?;
+        let outcome =
+            blocking(move || ra.revoke_device(&actor, &device, reason, request.dry_run)).await?;
         Ok(Response::new(revoke_response(outcome)))
     }
 
@@ -494,12 +504,14 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::RevokeCustomerRequest>,
     ) -> Result<Response<proto::RevokeResponse>, Status> {
+        let actor = actor(&request);
         let request = request.into_inner();
         let customer = CustomerId::parse("customer_id", &request.customer_id)?;
         let reason = reason_from_proto(request.reason)?;
         let ra = self.ra.clone();
         let outcome =
-            blocking(move || ra.revoke_customer(&customer, reason, request.dry_run)).await?;
+            blocking(move || ra.revoke_customer(&actor, &customer, reason, request.dry_run))
+                .await?;
         Ok(Response::new(revoke_response(outcome)))
     }
 
@@ -507,9 +519,10 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::UnholdCertificateRequest>,
     ) -> Result<Response<proto::CertificateRecord>, Status> {
+        let actor = actor(&request);
         let serial = Serial::parse("serial", &request.into_inner().serial)?;
         let ra = self.ra.clone();
-        let record = blocking(move || ra.unhold_certificate(&serial)).await?;
+        let record = blocking(move || ra.unhold_certificate(&actor, &serial)).await?;
         let view = self.ra.certificate_status(&record.serial)?;
         Ok(Response::new(record_to_proto(record, &view)))
     }
@@ -518,12 +531,13 @@ impl proto::admin_server::Admin for AdminService {
         &self,
         request: Request<proto::SetAgreedLimitRequest>,
     ) -> Result<Response<proto::SetAgreedLimitResponse>, Status> {
+        let actor = actor(&request);
         let request = request.into_inner();
         let customer = CustomerId::parse("customer_id", &request.customer_id)?;
         let limit = request.daily_limit_fen;
         let ra = self.ra.clone();
         let stored = customer.clone();
-        blocking(move || ra.set_agreed_limit(&stored, limit)).await?;
+        blocking(move || ra.set_agreed_limit(&actor, &stored, limit)).await?;
         Ok(Response::new(proto::SetAgreedLimitResponse {
             customer_id: customer.to_string(),
             daily_limit_fen: limit,
