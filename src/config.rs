@@ -112,12 +112,18 @@ pub struct TokenConfig {
     pub max_ttl_s: u32,
 }
 
-/// Request-size limits.
+/// Abuse limits.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitConfig {
     /// Largest gRPC message accepted, in bytes.
     pub max_message_bytes: usize,
+    /// Most simultaneous gRPC connections; further clients wait in the accept queue.
+    pub max_connections: usize,
+    /// Deadline of every RPC, in seconds.
+    pub request_timeout_s: u32,
+    /// Failed enrollment-token lookups allowed per peer address per minute.
+    pub enroll_failures_per_minute: u32,
 }
 
 impl Default for Config {
@@ -160,6 +166,9 @@ impl Default for LimitConfig {
     fn default() -> Self {
         LimitConfig {
             max_message_bytes: 64 * 1024,
+            max_connections: 4096,
+            request_timeout_s: 30,
+            enroll_failures_per_minute: 20,
         }
     }
 }
@@ -206,6 +215,12 @@ impl Config {
             return Err(Error::invalid(
                 "limits.max_message_bytes",
                 "must be at least 16384 (a CSR may be 8 KiB)",
+            ));
+        }
+        if self.limits.max_connections == 0 || self.limits.request_timeout_s == 0 {
+            return Err(Error::invalid(
+                "limits",
+                "max_connections and request_timeout_s must be at least 1",
             ));
         }
         if self.revocation.crl_validity_s < 60 || self.revocation.ocsp_validity_s < 60 {

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::ca::CaMaterial;
@@ -16,6 +15,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ra::{Ra, RaPolicy};
 use crate::store::{SledStore, Store};
+use crate::wire::listener::limited_incoming;
 use crate::wire::proto;
 use crate::wire::{AdminService, EnrollmentService, RegistrationService, VerificationService};
 
@@ -86,6 +86,9 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
     }
 
     let router = Server::builder()
+        .timeout(std::time::Duration::from_secs(u64::from(
+            config.limits.request_timeout_s,
+        )))
         .tls_config(tls)
         .map_err(|e| Error::FailedPrecondition(format!("TLS configuration: {e}")))?
         .layer(crate::wire::auth::AuthLayer)
@@ -112,11 +115,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
                 .max_decoding_message_size(max),
         );
 
+    let max_connections = config.limits.max_connections;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
     let grpc = tokio::spawn(async move {
         let result = router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), async {
+            .serve_with_incoming_shutdown(limited_incoming(grpc_listener, max_connections), async {
                 let _ = shutdown_rx.await;
             })
             .await;

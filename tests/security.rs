@@ -263,3 +263,55 @@ async fn fail_malformed_input_gets_clear_codes_and_the_server_keeps_serving() {
         .await
         .expect("server still serves and the token is unused");
 }
+
+#[tokio::test]
+async fn fail_token_guessing_is_throttled_per_peer() {
+    let server = TestServer::start_with(|c| c.limits.enroll_failures_per_minute = 3).await;
+    let phone = server.anonymous().await;
+    let csr = || payra::client::DeviceKey::generate().csr_der("d").unwrap();
+    for i in 0..3 {
+        let err = phone
+            .enroll(&format!("payra_et_guess{i}"), csr(), "d", device_info())
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Unauthenticated, "guess {i}");
+    }
+    let good = server.token("guessed").await;
+    let err = phone
+        .enroll(&good, csr(), "d", device_info())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message()
+            .contains("too many failed enrollment attempts"),
+        "{err:?}"
+    );
+    server.clock.advance_ms(60_000);
+    phone
+        .enroll(&good, csr(), "d", device_info())
+        .await
+        .expect("a new window lets the peer try again, and the token was not consumed");
+}
+
+#[tokio::test]
+async fn ok_connection_limit_queues_extra_clients() {
+    let server = TestServer::start_with(|c| c.limits.max_connections = 2).await;
+    let first = server.service().await;
+    let second = server.service().await;
+    first.create_enrollment_token("c1", 0).await.unwrap();
+    second.create_enrollment_token("c2", 0).await.unwrap();
+    // A third connection waits in the accept queue: its TLS handshake cannot finish.
+    let third = tokio::time::timeout(std::time::Duration::from_millis(500), server.service()).await;
+    assert!(
+        third.is_err(),
+        "a third connection must wait while two are open"
+    );
+    drop(first);
+    // Once a connection closes, a new client gets in.
+    let third = tokio::time::timeout(std::time::Duration::from_secs(10), server.service())
+        .await
+        .expect("admitted after a connection closed");
+    third.create_enrollment_token("c3", 0).await.unwrap();
+    drop(second);
+}

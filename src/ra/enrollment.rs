@@ -28,6 +28,8 @@ pub struct EnrollmentToken {
 /// A parsed `Enroll` request.
 #[derive(Debug, Clone)]
 pub struct EnrollRequest {
+    /// The caller's address, for attempt accounting; `None` when unknown.
+    pub peer: Option<std::net::IpAddr>,
     pub token: String,
     pub csr_der: Vec<u8>,
     pub device_id: DeviceId,
@@ -125,11 +127,22 @@ impl Ra {
         request.device_info.validate()?;
         let public_key = parse_device_csr(&request.csr_der)?;
         let hash = TokenHash::of(&request.token);
-        let now_s = self.clock.now_s();
-        let token = self
-            .store
-            .token(&hash)?
-            .ok_or_else(|| token_error(TokenRejection::Unknown))?;
+        let now_ms = self.clock.now_ms();
+        let now_s = now_ms.div_euclid(1000);
+        if let Some(peer) = request.peer {
+            if let Some(until_ms) = self.enroll_throttle.blocked_until(peer, now_ms) {
+                return Err(Error::ResourceExhausted(format!(
+                    "too many failed enrollment attempts from {peer}; retry after {until_ms} (Unix ms)"
+                )));
+            }
+        }
+        let Some(token) = self.store.token(&hash)? else {
+            if let Some(peer) = request.peer {
+                self.enroll_throttle.record_failure(peer, now_ms);
+            }
+            tracing::warn!(peer = ?request.peer, "enrollment with an unknown token");
+            return Err(token_error(TokenRejection::Unknown));
+        };
         if let Some(used_at_s) = token.used_at_s {
             return Err(token_error(TokenRejection::AlreadyUsed { used_at_s }));
         }

@@ -9,6 +9,7 @@ mod replay;
 mod revocation;
 pub mod signature;
 mod status;
+mod throttle;
 pub mod tiers;
 mod verification;
 
@@ -23,6 +24,7 @@ pub use verification::{
 
 use cache::CertificateCache;
 use replay::ReplayGuard;
+use throttle::FailureThrottle;
 
 use std::sync::Arc;
 
@@ -42,6 +44,7 @@ pub struct RaPolicy {
     pub crl_validity_s: i64,
     pub ocsp_validity_s: i64,
     pub ledger: LedgerPolicy,
+    pub enroll_failures_per_minute: u32,
 }
 
 impl RaPolicy {
@@ -66,6 +69,7 @@ impl RaPolicy {
                 limit_d_fen: config.ledger.limit_d_fen,
                 skew_ms: i64::from(config.verification.skew_s) * 1000,
             },
+            enroll_failures_per_minute: config.limits.enroll_failures_per_minute,
         }
     }
 }
@@ -79,6 +83,7 @@ pub struct Ra {
     publication: Publication,
     cache: CertificateCache,
     replay: ReplayGuard,
+    enroll_throttle: FailureThrottle,
 }
 
 impl Ra {
@@ -88,6 +93,7 @@ impl Ra {
         clock: Arc<dyn Clock>,
         policy: RaPolicy,
     ) -> Result<Ra> {
+        let policy_failures = policy.enroll_failures_per_minute;
         let cache = CertificateCache::load(store.as_ref())?;
         let replay = ReplayGuard::with(store.live_nonces(clock.now_ms())?);
         tracing::info!(certificates = cache.len(), "certificate cache loaded");
@@ -102,6 +108,7 @@ impl Ra {
             publication,
             cache,
             replay,
+            enroll_throttle: FailureThrottle::new(policy_failures, 60_000),
         })
     }
 

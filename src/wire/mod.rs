@@ -3,6 +3,7 @@
 //! prost types.
 
 pub mod auth;
+pub mod listener;
 mod services;
 mod status;
 

@@ -59,6 +59,7 @@ impl TryFrom<proto::EnrollRequest> for EnrollRequest {
     type Error = Error;
     fn try_from(request: proto::EnrollRequest) -> Result<EnrollRequest> {
         Ok(EnrollRequest {
+            peer: None,
             token: request.token,
             csr_der: request.csr_der,
             device_id: DeviceId::parse("device_id", &request.device_id)?,
@@ -204,7 +205,9 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
         request: Request<proto::EnrollRequest>,
     ) -> Result<Response<proto::EnrollResponse>, Status> {
         let actor = actor(&request);
-        let request = EnrollRequest::try_from(request.into_inner())?;
+        let peer = request.remote_addr().map(|addr| addr.ip());
+        let mut request = EnrollRequest::try_from(request.into_inner())?;
+        request.peer = peer;
         let ra = self.ra.clone();
         let issued = blocking(move || ra.enroll(&actor, request)).await?;
         Ok(Response::new(issued_response(issued)))

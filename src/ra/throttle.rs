@@ -1,0 +1,80 @@
+//! Resisting enrollment-token guessing: failed token lookups are counted per peer address in
+//! a fixed window, and a peer over the limit is refused with `ResourceExhausted` until its
+//! window ends. With 256-bit tokens guessing is hopeless anyway; this keeps the attempts
+//! visible and cheap to refuse.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+
+/// Most peers tracked at once; the oldest windows are dropped beyond this.
+const MAX_TRACKED_PEERS: usize = 100_000;
+
+/// Failure counts per peer address.
+pub struct FailureThrottle {
+    window_ms: i64,
+    max_failures: u32,
+    peers: Mutex<HashMap<IpAddr, (i64, u32)>>,
+}
+
+impl FailureThrottle {
+    /// Allows `max_failures` failures per peer in each window of `window_ms`.
+    pub fn new(max_failures: u32, window_ms: i64) -> FailureThrottle {
+        FailureThrottle {
+            window_ms,
+            max_failures,
+            peers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// When the peer may try again, if it is over the limit at `now_ms`.
+    pub fn blocked_until(&self, peer: IpAddr, now_ms: i64) -> Option<i64> {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        match peers.get(&peer) {
+            Some((start, count))
+                if now_ms < start + self.window_ms && *count >= self.max_failures =>
+            {
+                Some(start + self.window_ms)
+            }
+            _ => None,
+        }
+    }
+
+    /// Counts one failure of `peer` at `now_ms`.
+    pub fn record_failure(&self, peer: IpAddr, now_ms: i64) {
+        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        if peers.len() >= MAX_TRACKED_PEERS && !peers.contains_key(&peer) {
+            let window_ms = self.window_ms;
+            peers.retain(|_, (start, _)| now_ms < *start + window_ms);
+            if peers.len() >= MAX_TRACKED_PEERS {
+                peers.clear();
+            }
+        }
+        let entry = peers.entry(peer).or_insert((now_ms, 0));
+        if now_ms >= entry.0 + self.window_ms {
+            *entry = (now_ms, 0);
+        }
+        entry.1 = entry.1.saturating_add(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_after_the_limit_until_the_window_ends() {
+        let throttle = FailureThrottle::new(3, 60_000);
+        let peer: IpAddr = "192.0.2.7".parse().unwrap();
+        let other: IpAddr = "192.0.2.8".parse().unwrap();
+        for i in 0..3 {
+            assert_eq!(throttle.blocked_until(peer, 1_000 + i), None);
+            throttle.record_failure(peer, 1_000 + i);
+        }
+        assert_eq!(throttle.blocked_until(peer, 2_000), Some(61_000));
+        assert_eq!(throttle.blocked_until(other, 2_000), None, "per peer");
+        assert_eq!(throttle.blocked_until(peer, 61_000), None, "window over");
+        throttle.record_failure(peer, 61_000);
+        assert_eq!(throttle.blocked_until(peer, 61_001), None, "new window");
+    }
+}
