@@ -113,3 +113,57 @@ pub fn parse_device_csr(der: &[u8]) -> Result<DevicePublicKey> {
     })?;
     DevicePublicKey::from_sec1(&spki.subject_public_key.data)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn valid_csr() -> Vec<u8> {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap()
+            .der()
+            .to_vec()
+    }
+
+    #[test]
+    fn ok_valid_csr_parses() {
+        assert_eq!(parse_device_csr(&valid_csr()).unwrap().sec1().len(), 65);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Arbitrary bytes never panic the parser; they are refused naming the field.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
+            if let Err(e) = parse_device_csr(&bytes) {
+                prop_assert!(e.to_string().starts_with("csr_der"));
+            }
+        }
+
+        /// A valid request with bytes flipped or cut off is refused or (if the flip missed
+        /// everything that matters) still yields a valid P-256 point; never a panic.
+        #[test]
+        fn mutated_csr_never_panics(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+            truncate in any::<bool>(),
+        ) {
+            let mut csr = valid_csr();
+            for (index, byte) in flips {
+                let i = index.index(csr.len());
+                csr[i] ^= byte;
+            }
+            if truncate {
+                let len = cut.index(csr.len());
+                csr.truncate(len);
+            }
+            if let Ok(key) = parse_device_csr(&csr) {
+                prop_assert_eq!(key.sec1().len(), 65);
+            }
+        }
+    }
+}

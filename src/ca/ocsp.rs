@@ -214,3 +214,83 @@ impl OcspResponder {
             .unwrap_or_else(|_| vec![0x30, 0x03, 0x0a, 0x01, 0x01])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use x509_ocsp::{Request, TbsRequest};
+
+    fn responder() -> (OcspResponder, Vec<u8>) {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        let cert = params.self_signed(&key).unwrap();
+        let signer: Arc<dyn CaSigner> =
+            Arc::new(crate::ca::KeyFileSigner::from_key_pair(key).unwrap());
+        let responder = OcspResponder::new(cert.der(), signer).unwrap();
+        let request = OcspRequest {
+            tbs_request: TbsRequest {
+                version: Default::default(),
+                requestor_name: None,
+                request_list: vec![Request {
+                    req_cert: CertId {
+                        hash_algorithm: AlgorithmIdentifierOwned {
+                            oid: ID_SHA_1,
+                            parameters: None,
+                        },
+                        issuer_name_hash: OctetString::new(responder.sha1_name.clone()).unwrap(),
+                        issuer_key_hash: OctetString::new(responder.sha1_key.clone()).unwrap(),
+                        serial_number: x509_cert::serial_number::SerialNumber::new(&[0x42, 1, 2])
+                            .unwrap(),
+                    },
+                    single_request_extensions: None,
+                }],
+                request_extensions: None,
+            },
+            optional_signature: None,
+        };
+        (responder, request.to_der().unwrap())
+    }
+
+    #[test]
+    fn ok_request_for_our_issuer_names_the_serial() {
+        let (responder, der) = responder();
+        let parsed = responder.parse_request(&der).unwrap();
+        assert_eq!(parsed.items.len(), 1);
+        assert_eq!(parsed.items[0].1.as_ref().unwrap().to_hex(), "420102");
+        let response = responder
+            .respond(&parsed, &[OcspStatus::Good], 1_800_000_000, 3600)
+            .unwrap();
+        let decoded = OcspResponse::from_der(&response).unwrap();
+        assert_eq!(
+            decoded.response_status,
+            x509_ocsp::OcspResponseStatus::Successful
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..9000)) {
+            let (responder, _) = responder();
+            let _ = responder.parse_request(&bytes);
+        }
+
+        #[test]
+        fn mutated_request_never_panics(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        ) {
+            let (responder, mut der) = responder();
+            for (index, byte) in flips {
+                let i = index.index(der.len());
+                der[i] ^= byte;
+            }
+            if let Some(parsed) = responder.parse_request(&der) {
+                let statuses = vec![OcspStatus::Unknown; parsed.items.len()];
+                prop_assert!(responder.respond(&parsed, &statuses, 1_800_000_000, 3600).is_ok());
+            }
+        }
+    }
+}

@@ -620,3 +620,45 @@ impl proto::admin_server::Admin for AdminService {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Arbitrary intent bytes decode or give a reason; never a panic.
+        #[test]
+        fn intent_decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            if let Err(reason) = decode_intent(&bytes) {
+                prop_assert!(reason.starts_with("not a payra.v1.PaymentIntent"));
+            }
+        }
+
+        /// A valid intent with bytes flipped decodes to something or is refused.
+        #[test]
+        fn mutated_intent_never_panics(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+        ) {
+            let intent = proto::PaymentIntent {
+                customer_id: "c".into(),
+                device_id: "d".into(),
+                merchant_id: "m".into(),
+                order_id: "o".into(),
+                amount_fen: 1234,
+                currency: "CNY".into(),
+                created_at_ms: 1_800_000_000_000,
+                nonce: vec![9; 32],
+                scene: proto::Scene::InApp as i32,
+            };
+            let mut bytes = prost::Message::encode_to_vec(&intent);
+            for (index, byte) in flips {
+                let i = index.index(bytes.len());
+                bytes[i] ^= byte;
+            }
+            let _ = decode_intent(&bytes);
+        }
+    }
+}
