@@ -35,9 +35,11 @@ fn at(seconds: i64) -> Result<OffsetDateTime> {
 }
 
 /// Signs a CRL numbered `number` with thisUpdate `this_update_s` and nextUpdate
-/// `next_update_s`, listing `entries` with their reason codes. The AKI names the issuing CA.
+/// `next_update_s`, listing `entries` with their reason codes. The AKI is `issuer_key_id`,
+/// the issuing certificate's own SKI, whatever method produced it.
 pub fn build_crl(
     issuer: &Issuer<'static, SharedSigner>,
+    issuer_key_id: &[u8],
     number: u64,
     this_update_s: i64,
     next_update_s: i64,
@@ -64,7 +66,7 @@ pub fn build_crl(
         crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
         issuing_distribution_point: None,
         revoked_certs,
-        key_identifier_method: KeyIdMethod::Sha256,
+        key_identifier_method: KeyIdMethod::PreSpecified(issuer_key_id.to_vec()),
     };
     let crl = params
         .signed_by(issuer)

@@ -253,6 +253,27 @@ fn certificate_public_key(der: &[u8], what: &Path) -> Result<Vec<u8>> {
     Ok(cert.public_key().subject_public_key.data.to_vec())
 }
 
+/// The subjectKeyIdentifier of a CA certificate; CRLs and issued certificates must point
+/// to it.
+fn subject_key_id(der: &[u8], what: &Path) -> Result<Vec<u8>> {
+    use x509_parser::extensions::ParsedExtension;
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| {
+        Error::FailedPrecondition(format!("{}: not an X.509 certificate: {e}", what.display()))
+    })?;
+    cert.extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(id) => Some(id.0.to_vec()),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "{}: a CA certificate needs a subjectKeyIdentifier",
+                what.display()
+            ))
+        })
+}
+
 /// Owns the issuing CA's signer in a form rcgen can borrow for every issuance.
 #[derive(Clone)]
 pub struct SharedSigner(pub Arc<dyn CaSigner>);
@@ -277,6 +298,8 @@ impl rcgen::SigningKey for SharedSigner {
 pub struct CaMaterial {
     pub root_der: Vec<u8>,
     pub issuing_der: Vec<u8>,
+    /// The issuing certificate's subjectKeyIdentifier, for the CRL's AKI.
+    pub issuing_key_id: Vec<u8>,
     pub issuer: Issuer<'static, SharedSigner>,
     pub signer: Arc<dyn CaSigner>,
     /// `server.pem` followed by `issuing.pem`, for the TLS handshake.
@@ -307,12 +330,14 @@ impl CaMaterial {
             SharedSigner(signer.clone()),
         )
         .map_err(|e| Error::FailedPrecondition(format!("issuing CA certificate: {e}")))?;
+        let issuing_key_id = subject_key_id(&issuing_der, &files.issuing_cert())?;
         let server_key_pem = read_private_key(&files.server_key())?;
         let server_pem = fs::read_to_string(files.server_cert())?;
         let issuing_pem = fs::read_to_string(files.issuing_cert())?;
         Ok(CaMaterial {
             root_der,
             issuing_der,
+            issuing_key_id,
             issuer,
             signer,
             server_chain_pem: format!("{}\n{}", server_pem.trim_end(), issuing_pem),

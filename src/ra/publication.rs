@@ -13,7 +13,6 @@ use std::sync::{Mutex, RwLock};
 use super::Ra;
 use crate::ca::{build_crl, CrlEntry, OcspResponder, OcspStatus};
 use crate::error::Result;
-use crate::model::Serial;
 
 /// Most cached OCSP responses; the cache is emptied when it grows past this.
 const OCSP_CACHE_LIMIT: usize = 100_000;
@@ -40,7 +39,9 @@ pub struct Publication {
     responder: OcspResponder,
     generation: AtomicU64,
     crl: Mutex<Option<PublishedCrl>>,
-    ocsp_cache: RwLock<HashMap<Serial, CachedOcsp>>,
+    /// Keyed by the request's DER CertID: the response must echo the CertID exactly as asked
+    /// (SHA-1 and SHA-256 requests for one serial get different responses).
+    ocsp_cache: RwLock<HashMap<Vec<u8>, CachedOcsp>>,
     crl_wakeup: tokio::sync::Notify,
     crl_validity_s: i64,
     ocsp_validity_s: i64,
@@ -104,7 +105,14 @@ impl Ra {
             .collect();
         let number = self.store.next_crl_number()?;
         let next_update_s = now_s + publication.crl_validity_s;
-        let der = build_crl(&self.ca.issuer, number, now_s, next_update_s, &entries)?;
+        let der = build_crl(
+            &self.ca.issuer,
+            &self.ca.issuing_key_id,
+            number,
+            now_s,
+            next_update_s,
+            &entries,
+        )?;
         tracing::info!(number, entries = entries.len(), "CRL signed");
         let crl = PublishedCrl {
             der,
@@ -127,14 +135,18 @@ impl Ra {
         let now_s = self.clock.now_s();
         let generation = publication.generation.load(Ordering::SeqCst);
         let cacheable = request.nonce.is_none() && request.items.len() == 1;
-        let cache_key = request.items.first().and_then(|(_, serial)| serial.clone());
+        let cache_key = request
+            .items
+            .first()
+            .filter(|(_, serial)| serial.is_some())
+            .and_then(|(cert_id, _)| der::Encode::to_der(cert_id).ok());
         if cacheable {
-            if let Some(serial) = &cache_key {
+            if let Some(key) = &cache_key {
                 let cache = publication
                     .ocsp_cache
                     .read()
                     .unwrap_or_else(|p| p.into_inner());
-                if let Some(hit) = cache.get(serial) {
+                if let Some(hit) = cache.get(key) {
                     if hit.generation == generation
                         && now_s < hit.this_update_s + publication.ocsp_validity_s / 2
                     {
@@ -177,7 +189,7 @@ impl Ra {
             }
         };
         // Unknown answers are not cached: the serial may be issued a moment later.
-        if let (true, Some(serial), Some(status)) = (cacheable, cache_key, statuses.first()) {
+        if let (true, Some(key), Some(status)) = (cacheable, cache_key, statuses.first()) {
             if *status != OcspStatus::Unknown {
                 let mut cache = publication
                     .ocsp_cache
@@ -187,7 +199,7 @@ impl Ra {
                     cache.clear();
                 }
                 cache.insert(
-                    serial,
+                    key,
                     CachedOcsp {
                         der: der.clone(),
                         this_update_s: now_s,

@@ -419,6 +419,7 @@ impl Ra {
             &request.signature,
             checked.verdict,
             &checked.reason,
+            checked.scene,
             decision.tier,
             decision.categories.iter().copied().collect(),
             &request.factors,
@@ -450,6 +451,7 @@ impl Ra {
             &[],
             Verdict::Verified,
             "",
+            request.scene,
             decision.tier,
             decision.categories.iter().copied().collect(),
             &request.factors,
@@ -472,6 +474,7 @@ impl Ra {
         signature: &[u8],
         verdict: Verdict,
         reason: &str,
+        scene: Scene,
         tier: Tier,
         categories: Vec<FactorCategory>,
         factors: &[Factor],
@@ -494,7 +497,7 @@ impl Ra {
             }),
             _ => None,
         };
-        let mut evidence = EvidenceRecord {
+        let evidence = EvidenceRecord {
             version: RECORD_VERSION,
             evidence_id: new_evidence_id(),
             kind: kind.to_string(),
@@ -513,8 +516,7 @@ impl Ra {
             day: day.clone(),
             released_at_ms: None,
         };
-        let mut verdict = verdict;
-        let mut reason = reason.to_string();
+        let reason = reason.to_string();
         let audit = |verdict: Verdict| {
             AuditEvent::new(
                 now_ms,
@@ -528,18 +530,31 @@ impl Ra {
                 format!("{} tier {}", verdict.name(), tier.letter()),
             )
         };
-        let mut outcome =
+        let outcome =
             self.store
                 .record_decision(&evidence, nonce, reservation.as_ref(), &audit(verdict))?;
         if outcome == DecisionOutcome::NonceReplayed {
-            // Storage knew the nonce although memory did not: refuse, and record that.
-            verdict = Verdict::ReplayedNonce;
-            reason = "this nonce was already used with this certificate".into();
-            evidence.verdict = verdict.name().to_string();
-            evidence.reason = reason.clone();
-            outcome = self
-                .store
-                .record_decision(&evidence, None, None, &audit(verdict))?;
+            // Storage knew the nonce although memory did not: decide again as a replay, which
+            // counts no certificate and reserves nothing.
+            let without_certificate = decide_tier(false, factors, scene);
+            return self.decide(
+                actor,
+                kind,
+                now_ms,
+                customer,
+                evidence.certificate_serial.clone(),
+                intent,
+                signature,
+                Verdict::ReplayedNonce,
+                "this nonce was already used with this certificate",
+                scene,
+                without_certificate.tier,
+                without_certificate.categories.into_iter().collect(),
+                factors,
+                amount_fen,
+                false,
+                None,
+            );
         }
         let (reserved, used_after) = match outcome {
             DecisionOutcome::Recorded { reserved, used_fen } => (reserved, used_fen),
