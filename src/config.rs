@@ -24,6 +24,9 @@ pub struct Config {
     /// Base URL under which relying parties reach the HTTP listener; issued certificates carry
     /// `{public_base_url}/crl` and `{public_base_url}/ocsp`.
     pub public_base_url: String,
+    /// File holding the passphrase of an encrypted issuing key (mode 0600). The environment
+    /// variable `PAYRA_CA_KEY_PASSPHRASE` is used when this is not set.
+    pub ca_key_passphrase_file: Option<PathBuf>,
     pub issuance: IssuanceConfig,
     pub tokens: TokenConfig,
     pub limits: LimitConfig,
@@ -134,6 +137,7 @@ impl Default for Config {
             certs_dir: PathBuf::from("certs"),
             data_dir: PathBuf::from("data"),
             public_base_url: "http://127.0.0.1:8080".to_string(),
+            ca_key_passphrase_file: None,
             issuance: IssuanceConfig::default(),
             tokens: TokenConfig::default(),
             limits: LimitConfig::default(),

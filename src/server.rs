@@ -43,10 +43,21 @@ async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
         .map_err(|e| Error::FailedPrecondition(format!("cannot listen for {what} on {addr}: {e}")))
 }
 
+/// The issuing key's passphrase: from `ca_key_passphrase_file` (which must not be readable by
+/// others), else from `PAYRA_CA_KEY_PASSPHRASE`. Never logged.
+fn ca_key_passphrase(config: &Config) -> Result<Option<String>> {
+    if let Some(path) = &config.ca_key_passphrase_file {
+        let text = crate::ca::pki::read_private_key(path)?;
+        return Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()));
+    }
+    Ok(std::env::var("PAYRA_CA_KEY_PASSPHRASE").ok())
+}
+
 /// Starts payra with `config`, reading time from `clock`.
 pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServer> {
     config.validate()?;
-    let ca = Arc::new(CaMaterial::load(&config.certs_dir)?);
+    let passphrase = ca_key_passphrase(&config)?;
+    let ca = Arc::new(CaMaterial::load(&config.certs_dir, passphrase.as_deref())?);
     let store = Arc::new(SledStore::open(&config.data_dir)?);
     let ra = Arc::new(Ra::new(
         store.clone() as Arc<dyn Store>,

@@ -315,3 +315,72 @@ async fn ok_connection_limit_queues_extra_clients() {
     third.create_enrollment_token("c3", 0).await.unwrap();
     drop(second);
 }
+
+/// Encrypts `certs/issuing.key` with OpenSSL (PBES2, AES-256-CBC) and writes the passphrase
+/// file; returns its path.
+fn encrypt_issuing_key(certs: &std::path::Path, passphrase: &str) -> std::path::PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let key = certs.join("issuing.key");
+    let encrypted = certs.join("issuing.key.enc");
+    let (ok, text) = openssl(&[
+        "pkcs8",
+        "-topk8",
+        "-v2",
+        "aes-256-cbc",
+        "-in",
+        path_str(&key),
+        "-out",
+        path_str(&encrypted),
+        "-passout",
+        &format!("pass:{passphrase}"),
+    ]);
+    assert!(ok, "{text}");
+    std::fs::rename(&encrypted, &key).unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let file = certs.join("passphrase");
+    std::fs::write(&file, format!("{passphrase}\n")).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    file
+}
+
+#[tokio::test]
+async fn ok_encrypted_issuing_key_with_a_passphrase_file() {
+    let server = TestServer::start_with(|config| {
+        let file = encrypt_issuing_key(&config.certs_dir, "s3cret passphrase");
+        config.ca_key_passphrase_file = Some(file);
+    })
+    .await;
+    assert!(std::fs::read_to_string(server.certs().join("issuing.key"))
+        .unwrap()
+        .contains("ENCRYPTED PRIVATE KEY"));
+    let (_, issued) = server.enroll("enc", "enc-phone").await;
+    let dir = server.dir.path().join("check");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("leaf.pem"), pem(&issued.certificate_der)).unwrap();
+    let certs = server.certs();
+    let (ok, text) = openssl(&[
+        "verify",
+        "-CAfile",
+        path_str(&certs.join("root.pem")),
+        "-untrusted",
+        path_str(&certs.join("issuing.pem")),
+        path_str(&dir.join("leaf.pem")),
+    ]);
+    assert!(ok, "{text}");
+
+    // A wrong passphrase refuses to start, and says why.
+    let mut config = server.config.clone();
+    config.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    config.http_addr = "127.0.0.1:0".parse().unwrap();
+    let wrong = server.dir.path().join("wrong");
+    std::fs::write(&wrong, "nope").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrong, std::fs::Permissions::from_mode(0o600)).unwrap();
+    config.ca_key_passphrase_file = Some(wrong);
+    config.data_dir = server.dir.path().join("other-data");
+    let err = payra::server::start(config, std::sync::Arc::new(payra::clock::SystemClock))
+        .await
+        .err()
+        .expect("a wrong passphrase must not start");
+    assert!(err.to_string().contains("wrong passphrase"), "{err}");
+}

@@ -309,13 +309,14 @@ pub struct CaMaterial {
 
 impl CaMaterial {
     /// Loads the PKI from `dir`, refusing keys readable by others and an issuing key that does
-    /// not match the issuing certificate.
-    pub fn load(dir: &Path) -> Result<CaMaterial> {
+    /// not match the issuing certificate. `passphrase` decrypts an encrypted issuing key.
+    pub fn load(dir: &Path, passphrase: Option<&str>) -> Result<CaMaterial> {
         let files = PkiFiles::new(dir);
         let root_der = read_certificate_der(&files.root_cert())?;
         let issuing_der = read_certificate_der(&files.issuing_cert())?;
-        let signer: Arc<dyn CaSigner> = Arc::new(KeyFileSigner::from_pkcs8_pem(
+        let signer: Arc<dyn CaSigner> = Arc::new(KeyFileSigner::from_pem(
             &read_private_key(&files.issuing_key())?,
+            passphrase,
         )?);
         let cert_key = certificate_public_key(&issuing_der, &files.issuing_cert())?;
         if cert_key != signer.public_key_sec1() {
@@ -361,7 +362,7 @@ mod tests {
                 assert_eq!(mode, 0o600, "{}", path.display());
             }
         }
-        CaMaterial::load(dir.path()).unwrap();
+        CaMaterial::load(dir.path(), None).unwrap();
     }
 
     #[test]
@@ -377,12 +378,39 @@ mod tests {
     }
 
     #[test]
+    fn ok_encrypted_issuing_key_needs_its_passphrase() {
+        use pkcs8::der::Decode;
+        let dir = tempfile::tempdir().unwrap();
+        init_dev_pki(dir.path(), false).unwrap();
+        let key_path = dir.path().join("issuing.key");
+        let (_, plain) =
+            pkcs8::SecretDocument::from_pem(&fs::read_to_string(&key_path).unwrap()).unwrap();
+        // PBKDF2-SHA256 + AES-256-CBC, as `openssl pkcs8 -topk8 -v2 aes-256-cbc` writes.
+        let params =
+            pkcs8::pkcs5::pbes2::Parameters::pbkdf2_sha256_aes256cbc(2048, &[7; 16], &[9; 16])
+                .unwrap();
+        let encrypted = pkcs8::PrivateKeyInfo::from_der(plain.as_bytes())
+            .unwrap()
+            .encrypt_with_params(params, "correct horse")
+            .unwrap();
+        let pem = encrypted
+            .to_pem("ENCRYPTED PRIVATE KEY", pkcs8::LineEnding::LF)
+            .unwrap();
+        write_file(&key_path, &pem, true).unwrap();
+        let err = CaMaterial::load(dir.path(), None).err().unwrap();
+        assert!(err.to_string().contains("PAYRA_CA_KEY_PASSPHRASE"), "{err}");
+        let err = CaMaterial::load(dir.path(), Some("wrong")).err().unwrap();
+        assert!(err.to_string().contains("wrong passphrase"), "{err}");
+        CaMaterial::load(dir.path(), Some("correct horse")).expect("decrypts");
+    }
+
+    #[test]
     fn fail_load_key_readable_by_others() {
         let dir = tempfile::tempdir().unwrap();
         init_dev_pki(dir.path(), false).unwrap();
         let key = dir.path().join("issuing.key");
         fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
-        let err = CaMaterial::load(dir.path()).err().unwrap();
+        let err = CaMaterial::load(dir.path(), None).err().unwrap();
         assert!(err.to_string().contains("chmod 600"), "{err}");
     }
 
@@ -395,7 +423,7 @@ mod tests {
             dir.path().join("issuing.key"),
         )
         .unwrap();
-        let err = CaMaterial::load(dir.path()).err().unwrap();
+        let err = CaMaterial::load(dir.path(), None).err().unwrap();
         assert!(err.to_string().contains("does not match"), "{err}");
     }
 }

@@ -27,6 +27,37 @@ impl KeyFileSigner {
         Ok(KeyFileSigner { key })
     }
 
+    /// Loads a PKCS#8 PEM P-256 key, decrypting an `ENCRYPTED PRIVATE KEY` (PBES2) with
+    /// `passphrase`. An encrypted key without a passphrase, or a wrong passphrase, is refused.
+    pub fn from_pem(pem: &str, passphrase: Option<&str>) -> Result<Self> {
+        if !pem.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
+            return Self::from_pkcs8_pem(pem);
+        }
+        let Some(passphrase) = passphrase else {
+            return Err(Error::FailedPrecondition(
+                "the issuing key is encrypted; set PAYRA_CA_KEY_PASSPHRASE or \
+                 ca_key_passphrase_file"
+                    .into(),
+            ));
+        };
+        use pkcs8::der::Decode;
+        let (_, document) = pkcs8::SecretDocument::from_pem(pem)
+            .map_err(|e| Error::FailedPrecondition(format!("issuing key is not valid PEM: {e}")))?;
+        let encrypted = pkcs8::EncryptedPrivateKeyInfo::from_der(document.as_bytes())
+            .map_err(|e| Error::FailedPrecondition(format!("issuing key: {e}")))?;
+        let decrypted = encrypted.decrypt(passphrase).map_err(|_| {
+            Error::FailedPrecondition(
+                "cannot decrypt the issuing key: wrong passphrase or unsupported cipher".into(),
+            )
+        })?;
+        let key = KeyPair::from_pkcs8_der_and_sign_algo(
+            &rustls_pki_types::PrivatePkcs8KeyDer::from(decrypted.as_bytes()),
+            &PKCS_ECDSA_P256_SHA256,
+        )
+        .map_err(|e| Error::FailedPrecondition(format!("issuing key is not P-256: {e}")))?;
+        Ok(KeyFileSigner { key })
+    }
+
     /// Wraps an rcgen key pair (used by `payra init`, which generates the keys).
     pub fn from_key_pair(key: KeyPair) -> Result<Self> {
         if !key.is_compatible(&PKCS_ECDSA_P256_SHA256) {
