@@ -54,6 +54,19 @@ enum Command {
     },
     /// Revoke a certificate, every certificate of a device, or of a customer (as an operator).
     Revoke(RevokeArgs),
+    /// Issue a client certificate for a payment service or an operator (as an operator).
+    /// Writes NAME.pem (certificate and issuing CA) and NAME.key (mode 0600).
+    IssueClient {
+        #[arg(long, value_parser = ["service", "operator"])]
+        role: String,
+        #[arg(long)]
+        name: String,
+        /// Directory to write into; default: the --certs directory.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// The hash-chained audit log, read offline from a stopped server's data directory.
     Audit {
         #[command(subcommand)]
@@ -474,6 +487,45 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::Revoke(args) => revoke(args).await,
         Command::Audit { command } => audit(command),
+        Command::IssueClient {
+            role,
+            name,
+            out,
+            connection,
+        } => {
+            let client =
+                connect(&connection, Credential::role(&connection.certs, "operator")).await?;
+            let key = DeviceKey::generate();
+            let csr = key.csr_der(&name).map_err(|e| e.to_string())?;
+            let issued = client
+                .admin()
+                .issue_client_certificate(payra::wire::proto::IssueClientCertificateRequest {
+                    role: role.clone(),
+                    name: name.clone(),
+                    csr_der: csr,
+                })
+                .await
+                .map_err(status_message)?
+                .into_inner();
+            let out = out.unwrap_or(connection.certs.clone());
+            std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+            let key_path = out.join(format!("{name}.key"));
+            write_secret(&key_path, &key.to_pkcs8_pem().map_err(|e| e.to_string())?)?;
+            let mut chain = pem::encode(&pem::Pem::new("CERTIFICATE", issued.certificate_der));
+            for ca in issued.chain_der {
+                chain.push_str(&pem::encode(&pem::Pem::new("CERTIFICATE", ca)));
+            }
+            let cert_path = out.join(format!("{name}.pem"));
+            std::fs::write(&cert_path, chain).map_err(|e| e.to_string())?;
+            println!("{}", issued.serial);
+            eprintln!(
+                "issued {role} certificate {} for {name}: {} and {}",
+                issued.serial,
+                cert_path.display(),
+                key_path.display()
+            );
+            Ok(())
+        }
         Command::Device {
             command:
                 DeviceCommand::Pay {

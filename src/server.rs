@@ -66,6 +66,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         RaPolicy::from_config(&config),
     )?);
 
+    ra.register_bootstrap_clients(&config.certs_dir)?;
+
     // Phones enroll without a certificate, so client auth is optional; a certificate that is
     // presented must chain to payra's root or issuing CA.
     let client_roots = format!("{}{}", pem_of(&ca.root_der), pem_of(&ca.issuing_der));
@@ -102,7 +104,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         )))
         .tls_config(tls)
         .map_err(|e| Error::FailedPrecondition(format!("TLS configuration: {e}")))?
-        .layer(crate::wire::auth::AuthLayer)
+        .layer(crate::wire::auth::AuthLayer::new(ra.clone()))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(

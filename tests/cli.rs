@@ -262,3 +262,62 @@ async fn ok_revoke_unhold_and_list_from_the_cli() {
     assert!(!ok);
     assert!(stderr.contains("PermissionDenied"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_issue_client_writes_a_working_credential() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let certs = server.certs();
+    let out = server.dir.path().join("creds");
+    let (ok, stdout, stderr) = payra(&[
+        "issue-client",
+        "--role",
+        "service",
+        "--name",
+        "billing",
+        "--out",
+        path_str(&out),
+        "--server",
+        &url,
+        "--certs",
+        path_str(&certs),
+    ]);
+    assert!(ok, "{stderr}");
+    assert_eq!(stdout.trim().len(), 32, "prints the serial: {stdout}");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out.join("billing.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let (_, text) = openssl(&[
+        "x509",
+        "-in",
+        path_str(&out.join("billing.pem")),
+        "-noout",
+        "-text",
+    ]);
+    assert!(text.contains("URI:urn:payra:role:service"), "{text}");
+    let client = server
+        .client(payra::client::Credential::Files {
+            certificate: out.join("billing.pem"),
+            key: out.join("billing.key"),
+        })
+        .await;
+    client
+        .create_enrollment_token("c", 0)
+        .await
+        .expect("the new credential works");
+    let (ok, _, stderr) = payra(&[
+        "issue-client",
+        "--role",
+        "device",
+        "--name",
+        "x",
+        "--server",
+        &url,
+        "--certs",
+        path_str(&certs),
+    ]);
+    assert!(!ok, "only service and operator roles: {stderr}");
+}

@@ -87,6 +87,11 @@ async fn call(client: &Client, rpc: Rpc) -> Result<(), Status> {
             .get_evidence(proto::GetEvidenceRequest::default())
             .await
             .map(|_| ()),
+        Rpc::IssueClientCertificate => client
+            .admin()
+            .issue_client_certificate(proto::IssueClientCertificateRequest::default())
+            .await
+            .map(|_| ()),
     }
 }
 
@@ -133,7 +138,7 @@ async fn every_cell_of_the_authorization_matrix() {
             cells += 1;
         }
     }
-    assert_eq!(cells, 15 * 4);
+    assert_eq!(cells, 16 * 4);
     // Health is open to everyone, so load balancers need no certificate.
     let mut health =
         tonic_health::pb::health_client::HealthClient::new(server.anonymous().await.channel());
@@ -383,4 +388,88 @@ async fn ok_encrypted_issuing_key_with_a_passphrase_file() {
         .err()
         .expect("a wrong passphrase must not start");
     assert!(err.to_string().contains("wrong passphrase"), "{err}");
+}
+
+#[tokio::test]
+async fn ok_issued_client_credentials_work_until_revoked() {
+    let server = TestServer::start().await;
+    let operator = server.operator().await;
+    let key = payra::client::DeviceKey::generate();
+    let issued = operator
+        .admin()
+        .issue_client_certificate(proto::IssueClientCertificateRequest {
+            role: "service".into(),
+            name: "billing".into(),
+            csr_der: key.csr_der("billing").unwrap(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let dir = server.dir.path().join("billing");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut chain = pem(&issued.certificate_der);
+    chain.push_str(&pem(&issued.chain_der[0]));
+    std::fs::write(dir.join("billing.pem"), chain).unwrap();
+    std::fs::write(dir.join("billing.key"), key.to_pkcs8_pem().unwrap()).unwrap();
+    let billing = server
+        .client(payra::client::Credential::Files {
+            certificate: dir.join("billing.pem"),
+            key: dir.join("billing.key"),
+        })
+        .await;
+    billing
+        .create_enrollment_token("c-1", 0)
+        .await
+        .expect("a new service credential works");
+    let err = billing
+        .admin()
+        .list_certificates(proto::ListCertificatesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::PermissionDenied,
+        "a service is not an operator"
+    );
+
+    // Revoked: locked out at once, on the same connection.
+    server
+        .revoke(&issued.serial, proto::RevocationReason::KeyCompromise)
+        .await;
+    let err = billing.create_enrollment_token("c-2", 0).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("revoked"), "{err:?}");
+
+    // The bootstrap operator credential is registered too: revoking it locks it out.
+    let pem_text = std::fs::read_to_string(server.certs().join("operator.pem")).unwrap();
+    let der = ::pem::parse(pem_text).unwrap().into_contents();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let serial = hex::encode(cert.raw_serial());
+    let response = operator
+        .admin()
+        .revoke_certificate(proto::RevokeCertificateRequest {
+            serial: serial.clone(),
+            reason: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        response.revoked_serials,
+        vec![serial.trim_start_matches("00").to_string()]
+    );
+    let err = operator
+        .admin()
+        .list_certificates(proto::ListCertificatesRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+
+    // Issuing needs the operator role and a known role name.
+    let err = billing
+        .admin()
+        .issue_client_certificate(proto::IssueClientCertificateRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
 }

@@ -12,7 +12,9 @@ pub use crl::{build_crl, CrlEntry};
 pub use csr::{parse_device_csr, DevicePublicKey, MAX_CSR_BYTES};
 pub use ocsp::{OcspResponder, OcspStatus, ParsedOcspRequest};
 pub use pki::{init_dev_pki, CaMaterial, PkiFiles};
-pub use profile::{issue_device_certificate, DeviceCertificate, DeviceProfile};
+pub use profile::{
+    issue_client_certificate, issue_device_certificate, DeviceCertificate, DeviceProfile,
+};
 pub use signer::{CaSigner, KeyFileSigner};
 
 /// Role names carried in client certificates as a URI SAN `urn:payra:role:<name>`.

@@ -77,6 +77,50 @@ fn authority_info_access(ocsp_url: &str) -> Result<Vec<u8>> {
         .map_err(|e| Error::internal(format!("encoding AIA: {e}")))
 }
 
+/// Signs a client certificate for a payment service or an operator: subject
+/// `CN=<name>, OU=<role>, O=payra`, URI SAN `urn:payra:role:<role>`, KeyUsage
+/// digitalSignature, EKU clientAuth, CA:false, SKI, AKI, CRL distribution point.
+#[allow(clippy::too_many_arguments)]
+pub fn issue_client_certificate(
+    issuer: &Issuer<'static, SharedSigner>,
+    profile: &DeviceProfile,
+    key: &DevicePublicKey,
+    serial: &Serial,
+    role: &str,
+    name: &str,
+    now_s: i64,
+    validity_s: i64,
+) -> Result<DeviceCertificate> {
+    let not_before_s = now_s - profile.backdate_s;
+    let not_after_s = now_s + validity_s;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "payra");
+    dn.push(DnType::OrganizationalUnitName, role);
+    dn.push(DnType::CommonName, name);
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn;
+    params.serial_number = Some(SerialNumber::from_slice(serial.as_bytes()));
+    params.not_before = time_from_unix(not_before_s)?;
+    params.not_after = time_from_unix(not_after_s)?;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    params.use_authority_key_identifier_extension = true;
+    params.subject_alt_names = vec![uri(format!("{ROLE_URI_PREFIX}{role}"))?];
+    params.crl_distribution_points = vec![CrlDistributionPoint {
+        uris: vec![profile.crl_url.clone()],
+    }];
+    let cert = params
+        .signed_by(key, issuer)
+        .map_err(|e| Error::internal(format!("signing client certificate: {e}")))?;
+    Ok(DeviceCertificate {
+        der: cert.der().to_vec(),
+        subject: format!("CN={name},OU={role},O=payra"),
+        not_before_s,
+        not_after_s,
+    })
+}
+
 /// Signs a device certificate for `key`, naming `customer` and `device`.
 ///
 /// Subject `CN=<device>, UID=<customer>, O=payra device`; URI SANs `urn:payra:role:device`,

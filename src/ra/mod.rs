@@ -3,6 +3,7 @@
 //! block on storage sync; the wire layer runs them off the async executor.
 
 mod cache;
+mod clients;
 mod enrollment;
 mod publication;
 mod replay;
@@ -13,6 +14,7 @@ mod throttle;
 pub mod tiers;
 mod verification;
 
+pub use clients::{RevokedClients, CLIENT_ROLES};
 pub use enrollment::{EnrollRequest, EnrollmentToken, Issued, RenewRequest};
 pub use publication::{Publication, PublishedCrl};
 pub use revocation::{CertificatePage, CertificateQuery, RevokeOutcome, MAX_PAGE_SIZE};
@@ -84,6 +86,7 @@ pub struct Ra {
     cache: CertificateCache,
     replay: ReplayGuard,
     enroll_throttle: FailureThrottle,
+    revoked_clients: RevokedClients,
 }
 
 impl Ra {
@@ -95,6 +98,7 @@ impl Ra {
     ) -> Result<Ra> {
         let policy_failures = policy.enroll_failures_per_minute;
         let cache = CertificateCache::load(store.as_ref())?;
+        let revoked_clients = RevokedClients::load(store.as_ref())?;
         let replay = ReplayGuard::with(store.live_nonces(clock.now_ms())?);
         tracing::info!(certificates = cache.len(), "certificate cache loaded");
         let responder = OcspResponder::new(&ca.issuing_der, ca.signer.clone())?;
@@ -109,6 +113,7 @@ impl Ra {
             cache,
             replay,
             enroll_throttle: FailureThrottle::new(policy_failures, 60_000),
+            revoked_clients,
         })
     }
 

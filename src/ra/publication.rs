@@ -167,7 +167,16 @@ impl Ra {
                         },
                         None => OcspStatus::Good,
                     },
-                    Ok(None) => OcspStatus::Unknown,
+                    Ok(None) => match self.store.client_certificate(serial) {
+                        Ok(Some(client)) => match client.revocation {
+                            Some(r) => OcspStatus::Revoked {
+                                revoked_at_s: r.revoked_at_s,
+                                reason: r.reason,
+                            },
+                            None => OcspStatus::Good,
+                        },
+                        _ => OcspStatus::Unknown,
+                    },
                     Err(e) => {
                         tracing::error!(error = %e, "OCSP status lookup failed");
                         return x509_ocsp_internal_error();

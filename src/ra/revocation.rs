@@ -67,6 +67,16 @@ impl Ra {
         serial: &Serial,
         reason: RevocationReason,
     ) -> Result<RevokeOutcome> {
+        if self.store.certificate(serial)?.is_none()
+            && self.store.client_certificate(serial)?.is_some()
+        {
+            let revocation = self.revoke_client(actor, serial, reason)?;
+            return Ok(RevokeOutcome {
+                serials: vec![serial.clone()],
+                revoked_at_s: revocation.revoked_at_s,
+                dry_run: false,
+            });
+        }
         self.revoke_batch(actor, vec![serial.clone()], reason, false)
     }
 

@@ -12,8 +12,8 @@ mod sled_backend;
 pub use audit::{Actor, AuditCheck, AuditEntry, AuditEvent};
 pub use group_commit::GroupCommit;
 pub use records::{
-    CertificateRecord, EvidenceRecord, Revocation, RevokedEntry, TokenHash, TokenRecord,
-    RECORD_VERSION,
+    CertificateRecord, ClientCertificateRecord, EvidenceRecord, Revocation, RevokedEntry,
+    TokenHash, TokenRecord, RECORD_VERSION,
 };
 pub use sled_backend::SledStore;
 
@@ -225,6 +225,28 @@ pub trait Store: Send + Sync {
 
     /// Forgets nonces that expired at or before `now_ms`; returns how many.
     fn purge_nonces(&self, now_ms: i64) -> Result<usize>;
+
+    /// Stores a client certificate unless its serial is known. Returns false (writing
+    /// nothing) when it is. Durable on return.
+    fn put_client_certificate(
+        &self,
+        record: &ClientCertificateRecord,
+        audit: &AuditEvent,
+    ) -> Result<bool>;
+
+    /// The client certificate with `serial`.
+    fn client_certificate(&self, serial: &Serial) -> Result<Option<ClientCertificateRecord>>;
+
+    /// Every client certificate.
+    fn client_certificates(&self) -> Result<Vec<ClientCertificateRecord>>;
+
+    /// Revokes a client certificate (it also goes on the CRL). Durable on return.
+    fn revoke_client_certificate(
+        &self,
+        serial: &Serial,
+        revocation: &Revocation,
+        audit: &AuditEvent,
+    ) -> Result<Result<(), RevokeRejection>>;
 
     /// Up to `limit` audit entries with sequence numbers above `after_seq`, in order.
     fn audit_entries(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>>;

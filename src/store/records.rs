@@ -91,6 +91,22 @@ impl CertificateRecord {
     }
 }
 
+/// A client certificate of a payment service or an operator, keyed by serial.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientCertificateRecord {
+    pub version: u32,
+    pub serial: Serial,
+    /// `service` or `operator`.
+    pub role: String,
+    pub name: String,
+    pub not_before_s: i64,
+    pub not_after_s: i64,
+    pub issued_at_s: i64,
+    pub certificate_b64: String,
+    pub revocation: Option<Revocation>,
+}
+
 /// What payra decided for one VerifyPayment or QualifyTransaction, kept for disputes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -12,7 +12,8 @@ use sled::{Db, Transactional, Tree};
 use super::audit::{chain_hash, AuditBody, AuditEntry, AuditEvent, GENESIS_HASH};
 use super::group_commit::GroupCommit;
 use super::records::{
-    CertificateRecord, EvidenceRecord, Revocation, RevokedEntry, TokenHash, TokenRecord,
+    CertificateRecord, ClientCertificateRecord, EvidenceRecord, Revocation, RevokedEntry,
+    TokenHash, TokenRecord,
 };
 use super::{
     DecisionOutcome, IssueOutcome, NonceClaim, ReleaseRejection, Reservation, RevokeRejection,
@@ -35,6 +36,7 @@ pub struct SledStore {
     evidence: Tree,
     agreed_limits: Tree,
     audit: Tree,
+    client_certificates: Tree,
     commit: GroupCommit,
 }
 
@@ -98,6 +100,7 @@ impl SledStore {
             evidence: db.open_tree("evidence")?,
             agreed_limits: db.open_tree("agreed_limits")?,
             audit: db.open_tree("audit")?,
+            client_certificates: db.open_tree("client_certificates")?,
             db,
             commit,
         })
@@ -554,6 +557,85 @@ impl Store for SledStore {
             self.commit.sync()?;
         }
         Ok(purged)
+    }
+
+    fn put_client_certificate(
+        &self,
+        record: &ClientCertificateRecord,
+        audit: &AuditEvent,
+    ) -> Result<bool> {
+        let value = encode(record)?;
+        let outcome = (&self.client_certificates, &self.audit, &self.meta).transaction(
+            |(clients, log, meta)| {
+                if clients.get(record.serial.as_bytes())?.is_some() {
+                    return Ok(false);
+                }
+                clients.insert(record.serial.as_bytes(), value.as_slice())?;
+                append_audit(log, meta, audit)?;
+                Ok(true)
+            },
+        );
+        let stored = finish(outcome)?;
+        if stored {
+            self.commit.sync()?;
+        }
+        Ok(stored)
+    }
+
+    fn client_certificate(&self, serial: &Serial) -> Result<Option<ClientCertificateRecord>> {
+        self.client_certificates
+            .get(serial.as_bytes())?
+            .map(|bytes| decode(&bytes))
+            .transpose()
+    }
+
+    fn client_certificates(&self) -> Result<Vec<ClientCertificateRecord>> {
+        self.client_certificates
+            .iter()
+            .values()
+            .map(|value| decode(&value?))
+            .collect()
+    }
+
+    fn revoke_client_certificate(
+        &self,
+        serial: &Serial,
+        revocation: &Revocation,
+        audit: &AuditEvent,
+    ) -> Result<std::result::Result<(), RevokeRejection>> {
+        let outcome = (
+            &self.client_certificates,
+            &self.revoked,
+            &self.audit,
+            &self.meta,
+        )
+            .transaction(|(clients, revoked, log, meta)| {
+                let Some(bytes) = clients.get(serial.as_bytes())? else {
+                    return Ok(Err(RevokeRejection::NotFound(serial.clone())));
+                };
+                let mut record: ClientCertificateRecord = decode(&bytes).map_err(abort)?;
+                if let Some(existing) = record.revocation {
+                    return Ok(Err(RevokeRejection::AlreadyRevoked(
+                        serial.clone(),
+                        existing,
+                    )));
+                }
+                record.revocation = Some(*revocation);
+                let entry = RevokedEntry {
+                    serial: serial.clone(),
+                    revocation: *revocation,
+                    not_after_s: record.not_after_s,
+                };
+                revoked.insert(serial.as_bytes(), encode(&entry).map_err(abort)?)?;
+                clients.insert(serial.as_bytes(), encode(&record).map_err(abort)?)?;
+                append_audit(log, meta, audit)?;
+                Ok(Ok(()))
+            });
+        let outcome = finish(outcome)?;
+        if outcome.is_ok() {
+            self.commit.sync()?;
+        }
+        Ok(outcome)
     }
 
     fn audit_entries(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>> {

@@ -14,7 +14,10 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::ca::ROLE_URI_PREFIX;
 use crate::error::{Error, Result};
+use std::sync::Arc;
+
 use crate::model::Serial;
+use crate::ra::Ra;
 use crate::store::Actor;
 
 /// Who is calling.
@@ -66,6 +69,7 @@ pub enum Rpc {
     ListCertificates,
     SetAgreedLimit,
     GetEvidence,
+    IssueClientCertificate,
 }
 
 impl Rpc {
@@ -88,12 +92,13 @@ impl Rpc {
             ("payra.v1.Admin", "ListCertificates") => Rpc::ListCertificates,
             ("payra.v1.Admin", "SetAgreedLimit") => Rpc::SetAgreedLimit,
             ("payra.v1.Admin", "GetEvidence") => Rpc::GetEvidence,
+            ("payra.v1.Admin", "IssueClientCertificate") => Rpc::IssueClientCertificate,
             _ => return None,
         })
     }
 
     /// All RPCs, for tests that walk the whole matrix.
-    pub const ALL: [Rpc; 15] = [
+    pub const ALL: [Rpc; 16] = [
         Rpc::Enroll,
         Rpc::Renew,
         Rpc::CreateEnrollmentToken,
@@ -109,6 +114,7 @@ impl Rpc {
         Rpc::ListCertificates,
         Rpc::SetAgreedLimit,
         Rpc::GetEvidence,
+        Rpc::IssueClientCertificate,
     ];
 
     /// The authorization matrix (docs/security.md shows it as a table). Least privilege:
@@ -128,15 +134,18 @@ impl Rpc {
             | Rpc::GetCertificate
             | Rpc::ListCertificates
             | Rpc::SetAgreedLimit
-            | Rpc::GetEvidence => &[Operator],
+            | Rpc::GetEvidence
+            | Rpc::IssueClientCertificate => &[Operator],
         }
     }
 }
 
-/// The caller named by a verified client certificate (DER).
-pub fn caller_from_certificate(der: &[u8]) -> Result<Caller> {
+/// The caller named by a verified client certificate (DER), and the certificate's serial.
+pub fn caller_from_certificate(der: &[u8]) -> Result<(Caller, Serial)> {
     let (_, cert) = X509Certificate::from_der(der)
         .map_err(|_| Error::Unauthenticated("client certificate does not parse".into()))?;
+    let serial = Serial::from_bytes("serial", cert.raw_serial())
+        .map_err(|_| Error::Unauthenticated("client certificate serial".into()))?;
     let mut role = None;
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
@@ -148,12 +157,9 @@ pub fn caller_from_certificate(der: &[u8]) -> Result<Caller> {
         }
     }
     match role.as_deref() {
-        Some("operator") => Ok(Caller::Operator),
-        Some("service") => Ok(Caller::Service),
-        Some("device") => Ok(Caller::Device(
-            Serial::from_bytes("serial", cert.raw_serial())
-                .map_err(|_| Error::Unauthenticated("client certificate serial".into()))?,
-        )),
+        Some("operator") => Ok((Caller::Operator, serial)),
+        Some("service") => Ok((Caller::Service, serial)),
+        Some("device") => Ok((Caller::Device(serial.clone()), serial)),
         _ => Err(Error::PermissionDenied(
             "client certificate carries no payra role".into(),
         )),
@@ -207,7 +213,7 @@ fn role_list(roles: &[Role]) -> String {
 }
 
 /// The caller named by the client certificate of an HTTP/2 request, if any.
-fn caller_of<B>(request: &http::Request<B>) -> Result<(Caller, Actor)> {
+fn caller_of<B>(request: &http::Request<B>, ra: &Ra) -> Result<(Caller, Actor)> {
     let certs = request
         .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
@@ -215,7 +221,16 @@ fn caller_of<B>(request: &http::Request<B>) -> Result<(Caller, Actor)> {
     match certs {
         Some(certs) if !certs.is_empty() => {
             let der = certs[0].as_ref();
-            let caller = caller_from_certificate(der)?;
+            let (caller, serial) = caller_from_certificate(der)?;
+            // Device certificates are checked by the RPCs that use them (Renew); a revoked
+            // service or operator credential is refused here, for every RPC.
+            if matches!(caller, Caller::Service | Caller::Operator)
+                && ra.revoked_clients().contains(&serial)
+            {
+                return Err(Error::Unauthenticated(format!(
+                    "client certificate {serial} is revoked"
+                )));
+            }
             let role = format!("{:?}", caller.role()).to_lowercase();
             Ok((caller, Actor::with_certificate(&role, der)))
         }
@@ -225,7 +240,7 @@ fn caller_of<B>(request: &http::Request<B>) -> Result<(Caller, Actor)> {
 
 /// Decides a request before routing: `Ok(Some(caller))` for an allowed payra RPC,
 /// `Ok(None)` for the standard services (health, reflection), which anyone may call.
-fn authorize_request<B>(request: &http::Request<B>) -> Result<Option<(Caller, Actor)>> {
+fn authorize_request<B>(request: &http::Request<B>, ra: &Ra) -> Result<Option<(Caller, Actor)>> {
     let path = request.uri().path();
     let Some(rpc) = Rpc::from_path(path) else {
         if path.starts_with("/payra.") {
@@ -233,26 +248,39 @@ fn authorize_request<B>(request: &http::Request<B>) -> Result<Option<(Caller, Ac
         }
         return Ok(None);
     };
-    let (caller, actor) = caller_of(request)?;
+    let (caller, actor) = caller_of(request, ra)?;
     check(rpc, &caller)?;
     Ok(Some((caller, actor)))
 }
 
 /// The tower layer that enforces the authorization matrix for every gRPC request.
-#[derive(Debug, Clone, Default)]
-pub struct AuthLayer;
+#[derive(Clone)]
+pub struct AuthLayer {
+    ra: Arc<Ra>,
+}
+
+impl AuthLayer {
+    /// Checks callers against the matrix and `ra`'s revoked client certificates.
+    pub fn new(ra: Arc<Ra>) -> AuthLayer {
+        AuthLayer { ra }
+    }
+}
 
 impl<S> tower::Layer<S> for AuthLayer {
     type Service = AuthService<S>;
     fn layer(&self, inner: S) -> AuthService<S> {
-        AuthService { inner }
+        AuthService {
+            inner,
+            ra: self.ra.clone(),
+        }
     }
 }
 
 /// See [`AuthLayer`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AuthService<S> {
     inner: S,
+    ra: Arc<Ra>,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = std::result::Result<T, E>> + Send>>;
@@ -271,7 +299,7 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        match authorize_request(&request) {
+        match authorize_request(&request, &self.ra) {
             Ok(caller) => {
                 if let Some((caller, actor)) = caller {
                     request.extensions_mut().insert(caller);

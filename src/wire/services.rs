@@ -582,6 +582,25 @@ impl proto::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn issue_client_certificate(
+        &self,
+        request: Request<proto::IssueClientCertificateRequest>,
+    ) -> Result<Response<proto::IssueClientCertificateResponse>, Status> {
+        let actor = actor(&request);
+        let request = request.into_inner();
+        let ra = self.ra.clone();
+        let issued = blocking(move || {
+            ra.issue_client_certificate(&actor, &request.role, &request.name, &request.csr_der)
+        })
+        .await?;
+        Ok(Response::new(proto::IssueClientCertificateResponse {
+            serial: issued.record.serial.to_hex(),
+            not_after_unix_s: issued.record.not_after_s,
+            certificate_der: issued.certificate_der,
+            chain_der: issued.chain_der,
+        }))
+    }
+
     async fn list_certificates(
         &self,
         request: Request<proto::ListCertificatesRequest>,
