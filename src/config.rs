@@ -5,12 +5,12 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 /// Everything `payra serve` needs to know.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where the gRPC (TLS) listener binds.
@@ -36,7 +36,7 @@ pub struct Config {
 }
 
 /// Payment verification.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct VerificationConfig {
     /// How far an intent's created_at may be from the server's clock, either way.
@@ -50,7 +50,7 @@ impl Default for VerificationConfig {
 }
 
 /// The daily limit ledger. Amounts are fen.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LedgerConfig {
     /// Offset from UTC of the time zone whose calendar day the limits count in. China has
@@ -76,7 +76,7 @@ impl Default for LedgerConfig {
 }
 
 /// CRL and OCSP publication.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RevocationConfig {
     /// nextUpdate of each CRL is thisUpdate plus this; a new CRL is signed at half of it.
@@ -96,7 +96,7 @@ impl Default for RevocationConfig {
 }
 
 /// The certificate profile's adjustable parts.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IssuanceConfig {
     /// Lifetime of a device certificate, in days.
@@ -106,7 +106,7 @@ pub struct IssuanceConfig {
 }
 
 /// Enrollment token lifetimes.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TokenConfig {
     /// TTL used when the request leaves it at 0.
@@ -116,7 +116,7 @@ pub struct TokenConfig {
 }
 
 /// Abuse limits.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitConfig {
     /// Largest gRPC message accepted, in bytes.
@@ -282,6 +282,20 @@ mod tests {
         assert_eq!(config.grpc_addr.port(), 8443);
         assert_eq!(config.issuance.validity_days, 365);
         assert_eq!(config.crl_url(), "http://127.0.0.1:8080/crl");
+    }
+
+    #[test]
+    fn ok_example_file_is_valid_and_states_the_defaults() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/payra.example.toml"))
+                .unwrap();
+        let from_file = Config::from_toml(&text).expect("payra.example.toml is valid");
+        let defaults = Config::default();
+        assert_eq!(
+            serde_json::to_value(&from_file).unwrap(),
+            serde_json::to_value(&defaults).unwrap(),
+            "payra.example.toml must show the defaults"
+        );
     }
 
     #[test]

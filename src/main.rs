@@ -20,8 +20,17 @@ use payra::config::Config;
     about = "RA and issuing CA for mobile-payment device certificates"
 )]
 struct Cli {
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PAYRA_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -37,6 +46,11 @@ enum Command {
     /// Run the server. With no arguments: a development server on loopback, creating
     /// `certs/` and `data/` on first start.
     Serve(ServeArgs),
+    /// Configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
     /// Enrollment tokens (as the payment service).
     Token {
         #[command(subcommand)]
@@ -164,6 +178,18 @@ impl StatusFilter {
             StatusFilter::NotYetValid => P::NotYetValid,
         }) as i32
     }
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file and print the effective configuration (file, then
+    /// environment, then flags) as JSON.
+    Check {
+        /// The TOML file to check.
+        file: PathBuf,
+        #[command(flatten)]
+        overrides: ServeArgs,
+    },
 }
 
 #[derive(Args)]
@@ -349,20 +375,23 @@ enum CertsCommand {
     },
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 type CliResult = Result<(), String>;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -390,6 +419,22 @@ async fn run(cli: Cli) -> CliResult {
             Ok(())
         }
         Command::Serve(args) => serve(args).await,
+        Command::Config {
+            command:
+                ConfigCommand::Check {
+                    file,
+                    mut overrides,
+                },
+        } => {
+            overrides.config = Some(file);
+            let (config, _) = effective_config(overrides)?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&config).map_err(|e| e.to_string())?
+            );
+            eprintln!("configuration is valid");
+            Ok(())
+        }
         Command::Token {
             command:
                 TokenCommand::Create {
@@ -916,7 +961,10 @@ async fn connect(connection: &Connection, credential: Credential) -> Result<Clie
     .map_err(|e| e.to_string())
 }
 
-async fn serve(args: ServeArgs) -> CliResult {
+/// The configuration `serve` would run with: defaults, then the file, then environment and
+/// flags (clap reads each flag's `PAYRA_…` variable when the flag is absent). Also says
+/// whether the certs directory was chosen explicitly.
+fn effective_config(args: ServeArgs) -> Result<(Config, bool), String> {
     let mut config = match &args.config {
         Some(path) => Config::from_file(path).map_err(|e| e.to_string())?,
         None => Config::default(),
@@ -938,7 +986,11 @@ async fn serve(args: ServeArgs) -> CliResult {
         config.public_base_url = url;
     }
     config.validate().map_err(|e| e.to_string())?;
+    Ok((config, explicit_certs))
+}
 
+async fn serve(args: ServeArgs) -> CliResult {
+    let (config, explicit_certs) = effective_config(args)?;
     if !explicit_certs && !PkiFiles::new(&config.certs_dir).root_cert().exists() {
         init_dev_pki(&config.certs_dir, false).map_err(|e| e.to_string())?;
         tracing::warn!(
@@ -954,13 +1006,17 @@ async fn serve(args: ServeArgs) -> CliResult {
     let mut server = payra::server::start(config, Arc::new(SystemClock))
         .await
         .map_err(|e| e.to_string())?;
-    tokio::select! {
-        _ = shutdown_signal() => {
-            tracing::info!("shutting down");
-            server.trigger_shutdown();
-        }
+    shutdown_signal().await;
+    tracing::info!("signal received: draining in-flight requests");
+    server.trigger_shutdown();
+    // Every acknowledged write is already durable, so a drain that overruns its bound loses
+    // nothing; it only cuts off requests that were never answered.
+    match tokio::time::timeout(std::time::Duration::from_secs(30), server.wait()).await {
+        Ok(result) => result.map_err(|e| e.to_string())?,
+        Err(_) => tracing::warn!("drain took longer than 30 s; exiting"),
     }
-    server.wait().await.map_err(|e| e.to_string())
+    tracing::info!("stopped");
+    Ok(())
 }
 
 async fn shutdown_signal() {

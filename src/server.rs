@@ -13,9 +13,11 @@ use crate::ca::CaMaterial;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::ra::{Ra, RaPolicy};
 use crate::store::{SledStore, Store};
 use crate::wire::listener::limited_incoming;
+use crate::wire::observe::ObserveLayer;
 use crate::wire::proto;
 use crate::wire::{AdminService, EnrollmentService, RegistrationService, VerificationService};
 
@@ -59,11 +61,13 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
     let passphrase = ca_key_passphrase(&config)?;
     let ca = Arc::new(CaMaterial::load(&config.certs_dir, passphrase.as_deref())?);
     let store = Arc::new(SledStore::open(&config.data_dir)?);
+    let metrics = Arc::new(Metrics::new());
     let ra = Arc::new(Ra::new(
         store.clone() as Arc<dyn Store>,
         ca.clone(),
         clock,
         RaPolicy::from_config(&config),
+        metrics.clone(),
     )?);
 
     ra.register_bootstrap_clients(&config.certs_dir)?;
@@ -104,7 +108,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         )))
         .tls_config(tls)
         .map_err(|e| Error::FailedPrecondition(format!("TLS configuration: {e}")))?
-        .layer(crate::wire::auth::AuthLayer::new(ra.clone()))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(ObserveLayer::new(metrics.clone()))
+                .layer(crate::wire::auth::AuthLayer::new(ra.clone()))
+                .into_inner(),
+        )
         .add_service(health_service)
         .add_service(reflection)
         .add_service(
@@ -140,7 +149,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         let _ = http_stop_tx.send(());
         result
     });
-    let http = tokio::spawn(crate::http::serve(http_listener, ra.clone(), async {
+    let sync_source = store.clone();
+    let http_state = crate::http::HttpState {
+        ra: ra.clone(),
+        storage_syncs: Arc::new(move || sync_source.group_commit().syncs()),
+    };
+    let http = tokio::spawn(crate::http::serve(http_listener, http_state, async {
         let _ = http_stop_rx.await;
     }));
     let crl_task = tokio::spawn(keep_crl_current(ra.clone()));

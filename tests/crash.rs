@@ -22,6 +22,10 @@ struct Process {
 
 /// Starts `payra serve` on ephemeral ports and waits for the line that names them.
 fn spawn(certs: &std::path::Path, data: &std::path::Path) -> Process {
+    spawn_with(certs, data, "text")
+}
+
+fn spawn_with(certs: &std::path::Path, data: &std::path::Path, log_format: &str) -> Process {
     let mut child = Command::new(env!("CARGO_BIN_EXE_payra"))
         .args([
             "serve",
@@ -33,6 +37,8 @@ fn spawn(certs: &std::path::Path, data: &std::path::Path) -> Process {
             "127.0.0.1:0",
             "--http-addr",
             "127.0.0.1:0",
+            "--log-format",
+            log_format,
         ])
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
@@ -44,6 +50,14 @@ fn spawn(certs: &std::path::Path, data: &std::path::Path) -> Process {
     let mut lines = BufReader::new(stderr).lines();
     let addr = loop {
         let line = lines.next().expect("server exited before serving").unwrap();
+        if log_format == "json" {
+            let entry: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+            if let Some(addr) = entry["fields"]["grpc_addr"].as_str() {
+                break addr.to_string();
+            }
+            continue;
+        }
         if let Some(rest) = line.split("grpc_addr=").nth(1) {
             break rest.split_whitespace().next().unwrap().to_string();
         }
@@ -334,4 +348,89 @@ async fn sigkill_loses_nothing_acknowledged() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains("audit log intact"), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_drains_exits_zero_and_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let data = dir.path().join("data");
+    payra::ca::init_dev_pki(&certs, false).unwrap();
+    let mut server = spawn_with(&certs, &data, "json");
+
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let progress = Arc::new(tokio::sync::Notify::new());
+    let mut workers = Vec::new();
+    for worker in 0..4 {
+        let acked = acked.clone();
+        let progress = progress.clone();
+        let url = server.url.clone();
+        let certs = certs.clone();
+        workers.push(tokio::spawn(async move {
+            let Some(service) = connect(&url, &certs, Credential::role(&certs, "service")).await
+            else {
+                return;
+            };
+            let Some(phone) = connect(&url, &certs, Credential::None).await else {
+                return;
+            };
+            for i in 0..1000 {
+                let Ok(token) = service
+                    .create_enrollment_token(&format!("t{worker}"), 0)
+                    .await
+                else {
+                    return;
+                };
+                let csr = DeviceKey::generate().csr_der("d").unwrap();
+                let Ok(issued) = phone
+                    .enroll(&token.token, csr, &format!("d{worker}-{i}"), device_info())
+                    .await
+                else {
+                    return;
+                };
+                acked.lock().unwrap().push(issued.serial);
+                progress.notify_one();
+            }
+        }));
+    }
+    while acked.lock().unwrap().len() < 40 {
+        progress.notified().await;
+    }
+    let pid = server.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let status = server.child.wait().unwrap();
+    assert!(status.success(), "SIGTERM exits 0, got {status:?}");
+    for worker in workers {
+        let _ = worker.await;
+    }
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+
+    let mut server = spawn(&certs, &data);
+    let operator = connect(&server.url, &certs, Credential::role(&certs, "operator"))
+        .await
+        .unwrap();
+    let mut lost = 0;
+    for serial in &acked {
+        if operator
+            .admin()
+            .get_certificate(proto::GetCertificateRequest {
+                serial: serial.clone(),
+            })
+            .await
+            .is_err()
+        {
+            lost += 1;
+        }
+    }
+    eprintln!(
+        "sigterm check: {} enrollments acknowledged; {lost} lost",
+        acked.len()
+    );
+    assert_eq!(lost, 0);
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
 }

@@ -1,5 +1,6 @@
-//! The plain-HTTP listener for relying parties: the CRL, the OCSP responder (RFC 6960 GET and
-//! POST), and health. Plain HTTP on purpose: CRLs and OCSP responses are signed objects.
+//! The plain-HTTP listener: the CRL and the OCSP responder (RFC 6960 GET and POST) for
+//! relying parties, Prometheus metrics, liveness and readiness. Plain HTTP on purpose: CRLs
+//! and OCSP responses are signed objects, and metrics carry no secrets.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -16,19 +17,28 @@ use tokio::net::TcpListener;
 use crate::ca::ocsp::MAX_OCSP_REQUEST_BYTES;
 use crate::ra::Ra;
 
+/// What the HTTP handlers need.
+#[derive(Clone)]
+pub struct HttpState {
+    pub ra: Arc<Ra>,
+    /// Durable syncs so far, for the metrics.
+    pub storage_syncs: Arc<dyn Fn() -> u64 + Send + Sync>,
+}
+
 /// Serves the HTTP routes on `listener` until `stop` completes.
 pub async fn serve(
     listener: TcpListener,
-    ra: Arc<Ra>,
+    state: HttpState,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(ra))
+    axum::serve(listener, router(state))
         .with_graceful_shutdown(stop)
         .await
 }
 
 /// The routes, for serving and for tests.
-pub fn router(ra: Arc<Ra>) -> Router {
+pub fn router(state: HttpState) -> Router {
+    let ra = state.ra.clone();
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/crl", get(crl))
@@ -36,6 +46,43 @@ pub fn router(ra: Arc<Ra>) -> Router {
         .route("/ocsp/{*request}", get(ocsp_get))
         .layer(DefaultBodyLimit::max(MAX_OCSP_REQUEST_BYTES))
         .with_state(ra)
+        .merge(
+            Router::new()
+                .route("/metrics", get(metrics))
+                .route("/readyz", get(readyz))
+                .with_state(state),
+        )
+}
+
+async fn metrics(State(state): State<HttpState>) -> Response {
+    let syncs = (state.storage_syncs)();
+    state.ra.refresh_gauges(syncs);
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.ra.metrics().render(),
+    )
+        .into_response()
+}
+
+/// Ready when storage takes a durable write and the CA key signs.
+async fn readyz(State(state): State<HttpState>) -> Response {
+    let ra = state.ra.clone();
+    let checked = tokio::task::spawn_blocking(move || {
+        ra.storage_writable()?;
+        ra.ca().signer.sign(b"payra readiness probe").map(|_| ())
+    })
+    .await;
+    match checked {
+        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "not ready");
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "readiness task failed");
+            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+        }
+    }
 }
 
 async fn crl(State(ra): State<Arc<Ra>>) -> Response {

@@ -97,6 +97,36 @@ impl CertificateCache {
         }
     }
 
+    /// Certificates by status name at `now_s`.
+    pub fn count_by_status(&self, now_s: i64) -> Vec<(&'static str, usize)> {
+        use super::status::{CertificateStatus, StatusView};
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let mut counts = [0usize; 6];
+        for cert in map.values() {
+            let view = StatusView::at(cert.not_before_s, cert.not_after_s, cert.revocation, now_s);
+            let index = match view.status {
+                CertificateStatus::Valid => 0,
+                CertificateStatus::Revoked => 1,
+                CertificateStatus::Expired => 2,
+                CertificateStatus::Superseded => 3,
+                CertificateStatus::OnHold => 4,
+                CertificateStatus::NotYetValid => 5,
+            };
+            counts[index] += 1;
+        }
+        [
+            "valid",
+            "revoked",
+            "expired",
+            "superseded",
+            "on_hold",
+            "not_yet_valid",
+        ]
+        .into_iter()
+        .zip(counts)
+        .collect()
+    }
+
     /// How many certificates are cached.
     pub(crate) fn len(&self) -> usize {
         self.map.read().unwrap_or_else(|p| p.into_inner()).len()

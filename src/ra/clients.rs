@@ -142,6 +142,10 @@ impl Ra {
         if !self.store.put_client_certificate(&record, &audit)? {
             return Err(Error::internal("random serial collided"));
         }
+        self.metrics
+            .certificates_issued
+            .with_label_values(&["client"])
+            .inc();
         tracing::info!(serial = %serial, role, name, "client certificate issued");
         Ok(Issued {
             record: crate::store::CertificateRecord {
@@ -202,6 +206,10 @@ impl Ra {
             }
         }
         self.revoked_clients.insert(serial.clone());
+        self.metrics
+            .certificates_revoked
+            .with_label_values(&[reason.cli_name()])
+            .inc();
         self.publication.revocation_changed();
         tracing::info!(serial = %serial, reason = reason.cli_name(), "client certificate revoked");
         Ok(revocation)

@@ -131,6 +131,7 @@ impl Ra {
         let now_s = now_ms.div_euclid(1000);
         if let Some(peer) = request.peer {
             if let Some(until_ms) = self.enroll_throttle.blocked_until(peer, now_ms) {
+                self.metrics.enroll_throttled.inc();
                 return Err(Error::ResourceExhausted(format!(
                     "too many failed enrollment attempts from {peer}; retry after {until_ms} (Unix ms)"
                 )));
@@ -198,6 +199,10 @@ impl Ra {
             }
         }
         self.cache.put(&record);
+        self.metrics
+            .certificates_issued
+            .with_label_values(&["enroll"])
+            .inc();
         tracing::info!(
             serial = %record.serial,
             customer = %record.customer_id,
@@ -303,6 +308,10 @@ impl Ra {
             }),
         );
         self.publication.revocation_changed();
+        self.metrics
+            .certificates_issued
+            .with_label_values(&["renew"])
+            .inc();
         tracing::info!(
             old = %current.serial,
             new = %record.serial,

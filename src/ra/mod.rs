@@ -34,6 +34,7 @@ use crate::ca::{CaMaterial, DeviceProfile, OcspResponder};
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::model::Serial;
 use crate::store::{CertificateRecord, Store};
 
@@ -87,6 +88,7 @@ pub struct Ra {
     replay: ReplayGuard,
     enroll_throttle: FailureThrottle,
     revoked_clients: RevokedClients,
+    metrics: Arc<Metrics>,
 }
 
 impl Ra {
@@ -95,6 +97,7 @@ impl Ra {
         ca: Arc<CaMaterial>,
         clock: Arc<dyn Clock>,
         policy: RaPolicy,
+        metrics: Arc<Metrics>,
     ) -> Result<Ra> {
         let policy_failures = policy.enroll_failures_per_minute;
         let cache = CertificateCache::load(store.as_ref())?;
@@ -114,7 +117,39 @@ impl Ra {
             replay,
             enroll_throttle: FailureThrottle::new(policy_failures, 60_000),
             revoked_clients,
+            metrics,
         })
+    }
+
+    /// The metrics this RA updates.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Brings the state gauges (certificates by status, CRL age, syncs) up to date; called
+    /// when `/metrics` is scraped.
+    pub fn refresh_gauges(&self, storage_syncs: u64) {
+        let now_s = self.clock.now_s();
+        for (status, count) in self.cache.count_by_status(now_s) {
+            self.metrics
+                .certificates
+                .with_label_values(&[status])
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+        if let Some(crl) = self.publication.last_crl() {
+            self.metrics.crl_age_seconds.set(now_s - crl.this_update_s);
+            self.metrics
+                .crl_number
+                .set(i64::try_from(crl.number).unwrap_or(i64::MAX));
+        }
+        self.metrics
+            .storage_syncs
+            .set(i64::try_from(storage_syncs).unwrap_or(i64::MAX));
+    }
+
+    /// Whether storage accepts a durable write now (for `/readyz`).
+    pub fn storage_writable(&self) -> Result<()> {
+        self.store.probe_write()
     }
 
     /// CRL and OCSP state (for the background CRL task).

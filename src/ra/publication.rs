@@ -71,6 +71,11 @@ impl Publication {
         &self.crl_wakeup
     }
 
+    /// The CRL served last, if any.
+    pub fn last_crl(&self) -> Option<PublishedCrl> {
+        self.crl.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// Seconds between CRL rebuilds when nothing changes.
     pub fn crl_refresh_s(&self) -> i64 {
         self.crl_validity_s / 2
@@ -150,6 +155,10 @@ impl Ra {
                     if hit.generation == generation
                         && now_s < hit.this_update_s + publication.ocsp_validity_s / 2
                     {
+                        self.metrics
+                            .ocsp_responses
+                            .with_label_values(&["cache"])
+                            .inc();
                         return hit.der.clone();
                     }
                 }
@@ -197,6 +206,10 @@ impl Ra {
                 return x509_ocsp_internal_error();
             }
         };
+        self.metrics
+            .ocsp_responses
+            .with_label_values(&["signed"])
+            .inc();
         // Unknown answers are not cached: the serial may be issued a moment later.
         if let (true, Some(key), Some(status)) = (cacheable, cache_key, statuses.first()) {
             if *status != OcspStatus::Unknown {

@@ -171,6 +171,10 @@ impl Ra {
             )?
             .map_err(rejection_error)?;
         self.cache.set_revocation(&serials, Some(revocation));
+        self.metrics
+            .certificates_revoked
+            .with_label_values(&[reason.cli_name()])
+            .inc_by(serials.len() as u64);
         self.publication.revocation_changed();
         for serial in &serials {
             tracing::info!(serial = %serial, reason = reason.cli_name(), "certificate revoked");

@@ -556,6 +556,20 @@ impl Ra {
                 None,
             );
         }
+        self.metrics
+            .verifications
+            .with_label_values(&[verdict.name(), tier.letter()])
+            .inc();
+        if reservation.is_some() {
+            let outcome_name = match outcome {
+                DecisionOutcome::Recorded { reserved: true, .. } => "reserved",
+                _ => "over_limit",
+            };
+            self.metrics
+                .reservations
+                .with_label_values(&[outcome_name])
+                .inc();
+        }
         let (reserved, used_after) = match outcome {
             DecisionOutcome::Recorded { reserved, used_fen } => (reserved, used_fen),
             DecisionOutcome::NonceReplayed => (false, 0),
@@ -626,6 +640,10 @@ impl Ra {
             .clone()
             .ok_or_else(|| Error::internal("released evidence without a customer"))?;
         let limit_fen = self.limit_for(&customer, record.tier)?;
+        self.metrics
+            .reservations
+            .with_label_values(&["released"])
+            .inc();
         tracing::info!(
             evidence = evidence_id,
             amount = record.reserved_fen,

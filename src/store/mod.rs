@@ -248,6 +248,9 @@ pub trait Store: Send + Sync {
         audit: &AuditEvent,
     ) -> Result<Result<(), RevokeRejection>>;
 
+    /// Writes and syncs a probe record; fails if storage cannot take a durable write.
+    fn probe_write(&self) -> Result<()>;
+
     /// Up to `limit` audit entries with sequence numbers above `after_seq`, in order.
     fn audit_entries(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>>;
 

@@ -638,6 +638,11 @@ impl Store for SledStore {
         Ok(outcome)
     }
 
+    fn probe_write(&self) -> Result<()> {
+        self.meta.insert(b"ready_probe", &[1u8] as &[u8])?;
+        self.commit.sync()
+    }
+
     fn audit_entries(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>> {
         self.audit
             .range((after_seq.saturating_add(1)).to_be_bytes()..)

@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod listener;
+pub mod observe;
 mod services;
 mod status;
 

@@ -1,0 +1,176 @@
+//! Prometheus metrics of one running payra. Counters are updated where things happen (the
+//! RPC layer, the RA); gauges that describe state (certificates by status, CRL age) are
+//! computed when `/metrics` is scraped.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// All of payra's metrics, registered in their own registry.
+pub struct Metrics {
+    registry: Registry,
+    pub rpc_requests: IntCounterVec,
+    pub rpc_latency: HistogramVec,
+    pub certificates_issued: IntCounterVec,
+    pub certificates_revoked: IntCounterVec,
+    pub verifications: IntCounterVec,
+    pub reservations: IntCounterVec,
+    pub certificates: IntGaugeVec,
+    pub crl_age_seconds: IntGauge,
+    pub crl_number: IntGauge,
+    pub storage_syncs: IntGauge,
+    pub build_info: IntGaugeVec,
+    pub ocsp_responses: IntCounterVec,
+    pub enroll_throttled: IntCounter,
+}
+
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: T) -> T {
+    // Names are fixed and distinct, so registration cannot collide; a failure would be a
+    // programming error caught by the metrics test.
+    let _ = registry.register(Box::new(metric.clone()));
+    metric
+}
+
+impl Metrics {
+    /// A fresh set of metrics.
+    pub fn new() -> Metrics {
+        let registry = Registry::new();
+        // These constructors fail only on invalid names or label sets, which are constants.
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels)
+                .unwrap_or_else(|e| panic!("metric {name}: {e}"))
+        };
+        let gauge = |name: &str, help: &str| {
+            IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"))
+        };
+        Metrics {
+            rpc_requests: register(
+                &registry,
+                counter_vec(
+                    "payra_rpc_requests_total",
+                    "gRPC requests by method and status code",
+                    &["method", "code"],
+                ),
+            ),
+            rpc_latency: register(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new("payra_rpc_duration_seconds", "gRPC latency by method")
+                        .buckets(vec![
+                            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        ]),
+                    &["method", "code"],
+                )
+                .unwrap_or_else(|e| panic!("metric payra_rpc_duration_seconds: {e}")),
+            ),
+            certificates_issued: register(
+                &registry,
+                counter_vec(
+                    "payra_certificates_issued_total",
+                    "certificates issued, by kind (enroll, renew, client)",
+                    &["kind"],
+                ),
+            ),
+            certificates_revoked: register(
+                &registry,
+                counter_vec(
+                    "payra_certificates_revoked_total",
+                    "certificates revoked, by reason",
+                    &["reason"],
+                ),
+            ),
+            verifications: register(
+                &registry,
+                counter_vec(
+                    "payra_verifications_total",
+                    "VerifyPayment and QualifyTransaction decisions by verdict and tier",
+                    &["verdict", "tier"],
+                ),
+            ),
+            reservations: register(
+                &registry,
+                counter_vec(
+                    "payra_ledger_reservations_total",
+                    "ledger reservations by outcome (reserved, over_limit, released)",
+                    &["outcome"],
+                ),
+            ),
+            certificates: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("payra_certificates", "device certificates by status"),
+                    &["status"],
+                )
+                .unwrap_or_else(|e| panic!("metric payra_certificates: {e}")),
+            ),
+            crl_age_seconds: register(
+                &registry,
+                gauge(
+                    "payra_crl_age_seconds",
+                    "seconds since the current CRL was signed",
+                ),
+            ),
+            crl_number: register(
+                &registry,
+                gauge("payra_crl_number", "number of the current CRL"),
+            ),
+            storage_syncs: register(
+                &registry,
+                gauge(
+                    "payra_storage_syncs",
+                    "durable syncs since start (group commit: fewer than writes under load)",
+                ),
+            ),
+            build_info: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("payra_build_info", "build information; the value is 1"),
+                    &["version"],
+                )
+                .unwrap_or_else(|e| panic!("metric payra_build_info: {e}")),
+            ),
+            ocsp_responses: register(
+                &registry,
+                counter_vec(
+                    "payra_ocsp_responses_total",
+                    "OCSP answers by source (cache, signed)",
+                    &["source"],
+                ),
+            ),
+            enroll_throttled: register(
+                &registry,
+                IntCounter::new(
+                    "payra_enroll_throttled_total",
+                    "Enroll calls refused by the per-peer failure limit",
+                )
+                .unwrap_or_else(|e| panic!("metric payra_enroll_throttled_total: {e}")),
+            ),
+            registry,
+        }
+        .with_build_info()
+    }
+
+    fn with_build_info(self) -> Metrics {
+        self.build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        self
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buffer) {
+            tracing::error!(error = %e, "encoding metrics");
+        }
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}

@@ -1,0 +1,252 @@
+//! End to end: metrics, health, reflection, readiness, request ids and configuration
+//! precedence.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use payra::wire::proto;
+
+/// Parses Prometheus text exposition into `name{labels}` → value, failing on any line that is
+/// not a comment, blank, or `series value`.
+fn parse_metrics(text: &str) -> HashMap<String, f64> {
+    let mut series = HashMap::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+        let metric = name.split('{').next().unwrap();
+        assert!(
+            metric
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name in {line:?}"
+        );
+        series.insert(name.to_string(), value);
+    }
+    series
+}
+
+async fn scrape(server: &TestServer) -> HashMap<String, f64> {
+    let (code, headers, body) = http_get(&server.http_url("/metrics")).await;
+    assert_eq!(code, 200);
+    assert!(
+        headers.to_ascii_lowercase().contains("text/plain"),
+        "{headers}"
+    );
+    parse_metrics(&String::from_utf8(body).unwrap())
+}
+
+fn value(series: &HashMap<String, f64>, key: &str) -> f64 {
+    series.get(key).copied().unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn ok_metrics_parse_and_move_with_traffic() {
+    let server = TestServer::start().await;
+    let before = scrape(&server).await;
+    assert_eq!(value(&before, "payra_build_info{version=\"0.1.0\"}"), 1.0);
+
+    let (key, issued) = server.enroll("metrics", "m-phone").await;
+    let intent = proto::PaymentIntent {
+        customer_id: "metrics".into(),
+        device_id: "m-phone".into(),
+        merchant_id: "m".into(),
+        order_id: "o".into(),
+        amount_fen: 100,
+        currency: "CNY".into(),
+        created_at_ms: payra::clock::Clock::now_ms(&server.clock),
+        nonce: payra::client::random_nonce(),
+        scene: proto::Scene::InApp as i32,
+    };
+    let bytes = payra::client::encode_intent(&intent);
+    server
+        .service()
+        .await
+        .verification()
+        .verify_payment(proto::VerifyPaymentRequest {
+            signature: key.sign_intent(&bytes),
+            intent: bytes,
+            certificate_serial: issued.serial.clone(),
+            transaction: Some(proto::Transaction {
+                merchant_id: "m".into(),
+                order_id: "o".into(),
+                amount_fen: 100,
+                currency: "CNY".into(),
+            }),
+            factors: vec![],
+            reserve: true,
+        })
+        .await
+        .unwrap();
+    server
+        .revoke(&issued.serial, proto::RevocationReason::KeyCompromise)
+        .await;
+    let _ = http_get(&server.http_url("/crl")).await;
+
+    let after = scrape(&server).await;
+    let delta = |key: &str| value(&after, key) - value(&before, key);
+    assert_eq!(
+        delta("payra_certificates_issued_total{kind=\"enroll\"}"),
+        1.0
+    );
+    assert_eq!(
+        delta("payra_rpc_requests_total{code=\"OK\",method=\"Enroll\"}"),
+        1.0
+    );
+    assert_eq!(
+        delta("payra_rpc_requests_total{code=\"OK\",method=\"VerifyPayment\"}"),
+        1.0
+    );
+    assert_eq!(
+        delta("payra_verifications_total{tier=\"C\",verdict=\"VERIFIED\"}"),
+        1.0
+    );
+    assert_eq!(
+        delta("payra_ledger_reservations_total{outcome=\"reserved\"}"),
+        1.0
+    );
+    assert_eq!(
+        delta("payra_certificates_revoked_total{reason=\"key-compromise\"}"),
+        1.0
+    );
+    assert_eq!(value(&after, "payra_certificates{status=\"revoked\"}"), 1.0);
+    assert!(value(&after, "payra_crl_number") >= 1.0);
+    assert!(value(&after, "payra_storage_syncs") >= 1.0);
+    assert!(
+        delta("payra_rpc_duration_seconds_count{code=\"OK\",method=\"Enroll\"}") == 1.0,
+        "latency histogram counts the call"
+    );
+}
+
+#[tokio::test]
+async fn ok_health_readiness_reflection_and_request_ids() {
+    let server = TestServer::start().await;
+    let (code, _, body) = http_get(&server.http_url("/healthz")).await;
+    assert_eq!((code, body.as_slice()), (200, &b"ok\n"[..]));
+    let (code, _, body) = http_get(&server.http_url("/readyz")).await;
+    assert_eq!((code, body.as_slice()), (200, &b"ready\n"[..]));
+
+    let channel = server.anonymous().await.channel();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    for service in ["", "payra.v1.Enrollment", "payra.v1.Admin"] {
+        let status = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(
+            status,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32,
+            "{service:?}"
+        );
+    }
+
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "payra.v1.Enrollment",
+        "payra.v1.Registration",
+        "payra.v1.Verification",
+        "payra.v1.Admin",
+    ] {
+        assert!(names.contains(&expected.to_string()), "{names:?}");
+    }
+
+    let response = server
+        .service()
+        .await
+        .registration()
+        .create_enrollment_token(proto::CreateEnrollmentTokenRequest {
+            customer_id: "x".into(),
+            ttl_s: 0,
+        })
+        .await
+        .unwrap();
+    let id = response
+        .metadata()
+        .get("x-request-id")
+        .expect("request id")
+        .to_str()
+        .unwrap();
+    assert_eq!(id.len(), 16);
+}
+
+#[test]
+fn config_precedence_is_flags_then_environment_then_file_then_defaults() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("payra.toml");
+    std::fs::write(&file, "grpc_addr = \"127.0.0.1:1111\"\nhttp_addr = \"127.0.0.1:2222\"\n[ledger]\nlimit_b_fen = 123\n").unwrap();
+    let check = |env: &[(&str, &str)], flags: &[&str]| -> serde_json::Value {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_payra"));
+        command
+            .args(["config", "check", path_str(&file)])
+            .args(flags);
+        command
+            .env_remove("PAYRA_GRPC_ADDR")
+            .env_remove("PAYRA_HTTP_ADDR");
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let output = command.output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        serde_json::from_slice(&output.stdout).unwrap()
+    };
+    let file_only = check(&[], &[]);
+    assert_eq!(
+        file_only["grpc_addr"], "127.0.0.1:1111",
+        "file over defaults"
+    );
+    assert_eq!(file_only["ledger"]["limit_b_fen"], 123);
+    assert_eq!(
+        file_only["ledger"]["limit_c_fen"], 100000,
+        "defaults where the file is silent"
+    );
+    let env = check(&[("PAYRA_GRPC_ADDR", "127.0.0.1:3333")], &[]);
+    assert_eq!(env["grpc_addr"], "127.0.0.1:3333", "environment over file");
+    assert_eq!(env["http_addr"], "127.0.0.1:2222");
+    let flag = check(
+        &[("PAYRA_GRPC_ADDR", "127.0.0.1:3333")],
+        &["--grpc-addr", "127.0.0.1:4444"],
+    );
+    assert_eq!(flag["grpc_addr"], "127.0.0.1:4444", "flag over environment");
+
+    std::fs::write(&file, "[ledger]\nlimit_bb_fen = 1\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_payra"))
+        .args(["config", "check", path_str(&file)])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("limit_bb_fen"));
+}
