@@ -81,6 +81,25 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Take a consistent online backup through the running server (as an operator).
+    Backup {
+        /// The backup file to write (written to FILE.partial, synced, then renamed).
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Restore a backup into a data directory, with the server stopped. Refuses a corrupted
+    /// file, and refuses to un-revoke: if the current data holds revocations the backup lacks,
+    /// it lists them and stops unless --force. The replaced data is kept beside it.
+    Restore {
+        file: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// Restore even though revocations in the current data would be lost.
+        #[arg(long)]
+        force: bool,
+    },
     /// The hash-chained audit log, read offline from a stopped server's data directory.
     Audit {
         #[command(subcommand)]
@@ -532,6 +551,8 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::Revoke(args) => revoke(args).await,
         Command::Audit { command } => audit(command),
+        Command::Backup { out, connection } => backup(&out, &connection).await,
+        Command::Restore { file, data, force } => restore(&file, &data, force),
         Command::IssueClient {
             role,
             name,
@@ -711,6 +732,91 @@ fn audit(command: AuditCommand) -> CliResult {
             Ok(())
         }
     }
+}
+
+async fn backup(out: &Path, connection: &Connection) -> CliResult {
+    use payra::store::backup::{verify_backup, write_file_atomically};
+    let client = connect(connection, Credential::role(&connection.certs, "operator")).await?;
+    let mut stream = client
+        .admin()
+        .create_backup(payra::wire::proto::CreateBackupRequest {})
+        .await
+        .map_err(status_message)?
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await.map_err(status_message)? {
+        bytes.extend_from_slice(&chunk.data);
+        eprint!("\rreceived {} KiB", bytes.len() / 1024);
+    }
+    eprintln!();
+    write_file_atomically(out, |w| w.write_all(&bytes).map_err(payra::Error::from))
+        .map_err(|e| e.to_string())?;
+    let (summary, _) = verify_backup(out).map_err(|e| e.to_string())?;
+    println!(
+        "backup written to {}: {} entries in {} trees, sha256 {}",
+        out.display(),
+        summary.entries,
+        summary.trees,
+        summary.sha256
+    );
+    Ok(())
+}
+
+fn restore(file: &Path, data: &Path, force: bool) -> CliResult {
+    use payra::store::backup::{import_backup, verify_backup};
+    use payra::store::Store;
+    let (summary, backup_revoked) = verify_backup(file).map_err(|e| e.to_string())?;
+    if data.join("db").exists() {
+        let lost: Vec<String> = {
+            let current = open_data(data)?;
+            current
+                .revoked_entries()
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .filter(|entry| !backup_revoked.contains(&entry.serial))
+                .map(|entry| {
+                    format!(
+                        "{} ({} at {})",
+                        entry.serial,
+                        entry.revocation.reason.cli_name(),
+                        entry.revocation.revoked_at_s
+                    )
+                })
+                .collect()
+        };
+        if !lost.is_empty() && !force {
+            return Err(format!(
+                "restoring would un-revoke {} certificate(s) revoked after the backup: {}{}; \
+                 revoke them again after restoring, or pass --force",
+                lost.len(),
+                lost.iter().take(20).cloned().collect::<Vec<_>>().join(", "),
+                if lost.len() > 20 { ", ..." } else { "" }
+            ));
+        }
+        let now = payra::clock::Clock::now_s(&SystemClock);
+        let aside = data.with_file_name(format!(
+            "{}.before-restore-{now}",
+            data.file_name().and_then(|n| n.to_str()).unwrap_or("data")
+        ));
+        std::fs::rename(data, &aside).map_err(|e| format!("{}: {e}", data.display()))?;
+        eprintln!("current data moved to {}", aside.display());
+        if !lost.is_empty() {
+            eprintln!(
+                "warning: {} revocation(s) lost by --force: {}",
+                lost.len(),
+                lost.join(", ")
+            );
+        }
+    }
+    import_backup(file, data).map_err(|e| e.to_string())?;
+    println!(
+        "restored {} entries in {} trees into {} (backup sha256 {})",
+        summary.entries,
+        summary.trees,
+        data.display(),
+        summary.sha256
+    );
+    Ok(())
 }
 
 struct PayArgs {

@@ -44,8 +44,11 @@ echo "== payra init"
 
 echo "== payra serve"
 log="$work/server.log"
-# NO_COLOR keeps ANSI colour codes out of the log, so that "grpc_addr=" can be matched.
-NO_COLOR=1 "$payra" serve --certs "$work/certs" --data "$work/data" \
+# The wait below reads the text log line "payra is serving grpc_addr=...": force the text
+# format at info level without colour codes, whatever the caller's environment says, and
+# keep a caller's PAYRA_CONFIG file out of this throwaway server.
+env -u PAYRA_LOG_FORMAT -u PAYRA_CONFIG RUST_LOG=info NO_COLOR=1 \
+    "$payra" serve --certs "$work/certs" --data "$work/data" \
     --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 2>"$log" &
 server_pid=$!
 

@@ -36,6 +36,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::Serial;
+use crate::store::Actor;
 use crate::store::{CertificateRecord, Store};
 
 /// Policy numbers the RA needs from configuration.
@@ -48,6 +49,8 @@ pub struct RaPolicy {
     pub ocsp_validity_s: i64,
     pub ledger: LedgerPolicy,
     pub enroll_failures_per_minute: u32,
+    /// Where temporary backup files are written (the data directory).
+    pub scratch_dir: std::path::PathBuf,
 }
 
 impl RaPolicy {
@@ -73,6 +76,7 @@ impl RaPolicy {
                 skew_ms: i64::from(config.verification.skew_s) * 1000,
             },
             enroll_failures_per_minute: config.limits.enroll_failures_per_minute,
+            scratch_dir: config.data_dir.clone(),
         }
     }
 }
@@ -145,6 +149,30 @@ impl Ra {
         self.metrics
             .storage_syncs
             .set(i64::try_from(storage_syncs).unwrap_or(i64::MAX));
+    }
+
+    /// Writes a consistent backup to a temporary file in the data directory and returns its
+    /// path; the caller streams and removes it.
+    pub fn backup_to_file(&self, actor: &Actor) -> Result<std::path::PathBuf> {
+        let now_ms = self.clock.now_ms();
+        let path = self
+            .policy
+            .scratch_dir
+            .join(format!("backup-{now_ms}-{}.tmp", Serial::random().to_hex()));
+        let summary = {
+            let file = std::fs::File::create(&path)?;
+            let mut out = std::io::BufWriter::new(file);
+            let summary = self.store.export(&mut out, now_ms)?;
+            std::io::Write::flush(&mut out)?;
+            summary
+        };
+        tracing::info!(
+            actor = %actor.role,
+            entries = summary.entries,
+            sha256 = %summary.sha256,
+            "backup taken"
+        );
+        Ok(path)
     }
 
     /// Whether storage accepts a durable write now (for `/readyz`).

@@ -3,6 +3,7 @@
 //! is on stable storage, and changes that belong together commit atomically.
 
 pub mod audit;
+pub mod backup;
 #[cfg(test)]
 mod conformance;
 mod group_commit;
@@ -247,6 +248,13 @@ pub trait Store: Send + Sync {
         revocation: &Revocation,
         audit: &AuditEvent,
     ) -> Result<Result<(), RevokeRejection>>;
+
+    /// Writes a consistent, checksummed snapshot of all data to `out` (see [`backup`]).
+    fn export(
+        &self,
+        out: &mut dyn std::io::Write,
+        created_at_ms: i64,
+    ) -> Result<backup::BackupSummary>;
 
     /// Writes and syncs a probe record; fails if storage cannot take a durable write.
     fn probe_write(&self) -> Result<()>;

@@ -31,6 +31,9 @@ pub struct SledStore {
     by_device: Tree,
     revoked: Tree,
     meta: Tree,
+    /// Writers hold it shared; a backup holds it exclusively, so a snapshot never sees half
+    /// of a change set.
+    snapshot: std::sync::RwLock<()>,
     nonces: Tree,
     ledger: Tree,
     evidence: Tree,
@@ -95,6 +98,7 @@ impl SledStore {
             by_device: db.open_tree("by_device")?,
             revoked: db.open_tree("revoked")?,
             meta: db.open_tree("meta")?,
+            snapshot: std::sync::RwLock::new(()),
             nonces: db.open_tree("nonces")?,
             ledger: db.open_tree("ledger")?,
             evidence: db.open_tree("evidence")?,
@@ -104,6 +108,32 @@ impl SledStore {
             db,
             commit,
         })
+    }
+
+    fn writing(&self) -> std::sync::RwLockReadGuard<'_, ()> {
+        self.snapshot.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Writes a consistent snapshot of every tree to `out` (see [`super::backup`]): writers
+    /// pause while it is taken.
+    fn export_trees(
+        &self,
+        out: &mut dyn std::io::Write,
+        created_at_ms: i64,
+    ) -> Result<super::backup::BackupSummary> {
+        let _exclusive = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+        self.commit.sync()?;
+        let trees: Vec<(String, Tree)> = self
+            .db
+            .tree_names()
+            .into_iter()
+            .filter_map(|name| {
+                let name = String::from_utf8(name.to_vec()).ok()?;
+                let tree = self.db.open_tree(&name).ok()?;
+                Some((name, tree))
+            })
+            .collect();
+        super::backup::write_backup(out, created_at_ms, &trees)
     }
 
     /// The durability barrier, for metrics and tests of batching.
@@ -156,6 +186,7 @@ fn check_token(
 
 impl Store for SledStore {
     fn put_token(&self, hash: &TokenHash, token: &TokenRecord, audit: &AuditEvent) -> Result<()> {
+        let _writing = self.writing();
         let value = encode(token)?;
         let outcome = (&self.tokens, &self.audit, &self.meta).transaction(|(tokens, log, meta)| {
             if tokens.get(hash.0)?.is_some() {
@@ -183,6 +214,7 @@ impl Store for SledStore {
         certificate: &CertificateRecord,
         audit: &AuditEvent,
     ) -> Result<IssueOutcome> {
+        let _writing = self.writing();
         let serial_key = certificate.serial.as_bytes().to_vec();
         let cert_value = encode(certificate)?;
         let outcome = (
@@ -266,6 +298,7 @@ impl Store for SledStore {
         revocation: &Revocation,
         audit: &AuditEvent,
     ) -> Result<std::result::Result<(), RevokeRejection>> {
+        let _writing = self.writing();
         // sled commits a transaction's writes whenever the closure returns Ok, so every check
         // runs before the first write: a rejected batch writes nothing.
         let outcome = (&self.certificates, &self.revoked, &self.audit, &self.meta).transaction(
@@ -313,6 +346,7 @@ impl Store for SledStore {
         serial: &Serial,
         audit: &AuditEvent,
     ) -> Result<std::result::Result<CertificateRecord, RevokeRejection>> {
+        let _writing = self.writing();
         let outcome = (&self.certificates, &self.revoked, &self.audit, &self.meta).transaction(
             |(certificates, revoked, log, meta)| {
                 let Some(bytes) = certificates.get(serial.as_bytes())? else {
@@ -344,6 +378,7 @@ impl Store for SledStore {
         revoked_at_s: i64,
         audit: &AuditEvent,
     ) -> Result<std::result::Result<(), RevokeRejection>> {
+        let _writing = self.writing();
         let new_value = encode(new)?;
         let outcome = (
             &self.certificates,
@@ -405,6 +440,7 @@ impl Store for SledStore {
         reservation: Option<&Reservation>,
         audit: &AuditEvent,
     ) -> Result<DecisionOutcome> {
+        let _writing = self.writing();
         let outcome = (
             &self.nonces,
             &self.ledger,
@@ -464,6 +500,7 @@ impl Store for SledStore {
         released_at_ms: i64,
         audit: &AuditEvent,
     ) -> Result<std::result::Result<(EvidenceRecord, i64), ReleaseRejection>> {
+        let _writing = self.writing();
         let outcome = (&self.ledger, &self.evidence, &self.audit, &self.meta).transaction(
             |(ledger, evidence_tree, log, meta)| {
                 let Some(bytes) = evidence_tree.get(evidence_id.as_bytes())? else {
@@ -516,6 +553,7 @@ impl Store for SledStore {
         limit_fen: i64,
         audit: &AuditEvent,
     ) -> Result<()> {
+        let _writing = self.writing();
         let outcome =
             (&self.agreed_limits, &self.audit, &self.meta).transaction(|(limits, log, meta)| {
                 limits.insert(customer.as_str().as_bytes(), &limit_fen.to_be_bytes())?;
@@ -539,6 +577,7 @@ impl Store for SledStore {
     }
 
     fn purge_nonces(&self, now_ms: i64) -> Result<usize> {
+        let _writing = self.writing();
         let mut purged = 0;
         for entry in self.nonces.iter() {
             let (key, value) = entry?;
@@ -564,6 +603,7 @@ impl Store for SledStore {
         record: &ClientCertificateRecord,
         audit: &AuditEvent,
     ) -> Result<bool> {
+        let _writing = self.writing();
         let value = encode(record)?;
         let outcome = (&self.client_certificates, &self.audit, &self.meta).transaction(
             |(clients, log, meta)| {
@@ -603,6 +643,7 @@ impl Store for SledStore {
         revocation: &Revocation,
         audit: &AuditEvent,
     ) -> Result<std::result::Result<(), RevokeRejection>> {
+        let _writing = self.writing();
         let outcome = (
             &self.client_certificates,
             &self.revoked,
@@ -638,7 +679,16 @@ impl Store for SledStore {
         Ok(outcome)
     }
 
+    fn export(
+        &self,
+        out: &mut dyn std::io::Write,
+        created_at_ms: i64,
+    ) -> Result<super::backup::BackupSummary> {
+        self.export_trees(out, created_at_ms)
+    }
+
     fn probe_write(&self) -> Result<()> {
+        let _writing = self.writing();
         self.meta.insert(b"ready_probe", &[1u8] as &[u8])?;
         self.commit.sync()
     }
@@ -664,6 +714,7 @@ impl Store for SledStore {
     }
 
     fn next_crl_number(&self) -> Result<u64> {
+        let _writing = self.writing();
         let updated = self.meta.update_and_fetch(CRL_NUMBER_KEY, |old| {
             let current = old
                 .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())

@@ -70,6 +70,7 @@ pub enum Rpc {
     SetAgreedLimit,
     GetEvidence,
     IssueClientCertificate,
+    CreateBackup,
 }
 
 impl Rpc {
@@ -93,12 +94,13 @@ impl Rpc {
             ("payra.v1.Admin", "SetAgreedLimit") => Rpc::SetAgreedLimit,
             ("payra.v1.Admin", "GetEvidence") => Rpc::GetEvidence,
             ("payra.v1.Admin", "IssueClientCertificate") => Rpc::IssueClientCertificate,
+            ("payra.v1.Admin", "CreateBackup") => Rpc::CreateBackup,
             _ => return None,
         })
     }
 
     /// All RPCs, for tests that walk the whole matrix.
-    pub const ALL: [Rpc; 16] = [
+    pub const ALL: [Rpc; 17] = [
         Rpc::Enroll,
         Rpc::Renew,
         Rpc::CreateEnrollmentToken,
@@ -115,6 +117,7 @@ impl Rpc {
         Rpc::SetAgreedLimit,
         Rpc::GetEvidence,
         Rpc::IssueClientCertificate,
+        Rpc::CreateBackup,
     ];
 
     /// The authorization matrix (docs/security.md shows it as a table). Least privilege:
@@ -135,7 +138,8 @@ impl Rpc {
             | Rpc::ListCertificates
             | Rpc::SetAgreedLimit
             | Rpc::GetEvidence
-            | Rpc::IssueClientCertificate => &[Operator],
+            | Rpc::IssueClientCertificate
+            | Rpc::CreateBackup => &[Operator],
         }
     }
 }

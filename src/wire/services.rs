@@ -459,6 +459,10 @@ impl proto::verification_server::Verification for VerificationService {
     }
 }
 
+/// The stream of backup file pieces.
+type BackupStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::BackupChunk, Status>> + Send>>;
+
 /// `payra.v1.Admin`.
 pub struct AdminService {
     pub ra: Arc<Ra>,
@@ -599,6 +603,38 @@ impl proto::admin_server::Admin for AdminService {
             certificate_der: issued.certificate_der,
             chain_der: issued.chain_der,
         }))
+    }
+
+    async fn create_backup(
+        &self,
+        request: Request<proto::CreateBackupRequest>,
+    ) -> Result<Response<BackupStream>, Status> {
+        let actor = actor(&request);
+        let ra = self.ra.clone();
+        let path = blocking(move || ra.backup_to_file(&actor)).await?;
+        let stream = async_stream::stream! {
+            use tokio::io::AsyncReadExt;
+            let mut file = match tokio::fs::File::open(&path).await {
+                Ok(file) => file,
+                Err(e) => {
+                    yield Err(Status::from(Error::internal(format!("backup file: {e}"))));
+                    return;
+                }
+            };
+            let mut buffer = vec![0u8; 1 << 20];
+            loop {
+                match file.read(&mut buffer).await {
+                    Ok(0) => break,
+                    Ok(n) => yield Ok(proto::BackupChunk { data: buffer[..n].to_vec() }),
+                    Err(e) => {
+                        yield Err(Status::from(Error::internal(format!("backup file: {e}"))));
+                        break;
+                    }
+                }
+            }
+            let _ = tokio::fs::remove_file(&path).await;
+        };
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn list_certificates(

@@ -70,12 +70,22 @@ impl TestServer {
 
     /// Stops the server and starts it again on the same certs and data, on new ports.
     pub async fn restart(&mut self) {
+        self.stop().await;
+        self.start_again().await;
+    }
+
+    /// Stops the server, releasing its database.
+    pub async fn stop(&mut self) {
         self.server
             .take()
             .expect("running")
             .shutdown()
             .await
             .expect("clean shutdown");
+    }
+
+    /// Starts a stopped server again with `self.config`.
+    pub async fn start_again(&mut self) {
         self.server = Some(
             payra::server::start(self.config.clone(), Arc::new(self.clock.clone()))
                 .await

@@ -1,0 +1,283 @@
+//! The backup file: a consistent snapshot of every sled tree, checksummed.
+//!
+//! Layout: the line `PAYRA-BACKUP-1`, a JSON header line, then records — `T` + u32 length +
+//! tree name, `E` + u32 length + key + u32 length + value — and `Z`, then the SHA-256 of every
+//! byte before it. Lengths are big-endian. Restore reads the file twice: once to check the
+//! checksum (nothing is written if it fails), once to import.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::model::Serial;
+
+const MAGIC: &[u8] = b"PAYRA-BACKUP-1\n";
+/// Largest key or value accepted when reading a backup (sled values here are small records).
+const MAX_ITEM_BYTES: u32 = 64 * 1024 * 1024;
+
+/// What a backup holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupSummary {
+    pub created_at_ms: i64,
+    pub trees: usize,
+    pub entries: u64,
+    /// Hex SHA-256 of the file up to the checksum.
+    pub sha256: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Header {
+    version: u32,
+    created_at_ms: i64,
+}
+
+struct HashingWriter<'a> {
+    inner: &'a mut dyn Write,
+    hasher: Sha256,
+}
+
+impl Write for HashingWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let written = self.inner.write(buf)?;
+        self.hasher.update(&buf[..written]);
+        Ok(written)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn write_item(out: &mut impl Write, bytes: &[u8]) -> Result<()> {
+    let len = u32::try_from(bytes.len()).map_err(|_| Error::internal("item too large"))?;
+    out.write_all(&len.to_be_bytes())?;
+    out.write_all(bytes)?;
+    Ok(())
+}
+
+/// Writes `trees` to `out`. The caller holds writers off.
+pub fn write_backup(
+    out: &mut dyn Write,
+    created_at_ms: i64,
+    trees: &[(String, sled::Tree)],
+) -> Result<BackupSummary> {
+    let mut out = HashingWriter {
+        inner: out,
+        hasher: Sha256::new(),
+    };
+    out.write_all(MAGIC)?;
+    let header = serde_json::to_vec(&Header {
+        version: 1,
+        created_at_ms,
+    })
+    .map_err(|e| Error::internal(format!("backup header: {e}")))?;
+    out.write_all(&header)?;
+    out.write_all(b"\n")?;
+    let mut entries = 0u64;
+    for (name, tree) in trees {
+        out.write_all(b"T")?;
+        write_item(&mut out, name.as_bytes())?;
+        for entry in tree.iter() {
+            let (key, value) = entry?;
+            out.write_all(b"E")?;
+            write_item(&mut out, &key)?;
+            write_item(&mut out, &value)?;
+            entries += 1;
+        }
+    }
+    out.write_all(b"Z")?;
+    let digest = out.hasher.finalize();
+    out.inner.write_all(&digest)?;
+    out.inner.flush()?;
+    Ok(BackupSummary {
+        created_at_ms,
+        trees: trees.len(),
+        entries,
+        sha256: hex::encode(digest),
+    })
+}
+
+/// One parsed record.
+enum Record {
+    Tree(String),
+    Entry(Vec<u8>, Vec<u8>),
+}
+
+fn corrupt(what: &str) -> Error {
+    Error::FailedPrecondition(format!("backup file is corrupted or truncated: {what}"))
+}
+
+fn read_exact(input: &mut impl Read, len: usize, what: &str) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; len];
+    input.read_exact(&mut buf).map_err(|_| corrupt(what))?;
+    Ok(buf)
+}
+
+fn read_item(input: &mut impl Read) -> Result<Vec<u8>> {
+    let len = u32::from_be_bytes(
+        read_exact(input, 4, "length")?
+            .try_into()
+            .map_err(|_| corrupt("length"))?,
+    );
+    if len > MAX_ITEM_BYTES {
+        return Err(corrupt("item length out of range"));
+    }
+    read_exact(input, len as usize, "item")
+}
+
+/// Reads the whole file, checking its structure and checksum, and calls `each` per record.
+fn scan(path: &Path, mut each: impl FnMut(Record) -> Result<()>) -> Result<BackupSummary> {
+    let file = File::open(path)
+        .map_err(|e| Error::FailedPrecondition(format!("{}: {e}", path.display())))?;
+    let total = file.metadata()?.len();
+    if total < (MAGIC.len() + 32) as u64 {
+        return Err(corrupt("too short"));
+    }
+    let body_len = total - 32;
+    let mut input = BufReader::new(file);
+    let mut hasher = Sha256::new();
+    let mut body = (&mut input).take(body_len);
+    let mut tee = TeeReader {
+        inner: &mut body,
+        hasher: &mut hasher,
+    };
+    if read_exact(&mut tee, MAGIC.len(), "magic")? != MAGIC {
+        return Err(corrupt("not a payra backup"));
+    }
+    let mut header_line = Vec::new();
+    loop {
+        let byte = read_exact(&mut tee, 1, "header")?[0];
+        if byte == b'\n' {
+            break;
+        }
+        if header_line.len() > 4096 {
+            return Err(corrupt("header too long"));
+        }
+        header_line.push(byte);
+    }
+    let header: Header = serde_json::from_slice(&header_line).map_err(|_| corrupt("header"))?;
+    if header.version != 1 {
+        return Err(corrupt("unknown version"));
+    }
+    let mut trees = 0;
+    let mut entries = 0u64;
+    loop {
+        match read_exact(&mut tee, 1, "record tag")?[0] {
+            b'T' => {
+                let name = String::from_utf8(read_item(&mut tee)?).map_err(|_| corrupt("tree"))?;
+                trees += 1;
+                each(Record::Tree(name))?;
+            }
+            b'E' => {
+                let key = read_item(&mut tee)?;
+                let value = read_item(&mut tee)?;
+                entries += 1;
+                each(Record::Entry(key, value))?;
+            }
+            b'Z' => break,
+            _ => return Err(corrupt("unknown record")),
+        }
+    }
+    let expected = hasher.finalize();
+    let mut stored = [0u8; 32];
+    input
+        .read_exact(&mut stored)
+        .map_err(|_| corrupt("checksum"))?;
+    if stored[..] != expected[..] {
+        return Err(Error::FailedPrecondition(
+            "backup file checksum does not match: the file is corrupted".into(),
+        ));
+    }
+    Ok(BackupSummary {
+        created_at_ms: header.created_at_ms,
+        trees,
+        entries,
+        sha256: hex::encode(expected),
+    })
+}
+
+struct TeeReader<'a, R> {
+    inner: &'a mut R,
+    hasher: &'a mut Sha256,
+}
+
+impl<R: Read> Read for TeeReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// Checks a backup file and returns its summary and the serials it holds as revoked.
+pub fn verify_backup(path: &Path) -> Result<(BackupSummary, HashSet<Serial>)> {
+    let mut current_tree = String::new();
+    let mut revoked = HashSet::new();
+    let summary = scan(path, |record| {
+        match record {
+            Record::Tree(name) => current_tree = name,
+            Record::Entry(key, _) if current_tree == "revoked" => {
+                if let Ok(serial) = Serial::from_bytes("serial", &key) {
+                    revoked.insert(serial);
+                }
+            }
+            Record::Entry(..) => {}
+        }
+        Ok(())
+    })?;
+    Ok((summary, revoked))
+}
+
+/// Writes the backup's trees into a new database at `dir` (which must not hold one) and
+/// syncs it.
+pub fn import_backup(path: &Path, dir: &Path) -> Result<BackupSummary> {
+    if dir.join("db").exists() {
+        return Err(Error::AlreadyExists(format!(
+            "{} already holds a database",
+            dir.display()
+        )));
+    }
+    verify_backup(path)?;
+    std::fs::create_dir_all(dir)?;
+    let db = sled::Config::new()
+        .path(dir)
+        .open()
+        .map_err(|e| Error::internal(format!("opening {}: {e}", dir.display())))?;
+    let mut tree: Option<sled::Tree> = None;
+    let summary = scan(path, |record| {
+        match record {
+            Record::Tree(name) => tree = Some(db.open_tree(name.as_bytes())?),
+            Record::Entry(key, value) => {
+                let tree = tree.as_ref().ok_or_else(|| corrupt("entry before tree"))?;
+                tree.insert(key, value)?;
+            }
+        }
+        Ok(())
+    })?;
+    db.flush()?;
+    File::open(dir.join("db"))?.sync_all()?;
+    Ok(summary)
+}
+
+/// Writes a backup to `path` atomically: a temp file, synced, then renamed.
+pub fn write_file_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<()> {
+    let tmp = path.with_extension("partial");
+    {
+        let file = File::create(&tmp)?;
+        let mut out = BufWriter::new(file);
+        write(&mut out)?;
+        let file = out
+            .into_inner()
+            .map_err(|e| Error::internal(format!("writing backup: {e}")))?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
