@@ -33,6 +33,27 @@ pub struct Config {
     pub revocation: RevocationConfig,
     pub verification: VerificationConfig,
     pub ledger: LedgerConfig,
+    pub retention: RetentionConfig,
+}
+
+/// What is deleted, and when.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Certificate records are deleted this many days after they expire (0 keeps them
+    /// forever). Expired nonces and expired tokens are always purged.
+    pub expired_certificate_days: u32,
+    /// How often the retention run starts in the background, in seconds.
+    pub interval_s: u32,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            expired_certificate_days: 730,
+            interval_s: 3600,
+        }
+    }
 }
 
 /// Payment verification.
@@ -144,6 +165,7 @@ impl Default for Config {
             revocation: RevocationConfig::default(),
             verification: VerificationConfig::default(),
             ledger: LedgerConfig::default(),
+            retention: RetentionConfig::default(),
         }
     }
 }

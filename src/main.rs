@@ -100,6 +100,11 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Retention: purge expired nonces, tokens and old certificate records (as an operator).
+    Retention {
+        #[command(subcommand)]
+        command: RetentionCommand,
+    },
     /// The hash-chained audit log, read offline from a stopped server's data directory.
     Audit {
         #[command(subcommand)]
@@ -319,6 +324,15 @@ impl SceneArg {
             SceneArg::Online => P::Online,
         }) as i32
     }
+}
+
+#[derive(Subcommand)]
+enum RetentionCommand {
+    /// Run retention now, showing progress.
+    Run {
+        #[command(flatten)]
+        connection: Connection,
+    },
 }
 
 #[derive(Subcommand)]
@@ -552,6 +566,36 @@ async fn run(cli: Cli) -> CliResult {
         Command::Revoke(args) => revoke(args).await,
         Command::Audit { command } => audit(command),
         Command::Backup { out, connection } => backup(&out, &connection).await,
+        Command::Retention {
+            command: RetentionCommand::Run { connection },
+        } => {
+            let client =
+                connect(&connection, Credential::role(&connection.certs, "operator")).await?;
+            let mut stream = client
+                .admin()
+                .run_retention(payra::wire::proto::RunRetentionRequest {})
+                .await
+                .map_err(status_message)?
+                .into_inner();
+            while let Some(progress) = stream.message().await.map_err(status_message)? {
+                eprint!(
+                    "\rpurged: {} nonces, {} tokens, {} certificate records",
+                    progress.nonces_purged, progress.tokens_purged, progress.certificates_purged
+                );
+                if progress.done {
+                    eprintln!();
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "nonces_purged": progress.nonces_purged,
+                            "tokens_purged": progress.tokens_purged,
+                            "certificates_purged": progress.certificates_purged,
+                        })
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Restore { file, data, force } => restore(&file, &data, force),
         Command::IssueClient {
             role,

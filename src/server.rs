@@ -158,7 +158,10 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         let _ = http_stop_rx.await;
     }));
     let crl_task = tokio::spawn(keep_crl_current(ra.clone()));
-    let purge_task = tokio::spawn(purge_nonces(ra.clone()));
+    let purge_task = tokio::spawn(retention_loop(
+        ra.clone(),
+        std::time::Duration::from_secs(u64::from(config.retention.interval_s.max(60))),
+    ));
     tracing::info!(%grpc_addr, %http_addr, "payra is serving");
     Ok(RunningServer {
         grpc_addr,
@@ -172,16 +175,19 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
     })
 }
 
-/// Forgets nonces whose replay window has passed, once a minute.
-async fn purge_nonces(ra: Arc<Ra>) {
+/// Runs retention (expired nonces, tokens and old certificate records) every `interval`.
+async fn retention_loop(ra: Arc<Ra>, interval: std::time::Duration) {
     loop {
-        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
-        let purge = ra.clone();
-        match tokio::task::spawn_blocking(move || purge.purge_expired_nonces()).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(purged)) => tracing::debug!(purged, "expired nonces purged"),
-            Ok(Err(e)) => tracing::error!(error = %e, "nonce purge failed"),
-            Err(e) => tracing::error!(error = %e, "nonce purge task failed"),
+        tokio::time::sleep(interval).await;
+        let run = ra.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            run.run_retention(&crate::store::Actor::system(), &mut |_| {})
+        })
+        .await;
+        match result {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "retention run failed"),
+            Err(e) => tracing::error!(error = %e, "retention task failed"),
         }
     }
 }

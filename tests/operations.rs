@@ -250,3 +250,83 @@ fn config_precedence_is_flags_then_environment_then_file_then_defaults() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("limit_bb_fen"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_retention_purges_expired_nonces_tokens_and_old_certificates() {
+    let server = TestServer::start_with(|c| c.retention.expired_certificate_days = 1).await;
+    let (key, issued) = server.enroll("ret", "ret-phone").await;
+    server
+        .service()
+        .await
+        .create_enrollment_token("ret", 60)
+        .await
+        .unwrap();
+    let intent = proto::PaymentIntent {
+        customer_id: "ret".into(),
+        device_id: "ret-phone".into(),
+        merchant_id: "m".into(),
+        order_id: "o".into(),
+        amount_fen: 1,
+        currency: "CNY".into(),
+        created_at_ms: payra::clock::Clock::now_ms(&server.clock),
+        nonce: payra::client::random_nonce(),
+        scene: proto::Scene::InApp as i32,
+    };
+    let bytes = payra::client::encode_intent(&intent);
+    server
+        .service()
+        .await
+        .verification()
+        .verify_payment(proto::VerifyPaymentRequest {
+            signature: key.sign_intent(&bytes),
+            intent: bytes,
+            certificate_serial: issued.serial.clone(),
+            transaction: Some(proto::Transaction {
+                merchant_id: "m".into(),
+                order_id: "o".into(),
+                amount_fen: 1,
+                currency: "CNY".into(),
+            }),
+            factors: vec![],
+            reserve: false,
+        })
+        .await
+        .unwrap();
+    // Past notAfter (365 days) plus the one-day retention.
+    server.clock.advance_ms((365 + 2) * 86_400 * 1000);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_payra"))
+        .args([
+            "retention",
+            "run",
+            "--server",
+            &server.url(),
+            "--certs",
+            path_str(&server.certs()),
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["nonces_purged"], 1);
+    assert_eq!(report["tokens_purged"], 2, "the used and the unused token");
+    assert_eq!(report["certificates_purged"], 1);
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("purged:"),
+        "progress shown"
+    );
+    let err = server
+        .operator()
+        .await
+        .admin()
+        .get_certificate(proto::GetCertificateRequest {
+            serial: issued.serial.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}

@@ -97,6 +97,14 @@ impl CertificateCache {
         }
     }
 
+    /// Forgets deleted certificates.
+    pub fn remove(&self, serials: &[Serial]) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        for serial in serials {
+            map.remove(serial);
+        }
+    }
+
     /// Certificates by status name at `now_s`.
     pub fn count_by_status(&self, now_s: i64) -> Vec<(&'static str, usize)> {
         use super::status::{CertificateStatus, StatusView};

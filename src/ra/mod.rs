@@ -7,6 +7,7 @@ mod clients;
 mod enrollment;
 mod publication;
 mod replay;
+mod retention;
 mod revocation;
 pub mod signature;
 mod status;
@@ -17,6 +18,7 @@ mod verification;
 pub use clients::{RevokedClients, CLIENT_ROLES};
 pub use enrollment::{EnrollRequest, EnrollmentToken, Issued, RenewRequest};
 pub use publication::{Publication, PublishedCrl};
+pub use retention::RetentionProgress;
 pub use revocation::{CertificatePage, CertificateQuery, RevokeOutcome, MAX_PAGE_SIZE};
 pub use status::{CertificateStatus, StatusView};
 pub use verification::{
@@ -51,6 +53,9 @@ pub struct RaPolicy {
     pub enroll_failures_per_minute: u32,
     /// Where temporary backup files are written (the data directory).
     pub scratch_dir: std::path::PathBuf,
+    /// Expired certificate records older than this many seconds past notAfter are deleted;
+    /// 0 keeps them.
+    pub certificate_retention_s: i64,
 }
 
 impl RaPolicy {
@@ -77,6 +82,7 @@ impl RaPolicy {
             },
             enroll_failures_per_minute: config.limits.enroll_failures_per_minute,
             scratch_dir: config.data_dir.clone(),
+            certificate_retention_s: i64::from(config.retention.expired_certificate_days) * 86_400,
         }
     }
 }

@@ -249,6 +249,24 @@ pub trait Store: Send + Sync {
         audit: &AuditEvent,
     ) -> Result<Result<(), RevokeRejection>>;
 
+    /// Deletes up to `limit` tokens that expired before `before_s` (used or not: an expired
+    /// token can never be used again). Returns how many.
+    fn purge_expired_tokens(
+        &self,
+        before_s: i64,
+        limit: usize,
+        audit: &AuditEvent,
+    ) -> Result<usize>;
+
+    /// Deletes up to `limit` certificate records (with their indexes and CRL entries) whose
+    /// notAfter is before `before_s`. Returns the serials deleted.
+    fn purge_expired_certificates(
+        &self,
+        before_s: i64,
+        limit: usize,
+        audit: &AuditEvent,
+    ) -> Result<Vec<Serial>>;
+
     /// Writes a consistent, checksummed snapshot of all data to `out` (see [`backup`]).
     fn export(
         &self,

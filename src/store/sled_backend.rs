@@ -687,6 +687,90 @@ impl Store for SledStore {
         self.export_trees(out, created_at_ms)
     }
 
+    fn purge_expired_tokens(
+        &self,
+        before_s: i64,
+        limit: usize,
+        audit: &AuditEvent,
+    ) -> Result<usize> {
+        let _writing = self.writing();
+        let mut expired = Vec::new();
+        for entry in self.tokens.iter() {
+            let (key, value) = entry?;
+            let token: TokenRecord = decode(&value)?;
+            if token.expires_at_s < before_s {
+                expired.push(key);
+                if expired.len() == limit {
+                    break;
+                }
+            }
+        }
+        if expired.is_empty() {
+            return Ok(0);
+        }
+        let outcome = (&self.tokens, &self.audit, &self.meta).transaction(|(tokens, log, meta)| {
+            for key in &expired {
+                tokens.remove(key)?;
+            }
+            let mut event = audit.clone();
+            event.outcome = format!("{} tokens", expired.len());
+            append_audit(log, meta, &event)?;
+            Ok(())
+        });
+        finish(outcome)?;
+        self.commit.sync()?;
+        Ok(expired.len())
+    }
+
+    fn purge_expired_certificates(
+        &self,
+        before_s: i64,
+        limit: usize,
+        audit: &AuditEvent,
+    ) -> Result<Vec<Serial>> {
+        let _writing = self.writing();
+        let mut expired = Vec::new();
+        for entry in self.certificates.iter() {
+            let (_, value) = entry?;
+            let record: CertificateRecord = decode(&value)?;
+            if record.not_after_s < before_s {
+                expired.push(record);
+                if expired.len() == limit {
+                    break;
+                }
+            }
+        }
+        if expired.is_empty() {
+            return Ok(Vec::new());
+        }
+        let outcome = (
+            &self.certificates,
+            &self.by_customer,
+            &self.by_device,
+            &self.revoked,
+            &self.audit,
+            &self.meta,
+        )
+            .transaction(
+                |(certificates, by_customer, by_device, revoked, log, meta)| {
+                    for record in &expired {
+                        certificates.remove(record.serial.as_bytes())?;
+                        by_customer
+                            .remove(index_key(record.customer_id.as_str(), &record.serial))?;
+                        by_device.remove(index_key(record.device_id.as_str(), &record.serial))?;
+                        revoked.remove(record.serial.as_bytes())?;
+                    }
+                    let mut event = audit.clone();
+                    event.outcome = format!("{} certificate records", expired.len());
+                    append_audit(log, meta, &event)?;
+                    Ok(())
+                },
+            );
+        finish(outcome)?;
+        self.commit.sync()?;
+        Ok(expired.into_iter().map(|r| r.serial).collect())
+    }
+
     fn probe_write(&self) -> Result<()> {
         let _writing = self.writing();
         self.meta.insert(b"ready_probe", &[1u8] as &[u8])?;

@@ -71,6 +71,7 @@ pub enum Rpc {
     GetEvidence,
     IssueClientCertificate,
     CreateBackup,
+    RunRetention,
 }
 
 impl Rpc {
@@ -95,12 +96,13 @@ impl Rpc {
             ("payra.v1.Admin", "GetEvidence") => Rpc::GetEvidence,
             ("payra.v1.Admin", "IssueClientCertificate") => Rpc::IssueClientCertificate,
             ("payra.v1.Admin", "CreateBackup") => Rpc::CreateBackup,
+            ("payra.v1.Admin", "RunRetention") => Rpc::RunRetention,
             _ => return None,
         })
     }
 
     /// All RPCs, for tests that walk the whole matrix.
-    pub const ALL: [Rpc; 17] = [
+    pub const ALL: [Rpc; 18] = [
         Rpc::Enroll,
         Rpc::Renew,
         Rpc::CreateEnrollmentToken,
@@ -118,6 +120,7 @@ impl Rpc {
         Rpc::GetEvidence,
         Rpc::IssueClientCertificate,
         Rpc::CreateBackup,
+        Rpc::RunRetention,
     ];
 
     /// The authorization matrix (docs/security.md shows it as a table). Least privilege:
@@ -139,7 +142,8 @@ impl Rpc {
             | Rpc::SetAgreedLimit
             | Rpc::GetEvidence
             | Rpc::IssueClientCertificate
-            | Rpc::CreateBackup => &[Operator],
+            | Rpc::CreateBackup
+            | Rpc::RunRetention => &[Operator],
         }
     }
 }

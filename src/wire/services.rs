@@ -463,6 +463,11 @@ impl proto::verification_server::Verification for VerificationService {
 type BackupStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::BackupChunk, Status>> + Send>>;
 
+/// The stream of retention progress reports.
+type RetentionStream = std::pin::Pin<
+    Box<dyn tokio_stream::Stream<Item = Result<proto::RetentionProgress, Status>> + Send>,
+>;
+
 /// `payra.v1.Admin`.
 pub struct AdminService {
     pub ra: Arc<Ra>,
@@ -633,6 +638,40 @@ impl proto::admin_server::Admin for AdminService {
                 }
             }
             let _ = tokio::fs::remove_file(&path).await;
+        };
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn run_retention(
+        &self,
+        request: Request<proto::RunRetentionRequest>,
+    ) -> Result<Response<RetentionStream>, Status> {
+        let actor = actor(&request);
+        let ra = self.ra.clone();
+        let (tx, mut rx) =
+            tokio::sync::mpsc::channel::<Result<proto::RetentionProgress, Status>>(16);
+        tokio::task::spawn_blocking(move || {
+            let to_proto =
+                |p: &crate::ra::RetentionProgress, done: bool| proto::RetentionProgress {
+                    nonces_purged: p.nonces as i64,
+                    tokens_purged: p.tokens as i64,
+                    certificates_purged: p.certificates as i64,
+                    done,
+                };
+            let mut report = |p: &crate::ra::RetentionProgress| {
+                let _ = tx.blocking_send(Ok(to_proto(p, false)));
+            };
+            let result = ra.run_retention(&actor, &mut report);
+            let last = match result {
+                Ok(done) => Ok(to_proto(&done, true)),
+                Err(e) => Err(Status::from(e)),
+            };
+            let _ = tx.blocking_send(last);
+        });
+        let stream = async_stream::stream! {
+            while let Some(item) = rx.recv().await {
+                yield item;
+            }
         };
         Ok(Response::new(Box::pin(stream)))
     }

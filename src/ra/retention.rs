@@ -1,0 +1,74 @@
+//! Retention: deleting what payra no longer needs, in batches, reporting progress.
+
+use super::Ra;
+use crate::error::Result;
+use crate::store::{Actor, AuditEvent};
+
+/// Records deleted per transaction.
+const BATCH: usize = 1000;
+
+/// How far a retention run got.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RetentionProgress {
+    pub nonces: u64,
+    pub tokens: u64,
+    pub certificates: u64,
+}
+
+impl Ra {
+    /// Purges expired nonces, expired enrollment tokens and (after the configured number of
+    /// days) expired certificate records, calling `progress` after every batch.
+    pub fn run_retention(
+        &self,
+        actor: &Actor,
+        progress: &mut dyn FnMut(&RetentionProgress),
+    ) -> Result<RetentionProgress> {
+        let mut done = RetentionProgress {
+            nonces: self.purge_expired_nonces()? as u64,
+            ..RetentionProgress::default()
+        };
+        progress(&done);
+        let now_s = self.clock.now_s();
+        loop {
+            let audit =
+                AuditEvent::new(self.clock.now_ms(), actor, "retention.purged", "tokens", "");
+            let purged = self.store.purge_expired_tokens(now_s, BATCH, &audit)?;
+            done.tokens += purged as u64;
+            progress(&done);
+            if purged < BATCH {
+                break;
+            }
+        }
+        if self.policy.certificate_retention_s > 0 {
+            let before_s = now_s - self.policy.certificate_retention_s;
+            loop {
+                let audit = AuditEvent::new(
+                    self.clock.now_ms(),
+                    actor,
+                    "retention.purged",
+                    "certificates",
+                    "",
+                );
+                let serials = self
+                    .store
+                    .purge_expired_certificates(before_s, BATCH, &audit)?;
+                self.cache.remove(&serials);
+                done.certificates += serials.len() as u64;
+                progress(&done);
+                if serials.len() < BATCH {
+                    break;
+                }
+            }
+        }
+        if done.certificates > 0 {
+            self.publication.revocation_changed();
+        }
+        tracing::info!(
+            nonces = done.nonces,
+            tokens = done.tokens,
+            certificates = done.certificates,
+            "retention run finished"
+        );
+        Ok(done)
+    }
+}
