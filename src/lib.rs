@@ -1,6 +1,7 @@
 //! payra: a registration authority and issuing CA for mobile-payment device certificates.
 //! See docs/architecture.md for the layers; this file only names them.
 
+pub mod bench;
 pub mod ca;
 pub mod client;
 pub mod clock;

@@ -105,6 +105,28 @@ enum Command {
         #[command(subcommand)]
         command: RetentionCommand,
     },
+    /// Load-test a running server on this machine (loopback only) and report throughput,
+    /// latency percentiles and the ratio to this binary's raw ECDSA rates.
+    Bench {
+        #[arg(long, value_enum)]
+        scenario: BenchScenario,
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 10)]
+        duration_s: u64,
+        #[arg(long, default_value_t = 2)]
+        warmup_s: u64,
+        /// Stop after this many requests (warm-up included).
+        #[arg(long, default_value_t = 1_000_000)]
+        max_requests: u64,
+        /// The HTTP listener, for the ocsp scenario.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        http: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// The hash-chained audit log, read offline from a stopped server's data directory.
     Audit {
         #[command(subcommand)]
@@ -324,6 +346,14 @@ impl SceneArg {
             SceneArg::Online => P::Online,
         }) as i32
     }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchScenario {
+    Verify,
+    Enroll,
+    Status,
+    Ocsp,
 }
 
 #[derive(Subcommand)]
@@ -566,6 +596,68 @@ async fn run(cli: Cli) -> CliResult {
         Command::Revoke(args) => revoke(args).await,
         Command::Audit { command } => audit(command),
         Command::Backup { out, connection } => backup(&out, &connection).await,
+        Command::Bench {
+            scenario,
+            concurrency,
+            duration_s,
+            warmup_s,
+            max_requests,
+            http,
+            json,
+            connection,
+        } => {
+            use payra::bench::{run as run_bench, BenchSettings, Scenario};
+            let report = run_bench(BenchSettings {
+                scenario: match scenario {
+                    BenchScenario::Verify => Scenario::Verify,
+                    BenchScenario::Enroll => Scenario::Enroll,
+                    BenchScenario::Status => Scenario::Status,
+                    BenchScenario::Ocsp => Scenario::Ocsp,
+                },
+                server: connection.server.clone(),
+                http,
+                certs: connection.certs.clone(),
+                concurrency,
+                duration: std::time::Duration::from_secs(duration_s),
+                warmup: std::time::Duration::from_secs(warmup_s),
+                max_requests,
+                progress: !json,
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!(
+                    "scenario {:?}, concurrency {}, {:.1} s: {} requests, {} errors",
+                    report.scenario,
+                    report.concurrency,
+                    report.seconds,
+                    report.requests,
+                    report.errors
+                );
+                println!("throughput   {:.0} per s", report.throughput_per_s);
+                println!(
+                    "latency      p50 {} us, p90 {} us, p99 {} us, max {} us",
+                    report.latency.p50_us,
+                    report.latency.p90_us,
+                    report.latency.p99_us,
+                    report.latency.max_us
+                );
+                println!(
+                    "raw ECDSA    verify {:.0} per s, sign {:.0} per s (one core, ring)",
+                    report.raw_verify_per_s, report.raw_sign_per_s
+                );
+                println!(
+                    "ratio        {:.2} x raw verify, {:.2} x raw sign",
+                    report.ratio_to_raw_verify, report.ratio_to_raw_sign
+                );
+            }
+            Ok(())
+        }
         Command::Retention {
             command: RetentionCommand::Run { connection },
         } => {

@@ -31,9 +31,11 @@ pub struct SledStore {
     by_device: Tree,
     revoked: Tree,
     meta: Tree,
-    /// Writers hold it shared; a backup holds it exclusively, so a snapshot never sees half
-    /// of a change set.
-    snapshot: std::sync::RwLock<()>,
+    /// Held by every write transaction (not by the sync that follows) and by a backup.
+    /// Every change appends to the audit chain, so transactions conflict on its head anyway;
+    /// taking turns here spares sled's optimistic transactions their retries, and a backup
+    /// never sees half of a change set.
+    write_turn: std::sync::Mutex<()>,
     nonces: Tree,
     ledger: Tree,
     evidence: Tree,
@@ -98,7 +100,7 @@ impl SledStore {
             by_device: db.open_tree("by_device")?,
             revoked: db.open_tree("revoked")?,
             meta: db.open_tree("meta")?,
-            snapshot: std::sync::RwLock::new(()),
+            write_turn: std::sync::Mutex::new(()),
             nonces: db.open_tree("nonces")?,
             ledger: db.open_tree("ledger")?,
             evidence: db.open_tree("evidence")?,
@@ -110,8 +112,8 @@ impl SledStore {
         })
     }
 
-    fn writing(&self) -> std::sync::RwLockReadGuard<'_, ()> {
-        self.snapshot.read().unwrap_or_else(|p| p.into_inner())
+    fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.write_turn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Writes a consistent snapshot of every tree to `out` (see [`super::backup`]): writers
@@ -121,7 +123,7 @@ impl SledStore {
         out: &mut dyn std::io::Write,
         created_at_ms: i64,
     ) -> Result<super::backup::BackupSummary> {
-        let _exclusive = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+        let _exclusive = self.writing();
         self.commit.sync()?;
         let trees: Vec<(String, Tree)> = self
             .db
@@ -186,7 +188,7 @@ fn check_token(
 
 impl Store for SledStore {
     fn put_token(&self, hash: &TokenHash, token: &TokenRecord, audit: &AuditEvent) -> Result<()> {
-        let _writing = self.writing();
+        let writing = self.writing();
         let value = encode(token)?;
         let outcome = (&self.tokens, &self.audit, &self.meta).transaction(|(tokens, log, meta)| {
             if tokens.get(hash.0)?.is_some() {
@@ -197,7 +199,10 @@ impl Store for SledStore {
             Ok(())
         });
         finish(outcome)?;
-        self.commit.sync()
+        {
+            drop(writing);
+            self.commit.sync()
+        }
     }
 
     fn token(&self, hash: &TokenHash) -> Result<Option<TokenRecord>> {
@@ -214,7 +219,7 @@ impl Store for SledStore {
         certificate: &CertificateRecord,
         audit: &AuditEvent,
     ) -> Result<IssueOutcome> {
-        let _writing = self.writing();
+        let writing = self.writing();
         let serial_key = certificate.serial.as_bytes().to_vec();
         let cert_value = encode(certificate)?;
         let outcome = (
@@ -252,7 +257,10 @@ impl Store for SledStore {
             );
         let outcome = finish(outcome)?;
         if outcome == IssueOutcome::Issued {
-            self.commit.sync()?;
+            {
+                drop(writing);
+                self.commit.sync()
+            }?;
         }
         Ok(outcome)
     }
@@ -298,7 +306,7 @@ impl Store for SledStore {
         revocation: &Revocation,
         audit: &AuditEvent,
     ) -> Result<std::result::Result<(), RevokeRejection>> {
-        let _writing = self.writing();
+        let writing = self.writing();
         // sled commits a transaction's writes whenever the closure returns Ok, so every check
         // runs before the first write: a rejected batch writes nothing.
         let outcome = (&self.certificates, &self.revoked, &self.audit, &self.meta).transaction(
@@ -336,7 +344,10 @@ impl Store for SledStore {
         );
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
-            self.commit.sync()?;
+            {
+                drop(writing);
+                self.commit.sync()
+            }?;
         }
         Ok(outcome)
     }
@@ -346,7 +357,7 @@ impl Store for SledStore {
         serial: &Serial,
         audit: &AuditEvent,
     ) -> Result<std::result::Result<CertificateRecord, RevokeRejection>> {
-        let _writing = self.writing();
+        let writing = self.writing();
         let outcome = (&self.certificates, &self.revoked, &self.audit, &self.meta).transaction(
             |(certificates, revoked, log, meta)| {
                 let Some(bytes) = certificates.get(serial.as_bytes())? else {
@@ -366,7 +377,10 @@ impl Store for SledStore {
         );
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
-            self.commit.sync()?;
+            {
+                drop(writing);
+                self.commit.sync()
+            }?;
         }
         Ok(outcome)
     }
@@ -378,7 +392,7 @@ impl Store for SledStore {
         revoked_at_s: i64,
         audit: &AuditEvent,
     ) -> Result<std::result::Result<(), RevokeRejection>> {
-        let _writing = self.writing();
+        let writing = self.writing();
         let new_value = encode(new)?;
         let outcome = (
             &self.certificates,
@@ -420,7 +434,10 @@ impl Store for SledStore {
             );
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
-            self.commit.sync()?;
+            {
+                drop(writing);
+                self.commit.sync()
+            }?;
         }
         Ok(outcome)
     }
@@ -440,7 +457,7 @@ impl Store for SledStore {
         reservation: Option<&Reservation>,
         audit: &AuditEvent,
     ) -> Result<DecisionOutcome> {
-        let _writing = self.writing();
+        let writing = self.writing();
         let outcome = (
             &self.nonces,
             &self.ledger,
@@ -485,7 +502,10 @@ impl Store for SledStore {
             });
         let outcome = finish(outcome)?;
         if matches!(outcome, DecisionOutcome::Recorded { .. }) {
-            self.commit.sync()?;
+            {
+                drop(writing);
+                self.commit.sync()
+            }?;
         }
         Ok(outcome)
     }
@@ -500,7 +520,7 @@ impl Store for SledStore {
         released_at_ms: i64,
         audit: &AuditEvent,
     ) -> Result<std::result::Result<(EvidenceRecord, i64), ReleaseRejection>> {
-        let _writing = self.writing();
+        let writing = self.writing();
         let outcome = (&self.ledger, &self.evidence, &self.audit, &self.meta).transaction(
             |(ledger, evidence_tree, log, meta)| {
                 let Some(bytes) = evidence_tree.get(evidence_id.as_bytes())? else {
@@ -528,7 +548,10 @@ impl Store for SledStore {
         );
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
-            self.commit.sync()?;
+            {
+                drop(writing);
+                self.commit.sync()
+            }?;
         }
         Ok(outcome)
     }
@@ -553,7 +576,7 @@ impl Store for SledStore {
         limit_fen: i64,
         audit: &AuditEvent,
     ) -> Result<()> {
-        let _writing = self.writing();
+        let writing = self.writing();
         let outcome =
             (&self.agreed_limits, &self.audit, &self.meta).transaction(|(limits, log, meta)| {
                 limits.insert(customer.as_str().as_bytes(), &limit_fen.to_be_bytes())?;
@@ -561,7 +584,10 @@ impl Store for SledStore {
                 Ok(())
             });
         finish(outcome)?;
-        self.commit.sync()
+        {
+            drop(writing);
+            self.commit.sync()
+        }
     }
 
     fn live_nonces(&self, now_ms: i64) -> Result<Vec<(Vec<u8>, i64)>> {
@@ -577,7 +603,7 @@ impl Store for SledStore {
     }
 
     fn purge_nonces(&self, now_ms: i64) -> Result<usize> {
-        let _writing = self.writing();
+        let writing = self.writing();
         let mut purged = 0;
         for entry in self.nonces.iter() {
             let (key, value) = entry?;
@@ -593,7 +619,10 @@ impl Store for SledStore {
             }
         }
         if purged > 0 {
-            self.commit.sync()?;
+            {
+                drop(writing);
+                self.commit.sync()
+            }?;
         }
         Ok(purged)
     }
@@ -603,7 +632,7 @@ impl Store for SledStore {
         record: &ClientCertificateRecord,
         audit: &AuditEvent,
     ) -> Result<bool> {
-        let _writing = self.writing();
+        let writing = self.writing();
         let value = encode(record)?;
         let outcome = (&self.client_certificates, &self.audit, &self.meta).transaction(
             |(clients, log, meta)| {
@@ -617,7 +646,10 @@ impl Store for SledStore {
         );
         let stored = finish(outcome)?;
         if stored {
-            self.commit.sync()?;
+            {
+                drop(writing);
+                self.commit.sync()
+            }?;
         }
         Ok(stored)
     }
@@ -643,7 +675,7 @@ impl Store for SledStore {
         revocation: &Revocation,
         audit: &AuditEvent,
     ) -> Result<std::result::Result<(), RevokeRejection>> {
-        let _writing = self.writing();
+        let writing = self.writing();
         let outcome = (
             &self.client_certificates,
             &self.revoked,
@@ -674,7 +706,10 @@ impl Store for SledStore {
             });
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
-            self.commit.sync()?;
+            {
+                drop(writing);
+                self.commit.sync()
+            }?;
         }
         Ok(outcome)
     }
@@ -693,7 +728,7 @@ impl Store for SledStore {
         limit: usize,
         audit: &AuditEvent,
     ) -> Result<usize> {
-        let _writing = self.writing();
+        let writing = self.writing();
         let mut expired = Vec::new();
         for entry in self.tokens.iter() {
             let (key, value) = entry?;
@@ -718,7 +753,10 @@ impl Store for SledStore {
             Ok(())
         });
         finish(outcome)?;
-        self.commit.sync()?;
+        {
+            drop(writing);
+            self.commit.sync()
+        }?;
         Ok(expired.len())
     }
 
@@ -728,7 +766,7 @@ impl Store for SledStore {
         limit: usize,
         audit: &AuditEvent,
     ) -> Result<Vec<Serial>> {
-        let _writing = self.writing();
+        let writing = self.writing();
         let mut expired = Vec::new();
         for entry in self.certificates.iter() {
             let (_, value) = entry?;
@@ -767,14 +805,20 @@ impl Store for SledStore {
                 },
             );
         finish(outcome)?;
-        self.commit.sync()?;
+        {
+            drop(writing);
+            self.commit.sync()
+        }?;
         Ok(expired.into_iter().map(|r| r.serial).collect())
     }
 
     fn probe_write(&self) -> Result<()> {
-        let _writing = self.writing();
+        let writing = self.writing();
         self.meta.insert(b"ready_probe", &[1u8] as &[u8])?;
-        self.commit.sync()
+        {
+            drop(writing);
+            self.commit.sync()
+        }
     }
 
     fn audit_entries(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>> {
@@ -798,7 +842,7 @@ impl Store for SledStore {
     }
 
     fn next_crl_number(&self) -> Result<u64> {
-        let _writing = self.writing();
+        let writing = self.writing();
         let updated = self.meta.update_and_fetch(CRL_NUMBER_KEY, |old| {
             let current = old
                 .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
@@ -809,7 +853,10 @@ impl Store for SledStore {
             .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())
             .map(u64::from_be_bytes)
             .ok_or_else(|| Error::internal("CRL number missing after update"))?;
-        self.commit.sync()?;
+        {
+            drop(writing);
+            self.commit.sync()
+        }?;
         Ok(number)
     }
 }

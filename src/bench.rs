@@ -1,0 +1,582 @@
+//! `payra bench`: the load generator. Drives a running server over real gRPC/TLS (and HTTP for
+//! OCSP) from the same machine, reports throughput and latency percentiles, and measures in
+//! the same run the raw single-core ECDSA P-256 verify and sign rates of this binary, so every
+//! figure comes with its ratio to the crypto limit. Loopback only; bounded in time and count.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+use crate::client::{encode_intent, random_nonce, Client, Credential, DeviceIdentity, DeviceKey};
+use crate::error::{Error, Result};
+use crate::wire::proto;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scenario {
+    /// VerifyPayment with a fresh intent per call (evidence written durably).
+    Verify,
+    /// Enroll with pre-created tokens (a durable issuance per call).
+    Enroll,
+    /// GetCertificateStatus.
+    Status,
+    /// OCSP POST without a nonce (the cached path).
+    Ocsp,
+}
+
+/// Settings of one run.
+#[derive(Debug, Clone)]
+pub struct BenchSettings {
+    pub scenario: Scenario,
+    pub server: String,
+    pub http: String,
+    pub certs: PathBuf,
+    pub concurrency: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+    pub max_requests: u64,
+    pub progress: bool,
+}
+
+/// Latency in microseconds at the usual percentiles.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Latency {
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub max_us: u64,
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub scenario: Scenario,
+    pub concurrency: usize,
+    pub seconds: f64,
+    pub requests: u64,
+    pub errors: u64,
+    pub throughput_per_s: f64,
+    pub latency: Latency,
+    /// Raw single-core ECDSA P-256 verifications per second (ring), measured in this run.
+    pub raw_verify_per_s: f64,
+    /// Raw single-core ECDSA P-256 signatures per second (ring), measured in this run.
+    pub raw_sign_per_s: f64,
+    pub ratio_to_raw_verify: f64,
+    pub ratio_to_raw_sign: f64,
+}
+
+/// Refuses any server address that is not on this machine.
+fn require_loopback(what: &str, address: &str) -> Result<SocketAddr> {
+    let host_port = address
+        .trim_start_matches("https://")
+        .trim_start_matches("http://")
+        .trim_end_matches('/');
+    let addrs: Vec<SocketAddr> = host_port
+        .to_socket_addrs()
+        .map_err(|e| Error::invalid("server", format!("{what} {address}: {e}")))?
+        .collect();
+    match addrs.first() {
+        Some(first) if addrs.iter().all(|a| a.ip().is_loopback()) => Ok(*first),
+        _ => Err(Error::invalid(
+            "server",
+            format!(
+                "{what} {address} is not a loopback address; payra bench only targets this machine"
+            ),
+        )),
+    }
+}
+
+/// Raw single-core rates of this binary's ECDSA P-256 (ring, as the server uses), each
+/// measured for `window`.
+pub fn raw_crypto_rates(window: Duration) -> (f64, f64) {
+    use ring::rand::SystemRandom;
+    use ring::signature::{
+        EcdsaKeyPair, KeyPair, UnparsedPublicKey, ECDSA_P256_SHA256_ASN1,
+        ECDSA_P256_SHA256_ASN1_SIGNING,
+    };
+    let rng = SystemRandom::new();
+    let Ok(pkcs8) = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng) else {
+        return (0.0, 0.0);
+    };
+    let Ok(key) = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
+    else {
+        return (0.0, 0.0);
+    };
+    let message = b"payra.v1.PaymentIntent\nbenchmark message of a typical intent size, about a hundred bytes long";
+    let start = Instant::now();
+    let mut signs = 0u64;
+    let mut signature = Vec::new();
+    while start.elapsed() < window {
+        if let Ok(sig) = key.sign(&rng, message) {
+            signature = sig.as_ref().to_vec();
+        }
+        signs += 1;
+    }
+    let sign_rate = signs as f64 / start.elapsed().as_secs_f64();
+    let public =
+        UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, key.public_key().as_ref().to_vec());
+    let start = Instant::now();
+    let mut verifies = 0u64;
+    while start.elapsed() < window {
+        let _ = public.verify(message, &signature);
+        verifies += 1;
+    }
+    let verify_rate = verifies as f64 / start.elapsed().as_secs_f64();
+    (verify_rate, sign_rate)
+}
+
+/// One worker's prepared state.
+enum Work {
+    Verify {
+        client: Client,
+        key: DeviceKey,
+        identity: DeviceIdentity,
+    },
+    Enroll {
+        client: Client,
+        tokens: Vec<String>,
+        csrs: Arc<Vec<Vec<u8>>>,
+    },
+    Status {
+        client: Client,
+        serials: Arc<Vec<String>>,
+    },
+    Ocsp {
+        address: SocketAddr,
+        requests: Arc<Vec<Vec<u8>>>,
+    },
+}
+
+async fn connect(settings: &BenchSettings, credential: Credential) -> Result<Client> {
+    Client::connect(
+        &settings.server,
+        &settings.certs.join("root.pem"),
+        &credential,
+    )
+    .await
+}
+
+fn status_error(status: tonic::Status) -> Error {
+    Error::internal(format!("{:?}: {}", status.code(), status.message()))
+}
+
+/// Enrolls a fresh device for `customer`; returns its key and identity.
+async fn enroll_device(
+    settings: &BenchSettings,
+    service: &Client,
+    customer: &str,
+    device: &str,
+) -> Result<(DeviceKey, DeviceIdentity, Vec<u8>)> {
+    let token = service
+        .create_enrollment_token(customer, 0)
+        .await
+        .map_err(status_error)?
+        .token;
+    let key = DeviceKey::generate();
+    let phone = connect(settings, Credential::None).await?;
+    let issued = phone
+        .enroll(
+            &token,
+            key.csr_der(device)?,
+            device,
+            proto::DeviceInfo::default(),
+        )
+        .await
+        .map_err(status_error)?;
+    let identity = DeviceIdentity::from_certificate(&issued.certificate_der)?;
+    Ok((key, identity, issued.certificate_der))
+}
+
+/// A DER OCSP request (SHA-1 CertID, no nonce) for `certificate` issued by `issuer`.
+fn ocsp_request(issuer_der: &[u8], certificate_der: &[u8]) -> Result<Vec<u8>> {
+    use der::{Decode, Encode};
+    use sha1::{Digest, Sha1};
+    let issuer = x509_cert::Certificate::from_der(issuer_der)
+        .map_err(|e| Error::internal(format!("issuer: {e}")))?;
+    let cert = x509_cert::Certificate::from_der(certificate_der)
+        .map_err(|e| Error::internal(format!("certificate: {e}")))?;
+    let name = issuer
+        .tbs_certificate
+        .subject
+        .to_der()
+        .map_err(|e| Error::internal(format!("issuer name: {e}")))?;
+    let key = issuer
+        .tbs_certificate
+        .subject_public_key_info
+        .subject_public_key
+        .raw_bytes();
+    let request = x509_ocsp::OcspRequest {
+        tbs_request: x509_ocsp::TbsRequest {
+            version: Default::default(),
+            requestor_name: None,
+            request_list: vec![x509_ocsp::Request {
+                req_cert: x509_ocsp::CertId {
+                    hash_algorithm: spki::AlgorithmIdentifierOwned {
+                        oid: const_oid::db::rfc5912::ID_SHA_1,
+                        parameters: None,
+                    },
+                    issuer_name_hash: der::asn1::OctetString::new(Sha1::digest(&name).to_vec())
+                        .map_err(|e| Error::internal(e.to_string()))?,
+                    issuer_key_hash: der::asn1::OctetString::new(Sha1::digest(key).to_vec())
+                        .map_err(|e| Error::internal(e.to_string()))?,
+                    serial_number: cert.tbs_certificate.serial_number.clone(),
+                },
+                single_request_extensions: None,
+            }],
+            request_extensions: None,
+        },
+        optional_signature: None,
+    };
+    request
+        .to_der()
+        .map_err(|e| Error::internal(format!("OCSP request: {e}")))
+}
+
+async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
+    let service = connect(settings, Credential::role(&settings.certs, "service")).await?;
+    let mut work = Vec::with_capacity(settings.concurrency);
+    match settings.scenario {
+        Scenario::Verify => {
+            for worker in 0..settings.concurrency {
+                let customer = format!("bench-{}-{worker}", random_suffix());
+                let (key, identity, _) =
+                    enroll_device(settings, &service, &customer, &format!("{customer}-phone"))
+                        .await?;
+                work.push(Work::Verify {
+                    client: connect(settings, Credential::role(&settings.certs, "service")).await?,
+                    key,
+                    identity,
+                });
+            }
+        }
+        Scenario::Enroll => {
+            let csrs: Arc<Vec<Vec<u8>>> = Arc::new(
+                (0..64)
+                    .map(|i| DeviceKey::generate().csr_der(&format!("bench-{i}")))
+                    .collect::<Result<_>>()?,
+            );
+            let per_worker = (settings.max_requests / settings.concurrency as u64).clamp(1, 20_000);
+            for _ in 0..settings.concurrency {
+                let mut tokens = Vec::with_capacity(per_worker as usize);
+                for _ in 0..per_worker {
+                    tokens.push(
+                        service
+                            .create_enrollment_token("bench-enroll", 0)
+                            .await
+                            .map_err(status_error)?
+                            .token,
+                    );
+                }
+                work.push(Work::Enroll {
+                    client: connect(settings, Credential::None).await?,
+                    tokens,
+                    csrs: csrs.clone(),
+                });
+            }
+        }
+        Scenario::Status | Scenario::Ocsp => {
+            let issuer = crate::ca::pki::read_certificate_der(&settings.certs.join("issuing.pem"))?;
+            let mut serials = Vec::new();
+            let mut requests = Vec::new();
+            for i in 0..16 {
+                let customer = format!("bench-{}-{i}", random_suffix());
+                let (_, identity, der) =
+                    enroll_device(settings, &service, &customer, &format!("{customer}-phone"))
+                        .await?;
+                serials.push(identity.serial);
+                requests.push(ocsp_request(&issuer, &der)?);
+            }
+            let serials = Arc::new(serials);
+            let requests = Arc::new(requests);
+            let address = require_loopback("HTTP address", &settings.http)?;
+            for _ in 0..settings.concurrency {
+                work.push(match settings.scenario {
+                    Scenario::Status => Work::Status {
+                        client: connect(settings, Credential::role(&settings.certs, "service"))
+                            .await?,
+                        serials: serials.clone(),
+                    },
+                    _ => Work::Ocsp {
+                        address,
+                        requests: requests.clone(),
+                    },
+                });
+            }
+        }
+    }
+    Ok(work)
+}
+
+fn random_suffix() -> String {
+    crate::model::Serial::random().to_hex()[..8].to_string()
+}
+
+/// Shared counters of a run.
+struct Counters {
+    started: AtomicBool,
+    stop: AtomicBool,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    budget: AtomicU64,
+}
+
+impl Counters {
+    /// Takes one request from the budget; false when the run must end.
+    fn take(&self) -> bool {
+        if self.stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        self.budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
+                left.checked_sub(1)
+            })
+            .is_ok()
+    }
+}
+
+/// A keep-alive HTTP/1.1 POST of an OCSP request; returns true on a 200 answer.
+async fn ocsp_post(
+    stream: &mut BufReader<tokio::net::TcpStream>,
+    body: &[u8],
+) -> std::io::Result<bool> {
+    let head = format!(
+        "POST /ocsp HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/ocsp-request\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.get_mut().write_all(head.as_bytes()).await?;
+    stream.get_mut().write_all(body).await?;
+    let mut status_line = String::new();
+    stream.read_line(&mut status_line).await?;
+    let mut length = 0usize;
+    loop {
+        let mut line = String::new();
+        stream.read_line(&mut line).await?;
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await?;
+    Ok(status_line.starts_with("HTTP/1.1 200"))
+}
+
+async fn run_worker(work: Work, counters: Arc<Counters>) -> Vec<u32> {
+    let mut latencies = Vec::new();
+    let mut record = |started: Instant, ok: bool, counters: &Counters| {
+        if counters.started.load(Ordering::Relaxed) {
+            latencies.push(u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX));
+            counters.requests.fetch_add(1, Ordering::Relaxed);
+            if !ok {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    };
+    match work {
+        Work::Verify {
+            client,
+            key,
+            identity,
+        } => {
+            let mut verification = client.verification();
+            let mut n = 0u64;
+            while counters.take() {
+                n += 1;
+                let intent = proto::PaymentIntent {
+                    customer_id: identity.customer_id.clone(),
+                    device_id: identity.device_id.clone(),
+                    merchant_id: "bench-merchant".into(),
+                    order_id: format!("order-{n}"),
+                    amount_fen: 100,
+                    currency: "CNY".into(),
+                    created_at_ms: crate::clock::Clock::now_ms(&crate::clock::SystemClock),
+                    nonce: random_nonce(),
+                    scene: proto::Scene::InApp as i32,
+                };
+                let bytes = encode_intent(&intent);
+                let request = proto::VerifyPaymentRequest {
+                    signature: key.sign_intent(&bytes),
+                    intent: bytes,
+                    certificate_serial: identity.serial.clone(),
+                    transaction: Some(proto::Transaction {
+                        merchant_id: intent.merchant_id,
+                        order_id: intent.order_id,
+                        amount_fen: 100,
+                        currency: "CNY".into(),
+                    }),
+                    factors: vec![proto::Factor {
+                        category: proto::FactorCategory::Knowledge as i32,
+                        method: "payment_pin".into(),
+                    }],
+                    reserve: false,
+                };
+                let started = Instant::now();
+                let answer = verification.verify_payment(request).await;
+                let ok = matches!(&answer, Ok(a) if a.get_ref().verdict == proto::Verdict::Verified as i32);
+                record(started, ok, &counters);
+            }
+        }
+        Work::Enroll {
+            client,
+            tokens,
+            csrs,
+        } => {
+            let mut enrollment = client.enrollment();
+            for (i, token) in tokens.into_iter().enumerate() {
+                if !counters.take() {
+                    break;
+                }
+                let request = proto::EnrollRequest {
+                    token,
+                    csr_der: csrs[i % csrs.len()].clone(),
+                    device_id: format!("bench-device-{i}"),
+                    device_info: None,
+                };
+                let started = Instant::now();
+                let ok = enrollment.enroll(request).await.is_ok();
+                record(started, ok, &counters);
+            }
+        }
+        Work::Status { client, serials } => {
+            let mut verification = client.verification();
+            let mut i = 0;
+            while counters.take() {
+                i += 1;
+                let request = proto::GetCertificateStatusRequest {
+                    serial: serials[i % serials.len()].clone(),
+                };
+                let started = Instant::now();
+                let ok = verification.get_certificate_status(request).await.is_ok();
+                record(started, ok, &counters);
+            }
+        }
+        Work::Ocsp { address, requests } => {
+            let Ok(stream) = tokio::net::TcpStream::connect(address).await else {
+                counters.errors.fetch_add(1, Ordering::Relaxed);
+                return latencies;
+            };
+            let _ = stream.set_nodelay(true);
+            let mut stream = BufReader::new(stream);
+            let mut i = 0;
+            while counters.take() {
+                i += 1;
+                let started = Instant::now();
+                let ok = ocsp_post(&mut stream, &requests[i % requests.len()])
+                    .await
+                    .unwrap_or(false);
+                record(started, ok, &counters);
+                if !ok {
+                    break;
+                }
+            }
+        }
+    }
+    latencies
+}
+
+fn percentile(sorted: &[u32], p: f64) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    u64::from(sorted[index.min(sorted.len() - 1)])
+}
+
+/// Runs one benchmark.
+pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
+    require_loopback("gRPC server", &settings.server)?;
+    if settings.concurrency == 0 || settings.concurrency > 1024 {
+        return Err(Error::invalid("concurrency", "must be 1 to 1024"));
+    }
+    if settings.duration > Duration::from_secs(600) {
+        return Err(Error::invalid("duration", "at most 600 s"));
+    }
+    let work = prepare(&settings).await?;
+    let counters = Arc::new(Counters {
+        started: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+        requests: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        budget: AtomicU64::new(settings.max_requests),
+    });
+    let handles: Vec<_> = work
+        .into_iter()
+        .map(|w| tokio::spawn(run_worker(w, counters.clone())))
+        .collect();
+    tokio::time::sleep(settings.warmup).await;
+    counters.started.store(true, Ordering::Relaxed);
+    let measured = Instant::now();
+    let tick = Duration::from_millis(250);
+    while measured.elapsed() < settings.duration
+        && counters.budget.load(Ordering::Relaxed) > 0
+        && !handles.iter().all(|h| h.is_finished())
+    {
+        tokio::time::sleep(tick.min(settings.duration.saturating_sub(measured.elapsed()))).await;
+        if settings.progress {
+            let done = measured.elapsed().as_secs_f64() / settings.duration.as_secs_f64();
+            let filled = ((done.min(1.0)) * 30.0) as usize;
+            eprint!(
+                "\r[{}{}] {:>5.1}/{:.0} s {:>9} requests {:>6} errors",
+                "#".repeat(filled),
+                "-".repeat(30 - filled),
+                measured.elapsed().as_secs_f64(),
+                settings.duration.as_secs_f64(),
+                counters.requests.load(Ordering::Relaxed),
+                counters.errors.load(Ordering::Relaxed)
+            );
+        }
+    }
+    counters.stop.store(true, Ordering::Relaxed);
+    let seconds = measured.elapsed().as_secs_f64();
+    let requests = counters.requests.load(Ordering::Relaxed);
+    if settings.progress {
+        eprintln!();
+    }
+    let mut latencies = Vec::new();
+    for handle in handles {
+        if let Ok(mut l) = handle.await {
+            latencies.append(&mut l);
+        }
+    }
+    latencies.sort_unstable();
+    // The raw rates are measured after the load, on an otherwise idle core of this machine.
+    let (raw_verify_per_s, raw_sign_per_s) =
+        tokio::task::spawn_blocking(|| raw_crypto_rates(Duration::from_secs(1)))
+            .await
+            .unwrap_or((0.0, 0.0));
+    let throughput_per_s = requests as f64 / seconds;
+    Ok(BenchReport {
+        scenario: settings.scenario,
+        concurrency: settings.concurrency,
+        seconds,
+        requests,
+        errors: counters.errors.load(Ordering::Relaxed),
+        throughput_per_s,
+        latency: Latency {
+            p50_us: percentile(&latencies, 0.50),
+            p90_us: percentile(&latencies, 0.90),
+            p99_us: percentile(&latencies, 0.99),
+            max_us: latencies.last().copied().map_or(0, u64::from),
+        },
+        raw_verify_per_s,
+        raw_sign_per_s,
+        ratio_to_raw_verify: if raw_verify_per_s > 0.0 {
+            throughput_per_s / raw_verify_per_s
+        } else {
+            0.0
+        },
+        ratio_to_raw_sign: if raw_sign_per_s > 0.0 {
+            throughput_per_s / raw_sign_per_s
+        } else {
+            0.0
+        },
+    })
+}
