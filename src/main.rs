@@ -909,7 +909,16 @@ fn restore(file: &Path, data: &Path, force: bool) -> CliResult {
                 .revoked_entries()
                 .map_err(|e| e.to_string())?
                 .into_iter()
-                .filter(|entry| !backup_revoked.contains(&entry.serial))
+                // Lost: revoked now but not in the backup, or revoked for good now but only
+                // on hold in the backup (restoring would make it releasable again).
+                .filter(|entry| match backup_revoked.get(&entry.serial) {
+                    None => true,
+                    Some(reason) => {
+                        *reason == payra::model::RevocationReason::CertificateHold
+                            && entry.revocation.reason
+                                != payra::model::RevocationReason::CertificateHold
+                    }
+                })
                 .map(|entry| {
                     format!(
                         "{} ({} at {})",

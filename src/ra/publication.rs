@@ -108,7 +108,11 @@ impl Ra {
                 reason: entry.revocation.reason,
             })
             .collect();
-        let number = self.store.next_crl_number()?;
+        // At least the current time in milliseconds: numbers stay increasing even after a
+        // restore brings back an older counter (CRLs are signed far less than once per ms).
+        let number = self
+            .store
+            .next_crl_number(u64::try_from(self.clock.now_ms()).unwrap_or(0))?;
         let next_update_s = now_s + publication.crl_validity_s;
         let der = build_crl(
             &self.ca.issuer,

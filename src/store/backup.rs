@@ -5,7 +5,7 @@
 //! byte before it. Lengths are big-endian. Restore reads the file twice: once to check the
 //! checksum (nothing is written if it fails), once to import.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::model::Serial;
+use crate::model::{RevocationReason, Serial};
 
 const MAGIC: &[u8] = b"PAYRA-BACKUP-1\n";
 /// Largest key or value accepted when reading a backup (sled values here are small records).
@@ -213,16 +213,19 @@ impl<R: Read> Read for TeeReader<'_, R> {
     }
 }
 
-/// Checks a backup file and returns its summary and the serials it holds as revoked.
-pub fn verify_backup(path: &Path) -> Result<(BackupSummary, HashSet<Serial>)> {
+/// Checks a backup file and returns its summary and the revocations it holds.
+pub fn verify_backup(path: &Path) -> Result<(BackupSummary, HashMap<Serial, RevocationReason>)> {
     let mut current_tree = String::new();
-    let mut revoked = HashSet::new();
+    let mut revoked = HashMap::new();
     let summary = scan(path, |record| {
         match record {
             Record::Tree(name) => current_tree = name,
-            Record::Entry(key, _) if current_tree == "revoked" => {
-                if let Ok(serial) = Serial::from_bytes("serial", &key) {
-                    revoked.insert(serial);
+            Record::Entry(key, value) if current_tree == "revoked" => {
+                let serial = Serial::from_bytes("serial", &key);
+                let entry: std::result::Result<super::RevokedEntry, _> =
+                    serde_json::from_slice(&value);
+                if let (Ok(serial), Ok(entry)) = (serial, entry) {
+                    revoked.insert(serial, entry.revocation.reason);
                 }
             }
             Record::Entry(..) => {}
@@ -268,9 +271,18 @@ pub fn write_file_atomically(
     path: &Path,
     write: impl FnOnce(&mut dyn Write) -> Result<()>,
 ) -> Result<()> {
-    let tmp = path.with_extension("partial");
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut tmp_name = path.as_os_str().to_owned();
+    tmp_name.push(".partial");
+    let tmp = std::path::PathBuf::from(tmp_name);
     {
-        let file = File::create(&tmp)?;
+        // A backup holds every record payra keeps: readable by its owner only.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         let mut out = BufWriter::new(file);
         write(&mut out)?;
         let file = out

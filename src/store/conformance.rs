@@ -146,9 +146,15 @@ fn decisions_claim_nonces_once_and_never_overshoot(store: &dyn Store) {
 }
 
 fn crl_numbers_grow(store: &dyn Store) {
-    let first = store.next_crl_number().unwrap();
-    let second = store.next_crl_number().unwrap();
+    let first = store.next_crl_number(0).unwrap();
+    let second = store.next_crl_number(0).unwrap();
     assert!(second > first);
+    assert_eq!(store.next_crl_number(1_000_000).unwrap(), 1_000_000);
+    assert_eq!(
+        store.next_crl_number(5).unwrap(),
+        1_000_001,
+        "never goes back"
+    );
 }
 
 fn audit_chain_links_every_change(store: &dyn Store) {

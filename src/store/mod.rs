@@ -284,6 +284,6 @@ pub trait Store: Send + Sync {
     fn audit_head(&self) -> Result<u64>;
 
     /// Takes the next CRL number: strictly greater than every number taken before, across
-    /// restarts. Durable on return.
-    fn next_crl_number(&self) -> Result<u64>;
+    /// restarts, and at least `at_least`. Durable on return.
+    fn next_crl_number(&self, at_least: u64) -> Result<u64>;
 }

@@ -841,13 +841,13 @@ impl Store for SledStore {
         })
     }
 
-    fn next_crl_number(&self) -> Result<u64> {
+    fn next_crl_number(&self, at_least: u64) -> Result<u64> {
         let writing = self.writing();
         let updated = self.meta.update_and_fetch(CRL_NUMBER_KEY, |old| {
             let current = old
                 .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
                 .map_or(0, u64::from_be_bytes);
-            Some((current + 1).to_be_bytes().to_vec())
+            Some((current + 1).max(at_least).to_be_bytes().to_vec())
         })?;
         let number = updated
             .and_then(|bytes| <[u8; 8]>::try_from(bytes.as_ref()).ok())

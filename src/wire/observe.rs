@@ -90,13 +90,16 @@ where
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let method = request
-            .uri()
-            .path()
-            .rsplit('/')
-            .next()
-            .unwrap_or("unknown")
-            .to_string();
+        // Only known methods become label values, so a client cannot add series at will.
+        let path = request.uri().path();
+        let method = if crate::wire::auth::Rpc::from_path(path).is_some()
+            || path.starts_with("/grpc.health.v1.")
+            || path.starts_with("/grpc.reflection.")
+        {
+            path.rsplit('/').next().unwrap_or("unknown").to_string()
+        } else {
+            "other".to_string()
+        };
         let mut id = [0u8; 8];
         rand::thread_rng().fill_bytes(&mut id);
         let request_id = hex::encode(id);
