@@ -5,6 +5,7 @@
 //! [`RevokedEntry`]) and `meta` (counters). Records are JSON with a version field.
 
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::{Db, Transactional, Tree};
@@ -36,6 +37,8 @@ pub struct SledStore {
     /// taking turns here spares sled's optimistic transactions their retries, and a backup
     /// never sees half of a change set.
     write_turn: std::sync::Mutex<()>,
+    /// Decisions waiting for the write turn (see [`Store::record_decision`]).
+    decisions: Mutex<Vec<PendingDecision>>,
     nonces: Tree,
     ledger: Tree,
     evidence: Tree,
@@ -46,6 +49,15 @@ pub struct SledStore {
 }
 
 const AUDIT_HEAD_KEY: &[u8] = b"audit_head";
+
+/// A decision queued for the next combined transaction, with the slot its outcome goes to.
+struct PendingDecision {
+    evidence: EvidenceRecord,
+    nonce: Option<NonceClaim>,
+    reservation: Option<Reservation>,
+    audit: AuditEvent,
+    slot: Arc<Mutex<Option<Result<DecisionOutcome>>>>,
+}
 
 const CRL_NUMBER_KEY: &[u8] = b"crl_number";
 
@@ -101,6 +113,7 @@ impl SledStore {
             revoked: db.open_tree("revoked")?,
             meta: db.open_tree("meta")?,
             write_turn: std::sync::Mutex::new(()),
+            decisions: Mutex::new(Vec::new()),
             nonces: db.open_tree("nonces")?,
             ledger: db.open_tree("ledger")?,
             evidence: db.open_tree("evidence")?,
@@ -110,6 +123,76 @@ impl SledStore {
             db,
             commit,
         })
+    }
+
+    /// Applies queued decisions in one transaction and hands each its outcome. The caller
+    /// holds the write turn.
+    fn apply_decisions(&self, batch: Vec<PendingDecision>) {
+        if batch.is_empty() {
+            return;
+        }
+        let outcome = (
+            &self.nonces,
+            &self.ledger,
+            &self.evidence,
+            &self.audit,
+            &self.meta,
+        )
+            .transaction(|(nonces, ledger, evidence_tree, log, meta)| {
+                let mut outcomes = Vec::with_capacity(batch.len());
+                for item in &batch {
+                    // Within one transaction, reads see earlier writes: a nonce repeated in
+                    // the batch is a replay, and reservations add up in order.
+                    if let Some(claim) = &item.nonce {
+                        let key = claim.key();
+                        if nonces.get(&key)?.is_some() {
+                            outcomes.push(DecisionOutcome::NonceReplayed);
+                            continue;
+                        }
+                        nonces.insert(key, &claim.expires_at_ms.to_be_bytes())?;
+                    }
+                    let mut record = item.evidence.clone();
+                    let mut reserved = false;
+                    let mut used_fen = 0;
+                    if let Some(r) = &item.reservation {
+                        let key = ledger_key(&r.customer, &r.day, r.tier);
+                        let used = read_i64(ledger.get(&key)?);
+                        used_fen = used;
+                        if r.amount_fen > 0 && used.saturating_add(r.amount_fen) <= r.limit_fen {
+                            used_fen = used + r.amount_fen;
+                            ledger.insert(key, &used_fen.to_be_bytes())?;
+                            record.reserved_fen = r.amount_fen;
+                            reserved = true;
+                        }
+                    }
+                    evidence_tree.insert(
+                        record.evidence_id.as_bytes(),
+                        encode(&record).map_err(abort)?,
+                    )?;
+                    let mut event = item.audit.clone();
+                    if item.reservation.is_some() {
+                        let note = if reserved { "reserved" } else { "not reserved" };
+                        event.outcome =
+                            format!("{}; {note} {} fen", event.outcome, item.evidence.amount_fen);
+                    }
+                    append_audit(log, meta, &event)?;
+                    outcomes.push(DecisionOutcome::Recorded { reserved, used_fen });
+                }
+                Ok(outcomes)
+            });
+        match finish(outcome) {
+            Ok(outcomes) => {
+                for (item, outcome) in batch.iter().zip(outcomes) {
+                    *item.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                for item in &batch {
+                    *item.slot.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(Err(Error::internal(format!("recording decision: {e}"))));
+                }
+            }
+        }
     }
 
     fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -457,55 +540,34 @@ impl Store for SledStore {
         reservation: Option<&Reservation>,
         audit: &AuditEvent,
     ) -> Result<DecisionOutcome> {
-        let writing = self.writing();
-        let outcome = (
-            &self.nonces,
-            &self.ledger,
-            &self.evidence,
-            &self.audit,
-            &self.meta,
-        )
-            .transaction(|(nonces, ledger, evidence_tree, log, meta)| {
-                if let Some(claim) = nonce {
-                    let key = claim.key();
-                    if nonces.get(&key)?.is_some() {
-                        return Ok(DecisionOutcome::NonceReplayed);
-                    }
-                    nonces.insert(key, &claim.expires_at_ms.to_be_bytes())?;
-                }
-                let mut record = evidence.clone();
-                let mut reserved = false;
-                let mut used_fen = 0;
-                if let Some(r) = reservation {
-                    let key = ledger_key(&r.customer, &r.day, r.tier);
-                    let used = read_i64(ledger.get(&key)?);
-                    used_fen = used;
-                    if r.amount_fen > 0 && used.saturating_add(r.amount_fen) <= r.limit_fen {
-                        used_fen = used + r.amount_fen;
-                        ledger.insert(key, &used_fen.to_be_bytes())?;
-                        record.reserved_fen = r.amount_fen;
-                        reserved = true;
-                    }
-                }
-                evidence_tree.insert(
-                    record.evidence_id.as_bytes(),
-                    encode(&record).map_err(abort)?,
-                )?;
-                let mut event = audit.clone();
-                if reservation.is_some() {
-                    let note = if reserved { "reserved" } else { "not reserved" };
-                    event.outcome =
-                        format!("{}; {note} {} fen", event.outcome, evidence.amount_fen);
-                }
-                append_audit(log, meta, &event)?;
-                Ok(DecisionOutcome::Recorded { reserved, used_fen })
+        // Flat combining: each caller queues its decision, and whoever holds the write turn
+        // applies every queued decision in one transaction. Under load one transaction and one
+        // sync serve many payments; alone, a caller applies its own.
+        let slot = Arc::new(Mutex::new(None));
+        self.decisions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(PendingDecision {
+                evidence: evidence.clone(),
+                nonce: nonce.cloned(),
+                reservation: reservation.cloned(),
+                audit: audit.clone(),
+                slot: slot.clone(),
             });
-        let outcome = finish(outcome)?;
+        let outcome = loop {
+            if let Some(done) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                break done;
+            }
+            let writing = self.writing();
+            if slot.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
+                let batch =
+                    std::mem::take(&mut *self.decisions.lock().unwrap_or_else(|p| p.into_inner()));
+                self.apply_decisions(batch);
+            }
+            drop(writing);
+        }?;
         if matches!(outcome, DecisionOutcome::Recorded { .. }) {
-            {
-                drop(writing);
-                self.commit.sync()
-            }?;
+            self.commit.sync()?;
         }
         Ok(outcome)
     }
