@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Runs every `payra bench` scenario RUNS times against a fresh release server on loopback and
+# prints one JSON report per line, then the medians. Not part of CI (it takes minutes and
+# wants a quiet machine). Usage: bash bench/run.sh [RUNS] [DURATION_S]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RUNS=${1:-3}
+DURATION=${2:-5}
+cargo build --release --locked --bin payra >&2
+BIN=$PWD/target/release/payra
+WORK=$(mktemp -d)
+trap 'kill $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
+"$BIN" init --dir "$WORK/certs" >/dev/null
+RUST_LOG=warn "$BIN" serve --certs "$WORK/certs" --data "$WORK/data" \
+    --grpc-addr 127.0.0.1:18443 --http-addr 127.0.0.1:18080 >"$WORK/server.log" 2>&1 &
+SERVER=$!
+for _ in $(seq 1 100); do
+    curl -sf http://127.0.0.1:18080/healthz >/dev/null 2>&1 && break
+    sleep 0.1
+done
+COMMON=(--server https://localhost:18443 --certs "$WORK/certs" --http http://127.0.0.1:18080
+        --duration-s "$DURATION" --warmup-s 1 --json)
+OUT="$WORK/results.jsonl"
+for run in $(seq 1 "$RUNS"); do
+    "$BIN" bench --scenario verify --concurrency 64 "${COMMON[@]}" | tee -a "$OUT"
+    "$BIN" bench --scenario enroll --concurrency 16 --max-requests 20000 "${COMMON[@]}" | tee -a "$OUT"
+    "$BIN" bench --scenario status --concurrency 16 "${COMMON[@]}" | tee -a "$OUT"
+    "$BIN" bench --scenario ocsp --concurrency 16 "${COMMON[@]}" | tee -a "$OUT"
+done
+python3 - "$OUT" <<'PY'
+import json, statistics, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+print("scenario     runs  median/s  p50_us  p99_us  raw_verify/s  ratio_verify  raw_sign/s  ratio_sign")
+for s in ["verify", "enroll", "status", "ocsp"]:
+    r = [x for x in rows if x["scenario"] == s]
+    med = lambda k: statistics.median(x[k] for x in r)
+    lat = lambda k: statistics.median(x["latency"][k] for x in r)
+    print(f"{s:<12} {len(r):>4} {med('throughput_per_s'):>9.0f} {lat('p50_us'):>7.0f} {lat('p99_us'):>7.0f}"
+          f" {med('raw_verify_per_s'):>13.0f} {med('ratio_to_raw_verify'):>13.2f} {med('raw_sign_per_s'):>11.0f} {med('ratio_to_raw_sign'):>11.2f}")
+PY
