@@ -146,7 +146,8 @@ pub struct LimitConfig {
     pub max_connections: usize,
     /// Deadline of every RPC, in seconds.
     pub request_timeout_s: u32,
-    /// Failed enrollment-token lookups allowed per peer address per minute.
+    /// Failed enrollment-token lookups allowed per peer address per minute; 0 switches the
+    /// throttle off.
     pub enroll_failures_per_minute: u32,
 }
 

@@ -1257,8 +1257,11 @@ async fn serve(args: ServeArgs) -> CliResult {
     let mut server = payra::server::start(config, Arc::new(SystemClock))
         .await
         .map_err(|e| e.to_string())?;
-    shutdown_signal().await;
-    tracing::info!("signal received: draining in-flight requests");
+    let ended = server.ended();
+    tokio::select! {
+        _ = shutdown_signal() => tracing::info!("signal received: draining in-flight requests"),
+        _ = ended.notified() => tracing::error!("the gRPC server stopped on its own; shutting down"),
+    }
     server.trigger_shutdown();
     // Every acknowledged write is already durable, so a drain that overruns its bound loses
     // nothing; it only cuts off requests that were never answered.

@@ -28,6 +28,7 @@ pub struct RunningServer {
     /// The bound HTTP address.
     pub http_addr: SocketAddr,
     shutdown: Option<oneshot::Sender<()>>,
+    ended: Arc<tokio::sync::Notify>,
     grpc: JoinHandle<std::result::Result<(), tonic::transport::Error>>,
     http: JoinHandle<std::io::Result<()>>,
     crl_task: JoinHandle<()>,
@@ -140,6 +141,8 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
     let max_connections = config.limits.max_connections;
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
+    let ended = Arc::new(tokio::sync::Notify::new());
+    let grpc_ended = ended.clone();
     let grpc = tokio::spawn(async move {
         let result = router
             .serve_with_incoming_shutdown(limited_incoming(grpc_listener, max_connections), async {
@@ -147,6 +150,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
             })
             .await;
         let _ = http_stop_tx.send(());
+        grpc_ended.notify_one();
         result
     });
     let sync_source = store.clone();
@@ -167,6 +171,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         grpc_addr,
         http_addr,
         shutdown: Some(shutdown_tx),
+        ended,
         grpc,
         http,
         crl_task,
@@ -255,6 +260,11 @@ impl RunningServer {
             Ok(Err(e)) => Err(Error::internal(format!("HTTP server: {e}"))),
             Err(e) => Err(Error::internal(format!("HTTP task: {e}"))),
         }
+    }
+
+    /// Completes when the gRPC server stops, whether asked to or not (a failed listener).
+    pub fn ended(&self) -> Arc<tokio::sync::Notify> {
+        self.ended.clone()
     }
 
     /// Asks the server to stop, without waiting.

@@ -153,32 +153,14 @@ impl Ra {
             }));
         }
 
-        let serial = Serial::random();
-        let certificate = issue_device_certificate(
-            &self.ca.issuer,
-            &self.policy.profile,
+        let (record, certificate_der) = self.sign_device_certificate(
             &public_key,
-            &serial,
-            &token.customer_id,
-            &request.device_id,
+            token.customer_id,
+            request.device_id,
+            request.device_info,
+            None,
             now_s,
         )?;
-        let record = CertificateRecord {
-            version: RECORD_VERSION,
-            serial,
-            customer_id: token.customer_id,
-            device_id: request.device_id,
-            device_info: request.device_info,
-            subject: certificate.subject,
-            not_before_s: certificate.not_before_s,
-            not_after_s: certificate.not_after_s,
-            issued_at_s: now_s,
-            public_key_hex: hex::encode(public_key.sec1()),
-            certificate_b64: CertificateRecord::encode_der(&certificate.der),
-            revocation: None,
-            renewed_from: None,
-            superseded_by: None,
-        };
         let audit = AuditEvent::new(
             self.clock.now_ms(),
             actor,
@@ -209,11 +191,7 @@ impl Ra {
             device = %record.device_id,
             "certificate issued"
         );
-        Ok(Issued {
-            certificate_der: certificate.der,
-            chain_der: vec![self.ca.issuing_der.clone()],
-            record,
-        })
+        Ok(self.issued(record, certificate_der))
     }
 }
 
@@ -255,34 +233,16 @@ impl Ra {
                 )))
             }
         }
-        let serial = Serial::random();
-        let certificate = issue_device_certificate(
-            &self.ca.issuer,
-            &self.policy.profile,
+        let (record, certificate_der) = self.sign_device_certificate(
             &public_key,
-            &serial,
-            &current.customer_id,
-            &current.device_id,
-            now_s,
-        )?;
-        let record = CertificateRecord {
-            version: RECORD_VERSION,
-            serial,
-            customer_id: current.customer_id.clone(),
-            device_id: current.device_id.clone(),
-            device_info: request
+            current.customer_id.clone(),
+            current.device_id.clone(),
+            request
                 .device_info
                 .unwrap_or_else(|| current.device_info.clone()),
-            subject: certificate.subject,
-            not_before_s: certificate.not_before_s,
-            not_after_s: certificate.not_after_s,
-            issued_at_s: now_s,
-            public_key_hex: hex::encode(public_key.sec1()),
-            certificate_b64: CertificateRecord::encode_der(&certificate.der),
-            revocation: None,
-            renewed_from: Some(current.serial.clone()),
-            superseded_by: None,
-        };
+            Some(current.serial.clone()),
+            now_s,
+        )?;
         let audit = AuditEvent::new(
             self.clock.now_ms(),
             actor,
@@ -318,11 +278,58 @@ impl Ra {
             device = %record.device_id,
             "certificate renewed"
         );
-        Ok(Issued {
-            certificate_der: certificate.der,
+        Ok(self.issued(record, certificate_der))
+    }
+}
+
+impl Ra {
+    /// Signs a device certificate for `public_key` and builds its record (not yet stored).
+    /// payra decides everything in it; see [`issue_device_certificate`].
+    fn sign_device_certificate(
+        &self,
+        public_key: &crate::ca::DevicePublicKey,
+        customer: CustomerId,
+        device: DeviceId,
+        device_info: DeviceInfo,
+        renewed_from: Option<Serial>,
+        now_s: i64,
+    ) -> Result<(CertificateRecord, Vec<u8>)> {
+        let serial = Serial::random();
+        let certificate = issue_device_certificate(
+            &self.ca.issuer,
+            &self.policy.profile,
+            public_key,
+            &serial,
+            &customer,
+            &device,
+            now_s,
+        )?;
+        let record = CertificateRecord {
+            version: RECORD_VERSION,
+            serial,
+            customer_id: customer,
+            device_id: device,
+            device_info,
+            subject: certificate.subject,
+            not_before_s: certificate.not_before_s,
+            not_after_s: certificate.not_after_s,
+            issued_at_s: now_s,
+            public_key_hex: hex::encode(public_key.sec1()),
+            certificate_b64: CertificateRecord::encode_der(&certificate.der),
+            revocation: None,
+            renewed_from,
+            superseded_by: None,
+        };
+        Ok((record, certificate.der))
+    }
+
+    /// The answer to the phone: the certificate and the chain up to (not including) the root.
+    fn issued(&self, record: CertificateRecord, certificate_der: Vec<u8>) -> Issued {
+        Issued {
+            certificate_der,
             chain_der: vec![self.ca.issuing_der.clone()],
             record,
-        })
+        }
     }
 }
 

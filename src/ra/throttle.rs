@@ -27,8 +27,12 @@ impl FailureThrottle {
         }
     }
 
-    /// When the peer may try again, if it is over the limit at `now_ms`.
+    /// When the peer may try again, if it is over the limit at `now_ms`. A limit of 0
+    /// switches the throttle off.
     pub fn blocked_until(&self, peer: IpAddr, now_ms: i64) -> Option<i64> {
+        if self.max_failures == 0 {
+            return None;
+        }
         let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         match peers.get(&peer) {
             Some((start, count))
@@ -76,5 +80,15 @@ mod tests {
         assert_eq!(throttle.blocked_until(peer, 61_000), None, "window over");
         throttle.record_failure(peer, 61_000);
         assert_eq!(throttle.blocked_until(peer, 61_001), None, "new window");
+    }
+
+    #[test]
+    fn zero_switches_the_throttle_off() {
+        let throttle = FailureThrottle::new(0, 60_000);
+        let peer: IpAddr = "192.0.2.9".parse().unwrap();
+        for i in 0..100 {
+            throttle.record_failure(peer, i);
+        }
+        assert_eq!(throttle.blocked_until(peer, 100), None);
     }
 }

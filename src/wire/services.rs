@@ -25,7 +25,10 @@ where
     F: FnOnce() -> Result<T> + Send + 'static,
     T: Send + 'static,
 {
-    match tokio::task::spawn_blocking(work).await {
+    // Carry the RPC's span (request id, method) into the worker, so the RA's log lines and
+    // errors are tagged with the request they belong to.
+    let span = tracing::Span::current();
+    match tokio::task::spawn_blocking(move || span.in_scope(work)).await {
         Ok(result) => result.map_err(Status::from),
         Err(join) => Err(Status::from(Error::internal(format!(
             "worker failed: {join}"
