@@ -108,8 +108,10 @@ enum Command {
     /// Load-test a running server on this machine (loopback only) and report throughput,
     /// latency percentiles and the ratio to this binary's raw ECDSA rates.
     Bench {
+        #[command(subcommand)]
+        command: Option<BenchCommand>,
         #[arg(long, value_enum)]
-        scenario: BenchScenario,
+        scenario: Option<BenchScenario>,
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
         #[arg(long, default_value_t = 10)]
@@ -346,6 +348,18 @@ impl SceneArg {
             SceneArg::Online => P::Online,
         }) as i32
     }
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Fill a stopped server's data directory with synthetic certificate records (not in the
+    /// audit chain), to measure start-up, memory and disk at scale.
+    Populate {
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long)]
+        records: u64,
+    },
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -597,7 +611,17 @@ async fn run(cli: Cli) -> CliResult {
         Command::Audit { command } => audit(command),
         Command::Backup { out, connection } => backup(&out, &connection).await,
         Command::Bench {
-            scenario,
+            command: Some(BenchCommand::Populate { data, records }),
+            ..
+        } => populate(&data, records),
+        Command::Bench {
+            command: None,
+            scenario: None,
+            ..
+        } => Err("name a --scenario, or the populate command".into()),
+        Command::Bench {
+            command: None,
+            scenario: Some(scenario),
             concurrency,
             duration_s,
             warmup_s,
@@ -868,6 +892,44 @@ fn audit(command: AuditCommand) -> CliResult {
             Ok(())
         }
     }
+}
+
+fn populate(data: &Path, records: u64) -> CliResult {
+    use payra::model::{CustomerId, DeviceId, Serial};
+    use payra::store::{CertificateRecord, RECORD_VERSION};
+    let store = payra::store::SledStore::open(data).map_err(|e| e.to_string())?;
+    // One real-looking record, varied in serial, customer and device.
+    let key = DeviceKey::generate();
+    let public_key_hex = hex::encode(key.secret().public_key().to_sec1_bytes());
+    let certificate_b64 = CertificateRecord::encode_der(&[0x30; 620]);
+    let now = payra::clock::Clock::now_s(&SystemClock);
+    let started = std::time::Instant::now();
+    let make = |i: u64| -> Option<CertificateRecord> {
+        Some(CertificateRecord {
+            version: RECORD_VERSION,
+            serial: Serial::random(),
+            customer_id: CustomerId::parse("customer_id", &format!("cust-{}", i / 2)).ok()?,
+            device_id: DeviceId::parse("device_id", &format!("dev-{i}")).ok()?,
+            device_info: Default::default(),
+            subject: format!("CN=dev-{i},UID=cust-{},O=payra device", i / 2),
+            not_before_s: now - 300,
+            not_after_s: now + 365 * 86_400,
+            issued_at_s: now,
+            public_key_hex: public_key_hex.clone(),
+            certificate_b64: certificate_b64.clone(),
+            revocation: None,
+            renewed_from: None,
+            superseded_by: None,
+        })
+    };
+    let count = store
+        .danger_bulk_insert_certificates((0..records).filter_map(make))
+        .map_err(|e| e.to_string())?;
+    println!(
+        "inserted {count} synthetic certificate records in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 async fn backup(out: &Path, connection: &Connection) -> CliResult {

@@ -50,6 +50,9 @@ pub struct SledStore {
 
 const AUDIT_HEAD_KEY: &[u8] = b"audit_head";
 
+/// sled's page cache size.
+const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
 /// A decision queued for the next combined transaction, with the slot its outcome goes to.
 struct PendingDecision {
     evidence: EvidenceRecord,
@@ -100,8 +103,11 @@ impl SledStore {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<SledStore> {
         std::fs::create_dir_all(dir)?;
+        // sled's page cache defaults to 1 GiB; payra keeps what the hot path needs in its own
+        // maps, so a small cache suffices and keeps the resident size down.
         let db = sled::Config::new()
             .path(dir)
+            .cache_capacity(SLED_CACHE_BYTES)
             .open()
             .map_err(|e| Error::internal(format!("opening database {}: {e}", dir.display())))?;
         let commit = GroupCommit::new(db.clone(), dir)?;
@@ -219,6 +225,47 @@ impl SledStore {
             })
             .collect();
         super::backup::write_backup(out, created_at_ms, &trees)
+    }
+
+    /// Inserts certificate records with their indexes in large batches, with no audit entry
+    /// and one sync at the end. For building benchmark data sets only (`payra bench
+    /// populate`): records written this way are not in the audit chain.
+    pub fn danger_bulk_insert_certificates(
+        &self,
+        records: impl Iterator<Item = CertificateRecord>,
+    ) -> Result<u64> {
+        let _writing = self.writing();
+        let mut count = 0u64;
+        let mut certificates = sled::Batch::default();
+        let mut by_customer = sled::Batch::default();
+        let mut by_device = sled::Batch::default();
+        let mut pending = 0;
+        for record in records {
+            certificates.insert(record.serial.as_bytes(), encode(&record)?);
+            by_customer.insert(
+                index_key(record.customer_id.as_str(), &record.serial),
+                &[] as &[u8],
+            );
+            by_device.insert(
+                index_key(record.device_id.as_str(), &record.serial),
+                &[] as &[u8],
+            );
+            count += 1;
+            pending += 1;
+            if pending == 10_000 {
+                self.certificates
+                    .apply_batch(std::mem::take(&mut certificates))?;
+                self.by_customer
+                    .apply_batch(std::mem::take(&mut by_customer))?;
+                self.by_device.apply_batch(std::mem::take(&mut by_device))?;
+                pending = 0;
+            }
+        }
+        self.certificates.apply_batch(certificates)?;
+        self.by_customer.apply_batch(by_customer)?;
+        self.by_device.apply_batch(by_device)?;
+        self.commit.sync()?;
+        Ok(count)
     }
 
     /// The durability barrier, for metrics and tests of batching.
