@@ -13,8 +13,8 @@ use crate::store::{CertificateRecord, Revocation, Store};
 /// What the verifier knows about one certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CachedCertificate {
-    /// Uncompressed SEC1 P-256 point.
-    pub public_key: Vec<u8>,
+    /// Uncompressed SEC1 P-256 point, inline (no allocation per certificate).
+    pub public_key: [u8; 65],
     pub customer: CustomerId,
     pub device: DeviceId,
     pub not_before_s: i64,
@@ -22,10 +22,16 @@ pub struct CachedCertificate {
     pub revocation: Option<Revocation>,
 }
 
+fn public_key(hex_text: &str) -> Option<[u8; 65]> {
+    let mut key = [0u8; 65];
+    hex::decode_to_slice(hex_text, &mut key).ok()?;
+    Some(key)
+}
+
 impl CachedCertificate {
     fn of(record: &CertificateRecord) -> Option<CachedCertificate> {
         Some(CachedCertificate {
-            public_key: hex::decode(&record.public_key_hex).ok()?,
+            public_key: public_key(&record.public_key_hex)?,
             customer: record.customer_id.clone(),
             device: record.device_id.clone(),
             not_before_s: record.not_before_s,
@@ -45,22 +51,23 @@ impl CertificateCache {
     /// Reads every certificate from `store`.
     pub fn load(store: &dyn Store) -> Result<CertificateCache> {
         let mut map = HashMap::new();
-        let mut after: Option<Serial> = None;
-        loop {
-            let batch = store.certificates_after(after.as_ref(), 4096)?;
-            let Some(last) = batch.last() else { break };
-            after = Some(last.serial.clone());
-            for record in &batch {
-                match CachedCertificate::of(record) {
-                    Some(entry) => {
-                        map.insert(record.serial.clone(), Arc::new(entry));
-                    }
-                    None => {
-                        tracing::error!(serial = %record.serial, "stored public key is not hex")
-                    }
-                }
-            }
-        }
+        store.for_each_certificate_summary(&mut |summary| {
+            let Some(key) = public_key(&summary.public_key_hex) else {
+                tracing::error!(serial = %summary.serial, "stored public key is not a P-256 point");
+                return;
+            };
+            map.insert(
+                summary.serial,
+                Arc::new(CachedCertificate {
+                    public_key: key,
+                    customer: summary.customer_id,
+                    device: summary.device_id,
+                    not_before_s: summary.not_before_s,
+                    not_after_s: summary.not_after_s,
+                    revocation: summary.revocation,
+                }),
+            );
+        })?;
         Ok(CertificateCache {
             map: RwLock::new(map),
         })

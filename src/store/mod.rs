@@ -13,8 +13,8 @@ mod sled_backend;
 pub use audit::{Actor, AuditCheck, AuditEntry, AuditEvent};
 pub use group_commit::GroupCommit;
 pub use records::{
-    CertificateRecord, ClientCertificateRecord, EvidenceRecord, Revocation, RevokedEntry,
-    TokenHash, TokenRecord, RECORD_VERSION,
+    CertificateRecord, CertificateSummary, ClientCertificateRecord, EvidenceRecord, Revocation,
+    RevokedEntry, TokenHash, TokenRecord, RECORD_VERSION,
 };
 pub use sled_backend::SledStore;
 
@@ -149,6 +149,10 @@ pub trait Store: Send + Sync {
         after: Option<&Serial>,
         limit: usize,
     ) -> Result<Vec<CertificateRecord>>;
+
+    /// Hands `each` what the verification cache needs of every certificate, decoding on all
+    /// cores, without holding all records in memory at once.
+    fn for_each_certificate_summary(&self, each: &mut dyn FnMut(CertificateSummary)) -> Result<()>;
 
     /// Revokes every serial in `serials` with `revocation`, all or none: if any is unknown or
     /// already revoked, nothing is written and the first such serial is reported. A

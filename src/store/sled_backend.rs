@@ -13,8 +13,8 @@ use sled::{Db, Transactional, Tree};
 use super::audit::{chain_hash, AuditBody, AuditEntry, AuditEvent, GENESIS_HASH};
 use super::group_commit::GroupCommit;
 use super::records::{
-    CertificateRecord, ClientCertificateRecord, EvidenceRecord, Revocation, RevokedEntry,
-    TokenHash, TokenRecord,
+    CertificateRecord, CertificateSummary, ClientCertificateRecord, EvidenceRecord, Revocation,
+    RevokedEntry, TokenHash, TokenRecord,
 };
 use super::{
     DecisionOutcome, IssueOutcome, NonceClaim, ReleaseRejection, Reservation, RevokeRejection,
@@ -428,6 +428,45 @@ impl Store for SledStore {
             .take(limit)
             .map(|value| decode(&value?))
             .collect()
+    }
+
+    fn for_each_certificate_summary(&self, each: &mut dyn FnMut(CertificateSummary)) -> Result<()> {
+        // Read in bounded batches (so the raw records never all sit in memory at once) and
+        // decode each batch on all cores.
+        const BATCH: usize = 32 * 1024;
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut values = self.certificates.iter().values();
+        loop {
+            let batch: Vec<sled::IVec> = values
+                .by_ref()
+                .take(BATCH)
+                .collect::<std::result::Result<_, _>>()?;
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let chunk = batch.len().div_ceil(workers).max(1);
+            let decoded = std::thread::scope(|scope| {
+                let handles: Vec<_> = batch
+                    .chunks(chunk)
+                    .map(|part| {
+                        scope.spawn(move || {
+                            part.iter()
+                                .map(|value| decode::<CertificateSummary>(value))
+                                .collect::<Result<Vec<_>>>()
+                        })
+                    })
+                    .collect();
+                let mut decoded = Vec::with_capacity(batch.len());
+                for handle in handles {
+                    let part = handle
+                        .join()
+                        .map_err(|_| Error::internal("decoding certificates panicked"))??;
+                    decoded.extend(part);
+                }
+                Ok::<_, Error>(decoded)
+            })?;
+            decoded.into_iter().for_each(&mut *each);
+        }
     }
 
     fn revoke(
