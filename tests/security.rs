@@ -483,3 +483,44 @@ async fn ok_issued_client_credentials_work_until_revoked() {
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
 }
+
+#[tokio::test]
+async fn fail_unregistered_client_certificates_are_refused() {
+    let server = TestServer::start().await;
+    // A service certificate signed with payra's issuing key, but not through payra: it
+    // chains, yet payra has no record of it, so it could never be revoked. Refused.
+    let ca = payra::ca::CaMaterial::load(&server.certs(), None).unwrap();
+    let key = payra::client::DeviceKey::generate();
+    let public = payra::ca::parse_device_csr(&key.csr_der("rogue").unwrap()).unwrap();
+    let profile = payra::ca::DeviceProfile {
+        validity_s: 86_400,
+        backdate_s: 60,
+        crl_url: server.config.crl_url(),
+        ocsp_url: server.config.ocsp_url(),
+    };
+    let now = payra::clock::Clock::now_s(&server.clock);
+    let cert = payra::ca::issue_client_certificate(
+        &ca.issuer,
+        &profile,
+        &public,
+        &payra::model::Serial::random(),
+        "service",
+        "rogue",
+        now,
+        86_400,
+    )
+    .unwrap();
+    let dir = server.dir.path().join("rogue");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("rogue.pem"), pem(&cert.der)).unwrap();
+    std::fs::write(dir.join("rogue.key"), key.to_pkcs8_pem().unwrap()).unwrap();
+    let rogue = server
+        .client(payra::client::Credential::Files {
+            certificate: dir.join("rogue.pem"),
+            key: dir.join("rogue.key"),
+        })
+        .await;
+    let err = rogue.create_enrollment_token("c", 0).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert!(err.message().contains("not registered"), "{err:?}");
+}

@@ -2,7 +2,7 @@
 //! `payra init` wrote, and the in-memory set of revoked ones that the authorization layer
 //! checks on every call, so a revoked credential is locked out at once.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::RwLock;
 
@@ -19,39 +19,55 @@ use crate::store::{
 /// The roles a client certificate may carry.
 pub const CLIENT_ROLES: [&str; 2] = ["service", "operator"];
 
-/// Serials of revoked client certificates, shared with the authorization layer.
-#[derive(Default)]
-pub struct RevokedClients {
-    serials: RwLock<HashSet<Serial>>,
+/// Where a service or operator certificate stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientStanding {
+    /// Not issued through payra nor registered at start: refused.
+    Unknown,
+    Active,
+    Revoked,
 }
 
-impl RevokedClients {
-    /// Loads the revoked client certificates from `store`.
-    pub fn load(store: &dyn Store) -> Result<RevokedClients> {
+/// Every registered client certificate and whether it is revoked, shared with the
+/// authorization layer: only registered, unrevoked service and operator certificates get in,
+/// so every credential that works can also be revoked.
+#[derive(Default)]
+pub struct ClientRegistry {
+    serials: RwLock<HashMap<Serial, bool>>,
+}
+
+impl ClientRegistry {
+    /// Loads the registered client certificates from `store`.
+    pub fn load(store: &dyn Store) -> Result<ClientRegistry> {
         let serials = store
             .client_certificates()?
             .into_iter()
-            .filter(|record| record.revocation.is_some())
-            .map(|record| record.serial)
+            .map(|record| (record.serial, record.revocation.is_some()))
             .collect();
-        Ok(RevokedClients {
+        Ok(ClientRegistry {
             serials: RwLock::new(serials),
         })
     }
 
-    /// Whether `serial` was revoked.
-    pub fn contains(&self, serial: &Serial) -> bool {
-        self.serials
+    /// The standing of `serial`.
+    pub fn standing(&self, serial: &Serial) -> ClientStanding {
+        match self
+            .serials
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(serial)
+            .get(serial)
+        {
+            None => ClientStanding::Unknown,
+            Some(false) => ClientStanding::Active,
+            Some(true) => ClientStanding::Revoked,
+        }
     }
 
-    fn insert(&self, serial: Serial) {
+    fn set(&self, serial: Serial, revoked: bool) {
         self.serials
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(serial);
+            .insert(serial, revoked);
     }
 }
 
@@ -89,7 +105,8 @@ impl Ra {
             }
             let der = crate::ca::pki::read_certificate_der(&path)?;
             let record = record_of(&der, role, self.clock.now_s())?;
-            if self.store.client_certificate(&record.serial)?.is_some() {
+            if let Some(known) = self.store.client_certificate(&record.serial)? {
+                self.clients.set(known.serial, known.revocation.is_some());
                 continue;
             }
             let audit = AuditEvent::new(
@@ -100,6 +117,7 @@ impl Ra {
                 format!("{role} {}", record.name),
             );
             self.store.put_client_certificate(&record, &audit)?;
+            self.clients.set(record.serial, false);
         }
         Ok(())
     }
@@ -142,6 +160,7 @@ impl Ra {
         if !self.store.put_client_certificate(&record, &audit)? {
             return Err(Error::internal("random serial collided"));
         }
+        self.clients.set(serial.clone(), false);
         self.metrics
             .certificates_issued
             .with_label_values(&["client"])
@@ -205,7 +224,7 @@ impl Ra {
                 )))
             }
         }
-        self.revoked_clients.insert(serial.clone());
+        self.clients.set(serial.clone(), true);
         self.metrics
             .certificates_revoked
             .with_label_values(&[reason.cli_name()])
@@ -215,8 +234,8 @@ impl Ra {
         Ok(revocation)
     }
 
-    /// The revoked client certificates, for the authorization layer.
-    pub fn revoked_clients(&self) -> &RevokedClients {
-        &self.revoked_clients
+    /// The registered client certificates, for the authorization layer.
+    pub fn clients(&self) -> &ClientRegistry {
+        &self.clients
     }
 }

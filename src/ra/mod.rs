@@ -15,7 +15,7 @@ mod throttle;
 pub mod tiers;
 mod verification;
 
-pub use clients::{RevokedClients, CLIENT_ROLES};
+pub use clients::{ClientRegistry, ClientStanding, CLIENT_ROLES};
 pub use enrollment::{EnrollRequest, EnrollmentToken, Issued, RenewRequest};
 pub use publication::{Publication, PublishedCrl};
 pub use retention::RetentionProgress;
@@ -97,7 +97,7 @@ pub struct Ra {
     cache: CertificateCache,
     replay: ReplayGuard,
     enroll_throttle: FailureThrottle,
-    revoked_clients: RevokedClients,
+    clients: ClientRegistry,
     metrics: Arc<Metrics>,
 }
 
@@ -111,7 +111,7 @@ impl Ra {
     ) -> Result<Ra> {
         let policy_failures = policy.enroll_failures_per_minute;
         let cache = CertificateCache::load(store.as_ref())?;
-        let revoked_clients = RevokedClients::load(store.as_ref())?;
+        let clients = ClientRegistry::load(store.as_ref())?;
         let replay = ReplayGuard::with(store.live_nonces(clock.now_ms())?);
         tracing::info!(certificates = cache.len(), "certificate cache loaded");
         let responder = OcspResponder::new(&ca.issuing_der, ca.signer.clone())?;
@@ -126,7 +126,7 @@ impl Ra {
             cache,
             replay,
             enroll_throttle: FailureThrottle::new(policy_failures, 60_000),
-            revoked_clients,
+            clients,
             metrics,
         })
     }

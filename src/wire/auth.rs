@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use std::sync::Arc;
 
 use crate::model::Serial;
-use crate::ra::Ra;
+use crate::ra::{ClientStanding, Ra};
 use crate::store::Actor;
 
 /// Who is calling.
@@ -230,14 +230,23 @@ fn caller_of<B>(request: &http::Request<B>, ra: &Ra) -> Result<(Caller, Actor)> 
         Some(certs) if !certs.is_empty() => {
             let der = certs[0].as_ref();
             let (caller, serial) = caller_from_certificate(der)?;
-            // Device certificates are checked by the RPCs that use them (Renew); a revoked
-            // service or operator credential is refused here, for every RPC.
-            if matches!(caller, Caller::Service | Caller::Operator)
-                && ra.revoked_clients().contains(&serial)
-            {
-                return Err(Error::Unauthenticated(format!(
-                    "client certificate {serial} is revoked"
-                )));
+            // Device certificates are checked by the RPCs that use them (Renew); a service or
+            // operator credential must be registered and unrevoked, for every RPC.
+            if matches!(caller, Caller::Service | Caller::Operator) {
+                match ra.clients().standing(&serial) {
+                    ClientStanding::Active => {}
+                    ClientStanding::Revoked => {
+                        return Err(Error::Unauthenticated(format!(
+                            "client certificate {serial} is revoked"
+                        )))
+                    }
+                    ClientStanding::Unknown => {
+                        return Err(Error::Unauthenticated(format!(
+                            "client certificate {serial} is not registered with payra; \
+                             issue credentials with payra issue-client"
+                        )))
+                    }
+                }
             }
             let role = format!("{:?}", caller.role()).to_lowercase();
             Ok((caller, Actor::with_certificate(&role, der)))
