@@ -937,7 +937,7 @@ fn populate(data: &Path, records: u64) -> CliResult {
 }
 
 async fn backup(out: &Path, connection: &Connection) -> CliResult {
-    use payra::store::backup::{verify_backup, write_file_atomically};
+    use payra::store::backup::verify_backup;
     let client = connect(connection, Credential::role(&connection.certs, "operator")).await?;
     let mut stream = client
         .admin()
@@ -945,14 +945,29 @@ async fn backup(out: &Path, connection: &Connection) -> CliResult {
         .await
         .map_err(status_message)?
         .into_inner();
-    let mut bytes = Vec::new();
+    // Chunks go straight to OUT.partial (mode 0600: a backup holds every record), which is
+    // synced and renamed only when the stream has ended; the checksum is checked after.
+    let mut partial_name = out.as_os_str().to_owned();
+    partial_name.push(".partial");
+    let partial = PathBuf::from(partial_name);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&partial)
+        .map_err(|e| format!("{}: {e}", partial.display()))?;
+    let mut received = 0usize;
     while let Some(chunk) = stream.message().await.map_err(status_message)? {
-        bytes.extend_from_slice(&chunk.data);
-        eprint!("\rreceived {} KiB", bytes.len() / 1024);
+        file.write_all(&chunk.data)
+            .map_err(|e| format!("{}: {e}", partial.display()))?;
+        received += chunk.data.len();
+        eprint!("\rreceived {} KiB", received / 1024);
     }
     eprintln!();
-    write_file_atomically(out, |w| w.write_all(&bytes).map_err(payra::Error::from))
-        .map_err(|e| e.to_string())?;
+    file.sync_all()
+        .map_err(|e| format!("{}: {e}", partial.display()))?;
+    std::fs::rename(&partial, out).map_err(|e| format!("{}: {e}", out.display()))?;
     let (summary, _) = verify_backup(out).map_err(|e| e.to_string())?;
     println!(
         "backup written to {}: {} entries in {} trees, sha256 {}",

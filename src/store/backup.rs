@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -264,32 +264,4 @@ pub fn import_backup(path: &Path, dir: &Path) -> Result<BackupSummary> {
     db.flush()?;
     File::open(dir.join("db"))?.sync_all()?;
     Ok(summary)
-}
-
-/// Writes a backup to `path` atomically: a temp file, synced, then renamed.
-pub fn write_file_atomically(
-    path: &Path,
-    write: impl FnOnce(&mut dyn Write) -> Result<()>,
-) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut tmp_name = path.as_os_str().to_owned();
-    tmp_name.push(".partial");
-    let tmp = std::path::PathBuf::from(tmp_name);
-    {
-        // A backup holds every record payra keeps: readable by its owner only.
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        let mut out = BufWriter::new(file);
-        write(&mut out)?;
-        let file = out
-            .into_inner()
-            .map_err(|e| Error::internal(format!("writing backup: {e}")))?;
-        file.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    Ok(())
 }

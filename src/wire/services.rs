@@ -462,6 +462,15 @@ impl proto::verification_server::Verification for VerificationService {
     }
 }
 
+/// Removes a temporary file when dropped.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// The stream of backup file pieces.
 type BackupStream =
     std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<proto::BackupChunk, Status>> + Send>>;
@@ -620,8 +629,11 @@ impl proto::admin_server::Admin for AdminService {
         let actor = actor(&request);
         let ra = self.ra.clone();
         let path = blocking(move || ra.backup_to_file(&actor)).await?;
+        // The temporary file goes when the stream ends or the client goes away.
+        let cleanup = RemoveOnDrop(path.clone());
         let stream = async_stream::stream! {
             use tokio::io::AsyncReadExt;
+            let _cleanup = cleanup;
             let mut file = match tokio::fs::File::open(&path).await {
                 Ok(file) => file,
                 Err(e) => {
@@ -640,7 +652,6 @@ impl proto::admin_server::Admin for AdminService {
                     }
                 }
             }
-            let _ = tokio::fs::remove_file(&path).await;
         };
         Ok(Response::new(Box::pin(stream)))
     }
