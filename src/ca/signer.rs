@@ -20,38 +20,41 @@ pub struct KeyFileSigner {
 }
 
 impl KeyFileSigner {
-    /// Loads an unencrypted PKCS#8 PEM P-256 key.
-    pub fn from_pkcs8_pem(pem: &str) -> Result<Self> {
-        let key = KeyPair::from_pkcs8_pem_and_sign_algo(pem, &PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| Error::internal(format!("CA key is not a PKCS#8 P-256 key: {e}")))?;
-        Ok(KeyFileSigner { key })
-    }
-
-    /// Loads a PKCS#8 PEM P-256 key, decrypting an `ENCRYPTED PRIVATE KEY` (PBES2) with
-    /// `passphrase`. An encrypted key without a passphrase, or a wrong passphrase, is refused.
-    pub fn from_pem(pem: &str, passphrase: Option<&str>) -> Result<Self> {
-        if !pem.contains("-----BEGIN ENCRYPTED PRIVATE KEY-----") {
-            return Self::from_pkcs8_pem(pem);
-        }
-        let Some(passphrase) = passphrase else {
-            return Err(Error::FailedPrecondition(
-                "the issuing key is encrypted; set PAYRA_CA_KEY_PASSPHRASE or \
-                 ca_key_passphrase_file"
-                    .into(),
-            ));
+    /// Loads a PKCS#8 PEM P-256 key, decrypting an encrypted PKCS#8 block (PBES2) with
+    /// `passphrase`. The block's label decides which it is. An encrypted key without a
+    /// passphrase, or with a wrong one, is refused.
+    pub fn from_pem(text: &str, passphrase: Option<&str>) -> Result<Self> {
+        let block = pem::parse(text)
+            .map_err(|e| Error::FailedPrecondition(format!("issuing key is not PEM: {e}")))?;
+        let pkcs8_der = match block.tag() {
+            "PRIVATE KEY" => block.into_contents(),
+            "ENCRYPTED PRIVATE KEY" => {
+                let Some(passphrase) = passphrase else {
+                    return Err(Error::FailedPrecondition(
+                        "the issuing key is encrypted; set PAYRA_CA_KEY_PASSPHRASE or \
+                         ca_key_passphrase_file"
+                            .into(),
+                    ));
+                };
+                use pkcs8::der::Decode;
+                let encrypted = pkcs8::EncryptedPrivateKeyInfo::from_der(block.contents())
+                    .map_err(|e| Error::FailedPrecondition(format!("issuing key: {e}")))?;
+                let decrypted = encrypted.decrypt(passphrase).map_err(|_| {
+                    Error::FailedPrecondition(
+                        "cannot decrypt the issuing key: wrong passphrase or unsupported cipher"
+                            .into(),
+                    )
+                })?;
+                decrypted.as_bytes().to_vec()
+            }
+            other => {
+                return Err(Error::FailedPrecondition(format!(
+                    "issuing key is a PEM {other:?} block; a PKCS#8 key is needed"
+                )))
+            }
         };
-        use pkcs8::der::Decode;
-        let (_, document) = pkcs8::SecretDocument::from_pem(pem)
-            .map_err(|e| Error::FailedPrecondition(format!("issuing key is not valid PEM: {e}")))?;
-        let encrypted = pkcs8::EncryptedPrivateKeyInfo::from_der(document.as_bytes())
-            .map_err(|e| Error::FailedPrecondition(format!("issuing key: {e}")))?;
-        let decrypted = encrypted.decrypt(passphrase).map_err(|_| {
-            Error::FailedPrecondition(
-                "cannot decrypt the issuing key: wrong passphrase or unsupported cipher".into(),
-            )
-        })?;
         let key = KeyPair::from_pkcs8_der_and_sign_algo(
-            &rustls_pki_types::PrivatePkcs8KeyDer::from(decrypted.as_bytes()),
+            &rustls_pki_types::PrivatePkcs8KeyDer::from(pkcs8_der.as_slice()),
             &PKCS_ECDSA_P256_SHA256,
         )
         .map_err(|e| Error::FailedPrecondition(format!("issuing key is not P-256: {e}")))?;
