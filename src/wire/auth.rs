@@ -220,20 +220,67 @@ fn role_list(roles: &[Role]) -> String {
         .join(", ")
 }
 
+/// What a client certificate says about its holder, parsed once per certificate.
+struct Identity {
+    caller: Caller,
+    serial: Serial,
+    actor: Actor,
+}
+
+/// Parsed client certificates by their DER, so the hot path does not parse X.509 and hash
+/// the certificate on every call. Bounded: emptied when full.
+#[derive(Default)]
+struct Identities {
+    parsed: std::sync::RwLock<std::collections::HashMap<Vec<u8>, Arc<Identity>>>,
+}
+
+/// Most certificates remembered; a service fleet and its operators fit many times over.
+const MAX_IDENTITIES: usize = 10_000;
+
+impl Identities {
+    fn of(&self, der: &[u8]) -> Result<Arc<Identity>> {
+        if let Some(known) = self
+            .parsed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(der)
+        {
+            return Ok(known.clone());
+        }
+        let (caller, serial) = caller_from_certificate(der)?;
+        let role = format!("{:?}", caller.role()).to_lowercase();
+        let identity = Arc::new(Identity {
+            caller,
+            serial,
+            actor: Actor::with_certificate(&role, der),
+        });
+        let mut parsed = self.parsed.write().unwrap_or_else(|p| p.into_inner());
+        if parsed.len() >= MAX_IDENTITIES {
+            parsed.clear();
+        }
+        parsed.insert(der.to_vec(), identity.clone());
+        Ok(identity)
+    }
+}
+
 /// The caller named by the client certificate of an HTTP/2 request, if any.
-fn caller_of<B>(request: &http::Request<B>, ra: &Ra) -> Result<(Caller, Actor)> {
+fn caller_of<B>(
+    request: &http::Request<B>,
+    ra: &Ra,
+    identities: &Identities,
+) -> Result<(Caller, Actor)> {
     let certs = request
         .extensions()
         .get::<TlsConnectInfo<TcpConnectInfo>>()
         .and_then(|info| info.peer_certs());
     match certs {
         Some(certs) if !certs.is_empty() => {
-            let der = certs[0].as_ref();
-            let (caller, serial) = caller_from_certificate(der)?;
+            let identity = identities.of(certs[0].as_ref())?;
+            let (caller, serial) = (&identity.caller, &identity.serial);
             // Device certificates are checked by the RPCs that use them (Renew); a service or
             // operator credential must be registered and unrevoked, for every RPC.
             if matches!(caller, Caller::Service | Caller::Operator) {
-                match ra.clients().standing(&serial) {
+                match ra.clients().standing(serial) {
                     ClientStanding::Active => {}
                     ClientStanding::Revoked => {
                         return Err(Error::Unauthenticated(format!(
@@ -248,8 +295,7 @@ fn caller_of<B>(request: &http::Request<B>, ra: &Ra) -> Result<(Caller, Actor)> 
                     }
                 }
             }
-            let role = format!("{:?}", caller.role()).to_lowercase();
-            Ok((caller, Actor::with_certificate(&role, der)))
+            Ok((identity.caller.clone(), identity.actor.clone()))
         }
         _ => Ok((Caller::Anonymous, Actor::anonymous())),
     }
@@ -257,7 +303,11 @@ fn caller_of<B>(request: &http::Request<B>, ra: &Ra) -> Result<(Caller, Actor)> 
 
 /// Decides a request before routing: `Ok(Some(caller))` for an allowed payra RPC,
 /// `Ok(None)` for the standard services (health, reflection), which anyone may call.
-fn authorize_request<B>(request: &http::Request<B>, ra: &Ra) -> Result<Option<(Caller, Actor)>> {
+fn authorize_request<B>(
+    request: &http::Request<B>,
+    ra: &Ra,
+    identities: &Identities,
+) -> Result<Option<(Caller, Actor)>> {
     let path = request.uri().path();
     let Some(rpc) = Rpc::from_path(path) else {
         if path.starts_with("/payra.") {
@@ -265,7 +315,7 @@ fn authorize_request<B>(request: &http::Request<B>, ra: &Ra) -> Result<Option<(C
         }
         return Ok(None);
     };
-    let (caller, actor) = caller_of(request, ra)?;
+    let (caller, actor) = caller_of(request, ra, identities)?;
     check(rpc, &caller)?;
     Ok(Some((caller, actor)))
 }
@@ -274,12 +324,16 @@ fn authorize_request<B>(request: &http::Request<B>, ra: &Ra) -> Result<Option<(C
 #[derive(Clone)]
 pub struct AuthLayer {
     ra: Arc<Ra>,
+    identities: Arc<Identities>,
 }
 
 impl AuthLayer {
     /// Checks callers against the matrix and `ra`'s revoked client certificates.
     pub fn new(ra: Arc<Ra>) -> AuthLayer {
-        AuthLayer { ra }
+        AuthLayer {
+            ra,
+            identities: Arc::default(),
+        }
     }
 }
 
@@ -289,6 +343,7 @@ impl<S> tower::Layer<S> for AuthLayer {
         AuthService {
             inner,
             ra: self.ra.clone(),
+            identities: self.identities.clone(),
         }
     }
 }
@@ -298,6 +353,7 @@ impl<S> tower::Layer<S> for AuthLayer {
 pub struct AuthService<S> {
     inner: S,
     ra: Arc<Ra>,
+    identities: Arc<Identities>,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = std::result::Result<T, E>> + Send>>;
@@ -316,7 +372,7 @@ where
     }
 
     fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
-        match authorize_request(&request, &self.ra) {
+        match authorize_request(&request, &self.ra, &self.identities) {
             Ok(caller) => {
                 if let Some((caller, actor)) = caller {
                     request.extensions_mut().insert(caller);
