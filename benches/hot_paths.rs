@@ -16,7 +16,7 @@ use payra::model::{
 use payra::ra::signature::{signed_message, verify_intent_signature};
 use payra::ra::tiers::decide_tier;
 use payra::store::{
-    Actor, AuditEvent, EvidenceRecord, NonceClaim, SledStore, Store, RECORD_VERSION,
+    Actor, AuditEvent, DecisionLog, EvidenceRecord, LedgerCheckpoint, LogRecord, RECORD_VERSION,
 };
 
 fn signatures(c: &mut Criterion) {
@@ -120,106 +120,74 @@ fn issuance_and_crl(c: &mut Criterion) {
     group.finish();
 }
 
-fn durable_decision(c: &mut Criterion) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SledStore::open(dir.path()).unwrap());
-    let actor = Actor::system();
-    let mut n = 0u64;
-    c.bench_function(
-        "record_decision (evidence + nonce + audit, durable, 1 writer)",
-        |b| {
-            b.iter(|| {
-                n += 1;
-                let evidence = EvidenceRecord {
-                    version: RECORD_VERSION,
-                    evidence_id: format!("ev_{n}"),
-                    kind: "verify_payment".into(),
-                    recorded_at_ms: 0,
-                    certificate_serial: None,
-                    customer_id: None,
-                    intent_b64: "A".repeat(160),
-                    signature_b64: "B".repeat(96),
-                    verdict: "VERIFIED".into(),
-                    reason: String::new(),
-                    tier: Tier::A,
-                    categories: vec![FactorCategory::Knowledge, FactorCategory::Possession],
-                    factors: vec![],
-                    amount_fen: 100,
-                    reserved_fen: 0,
-                    day: "2026-11-25".into(),
-                    released_at_ms: None,
-                };
-                let claim = NonceClaim {
-                    serial: Serial::random(),
-                    nonce: n.to_be_bytes().repeat(4),
-                    expires_at_ms: 1,
-                };
-                let audit = AuditEvent::new(
-                    0,
-                    &actor,
-                    "payment.verified",
-                    evidence.evidence_id.clone(),
-                    "VERIFIED",
-                );
-                store
-                    .record_decision(&evidence, Some(&claim), None, &audit)
-                    .unwrap()
-            })
-        },
-    );
+/// A typical decision record: a 120-byte intent, a DER signature, a nonce and the audit line.
+fn decision_json(id: String) -> Vec<u8> {
+    let evidence = EvidenceRecord {
+        version: RECORD_VERSION,
+        evidence_id: id.clone(),
+        kind: "verify_payment".into(),
+        recorded_at_ms: 0,
+        certificate_serial: Some(Serial::random()),
+        customer_id: None,
+        intent_b64: "A".repeat(160),
+        signature_b64: "B".repeat(96),
+        verdict: "VERIFIED".into(),
+        reason: String::new(),
+        tier: Tier::A,
+        categories: vec![FactorCategory::Knowledge, FactorCategory::Possession],
+        factors: vec![],
+        amount_fen: 100,
+        reserved_fen: 0,
+        day: "2026-11-25".into(),
+        released_at_ms: None,
+    };
+    let record = LogRecord::Decision {
+        audit: AuditEvent::new(0, &Actor::system(), "payment.verified", id, "VERIFIED"),
+        evidence: Box::new(evidence),
+        nonce: Some((hex::encode([7u8; 40]), 1)),
+    };
+    serde_json::to_vec(&record).unwrap()
 }
 
-/// Many concurrent writers share one sync (group commit): the per-decision cost falls with
-/// concurrency.
+fn open_log(dir: &std::path::Path) -> DecisionLog {
+    DecisionLog::open(dir, LedgerCheckpoint::default(), 0, 1, &mut |_, _| {}).unwrap()
+}
+
+/// One decision appended and made durable, alone: the full cost of one fdatasync.
+fn durable_decision(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let log = open_log(dir.path());
+    let mut n = 0u64;
+    c.bench_function("decision log append + fdatasync, 1 writer", |b| {
+        b.iter(|| {
+            n += 1;
+            let (seq, ()) = log
+                .append(|_, _| Ok((decision_json(format!("ev_{n}")), ())))
+                .unwrap();
+            log.durable_blocking(seq).unwrap()
+        })
+    });
+}
+
+/// Many concurrent writers share one fdatasync (group commit): the per-decision cost falls
+/// with concurrency.
 fn durable_decision_concurrent(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    let log = Arc::new(open_log(dir.path()));
     let mut group = c.benchmark_group("group commit");
     group.sample_size(10);
-    group.bench_function("record_decision, 32 writers (time per decision)", |b| {
+    group.bench_function("decision log, 32 writers (time per decision)", |b| {
         b.iter_custom(|iterations| {
             let per_thread = iterations.div_ceil(32).max(1);
             let started = std::time::Instant::now();
             let threads: Vec<_> = (0..32)
                 .map(|t| {
-                    let store = store.clone();
+                    let log = log.clone();
                     std::thread::spawn(move || {
                         for i in 0..per_thread {
-                            let id = format!("ev_{t}_{i}_{}", Serial::random().to_hex());
-                            let evidence = EvidenceRecord {
-                                version: RECORD_VERSION,
-                                evidence_id: id.clone(),
-                                kind: "verify_payment".into(),
-                                recorded_at_ms: 0,
-                                certificate_serial: None,
-                                customer_id: None,
-                                intent_b64: "A".repeat(160),
-                                signature_b64: "B".repeat(96),
-                                verdict: "VERIFIED".into(),
-                                reason: String::new(),
-                                tier: Tier::A,
-                                categories: vec![],
-                                factors: vec![],
-                                amount_fen: 100,
-                                reserved_fen: 0,
-                                day: "2026-11-25".into(),
-                                released_at_ms: None,
-                            };
-                            let claim = NonceClaim {
-                                serial: Serial::random(),
-                                nonce: vec![1; 32],
-                                expires_at_ms: 1,
-                            };
-                            let audit = AuditEvent::new(
-                                0,
-                                &Actor::system(),
-                                "payment.verified",
-                                id,
-                                "VERIFIED",
-                            );
-                            store
-                                .record_decision(&evidence, Some(&claim), None, &audit)
-                                .unwrap();
+                            let json = decision_json(format!("ev_{t}_{i}"));
+                            let (seq, ()) = log.append(|_, _| Ok((json, ()))).unwrap();
+                            log.durable_blocking(seq).unwrap();
                         }
                     })
                 })
@@ -234,7 +202,7 @@ fn durable_decision_concurrent(c: &mut Criterion) {
         })
     });
     group.finish();
-    println!("syncs: {}", store.group_commit().syncs());
+    println!("syncs: {}", log.syncs());
 }
 
 criterion_group!(

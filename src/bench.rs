@@ -41,6 +41,13 @@ pub struct BenchSettings {
     pub duration: Duration,
     pub warmup: Duration,
     pub max_requests: u64,
+    /// Open-loop mode: requests per second, spread evenly over the workers. Latency is then
+    /// counted from each request's scheduled time whenever the worker was still busy with an
+    /// earlier one, so a slow server cannot hide its queueing (no coordinated omission).
+    /// `None`: closed loop, each worker sends as soon as its previous answer arrives.
+    pub rate: Option<f64>,
+    /// gRPC connections the workers share (HTTP/2 streams are multiplexed on each).
+    pub connections: usize,
     pub progress: bool,
 }
 
@@ -135,8 +142,9 @@ pub fn raw_crypto_rates(window: Duration) -> (f64, f64) {
 enum Work {
     Verify {
         client: Client,
-        key: DeviceKey,
-        identity: DeviceIdentity,
+        /// Intents signed before the run, as devices sign them before the payment service
+        /// forwards them: the load generator spends no CPU on signing while it measures.
+        requests: Vec<proto::VerifyPaymentRequest>,
     },
     Enroll {
         client: Client,
@@ -238,20 +246,126 @@ fn ocsp_request(issuer_der: &[u8], certificate_der: &[u8]) -> Result<Vec<u8>> {
         .map_err(|e| Error::internal(format!("OCSP request: {e}")))
 }
 
+/// Pre-signed intents are sized for at most this closed-loop rate (twice the raw verify rate of
+/// a 2-core machine); `--rate` or `--max-requests` size them otherwise.
+const MAX_CLOSED_LOOP_VERIFY_RATE: f64 = 40_000.0;
+/// Upper bound on pre-signed intents (about 400 bytes each).
+const MAX_PRESIGNED: u64 = 500_000;
+
+/// Builds `count` VerifyPayment requests for one device, each a fresh intent with its own
+/// nonce, signed with ring exactly as docs/payment-signature.md says a device signs.
+fn presign(
+    key: &DeviceKey,
+    identity: &DeviceIdentity,
+    count: usize,
+) -> Result<Vec<proto::VerifyPaymentRequest>> {
+    use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+    let rng = ring::rand::SystemRandom::new();
+    let secret = key.secret();
+    let public =
+        p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&secret.public_key(), false);
+    let signer = EcdsaKeyPair::from_private_key_and_public_key(
+        &ECDSA_P256_SHA256_ASN1_SIGNING,
+        &secret.to_bytes(),
+        public.as_bytes(),
+        &rng,
+    )
+    .map_err(|e| Error::internal(format!("loading the device key into ring: {e}")))?;
+    let now_ms = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+    (0..count)
+        .map(|n| {
+            let intent = proto::PaymentIntent {
+                customer_id: identity.customer_id.clone(),
+                device_id: identity.device_id.clone(),
+                merchant_id: "bench-merchant".into(),
+                order_id: format!("order-{n}"),
+                amount_fen: 100,
+                currency: "CNY".into(),
+                created_at_ms: now_ms,
+                nonce: random_nonce(),
+                scene: proto::Scene::InApp as i32,
+            };
+            let bytes = encode_intent(&intent);
+            let signature = signer
+                .sign(&rng, &crate::ra::signature::signed_message(&bytes))
+                .map_err(|e| Error::internal(format!("signing: {e}")))?;
+            Ok(proto::VerifyPaymentRequest {
+                signature: signature.as_ref().to_vec(),
+                intent: bytes,
+                certificate_serial: identity.serial.clone(),
+                transaction: Some(proto::Transaction {
+                    merchant_id: intent.merchant_id,
+                    order_id: intent.order_id,
+                    amount_fen: 100,
+                    currency: "CNY".into(),
+                }),
+                factors: vec![proto::Factor {
+                    category: proto::FactorCategory::Knowledge as i32,
+                    method: "payment_pin".into(),
+                }],
+                reserve: false,
+            })
+        })
+        .collect()
+}
+
 async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
     let service = connect(settings, Credential::role(&settings.certs, "service")).await?;
     let mut work = Vec::with_capacity(settings.concurrency);
     match settings.scenario {
         Scenario::Verify => {
+            // Enough signed intents for the whole run at the expected pace (or the request
+            // budget, if smaller); a worker that runs out stops, which the report shows.
+            let seconds = (settings.duration + settings.warmup).as_secs_f64();
+            let pace = settings.rate.unwrap_or(MAX_CLOSED_LOOP_VERIFY_RATE);
+            let total = ((pace * seconds * 1.1) as u64)
+                .min(settings.max_requests)
+                .min(MAX_PRESIGNED);
+            let per_worker = (total / settings.concurrency as u64).max(1) as usize;
+            let mut devices = Vec::with_capacity(settings.concurrency);
             for worker in 0..settings.concurrency {
                 let customer = format!("bench-{}-{worker}", random_suffix());
                 let (key, identity, _) =
                     enroll_device(settings, &service, &customer, &format!("{customer}-phone"))
                         .await?;
+                devices.push((key, identity));
+            }
+            // Signed on two threads; the server is idle meanwhile.
+            let signed = tokio::task::spawn_blocking(move || {
+                let half = devices.len().div_ceil(2);
+                std::thread::scope(|scope| {
+                    let parts: Vec<_> = devices
+                        .chunks(half.max(1))
+                        .map(|part| {
+                            scope.spawn(move || {
+                                part.iter()
+                                    .map(|(key, identity)| presign(key, identity, per_worker))
+                                    .collect::<Result<Vec<_>>>()
+                            })
+                        })
+                        .collect();
+                    let mut all = Vec::new();
+                    for part in parts {
+                        all.extend(
+                            part.join()
+                                .map_err(|_| Error::internal("signing thread panicked"))??,
+                        );
+                    }
+                    Ok::<_, Error>(all)
+                })
+            })
+            .await
+            .map_err(|e| Error::internal(format!("signing intents: {e}")))??;
+            // A payment service multiplexes its calls over a few HTTP/2 connections.
+            let mut clients = Vec::new();
+            for _ in 0..settings.connections.clamp(1, settings.concurrency) {
+                clients
+                    .push(connect(settings, Credential::role(&settings.certs, "service")).await?);
+            }
+            for (i, requests) in signed.into_iter().enumerate() {
                 work.push(Work::Verify {
-                    client: connect(settings, Credential::role(&settings.certs, "service")).await?,
-                    key,
-                    identity,
+                    client: clients[i % clients.len()].clone(),
+                    requests,
                 });
             }
         }
@@ -369,7 +483,12 @@ async fn ocsp_post(
     Ok(status_line.starts_with("HTTP/1.1 200"))
 }
 
-async fn run_worker(work: Work, counters: Arc<Counters>) -> Vec<u32> {
+async fn run_worker(
+    work: Work,
+    counters: Arc<Counters>,
+    rate: Option<f64>,
+    concurrency: usize,
+) -> Vec<u32> {
     let mut latencies = Vec::new();
     let mut record = |started: Instant, ok: bool, counters: &Counters| {
         if counters.started.load(Ordering::Relaxed) {
@@ -381,44 +500,26 @@ async fn run_worker(work: Work, counters: Arc<Counters>) -> Vec<u32> {
         }
     };
     match work {
-        Work::Verify {
-            client,
-            key,
-            identity,
-        } => {
+        Work::Verify { client, requests } => {
             let mut verification = client.verification();
-            let mut n = 0u64;
-            while counters.take() {
-                n += 1;
-                let intent = proto::PaymentIntent {
-                    customer_id: identity.customer_id.clone(),
-                    device_id: identity.device_id.clone(),
-                    merchant_id: "bench-merchant".into(),
-                    order_id: format!("order-{n}"),
-                    amount_fen: 100,
-                    currency: "CNY".into(),
-                    created_at_ms: crate::clock::Clock::now_ms(&crate::clock::SystemClock),
-                    nonce: random_nonce(),
-                    scene: proto::Scene::InApp as i32,
+            let interval = rate.map(|r| Duration::from_secs_f64(concurrency as f64 / r));
+            let began = Instant::now();
+            for (n, request) in requests.into_iter().enumerate() {
+                if !counters.take() {
+                    break;
+                }
+                let started = match interval {
+                    Some(every) => {
+                        let scheduled = began + every * n as u32;
+                        if Instant::now() < scheduled {
+                            tokio::time::sleep_until(scheduled.into()).await;
+                            Instant::now()
+                        } else {
+                            scheduled
+                        }
+                    }
+                    None => Instant::now(),
                 };
-                let bytes = encode_intent(&intent);
-                let request = proto::VerifyPaymentRequest {
-                    signature: key.sign_intent(&bytes),
-                    intent: bytes,
-                    certificate_serial: identity.serial.clone(),
-                    transaction: Some(proto::Transaction {
-                        merchant_id: intent.merchant_id,
-                        order_id: intent.order_id,
-                        amount_fen: 100,
-                        currency: "CNY".into(),
-                    }),
-                    factors: vec![proto::Factor {
-                        category: proto::FactorCategory::Knowledge as i32,
-                        method: "payment_pin".into(),
-                    }],
-                    reserve: false,
-                };
-                let started = Instant::now();
                 let answer = verification.verify_payment(request).await;
                 let ok = matches!(&answer, Ok(a) if a.get_ref().verdict == proto::Verdict::Verified as i32);
                 record(started, ok, &counters);
@@ -496,6 +597,20 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
     if settings.concurrency == 0 || settings.concurrency > 1024 {
         return Err(Error::invalid("concurrency", "must be 1 to 1024"));
     }
+    if let Some(rate) = settings.rate {
+        if settings.scenario != Scenario::Verify {
+            return Err(Error::invalid(
+                "rate",
+                "open loop is offered for the verify scenario",
+            ));
+        }
+        if !(1.0..=1_000_000.0).contains(&rate) {
+            return Err(Error::invalid(
+                "rate",
+                "must be 1 to 1,000,000 requests per second",
+            ));
+        }
+    }
     if settings.duration > Duration::from_secs(600) {
         return Err(Error::invalid("duration", "at most 600 s"));
     }
@@ -509,7 +624,14 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
     });
     let handles: Vec<_> = work
         .into_iter()
-        .map(|w| tokio::spawn(run_worker(w, counters.clone())))
+        .map(|w| {
+            tokio::spawn(run_worker(
+                w,
+                counters.clone(),
+                settings.rate,
+                settings.concurrency,
+            ))
+        })
         .collect();
     tokio::time::sleep(settings.warmup).await;
     counters.started.store(true, Ordering::Relaxed);

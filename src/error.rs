@@ -33,6 +33,10 @@ pub enum Error {
     /// A rate or size limit was reached.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// payra cannot take this now (shutting down, or storage stopped after a fault); the
+    /// caller may retry elsewhere or later.
+    #[error("{0}")]
+    Unavailable(String),
     /// A fault inside payra (storage, signing). The text is for the log, never for the caller.
     #[error("internal error: {0}")]
     Internal(String),
@@ -48,6 +52,7 @@ pub enum ErrorKind {
     AlreadyExists,
     FailedPrecondition,
     ResourceExhausted,
+    Unavailable,
     Internal,
 }
 
@@ -75,6 +80,7 @@ impl Error {
             Error::AlreadyExists(_) => ErrorKind::AlreadyExists,
             Error::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
             Error::ResourceExhausted(_) => ErrorKind::ResourceExhausted,
+            Error::Unavailable(_) => ErrorKind::Unavailable,
             Error::Internal(_) => ErrorKind::Internal,
         }
     }

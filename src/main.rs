@@ -121,6 +121,13 @@ enum Command {
         /// Stop after this many requests (warm-up included).
         #[arg(long, default_value_t = 1_000_000)]
         max_requests: u64,
+        /// Open loop (verify scenario): send this many requests per second in all, whatever
+        /// the answers' pace, and count latency from each request's scheduled time.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// gRPC connections the workers share (verify scenario).
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
         /// The HTTP listener, for the ocsp scenario.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         http: String,
@@ -392,6 +399,10 @@ enum AuditCommand {
         data: PathBuf,
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: u64,
+        /// Show the decision chain (verifications, qualifications, releases) instead of the
+        /// change chain.
+        #[arg(long)]
+        decisions: bool,
     },
 }
 
@@ -630,6 +641,8 @@ async fn run(cli: Cli) -> CliResult {
             duration_s,
             warmup_s,
             max_requests,
+            rate,
+            connections,
             http,
             json,
             connection,
@@ -649,6 +662,8 @@ async fn run(cli: Cli) -> CliResult {
                 duration: std::time::Duration::from_secs(duration_s),
                 warmup: std::time::Duration::from_secs(warmup_s),
                 max_requests,
+                rate,
+                connections,
                 progress: !json,
             })
             .await
@@ -866,21 +881,41 @@ fn open_data(data: &Path) -> Result<payra::store::SledStore, String> {
 }
 
 fn audit(command: AuditCommand) -> CliResult {
-    use payra::store::{verify_audit_log, AuditCheck, Store};
+    use payra::store::decision_log::ChainCheck;
+    use payra::store::{verify_audit_log, AuditCheck, DecisionLog, Store};
     match command {
         AuditCommand::Verify { data } => {
             let store = open_data(&data)?;
-            match verify_audit_log(&store).map_err(|e| e.to_string())? {
-                AuditCheck::Intact { entries } => {
-                    println!("audit log intact: {entries} entries");
-                    Ok(())
-                }
+            let entries = match verify_audit_log(&store).map_err(|e| e.to_string())? {
+                AuditCheck::Intact { entries } => entries,
                 AuditCheck::Broken { seq, reason } => {
-                    Err(format!("audit log broken at entry {seq}: {reason}"))
+                    return Err(format!("audit log broken at entry {seq}: {reason}"))
                 }
-            }
+            };
+            let records =
+                match DecisionLog::verify(&data.join("decisions")).map_err(|e| e.to_string())? {
+                    ChainCheck::Intact { records } => records,
+                    ChainCheck::Broken { seq, reason } => {
+                        return Err(format!("decision chain broken at record {seq}: {reason}"))
+                    }
+                };
+            println!("audit log intact: {entries} change entries, {records} decision records");
+            Ok(())
         }
-        AuditCommand::Tail { data, lines } => {
+        AuditCommand::Tail {
+            data,
+            lines,
+            decisions: true,
+        } => {
+            let records = DecisionLog::tail(&data.join("decisions"), lines as usize)
+                .map_err(|e| e.to_string())?;
+            for (seq, record) in records {
+                let line = serde_json::json!({ "seq": seq, "record": record });
+                println!("{line}");
+            }
+            Ok(())
+        }
+        AuditCommand::Tail { data, lines, .. } => {
             let store = open_data(&data)?;
             let head = store.audit_head().map_err(|e| e.to_string())?;
             let after = head.saturating_sub(lines);

@@ -33,7 +33,9 @@ pub struct RunningServer {
     http: JoinHandle<std::io::Result<()>>,
     crl_task: JoinHandle<()>,
     purge_task: JoinHandle<()>,
+    checkpoint_task: JoinHandle<()>,
     store: Arc<SledStore>,
+    ra: Arc<Ra>,
 }
 
 fn pem_of(der: &[u8]) -> String {
@@ -154,9 +156,12 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         result
     });
     let sync_source = store.clone();
+    let log_source = ra.clone();
     let http_state = crate::http::HttpState {
         ra: ra.clone(),
-        storage_syncs: Arc::new(move || sync_source.group_commit().syncs()),
+        storage_syncs: Arc::new(move || {
+            sync_source.group_commit().syncs() + log_source.decision_log_syncs()
+        }),
     };
     let http = tokio::spawn(crate::http::serve(http_listener, http_state, async {
         let _ = http_stop_rx.await;
@@ -166,6 +171,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         ra.clone(),
         std::time::Duration::from_secs(u64::from(config.retention.interval_s.max(60))),
     ));
+    let checkpoint_task = tokio::spawn(checkpoint_loop(ra.clone()));
     tracing::info!(%grpc_addr, %http_addr, "payra is serving");
     Ok(RunningServer {
         grpc_addr,
@@ -176,8 +182,27 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         http,
         crl_task,
         purge_task,
+        checkpoint_task,
         store,
+        ra,
     })
+}
+
+/// How often the ledger's changes are saved (a restart replays the decisions after the last
+/// save).
+const LEDGER_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Saves the ledger checkpoint every [`LEDGER_CHECKPOINT_EVERY`].
+async fn checkpoint_loop(ra: Arc<Ra>) {
+    loop {
+        tokio::time::sleep(LEDGER_CHECKPOINT_EVERY).await;
+        let run = ra.clone();
+        match tokio::task::spawn_blocking(move || run.save_ledger_checkpoint()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "saving the ledger checkpoint failed"),
+            Err(e) => tracing::error!(error = %e, "ledger checkpoint task failed"),
+        }
+    }
 }
 
 /// Runs retention (expired nonces, tokens and old certificate records) every `interval`.
@@ -236,8 +261,15 @@ impl RunningServer {
         let http = self.http.await;
         self.crl_task.abort();
         self.purge_task.abort();
+        self.checkpoint_task.abort();
         let _ = self.crl_task.await;
         let _ = self.purge_task.await;
+        let _ = self.checkpoint_task.await;
+        let ra = self.ra.clone();
+        tokio::task::spawn_blocking(move || ra.close_decisions())
+            .await
+            .map_err(|e| Error::internal(format!("closing the decision log: {e}")))??;
+        drop(self.ra);
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.close())
             .await

@@ -39,7 +39,7 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::Serial;
 use crate::store::Actor;
-use crate::store::{CertificateRecord, Store};
+use crate::store::{CertificateRecord, DecisionLog, Store};
 
 /// Policy numbers the RA needs from configuration.
 #[derive(Debug, Clone)]
@@ -96,6 +96,7 @@ pub struct Ra {
     publication: Publication,
     cache: CertificateCache,
     replay: ReplayGuard,
+    decisions: DecisionLog,
     enroll_throttle: FailureThrottle,
     clients: ClientRegistry,
     metrics: Arc<Metrics>,
@@ -112,7 +113,19 @@ impl Ra {
         let policy_failures = policy.enroll_failures_per_minute;
         let cache = CertificateCache::load(store.as_ref())?;
         let clients = ClientRegistry::load(store.as_ref())?;
-        let replay = ReplayGuard::with(store.live_nonces(clock.now_ms())?);
+        let now_ms = clock.now_ms();
+        // The ledger keeps today's and yesterday's buckets in memory (the day of a request
+        // near midnight may be either, by its clock).
+        let checkpoint = store.ledger_checkpoint(&policy.ledger.day(now_ms - 86_400_000))?;
+        let mut live_nonces = Vec::new();
+        let decisions = DecisionLog::open(
+            &policy.scratch_dir.join("decisions"),
+            checkpoint,
+            now_ms,
+            2 * policy.ledger.skew_ms + 60_000,
+            &mut |key, expires_at_ms| live_nonces.push((key, expires_at_ms)),
+        )?;
+        let replay = ReplayGuard::with(live_nonces);
         tracing::info!(certificates = cache.len(), "certificate cache loaded");
         let responder = OcspResponder::new(&ca.issuing_der, ca.signer.clone())?;
         let publication =
@@ -125,6 +138,7 @@ impl Ra {
             publication,
             cache,
             replay,
+            decisions,
             enroll_throttle: FailureThrottle::new(policy_failures, 60_000),
             clients,
             metrics,
@@ -168,7 +182,9 @@ impl Ra {
         let summary = {
             let file = std::fs::File::create(&path)?;
             let mut out = std::io::BufWriter::new(file);
-            let summary = self.store.export(&mut out, now_ms)?;
+            let summary = self.store.export(&mut out, now_ms, &mut |each| {
+                self.decisions.for_each_frame(each)
+            })?;
             std::io::Write::flush(&mut out)?;
             summary
         };
@@ -179,6 +195,28 @@ impl Ra {
             "backup taken"
         );
         Ok(path)
+    }
+
+    /// Saves the ledger's changes since the last checkpoint, so a restart replays only the
+    /// decisions after it. Called every few seconds and at shutdown.
+    pub fn save_ledger_checkpoint(&self) -> Result<()> {
+        let checkpoint = self.decisions.take_checkpoint()?;
+        if let Err(e) = self.store.save_ledger_checkpoint(&checkpoint) {
+            self.decisions.checkpoint_failed(checkpoint);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Stops recording decisions: writes what is queued, saves the ledger, stops the writer.
+    pub fn close_decisions(&self) -> Result<()> {
+        self.save_ledger_checkpoint()?;
+        self.decisions.close()
+    }
+
+    /// How many syncs the decision log has made.
+    pub fn decision_log_syncs(&self) -> u64 {
+        self.decisions.syncs()
     }
 
     /// Whether storage accepts a durable write now (for `/readyz`).

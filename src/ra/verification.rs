@@ -10,8 +10,7 @@ use super::Ra;
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, Factor, FactorCategory, Scene, Serial, Tier};
 use crate::store::{
-    Actor, AuditEvent, DecisionOutcome, EvidenceRecord, NonceClaim, ReleaseRejection, Reservation,
-    RECORD_VERSION,
+    ledger_key, Actor, AuditEvent, EvidenceRecord, LogRecord, NonceClaim, RECORD_VERSION,
 };
 
 /// Largest serialized intent accepted.
@@ -205,10 +204,21 @@ impl LedgerPolicy {
     }
 }
 
-fn new_evidence_id() -> String {
-    let mut bytes = [0u8; 16];
+/// `ev_` + the decision's record number (16 hex digits) + 64 random bits (16 hex digits):
+/// the number finds the record, the random part makes ids unguessable.
+fn evidence_id_for(seq: u64) -> String {
+    let mut bytes = [0u8; 8];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
-    format!("ev_{}", hex::encode(bytes))
+    format!("ev_{seq:016x}{}", hex::encode(bytes))
+}
+
+/// The record number inside an evidence id, if it has the shape of one.
+fn evidence_seq(evidence_id: &str) -> Option<u64> {
+    let rest = evidence_id.strip_prefix("ev_")?;
+    if rest.len() != 32 || !rest.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(&rest[..16], 16).ok()
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -379,7 +389,7 @@ impl Ra {
     /// VerifyPayment: the verdict, tier, limit status and evidence for a device-signed
     /// intent. A failed verification is an `Ok` decision with a refusing verdict; it never
     /// counts the certificate factor and never reserves.
-    pub fn verify_payment(&self, actor: &Actor, request: VerifyRequest) -> Result<Decision> {
+    pub async fn verify_payment(&self, actor: &Actor, request: VerifyRequest) -> Result<Decision> {
         request.transaction.validate()?;
         validate_factors(&request.factors)?;
         if request.intent_bytes.is_empty() || request.intent_bytes.len() > MAX_INTENT_BYTES {
@@ -409,7 +419,7 @@ impl Ra {
         }
         let verified = checked.verdict == Verdict::Verified;
         let decision = decide_tier(verified, &request.factors, checked.scene);
-        let result = self.decide(
+        let recorded = self.decide(
             actor,
             "verify_payment",
             now_ms,
@@ -419,7 +429,6 @@ impl Ra {
             &request.signature,
             checked.verdict,
             &checked.reason,
-            checked.scene,
             decision.tier,
             decision.categories.iter().copied().collect(),
             &request.factors,
@@ -427,6 +436,10 @@ impl Ra {
             request.reserve && verified,
             checked.nonce.as_ref(),
         );
+        let result = match recorded {
+            Ok((decision, seq)) => self.decisions.durable(seq).await.map(|()| decision),
+            Err(e) => Err(e),
+        };
         if result.is_err() {
             if let Some(key) = claimed_key {
                 self.replay.unclaim(&key);
@@ -436,12 +449,16 @@ impl Ra {
     }
 
     /// QualifyTransaction: the tier and limit from the service's factors alone (B, C or D).
-    pub fn qualify_transaction(&self, actor: &Actor, request: QualifyRequest) -> Result<Decision> {
+    pub async fn qualify_transaction(
+        &self,
+        actor: &Actor,
+        request: QualifyRequest,
+    ) -> Result<Decision> {
         request.transaction.validate()?;
         validate_factors(&request.factors)?;
         let now_ms = self.clock.now_ms();
         let decision = decide_tier(false, &request.factors, request.scene);
-        self.decide(
+        let (decision, seq) = self.decide(
             actor,
             "qualify_transaction",
             now_ms,
@@ -451,17 +468,19 @@ impl Ra {
             &[],
             Verdict::Verified,
             "",
-            request.scene,
             decision.tier,
             decision.categories.iter().copied().collect(),
             &request.factors,
             request.transaction.amount_fen,
             request.reserve,
             None,
-        )
+        )?;
+        self.decisions.durable(seq).await?;
+        Ok(decision)
     }
 
-    /// Records the evidence (and nonce and reservation) durably and builds the answer.
+    /// Appends the decision (evidence, nonce, reservation) to the decision log and builds the
+    /// answer. The answer may be given once the returned record number is durable.
     #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
@@ -474,36 +493,27 @@ impl Ra {
         signature: &[u8],
         verdict: Verdict,
         reason: &str,
-        scene: Scene,
         tier: Tier,
         categories: Vec<FactorCategory>,
         factors: &[Factor],
         amount_fen: i64,
         reserve: bool,
         nonce: Option<&NonceClaim>,
-    ) -> Result<Decision> {
+    ) -> Result<(Decision, u64)> {
         let day = self.policy.ledger.day(now_ms);
         let limit_fen = match &customer {
             Some(c) => Some(self.limit_for(c, tier)?),
             None => None,
         };
-        let reservation = match (&customer, limit_fen, reserve) {
-            (Some(c), Some(limit_fen), true) => Some(Reservation {
-                customer: c.clone(),
-                day: day.clone(),
-                tier,
-                amount_fen,
-                limit_fen,
-            }),
-            _ => None,
-        };
-        let evidence = EvidenceRecord {
+        let bucket = customer.as_ref().map(|c| ledger_key(c, &day, tier));
+        let reserving = reserve && bucket.is_some();
+        let mut evidence = EvidenceRecord {
             version: RECORD_VERSION,
-            evidence_id: new_evidence_id(),
+            evidence_id: String::new(),
             kind: kind.to_string(),
             recorded_at_ms: now_ms,
             certificate_serial: serial,
-            customer_id: customer.clone(),
+            customer_id: customer,
             intent_b64: b64(intent),
             signature_b64: b64(signature),
             verdict: verdict.name().to_string(),
@@ -516,129 +526,122 @@ impl Ra {
             day: day.clone(),
             released_at_ms: None,
         };
-        let reason = reason.to_string();
-        let audit = |verdict: Verdict| {
-            AuditEvent::new(
-                now_ms,
-                actor,
-                if kind == "verify_payment" {
-                    "payment.verified"
-                } else {
-                    "transaction.qualified"
-                },
-                evidence.evidence_id.clone(),
-                format!("{} tier {}", verdict.name(), tier.letter()),
-            )
+        let action = if kind == "verify_payment" {
+            "payment.verified"
+        } else {
+            "transaction.qualified"
         };
-        let outcome =
-            self.store
-                .record_decision(&evidence, nonce, reservation.as_ref(), &audit(verdict))?;
-        if outcome == DecisionOutcome::NonceReplayed {
-            // Storage knew the nonce although memory did not: decide again as a replay, which
-            // counts no certificate and reserves nothing.
-            let without_certificate = decide_tier(false, factors, scene);
-            return self.decide(
-                actor,
-                kind,
-                now_ms,
-                customer,
-                evidence.certificate_serial.clone(),
-                intent,
-                signature,
-                Verdict::ReplayedNonce,
-                "this nonce was already used with this certificate",
-                scene,
-                without_certificate.tier,
-                without_certificate.categories.into_iter().collect(),
-                factors,
-                amount_fen,
-                false,
-                None,
-            );
-        }
+        let nonce = nonce.map(|n| (hex::encode(n.key()), n.expires_at_ms));
+        let (seq, (evidence_id, reserved, used_fen)) = self.decisions.append(|seq, books| {
+            let (reserved, used_fen) = match (&bucket, limit_fen) {
+                (Some(key), Some(limit)) if reserving => books.reserve(key, amount_fen, limit),
+                (Some(key), _) => (false, books.used(key)),
+                _ => (false, 0),
+            };
+            evidence.evidence_id = evidence_id_for(seq);
+            evidence.reserved_fen = if reserved { amount_fen } else { 0 };
+            let mut outcome = format!("{} tier {}", verdict.name(), tier.letter());
+            if reserving {
+                let note = if reserved { "reserved" } else { "not reserved" };
+                outcome = format!("{outcome}; {note} {amount_fen} fen");
+            }
+            let evidence_id = evidence.evidence_id.clone();
+            let record = LogRecord::Decision {
+                audit: AuditEvent::new(now_ms, actor, action, evidence_id.clone(), outcome),
+                evidence: Box::new(evidence),
+                nonce,
+            };
+            let json = serde_json::to_vec(&record)
+                .map_err(|e| Error::internal(format!("encoding a decision: {e}")))?;
+            Ok((json, (evidence_id, reserved, used_fen)))
+        })?;
         self.metrics
             .verifications
             .with_label_values(&[verdict.name(), tier.letter()])
             .inc();
-        if reservation.is_some() {
-            let outcome_name = match outcome {
-                DecisionOutcome::Recorded { reserved: true, .. } => "reserved",
-                _ => "over_limit",
-            };
+        if reserving {
+            let outcome_name = if reserved { "reserved" } else { "over_limit" };
             self.metrics
                 .reservations
                 .with_label_values(&[outcome_name])
                 .inc();
         }
-        let (reserved, used_after) = match outcome {
-            DecisionOutcome::Recorded { reserved, used_fen } => (reserved, used_fen),
-            DecisionOutcome::NonceReplayed => (false, 0),
-        };
-        let limit = match (&customer, limit_fen) {
-            (Some(c), Some(limit_fen)) => {
-                let used_fen = if reservation.is_some() {
-                    used_after
-                } else {
-                    self.store.ledger_used(c, &day, tier)?
-                };
-                let before = if reserved {
-                    used_fen - amount_fen
-                } else {
-                    used_fen
-                };
-                Some(LimitStatus {
-                    tier,
-                    limit_fen,
-                    used_fen,
-                    remaining_fen: (limit_fen - used_fen).max(0),
-                    fits: before.saturating_add(amount_fen) <= limit_fen,
-                    reserved,
-                    day,
-                })
+        let limit = limit_fen.map(|limit_fen| {
+            let before = if reserved {
+                used_fen - amount_fen
+            } else {
+                used_fen
+            };
+            LimitStatus {
+                tier,
+                limit_fen,
+                used_fen,
+                remaining_fen: (limit_fen - used_fen).max(0),
+                fits: before.saturating_add(amount_fen) <= limit_fen,
+                reserved,
+                day,
             }
-            _ => None,
-        };
-        Ok(Decision {
+        });
+        let decision = Decision {
             verdict,
-            reason,
+            reason: reason.to_string(),
             tier,
             categories,
             limit,
-            evidence_id: evidence.evidence_id,
-        })
+            evidence_id,
+        };
+        Ok((decision, seq))
+    }
+
+    /// The decision recorded under `evidence_id` and its record number.
+    fn decision_record(&self, evidence_id: &str) -> Result<(u64, EvidenceRecord)> {
+        if evidence_id.is_empty() || evidence_id.len() > 64 {
+            return Err(Error::invalid("evidence_id", "must be 1 to 64 characters"));
+        }
+        let missing = || Error::NotFound(format!("no evidence with id {evidence_id}"));
+        let seq = evidence_seq(evidence_id).ok_or_else(missing)?;
+        match self.decisions.read(seq)? {
+            Some(LogRecord::Decision { evidence, .. }) if evidence.evidence_id == evidence_id => {
+                Ok((seq, *evidence))
+            }
+            _ => Err(missing()),
+        }
     }
 
     /// Gives back the amount an evidence reserved, for a payment that failed downstream.
     /// Unknown id: `NotFound`; nothing reserved or already released: `FailedPrecondition`.
     pub fn release_reservation(&self, actor: &Actor, evidence_id: &str) -> Result<LimitStatus> {
-        if evidence_id.is_empty() || evidence_id.len() > 64 {
-            return Err(Error::invalid("evidence_id", "must be 1 to 64 characters"));
-        }
+        let (decision_seq, record) = self.decision_record(evidence_id)?;
+        let customer = match (&record.customer_id, record.reserved_fen) {
+            (Some(customer), reserved) if reserved > 0 => customer.clone(),
+            _ => {
+                return Err(Error::FailedPrecondition(format!(
+                    "evidence {evidence_id} reserved nothing"
+                )))
+            }
+        };
         let now_ms = self.clock.now_ms();
-        let (record, used_fen) = self
-            .store
-            .release_reservation(
-                evidence_id,
-                now_ms,
-                &AuditEvent::new(now_ms, actor, "reservation.released", evidence_id, "ok"),
-            )?
-            .map_err(|rejection| match rejection {
-                ReleaseRejection::NotFound => {
-                    Error::NotFound(format!("no evidence with id {evidence_id}"))
-                }
-                ReleaseRejection::NothingReserved => {
-                    Error::FailedPrecondition(format!("evidence {evidence_id} reserved nothing"))
-                }
-                ReleaseRejection::AlreadyReleased { released_at_ms } => {
-                    Error::FailedPrecondition(format!(
-                        "evidence {evidence_id} was already released at {released_at_ms} (Unix ms)"
-                    ))
-                }
-            })?;
-        let customer = record
-            .customer_id
-            .clone()
-            .ok_or_else(|| Error::internal("released evidence without a customer"))?;
+        let bucket = ledger_key(&customer, &record.day, record.tier);
+        let (seq, used_fen) = self.decisions.append(|_, books| {
+            if let Some(released_at_ms) = books.released_at(decision_seq) {
+                return Err(Error::FailedPrecondition(format!(
+                    "evidence {evidence_id} was already released at {released_at_ms} (Unix ms)"
+                )));
+            }
+            let used_fen = books.release(decision_seq, &bucket, record.reserved_fen, now_ms);
+            let release = LogRecord::Release {
+                decision_seq,
+                evidence_id: evidence_id.to_string(),
+                ledger_key_hex: hex::encode(&bucket),
+                amount_fen: record.reserved_fen,
+                released_at_ms: now_ms,
+                audit: AuditEvent::new(now_ms, actor, "reservation.released", evidence_id, "ok"),
+            };
+            let json = serde_json::to_vec(&release)
+                .map_err(|e| Error::internal(format!("encoding a release: {e}")))?;
+            Ok((json, used_fen))
+        })?;
+        self.decisions.durable_blocking(seq)?;
         let limit_fen = self.limit_for(&customer, record.tier)?;
         self.metrics
             .reservations
@@ -682,25 +685,20 @@ impl Ra {
         Ok(())
     }
 
-    /// The evidence stored under `evidence_id`.
+    /// The evidence stored under `evidence_id`, with its release time if it was released.
     pub fn evidence(&self, evidence_id: &str) -> Result<EvidenceRecord> {
-        if evidence_id.is_empty() || evidence_id.len() > 64 {
-            return Err(Error::invalid("evidence_id", "must be 1 to 64 characters"));
-        }
-        self.store
-            .evidence(evidence_id)?
-            .ok_or_else(|| Error::NotFound(format!("no evidence with id {evidence_id}")))
+        let (seq, mut record) = self.decision_record(evidence_id)?;
+        record.released_at_ms = self.decisions.with_books(|books| books.released_at(seq));
+        Ok(record)
     }
 
-    /// Forgets expired nonces in memory and storage; returns how many were purged.
+    /// Forgets expired nonces (in memory; the decision log keeps its records); returns how
+    /// many were purged.
     pub fn purge_expired_nonces(&self) -> Result<usize> {
-        let now_ms = self.clock.now_ms();
-        self.replay.purge(now_ms);
-        self.store.purge_nonces(now_ms)
+        Ok(self.replay.purge(self.clock.now_ms()))
     }
 }
 
-/// What is wrong with a decoded intent's fields, if anything.
 fn intent_defect(intent: &PaymentIntent) -> Option<String> {
     if !NONCE_LEN.contains(&intent.nonce.len()) {
         return Some(format!(

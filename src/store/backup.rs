@@ -13,10 +13,13 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use super::FrameSource;
 use crate::error::{Error, Result};
 use crate::model::{RevocationReason, Serial};
 
 const MAGIC: &[u8] = b"PAYRA-BACKUP-1\n";
+/// The section holding the decision log's frames (not a sled tree).
+const DECISION_LOG_SECTION: &str = "payra:decision_log";
 /// Largest key or value accepted when reading a backup (sled values here are small records).
 const MAX_ITEM_BYTES: u32 = 64 * 1024 * 1024;
 
@@ -64,6 +67,7 @@ pub fn write_backup(
     out: &mut dyn Write,
     created_at_ms: i64,
     trees: &[(String, sled::Tree)],
+    decision_log: &mut FrameSource<'_>,
 ) -> Result<BackupSummary> {
     let mut out = HashingWriter {
         inner: out,
@@ -89,6 +93,16 @@ pub fn write_backup(
             entries += 1;
         }
     }
+    // The decision log follows as one more section: key = record number, value = frame.
+    out.write_all(b"T")?;
+    write_item(&mut out, DECISION_LOG_SECTION.as_bytes())?;
+    decision_log(&mut |seq, frame| {
+        out.write_all(b"E")?;
+        write_item(&mut out, &seq.to_be_bytes())?;
+        write_item(&mut out, frame)?;
+        entries += 1;
+        Ok(())
+    })?;
     out.write_all(b"Z")?;
     let digest = out.hasher.finalize();
     out.inner.write_all(&digest)?;
@@ -251,9 +265,16 @@ pub fn import_backup(path: &Path, dir: &Path) -> Result<BackupSummary> {
         .open()
         .map_err(|e| Error::internal(format!("opening {}: {e}", dir.display())))?;
     let mut tree: Option<sled::Tree> = None;
+    let mut log = super::decision_log::LogImporter::new(&dir.join("decisions"))?;
+    let mut in_log = false;
     let summary = scan(path, |record| {
         match record {
-            Record::Tree(name) => tree = Some(db.open_tree(name.as_bytes())?),
+            Record::Tree(name) if name == DECISION_LOG_SECTION => in_log = true,
+            Record::Tree(name) => {
+                in_log = false;
+                tree = Some(db.open_tree(name.as_bytes())?)
+            }
+            Record::Entry(_, frame) if in_log => log.push(&frame)?,
             Record::Entry(key, value) => {
                 let tree = tree.as_ref().ok_or_else(|| corrupt("entry before tree"))?;
                 tree.insert(key, value)?;
@@ -261,6 +282,7 @@ pub fn import_backup(path: &Path, dir: &Path) -> Result<BackupSummary> {
         }
         Ok(())
     })?;
+    log.finish()?;
     db.flush()?;
     File::open(dir.join("db"))?.sync_all()?;
     Ok(summary)

@@ -46,103 +46,41 @@ pub fn run_all(store: Arc<dyn Store>) {
     concurrent_token_use_issues_exactly_once(store.clone());
     indexes_list_by_customer_and_device(store.as_ref());
     revoke_is_all_or_nothing(store.as_ref());
-    decisions_claim_nonces_once_and_never_overshoot(store.as_ref());
+    ledger_checkpoints_keep_recent_days_and_every_release(store.as_ref());
     crl_numbers_grow(store.as_ref());
     audit_chain_links_every_change(store.as_ref());
 }
 
-fn evidence(id: &str, amount_fen: i64) -> EvidenceRecord {
-    EvidenceRecord {
-        version: RECORD_VERSION,
-        evidence_id: id.into(),
-        kind: "verify_payment".into(),
-        recorded_at_ms: 0,
-        certificate_serial: None,
-        customer_id: Some(CustomerId::parse("customer_id", "c-ledger").unwrap()),
-        intent_b64: String::new(),
-        signature_b64: String::new(),
-        verdict: "VERIFIED".into(),
-        reason: String::new(),
-        tier: crate::model::Tier::C,
-        categories: vec![],
-        factors: vec![],
-        amount_fen,
-        reserved_fen: 0,
-        day: "2026-11-25".into(),
-        released_at_ms: None,
-    }
-}
-
-fn decisions_claim_nonces_once_and_never_overshoot(store: &dyn Store) {
+fn ledger_checkpoints_keep_recent_days_and_every_release(store: &dyn Store) {
     let customer = CustomerId::parse("customer_id", "c-ledger").unwrap();
-    let reservation = |amount_fen| Reservation {
-        customer: customer.clone(),
-        day: "2026-11-25".into(),
-        tier: crate::model::Tier::C,
-        amount_fen,
-        limit_fen: 100,
-    };
-    let claim = NonceClaim {
-        serial: Serial::random(),
-        nonce: vec![7; 16],
-        expires_at_ms: 1_000,
-    };
+    let today = ledger_key(&customer, "2026-11-25", crate::model::Tier::C);
+    let old = ledger_key(&customer, "2026-11-20", crate::model::Tier::C);
     assert_eq!(
-        store
-            .record_decision(
-                &evidence("ev-1", 60),
-                Some(&claim),
-                Some(&reservation(60)),
-                &ev()
-            )
-            .unwrap(),
-        DecisionOutcome::Recorded {
-            reserved: true,
-            used_fen: 60
-        }
+        store.ledger_checkpoint("2026-11-24").unwrap(),
+        LedgerCheckpoint::default()
     );
-    assert_eq!(
-        store
-            .record_decision(
-                &evidence("ev-2", 60),
-                Some(&claim),
-                Some(&reservation(60)),
-                &ev()
-            )
-            .unwrap(),
-        DecisionOutcome::NonceReplayed
-    );
-    assert!(
-        store.evidence("ev-2").unwrap().is_none(),
-        "a replay writes nothing"
-    );
-    assert_eq!(
-        store
-            .record_decision(&evidence("ev-3", 60), None, Some(&reservation(60)), &ev())
-            .unwrap(),
-        DecisionOutcome::Recorded {
-            reserved: false,
-            used_fen: 60
-        }
-    );
-    assert_eq!(store.evidence("ev-1").unwrap().unwrap().reserved_fen, 60);
-    assert_eq!(store.evidence("ev-3").unwrap().unwrap().reserved_fen, 0);
-    let (_, used) = store
-        .release_reservation("ev-1", 5, &ev())
-        .unwrap()
+    store
+        .save_ledger_checkpoint(&LedgerCheckpoint {
+            through_seq: 7,
+            buckets: vec![(today.clone(), 60), (old, 10)],
+            released: vec![(3, 1_000)],
+        })
         .unwrap();
-    assert_eq!(used, 0);
+    store
+        .save_ledger_checkpoint(&LedgerCheckpoint {
+            through_seq: 9,
+            buckets: vec![(today.clone(), 80)],
+            released: vec![(8, 2_000)],
+        })
+        .unwrap();
+    let saved = store.ledger_checkpoint("2026-11-24").unwrap();
+    assert_eq!(saved.through_seq, 9);
     assert_eq!(
-        store.release_reservation("ev-1", 6, &ev()).unwrap(),
-        Err(ReleaseRejection::AlreadyReleased { released_at_ms: 5 })
+        saved.buckets,
+        vec![(today, 80)],
+        "older days are not loaded"
     );
-    assert_eq!(
-        store.release_reservation("ev-3", 6, &ev()).unwrap(),
-        Err(ReleaseRejection::NothingReserved)
-    );
-    assert_eq!(store.live_nonces(999).unwrap().len(), 1);
-    assert_eq!(store.purge_nonces(1_000).unwrap(), 1);
-    assert!(store.live_nonces(0).unwrap().is_empty());
+    assert_eq!(saved.released, vec![(3, 1_000), (8, 2_000)]);
 }
 
 fn crl_numbers_grow(store: &dyn Store) {

@@ -6,17 +6,33 @@ pub mod audit;
 pub mod backup;
 #[cfg(test)]
 mod conformance;
+pub mod decision_log;
 mod group_commit;
 mod records;
 mod sled_backend;
 
 pub use audit::{Actor, AuditCheck, AuditEntry, AuditEvent};
+pub use decision_log::{Books, DecisionLog, LedgerCheckpoint, LogRecord};
 pub use group_commit::GroupCommit;
 pub use records::{
     CertificateRecord, CertificateSummary, ClientCertificateRecord, EvidenceRecord, Revocation,
     RevokedEntry, TokenHash, TokenRecord, RECORD_VERSION,
 };
 pub use sled_backend::SledStore;
+
+/// Hands each (record number, frame) of the decision log to its argument, in order (for
+/// backups).
+pub type FrameSource<'a> = dyn FnMut(&mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> + 'a;
+
+/// The key of a ledger bucket: customer, day and tier.
+pub fn ledger_key(customer: &CustomerId, day: &str, tier: Tier) -> Vec<u8> {
+    let mut key = customer.as_str().as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(day.as_bytes());
+    key.push(0);
+    key.extend_from_slice(tier.letter().as_bytes());
+    key
+}
 
 use crate::error::Result;
 
@@ -84,26 +100,6 @@ pub fn nonce_key(serial: &Serial, nonce: &[u8]) -> Vec<u8> {
     key.extend_from_slice(serial);
     key.extend_from_slice(nonce);
     key
-}
-
-/// An amount to add to a customer's ledger bucket if it fits under `limit_fen`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reservation {
-    pub customer: CustomerId,
-    pub day: String,
-    pub tier: Tier,
-    pub amount_fen: i64,
-    pub limit_fen: i64,
-}
-
-/// What [`Store::record_decision`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DecisionOutcome {
-    /// Evidence stored; `reserved` tells whether the amount was added, `used_fen` is the
-    /// bucket's total afterwards (0 without a reservation).
-    Recorded { reserved: bool, used_fen: i64 },
-    /// The nonce was claimed before: nothing was written.
-    NonceReplayed,
 }
 
 /// Why a reservation could not be released.
@@ -187,32 +183,13 @@ pub trait Store: Send + Sync {
     /// Every revoked certificate (including those on hold), for the CRL.
     fn revoked_entries(&self) -> Result<Vec<RevokedEntry>>;
 
-    /// Atomically: claims `nonce` (if any; a claimed nonce answers `NonceReplayed` and writes
-    /// nothing), adds `reservation` to its bucket if the total stays within its limit, and
-    /// stores `evidence` (with `reserved_fen` set to what was added). Durable on return.
-    /// The audit entry's outcome is completed with the reservation result.
-    fn record_decision(
-        &self,
-        evidence: &EvidenceRecord,
-        nonce: Option<&NonceClaim>,
-        reservation: Option<&Reservation>,
-        audit: &AuditEvent,
-    ) -> Result<DecisionOutcome>;
+    /// The last saved ledger checkpoint of the decision log: buckets of `min_day` or later
+    /// (`YYYY-MM-DD`), every release, and the record number they cover (0: none saved).
+    fn ledger_checkpoint(&self, min_day: &str) -> Result<LedgerCheckpoint>;
 
-    /// The amount used in a ledger bucket.
-    fn ledger_used(&self, customer: &CustomerId, day: &str, tier: Tier) -> Result<i64>;
-
-    /// Gives back what evidence `evidence_id` reserved, once. Durable on return. Answers the
-    /// updated evidence and the bucket's total afterwards.
-    fn release_reservation(
-        &self,
-        evidence_id: &str,
-        released_at_ms: i64,
-        audit: &AuditEvent,
-    ) -> Result<Result<(EvidenceRecord, i64), ReleaseRejection>>;
-
-    /// The evidence stored under `evidence_id`.
-    fn evidence(&self, evidence_id: &str) -> Result<Option<EvidenceRecord>>;
+    /// Saves a ledger checkpoint's changed buckets and new releases and the record number
+    /// they cover, atomically. Durable on return.
+    fn save_ledger_checkpoint(&self, checkpoint: &LedgerCheckpoint) -> Result<()>;
 
     /// The customer's agreed tier-A daily limit, if one was set.
     fn agreed_limit(&self, customer: &CustomerId) -> Result<Option<i64>>;
@@ -224,12 +201,6 @@ pub trait Store: Send + Sync {
         limit_fen: i64,
         audit: &AuditEvent,
     ) -> Result<()>;
-
-    /// Every remembered nonce that expires after `now_ms`, as (key, expiry).
-    fn live_nonces(&self, now_ms: i64) -> Result<Vec<(Vec<u8>, i64)>>;
-
-    /// Forgets nonces that expired at or before `now_ms`; returns how many.
-    fn purge_nonces(&self, now_ms: i64) -> Result<usize>;
 
     /// Stores a client certificate unless its serial is known. Returns false (writing
     /// nothing) when it is. Durable on return.
@@ -271,11 +242,13 @@ pub trait Store: Send + Sync {
         audit: &AuditEvent,
     ) -> Result<Vec<Serial>>;
 
-    /// Writes a consistent, checksummed snapshot of all data to `out` (see [`backup`]).
+    /// Writes a consistent, checksummed snapshot of all data to `out` (see [`backup`]),
+    /// followed by the decision log's frames, which `decision_log` hands to its argument.
     fn export(
         &self,
         out: &mut dyn std::io::Write,
         created_at_ms: i64,
+        decision_log: &mut FrameSource<'_>,
     ) -> Result<backup::BackupSummary>;
 
     /// Writes and syncs a probe record; fails if storage cannot take a durable write.

@@ -5,7 +5,6 @@
 //! [`RevokedEntry`]) and `meta` (counters). Records are JSON with a version field.
 
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 use sled::{Db, Transactional, Tree};
@@ -13,15 +12,12 @@ use sled::{Db, Transactional, Tree};
 use super::audit::{chain_hash, AuditBody, AuditEntry, AuditEvent, GENESIS_HASH};
 use super::group_commit::GroupCommit;
 use super::records::{
-    CertificateRecord, CertificateSummary, ClientCertificateRecord, EvidenceRecord, Revocation,
-    RevokedEntry, TokenHash, TokenRecord,
+    CertificateRecord, CertificateSummary, ClientCertificateRecord, Revocation, RevokedEntry,
+    TokenHash, TokenRecord,
 };
-use super::{
-    DecisionOutcome, IssueOutcome, NonceClaim, ReleaseRejection, Reservation, RevokeRejection,
-    Store, TokenRejection,
-};
+use super::{FrameSource, IssueOutcome, LedgerCheckpoint, RevokeRejection, Store, TokenRejection};
 use crate::error::{Error, Result};
-use crate::model::{CustomerId, DeviceId, RevocationReason, Serial, Tier};
+use crate::model::{CustomerId, DeviceId, RevocationReason, Serial};
 
 /// [`Store`] on an embedded sled database, with group-committed durability.
 pub struct SledStore {
@@ -37,11 +33,8 @@ pub struct SledStore {
     /// taking turns here spares sled's optimistic transactions their retries, and a backup
     /// never sees half of a change set.
     write_turn: std::sync::Mutex<()>,
-    /// Decisions waiting for the write turn (see [`Store::record_decision`]).
-    decisions: Mutex<Vec<PendingDecision>>,
-    nonces: Tree,
     ledger: Tree,
-    evidence: Tree,
+    releases: Tree,
     agreed_limits: Tree,
     audit: Tree,
     client_certificates: Tree,
@@ -49,20 +42,12 @@ pub struct SledStore {
 }
 
 const AUDIT_HEAD_KEY: &[u8] = b"audit_head";
+/// The last decision-log record the saved ledger covers.
+const LEDGER_THROUGH_KEY: &[u8] = b"ledger_through_seq";
+const CRL_NUMBER_KEY: &[u8] = b"crl_number";
 
 /// sled's page cache size.
 const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
-
-/// A decision queued for the next combined transaction, with the slot its outcome goes to.
-struct PendingDecision {
-    evidence: EvidenceRecord,
-    nonce: Option<NonceClaim>,
-    reservation: Option<Reservation>,
-    audit: AuditEvent,
-    slot: Arc<Mutex<Option<Result<DecisionOutcome>>>>,
-}
-
-const CRL_NUMBER_KEY: &[u8] = b"crl_number";
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| Error::internal(format!("encoding record: {e}")))
@@ -119,86 +104,14 @@ impl SledStore {
             revoked: db.open_tree("revoked")?,
             meta: db.open_tree("meta")?,
             write_turn: std::sync::Mutex::new(()),
-            decisions: Mutex::new(Vec::new()),
-            nonces: db.open_tree("nonces")?,
             ledger: db.open_tree("ledger")?,
-            evidence: db.open_tree("evidence")?,
+            releases: db.open_tree("releases")?,
             agreed_limits: db.open_tree("agreed_limits")?,
             audit: db.open_tree("audit")?,
             client_certificates: db.open_tree("client_certificates")?,
             db,
             commit,
         })
-    }
-
-    /// Applies queued decisions in one transaction and hands each its outcome. The caller
-    /// holds the write turn.
-    fn apply_decisions(&self, batch: Vec<PendingDecision>) {
-        if batch.is_empty() {
-            return;
-        }
-        let outcome = (
-            &self.nonces,
-            &self.ledger,
-            &self.evidence,
-            &self.audit,
-            &self.meta,
-        )
-            .transaction(|(nonces, ledger, evidence_tree, log, meta)| {
-                let mut outcomes = Vec::with_capacity(batch.len());
-                for item in &batch {
-                    // Within one transaction, reads see earlier writes: a nonce repeated in
-                    // the batch is a replay, and reservations add up in order.
-                    if let Some(claim) = &item.nonce {
-                        let key = claim.key();
-                        if nonces.get(&key)?.is_some() {
-                            outcomes.push(DecisionOutcome::NonceReplayed);
-                            continue;
-                        }
-                        nonces.insert(key, &claim.expires_at_ms.to_be_bytes())?;
-                    }
-                    let mut record = item.evidence.clone();
-                    let mut reserved = false;
-                    let mut used_fen = 0;
-                    if let Some(r) = &item.reservation {
-                        let key = ledger_key(&r.customer, &r.day, r.tier);
-                        let used = read_i64(ledger.get(&key)?);
-                        used_fen = used;
-                        if r.amount_fen > 0 && used.saturating_add(r.amount_fen) <= r.limit_fen {
-                            used_fen = used + r.amount_fen;
-                            ledger.insert(key, &used_fen.to_be_bytes())?;
-                            record.reserved_fen = r.amount_fen;
-                            reserved = true;
-                        }
-                    }
-                    evidence_tree.insert(
-                        record.evidence_id.as_bytes(),
-                        encode(&record).map_err(abort)?,
-                    )?;
-                    let mut event = item.audit.clone();
-                    if item.reservation.is_some() {
-                        let note = if reserved { "reserved" } else { "not reserved" };
-                        event.outcome =
-                            format!("{}; {note} {} fen", event.outcome, item.evidence.amount_fen);
-                    }
-                    append_audit(log, meta, &event)?;
-                    outcomes.push(DecisionOutcome::Recorded { reserved, used_fen });
-                }
-                Ok(outcomes)
-            });
-        match finish(outcome) {
-            Ok(outcomes) => {
-                for (item, outcome) in batch.iter().zip(outcomes) {
-                    *item.slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ok(outcome));
-                }
-            }
-            Err(e) => {
-                for item in &batch {
-                    *item.slot.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(Err(Error::internal(format!("recording decision: {e}"))));
-                }
-            }
-        }
     }
 
     fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -211,6 +124,7 @@ impl SledStore {
         &self,
         out: &mut dyn std::io::Write,
         created_at_ms: i64,
+        decision_log: &mut FrameSource<'_>,
     ) -> Result<super::backup::BackupSummary> {
         let _exclusive = self.writing();
         self.commit.sync()?;
@@ -224,7 +138,7 @@ impl SledStore {
                 Some((name, tree))
             })
             .collect();
-        super::backup::write_backup(out, created_at_ms, &trees)
+        super::backup::write_backup(out, created_at_ms, &trees, decision_log)
     }
 
     /// Inserts certificate records with their indexes in large batches, with no audit entry
@@ -619,96 +533,52 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn record_decision(
-        &self,
-        evidence: &EvidenceRecord,
-        nonce: Option<&NonceClaim>,
-        reservation: Option<&Reservation>,
-        audit: &AuditEvent,
-    ) -> Result<DecisionOutcome> {
-        // Flat combining: each caller queues its decision, and whoever holds the write turn
-        // applies every queued decision in one transaction. Under load one transaction and one
-        // sync serve many payments; alone, a caller applies its own.
-        let slot = Arc::new(Mutex::new(None));
-        self.decisions
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(PendingDecision {
-                evidence: evidence.clone(),
-                nonce: nonce.cloned(),
-                reservation: reservation.cloned(),
-                audit: audit.clone(),
-                slot: slot.clone(),
-            });
-        let outcome = loop {
-            if let Some(done) = slot.lock().unwrap_or_else(|p| p.into_inner()).take() {
-                break done;
+    fn ledger_checkpoint(&self, min_day: &str) -> Result<LedgerCheckpoint> {
+        let through_seq = self
+            .meta
+            .get(LEDGER_THROUGH_KEY)?
+            .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
+            .map_or(0, u64::from_be_bytes);
+        let mut buckets = Vec::new();
+        for entry in self.ledger.iter() {
+            let (key, value) = entry?;
+            // customer \0 day \0 tier: the day is the second field.
+            let day = key.split(|b| *b == 0).nth(1).unwrap_or_default();
+            if day >= min_day.as_bytes() {
+                buckets.push((key.to_vec(), read_i64(Some(value))));
             }
-            let writing = self.writing();
-            if slot.lock().unwrap_or_else(|p| p.into_inner()).is_none() {
-                let batch =
-                    std::mem::take(&mut *self.decisions.lock().unwrap_or_else(|p| p.into_inner()));
-                self.apply_decisions(batch);
-            }
-            drop(writing);
-        }?;
-        if matches!(outcome, DecisionOutcome::Recorded { .. }) {
-            self.commit.sync()?;
         }
-        Ok(outcome)
+        let mut released = Vec::new();
+        for entry in self.releases.iter() {
+            let (key, value) = entry?;
+            let seq = <[u8; 8]>::try_from(key.as_ref())
+                .map(u64::from_be_bytes)
+                .map_err(|_| Error::internal("bad release key"))?;
+            released.push((seq, read_i64(Some(value))));
+        }
+        Ok(LedgerCheckpoint {
+            through_seq,
+            buckets,
+            released,
+        })
     }
 
-    fn ledger_used(&self, customer: &CustomerId, day: &str, tier: Tier) -> Result<i64> {
-        Ok(read_i64(self.ledger.get(ledger_key(customer, day, tier))?))
-    }
-
-    fn release_reservation(
-        &self,
-        evidence_id: &str,
-        released_at_ms: i64,
-        audit: &AuditEvent,
-    ) -> Result<std::result::Result<(EvidenceRecord, i64), ReleaseRejection>> {
+    fn save_ledger_checkpoint(&self, checkpoint: &LedgerCheckpoint) -> Result<()> {
         let writing = self.writing();
-        let outcome = (&self.ledger, &self.evidence, &self.audit, &self.meta).transaction(
-            |(ledger, evidence_tree, log, meta)| {
-                let Some(bytes) = evidence_tree.get(evidence_id.as_bytes())? else {
-                    return Ok(Err(ReleaseRejection::NotFound));
-                };
-                let mut record: EvidenceRecord = decode(&bytes).map_err(abort)?;
-                if let Some(released_at_ms) = record.released_at_ms {
-                    return Ok(Err(ReleaseRejection::AlreadyReleased { released_at_ms }));
+        let outcome =
+            (&self.ledger, &self.releases, &self.meta).transaction(|(ledger, releases, meta)| {
+                for (key, used) in &checkpoint.buckets {
+                    ledger.insert(key.as_slice(), &used.to_be_bytes())?;
                 }
-                let Some(customer) = record
-                    .customer_id
-                    .clone()
-                    .filter(|_| record.reserved_fen > 0)
-                else {
-                    return Ok(Err(ReleaseRejection::NothingReserved));
-                };
-                let key = ledger_key(&customer, &record.day, record.tier);
-                let used = (read_i64(ledger.get(&key)?) - record.reserved_fen).max(0);
-                ledger.insert(key, &used.to_be_bytes())?;
-                record.released_at_ms = Some(released_at_ms);
-                evidence_tree.insert(evidence_id.as_bytes(), encode(&record).map_err(abort)?)?;
-                append_audit(log, meta, audit)?;
-                Ok(Ok((record, used)))
-            },
-        );
-        let outcome = finish(outcome)?;
-        if outcome.is_ok() {
-            {
-                drop(writing);
-                self.commit.sync()
-            }?;
-        }
-        Ok(outcome)
-    }
-
-    fn evidence(&self, evidence_id: &str) -> Result<Option<EvidenceRecord>> {
-        self.evidence
-            .get(evidence_id.as_bytes())?
-            .map(|bytes| decode(&bytes))
-            .transpose()
+                for (seq, at_ms) in &checkpoint.released {
+                    releases.insert(&seq.to_be_bytes(), &at_ms.to_be_bytes())?;
+                }
+                meta.insert(LEDGER_THROUGH_KEY, &checkpoint.through_seq.to_be_bytes())?;
+                Ok(())
+            });
+        finish(outcome)?;
+        drop(writing);
+        self.commit.sync()
     }
 
     fn agreed_limit(&self, customer: &CustomerId) -> Result<Option<i64>> {
@@ -736,43 +606,6 @@ impl Store for SledStore {
             drop(writing);
             self.commit.sync()
         }
-    }
-
-    fn live_nonces(&self, now_ms: i64) -> Result<Vec<(Vec<u8>, i64)>> {
-        let mut live = Vec::new();
-        for entry in self.nonces.iter() {
-            let (key, value) = entry?;
-            let expires_at_ms = read_i64(Some(value));
-            if expires_at_ms > now_ms {
-                live.push((key.to_vec(), expires_at_ms));
-            }
-        }
-        Ok(live)
-    }
-
-    fn purge_nonces(&self, now_ms: i64) -> Result<usize> {
-        let writing = self.writing();
-        let mut purged = 0;
-        for entry in self.nonces.iter() {
-            let (key, value) = entry?;
-            if read_i64(Some(value.clone())) <= now_ms {
-                // Only remove the entry if it is still the expired one we read.
-                if self
-                    .nonces
-                    .compare_and_swap(&key, Some(value), None as Option<&[u8]>)?
-                    .is_ok()
-                {
-                    purged += 1;
-                }
-            }
-        }
-        if purged > 0 {
-            {
-                drop(writing);
-                self.commit.sync()
-            }?;
-        }
-        Ok(purged)
     }
 
     fn put_client_certificate(
@@ -866,8 +699,9 @@ impl Store for SledStore {
         &self,
         out: &mut dyn std::io::Write,
         created_at_ms: i64,
+        decision_log: &mut FrameSource<'_>,
     ) -> Result<super::backup::BackupSummary> {
-        self.export_trees(out, created_at_ms)
+        self.export_trees(out, created_at_ms, decision_log)
     }
 
     fn purge_expired_tokens(
@@ -1040,15 +874,6 @@ fn append_audit(
     head.extend_from_slice(&hash);
     meta.insert(AUDIT_HEAD_KEY, head)?;
     Ok(())
-}
-
-fn ledger_key(customer: &CustomerId, day: &str, tier: Tier) -> Vec<u8> {
-    let mut key = customer.as_str().as_bytes().to_vec();
-    key.push(0);
-    key.extend_from_slice(day.as_bytes());
-    key.push(0);
-    key.extend_from_slice(tier.letter().as_bytes());
-    key
 }
 
 fn read_i64(bytes: Option<sled::IVec>) -> i64 {

@@ -394,7 +394,12 @@ impl proto::verification_server::Verification for VerificationService {
         let actor = actor(&request);
         let request = VerifyRequest::try_from(request.into_inner())?;
         let ra = self.ra.clone();
-        let decision: Decision = blocking(move || ra.verify_payment(&actor, request)).await?;
+        // Checked and decided on this task (about 60 µs, most of it the signature); only the
+        // wait for the decision log's sync is asynchronous.
+        let decision: Decision = ra
+            .verify_payment(&actor, request)
+            .await
+            .map_err(Status::from)?;
         Ok(Response::new(proto::VerifyPaymentResponse {
             verdict: verdict_to_proto(decision.verdict),
             reason: decision.reason,
@@ -416,7 +421,10 @@ impl proto::verification_server::Verification for VerificationService {
         let actor = actor(&request);
         let request = QualifyRequest::try_from(request.into_inner())?;
         let ra = self.ra.clone();
-        let decision = blocking(move || ra.qualify_transaction(&actor, request)).await?;
+        let decision = ra
+            .qualify_transaction(&actor, request)
+            .await
+            .map_err(Status::from)?;
         Ok(Response::new(proto::QualifyTransactionResponse {
             tier: tier_to_proto(decision.tier),
             categories: decision

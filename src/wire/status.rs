@@ -14,6 +14,7 @@ impl From<Error> for Status {
             ErrorKind::AlreadyExists => Code::AlreadyExists,
             ErrorKind::FailedPrecondition => Code::FailedPrecondition,
             ErrorKind::ResourceExhausted => Code::ResourceExhausted,
+            ErrorKind::Unavailable => Code::Unavailable,
             ErrorKind::Internal => Code::Internal,
         };
         if code == Code::Internal {
