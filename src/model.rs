@@ -208,6 +208,21 @@ impl RevocationReason {
         }
     }
 
+    /// The reason with RFC 5280 CRLReason `code`, if payra uses it.
+    pub fn from_code(code: u8) -> Option<RevocationReason> {
+        [
+            RevocationReason::Unspecified,
+            RevocationReason::KeyCompromise,
+            RevocationReason::AffiliationChanged,
+            RevocationReason::Superseded,
+            RevocationReason::CessationOfOperation,
+            RevocationReason::CertificateHold,
+            RevocationReason::PrivilegeWithdrawn,
+        ]
+        .into_iter()
+        .find(|reason| reason.code() == code)
+    }
+
     /// The kebab-case name used by the CLI (`key-compromise`).
     pub fn cli_name(self) -> &'static str {
         match self {

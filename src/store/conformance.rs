@@ -32,7 +32,7 @@ fn certificate(customer: &str, device: &str) -> CertificateRecord {
         not_before_s: 0,
         not_after_s: 1000,
         issued_at_s: 0,
-        public_key_hex: "04".into(),
+        public_key_hex: "04".repeat(65),
         certificate_b64: String::new(),
         revocation: None,
         renewed_from: None,
@@ -292,6 +292,51 @@ fn sled_store_survives_reopen() {
         store.issue_with_token(&hash, 1, &cert, &ev()).unwrap();
     }
     let store = SledStore::open(dir.path()).unwrap();
-    assert_eq!(store.certificate(&cert.serial).unwrap(), Some(cert));
+    assert_eq!(store.certificate(&cert.serial).unwrap(), Some(cert.clone()));
     assert!(store.token(&hash).unwrap().unwrap().used_at_s.is_some());
+
+    // The verifier's summaries follow the records: issued, then revoked, then purged.
+    let summaries = |store: &SledStore| {
+        let mut all = Vec::new();
+        store
+            .for_each_certificate_summary(&mut |s| all.push(s))
+            .unwrap();
+        all
+    };
+    assert_eq!(
+        summaries(&store),
+        vec![CertificateSummary::of(&cert).unwrap()]
+    );
+    let revocation = Revocation {
+        revoked_at_s: 5,
+        reason: RevocationReason::KeyCompromise,
+    };
+    store
+        .revoke(std::slice::from_ref(&cert.serial), &revocation, &ev())
+        .unwrap()
+        .unwrap();
+    assert_eq!(summaries(&store)[0].revocation, Some(revocation));
+    store.purge_expired_certificates(2_000, 10, &ev()).unwrap();
+    assert!(summaries(&store).is_empty());
+}
+
+#[test]
+fn summaries_are_built_for_a_database_that_lacks_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = certificate("c-migrate", "d");
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        let hash = TokenHash::of("t-migrate");
+        store
+            .put_token(&hash, &token("c-migrate", 100), &ev())
+            .unwrap();
+        store.issue_with_token(&hash, 1, &cert, &ev()).unwrap();
+        store.danger_clear_summaries().unwrap();
+    }
+    let store = SledStore::open(dir.path()).unwrap();
+    let mut all = Vec::new();
+    store
+        .for_each_certificate_summary(&mut |s| all.push(s))
+        .unwrap();
+    assert_eq!(all, vec![CertificateSummary::of(&cert).unwrap()]);
 }

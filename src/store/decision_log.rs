@@ -42,6 +42,10 @@ use crate::error::{Error, Result};
 
 /// A segment is closed once it holds this many bytes.
 pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+/// Under load the writer waits up to [`LINGER`] for this many records before it syncs.
+const BATCH_TARGET: usize = 128;
+/// How long the writer may wait for a fuller batch, when the previous batch had company.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
 /// Largest record accepted (an intent is at most 4 KiB; a record is a few KiB at most).
 const MAX_RECORD_BYTES: usize = 256 * 1024;
 /// `len` + `crc`.
@@ -477,8 +481,12 @@ impl DecisionLog {
         }
         append.next_seq += 1;
         append.pending.push((seq, json));
+        // The writer waits for the first record of a batch, or lingers for a full one.
+        let wake = matches!(append.pending.len(), 1 | BATCH_TARGET);
         drop(append);
-        self.shared.work.notify_one();
+        if wake {
+            self.shared.work.notify_one();
+        }
         Ok((seq, value))
     }
 
@@ -799,6 +807,7 @@ struct Writer {
 impl Writer {
     fn run(mut self) {
         let mut buffer = Vec::with_capacity(1 << 20);
+        let mut last_batch = 0usize;
         loop {
             let batch = {
                 let mut append = lock(&self.shared.append);
@@ -812,12 +821,30 @@ impl Writer {
                 if append.pending.is_empty() {
                     return;
                 }
+                // Under load, gather a fuller batch: each fdatasync costs the kernel and the
+                // wake-ups far more CPU than a record does. A caller alone is not kept waiting.
+                if last_batch > 1 {
+                    let deadline = std::time::Instant::now() + LINGER;
+                    while append.pending.len() < BATCH_TARGET && !append.closing {
+                        let left = deadline.saturating_duration_since(std::time::Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        append = self
+                            .shared
+                            .work
+                            .wait_timeout(append, left)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                }
                 std::mem::take(&mut append.pending)
             };
             let Some(&(first_seq, _)) = batch.first() else {
                 continue;
             };
             let last_seq = batch.last().map_or(first_seq, |(seq, _)| *seq);
+            last_batch = batch.len();
             buffer.clear();
             let mut prev = self.prev;
             for (seq, json) in &batch {

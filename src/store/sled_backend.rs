@@ -35,6 +35,8 @@ pub struct SledStore {
     write_turn: std::sync::Mutex<()>,
     ledger: Tree,
     releases: Tree,
+    /// serial → [`CertificateSummary`] (binary), what the verification cache loads.
+    summaries: Tree,
     agreed_limits: Tree,
     audit: Tree,
     client_certificates: Tree,
@@ -47,7 +49,7 @@ const LEDGER_THROUGH_KEY: &[u8] = b"ledger_through_seq";
 const CRL_NUMBER_KEY: &[u8] = b"crl_number";
 
 /// sled's page cache size.
-const SLED_CACHE_BYTES: u64 = 64 * 1024 * 1024;
+const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| Error::internal(format!("encoding record: {e}")))
@@ -96,7 +98,7 @@ impl SledStore {
             .open()
             .map_err(|e| Error::internal(format!("opening database {}: {e}", dir.display())))?;
         let commit = GroupCommit::new(db.clone(), dir)?;
-        Ok(SledStore {
+        let store = SledStore {
             certificates: db.open_tree("certificates")?,
             tokens: db.open_tree("tokens")?,
             by_customer: db.open_tree("by_customer")?,
@@ -106,12 +108,45 @@ impl SledStore {
             write_turn: std::sync::Mutex::new(()),
             ledger: db.open_tree("ledger")?,
             releases: db.open_tree("releases")?,
+            summaries: db.open_tree("cert_summaries")?,
             agreed_limits: db.open_tree("agreed_limits")?,
             audit: db.open_tree("audit")?,
             client_certificates: db.open_tree("client_certificates")?,
             db,
             commit,
-        })
+        };
+        store.build_missing_summaries()?;
+        Ok(store)
+    }
+
+    /// Empties the summaries tree, as a database from before it existed would be (tests).
+    #[cfg(test)]
+    pub fn danger_clear_summaries(&self) -> Result<()> {
+        self.summaries.clear()?;
+        self.commit.sync()
+    }
+
+    /// A database written before the `cert_summaries` tree existed gets it built once, from
+    /// the full records.
+    fn build_missing_summaries(&self) -> Result<()> {
+        if !self.summaries.is_empty() || self.certificates.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        let mut count = 0u64;
+        for entry in self.certificates.iter() {
+            let (serial, value) = entry?;
+            let record: CertificateRecord = decode(&value)?;
+            batch.insert(serial, CertificateSummary::of(&record)?.encode());
+            count += 1;
+            if count % 10_000 == 0 {
+                self.summaries.apply_batch(std::mem::take(&mut batch))?;
+            }
+        }
+        self.summaries.apply_batch(batch)?;
+        self.commit.sync()?;
+        tracing::info!(certificates = count, "built the certificate summaries");
+        Ok(())
     }
 
     fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -153,9 +188,14 @@ impl SledStore {
         let mut certificates = sled::Batch::default();
         let mut by_customer = sled::Batch::default();
         let mut by_device = sled::Batch::default();
+        let mut summaries = sled::Batch::default();
         let mut pending = 0;
         for record in records {
             certificates.insert(record.serial.as_bytes(), encode(&record)?);
+            summaries.insert(
+                record.serial.as_bytes(),
+                CertificateSummary::of(&record)?.encode(),
+            );
             by_customer.insert(
                 index_key(record.customer_id.as_str(), &record.serial),
                 &[] as &[u8],
@@ -172,12 +212,14 @@ impl SledStore {
                 self.by_customer
                     .apply_batch(std::mem::take(&mut by_customer))?;
                 self.by_device.apply_batch(std::mem::take(&mut by_device))?;
+                self.summaries.apply_batch(std::mem::take(&mut summaries))?;
                 pending = 0;
             }
         }
         self.certificates.apply_batch(certificates)?;
         self.by_customer.apply_batch(by_customer)?;
         self.by_device.apply_batch(by_device)?;
+        self.summaries.apply_batch(summaries)?;
         self.commit.sync()?;
         Ok(count)
     }
@@ -266,6 +308,7 @@ impl Store for SledStore {
         let writing = self.writing();
         let serial_key = certificate.serial.as_bytes().to_vec();
         let cert_value = encode(certificate)?;
+        let summary = CertificateSummary::of(certificate)?.encode();
         let outcome = (
             &self.tokens,
             &self.certificates,
@@ -273,9 +316,10 @@ impl Store for SledStore {
             &self.by_device,
             &self.audit,
             &self.meta,
+            &self.summaries,
         )
             .transaction(
-                |(tokens, certificates, by_customer, by_device, log, meta)| {
+                |(tokens, certificates, by_customer, by_device, log, meta, summaries)| {
                     let mut token = match check_token(tokens, hash, now_s)? {
                         Ok(token) => token,
                         Err(rejection) => return Ok(IssueOutcome::TokenRejected(rejection)),
@@ -287,6 +331,7 @@ impl Store for SledStore {
                     token.used_for_serial = Some(certificate.serial.clone());
                     tokens.insert(&hash.0, encode(&token).map_err(abort)?)?;
                     certificates.insert(serial_key.as_slice(), cert_value.as_slice())?;
+                    summaries.insert(serial_key.as_slice(), summary.as_slice())?;
                     by_customer.insert(
                         index_key(certificate.customer_id.as_str(), &certificate.serial),
                         &[] as &[u8],
@@ -345,42 +390,11 @@ impl Store for SledStore {
     }
 
     fn for_each_certificate_summary(&self, each: &mut dyn FnMut(CertificateSummary)) -> Result<()> {
-        // Read in bounded batches (so the raw records never all sit in memory at once) and
-        // decode each batch on all cores.
-        const BATCH: usize = 32 * 1024;
-        let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut values = self.certificates.iter().values();
-        loop {
-            let batch: Vec<sled::IVec> = values
-                .by_ref()
-                .take(BATCH)
-                .collect::<std::result::Result<_, _>>()?;
-            if batch.is_empty() {
-                return Ok(());
-            }
-            let chunk = batch.len().div_ceil(workers).max(1);
-            let decoded = std::thread::scope(|scope| {
-                let handles: Vec<_> = batch
-                    .chunks(chunk)
-                    .map(|part| {
-                        scope.spawn(move || {
-                            part.iter()
-                                .map(|value| decode::<CertificateSummary>(value))
-                                .collect::<Result<Vec<_>>>()
-                        })
-                    })
-                    .collect();
-                let mut decoded = Vec::with_capacity(batch.len());
-                for handle in handles {
-                    let part = handle
-                        .join()
-                        .map_err(|_| Error::internal("decoding certificates panicked"))??;
-                    decoded.extend(part);
-                }
-                Ok::<_, Error>(decoded)
-            })?;
-            decoded.into_iter().for_each(&mut *each);
+        for entry in self.summaries.iter() {
+            let (serial, value) = entry?;
+            each(CertificateSummary::decode(&serial, &value)?);
         }
+        Ok(())
     }
 
     fn revoke(
@@ -392,8 +406,14 @@ impl Store for SledStore {
         let writing = self.writing();
         // sled commits a transaction's writes whenever the closure returns Ok, so every check
         // runs before the first write: a rejected batch writes nothing.
-        let outcome = (&self.certificates, &self.revoked, &self.audit, &self.meta).transaction(
-            |(certificates, revoked, log, meta)| {
+        let outcome = (
+            &self.certificates,
+            &self.revoked,
+            &self.audit,
+            &self.meta,
+            &self.summaries,
+        )
+            .transaction(|(certificates, revoked, log, meta, summaries)| {
                 let mut records = Vec::with_capacity(serials.len());
                 for serial in serials {
                     let Some(bytes) = certificates.get(serial.as_bytes())? else {
@@ -418,13 +438,13 @@ impl Store for SledStore {
                     put_revoked(revoked, &record).map_err(abort)?;
                     certificates
                         .insert(record.serial.as_bytes(), encode(&record).map_err(abort)?)?;
+                    put_summary(summaries, &record)?;
                     let mut event = audit.clone();
                     event.target = record.serial.to_hex();
                     append_audit(log, meta, &event)?;
                 }
                 Ok(Ok(()))
-            },
-        );
+            });
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
             {
@@ -441,8 +461,14 @@ impl Store for SledStore {
         audit: &AuditEvent,
     ) -> Result<std::result::Result<CertificateRecord, RevokeRejection>> {
         let writing = self.writing();
-        let outcome = (&self.certificates, &self.revoked, &self.audit, &self.meta).transaction(
-            |(certificates, revoked, log, meta)| {
+        let outcome = (
+            &self.certificates,
+            &self.revoked,
+            &self.audit,
+            &self.meta,
+            &self.summaries,
+        )
+            .transaction(|(certificates, revoked, log, meta, summaries)| {
                 let Some(bytes) = certificates.get(serial.as_bytes())? else {
                     return Ok(Err(RevokeRejection::NotFound(serial.clone())));
                 };
@@ -454,10 +480,10 @@ impl Store for SledStore {
                 record.revocation = None;
                 revoked.remove(serial.as_bytes())?;
                 certificates.insert(serial.as_bytes(), encode(&record).map_err(abort)?)?;
+                put_summary(summaries, &record)?;
                 append_audit(log, meta, audit)?;
                 Ok(Ok(record))
-            },
-        );
+            });
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
             {
@@ -477,6 +503,7 @@ impl Store for SledStore {
     ) -> Result<std::result::Result<(), RevokeRejection>> {
         let writing = self.writing();
         let new_value = encode(new)?;
+        let new_summary = CertificateSummary::of(new)?.encode();
         let outcome = (
             &self.certificates,
             &self.revoked,
@@ -484,9 +511,10 @@ impl Store for SledStore {
             &self.by_device,
             &self.audit,
             &self.meta,
+            &self.summaries,
         )
             .transaction(
-                |(certificates, revoked, by_customer, by_device, log, meta)| {
+                |(certificates, revoked, by_customer, by_device, log, meta, summaries)| {
                     let Some(bytes) = certificates.get(old.as_bytes())? else {
                         return Ok(Err(RevokeRejection::NotFound(old.clone())));
                     };
@@ -504,7 +532,9 @@ impl Store for SledStore {
                     record.superseded_by = Some(new.serial.clone());
                     put_revoked(revoked, &record).map_err(abort)?;
                     certificates.insert(old.as_bytes(), encode(&record).map_err(abort)?)?;
+                    put_summary(summaries, &record)?;
                     certificates.insert(new.serial.as_bytes(), new_value.as_slice())?;
+                    summaries.insert(new.serial.as_bytes(), new_summary.as_slice())?;
                     by_customer.insert(
                         index_key(new.customer_id.as_str(), &new.serial),
                         &[] as &[u8],
@@ -770,11 +800,13 @@ impl Store for SledStore {
             &self.revoked,
             &self.audit,
             &self.meta,
+            &self.summaries,
         )
             .transaction(
-                |(certificates, by_customer, by_device, revoked, log, meta)| {
+                |(certificates, by_customer, by_device, revoked, log, meta, summaries)| {
                     for record in &expired {
                         certificates.remove(record.serial.as_bytes())?;
+                        summaries.remove(record.serial.as_bytes())?;
                         by_customer
                             .remove(index_key(record.customer_id.as_str(), &record.serial))?;
                         by_device.remove(index_key(record.device_id.as_str(), &record.serial))?;
@@ -880,6 +912,16 @@ fn read_i64(bytes: Option<sled::IVec>) -> i64 {
     bytes
         .and_then(|b| <[u8; 8]>::try_from(b.as_ref()).ok())
         .map_or(0, i64::from_be_bytes)
+}
+
+/// Writes the verifier's summary of `record` inside a transaction.
+fn put_summary(
+    summaries: &TransactionalTree,
+    record: &CertificateRecord,
+) -> std::result::Result<(), ConflictableTransactionError<Error>> {
+    let summary = CertificateSummary::of(record).map_err(abort)?;
+    summaries.insert(record.serial.as_bytes(), summary.encode())?;
+    Ok(())
 }
 
 fn put_revoked(
