@@ -76,6 +76,8 @@ struct Acked {
     certificates: Vec<(String, String)>, // (serial, token)
     revocations: Vec<String>,
     reservations: Vec<(String, i64)>, // (evidence id, amount)
+    /// The last acknowledged payment request, to replay after the restart.
+    last_payment: Option<proto::VerifyPaymentRequest>,
 }
 
 async fn connect(url: &str, certs: &std::path::Path, credential: Credential) -> Option<Client> {
@@ -187,30 +189,26 @@ async fn sigkill_loses_nothing_acknowledged() {
                             scene: proto::Scene::InApp as i32,
                         };
                         let bytes = encode_intent(&intent);
-                        let answer = service
-                            .verification()
-                            .verify_payment(proto::VerifyPaymentRequest {
-                                signature: payer_key.sign_intent(&bytes),
-                                intent: bytes,
-                                certificate_serial: payer_serial.clone(),
-                                transaction: Some(proto::Transaction {
-                                    merchant_id: "m".into(),
-                                    order_id: format!("o{worker}-{i}"),
-                                    amount_fen: 1,
-                                    currency: "CNY".into(),
-                                }),
-                                factors: vec![],
-                                reserve: true,
-                            })
-                            .await;
+                        let request = proto::VerifyPaymentRequest {
+                            signature: payer_key.sign_intent(&bytes),
+                            intent: bytes,
+                            certificate_serial: payer_serial.clone(),
+                            transaction: Some(proto::Transaction {
+                                merchant_id: "m".into(),
+                                order_id: format!("o{worker}-{i}"),
+                                amount_fen: 1,
+                                currency: "CNY".into(),
+                            }),
+                            factors: vec![],
+                            reserve: true,
+                        };
+                        let answer = service.verification().verify_payment(request.clone()).await;
                         let Ok(answer) = answer else { return };
                         let answer = answer.into_inner();
                         assert!(answer.limit.as_ref().unwrap().reserved, "{}", answer.reason);
-                        acked
-                            .lock()
-                            .unwrap()
-                            .reservations
-                            .push((answer.evidence_id, 1));
+                        let mut acked = acked.lock().unwrap();
+                        acked.reservations.push((answer.evidence_id, 1));
+                        acked.last_payment = Some(request);
                         progress.notify_one();
                     }
                 }
@@ -305,8 +303,52 @@ async fn sigkill_loses_nothing_acknowledged() {
             _ => lost += 1,
         }
     }
-    // Every serial on record is distinct (the listing is keyed by serial), and the ledger
-    // holds at least every acknowledged reservation.
+    // An acknowledged payment's nonce is still remembered: sent again, it is a replay.
+    let replayed = service
+        .verification()
+        .verify_payment(
+            acked
+                .last_payment
+                .clone()
+                .expect("a payment was acknowledged"),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replayed.verdict, proto::Verdict::ReplayedNonce as i32);
+    // The ledger holds at least every acknowledged reservation (1 fen each).
+    let probe = {
+        let mut request = acked.last_payment.clone().unwrap();
+        let mut intent: proto::PaymentIntent =
+            prost::Message::decode(request.intent.as_slice()).unwrap();
+        intent.nonce = random_nonce();
+        intent.order_id = "probe".into();
+        intent.created_at_ms = payra::clock::Clock::now_ms(&payra::clock::SystemClock);
+        request.intent = encode_intent(&intent);
+        request.signature = payer_key.sign_intent(&request.intent);
+        request.transaction.as_mut().unwrap().order_id = "probe".into();
+        request.reserve = false;
+        request
+    };
+    let probe = service
+        .verification()
+        .verify_payment(probe)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        probe.verdict,
+        proto::Verdict::Verified as i32,
+        "{}",
+        probe.reason
+    );
+    let used = probe.limit.unwrap().used_fen;
+    assert!(
+        used >= acked.reservations.len() as i64,
+        "ledger shows {used} fen used, {} fen were acknowledged",
+        acked.reservations.len()
+    );
+    // Every serial on record is distinct (the listing is keyed by serial).
     let listed = operator
         .admin()
         .list_certificates(proto::ListCertificatesRequest {

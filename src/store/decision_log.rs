@@ -984,6 +984,34 @@ mod tests {
     }
 
     #[test]
+    fn a_release_is_replayed_and_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = open(dir.path(), LedgerCheckpoint::default(), 0);
+        let decision = reserve(&log, 10, 300);
+        let (seq, used) = log
+            .append(|_, books| {
+                let used = books.release(decision, &key(), 300, 20);
+                let record = LogRecord::Release {
+                    decision_seq: decision,
+                    evidence_id: "ev_10".into(),
+                    ledger_key_hex: hex::encode(key()),
+                    amount_fen: 300,
+                    released_at_ms: 20,
+                    audit: AuditEvent::new(20, &Actor::system(), "reservation.released", "x", "ok"),
+                };
+                Ok((serde_json::to_vec(&record).unwrap(), used))
+            })
+            .unwrap();
+        log.durable_blocking(seq).unwrap();
+        assert_eq!(used, 0);
+        log.close().unwrap();
+        drop(log);
+        let (log, _) = open(dir.path(), LedgerCheckpoint::default(), 100);
+        assert_eq!(log.with_books(|b| b.used(&key())), 0);
+        assert_eq!(log.with_books(|b| b.released_at(decision)), Some(20));
+    }
+
+    #[test]
     fn a_checkpoint_is_not_replayed_twice() {
         let dir = tempfile::tempdir().unwrap();
         let (log, _) = open(dir.path(), LedgerCheckpoint::default(), 0);
