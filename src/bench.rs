@@ -483,12 +483,15 @@ async fn ocsp_post(
     Ok(status_line.starts_with("HTTP/1.1 200"))
 }
 
-async fn run_worker(
-    work: Work,
-    counters: Arc<Counters>,
-    rate: Option<f64>,
-    concurrency: usize,
-) -> Vec<u32> {
+/// Open-loop pacing of one worker: its share of the rate, and its phase, so that the workers
+/// send evenly spread requests rather than bursts in step.
+#[derive(Clone, Copy)]
+struct Pace {
+    every: Duration,
+    phase: Duration,
+}
+
+async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> Vec<u32> {
     let mut latencies = Vec::new();
     let mut record = |started: Instant, ok: bool, counters: &Counters| {
         if counters.started.load(Ordering::Relaxed) {
@@ -502,14 +505,13 @@ async fn run_worker(
     match work {
         Work::Verify { client, requests } => {
             let mut verification = client.verification();
-            let interval = rate.map(|r| Duration::from_secs_f64(concurrency as f64 / r));
-            let began = Instant::now();
+            let began = Instant::now() + pace.map_or(Duration::ZERO, |p| p.phase);
             for (n, request) in requests.into_iter().enumerate() {
                 if !counters.take() {
                     break;
                 }
-                let started = match interval {
-                    Some(every) => {
+                let started = match pace {
+                    Some(Pace { every, .. }) => {
                         let scheduled = began + every * n as u32;
                         if Instant::now() < scheduled {
                             tokio::time::sleep_until(scheduled.into()).await;
@@ -622,15 +624,18 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
         errors: AtomicU64::new(0),
         budget: AtomicU64::new(settings.max_requests),
     });
+    let every = settings
+        .rate
+        .map(|rate| Duration::from_secs_f64(settings.concurrency as f64 / rate));
     let handles: Vec<_> = work
         .into_iter()
-        .map(|w| {
-            tokio::spawn(run_worker(
-                w,
-                counters.clone(),
-                settings.rate,
-                settings.concurrency,
-            ))
+        .enumerate()
+        .map(|(i, w)| {
+            let pace = every.map(|every| Pace {
+                every,
+                phase: every.mul_f64(i as f64 / settings.concurrency as f64),
+            });
+            tokio::spawn(run_worker(w, counters.clone(), pace))
         })
         .collect();
     tokio::time::sleep(settings.warmup).await;

@@ -44,8 +44,11 @@ use crate::error::{Error, Result};
 pub const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 /// Under load the writer waits up to [`LINGER`] for this many records before it syncs.
 const BATCH_TARGET: usize = 128;
-/// How long the writer may wait for a fuller batch, when the previous batch had company.
+/// How long the writer may wait for a fuller batch once load is high.
 const LINGER: std::time::Duration = std::time::Duration::from_millis(1);
+/// Load counts as high when the previous batch held at least this many records; below it,
+/// each batch is synced at once (the latency at moderate rates stays one sync).
+const LINGER_AFTER_BATCH: usize = 16;
 /// Largest record accepted (an intent is at most 4 KiB; a record is a few KiB at most).
 const MAX_RECORD_BYTES: usize = 256 * 1024;
 /// `len` + `crc`.
@@ -821,9 +824,9 @@ impl Writer {
                 if append.pending.is_empty() {
                     return;
                 }
-                // Under load, gather a fuller batch: each fdatasync costs the kernel and the
-                // wake-ups far more CPU than a record does. A caller alone is not kept waiting.
-                if last_batch > 1 {
+                // Under heavy load, gather a fuller batch: each fdatasync costs the kernel and
+                // the wake-ups far more CPU than a record does. At moderate load nobody waits.
+                if last_batch >= LINGER_AFTER_BATCH {
                     let deadline = std::time::Instant::now() + LINGER;
                     while append.pending.len() < BATCH_TARGET && !append.closing {
                         let left = deadline.saturating_duration_since(std::time::Instant::now());
