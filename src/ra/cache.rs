@@ -135,6 +135,17 @@ impl CertificateCache {
             .and_then(|entry| entry.view())
     }
 
+    /// Validity and revocation of `serial` (what a status query needs), without building the
+    /// identifiers.
+    pub fn standing(&self, serial: &Serial) -> Option<(i64, i64, Option<Revocation>)> {
+        let key = SerialKey::of(serial)?;
+        self.map
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .map(|entry| (entry.not_before_s, entry.not_after_s, entry.revocation))
+    }
+
     /// Adds or replaces a certificate.
     pub fn put(&self, record: &CertificateRecord) {
         let (Some(key), Some(public_key)) = (

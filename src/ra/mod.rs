@@ -243,14 +243,14 @@ impl Ra {
 
     /// Where a certificate stands now; from memory, no disk read.
     pub fn certificate_status(&self, serial: &Serial) -> Result<StatusView> {
-        let cached = self
+        let (not_before_s, not_after_s, revocation) = self
             .cache
-            .get(serial)
+            .standing(serial)
             .ok_or_else(|| Error::NotFound(format!("no certificate with serial {serial}")))?;
         Ok(StatusView::at(
-            cached.not_before_s,
-            cached.not_after_s,
-            cached.revocation,
+            not_before_s,
+            not_after_s,
+            revocation,
             self.clock.now_s(),
         ))
     }
