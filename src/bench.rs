@@ -613,6 +613,15 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
             ));
         }
     }
+    if settings.scenario == Scenario::Verify
+        && settings.duration + settings.warmup > Duration::from_secs(100)
+    {
+        return Err(Error::invalid(
+            "duration",
+            "a verify run lasts at most 100 s with its warm-up: its intents are signed before \
+             it starts and must stay inside the server's skew window (120 s by default)",
+        ));
+    }
     if settings.duration > Duration::from_secs(600) {
         return Err(Error::invalid("duration", "at most 600 s"));
     }

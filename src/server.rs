@@ -266,14 +266,16 @@ impl RunningServer {
         let _ = self.purge_task.await;
         let _ = self.checkpoint_task.await;
         let ra = self.ra.clone();
-        tokio::task::spawn_blocking(move || ra.close_decisions())
+        let decisions = tokio::task::spawn_blocking(move || ra.close_decisions())
             .await
-            .map_err(|e| Error::internal(format!("closing the decision log: {e}")))??;
+            .map_err(|e| Error::internal(format!("closing the decision log: {e}")))
+            .and_then(|closed| closed);
         drop(self.ra);
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.close())
             .await
             .map_err(|e| Error::internal(format!("closing storage: {e}")))??;
+        decisions?;
         // Blocking work started before the stop (a CRL build, a request's storage sync) still
         // holds the store; the database closes, and its lock is released, when the last
         // holder finishes. Wait for that, bounded, so a restart in the same process finds

@@ -209,9 +209,12 @@ impl Ra {
     }
 
     /// Stops recording decisions: writes what is queued, saves the ledger, stops the writer.
+    /// The log is closed even if the checkpoint cannot be saved (the next start replays from
+    /// the previous checkpoint).
     pub fn close_decisions(&self) -> Result<()> {
-        self.save_ledger_checkpoint()?;
-        self.decisions.close()
+        let saved = self.save_ledger_checkpoint();
+        let closed = self.decisions.close();
+        saved.and(closed)
     }
 
     /// How many syncs the decision log has made.
@@ -221,6 +224,7 @@ impl Ra {
 
     /// Whether storage accepts a durable write now (for `/readyz`).
     pub fn storage_writable(&self) -> Result<()> {
+        self.decisions.healthy()?;
         self.store.probe_write()
     }
 

@@ -1,6 +1,7 @@
-//! The in-memory side of replay protection: (serial, nonce) pairs seen within the skew
-//! window. The durable side is the `nonces` tree, written in the same transaction as the
-//! evidence; this set is reloaded from it at start, so a replay is refused across restarts.
+//! Replay protection: (serial, nonce) pairs seen within the skew window, in memory. The
+//! durable side is the decision log, whose records carry the nonce they claimed; this set is
+//! rebuilt from the records inside the nonce horizon at start, so a replay is refused across
+//! restarts.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

@@ -437,7 +437,10 @@ impl Ra {
             checked.nonce.as_ref(),
         );
         let result = match recorded {
-            Ok((decision, seq)) => self.decisions.durable(seq).await.map(|()| decision),
+            Ok((decision, seq, reserving)) => self.decisions.durable(seq).await.map(|()| {
+                self.count(&decision, reserving);
+                decision
+            }),
             Err(e) => Err(e),
         };
         if result.is_err() {
@@ -458,7 +461,7 @@ impl Ra {
         validate_factors(&request.factors)?;
         let now_ms = self.clock.now_ms();
         let decision = decide_tier(false, &request.factors, request.scene);
-        let (decision, seq) = self.decide(
+        let (decision, seq, reserving) = self.decide(
             actor,
             "qualify_transaction",
             now_ms,
@@ -476,11 +479,13 @@ impl Ra {
             None,
         )?;
         self.decisions.durable(seq).await?;
+        self.count(&decision, reserving);
         Ok(decision)
     }
 
     /// Appends the decision (evidence, nonce, reservation) to the decision log and builds the
-    /// answer. The answer may be given once the returned record number is durable.
+    /// answer. The answer may be given once the returned record number is durable; the flag
+    /// tells whether a reservation was asked for.
     #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
@@ -499,7 +504,7 @@ impl Ra {
         amount_fen: i64,
         reserve: bool,
         nonce: Option<&NonceClaim>,
-    ) -> Result<(Decision, u64)> {
+    ) -> Result<(Decision, u64, bool)> {
         let day = self.policy.ledger.day(now_ms);
         let limit_fen = match &customer {
             Some(c) => Some(self.limit_for(c, tier)?),
@@ -555,17 +560,6 @@ impl Ra {
                 .map_err(|e| Error::internal(format!("encoding a decision: {e}")))?;
             Ok((json, (evidence_id, reserved, used_fen)))
         })?;
-        self.metrics
-            .verifications
-            .with_label_values(&[verdict.name(), tier.letter()])
-            .inc();
-        if reserving {
-            let outcome_name = if reserved { "reserved" } else { "over_limit" };
-            self.metrics
-                .reservations
-                .with_label_values(&[outcome_name])
-                .inc();
-        }
         let limit = limit_fen.map(|limit_fen| {
             let before = if reserved {
                 used_fen - amount_fen
@@ -590,7 +584,26 @@ impl Ra {
             limit,
             evidence_id,
         };
-        Ok((decision, seq))
+        Ok((decision, seq, reserving))
+    }
+
+    /// Counts a decision in the metrics, once it is durable.
+    fn count(&self, decision: &Decision, reserving: bool) {
+        self.metrics
+            .verifications
+            .with_label_values(&[decision.verdict.name(), decision.tier.letter()])
+            .inc();
+        if let Some(limit) = decision.limit.as_ref().filter(|_| reserving) {
+            let outcome = if limit.reserved {
+                "reserved"
+            } else {
+                "over_limit"
+            };
+            self.metrics
+                .reservations
+                .with_label_values(&[outcome])
+                .inc();
+        }
     }
 
     /// The decision recorded under `evidence_id` and its record number.

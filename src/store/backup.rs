@@ -62,11 +62,13 @@ fn write_item(out: &mut impl Write, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Writes `trees` to `out`. The caller holds writers off.
+/// Writes `trees`, then the decision log, to `out`. The caller holds writers off until
+/// `trees_written` is called.
 pub fn write_backup(
     out: &mut dyn Write,
     created_at_ms: i64,
     trees: &[(String, sled::Tree)],
+    trees_written: &mut dyn FnMut(),
     decision_log: &mut FrameSource<'_>,
 ) -> Result<BackupSummary> {
     let mut out = HashingWriter {
@@ -93,6 +95,7 @@ pub fn write_backup(
             entries += 1;
         }
     }
+    trees_written();
     // The decision log follows as one more section: key = record number, value = frame.
     out.write_all(b"T")?;
     write_item(&mut out, DECISION_LOG_SECTION.as_bytes())?;
@@ -260,12 +263,13 @@ pub fn import_backup(path: &Path, dir: &Path) -> Result<BackupSummary> {
     }
     verify_backup(path)?;
     std::fs::create_dir_all(dir)?;
+    // Refuses a directory that already holds a decision log, before anything is created.
+    let mut log = super::decision_log::LogImporter::new(&dir.join("decisions"))?;
     let db = sled::Config::new()
         .path(dir)
         .open()
         .map_err(|e| Error::internal(format!("opening {}: {e}", dir.display())))?;
     let mut tree: Option<sled::Tree> = None;
-    let mut log = super::decision_log::LogImporter::new(&dir.join("decisions"))?;
     let mut in_log = false;
     let summary = scan(path, |record| {
         match record {

@@ -281,6 +281,17 @@ fn walk(bytes: &[u8], mut each: impl FnMut(&Frame<'_>) -> Result<()>) -> Result<
     Ok(offset)
 }
 
+/// Whether `rest`, the bytes after the last intact frame, can be what an interrupted write
+/// leaves: a frame cut short, or space the file system filled with zeros. A complete frame
+/// that fails its checksum is damage, not a torn write.
+fn torn_write(rest: &[u8]) -> bool {
+    if rest.iter().all(|b| *b == 0) || rest.len() < PREFIX {
+        return true;
+    }
+    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    PREFIX + len > rest.len()
+}
+
 fn decode(json: &[u8], seq: u64) -> Result<LogRecord> {
     serde_json::from_slice(json)
         .map_err(|e| Error::internal(format!("decision log record {seq} does not decode: {e}")))
@@ -332,10 +343,15 @@ impl DecisionLog {
             File::open(&path)?.read_to_end(&mut bytes)?;
             let valid = walk(&bytes, |_| Ok(()))?;
             if valid < bytes.len() {
-                if first != newest {
-                    return Err(Error::internal(format!(
-                        "decision log segment {} is damaged at byte {valid}",
-                        path.display()
+                if first != newest || !torn_write(&bytes[valid..]) {
+                    return Err(Error::FailedPrecondition(format!(
+                        "decision log segment {}: {} bytes from byte {valid} are damaged, and \
+                         they are not the torn end of an interrupted write; payra will not \
+                         start over acknowledged records it cannot read. Restore the data \
+                         directory from a backup, or, accepting the loss of every record from \
+                         that byte on, truncate the file to {valid} bytes",
+                        path.display(),
+                        bytes.len() - valid
                     )));
                 }
                 tracing::warn!(
@@ -539,13 +555,29 @@ impl DecisionLog {
         }
     }
 
+    /// Whether the log takes records: an error if a write failed or it is closing.
+    pub fn healthy(&self) -> Result<()> {
+        let append = lock(&self.shared.append);
+        if let Some(failed) = &append.failed {
+            return Err(Error::Unavailable(format!(
+                "the decision log stopped after a write error ({failed})"
+            )));
+        }
+        if append.closing {
+            return Err(Error::Unavailable("the decision log is closed".into()));
+        }
+        Ok(())
+    }
+
     /// How many `fdatasync` calls the writer has made.
     pub fn syncs(&self) -> u64 {
         self.shared.syncs.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Reads record `seq`, if the log has it.
+    /// Reads record `seq`, if the log has it: finds its segment by number, then steps from
+    /// frame header to frame header (reading 16 bytes of each) to the record.
     pub fn read(&self, seq: u64) -> Result<Option<LogRecord>> {
+        use std::io::BufReader;
         let first = {
             let segments = lock(&self.shared.segments);
             match segments.iter().rev().find(|&&first| first <= seq) {
@@ -553,16 +585,36 @@ impl DecisionLog {
                 None => return Ok(None),
             }
         };
-        let mut bytes = Vec::new();
-        File::open(segment_path(&self.shared.dir, first))?.read_to_end(&mut bytes)?;
-        let mut found = None;
-        walk(&bytes, |frame| {
-            if frame.seq == seq {
-                found = Some(decode(frame.json, seq)?);
+        let file = File::open(segment_path(&self.shared.dir, first))?;
+        let length = file.metadata()?.len();
+        let mut reader = BufReader::with_capacity(64 * 1024, file);
+        let mut offset = 0u64;
+        let mut head = [0u8; PREFIX + 8];
+        while offset + (PREFIX + 8) as u64 <= length {
+            reader.read_exact(&mut head)?;
+            let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
+            let found = u64::from_le_bytes(head[PREFIX..].try_into().unwrap_or_default());
+            if !(FIXED..=FIXED + MAX_RECORD_BYTES).contains(&len) {
+                return Err(Error::internal(format!(
+                    "decision log segment {first:020} is damaged at byte {offset}"
+                )));
             }
-            Ok(())
-        })?;
-        Ok(found)
+            if found == seq {
+                let mut frame = head.to_vec();
+                frame.resize(PREFIX + len, 0);
+                reader.read_exact(&mut frame[PREFIX + 8..])?;
+                let frame = frame_at(&frame, 0).ok_or_else(|| {
+                    Error::internal(format!("decision log record {seq} fails its checksum"))
+                })?;
+                return decode(frame.json, seq).map(Some);
+            }
+            if found > seq {
+                break;
+            }
+            reader.seek_relative((len - 8) as i64)?;
+            offset += (PREFIX + len) as u64;
+        }
+        Ok(None)
     }
 
     /// The books' changes since the last checkpoint, once every record they reflect is
@@ -986,6 +1038,46 @@ mod tests {
         );
     }
 
+    /// Records as version 1 wrote them. If this fails, old logs no longer read: add a new
+    /// record kind or an optional field instead of changing these.
+    #[test]
+    fn golden_v1_log_records_still_parse() {
+        let decision = r#"{"kind":"decision","evidence":{"version":1,
+            "evidence_id":"ev_000000000000002a0123456789abcdef","kind":"verify_payment",
+            "recorded_at_ms":1764000000123,"certificate_serial":"4a1b2c3d4e5f60718293a4b5c6d7e8f9",
+            "customer_id":"cust-1","intent_b64":"CgE=","signature_b64":"MEQ=","verdict":"VERIFIED",
+            "reason":"","tier":"A","categories":["knowledge","possession"],
+            "factors":[{"category":"knowledge","method":"payment_pin"}],"amount_fen":1234,
+            "reserved_fen":1234,"day":"2025-11-25","released_at_ms":null},
+            "nonce":["104a1b",1764000120123],
+            "audit":{"at_ms":1764000000123,"actor":{"role":"service","fingerprint":"ab"},
+            "action":"payment.verified","target":"ev_000000000000002a0123456789abcdef",
+            "outcome":"VERIFIED tier A; reserved 1234 fen"}}"#;
+        match serde_json::from_str::<LogRecord>(decision).unwrap() {
+            LogRecord::Decision {
+                evidence, nonce, ..
+            } => {
+                assert_eq!(evidence.reserved_fen, 1234);
+                assert_eq!(nonce, Some(("104a1b".into(), 1_764_000_120_123)));
+            }
+            other => panic!("{other:?}"),
+        }
+        let release = r#"{"kind":"release","decision_seq":42,
+            "evidence_id":"ev_000000000000002a0123456789abcdef","ledger_key_hex":"6300",
+            "amount_fen":1234,"released_at_ms":1764000060000,
+            "audit":{"at_ms":1764000060000,"actor":{"role":"service","fingerprint":"ab"},
+            "action":"reservation.released","target":"ev_000000000000002a0123456789abcdef",
+            "outcome":"ok"}}"#;
+        assert!(matches!(
+            serde_json::from_str::<LogRecord>(release).unwrap(),
+            LogRecord::Release {
+                decision_seq: 42,
+                amount_fen: 1234,
+                ..
+            }
+        ));
+    }
+
     #[test]
     fn a_release_is_replayed_and_remembered() {
         let dir = tempfile::tempdir().unwrap();
@@ -1051,7 +1143,8 @@ mod tests {
             ChainCheck::Intact { records: 2 }
         );
 
-        // A flipped byte inside the first record: the check names where the damage starts.
+        // A flipped byte inside the first record is damage, not a torn write: the start is
+        // refused, and the check names where the damage starts.
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[60] ^= 1;
         std::fs::write(&path, &bytes).unwrap();
@@ -1059,6 +1152,26 @@ mod tests {
             DecisionLog::verify(dir.path()).unwrap(),
             ChainCheck::Broken { seq: 1, .. }
         ));
+        let refused = DecisionLog::open(
+            dir.path(),
+            LedgerCheckpoint::default(),
+            0,
+            1,
+            &mut |_, _| {},
+        );
+        assert!(
+            matches!(&refused, Err(Error::FailedPrecondition(m)) if m.contains("truncate the file to 0 bytes")),
+            "{:?}",
+            refused.err()
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut");
+
+        // Zeros after the last record (space the file system never filled) are cut.
+        bytes[60] ^= 1;
+        bytes.extend_from_slice(&[0; 4096]);
+        std::fs::write(&path, &bytes).unwrap();
+        let (log, _) = open(dir.path(), LedgerCheckpoint::default(), 100);
+        assert_eq!(log.with_books(|b| b.used(&key())), 350);
     }
 
     #[test]

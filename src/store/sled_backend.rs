@@ -161,7 +161,7 @@ impl SledStore {
         created_at_ms: i64,
         decision_log: &mut FrameSource<'_>,
     ) -> Result<super::backup::BackupSummary> {
-        let _exclusive = self.writing();
+        let mut exclusive = Some(self.writing());
         self.commit.sync()?;
         let trees: Vec<(String, Tree)> = self
             .db
@@ -173,7 +173,15 @@ impl SledStore {
                 Some((name, tree))
             })
             .collect();
-        super::backup::write_backup(out, created_at_ms, &trees, decision_log)
+        // Writers wait only while the trees are copied; the decision log's durable frames are
+        // copied after (they never change once written).
+        super::backup::write_backup(
+            out,
+            created_at_ms,
+            &trees,
+            &mut || drop(exclusive.take()),
+            decision_log,
+        )
     }
 
     /// Inserts certificate records with their indexes in large batches, with no audit entry
