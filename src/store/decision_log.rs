@@ -434,6 +434,19 @@ impl DecisionLog {
             }
         };
         let next_seq = if last_seq == 0 { newest } else { last_seq + 1 };
+        // The ledger checkpoint covers records the log must hold. A log that ends before it
+        // lost records (a deleted or replaced directory): numbering again from there would
+        // reuse evidence ids and skip reservations at the next replay.
+        if next_seq <= checkpoint.through_seq {
+            return Err(Error::FailedPrecondition(format!(
+                "the decision log in {} ends at record {}, but the ledger checkpoint in the \
+                 database covers records up to {}: decision records are missing. Restore \
+                 the data directory (database and decisions/ together) from a backup",
+                dir.display(),
+                next_seq - 1,
+                checkpoint.through_seq
+            )));
+        }
         books.dirty = books.buckets.keys().cloned().collect();
 
         let path = segment_path(dir, newest);
@@ -1076,6 +1089,25 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_log_behind_the_checkpoint_refuses_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = open(dir.path(), LedgerCheckpoint::default(), 0);
+        reserve(&log, 10, 300);
+        log.close().unwrap();
+        drop(log);
+        let checkpoint = LedgerCheckpoint {
+            through_seq: 5,
+            ..LedgerCheckpoint::default()
+        };
+        let refused = DecisionLog::open(dir.path(), checkpoint, 0, 1, &mut |_, _| {});
+        assert!(
+            matches!(&refused, Err(Error::FailedPrecondition(m)) if m.contains("ends at record 1")),
+            "{:?}",
+            refused.err()
+        );
     }
 
     #[test]
