@@ -20,6 +20,8 @@ pub struct Metrics {
     pub crl_age_seconds: IntGauge,
     pub crl_number: IntGauge,
     pub storage_syncs: IntGauge,
+    pub decision_log_records: IntGauge,
+    pub decision_log_bytes: IntGauge,
     pub build_info: IntGaugeVec,
     pub ocsp_responses: IntCounterVec,
     pub enroll_throttled: IntCounter,
@@ -120,6 +122,20 @@ impl Metrics {
                 gauge(
                     "payra_storage_syncs",
                     "durable syncs since start (group commit: fewer than writes under load)",
+                ),
+            ),
+            decision_log_records: register(
+                &registry,
+                gauge(
+                    "payra_decision_log_records",
+                    "records in the decision log (the last record number)",
+                ),
+            ),
+            decision_log_bytes: register(
+                &registry,
+                gauge(
+                    "payra_decision_log_bytes",
+                    "bytes of the decision log's segment files (never pruned yet: watch the disk)",
                 ),
             ),
             build_info: register(

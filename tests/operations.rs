@@ -120,6 +120,12 @@ async fn ok_metrics_parse_and_move_with_traffic() {
     assert_eq!(value(&after, "payra_certificates{status=\"revoked\"}"), 1.0);
     assert!(value(&after, "payra_crl_number") >= 1.0);
     assert!(value(&after, "payra_storage_syncs") >= 1.0);
+    assert_eq!(
+        delta("payra_decision_log_records"),
+        1.0,
+        "the verification is one record"
+    );
+    assert!(value(&after, "payra_decision_log_bytes") > value(&before, "payra_decision_log_bytes"));
     assert!(
         delta("payra_rpc_duration_seconds_count{code=\"OK\",method=\"Enroll\"}") == 1.0,
         "latency histogram counts the call"

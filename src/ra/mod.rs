@@ -169,6 +169,13 @@ impl Ra {
         self.metrics
             .storage_syncs
             .set(i64::try_from(storage_syncs).unwrap_or(i64::MAX));
+        let (records, bytes) = self.decisions.size();
+        self.metrics
+            .decision_log_records
+            .set(i64::try_from(records).unwrap_or(i64::MAX));
+        self.metrics
+            .decision_log_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     /// Writes a consistent backup to a temporary file in the data directory and returns its

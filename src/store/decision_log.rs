@@ -320,6 +320,7 @@ impl DecisionLog {
         nonce_horizon_ms: i64,
         claim: &mut dyn FnMut(Vec<u8>, i64),
     ) -> Result<DecisionLog> {
+        let started = std::time::Instant::now();
         std::fs::create_dir_all(dir)?;
         let mut firsts = list_segments(dir)?;
         if firsts.is_empty() {
@@ -449,6 +450,13 @@ impl DecisionLog {
         }
         books.dirty = books.buckets.keys().cloned().collect();
 
+        tracing::info!(
+            segments = scanned.len(),
+            last_record = next_seq - 1,
+            checkpoint = checkpoint.through_seq,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "decision log opened: replayed the records after the ledger checkpoint and the nonce horizon"
+        );
         let path = segment_path(dir, newest);
         let file = OpenOptions::new().append(true).open(&path)?;
         let length = file.metadata()?.len();
@@ -580,6 +588,18 @@ impl DecisionLog {
             return Err(Error::Unavailable("the decision log is closed".into()));
         }
         Ok(())
+    }
+
+    /// The last record number handed out, and the bytes of all segment files.
+    pub fn size(&self) -> (u64, u64) {
+        let records = lock(&self.shared.append).next_seq - 1;
+        let firsts = lock(&self.shared.segments).clone();
+        let bytes = firsts
+            .iter()
+            .filter_map(|first| std::fs::metadata(segment_path(&self.shared.dir, *first)).ok())
+            .map(|m| m.len())
+            .sum();
+        (records, bytes)
     }
 
     /// How many `fdatasync` calls the writer has made.
