@@ -74,16 +74,16 @@ impl Entry {
         }
     }
 
-    fn view(&self) -> Option<CachedCertificate> {
+    fn view(&self) -> CachedCertificate {
         let (customer, device) = self.ids.split_at(usize::from(self.customer_len));
-        Some(CachedCertificate {
+        CachedCertificate {
             public_key: self.public_key,
-            customer: CustomerId::parse("customer_id", customer).ok()?,
-            device: DeviceId::parse("device_id", device).ok()?,
+            customer: CustomerId::validated(customer),
+            device: DeviceId::validated(device),
             not_before_s: self.not_before_s,
             not_after_s: self.not_after_s,
             revocation: self.revocation,
-        })
+        }
     }
 }
 
@@ -132,7 +132,7 @@ impl CertificateCache {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(&key)
-            .and_then(|entry| entry.view())
+            .map(|entry| entry.view())
     }
 
     /// Validity and revocation of `serial` (what a status query needs), without building the

@@ -712,6 +712,7 @@ impl Ra {
     }
 }
 
+/// What is wrong with a decoded intent's fields, if anything.
 fn intent_defect(intent: &PaymentIntent) -> Option<String> {
     if !NONCE_LEN.contains(&intent.nonce.len()) {
         return Some(format!(

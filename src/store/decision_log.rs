@@ -297,6 +297,13 @@ fn decode(json: &[u8], seq: u64) -> Result<LogRecord> {
         .map_err(|e| Error::internal(format!("decision log record {seq} does not decode: {e}")))
 }
 
+/// The whole of one segment file.
+fn read_segment(dir: &Path, first: u64) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    File::open(segment_path(dir, first))?.read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)?.sync_all()?;
     Ok(())
@@ -340,8 +347,7 @@ impl DecisionLog {
         let mut scanned: Vec<(u64, Vec<u8>)> = Vec::new();
         for &first in firsts.iter().rev() {
             let path = segment_path(dir, first);
-            let mut bytes = Vec::new();
-            File::open(&path)?.read_to_end(&mut bytes)?;
+            let mut bytes = read_segment(dir, first)?;
             let valid = walk(&bytes, |_| Ok(()))?;
             if valid < bytes.len() {
                 if first != newest || !torn_write(&bytes[valid..]) {
@@ -693,8 +699,7 @@ impl DecisionLog {
             if first > through {
                 break;
             }
-            let mut bytes = Vec::new();
-            File::open(segment_path(&self.shared.dir, first))?.read_to_end(&mut bytes)?;
+            let bytes = read_segment(&self.shared.dir, first)?;
             walk(&bytes, |frame| {
                 if frame.seq <= through {
                     each(frame.seq, frame.raw)?;
@@ -729,8 +734,7 @@ impl DecisionLog {
         }
         let mut records = Vec::new();
         for first in list_segments(dir)?.into_iter().rev() {
-            let mut bytes = Vec::new();
-            File::open(segment_path(dir, first))?.read_to_end(&mut bytes)?;
+            let bytes = read_segment(dir, first)?;
             let mut segment = Vec::new();
             walk(&bytes, |frame| {
                 segment.push((frame.seq, decode(frame.json, frame.seq)?));
@@ -762,8 +766,7 @@ impl DecisionLog {
                     reason: format!("segment {first:020} starts where record {expected} belongs"),
                 });
             }
-            let mut bytes = Vec::new();
-            File::open(segment_path(dir, first))?.read_to_end(&mut bytes)?;
+            let bytes = read_segment(dir, first)?;
             let mut broken = None;
             let valid = walk(&bytes, |frame| {
                 if broken.is_some() {
