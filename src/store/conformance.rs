@@ -280,6 +280,56 @@ fn sled_store_batches_concurrent_syncs() {
 }
 
 #[test]
+fn sled_store_commits_queued_enrollments_in_order_in_one_transaction() {
+    use super::sled_backend::IssueJob;
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let (shared, own) = (TokenHash::of("t-queue-a"), TokenHash::of("t-queue-b"));
+    store
+        .put_token(&shared, &token("c-queue", 100), &ev())
+        .unwrap();
+    store
+        .put_token(&own, &token("c-queue", 100), &ev())
+        .unwrap();
+    let certs: Vec<_> = ["d1", "d2", "d3"]
+        .iter()
+        .map(|device| certificate("c-queue", device))
+        .collect();
+    let jobs: Vec<_> = [
+        (&shared, &certs[0]),
+        (&shared, &certs[1]),
+        (&own, &certs[2]),
+    ]
+    .into_iter()
+    .map(|(hash, cert)| Arc::new(IssueJob::new(hash, 7, cert, &ev()).unwrap()))
+    .collect();
+    assert!(jobs.iter().all(|job| job.outcome().unwrap().is_none()));
+
+    store.commit_issue_batch(&jobs);
+
+    let outcomes: Vec<_> = jobs.iter().map(|j| j.outcome().unwrap().unwrap()).collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            IssueOutcome::Issued,
+            // The second use of a token in the same batch sees the first one's write.
+            IssueOutcome::TokenRejected(TokenRejection::AlreadyUsed { used_at_s: 7 }),
+            IssueOutcome::Issued,
+        ]
+    );
+    assert!(store.certificate(&certs[0].serial).unwrap().is_some());
+    assert!(store.certificate(&certs[1].serial).unwrap().is_none());
+    assert!(store.certificate(&certs[2].serial).unwrap().is_some());
+    let used = store.token(&shared).unwrap().unwrap();
+    assert_eq!(used.used_for_serial, Some(certs[0].serial.clone()));
+    // Two tokens and two certificates, chained in order.
+    assert_eq!(
+        verify_audit_log(&store).unwrap(),
+        AuditCheck::Intact { entries: 4 }
+    );
+}
+
+#[test]
 fn sled_store_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let cert = certificate("c-reopen", "d");

@@ -33,6 +33,8 @@ pub struct SledStore {
     /// taking turns here spares sled's optimistic transactions their retries, and a backup
     /// never sees half of a change set.
     write_turn: std::sync::Mutex<()>,
+    /// Enrollments waiting for the write turn; whoever gets the turn commits them all.
+    issue_queue: std::sync::Mutex<Vec<std::sync::Arc<IssueJob>>>,
     ledger: Tree,
     releases: Tree,
     /// serial → [`CertificateSummary`] (binary), what the verification cache loads.
@@ -41,6 +43,51 @@ pub struct SledStore {
     audit: Tree,
     client_certificates: Tree,
     commit: GroupCommit,
+}
+
+/// One enrollment waiting to be committed by [`SledStore::commit_issue_batch`].
+pub(super) struct IssueJob {
+    hash: TokenHash,
+    now_s: i64,
+    serial: Serial,
+    cert_value: Vec<u8>,
+    summary: Vec<u8>,
+    customer_key: Vec<u8>,
+    device_key: Vec<u8>,
+    audit: AuditEvent,
+    /// Set once, under the write turn, by whoever committed the batch.
+    outcome: std::sync::OnceLock<std::result::Result<IssueOutcome, String>>,
+}
+
+impl IssueJob {
+    /// Encodes everything the transaction writes, so the write turn is spent on sled alone.
+    pub(super) fn new(
+        hash: &TokenHash,
+        now_s: i64,
+        certificate: &CertificateRecord,
+        audit: &AuditEvent,
+    ) -> Result<IssueJob> {
+        Ok(IssueJob {
+            hash: *hash,
+            now_s,
+            serial: certificate.serial.clone(),
+            cert_value: encode(certificate)?,
+            summary: CertificateSummary::of(certificate)?.encode(),
+            customer_key: index_key(certificate.customer_id.as_str(), &certificate.serial),
+            device_key: index_key(certificate.device_id.as_str(), &certificate.serial),
+            audit: audit.clone(),
+            outcome: std::sync::OnceLock::new(),
+        })
+    }
+
+    /// `None` until a batch committed (or failed) this job.
+    pub(super) fn outcome(&self) -> Result<Option<IssueOutcome>> {
+        match self.outcome.get() {
+            None => Ok(None),
+            Some(Ok(outcome)) => Ok(Some(outcome.clone())),
+            Some(Err(message)) => Err(Error::internal(message.clone())),
+        }
+    }
 }
 
 const AUDIT_HEAD_KEY: &[u8] = b"audit_head";
@@ -106,6 +153,7 @@ impl SledStore {
             revoked: db.open_tree("revoked")?,
             meta: db.open_tree("meta")?,
             write_turn: std::sync::Mutex::new(()),
+            issue_queue: std::sync::Mutex::new(Vec::new()),
             ledger: db.open_tree("ledger")?,
             releases: db.open_tree("releases")?,
             summaries: db.open_tree("cert_summaries")?,
@@ -147,6 +195,63 @@ impl SledStore {
         self.commit.sync()?;
         tracing::info!(certificates = count, "built the certificate summaries");
         Ok(())
+    }
+
+    /// Commits queued enrollments in one transaction, in queue order, and answers each job.
+    /// The caller holds the write turn. Later jobs see the writes of earlier ones, so two
+    /// jobs with one token get one certificate between them.
+    pub(super) fn commit_issue_batch(&self, batch: &[std::sync::Arc<IssueJob>]) {
+        let result = (
+            &self.tokens,
+            &self.certificates,
+            &self.by_customer,
+            &self.by_device,
+            &self.audit,
+            &self.meta,
+            &self.summaries,
+        )
+            .transaction(
+                |(tokens, certificates, by_customer, by_device, log, meta, summaries)| {
+                    let mut outcomes = Vec::with_capacity(batch.len());
+                    for job in batch {
+                        let mut token = match check_token(tokens, &job.hash, job.now_s)? {
+                            Ok(token) => token,
+                            Err(rejection) => {
+                                outcomes.push(IssueOutcome::TokenRejected(rejection));
+                                continue;
+                            }
+                        };
+                        let serial_key = job.serial.as_bytes();
+                        if certificates.get(serial_key)?.is_some() {
+                            outcomes.push(IssueOutcome::SerialTaken);
+                            continue;
+                        }
+                        token.used_at_s = Some(job.now_s);
+                        token.used_for_serial = Some(job.serial.clone());
+                        tokens.insert(&job.hash.0, encode(&token).map_err(abort)?)?;
+                        certificates.insert(serial_key, job.cert_value.as_slice())?;
+                        summaries.insert(serial_key, job.summary.as_slice())?;
+                        by_customer.insert(job.customer_key.as_slice(), &[] as &[u8])?;
+                        by_device.insert(job.device_key.as_slice(), &[] as &[u8])?;
+                        append_audit(log, meta, &job.audit)?;
+                        outcomes.push(IssueOutcome::Issued);
+                    }
+                    Ok(outcomes)
+                },
+            );
+        match finish(result) {
+            Ok(outcomes) => {
+                for (job, outcome) in batch.iter().zip(outcomes) {
+                    let _ = job.outcome.set(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                let message = e.to_string();
+                for job in batch {
+                    let _ = job.outcome.set(Err(message.clone()));
+                }
+            }
+        }
     }
 
     fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -306,6 +411,10 @@ impl Store for SledStore {
             .transpose()
     }
 
+    /// Enrollments are flat-combined: each queues its job, then waits for the write turn;
+    /// whoever gets the turn commits every queued job in one sled transaction. A sled
+    /// transaction costs much more than its inserts (staging, validation, a log batch), so
+    /// under load one transaction serves many enrollments, and one group sync follows.
     fn issue_with_token(
         &self,
         hash: &TokenHash,
@@ -313,51 +422,27 @@ impl Store for SledStore {
         certificate: &CertificateRecord,
         audit: &AuditEvent,
     ) -> Result<IssueOutcome> {
-        let writing = self.writing();
-        let serial_key = certificate.serial.as_bytes().to_vec();
-        let cert_value = encode(certificate)?;
-        let summary = CertificateSummary::of(certificate)?.encode();
-        let outcome = (
-            &self.tokens,
-            &self.certificates,
-            &self.by_customer,
-            &self.by_device,
-            &self.audit,
-            &self.meta,
-            &self.summaries,
-        )
-            .transaction(
-                |(tokens, certificates, by_customer, by_device, log, meta, summaries)| {
-                    let mut token = match check_token(tokens, hash, now_s)? {
-                        Ok(token) => token,
-                        Err(rejection) => return Ok(IssueOutcome::TokenRejected(rejection)),
-                    };
-                    if certificates.get(&serial_key)?.is_some() {
-                        return Ok(IssueOutcome::SerialTaken);
-                    }
-                    token.used_at_s = Some(now_s);
-                    token.used_for_serial = Some(certificate.serial.clone());
-                    tokens.insert(&hash.0, encode(&token).map_err(abort)?)?;
-                    certificates.insert(serial_key.as_slice(), cert_value.as_slice())?;
-                    summaries.insert(serial_key.as_slice(), summary.as_slice())?;
-                    by_customer.insert(
-                        index_key(certificate.customer_id.as_str(), &certificate.serial),
-                        &[] as &[u8],
-                    )?;
-                    by_device.insert(
-                        index_key(certificate.device_id.as_str(), &certificate.serial),
-                        &[] as &[u8],
-                    )?;
-                    append_audit(log, meta, audit)?;
-                    Ok(IssueOutcome::Issued)
-                },
-            );
-        let outcome = finish(outcome)?;
+        let job = std::sync::Arc::new(IssueJob::new(hash, now_s, certificate, audit)?);
+        self.issue_queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(job.clone());
+        {
+            let _writing = self.writing();
+            if job.outcome.get().is_none() {
+                // Nobody took this job while we waited for the turn: commit everything
+                // queued now, ours included, in one transaction.
+                let batch = std::mem::take(
+                    &mut *self.issue_queue.lock().unwrap_or_else(|p| p.into_inner()),
+                );
+                self.commit_issue_batch(&batch);
+            }
+        }
+        let outcome = job
+            .outcome()?
+            .ok_or_else(|| Error::internal("issuance batch ended without an answer"))?;
         if outcome == IssueOutcome::Issued {
-            {
-                drop(writing);
-                self.commit.sync()
-            }?;
+            self.commit.sync()?;
         }
         Ok(outcome)
     }
