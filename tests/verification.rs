@@ -535,7 +535,7 @@ async fn ok_day_rollover_resets_used_and_release_gives_back() {
 
 #[tokio::test]
 async fn ok_agreed_limit_and_qualify_tiers() {
-    let server = TestServer::start().await;
+    let mut server = TestServer::start().await;
     let p = phone(&server, "hana", "h-1").await;
     server
         .operator()
@@ -596,6 +596,13 @@ async fn ok_agreed_limit_and_qualify_tiers() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
+
+    // Verification reads agreed limits from memory; a restart loads them from the store.
+    server.restart().await;
+    let i = intent(&server, &p, "o-2", 100);
+    let a = verify(&server, request(&p, &i, vec![pin()], false)).await;
+    assert_eq!(a.tier, proto::Tier::A as i32);
+    assert_eq!(a.limit.unwrap().limit_fen, 2_000_000);
 }
 
 #[tokio::test]

@@ -2,6 +2,7 @@
 //! Every method reads the same way: parse → ask policy → sign and store → answer. Methods
 //! block on storage sync; the wire layer runs them off the async executor.
 
+mod agreed;
 mod cache;
 mod clients;
 mod enrollment;
@@ -95,6 +96,7 @@ pub struct Ra {
     policy: RaPolicy,
     publication: Publication,
     cache: CertificateCache,
+    agreed_limits: agreed::AgreedLimits,
     replay: ReplayGuard,
     decisions: DecisionLog,
     enroll_throttle: FailureThrottle,
@@ -113,6 +115,7 @@ impl Ra {
         let policy_failures = policy.enroll_failures_per_minute;
         let cache = CertificateCache::load(store.as_ref())?;
         let clients = ClientRegistry::load(store.as_ref())?;
+        let agreed_limits = agreed::AgreedLimits::load(store.as_ref())?;
         let now_ms = clock.now_ms();
         // The ledger keeps today's and yesterday's buckets in memory (the day of a request
         // near midnight may be either, by its clock).
@@ -126,7 +129,11 @@ impl Ra {
             &mut |key, expires_at_ms| live_nonces.push((key, expires_at_ms)),
         )?;
         let replay = ReplayGuard::with(live_nonces);
-        tracing::info!(certificates = cache.len(), "certificate cache loaded");
+        tracing::info!(
+            certificates = cache.len(),
+            agreed_limits = agreed_limits.len(),
+            "certificate cache and agreed limits loaded"
+        );
         let responder = OcspResponder::new(&ca.issuing_der, ca.signer.clone())?;
         let publication =
             Publication::new(responder, policy.crl_validity_s, policy.ocsp_validity_s);
@@ -137,6 +144,7 @@ impl Ra {
             policy,
             publication,
             cache,
+            agreed_limits,
             replay,
             decisions,
             enroll_throttle: FailureThrottle::new(policy_failures, 60_000),

@@ -235,17 +235,17 @@ struct Checked {
 }
 
 impl Ra {
-    fn limit_for(&self, customer: &CustomerId, tier: Tier) -> Result<i64> {
+    fn limit_for(&self, customer: &CustomerId, tier: Tier) -> i64 {
         let policy = &self.policy.ledger;
-        Ok(match tier {
+        match tier {
             Tier::A => self
-                .store
-                .agreed_limit(customer)?
+                .agreed_limits
+                .get(customer)
                 .unwrap_or(policy.default_agreed_limit_fen),
             Tier::B => policy.limit_b_fen,
             Tier::C => policy.limit_c_fen,
             Tier::D => policy.limit_d_fen,
-        })
+        }
     }
 
     /// Runs the checks of VerifyPayment in the BRIEF's order and says where they stopped.
@@ -506,10 +506,7 @@ impl Ra {
         nonce: Option<&NonceClaim>,
     ) -> Result<(Decision, u64, bool)> {
         let day = self.policy.ledger.day(now_ms);
-        let limit_fen = match &customer {
-            Some(c) => Some(self.limit_for(c, tier)?),
-            None => None,
-        };
+        let limit_fen = customer.as_ref().map(|c| self.limit_for(c, tier));
         let bucket = customer.as_ref().map(|c| ledger_key(c, &day, tier));
         let reserving = reserve && bucket.is_some();
         let mut evidence = EvidenceRecord {
@@ -655,7 +652,7 @@ impl Ra {
             Ok((json, used_fen))
         })?;
         self.decisions.durable_blocking(seq)?;
-        let limit_fen = self.limit_for(&customer, record.tier)?;
+        let limit_fen = self.limit_for(&customer, record.tier);
         self.metrics
             .reservations
             .with_label_values(&["released"])
@@ -693,7 +690,8 @@ impl Ra {
             customer.as_str(),
             format!("{limit_fen} fen"),
         );
-        self.store.set_agreed_limit(customer, limit_fen, &audit)?;
+        self.agreed_limits
+            .set(self.store.as_ref(), customer, limit_fen, &audit)?;
         tracing::info!(customer = %customer, limit_fen, "agreed tier-A limit set");
         Ok(())
     }

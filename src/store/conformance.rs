@@ -48,7 +48,29 @@ pub fn run_all(store: Arc<dyn Store>) {
     revoke_is_all_or_nothing(store.as_ref());
     ledger_checkpoints_keep_recent_days_and_every_release(store.as_ref());
     crl_numbers_grow(store.as_ref());
+    agreed_limits_are_listed_with_their_latest_value(store.as_ref());
     audit_chain_links_every_change(store.as_ref());
+}
+
+fn agreed_limits_are_listed_with_their_latest_value(store: &dyn Store) {
+    let (first, second) = (
+        CustomerId::parse("customer_id", "c-limit-1").unwrap(),
+        CustomerId::parse("customer_id", "c-limit-2").unwrap(),
+    );
+    assert!(store.agreed_limits().unwrap().is_empty());
+    store.set_agreed_limit(&first, 100, &ev()).unwrap();
+    store.set_agreed_limit(&second, 200, &ev()).unwrap();
+    store.set_agreed_limit(&first, 150, &ev()).unwrap();
+    let mut listed = store.agreed_limits().unwrap();
+    listed.sort();
+    assert_eq!(
+        listed,
+        vec![
+            ("c-limit-1".to_string(), 150),
+            ("c-limit-2".to_string(), 200)
+        ]
+    );
+    assert_eq!(store.agreed_limit(&first).unwrap(), Some(150));
 }
 
 fn ledger_checkpoints_keep_recent_days_and_every_release(store: &dyn Store) {

@@ -162,10 +162,25 @@ pub struct LedgerCheckpoint {
 }
 
 /// How far the log is on stable storage, or why it stopped.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 struct Durable {
     through: u64,
     failed: Option<String>,
+    /// Async callers waiting for a record beyond `through`. The writer wakes exactly those
+    /// its sync covered; a dropped sender (write failure, shutdown) wakes the rest.
+    waiters: Vec<(u64, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl Durable {
+    /// Marks everything through `seq` durable; returns the waiters that covers.
+    fn advance(&mut self, seq: u64) -> Vec<tokio::sync::oneshot::Sender<()>> {
+        self.through = seq;
+        let (done, waiting) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition::<Vec<_>, _>(|(wanted, _)| *wanted <= seq);
+        self.waiters = waiting;
+        done.into_iter().map(|(_, sender)| sender).collect()
+    }
 }
 
 struct Append {
@@ -182,7 +197,6 @@ struct Shared {
     work: Condvar,
     durable: Mutex<Durable>,
     durable_changed: Condvar,
-    durable_watch: tokio::sync::watch::Sender<u64>,
     /// First sequence number of each segment file, ascending.
     segments: Mutex<Vec<u64>>,
     syncs: std::sync::atomic::AtomicU64,
@@ -466,7 +480,6 @@ impl DecisionLog {
         let path = segment_path(dir, newest);
         let file = OpenOptions::new().append(true).open(&path)?;
         let length = file.metadata()?.len();
-        let (watch, _) = tokio::sync::watch::channel(next_seq - 1);
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             append: Mutex::new(Append {
@@ -479,10 +492,9 @@ impl DecisionLog {
             work: Condvar::new(),
             durable: Mutex::new(Durable {
                 through: next_seq - 1,
-                failed: None,
+                ..Durable::default()
             }),
             durable_changed: Condvar::new(),
-            durable_watch: watch,
             segments: Mutex::new(firsts),
             syncs: std::sync::atomic::AtomicU64::new(0),
         });
@@ -541,24 +553,32 @@ impl DecisionLog {
         read(&lock(&self.shared.append).books)
     }
 
-    /// Waits until record `seq` is on stable storage.
+    /// Waits until record `seq` is on stable storage. The writer wakes this caller once, when
+    /// a sync covers `seq`.
     pub async fn durable(&self, seq: u64) -> Result<()> {
-        let mut watch = self.shared.durable_watch.subscribe();
-        loop {
-            {
-                let durable = lock(&self.shared.durable);
-                if let Some(failed) = &durable.failed {
-                    return Err(Error::internal(format!(
-                        "writing the decision log: {failed}"
-                    )));
-                }
-                if durable.through >= seq {
-                    return Ok(());
-                }
+        let woken = {
+            let mut durable = lock(&self.shared.durable);
+            if let Some(failed) = &durable.failed {
+                return Err(Error::internal(format!(
+                    "writing the decision log: {failed}"
+                )));
             }
-            if watch.changed().await.is_err() {
-                return Err(Error::Unavailable("the decision log is closed".into()));
+            if durable.through >= seq {
+                return Ok(());
             }
+            let (sender, woken) = tokio::sync::oneshot::channel();
+            durable.waiters.push((seq, sender));
+            woken
+        };
+        if woken.await.is_ok() {
+            return Ok(());
+        }
+        // The writer stopped without covering `seq`.
+        match &lock(&self.shared.durable).failed {
+            Some(failed) => Err(Error::internal(format!(
+                "writing the decision log: {failed}"
+            ))),
+            None => Err(Error::Unavailable("the decision log is closed".into())),
         }
     }
 
@@ -910,6 +930,9 @@ impl Writer {
                         .unwrap_or_else(|p| p.into_inner());
                 }
                 if append.pending.is_empty() {
+                    // Closing, and everything appended is durable: any waiter left is told
+                    // the log is closed.
+                    drop(std::mem::take(&mut lock(&self.shared.durable).waiters));
                     return;
                 }
                 // Under heavy load, gather a fuller batch: each fdatasync costs the kernel and
@@ -947,19 +970,27 @@ impl Writer {
                     self.shared
                         .syncs
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    lock(&self.shared.durable).through = last_seq;
+                    let covered = lock(&self.shared.durable).advance(last_seq);
+                    for waiter in covered {
+                        // A caller that gave up waiting has dropped its receiver.
+                        let _ = waiter.send(());
+                    }
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "decision log write failed; refusing further decisions");
                     lock(&self.shared.append).failed = Some(e.to_string());
-                    lock(&self.shared.durable).failed = Some(e.to_string());
+                    let waiters = {
+                        let mut durable = lock(&self.shared.durable);
+                        durable.failed = Some(e.to_string());
+                        std::mem::take(&mut durable.waiters)
+                    };
+                    // Dropping the senders wakes every waiter to read `failed`.
+                    drop(waiters);
                     self.shared.durable_changed.notify_all();
-                    self.shared.durable_watch.send_replace(last_seq);
                     return;
                 }
             }
             self.shared.durable_changed.notify_all();
-            self.shared.durable_watch.send_replace(last_seq);
         }
     }
 

@@ -194,6 +194,9 @@ pub trait Store: Send + Sync {
     /// The customer's agreed tier-A daily limit, if one was set.
     fn agreed_limit(&self, customer: &CustomerId) -> Result<Option<i64>>;
 
+    /// Every agreed tier-A daily limit that was set, by customer id.
+    fn agreed_limits(&self) -> Result<Vec<(String, i64)>>;
+
     /// Sets the customer's agreed tier-A daily limit. Durable on return.
     fn set_agreed_limit(
         &self,

@@ -711,6 +711,19 @@ impl Store for SledStore {
             .map(|bytes| read_i64(Some(bytes))))
     }
 
+    fn agreed_limits(&self) -> Result<Vec<(String, i64)>> {
+        self.agreed_limits
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry?;
+                let customer = String::from_utf8(key.to_vec()).map_err(|_| {
+                    Error::internal("an agreed limit is stored under a key that is not UTF-8")
+                })?;
+                Ok((customer, read_i64(Some(value))))
+            })
+            .collect()
+    }
+
     fn set_agreed_limit(
         &self,
         customer: &CustomerId,

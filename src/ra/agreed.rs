@@ -1,0 +1,61 @@
+//! Customers' agreed tier-A daily limits, held in memory so that VerifyPayment and
+//! QualifyTransaction read no storage. Loaded at start; a change is written durably first
+//! and then made visible, before it is acknowledged.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, RwLock};
+
+use crate::error::Result;
+use crate::model::CustomerId;
+use crate::store::{AuditEvent, Store};
+
+pub struct AgreedLimits {
+    limits: RwLock<HashMap<Box<str>, i64>>,
+    /// Setters take turns, so the map ends with the value the store ends with. Readers never
+    /// wait for a setter's durable write, only for the insert.
+    setting: Mutex<()>,
+}
+
+impl AgreedLimits {
+    pub fn load(store: &dyn Store) -> Result<AgreedLimits> {
+        let limits = store
+            .agreed_limits()?
+            .into_iter()
+            .map(|(customer, limit)| (customer.into_boxed_str(), limit))
+            .collect();
+        Ok(AgreedLimits {
+            limits: RwLock::new(limits),
+            setting: Mutex::new(()),
+        })
+    }
+
+    /// The customer's agreed limit, if one was set.
+    pub fn get(&self, customer: &CustomerId) -> Option<i64> {
+        self.limits
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(customer.as_str())
+            .copied()
+    }
+
+    /// Stores the limit durably (with its audit entry), then makes it visible.
+    pub fn set(
+        &self,
+        store: &dyn Store,
+        customer: &CustomerId,
+        limit_fen: i64,
+        audit: &AuditEvent,
+    ) -> Result<()> {
+        let _turn = self.setting.lock().unwrap_or_else(|p| p.into_inner());
+        store.set_agreed_limit(customer, limit_fen, audit)?;
+        self.limits
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(customer.as_str().into(), limit_fen);
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.limits.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+}
