@@ -135,7 +135,7 @@ impl Metrics {
                 &registry,
                 gauge(
                     "payra_decision_log_bytes",
-                    "bytes of the decision log's records (never pruned yet: watch the disk)",
+                    "bytes of the decision log's segment files (never pruned yet: watch the disk)",
                 ),
             ),
             build_info: register(

@@ -26,19 +26,10 @@
 //! JSON)` with the genesis hash of 32 zero bytes. A torn frame at the end of the newest
 //! segment (a crash during a write, never acknowledged) is cut off at start; damage anywhere
 //! else refuses the start with the segment and offset named.
-//!
-//! Segments are preallocated: once the current segment is half full, a helper thread writes
-//! the next one full of zeros (and syncs it), and the writer renames it into place when the
-//! current one is full. (The first segment is zero-filled when the log is created.) Writes then
-//! land inside the file's size, so each `fdatasync` flushes the data alone, not the file's
-//! size and block map as an append would (on ext4 here: 100 µs instead of 190 µs per sync,
-//! 42 µs of CPU instead of 72). Zeros after the last frame are unused space, not damage: a
-//! frame never starts with a zero length.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
@@ -62,9 +53,6 @@ const LINGER_AFTER_BATCH: usize = 16;
 const MAX_RECORD_BYTES: usize = 256 * 1024;
 /// `len` + `crc`.
 const PREFIX: usize = 8;
-/// The next segment, zero-filled ahead of need; `.partial` while it is being written.
-const SPARE_NAME: &str = "next-segment.spare";
-const SPARE_PARTIAL_NAME: &str = "next-segment.spare.partial";
 /// `seq` + `hash`.
 const FIXED: usize = 8 + 32;
 
@@ -211,8 +199,6 @@ struct Shared {
     durable_changed: Condvar,
     /// First sequence number of each segment file, ascending.
     segments: Mutex<Vec<u64>>,
-    /// Bytes of records in the newest segment (its file is larger: preallocated).
-    newest_length: std::sync::atomic::AtomicU64,
     syncs: std::sync::atomic::AtomicU64,
 }
 
@@ -309,51 +295,15 @@ fn walk(bytes: &[u8], mut each: impl FnMut(&Frame<'_>) -> Result<()>) -> Result<
     Ok(offset)
 }
 
-/// Whether `rest`, the bytes after the last intact frame, are unused preallocated space.
-fn unused_space(rest: &[u8]) -> bool {
-    rest.iter().all(|b| *b == 0)
-}
-
 /// Whether `rest`, the bytes after the last intact frame, can be what an interrupted write
-/// leaves: a frame whose end was never written (cut short, or running into zeros: a frame's
-/// JSON ends in `}`, never in a zero byte). A complete frame that fails its checksum is
-/// damage, not a torn write. Returns how many bytes the torn write occupies.
-fn torn_write(rest: &[u8]) -> Option<usize> {
-    let end = rest
-        .iter()
-        .rposition(|b| *b != 0)
-        .map_or(0, |last| last + 1);
-    if end < PREFIX {
-        return Some(end);
+/// leaves: a frame cut short, or space the file system filled with zeros. A complete frame
+/// that fails its checksum is damage, not a torn write.
+fn torn_write(rest: &[u8]) -> bool {
+    if rest.iter().all(|b| *b == 0) || rest.len() < PREFIX {
+        return true;
     }
     let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-    (PREFIX + len > end).then_some(end)
-}
-
-/// Writes a zero-filled segment of [`SEGMENT_BYTES`] as `dir/SPARE_NAME`, synced, and returns
-/// its path. Runs on a helper thread; the `.partial` name keeps a half-written spare from
-/// ever being taken for a ready one.
-fn prepare_spare(dir: &Path) -> Result<PathBuf> {
-    let partial = dir.join(SPARE_PARTIAL_NAME);
-    let ready = dir.join(SPARE_NAME);
-    let mut file = File::create(&partial)?;
-    let zeros = vec![0u8; 1 << 20];
-    for _ in 0..SEGMENT_BYTES / zeros.len() as u64 {
-        file.write_all(&zeros)?;
-    }
-    file.sync_all()?;
-    std::fs::rename(&partial, &ready)?;
-    sync_dir(dir)?;
-    Ok(ready)
-}
-
-fn spawn_spare(dir: &Path) -> Option<std::thread::JoinHandle<Result<PathBuf>>> {
-    let dir = dir.to_path_buf();
-    std::thread::Builder::new()
-        .name("payra-decision-spare".into())
-        .spawn(move || prepare_spare(&dir))
-        .map_err(|e| tracing::warn!(error = %e, "cannot start the segment preallocation thread"))
-        .ok()
+    PREFIX + len > rest.len()
 }
 
 fn decode(json: &[u8], seq: u64) -> Result<LogRecord> {
@@ -393,16 +343,9 @@ impl DecisionLog {
     ) -> Result<DecisionLog> {
         let started = std::time::Instant::now();
         std::fs::create_dir_all(dir)?;
-        for leftover in [SPARE_NAME, SPARE_PARTIAL_NAME] {
-            match std::fs::remove_file(dir.join(leftover)) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e.into()),
-                _ => {}
-            }
-        }
         let mut firsts = list_segments(dir)?;
         if firsts.is_empty() {
-            let spare = prepare_spare(dir)?;
-            std::fs::rename(spare, segment_path(dir, 1))?;
+            File::create(segment_path(dir, 1))?.sync_all()?;
             sync_dir(dir)?;
             firsts.push(1);
         }
@@ -416,21 +359,12 @@ impl DecisionLog {
         // are both covered, then apply forward in log order.
         let newest = *firsts.last().unwrap_or(&1);
         let mut scanned: Vec<(u64, Vec<u8>)> = Vec::new();
-        let mut newest_length = 0u64;
         for &first in firsts.iter().rev() {
             let path = segment_path(dir, first);
             let mut bytes = read_segment(dir, first)?;
             let valid = walk(&bytes, |_| Ok(()))?;
-            if first == newest {
-                newest_length = valid as u64;
-            }
-            if valid < bytes.len() && !unused_space(&bytes[valid..]) {
-                let torn = if first == newest {
-                    torn_write(&bytes[valid..])
-                } else {
-                    None
-                };
-                let Some(torn) = torn else {
+            if valid < bytes.len() {
+                if first != newest || !torn_write(&bytes[valid..]) {
                     return Err(Error::FailedPrecondition(format!(
                         "decision log segment {}: {} bytes from byte {valid} are damaged, and \
                          they are not the torn end of an interrupted write; payra will not \
@@ -440,19 +374,18 @@ impl DecisionLog {
                         path.display(),
                         bytes.len() - valid
                     )));
-                };
+                }
                 tracing::warn!(
                     segment = %path.display(),
                     kept = valid,
-                    cut = torn,
+                    cut = bytes.len() - valid,
                     "cutting a torn write off the decision log (it was never acknowledged)"
                 );
-                // Zeroed rather than truncated, so the segment keeps its preallocated size.
                 let file = OpenOptions::new().write(true).open(&path)?;
-                file.write_all_at(&vec![0u8; torn], valid as u64)?;
+                file.set_len(valid as u64)?;
                 file.sync_all()?;
+                bytes.truncate(valid);
             }
-            bytes.truncate(valid);
             let oldest_time = match frame_at(&bytes, 0) {
                 Some(frame) => Some(record_time(&decode(frame.json, frame.seq)?)),
                 None => None,
@@ -545,7 +478,8 @@ impl DecisionLog {
             "decision log opened: replayed the records after the ledger checkpoint and the nonce horizon"
         );
         let path = segment_path(dir, newest);
-        let file = OpenOptions::new().write(true).open(&path)?;
+        let file = OpenOptions::new().append(true).open(&path)?;
+        let length = file.metadata()?.len();
         let shared = Arc::new(Shared {
             dir: dir.to_path_buf(),
             append: Mutex::new(Append {
@@ -562,7 +496,6 @@ impl DecisionLog {
             }),
             durable_changed: Condvar::new(),
             segments: Mutex::new(firsts),
-            newest_length: std::sync::atomic::AtomicU64::new(newest_length),
             syncs: std::sync::atomic::AtomicU64::new(0),
         });
         let writer_shared = shared.clone();
@@ -570,10 +503,9 @@ impl DecisionLog {
             .name("payra-decision-log".into())
             .spawn(move || {
                 Writer {
-                    spare: None,
                     shared: writer_shared,
                     file,
-                    length: newest_length,
+                    length,
                     prev,
                 }
                 .run()
@@ -684,24 +616,16 @@ impl DecisionLog {
         Ok(())
     }
 
-    /// The last record number handed out, and the bytes of its records (full segments plus
-    /// what the newest holds; the disk also holds the rest of the newest segment's
-    /// preallocated space and, at times, a prepared spare: up to 32 MiB more).
+    /// The last record number handed out, and the bytes of all segment files.
     pub fn size(&self) -> (u64, u64) {
         let records = lock(&self.shared.append).next_seq - 1;
         let firsts = lock(&self.shared.segments).clone();
-        let full: u64 = firsts
+        let bytes = firsts
             .iter()
-            .rev()
-            .skip(1)
             .filter_map(|first| std::fs::metadata(segment_path(&self.shared.dir, *first)).ok())
             .map(|m| m.len())
             .sum();
-        let newest = self
-            .shared
-            .newest_length
-            .load(std::sync::atomic::Ordering::Relaxed);
-        (records, full + newest)
+        (records, bytes)
     }
 
     /// How many `fdatasync` calls the writer has made.
@@ -729,10 +653,6 @@ impl DecisionLog {
             reader.read_exact(&mut head)?;
             let len = u32::from_le_bytes([head[0], head[1], head[2], head[3]]) as usize;
             let found = u64::from_le_bytes(head[PREFIX..].try_into().unwrap_or_default());
-            if len == 0 {
-                // Preallocated space: the end of the segment's records.
-                break;
-            }
             if !(FIXED..=FIXED + MAX_RECORD_BYTES).contains(&len) {
                 return Err(Error::internal(format!(
                     "decision log segment {first:020} is damaged at byte {offset}"
@@ -890,7 +810,7 @@ impl DecisionLog {
             if let Some((seq, reason)) = broken {
                 return Ok(ChainCheck::Broken { seq, reason });
             }
-            if valid < bytes.len() && !unused_space(&bytes[valid..]) {
+            if valid < bytes.len() {
                 let hint = if Some(first) == last {
                     " (if payra was killed while writing, the next start cuts this torn write off)"
                 } else {
@@ -991,10 +911,7 @@ fn record_time(record: &LogRecord) -> i64 {
 struct Writer {
     shared: Arc<Shared>,
     file: File,
-    /// Where the next frame goes: the end of the records, not of the (preallocated) file.
     length: u64,
-    /// The helper preparing the next segment, if one is running or done.
-    spare: Option<std::thread::JoinHandle<Result<PathBuf>>>,
     prev: [u8; 32],
 }
 
@@ -1079,55 +996,19 @@ impl Writer {
 
     fn write(&mut self, first_seq: u64, buffer: &[u8]) -> Result<()> {
         if self.length >= SEGMENT_BYTES {
-            self.roll_over(first_seq)?;
+            let path = segment_path(&self.shared.dir, first_seq);
+            let file = OpenOptions::new()
+                .create_new(true)
+                .append(true)
+                .open(&path)?;
+            sync_dir(&self.shared.dir)?;
+            self.file = file;
+            self.length = 0;
+            lock(&self.shared.segments).push(first_seq);
         }
-        self.file.write_all_at(buffer, self.length)?;
+        self.file.write_all(buffer)?;
         self.file.sync_data()?;
         self.length += buffer.len() as u64;
-        self.shared
-            .newest_length
-            .store(self.length, std::sync::atomic::Ordering::Relaxed);
-        if self.spare.is_none() && self.length >= SEGMENT_BYTES / 2 {
-            self.spare = spawn_spare(&self.shared.dir);
-        }
-        Ok(())
-    }
-
-    /// Starts the segment whose first record is `first_seq`: the prepared spare if it is
-    /// ready, else a new empty file (appends to it cost more per sync until the next one).
-    fn roll_over(&mut self, first_seq: u64) -> Result<()> {
-        let path = segment_path(&self.shared.dir, first_seq);
-        let spare = match self.spare.take() {
-            Some(helper) if helper.is_finished() => match helper.join() {
-                Ok(Ok(spare)) => Some(spare),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "preallocating a decision log segment failed");
-                    None
-                }
-                Err(_) => None,
-            },
-            running => {
-                self.spare = running;
-                None
-            }
-        };
-        let file = match spare {
-            Some(spare) => {
-                std::fs::rename(&spare, &path)?;
-                OpenOptions::new().write(true).open(&path)?
-            }
-            None => OpenOptions::new()
-                .create_new(true)
-                .write(true)
-                .open(&path)?,
-        };
-        sync_dir(&self.shared.dir)?;
-        self.file = file;
-        self.length = 0;
-        lock(&self.shared.segments).push(first_seq);
-        self.shared
-            .newest_length
-            .store(0, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 }
@@ -1326,11 +1207,6 @@ mod tests {
         assert_eq!(log.with_books(|b| b.used(&key())), 500);
     }
 
-    /// The length of the first frame of `bytes`.
-    fn frame_len(bytes: &[u8]) -> usize {
-        frame_at(bytes, 0).unwrap().raw.len()
-    }
-
     #[test]
     fn a_torn_tail_is_cut_and_damage_elsewhere_is_reported() {
         let dir = tempfile::tempdir().unwrap();
@@ -1341,30 +1217,8 @@ mod tests {
         drop(log);
         let path = segment_path(dir.path(), 1);
         let full = std::fs::read(&path).unwrap();
-        let end = walk(&full, |_| Ok(())).unwrap();
-        assert_eq!(
-            full.len() as u64,
-            SEGMENT_BYTES,
-            "the segment is preallocated"
-        );
-        assert!(unused_space(&full[end..]));
-
-        // A crash in the middle of the second frame's write: its last bytes never reached
-        // the preallocated space. The torn frame is zeroed; the file keeps its size.
-        let mut torn = full.clone();
-        torn[end - 7..end].fill(0);
-        std::fs::write(&path, &torn).unwrap();
-        let (log, _) = open(dir.path(), LedgerCheckpoint::default(), 100);
-        assert_eq!(log.with_books(|b| b.used(&key())), 300);
-        log.close().unwrap();
-        drop(log);
-        let after = std::fs::read(&path).unwrap();
-        assert_eq!(after.len(), full.len());
-        assert_eq!(walk(&after, |_| Ok(())).unwrap(), frame_len(&full));
-        assert!(unused_space(&after[frame_len(&full)..]));
-
-        // The same crash in a segment that was not preallocated: the file ends mid-frame.
-        std::fs::write(&path, &full[..end - 7]).unwrap();
+        // A crash in the middle of the second frame's write.
+        std::fs::write(&path, &full[..full.len() - 7]).unwrap();
         let (log, _) = open(dir.path(), LedgerCheckpoint::default(), 100);
         assert_eq!(log.with_books(|b| b.used(&key())), 300);
         assert_eq!(reserve(&log, 30, 50), 2);
@@ -1398,7 +1252,7 @@ mod tests {
         );
         assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut");
 
-        // Zeros after the last record are unused space, not damage.
+        // Zeros after the last record (space the file system never filled) are cut.
         bytes[60] ^= 1;
         bytes.extend_from_slice(&[0; 4096]);
         std::fs::write(&path, &bytes).unwrap();
