@@ -294,7 +294,7 @@ impl Ra {
         renewed_from: Option<Serial>,
         now_s: i64,
     ) -> Result<(CertificateRecord, Vec<u8>)> {
-        let serial = Serial::random();
+        let serial = Serial::time_ordered(self.clock.now_ms());
         let certificate = issue_device_certificate(
             &self.ca.issuer,
             &self.policy.profile,
