@@ -2,7 +2,7 @@
 //! Every method reads the same way: parse → ask policy → sign and store → answer. Methods
 //! block on storage sync; the wire layer runs them off the async executor.
 
-mod agreed;
+mod agreed_limits;
 mod cache;
 mod clients;
 mod enrollment;
@@ -96,7 +96,7 @@ pub struct Ra {
     policy: RaPolicy,
     publication: Publication,
     cache: CertificateCache,
-    agreed_limits: agreed::AgreedLimits,
+    agreed_limits: agreed_limits::AgreedLimits,
     replay: ReplayGuard,
     decisions: DecisionLog,
     enroll_throttle: FailureThrottle,
@@ -115,7 +115,7 @@ impl Ra {
         let policy_failures = policy.enroll_failures_per_minute;
         let cache = CertificateCache::load(store.as_ref())?;
         let clients = ClientRegistry::load(store.as_ref())?;
-        let agreed_limits = agreed::AgreedLimits::load(store.as_ref())?;
+        let agreed_limits = agreed_limits::AgreedLimits::load(store.as_ref())?;
         let now_ms = clock.now_ms();
         // The ledger keeps today's and yesterday's buckets in memory (the day of a request
         // near midnight may be either, by its clock).

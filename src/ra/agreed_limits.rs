@@ -9,6 +9,7 @@ use crate::error::Result;
 use crate::model::CustomerId;
 use crate::store::{AuditEvent, Store};
 
+/// Every agreed limit, by customer id; a customer without one gets the configured default.
 pub struct AgreedLimits {
     limits: RwLock<HashMap<Box<str>, i64>>,
     /// Setters take turns, so the map ends with the value the store ends with. Readers never
@@ -17,6 +18,7 @@ pub struct AgreedLimits {
 }
 
 impl AgreedLimits {
+    /// Reads every agreed limit from the store.
     pub fn load(store: &dyn Store) -> Result<AgreedLimits> {
         let limits = store
             .agreed_limits()?
@@ -55,6 +57,7 @@ impl AgreedLimits {
         Ok(())
     }
 
+    /// How many customers have an agreed limit (logged at start).
     pub fn len(&self) -> usize {
         self.limits.read().unwrap_or_else(|p| p.into_inner()).len()
     }
