@@ -70,7 +70,6 @@ fn agreed_limits_are_listed_with_their_latest_value(store: &dyn Store) {
             ("c-limit-2".to_string(), 200)
         ]
     );
-    assert_eq!(store.agreed_limit(&first).unwrap(), Some(150));
 }
 
 fn ledger_checkpoints_keep_recent_days_and_every_release(store: &dyn Store) {

@@ -208,6 +208,11 @@ pub struct DecisionLog {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
+/// The error every caller gets once a write or sync of the log failed.
+fn write_failed(failed: &str) -> Error {
+    Error::internal(format!("writing the decision log: {failed}"))
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -559,9 +564,7 @@ impl DecisionLog {
         let woken = {
             let mut durable = lock(&self.shared.durable);
             if let Some(failed) = &durable.failed {
-                return Err(Error::internal(format!(
-                    "writing the decision log: {failed}"
-                )));
+                return Err(write_failed(failed));
             }
             if durable.through >= seq {
                 return Ok(());
@@ -575,9 +578,7 @@ impl DecisionLog {
         }
         // The writer stopped without covering `seq`.
         match &lock(&self.shared.durable).failed {
-            Some(failed) => Err(Error::internal(format!(
-                "writing the decision log: {failed}"
-            ))),
+            Some(failed) => Err(write_failed(failed)),
             None => Err(Error::Unavailable("the decision log is closed".into())),
         }
     }
@@ -587,9 +588,7 @@ impl DecisionLog {
         let mut durable = lock(&self.shared.durable);
         loop {
             if let Some(failed) = &durable.failed {
-                return Err(Error::internal(format!(
-                    "writing the decision log: {failed}"
-                )));
+                return Err(write_failed(failed));
             }
             if durable.through >= seq {
                 return Ok(());
@@ -740,9 +739,7 @@ impl DecisionLog {
                 .map_err(|_| Error::internal("the decision log writer panicked"))?;
         }
         match &lock(&self.shared.durable).failed {
-            Some(failed) => Err(Error::internal(format!(
-                "writing the decision log: {failed}"
-            ))),
+            Some(failed) => Err(write_failed(failed)),
             None => Ok(()),
         }
     }

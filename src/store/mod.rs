@@ -191,10 +191,8 @@ pub trait Store: Send + Sync {
     /// they cover, atomically. Durable on return.
     fn save_ledger_checkpoint(&self, checkpoint: &LedgerCheckpoint) -> Result<()>;
 
-    /// The customer's agreed tier-A daily limit, if one was set.
-    fn agreed_limit(&self, customer: &CustomerId) -> Result<Option<i64>>;
-
-    /// Every agreed tier-A daily limit that was set, by customer id.
+    /// Every agreed tier-A daily limit that was set, by customer id (the RA keeps them in
+    /// memory, so verification reads no storage).
     fn agreed_limits(&self) -> Result<Vec<(String, i64)>>;
 
     /// Sets the customer's agreed tier-A daily limit. Durable on return.

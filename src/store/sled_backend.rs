@@ -254,6 +254,18 @@ impl SledStore {
         }
     }
 
+    /// The trees a revocation or a release from hold changes, in the order their
+    /// transactions name them: certificates, revoked, audit, meta, summaries.
+    fn revocation_trees(&self) -> (&Tree, &Tree, &Tree, &Tree, &Tree) {
+        (
+            &self.certificates,
+            &self.revoked,
+            &self.audit,
+            &self.meta,
+            &self.summaries,
+        )
+    }
+
     fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
         self.write_turn.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -499,45 +511,40 @@ impl Store for SledStore {
         let writing = self.writing();
         // sled commits a transaction's writes whenever the closure returns Ok, so every check
         // runs before the first write: a rejected batch writes nothing.
-        let outcome = (
-            &self.certificates,
-            &self.revoked,
-            &self.audit,
-            &self.meta,
-            &self.summaries,
-        )
-            .transaction(|(certificates, revoked, log, meta, summaries)| {
-                let mut records = Vec::with_capacity(serials.len());
-                for serial in serials {
-                    let Some(bytes) = certificates.get(serial.as_bytes())? else {
-                        return Ok(Err(RevokeRejection::NotFound(serial.clone())));
-                    };
-                    let record: CertificateRecord = decode(&bytes).map_err(abort)?;
-                    if let Some(existing) = record.revocation {
-                        let hold_made_permanent = existing.reason
-                            == RevocationReason::CertificateHold
-                            && revocation.reason != RevocationReason::CertificateHold;
-                        if !hold_made_permanent {
-                            return Ok(Err(RevokeRejection::AlreadyRevoked(
-                                serial.clone(),
-                                existing,
-                            )));
+        let outcome =
+            self.revocation_trees()
+                .transaction(|(certificates, revoked, log, meta, summaries)| {
+                    let mut records = Vec::with_capacity(serials.len());
+                    for serial in serials {
+                        let Some(bytes) = certificates.get(serial.as_bytes())? else {
+                            return Ok(Err(RevokeRejection::NotFound(serial.clone())));
+                        };
+                        let record: CertificateRecord = decode(&bytes).map_err(abort)?;
+                        if let Some(existing) = record.revocation {
+                            let hold_made_permanent = existing.reason
+                                == RevocationReason::CertificateHold
+                                && revocation.reason != RevocationReason::CertificateHold;
+                            if !hold_made_permanent {
+                                return Ok(Err(RevokeRejection::AlreadyRevoked(
+                                    serial.clone(),
+                                    existing,
+                                )));
+                            }
                         }
+                        records.push(record);
                     }
-                    records.push(record);
-                }
-                for mut record in records {
-                    record.revocation = Some(*revocation);
-                    put_revoked(revoked, &record).map_err(abort)?;
-                    certificates
-                        .insert(record.serial.as_bytes(), encode(&record).map_err(abort)?)?;
-                    put_summary(summaries, &record)?;
-                    let mut event = audit.clone();
-                    event.target = record.serial.to_hex();
-                    append_audit(log, meta, &event)?;
-                }
-                Ok(Ok(()))
-            });
+                    for mut record in records {
+                        record.revocation = Some(*revocation);
+                        put_revoked(revoked, &record).map_err(abort)?;
+                        certificates
+                            .insert(record.serial.as_bytes(), encode(&record).map_err(abort)?)?;
+                        put_summary(summaries, &record)?;
+                        let mut event = audit.clone();
+                        event.target = record.serial.to_hex();
+                        append_audit(log, meta, &event)?;
+                    }
+                    Ok(Ok(()))
+                });
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
             {
@@ -554,29 +561,24 @@ impl Store for SledStore {
         audit: &AuditEvent,
     ) -> Result<std::result::Result<CertificateRecord, RevokeRejection>> {
         let writing = self.writing();
-        let outcome = (
-            &self.certificates,
-            &self.revoked,
-            &self.audit,
-            &self.meta,
-            &self.summaries,
-        )
-            .transaction(|(certificates, revoked, log, meta, summaries)| {
-                let Some(bytes) = certificates.get(serial.as_bytes())? else {
-                    return Ok(Err(RevokeRejection::NotFound(serial.clone())));
-                };
-                let mut record: CertificateRecord = decode(&bytes).map_err(abort)?;
-                match record.revocation {
-                    Some(r) if r.reason == RevocationReason::CertificateHold => {}
-                    _ => return Ok(Err(RevokeRejection::NotOnHold(serial.clone()))),
-                }
-                record.revocation = None;
-                revoked.remove(serial.as_bytes())?;
-                certificates.insert(serial.as_bytes(), encode(&record).map_err(abort)?)?;
-                put_summary(summaries, &record)?;
-                append_audit(log, meta, audit)?;
-                Ok(Ok(record))
-            });
+        let outcome =
+            self.revocation_trees()
+                .transaction(|(certificates, revoked, log, meta, summaries)| {
+                    let Some(bytes) = certificates.get(serial.as_bytes())? else {
+                        return Ok(Err(RevokeRejection::NotFound(serial.clone())));
+                    };
+                    let mut record: CertificateRecord = decode(&bytes).map_err(abort)?;
+                    match record.revocation {
+                        Some(r) if r.reason == RevocationReason::CertificateHold => {}
+                        _ => return Ok(Err(RevokeRejection::NotOnHold(serial.clone()))),
+                    }
+                    record.revocation = None;
+                    revoked.remove(serial.as_bytes())?;
+                    certificates.insert(serial.as_bytes(), encode(&record).map_err(abort)?)?;
+                    put_summary(summaries, &record)?;
+                    append_audit(log, meta, audit)?;
+                    Ok(Ok(record))
+                });
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
             {
@@ -702,13 +704,6 @@ impl Store for SledStore {
         finish(outcome)?;
         drop(writing);
         self.commit.sync()
-    }
-
-    fn agreed_limit(&self, customer: &CustomerId) -> Result<Option<i64>> {
-        Ok(self
-            .agreed_limits
-            .get(customer.as_str().as_bytes())?
-            .map(|bytes| read_i64(Some(bytes))))
     }
 
     fn agreed_limits(&self) -> Result<Vec<(String, i64)>> {
