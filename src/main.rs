@@ -134,6 +134,10 @@ enum Command {
         /// gRPC connections the workers share (verify scenario).
         #[arg(long, default_value_t = 4)]
         connections: usize,
+        /// The gRPC client: `lean` (the load generator's own HTTP/2 client, which writes the
+        /// requests queued since its last write in one go) or `tonic` (the CLI's client).
+        #[arg(long, value_enum, default_value = "lean")]
+        client: BenchClient,
         /// The HTTP listener, for the ocsp scenario.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         http: String,
@@ -376,6 +380,12 @@ enum BenchCommand {
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
+enum BenchClient {
+    Lean,
+    Tonic,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
 enum BenchScenario {
     Verify,
     Enroll,
@@ -490,10 +500,25 @@ type CliResult = Result<(), String>;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The load generator runs on one thread: its workers queue their calls, then each
+    // connection writes them out together; it shares this machine with the server it measures.
+    let measuring = matches!(
+        cli.command,
+        Command::Bench {
+            scenario: Some(_),
+            ..
+        }
+    );
+    let runtime = if measuring {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -649,11 +674,12 @@ async fn run(cli: Cli) -> CliResult {
             max_requests,
             rate,
             connections,
+            client,
             http,
             json,
             connection,
         } => {
-            use payra::bench::{run as run_bench, BenchSettings, Scenario};
+            use payra::bench::{run as run_bench, BenchSettings, ClientKind, Scenario};
             let report = run_bench(BenchSettings {
                 scenario: match scenario {
                     BenchScenario::Verify => Scenario::Verify,
@@ -670,6 +696,10 @@ async fn run(cli: Cli) -> CliResult {
                 max_requests,
                 rate,
                 connections,
+                client: match client {
+                    BenchClient::Lean => ClientKind::Lean,
+                    BenchClient::Tonic => ClientKind::Tonic,
+                },
                 progress: !json,
             })
             .await
@@ -703,6 +733,14 @@ async fn run(cli: Cli) -> CliResult {
                 println!(
                     "ratio        {:.2} x raw verify, {:.2} x raw sign",
                     report.ratio_to_raw_verify, report.ratio_to_raw_sign
+                );
+                let per_request = |cpu: Option<f64>| {
+                    cpu.map_or("unknown".to_string(), |us| format!("{us:.1} us"))
+                };
+                println!(
+                    "CPU/request  server {}, load generator {}",
+                    per_request(report.server_cpu_us_per_request),
+                    per_request(report.load_generator_cpu_us_per_request)
                 );
             }
             Ok(())

@@ -16,6 +16,21 @@ use crate::client::{encode_intent, random_nonce, Client, Credential, DeviceIdent
 use crate::error::{Error, Result};
 use crate::wire::proto;
 
+mod grpc;
+
+pub use grpc::{CallError, GrpcConnection};
+
+/// Which gRPC client the load generator drives the server with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientKind {
+    /// The load generator's own HTTP/2 client (`bench::grpc`): the requests queued since the
+    /// connection's last write go out in one write.
+    Lean,
+    /// tonic's channel, as the CLI and the tests use it.
+    Tonic,
+}
+
 /// What to measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -48,6 +63,7 @@ pub struct BenchSettings {
     pub rate: Option<f64>,
     /// gRPC connections the workers share (HTTP/2 streams are multiplexed on each).
     pub connections: usize,
+    pub client: ClientKind,
     pub progress: bool,
 }
 
@@ -64,6 +80,7 @@ pub struct Latency {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub scenario: Scenario,
+    pub client: ClientKind,
     pub concurrency: usize,
     pub seconds: f64,
     pub requests: u64,
@@ -76,10 +93,20 @@ pub struct BenchReport {
     pub raw_sign_per_s: f64,
     pub ratio_to_raw_verify: f64,
     pub ratio_to_raw_sign: f64,
+    /// CPU the server used per request while measuring, from its `/metrics`
+    /// (`process_cpu_seconds_total` on the `--http` listener); `None` if it could not be read.
+    pub server_cpu_us_per_request: Option<f64>,
+    /// CPU this load generator used per request while measuring (it shares the machine).
+    pub load_generator_cpu_us_per_request: Option<f64>,
 }
 
 /// Refuses any server address that is not on this machine.
 fn require_loopback(what: &str, address: &str) -> Result<SocketAddr> {
+    Ok(loopback_addresses(what, address)?[0])
+}
+
+/// Every address `address` resolves to, all of them on this machine (never empty).
+fn loopback_addresses(what: &str, address: &str) -> Result<Vec<SocketAddr>> {
     let host_port = address
         .trim_start_matches("https://")
         .trim_start_matches("http://")
@@ -88,14 +115,15 @@ fn require_loopback(what: &str, address: &str) -> Result<SocketAddr> {
         .to_socket_addrs()
         .map_err(|e| Error::invalid("server", format!("{what} {address}: {e}")))?
         .collect();
-    match addrs.first() {
-        Some(first) if addrs.iter().all(|a| a.ip().is_loopback()) => Ok(*first),
-        _ => Err(Error::invalid(
+    if !addrs.is_empty() && addrs.iter().all(|a| a.ip().is_loopback()) {
+        Ok(addrs)
+    } else {
+        Err(Error::invalid(
             "server",
             format!(
                 "{what} {address} is not a loopback address; payra bench only targets this machine"
             ),
-        )),
+        ))
     }
 }
 
@@ -141,18 +169,18 @@ pub fn raw_crypto_rates(window: Duration) -> (f64, f64) {
 /// One worker's prepared state.
 enum Work {
     Verify {
-        client: Client,
+        client: Caller,
         /// Intents signed before the run, as devices sign them before the payment service
         /// forwards them: the load generator spends no CPU on signing while it measures.
         requests: Vec<proto::VerifyPaymentRequest>,
     },
     Enroll {
-        client: Client,
+        client: Caller,
         tokens: Vec<String>,
         csrs: Arc<Vec<Vec<u8>>>,
     },
     Status {
-        client: Client,
+        client: Caller,
         serials: Arc<Vec<String>>,
     },
     Ocsp {
@@ -168,6 +196,74 @@ async fn connect(settings: &BenchSettings, credential: Credential) -> Result<Cli
         &credential,
     )
     .await
+}
+
+/// A measuring connection: either client, making the same three calls.
+#[derive(Clone)]
+enum Caller {
+    Lean(GrpcConnection),
+    Tonic(Client),
+}
+
+impl Caller {
+    async fn connect(settings: &BenchSettings, credential: Credential) -> Result<Caller> {
+        let root = settings.certs.join("root.pem");
+        Ok(match settings.client {
+            ClientKind::Lean => {
+                Caller::Lean(GrpcConnection::connect(&settings.server, &root, &credential).await?)
+            }
+            ClientKind::Tonic => Caller::Tonic(connect(settings, credential).await?),
+        })
+    }
+
+    async fn verify_payment(
+        &self,
+        request: proto::VerifyPaymentRequest,
+    ) -> std::result::Result<proto::VerifyPaymentResponse, CallError> {
+        match self {
+            Caller::Lean(c) => {
+                c.unary("/payra.v1.Verification/VerifyPayment", &request)
+                    .await
+            }
+            Caller::Tonic(c) => tonic_answer(c.verification().verify_payment(request).await),
+        }
+    }
+
+    async fn enroll(
+        &self,
+        request: proto::EnrollRequest,
+    ) -> std::result::Result<proto::EnrollResponse, CallError> {
+        match self {
+            Caller::Lean(c) => c.unary("/payra.v1.Enrollment/Enroll", &request).await,
+            Caller::Tonic(c) => tonic_answer(c.enrollment().enroll(request).await),
+        }
+    }
+
+    async fn certificate_status(
+        &self,
+        request: proto::GetCertificateStatusRequest,
+    ) -> std::result::Result<proto::GetCertificateStatusResponse, CallError> {
+        match self {
+            Caller::Lean(c) => {
+                c.unary("/payra.v1.Verification/GetCertificateStatus", &request)
+                    .await
+            }
+            Caller::Tonic(c) => {
+                tonic_answer(c.verification().get_certificate_status(request).await)
+            }
+        }
+    }
+}
+
+fn tonic_answer<A>(
+    answer: std::result::Result<tonic::Response<A>, tonic::Status>,
+) -> std::result::Result<A, CallError> {
+    answer
+        .map(tonic::Response::into_inner)
+        .map_err(|s| CallError {
+            code: Some(s.code() as u32),
+            message: s.message().to_string(),
+        })
 }
 
 fn status_error(status: tonic::Status) -> Error {
@@ -359,8 +455,9 @@ async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
             // A payment service multiplexes its calls over a few HTTP/2 connections.
             let mut clients = Vec::new();
             for _ in 0..settings.connections.clamp(1, settings.concurrency) {
-                clients
-                    .push(connect(settings, Credential::role(&settings.certs, "service")).await?);
+                clients.push(
+                    Caller::connect(settings, Credential::role(&settings.certs, "service")).await?,
+                );
             }
             for (i, requests) in signed.into_iter().enumerate() {
                 work.push(Work::Verify {
@@ -388,7 +485,7 @@ async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
                     );
                 }
                 work.push(Work::Enroll {
-                    client: connect(settings, Credential::None).await?,
+                    client: Caller::connect(settings, Credential::None).await?,
                     tokens,
                     csrs: csrs.clone(),
                 });
@@ -412,8 +509,11 @@ async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
             for _ in 0..settings.concurrency {
                 work.push(match settings.scenario {
                     Scenario::Status => Work::Status {
-                        client: connect(settings, Credential::role(&settings.certs, "service"))
-                            .await?,
+                        client: Caller::connect(
+                            settings,
+                            Credential::role(&settings.certs, "service"),
+                        )
+                        .await?,
                         serials: serials.clone(),
                     },
                     _ => Work::Ocsp {
@@ -483,6 +583,37 @@ async fn ocsp_post(
     Ok(status_line.starts_with("HTTP/1.1 200"))
 }
 
+/// The server's CPU seconds so far, from `process_cpu_seconds_total` on its `/metrics`.
+async fn server_cpu_seconds(http: SocketAddr) -> Option<f64> {
+    let read = async {
+        let mut stream = tokio::net::TcpStream::connect(http).await.ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await
+            .ok()?;
+        let mut page = Vec::new();
+        stream.take(4 << 20).read_to_end(&mut page).await.ok()?;
+        let page = String::from_utf8_lossy(&page);
+        page.lines()
+            .find_map(|line| line.strip_prefix("process_cpu_seconds_total "))
+            .and_then(|value| value.trim().parse().ok())
+    };
+    tokio::time::timeout(Duration::from_secs(2), read)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// CPU used between two readings, in microseconds per request.
+fn cpu_per_request(before: Option<f64>, after: Option<f64>, requests: u64) -> Option<f64> {
+    match (before, after) {
+        (Some(before), Some(after)) if requests > 0 && after >= before => {
+            Some((after - before) * 1e6 / requests as f64)
+        }
+        _ => None,
+    }
+}
+
 /// Open-loop pacing of one worker: its share of the rate, and its phase, so that the workers
 /// send evenly spread requests rather than bursts in step.
 #[derive(Clone, Copy)]
@@ -504,7 +635,6 @@ async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> 
     };
     match work {
         Work::Verify { client, requests } => {
-            let mut verification = client.verification();
             let began = Instant::now() + pace.map_or(Duration::ZERO, |p| p.phase);
             for (n, request) in requests.into_iter().enumerate() {
                 if !counters.take() {
@@ -522,8 +652,8 @@ async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> 
                     }
                     None => Instant::now(),
                 };
-                let answer = verification.verify_payment(request).await;
-                let ok = matches!(&answer, Ok(a) if a.get_ref().verdict == proto::Verdict::Verified as i32);
+                let answer = client.verify_payment(request).await;
+                let ok = matches!(&answer, Ok(a) if a.verdict == proto::Verdict::Verified as i32);
                 record(started, ok, &counters);
             }
         }
@@ -532,7 +662,6 @@ async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> 
             tokens,
             csrs,
         } => {
-            let mut enrollment = client.enrollment();
             for (i, token) in tokens.into_iter().enumerate() {
                 if !counters.take() {
                     break;
@@ -544,12 +673,11 @@ async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> 
                     device_info: None,
                 };
                 let started = Instant::now();
-                let ok = enrollment.enroll(request).await.is_ok();
+                let ok = client.enroll(request).await.is_ok();
                 record(started, ok, &counters);
             }
         }
         Work::Status { client, serials } => {
-            let mut verification = client.verification();
             let mut i = 0;
             while counters.take() {
                 i += 1;
@@ -557,7 +685,7 @@ async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> 
                     serial: serials[i % serials.len()].clone(),
                 };
                 let started = Instant::now();
-                let ok = verification.get_certificate_status(request).await.is_ok();
+                let ok = client.certificate_status(request).await.is_ok();
                 record(started, ok, &counters);
             }
         }
@@ -648,6 +776,12 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
         })
         .collect();
     tokio::time::sleep(settings.warmup).await;
+    let server_http = require_loopback("HTTP address", &settings.http).ok();
+    let server_cpu_before = match server_http {
+        Some(http) => server_cpu_seconds(http).await,
+        None => None,
+    };
+    let own_cpu_before = crate::metrics::process_cpu_seconds();
     counters.started.store(true, Ordering::Relaxed);
     let measured = Instant::now();
     let tick = Duration::from_millis(250);
@@ -673,6 +807,11 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
     counters.stop.store(true, Ordering::Relaxed);
     let seconds = measured.elapsed().as_secs_f64();
     let requests = counters.requests.load(Ordering::Relaxed);
+    let own_cpu_after = crate::metrics::process_cpu_seconds();
+    let server_cpu_after = match server_http {
+        Some(http) => server_cpu_seconds(http).await,
+        None => None,
+    };
     if settings.progress {
         eprintln!();
     }
@@ -691,6 +830,7 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
     let throughput_per_s = requests as f64 / seconds;
     Ok(BenchReport {
         scenario: settings.scenario,
+        client: settings.client,
         concurrency: settings.concurrency,
         seconds,
         requests,
@@ -714,5 +854,7 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
         } else {
             0.0
         },
+        server_cpu_us_per_request: cpu_per_request(server_cpu_before, server_cpu_after, requests),
+        load_generator_cpu_us_per_request: cpu_per_request(own_cpu_before, own_cpu_after, requests),
     })
 }

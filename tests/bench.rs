@@ -1,0 +1,133 @@
+//! `payra bench` against a real server (TLS, sled, loopback): both gRPC clients drive every
+//! scenario without errors and report CPU per request; the load generator's own client reports
+//! gRPC status codes as the server sends them.
+
+mod common;
+
+use std::time::Duration;
+
+use common::TestServer;
+use payra::bench::{run, BenchSettings, ClientKind, GrpcConnection, Scenario};
+use payra::client::Credential;
+use payra::wire::proto;
+
+fn settings(server: &TestServer, scenario: Scenario, client: ClientKind) -> BenchSettings {
+    BenchSettings {
+        scenario,
+        server: server.url(),
+        http: format!("http://{}", server.http_addr()),
+        certs: server.certs(),
+        concurrency: 4,
+        duration: Duration::from_millis(500),
+        warmup: Duration::ZERO,
+        // Enroll creates its tokens before the run; the others have no request budget to
+        // use up during the warm-up.
+        max_requests: if scenario == Scenario::Enroll {
+            400
+        } else {
+            1_000_000
+        },
+        rate: None,
+        connections: 1,
+        client,
+        progress: false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_clients_drive_every_scenario_without_errors() {
+    let server = TestServer::start().await;
+    for client in [ClientKind::Lean, ClientKind::Tonic] {
+        for scenario in [
+            Scenario::Verify,
+            Scenario::Enroll,
+            Scenario::Status,
+            Scenario::Ocsp,
+        ] {
+            let report = run(settings(&server, scenario, client))
+                .await
+                .unwrap_or_else(|e| panic!("{scenario:?} with {client:?}: {e}"));
+            assert!(
+                report.requests > 0,
+                "{scenario:?} with {client:?}: no requests"
+            );
+            assert_eq!(report.errors, 0, "{scenario:?} with {client:?}: errors");
+            assert_eq!(report.client, client);
+            // The server's CPU comes from its /metrics, the load generator's from /proc.
+            assert!(
+                report.server_cpu_us_per_request.is_some(),
+                "{scenario:?} with {client:?}: server CPU not read"
+            );
+            assert!(report.load_generator_cpu_us_per_request.is_some());
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lean_client_reports_the_servers_status_codes() {
+    let server = TestServer::start().await;
+    let root = server.certs().join("root.pem");
+    let service = GrpcConnection::connect(
+        &server.url(),
+        &root,
+        &Credential::role(&server.certs(), "service"),
+    )
+    .await
+    .expect("service connects");
+
+    // A status lookup of a serial payra never issued: NOT_FOUND (5).
+    let unknown = service
+        .unary::<_, proto::GetCertificateStatusResponse>(
+            "/payra.v1.Verification/GetCertificateStatus",
+            &proto::GetCertificateStatusRequest {
+                serial: "7f".repeat(16),
+            },
+        )
+        .await
+        .expect_err("unknown serial");
+    assert_eq!(unknown.code, Some(5), "{unknown}");
+
+    // A malformed serial: INVALID_ARGUMENT (3), with the server's message.
+    let malformed = service
+        .unary::<_, proto::GetCertificateStatusResponse>(
+            "/payra.v1.Verification/GetCertificateStatus",
+            &proto::GetCertificateStatusRequest {
+                serial: "not hex".into(),
+            },
+        )
+        .await
+        .expect_err("malformed serial");
+    assert_eq!(malformed.code, Some(3), "{malformed}");
+    assert!(malformed.message.contains("serial"), "{malformed}");
+
+    // A known serial answers with its record.
+    let (_, issued) = server.enroll("lean-client", "phone-1").await;
+    let status = service
+        .unary::<_, proto::GetCertificateStatusResponse>(
+            "/payra.v1.Verification/GetCertificateStatus",
+            &proto::GetCertificateStatusRequest {
+                serial: issued.serial.clone(),
+            },
+        )
+        .await
+        .expect("status of an issued certificate");
+    assert_eq!(status.status, proto::CertificateStatus::Valid as i32);
+
+    // Without a client certificate the service role's method is refused.
+    let anonymous = GrpcConnection::connect(&server.url(), &root, &Credential::None)
+        .await
+        .expect("anonymous connects");
+    let refused = anonymous
+        .unary::<_, proto::GetCertificateStatusResponse>(
+            "/payra.v1.Verification/GetCertificateStatus",
+            &proto::GetCertificateStatusRequest {
+                serial: issued.serial,
+            },
+        )
+        .await
+        .expect_err("no role");
+    assert!(
+        matches!(refused.code, Some(7) | Some(16)),
+        "PERMISSION_DENIED or UNAUTHENTICATED, got {refused}"
+    );
+}
