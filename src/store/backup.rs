@@ -255,7 +255,11 @@ pub fn verify_backup(path: &Path) -> Result<(BackupSummary, HashMap<Serial, Revo
 /// Writes the backup's trees into a new database at `dir` (which must not hold one) and
 /// syncs it.
 pub fn import_backup(path: &Path, dir: &Path) -> Result<BackupSummary> {
-    if dir.join("db").exists() {
+    if dir.join("db").exists()
+        || dir
+            .join(super::sled_backend::ISSUANCE_JOURNAL_FILE)
+            .exists()
+    {
         return Err(Error::AlreadyExists(format!(
             "{} already holds a database",
             dir.display()

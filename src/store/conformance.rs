@@ -301,7 +301,7 @@ fn sled_store_batches_concurrent_syncs() {
 }
 
 #[test]
-fn sled_store_commits_queued_enrollments_in_order_in_one_transaction() {
+fn sled_store_commits_queued_enrollments_in_order_in_one_journal_record() {
     use super::sled_backend::IssueJob;
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
@@ -347,6 +347,78 @@ fn sled_store_commits_queued_enrollments_in_order_in_one_transaction() {
     assert_eq!(
         verify_audit_log(&store).unwrap(),
         AuditCheck::Intact { entries: 4 }
+    );
+}
+
+#[test]
+fn sled_store_applies_journaled_enrollments_the_database_lacks_when_it_opens() {
+    use super::sled_backend::{IssueJob, ISSUANCE_JOURNAL_FILE};
+    let dir = tempfile::tempdir().unwrap();
+    let (first_hash, hash) = (TokenHash::of("t-journal-1"), TokenHash::of("t-journal-2"));
+    let (first, cert) = (
+        certificate("c-journal", "d1"),
+        certificate("c-journal", "d2"),
+    );
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        for h in [&first_hash, &hash] {
+            store.put_token(h, &token("c-journal", 100), &ev()).unwrap();
+        }
+        store
+            .issue_with_token(&first_hash, 1, &first, &ev())
+            .unwrap();
+        // The second enrollment reaches the journal, then the process dies before the
+        // inserts: the trees do not have it.
+        store
+            .danger_journal_only(&[Arc::new(IssueJob::new(&hash, 2, &cert, &ev()).unwrap())])
+            .unwrap();
+        assert!(store.certificate(&cert.serial).unwrap().is_none());
+        assert!(store.token(&hash).unwrap().unwrap().used_at_s.is_none());
+        assert_eq!(
+            verify_audit_log(&store).unwrap(),
+            AuditCheck::Intact { entries: 3 }
+        );
+    }
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(store.certificate(&cert.serial).unwrap(), Some(cert.clone()));
+    assert_eq!(
+        store.token(&hash).unwrap().unwrap().used_for_serial,
+        Some(cert.serial.clone())
+    );
+    assert_eq!(
+        store.serials_by_device(&cert.device_id).unwrap(),
+        vec![cert.serial.clone()]
+    );
+    let mut summaries = Vec::new();
+    store
+        .for_each_certificate_summary(&mut |s| summaries.push(s))
+        .unwrap();
+    assert_eq!(summaries.len(), 2);
+    assert_eq!(
+        verify_audit_log(&store).unwrap(),
+        AuditCheck::Intact { entries: 4 }
+    );
+    // Once sled has synced the batch, the journal starts over.
+    let journal = dir.path().join(ISSUANCE_JOURNAL_FILE);
+    assert_eq!(std::fs::metadata(&journal).unwrap().len(), 0);
+
+    // A later enrollment continues the chain, and opening again applies nothing twice.
+    let (later_hash, later) = (TokenHash::of("t-journal-3"), certificate("c-journal", "d3"));
+    store
+        .put_token(&later_hash, &token("c-journal", 100), &ev())
+        .unwrap();
+    assert_eq!(
+        store
+            .issue_with_token(&later_hash, 3, &later, &ev())
+            .unwrap(),
+        IssueOutcome::Issued
+    );
+    drop(store);
+    let store = SledStore::open(dir.path()).unwrap();
+    assert!(store.certificate(&later.serial).unwrap().is_some());
+    assert_eq!(
+        verify_audit_log(&store).unwrap(),
+        AuditCheck::Intact { entries: 6 }
     );
 }
 

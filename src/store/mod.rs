@@ -8,6 +8,7 @@ pub mod backup;
 mod conformance;
 pub mod decision_log;
 mod group_commit;
+mod issuance_journal;
 mod records;
 mod sled_backend;
 

@@ -11,6 +11,7 @@ use sled::{Db, Transactional, Tree};
 
 use super::audit::{chain_hash, AuditBody, AuditEntry, AuditEvent, GENESIS_HASH};
 use super::group_commit::GroupCommit;
+use super::issuance_journal::{IssuanceJournal, JournalRecord, JournalTree, Put};
 use super::records::{
     CertificateRecord, CertificateSummary, ClientCertificateRecord, Revocation, RevokedEntry,
     TokenHash, TokenRecord,
@@ -43,7 +44,12 @@ pub struct SledStore {
     audit: Tree,
     client_certificates: Tree,
     commit: GroupCommit,
+    /// Enrollments' redo log (see `issuance_journal`); used only under the write turn.
+    journal: std::sync::Mutex<IssuanceJournal>,
 }
+
+/// The issuance journal's file name in the data directory.
+pub const ISSUANCE_JOURNAL_FILE: &str = "issuance.journal";
 
 /// One enrollment waiting to be committed by [`SledStore::commit_issue_batch`].
 pub(super) struct IssueJob {
@@ -94,6 +100,8 @@ const AUDIT_HEAD_KEY: &[u8] = b"audit_head";
 /// The last decision-log record the saved ledger covers.
 const LEDGER_THROUGH_KEY: &[u8] = b"ledger_through_seq";
 const CRL_NUMBER_KEY: &[u8] = b"crl_number";
+/// The last issuance-journal batch whose writes are in the trees.
+const ISSUANCE_APPLIED_KEY: &[u8] = b"issuance_applied_seq";
 
 /// sled's page cache size.
 const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
@@ -145,6 +153,7 @@ impl SledStore {
             .open()
             .map_err(|e| Error::internal(format!("opening database {}: {e}", dir.display())))?;
         let commit = GroupCommit::new(db.clone(), dir)?;
+        let (journal, journaled) = IssuanceJournal::open(&dir.join(ISSUANCE_JOURNAL_FILE))?;
         let store = SledStore {
             certificates: db.open_tree("certificates")?,
             tokens: db.open_tree("tokens")?,
@@ -162,9 +171,71 @@ impl SledStore {
             client_certificates: db.open_tree("client_certificates")?,
             db,
             commit,
+            journal: std::sync::Mutex::new(journal),
         };
+        store.recover_issuance(journaled)?;
         store.build_missing_summaries()?;
         Ok(store)
+    }
+
+    /// Applies the journaled enrollment batches the trees lack, has sled sync them, and
+    /// empties the journal.
+    fn recover_issuance(&self, journaled: Vec<JournalRecord>) -> Result<()> {
+        let applied = self.issuance_applied()?;
+        let mut redone = 0usize;
+        for (seq, puts) in journaled.iter().filter(|(seq, _)| *seq > applied) {
+            self.apply_issuance(*seq, puts)?;
+            redone += 1;
+        }
+        if journaled.is_empty() {
+            return Ok(());
+        }
+        self.commit.sync()?;
+        self.lock_journal().reset()?;
+        if redone > 0 {
+            tracing::warn!(
+                batches = redone,
+                "applied enrollments from the issuance journal that the database had not kept"
+            );
+        }
+        Ok(())
+    }
+
+    /// The last journal batch whose writes are in the trees (0: none yet).
+    fn issuance_applied(&self) -> Result<u64> {
+        Ok(match self.meta.get(ISSUANCE_APPLIED_KEY)? {
+            Some(bytes) if bytes.len() == 8 => {
+                u64::from_be_bytes(bytes.as_ref().try_into().unwrap_or([0; 8]))
+            }
+            _ => 0,
+        })
+    }
+
+    fn lock_journal(&self) -> std::sync::MutexGuard<'_, IssuanceJournal> {
+        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn journal_tree(&self, tree: JournalTree) -> &Tree {
+        match tree {
+            JournalTree::Tokens => &self.tokens,
+            JournalTree::Certificates => &self.certificates,
+            JournalTree::Summaries => &self.summaries,
+            JournalTree::ByCustomer => &self.by_customer,
+            JournalTree::ByDevice => &self.by_device,
+            JournalTree::Audit => &self.audit,
+            JournalTree::Meta => &self.meta,
+        }
+    }
+
+    /// Puts a batch's writes into the trees as plain inserts, then its number. sled keeps its
+    /// log's order, so a database that holds the number holds every write before it.
+    fn apply_issuance(&self, seq: u64, puts: &[Put]) -> Result<()> {
+        for put in puts {
+            self.journal_tree(put.tree)
+                .insert(put.key.as_slice(), put.value.as_slice())?;
+        }
+        self.meta.insert(ISSUANCE_APPLIED_KEY, &seq.to_be_bytes())?;
+        Ok(())
     }
 
     /// Empties the summaries tree, as a database from before it existed would be (tests).
@@ -197,49 +268,12 @@ impl SledStore {
         Ok(())
     }
 
-    /// Commits queued enrollments in one transaction, in queue order, and answers each job.
-    /// The caller holds the write turn. Later jobs see the writes of earlier ones, so two
-    /// jobs with one token get one certificate between them.
+    /// Commits queued enrollments as one journal record, in queue order, and answers each
+    /// job. The caller holds the write turn. Later jobs see the writes of earlier ones, so two
+    /// jobs with one token get one certificate between them. When this returns, every issued
+    /// job is on stable storage (the journal's `fdatasync`) and in the trees.
     pub(super) fn commit_issue_batch(&self, batch: &[std::sync::Arc<IssueJob>]) {
-        let result = (
-            &self.tokens,
-            &self.certificates,
-            &self.by_customer,
-            &self.by_device,
-            &self.audit,
-            &self.meta,
-            &self.summaries,
-        )
-            .transaction(
-                |(tokens, certificates, by_customer, by_device, log, meta, summaries)| {
-                    let mut outcomes = Vec::with_capacity(batch.len());
-                    for job in batch {
-                        let mut token = match check_token(tokens, &job.hash, job.now_s)? {
-                            Ok(token) => token,
-                            Err(rejection) => {
-                                outcomes.push(IssueOutcome::TokenRejected(rejection));
-                                continue;
-                            }
-                        };
-                        let serial_key = job.serial.as_bytes();
-                        if certificates.get(serial_key)?.is_some() {
-                            outcomes.push(IssueOutcome::SerialTaken);
-                            continue;
-                        }
-                        token.used_at_s = Some(job.now_s);
-                        token.used_for_serial = Some(job.serial.clone());
-                        tokens.insert(&job.hash.0, encode(&token).map_err(abort)?)?;
-                        certificates.insert(serial_key, job.cert_value.as_slice())?;
-                        summaries.insert(serial_key, job.summary.as_slice())?;
-                        by_customer.insert(job.customer_key.as_slice(), &[] as &[u8])?;
-                        by_device.insert(job.device_key.as_slice(), &[] as &[u8])?;
-                        append_audit(log, meta, &job.audit)?;
-                        outcomes.push(IssueOutcome::Issued);
-                    }
-                    Ok(outcomes)
-                },
-            );
-        match finish(result) {
+        match self.issue_batch(batch) {
             Ok(outcomes) => {
                 for (job, outcome) in batch.iter().zip(outcomes) {
                     let _ = job.outcome.set(Ok(outcome));
@@ -252,6 +286,127 @@ impl SledStore {
                 }
             }
         }
+    }
+
+    fn issue_batch(&self, batch: &[std::sync::Arc<IssueJob>]) -> Result<Vec<IssueOutcome>> {
+        let mut outcomes = Vec::with_capacity(batch.len());
+        let mut puts = Vec::with_capacity(batch.len() * 7 + 1);
+        // What earlier jobs of this batch wrote, which the trees do not show yet.
+        let mut used = std::collections::HashMap::new();
+        let mut serials = std::collections::HashSet::new();
+        let mut head = audit_head(self.meta.get(AUDIT_HEAD_KEY)?.as_deref());
+        for job in batch {
+            let serial_key = job.serial.as_bytes();
+            let mut token = if let Some(&used_at_s) = used.get(&job.hash.0) {
+                outcomes.push(IssueOutcome::TokenRejected(TokenRejection::AlreadyUsed {
+                    used_at_s,
+                }));
+                continue;
+            } else {
+                match token_usable(self.tokens.get(job.hash.0)?.as_deref(), job.now_s)? {
+                    Ok(token) => token,
+                    Err(rejection) => {
+                        outcomes.push(IssueOutcome::TokenRejected(rejection));
+                        continue;
+                    }
+                }
+            };
+            if serials.contains(serial_key) || self.certificates.contains_key(serial_key)? {
+                outcomes.push(IssueOutcome::SerialTaken);
+                continue;
+            }
+            token.used_at_s = Some(job.now_s);
+            token.used_for_serial = Some(job.serial.clone());
+            let (audit_key, entry, next_head) = audit_entry(&head, &job.audit)?;
+            let mut put = |tree, key: &[u8], value: Vec<u8>| {
+                puts.push(Put {
+                    tree,
+                    key: key.to_vec(),
+                    value,
+                })
+            };
+            put(JournalTree::Tokens, &job.hash.0, encode(&token)?);
+            put(
+                JournalTree::Certificates,
+                serial_key,
+                job.cert_value.clone(),
+            );
+            put(JournalTree::Summaries, serial_key, job.summary.clone());
+            put(JournalTree::ByCustomer, &job.customer_key, Vec::new());
+            put(JournalTree::ByDevice, &job.device_key, Vec::new());
+            put(JournalTree::Audit, &audit_key, entry);
+            head = next_head;
+            used.insert(job.hash.0, job.now_s);
+            serials.insert(serial_key);
+            outcomes.push(IssueOutcome::Issued);
+        }
+        if puts.is_empty() {
+            return Ok(outcomes);
+        }
+        puts.push(Put {
+            tree: JournalTree::Meta,
+            key: AUDIT_HEAD_KEY.to_vec(),
+            value: head.encode(),
+        });
+        let mut journal = self.lock_journal();
+        let seq = self.issuance_applied()? + 1;
+        journal.append(seq, &puts)?;
+        if let Err(e) = self.apply_issuance(seq, &puts) {
+            // The batch is durable but not in the trees: a later batch must not be decided on
+            // trees that lack it. A restart applies it from the journal.
+            journal.fail(format!("applying batch {seq}: {e}"));
+            return Err(e);
+        }
+        if journal.len() > IssuanceJournal::RESET_BYTES {
+            // Everything the journal holds is in the trees; once sled has synced them, the
+            // journal can start over.
+            self.commit.sync()?;
+            journal.reset()?;
+        }
+        Ok(outcomes)
+    }
+
+    /// Journals a batch without applying it, as if the process died between the journal's
+    /// sync and the inserts (tests of recovery).
+    #[cfg(test)]
+    pub(super) fn danger_journal_only(&self, batch: &[std::sync::Arc<IssueJob>]) -> Result<()> {
+        let _writing = self.writing();
+        let (tokens, certificates) = (self.tokens.clone(), self.certificates.clone());
+        // Decide the batch as usual, then take the inserts back out of the trees, leaving the
+        // record in the journal alone.
+        let before: Vec<_> = batch
+            .iter()
+            .map(|job| {
+                (
+                    tokens.get(job.hash.0).ok().flatten(),
+                    job.serial.as_bytes().to_vec(),
+                )
+            })
+            .collect();
+        let head = self.meta.get(AUDIT_HEAD_KEY)?;
+        let applied = self.issuance_applied()?;
+        let audit_len = self.audit.len();
+        self.issue_batch(batch)?;
+        for (job, (token, serial)) in batch.iter().zip(before) {
+            match token {
+                Some(token) => tokens.insert(job.hash.0, token)?,
+                None => tokens.remove(job.hash.0)?,
+            };
+            certificates.remove(&serial)?;
+            self.summaries.remove(&serial)?;
+            self.by_customer.remove(job.customer_key.as_slice())?;
+            self.by_device.remove(job.device_key.as_slice())?;
+        }
+        while self.audit.len() > audit_len {
+            self.audit.pop_max()?;
+        }
+        match head {
+            Some(head) => self.meta.insert(AUDIT_HEAD_KEY, head)?,
+            None => self.meta.remove(AUDIT_HEAD_KEY)?,
+        };
+        self.meta
+            .insert(ISSUANCE_APPLIED_KEY, &applied.to_be_bytes())?;
+        self.commit.sync()
     }
 
     /// The trees a revocation or a release from hold changes, in the order their
@@ -374,18 +529,15 @@ impl SledStore {
     }
 }
 
-fn check_token(
-    tokens: &TransactionalTree,
-    hash: &TokenHash,
+/// Whether a stored token (`None`: unknown) can be used at `now_s`.
+fn token_usable(
+    stored: Option<&[u8]>,
     now_s: i64,
-) -> std::result::Result<
-    std::result::Result<TokenRecord, TokenRejection>,
-    ConflictableTransactionError<Error>,
-> {
-    let Some(bytes) = tokens.get(hash.0)? else {
+) -> Result<std::result::Result<TokenRecord, TokenRejection>> {
+    let Some(bytes) = stored else {
         return Ok(Err(TokenRejection::Unknown));
     };
-    let token: TokenRecord = decode(&bytes).map_err(abort)?;
+    let token: TokenRecord = decode(bytes)?;
     if let Some(used_at_s) = token.used_at_s {
         return Ok(Err(TokenRejection::AlreadyUsed { used_at_s }));
     }
@@ -450,13 +602,9 @@ impl Store for SledStore {
                 self.commit_issue_batch(&batch);
             }
         }
-        let outcome = job
-            .outcome()?
-            .ok_or_else(|| Error::internal("issuance batch ended without an answer"))?;
-        if outcome == IssueOutcome::Issued {
-            self.commit.sync()?;
-        }
-        Ok(outcome)
+        // The batch's journal record was synced before the turn was released.
+        job.outcome()?
+            .ok_or_else(|| Error::internal("issuance batch ended without an answer"))
     }
 
     fn certificate(&self, serial: &Serial) -> Result<Option<CertificateRecord>> {
@@ -978,34 +1126,69 @@ impl Store for SledStore {
 
 /// Appends `event` to the audit chain inside a transaction: reads the head, links the new
 /// entry to it and moves the head. Transactions touching the head are serialized by sled.
+/// The audit chain's head: the last entry's number and hash.
+struct AuditHead {
+    seq: u64,
+    hash: Vec<u8>,
+}
+
+impl AuditHead {
+    fn encode(&self) -> Vec<u8> {
+        let mut head = self.seq.to_be_bytes().to_vec();
+        head.extend_from_slice(&self.hash);
+        head
+    }
+}
+
+fn audit_head(stored: Option<&[u8]>) -> AuditHead {
+    match stored {
+        Some(head) if head.len() == 40 => {
+            let mut seq = [0u8; 8];
+            seq.copy_from_slice(&head[..8]);
+            AuditHead {
+                seq: u64::from_be_bytes(seq),
+                hash: head[8..].to_vec(),
+            }
+        }
+        _ => AuditHead {
+            seq: 0,
+            hash: GENESIS_HASH.to_vec(),
+        },
+    }
+}
+
+/// The entry that appends `event` after `head`: its key, its encoding, and the new head.
+fn audit_entry(head: &AuditHead, event: &AuditEvent) -> Result<(Vec<u8>, Vec<u8>, AuditHead)> {
+    let body = AuditBody {
+        version: 1,
+        seq: head.seq + 1,
+        prev_hash: hex::encode(&head.hash),
+        event: event.clone(),
+    };
+    let hash = chain_hash(&head.hash, &body);
+    let entry = AuditEntry {
+        body,
+        hash: hex::encode(hash),
+    };
+    Ok((
+        (head.seq + 1).to_be_bytes().to_vec(),
+        encode(&entry)?,
+        AuditHead {
+            seq: head.seq + 1,
+            hash: hash.to_vec(),
+        },
+    ))
+}
+
 fn append_audit(
     audit: &TransactionalTree,
     meta: &TransactionalTree,
     event: &AuditEvent,
 ) -> std::result::Result<(), ConflictableTransactionError<Error>> {
-    let (seq, prev) = match meta.get(AUDIT_HEAD_KEY)? {
-        Some(head) if head.len() == 40 => {
-            let mut seq = [0u8; 8];
-            seq.copy_from_slice(&head[..8]);
-            (u64::from_be_bytes(seq), head[8..].to_vec())
-        }
-        _ => (0, GENESIS_HASH.to_vec()),
-    };
-    let body = AuditBody {
-        version: 1,
-        seq: seq + 1,
-        prev_hash: hex::encode(&prev),
-        event: event.clone(),
-    };
-    let hash = chain_hash(&prev, &body);
-    let entry = AuditEntry {
-        body,
-        hash: hex::encode(hash),
-    };
-    audit.insert(&(seq + 1).to_be_bytes(), encode(&entry).map_err(abort)?)?;
-    let mut head = (seq + 1).to_be_bytes().to_vec();
-    head.extend_from_slice(&hash);
-    meta.insert(AUDIT_HEAD_KEY, head)?;
+    let head = audit_head(meta.get(AUDIT_HEAD_KEY)?.as_deref());
+    let (key, entry, head) = audit_entry(&head, event).map_err(abort)?;
+    audit.insert(key, entry)?;
+    meta.insert(AUDIT_HEAD_KEY, head.encode())?;
     Ok(())
 }
 
