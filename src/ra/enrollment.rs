@@ -119,10 +119,37 @@ impl Ra {
     /// and issues a certificate for the token's customer and the given device.
     ///
     /// The certificate is signed before the token is consumed, and the consumption and the
-    /// certificate record commit in one transaction: a request that fails at any step
-    /// changes nothing, and of concurrent uses of one token exactly one gets a certificate.
-    /// A losing request's signed certificate is dropped unseen; it never leaves the process.
-    pub fn enroll(&self, actor: &Actor, request: EnrollRequest) -> Result<Issued> {
+    /// certificate record commit together (one journaled batch): a request that fails at any
+    /// step changes nothing, and of concurrent uses of one token exactly one gets a
+    /// certificate. A losing request's signed certificate is dropped unseen; it never leaves
+    /// the process.
+    ///
+    /// Two halves: [`Ra::prepare_enrollment`] checks and signs (CPU, and a signer that may
+    /// block: run it on a blocking thread), [`Ra::commit_enrollment`] waits for the durable
+    /// write without holding a thread.
+    pub async fn enroll(
+        self: &std::sync::Arc<Self>,
+        actor: &Actor,
+        request: EnrollRequest,
+    ) -> Result<Issued> {
+        let ra = self.clone();
+        let actor = actor.clone();
+        // The RPC's span (request id, method) goes with the work, as for every blocking call.
+        let span = tracing::Span::current();
+        let prepared = tokio::task::spawn_blocking(move || {
+            span.in_scope(|| ra.prepare_enrollment(&actor, request))
+        })
+        .await
+        .map_err(|e| Error::internal(format!("enrollment worker failed: {e}")))??;
+        self.commit_enrollment(prepared).await
+    }
+
+    /// The first half of [`Ra::enroll`]: every check, then the signature.
+    pub fn prepare_enrollment(
+        &self,
+        actor: &Actor,
+        request: EnrollRequest,
+    ) -> Result<PreparedEnrollment> {
         check_token_shape(&request.token)?;
         request.device_info.validate()?;
         let public_key = parse_device_csr(&request.csr_der)?;
@@ -171,7 +198,32 @@ impl Ra {
                 record.customer_id, record.device_id
             ),
         );
-        match self.store.issue_with_token(&hash, now_s, &record, &audit)? {
+        Ok(PreparedEnrollment {
+            hash,
+            now_s,
+            record,
+            certificate_der,
+            audit,
+        })
+    }
+
+    /// The second half of [`Ra::enroll`]: consumes the token and stores the certificate,
+    /// answering once both are durable.
+    pub async fn commit_enrollment(&self, prepared: PreparedEnrollment) -> Result<Issued> {
+        let PreparedEnrollment {
+            hash,
+            now_s,
+            record,
+            certificate_der,
+            audit,
+        } = prepared;
+        let outcome = self
+            .store
+            .clone()
+            .issue_with_token_async(&hash, now_s, &record, &audit)?
+            .await
+            .map_err(|_| Error::internal("the enrollment batch ended without an answer"))??;
+        match outcome {
             IssueOutcome::Issued => {}
             IssueOutcome::TokenRejected(rejection) => return Err(token_error(rejection)),
             IssueOutcome::SerialTaken => {
@@ -193,6 +245,15 @@ impl Ra {
         );
         Ok(self.issued(record, certificate_der))
     }
+}
+
+/// An enrollment checked and signed, not yet stored.
+pub struct PreparedEnrollment {
+    hash: TokenHash,
+    now_s: i64,
+    record: CertificateRecord,
+    certificate_der: Vec<u8>,
+    audit: AuditEvent,
 }
 
 impl Ra {

@@ -422,6 +422,75 @@ fn sled_store_applies_journaled_enrollments_the_database_lacks_when_it_opens() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_store_async_and_blocking_enrollments_share_the_queue_and_a_token_still_works_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    let (shared, own) = (
+        TokenHash::of("t-mixed-shared"),
+        TokenHash::of("t-mixed-own"),
+    );
+    for hash in [&shared, &own] {
+        store
+            .put_token(hash, &token("c-mixed", 100), &ev())
+            .unwrap();
+    }
+    // Eight async and eight blocking callers race for one token.
+    let certs: Vec<_> = (0..16)
+        .map(|i| certificate("c-mixed", &format!("d{i}")))
+        .collect();
+    let mut receivers = Vec::new();
+    for cert in &certs[..8] {
+        receivers.push(
+            store
+                .clone()
+                .issue_with_token_async(&shared, 5, cert, &ev())
+                .unwrap(),
+        );
+    }
+    let blocking: Vec<_> = certs[8..]
+        .iter()
+        .cloned()
+        .map(|cert| {
+            let store = store.clone();
+            std::thread::spawn(move || store.issue_with_token(&shared, 5, &cert, &ev()).unwrap())
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for receiver in receivers {
+        outcomes.push(receiver.await.expect("answered").unwrap());
+    }
+    for thread in blocking {
+        outcomes.push(thread.join().unwrap());
+    }
+    let issued = outcomes
+        .iter()
+        .filter(|o| **o == IssueOutcome::Issued)
+        .count();
+    assert_eq!(issued, 1, "{outcomes:?}");
+    assert!(outcomes.iter().all(|o| *o == IssueOutcome::Issued
+        || matches!(
+            o,
+            IssueOutcome::TokenRejected(TokenRejection::AlreadyUsed { .. })
+        )));
+
+    // An async enrollment after them is answered too, durable and in the chain.
+    let last = certificate("c-mixed", "d-last");
+    let outcome = store
+        .clone()
+        .issue_with_token_async(&own, 6, &last, &ev())
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, IssueOutcome::Issued);
+    assert!(store.certificate(&last.serial).unwrap().is_some());
+    assert_eq!(
+        verify_audit_log(store.as_ref()).unwrap(),
+        AuditCheck::Intact { entries: 4 }
+    );
+}
+
 #[test]
 fn sled_store_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();

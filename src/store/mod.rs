@@ -111,6 +111,9 @@ pub enum ReleaseRejection {
     AlreadyReleased { released_at_ms: i64 },
 }
 
+/// Where an async enrollment's outcome arrives (see [`Store::issue_with_token_async`]).
+pub type IssueReceiver = tokio::sync::oneshot::Receiver<Result<IssueOutcome>>;
+
 /// Persistent state of the RA and CA.
 pub trait Store: Send + Sync {
     /// Stores a new enrollment token under its hash. Durable on return.
@@ -130,6 +133,21 @@ pub trait Store: Send + Sync {
         certificate: &CertificateRecord,
         audit: &AuditEvent,
     ) -> Result<IssueOutcome>;
+
+    /// [`Store::issue_with_token`] for async callers: returns at once, and the receiver gets
+    /// the outcome once it is durable. A backend that batches enrollments commits this one
+    /// with others without a thread waiting for it; the default runs the call here.
+    fn issue_with_token_async(
+        self: std::sync::Arc<Self>,
+        hash: &TokenHash,
+        now_s: i64,
+        certificate: &CertificateRecord,
+        audit: &AuditEvent,
+    ) -> Result<IssueReceiver> {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let _ = sender.send(self.issue_with_token(hash, now_s, certificate, audit));
+        Ok(receiver)
+    }
 
     /// The certificate with `serial`, if payra issued it.
     fn certificate(&self, serial: &Serial) -> Result<Option<CertificateRecord>>;

@@ -35,7 +35,7 @@ pub struct SledStore {
     /// never sees half of a change set.
     write_turn: std::sync::Mutex<()>,
     /// Enrollments waiting for the write turn; whoever gets the turn commits them all.
-    issue_queue: std::sync::Mutex<Vec<std::sync::Arc<IssueJob>>>,
+    issue_queue: std::sync::Mutex<IssueQueue>,
     ledger: Tree,
     releases: Tree,
     /// serial → [`CertificateSummary`] (binary), what the verification cache loads.
@@ -63,6 +63,17 @@ pub(super) struct IssueJob {
     audit: AuditEvent,
     /// Set once, under the write turn, by whoever committed the batch.
     outcome: std::sync::OnceLock<std::result::Result<IssueOutcome, String>>,
+    /// An async caller's receiver end, told the outcome when it is set.
+    notify: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Result<IssueOutcome>>>>,
+}
+
+/// Enrollments waiting to be committed.
+#[derive(Default)]
+pub(super) struct IssueQueue {
+    jobs: Vec<std::sync::Arc<IssueJob>>,
+    /// A blocking task is committing queued async enrollments; it runs until the queue is
+    /// empty, so a new async enrollment starts one only when this is false.
+    draining: bool,
 }
 
 impl IssueJob {
@@ -83,7 +94,20 @@ impl IssueJob {
             device_key: index_key(certificate.device_id.as_str(), &certificate.serial),
             audit: audit.clone(),
             outcome: std::sync::OnceLock::new(),
+            notify: std::sync::Mutex::new(None),
         })
+    }
+
+    /// Sets the outcome and tells an async caller.
+    fn finish(&self, outcome: std::result::Result<IssueOutcome, String>) {
+        let _ = self.outcome.set(outcome);
+        let notify = self.notify.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(sender) = notify {
+            // A caller that stopped waiting dropped its receiver; the outcome stands.
+            let _ = sender.send(self.outcome().and_then(|o| {
+                o.ok_or_else(|| Error::internal("issuance batch ended without an answer"))
+            }));
+        }
     }
 
     /// `None` until a batch committed (or failed) this job.
@@ -162,7 +186,7 @@ impl SledStore {
             revoked: db.open_tree("revoked")?,
             meta: db.open_tree("meta")?,
             write_turn: std::sync::Mutex::new(()),
-            issue_queue: std::sync::Mutex::new(Vec::new()),
+            issue_queue: std::sync::Mutex::new(IssueQueue::default()),
             ledger: db.open_tree("ledger")?,
             releases: db.open_tree("releases")?,
             summaries: db.open_tree("cert_summaries")?,
@@ -268,6 +292,22 @@ impl SledStore {
         Ok(())
     }
 
+    /// Commits queued enrollments, batch after batch, until the queue is empty.
+    fn drain_issue_queue(&self) {
+        loop {
+            let batch = {
+                let mut queue = self.issue_queue.lock().unwrap_or_else(|p| p.into_inner());
+                if queue.jobs.is_empty() {
+                    queue.draining = false;
+                    return;
+                }
+                std::mem::take(&mut queue.jobs)
+            };
+            let _writing = self.writing();
+            self.commit_issue_batch(&batch);
+        }
+    }
+
     /// Commits queued enrollments as one journal record, in queue order, and answers each
     /// job. The caller holds the write turn. Later jobs see the writes of earlier ones, so two
     /// jobs with one token get one certificate between them. When this returns, every issued
@@ -276,13 +316,13 @@ impl SledStore {
         match self.issue_batch(batch) {
             Ok(outcomes) => {
                 for (job, outcome) in batch.iter().zip(outcomes) {
-                    let _ = job.outcome.set(Ok(outcome));
+                    job.finish(Ok(outcome));
                 }
             }
             Err(e) => {
                 let message = e.to_string();
                 for job in batch {
-                    let _ = job.outcome.set(Err(message.clone()));
+                    job.finish(Err(message.clone()));
                 }
             }
         }
@@ -590,6 +630,7 @@ impl Store for SledStore {
         self.issue_queue
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .jobs
             .push(job.clone());
         {
             let _writing = self.writing();
@@ -597,7 +638,11 @@ impl Store for SledStore {
                 // Nobody took this job while we waited for the turn: commit everything
                 // queued now, ours included, in one transaction.
                 let batch = std::mem::take(
-                    &mut *self.issue_queue.lock().unwrap_or_else(|p| p.into_inner()),
+                    &mut self
+                        .issue_queue
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .jobs,
                 );
                 self.commit_issue_batch(&batch);
             }
@@ -605,6 +650,29 @@ impl Store for SledStore {
         // The batch's journal record was synced before the turn was released.
         job.outcome()?
             .ok_or_else(|| Error::internal("issuance batch ended without an answer"))
+    }
+
+    /// Queues the enrollment for a blocking task that commits batches until the queue is
+    /// empty (one is started when none runs), so no thread waits for this one.
+    fn issue_with_token_async(
+        self: std::sync::Arc<Self>,
+        hash: &TokenHash,
+        now_s: i64,
+        certificate: &CertificateRecord,
+        audit: &AuditEvent,
+    ) -> Result<super::IssueReceiver> {
+        let job = std::sync::Arc::new(IssueJob::new(hash, now_s, certificate, audit)?);
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        *job.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+        let start = {
+            let mut queue = self.issue_queue.lock().unwrap_or_else(|p| p.into_inner());
+            queue.jobs.push(job);
+            !std::mem::replace(&mut queue.draining, true)
+        };
+        if start {
+            tokio::task::spawn_blocking(move || self.drain_issue_queue());
+        }
+        Ok(receiver)
     }
 
     fn certificate(&self, serial: &Serial) -> Result<Option<CertificateRecord>> {

@@ -211,8 +211,9 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
         let peer = request.remote_addr().map(|addr| addr.ip());
         let mut request = EnrollRequest::try_from(request.into_inner())?;
         request.peer = peer;
-        let ra = self.ra.clone();
-        let issued = blocking(move || ra.enroll(&actor, request)).await?;
+        // Checked and signed on the blocking pool; the wait for the durable write holds no
+        // thread.
+        let issued = self.ra.enroll(&actor, request).await?;
         Ok(Response::new(issued_response(issued)))
     }
 
