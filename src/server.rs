@@ -159,9 +159,7 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
     let log_source = ra.clone();
     let http_state = crate::http::HttpState {
         ra: ra.clone(),
-        storage_syncs: Arc::new(move || {
-            sync_source.group_commit().syncs() + log_source.decision_log_syncs()
-        }),
+        storage_syncs: Arc::new(move || sync_source.syncs() + log_source.decision_log_syncs()),
     };
     let http = tokio::spawn(crate::http::serve(http_listener, http_state, async {
         let _ = http_stop_rx.await;

@@ -46,6 +46,8 @@ pub struct SledStore {
     commit: GroupCommit,
     /// Enrollments' redo log (see `issuance_journal`); used only under the write turn.
     journal: std::sync::Mutex<IssuanceJournal>,
+    /// Appends (each an fdatasync) to the journal since the store opened.
+    journal_syncs: std::sync::atomic::AtomicU64,
 }
 
 /// The issuance journal's file name in the data directory.
@@ -196,6 +198,7 @@ impl SledStore {
             db,
             commit,
             journal: std::sync::Mutex::new(journal),
+            journal_syncs: std::sync::atomic::AtomicU64::new(0),
         };
         store.recover_issuance(journaled)?;
         store.build_missing_summaries()?;
@@ -391,6 +394,8 @@ impl SledStore {
         let mut journal = self.lock_journal();
         let seq = self.issuance_applied()? + 1;
         journal.append(seq, &puts)?;
+        self.journal_syncs
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = self.apply_issuance(seq, &puts) {
             // The batch is durable but not in the trees: a later batch must not be decided on
             // trees that lack it. A restart applies it from the journal.
@@ -547,6 +552,14 @@ impl SledStore {
     /// The durability barrier, for metrics and tests of batching.
     pub fn group_commit(&self) -> &GroupCommit {
         &self.commit
+    }
+
+    /// Durable syncs of the database so far: the group commit's and the issuance journal's.
+    pub fn syncs(&self) -> u64 {
+        self.commit.syncs()
+            + self
+                .journal_syncs
+                .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Flushes and syncs everything; for shutdown.
