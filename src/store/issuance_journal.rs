@@ -216,13 +216,20 @@ impl IssuanceJournal {
         ))
     }
 
+    /// An error once the journal stopped (a failed append or apply): nothing more is
+    /// acknowledged until a restart.
+    pub fn healthy(&self) -> Result<()> {
+        match &self.failed {
+            Some(failed) => Err(Error::Unavailable(format!(
+                "the issuance journal stopped after a write error ({failed}); restart payra"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Appends one batch and waits until it is on stable storage.
     pub fn append(&mut self, seq: u64, puts: &[Put]) -> Result<()> {
-        if let Some(failed) = &self.failed {
-            return Err(Error::Unavailable(format!(
-                "the issuance journal stopped after a write error ({failed}); restart payra"
-            )));
-        }
+        self.healthy()?;
         let frame = encode_record(seq, puts)?;
         let written = self
             .file
@@ -333,6 +340,26 @@ mod tests {
         journal.append(7, &batch(7)).unwrap();
         let (_, records) = IssuanceJournal::open(&path).unwrap();
         assert_eq!(records, vec![(7, batch(7))]);
+    }
+
+    #[test]
+    fn a_stopped_journal_refuses_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut journal, _) = IssuanceJournal::open(&dir.path().join("journal")).unwrap();
+        journal.append(1, &batch(1)).unwrap();
+        assert!(journal.healthy().is_ok());
+        journal.fail("applying batch 2: disk full".into());
+        let refused = journal.append(2, &batch(2)).unwrap_err();
+        assert!(matches!(refused, Error::Unavailable(_)), "{refused}");
+        assert!(refused.to_string().contains("disk full"), "{refused}");
+        assert!(journal.healthy().is_err());
+        // The first reason stays.
+        journal.fail("later".into());
+        assert!(journal
+            .healthy()
+            .unwrap_err()
+            .to_string()
+            .contains("disk full"));
     }
 
     #[test]

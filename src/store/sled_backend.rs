@@ -1158,6 +1158,7 @@ impl Store for SledStore {
 
     fn probe_write(&self) -> Result<()> {
         let writing = self.writing();
+        self.lock_journal().healthy()?;
         self.meta.insert(b"ready_probe", &[1u8] as &[u8])?;
         {
             drop(writing);
