@@ -297,6 +297,17 @@ impl SledStore {
 
     /// Commits queued enrollments, batch after batch, until the queue is empty.
     fn drain_issue_queue(&self) {
+        /// If committing panics, the next async enrollment must start a new drainer; the
+        /// jobs of the lost batch are answered `INTERNAL` as their senders drop.
+        struct Draining<'a>(&'a std::sync::Mutex<IssueQueue>);
+        impl Drop for Draining<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0.lock().unwrap_or_else(|p| p.into_inner()).draining = false;
+                }
+            }
+        }
+        let _draining = Draining(&self.issue_queue);
         loop {
             let batch = {
                 let mut queue = self.issue_queue.lock().unwrap_or_else(|p| p.into_inner());
