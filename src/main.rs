@@ -913,8 +913,10 @@ async fn run(cli: Cli) -> CliResult {
     }
 }
 
-/// Opens the database read-only in spirit: the audit commands never write. sled allows one
-/// process at a time, so the server must be stopped.
+/// Opens the database for the audit commands, which change nothing themselves. Opening
+/// completes recovery as a start of the server would (it applies issuance-journal batches the
+/// database lacks after a crash). sled allows one process at a time, so the server must be
+/// stopped.
 fn open_data(data: &Path) -> Result<payra::store::SledStore, String> {
     if !data.join("db").exists() {
         return Err(format!("{} holds no payra database", data.display()));

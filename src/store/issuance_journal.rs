@@ -138,42 +138,66 @@ fn decode_payload(payload: &[u8]) -> Option<JournalRecord> {
     (at == payload.len()).then_some((seq, puts))
 }
 
-/// The intact records of `bytes`, and how many bytes they span. Reading stops at the first
-/// frame that is cut short or fails its checksum: the tail of an append a crash interrupted.
-/// A frame whose checksum holds but whose content does not parse is damage, not a torn tail.
+/// Whether the bytes from a bad frame to the end of the file are what an interrupted
+/// append leaves: nothing but zeros (a file extended and not yet written), or a single frame
+/// that ends at or past the end of the file. Anything else is damage.
+fn torn_tail(rest: &[u8]) -> bool {
+    if rest.len() < 8 || rest.iter().all(|b| *b == 0) {
+        return true;
+    }
+    let length = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    8 + length >= rest.len()
+}
+
+/// The smallest payload: a batch number and a count.
+const MIN_PAYLOAD: usize = 12;
+
+/// The intact records of `bytes`, and how many bytes they span. Every append is synced
+/// before the next, so only the last frame can be cut short or fail its checksum: that
+/// tail is left out. A bad frame with more data after it, a frame whose checksum holds but
+/// whose content does not parse, or batch numbers that do not follow one another are damage.
 fn read_records(bytes: &[u8]) -> Result<(Vec<JournalRecord>, usize)> {
-    let mut records = Vec::new();
+    let damaged = |at: usize, what: &str| {
+        Error::internal(format!(
+            "issuance journal damaged at byte {at}: {what}; restore the data directory from a backup"
+        ))
+    };
+    let mut records: Vec<JournalRecord> = Vec::new();
     let mut at = 0;
-    loop {
+    while at < bytes.len() {
         let start = at;
-        let (Some(length), Some(crc)) = (take_u32(bytes, &mut at), take_u32(bytes, &mut at)) else {
-            return Ok((records, start));
+        let frame = (|| {
+            let length = take_u32(bytes, &mut at)? as usize;
+            let crc = take_u32(bytes, &mut at)?;
+            if !(MIN_PAYLOAD..=MAX_RECORD_BYTES).contains(&length) {
+                return None;
+            }
+            let payload = take(bytes, &mut at, length)?;
+            (crc32fast::hash(payload) == crc).then_some(payload)
+        })();
+        let Some(payload) = frame else {
+            if torn_tail(&bytes[start..]) {
+                return Ok((records, start));
+            }
+            return Err(damaged(start, "a bad frame with more data after it"));
         };
-        let length = length as usize;
-        if length > MAX_RECORD_BYTES {
-            return Ok((records, start));
-        }
-        let Some(payload) = take(bytes, &mut at, length) else {
-            return Ok((records, start));
-        };
-        if crc32fast::hash(payload) != crc {
-            return Ok((records, start));
-        }
         let record = decode_payload(payload).ok_or_else(|| {
-            Error::internal(format!(
-                "issuance journal: the record at byte {start} passes its checksum but does not parse"
-            ))
+            damaged(
+                start,
+                "a record that passes its checksum but does not parse",
+            )
         })?;
         if let Some((previous, _)) = records.last() {
-            if record.0 <= *previous {
-                return Err(Error::internal(format!(
-                    "issuance journal: batch {} follows batch {previous}",
-                    record.0
-                )));
+            if record.0 != previous + 1 {
+                return Err(damaged(
+                    start,
+                    &format!("batch {} follows batch {previous}", record.0),
+                ));
             }
         }
         records.push(record);
     }
+    Ok((records, at))
 }
 
 impl IssuanceJournal {
@@ -184,12 +208,21 @@ impl IssuanceJournal {
     pub fn open(path: &Path) -> Result<(IssuanceJournal, Vec<JournalRecord>)> {
         let opening =
             |e: std::io::Error| Error::internal(format!("opening {}: {e}", path.display()));
+        let created = !path.exists();
         let mut file = OpenOptions::new()
             .create(true)
             .append(true)
             .read(true)
             .open(path)
             .map_err(opening)?;
+        if created {
+            // The new name must survive a power cut along with the records synced into it.
+            if let Some(dir) = path.parent() {
+                File::open(dir)
+                    .and_then(|dir| dir.sync_all())
+                    .map_err(opening)?;
+            }
+        }
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(opening)?;
         let (records, intact) = read_records(&bytes)?;
@@ -363,14 +396,51 @@ mod tests {
     }
 
     #[test]
-    fn out_of_order_batches_are_damage() {
+    fn batches_out_of_order_or_damage_before_the_end_refuse_to_open() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("journal");
         let (mut journal, _) = IssuanceJournal::open(&path).unwrap();
         journal.append(5, &batch(5)).unwrap();
-        journal.append(4, &batch(4)).unwrap();
+        journal.append(7, &batch(7)).unwrap();
         drop(journal);
-        let refused = IssuanceJournal::open(&path).err().expect("refused");
-        assert!(refused.to_string().contains("follows batch 5"), "{refused}");
+        let refused = IssuanceJournal::open(&path).err().expect("a gap");
+        assert!(
+            refused.to_string().contains("batch 7 follows batch 5"),
+            "{refused}"
+        );
+
+        // A flipped bit in the first of two frames is damage, not a torn tail: the second
+        // frame was acknowledged after the first was synced.
+        std::fs::remove_file(&path).unwrap();
+        let (mut journal, _) = IssuanceJournal::open(&path).unwrap();
+        journal.append(1, &batch(1)).unwrap();
+        journal.append(2, &batch(2)).unwrap();
+        drop(journal);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[10] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let refused = IssuanceJournal::open(&path).err().expect("damage");
+        assert!(
+            refused.to_string().contains("damaged at byte 0"),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn a_zero_filled_end_is_a_torn_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let (mut journal, _) = IssuanceJournal::open(&path).unwrap();
+        journal.append(1, &batch(1)).unwrap();
+        drop(journal);
+        let intact = std::fs::metadata(&path).unwrap().len();
+        // A crash after the file grew but before the data reached it leaves zeros.
+        let file = OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(intact + 4096).unwrap();
+        drop(file);
+        let (journal, records) = IssuanceJournal::open(&path).unwrap();
+        assert_eq!(records, vec![(1, batch(1))]);
+        assert_eq!(journal.len(), intact);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), intact);
     }
 }

@@ -209,6 +209,15 @@ impl SledStore {
     /// empties the journal.
     fn recover_issuance(&self, journaled: Vec<JournalRecord>) -> Result<()> {
         let applied = self.issuance_applied()?;
+        if let Some((first, _)) = journaled.iter().find(|(seq, _)| *seq > applied) {
+            if *first != applied + 1 {
+                return Err(Error::internal(format!(
+                    "the issuance journal starts at batch {first} but the database holds \
+                     batches up to {applied} only: batches are missing; restore the data \
+                     directory from a backup"
+                )));
+            }
+        }
         let mut redone = 0usize;
         for (seq, puts) in journaled.iter().filter(|(seq, _)| *seq > applied) {
             self.apply_issuance(*seq, puts)?;
@@ -309,6 +318,9 @@ impl SledStore {
         }
         let _draining = Draining(&self.issue_queue);
         loop {
+            // Jobs leave the queue only under the write turn: a blocking caller holding the
+            // turn whose job has no outcome can then count on finding it still queued.
+            let _writing = self.writing();
             let batch = {
                 let mut queue = self.issue_queue.lock().unwrap_or_else(|p| p.into_inner());
                 if queue.jobs.is_empty() {
@@ -317,7 +329,6 @@ impl SledStore {
                 }
                 std::mem::take(&mut queue.jobs)
             };
-            let _writing = self.writing();
             self.commit_issue_batch(&batch);
         }
     }
@@ -327,6 +338,19 @@ impl SledStore {
     /// jobs with one token get one certificate between them. When this returns, every issued
     /// job is on stable storage (the journal's `fdatasync`) and in the trees.
     pub(super) fn commit_issue_batch(&self, batch: &[std::sync::Arc<IssueJob>]) {
+        /// A panic may come between the journal's append and the inserts: then no later
+        /// batch may be decided on trees that lack this one.
+        struct StopOnPanic<'a>(&'a SledStore);
+        impl Drop for StopOnPanic<'_> {
+            fn drop(&mut self) {
+                if std::thread::panicking() {
+                    self.0
+                        .lock_journal()
+                        .fail("a panic while committing an enrollment batch".into());
+                }
+            }
+        }
+        let _stop_on_panic = StopOnPanic(self);
         match self.issue_batch(batch) {
             Ok(outcomes) => {
                 for (job, outcome) in batch.iter().zip(outcomes) {
@@ -415,9 +439,12 @@ impl SledStore {
         }
         if journal.len() > IssuanceJournal::RESET_BYTES {
             // Everything the journal holds is in the trees; once sled has synced them, the
-            // journal can start over.
-            self.commit.sync()?;
-            journal.reset()?;
+            // journal can start over. This batch is durable and applied whatever happens
+            // here, so its answers stand; a failure stops the journal instead.
+            if let Err(e) = self.commit.sync().and_then(|()| journal.reset()) {
+                tracing::error!(error = %e, "emptying the issuance journal failed; refusing further enrollments");
+                journal.fail(format!("emptying the journal: {e}"));
+            }
         }
         Ok(outcomes)
     }
