@@ -141,7 +141,12 @@ impl Ra {
         })
         .await
         .map_err(|e| Error::internal(format!("enrollment worker failed: {e}")))??;
-        self.commit_enrollment(prepared).await
+        // A task of its own: if the caller goes away (a cancelled RPC, a deadline), a
+        // certificate that was committed still reaches the verification cache and the metrics.
+        let ra = self.clone();
+        tokio::spawn(async move { ra.commit_enrollment(prepared).await })
+            .await
+            .map_err(|e| Error::internal(format!("enrollment task failed: {e}")))?
     }
 
     /// The first half of [`Ra::enroll`]: every check, then the signature.
