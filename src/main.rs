@@ -138,7 +138,8 @@ enum Command {
         /// requests queued since its last write in one go) or `tonic` (the CLI's client).
         #[arg(long, value_enum, default_value = "lean")]
         client: BenchClient,
-        /// The HTTP listener, for the ocsp scenario.
+        /// The server's HTTP listener: the ocsp scenario's target, and where the server's CPU
+        /// per request is read (`/metrics`) for every scenario.
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         http: String,
         #[arg(long)]

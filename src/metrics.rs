@@ -25,8 +25,9 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub ocsp_responses: IntCounterVec,
     pub enroll_throttled: IntCounter,
-    /// User plus system CPU time of this process, brought up to date at each scrape.
-    process_cpu_seconds: Counter,
+    /// User plus system CPU time of this process, brought up to date at each scrape (under
+    /// the lock, so that overlapping scrapes do not both add the same time).
+    process_cpu_seconds: std::sync::Mutex<Counter>,
 }
 
 /// User plus system CPU time this process has used, from `/proc/self/stat` (Linux; `None`
@@ -178,14 +179,14 @@ impl Metrics {
                 )
                 .unwrap_or_else(|e| panic!("metric payra_enroll_throttled_total: {e}")),
             ),
-            process_cpu_seconds: register(
+            process_cpu_seconds: std::sync::Mutex::new(register(
                 &registry,
                 Counter::new(
                     "process_cpu_seconds_total",
                     "User and system CPU time of the payra process",
                 )
                 .unwrap_or_else(|e| panic!("metric process_cpu_seconds_total: {e}")),
-            ),
+            )),
             registry,
         }
         .with_build_info()
@@ -200,10 +201,16 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        if let Some(total) = process_cpu_seconds() {
-            let behind = total - self.process_cpu_seconds.get();
-            if behind > 0.0 {
-                self.process_cpu_seconds.inc_by(behind);
+        {
+            let counter = self
+                .process_cpu_seconds
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if let Some(total) = process_cpu_seconds() {
+                let behind = total - counter.get();
+                if behind > 0.0 {
+                    counter.inc_by(behind);
+                }
             }
         }
         let mut buffer = Vec::new();

@@ -99,6 +99,11 @@ async fn the_lean_client_reports_the_servers_status_codes() {
         .expect_err("malformed serial");
     assert_eq!(malformed.code, Some(3), "{malformed}");
     assert!(malformed.message.contains("serial"), "{malformed}");
+    // grpc-message arrives percent-encoded; the client decodes it.
+    assert!(
+        malformed.message.contains(' ') && !malformed.message.contains("%20"),
+        "{malformed}"
+    );
 
     // A known serial answers with its record.
     let (_, issued) = server.enroll("lean-client", "phone-1").await;

@@ -22,6 +22,8 @@ use crate::error::{Error, Result};
 
 /// Largest response message accepted (payra's responses are a few kilobytes at most).
 const MAX_RESPONSE: usize = 1 << 20;
+/// How long one call, or setting up a connection, may take.
+const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// One HTTP/2 connection to a payra server, shared by any number of concurrent calls.
 #[derive(Clone)]
@@ -121,13 +123,18 @@ impl GrpcConnection {
         let tcp = tcp?;
         tcp.set_nodelay(true).map_err(|e| cannot(&e))?;
         let name = ServerName::try_from(host).map_err(|e| Error::invalid("server", e))?;
-        let tls = connector.connect(name, tcp).await.map_err(|e| cannot(&e))?;
-        let (send, connection) = h2::client::Builder::new()
-            .initial_window_size(1 << 20)
-            .initial_connection_window_size(1 << 24)
-            .handshake::<_, Bytes>(tls)
+        let handshakes = async {
+            let tls = connector.connect(name, tcp).await.map_err(|e| cannot(&e))?;
+            h2::client::Builder::new()
+                .initial_window_size(1 << 20)
+                .initial_connection_window_size(1 << 24)
+                .handshake::<_, Bytes>(tls)
+                .await
+                .map_err(|e| cannot(&e))
+        };
+        let (send, connection) = tokio::time::timeout(CALL_TIMEOUT, handshakes)
             .await
-            .map_err(|e| cannot(&e))?;
+            .map_err(|_| cannot(&"TLS and HTTP/2 handshakes took more than 30 s"))??;
         tokio::spawn(async move {
             // Ends when the server closes the connection or every handle is dropped; calls in
             // flight then fail with a transport error, which the report counts.
@@ -139,8 +146,24 @@ impl GrpcConnection {
         })
     }
 
-    /// One unary call: `path` is `/package.Service/Method`.
+    /// One unary call: `path` is `/package.Service/Method`. A call that gets no complete
+    /// answer within [`CALL_TIMEOUT`] fails, so a stalled server cannot hang a run.
     pub async fn unary<Q, A>(&self, path: &str, request: &Q) -> std::result::Result<A, CallError>
+    where
+        Q: prost::Message,
+        A: prost::Message + Default,
+    {
+        tokio::time::timeout(CALL_TIMEOUT, self.call(path, request))
+            .await
+            .unwrap_or_else(|_| {
+                Err(CallError::transport(format!(
+                    "no answer within {} s",
+                    CALL_TIMEOUT.as_secs()
+                )))
+            })
+    }
+
+    async fn call<Q, A>(&self, path: &str, request: &Q) -> std::result::Result<A, CallError>
     where
         Q: prost::Message,
         A: prost::Message + Default,
@@ -207,22 +230,15 @@ impl GrpcConnection {
     }
 }
 
+/// The call's status from `grpc-status` and the percent-encoded `grpc-message`.
 fn check_status(headers: &HeaderMap) -> std::result::Result<(), CallError> {
-    let code = headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u32>().ok())
-        .ok_or_else(|| CallError::transport("grpc-status missing or malformed"))?;
-    if code == 0 {
+    let status = tonic::Status::from_header_map(headers)
+        .ok_or_else(|| CallError::transport("no grpc-status in the answer"))?;
+    if status.code() == tonic::Code::Ok {
         return Ok(());
     }
-    let message = headers
-        .get("grpc-message")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
     Err(CallError {
-        code: Some(code),
-        message,
+        code: Some(status.code() as u32),
+        message: status.message().to_string(),
     })
 }

@@ -144,9 +144,13 @@ impl Ra {
         // A task of its own: if the caller goes away (a cancelled RPC, a deadline), a
         // certificate that was committed still reaches the verification cache and the metrics.
         let ra = self.clone();
-        tokio::spawn(async move { ra.commit_enrollment(prepared).await })
-            .await
-            .map_err(|e| Error::internal(format!("enrollment task failed: {e}")))?
+        let span = tracing::Span::current();
+        tokio::spawn(tracing::Instrument::instrument(
+            async move { ra.commit_enrollment(prepared).await },
+            span,
+        ))
+        .await
+        .map_err(|e| Error::internal(format!("enrollment task failed: {e}")))?
     }
 
     /// The first half of [`Ra::enroll`]: every check, then the signature.
@@ -238,6 +242,15 @@ impl Ra {
             }
         }
         self.cache.put(&record);
+        // A revocation that committed after this certificate but reached the cache before it
+        // (revoking a device or a customer) found nothing to mark there: read it back now.
+        // Whichever order the two take, the cache ends up with the revocation.
+        if let Some(stored) = self.store.certificate(&record.serial)? {
+            if stored.revocation.is_some() {
+                self.cache
+                    .set_revocation(std::slice::from_ref(&record.serial), stored.revocation);
+            }
+        }
         self.metrics
             .certificates_issued
             .with_label_values(&["enroll"])
