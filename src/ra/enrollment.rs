@@ -241,16 +241,7 @@ impl Ra {
                 ))
             }
         }
-        self.cache.put(&record);
-        // A revocation that committed after this certificate but reached the cache before it
-        // (revoking a device or a customer) found nothing to mark there: read it back now.
-        // Whichever order the two take, the cache ends up with the revocation.
-        if let Some(stored) = self.store.certificate(&record.serial)? {
-            if stored.revocation.is_some() {
-                self.cache
-                    .set_revocation(std::slice::from_ref(&record.serial), stored.revocation);
-            }
-        }
+        self.cache_committed(&record);
         self.metrics
             .certificates_issued
             .with_label_values(&["enroll"])
@@ -262,6 +253,29 @@ impl Ra {
             "certificate issued"
         );
         Ok(self.issued(record, certificate_der))
+    }
+}
+
+impl Ra {
+    /// Puts a certificate the store has just committed into the verification cache.
+    ///
+    /// A revocation of its device or customer that committed just after it, but reached the
+    /// cache first, found nothing to mark there; so the record is read back once it is in
+    /// the cache. Whichever order the two take, the cache ends up with the revocation. The
+    /// certificate is durable already: a failed read is logged, not returned.
+    fn cache_committed(&self, record: &CertificateRecord) {
+        self.cache.put(record);
+        match self.store.certificate(&record.serial) {
+            Ok(Some(stored)) if stored.revocation.is_some() => self
+                .cache
+                .set_revocation(std::slice::from_ref(&record.serial), stored.revocation),
+            Ok(_) => {}
+            Err(e) => tracing::error!(
+                serial = %record.serial,
+                error = %e,
+                "reading back a new certificate failed; a revocation racing it may be missing from the cache until restart"
+            ),
+        }
     }
 }
 
@@ -338,7 +352,7 @@ impl Ra {
             }
             Err(other) => return Err(Error::internal(format!("renew: {other:?}"))),
         }
-        self.cache.put(&record);
+        self.cache_committed(&record);
         self.cache.set_revocation(
             std::slice::from_ref(&current.serial),
             Some(crate::store::Revocation {
