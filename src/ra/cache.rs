@@ -3,11 +3,11 @@
 //! acknowledged, so the hot path reads no disk and a revocation is effective for the very
 //! next verification.
 
-use std::collections::HashMap;
+use std::hash::BuildHasher;
 use std::sync::RwLock;
 
 use crate::error::Result;
-use crate::model::{CustomerId, DeviceId, Serial};
+use crate::model::{CustomerId, DeviceId, RevocationReason, Serial};
 use crate::store::{CertificateRecord, Revocation, Store};
 
 /// What the verifier knows about one certificate.
@@ -22,67 +22,108 @@ pub struct CachedCertificate {
     pub revocation: Option<Revocation>,
 }
 
-/// A serial as a fixed-size key: its length, then up to 20 octets (RFC 5280's limit), so the
-/// map needs no allocation per key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-struct SerialKey([u8; 21]);
+/// One certificate as the map keeps it: a single allocation of about 150 bytes holding
+/// the serial, the key, validity, revocation and both identifiers, so that a million
+/// certificates take about 200 MB with the table (one pointer per slot).
+///
+/// Layout: serial length (1) | serial (up to 20) | public key (65) | notBefore i64 LE |
+/// notAfter i64 LE | revocation: reason code + 1, or 0 for none (1) | revoked_at_s i64 LE |
+/// customer length (1) | customer | device.
+struct Entry(Box<[u8]>);
 
-impl SerialKey {
-    fn of(serial: &Serial) -> Option<SerialKey> {
-        let bytes = serial.as_bytes();
-        if bytes.len() > 20 {
-            return None;
-        }
-        let mut key = [0u8; 21];
-        key[0] = bytes.len() as u8;
-        key[1..=bytes.len()].copy_from_slice(bytes);
-        Some(SerialKey(key))
-    }
-}
-
-/// One certificate as stored in the map: about 120 bytes plus its identifiers, in two
-/// allocations (a million certificates take about 230 MB).
-#[derive(Debug)]
-struct Entry {
-    public_key: [u8; 65],
-    /// `customer` + `device`, split at `customer_len`.
-    ids: Box<str>,
-    customer_len: u8,
-    not_before_s: i64,
-    not_after_s: i64,
-    revocation: Option<Revocation>,
-}
+/// The longest serial RFC 5280 allows.
+const MAX_SERIAL: usize = 20;
+const KEY_LEN: usize = 65;
 
 impl Entry {
+    #[allow(clippy::too_many_arguments)]
     fn new(
-        public_key: [u8; 65],
+        serial: &[u8],
+        public_key: &[u8; KEY_LEN],
         customer: &CustomerId,
         device: &DeviceId,
         not_before_s: i64,
         not_after_s: i64,
         revocation: Option<Revocation>,
-    ) -> Entry {
-        let customer = customer.as_str();
-        Entry {
-            public_key,
-            ids: format!("{customer}{}", device.as_str()).into_boxed_str(),
-            // A customer id is at most 64 bytes.
-            customer_len: customer.len() as u8,
-            not_before_s,
-            not_after_s,
-            revocation,
+    ) -> Option<Entry> {
+        let (customer, device) = (customer.as_str().as_bytes(), device.as_str().as_bytes());
+        if serial.len() > MAX_SERIAL || customer.len() > usize::from(u8::MAX) {
+            return None;
         }
+        let mut bytes =
+            Vec::with_capacity(1 + serial.len() + KEY_LEN + 26 + customer.len() + device.len());
+        bytes.push(serial.len() as u8);
+        bytes.extend_from_slice(serial);
+        bytes.extend_from_slice(public_key);
+        bytes.extend_from_slice(&not_before_s.to_le_bytes());
+        bytes.extend_from_slice(&not_after_s.to_le_bytes());
+        bytes.extend_from_slice(&[0; 9]);
+        bytes.push(customer.len() as u8);
+        bytes.extend_from_slice(customer);
+        bytes.extend_from_slice(device);
+        let mut entry = Entry(bytes.into_boxed_slice());
+        entry.set_revocation(revocation);
+        Some(entry)
+    }
+
+    fn serial(&self) -> &[u8] {
+        &self.0[1..1 + usize::from(self.0[0])]
+    }
+
+    /// Where the fields after the serial start.
+    fn fixed(&self) -> usize {
+        1 + usize::from(self.0[0])
+    }
+
+    fn i64_at(&self, at: usize) -> i64 {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&self.0[at..at + 8]);
+        i64::from_le_bytes(word)
+    }
+
+    fn not_before_s(&self) -> i64 {
+        self.i64_at(self.fixed() + KEY_LEN)
+    }
+
+    fn not_after_s(&self) -> i64 {
+        self.i64_at(self.fixed() + KEY_LEN + 8)
+    }
+
+    fn revocation(&self) -> Option<Revocation> {
+        let at = self.fixed() + KEY_LEN + 16;
+        let reason = RevocationReason::from_code(self.0[at].checked_sub(1)?)?;
+        Some(Revocation {
+            revoked_at_s: self.i64_at(at + 1),
+            reason,
+        })
+    }
+
+    fn set_revocation(&mut self, revocation: Option<Revocation>) {
+        let at = self.fixed() + KEY_LEN + 16;
+        let (tag, revoked_at_s) = match revocation {
+            Some(r) => (r.reason.code() + 1, r.revoked_at_s),
+            None => (0, 0),
+        };
+        self.0[at] = tag;
+        self.0[at + 1..at + 9].copy_from_slice(&revoked_at_s.to_le_bytes());
     }
 
     fn view(&self) -> CachedCertificate {
-        let (customer, device) = self.ids.split_at(usize::from(self.customer_len));
+        let at = self.fixed();
+        let mut public_key = [0u8; KEY_LEN];
+        public_key.copy_from_slice(&self.0[at..at + KEY_LEN]);
+        let ids_at = at + KEY_LEN + 25;
+        let customer_len = usize::from(self.0[ids_at]);
+        let ids = &self.0[ids_at + 1..];
+        // Both identifiers were validated (ASCII) before they were stored.
+        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
         CachedCertificate {
-            public_key: self.public_key,
-            customer: CustomerId::validated(customer),
-            device: DeviceId::validated(device),
-            not_before_s: self.not_before_s,
-            not_after_s: self.not_after_s,
-            revocation: self.revocation,
+            public_key,
+            customer: CustomerId::validated(&text(&ids[..customer_len])),
+            device: DeviceId::validated(&text(&ids[customer_len..])),
+            not_before_s: self.not_before_s(),
+            not_after_s: self.not_after_s(),
+            revocation: self.revocation(),
         }
     }
 }
@@ -93,107 +134,162 @@ fn public_key(hex_text: &str) -> Option<[u8; 65]> {
     Some(key)
 }
 
+/// The entries, found by their serial (SipHash with a random key: serials in requests come
+/// from callers).
+#[derive(Default)]
+struct Table {
+    entries: hashbrown::HashTable<Entry>,
+    hasher: std::collections::hash_map::RandomState,
+}
+
+impl Table {
+    fn hash(&self, serial: &[u8]) -> u64 {
+        self.hasher.hash_one(serial)
+    }
+
+    fn get(&self, serial: &Serial) -> Option<&Entry> {
+        let serial = serial.as_bytes();
+        self.entries
+            .find(self.hash(serial), |entry| entry.serial() == serial)
+    }
+
+    fn get_mut(&mut self, serial: &Serial) -> Option<&mut Entry> {
+        let serial = serial.as_bytes();
+        let hash = self.hash(serial);
+        self.entries
+            .find_mut(hash, |entry| entry.serial() == serial)
+    }
+
+    fn insert(&mut self, entry: Entry) {
+        let hash = self.hash(entry.serial());
+        let hasher = &self.hasher;
+        match self.entries.entry(
+            hash,
+            |e| e.serial() == entry.serial(),
+            |e| hasher.hash_one(e.serial()),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(mut occupied) => *occupied.get_mut() = entry,
+            hashbrown::hash_table::Entry::Vacant(vacant) => {
+                vacant.insert(entry);
+            }
+        }
+    }
+
+    fn remove(&mut self, serial: &Serial) {
+        let serial = serial.as_bytes();
+        if let Ok(found) = self
+            .entries
+            .find_entry(self.hash(serial), |entry| entry.serial() == serial)
+        {
+            found.remove();
+        }
+    }
+}
+
 /// serial → certificate facts, shared by all request threads.
 #[derive(Default)]
 pub struct CertificateCache {
-    map: RwLock<HashMap<SerialKey, Box<Entry>>>,
+    map: RwLock<Table>,
 }
 
 impl CertificateCache {
     /// Reads every certificate's summary from `store`.
     pub fn load(store: &dyn Store) -> Result<CertificateCache> {
-        let mut map = HashMap::new();
+        let mut table = Table::default();
         store.for_each_certificate_summary(&mut |summary| {
-            let Some(key) = SerialKey::of(&summary.serial) else {
-                return;
-            };
-            map.insert(
-                key,
-                Box::new(Entry::new(
-                    summary.public_key,
-                    &summary.customer_id,
-                    &summary.device_id,
-                    summary.not_before_s,
-                    summary.not_after_s,
-                    summary.revocation,
-                )),
-            );
+            if let Some(entry) = Entry::new(
+                summary.serial.as_bytes(),
+                &summary.public_key,
+                &summary.customer_id,
+                &summary.device_id,
+                summary.not_before_s,
+                summary.not_after_s,
+                summary.revocation,
+            ) {
+                table.insert(entry);
+            }
         })?;
-        map.shrink_to_fit();
+        let hasher = &table.hasher;
+        table.entries.shrink_to_fit(|e| hasher.hash_one(e.serial()));
         Ok(CertificateCache {
-            map: RwLock::new(map),
+            map: RwLock::new(table),
         })
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
+        self.map.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
+        self.map.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The facts about `serial`, if payra issued it.
     pub fn get(&self, serial: &Serial) -> Option<CachedCertificate> {
-        let key = SerialKey::of(serial)?;
-        self.map
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .map(|entry| entry.view())
+        self.read().get(serial).map(Entry::view)
     }
 
     /// Validity and revocation of `serial` (what a status query needs), without building the
     /// identifiers.
     pub fn standing(&self, serial: &Serial) -> Option<(i64, i64, Option<Revocation>)> {
-        let key = SerialKey::of(serial)?;
-        self.map
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-            .map(|entry| (entry.not_before_s, entry.not_after_s, entry.revocation))
+        self.read().get(serial).map(|entry| {
+            (
+                entry.not_before_s(),
+                entry.not_after_s(),
+                entry.revocation(),
+            )
+        })
     }
 
     /// Adds or replaces a certificate.
     pub fn put(&self, record: &CertificateRecord) {
-        let (Some(key), Some(public_key)) = (
-            SerialKey::of(&record.serial),
-            public_key(&record.public_key_hex),
-        ) else {
-            tracing::error!(serial = %record.serial, "certificate not cacheable");
-            return;
-        };
-        let entry = Entry::new(
-            public_key,
-            &record.customer_id,
-            &record.device_id,
-            record.not_before_s,
-            record.not_after_s,
-            record.revocation,
-        );
-        self.map
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, Box::new(entry));
+        let entry = public_key(&record.public_key_hex).and_then(|public_key| {
+            Entry::new(
+                record.serial.as_bytes(),
+                &public_key,
+                &record.customer_id,
+                &record.device_id,
+                record.not_before_s,
+                record.not_after_s,
+                record.revocation,
+            )
+        });
+        match entry {
+            Some(entry) => self.write().insert(entry),
+            None => tracing::error!(serial = %record.serial, "certificate not cacheable"),
+        }
     }
 
     /// Sets (or clears, with `None`) the revocation of known serials.
     pub fn set_revocation(&self, serials: &[Serial], revocation: Option<Revocation>) {
-        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
-        for key in serials.iter().filter_map(SerialKey::of) {
-            if let Some(entry) = map.get_mut(&key) {
-                entry.revocation = revocation;
+        let mut table = self.write();
+        for serial in serials {
+            if let Some(entry) = table.get_mut(serial) {
+                entry.set_revocation(revocation);
             }
         }
     }
 
     /// Forgets deleted certificates.
     pub fn remove(&self, serials: &[Serial]) {
-        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
-        for key in serials.iter().filter_map(SerialKey::of) {
-            map.remove(&key);
+        let mut table = self.write();
+        for serial in serials {
+            table.remove(serial);
         }
     }
 
     /// Certificates by status name at `now_s`.
     pub fn count_by_status(&self, now_s: i64) -> Vec<(&'static str, usize)> {
         use super::status::{CertificateStatus, StatusView};
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let table = self.read();
         let mut counts = [0usize; 6];
-        for cert in map.values() {
-            let view = StatusView::at(cert.not_before_s, cert.not_after_s, cert.revocation, now_s);
+        for cert in table.entries.iter() {
+            let view = StatusView::at(
+                cert.not_before_s(),
+                cert.not_after_s(),
+                cert.revocation(),
+                now_s,
+            );
             let index = match view.status {
                 CertificateStatus::Valid => 0,
                 CertificateStatus::Revoked => 1,
@@ -219,6 +315,132 @@ impl CertificateCache {
 
     /// How many certificates are cached.
     pub(crate) fn len(&self) -> usize {
-        self.map.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.read().entries.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::DeviceInfo;
+
+    fn record(serial: &[u8], customer: &str, device: &str) -> CertificateRecord {
+        let mut key = [0u8; 65];
+        key[0] = 4;
+        key[1..]
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = i as u8);
+        CertificateRecord {
+            version: 1,
+            serial: Serial::from_bytes("serial", serial).unwrap(),
+            customer_id: CustomerId::parse("customer", customer).unwrap(),
+            device_id: DeviceId::parse("device", device).unwrap(),
+            device_info: DeviceInfo::default(),
+            subject: String::new(),
+            not_before_s: -5,
+            not_after_s: 1_900_000_000,
+            issued_at_s: 0,
+            public_key_hex: hex::encode(key),
+            certificate_b64: String::new(),
+            revocation: None,
+            renewed_from: None,
+            superseded_by: None,
+        }
+    }
+
+    fn expected(record: &CertificateRecord) -> CachedCertificate {
+        CachedCertificate {
+            public_key: public_key(&record.public_key_hex).unwrap(),
+            customer: record.customer_id.clone(),
+            device: record.device_id.clone(),
+            not_before_s: record.not_before_s,
+            not_after_s: record.not_after_s,
+            revocation: record.revocation,
+        }
+    }
+
+    #[test]
+    fn entries_give_back_what_was_put_for_every_serial_and_identifier_length() {
+        let cache = CertificateCache::default();
+        let longest_customer = "c".repeat(CustomerId::MAX_LEN);
+        let longest_device = "d".repeat(DeviceId::MAX_LEN);
+        let records = [
+            record(&[1], "a", "b"),
+            record(&[0x7f; 20], &longest_customer, &longest_device),
+            record(&[0x40, 2, 3], "cust-1", "phone.1:x@y-z"),
+        ];
+        for r in &records {
+            cache.put(r);
+        }
+        assert_eq!(cache.len(), 3);
+        for r in &records {
+            assert_eq!(cache.get(&r.serial), Some(expected(r)));
+            assert_eq!(
+                cache.standing(&r.serial),
+                Some((r.not_before_s, r.not_after_s, None))
+            );
+        }
+        let unknown = Serial::from_bytes("serial", &[9, 9]).unwrap();
+        assert_eq!(cache.get(&unknown), None);
+    }
+
+    #[test]
+    fn revocation_is_set_and_cleared_in_place_and_a_put_replaces() {
+        let cache = CertificateCache::default();
+        let first = record(&[0x41; 16], "cust", "dev-1");
+        let second = record(&[0x42; 16], "cust", "dev-2");
+        cache.put(&first);
+        cache.put(&second);
+        for reason in [
+            RevocationReason::Unspecified,
+            RevocationReason::KeyCompromise,
+            RevocationReason::CertificateHold,
+            RevocationReason::PrivilegeWithdrawn,
+        ] {
+            let revocation = Revocation {
+                revoked_at_s: 1_700_000_123,
+                reason,
+            };
+            cache.set_revocation(std::slice::from_ref(&first.serial), Some(revocation));
+            assert_eq!(
+                cache.get(&first.serial).unwrap().revocation,
+                Some(revocation)
+            );
+            assert_eq!(cache.get(&second.serial), Some(expected(&second)));
+        }
+        cache.set_revocation(std::slice::from_ref(&first.serial), None);
+        assert_eq!(cache.get(&first.serial), Some(expected(&first)));
+
+        let mut renewed = first.clone();
+        renewed.not_after_s = 2_000_000_000;
+        renewed.device_id = DeviceId::parse("device", "dev-1-new").unwrap();
+        cache.put(&renewed);
+        assert_eq!(cache.len(), 2);
+        assert_eq!(cache.get(&first.serial), Some(expected(&renewed)));
+    }
+
+    #[test]
+    fn removed_serials_are_gone_and_counts_follow_status() {
+        let cache = CertificateCache::default();
+        let records: Vec<_> = (1..=50u8)
+            .map(|i| record(&[0x40, i], "cust", &format!("dev-{i}")))
+            .collect();
+        for r in &records {
+            cache.put(r);
+        }
+        let revoked = Revocation {
+            revoked_at_s: 10,
+            reason: RevocationReason::KeyCompromise,
+        };
+        cache.set_revocation(&[records[0].serial.clone()], Some(revoked));
+        cache.remove(&[records[1].serial.clone(), records[2].serial.clone()]);
+        assert_eq!(cache.len(), 48);
+        assert_eq!(cache.get(&records[1].serial), None);
+        assert_eq!(cache.get(&records[3].serial), Some(expected(&records[3])));
+        let counts: std::collections::HashMap<_, _> =
+            cache.count_by_status(100).into_iter().collect();
+        assert_eq!(counts["valid"], 47);
+        assert_eq!(counts["revoked"], 1);
     }
 }

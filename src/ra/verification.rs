@@ -2,7 +2,6 @@
 //! checks in their documented order, the tier, the daily limit ledger and the evidence.
 
 use base64::Engine;
-use rand::RngCore;
 
 use super::signature::{verify_intent_signature, MAX_SIGNATURE_BYTES};
 use super::tiers::decide_tier;
@@ -206,10 +205,8 @@ impl LedgerPolicy {
 
 /// `ev_` + the decision's record number (16 hex digits) + 64 random bits (16 hex digits):
 /// the number finds the record, the random part makes ids unguessable.
-fn evidence_id_for(seq: u64) -> String {
-    let mut bytes = [0u8; 8];
-    rand::rngs::OsRng.fill_bytes(&mut bytes);
-    format!("ev_{seq:016x}{}", hex::encode(bytes))
+fn evidence_id_for(seq: u64, random: [u8; 8]) -> String {
+    format!("ev_{seq:016x}{}", hex::encode(random))
 }
 
 /// The record number inside an evidence id, if it has the shape of one.
@@ -534,13 +531,16 @@ impl Ra {
             "transaction.qualified"
         };
         let nonce = nonce.map(|n| (hex::encode(n.key()), n.expires_at_ms));
+        // Drawn before the log's lock, from the thread's CSPRNG (ChaCha, seeded by the OS):
+        // a system call per decision under the lock would serialise the request threads.
+        let random: [u8; 8] = rand::random();
         let (seq, (evidence_id, reserved, used_fen)) = self.decisions.append(|seq, books| {
             let (reserved, used_fen) = match (&bucket, limit_fen) {
                 (Some(key), Some(limit)) if reserving => books.reserve(key, amount_fen, limit),
                 (Some(key), _) => (false, books.used(key)),
                 _ => (false, 0),
             };
-            evidence.evidence_id = evidence_id_for(seq);
+            evidence.evidence_id = evidence_id_for(seq, random);
             evidence.reserved_fen = if reserved { amount_fen } else { 0 };
             let mut outcome = format!("{} tier {}", verdict.name(), tier.letter());
             if reserving {
