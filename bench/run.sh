@@ -48,13 +48,17 @@ done
 python3 - "$OUT" <<'PY'
 import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
-print("scenario           runs  median/s  p50_us  p99_us  raw_verify/s  ratio_verify  raw_sign/s  ratio_sign  server_us/req  loadgen_us/req")
+print("scenario           runs  median/s  p50_us  p99_us  raw_verify/s  ratio_verify  raw_sign/s  ratio_sign  server_us/req  loadgen_us/req"
+      "  loadgen_core  server_p50<=us  server_p99<=us")
 for s in ["verify", "verify_c128", "verify_c128_tonic", "verify_open_25", "verify_open_50", "verify_open_80", "enroll", "status", "ocsp"]:
     r = [x for x in rows if x["scenario"] == s]
     med = lambda k: statistics.median(x[k] for x in r)
     lat = lambda k: statistics.median(x["latency"][k] for x in r)
     cpu = lambda k: statistics.median(x[k] or 0 for x in r)
+    # The server's own percentiles (bucket bounds; missing for OCSP, or over the last bucket).
+    srv = lambda k: statistics.median((x.get("server_latency_at_most") or {}).get(k) or 0 for x in r)
     print(f"{s:<18} {len(r):>4} {med('throughput_per_s'):>9.0f} {lat('p50_us'):>7.0f} {lat('p99_us'):>7.0f}"
           f" {med('raw_verify_per_s'):>13.0f} {med('ratio_to_raw_verify'):>13.2f} {med('raw_sign_per_s'):>11.0f} {med('ratio_to_raw_sign'):>11.2f}"
-          f" {cpu('server_cpu_us_per_request'):>14.1f} {cpu('load_generator_cpu_us_per_request'):>15.1f}")
+          f" {cpu('server_cpu_us_per_request'):>14.1f} {cpu('load_generator_cpu_us_per_request'):>15.1f}"
+          f" {cpu('load_generator_core_share'):>13.2f} {srv('p50_us'):>14.0f} {srv('p99_us'):>15.0f}")
 PY

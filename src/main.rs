@@ -743,6 +743,26 @@ async fn run(cli: Cli) -> CliResult {
                     per_request(report.server_cpu_us_per_request),
                     per_request(report.load_generator_cpu_us_per_request)
                 );
+                if let Some(share) = report.load_generator_core_share {
+                    let note = if share >= 0.9 {
+                        " (near a full core: the generator may be what limits this run)"
+                    } else {
+                        ""
+                    };
+                    println!("generator    {:.0} % of one core{note}", share * 100.0);
+                }
+                if let Some(server) = &report.server_latency_at_most {
+                    let bound = |us: Option<u64>| {
+                        us.map_or("over 2.5 s".to_string(), |us| format!("<= {us} us"))
+                    };
+                    println!(
+                        "server side  p50 {}, p90 {}, p99 {} (its histogram's buckets; {} RPCs)",
+                        bound(server.p50_us),
+                        bound(server.p90_us),
+                        bound(server.p99_us),
+                        server.requests
+                    );
+                }
             }
             Ok(())
         }

@@ -76,8 +76,10 @@ impl Metrics {
                 &registry,
                 HistogramVec::new(
                     HistogramOpts::new("payra_rpc_duration_seconds", "gRPC latency by method")
+                        // Fine below 10 ms, where the latency targets are.
                         .buckets(vec![
-                            0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                            0.00025, 0.0005, 0.00075, 0.001, 0.0015, 0.002, 0.003, 0.004, 0.005,
+                            0.0075, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                         ]),
                     &["method", "code"],
                 )

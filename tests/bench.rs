@@ -59,6 +59,18 @@ async fn both_clients_drive_every_scenario_without_errors() {
                 "{scenario:?} with {client:?}: server CPU not read"
             );
             assert!(report.load_generator_cpu_us_per_request.is_some());
+            assert!(report.load_generator_core_share.is_some());
+            // The server's own latency comes from its histogram for the scenario's RPC.
+            match (scenario, &report.server_latency_at_most) {
+                (Scenario::Ocsp, server) => assert_eq!(server, &None),
+                (_, Some(server)) => {
+                    assert!(server.requests > 0, "{scenario:?}: {server:?}");
+                    let bound = |us: Option<u64>| us.unwrap_or(u64::MAX);
+                    assert!(bound(server.p50_us) <= bound(server.p90_us), "{server:?}");
+                    assert!(bound(server.p90_us) <= bound(server.p99_us), "{server:?}");
+                }
+                (_, None) => panic!("{scenario:?} with {client:?}: server latency not read"),
+            }
         }
     }
 }

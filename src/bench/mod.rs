@@ -98,6 +98,26 @@ pub struct BenchReport {
     pub server_cpu_us_per_request: Option<f64>,
     /// CPU this load generator used per request while measuring (it shares the machine).
     pub load_generator_cpu_us_per_request: Option<f64>,
+    /// Share of one core the load generator used while measuring: it runs on one thread, so
+    /// near 1.0 it, not the server, limits the run.
+    pub load_generator_core_share: Option<f64>,
+    /// The server's own latency for this scenario's RPC over the measured window, from the
+    /// `payra_rpc_duration_seconds` histogram on its `/metrics`: the upper bound of the bucket
+    /// that holds each percentile. It runs from the RPC's arrival at the service to its answer,
+    /// so it leaves out HTTP/2 and TLS on both sides and the load generator's own delays; the
+    /// difference from `latency` is the transport's and the generator's share. `None` for OCSP
+    /// (plain HTTP) or if `/metrics` could not be read.
+    pub server_latency_at_most: Option<ServerLatency>,
+}
+
+/// Percentiles of the server's histogram, in microseconds, each the upper bound of its bucket
+/// (`None`: above the largest finite bucket).
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ServerLatency {
+    pub requests: u64,
+    pub p50_us: Option<u64>,
+    pub p90_us: Option<u64>,
+    pub p99_us: Option<u64>,
 }
 
 /// Refuses any server address that is not on this machine.
@@ -583,8 +603,111 @@ async fn ocsp_post(
     Ok(status_line.starts_with("HTTP/1.1 200"))
 }
 
-/// The server's CPU seconds so far, from `process_cpu_seconds_total` on its `/metrics`.
-async fn server_cpu_seconds(http: SocketAddr) -> Option<f64> {
+/// What the bench reads from the server's `/metrics` before and after the measured window.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct ServerReading {
+    /// `process_cpu_seconds_total`.
+    cpu_seconds: Option<f64>,
+    /// Cumulative `payra_rpc_duration_seconds` buckets of one method, summed over its status
+    /// codes: (upper bound in seconds, count), in the page's order (ascending, `+Inf` last).
+    buckets: Vec<(f64, u64)>,
+}
+
+impl ServerReading {
+    /// Parses a Prometheus text page for `method`'s latency buckets and the CPU counter.
+    fn parse(page: &str, method: Option<&str>) -> ServerReading {
+        let mut reading = ServerReading::default();
+        for line in page.lines() {
+            if let Some(value) = line.strip_prefix("process_cpu_seconds_total ") {
+                reading.cpu_seconds = value.trim().parse().ok();
+                continue;
+            }
+            let (Some(method), Some(rest)) = (
+                method,
+                line.strip_prefix("payra_rpc_duration_seconds_bucket{"),
+            ) else {
+                continue;
+            };
+            let Some((labels, count)) = rest.split_once("} ") else {
+                continue;
+            };
+            let label = |name: &str| {
+                labels.split(',').find_map(|pair| {
+                    let (key, value) = pair.split_once('=')?;
+                    (key == name).then(|| value.trim_matches('"'))
+                })
+            };
+            if label("method") != Some(method) {
+                continue;
+            }
+            let (Some(le), Ok(count)) = (label("le"), count.trim().parse::<f64>()) else {
+                continue;
+            };
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                match le.parse() {
+                    Ok(le) => le,
+                    Err(_) => continue,
+                }
+            };
+            match reading.buckets.iter_mut().find(|(bound, _)| *bound == le) {
+                Some((_, total)) => *total += count as u64,
+                None => reading.buckets.push((le, count as u64)),
+            }
+        }
+        reading
+            .buckets
+            .sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
+        reading
+    }
+
+    /// The percentiles of what was observed between `before` and `self`.
+    fn latency_since(&self, before: &ServerReading) -> Option<ServerLatency> {
+        let counts: Vec<(f64, u64)> = self
+            .buckets
+            .iter()
+            .map(|&(le, after)| {
+                let earlier = before
+                    .buckets
+                    .iter()
+                    .find(|(bound, _)| *bound == le)
+                    .map_or(0, |&(_, count)| count);
+                (le, after.saturating_sub(earlier))
+            })
+            .collect();
+        let requests = counts.last().map_or(0, |&(_, count)| count);
+        if requests == 0 {
+            return None;
+        }
+        let at_most = |p: f64| {
+            let rank = (p * requests as f64).ceil().max(1.0) as u64;
+            counts
+                .iter()
+                .find(|&&(_, count)| count >= rank)
+                .and_then(|&(le, _)| le.is_finite().then(|| (le * 1e6).round() as u64))
+        };
+        Some(ServerLatency {
+            requests,
+            p50_us: at_most(0.50),
+            p90_us: at_most(0.90),
+            p99_us: at_most(0.99),
+        })
+    }
+}
+
+/// The RPC whose server-side latency a scenario reports.
+fn rpc_method(scenario: Scenario) -> Option<&'static str> {
+    match scenario {
+        Scenario::Verify => Some("VerifyPayment"),
+        Scenario::Enroll => Some("Enroll"),
+        Scenario::Status => Some("GetCertificateStatus"),
+        Scenario::Ocsp => None,
+    }
+}
+
+/// Reads the server's `/metrics` page (at most 4 MiB, within 2 s).
+async fn server_reading(http: SocketAddr, method: Option<&str>) -> Option<ServerReading> {
     let read = async {
         let mut stream = tokio::net::TcpStream::connect(http).await.ok()?;
         stream
@@ -593,10 +716,10 @@ async fn server_cpu_seconds(http: SocketAddr) -> Option<f64> {
             .ok()?;
         let mut page = Vec::new();
         stream.take(4 << 20).read_to_end(&mut page).await.ok()?;
-        let page = String::from_utf8_lossy(&page);
-        page.lines()
-            .find_map(|line| line.strip_prefix("process_cpu_seconds_total "))
-            .and_then(|value| value.trim().parse().ok())
+        Some(ServerReading::parse(
+            &String::from_utf8_lossy(&page),
+            method,
+        ))
     };
     tokio::time::timeout(Duration::from_secs(2), read)
         .await
@@ -777,8 +900,9 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
         .collect();
     tokio::time::sleep(settings.warmup).await;
     let server_http = require_loopback("HTTP address", &settings.http).ok();
-    let server_cpu_before = match server_http {
-        Some(http) => server_cpu_seconds(http).await,
+    let method = rpc_method(settings.scenario);
+    let server_before = match server_http {
+        Some(http) => server_reading(http, method).await,
         None => None,
     };
     let own_cpu_before = crate::metrics::process_cpu_seconds();
@@ -808,9 +932,14 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
     let seconds = measured.elapsed().as_secs_f64();
     let requests = counters.requests.load(Ordering::Relaxed);
     let own_cpu_after = crate::metrics::process_cpu_seconds();
-    let server_cpu_after = match server_http {
-        Some(http) => server_cpu_seconds(http).await,
+    let server_after = match server_http {
+        Some(http) => server_reading(http, method).await,
         None => None,
+    };
+    let server_cpu = |reading: &Option<ServerReading>| reading.as_ref()?.cpu_seconds;
+    let server_latency_at_most = match (&server_before, &server_after) {
+        (Some(before), Some(after)) if method.is_some() => after.latency_since(before),
+        _ => None,
     };
     if settings.progress {
         eprintln!();
@@ -854,7 +983,84 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
         } else {
             0.0
         },
-        server_cpu_us_per_request: cpu_per_request(server_cpu_before, server_cpu_after, requests),
+        server_cpu_us_per_request: cpu_per_request(
+            server_cpu(&server_before),
+            server_cpu(&server_after),
+            requests,
+        ),
         load_generator_cpu_us_per_request: cpu_per_request(own_cpu_before, own_cpu_after, requests),
+        load_generator_core_share: match (own_cpu_before, own_cpu_after) {
+            (Some(before), Some(after)) if seconds > 0.0 && after >= before => {
+                Some((after - before) / seconds)
+            }
+            _ => None,
+        },
+        server_latency_at_most,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(verify: &[(&str, u64)], cpu: f64) -> String {
+        let mut page =
+            format!("# TYPE process_cpu_seconds_total counter\nprocess_cpu_seconds_total {cpu}\n");
+        for (le, count) in verify {
+            // Two status codes of one method are summed; another method is ignored.
+            page.push_str(&format!(
+                "payra_rpc_duration_seconds_bucket{{code=\"OK\",method=\"VerifyPayment\",le=\"{le}\"}} {count}\n\
+                 payra_rpc_duration_seconds_bucket{{code=\"Unavailable\",method=\"VerifyPayment\",le=\"{le}\"}} 1\n\
+                 payra_rpc_duration_seconds_bucket{{code=\"OK\",method=\"Enroll\",le=\"{le}\"}} 999\n"
+            ));
+        }
+        page
+    }
+
+    #[test]
+    fn server_latency_comes_from_the_histogram_difference() {
+        let before = ServerReading::parse(
+            &page(
+                &[("0.001", 10), ("0.005", 10), ("0.01", 10), ("+Inf", 10)],
+                1.5,
+            ),
+            Some("VerifyPayment"),
+        );
+        assert_eq!(before.cpu_seconds, Some(1.5));
+        assert_eq!(
+            before.buckets,
+            vec![(0.001, 11), (0.005, 11), (0.01, 11), (f64::INFINITY, 11)]
+        );
+        // 100 more: 50 within 1 ms, 40 more within 5 ms, 9 more within 10 ms, 1 beyond.
+        let after = ServerReading::parse(
+            &page(
+                &[("0.001", 60), ("0.005", 100), ("0.01", 109), ("+Inf", 110)],
+                2.0,
+            ),
+            Some("VerifyPayment"),
+        );
+        assert_eq!(
+            after.latency_since(&before),
+            Some(ServerLatency {
+                requests: 100,
+                p50_us: Some(1000),
+                p90_us: Some(5000),
+                p99_us: Some(10_000),
+            })
+        );
+        // Past the largest finite bucket there is no bound to give.
+        let slow = ServerReading::parse(
+            &page(
+                &[("0.001", 10), ("0.005", 10), ("0.01", 10), ("+Inf", 20)],
+                2.0,
+            ),
+            Some("VerifyPayment"),
+        );
+        let latency = slow.latency_since(&before).unwrap();
+        assert_eq!((latency.requests, latency.p50_us), (10, None));
+        // Nothing observed in the window, or no method asked for: no latency.
+        assert_eq!(before.latency_since(&before), None);
+        let ocsp = ServerReading::parse(&page(&[("+Inf", 5)], 3.0), None);
+        assert_eq!((ocsp.cpu_seconds, ocsp.buckets.len()), (Some(3.0), 0));
+    }
 }
