@@ -55,10 +55,16 @@ for s in ["verify", "verify_c128", "verify_c128_tonic", "verify_open_25", "verif
     med = lambda k: statistics.median(x[k] for x in r)
     lat = lambda k: statistics.median(x["latency"][k] for x in r)
     cpu = lambda k: statistics.median(x[k] or 0 for x in r)
-    # The server's own percentiles (bucket bounds; missing for OCSP, or over the last bucket).
-    srv = lambda k: statistics.median((x.get("server_latency_at_most") or {}).get(k) or 0 for x in r)
+    # The server's own percentiles (bucket bounds): none for OCSP (plain HTTP); a percentile
+    # above the last bucket counts as infinite.
+    def srv(k):
+        got = [x["server_latency_at_most"] for x in r if x.get("server_latency_at_most")]
+        if not got:
+            return "-"
+        m = statistics.median(float("inf") if g.get(k) is None else g[k] for g in got)
+        return "inf" if m == float("inf") else f"{m:.0f}"
     print(f"{s:<18} {len(r):>4} {med('throughput_per_s'):>9.0f} {lat('p50_us'):>7.0f} {lat('p99_us'):>7.0f}"
           f" {med('raw_verify_per_s'):>13.0f} {med('ratio_to_raw_verify'):>13.2f} {med('raw_sign_per_s'):>11.0f} {med('ratio_to_raw_sign'):>11.2f}"
           f" {cpu('server_cpu_us_per_request'):>14.1f} {cpu('load_generator_cpu_us_per_request'):>15.1f}"
-          f" {cpu('load_generator_core_share'):>13.2f} {srv('p50_us'):>14.0f} {srv('p99_us'):>15.0f}")
+          f" {cpu('load_generator_core_share'):>13.2f} {srv('p50_us'):>15} {srv('p99_us'):>15}")
 PY

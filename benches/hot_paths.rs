@@ -1,6 +1,6 @@
 //! Micro-benchmarks of payra's hot functions: signature verification (ring, and p256 for
-//! comparison), the tier engine, device-certificate issuance, the CRL build, and the durable
-//! decision write. Run: `cargo bench --bench hot_paths`.
+//! comparison), the tier engine, device-certificate issuance, the CRL build, the durable
+//! decision write, and the ledger's daily sweep. Run: `cargo bench --bench hot_paths`.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -16,7 +16,8 @@ use payra::model::{
 use payra::ra::signature::{signed_message, verify_intent_signature};
 use payra::ra::tiers::decide_tier;
 use payra::store::{
-    Actor, AuditEvent, DecisionLog, EvidenceRecord, LedgerCheckpoint, LogRecord, RECORD_VERSION,
+    ledger_key, Actor, AuditEvent, Books, DecisionLog, EvidenceRecord, LedgerCheckpoint, LogRecord,
+    RECORD_VERSION,
 };
 
 fn signatures(c: &mut Criterion) {
@@ -205,8 +206,43 @@ fn durable_decision_concurrent(c: &mut Criterion) {
     println!("syncs: {}", log.syncs());
 }
 
+/// The sweep of past days' ledger buckets, a million of them (333,334 customers, three days):
+/// the oldest day's go. What is timed is the work under the decision log's lock (every bucket
+/// also still to be checkpointed, the worst case); the taken days are freed afterwards.
+fn ledger_sweep(c: &mut Criterion) {
+    let keys: Vec<Vec<u8>> = (0..333_334)
+        .flat_map(|i| {
+            let customer = CustomerId::parse("customer_id", &format!("customer-{i:07}")).unwrap();
+            ["2026-11-22", "2026-11-23", "2026-11-24"]
+                .map(|day| ledger_key(&customer, day, Tier::B))
+                .into_iter()
+        })
+        .collect();
+    let mut group = c.benchmark_group("ledger");
+    group.sample_size(10);
+    group.bench_function("forget past days, 1M buckets", |b| {
+        b.iter_batched(
+            || {
+                let mut books = Books::default();
+                for key in &keys {
+                    books.reserve(key, 100, 1_000);
+                }
+                books
+            },
+            |mut books| {
+                let gone = books.forget_days_before("2026-11-23");
+                assert_eq!(gone.bucket_count(), 333_334);
+                (books, gone)
+            },
+            criterion::BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
 criterion_group!(
     benches,
+    ledger_sweep,
     signatures,
     tiers,
     issuance_and_crl,

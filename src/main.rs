@@ -753,7 +753,9 @@ async fn run(cli: Cli) -> CliResult {
                 }
                 if let Some(server) = &report.server_latency_at_most {
                     let bound = |us: Option<u64>| {
-                        us.map_or("over 2.5 s".to_string(), |us| format!("<= {us} us"))
+                        us.map_or("above the last bucket".to_string(), |us| {
+                            format!("<= {us} us")
+                        })
                     };
                     println!(
                         "server side  p50 {}, p90 {}, p99 {} (its histogram's buckets; {} RPCs)",

@@ -205,6 +205,52 @@ async fn ok_health_readiness_reflection_and_request_ids() {
     assert_eq!(id.len(), 16);
 }
 
+#[tokio::test]
+async fn ok_invented_method_names_share_one_metrics_label() {
+    let server = TestServer::start().await;
+    let before = scrape(&server).await;
+    // Anyone can connect without a certificate and send any path.
+    let anonymous = payra::bench::GrpcConnection::connect(
+        &server.url(),
+        &server.certs().join("root.pem"),
+        &payra::client::Credential::None,
+    )
+    .await
+    .expect("anonymous connects");
+    // The standard services answer UNIMPLEMENTED; payra's authorization refuses an unknown
+    // payra method before routing.
+    for (path, code) in [
+        ("/grpc.health.v1.Health/Invented,le=9", 12),
+        ("/grpc.reflection.v1.ServerReflection/Made-Up", 12),
+        ("/payra.v1.Verification/NoSuchMethod", 7),
+    ] {
+        let refused = anonymous
+            .unary::<_, proto::GetCertificateStatusResponse>(
+                path,
+                &proto::GetCertificateStatusRequest::default(),
+            )
+            .await
+            .expect_err("no such method");
+        assert_eq!(refused.code, Some(code), "{path}: {refused}");
+    }
+    let after = scrape(&server).await;
+    let delta = |key: &str| value(&after, key) - value(&before, key);
+    assert_eq!(
+        delta("payra_rpc_requests_total{code=\"UNIMPLEMENTED\",method=\"other\"}"),
+        2.0
+    );
+    assert_eq!(
+        delta("payra_rpc_requests_total{code=\"PERMISSION_DENIED\",method=\"other\"}"),
+        1.0
+    );
+    for name in after.keys() {
+        assert!(
+            !name.contains("Invented") && !name.contains("Made-Up") && !name.contains("NoSuch"),
+            "a client-chosen name became a label: {name}"
+        );
+    }
+}
+
 #[test]
 fn config_precedence_is_flags_then_environment_then_file_then_defaults() {
     let dir = tempfile::tempdir().unwrap();

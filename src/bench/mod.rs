@@ -628,14 +628,14 @@ impl ServerReading {
             ) else {
                 continue;
             };
-            let Some((labels, count)) = rest.split_once("} ") else {
+            let Some((labels, count)) = parse_labels(rest) else {
                 continue;
             };
             let label = |name: &str| {
-                labels.split(',').find_map(|pair| {
-                    let (key, value) = pair.split_once('=')?;
-                    (key == name).then(|| value.trim_matches('"'))
-                })
+                labels
+                    .iter()
+                    .find(|(key, _)| key == name)
+                    .map(|(_, value)| value.as_str())
             };
             if label("method") != Some(method) {
                 continue;
@@ -693,6 +693,34 @@ impl ServerReading {
             p90_us: at_most(0.90),
             p99_us: at_most(0.99),
         })
+    }
+}
+
+/// Splits `name="value",...} rest` (the part of a Prometheus text line after `{`) into its
+/// labels, unescaping `\\`, `\"` and `\n` in values, and the rest of the line.
+fn parse_labels(text: &str) -> Option<(Vec<(String, String)>, &str)> {
+    let mut labels = Vec::new();
+    let mut rest = text;
+    loop {
+        if let Some(after) = rest.strip_prefix('}') {
+            return Some((labels, after));
+        }
+        let (name, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    c => value.push(c),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        labels.push((name.to_string(), value));
+        rest = &after[end + 1..];
+        rest = rest.strip_prefix(',').unwrap_or(rest);
     }
 }
 
@@ -1010,7 +1038,8 @@ mod tests {
             // Two status codes of one method are summed; another method is ignored.
             page.push_str(&format!(
                 "payra_rpc_duration_seconds_bucket{{code=\"OK\",method=\"VerifyPayment\",le=\"{le}\"}} {count}\n\
-                 payra_rpc_duration_seconds_bucket{{code=\"Unavailable\",method=\"VerifyPayment\",le=\"{le}\"}} 1\n\
+                 payra_rpc_duration_seconds_bucket{{code=\"UNAVAILABLE\",method=\"VerifyPayment\",le=\"{le}\"}} 1\n\
+                 payra_rpc_duration_seconds_bucket{{code=\"OK\",method=\"VerifyPayment,le=\\\"9\\\"\",le=\"{le}\"}} 7\n\
                  payra_rpc_duration_seconds_bucket{{code=\"OK\",method=\"Enroll\",le=\"{le}\"}} 999\n"
             ));
         }

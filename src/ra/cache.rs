@@ -91,10 +91,12 @@ impl Entry {
 
     fn revocation(&self) -> Option<Revocation> {
         let at = self.fixed() + KEY_LEN + 16;
-        let reason = RevocationReason::from_code(self.0[at].checked_sub(1)?)?;
+        let code = self.0[at].checked_sub(1)?;
         Some(Revocation {
             revoked_at_s: self.i64_at(at + 1),
-            reason,
+            // Only `set_revocation` writes the tag; a code it could not have written still
+            // reads as revoked, never as valid.
+            reason: RevocationReason::from_code(code).unwrap_or(RevocationReason::Unspecified),
         })
     }
 
@@ -115,8 +117,8 @@ impl Entry {
         let ids_at = at + KEY_LEN + 25;
         let customer_len = usize::from(self.0[ids_at]);
         let ids = &self.0[ids_at + 1..];
-        // Both identifiers were validated (ASCII) before they were stored.
-        let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+        // Both identifiers were validated (ASCII) before they were stored, so this borrows.
+        let text = |bytes| String::from_utf8_lossy(bytes);
         CachedCertificate {
             public_key,
             customer: CustomerId::validated(&text(&ids[..customer_len])),
@@ -395,6 +397,9 @@ mod tests {
         for reason in [
             RevocationReason::Unspecified,
             RevocationReason::KeyCompromise,
+            RevocationReason::AffiliationChanged,
+            RevocationReason::Superseded,
+            RevocationReason::CessationOfOperation,
             RevocationReason::CertificateHold,
             RevocationReason::PrivilegeWithdrawn,
         ] {

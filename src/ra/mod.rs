@@ -220,6 +220,13 @@ impl Ra {
             self.decisions.checkpoint_failed(checkpoint);
             return Err(e);
         }
+        // The days a start loads (see `Ra::new`) are all a running server keeps: the buckets
+        // of older days go.
+        let min_day = self.policy.ledger.day(self.clock.now_ms() - 86_400_000);
+        let forgotten = self.decisions.forget_ledger_days_before(&min_day);
+        if forgotten > 0 {
+            tracing::info!(buckets = forgotten, before = %min_day, "forgot past days' ledger buckets");
+        }
         Ok(())
     }
 
@@ -272,5 +279,78 @@ impl Ra {
             revocation,
             self.clock.now_s(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use crate::model::{CustomerId, Factor, FactorCategory, Scene};
+    use verification::{QualifyRequest, Transaction};
+
+    #[tokio::test]
+    async fn a_checkpoint_forgets_the_ledger_buckets_of_past_days() {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        crate::ca::pki::init_dev_pki(&certs, false).unwrap();
+        let config = Config {
+            data_dir: dir.path().join("data"),
+            ..Config::default()
+        };
+        let clock = ManualClock::at_system_time();
+        let ra = Ra::new(
+            Arc::new(crate::store::SledStore::open(&config.data_dir).unwrap()),
+            Arc::new(CaMaterial::load(&certs, None).unwrap()),
+            Arc::new(clock.clone()),
+            RaPolicy::from_config(&config),
+            Arc::new(Metrics::new()),
+        )
+        .unwrap();
+        let reserve = |customer: &str, order: &str| QualifyRequest {
+            customer: CustomerId::parse("customer_id", customer).unwrap(),
+            transaction: Transaction {
+                merchant_id: "m-1".into(),
+                order_id: order.into(),
+                amount_fen: 100,
+                currency: "CNY".into(),
+            },
+            factors: vec![Factor {
+                category: FactorCategory::Knowledge,
+                method: "payment_pin".into(),
+            }],
+            scene: Scene::InApp,
+            reserve: true,
+        };
+        let buckets = || ra.decisions.with_books(|books| books.bucket_count());
+        for customer in ["alice", "bob"] {
+            let decision = ra
+                .qualify_transaction(&Actor::system(), reserve(customer, "o-1"))
+                .await
+                .unwrap();
+            assert!(decision.limit.unwrap().reserved);
+        }
+        ra.save_ledger_checkpoint().unwrap();
+        assert_eq!(buckets(), 2, "today's buckets stay");
+
+        // A day later the buckets are yesterday's, which a start would still load.
+        clock.advance_ms(86_400_000);
+        ra.qualify_transaction(&Actor::system(), reserve("alice", "o-2"))
+            .await
+            .unwrap();
+        ra.save_ledger_checkpoint().unwrap();
+        assert_eq!(buckets(), 3);
+
+        // Two days on, the first day's buckets go once the new day has one of its own (the
+        // two newest days with buckets always stay).
+        clock.advance_ms(86_400_000);
+        ra.save_ledger_checkpoint().unwrap();
+        assert_eq!(buckets(), 3);
+        ra.qualify_transaction(&Actor::system(), reserve("bob", "o-3"))
+            .await
+            .unwrap();
+        ra.save_ledger_checkpoint().unwrap();
+        assert_eq!(buckets(), 2);
+        ra.close_decisions().unwrap();
     }
 }

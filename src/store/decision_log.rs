@@ -27,7 +27,7 @@
 //! segment (a crash during a write, never acknowledged) is cut off at start; damage anywhere
 //! else refuses the start with the segment and offset named.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -82,16 +82,42 @@ pub enum LogRecord {
 /// The daily-limit ledger and the releases made, kept in memory.
 #[derive(Debug, Default)]
 pub struct Books {
-    buckets: HashMap<Vec<u8>, i64>,
+    /// day (`YYYY-MM-DD`) → bucket key (customer, day, tier) → fen used; by day, so that past
+    /// days leave memory whole ([`Books::forget_days_before`]).
+    buckets: BTreeMap<Vec<u8>, HashMap<Vec<u8>, i64>>,
     released: HashMap<u64, i64>,
-    dirty: HashSet<Vec<u8>>,
+    /// Buckets changed since the last checkpoint, by day as `buckets`.
+    dirty: BTreeMap<Vec<u8>, HashSet<Vec<u8>>>,
     fresh_releases: Vec<(u64, i64)>,
+}
+
+/// Past days taken out of the [`Books`], to be freed outside the log's lock.
+#[derive(Debug)]
+pub struct ForgottenDays {
+    buckets: BTreeMap<Vec<u8>, HashMap<Vec<u8>, i64>>,
+    _dirty: BTreeMap<Vec<u8>, HashSet<Vec<u8>>>,
+}
+
+impl ForgottenDays {
+    /// How many buckets went.
+    pub fn bucket_count(&self) -> usize {
+        self.buckets.values().map(HashMap::len).sum()
+    }
+}
+
+/// The day in a ledger key: customer \0 day \0 tier (identifiers never contain a zero byte).
+fn day_of(key: &[u8]) -> &[u8] {
+    key.split(|b| *b == 0).nth(1).unwrap_or_default()
 }
 
 impl Books {
     /// The amount used in a ledger bucket.
     pub fn used(&self, key: &[u8]) -> i64 {
-        self.buckets.get(key).copied().unwrap_or(0)
+        self.buckets
+            .get(day_of(key))
+            .and_then(|day| day.get(key))
+            .copied()
+            .unwrap_or(0)
     }
 
     /// Adds `amount_fen` to the bucket if the total stays within `limit_fen`; returns whether
@@ -104,6 +130,11 @@ impl Books {
         } else {
             (false, used)
         }
+    }
+
+    /// How many (customer, day, tier) buckets are held.
+    pub fn bucket_count(&self) -> usize {
+        self.buckets.values().map(HashMap::len).sum()
     }
 
     /// When the reservation of decision `seq` was released, if it was.
@@ -119,10 +150,60 @@ impl Books {
         self.used(key)
     }
 
+    /// Takes the buckets of days before `min_day` (`YYYY-MM-DD`) out of the books, as a
+    /// restart would not load them: the limits apply per day, and nothing reads a past day's
+    /// bucket. Without this, a long-running server would keep one bucket per customer, tier
+    /// and day for ever. The two newest days that have buckets always stay, so a clock that
+    /// jumped days ahead and came back does not reset today's limits. Returns what was taken,
+    /// for the caller to free outside the log's lock.
+    pub fn forget_days_before(&mut self, min_day: &str) -> ForgottenDays {
+        let mut cut = min_day.as_bytes();
+        if let Some(second_newest) = self
+            .buckets
+            .keys()
+            .rev()
+            .nth(1)
+            .or_else(|| self.buckets.keys().next_back())
+        {
+            cut = cut.min(second_newest.as_slice());
+        }
+        let cut = cut.to_vec();
+        let kept = self.buckets.split_off(&cut);
+        let gone = std::mem::replace(&mut self.buckets, kept);
+        // Their last values stay in the store's checkpoint, which no start loads either.
+        let kept = self.dirty.split_off(&cut);
+        ForgottenDays {
+            buckets: gone,
+            _dirty: std::mem::replace(&mut self.dirty, kept),
+        }
+    }
+
+    fn set(&mut self, key: &[u8], used: i64) {
+        self.buckets
+            .entry(day_of(key).to_vec())
+            .or_default()
+            .insert(key.to_vec(), used);
+    }
+
     fn add(&mut self, key: &[u8], delta: i64) {
-        let used = self.buckets.entry(key.to_vec()).or_insert(0);
-        *used = (*used + delta).max(0);
-        self.dirty.insert(key.to_vec());
+        let used = (self.used(key) + delta).max(0);
+        self.set(key, used);
+        self.mark_dirty(key.to_vec());
+    }
+
+    fn mark_dirty(&mut self, key: Vec<u8>) {
+        self.dirty
+            .entry(day_of(&key).to_vec())
+            .or_default()
+            .insert(key);
+    }
+
+    /// The buckets changed since the last checkpoint, taken out of the books.
+    fn take_dirty(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.dirty)
+            .into_values()
+            .flatten()
+            .collect()
     }
 
     /// Replays one record during recovery.
@@ -356,7 +437,7 @@ impl DecisionLog {
         }
         let mut books = Books::default();
         for (key, used) in &checkpoint.buckets {
-            books.buckets.insert(key.clone(), *used);
+            books.set(key, *used);
         }
         books.released.extend(checkpoint.released.iter().copied());
 
@@ -473,7 +554,14 @@ impl DecisionLog {
                 checkpoint.through_seq
             )));
         }
-        books.dirty = books.buckets.keys().cloned().collect();
+        let all: Vec<Vec<u8>> = books
+            .buckets
+            .values()
+            .flat_map(|day| day.keys().cloned())
+            .collect();
+        for key in all {
+            books.mark_dirty(key);
+        }
 
         tracing::info!(
             segments = scanned.len(),
@@ -683,10 +771,10 @@ impl DecisionLog {
             let mut append = lock(&self.shared.append);
             let books = &mut append.books;
             let buckets = books
-                .dirty
-                .drain()
+                .take_dirty()
+                .into_iter()
                 .map(|key| {
-                    let used = books.buckets.get(&key).copied().unwrap_or(0);
+                    let used = books.used(&key);
                     (key, used)
                 })
                 .collect::<Vec<_>>();
@@ -700,13 +788,20 @@ impl DecisionLog {
         Ok(checkpoint)
     }
 
+    /// Drops the ledger buckets of days before `min_day` from memory
+    /// ([`Books::forget_days_before`]); returns how many went.
+    pub fn forget_ledger_days_before(&self, min_day: &str) -> usize {
+        let gone = lock(&self.shared.append).books.forget_days_before(min_day);
+        // Freed here, after the lock is released.
+        gone.bucket_count()
+    }
+
     /// Marks a checkpoint that could not be saved as still to be saved.
     pub fn checkpoint_failed(&self, checkpoint: LedgerCheckpoint) {
         let mut append = lock(&self.shared.append);
-        append
-            .books
-            .dirty
-            .extend(checkpoint.buckets.into_iter().map(|(key, _)| key));
+        for (key, _) in checkpoint.buckets {
+            append.books.mark_dirty(key);
+        }
         append.books.fresh_releases.extend(checkpoint.released);
     }
 
@@ -1159,6 +1254,52 @@ mod tests {
             "{:?}",
             refused.err()
         );
+    }
+
+    #[test]
+    fn past_days_buckets_are_forgotten_but_never_the_two_newest_days() {
+        let alice = CustomerId::parse("customer_id", "alice").unwrap();
+        let bob = CustomerId::parse("customer_id", "bob.2026-11-30").unwrap();
+        let bucket = |customer, day| crate::store::ledger_key(customer, day, Tier::B);
+        let gone = |books: &mut Books, min_day| books.forget_days_before(min_day).bucket_count();
+        let mut books = Books::default();
+        for (customer, day) in [
+            (&alice, "2026-11-20"),
+            (&alice, "2026-11-24"),
+            (&alice, "2026-11-25"),
+            (&bob, "2026-11-23"),
+            (&bob, "2026-11-25"),
+        ] {
+            books.reserve(&bucket(customer, day), 100, 1_000);
+        }
+        assert_eq!(gone(&mut books, "2026-11-24"), 2);
+        assert_eq!(books.bucket_count(), 3);
+        assert_eq!(books.used(&bucket(&alice, "2026-11-20")), 0);
+        assert_eq!(books.used(&bucket(&bob, "2026-11-23")), 0);
+        assert_eq!(books.used(&bucket(&alice, "2026-11-24")), 100);
+        assert_eq!(books.used(&bucket(&alice, "2026-11-25")), 100);
+        assert_eq!(books.used(&bucket(&bob, "2026-11-25")), 100);
+        // Kept days stay to be checkpointed; forgotten ones are not saved as zero.
+        let dirty = books.take_dirty();
+        assert_eq!(dirty.len(), 3);
+        assert!(!dirty.contains(&bucket(&alice, "2026-11-20")));
+        for key in dirty {
+            books.mark_dirty(key);
+        }
+        assert_eq!(gone(&mut books, "2026-11-24"), 0, "nothing more to forget");
+
+        // A clock days ahead: the two newest days with buckets stay all the same.
+        assert_eq!(gone(&mut books, "2026-12-30"), 0);
+        assert_eq!(books.bucket_count(), 3);
+        books.reserve(&bucket(&alice, "2026-12-31"), 100, 1_000);
+        assert_eq!(gone(&mut books, "2026-12-30"), 1, "only 2026-11-24 goes");
+        assert_eq!(books.used(&bucket(&bob, "2026-11-25")), 100);
+
+        // A bucket of a past day that comes back (a late release) goes again.
+        books.release(1, &bucket(&alice, "2026-11-20"), 100, 0);
+        assert_eq!(books.bucket_count(), 4);
+        assert_eq!(gone(&mut books, "2026-11-25"), 1);
+        assert_eq!(books.released_at(1), Some(0), "releases are all kept");
     }
 
     #[test]

@@ -13,7 +13,7 @@ mod records;
 mod sled_backend;
 
 pub use audit::{Actor, AuditCheck, AuditEntry, AuditEvent};
-pub use decision_log::{Books, DecisionLog, LedgerCheckpoint, LogRecord};
+pub use decision_log::{Books, DecisionLog, ForgottenDays, LedgerCheckpoint, LogRecord};
 pub use group_commit::GroupCommit;
 pub use records::{
     CertificateRecord, CertificateSummary, ClientCertificateRecord, EvidenceRecord, Revocation,

@@ -44,6 +44,14 @@ pub struct ObserveService<S> {
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
+/// The standard gRPC services' methods that get a label of their own (any other path under
+/// their prefixes is "other", as for unknown paths).
+const STANDARD_METHODS: [&str; 3] = [
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+];
+
 /// The gRPC status code name of a unary response: tonic puts an error status in the headers
 /// (trailers-only response); a success carries no status header.
 fn code_of<B>(response: &http::Response<B>) -> &'static str {
@@ -93,8 +101,7 @@ where
         // Only known methods become label values, so a client cannot add series at will.
         let path = request.uri().path();
         let method = if crate::wire::auth::Rpc::from_path(path).is_some()
-            || path.starts_with("/grpc.health.v1.")
-            || path.starts_with("/grpc.reflection.")
+            || STANDARD_METHODS.contains(&path)
         {
             path.rsplit('/').next().unwrap_or("unknown").to_string()
         } else {
