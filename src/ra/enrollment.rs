@@ -439,3 +439,73 @@ fn token_error(rejection: TokenRejection) -> Error {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::RevocationReason;
+
+    /// The race `cache_committed` closes: an enrollment's batch commits, a revocation of its
+    /// customer commits and updates the cache (where the new certificate is not yet), then the
+    /// enrollment puts its certificate in the cache. Played in that order, step by step.
+    #[tokio::test]
+    async fn a_revocation_between_commit_and_cache_still_reaches_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ra, _clock) = super::super::test_ra(dir.path());
+        let actor = Actor::system();
+        let customer = CustomerId::parse("customer_id", "racer").unwrap();
+        let device = DeviceId::parse("device_id", "racer-phone").unwrap();
+        let token = ra
+            .create_enrollment_token(&actor, customer.clone(), 0)
+            .unwrap();
+        let prepared = ra
+            .prepare_enrollment(
+                &actor,
+                EnrollRequest {
+                    peer: None,
+                    token: token.token,
+                    csr_der: crate::client::DeviceKey::generate()
+                        .csr_der(device.as_str())
+                        .unwrap(),
+                    device_id: device,
+                    device_info: DeviceInfo::default(),
+                },
+            )
+            .unwrap();
+        let serial = prepared.record.serial.clone();
+
+        // 1. The batch commits (what `commit_enrollment` awaits), not yet in the cache.
+        let outcome = ra
+            .store
+            .clone()
+            .issue_with_token_async(
+                &prepared.hash,
+                prepared.now_s,
+                &prepared.record,
+                &prepared.audit,
+            )
+            .unwrap()
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(outcome, IssueOutcome::Issued));
+        assert_eq!(ra.cache.get(&serial), None);
+
+        // 2. The customer is revoked: durable, and the cache has nothing to mark yet.
+        let revoked = ra
+            .revoke_customer(&actor, &customer, RevocationReason::KeyCompromise, false)
+            .unwrap();
+        assert_eq!(revoked.serials, vec![serial.clone()]);
+        assert_eq!(ra.cache.get(&serial), None);
+
+        // 3. The enrollment's record, read before the revocation, reaches the cache: a plain
+        //    put would leave the certificate valid there.
+        ra.cache.put(&prepared.record);
+        assert_eq!(ra.cache.get(&serial).unwrap().revocation, None);
+        ra.cache_committed(&prepared.record);
+        let cached = ra.cache.get(&serial).unwrap().revocation.expect("revoked");
+        assert_eq!(cached.reason, RevocationReason::KeyCompromise);
+        assert_eq!(cached.revoked_at_s, revoked.revoked_at_s);
+        ra.close_decisions().unwrap();
+    }
+}

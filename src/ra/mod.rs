@@ -282,31 +282,37 @@ impl Ra {
     }
 }
 
+/// An `Ra` on a fresh development PKI and sled store in `dir`, with a clock the test moves.
+#[cfg(test)]
+pub(crate) fn test_ra(dir: &std::path::Path) -> (Ra, crate::clock::ManualClock) {
+    let certs = dir.join("certs");
+    crate::ca::pki::init_dev_pki(&certs, false).unwrap();
+    let config = Config {
+        data_dir: dir.join("data"),
+        ..Config::default()
+    };
+    let clock = crate::clock::ManualClock::at_system_time();
+    let ra = Ra::new(
+        Arc::new(crate::store::SledStore::open(&config.data_dir).unwrap()),
+        Arc::new(CaMaterial::load(&certs, None).unwrap()),
+        Arc::new(clock.clone()),
+        RaPolicy::from_config(&config),
+        Arc::new(Metrics::new()),
+    )
+    .unwrap();
+    (ra, clock)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::ManualClock;
     use crate::model::{CustomerId, Factor, FactorCategory, Scene};
     use verification::{QualifyRequest, Transaction};
 
     #[tokio::test]
     async fn a_checkpoint_forgets_the_ledger_buckets_of_past_days() {
         let dir = tempfile::tempdir().unwrap();
-        let certs = dir.path().join("certs");
-        crate::ca::pki::init_dev_pki(&certs, false).unwrap();
-        let config = Config {
-            data_dir: dir.path().join("data"),
-            ..Config::default()
-        };
-        let clock = ManualClock::at_system_time();
-        let ra = Ra::new(
-            Arc::new(crate::store::SledStore::open(&config.data_dir).unwrap()),
-            Arc::new(CaMaterial::load(&certs, None).unwrap()),
-            Arc::new(clock.clone()),
-            RaPolicy::from_config(&config),
-            Arc::new(Metrics::new()),
-        )
-        .unwrap();
+        let (ra, clock) = test_ra(dir.path());
         let reserve = |customer: &str, order: &str| QualifyRequest {
             customer: CustomerId::parse("customer_id", customer).unwrap(),
             transaction: Transaction {
