@@ -139,7 +139,7 @@ enum Command {
         #[arg(long, value_enum, default_value = "lean")]
         client: BenchClient,
         /// The server's HTTP listener: the ocsp scenario's target, and where the server's CPU
-        /// per request is read (`/metrics`) for every scenario.
+        /// per request and its own latency for the scenario's RPC are read (`/metrics`).
         #[arg(long, default_value = "http://127.0.0.1:8080")]
         http: String,
         #[arg(long)]

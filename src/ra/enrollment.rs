@@ -241,6 +241,11 @@ impl Ra {
                 ))
             }
         }
+        Ok(self.finish_enrollment(record, certificate_der))
+    }
+
+    /// After the commit: the verification cache, the metric, the log line and the answer.
+    fn finish_enrollment(&self, record: CertificateRecord, certificate_der: Vec<u8>) -> Issued {
         self.cache_committed(&record);
         self.metrics
             .certificates_issued
@@ -252,7 +257,7 @@ impl Ra {
             device = %record.device_id,
             "certificate issued"
         );
-        Ok(self.issued(record, certificate_der))
+        self.issued(record, certificate_der)
     }
 }
 
@@ -498,11 +503,12 @@ mod tests {
         assert_eq!(revoked.serials, vec![serial.clone()]);
         assert_eq!(ra.cache.get(&serial), None);
 
-        // 3. The enrollment's record, read before the revocation, reaches the cache: a plain
-        //    put would leave the certificate valid there.
+        // 3. The enrollment finishes with its record as it was before the revocation: a
+        //    plain put would leave the certificate valid in the cache.
         ra.cache.put(&prepared.record);
         assert_eq!(ra.cache.get(&serial).unwrap().revocation, None);
-        ra.cache_committed(&prepared.record);
+        let issued = ra.finish_enrollment(prepared.record.clone(), prepared.certificate_der);
+        assert_eq!(issued.record.serial, serial);
         let cached = ra.cache.get(&serial).unwrap().revocation.expect("revoked");
         assert_eq!(cached.reason, RevocationReason::KeyCompromise);
         assert_eq!(cached.revoked_at_s, revoked.revoked_at_s);

@@ -119,7 +119,8 @@ impl Ra {
         let now_ms = clock.now_ms();
         // The ledger keeps today's and yesterday's buckets in memory (the day of a request
         // near midnight may be either, by its clock).
-        let checkpoint = store.ledger_checkpoint(&policy.ledger.day(now_ms - 86_400_000))?;
+        let min_day = policy.ledger.first_tracked_day(now_ms);
+        let checkpoint = store.ledger_checkpoint(&min_day)?;
         let mut live_nonces = Vec::new();
         let decisions = DecisionLog::open(
             &policy.scratch_dir.join("decisions"),
@@ -128,6 +129,9 @@ impl Ra {
             2 * policy.ledger.skew_ms + 60_000,
             &mut |key, expires_at_ms| live_nonces.push((key, expires_at_ms)),
         )?;
+        // Older days that the replay brought back (releases of old decisions) leave before
+        // the first checkpoint, which would otherwise save them as they stand in memory.
+        decisions.forget_ledger_days_before(&min_day);
         let replay = ReplayGuard::with(live_nonces);
         tracing::info!(
             certificates = cache.len(),
@@ -220,9 +224,9 @@ impl Ra {
             self.decisions.checkpoint_failed(checkpoint);
             return Err(e);
         }
-        // The days a start loads (see `Ra::new`) are all a running server keeps: the buckets
-        // of older days go.
-        let min_day = self.policy.ledger.day(self.clock.now_ms() - 86_400_000);
+        // A running server keeps the days a start loads (see `Ra::new`), and the two newest
+        // days that have buckets: the buckets of older days go.
+        let min_day = self.policy.ledger.first_tracked_day(self.clock.now_ms());
         let forgotten = self.decisions.forget_ledger_days_before(&min_day);
         if forgotten > 0 {
             tracing::info!(buckets = forgotten, before = %min_day, "forgot past days' ledger buckets");
@@ -347,16 +351,43 @@ mod tests {
         ra.save_ledger_checkpoint().unwrap();
         assert_eq!(buckets(), 3);
 
+        // A day's reservation can be given back the next day, not later: by then it counts
+        // for no limit, and its bucket is about to go.
+        let first = ra
+            .qualify_transaction(&Actor::system(), reserve("carol", "o-1"))
+            .await
+            .unwrap();
+        clock.advance_ms(-86_400_000);
+        let old = ra
+            .qualify_transaction(&Actor::system(), reserve("carol", "o-0"))
+            .await
+            .unwrap();
+        clock.advance_ms(86_400_000);
+        // (carol's two reservations: a bucket today and one yesterday.)
+        assert_eq!(buckets(), 5);
+
         // Two days on, the first day's buckets go once the new day has one of its own (the
         // two newest days with buckets always stay).
         clock.advance_ms(86_400_000);
+        let released = ra
+            .release_reservation(&Actor::system(), &first.evidence_id)
+            .unwrap();
+        assert_eq!((released.used_fen, released.reserved), (0, false));
+        let refused = ra
+            .release_reservation(&Actor::system(), &old.evidence_id)
+            .unwrap_err();
+        assert!(
+            matches!(&refused, Error::FailedPrecondition(m) if m.contains("nothing left to give back")),
+            "{refused:?}"
+        );
         ra.save_ledger_checkpoint().unwrap();
-        assert_eq!(buckets(), 3);
+        assert_eq!(buckets(), 5);
         ra.qualify_transaction(&Actor::system(), reserve("bob", "o-3"))
             .await
             .unwrap();
         ra.save_ledger_checkpoint().unwrap();
-        assert_eq!(buckets(), 2);
+        // alice's and carol's of yesterday, bob's of today.
+        assert_eq!(buckets(), 3);
         ra.close_decisions().unwrap();
     }
 }

@@ -193,6 +193,12 @@ pub struct LedgerPolicy {
 }
 
 impl LedgerPolicy {
+    /// The first day whose ledger buckets payra keeps (yesterday, by `now_ms`): limits apply
+    /// per day, and a reservation of an earlier day can no longer change one that counts.
+    pub fn first_tracked_day(&self, now_ms: i64) -> String {
+        self.day(now_ms - 86_400_000)
+    }
+
     /// The ledger day of `now_ms`: the calendar date in the configured time zone.
     pub fn day(&self, now_ms: i64) -> String {
         let local_s = now_ms.div_euclid(1000) + i64::from(self.utc_offset_s);
@@ -631,6 +637,14 @@ impl Ra {
             }
         };
         let now_ms = self.clock.now_ms();
+        let first_day = self.policy.ledger.first_tracked_day(now_ms);
+        if record.day < first_day {
+            return Err(Error::FailedPrecondition(format!(
+                "evidence {evidence_id} reserved on {}; daily limits are kept from {first_day} \
+                 on, so there is nothing left to give back",
+                record.day
+            )));
+        }
         let bucket = ledger_key(&customer, &record.day, record.tier);
         let (seq, used_fen) = self.decisions.append(|_, books| {
             if let Some(released_at_ms) = books.released_at(decision_seq) {
