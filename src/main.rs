@@ -781,8 +781,11 @@ async fn run(cli: Cli) -> CliResult {
                 .into_inner();
             while let Some(progress) = stream.message().await.map_err(status_message)? {
                 eprint!(
-                    "\rpurged: {} nonces, {} tokens, {} certificate records",
-                    progress.nonces_purged, progress.tokens_purged, progress.certificates_purged
+                    "\rpurged: {} nonces, {} tokens, {} certificate records, {} ledger buckets",
+                    progress.nonces_purged,
+                    progress.tokens_purged,
+                    progress.certificates_purged,
+                    progress.ledger_buckets_purged
                 );
                 if progress.done {
                     eprintln!();
@@ -792,6 +795,7 @@ async fn run(cli: Cli) -> CliResult {
                             "nonces_purged": progress.nonces_purged,
                             "tokens_purged": progress.tokens_purged,
                             "certificates_purged": progress.certificates_purged,
+                            "ledger_buckets_purged": progress.ledger_buckets_purged,
                         })
                     );
                 }

@@ -388,6 +388,12 @@ mod tests {
         ra.save_ledger_checkpoint().unwrap();
         // alice's and carol's of yesterday, bob's of today.
         assert_eq!(buckets(), 3);
+
+        // Retention deletes the stored buckets of the first day (all three were saved).
+        let purged = ra.run_retention(&Actor::system(), &mut |_| {}).unwrap();
+        assert_eq!(purged.ledger_buckets, 3);
+        let again = ra.run_retention(&Actor::system(), &mut |_| {}).unwrap();
+        assert_eq!(again.ledger_buckets, 0);
         ra.close_decisions().unwrap();
     }
 }

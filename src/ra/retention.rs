@@ -13,11 +13,13 @@ pub struct RetentionProgress {
     pub nonces: u64,
     pub tokens: u64,
     pub certificates: u64,
+    pub ledger_buckets: u64,
 }
 
 impl Ra {
-    /// Purges expired nonces, expired enrollment tokens and (after the configured number of
-    /// days) expired certificate records, calling `progress` after every batch.
+    /// Purges expired nonces, expired enrollment tokens, (after the configured number of
+    /// days) expired certificate records, and the stored ledger buckets of days before
+    /// yesterday, calling `progress` after every batch.
     pub fn run_retention(
         &self,
         actor: &Actor,
@@ -63,10 +65,24 @@ impl Ra {
         if done.certificates > 0 {
             self.publication.revocation_changed();
         }
+        let min_day = self.policy.ledger.first_tracked_day(self.clock.now_ms());
+        loop {
+            let audit =
+                AuditEvent::new(self.clock.now_ms(), actor, "retention.purged", "ledger", "");
+            let purged = self
+                .store
+                .purge_ledger_days_before(&min_day, BATCH, &audit)?;
+            done.ledger_buckets += purged as u64;
+            progress(&done);
+            if purged < BATCH {
+                break;
+            }
+        }
         tracing::info!(
             nonces = done.nonces,
             tokens = done.tokens,
             certificates = done.certificates,
+            ledger_buckets = done.ledger_buckets,
             "retention run finished"
         );
         Ok(done)

@@ -47,6 +47,7 @@ pub fn run_all(store: Arc<dyn Store>) {
     indexes_list_by_customer_and_device(store.as_ref());
     revoke_is_all_or_nothing(store.as_ref());
     ledger_checkpoints_keep_recent_days_and_every_release(store.as_ref());
+    past_ledger_days_are_purged_in_batches(store.as_ref());
     crl_numbers_grow(store.as_ref());
     agreed_limits_are_listed_with_their_latest_value(store.as_ref());
     audit_chain_links_every_change(store.as_ref());
@@ -102,6 +103,65 @@ fn ledger_checkpoints_keep_recent_days_and_every_release(store: &dyn Store) {
         "older days are not loaded"
     );
     assert_eq!(saved.released, vec![(3, 1_000), (8, 2_000)]);
+}
+
+fn past_ledger_days_are_purged_in_batches(store: &dyn Store) {
+    let bucket = |customer: &str, day: &str| {
+        ledger_key(
+            &CustomerId::parse("customer_id", customer).unwrap(),
+            day,
+            crate::model::Tier::B,
+        )
+    };
+    let old: Vec<_> = (0..5)
+        .map(|i| (bucket(&format!("c-purge-{i}"), "2025-06-01"), 10))
+        .collect();
+    let kept = vec![
+        (bucket("c-purge-0", "2025-06-02"), 20),
+        (bucket("c-purge-9", "2025-06-02"), 30),
+    ];
+    store
+        .save_ledger_checkpoint(&LedgerCheckpoint {
+            through_seq: 10,
+            buckets: old.iter().chain(&kept).cloned().collect(),
+            released: vec![],
+        })
+        .unwrap();
+    assert_eq!(
+        store
+            .purge_ledger_days_before("2025-06-02", 3, &ev())
+            .unwrap(),
+        3
+    );
+    assert_eq!(
+        store
+            .purge_ledger_days_before("2025-06-02", 3, &ev())
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        store
+            .purge_ledger_days_before("2025-06-02", 3, &ev())
+            .unwrap(),
+        0
+    );
+    let loaded = store.ledger_checkpoint("2025-01-01").unwrap();
+    for (key, used) in &kept {
+        assert!(
+            loaded.buckets.contains(&(key.clone(), *used)),
+            "{key:?} kept"
+        );
+    }
+    for (key, _) in &old {
+        assert!(
+            !loaded.buckets.iter().any(|(k, _)| k == key),
+            "{key:?} purged"
+        );
+    }
+    assert_eq!(
+        loaded.through_seq, 10,
+        "the checkpoint's record number stays"
+    );
 }
 
 fn crl_numbers_grow(store: &dyn Store) {

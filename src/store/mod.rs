@@ -262,6 +262,15 @@ pub trait Store: Send + Sync {
         audit: &AuditEvent,
     ) -> Result<Vec<Serial>>;
 
+    /// Deletes up to `limit` stored ledger buckets of days before `min_day` (`YYYY-MM-DD`):
+    /// no start loads them and no limit counts them. Returns how many.
+    fn purge_ledger_days_before(
+        &self,
+        min_day: &str,
+        limit: usize,
+        audit: &AuditEvent,
+    ) -> Result<usize>;
+
     /// Writes a consistent, checksummed snapshot of all data to `out` (see [`backup`]),
     /// followed by the decision log's frames, which `decision_log` hands to its argument.
     fn export(

@@ -310,6 +310,46 @@ impl SledStore {
         Ok(())
     }
 
+    /// Deletes up to `limit` entries of `tree` that `old` picks (key, value), in one
+    /// transaction with an audit entry whose outcome `outcome` words from the count, then
+    /// syncs. Returns how many went.
+    fn purge_where(
+        &self,
+        tree: &sled::Tree,
+        limit: usize,
+        audit: &AuditEvent,
+        old: impl Fn(&[u8], &[u8]) -> Result<bool>,
+        outcome: impl Fn(usize) -> String,
+    ) -> Result<usize> {
+        let writing = self.writing();
+        let mut keys = Vec::new();
+        for entry in tree.iter() {
+            let (key, value) = entry?;
+            if old(&key, &value)? {
+                keys.push(key);
+                if keys.len() == limit {
+                    break;
+                }
+            }
+        }
+        if keys.is_empty() {
+            return Ok(0);
+        }
+        let result = (tree, &self.audit, &self.meta).transaction(|(tree, log, meta)| {
+            for key in &keys {
+                tree.remove(key)?;
+            }
+            let mut event = audit.clone();
+            event.outcome = outcome(keys.len());
+            append_audit(log, meta, &event)?;
+            Ok(())
+        });
+        finish(result)?;
+        drop(writing);
+        self.commit.sync()?;
+        Ok(keys.len())
+    }
+
     /// Commits queued enrollments, batch after batch, until the queue is empty.
     fn drain_issue_queue(&self) {
         /// If committing panics, the next async enrollment must start a new drainer; the
@@ -899,6 +939,21 @@ impl Store for SledStore {
             .collect()
     }
 
+    fn purge_ledger_days_before(
+        &self,
+        min_day: &str,
+        limit: usize,
+        audit: &AuditEvent,
+    ) -> Result<usize> {
+        self.purge_where(
+            &self.ledger,
+            limit,
+            audit,
+            |key, _| Ok(ledger_day(key) < min_day.as_bytes()),
+            |count| format!("{count} ledger buckets before {min_day}"),
+        )
+    }
+
     fn ledger_checkpoint(&self, min_day: &str) -> Result<LedgerCheckpoint> {
         let through_seq = self
             .meta
@@ -908,9 +963,7 @@ impl Store for SledStore {
         let mut buckets = Vec::new();
         for entry in self.ledger.iter() {
             let (key, value) = entry?;
-            // customer \0 day \0 tier: the day is the second field.
-            let day = key.split(|b| *b == 0).nth(1).unwrap_or_default();
-            if day >= min_day.as_bytes() {
+            if ledger_day(&key) >= min_day.as_bytes() {
                 buckets.push((key.to_vec(), read_i64(Some(value))));
             }
         }
@@ -1082,36 +1135,13 @@ impl Store for SledStore {
         limit: usize,
         audit: &AuditEvent,
     ) -> Result<usize> {
-        let writing = self.writing();
-        let mut expired = Vec::new();
-        for entry in self.tokens.iter() {
-            let (key, value) = entry?;
-            let token: TokenRecord = decode(&value)?;
-            if token.expires_at_s < before_s {
-                expired.push(key);
-                if expired.len() == limit {
-                    break;
-                }
-            }
-        }
-        if expired.is_empty() {
-            return Ok(0);
-        }
-        let outcome = (&self.tokens, &self.audit, &self.meta).transaction(|(tokens, log, meta)| {
-            for key in &expired {
-                tokens.remove(key)?;
-            }
-            let mut event = audit.clone();
-            event.outcome = format!("{} tokens", expired.len());
-            append_audit(log, meta, &event)?;
-            Ok(())
-        });
-        finish(outcome)?;
-        {
-            drop(writing);
-            self.commit.sync()
-        }?;
-        Ok(expired.len())
+        self.purge_where(
+            &self.tokens,
+            limit,
+            audit,
+            |_, value| Ok(decode::<TokenRecord>(value)?.expires_at_s < before_s),
+            |count| format!("{count} tokens"),
+        )
     }
 
     fn purge_expired_certificates(
@@ -1284,6 +1314,11 @@ fn append_audit(
     audit.insert(key, entry)?;
     meta.insert(AUDIT_HEAD_KEY, head.encode())?;
     Ok(())
+}
+
+/// The day in a ledger key: customer \0 day \0 tier, the day is the second field.
+fn ledger_day(key: &[u8]) -> &[u8] {
+    key.split(|b| *b == 0).nth(1).unwrap_or_default()
 }
 
 fn read_i64(bytes: Option<sled::IVec>) -> i64 {
