@@ -203,7 +203,8 @@ async fn checkpoint_loop(ra: Arc<Ra>) {
     }
 }
 
-/// Runs retention (expired nonces, tokens and old certificate records) every `interval`.
+/// Runs retention (expired nonces, tokens, old certificate records and past days' ledger
+/// buckets) every `interval`.
 async fn retention_loop(ra: Arc<Ra>, interval: std::time::Duration) {
     loop {
         tokio::time::sleep(interval).await;

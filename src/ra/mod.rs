@@ -394,6 +394,22 @@ mod tests {
         assert_eq!(purged.ledger_buckets, 3);
         let again = ra.run_retention(&Actor::system(), &mut |_| {}).unwrap();
         assert_eq!(again.ledger_buckets, 0);
+
+        // A clock five days ahead: the days still held in memory keep their stored buckets,
+        // which are what a restart would load once the clock is back.
+        clock.advance_ms(5 * 86_400_000);
+        let jumped = ra.run_retention(&Actor::system(), &mut |_| {}).unwrap();
+        assert_eq!(jumped.ledger_buckets, 0);
+        clock.advance_ms(-5 * 86_400_000);
+        let stored = ra
+            .store
+            .ledger_checkpoint(&ra.policy.ledger.first_tracked_day(clock.now_ms()))
+            .unwrap();
+        assert_eq!(
+            stored.buckets.len(),
+            3,
+            "alice's and carol's of yesterday, bob's"
+        );
         ra.close_decisions().unwrap();
     }
 }

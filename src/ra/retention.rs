@@ -65,17 +65,24 @@ impl Ra {
         if done.certificates > 0 {
             self.publication.revocation_changed();
         }
-        let min_day = self.policy.ledger.first_tracked_day(self.clock.now_ms());
+        // Never a day the ledger still holds in memory (a clock that jumped days ahead keeps
+        // the two newest days there): its stored buckets are what a restart loads.
+        let mut min_day = self.policy.ledger.first_tracked_day(self.clock.now_ms());
+        if let Some(oldest) = self.decisions.with_books(|books| books.oldest_day()) {
+            min_day = min_day.min(oldest);
+        }
+        let mut after = None;
         loop {
             let audit =
                 AuditEvent::new(self.clock.now_ms(), actor, "retention.purged", "ledger", "");
-            let purged = self
-                .store
-                .purge_ledger_days_before(&min_day, BATCH, &audit)?;
+            let (purged, next) =
+                self.store
+                    .purge_ledger_days_before(&min_day, after.as_deref(), BATCH, &audit)?;
             done.ledger_buckets += purged as u64;
             progress(&done);
-            if purged < BATCH {
-                break;
+            match next {
+                Some(key) => after = Some(key),
+                None => break,
             }
         }
         tracing::info!(

@@ -625,7 +625,8 @@ impl Ra {
     }
 
     /// Gives back the amount an evidence reserved, for a payment that failed downstream.
-    /// Unknown id: `NotFound`; nothing reserved or already released: `FailedPrecondition`.
+    /// Unknown id: `NotFound`; nothing reserved, already released, or reserved before
+    /// yesterday (it counts for no limit any more): `FailedPrecondition`.
     pub fn release_reservation(&self, actor: &Actor, evidence_id: &str) -> Result<LimitStatus> {
         let (decision_seq, record) = self.decision_record(evidence_id)?;
         let customer = match (&record.customer_id, record.reserved_fen) {
@@ -647,6 +648,14 @@ impl Ra {
         }
         let bucket = ledger_key(&customer, &record.day, record.tier);
         let (seq, used_fen) = self.decisions.append(|_, books| {
+            // Under the log's lock: a checkpoint may have let the day go since the check above.
+            if !books.has_day(&record.day) {
+                return Err(Error::FailedPrecondition(format!(
+                    "evidence {evidence_id} reserved on {}; daily limits are kept from \
+                     {first_day} on, so there is nothing left to give back",
+                    record.day
+                )));
+            }
             if let Some(released_at_ms) = books.released_at(decision_seq) {
                 return Err(Error::FailedPrecondition(format!(
                     "evidence {evidence_id} was already released at {released_at_ms} (Unix ms)"

@@ -132,6 +132,19 @@ impl Books {
         }
     }
 
+    /// Whether any bucket of `day` is held.
+    pub fn has_day(&self, day: &str) -> bool {
+        self.buckets.contains_key(day.as_bytes())
+    }
+
+    /// The oldest day that has buckets in memory.
+    pub fn oldest_day(&self) -> Option<String> {
+        self.buckets
+            .keys()
+            .next()
+            .map(|day| String::from_utf8_lossy(day).into_owned())
+    }
+
     /// How many (customer, day, tier) buckets are held.
     pub fn bucket_count(&self) -> usize {
         self.buckets.values().map(HashMap::len).sum()
@@ -170,7 +183,7 @@ impl Books {
         let cut = cut.to_vec();
         let kept = self.buckets.split_off(&cut);
         let gone = std::mem::replace(&mut self.buckets, kept);
-        // Their last values stay in the store's checkpoint, which no start loads either.
+        // Changes not yet checkpointed go too: no start loads these days.
         let kept = self.dirty.split_off(&cut);
         ForgottenDays {
             buckets: gone,

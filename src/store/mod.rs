@@ -262,14 +262,16 @@ pub trait Store: Send + Sync {
         audit: &AuditEvent,
     ) -> Result<Vec<Serial>>;
 
-    /// Deletes up to `limit` stored ledger buckets of days before `min_day` (`YYYY-MM-DD`):
-    /// no start loads them and no limit counts them. Returns how many.
+    /// Deletes up to `limit` stored ledger buckets of days before `min_day` (`YYYY-MM-DD`),
+    /// looking at keys after `after` only: no start loads them and no limit counts them.
+    /// Returns how many, and the key to go on after (`None`: the end was reached).
     fn purge_ledger_days_before(
         &self,
         min_day: &str,
+        after: Option<&[u8]>,
         limit: usize,
         audit: &AuditEvent,
-    ) -> Result<usize>;
+    ) -> Result<(usize, Option<Vec<u8>>)>;
 
     /// Writes a consistent, checksummed snapshot of all data to `out` (see [`backup`]),
     /// followed by the decision log's frames, which `decision_log` hands to its argument.

@@ -310,31 +310,41 @@ impl SledStore {
         Ok(())
     }
 
-    /// Deletes up to `limit` entries of `tree` that `old` picks (key, value), in one
-    /// transaction with an audit entry whose outcome `outcome` words from the count, then
-    /// syncs. Returns how many went.
+    /// Deletes up to `limit` entries of `tree` after the key `after` that `old` picks (key,
+    /// value), in one transaction with an audit entry whose outcome `outcome` words from the
+    /// count, then syncs. The scan runs without the write turn (the entries it picks stay
+    /// picked: they only age); the deletion takes it. Returns how many went, and the key to
+    /// go on after, or `None` once the scan reached the end of the tree.
     fn purge_where(
         &self,
         tree: &sled::Tree,
+        after: Option<&[u8]>,
         limit: usize,
         audit: &AuditEvent,
         old: impl Fn(&[u8], &[u8]) -> Result<bool>,
         outcome: impl Fn(usize) -> String,
-    ) -> Result<usize> {
-        let writing = self.writing();
+    ) -> Result<(usize, Option<Vec<u8>>)> {
+        let entries = match after {
+            Some(after) => tree
+                .range::<&[u8], _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => tree.iter(),
+        };
         let mut keys = Vec::new();
-        for entry in tree.iter() {
+        let mut next = None;
+        for entry in entries {
             let (key, value) = entry?;
             if old(&key, &value)? {
                 keys.push(key);
                 if keys.len() == limit {
+                    next = keys.last().map(|key| key.to_vec());
                     break;
                 }
             }
         }
         if keys.is_empty() {
-            return Ok(0);
+            return Ok((0, next));
         }
+        let writing = self.writing();
         let result = (tree, &self.audit, &self.meta).transaction(|(tree, log, meta)| {
             for key in &keys {
                 tree.remove(key)?;
@@ -347,7 +357,7 @@ impl SledStore {
         finish(result)?;
         drop(writing);
         self.commit.sync()?;
-        Ok(keys.len())
+        Ok((keys.len(), next))
     }
 
     /// Commits queued enrollments, batch after batch, until the queue is empty.
@@ -942,11 +952,13 @@ impl Store for SledStore {
     fn purge_ledger_days_before(
         &self,
         min_day: &str,
+        after: Option<&[u8]>,
         limit: usize,
         audit: &AuditEvent,
-    ) -> Result<usize> {
+    ) -> Result<(usize, Option<Vec<u8>>)> {
         self.purge_where(
             &self.ledger,
+            after,
             limit,
             audit,
             |key, _| Ok(ledger_day(key) < min_day.as_bytes()),
@@ -1135,13 +1147,16 @@ impl Store for SledStore {
         limit: usize,
         audit: &AuditEvent,
     ) -> Result<usize> {
+        // Few tokens are kept (they expire in days), so each batch scans from the start.
         self.purge_where(
             &self.tokens,
+            None,
             limit,
             audit,
             |_, value| Ok(decode::<TokenRecord>(value)?.expires_at_s < before_s),
             |count| format!("{count} tokens"),
         )
+        .map(|(purged, _)| purged)
     }
 
     fn purge_expired_certificates(
