@@ -781,11 +781,12 @@ async fn run(cli: Cli) -> CliResult {
                 .into_inner();
             while let Some(progress) = stream.message().await.map_err(status_message)? {
                 eprint!(
-                    "\rpurged: {} nonces, {} tokens, {} certificate records, {} ledger buckets",
+                    "\rpurged: {} nonces, {} tokens, {} certificate records, {} ledger buckets, {} releases",
                     progress.nonces_purged,
                     progress.tokens_purged,
                     progress.certificates_purged,
-                    progress.ledger_buckets_purged
+                    progress.ledger_buckets_purged,
+                    progress.releases_purged
                 );
                 if progress.done {
                     eprintln!();
@@ -796,6 +797,7 @@ async fn run(cli: Cli) -> CliResult {
                             "tokens_purged": progress.tokens_purged,
                             "certificates_purged": progress.certificates_purged,
                             "ledger_buckets_purged": progress.ledger_buckets_purged,
+                            "releases_purged": progress.releases_purged,
                         })
                     );
                 }

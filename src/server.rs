@@ -203,8 +203,8 @@ async fn checkpoint_loop(ra: Arc<Ra>) {
     }
 }
 
-/// Runs retention (expired nonces, tokens, old certificate records and past days' ledger
-/// buckets) every `interval`.
+/// Runs retention (expired nonces, tokens, old certificate records, past days' ledger
+/// buckets and old releases) every `interval`.
 async fn retention_loop(ra: Arc<Ra>, interval: std::time::Duration) {
     loop {
         tokio::time::sleep(interval).await;

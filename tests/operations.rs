@@ -367,8 +367,9 @@ async fn ok_retention_purges_expired_nonces_tokens_and_old_certificates() {
     assert_eq!(report["nonces_purged"], 1);
     assert_eq!(report["tokens_purged"], 2, "the used and the unused token");
     assert_eq!(report["certificates_purged"], 1);
-    // No reservation was made, so no ledger bucket was stored.
+    // No reservation was made, so no ledger bucket or release was stored.
     assert_eq!(report["ledger_buckets_purged"], 0);
+    assert_eq!(report["releases_purged"], 0);
     assert!(
         String::from_utf8_lossy(&output.stderr).contains("purged:"),
         "progress shown"

@@ -410,6 +410,37 @@ mod tests {
             3,
             "alice's and carol's of yesterday, bob's"
         );
+        assert_eq!(stored.released.len(), 1, "carol's release is kept");
+
+        // Days later carol's release is more than two days old. While the books still hold
+        // the day it was made (the two newest days with buckets stay), it is kept; once two
+        // newer days have buckets, retention deletes it, and a repeat is still refused, by
+        // the decision's day.
+        clock.advance_ms(3 * 86_400_000);
+        ra.qualify_transaction(&Actor::system(), reserve("dave", "o-5"))
+            .await
+            .unwrap();
+        ra.save_ledger_checkpoint().unwrap();
+        let held = ra.run_retention(&Actor::system(), &mut |_| {}).unwrap();
+        assert_eq!(held.releases, 0, "the books still hold the day it was made");
+        clock.advance_ms(86_400_000);
+        ra.qualify_transaction(&Actor::system(), reserve("dave", "o-6"))
+            .await
+            .unwrap();
+        ra.save_ledger_checkpoint().unwrap();
+        let later = ra.run_retention(&Actor::system(), &mut |_| {}).unwrap();
+        assert_eq!(later.releases, 1);
+        let day = ra.policy.ledger.first_tracked_day(clock.now_ms());
+        assert!(ra
+            .store
+            .ledger_checkpoint(&day)
+            .unwrap()
+            .released
+            .is_empty());
+        let repeat = ra
+            .release_reservation(&Actor::system(), &first.evidence_id)
+            .unwrap_err();
+        assert!(matches!(repeat, Error::FailedPrecondition(_)), "{repeat:?}");
         ra.close_decisions().unwrap();
     }
 }

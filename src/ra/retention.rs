@@ -14,12 +14,14 @@ pub struct RetentionProgress {
     pub tokens: u64,
     pub certificates: u64,
     pub ledger_buckets: u64,
+    pub releases: u64,
 }
 
 impl Ra {
     /// Purges expired nonces, expired enrollment tokens, (after the configured number of
-    /// days) expired certificate records, and the stored ledger buckets of days before
-    /// yesterday, calling `progress` after every batch.
+    /// days) expired certificate records, the stored ledger buckets of days before
+    /// yesterday and the stored releases older than two days, calling `progress` after
+    /// every batch.
     pub fn run_retention(
         &self,
         actor: &Actor,
@@ -85,11 +87,43 @@ impl Ra {
                 None => break,
             }
         }
+        // A release two days old is of a decision from before yesterday at the latest, whose
+        // release `release_reservation` refuses by its day: it no longer needs keeping to
+        // refuse a repeat. Never one made since the oldest day the ledger still holds,
+        // though (a clock days ahead). Memory keeps them all until a restart.
+        let mut before_ms = self.clock.now_ms() - 2 * 86_400_000;
+        if let Some(start_ms) = self
+            .decisions
+            .with_books(|books| books.oldest_day())
+            .and_then(|day| self.policy.ledger.day_start_ms(&day))
+        {
+            before_ms = before_ms.min(start_ms);
+        }
+        let mut after = None;
+        loop {
+            let audit = AuditEvent::new(
+                self.clock.now_ms(),
+                actor,
+                "retention.purged",
+                "releases",
+                "",
+            );
+            let (purged, next) =
+                self.store
+                    .purge_releases_before(before_ms, after.as_deref(), BATCH, &audit)?;
+            done.releases += purged as u64;
+            progress(&done);
+            match next {
+                Some(key) => after = Some(key),
+                None => break,
+            }
+        }
         tracing::info!(
             nonces = done.nonces,
             tokens = done.tokens,
             certificates = done.certificates,
             ledger_buckets = done.ledger_buckets,
+            releases = done.releases,
             "retention run finished"
         );
         Ok(done)

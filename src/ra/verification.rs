@@ -199,6 +199,14 @@ impl LedgerPolicy {
         self.day(now_ms - 86_400_000)
     }
 
+    /// When `day` (`YYYY-MM-DD`, as [`LedgerPolicy::day`] writes it) begins, in Unix ms.
+    pub fn day_start_ms(&self, day: &str) -> Option<i64> {
+        let format = time::macros::format_description!("[year]-[month]-[day]");
+        let date = time::Date::parse(day, &format).ok()?;
+        let local_s = date.midnight().assume_utc().unix_timestamp();
+        Some((local_s - i64::from(self.utc_offset_s)) * 1000)
+    }
+
     /// The ledger day of `now_ms`: the calendar date in the configured time zone.
     pub fn day(&self, now_ms: i64) -> String {
         let local_s = now_ms.div_euclid(1000) + i64::from(self.utc_offset_s);

@@ -155,6 +155,36 @@ fn past_ledger_days_are_purged_in_batches(store: &dyn Store) {
         loaded.through_seq, 10,
         "the checkpoint's record number stays"
     );
+
+    // Releases made before a time go the same way; later ones stay.
+    let before = store.ledger_checkpoint("2025-01-01").unwrap().released;
+    store
+        .save_ledger_checkpoint(&LedgerCheckpoint {
+            through_seq: 11,
+            buckets: vec![],
+            released: vec![(100, 5_000), (101, 6_000), (102, 9_000)],
+        })
+        .unwrap();
+    let mut gone = 0;
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let (purged, next) = store
+            .purge_releases_before(7_000, after.as_deref(), 1, &ev())
+            .unwrap();
+        gone += purged;
+        match next {
+            Some(key) => after = Some(key),
+            None => break,
+        }
+    }
+    // The earlier test's releases (at 1,000 and 2,000 ms) are before 7,000 ms too.
+    assert_eq!(
+        gone,
+        2 + before.iter().filter(|(_, at)| *at < 7_000).count()
+    );
+    let left = store.ledger_checkpoint("2025-01-01").unwrap().released;
+    assert!(left.contains(&(102, 9_000)));
+    assert!(left.iter().all(|(_, at)| *at >= 7_000), "{left:?}");
 }
 
 fn crl_numbers_grow(store: &dyn Store) {

@@ -273,6 +273,16 @@ pub trait Store: Send + Sync {
         audit: &AuditEvent,
     ) -> Result<(usize, Option<Vec<u8>>)>;
 
+    /// Deletes up to `limit` stored releases made before `before_ms`, looking at keys after
+    /// `after` only. Returns how many, and the key to go on after (`None`: the end).
+    fn purge_releases_before(
+        &self,
+        before_ms: i64,
+        after: Option<&[u8]>,
+        limit: usize,
+        audit: &AuditEvent,
+    ) -> Result<(usize, Option<Vec<u8>>)>;
+
     /// Writes a consistent, checksummed snapshot of all data to `out` (see [`backup`]),
     /// followed by the decision log's frames, which `decision_log` hands to its argument.
     fn export(

@@ -966,6 +966,23 @@ impl Store for SledStore {
         )
     }
 
+    fn purge_releases_before(
+        &self,
+        before_ms: i64,
+        after: Option<&[u8]>,
+        limit: usize,
+        audit: &AuditEvent,
+    ) -> Result<(usize, Option<Vec<u8>>)> {
+        self.purge_where(
+            &self.releases,
+            after,
+            limit,
+            audit,
+            |_, value| Ok(read_i64(Some(value.into())) < before_ms),
+            |count| format!("{count} releases"),
+        )
+    }
+
     fn ledger_checkpoint(&self, min_day: &str) -> Result<LedgerCheckpoint> {
         let through_seq = self
             .meta

@@ -680,6 +680,7 @@ impl proto::admin_server::Admin for AdminService {
                     tokens_purged: p.tokens as i64,
                     certificates_purged: p.certificates as i64,
                     ledger_buckets_purged: p.ledger_buckets as i64,
+                    releases_purged: p.releases as i64,
                     done,
                 };
             let mut report = |p: &crate::ra::RetentionProgress| {
