@@ -73,20 +73,17 @@ impl Ra {
         if let Some(oldest) = self.decisions.with_books(|books| books.oldest_day()) {
             min_day = min_day.min(oldest);
         }
-        let mut after = None;
-        loop {
-            let audit =
-                AuditEvent::new(self.clock.now_ms(), actor, "retention.purged", "ledger", "");
-            let (purged, next) =
+        self.purge_in_batches(
+            actor,
+            "ledger",
+            &mut done,
+            progress,
+            |done| &mut done.ledger_buckets,
+            |after, audit| {
                 self.store
-                    .purge_ledger_days_before(&min_day, after.as_deref(), BATCH, &audit)?;
-            done.ledger_buckets += purged as u64;
-            progress(&done);
-            match next {
-                Some(key) => after = Some(key),
-                None => break,
-            }
-        }
+                    .purge_ledger_days_before(&min_day, after, BATCH, audit)
+            },
+        )?;
         // A release two days old is of a decision from before yesterday at the latest, whose
         // release `release_reservation` refuses by its day: it no longer needs keeping to
         // refuse a repeat. Never one made since the oldest day the ledger still holds,
@@ -99,25 +96,17 @@ impl Ra {
         {
             before_ms = before_ms.min(start_ms);
         }
-        let mut after = None;
-        loop {
-            let audit = AuditEvent::new(
-                self.clock.now_ms(),
-                actor,
-                "retention.purged",
-                "releases",
-                "",
-            );
-            let (purged, next) =
+        self.purge_in_batches(
+            actor,
+            "releases",
+            &mut done,
+            progress,
+            |done| &mut done.releases,
+            |after, audit| {
                 self.store
-                    .purge_releases_before(before_ms, after.as_deref(), BATCH, &audit)?;
-            done.releases += purged as u64;
-            progress(&done);
-            match next {
-                Some(key) => after = Some(key),
-                None => break,
-            }
-        }
+                    .purge_releases_before(before_ms, after, BATCH, audit)
+            },
+        )?;
         tracing::info!(
             nonces = done.nonces,
             tokens = done.tokens,
@@ -127,5 +116,29 @@ impl Ra {
             "retention run finished"
         );
         Ok(done)
+    }
+
+    /// Calls `purge` batch after batch, each going on after the key where the one before
+    /// stopped, until the end; counts into `count` of `done` and reports after every batch.
+    fn purge_in_batches(
+        &self,
+        actor: &Actor,
+        target: &str,
+        done: &mut RetentionProgress,
+        progress: &mut dyn FnMut(&RetentionProgress),
+        count: fn(&mut RetentionProgress) -> &mut u64,
+        mut purge: impl FnMut(Option<&[u8]>, &AuditEvent) -> Result<(usize, Option<Vec<u8>>)>,
+    ) -> Result<()> {
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let audit = AuditEvent::new(self.clock.now_ms(), actor, "retention.purged", target, "");
+            let (purged, next) = purge(after.as_deref(), &audit)?;
+            *count(done) += purged as u64;
+            progress(done);
+            match next {
+                Some(key) => after = Some(key),
+                None => return Ok(()),
+            }
+        }
     }
 }
