@@ -171,17 +171,40 @@ fn abort(e: Error) -> ConflictableTransactionError<Error> {
     ConflictableTransactionError::Abort(e)
 }
 
+/// How long [`SledStore::open`] tries a database whose file lock is held.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl SledStore {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<SledStore> {
         std::fs::create_dir_all(dir)?;
         // sled's page cache defaults to 1 GiB; payra keeps what the hot path needs in its own
         // maps, so a small cache suffices and keeps the resident size down.
-        let db = sled::Config::new()
+        let config = sled::Config::new()
             .path(dir)
-            .cache_capacity(SLED_CACHE_BYTES)
-            .open()
-            .map_err(|e| Error::internal(format!("opening database {}: {e}", dir.display())))?;
+            .cache_capacity(SLED_CACHE_BYTES);
+        // sled's I/O threads can hold the database's file lock for a moment after the last
+        // handle in this process is gone (a reopen in the same process, as a restore or a test
+        // does), so a held lock is tried again for up to LOCK_WAIT. Another process holding it
+        // (a running server) still gets the error, after that wait.
+        let started = std::time::Instant::now();
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        && started.elapsed() < LOCK_WAIT =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(Error::internal(format!(
+                        "opening database {}: {e}",
+                        dir.display()
+                    )))
+                }
+            }
+        };
         let commit = GroupCommit::new(db.clone(), dir)?;
         let (journal, journaled) = IssuanceJournal::open(&dir.join(ISSUANCE_JOURNAL_FILE))?;
         let store = SledStore {
