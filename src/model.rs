@@ -243,19 +243,22 @@ impl RevocationReason {
         }
     }
 
+    /// Every reason payra uses.
+    pub const ALL: [RevocationReason; 7] = [
+        RevocationReason::Unspecified,
+        RevocationReason::KeyCompromise,
+        RevocationReason::AffiliationChanged,
+        RevocationReason::Superseded,
+        RevocationReason::CessationOfOperation,
+        RevocationReason::CertificateHold,
+        RevocationReason::PrivilegeWithdrawn,
+    ];
+
     /// The reason with RFC 5280 CRLReason `code`, if payra uses it.
     pub fn from_code(code: u8) -> Option<RevocationReason> {
-        [
-            RevocationReason::Unspecified,
-            RevocationReason::KeyCompromise,
-            RevocationReason::AffiliationChanged,
-            RevocationReason::Superseded,
-            RevocationReason::CessationOfOperation,
-            RevocationReason::CertificateHold,
-            RevocationReason::PrivilegeWithdrawn,
-        ]
-        .into_iter()
-        .find(|reason| reason.code() == code)
+        RevocationReason::ALL
+            .into_iter()
+            .find(|reason| reason.code() == code)
     }
 
     /// The kebab-case name used by the CLI (`key-compromise`).

@@ -394,15 +394,7 @@ mod tests {
         let second = record(&[0x42; 16], "cust", "dev-2");
         cache.put(&first);
         cache.put(&second);
-        for reason in [
-            RevocationReason::Unspecified,
-            RevocationReason::KeyCompromise,
-            RevocationReason::AffiliationChanged,
-            RevocationReason::Superseded,
-            RevocationReason::CessationOfOperation,
-            RevocationReason::CertificateHold,
-            RevocationReason::PrivilegeWithdrawn,
-        ] {
+        for reason in RevocationReason::ALL {
             let revocation = Revocation {
                 revoked_at_s: 1_700_000_123,
                 reason,

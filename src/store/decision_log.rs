@@ -192,23 +192,44 @@ impl Books {
     }
 
     fn set(&mut self, key: &[u8], used: i64) {
-        self.buckets
-            .entry(day_of(key).to_vec())
-            .or_default()
-            .insert(key.to_vec(), used);
+        // The day's map exists for all but a day's first bucket: no allocation for its key.
+        let day = day_of(key);
+        match self.buckets.get_mut(day) {
+            Some(buckets) => match buckets.get_mut(key) {
+                Some(slot) => *slot = used,
+                None => {
+                    buckets.insert(key.to_vec(), used);
+                }
+            },
+            None => {
+                self.buckets
+                    .insert(day.to_vec(), HashMap::from([(key.to_vec(), used)]));
+            }
+        }
     }
 
     fn add(&mut self, key: &[u8], delta: i64) {
         let used = (self.used(key) + delta).max(0);
         self.set(key, used);
-        self.mark_dirty(key.to_vec());
+        if !self
+            .dirty
+            .get(day_of(key))
+            .is_some_and(|keys| keys.contains(key))
+        {
+            self.mark_dirty(key.to_vec());
+        }
     }
 
     fn mark_dirty(&mut self, key: Vec<u8>) {
-        self.dirty
-            .entry(day_of(&key).to_vec())
-            .or_default()
-            .insert(key);
+        match self.dirty.get_mut(day_of(&key)) {
+            Some(keys) => {
+                keys.insert(key);
+            }
+            None => {
+                self.dirty
+                    .insert(day_of(&key).to_vec(), HashSet::from([key]));
+            }
+        }
     }
 
     /// The buckets changed since the last checkpoint, taken out of the books.
