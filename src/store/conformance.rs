@@ -524,12 +524,18 @@ async fn sled_store_async_and_blocking_enrollments_share_the_queue_and_a_token_s
     let certs: Vec<_> = (0..16)
         .map(|i| certificate("c-mixed", &format!("d{i}")))
         .collect();
+    // Each async caller's hook says whether the write turn was held while it ran.
+    let (hooks, hooks_ran) = std::sync::mpsc::channel();
+    let hook = |tag: String| -> OnIssued {
+        let (store, hooks) = (store.clone(), hooks.clone());
+        Box::new(move || hooks.send((tag, store.write_turn_is_free())).unwrap())
+    };
     let mut receivers = Vec::new();
     for cert in &certs[..8] {
         receivers.push(
             store
                 .clone()
-                .issue_with_token_async(&shared, 5, cert, &ev())
+                .issue_with_token_async(&shared, 5, cert, &ev(), hook(cert.device_id.to_string()))
                 .unwrap(),
         );
     }
@@ -544,6 +550,13 @@ async fn sled_store_async_and_blocking_enrollments_share_the_queue_and_a_token_s
     let mut outcomes = Vec::new();
     for receiver in receivers {
         outcomes.push(receiver.await.expect("answered").unwrap());
+    }
+    // The hook ran for the async winner only (if the winner was async), under the turn.
+    let async_winner = outcomes.iter().position(|o| *o == IssueOutcome::Issued);
+    let ran: Vec<_> = hooks_ran.try_iter().collect();
+    match async_winner {
+        Some(i) => assert_eq!(ran, vec![(certs[i].device_id.to_string(), false)]),
+        None => assert_eq!(ran, vec![]),
     }
     for thread in blocking {
         outcomes.push(thread.join().unwrap());
@@ -560,20 +573,63 @@ async fn sled_store_async_and_blocking_enrollments_share_the_queue_and_a_token_s
         )));
 
     // An async enrollment after them is answered too, durable and in the chain.
+    // Its hook ran before the answer was sent, with the certificate stored.
     let last = certificate("c-mixed", "d-last");
     let outcome = store
         .clone()
-        .issue_with_token_async(&own, 6, &last, &ev())
+        .issue_with_token_async(&own, 6, &last, &ev(), hook("d-last".into()))
         .unwrap()
         .await
         .unwrap()
         .unwrap();
     assert_eq!(outcome, IssueOutcome::Issued);
+    assert_eq!(
+        hooks_ran.try_iter().collect::<Vec<_>>(),
+        vec![("d-last".to_string(), false)]
+    );
     assert!(store.certificate(&last.serial).unwrap().is_some());
     assert_eq!(
         verify_audit_log(store.as_ref()).unwrap(),
         AuditCheck::Intact { entries: 4 }
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_store_runs_an_async_enrollments_hook_even_when_nobody_waits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    let hash = TokenHash::of("t-gone");
+    store
+        .put_token(&hash, &token("c-gone", 100), &ev())
+        .unwrap();
+    let cert = certificate("c-gone", "d-gone");
+    let (ran, hook_ran) = std::sync::mpsc::channel();
+    let hook_store = store.clone();
+    let serial = cert.serial.clone();
+    let receiver = store
+        .clone()
+        .issue_with_token_async(
+            &hash,
+            5,
+            &cert,
+            &ev(),
+            Box::new(move || {
+                // The certificate is in the trees when the hook runs.
+                let stored = hook_store.certificate(&serial).unwrap().is_some();
+                ran.send(stored).unwrap();
+            }),
+        )
+        .unwrap();
+    // The caller goes away (a cancelled RPC): the batch still commits and the hook runs.
+    drop(receiver);
+    let stored = tokio::task::spawn_blocking(move || {
+        hook_ran.recv_timeout(std::time::Duration::from_secs(30))
+    })
+    .await
+    .unwrap()
+    .expect("the hook ran");
+    assert!(stored);
+    assert!(store.token(&hash).unwrap().unwrap().used_at_s.is_some());
 }
 
 #[test]

@@ -114,6 +114,11 @@ pub enum ReleaseRejection {
 /// Where an async enrollment's outcome arrives (see [`Store::issue_with_token_async`]).
 pub type IssueReceiver = tokio::sync::oneshot::Receiver<Result<IssueOutcome>>;
 
+/// Run by [`Store::issue_with_token_async`] once the certificate is durable and stored, and
+/// only if it was issued: before the outcome is sent, whether or not anyone still waits for
+/// it, and before any later write can commit.
+pub type OnIssued = Box<dyn FnOnce() + Send>;
+
 /// Persistent state of the RA and CA.
 pub trait Store: Send + Sync {
     /// Stores a new enrollment token under its hash. Durable on return.
@@ -137,17 +142,19 @@ pub trait Store: Send + Sync {
     /// [`Store::issue_with_token`] for async callers: returns at once, and the receiver gets
     /// the outcome once it is durable. A backend that batches enrollments commits this one
     /// with others without a thread waiting for it; the default runs the call here.
+    ///
+    /// `on_issued` runs once the certificate is stored, before the outcome is sent and before
+    /// any later write (a revocation of the certificate, say) commits: the caller's in-memory
+    /// view gets the certificate before any change to it, and gets it even if the caller has
+    /// stopped waiting. It must be quick and must not call back into the store's writes.
     fn issue_with_token_async(
         self: std::sync::Arc<Self>,
         hash: &TokenHash,
         now_s: i64,
         certificate: &CertificateRecord,
         audit: &AuditEvent,
-    ) -> Result<IssueReceiver> {
-        let (sender, receiver) = tokio::sync::oneshot::channel();
-        let _ = sender.send(self.issue_with_token(hash, now_s, certificate, audit));
-        Ok(receiver)
-    }
+        on_issued: OnIssued,
+    ) -> Result<IssueReceiver>;
 
     /// The certificate with `serial`, if payra issued it.
     fn certificate(&self, serial: &Serial) -> Result<Option<CertificateRecord>>;

@@ -70,6 +70,8 @@ pub(super) struct IssueJob {
     outcome: std::sync::OnceLock<std::result::Result<IssueOutcome, String>>,
     /// An async caller's receiver end, told the outcome when it is set.
     notify: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Result<IssueOutcome>>>>,
+    /// An async caller's [`super::OnIssued`], run under the write turn if the job issued.
+    on_issued: std::sync::Mutex<Option<super::OnIssued>>,
 }
 
 /// Enrollments waiting to be committed.
@@ -101,12 +103,24 @@ impl IssueJob {
             audit: audit.clone(),
             outcome: std::sync::OnceLock::new(),
             notify: std::sync::Mutex::new(None),
+            on_issued: std::sync::Mutex::new(None),
         })
     }
 
-    /// Sets the outcome and tells an async caller.
+    /// Sets the outcome, runs the caller's [`super::OnIssued`] if the job issued, and tells
+    /// an async caller. Called under the write turn, so the hook runs before any later write
+    /// (a revocation of the new certificate) can commit.
     fn finish(&self, outcome: std::result::Result<IssueOutcome, String>) {
+        let issued = matches!(outcome, Ok(IssueOutcome::Issued));
         let _ = self.outcome.set(outcome);
+        let on_issued = self
+            .on_issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let (true, Some(on_issued)) = (issued, on_issued) {
+            on_issued();
+        }
         let notify = self.notify.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(sender) = notify {
             // A caller that stopped waiting dropped its receiver; the outcome stands.
@@ -552,6 +566,12 @@ impl SledStore {
         )
     }
 
+    /// Whether no writer holds the write turn now (tests of what runs under it).
+    #[cfg(test)]
+    pub(super) fn write_turn_is_free(&self) -> bool {
+        self.write_turn.try_lock().is_ok()
+    }
+
     fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
         self.write_turn.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -758,10 +778,12 @@ impl Store for SledStore {
         now_s: i64,
         certificate: &CertificateRecord,
         audit: &AuditEvent,
+        on_issued: super::OnIssued,
     ) -> Result<super::IssueReceiver> {
         let job = std::sync::Arc::new(IssueJob::new(hash, now_s, certificate, audit)?);
         let (sender, receiver) = tokio::sync::oneshot::channel();
         *job.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+        *job.on_issued.lock().unwrap_or_else(|p| p.into_inner()) = Some(on_issued);
         let start = {
             let mut queue = self.issue_queue.lock().unwrap_or_else(|p| p.into_inner());
             queue.jobs.push(job);

@@ -211,7 +211,7 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
         let peer = request.remote_addr().map(|addr| addr.ip());
         let mut request = EnrollRequest::try_from(request.into_inner())?;
         request.peer = peer;
-        // Checked and signed on the blocking pool; the wait for the durable write holds no
+        // Checked and signed on this task's thread; the wait for the durable write holds no
         // thread.
         let issued = self.ra.enroll(&actor, request).await?;
         Ok(Response::new(issued_response(issued)))
