@@ -390,6 +390,8 @@ enum BenchClient {
 enum BenchScenario {
     Verify,
     Enroll,
+    /// CreateEnrollmentToken as the payment service.
+    Token,
     Status,
     Ocsp,
 }
@@ -685,6 +687,7 @@ async fn run(cli: Cli) -> CliResult {
                 scenario: match scenario {
                     BenchScenario::Verify => Scenario::Verify,
                     BenchScenario::Enroll => Scenario::Enroll,
+                    BenchScenario::Token => Scenario::Token,
                     BenchScenario::Status => Scenario::Status,
                     BenchScenario::Ocsp => Scenario::Ocsp,
                 },

@@ -41,6 +41,7 @@ async fn both_clients_drive_every_scenario_without_errors() {
         for scenario in [
             Scenario::Verify,
             Scenario::Enroll,
+            Scenario::Token,
             Scenario::Status,
             Scenario::Ocsp,
         ] {

@@ -39,6 +39,9 @@ pub enum Scenario {
     Verify,
     /// Enroll with pre-created tokens (a durable issuance per call).
     Enroll,
+    /// CreateEnrollmentToken as the payment service's role (a durable token per call): a
+    /// device cannot enroll faster than its payment service gets tokens.
+    Token,
     /// GetCertificateStatus.
     Status,
     /// OCSP POST without a nonce (the cached path).
@@ -199,6 +202,9 @@ enum Work {
         tokens: Vec<String>,
         csrs: Arc<Vec<Vec<u8>>>,
     },
+    Token {
+        client: Caller,
+    },
     Status {
         client: Caller,
         serials: Arc<Vec<String>>,
@@ -256,6 +262,21 @@ impl Caller {
         match self {
             Caller::Lean(c) => c.unary("/payra.v1.Enrollment/Enroll", &request).await,
             Caller::Tonic(c) => tonic_answer(c.enrollment().enroll(request).await),
+        }
+    }
+
+    async fn create_enrollment_token(
+        &self,
+        request: proto::CreateEnrollmentTokenRequest,
+    ) -> std::result::Result<proto::CreateEnrollmentTokenResponse, CallError> {
+        match self {
+            Caller::Lean(c) => {
+                c.unary("/payra.v1.Registration/CreateEnrollmentToken", &request)
+                    .await
+            }
+            Caller::Tonic(c) => {
+                tonic_answer(c.registration().create_enrollment_token(request).await)
+            }
         }
     }
 
@@ -493,21 +514,44 @@ async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
                     .collect::<Result<_>>()?,
             );
             let per_worker = (settings.max_requests / settings.concurrency as u64).clamp(1, 20_000);
+            // The workers' tokens are created concurrently, as many calls in flight as the
+            // run will have, so that a large run does not spend minutes on its set-up.
+            let mut minting = tokio::task::JoinSet::new();
             for _ in 0..settings.concurrency {
-                let mut tokens = Vec::with_capacity(per_worker as usize);
-                for _ in 0..per_worker {
-                    tokens.push(
-                        service
-                            .create_enrollment_token("bench-enroll", 0)
-                            .await
-                            .map_err(status_error)?
-                            .token,
-                    );
-                }
+                let service = service.clone();
+                minting.spawn(async move {
+                    let mut tokens = Vec::with_capacity(per_worker as usize);
+                    for _ in 0..per_worker {
+                        tokens.push(
+                            service
+                                .create_enrollment_token("bench-enroll", 0)
+                                .await
+                                .map_err(status_error)?
+                                .token,
+                        );
+                    }
+                    Ok::<_, Error>(tokens)
+                });
+            }
+            let mut minted = Vec::with_capacity(settings.concurrency);
+            while let Some(tokens) = minting.join_next().await {
+                minted.push(
+                    tokens.map_err(|e| Error::internal(format!("token task failed: {e}")))??,
+                );
+            }
+            for tokens in minted {
                 work.push(Work::Enroll {
                     client: Caller::connect(settings, Credential::None).await?,
                     tokens,
                     csrs: csrs.clone(),
+                });
+            }
+        }
+        Scenario::Token => {
+            for _ in 0..settings.concurrency {
+                work.push(Work::Token {
+                    client: Caller::connect(settings, Credential::role(&settings.certs, "service"))
+                        .await?,
                 });
             }
         }
@@ -729,6 +773,7 @@ fn rpc_method(scenario: Scenario) -> Option<&'static str> {
     match scenario {
         Scenario::Verify => Some("VerifyPayment"),
         Scenario::Enroll => Some("Enroll"),
+        Scenario::Token => Some("CreateEnrollmentToken"),
         Scenario::Status => Some("GetCertificateStatus"),
         Scenario::Ocsp => None,
     }
@@ -825,6 +870,17 @@ async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> 
                 };
                 let started = Instant::now();
                 let ok = client.enroll(request).await.is_ok();
+                record(started, ok, &counters);
+            }
+        }
+        Work::Token { client } => {
+            while counters.take() {
+                let request = proto::CreateEnrollmentTokenRequest {
+                    customer_id: "bench-token".into(),
+                    ttl_s: 0,
+                };
+                let started = Instant::now();
+                let ok = client.create_enrollment_token(request).await.is_ok();
                 record(started, ok, &counters);
             }
         }

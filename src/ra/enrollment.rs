@@ -70,13 +70,47 @@ pub fn check_token_shape(token: &str) -> Result<()> {
 
 impl Ra {
     /// Creates a single-use enrollment token for `customer`, valid for `ttl_s` seconds
-    /// (0: the configured default). The token carries 256 random bits.
+    /// (0: the configured default). The token carries 256 random bits. Durable on return.
     pub fn create_enrollment_token(
         &self,
         actor: &Actor,
         customer: CustomerId,
         ttl_s: i64,
     ) -> Result<EnrollmentToken> {
+        let (token, hash, record, audit) = self.new_enrollment_token(actor, customer, ttl_s)?;
+        self.store.put_token(&hash, &record, &audit)?;
+        Ok(token)
+    }
+
+    /// [`Ra::create_enrollment_token`] without holding a thread while the token is made
+    /// durable: it joins the store's next journaled batch, with concurrent tokens and
+    /// enrollments.
+    pub async fn create_enrollment_token_async(
+        &self,
+        actor: &Actor,
+        customer: CustomerId,
+        ttl_s: i64,
+    ) -> Result<EnrollmentToken> {
+        let (token, hash, record, audit) = self.new_enrollment_token(actor, customer, ttl_s)?;
+        match self
+            .store
+            .clone()
+            .put_token_async(&hash, &record, &audit)?
+            .await
+            .map_err(|_| Error::internal("the token's batch ended without an answer"))??
+        {
+            IssueOutcome::Issued => Ok(token),
+            other => Err(Error::internal(format!("storing a token: {other:?}"))),
+        }
+    }
+
+    /// A new token and what the store keeps of it (its hash, record and audit entry).
+    fn new_enrollment_token(
+        &self,
+        actor: &Actor,
+        customer: CustomerId,
+        ttl_s: i64,
+    ) -> Result<(EnrollmentToken, TokenHash, TokenRecord, AuditEvent)> {
         let ttl_s = match ttl_s {
             0 => self.policy.token_default_ttl_s,
             t if t < 0 => return Err(Error::invalid("ttl_s", "must not be negative")),
@@ -107,12 +141,17 @@ impl Ra {
             record.customer_id.as_str(),
             "ok",
         );
-        self.store
-            .put_token(&TokenHash::of(&token), &record, &audit)?;
-        Ok(EnrollmentToken {
-            token,
-            expires_at_s: record.expires_at_s,
-        })
+        let hash = TokenHash::of(&token);
+        let expires_at_s = record.expires_at_s;
+        Ok((
+            EnrollmentToken {
+                token,
+                expires_at_s,
+            },
+            hash,
+            record,
+            audit,
+        ))
     }
 
     /// Enrolls a device key: checks the CSR (proof of possession, P-256), consumes the token

@@ -352,11 +352,13 @@ fn sled_store_conforms() {
 
 #[test]
 fn sled_store_batches_concurrent_syncs() {
+    // Writes through sled's own log (here: agreed limits) share the group commit's syncs.
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(SledStore::open(dir.path()).unwrap());
     let writers = 16;
     let per_writer = 20;
     let barrier = Arc::new(Barrier::new(writers));
+    let before = store.group_commit().syncs();
     let handles: Vec<_> = (0..writers)
         .map(|w| {
             let store = store.clone();
@@ -364,10 +366,8 @@ fn sled_store_batches_concurrent_syncs() {
             std::thread::spawn(move || {
                 barrier.wait();
                 for i in 0..per_writer {
-                    let hash = TokenHash::of(&format!("batch-{w}-{i}"));
-                    store
-                        .put_token(&hash, &token("c-batch", 100), &ev())
-                        .unwrap();
+                    let customer = CustomerId::parse("customer_id", &format!("c-{w}-{i}")).unwrap();
+                    store.set_agreed_limit(&customer, 100, &ev()).unwrap();
                 }
             })
         })
@@ -375,11 +375,83 @@ fn sled_store_batches_concurrent_syncs() {
     for handle in handles {
         handle.join().unwrap();
     }
-    let syncs = store.group_commit().syncs();
+    let syncs = store.group_commit().syncs() - before;
+    assert!(syncs > 0, "agreed limits were not synced");
     assert!(
         syncs < (writers * per_writer) as u64,
         "{syncs} syncs for {} writes: no batching",
         writers * per_writer
+    );
+    assert_eq!(store.agreed_limits().unwrap().len(), writers * per_writer);
+}
+
+#[test]
+fn sled_store_journals_concurrent_new_tokens_in_shared_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let writers = 16;
+    let per_writer = 20;
+    {
+        let store = Arc::new(SledStore::open(dir.path()).unwrap());
+        let barrier = Arc::new(Barrier::new(writers));
+        let (group_before, all_before) = (store.group_commit().syncs(), store.syncs());
+        let handles: Vec<_> = (0..writers)
+            .map(|w| {
+                let store = store.clone();
+                let barrier = barrier.clone();
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    for i in 0..per_writer {
+                        let hash = TokenHash::of(&format!("batch-{w}-{i}"));
+                        store
+                            .put_token(&hash, &token("c-batch", 100), &ev())
+                            .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for handle in handles {
+            handle.join().unwrap();
+        }
+        // Each token is durable through the issuance journal, not sled's log.
+        assert_eq!(store.group_commit().syncs(), group_before);
+        let journal_syncs = store.syncs() - all_before;
+        assert!(journal_syncs > 0, "tokens were not journaled");
+        assert!(
+            journal_syncs < (writers * per_writer) as u64,
+            "{journal_syncs} journal syncs for {} tokens: no batching",
+            writers * per_writer
+        );
+        // A repeated hash is refused and writes nothing.
+        let err = store
+            .put_token(&TokenHash::of("batch-0-0"), &token("c-other", 100), &ev())
+            .unwrap_err();
+        assert!(err.to_string().contains("token hash collision"), "{err}");
+        assert_eq!(
+            verify_audit_log(store.as_ref()).unwrap(),
+            AuditCheck::Intact {
+                entries: (writers * per_writer) as u64
+            }
+        );
+    }
+    // Every token is there after a reopen, with the audit chain.
+    let store = SledStore::open(dir.path()).unwrap();
+    for w in 0..writers {
+        for i in 0..per_writer {
+            let stored = store
+                .token(&TokenHash::of(&format!("batch-{w}-{i}")))
+                .unwrap()
+                .expect("token kept");
+            assert_eq!(stored.customer_id.as_str(), "c-batch");
+        }
+    }
+    assert_eq!(
+        store
+            .token(&TokenHash::of("batch-0-0"))
+            .unwrap()
+            .unwrap()
+            .customer_id
+            .as_str(),
+        "c-batch"
     );
 }
 
@@ -462,6 +534,33 @@ fn sled_store_applies_journaled_enrollments_the_database_lacks_when_it_opens() {
         assert_eq!(
             verify_audit_log(&store).unwrap(),
             AuditCheck::Intact { entries: 3 }
+        );
+    }
+    // A new token journaled but not applied, in a journal of its own.
+    let late_token = TokenHash::of("t-journal-late");
+    {
+        let dir2 = tempfile::tempdir().unwrap();
+        {
+            let store = SledStore::open(dir2.path()).unwrap();
+            store.danger_skip_apply();
+            store
+                .put_token(&late_token, &token("c-late", 100), &ev())
+                .unwrap();
+            assert_eq!(store.token(&late_token).unwrap(), None);
+        }
+        let store = SledStore::open(dir2.path()).unwrap();
+        assert_eq!(
+            store
+                .token(&late_token)
+                .unwrap()
+                .unwrap()
+                .customer_id
+                .as_str(),
+            "c-late"
+        );
+        assert_eq!(
+            verify_audit_log(&store).unwrap(),
+            AuditCheck::Intact { entries: 1 }
         );
     }
     let store = SledStore::open(dir.path()).unwrap();
@@ -630,6 +729,55 @@ async fn sled_store_runs_an_async_enrollments_hook_even_when_nobody_waits() {
     .expect("the hook ran");
     assert!(stored);
     assert!(store.token(&hash).unwrap().unwrap().used_at_s.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sled_store_stores_async_tokens_that_enrollments_can_use() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    let hashes: Vec<_> = (0..8)
+        .map(|i| TokenHash::of(&format!("t-async-{i}")))
+        .collect();
+    let receivers: Vec<_> = hashes
+        .iter()
+        .map(|hash| {
+            store
+                .clone()
+                .put_token_async(hash, &token("c-async", 100), &ev())
+                .unwrap()
+        })
+        .collect();
+    for receiver in receivers {
+        assert_eq!(receiver.await.unwrap().unwrap(), IssueOutcome::Issued);
+    }
+    for hash in &hashes {
+        assert!(store.token(hash).unwrap().is_some());
+    }
+    // A repeated hash is answered with the error, and the others stand.
+    let repeated = store
+        .clone()
+        .put_token_async(&hashes[0], &token("c-other", 100), &ev())
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        repeated.to_string().contains("token hash collision"),
+        "{repeated}"
+    );
+    let cert = certificate("c-async", "d-async");
+    let outcome = store
+        .clone()
+        .issue_with_token_async(&hashes[3], 5, &cert, &ev(), Box::new(|| {}))
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, IssueOutcome::Issued);
+    assert_eq!(
+        verify_audit_log(store.as_ref()).unwrap(),
+        AuditCheck::Intact { entries: 9 }
+    );
 }
 
 #[test]

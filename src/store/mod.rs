@@ -124,6 +124,15 @@ pub trait Store: Send + Sync {
     /// Stores a new enrollment token under its hash. Durable on return.
     fn put_token(&self, hash: &TokenHash, token: &TokenRecord, audit: &AuditEvent) -> Result<()>;
 
+    /// [`Store::put_token`] for async callers: returns at once, and the receiver gets
+    /// `Issued` once the token is durable (or the error). No thread waits for it.
+    fn put_token_async(
+        self: std::sync::Arc<Self>,
+        hash: &TokenHash,
+        token: &TokenRecord,
+        audit: &AuditEvent,
+    ) -> Result<IssueReceiver>;
+
     /// The token stored under `hash`, if any.
     fn token(&self, hash: &TokenHash) -> Result<Option<TokenRecord>>;
 

@@ -56,15 +56,10 @@ pub struct SledStore {
 /// The issuance journal's file name in the data directory.
 pub const ISSUANCE_JOURNAL_FILE: &str = "issuance.journal";
 
-/// One enrollment waiting to be committed by [`SledStore::commit_issue_batch`].
+/// One enrollment (or new token) waiting to be committed by
+/// [`SledStore::commit_issue_batch`].
 pub(super) struct IssueJob {
-    hash: TokenHash,
-    now_s: i64,
-    serial: Serial,
-    cert_value: Vec<u8>,
-    summary: Vec<u8>,
-    customer_key: Vec<u8>,
-    device_key: Vec<u8>,
+    work: JobWork,
     audit: AuditEvent,
     /// Set once, under the write turn, by whoever committed the batch.
     outcome: std::sync::OnceLock<std::result::Result<IssueOutcome, String>>,
@@ -74,7 +69,23 @@ pub(super) struct IssueJob {
     on_issued: std::sync::Mutex<Option<super::OnIssued>>,
 }
 
-/// Enrollments waiting to be committed.
+/// What a job writes, encoded before the write turn.
+enum JobWork {
+    /// The token is consumed and the certificate stored with its summary and indexes.
+    Enroll {
+        hash: TokenHash,
+        now_s: i64,
+        serial: Serial,
+        cert_value: Vec<u8>,
+        summary: Vec<u8>,
+        customer_key: Vec<u8>,
+        device_key: Vec<u8>,
+    },
+    /// A new enrollment token is stored under its hash.
+    Token { hash: TokenHash, value: Vec<u8> },
+}
+
+/// Enrollments and new tokens waiting to be committed.
 #[derive(Default)]
 pub(super) struct IssueQueue {
     jobs: Vec<std::sync::Arc<IssueJob>>,
@@ -92,19 +103,39 @@ impl IssueJob {
         certificate: &CertificateRecord,
         audit: &AuditEvent,
     ) -> Result<IssueJob> {
-        Ok(IssueJob {
-            hash: *hash,
-            now_s,
-            serial: certificate.serial.clone(),
-            cert_value: encode(certificate)?,
-            summary: CertificateSummary::of(certificate)?.encode(),
-            customer_key: index_key(certificate.customer_id.as_str(), &certificate.serial),
-            device_key: index_key(certificate.device_id.as_str(), &certificate.serial),
+        Ok(IssueJob::with(
+            JobWork::Enroll {
+                hash: *hash,
+                now_s,
+                serial: certificate.serial.clone(),
+                cert_value: encode(certificate)?,
+                summary: CertificateSummary::of(certificate)?.encode(),
+                customer_key: index_key(certificate.customer_id.as_str(), &certificate.serial),
+                device_key: index_key(certificate.device_id.as_str(), &certificate.serial),
+            },
+            audit,
+        ))
+    }
+
+    /// A new token to store under `hash`.
+    fn token(hash: &TokenHash, token: &TokenRecord, audit: &AuditEvent) -> Result<IssueJob> {
+        Ok(IssueJob::with(
+            JobWork::Token {
+                hash: *hash,
+                value: encode(token)?,
+            },
+            audit,
+        ))
+    }
+
+    fn with(work: JobWork, audit: &AuditEvent) -> IssueJob {
+        IssueJob {
+            work,
             audit: audit.clone(),
             outcome: std::sync::OnceLock::new(),
             notify: std::sync::Mutex::new(None),
             on_issued: std::sync::Mutex::new(None),
-        })
+        }
     }
 
     /// Sets the outcome, runs the caller's [`super::OnIssued`] if the job issued, and tells
@@ -398,6 +429,51 @@ impl SledStore {
     }
 
     /// Commits queued enrollments, batch after batch, until the queue is empty.
+    /// Queues `job` and waits for its outcome on this thread: whoever gets the write turn
+    /// first commits everything queued, this job included.
+    fn commit_blocking(&self, job: IssueJob) -> Result<IssueOutcome> {
+        let job = std::sync::Arc::new(job);
+        self.issue_queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .jobs
+            .push(job.clone());
+        {
+            let _writing = self.writing();
+            if job.outcome.get().is_none() {
+                // Nobody took this job while we waited for the turn: commit everything
+                // queued now, ours included, in one journal record.
+                let batch = std::mem::take(
+                    &mut self
+                        .issue_queue
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .jobs,
+                );
+                self.commit_issue_batch(&batch);
+            }
+        }
+        // The batch's journal record was synced before the turn was released.
+        job.outcome()?
+            .ok_or_else(|| Error::internal("issuance batch ended without an answer"))
+    }
+
+    /// Queues `job` for the committer (starting one on the blocking pool when none runs)
+    /// and returns where its outcome will arrive; no thread waits for it.
+    fn queue_async(self: std::sync::Arc<Self>, job: IssueJob) -> super::IssueReceiver {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        *job.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+        let start = {
+            let mut queue = self.issue_queue.lock().unwrap_or_else(|p| p.into_inner());
+            queue.jobs.push(std::sync::Arc::new(job));
+            !std::mem::replace(&mut queue.draining, true)
+        };
+        if start {
+            tokio::task::spawn_blocking(move || self.drain_issue_queue());
+        }
+        receiver
+    }
+
     fn drain_issue_queue(&self) {
         /// If committing panics, the next async enrollment must start a new drainer; the
         /// jobs of the lost batch are answered `INTERNAL` as their senders drop.
@@ -447,7 +523,7 @@ impl SledStore {
         match self.issue_batch(batch) {
             Ok(outcomes) => {
                 for (job, outcome) in batch.iter().zip(outcomes) {
-                    job.finish(Ok(outcome));
+                    job.finish(outcome);
                 }
             }
             Err(e) => {
@@ -459,57 +535,97 @@ impl SledStore {
         }
     }
 
-    fn issue_batch(&self, batch: &[std::sync::Arc<IssueJob>]) -> Result<Vec<IssueOutcome>> {
+    /// Decides every job of `batch` in order, journals and applies the writes of those that
+    /// succeed, and returns each job's outcome (a job-level error as its message).
+    fn issue_batch(
+        &self,
+        batch: &[std::sync::Arc<IssueJob>],
+    ) -> Result<Vec<std::result::Result<IssueOutcome, String>>> {
         let mut outcomes = Vec::with_capacity(batch.len());
         let mut puts = Vec::with_capacity(batch.len() * 7 + 1);
         // What earlier jobs of this batch wrote, which the trees do not show yet.
         let mut used = std::collections::HashMap::new();
+        let mut minted = std::collections::HashSet::new();
         let mut serials = std::collections::HashSet::new();
         let mut head = audit_head(self.meta.get(AUDIT_HEAD_KEY)?.as_deref());
+        let mut put = |tree, key: &[u8], value: Vec<u8>| {
+            puts.push(Put {
+                tree,
+                key: key.to_vec(),
+                value,
+            })
+        };
         for job in batch {
-            let serial_key = job.serial.as_bytes();
-            let mut token = if let Some(&used_at_s) = used.get(&job.hash.0) {
-                outcomes.push(IssueOutcome::TokenRejected(TokenRejection::AlreadyUsed {
-                    used_at_s,
-                }));
+            let (hash, now_s, serial, cert_value, summary, customer_key, device_key) =
+                match &job.work {
+                    JobWork::Token { hash, value } => {
+                        if minted.contains(&hash.0)
+                            || used.contains_key(&hash.0)
+                            || self.tokens.contains_key(hash.0)?
+                        {
+                            outcomes.push(Err("token hash collision".to_string()));
+                            continue;
+                        }
+                        let (audit_key, entry, next_head) = audit_entry(&head, &job.audit)?;
+                        put(JournalTree::Tokens, &hash.0, value.clone());
+                        put(JournalTree::Audit, &audit_key, entry);
+                        head = next_head;
+                        minted.insert(hash.0);
+                        outcomes.push(Ok(IssueOutcome::Issued));
+                        continue;
+                    }
+                    JobWork::Enroll {
+                        hash,
+                        now_s,
+                        serial,
+                        cert_value,
+                        summary,
+                        customer_key,
+                        device_key,
+                    } => (
+                        hash,
+                        *now_s,
+                        serial,
+                        cert_value,
+                        summary,
+                        customer_key,
+                        device_key,
+                    ),
+                };
+            let serial_key = serial.as_bytes();
+            let mut token = if let Some(&used_at_s) = used.get(&hash.0) {
+                outcomes.push(Ok(IssueOutcome::TokenRejected(
+                    TokenRejection::AlreadyUsed { used_at_s },
+                )));
                 continue;
             } else {
-                match token_usable(self.tokens.get(job.hash.0)?.as_deref(), job.now_s)? {
+                // A token minted in this batch is not in the trees yet; it cannot have been
+                // handed out before its batch committed, so it counts as unknown here.
+                match token_usable(self.tokens.get(hash.0)?.as_deref(), now_s)? {
                     Ok(token) => token,
                     Err(rejection) => {
-                        outcomes.push(IssueOutcome::TokenRejected(rejection));
+                        outcomes.push(Ok(IssueOutcome::TokenRejected(rejection)));
                         continue;
                     }
                 }
             };
             if serials.contains(serial_key) || self.certificates.contains_key(serial_key)? {
-                outcomes.push(IssueOutcome::SerialTaken);
+                outcomes.push(Ok(IssueOutcome::SerialTaken));
                 continue;
             }
-            token.used_at_s = Some(job.now_s);
-            token.used_for_serial = Some(job.serial.clone());
+            token.used_at_s = Some(now_s);
+            token.used_for_serial = Some(serial.clone());
             let (audit_key, entry, next_head) = audit_entry(&head, &job.audit)?;
-            let mut put = |tree, key: &[u8], value: Vec<u8>| {
-                puts.push(Put {
-                    tree,
-                    key: key.to_vec(),
-                    value,
-                })
-            };
-            put(JournalTree::Tokens, &job.hash.0, encode(&token)?);
-            put(
-                JournalTree::Certificates,
-                serial_key,
-                job.cert_value.clone(),
-            );
-            put(JournalTree::Summaries, serial_key, job.summary.clone());
-            put(JournalTree::ByCustomer, &job.customer_key, Vec::new());
-            put(JournalTree::ByDevice, &job.device_key, Vec::new());
+            put(JournalTree::Tokens, &hash.0, encode(&token)?);
+            put(JournalTree::Certificates, serial_key, cert_value.clone());
+            put(JournalTree::Summaries, serial_key, summary.clone());
+            put(JournalTree::ByCustomer, customer_key, Vec::new());
+            put(JournalTree::ByDevice, device_key, Vec::new());
             put(JournalTree::Audit, &audit_key, entry);
             head = next_head;
-            used.insert(job.hash.0, job.now_s);
+            used.insert(hash.0, now_s);
             serials.insert(serial_key);
-            outcomes.push(IssueOutcome::Issued);
+            outcomes.push(Ok(IssueOutcome::Issued));
         }
         if puts.is_empty() {
             return Ok(outcomes);
@@ -710,20 +826,11 @@ fn token_usable(
 
 impl Store for SledStore {
     fn put_token(&self, hash: &TokenHash, token: &TokenRecord, audit: &AuditEvent) -> Result<()> {
-        let writing = self.writing();
-        let value = encode(token)?;
-        let outcome = (&self.tokens, &self.audit, &self.meta).transaction(|(tokens, log, meta)| {
-            if tokens.get(hash.0)?.is_some() {
-                return Err(abort(Error::internal("token hash collision")));
-            }
-            tokens.insert(&hash.0, value.as_slice())?;
-            append_audit(log, meta, audit)?;
-            Ok(())
-        });
-        finish(outcome)?;
-        {
-            drop(writing);
-            self.commit.sync()
+        // One journaled batch with whatever else is queued: concurrent token requests (and
+        // enrollments) share a sync.
+        match self.commit_blocking(IssueJob::token(hash, token, audit)?)? {
+            IssueOutcome::Issued => Ok(()),
+            other => Err(Error::internal(format!("storing a token: {other:?}"))),
         }
     }
 
@@ -744,30 +851,7 @@ impl Store for SledStore {
         certificate: &CertificateRecord,
         audit: &AuditEvent,
     ) -> Result<IssueOutcome> {
-        let job = std::sync::Arc::new(IssueJob::new(hash, now_s, certificate, audit)?);
-        self.issue_queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .jobs
-            .push(job.clone());
-        {
-            let _writing = self.writing();
-            if job.outcome.get().is_none() {
-                // Nobody took this job while we waited for the turn: commit everything
-                // queued now, ours included, in one transaction.
-                let batch = std::mem::take(
-                    &mut self
-                        .issue_queue
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .jobs,
-                );
-                self.commit_issue_batch(&batch);
-            }
-        }
-        // The batch's journal record was synced before the turn was released.
-        job.outcome()?
-            .ok_or_else(|| Error::internal("issuance batch ended without an answer"))
+        self.commit_blocking(IssueJob::new(hash, now_s, certificate, audit)?)
     }
 
     /// Queues the enrollment for a blocking task that commits batches until the queue is
@@ -780,19 +864,20 @@ impl Store for SledStore {
         audit: &AuditEvent,
         on_issued: super::OnIssued,
     ) -> Result<super::IssueReceiver> {
-        let job = std::sync::Arc::new(IssueJob::new(hash, now_s, certificate, audit)?);
-        let (sender, receiver) = tokio::sync::oneshot::channel();
-        *job.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+        let job = IssueJob::new(hash, now_s, certificate, audit)?;
         *job.on_issued.lock().unwrap_or_else(|p| p.into_inner()) = Some(on_issued);
-        let start = {
-            let mut queue = self.issue_queue.lock().unwrap_or_else(|p| p.into_inner());
-            queue.jobs.push(job);
-            !std::mem::replace(&mut queue.draining, true)
-        };
-        if start {
-            tokio::task::spawn_blocking(move || self.drain_issue_queue());
-        }
-        Ok(receiver)
+        Ok(self.queue_async(job))
+    }
+
+    /// Queues the token like an async enrollment: it shares the committer's next batch.
+    fn put_token_async(
+        self: std::sync::Arc<Self>,
+        hash: &TokenHash,
+        token: &TokenRecord,
+        audit: &AuditEvent,
+    ) -> Result<super::IssueReceiver> {
+        let job = IssueJob::token(hash, token, audit)?;
+        Ok(self.queue_async(job))
     }
 
     fn certificate(&self, serial: &Serial) -> Result<Option<CertificateRecord>> {

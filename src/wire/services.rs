@@ -186,9 +186,11 @@ impl proto::registration_server::Registration for RegistrationService {
         let actor = actor(&request);
         let request = request.into_inner();
         let customer = CustomerId::parse("customer_id", &request.customer_id)?;
-        let ra = self.ra.clone();
-        let token =
-            blocking(move || ra.create_enrollment_token(&actor, customer, request.ttl_s)).await?;
+        // Durable through the store's journaled batches; the wait holds no thread.
+        let token = self
+            .ra
+            .create_enrollment_token_async(&actor, customer, request.ttl_s)
+            .await?;
         Ok(Response::new(proto::CreateEnrollmentTokenResponse {
             token: token.token,
             expires_at_unix_s: token.expires_at_s,
