@@ -42,6 +42,12 @@ for run in $(seq 1 "$RUNS"); do
             | tee -a "$OUT"
     done
     "$BIN" bench --scenario enroll --concurrency 16 --max-requests 20000 "${COMMON[@]}" | tee -a "$OUT"
+    # Enroll with 64 in flight (many phones onboarding at once): bigger journal batches.
+    "$BIN" bench --scenario enroll --concurrency 64 --max-requests 60000 "${COMMON[@]}" \
+        | python3 -c "import json,sys; r=json.load(sys.stdin); r['scenario']='enroll_c64'; print(json.dumps(r))" \
+        | tee -a "$OUT"
+    # The payment service minting enrollment tokens (one per phone that will enroll).
+    "$BIN" bench --scenario token --concurrency 16 "${COMMON[@]}" | tee -a "$OUT"
     "$BIN" bench --scenario status --concurrency 16 "${COMMON[@]}" | tee -a "$OUT"
     "$BIN" bench --scenario ocsp --concurrency 16 "${COMMON[@]}" | tee -a "$OUT"
 done
@@ -50,7 +56,7 @@ import json, statistics, sys
 rows = [json.loads(l) for l in open(sys.argv[1])]
 print("scenario           runs  median/s  p50_us  p99_us  raw_verify/s  ratio_verify  raw_sign/s  ratio_sign  server_us/req  loadgen_us/req"
       "  loadgen_core  server_p50<=us  server_p99<=us")
-for s in ["verify", "verify_c128", "verify_c128_tonic", "verify_open_25", "verify_open_50", "verify_open_80", "enroll", "status", "ocsp"]:
+for s in ["verify", "verify_c128", "verify_c128_tonic", "verify_open_25", "verify_open_50", "verify_open_80", "enroll", "enroll_c64", "token", "status", "ocsp"]:
     r = [x for x in rows if x["scenario"] == s]
     med = lambda k: statistics.median(x[k] for x in r)
     lat = lambda k: statistics.median(x["latency"][k] for x in r)
