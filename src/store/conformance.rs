@@ -781,6 +781,65 @@ async fn sled_store_stores_async_tokens_that_enrollments_can_use() {
 }
 
 #[test]
+fn sled_store_empties_a_full_journal_and_keeps_every_batch() {
+    use super::sled_backend::ISSUANCE_JOURNAL_FILE;
+    let dir = tempfile::tempdir().unwrap();
+    let certs: Vec<_> = (0..3)
+        .map(|i| certificate("c-reset", &format!("d{i}")))
+        .collect();
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        // Every batch passes the limit, so each one empties the journal after sled's sync.
+        store.danger_reset_journal_past(0);
+        for (i, cert) in certs.iter().enumerate() {
+            let hash = TokenHash::of(&format!("t-reset-{i}"));
+            store
+                .put_token(&hash, &token("c-reset", 100), &ev())
+                .unwrap();
+            assert_eq!(store.journal_len(), 0);
+            assert_eq!(
+                store.issue_with_token(&hash, 1, cert, &ev()).unwrap(),
+                IssueOutcome::Issued
+            );
+            assert_eq!(store.journal_len(), 0);
+            assert_eq!(
+                std::fs::metadata(dir.path().join(ISSUANCE_JOURNAL_FILE))
+                    .unwrap()
+                    .len(),
+                0
+            );
+        }
+        assert!(!dir
+            .path()
+            .join(format!("{ISSUANCE_JOURNAL_FILE}.new"))
+            .exists());
+    }
+    let store = SledStore::open(dir.path()).unwrap();
+    for cert in &certs {
+        assert_eq!(store.certificate(&cert.serial).unwrap(), Some(cert.clone()));
+    }
+    assert_eq!(
+        verify_audit_log(&store).unwrap(),
+        AuditCheck::Intact { entries: 6 }
+    );
+}
+
+#[test]
+fn a_database_another_handle_holds_is_refused_after_the_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let _held = SledStore::open(dir.path()).unwrap();
+    let started = std::time::Instant::now();
+    let err = SledStore::open(dir.path()).err().expect("the lock is held");
+    let message = err.to_string();
+    assert!(message.contains("could not acquire lock"), "{message}");
+    // The lock was tried again for the whole wait before the error.
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "{message}"
+    );
+}
+
+#[test]
 fn sled_store_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let cert = certificate("c-reopen", "d");

@@ -51,6 +51,8 @@ pub struct SledStore {
     /// See [`SledStore::danger_skip_apply`].
     #[cfg(test)]
     skip_apply: std::sync::atomic::AtomicBool,
+    /// The journal's size past which a batch empties it ([`IssuanceJournal::RESET_BYTES`]).
+    journal_reset_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// The issuance journal's file name in the data directory.
@@ -216,6 +218,13 @@ fn abort(e: Error) -> ConflictableTransactionError<Error> {
     ConflictableTransactionError::Abort(e)
 }
 
+/// Whether sled's open failed on the database's file lock. sled 0.34 reports it as an
+/// `Other` error whose text names the lock and the operating system's `WouldBlock`.
+fn lock_held(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock
+        || e.to_string().starts_with("could not acquire lock on ")
+}
+
 /// How long [`SledStore::open`] tries a database whose file lock is held.
 const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -236,10 +245,7 @@ impl SledStore {
         let db = loop {
             match config.open() {
                 Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        && started.elapsed() < LOCK_WAIT =>
-                {
+                Err(sled::Error::Io(e)) if lock_held(&e) && started.elapsed() < LOCK_WAIT => {
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
                 Err(e) => {
@@ -273,6 +279,7 @@ impl SledStore {
             journal_syncs: std::sync::atomic::AtomicU64::new(0),
             #[cfg(test)]
             skip_apply: std::sync::atomic::AtomicBool::new(false),
+            journal_reset_bytes: std::sync::atomic::AtomicU64::new(IssuanceJournal::RESET_BYTES),
         };
         store.recover_issuance(journaled)?;
         store.build_missing_summaries()?;
@@ -301,7 +308,7 @@ impl SledStore {
             return Ok(());
         }
         self.commit.sync()?;
-        self.lock_journal().reset()?;
+        drop(self.lock_journal().reset()?);
         if redone > 0 {
             tracing::warn!(
                 batches = redone,
@@ -650,16 +657,44 @@ impl SledStore {
             journal.fail(format!("applying batch {seq}: {e}"));
             return Err(e);
         }
-        if journal.len() > IssuanceJournal::RESET_BYTES {
+        let reset_bytes = self
+            .journal_reset_bytes
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if journal.len() > reset_bytes {
             // Everything the journal holds is in the trees; once sled has synced them, the
             // journal can start over. This batch is durable and applied whatever happens
             // here, so its answers stand; a failure stops the journal instead.
-            if let Err(e) = self.commit.sync().and_then(|()| journal.reset()) {
-                tracing::error!(error = %e, "emptying the issuance journal failed; refusing further enrollments");
-                journal.fail(format!("emptying the journal: {e}"));
+            match self.commit.sync().and_then(|()| journal.reset()) {
+                // Closing the old file frees its blocks; not under the write turn.
+                Ok(old) => {
+                    let closing = std::thread::Builder::new().name("payra-journal-close".into());
+                    if let Err(e) = closing.spawn(move || drop(old)) {
+                        // No thread to spare: close it here (the closure, and so the file,
+                        // was dropped with the error).
+                        tracing::warn!(error = %e, "closing the old issuance journal on this thread");
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "emptying the issuance journal failed; refusing further enrollments");
+                    journal.fail(format!("emptying the journal: {e}"));
+                }
             }
         }
         Ok(outcomes)
+    }
+
+    /// Empties the issuance journal once it passes `bytes` instead of 32 MiB (tests of the
+    /// reset).
+    #[cfg(test)]
+    pub(super) fn danger_reset_journal_past(&self, bytes: u64) {
+        self.journal_reset_bytes
+            .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The issuance journal's length now (tests of its reset).
+    #[cfg(test)]
+    pub(super) fn journal_len(&self) -> u64 {
+        self.lock_journal().len()
     }
 
     /// Journals the next batches without applying them, as if the process died between
