@@ -396,7 +396,7 @@ impl Ra {
             Err(other) => return Err(Error::internal(format!("renew: {other:?}"))),
         }
         self.cache_committed(&record);
-        self.cache.set_revocation(
+        self.cache_stored_revocations(
             std::slice::from_ref(&current.serial),
             Some(crate::store::Revocation {
                 revoked_at_s: now_s,
@@ -509,13 +509,16 @@ mod tests {
         .unwrap()
     }
 
-    /// The race the store's hook closes: once an enrollment's batch is stored, a revocation
-    /// of its customer could commit and mark the cache before the enrollment put its
-    /// certificate there, leaving it valid in the cache. The hook runs under the store's
-    /// write turn (see the store's conformance tests), so here the caller goes away right
-    /// after queuing its batch, and the certificate must be in the cache, then revoked.
+    /// Once an enrollment's batch is stored, a revocation of its customer could commit and
+    /// mark the cache before the enrollment put its certificate there, leaving it valid in
+    /// the cache. The store's hook closes that: it runs under the write turn, which the
+    /// revocation needs to commit (the conformance test
+    /// `sled_store_async_and_blocking_enrollments_share_the_queue_and_a_token_still_works_once`
+    /// checks that the turn is held while it runs). Here the caller goes away right after
+    /// queuing its batch: the certificate must still reach the cache, and a revocation after
+    /// it must mark it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_queued_enrollment_reaches_the_cache_before_a_revocation_even_if_its_caller_leaves() {
+    async fn a_cancelled_enrollment_still_reaches_the_cache_and_a_later_revocation_marks_it() {
         let dir = tempfile::tempdir().unwrap();
         let (ra, _clock) = super::super::test_ra(dir.path());
         let ra = std::sync::Arc::new(ra);
@@ -553,6 +556,50 @@ mod tests {
             .unwrap();
         assert!(revoked.serials.contains(&serial));
         let cached = ra.cache.get(&serial).unwrap().revocation.expect("revoked");
+        assert_eq!(cached.reason, RevocationReason::KeyCompromise);
+        ra.close_decisions().unwrap();
+    }
+
+    /// A release from hold and a revocation of one certificate commit in that order, but
+    /// their cache updates arrive in the other: the cache must end as the store is.
+    #[tokio::test]
+    async fn revocation_states_reaching_the_cache_out_of_order_end_as_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ra, _clock) = super::super::test_ra(dir.path());
+        let ra = std::sync::Arc::new(ra);
+        let actor = Actor::system();
+        let customer = CustomerId::parse("customer_id", "held").unwrap();
+        let issued = ra
+            .commit_enrollment(prepare(&ra, &customer, "held-phone"))
+            .await
+            .unwrap();
+        let serial = issued.record.serial.clone();
+        ra.revoke_certificate(&actor, &serial, RevocationReason::CertificateHold)
+            .unwrap();
+        assert_eq!(
+            ra.cache.get(&serial).unwrap().revocation.unwrap().reason,
+            RevocationReason::CertificateHold
+        );
+
+        let audit = || AuditEvent::new(1, &actor, "test", "", "");
+        ra.store.unhold(&serial, &audit()).unwrap().unwrap();
+        let compromise = crate::store::Revocation {
+            revoked_at_s: 5,
+            reason: RevocationReason::KeyCompromise,
+        };
+        ra.store
+            .revoke(std::slice::from_ref(&serial), &compromise, &audit())
+            .unwrap()
+            .unwrap();
+        // The revocation's update first, then the release's, late.
+        ra.cache_stored_revocations(std::slice::from_ref(&serial), Some(compromise));
+        ra.cache_stored_revocations(std::slice::from_ref(&serial), None);
+        let cached = ra
+            .cache
+            .get(&serial)
+            .unwrap()
+            .revocation
+            .expect("still revoked");
         assert_eq!(cached.reason, RevocationReason::KeyCompromise);
         ra.close_decisions().unwrap();
     }

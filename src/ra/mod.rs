@@ -102,6 +102,9 @@ pub struct Ra {
     enroll_throttle: FailureThrottle,
     clients: ClientRegistry,
     metrics: Arc<Metrics>,
+    /// Held while a revocation state read from the store is put into the cache
+    /// ([`Ra::cache_stored_revocations`]).
+    revocation_cache_turn: std::sync::Mutex<()>,
 }
 
 impl Ra {
@@ -154,6 +157,7 @@ impl Ra {
             enroll_throttle: FailureThrottle::new(policy_failures, 60_000),
             clients,
             metrics,
+            revocation_cache_turn: std::sync::Mutex::new(()),
         })
     }
 

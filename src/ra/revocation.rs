@@ -170,7 +170,7 @@ impl Ra {
                 ),
             )?
             .map_err(rejection_error)?;
-        self.cache.set_revocation(&serials, Some(revocation));
+        self.cache_stored_revocations(&serials, Some(revocation));
         self.metrics
             .certificates_revoked
             .with_label_values(&[reason.cli_name()])
@@ -186,6 +186,42 @@ impl Ra {
         })
     }
 
+    /// Puts the revocation state the store holds now for each of `serials` into the cache,
+    /// after this caller's own change committed; `committed` is that change, used if a read
+    /// fails.
+    ///
+    /// Two changes to one certificate (a release from hold and a revocation, say) commit in
+    /// one order but may reach this point in the other. Each reads the store's state after
+    /// its own commit, one caller at a time, so the last to put its state here has read the
+    /// latest: the cache ends with what the store holds, whichever order they arrive in.
+    pub(crate) fn cache_stored_revocations(
+        &self,
+        serials: &[Serial],
+        committed: Option<crate::store::Revocation>,
+    ) {
+        let _turn = self
+            .revocation_cache_turn
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for serial in serials {
+            let state = match self.store.certificate(serial) {
+                Ok(Some(stored)) => stored.revocation,
+                // Purged meanwhile: nothing in the cache to keep right.
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::error!(
+                        serial = %serial,
+                        error = %e,
+                        "reading back a revocation failed; the cache gets the change as made"
+                    );
+                    committed
+                }
+            };
+            self.cache
+                .set_revocation(std::slice::from_ref(serial), state);
+        }
+    }
+
     /// Releases a certificate from certificateHold: it is good again everywhere.
     pub fn unhold_certificate(&self, actor: &Actor, serial: &Serial) -> Result<CertificateRecord> {
         let audit = AuditEvent::new(
@@ -199,8 +235,7 @@ impl Ra {
             .store
             .unhold(serial, &audit)?
             .map_err(rejection_error)?;
-        self.cache
-            .set_revocation(std::slice::from_ref(serial), None);
+        self.cache_stored_revocations(std::slice::from_ref(serial), None);
         self.publication.revocation_changed();
         tracing::info!(serial = %serial, "certificate released from hold");
         Ok(record)

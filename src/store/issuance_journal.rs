@@ -208,12 +208,6 @@ impl IssuanceJournal {
     pub fn open(path: &Path) -> Result<(IssuanceJournal, Vec<JournalRecord>)> {
         let opening =
             |e: std::io::Error| Error::internal(format!("opening {}: {e}", path.display()));
-        // A fresh file a reset had not yet renamed into place holds nothing: the journal it
-        // was to replace is still there, whole.
-        let fresh = fresh_path(path);
-        if fresh.exists() {
-            std::fs::remove_file(&fresh).map_err(opening)?;
-        }
         let created = !path.exists();
         let mut file = OpenOptions::new()
             .create(true)
@@ -296,47 +290,19 @@ impl IssuanceJournal {
     }
 
     /// Empties the journal. Call only once the database has synced every record it holds.
-    ///
-    /// An empty file is made durable beside the journal and renamed over it, so a crash
-    /// leaves either the old journal (every record of it already in the database: applying
-    /// it again changes nothing) or the empty one. The old file is returned still open: its
-    /// blocks are freed when it is closed, which takes a file system some milliseconds for a
-    /// full journal (15 ms for 32 MiB in one trace), so the caller closes it where that
-    /// holds nobody up.
-    pub fn reset(&mut self) -> Result<File> {
-        let emptying =
-            |e: std::io::Error| Error::internal(format!("emptying {}: {e}", self.path.display()));
-        let fresh = fresh_path(&self.path);
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .read(true)
-            .open(&fresh)
-            .map_err(emptying)?;
-        file.set_len(0)
-            .and_then(|()| file.sync_all())
-            .map_err(emptying)?;
-        std::fs::rename(&fresh, &self.path).map_err(emptying)?;
-        if let Some(dir) = self.path.parent() {
-            File::open(dir)
-                .and_then(|dir| dir.sync_all())
-                .map_err(emptying)?;
-        }
+    pub fn reset(&mut self) -> Result<()> {
+        self.file
+            .set_len(0)
+            .and_then(|()| self.file.sync_all())
+            .map_err(|e| Error::internal(format!("emptying {}: {e}", self.path.display())))?;
         self.length = 0;
-        Ok(std::mem::replace(&mut self.file, file))
+        Ok(())
     }
 
     /// The file's length in bytes.
     pub fn len(&self) -> u64 {
         self.length
     }
-}
-
-/// Where [`IssuanceJournal::reset`] prepares the empty file it renames over the journal.
-fn fresh_path(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".new");
-    PathBuf::from(name)
 }
 
 #[cfg(test)]
@@ -402,21 +368,11 @@ mod tests {
         let (mut journal, records) = IssuanceJournal::open(&path).unwrap();
         assert_eq!(records.len(), 1);
 
-        let old = journal.reset().unwrap();
+        journal.reset().unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), 0);
-        assert!(!fresh_path(&path).exists());
-        drop(old);
         journal.append(7, &batch(7)).unwrap();
         let (_, records) = IssuanceJournal::open(&path).unwrap();
         assert_eq!(records, vec![(7, batch(7))]);
-        assert_eq!(journal.len(), std::fs::metadata(&path).unwrap().len());
-
-        // A crash between creating the fresh file and renaming it leaves the journal as it
-        // was, and the fresh file is removed when the journal opens.
-        std::fs::write(fresh_path(&path), b"").unwrap();
-        let (_, records) = IssuanceJournal::open(&path).unwrap();
-        assert_eq!(records, vec![(7, batch(7))]);
-        assert!(!fresh_path(&path).exists());
     }
 
     #[test]

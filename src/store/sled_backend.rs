@@ -51,6 +51,9 @@ pub struct SledStore {
     /// See [`SledStore::danger_skip_apply`].
     #[cfg(test)]
     skip_apply: std::sync::atomic::AtomicBool,
+    /// A sled transaction committed under the write turn that no sync has covered yet
+    /// (its writer syncs after releasing the turn). See [`SledStore::issue_batch`].
+    sled_unsynced: std::sync::atomic::AtomicBool,
     /// The journal's size past which a batch empties it ([`IssuanceJournal::RESET_BYTES`]).
     journal_reset_bytes: std::sync::atomic::AtomicU64,
 }
@@ -69,6 +72,19 @@ pub(super) struct IssueJob {
     notify: std::sync::Mutex<Option<tokio::sync::oneshot::Sender<Result<IssueOutcome>>>>,
     /// An async caller's [`super::OnIssued`], run under the write turn if the job issued.
     on_issued: std::sync::Mutex<Option<super::OnIssued>>,
+}
+
+/// The most jobs one batch takes from the queue: a backlog (after a slow sync, say) is
+/// committed in several journal records rather than one past the record size limit.
+const MAX_BATCH_JOBS: usize = 1024;
+
+/// Takes up to [`MAX_BATCH_JOBS`] jobs from the front of the queue.
+fn take_batch(jobs: &mut Vec<std::sync::Arc<IssueJob>>) -> Vec<std::sync::Arc<IssueJob>> {
+    if jobs.len() <= MAX_BATCH_JOBS {
+        std::mem::take(jobs)
+    } else {
+        jobs.drain(..MAX_BATCH_JOBS).collect()
+    }
 }
 
 /// What a job writes, encoded before the write turn.
@@ -120,7 +136,11 @@ impl IssueJob {
     }
 
     /// A new token to store under `hash`.
-    fn token(hash: &TokenHash, token: &TokenRecord, audit: &AuditEvent) -> Result<IssueJob> {
+    pub(super) fn token(
+        hash: &TokenHash,
+        token: &TokenRecord,
+        audit: &AuditEvent,
+    ) -> Result<IssueJob> {
         Ok(IssueJob::with(
             JobWork::Token {
                 hash: *hash,
@@ -152,7 +172,13 @@ impl IssueJob {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let (true, Some(on_issued)) = (issued, on_issued) {
-            on_issued();
+            // The job is durable and stored whatever the hook does: a panic in it must not
+            // stop the journal (and every later enrollment) or leave this batch unanswered.
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(on_issued)).is_err() {
+                tracing::error!(
+                    "an enrollment's commit hook panicked; the certificate is stored, but the verification cache may lack it until restart"
+                );
+            }
         }
         let notify = self.notify.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(sender) = notify {
@@ -280,6 +306,7 @@ impl SledStore {
             #[cfg(test)]
             skip_apply: std::sync::atomic::AtomicBool::new(false),
             journal_reset_bytes: std::sync::atomic::AtomicU64::new(IssuanceJournal::RESET_BYTES),
+            sled_unsynced: std::sync::atomic::AtomicBool::new(false),
         };
         store.recover_issuance(journaled)?;
         store.build_missing_summaries()?;
@@ -308,7 +335,7 @@ impl SledStore {
             return Ok(());
         }
         self.commit.sync()?;
-        drop(self.lock_journal().reset()?);
+        self.lock_journal().reset()?;
         if redone > 0 {
             tracing::warn!(
                 batches = redone,
@@ -430,6 +457,7 @@ impl SledStore {
             Ok(())
         });
         finish(result)?;
+        self.sled_changed();
         drop(writing);
         self.commit.sync()?;
         Ok((keys.len(), next))
@@ -447,16 +475,20 @@ impl SledStore {
             .push(job.clone());
         {
             let _writing = self.writing();
-            if job.outcome.get().is_none() {
-                // Nobody took this job while we waited for the turn: commit everything
-                // queued now, ours included, in one journal record.
-                let batch = std::mem::take(
+            // Until somebody has committed this job: commit what is queued, ours included,
+            // from the front (jobs leave the queue only under the turn, so a job that is
+            // no longer queued has its outcome).
+            while job.outcome.get().is_none() {
+                let batch = take_batch(
                     &mut self
                         .issue_queue
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .jobs,
                 );
+                if batch.is_empty() {
+                    break;
+                }
                 self.commit_issue_batch(&batch);
             }
         }
@@ -503,7 +535,7 @@ impl SledStore {
                     queue.draining = false;
                     return;
                 }
-                std::mem::take(&mut queue.jobs)
+                take_batch(&mut queue.jobs)
             };
             self.commit_issue_batch(&batch);
         }
@@ -554,6 +586,20 @@ impl SledStore {
         let mut used = std::collections::HashMap::new();
         let mut minted = std::collections::HashSet::new();
         let mut serials = std::collections::HashSet::new();
+        // A batch is chained after the audit head that sled holds now. If a sled transaction
+        // wrote that head and its writer has not synced yet, a crash could lose the entry
+        // while the journal keeps this batch, and the replayed batch would link to an entry
+        // that no longer exists. So such a transaction is made durable first (it is under
+        // the turn now, so nothing else can write meanwhile).
+        if self
+            .sled_unsynced
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        {
+            if let Err(e) = self.commit.sync() {
+                self.sled_changed();
+                return Err(e);
+            }
+        }
         let mut head = audit_head(self.meta.get(AUDIT_HEAD_KEY)?.as_deref());
         let mut put = |tree, key: &[u8], value: Vec<u8>| {
             puts.push(Put {
@@ -664,20 +710,9 @@ impl SledStore {
             // Everything the journal holds is in the trees; once sled has synced them, the
             // journal can start over. This batch is durable and applied whatever happens
             // here, so its answers stand; a failure stops the journal instead.
-            match self.commit.sync().and_then(|()| journal.reset()) {
-                // Closing the old file frees its blocks; not under the write turn.
-                Ok(old) => {
-                    let closing = std::thread::Builder::new().name("payra-journal-close".into());
-                    if let Err(e) = closing.spawn(move || drop(old)) {
-                        // No thread to spare: close it here (the closure, and so the file,
-                        // was dropped with the error).
-                        tracing::warn!(error = %e, "closing the old issuance journal on this thread");
-                    }
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "emptying the issuance journal failed; refusing further enrollments");
-                    journal.fail(format!("emptying the journal: {e}"));
-                }
+            if let Err(e) = self.commit.sync().and_then(|()| journal.reset()) {
+                tracing::error!(error = %e, "emptying the issuance journal failed; refusing further enrollments");
+                journal.fail(format!("emptying the journal: {e}"));
             }
         }
         Ok(outcomes)
@@ -689,6 +724,16 @@ impl SledStore {
     pub(super) fn danger_reset_journal_past(&self, bytes: u64) {
         self.journal_reset_bytes
             .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Queues `job` without starting a committer (tests of what a committer takes).
+    #[cfg(test)]
+    pub(super) fn danger_queue(&self, job: IssueJob) {
+        self.issue_queue
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .jobs
+            .push(std::sync::Arc::new(job));
     }
 
     /// The issuance journal's length now (tests of its reset).
@@ -721,6 +766,12 @@ impl SledStore {
     #[cfg(test)]
     pub(super) fn write_turn_is_free(&self) -> bool {
         self.write_turn.try_lock().is_ok()
+    }
+
+    /// Called under the write turn by every writer that committed a sled transaction.
+    fn sled_changed(&self) {
+        self.sled_unsynced
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -1002,6 +1053,7 @@ impl Store for SledStore {
                     Ok(Ok(()))
                 });
         let outcome = finish(outcome)?;
+        self.sled_changed();
         if outcome.is_ok() {
             {
                 drop(writing);
@@ -1036,6 +1088,7 @@ impl Store for SledStore {
                     Ok(Ok(record))
                 });
         let outcome = finish(outcome)?;
+        self.sled_changed();
         if outcome.is_ok() {
             {
                 drop(writing);
@@ -1097,6 +1150,7 @@ impl Store for SledStore {
                 },
             );
         let outcome = finish(outcome)?;
+        self.sled_changed();
         if outcome.is_ok() {
             {
                 drop(writing);
@@ -1189,6 +1243,8 @@ impl Store for SledStore {
                 meta.insert(LEDGER_THROUGH_KEY, &checkpoint.through_seq.to_be_bytes())?;
                 Ok(())
             });
+        // No audit entry: an issuance batch does not chain after anything written here, and
+        // a lost checkpoint is rebuilt from the decision log.
         finish(outcome)?;
         drop(writing);
         self.commit.sync()
@@ -1221,6 +1277,7 @@ impl Store for SledStore {
                 Ok(())
             });
         finish(outcome)?;
+        self.sled_changed();
         {
             drop(writing);
             self.commit.sync()
@@ -1245,6 +1302,7 @@ impl Store for SledStore {
             },
         );
         let stored = finish(outcome)?;
+        self.sled_changed();
         if stored {
             {
                 drop(writing);
@@ -1305,6 +1363,7 @@ impl Store for SledStore {
                 Ok(Ok(()))
             });
         let outcome = finish(outcome)?;
+        self.sled_changed();
         if outcome.is_ok() {
             {
                 drop(writing);
@@ -1388,6 +1447,7 @@ impl Store for SledStore {
                 },
             );
         finish(outcome)?;
+        self.sled_changed();
         {
             drop(writing);
             self.commit.sync()
