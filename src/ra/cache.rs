@@ -141,30 +141,19 @@ fn public_key(hex_text: &str) -> Option<[u8; 65]> {
 #[derive(Default)]
 struct Table {
     entries: hashbrown::HashTable<Entry>,
-    hasher: std::collections::hash_map::RandomState,
 }
 
 impl Table {
-    fn hash(&self, serial: &[u8]) -> u64 {
-        self.hasher.hash_one(serial)
+    fn get(&self, hash: u64, serial: &[u8]) -> Option<&Entry> {
+        self.entries.find(hash, |entry| entry.serial() == serial)
     }
 
-    fn get(&self, serial: &Serial) -> Option<&Entry> {
-        let serial = serial.as_bytes();
-        self.entries
-            .find(self.hash(serial), |entry| entry.serial() == serial)
-    }
-
-    fn get_mut(&mut self, serial: &Serial) -> Option<&mut Entry> {
-        let serial = serial.as_bytes();
-        let hash = self.hash(serial);
+    fn get_mut(&mut self, hash: u64, serial: &[u8]) -> Option<&mut Entry> {
         self.entries
             .find_mut(hash, |entry| entry.serial() == serial)
     }
 
-    fn insert(&mut self, entry: Entry) {
-        let hash = self.hash(entry.serial());
-        let hasher = &self.hasher;
+    fn insert(&mut self, hash: u64, entry: Entry, hasher: &RandomState) {
         match self.entries.entry(
             hash,
             |e| e.serial() == entry.serial(),
@@ -177,27 +166,50 @@ impl Table {
         }
     }
 
-    fn remove(&mut self, serial: &Serial) {
-        let serial = serial.as_bytes();
+    fn remove(&mut self, hash: u64, serial: &[u8]) {
         if let Ok(found) = self
             .entries
-            .find_entry(self.hash(serial), |entry| entry.serial() == serial)
+            .find_entry(hash, |entry| entry.serial() == serial)
         {
             found.remove();
         }
     }
 }
 
+type RandomState = std::collections::hash_map::RandomState;
+
+/// How many tables the cache is split into, each behind its own lock. A scan for the
+/// metrics holds one table's lock at a time: with a million certificates, one lock over
+/// the whole table was held for about 50 ms per `/metrics` scrape, and every writer (an
+/// enrollment, a revocation) and, behind the waiting writer, every verification waited.
+const SHARDS: usize = 64;
+
+/// The table that holds a serial of this hash. Bits 32–37: hashbrown takes a slot from the
+/// low bits and a tag from the top seven, so these leave both spread within a table.
+fn shard_of(hash: u64) -> usize {
+    (hash >> 32) as usize % SHARDS
+}
+
 /// serial → certificate facts, shared by all request threads.
-#[derive(Default)]
 pub struct CertificateCache {
-    map: RwLock<Table>,
+    shards: Box<[RwLock<Table>]>,
+    hasher: RandomState,
+}
+
+impl Default for CertificateCache {
+    fn default() -> Self {
+        CertificateCache {
+            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+            hasher: RandomState::new(),
+        }
+    }
 }
 
 impl CertificateCache {
     /// Reads every certificate's summary from `store`.
     pub fn load(store: &dyn Store) -> Result<CertificateCache> {
-        let mut table = Table::default();
+        let cache = CertificateCache::default();
+        let mut tables: Vec<Table> = (0..SHARDS).map(|_| Table::default()).collect();
         store.for_each_certificate_summary(&mut |summary| {
             if let Some(entry) = Entry::new(
                 summary.serial.as_bytes(),
@@ -208,33 +220,45 @@ impl CertificateCache {
                 summary.not_after_s,
                 summary.revocation,
             ) {
-                table.insert(entry);
+                let hash = cache.hasher.hash_one(entry.serial());
+                tables[shard_of(hash)].insert(hash, entry, &cache.hasher);
             }
         })?;
-        let hasher = &table.hasher;
-        table.entries.shrink_to_fit(|e| hasher.hash_one(e.serial()));
-        Ok(CertificateCache {
-            map: RwLock::new(table),
-        })
+        for (shard, mut table) in cache.shards.iter().zip(tables) {
+            let hasher = &cache.hasher;
+            table.entries.shrink_to_fit(|e| hasher.hash_one(e.serial()));
+            *shard.write().unwrap_or_else(|p| p.into_inner()) = table;
+        }
+        Ok(cache)
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Table> {
-        self.map.read().unwrap_or_else(|p| p.into_inner())
+    /// The hash of `serial` and the lock of the table that holds it.
+    fn locate(&self, serial: &[u8]) -> (u64, &RwLock<Table>) {
+        let hash = self.hasher.hash_one(serial);
+        (hash, &self.shards[shard_of(hash)])
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Table> {
-        self.map.write().unwrap_or_else(|p| p.into_inner())
+    fn read(shard: &RwLock<Table>) -> std::sync::RwLockReadGuard<'_, Table> {
+        shard.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(shard: &RwLock<Table>) -> std::sync::RwLockWriteGuard<'_, Table> {
+        shard.write().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The facts about `serial`, if payra issued it.
     pub fn get(&self, serial: &Serial) -> Option<CachedCertificate> {
-        self.read().get(serial).map(Entry::view)
+        let (hash, shard) = self.locate(serial.as_bytes());
+        Self::read(shard)
+            .get(hash, serial.as_bytes())
+            .map(Entry::view)
     }
 
     /// Validity and revocation of `serial` (what a status query needs), without building the
     /// identifiers.
     pub fn standing(&self, serial: &Serial) -> Option<(i64, i64, Option<Revocation>)> {
-        self.read().get(serial).map(|entry| {
+        let (hash, shard) = self.locate(serial.as_bytes());
+        Self::read(shard).get(hash, serial.as_bytes()).map(|entry| {
             (
                 entry.not_before_s(),
                 entry.not_after_s(),
@@ -257,16 +281,19 @@ impl CertificateCache {
             )
         });
         match entry {
-            Some(entry) => self.write().insert(entry),
+            Some(entry) => {
+                let (hash, shard) = self.locate(entry.serial());
+                Self::write(shard).insert(hash, entry, &self.hasher);
+            }
             None => tracing::error!(serial = %record.serial, "certificate not cacheable"),
         }
     }
 
     /// Sets (or clears, with `None`) the revocation of known serials.
     pub fn set_revocation(&self, serials: &[Serial], revocation: Option<Revocation>) {
-        let mut table = self.write();
         for serial in serials {
-            if let Some(entry) = table.get_mut(serial) {
+            let (hash, shard) = self.locate(serial.as_bytes());
+            if let Some(entry) = Self::write(shard).get_mut(hash, serial.as_bytes()) {
                 entry.set_revocation(revocation);
             }
         }
@@ -274,33 +301,36 @@ impl CertificateCache {
 
     /// Forgets deleted certificates.
     pub fn remove(&self, serials: &[Serial]) {
-        let mut table = self.write();
         for serial in serials {
-            table.remove(serial);
+            let (hash, shard) = self.locate(serial.as_bytes());
+            Self::write(shard).remove(hash, serial.as_bytes());
         }
     }
 
     /// Certificates by status name at `now_s`.
     pub fn count_by_status(&self, now_s: i64) -> Vec<(&'static str, usize)> {
         use super::status::{CertificateStatus, StatusView};
-        let table = self.read();
         let mut counts = [0usize; 6];
-        for cert in table.entries.iter() {
-            let view = StatusView::at(
-                cert.not_before_s(),
-                cert.not_after_s(),
-                cert.revocation(),
-                now_s,
-            );
-            let index = match view.status {
-                CertificateStatus::Valid => 0,
-                CertificateStatus::Revoked => 1,
-                CertificateStatus::Expired => 2,
-                CertificateStatus::Superseded => 3,
-                CertificateStatus::OnHold => 4,
-                CertificateStatus::NotYetValid => 5,
-            };
-            counts[index] += 1;
+        // One table at a time: the counts are each table's at the moment it is read.
+        for shard in self.shards.iter() {
+            let table = Self::read(shard);
+            for cert in table.entries.iter() {
+                let view = StatusView::at(
+                    cert.not_before_s(),
+                    cert.not_after_s(),
+                    cert.revocation(),
+                    now_s,
+                );
+                let index = match view.status {
+                    CertificateStatus::Valid => 0,
+                    CertificateStatus::Revoked => 1,
+                    CertificateStatus::Expired => 2,
+                    CertificateStatus::Superseded => 3,
+                    CertificateStatus::OnHold => 4,
+                    CertificateStatus::NotYetValid => 5,
+                };
+                counts[index] += 1;
+            }
         }
         [
             "valid",
@@ -317,7 +347,10 @@ impl CertificateCache {
 
     /// How many certificates are cached.
     pub(crate) fn len(&self) -> usize {
-        self.read().entries.len()
+        self.shards
+            .iter()
+            .map(|shard| Self::read(shard).entries.len())
+            .sum()
     }
 }
 
@@ -439,5 +472,37 @@ mod tests {
             cache.count_by_status(100).into_iter().collect();
         assert_eq!(counts["valid"], 47);
         assert_eq!(counts["revoked"], 1);
+    }
+
+    #[test]
+    fn thousands_of_certificates_spread_over_every_table_and_are_all_found() {
+        let cache = CertificateCache::default();
+        let records: Vec<_> = (0..4_000u16)
+            .map(|i| {
+                record(
+                    &[0x40, (i >> 8) as u8, i as u8],
+                    "cust",
+                    &format!("dev-{i}"),
+                )
+            })
+            .collect();
+        for r in &records {
+            cache.put(r);
+        }
+        assert_eq!(cache.len(), records.len());
+        assert!(cache
+            .shards
+            .iter()
+            .all(|shard| !CertificateCache::read(shard).entries.is_empty()));
+        for r in &records {
+            assert_eq!(cache.get(&r.serial), Some(expected(r)));
+        }
+        let (gone, kept) = records.split_at(1_000);
+        cache.remove(&gone.iter().map(|r| r.serial.clone()).collect::<Vec<_>>());
+        assert_eq!(cache.len(), kept.len());
+        assert!(gone.iter().all(|r| cache.get(&r.serial).is_none()));
+        let counts: std::collections::HashMap<_, _> =
+            cache.count_by_status(100).into_iter().collect();
+        assert_eq!(counts["valid"], kept.len());
     }
 }
