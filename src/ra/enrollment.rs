@@ -300,25 +300,14 @@ impl Ra {
 }
 
 impl Ra {
-    /// Puts a certificate the store has just committed into the verification cache.
-    ///
-    /// A revocation of its device or customer that committed just after it, but reached the
-    /// cache first, found nothing to mark there; so the record is read back once it is in
-    /// the cache. Whichever order the two take, the cache ends up with the revocation. The
-    /// certificate is durable already: a failed read is logged, not returned.
+    /// Puts a certificate the store has just committed (a renewal) into the verification
+    /// cache. A change to its revocation state (a hold, say) that committed just after it
+    /// may have reached the cache first and found nothing to mark there; so the state the
+    /// store holds is put in after the entry, in turn with every other revocation change
+    /// ([`Ra::cache_stored_revocations`]).
     fn cache_committed(&self, record: &CertificateRecord) {
         self.cache.put(record);
-        match self.store.certificate(&record.serial) {
-            Ok(Some(stored)) if stored.revocation.is_some() => self
-                .cache
-                .set_revocation(std::slice::from_ref(&record.serial), stored.revocation),
-            Ok(_) => {}
-            Err(e) => tracing::error!(
-                serial = %record.serial,
-                error = %e,
-                "reading back a new certificate failed; a revocation racing it may be missing from the cache until restart"
-            ),
-        }
+        self.cache_stored_revocations(std::slice::from_ref(&record.serial), record.revocation);
     }
 }
 

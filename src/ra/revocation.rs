@@ -187,13 +187,15 @@ impl Ra {
     }
 
     /// Puts the revocation state the store holds now for each of `serials` into the cache,
-    /// after this caller's own change committed; `committed` is that change, used if a read
-    /// fails.
+    /// after this caller's own change committed; `committed` is that change.
     ///
     /// Two changes to one certificate (a release from hold and a revocation, say) commit in
     /// one order but may reach this point in the other. Each reads the store's state after
     /// its own commit, one caller at a time, so the last to put its state here has read the
     /// latest: the cache ends with what the store holds, whichever order they arrive in.
+    /// The state is read from the certificate's summary (a few dozen bytes), not the record.
+    /// If a read fails, a revocation is put as made (the cache errs towards refusing) and a
+    /// release leaves the cache as it is.
     pub(crate) fn cache_stored_revocations(
         &self,
         serials: &[Serial],
@@ -204,17 +206,20 @@ impl Ra {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         for serial in serials {
-            let state = match self.store.certificate(serial) {
-                Ok(Some(stored)) => stored.revocation,
+            let state = match self.store.revocation_state(serial) {
+                Ok(Some(state)) => state,
                 // Purged meanwhile: nothing in the cache to keep right.
                 Ok(None) => continue,
                 Err(e) => {
                     tracing::error!(
                         serial = %serial,
                         error = %e,
-                        "reading back a revocation failed; the cache gets the change as made"
+                        "reading back a revocation state failed; the cache keeps a revocation as made and ignores a release"
                     );
-                    committed
+                    match committed {
+                        Some(revocation) => Some(revocation),
+                        None => continue,
+                    }
                 }
             };
             self.cache

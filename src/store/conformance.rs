@@ -797,17 +797,55 @@ fn a_journaled_batch_after_an_audited_sled_change_syncs_that_change_first() {
     let before = syncs();
     new_token("t-chain-1");
     assert_eq!(syncs(), before, "a batch alone needs no sled sync");
+    // An audited change whose writer synced before returning needs no second sync.
     let customer = CustomerId::parse("customer_id", "c-chain").unwrap();
     store.set_agreed_limit(&customer, 100, &ev()).unwrap();
     let after_limit = syncs();
     new_token("t-chain-2");
-    assert_eq!(syncs(), after_limit + 1, "the batch synced sled first");
+    assert_eq!(syncs(), after_limit, "the change was synced by its writer");
+    // One committed under the turn whose writer has not synced yet: the batch syncs it
+    // first, once.
+    store.danger_note_unsynced_change();
     new_token("t-chain-3");
+    assert_eq!(syncs(), after_limit + 1, "the batch synced sled first");
+    new_token("t-chain-4");
     assert_eq!(syncs(), after_limit + 1, "only once");
     assert_eq!(
         verify_audit_log(&store).unwrap(),
-        AuditCheck::Intact { entries: 5 }
+        AuditCheck::Intact { entries: 6 }
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_commit_hook_leaves_the_enrollment_issued_and_the_journal_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SledStore::open(dir.path()).unwrap());
+    let (first, second) = (TokenHash::of("t-panic-1"), TokenHash::of("t-panic-2"));
+    for hash in [&first, &second] {
+        store
+            .put_token(hash, &token("c-panic", 100), &ev())
+            .unwrap();
+    }
+    let cert = certificate("c-panic", "d1");
+    let outcome = store
+        .clone()
+        .issue_with_token_async(&first, 5, &cert, &ev(), Box::new(|| panic!("hook failed")))
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, IssueOutcome::Issued);
+    assert!(store.certificate(&cert.serial).unwrap().is_some());
+    // The journal did not stop: the next enrollment commits.
+    let next = certificate("c-panic", "d2");
+    let outcome = store
+        .clone()
+        .issue_with_token_async(&second, 5, &next, &ev(), Box::new(|| {}))
+        .unwrap()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcome, IssueOutcome::Issued);
 }
 
 #[test]

@@ -168,6 +168,10 @@ pub trait Store: Send + Sync {
     /// The certificate with `serial`, if payra issued it.
     fn certificate(&self, serial: &Serial) -> Result<Option<CertificateRecord>>;
 
+    /// The revocation state of the certificate with `serial` (`None` if there is no such
+    /// certificate), read from its summary rather than the full record.
+    fn revocation_state(&self, serial: &Serial) -> Result<Option<Option<Revocation>>>;
+
     /// Serials of the certificates issued to `customer`, in serial order.
     fn serials_by_customer(&self, customer: &CustomerId) -> Result<Vec<Serial>>;
 

@@ -51,9 +51,11 @@ pub struct SledStore {
     /// See [`SledStore::danger_skip_apply`].
     #[cfg(test)]
     skip_apply: std::sync::atomic::AtomicBool,
-    /// A sled transaction committed under the write turn that no sync has covered yet
-    /// (its writer syncs after releasing the turn). See [`SledStore::issue_batch`].
-    sled_unsynced: std::sync::atomic::AtomicBool,
+    /// Audited sled transactions committed under the write turn, counted; and how many of
+    /// them a sync is known to cover (their writers sync after releasing the turn). See
+    /// [`SledStore::issue_batch`].
+    sled_changes: std::sync::atomic::AtomicU64,
+    sled_changes_synced: std::sync::atomic::AtomicU64,
     /// The journal's size past which a batch empties it ([`IssuanceJournal::RESET_BYTES`]).
     journal_reset_bytes: std::sync::atomic::AtomicU64,
 }
@@ -306,7 +308,8 @@ impl SledStore {
             #[cfg(test)]
             skip_apply: std::sync::atomic::AtomicBool::new(false),
             journal_reset_bytes: std::sync::atomic::AtomicU64::new(IssuanceJournal::RESET_BYTES),
-            sled_unsynced: std::sync::atomic::AtomicBool::new(false),
+            sled_changes: std::sync::atomic::AtomicU64::new(0),
+            sled_changes_synced: std::sync::atomic::AtomicU64::new(0),
         };
         store.recover_issuance(journaled)?;
         store.build_missing_summaries()?;
@@ -334,7 +337,7 @@ impl SledStore {
         if journaled.is_empty() {
             return Ok(());
         }
-        self.commit.sync()?;
+        self.sync_sled()?;
         self.lock_journal().reset()?;
         if redone > 0 {
             tracing::warn!(
@@ -386,7 +389,7 @@ impl SledStore {
     #[cfg(test)]
     pub fn danger_clear_summaries(&self) -> Result<()> {
         self.summaries.clear()?;
-        self.commit.sync()
+        self.sync_sled()
     }
 
     /// A database written before the `cert_summaries` tree existed gets it built once, from
@@ -407,7 +410,7 @@ impl SledStore {
             }
         }
         self.summaries.apply_batch(batch)?;
-        self.commit.sync()?;
+        self.sync_sled()?;
         tracing::info!(certificates = count, "built the certificate summaries");
         Ok(())
     }
@@ -456,10 +459,10 @@ impl SledStore {
             append_audit(log, meta, &event)?;
             Ok(())
         });
-        finish(result)?;
         self.sled_changed();
+        finish(result)?;
         drop(writing);
-        self.commit.sync()?;
+        self.sync_sled()?;
         Ok((keys.len(), next))
     }
 
@@ -591,14 +594,12 @@ impl SledStore {
         // while the journal keeps this batch, and the replayed batch would link to an entry
         // that no longer exists. So such a transaction is made durable first (it is under
         // the turn now, so nothing else can write meanwhile).
-        if self
-            .sled_unsynced
-            .swap(false, std::sync::atomic::Ordering::AcqRel)
+        if self.sled_changes.load(std::sync::atomic::Ordering::Acquire)
+            > self
+                .sled_changes_synced
+                .load(std::sync::atomic::Ordering::Acquire)
         {
-            if let Err(e) = self.commit.sync() {
-                self.sled_changed();
-                return Err(e);
-            }
+            self.sync_sled()?;
         }
         let mut head = audit_head(self.meta.get(AUDIT_HEAD_KEY)?.as_deref());
         let mut put = |tree, key: &[u8], value: Vec<u8>| {
@@ -710,7 +711,7 @@ impl SledStore {
             // Everything the journal holds is in the trees; once sled has synced them, the
             // journal can start over. This batch is durable and applied whatever happens
             // here, so its answers stand; a failure stops the journal instead.
-            if let Err(e) = self.commit.sync().and_then(|()| journal.reset()) {
+            if let Err(e) = self.sync_sled().and_then(|()| journal.reset()) {
                 tracing::error!(error = %e, "emptying the issuance journal failed; refusing further enrollments");
                 journal.fail(format!("emptying the journal: {e}"));
             }
@@ -724,6 +725,12 @@ impl SledStore {
     pub(super) fn danger_reset_journal_past(&self, bytes: u64) {
         self.journal_reset_bytes
             .store(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts an audited sled change as its writer would, without its sync (tests).
+    #[cfg(test)]
+    pub(super) fn danger_note_unsynced_change(&self) {
+        self.sled_changed();
     }
 
     /// Queues `job` without starting a committer (tests of what a committer takes).
@@ -768,10 +775,21 @@ impl SledStore {
         self.write_turn.try_lock().is_ok()
     }
 
-    /// Called under the write turn by every writer that committed a sled transaction.
+    /// Called under the write turn by every writer of an audited sled transaction, before
+    /// it knows whether the transaction committed.
     fn sled_changed(&self) {
-        self.sled_unsynced
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.sled_changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Makes sled's writes durable (the group commit), and notes that every audited change
+    /// counted before the sync began is covered.
+    fn sync_sled(&self) -> Result<()> {
+        let changes = self.sled_changes.load(std::sync::atomic::Ordering::Acquire);
+        self.commit.sync()?;
+        self.sled_changes_synced
+            .fetch_max(changes, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
     }
 
     fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
@@ -787,7 +805,7 @@ impl SledStore {
         decision_log: &mut FrameSource<'_>,
     ) -> Result<super::backup::BackupSummary> {
         let mut exclusive = Some(self.writing());
-        self.commit.sync()?;
+        self.sync_sled()?;
         let trees: Vec<(String, Tree)> = self
             .db
             .tree_names()
@@ -853,7 +871,7 @@ impl SledStore {
         self.by_customer.apply_batch(by_customer)?;
         self.by_device.apply_batch(by_device)?;
         self.summaries.apply_batch(summaries)?;
-        self.commit.sync()?;
+        self.sync_sled()?;
         Ok(count)
     }
 
@@ -872,7 +890,7 @@ impl SledStore {
 
     /// Flushes and syncs everything; for shutdown.
     pub fn close(&self) -> Result<()> {
-        self.commit.sync()?;
+        self.sync_sled()?;
         let _ = &self.db;
         Ok(())
     }
@@ -966,6 +984,15 @@ impl Store for SledStore {
         Ok(self.queue_async(job))
     }
 
+    fn revocation_state(&self, serial: &Serial) -> Result<Option<Option<Revocation>>> {
+        self.summaries
+            .get(serial.as_bytes())?
+            .map(|bytes| {
+                CertificateSummary::decode(serial.as_bytes(), &bytes).map(|s| s.revocation)
+            })
+            .transpose()
+    }
+
     fn certificate(&self, serial: &Serial) -> Result<Option<CertificateRecord>> {
         self.certificates
             .get(serial.as_bytes())?
@@ -1052,12 +1079,12 @@ impl Store for SledStore {
                     }
                     Ok(Ok(()))
                 });
-        let outcome = finish(outcome)?;
         self.sled_changed();
+        let outcome = finish(outcome)?;
         if outcome.is_ok() {
             {
                 drop(writing);
-                self.commit.sync()
+                self.sync_sled()
             }?;
         }
         Ok(outcome)
@@ -1087,12 +1114,12 @@ impl Store for SledStore {
                     append_audit(log, meta, audit)?;
                     Ok(Ok(record))
                 });
-        let outcome = finish(outcome)?;
         self.sled_changed();
+        let outcome = finish(outcome)?;
         if outcome.is_ok() {
             {
                 drop(writing);
-                self.commit.sync()
+                self.sync_sled()
             }?;
         }
         Ok(outcome)
@@ -1149,12 +1176,12 @@ impl Store for SledStore {
                     Ok(Ok(()))
                 },
             );
-        let outcome = finish(outcome)?;
         self.sled_changed();
+        let outcome = finish(outcome)?;
         if outcome.is_ok() {
             {
                 drop(writing);
-                self.commit.sync()
+                self.sync_sled()
             }?;
         }
         Ok(outcome)
@@ -1247,7 +1274,7 @@ impl Store for SledStore {
         // a lost checkpoint is rebuilt from the decision log.
         finish(outcome)?;
         drop(writing);
-        self.commit.sync()
+        self.sync_sled()
     }
 
     fn agreed_limits(&self) -> Result<Vec<(String, i64)>> {
@@ -1276,11 +1303,11 @@ impl Store for SledStore {
                 append_audit(log, meta, audit)?;
                 Ok(())
             });
-        finish(outcome)?;
         self.sled_changed();
+        finish(outcome)?;
         {
             drop(writing);
-            self.commit.sync()
+            self.sync_sled()
         }
     }
 
@@ -1301,12 +1328,12 @@ impl Store for SledStore {
                 Ok(true)
             },
         );
-        let stored = finish(outcome)?;
         self.sled_changed();
+        let stored = finish(outcome)?;
         if stored {
             {
                 drop(writing);
-                self.commit.sync()
+                self.sync_sled()
             }?;
         }
         Ok(stored)
@@ -1362,12 +1389,12 @@ impl Store for SledStore {
                 append_audit(log, meta, audit)?;
                 Ok(Ok(()))
             });
-        let outcome = finish(outcome)?;
         self.sled_changed();
+        let outcome = finish(outcome)?;
         if outcome.is_ok() {
             {
                 drop(writing);
-                self.commit.sync()
+                self.sync_sled()
             }?;
         }
         Ok(outcome)
@@ -1446,11 +1473,11 @@ impl Store for SledStore {
                     Ok(())
                 },
             );
-        finish(outcome)?;
         self.sled_changed();
+        finish(outcome)?;
         {
             drop(writing);
-            self.commit.sync()
+            self.sync_sled()
         }?;
         Ok(expired.into_iter().map(|r| r.serial).collect())
     }
@@ -1461,7 +1488,7 @@ impl Store for SledStore {
         self.meta.insert(b"ready_probe", &[1u8] as &[u8])?;
         {
             drop(writing);
-            self.commit.sync()
+            self.sync_sled()
         }
     }
 
@@ -1499,7 +1526,7 @@ impl Store for SledStore {
             .ok_or_else(|| Error::internal("CRL number missing after update"))?;
         {
             drop(writing);
-            self.commit.sync()
+            self.sync_sled()
         }?;
         Ok(number)
     }
