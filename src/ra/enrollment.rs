@@ -477,6 +477,10 @@ mod tests {
     use super::*;
     use crate::model::RevocationReason;
 
+    fn test_ra(dir: &tempfile::TempDir) -> std::sync::Arc<Ra> {
+        std::sync::Arc::new(super::super::test_ra(dir.path()).0)
+    }
+
     fn prepare(ra: &Ra, customer: &CustomerId, device: &str) -> PreparedEnrollment {
         let actor = Actor::system();
         let token = ra
@@ -509,8 +513,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_cancelled_enrollment_still_reaches_the_cache_and_a_later_revocation_marks_it() {
         let dir = tempfile::tempdir().unwrap();
-        let (ra, _clock) = super::super::test_ra(dir.path());
-        let ra = std::sync::Arc::new(ra);
+        let ra = test_ra(&dir);
         let actor = Actor::system();
         let customer = CustomerId::parse("customer_id", "racer").unwrap();
         let prepared = prepare(&ra, &customer, "racer-phone");
@@ -554,8 +557,7 @@ mod tests {
     #[tokio::test]
     async fn revocation_states_reaching_the_cache_out_of_order_end_as_stored() {
         let dir = tempfile::tempdir().unwrap();
-        let (ra, _clock) = super::super::test_ra(dir.path());
-        let ra = std::sync::Arc::new(ra);
+        let ra = test_ra(&dir);
         let actor = Actor::system();
         let customer = CustomerId::parse("customer_id", "held").unwrap();
         let issued = ra
@@ -596,8 +598,7 @@ mod tests {
     #[tokio::test]
     async fn an_enrollment_answers_with_its_certificate_in_the_cache() {
         let dir = tempfile::tempdir().unwrap();
-        let (ra, _clock) = super::super::test_ra(dir.path());
-        let ra = std::sync::Arc::new(ra);
+        let ra = test_ra(&dir);
         let customer = CustomerId::parse("customer_id", "plain").unwrap();
         let prepared = prepare(&ra, &customer, "plain-phone");
         let issued = ra.commit_enrollment(prepared).await.unwrap();

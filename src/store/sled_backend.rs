@@ -60,6 +60,22 @@ pub struct SledStore {
     journal_reset_bytes: std::sync::atomic::AtomicU64,
 }
 
+/// A writer's hold on [`SledStore`]'s write turn. Writers that commit a sled transaction
+/// sync only after releasing the turn; an issuance batch decided in between would chain its
+/// audit entries after one that is not yet durable. So releasing the turn counts a change
+/// (before the lock itself is released: `drop` runs before the fields are dropped), and
+/// the next batch syncs sled first unless a sync has covered it (`SledStore::issue_batch`).
+struct WriteTurn<'a> {
+    store: &'a SledStore,
+    _turn: std::sync::MutexGuard<'a, ()>,
+}
+
+impl Drop for WriteTurn<'_> {
+    fn drop(&mut self) {
+        self.store.sled_changed();
+    }
+}
+
 /// The issuance journal's file name in the data directory.
 pub const ISSUANCE_JOURNAL_FILE: &str = "issuance.journal";
 
@@ -459,14 +475,12 @@ impl SledStore {
             append_audit(log, meta, &event)?;
             Ok(())
         });
-        self.sled_changed();
         finish(result)?;
         drop(writing);
         self.sync_sled()?;
         Ok((keys.len(), next))
     }
 
-    /// Commits queued enrollments, batch after batch, until the queue is empty.
     /// Queues `job` and waits for its outcome on this thread: whoever gets the write turn
     /// first commits everything queued, this job included.
     fn commit_blocking(&self, job: IssueJob) -> Result<IssueOutcome> {
@@ -477,7 +491,7 @@ impl SledStore {
             .jobs
             .push(job.clone());
         {
-            let _writing = self.writing();
+            let _writing = self.journal_turn();
             // Until somebody has committed this job: commit what is queued, ours included,
             // from the front (jobs leave the queue only under the turn, so a job that is
             // no longer queued has its outcome).
@@ -516,6 +530,7 @@ impl SledStore {
         receiver
     }
 
+    /// Commits queued enrollments, batch after batch, until the queue is empty.
     fn drain_issue_queue(&self) {
         /// If committing panics, the next async enrollment must start a new drainer; the
         /// jobs of the lost batch are answered `INTERNAL` as their senders drop.
@@ -531,7 +546,7 @@ impl SledStore {
         loop {
             // Jobs leave the queue only under the write turn: a blocking caller holding the
             // turn whose job has no outcome can then count on finding it still queued.
-            let _writing = self.writing();
+            let _writing = self.journal_turn();
             let batch = {
                 let mut queue = self.issue_queue.lock().unwrap_or_else(|p| p.into_inner());
                 if queue.jobs.is_empty() {
@@ -727,10 +742,10 @@ impl SledStore {
             .store(bytes, std::sync::atomic::Ordering::Relaxed);
     }
 
-    /// Counts an audited sled change as its writer would, without its sync (tests).
+    /// Takes and releases the write turn as a sled writer does, without its sync (tests).
     #[cfg(test)]
     pub(super) fn danger_note_unsynced_change(&self) {
-        self.sled_changed();
+        drop(self.writing());
     }
 
     /// Queues `job` without starting a committer (tests of what a committer takes).
@@ -775,8 +790,7 @@ impl SledStore {
         self.write_turn.try_lock().is_ok()
     }
 
-    /// Called under the write turn by every writer of an audited sled transaction, before
-    /// it knows whether the transaction committed.
+    /// Counts a change to sled made under the write turn (see [`WriteTurn`]).
     fn sled_changed(&self) {
         self.sled_changes
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -792,7 +806,18 @@ impl SledStore {
         Ok(())
     }
 
-    fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
+    /// The write turn of a writer that changes sled directly. Releasing it counts a change,
+    /// which a later sled sync must cover before an issuance batch chains after it.
+    fn writing(&self) -> WriteTurn<'_> {
+        WriteTurn {
+            store: self,
+            _turn: self.journal_turn(),
+        }
+    }
+
+    /// The write turn as the issuance committer takes it: its changes are durable through
+    /// the journal, so releasing it counts nothing.
+    fn journal_turn(&self) -> std::sync::MutexGuard<'_, ()> {
         self.write_turn.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -1079,7 +1104,6 @@ impl Store for SledStore {
                     }
                     Ok(Ok(()))
                 });
-        self.sled_changed();
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
             {
@@ -1114,7 +1138,6 @@ impl Store for SledStore {
                     append_audit(log, meta, audit)?;
                     Ok(Ok(record))
                 });
-        self.sled_changed();
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
             {
@@ -1176,7 +1199,6 @@ impl Store for SledStore {
                     Ok(Ok(()))
                 },
             );
-        self.sled_changed();
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
             {
@@ -1303,7 +1325,6 @@ impl Store for SledStore {
                 append_audit(log, meta, audit)?;
                 Ok(())
             });
-        self.sled_changed();
         finish(outcome)?;
         {
             drop(writing);
@@ -1328,7 +1349,6 @@ impl Store for SledStore {
                 Ok(true)
             },
         );
-        self.sled_changed();
         let stored = finish(outcome)?;
         if stored {
             {
@@ -1389,7 +1409,6 @@ impl Store for SledStore {
                 append_audit(log, meta, audit)?;
                 Ok(Ok(()))
             });
-        self.sled_changed();
         let outcome = finish(outcome)?;
         if outcome.is_ok() {
             {
@@ -1473,7 +1492,6 @@ impl Store for SledStore {
                     Ok(())
                 },
             );
-        self.sled_changed();
         finish(outcome)?;
         {
             drop(writing);
