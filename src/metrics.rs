@@ -22,6 +22,7 @@ pub struct Metrics {
     pub storage_syncs: IntGauge,
     pub decision_log_records: IntGauge,
     pub decision_log_bytes: IntGauge,
+    pub replay_nonces: IntGauge,
     pub build_info: IntGaugeVec,
     pub ocsp_responses: IntCounterVec,
     pub enroll_throttled: IntCounter,
@@ -155,6 +156,13 @@ impl Metrics {
                 gauge(
                     "payra_decision_log_bytes",
                     "bytes of the decision log's segment files (never pruned yet: watch the disk)",
+                ),
+            ),
+            replay_nonces: register(
+                &registry,
+                gauge(
+                    "payra_replay_nonces",
+                    "claimed (certificate, nonce) pairs held in memory to refuse replays",
                 ),
             ),
             build_info: register(

@@ -126,6 +126,11 @@ async fn ok_metrics_parse_and_move_with_traffic() {
         "the verification is one record"
     );
     assert!(value(&after, "payra_decision_log_bytes") > value(&before, "payra_decision_log_bytes"));
+    assert_eq!(
+        delta("payra_replay_nonces"),
+        1.0,
+        "the verification's nonce is held"
+    );
     assert!(
         delta("payra_rpc_duration_seconds_count{code=\"OK\",method=\"Enroll\"}") == 1.0,
         "latency histogram counts the call"

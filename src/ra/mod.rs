@@ -7,7 +7,7 @@ mod cache;
 mod clients;
 mod enrollment;
 mod publication;
-mod replay;
+pub mod replay;
 mod retention;
 mod revocation;
 pub mod signature;
@@ -192,6 +192,9 @@ impl Ra {
         self.metrics
             .decision_log_bytes
             .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.metrics
+            .replay_nonces
+            .set(i64::try_from(self.replay.held()).unwrap_or(i64::MAX));
     }
 
     /// Writes a consistent backup to a temporary file in the data directory and returns its

@@ -420,7 +420,7 @@ impl Ra {
         let mut claimed_key = None;
         if let Some(claim) = &checked.nonce {
             let key = claim.key();
-            if self.replay.claim(key.clone(), claim.expires_at_ms) {
+            if self.replay.claim(&key, claim.expires_at_ms, now_ms) {
                 claimed_key = Some(key);
             } else {
                 checked.verdict = Verdict::ReplayedNonce;
