@@ -13,7 +13,7 @@ use payra::client::DeviceKey;
 use payra::model::{
     CustomerId, DeviceId, Factor, FactorCategory, RevocationReason, Scene, Serial, Tier,
 };
-use payra::ra::replay::ReplayGuard;
+use payra::ra::replay::{Moment, ReplayGuard};
 use payra::ra::signature::{signed_message, verify_intent_signature};
 use payra::ra::tiers::decide_tier;
 use payra::store::{
@@ -252,11 +252,15 @@ fn replay_claim(c: &mut Criterion) {
         key.extend_from_slice(&i.to_be_bytes());
         key
     };
+    let at = |ms: i64| Moment {
+        wall_ms: ms,
+        monotonic_ms: ms,
+    };
     let guard = ReplayGuard::default();
     let mut i = 0u64;
     for now_ms in 0..WINDOW_MS {
         for _ in 0..PER_MS {
-            guard.claim(&key(i), now_ms + WINDOW_MS, now_ms);
+            guard.claim(&key(i), now_ms + WINDOW_MS, at(now_ms));
             i += 1;
         }
     }
@@ -264,7 +268,7 @@ fn replay_claim(c: &mut Criterion) {
     let mut in_this_ms = 0;
     c.bench_function("replay set claim, 1.8M held", |b| {
         b.iter(|| {
-            assert!(guard.claim(&key(i), now_ms + WINDOW_MS, now_ms));
+            assert!(guard.claim(&key(i), now_ms + WINDOW_MS, at(now_ms)));
             i += 1;
             in_this_ms += 1;
             if in_this_ms == PER_MS {

@@ -135,7 +135,7 @@ impl Ra {
         // Older days that the replay brought back (releases of old decisions) leave before
         // the first checkpoint, which would otherwise save them as they stand in memory.
         decisions.forget_ledger_days_before(&min_day);
-        let replay = ReplayGuard::with(live_nonces);
+        let replay = ReplayGuard::with(live_nonces, replay::Moment::of(clock.as_ref()));
         tracing::info!(
             certificates = cache.len(),
             agreed_limits = agreed_limits.len(),

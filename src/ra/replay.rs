@@ -6,8 +6,14 @@
 //! A payment peak claims a nonce per verification, so the set must not grow with the length of
 //! the peak, nor stall verifications while it is cleaned. Each claim therefore drops a few
 //! expired claims from the front of its shard's queue as it goes (claims arrive in about the
-//! order they expire), which keeps the set at about the claims of the last skew window; and
-//! the set is split into shards with a lock each, so no lock is held over the whole set.
+//! order they expire), which keeps the set at the claims of the last one or two skew windows;
+//! and the set is split into shards with a lock each, so no lock is held over the whole set.
+//!
+//! A claim is forgotten only once it has expired on both clocks: the wall clock that the
+//! intent's timestamp is checked against (after the millisecond of its expiry, when that
+//! check refuses the intent anyway), and the monotonic clock (after as much real time as it
+//! had left when claimed). A wall clock stepped forward and back again therefore cannot
+//! make the set forget a claim that the timestamp check would still accept.
 //!
 //! A claim is held as a 128-bit keyed digest of its (serial, nonce) key rather than the key
 //! itself: fixed-size entries and no allocation per claim. The digest's two 64-bit SipHash
@@ -19,9 +25,54 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::Mutex;
 
+use crate::clock::Clock;
+
 /// A claim's key digest: two 64-bit halves (not a `u128`, whose 16-byte alignment would pad
 /// every entry to 32 bytes).
 type Digest = [u64; 2];
+
+/// The two clocks a claim is timed on (see the module's documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Moment {
+    /// Unix ms, as the intents' timestamps.
+    pub wall_ms: i64,
+    /// [`Clock::monotonic_ms`].
+    pub monotonic_ms: i64,
+}
+
+impl Moment {
+    /// Now, on both of `clock`'s clocks.
+    pub fn of(clock: &dyn Clock) -> Moment {
+        Moment {
+            wall_ms: clock.now_ms(),
+            monotonic_ms: clock.monotonic_ms(),
+        }
+    }
+}
+
+/// A claim in its shard's queue: when it expires on each clock, and its digest.
+#[derive(Clone, Copy)]
+struct Queued {
+    expires_at_ms: i64,
+    held_until_monotonic_ms: i64,
+    digest: Digest,
+}
+
+impl Queued {
+    fn new(expires_at_ms: i64, digest: Digest, now: Moment) -> Queued {
+        Queued {
+            expires_at_ms,
+            held_until_monotonic_ms: now
+                .monotonic_ms
+                .saturating_add(expires_at_ms.saturating_sub(now.wall_ms).max(0)),
+            digest,
+        }
+    }
+
+    fn expired(&self, now: Moment) -> bool {
+        self.expires_at_ms < now.wall_ms && self.held_until_monotonic_ms < now.monotonic_ms
+    }
+}
 
 /// Shards of the set, each behind its own lock.
 const SHARDS: usize = 16;
@@ -34,22 +85,23 @@ const DROPS_PER_CLAIM: usize = 4;
 #[derive(Default)]
 struct Shard {
     expiry: HashMap<Digest, i64>,
-    order: VecDeque<(i64, Digest)>,
+    order: VecDeque<Queued>,
 }
 
 impl Shard {
-    /// Drops up to `limit` claims from the front of the queue that expired at or before
-    /// `now_ms`; returns how many left the set. A claim that expires later than the one
-    /// behind it keeps that one waiting: it is forgotten late, never early.
-    fn drop_expired(&mut self, now_ms: i64, limit: usize) -> usize {
+    /// Drops up to `limit` claims from the front of the queue that have expired by `now`;
+    /// returns how many left the set. A claim that expires later than the one behind it
+    /// keeps that one waiting: it is forgotten late, never early.
+    fn drop_expired(&mut self, now: Moment, limit: usize) -> usize {
         let mut dropped = 0;
         for _ in 0..limit {
             match self.order.front() {
-                Some(&(expires_at_ms, digest)) if expires_at_ms <= now_ms => {
+                Some(&queued) if queued.expired(now) => {
                     self.order.pop_front();
-                    // A claim given back and made again has a newer entry of its own.
-                    if self.expiry.get(&digest) == Some(&expires_at_ms) {
-                        self.expiry.remove(&digest);
+                    // A claim given back and made again, or loaded twice with another expiry,
+                    // has a later entry of its own.
+                    if self.expiry.get(&queued.digest) == Some(&queued.expires_at_ms) {
+                        self.expiry.remove(&queued.digest);
                         dropped += 1;
                     }
                 }
@@ -78,17 +130,23 @@ impl Default for ReplayGuard {
 }
 
 impl ReplayGuard {
-    /// A guard that already knows `entries` (from storage).
-    pub fn with(mut entries: Vec<(Vec<u8>, i64)>) -> ReplayGuard {
+    /// A guard that already knows `entries` (from storage), at `now`.
+    pub fn with(mut entries: Vec<(Vec<u8>, i64)>, now: Moment) -> ReplayGuard {
         let guard = ReplayGuard::default();
         // In expiry order, so that each shard's queue starts in the order it is dropped.
         entries.sort_unstable_by_key(|(_, expires_at_ms)| *expires_at_ms);
         for (key, expires_at_ms) in entries {
             let (shard, digest) = guard.locate(&key);
             let mut shard = guard.lock(shard);
-            if shard.expiry.insert(digest, expires_at_ms).is_none() {
-                shard.order.push_back((expires_at_ms, digest));
-            }
+            // A key loaded twice keeps its later expiry; the earlier entry is skipped.
+            let expires_at_ms = shard
+                .expiry
+                .get(&digest)
+                .map_or(expires_at_ms, |&held| held.max(expires_at_ms));
+            shard.expiry.insert(digest, expires_at_ms);
+            shard
+                .order
+                .push_back(Queued::new(expires_at_ms, digest, now));
         }
         guard
     }
@@ -103,18 +161,23 @@ impl ReplayGuard {
         self.shards[shard].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Claims `key` until `expires_at_ms`; false if it was claimed already and has not
-    /// expired by `now_ms`. Atomic: of two concurrent claims of one key exactly one
-    /// succeeds. Drops a few expired claims of the same shard on the way.
-    pub fn claim(&self, key: &[u8], expires_at_ms: i64, now_ms: i64) -> bool {
+    /// Claims `key` until `expires_at_ms` (Unix ms, that millisecond included); false if it
+    /// is still held. A claim is held at least until it has expired (see the module's
+    /// documentation), and may be held a while longer: refusing such a late intent is right
+    /// anyway, as its timestamp is out of the skew window by then. Atomic: of two
+    /// concurrent claims of one key exactly one succeeds. Drops a few expired claims of the
+    /// same shard on the way.
+    pub fn claim(&self, key: &[u8], expires_at_ms: i64, now: Moment) -> bool {
         let (shard, digest) = self.locate(key);
         let mut shard = self.lock(shard);
-        shard.drop_expired(now_ms, DROPS_PER_CLAIM);
+        shard.drop_expired(now, DROPS_PER_CLAIM);
         match shard.expiry.entry(digest) {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(slot) => {
                 slot.insert(expires_at_ms);
-                shard.order.push_back((expires_at_ms, digest));
+                shard
+                    .order
+                    .push_back(Queued::new(expires_at_ms, digest, now));
                 true
             }
         }
@@ -127,11 +190,11 @@ impl ReplayGuard {
         self.lock(shard).expiry.remove(&digest);
     }
 
-    /// Forgets claims that expired at or before `now_ms`, except any queued behind a claim
-    /// that expires later (the next claims of their shard drop them); returns how many.
-    pub fn purge(&self, now_ms: i64) -> usize {
+    /// Forgets claims that have expired by `now`, except any queued behind a claim that
+    /// expires later (the next claims of their shard drop them); returns how many.
+    pub fn purge(&self, now: Moment) -> usize {
         (0..SHARDS)
-            .map(|shard| self.lock(shard).drop_expired(now_ms, usize::MAX))
+            .map(|shard| self.lock(shard).drop_expired(now, usize::MAX))
             .sum()
     }
 
@@ -152,16 +215,80 @@ mod tests {
         key
     }
 
+    /// Both clocks at `ms`, as when the wall clock has never been set.
+    fn at(ms: i64) -> Moment {
+        Moment {
+            wall_ms: ms,
+            monotonic_ms: ms,
+        }
+    }
+
     #[test]
     fn a_key_is_refused_until_it_expires_then_claimable_again() {
         let guard = ReplayGuard::default();
-        assert!(guard.claim(&key(1), 1_000, 0));
-        assert!(!guard.claim(&key(1), 1_000, 999));
-        assert!(guard.claim(&key(2), 1_000, 999), "another key is its own");
-        assert_eq!(guard.purge(999), 0, "nothing expired yet");
-        assert_eq!(guard.purge(1_000), 2);
+        assert!(guard.claim(&key(1), 1_000, at(0)));
+        assert!(!guard.claim(&key(1), 1_000, at(999)));
+        assert!(
+            guard.claim(&key(2), 1_000, at(999)),
+            "another key is its own"
+        );
+        assert_eq!(guard.purge(at(1_000)), 0, "nothing expired yet");
+        assert_eq!(guard.purge(at(1_001)), 2);
         assert_eq!(guard.held(), 0);
-        assert!(guard.claim(&key(1), 2_000, 1_000));
+        assert!(guard.claim(&key(1), 2_000, at(1_001)));
+    }
+
+    #[test]
+    fn a_claim_is_still_held_in_the_millisecond_it_expires() {
+        // The timestamp check still accepts an intent at created_at + skew, its claim's
+        // expiry: a replay in that millisecond must find the claim, even when it is first in
+        // its shard's queue and the replay's own claim drops what has expired.
+        let guard = ReplayGuard::default();
+        assert!(guard.claim(&key(1), 1_000, at(0)));
+        assert!(!guard.claim(&key(1), 1_000, at(1_000)));
+        assert!(guard.claim(&key(1), 2_001, at(1_001)));
+    }
+
+    #[test]
+    fn a_wall_clock_stepped_forward_and_back_does_not_forget_a_claim() {
+        let guard = ReplayGuard::default();
+        assert!(guard.claim(&key(1), 120_000, at(0)));
+        // The wall clock is set 100 s ahead, 10 ms later; claims made then drop what has
+        // expired by the wall clock alone.
+        let ahead = Moment {
+            wall_ms: 200_010,
+            monotonic_ms: 10,
+        };
+        for i in 2..100 {
+            assert!(guard.claim(&key(i), 320_010, ahead));
+        }
+        assert_eq!(guard.purge(ahead), 0);
+        // Set back: the intent is inside the skew window again, and still refused.
+        let back = Moment {
+            wall_ms: 20,
+            monotonic_ms: 20,
+        };
+        assert!(!guard.claim(&key(1), 120_000, back));
+    }
+
+    #[test]
+    fn a_claim_made_while_the_wall_clock_is_ahead_is_held_until_the_corrected_clock_passes_it() {
+        let guard = ReplayGuard::default();
+        // Claimed with the wall clock 100 s ahead: 20 s left by that clock.
+        let ahead = Moment {
+            wall_ms: 100_000,
+            monotonic_ms: 0,
+        };
+        assert!(guard.claim(&key(1), 120_000, ahead));
+        // 25 s later the clock is corrected to 25,000: the monotonic 20 s have passed, but
+        // by the wall clock the intent is still inside its window.
+        let corrected = Moment {
+            wall_ms: 25_000,
+            monotonic_ms: 25_000,
+        };
+        assert_eq!(guard.purge(corrected), 0);
+        assert!(!guard.claim(&key(1), 120_000, corrected));
+        assert_eq!(guard.purge(at(120_001)), 1);
     }
 
     #[test]
@@ -172,18 +299,18 @@ mod tests {
         let mut i = 0;
         for now_ms in 0..10_000i64 {
             for _ in 0..20 {
-                assert!(guard.claim(&key(i), now_ms + 1_000, now_ms));
+                assert!(guard.claim(&key(i), now_ms + 1_000, at(now_ms)));
                 i += 1;
             }
         }
         let held = guard.held();
         assert!(
-            (20_000..=20_200).contains(&held),
+            (20_000..=20_400).contains(&held),
             "held {held} claims, expected about one window's 20,000"
         );
         // Within the window every claim is still refused.
         for back in 0..20_000 {
-            assert!(!guard.claim(&key(i - 1 - back), 11_000, 9_999));
+            assert!(!guard.claim(&key(i - 1 - back), 11_000, at(9_999)));
         }
     }
 
@@ -191,11 +318,11 @@ mod tests {
     fn after_a_peak_the_set_drains_with_the_next_claims() {
         let guard = ReplayGuard::default();
         for i in 0..10_000 {
-            assert!(guard.claim(&key(i), 1_000, 0));
+            assert!(guard.claim(&key(i), 1_000, at(0)));
         }
         // Long after the peak, a trickle of claims empties it (no retention run needed).
         for i in 0..10_000 {
-            guard.claim(&key(1_000_000 + i), 100_000, 50_000);
+            guard.claim(&key(1_000_000 + i), 100_000, at(50_000));
         }
         assert_eq!(
             guard.held(),
@@ -207,14 +334,14 @@ mod tests {
     #[test]
     fn a_claim_given_back_and_made_again_lives_to_its_new_expiry() {
         let guard = ReplayGuard::default();
-        assert!(guard.claim(&key(7), 1_000, 0));
+        assert!(guard.claim(&key(7), 1_000, at(0)));
         guard.unclaim(&key(7));
-        assert!(guard.claim(&key(7), 5_000, 10));
-        // The first claim's queue entry reaches the front at 1,000 and must not drop the
+        assert!(guard.claim(&key(7), 5_000, at(10)));
+        // The first claim's queue entry reaches the front after 1,000 and must not drop the
         // second claim.
-        assert_eq!(guard.purge(1_000), 0);
-        assert!(!guard.claim(&key(7), 5_000, 1_001));
-        assert_eq!(guard.purge(5_000), 1);
+        assert_eq!(guard.purge(at(1_001)), 0);
+        assert!(!guard.claim(&key(7), 5_000, at(1_001)));
+        assert_eq!(guard.purge(at(5_001)), 1);
     }
 
     #[test]
@@ -223,12 +350,12 @@ mod tests {
         // Claims expiring late and early interleaved, so some late ones are queued in front
         // of early ones.
         for i in 0..64 {
-            assert!(guard.claim(&key(i), if i % 2 == 0 { 10_000 } else { 1_000 }, 0));
+            assert!(guard.claim(&key(i), if i % 2 == 0 { 10_000 } else { 1_000 }, at(0)));
         }
-        guard.purge(1_000);
+        guard.purge(at(1_001));
         for i in (0..64).step_by(2) {
             assert!(
-                !guard.claim(&key(i), 20_000, 1_000),
+                !guard.claim(&key(i), 20_000, at(1_001)),
                 "key {i} expires at 10,000"
             );
         }
@@ -236,23 +363,42 @@ mod tests {
 
     #[test]
     fn known_claims_from_storage_are_refused_and_expire() {
-        let guard = ReplayGuard::with(vec![(key(3), 2_000), (key(1), 1_000), (key(3), 2_000)]);
+        let guard = ReplayGuard::with(
+            vec![(key(3), 2_000), (key(1), 1_000), (key(3), 2_000)],
+            at(0),
+        );
         assert_eq!(guard.held(), 2);
-        assert!(!guard.claim(&key(1), 1_500, 500));
-        assert!(!guard.claim(&key(3), 2_500, 500));
-        assert_eq!(guard.purge(2_000), 2);
+        assert!(!guard.claim(&key(1), 1_500, at(500)));
+        assert!(!guard.claim(&key(3), 2_500, at(500)));
+        assert_eq!(guard.purge(at(2_001)), 2);
+    }
+
+    #[test]
+    fn a_key_loaded_twice_keeps_its_later_expiry_and_still_leaves() {
+        let guard = ReplayGuard::with(vec![(key(5), 2_000), (key(5), 1_000)], at(0));
+        assert_eq!(guard.purge(at(1_500)), 0);
+        assert!(!guard.claim(&key(5), 3_000, at(1_500)));
+        assert_eq!(guard.purge(at(2_001)), 1);
+        assert_eq!(guard.held(), 0);
     }
 
     #[test]
     fn of_concurrent_claims_of_one_key_exactly_one_wins() {
         let guard = std::sync::Arc::new(ReplayGuard::default());
-        let wins: usize = (0..8)
+        let start = std::sync::Arc::new(std::sync::Barrier::new(8));
+        // All eight threads exist before any is joined, so they race at the barrier.
+        let threads: Vec<_> = (0..8)
             .map(|_| {
-                let guard = guard.clone();
-                std::thread::spawn(move || guard.claim(&key(42), 1_000, 0) as usize)
+                let (guard, start) = (guard.clone(), start.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    (0..1_000)
+                        .filter(|&i| guard.claim(&key(i), 1_000, at(0)))
+                        .count()
+                })
             })
-            .map(|t| t.join().unwrap())
-            .sum();
-        assert_eq!(wins, 1);
+            .collect();
+        let wins: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(wins, 1_000, "each of the 1,000 keys claimed exactly once");
     }
 }

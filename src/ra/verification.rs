@@ -3,6 +3,7 @@
 
 use base64::Engine;
 
+use super::replay::Moment;
 use super::signature::{verify_intent_signature, MAX_SIGNATURE_BYTES};
 use super::tiers::decide_tier;
 use super::Ra;
@@ -420,7 +421,11 @@ impl Ra {
         let mut claimed_key = None;
         if let Some(claim) = &checked.nonce {
             let key = claim.key();
-            if self.replay.claim(&key, claim.expires_at_ms, now_ms) {
+            let now = Moment {
+                wall_ms: now_ms,
+                monotonic_ms: self.clock.monotonic_ms(),
+            };
+            if self.replay.claim(&key, claim.expires_at_ms, now) {
                 claimed_key = Some(key);
             } else {
                 checked.verdict = Verdict::ReplayedNonce;
@@ -737,7 +742,7 @@ impl Ra {
     /// Forgets expired nonces (in memory; the decision log keeps its records); returns how
     /// many were purged.
     pub fn purge_expired_nonces(&self) -> Result<usize> {
-        Ok(self.replay.purge(self.clock.now_ms()))
+        Ok(self.replay.purge(Moment::of(self.clock.as_ref())))
     }
 }
 
