@@ -551,7 +551,8 @@ impl DecisionLog {
                     ..
                 } = &record
                 {
-                    if *expires_at_ms > now_ms {
+                    // Live through the millisecond of its expiry, as in the replay set.
+                    if *expires_at_ms >= now_ms {
                         if let Ok(key) = hex::decode(key) {
                             claim(key, *expires_at_ms);
                         }
@@ -1226,6 +1227,24 @@ mod tests {
             DecisionLog::verify(dir.path()).unwrap(),
             ChainCheck::Intact { records: 3 }
         );
+    }
+
+    #[test]
+    fn a_nonce_is_handed_over_through_the_millisecond_of_its_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = open(dir.path(), LedgerCheckpoint::default(), 0);
+        for (nonce, expires_at_ms) in [("aa", 499), ("bb", 500)] {
+            let (seq, ()) = log
+                .append(|_, _| Ok((decision(20, 0, Some((nonce.into(), expires_at_ms))), ())))
+                .unwrap();
+            log.durable_blocking(seq).unwrap();
+        }
+        log.close().unwrap();
+        drop(log);
+        // At 500 the timestamp check still accepts the second intent: its nonce must be held.
+        let (log, nonces) = open(dir.path(), LedgerCheckpoint::default(), 500);
+        assert_eq!(nonces, vec![vec![0xbb]]);
+        log.close().unwrap();
     }
 
     /// Records as version 1 wrote them. If this fails, old logs no longer read: add a new
