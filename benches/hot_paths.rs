@@ -13,7 +13,7 @@ use payra::client::DeviceKey;
 use payra::model::{
     CustomerId, DeviceId, Factor, FactorCategory, RevocationReason, Scene, Serial, Tier,
 };
-use payra::ra::replay::{Moment, ReplayGuard};
+use payra::ra::replay::{Claim, Moment, ReplayGuard};
 use payra::ra::signature::{signed_message, verify_intent_signature};
 use payra::ra::tiers::decide_tier;
 use payra::store::{
@@ -260,7 +260,7 @@ fn replay_claim(c: &mut Criterion) {
     let mut i = 0u64;
     for now_ms in 0..WINDOW_MS {
         for _ in 0..PER_MS {
-            guard.claim(&key(i), now_ms + WINDOW_MS, at(now_ms));
+            guard.claim(&key(i), now_ms + WINDOW_MS, || at(now_ms));
             i += 1;
         }
     }
@@ -268,7 +268,10 @@ fn replay_claim(c: &mut Criterion) {
     let mut in_this_ms = 0;
     c.bench_function("replay set claim, 1.8M held", |b| {
         b.iter(|| {
-            assert!(guard.claim(&key(i), now_ms + WINDOW_MS, at(now_ms)));
+            assert_eq!(
+                guard.claim(&key(i), now_ms + WINDOW_MS, || at(now_ms)),
+                Claim::Claimed
+            );
             i += 1;
             in_this_ms += 1;
             if in_this_ms == PER_MS {

@@ -13,16 +13,23 @@
 //! intent's timestamp is checked against (after the millisecond of its expiry, when that
 //! check refuses the intent anyway), and the monotonic clock (after as much real time as it
 //! had left when claimed). A wall clock stepped forward and back again therefore cannot
-//! make the set forget a claim that the timestamp check would still accept.
+//! make the set forget a claim, made before the step, that the timestamp check would still
+//! accept. (A claim made while the clock is already ahead is timed by that clock; a restart
+//! starts the monotonic clock again. Neither is covered: keep the clock disciplined.)
+//!
+//! The clocks are read under the shard's lock, when the claim is made: a claim that another
+//! claim dropped as expired had expired by that claim's reading, which came first, so a
+//! replay that reaches the lock after it finds its own window passed too and is refused.
+//! (Read before the signature check, as the timestamp check reads it, the clock could lag
+//! the drop by the length of that check, and a replay could slip into the gap.)
 //!
 //! A claim is held as a 128-bit keyed digest of its (serial, nonce) key rather than the key
-//! itself: fixed-size entries and no allocation per claim. The digest's two 64-bit SipHash
-//! keys are drawn at random when the guard is made, so nobody can choose two keys whose
-//! digests collide; by chance, two different keys collide with probability about 2⁻¹²⁸.
+//! itself: fixed-size entries and no allocation per claim. The digest is HMAC-SHA-256,
+//! truncated, under a 256-bit key drawn at random when the guard is made, so nobody can
+//! choose two keys whose digests collide; by chance, two different keys collide with
+//! probability about 2⁻¹²⁸.
 
-use std::collections::hash_map::RandomState;
 use std::collections::{HashMap, VecDeque};
-use std::hash::BuildHasher;
 use std::sync::Mutex;
 
 use crate::clock::Clock;
@@ -112,19 +119,29 @@ impl Shard {
     }
 }
 
+/// What became of a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Claimed until its expiry.
+    Claimed,
+    /// Claimed before and still held: a replay.
+    Replayed,
+    /// Its expiry had passed when the clock was read under the lock: the intent's window
+    /// closed while it was being checked.
+    TooLate,
+}
+
 /// Claimed nonce keys with their expiry (Unix ms).
 pub struct ReplayGuard {
     shards: Vec<Mutex<Shard>>,
-    high: RandomState,
-    low: RandomState,
+    digest_key: ring::hmac::Key,
 }
 
 impl Default for ReplayGuard {
     fn default() -> ReplayGuard {
         ReplayGuard {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            high: RandomState::new(),
-            low: RandomState::new(),
+            digest_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &rand::random::<[u8; 32]>()),
         }
     }
 }
@@ -152,35 +169,43 @@ impl ReplayGuard {
     }
 
     fn locate(&self, key: &[u8]) -> (usize, Digest) {
-        let high = self.high.hash_one(key);
-        let digest = [high, self.low.hash_one(key)];
-        ((high >> 60) as usize % SHARDS, digest)
+        let tag = ring::hmac::sign(&self.digest_key, key);
+        let bytes = tag.as_ref();
+        let half = |at: usize| {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(&bytes[at..at + 8]);
+            u64::from_le_bytes(word)
+        };
+        let digest = [half(0), half(8)];
+        ((digest[0] >> 60) as usize % SHARDS, digest)
     }
 
     fn lock(&self, shard: usize) -> std::sync::MutexGuard<'_, Shard> {
         self.shards[shard].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Claims `key` until `expires_at_ms` (Unix ms, that millisecond included); false if it
-    /// is still held. A claim is held at least until it has expired (see the module's
-    /// documentation), and may be held a while longer: refusing such a late intent is right
-    /// anyway, as its timestamp is out of the skew window by then. Atomic: of two
+    /// Claims `key` until `expires_at_ms` (Unix ms, that millisecond included), reading
+    /// `now` under the shard's lock. A claim is held at least until it has expired (see the
+    /// module's documentation), and may be held a while longer: refusing such a late intent
+    /// is right anyway, as its timestamp is out of the skew window by then. Atomic: of two
     /// concurrent claims of one key exactly one succeeds. Drops a few expired claims of the
     /// same shard on the way.
-    pub fn claim(&self, key: &[u8], expires_at_ms: i64, now: Moment) -> bool {
+    pub fn claim(&self, key: &[u8], expires_at_ms: i64, now: impl FnOnce() -> Moment) -> Claim {
         let (shard, digest) = self.locate(key);
         let mut shard = self.lock(shard);
+        let now = now();
         shard.drop_expired(now, DROPS_PER_CLAIM);
-        match shard.expiry.entry(digest) {
-            std::collections::hash_map::Entry::Occupied(_) => false,
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(expires_at_ms);
-                shard
-                    .order
-                    .push_back(Queued::new(expires_at_ms, digest, now));
-                true
-            }
+        if shard.expiry.contains_key(&digest) {
+            return Claim::Replayed;
         }
+        if expires_at_ms < now.wall_ms {
+            return Claim::TooLate;
+        }
+        shard.expiry.insert(digest, expires_at_ms);
+        shard
+            .order
+            .push_back(Queued::new(expires_at_ms, digest, now));
+        Claim::Claimed
     }
 
     /// Gives back a claim whose durable write failed.
@@ -215,6 +240,14 @@ mod tests {
         key
     }
 
+    fn claimed(guard: &ReplayGuard, key: &[u8], expires_at_ms: i64, now: Moment) -> bool {
+        guard.claim(key, expires_at_ms, || now) == Claim::Claimed
+    }
+
+    fn replayed(guard: &ReplayGuard, key: &[u8], expires_at_ms: i64, now: Moment) -> bool {
+        guard.claim(key, expires_at_ms, || now) == Claim::Replayed
+    }
+
     /// Both clocks at `ms`, as when the wall clock has never been set.
     fn at(ms: i64) -> Moment {
         Moment {
@@ -226,16 +259,16 @@ mod tests {
     #[test]
     fn a_key_is_refused_until_it_expires_then_claimable_again() {
         let guard = ReplayGuard::default();
-        assert!(guard.claim(&key(1), 1_000, at(0)));
-        assert!(!guard.claim(&key(1), 1_000, at(999)));
+        assert!(claimed(&guard, &key(1), 1_000, at(0)));
+        assert!(replayed(&guard, &key(1), 1_000, at(999)));
         assert!(
-            guard.claim(&key(2), 1_000, at(999)),
+            claimed(&guard, &key(2), 1_000, at(999)),
             "another key is its own"
         );
         assert_eq!(guard.purge(at(1_000)), 0, "nothing expired yet");
         assert_eq!(guard.purge(at(1_001)), 2);
         assert_eq!(guard.held(), 0);
-        assert!(guard.claim(&key(1), 2_000, at(1_001)));
+        assert!(claimed(&guard, &key(1), 2_000, at(1_001)));
     }
 
     #[test]
@@ -244,15 +277,30 @@ mod tests {
         // expiry: a replay in that millisecond must find the claim, even when it is first in
         // its shard's queue and the replay's own claim drops what has expired.
         let guard = ReplayGuard::default();
-        assert!(guard.claim(&key(1), 1_000, at(0)));
-        assert!(!guard.claim(&key(1), 1_000, at(1_000)));
-        assert!(guard.claim(&key(1), 2_001, at(1_001)));
+        assert!(claimed(&guard, &key(1), 1_000, at(0)));
+        assert!(replayed(&guard, &key(1), 1_000, at(1_000)));
+        assert!(claimed(&guard, &key(1), 2_001, at(1_001)));
+    }
+
+    #[test]
+    fn a_replay_reaching_the_lock_after_its_claim_was_dropped_is_too_late() {
+        // Another claim in the same shard, made after the expiry, drops the first claim. A
+        // replay checked before that expiry but reaching the lock after the drop reads the
+        // clock there, later than the drop's reading: its window has passed.
+        let guard = ReplayGuard::default();
+        let shard = guard.locate(&key(1)).0;
+        let neighbour = (2..).find(|&i| guard.locate(&key(i)).0 == shard).unwrap();
+        assert!(claimed(&guard, &key(1), 1_000, at(0)));
+        assert!(claimed(&guard, &key(neighbour), 5_000, at(1_001)));
+        assert_eq!(guard.held(), 1, "the first claim was dropped");
+        assert_eq!(guard.claim(&key(1), 1_000, || at(1_001)), Claim::TooLate);
+        assert_eq!(guard.held(), 1, "a late claim is not made");
     }
 
     #[test]
     fn a_wall_clock_stepped_forward_and_back_does_not_forget_a_claim() {
         let guard = ReplayGuard::default();
-        assert!(guard.claim(&key(1), 120_000, at(0)));
+        assert!(claimed(&guard, &key(1), 120_000, at(0)));
         // The wall clock is set 100 s ahead, 10 ms later; claims made then drop what has
         // expired by the wall clock alone.
         let ahead = Moment {
@@ -260,7 +308,7 @@ mod tests {
             monotonic_ms: 10,
         };
         for i in 2..100 {
-            assert!(guard.claim(&key(i), 320_010, ahead));
+            assert!(claimed(&guard, &key(i), 320_010, ahead));
         }
         assert_eq!(guard.purge(ahead), 0);
         // Set back: the intent is inside the skew window again, and still refused.
@@ -268,7 +316,7 @@ mod tests {
             wall_ms: 20,
             monotonic_ms: 20,
         };
-        assert!(!guard.claim(&key(1), 120_000, back));
+        assert!(replayed(&guard, &key(1), 120_000, back));
     }
 
     #[test]
@@ -279,7 +327,7 @@ mod tests {
             wall_ms: 100_000,
             monotonic_ms: 0,
         };
-        assert!(guard.claim(&key(1), 120_000, ahead));
+        assert!(claimed(&guard, &key(1), 120_000, ahead));
         // 25 s later the clock is corrected to 25,000: the monotonic 20 s have passed, but
         // by the wall clock the intent is still inside its window.
         let corrected = Moment {
@@ -287,7 +335,7 @@ mod tests {
             monotonic_ms: 25_000,
         };
         assert_eq!(guard.purge(corrected), 0);
-        assert!(!guard.claim(&key(1), 120_000, corrected));
+        assert!(replayed(&guard, &key(1), 120_000, corrected));
         assert_eq!(guard.purge(at(120_001)), 1);
     }
 
@@ -299,7 +347,7 @@ mod tests {
         let mut i = 0;
         for now_ms in 0..10_000i64 {
             for _ in 0..20 {
-                assert!(guard.claim(&key(i), now_ms + 1_000, at(now_ms)));
+                assert!(claimed(&guard, &key(i), now_ms + 1_000, at(now_ms)));
                 i += 1;
             }
         }
@@ -310,7 +358,7 @@ mod tests {
         );
         // Within the window every claim is still refused.
         for back in 0..20_000 {
-            assert!(!guard.claim(&key(i - 1 - back), 11_000, at(9_999)));
+            assert!(replayed(&guard, &key(i - 1 - back), 11_000, at(9_999)));
         }
     }
 
@@ -318,11 +366,11 @@ mod tests {
     fn after_a_peak_the_set_drains_with_the_next_claims() {
         let guard = ReplayGuard::default();
         for i in 0..10_000 {
-            assert!(guard.claim(&key(i), 1_000, at(0)));
+            assert!(claimed(&guard, &key(i), 1_000, at(0)));
         }
         // Long after the peak, a trickle of claims empties it (no retention run needed).
         for i in 0..10_000 {
-            guard.claim(&key(1_000_000 + i), 100_000, at(50_000));
+            guard.claim(&key(1_000_000 + i), 100_000, || at(50_000));
         }
         assert_eq!(
             guard.held(),
@@ -334,13 +382,13 @@ mod tests {
     #[test]
     fn a_claim_given_back_and_made_again_lives_to_its_new_expiry() {
         let guard = ReplayGuard::default();
-        assert!(guard.claim(&key(7), 1_000, at(0)));
+        assert!(claimed(&guard, &key(7), 1_000, at(0)));
         guard.unclaim(&key(7));
-        assert!(guard.claim(&key(7), 5_000, at(10)));
+        assert!(claimed(&guard, &key(7), 5_000, at(10)));
         // The first claim's queue entry reaches the front after 1,000 and must not drop the
         // second claim.
         assert_eq!(guard.purge(at(1_001)), 0);
-        assert!(!guard.claim(&key(7), 5_000, at(1_001)));
+        assert!(replayed(&guard, &key(7), 5_000, at(1_001)));
         assert_eq!(guard.purge(at(5_001)), 1);
     }
 
@@ -350,12 +398,17 @@ mod tests {
         // Claims expiring late and early interleaved, so some late ones are queued in front
         // of early ones.
         for i in 0..64 {
-            assert!(guard.claim(&key(i), if i % 2 == 0 { 10_000 } else { 1_000 }, at(0)));
+            assert!(claimed(
+                &guard,
+                &key(i),
+                if i % 2 == 0 { 10_000 } else { 1_000 },
+                at(0)
+            ));
         }
         guard.purge(at(1_001));
         for i in (0..64).step_by(2) {
             assert!(
-                !guard.claim(&key(i), 20_000, at(1_001)),
+                replayed(&guard, &key(i), 20_000, at(1_001)),
                 "key {i} expires at 10,000"
             );
         }
@@ -368,8 +421,8 @@ mod tests {
             at(0),
         );
         assert_eq!(guard.held(), 2);
-        assert!(!guard.claim(&key(1), 1_500, at(500)));
-        assert!(!guard.claim(&key(3), 2_500, at(500)));
+        assert!(replayed(&guard, &key(1), 1_500, at(500)));
+        assert!(replayed(&guard, &key(3), 2_500, at(500)));
         assert_eq!(guard.purge(at(2_001)), 2);
     }
 
@@ -377,7 +430,7 @@ mod tests {
     fn a_key_loaded_twice_keeps_its_later_expiry_and_still_leaves() {
         let guard = ReplayGuard::with(vec![(key(5), 2_000), (key(5), 1_000)], at(0));
         assert_eq!(guard.purge(at(1_500)), 0);
-        assert!(!guard.claim(&key(5), 3_000, at(1_500)));
+        assert!(replayed(&guard, &key(5), 3_000, at(1_500)));
         assert_eq!(guard.purge(at(2_001)), 1);
         assert_eq!(guard.held(), 0);
     }
@@ -393,7 +446,7 @@ mod tests {
                 std::thread::spawn(move || {
                     start.wait();
                     (0..1_000)
-                        .filter(|&i| guard.claim(&key(i), 1_000, at(0)))
+                        .filter(|&i| claimed(&guard, &key(i), 1_000, at(0)))
                         .count()
                 })
             })

@@ -3,7 +3,7 @@
 
 use base64::Engine;
 
-use super::replay::Moment;
+use super::replay::{Claim, Moment};
 use super::signature::{verify_intent_signature, MAX_SIGNATURE_BYTES};
 use super::tiers::decide_tier;
 use super::Ra;
@@ -421,16 +421,24 @@ impl Ra {
         let mut claimed_key = None;
         if let Some(claim) = &checked.nonce {
             let key = claim.key();
-            let now = Moment {
-                wall_ms: now_ms,
-                monotonic_ms: self.clock.monotonic_ms(),
-            };
-            if self.replay.claim(&key, claim.expires_at_ms, now) {
-                claimed_key = Some(key);
-            } else {
-                checked.verdict = Verdict::ReplayedNonce;
-                checked.reason = "this nonce was already used with this certificate".into();
-                checked.nonce = None;
+            // The replay set reads the clock again under its lock (see `ra/replay.rs`).
+            match self.replay.claim(&key, claim.expires_at_ms, || {
+                Moment::of(self.clock.as_ref())
+            }) {
+                Claim::Claimed => claimed_key = Some(key),
+                Claim::Replayed => {
+                    checked.verdict = Verdict::ReplayedNonce;
+                    checked.reason = "this nonce was already used with this certificate".into();
+                    checked.nonce = None;
+                }
+                Claim::TooLate => {
+                    checked.verdict = Verdict::StaleTimestamp;
+                    checked.reason = format!(
+                        "the intent's window closed at {} (Unix ms) while it was being checked",
+                        claim.expires_at_ms
+                    );
+                    checked.nonce = None;
+                }
             }
         }
         let verified = checked.verdict == Verdict::Verified;
