@@ -189,45 +189,61 @@ impl GrpcConnection {
         let (response, mut stream) = send
             .send_request(head, false)
             .map_err(CallError::transport)?;
-        stream
-            .send_data(body.freeze(), true)
-            .map_err(CallError::transport)?;
-        let response = response.await.map_err(CallError::transport)?;
-        let (parts, mut body) = response.into_parts();
-        if parts.status != http::StatusCode::OK {
-            return Err(CallError::transport(format!(
-                "HTTP status {}",
-                parts.status
-            )));
-        }
-        // A "trailers-only" answer carries its status in the headers.
-        if parts.headers.contains_key("grpc-status") {
-            check_status(&parts.headers)?;
-        }
-        let mut message = BytesMut::new();
-        while let Some(chunk) = body.data().await {
-            let chunk = chunk.map_err(CallError::transport)?;
-            let _ = body.flow_control().release_capacity(chunk.len());
-            if message.len() + chunk.len() > MAX_RESPONSE + 5 {
-                return Err(CallError::transport("response larger than 1 MiB"));
-            }
-            message.extend_from_slice(&chunk);
-        }
-        match body.trailers().await.map_err(CallError::transport)? {
-            Some(trailers) => check_status(&trailers)?,
-            None if parts.headers.contains_key("grpc-status") => {}
-            None => return Err(CallError::transport("no grpc-status in the answer")),
-        }
-        if message.len() < 5 || message[0] != 0 {
-            return Err(CallError::transport("not one uncompressed gRPC message"));
-        }
-        let declared =
-            u32::from_be_bytes([message[1], message[2], message[3], message[4]]) as usize;
-        if declared != message.len() - 5 {
-            return Err(CallError::transport("gRPC message length does not match"));
-        }
-        A::decode(&message[5..]).map_err(CallError::transport)
+        // A server may answer before it reads the request (a refusal by the auth layer does)
+        // and then reset the stream; the body's send then fails, but the answer stands.
+        let sent = stream.send_data(body.freeze(), true);
+        answer(sent, response).await
     }
+}
+
+/// The call's result from its response, given what sending the request's body gave: a failed
+/// send counts only when no response arrives.
+async fn answer<A: prost::Message + Default>(
+    sent: std::result::Result<(), h2::Error>,
+    response: h2::client::ResponseFuture,
+) -> std::result::Result<A, CallError> {
+    let response = match response.await {
+        Ok(response) => response,
+        Err(e) => {
+            return Err(CallError::transport(match sent {
+                Err(send) => format!("{send} ({e})"),
+                Ok(()) => e.to_string(),
+            }))
+        }
+    };
+    let (parts, mut body) = response.into_parts();
+    if parts.status != http::StatusCode::OK {
+        return Err(CallError::transport(format!(
+            "HTTP status {}",
+            parts.status
+        )));
+    }
+    // A "trailers-only" answer carries its status in the headers.
+    if parts.headers.contains_key("grpc-status") {
+        check_status(&parts.headers)?;
+    }
+    let mut message = BytesMut::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.map_err(CallError::transport)?;
+        let _ = body.flow_control().release_capacity(chunk.len());
+        if message.len() + chunk.len() > MAX_RESPONSE + 5 {
+            return Err(CallError::transport("response larger than 1 MiB"));
+        }
+        message.extend_from_slice(&chunk);
+    }
+    match body.trailers().await.map_err(CallError::transport)? {
+        Some(trailers) => check_status(&trailers)?,
+        None if parts.headers.contains_key("grpc-status") => {}
+        None => return Err(CallError::transport("no grpc-status in the answer")),
+    }
+    if message.len() < 5 || message[0] != 0 {
+        return Err(CallError::transport("not one uncompressed gRPC message"));
+    }
+    let declared = u32::from_be_bytes([message[1], message[2], message[3], message[4]]) as usize;
+    if declared != message.len() - 5 {
+        return Err(CallError::transport("gRPC message length does not match"));
+    }
+    A::decode(&message[5..]).map_err(CallError::transport)
 }
 
 /// The call's status from `grpc-status` and the percent-encoded `grpc-message`.
@@ -241,4 +257,57 @@ fn check_status(headers: &HeaderMap) -> std::result::Result<(), CallError> {
         code: Some(status.code() as u32),
         message: status.message().to_string(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The auth layer refuses a call before reading its body, so the server resets the stream
+    /// (NO_ERROR) right after its trailers-only answer. A client that sends the body after the
+    /// reset gets an error from the send; the call's result is still the server's status.
+    #[tokio::test]
+    async fn an_answer_sent_before_the_request_body_is_the_calls_result() {
+        let (client_io, server_io) = tokio::io::duplex(1 << 16);
+        tokio::spawn(async move {
+            let mut connection = h2::server::handshake(server_io).await.unwrap();
+            while let Some(request) = connection.accept().await {
+                let (request, mut respond) = request.unwrap();
+                let refusal = http::Response::builder()
+                    .header("content-type", "application/grpc")
+                    .header("grpc-status", "16")
+                    .header("grpc-message", "no%20client%20certificate")
+                    .body(())
+                    .unwrap();
+                respond.send_response(refusal, true).unwrap();
+                // The request's body is dropped unread.
+                drop(request);
+            }
+        });
+        let (send, connection) = h2::client::handshake(client_io).await.unwrap();
+        tokio::spawn(connection);
+        let head = Request::builder()
+            .method(Method::POST)
+            .uri("https://localhost/payra.v1.Verification/GetCertificateStatus")
+            .body(())
+            .unwrap();
+        let (response, mut stream) = send
+            .ready()
+            .await
+            .unwrap()
+            .send_request(head, false)
+            .unwrap();
+        // Wait for the server's reset, so that the body's send comes after it every time.
+        let reset = std::future::poll_fn(|cx| stream.poll_reset(cx))
+            .await
+            .unwrap();
+        assert_eq!(reset, h2::Reason::NO_ERROR);
+        let sent = stream.send_data(Bytes::from_static(&[0, 0, 0, 0, 0]), true);
+        assert!(sent.is_err(), "the body's send fails after the reset");
+        let refused = answer::<crate::wire::proto::GetCertificateStatusResponse>(sent, response)
+            .await
+            .expect_err("the server refused the call");
+        assert_eq!(refused.code, Some(16), "{refused}");
+        assert_eq!(refused.message, "no client certificate");
+    }
 }

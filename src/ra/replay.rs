@@ -21,7 +21,10 @@
 //! claim dropped as expired had expired by that claim's reading, which came first, so a
 //! replay that reaches the lock after it finds its own window passed too and is refused.
 //! (Read before the signature check, as the timestamp check reads it, the clock could lag
-//! the drop by the length of that check, and a replay could slip into the gap.)
+//! the drop by the length of that check, and a replay could slip into the gap.) This
+//! relies on the wall clock not going back between two readings; a claim is therefore
+//! dropped only [`DROP_GRACE_MS`] after its expiry, which covers a step back of up to that
+//! (a leap second, a virtual machine's clock corrected after a pause).
 //!
 //! A claim is held as a 128-bit keyed digest of its (serial, nonce) key rather than the key
 //! itself: fixed-size entries and no allocation per claim. The digest is HMAC-SHA-256,
@@ -76,13 +79,18 @@ impl Queued {
         }
     }
 
-    fn expired(&self, now: Moment) -> bool {
-        self.expires_at_ms < now.wall_ms && self.held_until_monotonic_ms < now.monotonic_ms
+    /// Whether it has expired on both clocks, `grace_ms` ago.
+    fn expired(&self, now: Moment, grace_ms: i64) -> bool {
+        self.expires_at_ms.saturating_add(grace_ms) < now.wall_ms
+            && self.held_until_monotonic_ms.saturating_add(grace_ms) < now.monotonic_ms
     }
 }
 
 /// Shards of the set, each behind its own lock.
 const SHARDS: usize = 16;
+/// How long after its expiry, on both clocks, a claim is still held (see the module's
+/// documentation): about 1.7 % more claims held with the default 120 s skew.
+pub const DROP_GRACE_MS: i64 = 2_000;
 /// Expired claims a new claim may drop from its shard's queue: more than one, so the set
 /// shrinks after a peak as well as keeping up during it.
 const DROPS_PER_CLAIM: usize = 4;
@@ -99,11 +107,11 @@ impl Shard {
     /// Drops up to `limit` claims from the front of the queue that have expired by `now`;
     /// returns how many left the set. A claim that expires later than the one behind it
     /// keeps that one waiting: it is forgotten late, never early.
-    fn drop_expired(&mut self, now: Moment, limit: usize) -> usize {
+    fn drop_expired(&mut self, now: Moment, grace_ms: i64, limit: usize) -> usize {
         let mut dropped = 0;
         for _ in 0..limit {
             match self.order.front() {
-                Some(&queued) if queued.expired(now) => {
+                Some(&queued) if queued.expired(now, grace_ms) => {
                     self.order.pop_front();
                     // A claim given back and made again, or loaded twice with another expiry,
                     // has a later entry of its own.
@@ -126,30 +134,41 @@ pub enum Claim {
     Claimed,
     /// Claimed before and still held: a replay.
     Replayed,
-    /// Its expiry had passed when the clock was read under the lock: the intent's window
-    /// closed while it was being checked.
-    TooLate,
+    /// Its expiry had passed when the clock was read under the lock (at `now_ms`, Unix ms):
+    /// the intent's window closed while it was being checked.
+    TooLate { now_ms: i64 },
 }
 
 /// Claimed nonce keys with their expiry (Unix ms).
 pub struct ReplayGuard {
     shards: Vec<Mutex<Shard>>,
     digest_key: ring::hmac::Key,
+    drop_grace_ms: i64,
 }
 
 impl Default for ReplayGuard {
     fn default() -> ReplayGuard {
-        ReplayGuard {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            digest_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &rand::random::<[u8; 32]>()),
-        }
+        ReplayGuard::new(DROP_GRACE_MS)
     }
 }
 
 impl ReplayGuard {
+    /// An empty guard that holds claims `drop_grace_ms` past their expiry.
+    pub fn new(drop_grace_ms: i64) -> ReplayGuard {
+        ReplayGuard {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            digest_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &rand::random::<[u8; 32]>()),
+            drop_grace_ms,
+        }
+    }
+
     /// A guard that already knows `entries` (from storage), at `now`.
-    pub fn with(mut entries: Vec<(Vec<u8>, i64)>, now: Moment) -> ReplayGuard {
-        let guard = ReplayGuard::default();
+    pub fn with(entries: Vec<(Vec<u8>, i64)>, now: Moment) -> ReplayGuard {
+        ReplayGuard::default().load(entries, now)
+    }
+
+    fn load(self, mut entries: Vec<(Vec<u8>, i64)>, now: Moment) -> ReplayGuard {
+        let guard = self;
         // In expiry order, so that each shard's queue starts in the order it is dropped.
         entries.sort_unstable_by_key(|(_, expires_at_ms)| *expires_at_ms);
         for (key, expires_at_ms) in entries {
@@ -194,12 +213,14 @@ impl ReplayGuard {
         let (shard, digest) = self.locate(key);
         let mut shard = self.lock(shard);
         let now = now();
-        shard.drop_expired(now, DROPS_PER_CLAIM);
+        shard.drop_expired(now, self.drop_grace_ms, DROPS_PER_CLAIM);
         if shard.expiry.contains_key(&digest) {
             return Claim::Replayed;
         }
         if expires_at_ms < now.wall_ms {
-            return Claim::TooLate;
+            return Claim::TooLate {
+                now_ms: now.wall_ms,
+            };
         }
         shard.expiry.insert(digest, expires_at_ms);
         shard
@@ -208,18 +229,26 @@ impl ReplayGuard {
         Claim::Claimed
     }
 
-    /// Gives back a claim whose durable write failed.
-    pub fn unclaim(&self, key: &[u8]) {
+    /// Gives back a claim of `key` until `expires_at_ms` whose durable write failed. If it
+    /// was dropped meanwhile and the key claimed again by another intent (with another
+    /// expiry), that claim stays.
+    pub fn unclaim(&self, key: &[u8], expires_at_ms: i64) {
         let (shard, digest) = self.locate(key);
+        let mut shard = self.lock(shard);
         // Its queue entry stays and is skipped when it reaches the front.
-        self.lock(shard).expiry.remove(&digest);
+        if shard.expiry.get(&digest) == Some(&expires_at_ms) {
+            shard.expiry.remove(&digest);
+        }
     }
 
     /// Forgets claims that have expired by `now`, except any queued behind a claim that
     /// expires later (the next claims of their shard drop them); returns how many.
     pub fn purge(&self, now: Moment) -> usize {
         (0..SHARDS)
-            .map(|shard| self.lock(shard).drop_expired(now, usize::MAX))
+            .map(|shard| {
+                self.lock(shard)
+                    .drop_expired(now, self.drop_grace_ms, usize::MAX)
+            })
             .sum()
     }
 
@@ -258,7 +287,7 @@ mod tests {
 
     #[test]
     fn a_key_is_refused_until_it_expires_then_claimable_again() {
-        let guard = ReplayGuard::default();
+        let guard = ReplayGuard::new(0);
         assert!(claimed(&guard, &key(1), 1_000, at(0)));
         assert!(replayed(&guard, &key(1), 1_000, at(999)));
         assert!(
@@ -276,7 +305,7 @@ mod tests {
         // The timestamp check still accepts an intent at created_at + skew, its claim's
         // expiry: a replay in that millisecond must find the claim, even when it is first in
         // its shard's queue and the replay's own claim drops what has expired.
-        let guard = ReplayGuard::default();
+        let guard = ReplayGuard::new(0);
         assert!(claimed(&guard, &key(1), 1_000, at(0)));
         assert!(replayed(&guard, &key(1), 1_000, at(1_000)));
         assert!(claimed(&guard, &key(1), 2_001, at(1_001)));
@@ -287,19 +316,54 @@ mod tests {
         // Another claim in the same shard, made after the expiry, drops the first claim. A
         // replay checked before that expiry but reaching the lock after the drop reads the
         // clock there, later than the drop's reading: its window has passed.
-        let guard = ReplayGuard::default();
+        let guard = ReplayGuard::new(0);
         let shard = guard.locate(&key(1)).0;
         let neighbour = (2..).find(|&i| guard.locate(&key(i)).0 == shard).unwrap();
         assert!(claimed(&guard, &key(1), 1_000, at(0)));
         assert!(claimed(&guard, &key(neighbour), 5_000, at(1_001)));
         assert_eq!(guard.held(), 1, "the first claim was dropped");
-        assert_eq!(guard.claim(&key(1), 1_000, || at(1_001)), Claim::TooLate);
+        let outcome = guard.claim(&key(1), 1_000, || {
+            assert!(
+                guard.shards[shard].try_lock().is_err(),
+                "the clock is read under the shard's lock"
+            );
+            at(1_001)
+        });
+        assert_eq!(outcome, Claim::TooLate { now_ms: 1_001 });
         assert_eq!(guard.held(), 1, "a late claim is not made");
     }
 
     #[test]
-    fn a_wall_clock_stepped_forward_and_back_does_not_forget_a_claim() {
+    fn a_claim_given_back_late_leaves_another_intents_claim_of_the_key() {
+        let guard = ReplayGuard::new(0);
+        assert!(claimed(&guard, &key(7), 1_000, at(0)));
+        // Its write is slow; meanwhile it expires, is dropped, and another intent with the
+        // same nonce claims the key until 5,000.
+        assert_eq!(guard.purge(at(1_001)), 1);
+        assert!(claimed(&guard, &key(7), 5_000, at(1_001)));
+        // The first write fails: giving its claim back must not free the second one's.
+        guard.unclaim(&key(7), 1_000);
+        assert!(replayed(&guard, &key(7), 5_000, at(1_002)));
+    }
+
+    #[test]
+    fn a_claim_is_held_a_grace_period_past_its_expiry() {
         let guard = ReplayGuard::default();
+        assert!(claimed(&guard, &key(1), 1_000, at(0)));
+        assert_eq!(guard.purge(at(1_000 + DROP_GRACE_MS)), 0);
+        // The wall clock goes back a second, as after a leap second: the intent is inside
+        // its window again, and its claim is still there.
+        let back = Moment {
+            wall_ms: 1_000,
+            monotonic_ms: 1_000 + DROP_GRACE_MS,
+        };
+        assert!(replayed(&guard, &key(1), 1_000, back));
+        assert_eq!(guard.purge(at(1_001 + DROP_GRACE_MS)), 1);
+    }
+
+    #[test]
+    fn a_wall_clock_stepped_forward_and_back_does_not_forget_a_claim() {
+        let guard = ReplayGuard::new(0);
         assert!(claimed(&guard, &key(1), 120_000, at(0)));
         // The wall clock is set 100 s ahead, 10 ms later; claims made then drop what has
         // expired by the wall clock alone.
@@ -321,7 +385,7 @@ mod tests {
 
     #[test]
     fn a_claim_made_while_the_wall_clock_is_ahead_is_held_until_the_corrected_clock_passes_it() {
-        let guard = ReplayGuard::default();
+        let guard = ReplayGuard::new(0);
         // Claimed with the wall clock 100 s ahead: 20 s left by that clock.
         let ahead = Moment {
             wall_ms: 100_000,
@@ -343,7 +407,7 @@ mod tests {
     fn a_steady_stream_of_claims_holds_only_the_live_window() {
         // 20 claims per ms, each live for 1,000 ms, for 10,000 ms: without dropping as it
         // goes the set would hold all 200,000.
-        let guard = ReplayGuard::default();
+        let guard = ReplayGuard::new(0);
         let mut i = 0;
         for now_ms in 0..10_000i64 {
             for _ in 0..20 {
@@ -364,7 +428,7 @@ mod tests {
 
     #[test]
     fn after_a_peak_the_set_drains_with_the_next_claims() {
-        let guard = ReplayGuard::default();
+        let guard = ReplayGuard::new(0);
         for i in 0..10_000 {
             assert!(claimed(&guard, &key(i), 1_000, at(0)));
         }
@@ -381,9 +445,9 @@ mod tests {
 
     #[test]
     fn a_claim_given_back_and_made_again_lives_to_its_new_expiry() {
-        let guard = ReplayGuard::default();
+        let guard = ReplayGuard::new(0);
         assert!(claimed(&guard, &key(7), 1_000, at(0)));
-        guard.unclaim(&key(7));
+        guard.unclaim(&key(7), 1_000);
         assert!(claimed(&guard, &key(7), 5_000, at(10)));
         // The first claim's queue entry reaches the front after 1,000 and must not drop the
         // second claim.
@@ -394,7 +458,7 @@ mod tests {
 
     #[test]
     fn a_claim_is_never_dropped_before_its_expiry_whatever_the_order() {
-        let guard = ReplayGuard::default();
+        let guard = ReplayGuard::new(0);
         // Claims expiring late and early interleaved, so some late ones are queued in front
         // of early ones.
         for i in 0..64 {
@@ -416,7 +480,7 @@ mod tests {
 
     #[test]
     fn known_claims_from_storage_are_refused_and_expire() {
-        let guard = ReplayGuard::with(
+        let guard = ReplayGuard::new(0).load(
             vec![(key(3), 2_000), (key(1), 1_000), (key(3), 2_000)],
             at(0),
         );
@@ -428,7 +492,7 @@ mod tests {
 
     #[test]
     fn a_key_loaded_twice_keeps_its_later_expiry_and_still_leaves() {
-        let guard = ReplayGuard::with(vec![(key(5), 2_000), (key(5), 1_000)], at(0));
+        let guard = ReplayGuard::new(0).load(vec![(key(5), 2_000), (key(5), 1_000)], at(0));
         assert_eq!(guard.purge(at(1_500)), 0);
         assert!(replayed(&guard, &key(5), 3_000, at(1_500)));
         assert_eq!(guard.purge(at(2_001)), 1);
@@ -437,7 +501,7 @@ mod tests {
 
     #[test]
     fn of_concurrent_claims_of_one_key_exactly_one_wins() {
-        let guard = std::sync::Arc::new(ReplayGuard::default());
+        let guard = std::sync::Arc::new(ReplayGuard::new(0));
         let start = std::sync::Arc::new(std::sync::Barrier::new(8));
         // All eight threads exist before any is joined, so they race at the barrier.
         let threads: Vec<_> = (0..8)

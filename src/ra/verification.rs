@@ -425,17 +425,18 @@ impl Ra {
             match self.replay.claim(&key, claim.expires_at_ms, || {
                 Moment::of(self.clock.as_ref())
             }) {
-                Claim::Claimed => claimed_key = Some(key),
+                Claim::Claimed => claimed_key = Some((key, claim.expires_at_ms)),
                 Claim::Replayed => {
                     checked.verdict = Verdict::ReplayedNonce;
                     checked.reason = "this nonce was already used with this certificate".into();
                     checked.nonce = None;
                 }
-                Claim::TooLate => {
+                Claim::TooLate { now_ms } => {
                     checked.verdict = Verdict::StaleTimestamp;
                     checked.reason = format!(
-                        "the intent's window closed at {} (Unix ms) while it was being checked",
-                        claim.expires_at_ms
+                        "created_at_ms is more than {} ms before the server's clock ({now_ms}) \
+                         when its nonce was claimed; sign a new intent",
+                        self.policy.ledger.skew_ms
                     );
                     checked.nonce = None;
                 }
@@ -468,8 +469,8 @@ impl Ra {
             Err(e) => Err(e),
         };
         if result.is_err() {
-            if let Some(key) = claimed_key {
-                self.replay.unclaim(&key);
+            if let Some((key, expires_at_ms)) = claimed_key {
+                self.replay.unclaim(&key, expires_at_ms);
             }
         }
         result
