@@ -167,13 +167,13 @@ impl ReplayGuard {
         ReplayGuard::default().load(entries, now)
     }
 
+    /// This guard, knowing `entries` as well, at `now`.
     fn load(self, mut entries: Vec<(Vec<u8>, i64)>, now: Moment) -> ReplayGuard {
-        let guard = self;
         // In expiry order, so that each shard's queue starts in the order it is dropped.
         entries.sort_unstable_by_key(|(_, expires_at_ms)| *expires_at_ms);
         for (key, expires_at_ms) in entries {
-            let (shard, digest) = guard.locate(&key);
-            let mut shard = guard.lock(shard);
+            let (shard, digest) = self.locate(&key);
+            let mut shard = self.lock(shard);
             // A key loaded twice keeps its later expiry; the earlier entry is skipped.
             let expires_at_ms = shard
                 .expiry
@@ -184,7 +184,7 @@ impl ReplayGuard {
                 .order
                 .push_back(Queued::new(expires_at_ms, digest, now));
         }
-        guard
+        self
     }
 
     fn locate(&self, key: &[u8]) -> (usize, Digest) {
