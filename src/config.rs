@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::ra::limits::{
+    Accumulation, AGREED_LIMIT_CEILING_FEN, MAX_LIMIT_B_FEN, MAX_LIMIT_C_FEN, MAX_LIMIT_D_FEN,
+};
 
 /// Everything `payra serve` needs to know.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -22,8 +25,11 @@ pub struct Config {
     /// Directory of the embedded database.
     pub data_dir: PathBuf,
     /// Base URL under which relying parties reach the HTTP listener; issued certificates carry
-    /// `{public_base_url}/crl` and `{public_base_url}/ocsp`.
-    pub public_base_url: String,
+    /// `{public_base_url}/crl` and `{public_base_url}/ocsp`. Unset, it is `http://{http_addr}`
+    /// (the bound address when the port is 0). Plain `http://` only: relying parties fetch CRLs
+    /// and OCSP answers over HTTP (RFC 5280 §4.2.1.13, RFC 6960 App. A), and an https URL would
+    /// make checking the server's own chain need a revocation check first.
+    pub public_base_url: Option<String>,
     /// File holding the passphrase of an encrypted issuing key (mode 0600). The environment
     /// variable `PAYRA_CA_KEY_PASSPHRASE` is used when this is not set.
     pub ca_key_passphrase_file: Option<PathBuf>,
@@ -77,8 +83,16 @@ pub struct LedgerConfig {
     /// Offset from UTC of the time zone whose calendar day the limits count in. China has
     /// no daylight saving time, so Asia/Shanghai is a fixed +08:00 (28800 s).
     pub utc_offset_s: i32,
-    /// Tier A limit for customers without an agreed limit (`payra.v1.Admin/SetAgreedLimit`).
-    pub default_agreed_limit_fen: i64,
+    /// How the B, C and D ceilings count the day's payments: `nested` (the PBOC reading,
+    /// the default) or `per_tier`.
+    pub accumulation: Accumulation,
+    /// Tier A limit for customers without an agreed limit (`payra.v1.Admin/SetAgreedLimit`):
+    /// the institution's standard-terms figure. Unset, such customers get the B limit.
+    pub default_agreed_limit_fen: Option<i64>,
+    /// Largest agreed tier-A limit an operator may set.
+    pub max_agreed_limit_fen: i64,
+    /// PBOC maxima: B 500,000, C 100,000, D 50,000 fen; an institution may only go lower,
+    /// with D ≤ C ≤ B.
     pub limit_b_fen: i64,
     pub limit_c_fen: i64,
     pub limit_d_fen: i64,
@@ -88,11 +102,63 @@ impl Default for LedgerConfig {
     fn default() -> Self {
         LedgerConfig {
             utc_offset_s: 8 * 3600,
-            default_agreed_limit_fen: 5_000_000,
+            accumulation: Accumulation::Nested,
+            default_agreed_limit_fen: None,
+            max_agreed_limit_fen: 1_000_000_000,
             limit_b_fen: 500_000,
             limit_c_fen: 100_000,
             limit_d_fen: 50_000,
         }
+    }
+}
+
+impl LedgerConfig {
+    /// The PBOC maxima and their order (296号 Art. 15): an institution may set lower
+    /// ceilings, never higher ones, and a weaker verification never gets more room.
+    fn validate(&self) -> Result<()> {
+        let ledger = self;
+        for (field, value, maximum) in [
+            ("ledger.limit_b_fen", ledger.limit_b_fen, MAX_LIMIT_B_FEN),
+            ("ledger.limit_c_fen", ledger.limit_c_fen, MAX_LIMIT_C_FEN),
+            ("ledger.limit_d_fen", ledger.limit_d_fen, MAX_LIMIT_D_FEN),
+        ] {
+            if !(0..=maximum).contains(&value) {
+                return Err(Error::invalid(
+                    field,
+                    format!(
+                        "{value} is outside 0 to {maximum} fen: the PBOC daily limit is a \
+                         maximum, an institution may only set a lower one"
+                    ),
+                ));
+            }
+        }
+        if ledger.limit_c_fen > ledger.limit_b_fen {
+            return Err(Error::invalid(
+                "ledger.limit_c_fen",
+                "must not exceed ledger.limit_b_fen (a weaker verification gets no more room)",
+            ));
+        }
+        if ledger.limit_d_fen > ledger.limit_c_fen {
+            return Err(Error::invalid(
+                "ledger.limit_d_fen",
+                "must not exceed ledger.limit_c_fen (a weaker verification gets no more room)",
+            ));
+        }
+        if !(0..=AGREED_LIMIT_CEILING_FEN).contains(&ledger.max_agreed_limit_fen) {
+            return Err(Error::invalid(
+                "ledger.max_agreed_limit_fen",
+                format!("must be between 0 and {AGREED_LIMIT_CEILING_FEN} fen"),
+            ));
+        }
+        if let Some(standard) = ledger.default_agreed_limit_fen {
+            if !(0..=ledger.max_agreed_limit_fen).contains(&standard) {
+                return Err(Error::invalid(
+                    "ledger.default_agreed_limit_fen",
+                    "must be between 0 and ledger.max_agreed_limit_fen",
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -158,7 +224,7 @@ impl Default for Config {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             certs_dir: PathBuf::from("certs"),
             data_dir: PathBuf::from("data"),
-            public_base_url: "http://127.0.0.1:8080".to_string(),
+            public_base_url: None,
             ca_key_passphrase_file: None,
             issuance: IssuanceConfig::default(),
             tokens: TokenConfig::default(),
@@ -230,13 +296,23 @@ impl Config {
                 "must be at least 1 and at most tokens.max_ttl_s",
             ));
         }
-        if !(self.public_base_url.starts_with("http://")
-            || self.public_base_url.starts_with("https://"))
-        {
-            return Err(Error::invalid(
-                "public_base_url",
-                "must start with http:// or https://",
-            ));
+        if let Some(url) = &self.public_base_url {
+            let rest = url.strip_prefix("http://").ok_or_else(|| {
+                Error::invalid(
+                    "public_base_url",
+                    format!(
+                        "{url:?} must start with http://: CRLs and OCSP answers are served \
+                         over plain HTTP (they are signed), and an https:// URL in a \
+                         certificate would need a revocation check of its own to fetch"
+                    ),
+                )
+            })?;
+            if rest.is_empty() || rest.starts_with('/') || url.chars().any(char::is_whitespace) {
+                return Err(Error::invalid(
+                    "public_base_url",
+                    format!("{url:?} names no host"),
+                ));
+            }
         }
         if self.limits.max_message_bytes < 16 * 1024 {
             return Err(Error::invalid(
@@ -268,31 +344,81 @@ impl Config {
                 "must be within ±14 hours (±50400 s)",
             ));
         }
-        for (field, value) in [
-            (
-                "ledger.default_agreed_limit_fen",
-                self.ledger.default_agreed_limit_fen,
-            ),
-            ("ledger.limit_b_fen", self.ledger.limit_b_fen),
-            ("ledger.limit_c_fen", self.ledger.limit_c_fen),
-            ("ledger.limit_d_fen", self.ledger.limit_d_fen),
-        ] {
-            if value < 0 {
-                return Err(Error::invalid(field, "must not be negative"));
+        self.ledger.validate()
+    }
+
+    /// What an operator should know before starting with this configuration (logged at start
+    /// and printed by `payra config check`); none of it stops the start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        match &self.public_base_url {
+            None if self.http_addr.ip().is_unspecified() => warnings.push(format!(
+                "public_base_url is not set and http_addr {} listens on every address: issued \
+                 certificates will point at {}; set public_base_url to the address relying \
+                 parties use",
+                self.http_addr,
+                self.public_base_url()
+            )),
+            Some(url) => {
+                if let Some(port) = loopback_port(url) {
+                    if self.http_addr.port() != 0 && port != self.http_addr.port() {
+                        warnings.push(format!(
+                            "public_base_url {url} is a loopback URL on port {port}, but the \
+                             HTTP listener is on port {}: issued certificates would point at \
+                             the wrong port",
+                            self.http_addr.port()
+                        ));
+                    }
+                }
             }
+            None => {}
         }
-        Ok(())
+        if self.ledger.accumulation == Accumulation::PerTier {
+            warnings.push(
+                "ledger.accumulation = \"per_tier\": each tier has its own daily bucket, so \
+                 payments without a certificate may reach B + C + D in a day; the PBOC rule \
+                 nests the ceilings (docs/tiers.md)"
+                    .to_string(),
+            );
+        }
+        warnings
+    }
+
+    /// The base URL issued certificates carry: `public_base_url`, else `http://{http_addr}`.
+    pub fn public_base_url(&self) -> String {
+        match &self.public_base_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.http_addr),
+        }
     }
 
     /// URL of the CRL, as put into issued certificates.
     pub fn crl_url(&self) -> String {
-        format!("{}/crl", self.public_base_url.trim_end_matches('/'))
+        format!("{}/crl", self.public_base_url())
     }
 
     /// URL of the OCSP responder, as put into issued certificates.
     pub fn ocsp_url(&self) -> String {
-        format!("{}/ocsp", self.public_base_url.trim_end_matches('/'))
+        format!("{}/ocsp", self.public_base_url())
     }
+}
+
+/// The port of an `http://` URL whose host is a loopback address or `localhost`.
+fn loopback_port(url: &str) -> Option<u16> {
+    let rest = url.strip_prefix("http://")?;
+    let authority = rest.split('/').next()?;
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
+            (host, port.parse().ok()?)
+        }
+        _ => (authority, 80),
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    loopback.then_some(port)
 }
 
 #[cfg(test)]
@@ -325,6 +451,86 @@ mod tests {
     fn fail_unknown_key_is_named() {
         let err = Config::from_toml("[issuance]\nvalidty_days = 3\n").unwrap_err();
         assert!(err.to_string().contains("validty_days"), "{err}");
+    }
+
+    #[test]
+    fn fail_limits_above_the_pboc_maxima_or_out_of_order() {
+        for (text, field) in [
+            ("[ledger]\nlimit_c_fen = 900000\n", "ledger.limit_c_fen"),
+            ("[ledger]\nlimit_b_fen = 500001\n", "ledger.limit_b_fen"),
+            ("[ledger]\nlimit_d_fen = 50001\n", "ledger.limit_d_fen"),
+            ("[ledger]\nlimit_d_fen = -1\n", "ledger.limit_d_fen"),
+            (
+                "[ledger]\nlimit_b_fen = 50000\nlimit_c_fen = 60000\n",
+                "ledger.limit_c_fen",
+            ),
+            (
+                "[ledger]\nlimit_c_fen = 40000\nlimit_d_fen = 45000\n",
+                "ledger.limit_d_fen",
+            ),
+            (
+                "[ledger]\ndefault_agreed_limit_fen = 2000000000\n",
+                "ledger.default_agreed_limit_fen",
+            ),
+            (
+                "[ledger]\nmax_agreed_limit_fen = 9223372036854775807\n",
+                "ledger.max_agreed_limit_fen",
+            ),
+            ("[ledger]\naccumulation = \"sum\"\n", "per_tier"),
+        ] {
+            let err = Config::from_toml(text).unwrap_err();
+            assert!(err.to_string().contains(field), "{text}: {err}");
+        }
+    }
+
+    #[test]
+    fn ok_lower_limits_and_per_tier_accumulation() {
+        let config = Config::from_toml(
+            "[ledger]\naccumulation = \"per_tier\"\nlimit_b_fen = 300000\n\
+             limit_c_fen = 100000\nlimit_d_fen = 0\ndefault_agreed_limit_fen = 2000000\n",
+        )
+        .expect("lower limits are allowed");
+        assert_eq!(config.ledger.accumulation, Accumulation::PerTier);
+        assert_eq!(config.ledger.default_agreed_limit_fen, Some(2_000_000));
+        assert_eq!(
+            Config::default().ledger.accumulation,
+            Accumulation::Nested,
+            "nested is the default"
+        );
+    }
+
+    #[test]
+    fn public_base_url_follows_http_addr_and_refuses_https() {
+        let config = Config::from_toml("http_addr = \"127.0.0.1:9090\"\n").unwrap();
+        assert_eq!(config.crl_url(), "http://127.0.0.1:9090/crl");
+        assert_eq!(config.ocsp_url(), "http://127.0.0.1:9090/ocsp");
+        assert!(config.warnings().is_empty(), "{:?}", config.warnings());
+
+        let err = Config::from_toml("public_base_url = \"https://pki.example.com\"\n").unwrap_err();
+        assert!(err.to_string().contains("must start with http://"), "{err}");
+        let err = Config::from_toml("public_base_url = \"http://\"\n").unwrap_err();
+        assert!(err.to_string().contains("public_base_url"), "{err}");
+
+        let mismatch = Config::from_toml(
+            "http_addr = \"127.0.0.1:9090\"\npublic_base_url = \"http://localhost:8080/\"\n",
+        )
+        .unwrap();
+        assert_eq!(mismatch.crl_url(), "http://localhost:8080/crl");
+        let warnings = mismatch.warnings();
+        assert!(
+            warnings.len() == 1 && warnings[0].contains("port 8080"),
+            "{warnings:?}"
+        );
+        let public = Config::from_toml(
+            "http_addr = \"0.0.0.0:8080\"\npublic_base_url = \"http://pki.example.com\"\n",
+        )
+        .unwrap();
+        assert!(public.warnings().is_empty());
+        let unset = Config::from_toml("http_addr = \"0.0.0.0:8080\"\n").unwrap();
+        assert!(unset.warnings()[0].contains("public_base_url is not set"));
+        assert_eq!(loopback_port("http://[::1]:81/x"), Some(81));
+        assert_eq!(loopback_port("http://127.0.0.1"), Some(80));
+        assert_eq!(loopback_port("http://pki.example.com:81"), None);
     }
 
     #[test]

@@ -558,6 +558,9 @@ async fn run(cli: Cli) -> CliResult {
                 "{}",
                 serde_json::to_string_pretty(&config).map_err(|e| e.to_string())?
             );
+            for warning in config.warnings() {
+                eprintln!("warning: {warning}");
+            }
             eprintln!("configuration is valid");
             Ok(())
         }
@@ -1237,9 +1240,12 @@ async fn pay(args: PayArgs) -> CliResult {
     let verdict = proto::Verdict::try_from(answer.verdict)
         .map(|v| v.as_str_name().trim_start_matches("VERDICT_").to_string())
         .unwrap_or_else(|_| "UNKNOWN".into());
-    let tier = proto::Tier::try_from(answer.tier)
-        .map(|t| t.as_str_name().trim_start_matches("TIER_").to_string())
-        .unwrap_or_else(|_| "?".into());
+    let tier_letter = |tier: i32| {
+        proto::Tier::try_from(tier)
+            .map(|t| t.as_str_name().trim_start_matches("TIER_").to_string())
+            .unwrap_or_else(|_| "?".into())
+    };
+    let tier = tier_letter(answer.tier);
     let categories: Vec<String> = answer
         .categories
         .iter()
@@ -1254,6 +1260,7 @@ async fn pay(args: PayArgs) -> CliResult {
         })
         .collect();
     let limit = answer.limit.unwrap_or_default();
+    let binding = tier_letter(limit.binding_tier);
     if args.json {
         println!(
             "{}",
@@ -1268,6 +1275,7 @@ async fn pay(args: PayArgs) -> CliResult {
                 "fits": limit.fits,
                 "reserved": limit.reserved,
                 "day": limit.day,
+                "binding_tier": binding,
                 "evidence_id": answer.evidence_id,
             })
         );
@@ -1279,7 +1287,7 @@ async fn pay(args: PayArgs) -> CliResult {
         println!("tier         {tier}");
         println!("categories   {}", categories.join(", "));
         println!(
-            "limit        {} fen, used {} fen, remaining {} fen ({})",
+            "limit        {} fen, used {} fen, remaining {} fen ({}, tier {binding} ceiling binds)",
             limit.limit_fen, limit.used_fen, limit.remaining_fen, limit.day
         );
         println!("fits         {}", limit.fits);
@@ -1428,7 +1436,7 @@ fn effective_config(args: ServeArgs) -> Result<(Config, bool), String> {
         config.http_addr = addr;
     }
     if let Some(url) = args.public_base_url {
-        config.public_base_url = url;
+        config.public_base_url = Some(url);
     }
     config.validate().map_err(|e| e.to_string())?;
     Ok((config, explicit_certs))

@@ -359,6 +359,19 @@ pub enum Tier {
 }
 
 impl Tier {
+    /// Every tier, in the order of [`Tier::index`].
+    pub const ALL: [Tier; 4] = [Tier::A, Tier::B, Tier::C, Tier::D];
+
+    /// The tier's position in [`Tier::ALL`], for per-tier arrays.
+    pub fn index(self) -> usize {
+        match self {
+            Tier::A => 0,
+            Tier::B => 1,
+            Tier::C => 2,
+            Tier::D => 3,
+        }
+    }
+
     /// The letter, for keys and logs.
     pub fn letter(self) -> &'static str {
         match self {

@@ -59,8 +59,17 @@ fn ca_key_passphrase(config: &Config) -> Result<Option<String>> {
 }
 
 /// Starts payra with `config`, reading time from `clock`.
-pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServer> {
+pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningServer> {
     config.validate()?;
+    for warning in config.warnings() {
+        tracing::warn!("{warning}");
+    }
+    let grpc_listener = bind(config.grpc_addr, "gRPC").await?;
+    let http_listener = bind(config.http_addr, "HTTP").await?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let http_addr = http_listener.local_addr()?;
+    // Certificates name the CRL and OCSP URLs of the listener as bound (port 0 picks one).
+    config.http_addr = http_addr;
     let passphrase = ca_key_passphrase(&config)?;
     let ca = Arc::new(CaMaterial::load(&config.certs_dir, passphrase.as_deref())?);
     let store = Arc::new(SledStore::open(&config.data_dir)?);
@@ -82,11 +91,6 @@ pub async fn start(config: Config, clock: Arc<dyn Clock>) -> Result<RunningServe
         .identity(Identity::from_pem(&ca.server_chain_pem, &ca.server_key_pem))
         .client_ca_root(Certificate::from_pem(client_roots))
         .client_auth_optional(true);
-
-    let grpc_listener = bind(config.grpc_addr, "gRPC").await?;
-    let http_listener = bind(config.http_addr, "HTTP").await?;
-    let grpc_addr = grpc_listener.local_addr()?;
-    let http_addr = http_listener.local_addr()?;
 
     let max = config.limits.max_message_bytes;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

@@ -122,9 +122,11 @@ async fn ok_verified_with_pin_is_tier_a_and_reserves() {
         vec![Cat::Knowledge as i32, Cat::Possession as i32]
     );
     let limit = answer.limit.unwrap();
-    assert_eq!(limit.limit_fen, 5_000_000, "default agreed limit");
+    // No agreement and no standard-terms figure configured: tier A gets the B ceiling.
+    assert_eq!(limit.limit_fen, 500_000, "tier A without an agreement");
+    assert_eq!(limit.binding_tier, proto::Tier::A as i32);
     assert_eq!(limit.used_fen, 1234);
-    assert_eq!(limit.remaining_fen, 5_000_000 - 1234);
+    assert_eq!(limit.remaining_fen, 500_000 - 1234);
     assert!(limit.fits && limit.reserved);
     assert!(answer.evidence_id.starts_with("ev_"));
 
@@ -660,4 +662,119 @@ async fn ok_device_pay_cli() {
     assert_eq!(answer["tier"], "A");
     assert_eq!(answer["used_fen"], 1234);
     assert_eq!(answer["reserved"], true);
+}
+
+fn qualify_request(
+    customer: &str,
+    order: &str,
+    amount_fen: i64,
+    factors: Vec<proto::Factor>,
+    scene: proto::Scene,
+) -> proto::QualifyTransactionRequest {
+    proto::QualifyTransactionRequest {
+        customer_id: customer.into(),
+        transaction: Some(proto::Transaction {
+            merchant_id: "m".into(),
+            order_id: order.into(),
+            amount_fen,
+            currency: "CNY".into(),
+        }),
+        factors,
+        scene: scene as i32,
+        reserve: true,
+    }
+}
+
+#[tokio::test]
+async fn fail_weaker_verifications_never_add_to_the_days_envelope() {
+    let server = TestServer::start().await;
+    let service = server.service().await;
+    let qualify = |order: &str, amount: i64, factors: Vec<proto::Factor>, scene| {
+        let request = qualify_request("nora", order, amount, factors, scene);
+        let mut client = service.verification();
+        async move {
+            let answer = client
+                .qualify_transaction(request)
+                .await
+                .unwrap()
+                .into_inner();
+            answer.limit.unwrap()
+        }
+    };
+    use proto::Scene::{InApp, StaticBarcode};
+    // The review's day: 500 (static code, D) + 1,000 (C) + 5,000 (B) = 6,500 CNY.
+    let d = qualify("d-1", 50_000, vec![], StaticBarcode).await;
+    assert!(d.reserved && d.fits);
+    assert_eq!(
+        d.ceilings.len(),
+        3,
+        "a D decision fits the D, C and B ceilings"
+    );
+    let c = qualify("c-1", 100_000, vec![pin()], InApp).await;
+    assert!(!c.reserved && !c.fits, "C + D would be 1,500 CNY");
+    assert_eq!(c.binding_tier, proto::Tier::C as i32);
+    assert_eq!(
+        (c.limit_fen, c.used_fen, c.remaining_fen),
+        (100_000, 50_000, 50_000)
+    );
+    let c = qualify("c-2", 50_000, vec![pin()], InApp).await;
+    assert!(c.reserved);
+    let b = qualify("b-1", 500_000, vec![pin(), sms()], InApp).await;
+    assert!(!b.reserved, "B + C + D would be 6,000 CNY");
+    assert_eq!(b.binding_tier, proto::Tier::B as i32);
+    assert_eq!(b.remaining_fen, 400_000);
+    let b = qualify("b-2", 400_000, vec![pin(), sms()], InApp).await;
+    assert!(b.reserved);
+    assert_eq!((b.used_fen, b.remaining_fen), (500_000, 0));
+    // Nothing without a certificate fits any more today.
+    for (order, factors, scene) in [
+        ("d-2", vec![], StaticBarcode),
+        ("c-3", vec![], InApp),
+        ("b-3", vec![pin(), sms()], InApp),
+    ] {
+        let status = qualify(order, 1, factors, scene).await;
+        assert!(!status.reserved && !status.fits, "{order}");
+        assert_eq!(status.remaining_fen, 0, "{order}");
+    }
+    // A certificate-backed payment has its own ceiling.
+    let p = phone(&server, "nora", "n-1").await;
+    let i = intent(&server, &p, "a-1", 100_000);
+    let a = verify(&server, request(&p, &i, vec![pin()], true)).await;
+    assert_eq!(a.tier, proto::Tier::A as i32);
+    assert!(a.limit.unwrap().reserved, "tier A does not draw on B/C/D");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_concurrent_c_and_d_reservations_never_pass_the_shared_ceiling() {
+    let server = Arc::new(TestServer::start().await);
+    let mut tasks = Vec::new();
+    for n in 0..40 {
+        let client = server.service().await;
+        let scene = if n % 2 == 0 {
+            proto::Scene::StaticBarcode
+        } else {
+            proto::Scene::InApp
+        };
+        let request = qualify_request("olga", &format!("o-{n}"), 10_000, vec![], scene);
+        tasks.push(tokio::spawn(async move {
+            let answer = client
+                .verification()
+                .qualify_transaction(request)
+                .await
+                .unwrap()
+                .into_inner();
+            (answer.tier, answer.limit.unwrap().reserved)
+        }));
+    }
+    let (mut c, mut d) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            (tier, true) if tier == proto::Tier::D as i32 => d += 1,
+            (tier, true) if tier == proto::Tier::C as i32 => c += 1,
+            (_, false) => {}
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert!(d <= 5, "D alone is capped at 500 CNY: {d} reserved");
+    assert_eq!(c + d, 10, "C + D fill exactly 1,000 CNY (c={c}, d={d})");
 }

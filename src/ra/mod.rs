@@ -6,6 +6,7 @@ mod agreed_limits;
 mod cache;
 mod clients;
 mod enrollment;
+pub mod limits;
 mod publication;
 pub mod replay;
 mod retention;
@@ -18,13 +19,14 @@ mod verification;
 
 pub use clients::{ClientRegistry, ClientStanding, CLIENT_ROLES};
 pub use enrollment::{EnrollRequest, EnrollmentToken, Issued, RenewRequest};
+pub use limits::LedgerPolicy;
 pub use publication::{Publication, PublishedCrl};
 pub use retention::RetentionProgress;
 pub use revocation::{CertificatePage, CertificateQuery, RevokeOutcome, MAX_PAGE_SIZE};
 pub use status::{CertificateStatus, StatusView};
 pub use verification::{
-    Decision, LedgerPolicy, LimitStatus, PaymentIntent, QualifyRequest, Transaction, Verdict,
-    VerifyRequest, MAX_INTENT_BYTES,
+    Decision, LimitStatus, PaymentIntent, QualifyRequest, Transaction, Verdict, VerifyRequest,
+    MAX_INTENT_BYTES,
 };
 
 use cache::CertificateCache;
@@ -75,7 +77,9 @@ impl RaPolicy {
             ocsp_validity_s: i64::from(config.revocation.ocsp_validity_s),
             ledger: LedgerPolicy {
                 utc_offset_s: config.ledger.utc_offset_s,
-                default_agreed_limit_fen: config.ledger.default_agreed_limit_fen,
+                accumulation: config.ledger.accumulation,
+                standard_agreed_limit_fen: config.ledger.default_agreed_limit_fen,
+                max_agreed_limit_fen: config.ledger.max_agreed_limit_fen,
                 limit_b_fen: config.ledger.limit_b_fen,
                 limit_c_fen: config.ledger.limit_c_fen,
                 limit_d_fen: config.ledger.limit_d_fen,
@@ -140,6 +144,14 @@ impl Ra {
             certificates = cache.len(),
             agreed_limits = agreed_limits.len(),
             "certificate cache and agreed limits loaded"
+        );
+        let ledger = &policy.ledger;
+        tracing::info!(
+            accumulation = ledger.accumulation.name(),
+            limit_b_fen = ledger.limit_b_fen,
+            limit_c_fen = ledger.limit_c_fen,
+            limit_d_fen = ledger.limit_d_fen,
+            "daily ceilings"
         );
         let responder = OcspResponder::new(&ca.issuing_der, ca.signer.clone())?;
         let publication =

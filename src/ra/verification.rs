@@ -3,6 +3,7 @@
 
 use base64::Engine;
 
+use super::limits::{Assessment, CeilingStatus, TierLimits};
 use super::replay::{Claim, Moment};
 use super::signature::{verify_intent_signature, MAX_SIGNATURE_BYTES};
 use super::tiers::decide_tier;
@@ -158,16 +159,41 @@ impl Verdict {
     }
 }
 
-/// Where the customer stands against a tier's daily limit.
+/// Where the customer stands against the daily ceilings of a decision's tier.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LimitStatus {
+    /// The decided tier.
     pub tier: Tier,
+    /// The ceiling with the least room left; `limit_fen`, `used_fen` and `remaining_fen` are
+    /// its figures.
+    pub binding_tier: Tier,
     pub limit_fen: i64,
     pub used_fen: i64,
     pub remaining_fen: i64,
+    /// Every ceiling the decision had to fit, innermost first.
+    pub ceilings: Vec<CeilingStatus>,
     pub fits: bool,
     pub reserved: bool,
     pub day: String,
+}
+
+impl LimitStatus {
+    /// The status a decision of `tier` reports from its assessment (taken after any
+    /// reservation was added).
+    fn new(tier: Tier, assessment: Assessment, fits: bool, reserved: bool, day: String) -> Self {
+        let binding = assessment.binding().clone();
+        LimitStatus {
+            tier,
+            binding_tier: binding.tier,
+            limit_fen: binding.limit_fen,
+            used_fen: binding.used_fen,
+            remaining_fen: binding.remaining_fen,
+            ceilings: assessment.ceilings,
+            fits,
+            reserved,
+            day,
+        }
+    }
 }
 
 /// The answer to VerifyPayment or QualifyTransaction.
@@ -180,42 +206,6 @@ pub struct Decision {
     /// `None` only when the certificate is unknown (no customer to count for).
     pub limit: Option<LimitStatus>,
     pub evidence_id: String,
-}
-
-/// Ledger policy from configuration.
-#[derive(Debug, Clone)]
-pub struct LedgerPolicy {
-    pub utc_offset_s: i32,
-    pub default_agreed_limit_fen: i64,
-    pub limit_b_fen: i64,
-    pub limit_c_fen: i64,
-    pub limit_d_fen: i64,
-    pub skew_ms: i64,
-}
-
-impl LedgerPolicy {
-    /// The first day whose ledger buckets payra keeps (yesterday, by `now_ms`): limits apply
-    /// per day, and a reservation of an earlier day can no longer change one that counts.
-    pub fn first_tracked_day(&self, now_ms: i64) -> String {
-        self.day(now_ms - 86_400_000)
-    }
-
-    /// When `day` (`YYYY-MM-DD`, as [`LedgerPolicy::day`] writes it) begins, in Unix ms.
-    pub fn day_start_ms(&self, day: &str) -> Option<i64> {
-        let format = time::macros::format_description!("[year]-[month]-[day]");
-        let date = time::Date::parse(day, &format).ok()?;
-        let local_s = date.midnight().assume_utc().unix_timestamp();
-        Some((local_s - i64::from(self.utc_offset_s)) * 1000)
-    }
-
-    /// The ledger day of `now_ms`: the calendar date in the configured time zone.
-    pub fn day(&self, now_ms: i64) -> String {
-        let local_s = now_ms.div_euclid(1000) + i64::from(self.utc_offset_s);
-        match time::OffsetDateTime::from_unix_timestamp(local_s) {
-            Ok(t) => format!("{:04}-{:02}-{:02}", t.year(), u8::from(t.month()), t.day()),
-            Err(_) => "out-of-range".to_string(),
-        }
-    }
 }
 
 /// `ev_` + the decision's record number (16 hex digits) + 64 random bits (16 hex digits):
@@ -247,17 +237,9 @@ struct Checked {
 }
 
 impl Ra {
-    fn limit_for(&self, customer: &CustomerId, tier: Tier) -> i64 {
-        let policy = &self.policy.ledger;
-        match tier {
-            Tier::A => self
-                .agreed_limits
-                .get(customer)
-                .unwrap_or(policy.default_agreed_limit_fen),
-            Tier::B => policy.limit_b_fen,
-            Tier::C => policy.limit_c_fen,
-            Tier::D => policy.limit_d_fen,
-        }
+    /// The customer's daily limits, with their agreed tier-A limit if they have one.
+    fn limits_for(&self, customer: &CustomerId) -> TierLimits {
+        self.policy.ledger.limits(self.agreed_limits.get(customer))
     }
 
     /// Runs the checks of VerifyPayment in the BRIEF's order and says where they stopped.
@@ -531,9 +513,13 @@ impl Ra {
         nonce: Option<&NonceClaim>,
     ) -> Result<(Decision, u64, bool)> {
         let day = self.policy.ledger.day(now_ms);
-        let limit_fen = customer.as_ref().map(|c| self.limit_for(c, tier));
-        let bucket = customer.as_ref().map(|c| ledger_key(c, &day, tier));
-        let reserving = reserve && bucket.is_some();
+        let accumulation = self.policy.ledger.accumulation;
+        // The customer's limits and the keys of their buckets today, one per tier.
+        let ledger = customer.as_ref().map(|c| {
+            let buckets = Tier::ALL.map(|t| ledger_key(c, &day, t));
+            (self.limits_for(c), buckets)
+        });
+        let reserving = reserve && ledger.is_some();
         let mut evidence = EvidenceRecord {
             version: RECORD_VERSION,
             evidence_id: String::new(),
@@ -562,11 +548,20 @@ impl Ra {
         // Drawn before the log's lock, from the thread's CSPRNG (ChaCha, seeded by the OS):
         // a system call per decision under the lock would serialise the request threads.
         let random: [u8; 8] = rand::random();
-        let (seq, (evidence_id, reserved, used_fen)) = self.decisions.append(|seq, books| {
-            let (reserved, used_fen) = match (&bucket, limit_fen) {
-                (Some(key), Some(limit)) if reserving => books.reserve(key, amount_fen, limit),
-                (Some(key), _) => (false, books.used(key)),
-                _ => (false, 0),
+        let (seq, (evidence_id, reserved, assessment)) = self.decisions.append(|seq, books| {
+            // Checked and added under the log's lock: concurrent decisions for one customer
+            // see each other's reservations in every ceiling they share.
+            let assessment = ledger.as_ref().map(|(limits, buckets)| {
+                Assessment::of(tier, amount_fen, accumulation, limits, |t| {
+                    books.used(&buckets[t.index()])
+                })
+            });
+            let reserved = match (&assessment, &ledger) {
+                (Some(assessment), Some((_, buckets))) if reserving && assessment.fits => {
+                    books.add_reservation(&buckets[tier.index()], amount_fen);
+                    true
+                }
+                _ => false,
             };
             evidence.evidence_id = evidence_id_for(seq, random);
             evidence.reserved_fen = if reserved { amount_fen } else { 0 };
@@ -583,23 +578,16 @@ impl Ra {
             };
             let json = serde_json::to_vec(&record)
                 .map_err(|e| Error::internal(format!("encoding a decision: {e}")))?;
-            Ok((json, (evidence_id, reserved, used_fen)))
+            Ok((json, (evidence_id, reserved, assessment)))
         })?;
-        let limit = limit_fen.map(|limit_fen| {
-            let before = if reserved {
-                used_fen - amount_fen
+        let limit = assessment.map(|assessment| {
+            let fits = assessment.fits;
+            let after = if reserved {
+                assessment.after_adding(amount_fen)
             } else {
-                used_fen
+                assessment
             };
-            LimitStatus {
-                tier,
-                limit_fen,
-                used_fen,
-                remaining_fen: (limit_fen - used_fen).max(0),
-                fits: before.saturating_add(amount_fen) <= limit_fen,
-                reserved,
-                day,
-            }
+            LimitStatus::new(tier, after, fits, reserved, day)
         });
         let decision = Decision {
             verdict,
@@ -668,8 +656,11 @@ impl Ra {
                 record.day
             )));
         }
-        let bucket = ledger_key(&customer, &record.day, record.tier);
-        let (seq, used_fen) = self.decisions.append(|_, books| {
+        let buckets = Tier::ALL.map(|t| ledger_key(&customer, &record.day, t));
+        let bucket = &buckets[record.tier.index()];
+        let limits = self.limits_for(&customer);
+        let accumulation = self.policy.ledger.accumulation;
+        let (seq, assessment) = self.decisions.append(|_, books| {
             // Under the log's lock: a checkpoint may have let the day go since the check above.
             if !books.has_day(&record.day) {
                 return Err(Error::FailedPrecondition(format!(
@@ -683,21 +674,23 @@ impl Ra {
                     "evidence {evidence_id} was already released at {released_at_ms} (Unix ms)"
                 )));
             }
-            let used_fen = books.release(decision_seq, &bucket, record.reserved_fen, now_ms);
+            books.release(decision_seq, bucket, record.reserved_fen, now_ms);
+            let assessment = Assessment::of(record.tier, 0, accumulation, &limits, |t| {
+                books.used(&buckets[t.index()])
+            });
             let release = LogRecord::Release {
                 decision_seq,
                 evidence_id: evidence_id.to_string(),
-                ledger_key_hex: hex::encode(&bucket),
+                ledger_key_hex: hex::encode(bucket),
                 amount_fen: record.reserved_fen,
                 released_at_ms: now_ms,
                 audit: AuditEvent::new(now_ms, actor, "reservation.released", evidence_id, "ok"),
             };
             let json = serde_json::to_vec(&release)
                 .map_err(|e| Error::internal(format!("encoding a release: {e}")))?;
-            Ok((json, used_fen))
+            Ok((json, assessment))
         })?;
         self.decisions.durable_blocking(seq)?;
-        let limit_fen = self.limit_for(&customer, record.tier);
         self.metrics
             .reservations
             .with_label_values(&["released"])
@@ -707,15 +700,13 @@ impl Ra {
             amount = record.reserved_fen,
             "reservation released"
         );
-        Ok(LimitStatus {
-            tier: record.tier,
-            limit_fen,
-            used_fen,
-            remaining_fen: (limit_fen - used_fen).max(0),
-            fits: true,
-            reserved: false,
-            day: record.day,
-        })
+        Ok(LimitStatus::new(
+            record.tier,
+            assessment,
+            true,
+            false,
+            record.day,
+        ))
     }
 
     /// Sets a customer's agreed tier-A daily limit.
@@ -725,8 +716,12 @@ impl Ra {
         customer: &CustomerId,
         limit_fen: i64,
     ) -> Result<()> {
-        if limit_fen < 0 {
-            return Err(Error::invalid("daily_limit_fen", "must not be negative"));
+        let max = self.policy.ledger.max_agreed_limit_fen;
+        if !(0..=max).contains(&limit_fen) {
+            return Err(Error::invalid(
+                "daily_limit_fen",
+                format!("must be between 0 and {max} fen (ledger.max_agreed_limit_fen)"),
+            ));
         }
         let audit = AuditEvent::new(
             self.clock.now_ms(),

@@ -120,16 +120,10 @@ impl Books {
             .unwrap_or(0)
     }
 
-    /// Adds `amount_fen` to the bucket if the total stays within `limit_fen`; returns whether
-    /// it did and the amount used afterwards.
-    pub fn reserve(&mut self, key: &[u8], amount_fen: i64, limit_fen: i64) -> (bool, i64) {
-        let used = self.used(key);
-        if amount_fen > 0 && used.saturating_add(amount_fen) <= limit_fen {
-            self.add(key, amount_fen);
-            (true, used + amount_fen)
-        } else {
-            (false, used)
-        }
+    /// Adds a reserved amount to a bucket. The caller has checked, under the log's lock that
+    /// [`DecisionLog::append`] holds, that it fits every ceiling (`ra::limits`).
+    pub fn add_reservation(&mut self, key: &[u8], amount_fen: i64) {
+        self.add(key, amount_fen);
     }
 
     /// Whether any bucket of `day` is held.
@@ -209,7 +203,7 @@ impl Books {
     }
 
     fn add(&mut self, key: &[u8], delta: i64) {
-        let used = (self.used(key) + delta).max(0);
+        let used = self.used(key).saturating_add(delta).max(0);
         self.set(key, used);
         if !self
             .dirty
@@ -1186,16 +1180,13 @@ mod tests {
     }
 
     fn reserve(log: &DecisionLog, at: i64, amount: i64) -> u64 {
-        let (seq, reserved) = log
+        let seq = log
             .append(|_, books| {
-                let (reserved, _) = books.reserve(&key(), amount, 1_000);
-                Ok((
-                    decision(at, if reserved { amount } else { 0 }, None),
-                    reserved,
-                ))
+                books.add_reservation(&key(), amount);
+                Ok((decision(at, amount, None), ()))
             })
-            .unwrap();
-        assert!(reserved);
+            .unwrap()
+            .0;
         log.durable_blocking(seq).unwrap();
         seq
     }
@@ -1320,7 +1311,7 @@ mod tests {
             (&bob, "2026-11-23"),
             (&bob, "2026-11-25"),
         ] {
-            books.reserve(&bucket(customer, day), 100, 1_000);
+            books.add_reservation(&bucket(customer, day), 100);
         }
         assert_eq!(gone(&mut books, "2026-11-24"), 2);
         assert_eq!(books.bucket_count(), 3);
@@ -1341,7 +1332,7 @@ mod tests {
         // A clock days ahead: the two newest days with buckets stay all the same.
         assert_eq!(gone(&mut books, "2026-12-30"), 0);
         assert_eq!(books.bucket_count(), 3);
-        books.reserve(&bucket(&alice, "2026-12-31"), 100, 1_000);
+        books.add_reservation(&bucket(&alice, "2026-12-31"), 100);
         assert_eq!(gone(&mut books, "2026-12-30"), 1, "only 2026-11-24 goes");
         assert_eq!(books.used(&bucket(&bob, "2026-11-25")), 100);
 

@@ -307,6 +307,18 @@ fn limit_to_proto(limit: LimitStatus) -> proto::LimitStatus {
         fits: limit.fits,
         reserved: limit.reserved,
         day: limit.day,
+        binding_tier: tier_to_proto(limit.binding_tier),
+        ceilings: limit
+            .ceilings
+            .into_iter()
+            .map(|ceiling| proto::LimitCeiling {
+                tier: tier_to_proto(ceiling.tier),
+                counts: ceiling.counts.iter().map(|t| tier_to_proto(*t)).collect(),
+                limit_fen: ceiling.limit_fen,
+                used_fen: ceiling.used_fen,
+                remaining_fen: ceiling.remaining_fen,
+            })
+            .collect(),
     }
 }
 
