@@ -1196,7 +1196,7 @@ async fn pay(args: PayArgs) -> CliResult {
                 .ok_or_else(|| {
                     format!(
                         "unknown factor {method:?}; known: payment_pin, password, sms_otp, otp, \
-                         fingerprint, face"
+                         fingerprint, face, and the other names in docs/tiers.md"
                     )
                 })
         })

@@ -326,6 +326,17 @@ pub enum FactorCategory {
     Inherence,
 }
 
+impl FactorCategory {
+    /// The lowercase name, for messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            FactorCategory::Knowledge => "knowledge",
+            FactorCategory::Possession => "possession",
+            FactorCategory::Inherence => "inherence",
+        }
+    }
+}
+
 /// A factor the payment service verified itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Factor {

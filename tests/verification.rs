@@ -297,6 +297,16 @@ async fn fail_malformed_requests_are_invalid_argument() {
             }),
         ),
         ("factors", Box::new(|r| r.factors = vec![pin(); 9])),
+        (
+            // An SMS OTP reported as knowledge would make certificate + OTP tier A.
+            "factors.category",
+            Box::new(|r| {
+                r.factors = vec![proto::Factor {
+                    category: Cat::Knowledge as i32,
+                    method: "sms_otp".into(),
+                }]
+            }),
+        ),
     ];
     for (field, mutate) in cases {
         let mut r = base.clone();

@@ -287,15 +287,16 @@ pub fn parse_amount_fen(text: &str) -> Result<i64> {
         .ok_or_else(bad)
 }
 
-/// The factor category of a well-known method name (`payment_pin`, `sms_otp`, ...).
+/// The factor category of a well-known method name (`payment_pin`, `sms_otp`, ...), as the
+/// server checks it (docs/tiers.md lists the names).
 pub fn factor_category(method: &str) -> Option<proto::FactorCategory> {
+    use crate::model::FactorCategory as Domain;
     use proto::FactorCategory as C;
-    match method {
-        "payment_pin" | "password" | "static_password" => Some(C::Knowledge),
-        "sms_otp" | "otp" | "hardware_token" => Some(C::Possession),
-        "fingerprint" | "face" | "voice" => Some(C::Inherence),
-        _ => None,
-    }
+    crate::ra::tiers::known_method_category(method).map(|category| match category {
+        Domain::Knowledge => C::Knowledge,
+        Domain::Possession => C::Possession,
+        Domain::Inherence => C::Inherence,
+    })
 }
 
 #[cfg(test)]

@@ -9,6 +9,63 @@ use std::collections::BTreeSet;
 
 pub use crate::model::{Factor, FactorCategory, Scene, Tier};
 
+/// Method names whose category is not in doubt (43号 Art. 22), as payment services commonly
+/// name them; docs/tiers.md lists them. Matching ignores case and treats `-` and spaces as `_`.
+const KNOWN_METHODS: &[(&str, FactorCategory)] = &[
+    ("payment_pin", FactorCategory::Knowledge),
+    ("pin", FactorCategory::Knowledge),
+    ("password", FactorCategory::Knowledge),
+    ("static_password", FactorCategory::Knowledge),
+    ("passcode", FactorCategory::Knowledge),
+    ("sms_otp", FactorCategory::Possession),
+    ("otp", FactorCategory::Possession),
+    ("totp", FactorCategory::Possession),
+    ("hotp", FactorCategory::Possession),
+    ("email_otp", FactorCategory::Possession),
+    ("hardware_token", FactorCategory::Possession),
+    ("usb_key", FactorCategory::Possession),
+    ("digital_certificate", FactorCategory::Possession),
+    ("electronic_signature", FactorCategory::Possession),
+    ("fingerprint", FactorCategory::Inherence),
+    ("face", FactorCategory::Inherence),
+    ("face_id", FactorCategory::Inherence),
+    ("touch_id", FactorCategory::Inherence),
+    ("voice", FactorCategory::Inherence),
+    ("iris", FactorCategory::Inherence),
+    ("palm", FactorCategory::Inherence),
+];
+
+/// The category of a well-known factor method name, or `None` for a name payra does not know
+/// (the service's category then stands).
+pub fn known_method_category(method: &str) -> Option<FactorCategory> {
+    if method.len() > 32 {
+        return None;
+    }
+    let normalized: String = method
+        .trim()
+        .chars()
+        .map(|c| match c {
+            '-' | ' ' => '_',
+            c => c.to_ascii_lowercase(),
+        })
+        .collect();
+    KNOWN_METHODS
+        .iter()
+        .find(|(name, _)| *name == normalized)
+        .map(|(_, category)| *category)
+}
+
+/// The first factor whose reported category contradicts its well-known method name, with the
+/// category that name has. An SMS OTP reported as knowledge would turn certificate + OTP (one
+/// category, tier C) into tier A.
+pub fn contradicting_factor(factors: &[Factor]) -> Option<(&Factor, FactorCategory)> {
+    factors.iter().find_map(|factor| {
+        known_method_category(&factor.method)
+            .filter(|known| *known != factor.category)
+            .map(|known| (factor, known))
+    })
+}
+
 /// The tier decision and the categories it counted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TierDecision {
@@ -107,6 +164,33 @@ mod tests {
             }
         }
         assert_eq!(cases, 27 * 2 * 4);
+    }
+
+    #[test]
+    fn known_methods_have_their_category_and_contradictions_are_found() {
+        assert_eq!(known_method_category("SMS-OTP"), Some(Possession));
+        assert_eq!(known_method_category("payment pin"), Some(Knowledge));
+        assert_eq!(known_method_category("Face_ID"), Some(Inherence));
+        assert_eq!(known_method_category("bank_card_cvv"), None);
+        let honest = factors(&[Knowledge]);
+        assert!(contradicting_factor(&honest).is_none(), "method \"knowledge\" is unknown");
+        let lying = vec![
+            Factor {
+                category: Knowledge,
+                method: "payment_pin".into(),
+            },
+            Factor {
+                category: Knowledge,
+                method: "sms_otp".into(),
+            },
+        ];
+        let (factor, known) = contradicting_factor(&lying).expect("sms_otp is possession");
+        assert_eq!((factor.method.as_str(), known), ("sms_otp", Possession));
+        let unknown = vec![Factor {
+            category: Inherence,
+            method: "vendor_liveness_v2".into(),
+        }];
+        assert!(contradicting_factor(&unknown).is_none());
     }
 
     #[test]

@@ -6,7 +6,7 @@ use base64::Engine;
 use super::limits::{Assessment, CeilingStatus, TierLimits};
 use super::replay::{Claim, Moment};
 use super::signature::{verify_intent_signature, MAX_SIGNATURE_BYTES};
-use super::tiers::decide_tier;
+use super::tiers::{contradicting_factor, decide_tier};
 use super::Ra;
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, Factor, FactorCategory, Scene, Serial, Tier};
@@ -83,7 +83,8 @@ impl Transaction {
     }
 }
 
-/// Checks the factors the service reports.
+/// Checks the factors the service reports: their number, their method names' length, and
+/// that no well-known method comes with another category than its own.
 pub fn validate_factors(factors: &[Factor]) -> Result<()> {
     if factors.len() > MAX_FACTORS {
         return Err(Error::invalid(
@@ -98,6 +99,24 @@ pub fn validate_factors(factors: &[Factor]) -> Result<()> {
                 format!("at most {MAX_REFERENCE_LEN} bytes allowed"),
             ));
         }
+    }
+    if let Some((factor, known)) = contradicting_factor(factors) {
+        tracing::warn!(
+            method = %factor.method,
+            reported = ?factor.category,
+            known = ?known,
+            "factor reported with a category that contradicts its method"
+        );
+        return Err(Error::invalid(
+            "factors.category",
+            format!(
+                "method {:?} is a {} factor (43号 Art. 22), not {}; report it as {}",
+                factor.method,
+                known.name(),
+                factor.category.name(),
+                known.name()
+            ),
+        ));
     }
     Ok(())
 }
