@@ -102,8 +102,91 @@ async fn ok_certificate_content_is_decided_by_payra() {
         }
     }
     assert!(have_ski && have_aki);
-    assert_eq!(crl_urls, vec![server.config.crl_url()]);
-    assert_eq!(ocsp_urls, vec![server.config.ocsp_url()]);
+    // The URLs follow the HTTP listener as bound (the config asked for port 0).
+    assert_eq!(crl_urls, vec![server.http_url("/crl")]);
+    assert_eq!(ocsp_urls, vec![server.http_url("/ocsp")]);
+}
+
+#[tokio::test]
+async fn ok_long_device_id_keeps_the_common_name_within_64_characters() {
+    let server = TestServer::start().await;
+    let device = format!("dev-{}", "x".repeat(124));
+    assert_eq!(device.len(), 128, "the longest device id accepted");
+    let (_, issued) = server.enroll("cust-8", &device).await;
+    let (_, cert) = X509Certificate::from_der(&issued.certificate_der).unwrap();
+    let cn = cert
+        .subject()
+        .iter_common_name()
+        .next()
+        .unwrap()
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(cn.chars().count(), 64, "{cn}");
+    assert!(cn.starts_with(&device[..47]) && cn.contains('~'), "{cn}");
+    let sans: Vec<String> = cert
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::URI(uri) => Some(uri.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        sans.contains(&format!("urn:payra:device:{device}")),
+        "the whole id stays in the SAN: {sans:?}"
+    );
+    // OpenSSL reads the certificate and its chain as valid.
+    let dir = tempfile::tempdir().unwrap();
+    let leaf = write(dir.path(), "leaf.pem", &pem(&issued.certificate_der));
+    let chain = write(dir.path(), "chain.pem", &pem(&issued.chain_der[0]));
+    let root = server.certs().join("root.pem");
+    let (ok, out) = openssl(&[
+        "verify",
+        "-CAfile",
+        path_str(&root),
+        "-untrusted",
+        &chain,
+        &leaf,
+    ]);
+    assert!(ok, "{out}");
+}
+
+#[tokio::test]
+async fn ok_a_leaf_never_outlives_its_issuer() {
+    let server = TestServer::start_with(|c| c.issuance.validity_days = 3650).await;
+    let (_, issued) = server.enroll("cust-9", "dev-9").await;
+    let (_, leaf) = X509Certificate::from_der(&issued.certificate_der).unwrap();
+    let (_, issuer) = X509Certificate::from_der(&issued.chain_der[0]).unwrap();
+    let issuer_end = issuer.validity().not_after.timestamp();
+    assert!(
+        server.clock.now_s() + 3650 * 86_400 > issuer_end,
+        "the test needs a clamp"
+    );
+    assert_eq!(leaf.validity().not_after.timestamp(), issuer_end);
+    assert_eq!(issued.not_after_unix_s, issuer_end);
+
+    // Once the issuer has expired, nothing is issued.
+    server.clock.set_ms((issuer_end + 1) * 1000);
+    let token = server.token("cust-9").await;
+    let key = DeviceKey::generate();
+    let err = server
+        .anonymous()
+        .await
+        .enroll(
+            &token,
+            key.csr_der("dev-10").unwrap(),
+            "dev-10",
+            device_info(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("issuing CA"), "{err:?}");
 }
 
 #[tokio::test]

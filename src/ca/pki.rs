@@ -300,6 +300,8 @@ pub struct CaMaterial {
     pub issuing_der: Vec<u8>,
     /// The issuing certificate's subjectKeyIdentifier, for the CRL's AKI.
     pub issuing_key_id: Vec<u8>,
+    /// The issuing certificate's notAfter, in Unix seconds.
+    pub issuing_not_after_s: i64,
     pub issuer: Issuer<'static, SharedSigner>,
     pub signer: Arc<dyn CaSigner>,
     /// `server.pem` followed by `issuing.pem`, for the TLS handshake.
@@ -332,6 +334,14 @@ impl CaMaterial {
         )
         .map_err(|e| Error::FailedPrecondition(format!("issuing CA certificate: {e}")))?;
         let issuing_key_id = subject_key_id(&issuing_der, &files.issuing_cert())?;
+        let issuing_not_after_s = X509Certificate::from_der(&issuing_der)
+            .map_err(|e| {
+                Error::FailedPrecondition(format!("{}: {e}", files.issuing_cert().display()))
+            })?
+            .1
+            .validity()
+            .not_after
+            .timestamp();
         let server_key_pem = read_private_key(&files.server_key())?;
         let server_pem = fs::read_to_string(files.server_cert())?;
         let issuing_pem = fs::read_to_string(files.issuing_cert())?;
@@ -339,6 +349,7 @@ impl CaMaterial {
             root_der,
             issuing_der,
             issuing_key_id,
+            issuing_not_after_s,
             issuer,
             signer,
             server_chain_pem: format!("{}\n{}", server_pem.trim_end(), issuing_pem),

@@ -26,6 +26,9 @@ const OID_USER_ID: &[u64] = &[0, 9, 2342, 19200300, 100, 1, 1];
 /// Role URI carried by every device certificate.
 pub const DEVICE_ROLE: &str = "device";
 
+/// Upper bound of a commonName (RFC 5280 Appendix A, `ub-common-name`).
+const MAX_COMMON_NAME_CHARS: usize = 64;
+
 /// The adjustable part of the device profile, from configuration.
 #[derive(Debug, Clone)]
 pub struct DeviceProfile {
@@ -33,6 +36,38 @@ pub struct DeviceProfile {
     pub backdate_s: i64,
     pub crl_url: String,
     pub ocsp_url: String,
+    /// The issuing CA certificate's notAfter: no certificate outlives its issuer.
+    pub issuer_not_after_s: i64,
+}
+
+impl DeviceProfile {
+    /// notAfter of a certificate issued at `now_s` for `validity_s`: clamped to the issuer's
+    /// notAfter. Refuses when the issuer has expired (nothing it signs could be valid).
+    fn not_after(&self, now_s: i64, validity_s: i64) -> Result<i64> {
+        if now_s >= self.issuer_not_after_s {
+            return Err(Error::FailedPrecondition(format!(
+                "the issuing CA certificate expired at {} (Unix seconds); install a new \
+                 issuing CA before issuing certificates",
+                self.issuer_not_after_s
+            )));
+        }
+        Ok(now_s
+            .saturating_add(validity_s)
+            .min(self.issuer_not_after_s))
+    }
+}
+
+/// A commonName within its upper bound of 64 characters: the device id itself when it fits,
+/// else its first 47 characters, `~` and 16 hex digits of its SHA-256 (still unique per id).
+/// The whole id is always in the URI SAN `urn:payra:device:<id>`.
+pub fn bounded_common_name(id: &str) -> String {
+    if id.chars().count() <= MAX_COMMON_NAME_CHARS {
+        return id.to_string();
+    }
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(id.as_bytes());
+    let head: String = id.chars().take(47).collect();
+    format!("{head}~{}", hex::encode(&digest[..8]))
 }
 
 /// An issued device certificate and the facts payra records about it.
@@ -92,7 +127,7 @@ pub fn issue_client_certificate(
     validity_s: i64,
 ) -> Result<DeviceCertificate> {
     let not_before_s = now_s - profile.backdate_s;
-    let not_after_s = now_s + validity_s;
+    let not_after_s = profile.not_after(now_s, validity_s)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "payra");
     dn.push(DnType::OrganizationalUnitName, role);
@@ -123,10 +158,11 @@ pub fn issue_client_certificate(
 
 /// Signs a device certificate for `key`, naming `customer` and `device`.
 ///
-/// Subject `CN=<device>, UID=<customer>, O=payra device`; URI SANs `urn:payra:role:device`,
-/// `urn:payra:customer:<customer>`, `urn:payra:device:<device>`; KeyUsage digitalSignature
-/// (critical), EKU clientAuth, BasicConstraints CA:false (critical), SKI, AKI, CRL
-/// distribution point and OCSP AIA; notBefore `now - backdate`, notAfter `now + validity`.
+/// Subject `CN=<device, at most 64 characters>, UID=<customer>, O=payra device`; URI SANs
+/// `urn:payra:role:device`, `urn:payra:customer:<customer>`, `urn:payra:device:<device>`;
+/// KeyUsage digitalSignature (critical), EKU clientAuth, BasicConstraints CA:false (critical),
+/// SKI, AKI, CRL distribution point and OCSP AIA; notBefore `now - backdate`, notAfter
+/// `now + validity` or the issuer's notAfter, whichever comes first.
 pub fn issue_device_certificate(
     issuer: &Issuer<'static, SharedSigner>,
     profile: &DeviceProfile,
@@ -137,7 +173,8 @@ pub fn issue_device_certificate(
     now_s: i64,
 ) -> Result<DeviceCertificate> {
     let not_before_s = now_s - profile.backdate_s;
-    let not_after_s = now_s + profile.validity_s;
+    let not_after_s = profile.not_after(now_s, profile.validity_s)?;
+    let common_name = bounded_common_name(device.as_str());
 
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "payra device");
@@ -145,7 +182,7 @@ pub fn issue_device_certificate(
         DnType::CustomDnType(OID_USER_ID.to_vec()),
         customer.as_str(),
     );
-    dn.push(DnType::CommonName, device.as_str());
+    dn.push(DnType::CommonName, common_name.as_str());
 
     let mut params = CertificateParams::default();
     params.distinguished_name = dn;
@@ -174,7 +211,7 @@ pub fn issue_device_certificate(
         .map_err(|e| Error::internal(format!("signing device certificate: {e}")))?;
     Ok(DeviceCertificate {
         der: cert.der().to_vec(),
-        subject: format!("CN={device},UID={customer},O=payra device"),
+        subject: format!("CN={common_name},UID={customer},O=payra device"),
         not_before_s,
         not_after_s,
     })

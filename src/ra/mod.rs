@@ -72,6 +72,8 @@ impl RaPolicy {
                 backdate_s: i64::from(config.issuance.backdate_s),
                 crl_url: config.crl_url(),
                 ocsp_url: config.ocsp_url(),
+                // Set from the issuing certificate in `Ra::new`.
+                issuer_not_after_s: i64::MAX,
             },
             crl_validity_s: i64::from(config.revocation.crl_validity_s),
             ocsp_validity_s: i64::from(config.revocation.ocsp_validity_s),
@@ -116,9 +118,19 @@ impl Ra {
         store: Arc<dyn Store>,
         ca: Arc<CaMaterial>,
         clock: Arc<dyn Clock>,
-        policy: RaPolicy,
+        mut policy: RaPolicy,
         metrics: Arc<Metrics>,
     ) -> Result<Ra> {
+        policy.profile.issuer_not_after_s = ca.issuing_not_after_s;
+        let now_s = clock.now_s();
+        if now_s.saturating_add(policy.profile.validity_s) > ca.issuing_not_after_s {
+            tracing::warn!(
+                issuer_not_after_s = ca.issuing_not_after_s,
+                validity_s = policy.profile.validity_s,
+                "the issuing CA expires before a certificate issued now would: certificates \
+                 end at the issuer's notAfter; plan a new issuing CA"
+            );
+        }
         let policy_failures = policy.enroll_failures_per_minute;
         let cache = CertificateCache::load(store.as_ref())?;
         let clients = ClientRegistry::load(store.as_ref())?;

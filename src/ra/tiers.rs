@@ -173,7 +173,10 @@ mod tests {
         assert_eq!(known_method_category("Face_ID"), Some(Inherence));
         assert_eq!(known_method_category("bank_card_cvv"), None);
         let honest = factors(&[Knowledge]);
-        assert!(contradicting_factor(&honest).is_none(), "method \"knowledge\" is unknown");
+        assert!(
+            contradicting_factor(&honest).is_none(),
+            "method \"knowledge\" is unknown"
+        );
         let lying = vec![
             Factor {
                 category: Knowledge,
