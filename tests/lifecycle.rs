@@ -644,3 +644,76 @@ async fn ok_ocsp_get_form_and_nonce_echo() {
     assert!(!text.contains("WARNING: no nonce"), "{text}");
     assert!(text.contains("Next Update"), "{text}");
 }
+
+/// The GET URL of a DER OCSP request.
+fn ocsp_get_url(server: &TestServer, request: &[u8]) -> String {
+    use base64::Engine;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(request);
+    server.http_url(&format!(
+        "/ocsp/{}",
+        encoded
+            .replace('+', "%2B")
+            .replace('/', "%2F")
+            .replace('=', "%3D")
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_ocsp_get_carries_rfc_5019_cache_headers() {
+    let server = TestServer::start().await;
+    let phone = enrolled(&server, "kate", "k-1").await;
+    let certs = server.certs();
+    let request_for = |name: &str, nonce: &str| {
+        let req = server.dir.path().join(name);
+        let (ok, text) = openssl(&[
+            "ocsp",
+            nonce,
+            "-issuer",
+            path_str(&certs.join("issuing.pem")),
+            "-cert",
+            path_str(&phone.dir.join("leaf.pem")),
+            "-reqout",
+            path_str(&req),
+        ]);
+        assert!(ok, "{text}");
+        std::fs::read(&req).unwrap()
+    };
+    let (code, headers, body) =
+        http_get(&ocsp_get_url(&server, &request_for("a.der", "-no_nonce"))).await;
+    assert_eq!(code, 200);
+    let headers = headers.to_ascii_lowercase();
+    // Validity 3,600 s: payra re-signs after half of it, and a cache keeps it no longer.
+    assert!(
+        headers.contains("cache-control: max-age=1800, public, no-transform, must-revalidate"),
+        "{headers}"
+    );
+    let now = server.clock.now_s();
+    let date = |s: i64| {
+        let format = time::macros::format_description!(
+            "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+        );
+        time::OffsetDateTime::from_unix_timestamp(s)
+            .unwrap()
+            .format(&format)
+            .unwrap()
+            .to_ascii_lowercase()
+    };
+    assert!(
+        headers.contains(&format!("last-modified: {}", date(now))),
+        "{headers}"
+    );
+    assert!(
+        headers.contains(&format!("expires: {}", date(now + 3600))),
+        "{headers}"
+    );
+    assert!(headers.contains("etag: \""), "{headers}");
+    assert!(!body.is_empty());
+
+    // An answer to a request with a nonce is for that request only.
+    let (code, headers, _) =
+        http_get(&ocsp_get_url(&server, &request_for("b.der", "-nonce"))).await;
+    assert_eq!(code, 200);
+    let headers = headers.to_ascii_lowercase();
+    assert!(headers.contains("cache-control: no-store"), "{headers}");
+    assert!(!headers.contains("etag"), "{headers}");
+}

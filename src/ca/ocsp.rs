@@ -29,6 +29,8 @@ use crate::model::{RevocationReason, Serial};
 pub const MAX_OCSP_REQUEST_BYTES: usize = 8 * 1024;
 /// Most certificates one request may ask about.
 pub const MAX_OCSP_CERTS_PER_REQUEST: usize = 16;
+/// Accepted nonce lengths (RFC 9654 §2.1: 1 to 128 octets; others are refused).
+pub const OCSP_NONCE_LEN: std::ops::RangeInclusive<usize> = 1..=128;
 
 /// What the responder says about one certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,14 +131,30 @@ impl OcspResponder {
         if list.is_empty() || list.len() > MAX_OCSP_CERTS_PER_REQUEST {
             return None;
         }
+        // RFC 9654: a nonce of 1 to 128 octets, at most one; anything else is malformed
+        // rather than echoed (a 1,000-octet nonce would make every answer a reflector).
+        let mut nonces = request
+            .tbs_request
+            .request_extensions
+            .iter()
+            .flatten()
+            .filter(|e| e.extn_id == ID_PKIX_OCSP_NONCE);
+        let nonce = match (nonces.next(), nonces.next()) {
+            (None, _) => None,
+            (Some(extension), None) => {
+                let nonce = Nonce::from_der(extension.extn_value.as_bytes()).ok()?;
+                if !OCSP_NONCE_LEN.contains(&nonce.0.as_bytes().len()) {
+                    return None;
+                }
+                Some(nonce)
+            }
+            (Some(_), Some(_)) => return None,
+        };
         let items = list
             .iter()
             .map(|r| (r.req_cert.clone(), self.serial_for(&r.req_cert)))
             .collect();
-        Some(ParsedOcspRequest {
-            items,
-            nonce: request.nonce(),
-        })
+        Some(ParsedOcspRequest { items, nonce })
     }
 
     /// Signs a successful response: one SingleResponse per requested certificate with the
@@ -161,7 +179,12 @@ impl OcspResponder {
                     reason,
                 } => CertStatus::revoked(RevokedInfo {
                     revocation_time: generalized(revoked_at_s)?,
-                    revocation_reason: Some(crl_reason(reason)),
+                    // As in the CRL (RFC 5280 §5.3.1): `unspecified` is said by leaving the
+                    // reason out.
+                    revocation_reason: match reason {
+                        RevocationReason::Unspecified => None,
+                        reason => Some(crl_reason(reason)),
+                    },
                 }),
             };
             responses.push(SingleResponse {
@@ -267,6 +290,73 @@ mod tests {
             decoded.response_status,
             x509_ocsp::OcspResponseStatus::Successful
         );
+    }
+
+    /// The test request with `nonces` as its nonce extensions.
+    fn request_with_nonces(nonces: &[Vec<u8>]) -> (OcspResponder, Vec<u8>) {
+        let (responder, der) = responder();
+        let mut request = OcspRequest::from_der(&der).unwrap();
+        request.tbs_request.request_extensions = Some(
+            nonces
+                .iter()
+                .map(|nonce| Extension {
+                    extn_id: ID_PKIX_OCSP_NONCE,
+                    critical: false,
+                    extn_value: OctetString::new(
+                        Nonce(OctetString::new(nonce.clone()).unwrap())
+                            .to_der()
+                            .unwrap(),
+                    )
+                    .unwrap(),
+                })
+                .collect(),
+        );
+        (responder, request.to_der().unwrap())
+    }
+
+    #[test]
+    fn nonce_lengths_follow_rfc_9654() {
+        for (len, accepted) in [(0, false), (1, true), (32, true), (128, true), (129, false)] {
+            let (responder, der) = request_with_nonces(&[vec![7; len]]);
+            let parsed = responder.parse_request(&der);
+            assert_eq!(parsed.is_some(), accepted, "{len} octets");
+            if let Some(parsed) = parsed {
+                assert_eq!(parsed.nonce.unwrap().0.as_bytes().len(), len);
+            }
+        }
+        let (responder, der) = request_with_nonces(&[vec![1; 1000]]);
+        assert!(responder.parse_request(&der).is_none(), "1,000 octets");
+        let (responder, der) = request_with_nonces(&[vec![1; 16], vec![2; 16]]);
+        assert!(responder.parse_request(&der).is_none(), "two nonces");
+    }
+
+    #[test]
+    fn unspecified_reason_is_left_out_as_in_the_crl() {
+        let (responder, der) = responder();
+        let parsed = responder.parse_request(&der).unwrap();
+        for (reason, expected) in [
+            (RevocationReason::Unspecified, None),
+            (
+                RevocationReason::KeyCompromise,
+                Some(CrlReason::KeyCompromise),
+            ),
+        ] {
+            let status = OcspStatus::Revoked {
+                revoked_at_s: 1_800_000_000,
+                reason,
+            };
+            let der = responder
+                .respond(&parsed, &[status], 1_800_000_100, 3600)
+                .unwrap();
+            let response = OcspResponse::from_der(&der).unwrap();
+            let basic =
+                BasicOcspResponse::from_der(response.response_bytes.unwrap().response.as_bytes())
+                    .unwrap();
+            match &basic.tbs_response_data.responses[0].cert_status {
+                CertStatus::Revoked(info) => assert_eq!(info.revocation_reason, expected),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     proptest! {

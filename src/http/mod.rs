@@ -110,18 +110,71 @@ fn ocsp_reply(der: Vec<u8>) -> Response {
     ([(header::CONTENT_TYPE, "application/ocsp-response")], der).into_response()
 }
 
-async fn answer_ocsp(ra: Arc<Ra>, request: Vec<u8>) -> Response {
+/// An HTTP-date (RFC 9110 §5.6.7, IMF-fixdate).
+fn http_date(unix_s: i64) -> String {
+    let format = time::macros::format_description!(
+        "[weekday repr:short], [day] [month repr:short] [year] [hour]:[minute]:[second] GMT"
+    );
+    time::OffsetDateTime::from_unix_timestamp(unix_s)
+        .ok()
+        .and_then(|t| t.format(&format).ok())
+        .unwrap_or_else(|| "Thu, 01 Jan 1970 00:00:00 GMT".to_string())
+}
+
+/// The answer to an OCSP GET with the caching headers of RFC 5019 §6.2 (`max-age` as
+/// [`crate::ra::OcspFreshness`] says). An answer to a request with a nonce, or an error, is
+/// not cacheable.
+fn ocsp_get_reply(answer: crate::ra::OcspAnswer) -> Response {
+    let Some(fresh) = answer.freshness else {
+        return (
+            [
+                (
+                    header::CONTENT_TYPE,
+                    "application/ocsp-response".to_string(),
+                ),
+                (header::CACHE_CONTROL, "no-store".to_string()),
+            ],
+            answer.der,
+        )
+            .into_response();
+    };
+    use sha2::{Digest, Sha256};
+    let max_age = fresh.max_age_s;
+    let etag = format!("\"{}\"", hex::encode(&Sha256::digest(&answer.der)[..16]));
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                "application/ocsp-response".to_string(),
+            ),
+            (
+                header::CACHE_CONTROL,
+                format!("max-age={max_age}, public, no-transform, must-revalidate"),
+            ),
+            (header::LAST_MODIFIED, http_date(fresh.this_update_s)),
+            (header::EXPIRES, http_date(fresh.next_update_s)),
+            (header::ETAG, etag),
+        ],
+        answer.der,
+    )
+        .into_response()
+}
+
+async fn ocsp_answer(ra: Arc<Ra>, request: Vec<u8>) -> Option<crate::ra::OcspAnswer> {
     match tokio::task::spawn_blocking(move || ra.ocsp_response(&request)).await {
-        Ok(der) => ocsp_reply(der),
+        Ok(answer) => Some(answer),
         Err(e) => {
             tracing::error!(error = %e, "OCSP task failed");
-            ocsp_reply(crate::ca::OcspResponder::malformed())
+            None
         }
     }
 }
 
 async fn ocsp_post(State(ra): State<Arc<Ra>>, body: Bytes) -> Response {
-    answer_ocsp(ra, body.to_vec()).await
+    match ocsp_answer(ra, body.to_vec()).await {
+        Some(answer) => ocsp_reply(answer.der),
+        None => ocsp_reply(crate::ca::OcspResponder::malformed()),
+    }
 }
 
 /// RFC 6960 A.1: GET {url}/{url-encoding of base-64 encoding of the DER request}. The path
@@ -131,8 +184,11 @@ async fn ocsp_get(State(ra): State<Arc<Ra>>, Path(encoded): Path<String>) -> Res
         return ocsp_reply(crate::ca::OcspResponder::malformed());
     }
     let compact: String = encoded.chars().filter(|c| !c.is_whitespace()).collect();
-    match base64::engine::general_purpose::STANDARD.decode(compact.as_bytes()) {
-        Ok(der) => answer_ocsp(ra, der).await,
-        Err(_) => ocsp_reply(crate::ca::OcspResponder::malformed()),
+    let Ok(der) = base64::engine::general_purpose::STANDARD.decode(compact.as_bytes()) else {
+        return ocsp_reply(crate::ca::OcspResponder::malformed());
+    };
+    match ocsp_answer(ra, der).await {
+        Some(answer) => ocsp_get_reply(answer),
+        None => ocsp_reply(crate::ca::OcspResponder::malformed()),
     }
 }

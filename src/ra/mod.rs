@@ -20,7 +20,7 @@ mod verification;
 pub use clients::{ClientRegistry, ClientStanding, CLIENT_ROLES};
 pub use enrollment::{EnrollRequest, EnrollmentToken, Issued, RenewRequest};
 pub use limits::LedgerPolicy;
-pub use publication::{Publication, PublishedCrl};
+pub use publication::{OcspAnswer, OcspFreshness, Publication, PublishedCrl};
 pub use retention::RetentionProgress;
 pub use revocation::{CertificatePage, CertificateQuery, RevokeOutcome, MAX_PAGE_SIZE};
 pub use status::{CertificateStatus, StatusView};

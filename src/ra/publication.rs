@@ -34,6 +34,36 @@ struct CachedOcsp {
     generation: u64,
 }
 
+/// A signed OCSP answer, with what HTTP caches need to know of it.
+#[derive(Debug, Clone)]
+pub struct OcspAnswer {
+    pub der: Vec<u8>,
+    /// For a successful answer to a request without a nonce: how long an HTTP cache may keep
+    /// it. `None`: no cache may.
+    pub freshness: Option<OcspFreshness>,
+}
+
+/// When an OCSP answer was signed and how long it may be served from a cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OcspFreshness {
+    /// thisUpdate (= producedAt), Unix seconds.
+    pub this_update_s: i64,
+    /// nextUpdate, Unix seconds.
+    pub next_update_s: i64,
+    /// Seconds until payra itself would sign a fresh answer (half the validity, never past
+    /// nextUpdate): a cache that keeps it this long serves nothing staler than payra does.
+    pub max_age_s: i64,
+}
+
+impl OcspAnswer {
+    fn uncacheable(der: Vec<u8>) -> OcspAnswer {
+        OcspAnswer {
+            der,
+            freshness: None,
+        }
+    }
+}
+
 /// CRL and OCSP state of a running RA.
 pub struct Publication {
     responder: OcspResponder,
@@ -136,12 +166,17 @@ impl Ra {
 
     /// Answers a DER OCSP request with a DER OCSP response; never fails (a malformed request
     /// gets `malformedRequest`, an internal fault `internalError`).
-    pub fn ocsp_response(&self, request_der: &[u8]) -> Vec<u8> {
+    pub fn ocsp_response(&self, request_der: &[u8]) -> OcspAnswer {
         let publication = &self.publication;
         let Some(request) = publication.responder.parse_request(request_der) else {
-            return OcspResponder::malformed();
+            return OcspAnswer::uncacheable(OcspResponder::malformed());
         };
         let now_s = self.clock.now_s();
+        let freshness = |this_update_s: i64| OcspFreshness {
+            this_update_s,
+            next_update_s: this_update_s + publication.ocsp_validity_s,
+            max_age_s: (this_update_s + publication.ocsp_validity_s / 2 - now_s).max(0),
+        };
         let generation = publication.generation.load(Ordering::SeqCst);
         let cacheable = request.nonce.is_none() && request.items.len() == 1;
         let cache_key = request
@@ -163,7 +198,10 @@ impl Ra {
                             .ocsp_responses
                             .with_label_values(&["cache"])
                             .inc();
-                        return hit.der.clone();
+                        return OcspAnswer {
+                            der: hit.der.clone(),
+                            freshness: Some(freshness(hit.this_update_s)),
+                        };
                     }
                 }
             }
@@ -192,7 +230,7 @@ impl Ra {
                     },
                     Err(e) => {
                         tracing::error!(error = %e, "OCSP status lookup failed");
-                        return x509_ocsp_internal_error();
+                        return OcspAnswer::uncacheable(x509_ocsp_internal_error());
                     }
                 },
             };
@@ -207,7 +245,7 @@ impl Ra {
             Ok(der) => der,
             Err(e) => {
                 tracing::error!(error = %e, "OCSP signing failed");
-                return x509_ocsp_internal_error();
+                return OcspAnswer::uncacheable(x509_ocsp_internal_error());
             }
         };
         self.metrics
@@ -234,7 +272,10 @@ impl Ra {
                 );
             }
         }
-        der
+        OcspAnswer {
+            der,
+            freshness: request.nonce.is_none().then(|| freshness(now_s)),
+        }
     }
 }
 
