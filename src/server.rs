@@ -94,9 +94,15 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
 
     let max = config.limits.max_message_bytes;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    // Both reflection versions: grpcurl speaks v1, while Python's grpcio-reflection, older
+    // grpcurl builds and several GUI clients speak v1alpha only.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .build_v1()
+        .map_err(|e| Error::internal(format!("reflection: {e}")))?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
         .map_err(|e| Error::internal(format!("reflection: {e}")))?;
     for service in [
         "payra.v1.Enrollment",
@@ -123,6 +129,7 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
         )
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(
             proto::registration_server::RegistrationServer::new(RegistrationService {
                 ra: ra.clone(),

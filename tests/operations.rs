@@ -167,7 +167,7 @@ async fn ok_health_readiness_reflection_and_request_ids() {
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     use tonic_reflection::pb::v1::ServerReflectionRequest;
-    let mut reflection = ServerReflectionClient::new(channel);
+    let mut reflection = ServerReflectionClient::new(channel.clone());
     let request = ServerReflectionRequest {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
@@ -189,6 +189,28 @@ async fn ok_health_readiness_reflection_and_request_ids() {
         "payra.v1.Admin",
     ] {
         assert!(names.contains(&expected.to_string()), "{names:?}");
+    }
+    // The same through v1alpha, which many tools still speak.
+    {
+        use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+        use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = ServerReflectionClient::new(channel)
+            .server_reflection_info(tokio_stream::iter(vec![request]))
+            .await
+            .expect("v1alpha reflection is served")
+            .into_inner();
+        let response = responses.message().await.unwrap().unwrap();
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("unexpected v1alpha reflection answer");
+        };
+        let alpha: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(alpha.contains(&"payra.v1.Verification".to_string()), "{alpha:?}");
     }
 
     let response = server

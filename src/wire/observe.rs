@@ -46,10 +46,11 @@ type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
 /// The standard gRPC services' methods that get a label of their own (any other path under
 /// their prefixes is "other", as for unknown paths).
-const STANDARD_METHODS: [&str; 3] = [
+const STANDARD_METHODS: [&str; 4] = [
     "/grpc.health.v1.Health/Check",
     "/grpc.health.v1.Health/Watch",
     "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 
 /// The gRPC status code name of a unary response: tonic puts an error status in the headers
