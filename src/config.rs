@@ -332,6 +332,14 @@ impl Config {
                 "crl_validity_s and ocsp_validity_s must be at least 60",
             ));
         }
+        let kept_s = u64::from(self.retention.expired_certificate_days) * 86_400;
+        if kept_s != 0 && kept_s <= u64::from(self.revocation.crl_validity_s) {
+            return Err(Error::invalid(
+                "retention.expired_certificate_days",
+                "must keep expired certificates longer than revocation.crl_validity_s (a \
+                 revoked certificate stays on the CRL that long after it expires), or be 0",
+            ));
+        }
         if self.verification.skew_s == 0 || self.verification.skew_s > 3600 {
             return Err(Error::invalid(
                 "verification.skew_s",

@@ -717,3 +717,39 @@ async fn ok_ocsp_get_carries_rfc_5019_cache_headers() {
     assert!(headers.contains("cache-control: no-store"), "{headers}");
     assert!(!headers.contains("etag"), "{headers}");
 }
+
+/// The serials (lowercase hex) a DER CRL lists.
+fn crl_serials(der: &[u8]) -> Vec<String> {
+    use x509_parser::prelude::FromDer;
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der).unwrap();
+    crl.iter_revoked_certificates()
+        .map(|entry| hex::encode(entry.raw_serial()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_a_revoked_certificate_stays_on_a_crl_issued_after_its_not_after() {
+    let server = TestServer::start().await;
+    let phone = enrolled(&server, "lena", "l-1").await;
+    let serial = phone.issued.serial.clone();
+    server.revoke(&serial, Reason::KeyCompromise).await;
+    assert!(crl_serials(&fetch_crl(&server).await).contains(&serial));
+
+    // Just past notAfter: the next scheduled CRL is issued after notAfter and must list it.
+    let not_after = phone.issued.not_after_unix_s;
+    server.clock.set_ms((not_after + 1) * 1000);
+    let crl = fetch_crl(&server).await;
+    assert!(crl_serials(&crl).contains(&serial), "dropped at notAfter");
+    let crl_path = crl_file(&server, &crl);
+    let (ok, text) = openssl(&["crl", "-inform", "DER", "-in", &crl_path, "-noout", "-text"]);
+    assert!(ok && text.contains("Key Compromise"), "{text}");
+
+    // Half a CRL validity later (a scheduled re-signing): still there.
+    let validity = i64::from(server.config.revocation.crl_validity_s);
+    server.clock.set_ms((not_after + validity / 2 + 1) * 1000);
+    assert!(crl_serials(&fetch_crl(&server).await).contains(&serial));
+
+    // A whole validity past notAfter, after CRLs issued past notAfter listed it: gone.
+    server.clock.set_ms((not_after + validity + 1) * 1000);
+    assert!(!crl_serials(&fetch_crl(&server).await).contains(&serial));
+}

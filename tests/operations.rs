@@ -210,7 +210,10 @@ async fn ok_health_readiness_reflection_and_request_ids() {
             panic!("unexpected v1alpha reflection answer");
         };
         let alpha: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
-        assert!(alpha.contains(&"payra.v1.Verification".to_string()), "{alpha:?}");
+        assert!(
+            alpha.contains(&"payra.v1.Verification".to_string()),
+            "{alpha:?}"
+        );
     }
 
     let response = server

@@ -126,12 +126,13 @@ impl Ra {
                 return Ok(crl.clone());
             }
         }
+        let last_this_update_s = slot.as_ref().map(|crl| crl.this_update_s);
+        let validity_s = publication.crl_validity_s;
         let entries: Vec<CrlEntry> = self
             .store
             .revoked_entries()?
             .into_iter()
-            // An expired certificate may leave the CRL (RFC 5280 3.3).
-            .filter(|entry| entry.not_after_s > now_s)
+            .filter(|entry| stays_on_crl(entry.not_after_s, now_s, validity_s, last_this_update_s))
             .map(|entry| CrlEntry {
                 serial: entry.serial,
                 revoked_at_s: entry.revocation.revoked_at_s,
@@ -279,9 +280,66 @@ impl Ra {
     }
 }
 
+/// Whether a revoked certificate that expires at `not_after_s` goes on a CRL signed at
+/// `now_s`. RFC 5280 §3.3: an entry may leave the CRL only after it has appeared on one
+/// regularly scheduled CRL issued after the certificate's notAfter (a key-compromise entry
+/// that vanished at notAfter would leave a disputed payment signed just before it without an
+/// answer). It stays for a whole CRL validity past notAfter, in which a running payra signs at
+/// least two scheduled CRLs (one every half validity), and for as long as the last CRL this
+/// process signed (`last_this_update_s`) predates notAfter.
+pub(crate) fn stays_on_crl(
+    not_after_s: i64,
+    now_s: i64,
+    crl_validity_s: i64,
+    last_this_update_s: Option<i64>,
+) -> bool {
+    now_s < not_after_s.saturating_add(crl_validity_s)
+        || last_this_update_s.is_some_and(|last| last < not_after_s)
+}
+
 fn x509_ocsp_internal_error() -> Vec<u8> {
     use der::Encode;
     x509_ocsp::OcspResponse::internal_error()
         .to_der()
         .unwrap_or_else(|_| vec![0x30, 0x03, 0x0a, 0x01, 0x02])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stays_on_crl;
+
+    #[test]
+    fn an_expired_entry_stays_until_a_crl_after_its_not_after() {
+        let not_after = 1_000_000;
+        let day = 86_400;
+        // Live, and just expired: listed.
+        assert!(stays_on_crl(not_after, not_after - 1, day, None));
+        assert!(stays_on_crl(
+            not_after,
+            not_after,
+            day,
+            Some(not_after - 10)
+        ));
+        assert!(stays_on_crl(
+            not_after,
+            not_after + day - 1,
+            day,
+            Some(not_after + 100)
+        ));
+        // A whole validity past notAfter, with a CRL signed after notAfter: gone.
+        assert!(!stays_on_crl(
+            not_after,
+            not_after + day,
+            day,
+            Some(not_after + day / 2)
+        ));
+        assert!(!stays_on_crl(not_after, not_after + day, day, None));
+        // No CRL since before notAfter (the CRL task could not run): still listed.
+        assert!(stays_on_crl(
+            not_after,
+            not_after + 5 * day,
+            day,
+            Some(not_after - 1)
+        ));
+    }
 }
