@@ -46,6 +46,7 @@ pub fn run_all(store: Arc<dyn Store>) {
     concurrent_token_use_issues_exactly_once(store.clone());
     indexes_list_by_customer_and_device(store.as_ref());
     revoke_is_all_or_nothing(store.as_ref());
+    a_hold_made_permanent_keeps_the_hold_time(store.as_ref());
     ledger_checkpoints_keep_recent_days_and_every_release(store.as_ref());
     past_ledger_days_are_purged_in_batches(store.as_ref());
     crl_numbers_grow(store.as_ref());
@@ -341,6 +342,42 @@ fn revoke_is_all_or_nothing(store: &dyn Store) {
     assert_eq!(
         store.certificate(&serials[1]).unwrap().unwrap().revocation,
         Some(revocation)
+    );
+}
+
+fn a_hold_made_permanent_keeps_the_hold_time(store: &dyn Store) {
+    let hash = TokenHash::of("t-hold");
+    store
+        .put_token(&hash, &token("c-hold", 100), &ev())
+        .unwrap();
+    let cert = certificate("c-hold", "d");
+    store.issue_with_token(&hash, 1, &cert, &ev()).unwrap();
+    let serial = std::slice::from_ref(&cert.serial);
+    let hold = Revocation {
+        revoked_at_s: 10,
+        reason: RevocationReason::CertificateHold,
+    };
+    store.revoke(serial, &hold, &ev()).unwrap().unwrap();
+    let compromise = Revocation {
+        revoked_at_s: 50,
+        reason: RevocationReason::KeyCompromise,
+    };
+    store.revoke(serial, &compromise, &ev()).unwrap().unwrap();
+    let kept = Revocation {
+        revoked_at_s: 10,
+        reason: RevocationReason::KeyCompromise,
+    };
+    assert_eq!(
+        store.certificate(&cert.serial).unwrap().unwrap().revocation,
+        Some(kept)
+    );
+    assert_eq!(
+        store.revocation_state(&cert.serial).unwrap(),
+        Some(Some(kept))
+    );
+    assert_eq!(
+        store.revoke(serial, &hold, &ev()).unwrap(),
+        Err(RevokeRejection::AlreadyRevoked(cert.serial.clone(), kept))
     );
 }
 

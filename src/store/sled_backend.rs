@@ -1078,22 +1078,19 @@ impl Store for SledStore {
                         let Some(bytes) = certificates.get(serial.as_bytes())? else {
                             return Ok(Err(RevokeRejection::NotFound(serial.clone())));
                         };
-                        let record: CertificateRecord = decode(&bytes).map_err(abort)?;
-                        if let Some(existing) = record.revocation {
-                            let hold_made_permanent = existing.reason
-                                == RevocationReason::CertificateHold
-                                && revocation.reason != RevocationReason::CertificateHold;
-                            if !hold_made_permanent {
+                        let mut record: CertificateRecord = decode(&bytes).map_err(abort)?;
+                        match revocation.applied_over(record.revocation) {
+                            Some(applied) => record.revocation = Some(applied),
+                            None => {
                                 return Ok(Err(RevokeRejection::AlreadyRevoked(
                                     serial.clone(),
-                                    existing,
-                                )));
+                                    record.revocation.unwrap_or(*revocation),
+                                )))
                             }
                         }
                         records.push(record);
                     }
-                    for mut record in records {
-                        record.revocation = Some(*revocation);
+                    for record in records {
                         put_revoked(revoked, &record).map_err(abort)?;
                         certificates
                             .insert(record.serial.as_bytes(), encode(&record).map_err(abort)?)?;
