@@ -78,6 +78,7 @@ fn issuance_and_crl(c: &mut Criterion) {
         backdate_s: 300,
         crl_url: "http://127.0.0.1:8080/crl".into(),
         ocsp_url: "http://127.0.0.1:8080/ocsp".into(),
+        issuer_not_after_s: ca.issuing_not_after_s,
     };
     let csr = DeviceKey::generate().csr_der("d").unwrap();
     let customer = CustomerId::parse("c", "cust").unwrap();
@@ -226,7 +227,7 @@ fn ledger_sweep(c: &mut Criterion) {
             || {
                 let mut books = Books::default();
                 for key in &keys {
-                    books.reserve(key, 100, 1_000);
+                    books.add_reservation(key, 100);
                 }
                 books
             },

@@ -497,6 +497,7 @@ async fn fail_unregistered_client_certificates_are_refused() {
         backdate_s: 60,
         crl_url: server.config.crl_url(),
         ocsp_url: server.config.ocsp_url(),
+        issuer_not_after_s: ca.issuing_not_after_s,
     };
     let now = payra::clock::Clock::now_s(&server.clock);
     let cert = payra::ca::issue_client_certificate(

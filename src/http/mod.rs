@@ -179,16 +179,24 @@ async fn ocsp_post(State(ra): State<Arc<Ra>>, body: Bytes) -> Response {
 
 /// RFC 6960 A.1: GET {url}/{url-encoding of base-64 encoding of the DER request}. The path
 /// is already percent-decoded by the router.
+/// `malformedRequest` for a GET, not cacheable.
+fn malformed_get() -> Response {
+    ocsp_get_reply(crate::ra::OcspAnswer {
+        der: crate::ca::OcspResponder::malformed(),
+        freshness: None,
+    })
+}
+
 async fn ocsp_get(State(ra): State<Arc<Ra>>, Path(encoded): Path<String>) -> Response {
     if encoded.len() > MAX_OCSP_REQUEST_BYTES * 2 {
-        return ocsp_reply(crate::ca::OcspResponder::malformed());
+        return malformed_get();
     }
     let compact: String = encoded.chars().filter(|c| !c.is_whitespace()).collect();
     let Ok(der) = base64::engine::general_purpose::STANDARD.decode(compact.as_bytes()) else {
-        return ocsp_reply(crate::ca::OcspResponder::malformed());
+        return malformed_get();
     };
     match ocsp_answer(ra, der).await {
         Some(answer) => ocsp_get_reply(answer),
-        None => ocsp_reply(crate::ca::OcspResponder::malformed()),
+        None => malformed_get(),
     }
 }

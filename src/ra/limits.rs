@@ -314,7 +314,15 @@ mod tests {
         use Tier::*;
         // (name, earlier reservations that fit, then the decision, whether it fits, binding
         // ceiling, its remaining before the decision)
-        let table: &[(&str, &[(Tier, i64)], (Tier, i64), bool, Tier, i64)] = &[
+        type Case = (
+            &'static str,
+            &'static [(Tier, i64)],
+            (Tier, i64),
+            bool,
+            Tier,
+            i64,
+        );
+        let table: &[Case] = &[
             ("D alone up to 500", &[], (D, 50_000), true, D, 50_000),
             ("D over 500", &[], (D, 50_001), false, D, 50_000),
             (
