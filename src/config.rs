@@ -333,11 +333,11 @@ impl Config {
             ));
         }
         let kept_s = u64::from(self.retention.expired_certificate_days) * 86_400;
-        if kept_s != 0 && kept_s <= u64::from(self.revocation.crl_validity_s) {
+        if kept_s != 0 && kept_s < u64::from(self.revocation.crl_validity_s) {
             return Err(Error::invalid(
                 "retention.expired_certificate_days",
-                "must keep expired certificates longer than revocation.crl_validity_s (a \
-                 revoked certificate stays on the CRL that long after it expires), or be 0",
+                "must keep expired certificates at least as long as revocation.crl_validity_s \
+                 (a revoked certificate stays on the CRL that long after it expires), or be 0",
             ));
         }
         if self.verification.skew_s == 0 || self.verification.skew_s > 3600 {

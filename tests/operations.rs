@@ -285,7 +285,7 @@ async fn ok_invented_method_names_share_one_metrics_label() {
 fn config_precedence_is_flags_then_environment_then_file_then_defaults() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("payra.toml");
-    std::fs::write(&file, "grpc_addr = \"127.0.0.1:1111\"\nhttp_addr = \"127.0.0.1:2222\"\n[ledger]\nlimit_b_fen = 123\n").unwrap();
+    std::fs::write(&file, "grpc_addr = \"127.0.0.1:1111\"\nhttp_addr = \"127.0.0.1:2222\"\n[ledger]\nlimit_d_fen = 123\n").unwrap();
     let check = |env: &[(&str, &str)], flags: &[&str]| -> serde_json::Value {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_payra"));
         command
@@ -310,7 +310,7 @@ fn config_precedence_is_flags_then_environment_then_file_then_defaults() {
         file_only["grpc_addr"], "127.0.0.1:1111",
         "file over defaults"
     );
-    assert_eq!(file_only["ledger"]["limit_b_fen"], 123);
+    assert_eq!(file_only["ledger"]["limit_d_fen"], 123);
     assert_eq!(
         file_only["ledger"]["limit_c_fen"], 100000,
         "defaults where the file is silent"
