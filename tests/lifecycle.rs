@@ -613,15 +613,7 @@ async fn ok_ocsp_get_form_and_nonce_echo() {
         path_str(&req),
     ]);
     assert!(ok, "{text}");
-    use base64::Engine;
-    let encoded = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&req).unwrap());
-    let url = server.http_url(&format!(
-        "/ocsp/{}",
-        encoded
-            .replace('+', "%2B")
-            .replace('/', "%2F")
-            .replace('=', "%3D")
-    ));
+    let url = ocsp_get_url(&server, &std::fs::read(&req).unwrap());
     let (code, _, body) = http_get(&url).await;
     assert_eq!(code, 200);
     let resp = server.dir.path().join("resp.der");
