@@ -215,6 +215,31 @@ pub struct LimitConfig {
     /// Failed enrollment-token lookups allowed per peer address per minute; 0 switches the
     /// throttle off.
     pub enroll_failures_per_minute: u32,
+    /// Most gRPC connections from one source address (phones behind a carrier NAT share
+    /// one); a connection over it is closed at once.
+    pub max_connections_per_address: usize,
+    /// Most gRPC TLS handshakes in progress at once.
+    pub max_handshaking: usize,
+    /// A TLS handshake not finished in this many seconds is dropped with its connection.
+    pub handshake_timeout_s: u32,
+    /// A gRPC connection whose client sent no HTTP/2 frame but PING for this long is closed
+    /// (an open health `Watch` counts as idle).
+    pub idle_timeout_s: u32,
+    /// The server pings an HTTP/2 connection this often, and closes it when an answer takes
+    /// longer than `keepalive_timeout_s`.
+    pub keepalive_interval_s: u32,
+    pub keepalive_timeout_s: u32,
+    /// A gRPC connection is asked to close (GOAWAY, 30 s of grace) after this many seconds;
+    /// clients reconnect. 0: no limit.
+    pub max_connection_age_s: u32,
+    /// Most open HTTP connections (CRL, OCSP, metrics, health).
+    pub http_max_connections: usize,
+    /// Most HTTP connections from one source address.
+    pub http_max_connections_per_address: usize,
+    /// An HTTP connection on which the client sent nothing for this long is closed.
+    pub http_idle_timeout_s: u32,
+    /// Longest an HTTP connection stays open, busy or not.
+    pub http_max_connection_age_s: u32,
 }
 
 impl Default for Config {
@@ -262,7 +287,63 @@ impl Default for LimitConfig {
             max_connections: 4096,
             request_timeout_s: 30,
             enroll_failures_per_minute: 20,
+            max_connections_per_address: 256,
+            max_handshaking: 256,
+            handshake_timeout_s: 5,
+            idle_timeout_s: 120,
+            keepalive_interval_s: 30,
+            keepalive_timeout_s: 10,
+            max_connection_age_s: 3600,
+            http_max_connections: 1024,
+            http_max_connections_per_address: 64,
+            http_idle_timeout_s: 15,
+            http_max_connection_age_s: 60,
         }
+    }
+}
+
+impl LimitConfig {
+    fn validate(&self) -> Result<()> {
+        for (field, value) in [
+            ("limits.max_connections", self.max_connections),
+            (
+                "limits.max_connections_per_address",
+                self.max_connections_per_address,
+            ),
+            ("limits.max_handshaking", self.max_handshaking),
+            ("limits.http_max_connections", self.http_max_connections),
+            (
+                "limits.http_max_connections_per_address",
+                self.http_max_connections_per_address,
+            ),
+        ] {
+            if value == 0 {
+                return Err(Error::invalid(field, "must be at least 1"));
+            }
+        }
+        for (field, value) in [
+            ("limits.request_timeout_s", self.request_timeout_s),
+            ("limits.handshake_timeout_s", self.handshake_timeout_s),
+            ("limits.keepalive_interval_s", self.keepalive_interval_s),
+            ("limits.keepalive_timeout_s", self.keepalive_timeout_s),
+            ("limits.http_idle_timeout_s", self.http_idle_timeout_s),
+            (
+                "limits.http_max_connection_age_s",
+                self.http_max_connection_age_s,
+            ),
+        ] {
+            if value == 0 {
+                return Err(Error::invalid(field, "must be at least 1"));
+            }
+        }
+        if self.idle_timeout_s <= self.request_timeout_s {
+            return Err(Error::invalid(
+                "limits.idle_timeout_s",
+                "must be longer than limits.request_timeout_s (an RPC in progress must not \
+                 look idle)",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -320,12 +401,7 @@ impl Config {
                 "must be at least 16384 (a CSR may be 8 KiB)",
             ));
         }
-        if self.limits.max_connections == 0 || self.limits.request_timeout_s == 0 {
-            return Err(Error::invalid(
-                "limits",
-                "max_connections and request_timeout_s must be at least 1",
-            ));
-        }
+        self.limits.validate()?;
         if self.revocation.crl_validity_s < 60 || self.revocation.ocsp_validity_s < 60 {
             return Err(Error::invalid(
                 "revocation",

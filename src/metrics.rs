@@ -26,6 +26,7 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub ocsp_responses: IntCounterVec,
     pub enroll_throttled: IntCounter,
+    pub connections_refused: IntCounterVec,
     /// User plus system CPU time of this process, brought up to date at each scrape (under
     /// the lock, so that overlapping scrapes do not both add the same time).
     process_cpu_seconds: std::sync::Mutex<Counter>,
@@ -188,6 +189,15 @@ impl Metrics {
                     "Enroll calls refused by the per-peer failure limit",
                 )
                 .unwrap_or_else(|e| panic!("metric payra_enroll_throttled_total: {e}")),
+            ),
+            connections_refused: register(
+                &registry,
+                counter_vec(
+                    "payra_connections_refused_total",
+                    "Connections closed before serving, by listener and reason \
+                     (per_address_limit, handshake_timeout, handshake_failed)",
+                    &["listener", "reason"],
+                ),
             ),
             process_cpu_seconds: std::sync::Mutex::new(register(
                 &registry,

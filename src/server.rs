@@ -7,16 +7,16 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::transport::Server;
 
 use crate::ca::CaMaterial;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::listener::{grpc_incoming, AdmissionLimits, HttpListener};
 use crate::metrics::Metrics;
 use crate::ra::{Ra, RaPolicy};
 use crate::store::{SledStore, Store};
-use crate::wire::listener::limited_incoming;
 use crate::wire::observe::ObserveLayer;
 use crate::wire::proto;
 use crate::wire::{AdminService, EnrollmentService, RegistrationService, VerificationService};
@@ -38,14 +38,47 @@ pub struct RunningServer {
     ra: Arc<Ra>,
 }
 
-fn pem_of(der: &[u8]) -> String {
-    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
-}
-
 async fn bind(addr: SocketAddr, what: &str) -> Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .map_err(|e| Error::FailedPrecondition(format!("cannot listen for {what} on {addr}: {e}")))
+}
+
+/// The gRPC listener's TLS: TLS 1.3 only (TLS 1.2 would send the client certificate, which
+/// names the customer, in the clear), ALPN h2, the server certificate chain, and client
+/// certificates optional (phones enroll without one) but, when presented, chained to payra's
+/// root or issuing CA.
+fn grpc_tls_config(ca: &CaMaterial) -> Result<Arc<rustls::ServerConfig>> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let bad = |what: &str, e: &dyn std::fmt::Display| {
+        Error::FailedPrecondition(format!("TLS configuration: {what}: {e}"))
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for der in [&ca.root_der, &ca.issuing_der] {
+        roots
+            .add(CertificateDer::from(der.clone()))
+            .map_err(|e| bad("client CA", &e))?;
+    }
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.into(), provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| bad("client verifier", &e))?;
+    let chain = CertificateDer::pem_slice_iter(ca.server_chain_pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| bad("server.pem", &e))?;
+    let key = PrivateKeyDer::from_pem_slice(ca.server_key_pem.as_bytes())
+        .map_err(|e| bad("server.key", &e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| bad("protocol versions", &e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| bad("server certificate", &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// The issuing key's passphrase: from `ca_key_passphrase_file` (which must not be readable by
@@ -63,6 +96,9 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
     config.validate()?;
     for warning in config.warnings() {
         tracing::warn!("{warning}");
+    }
+    if let Some(limit) = crate::listener::raise_open_file_limit() {
+        tracing::debug!(limit, "open-file limit");
     }
     let grpc_listener = bind(config.grpc_addr, "gRPC").await?;
     let http_listener = bind(config.http_addr, "HTTP").await?;
@@ -84,13 +120,7 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
 
     ra.register_bootstrap_clients(&config.certs_dir)?;
 
-    // Phones enroll without a certificate, so client auth is optional; a certificate that is
-    // presented must chain to payra's root or issuing CA.
-    let client_roots = format!("{}{}", pem_of(&ca.root_der), pem_of(&ca.issuing_der));
-    let tls = ServerTlsConfig::new()
-        .identity(Identity::from_pem(&ca.server_chain_pem, &ca.server_key_pem))
-        .client_ca_root(Certificate::from_pem(client_roots))
-        .client_auth_optional(true);
+    let tls = grpc_tls_config(&ca)?;
 
     let max = config.limits.max_message_bytes;
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -115,12 +145,18 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
             .await;
     }
 
-    let router = Server::builder()
-        .timeout(std::time::Duration::from_secs(u64::from(
-            config.limits.request_timeout_s,
-        )))
-        .tls_config(tls)
-        .map_err(|e| Error::FailedPrecondition(format!("TLS configuration: {e}")))?
+    let limits = &config.limits;
+    let seconds = |s: u32| std::time::Duration::from_secs(u64::from(s));
+    let mut builder = Server::builder()
+        .timeout(seconds(limits.request_timeout_s))
+        .http2_keepalive_interval(Some(seconds(limits.keepalive_interval_s)))
+        .http2_keepalive_timeout(Some(seconds(limits.keepalive_timeout_s)));
+    if limits.max_connection_age_s > 0 {
+        builder = builder
+            .max_connection_age(seconds(limits.max_connection_age_s))
+            .max_connection_age_grace(seconds(30));
+    }
+    let router = builder
         .layer(
             tower::ServiceBuilder::new()
                 .layer(ObserveLayer::new(metrics.clone()))
@@ -151,14 +187,33 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
                 .max_decoding_message_size(max),
         );
 
-    let max_connections = config.limits.max_connections;
+    let grpc_limits = AdmissionLimits {
+        listener: "grpc",
+        max_connections: limits.max_connections,
+        max_per_address: limits.max_connections_per_address,
+        max_handshaking: limits.max_handshaking,
+        handshake_timeout: seconds(limits.handshake_timeout_s),
+        idle_timeout: seconds(limits.idle_timeout_s),
+        // Connection age is tonic's (a graceful GOAWAY), not a cut.
+        max_lifetime: None,
+    };
+    let http_limits = AdmissionLimits {
+        listener: "http",
+        max_connections: limits.http_max_connections,
+        max_per_address: limits.http_max_connections_per_address,
+        max_handshaking: limits.http_max_connections,
+        handshake_timeout: seconds(limits.handshake_timeout_s),
+        idle_timeout: seconds(limits.http_idle_timeout_s),
+        max_lifetime: Some(seconds(limits.http_max_connection_age_s)),
+    };
+    let incoming = grpc_incoming(grpc_listener, tls, grpc_limits, metrics.clone());
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let (http_stop_tx, http_stop_rx) = oneshot::channel::<()>();
     let ended = Arc::new(tokio::sync::Notify::new());
     let grpc_ended = ended.clone();
     let grpc = tokio::spawn(async move {
         let result = router
-            .serve_with_incoming_shutdown(limited_incoming(grpc_listener, max_connections), async {
+            .serve_with_incoming_shutdown(incoming, async {
                 let _ = shutdown_rx.await;
             })
             .await;
@@ -172,6 +227,7 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
         ra: ra.clone(),
         storage_syncs: Arc::new(move || sync_source.syncs() + log_source.decision_log_syncs()),
     };
+    let http_listener = HttpListener::new(http_listener, http_limits, metrics.clone());
     let http = tokio::spawn(crate::http::serve(http_listener, http_state, async {
         let _ = http_stop_rx.await;
     }));

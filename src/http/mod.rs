@@ -12,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use base64::Engine;
-use tokio::net::TcpListener;
 
 use crate::ca::ocsp::MAX_OCSP_REQUEST_BYTES;
 use crate::ra::Ra;
@@ -27,7 +26,7 @@ pub struct HttpState {
 
 /// Serves the HTTP routes on `listener` until `stop` completes.
 pub async fn serve(
-    listener: TcpListener,
+    listener: crate::listener::HttpListener,
     state: HttpState,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {

@@ -3,7 +3,6 @@
 //! prost types.
 
 pub mod auth;
-pub mod listener;
 pub mod observe;
 mod services;
 mod status;

@@ -1,0 +1,613 @@
+//! Admission of TCP connections to both listeners, so that sockets which never speak cannot
+//! hold the slots that phones, payment services and operators need.
+//!
+//! Every accepted connection holds a slot of its listener (`max_connections`) and one of its
+//! source address (`max_per_address`) until it closes; at the total limit, new clients wait
+//! in the kernel's accept queue. A connection over its address's limit is closed at once.
+//! gRPC connections run their TLS handshake (TLS 1.3 only) here, at most `max_handshaking`
+//! at a time and each within `handshake_timeout`. An established connection is closed once
+//! its client has been idle for `idle_timeout`: for gRPC, idle means no HTTP/2 frame but
+//! PING (so the server's keepalive pings, which the client answers, do not keep an unused
+//! connection alive, and neither does a long-lived stream such as health `Watch` on which the
+//! client sends nothing); for HTTP, no byte at all. An HTTP connection also ends at
+//! `max_lifetime`, which stops a client that trickles a header a byte at a time.
+//!
+//! Accept errors never end a listener. Running out of file descriptors (`EMFILE`, `ENFILE`)
+//! or kernel memory makes the loop back off (50 ms, doubling to 1 s) instead of spinning.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::{Instant, Sleep};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::Stream;
+use tonic::transport::server::Connected;
+
+use crate::metrics::Metrics;
+
+/// How one listener admits and keeps connections.
+#[derive(Debug, Clone)]
+pub struct AdmissionLimits {
+    /// `grpc` or `http`, for metrics and logs.
+    pub listener: &'static str,
+    pub max_connections: usize,
+    pub max_per_address: usize,
+    /// Most TLS handshakes in progress at once (gRPC only).
+    pub max_handshaking: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// Longest a connection may stay open, idle or not (`None`: no limit).
+    pub max_lifetime: Option<Duration>,
+}
+
+/// What counts as activity of the client on a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ActivityKind {
+    /// Any byte read.
+    Bytes,
+    /// Any HTTP/2 frame read but PING.
+    Http2Frames,
+}
+
+/// First backoff after an accept error that signals exhaustion, and the longest.
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(50);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// HTTP/2 client connection preface (RFC 9113 §3.4): 24 bytes before the first frame.
+const HTTP2_PREFACE_LEN: usize = 24;
+const HTTP2_FRAME_HEADER_LEN: usize = 9;
+const HTTP2_PING: u8 = 0x6;
+
+/// Whether an accept error means the process or the kernel ran out of something, so that
+/// retrying at once would spin.
+fn is_exhaustion(error: &io::Error) -> bool {
+    // EMFILE 24, ENFILE 23, ENOBUFS 105, ENOMEM 12 on Linux.
+    matches!(error.raw_os_error(), Some(24 | 23 | 105 | 12))
+}
+
+/// Calls `accept` until it gives a connection. Exhaustion errors back off (doubling up to
+/// [`ACCEPT_BACKOFF_MAX`]); other errors (a connection reset before it was accepted) retry
+/// at once. Errors are logged, exhaustion at most once per backoff.
+async fn accept_with_backoff<F, Fut, T>(listener: &'static str, mut accept: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = io::Result<T>>,
+{
+    let mut backoff = ACCEPT_BACKOFF_FIRST;
+    loop {
+        match accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) if is_exhaustion(&e) => {
+                tracing::warn!(
+                    listener,
+                    error = %e,
+                    backoff_ms = backoff.as_millis() as u64,
+                    "accept failed: out of file descriptors or memory; backing off"
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+            }
+            Err(e) => tracing::debug!(listener, error = %e, "accept failed"),
+        }
+    }
+}
+
+/// Open connections per source address.
+#[derive(Default)]
+struct AddressTable {
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// A connection's share of its address's limit; given back when dropped.
+struct AddressSlot {
+    table: Arc<AddressTable>,
+    address: IpAddr,
+}
+
+impl AddressTable {
+    /// Takes a slot for `address` if it has fewer than `max` connections open.
+    fn take(self: &Arc<Self>, address: IpAddr, max: usize) -> Option<AddressSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let count = open.entry(address).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            table: self.clone(),
+            address,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = open.get_mut(&self.address) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.address);
+            }
+        }
+    }
+}
+
+/// The slots an admitted connection holds until it closes.
+struct Slots {
+    _listener: OwnedSemaphorePermit,
+    _address: AddressSlot,
+}
+
+/// Admits connections to one listener.
+#[derive(Clone)]
+struct Admission {
+    limits: AdmissionLimits,
+    slots: Arc<Semaphore>,
+    addresses: Arc<AddressTable>,
+    metrics: Arc<Metrics>,
+}
+
+impl Admission {
+    fn new(limits: AdmissionLimits, metrics: Arc<Metrics>) -> Admission {
+        Admission {
+            slots: Arc::new(Semaphore::new(limits.max_connections.max(1))),
+            addresses: Arc::new(AddressTable::default()),
+            limits,
+            metrics,
+        }
+    }
+
+    fn refuse(&self, reason: &str) {
+        self.metrics
+            .connections_refused
+            .with_label_values(&[self.limits.listener, reason])
+            .inc();
+    }
+
+    /// The next connection within the limits, with its slots.
+    async fn admit(&self, listener: &TcpListener) -> (TcpStream, SocketAddr, Slots) {
+        loop {
+            // `slots` is never closed, so acquiring cannot fail.
+            let Ok(permit) = self.slots.clone().acquire_owned().await else {
+                continue;
+            };
+            let (stream, peer) =
+                accept_with_backoff(self.limits.listener, || listener.accept()).await;
+            let Some(address) = self
+                .addresses
+                .take(peer.ip(), self.limits.max_per_address.max(1))
+            else {
+                // Dropping the stream closes it; the slot goes back with the permit.
+                self.refuse("per_address_limit");
+                tracing::debug!(listener = self.limits.listener, %peer, "connection over its address's limit closed");
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let slots = Slots {
+                _listener: permit,
+                _address: address,
+            };
+            return (stream, peer, slots);
+        }
+    }
+}
+
+/// Tracks a client's activity and says when it has been idle too long.
+struct IdleClock {
+    kind: ActivityKind,
+    timeout: Duration,
+    last_activity: Instant,
+    /// Fires at `last_activity + timeout` as it stood when armed; re-armed lazily.
+    timer: Pin<Box<Sleep>>,
+    /// Ends the connection regardless of activity.
+    lifetime: Option<Pin<Box<Sleep>>>,
+    /// HTTP/2 framing state: preface bytes still to skip, the partial frame header, and
+    /// payload bytes still to skip.
+    preface_left: usize,
+    header: [u8; HTTP2_FRAME_HEADER_LEN],
+    header_len: usize,
+    payload_left: usize,
+}
+
+impl IdleClock {
+    fn new(kind: ActivityKind, timeout: Duration, lifetime: Option<Duration>) -> IdleClock {
+        let now = Instant::now();
+        IdleClock {
+            kind,
+            timeout,
+            last_activity: now,
+            timer: Box::pin(tokio::time::sleep_until(now + timeout)),
+            lifetime: lifetime.map(|l| Box::pin(tokio::time::sleep_until(now + l))),
+            preface_left: HTTP2_PREFACE_LEN,
+            header: [0; HTTP2_FRAME_HEADER_LEN],
+            header_len: 0,
+            payload_left: 0,
+        }
+    }
+
+    /// Looks at bytes the client sent; notes activity if they count.
+    fn saw(&mut self, mut bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.kind == ActivityKind::Bytes {
+            self.last_activity = Instant::now();
+            return;
+        }
+        let mut active = false;
+        while !bytes.is_empty() {
+            if self.preface_left > 0 {
+                let n = self.preface_left.min(bytes.len());
+                self.preface_left -= n;
+                bytes = &bytes[n..];
+                active = true;
+            } else if self.payload_left > 0 {
+                let n = self.payload_left.min(bytes.len());
+                self.payload_left -= n;
+                bytes = &bytes[n..];
+            } else {
+                let n = (HTTP2_FRAME_HEADER_LEN - self.header_len).min(bytes.len());
+                self.header[self.header_len..self.header_len + n].copy_from_slice(&bytes[..n]);
+                self.header_len += n;
+                bytes = &bytes[n..];
+                if self.header_len == HTTP2_FRAME_HEADER_LEN {
+                    let length =
+                        u32::from_be_bytes([0, self.header[0], self.header[1], self.header[2]])
+                            as usize;
+                    if self.header[3] != HTTP2_PING {
+                        active = true;
+                    }
+                    self.payload_left = length;
+                    self.header_len = 0;
+                }
+            }
+        }
+        if active {
+            self.last_activity = Instant::now();
+        }
+    }
+
+    /// `Ready` once the connection must end: idle past the timeout, or past its lifetime.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(lifetime) = self.lifetime.as_mut() {
+            if lifetime.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(());
+            }
+        }
+        loop {
+            let deadline = self.last_activity + self.timeout;
+            if self.timer.deadline() != deadline {
+                self.timer.as_mut().reset(deadline);
+            }
+            match self.timer.as_mut().poll(cx) {
+                Poll::Ready(()) if self.last_activity + self.timeout <= Instant::now() => {
+                    return Poll::Ready(())
+                }
+                Poll::Ready(()) => continue,
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+use std::future::Future as _;
+
+/// A connection that holds its slots until it is dropped, and fails its reads once its client
+/// has been idle too long (so the server closes it).
+pub struct AdmittedStream<S> {
+    inner: S,
+    idle: IdleClock,
+    _slots: Slots,
+}
+
+impl<S: Connected> Connected for AdmittedStream<S> {
+    type ConnectInfo = S::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AdmittedStream<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        let before = buf.filled().len();
+        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                this.idle.saw(&buf.filled()[before..]);
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => match this.idle.poll_expired(cx) {
+                Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "connection idle or too old",
+                ))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AdmittedStream<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// The gRPC listener's connections: admitted, then through a TLS handshake with `tls` (at
+/// most `max_handshaking` at once, each within `handshake_timeout`), in the order their
+/// handshakes finish. The stream never ends.
+pub fn grpc_incoming(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    limits: AdmissionLimits,
+    metrics: Arc<Metrics>,
+) -> impl Stream<Item = io::Result<AdmittedStream<TlsStream<TcpStream>>>> {
+    let admission = Admission::new(limits, metrics);
+    let handshakes = Arc::new(Semaphore::new(admission.limits.max_handshaking.max(1)));
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    // Bounded: when tonic stops taking connections, the handshakes wait rather than pile up.
+    let (done, ready) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let Ok(handshake_turn) = handshakes.clone().acquire_owned().await else {
+                return;
+            };
+            let (stream, peer, slots) = admission.admit(&listener).await;
+            let acceptor = acceptor.clone();
+            let admission = admission.clone();
+            let sender = done.clone();
+            tokio::spawn(async move {
+                let limits = &admission.limits;
+                let handshake =
+                    tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await;
+                drop(handshake_turn);
+                let tls = match handshake {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        admission.refuse("handshake_failed");
+                        tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        admission.refuse("handshake_timeout");
+                        tracing::debug!(%peer, "TLS handshake not finished in time; closed");
+                        return;
+                    }
+                };
+                let stream = AdmittedStream {
+                    inner: tls,
+                    idle: IdleClock::new(
+                        ActivityKind::Http2Frames,
+                        limits.idle_timeout,
+                        limits.max_lifetime,
+                    ),
+                    _slots: slots,
+                };
+                let _ = sender.send(Ok(stream)).await;
+            });
+            if done.is_closed() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(ready)
+}
+
+/// The HTTP listener's connections, for `axum::serve`.
+pub struct HttpListener {
+    listener: TcpListener,
+    admission: Admission,
+}
+
+impl HttpListener {
+    pub fn new(listener: TcpListener, limits: AdmissionLimits, metrics: Arc<Metrics>) -> Self {
+        HttpListener {
+            listener,
+            admission: Admission::new(limits, metrics),
+        }
+    }
+}
+
+impl axum::serve::Listener for HttpListener {
+    type Io = AdmittedStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        let (stream, peer, slots) = self.admission.admit(&self.listener).await;
+        let limits = &self.admission.limits;
+        let stream = AdmittedStream {
+            inner: stream,
+            idle: IdleClock::new(
+                ActivityKind::Bytes,
+                limits.idle_timeout,
+                limits.max_lifetime,
+            ),
+            _slots: slots,
+        };
+        (stream, peer)
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit, so that the connection limits, not
+/// the file descriptors, decide how many clients are served. Returns the new soft limit.
+pub fn raise_open_file_limit() -> Option<u64> {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => Some(limit),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open-file limit");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[tokio::test(start_paused = true)]
+    async fn exhaustion_backs_off_instead_of_spinning() {
+        let calls = AtomicUsize::new(0);
+        let start = Instant::now();
+        let value = accept_with_backoff("test", || {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < 5 {
+                    Err(io::Error::from_raw_os_error(24)) // EMFILE
+                } else {
+                    Ok(n)
+                }
+            }
+        })
+        .await;
+        assert_eq!(value, 5);
+        // 50 + 100 + 200 + 400 + 800 ms of backoff before the sixth try.
+        assert_eq!(start.elapsed(), Duration::from_millis(1550));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn other_accept_errors_retry_at_once() {
+        let calls = AtomicUsize::new(0);
+        let start = Instant::now();
+        accept_with_backoff("test", || {
+            let n = calls.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if n < 3 {
+                    Err(io::Error::from(io::ErrorKind::ConnectionAborted))
+                } else {
+                    Ok(())
+                }
+            }
+        })
+        .await;
+        assert_eq!(start.elapsed(), Duration::ZERO);
+    }
+
+    #[test]
+    fn address_slots_are_counted_and_given_back() {
+        let table = Arc::new(AddressTable::default());
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.3".parse().unwrap();
+        let first = table.take(a, 2).unwrap();
+        let _second = table.take(a, 2).unwrap();
+        assert!(table.take(a, 2).is_none(), "third from one address");
+        assert!(
+            table.take(b, 2).is_some(),
+            "another address is not affected"
+        );
+        drop(first);
+        assert!(
+            table.take(a, 2).is_some(),
+            "a closed connection frees its slot"
+        );
+    }
+
+    fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut bytes = len.to_be_bytes()[1..].to_vec();
+        bytes.extend_from_slice(&[kind, 0, 0, 0, 0, 0]);
+        bytes.extend_from_slice(payload);
+        bytes
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pings_do_not_count_as_activity_but_other_frames_do() {
+        let mut clock = IdleClock::new(ActivityKind::Http2Frames, Duration::from_secs(10), None);
+        let start = clock.last_activity;
+        tokio::time::advance(Duration::from_secs(1)).await;
+        clock.saw(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+        assert_eq!(
+            clock.last_activity,
+            start + Duration::from_secs(1),
+            "preface"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // A PING split across reads, with a payload that looks like a HEADERS frame header.
+        let ping = frame(HTTP2_PING, &[0, 0, 5, 1, 0, 0, 0, 0]);
+        clock.saw(&ping[..4]);
+        clock.saw(&ping[4..]);
+        assert_eq!(clock.last_activity, start + Duration::from_secs(1), "PING");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let mut bytes = frame(0x1, &[0; 20]); // HEADERS
+        bytes.extend(frame(0x0, &[1; 300])); // DATA
+        clock.saw(&bytes);
+        assert_eq!(
+            clock.last_activity,
+            start + Duration::from_secs(3),
+            "HEADERS"
+        );
+        // Payload bytes alone are not a new frame.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let partial = frame(0x0, &[1; 100]);
+        clock.saw(&partial[..9]);
+        let at = clock.last_activity;
+        tokio::time::advance(Duration::from_secs(1)).await;
+        clock.saw(&partial[9..]);
+        assert_eq!(clock.last_activity, at);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_expires_and_activity_postpones_it() {
+        let mut clock = IdleClock::new(ActivityKind::Bytes, Duration::from_secs(10), None);
+        let waker = futures_waker();
+        let mut cx = Context::from_waker(&waker);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(clock.poll_expired(&mut cx).is_pending());
+        clock.saw(b"x");
+        tokio::time::advance(Duration::from_secs(6)).await;
+        assert!(clock.poll_expired(&mut cx).is_pending(), "activity at 6 s");
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(clock.poll_expired(&mut cx).is_ready(), "idle 11 s");
+
+        let mut old = IdleClock::new(
+            ActivityKind::Bytes,
+            Duration::from_secs(10),
+            Some(Duration::from_secs(15)),
+        );
+        for _ in 0..4 {
+            tokio::time::advance(Duration::from_secs(4)).await;
+            old.saw(b"x");
+        }
+        assert!(old.poll_expired(&mut cx).is_ready(), "past its lifetime");
+    }
+
+    fn futures_waker() -> std::task::Waker {
+        std::task::Waker::noop().clone()
+    }
+}
