@@ -377,6 +377,16 @@ impl Config {
                 "must be at least 1 and at most tokens.max_ttl_s",
             ));
         }
+        if self.public_base_url.is_none() && self.http_addr.ip().is_unspecified() {
+            return Err(Error::invalid(
+                "public_base_url",
+                format!(
+                    "must be set when http_addr {} listens on every address: issued \
+                     certificates would carry http://{}/crl, which no relying party can reach",
+                    self.http_addr, self.http_addr
+                ),
+            ));
+        }
         if let Some(url) = &self.public_base_url {
             let rest = url.strip_prefix("http://").ok_or_else(|| {
                 Error::invalid(
@@ -436,12 +446,11 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
         match &self.public_base_url {
-            None if self.http_addr.ip().is_unspecified() => warnings.push(format!(
-                "public_base_url is not set and http_addr {} listens on every address: issued \
-                 certificates will point at {}; set public_base_url to the address relying \
-                 parties use",
-                self.http_addr,
-                self.public_base_url()
+            None if self.http_addr.port() == 0 => warnings.push(format!(
+                "public_base_url is not set and http_addr {} asks for any free port: issued \
+                 certificates name the port bound now, which changes at every start; set \
+                 public_base_url",
+                self.http_addr
             )),
             Some(url) => {
                 if let Some(port) = loopback_port(url) {
@@ -491,13 +500,20 @@ impl Config {
 fn loopback_port(url: &str) -> Option<u16> {
     let rest = url.strip_prefix("http://")?;
     let authority = rest.split('/').next()?;
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => {
-            (host, port.parse().ok()?)
+    // `[v6]:port`, `[v6]`, `host:port` or `host`.
+    let (host, port) = match authority.strip_prefix('[') {
+        Some(v6) => {
+            let (host, after) = v6.split_once(']')?;
+            match after.strip_prefix(':') {
+                Some(port) => (host, port.parse().ok()?),
+                None => (host, 80),
+            }
         }
-        _ => (authority, 80),
+        None => match authority.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse().ok()?),
+            None => (authority, 80),
+        },
     };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
     let loopback = host.eq_ignore_ascii_case("localhost")
         || host
             .parse::<std::net::IpAddr>()
@@ -610,9 +626,16 @@ mod tests {
         )
         .unwrap();
         assert!(public.warnings().is_empty());
-        let unset = Config::from_toml("http_addr = \"0.0.0.0:8080\"\n").unwrap();
-        assert!(unset.warnings()[0].contains("public_base_url is not set"));
+        let err = Config::from_toml("http_addr = \"0.0.0.0:8080\"\n").unwrap_err();
+        assert!(
+            err.to_string().contains("public_base_url: must be set"),
+            "{err}"
+        );
+        let any_port = Config::from_toml("http_addr = \"127.0.0.1:0\"\n").unwrap();
+        assert!(any_port.warnings()[0].contains("changes at every start"));
         assert_eq!(loopback_port("http://[::1]:81/x"), Some(81));
+        assert_eq!(loopback_port("http://[::1]"), Some(80));
+        assert_eq!(loopback_port("http://localhost:8080"), Some(8080));
         assert_eq!(loopback_port("http://127.0.0.1"), Some(80));
         assert_eq!(loopback_port("http://pki.example.com:81"), None);
     }

@@ -495,8 +495,8 @@ async fn fail_unregistered_client_certificates_are_refused() {
     let profile = payra::ca::DeviceProfile {
         validity_s: 86_400,
         backdate_s: 60,
-        crl_url: server.config.crl_url(),
-        ocsp_url: server.config.ocsp_url(),
+        crl_url: server.http_url("/crl"),
+        ocsp_url: server.http_url("/ocsp"),
         issuer_not_after_s: ca.issuing_not_after_s,
     };
     let now = payra::clock::Clock::now_s(&server.clock);

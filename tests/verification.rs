@@ -699,7 +699,7 @@ fn qualify_request(
 async fn fail_weaker_verifications_never_add_to_the_days_envelope() {
     let server = TestServer::start().await;
     let service = server.service().await;
-    let qualify = |order: &str, amount: i64, factors: Vec<proto::Factor>, scene| {
+    let qualify_with_evidence = |order: &str, amount: i64, factors: Vec<proto::Factor>, scene| {
         let request = qualify_request("nora", order, amount, factors, scene);
         let mut client = service.verification();
         async move {
@@ -708,12 +708,16 @@ async fn fail_weaker_verifications_never_add_to_the_days_envelope() {
                 .await
                 .unwrap()
                 .into_inner();
-            answer.limit.unwrap()
+            (answer.limit.unwrap(), answer.evidence_id)
         }
+    };
+    let qualify = |order: &str, amount: i64, factors: Vec<proto::Factor>, scene| {
+        let answer = qualify_with_evidence(order, amount, factors, scene);
+        async move { answer.await.0 }
     };
     use proto::Scene::{InApp, StaticBarcode};
     // The review's day: 500 (static code, D) + 1,000 (C) + 5,000 (B) = 6,500 CNY.
-    let d = qualify("d-1", 50_000, vec![], StaticBarcode).await;
+    let (d, d_evidence) = qualify_with_evidence("d-1", 50_000, vec![], StaticBarcode).await;
     assert!(d.reserved && d.fits);
     assert_eq!(
         d.ceilings.len(),
@@ -746,12 +750,51 @@ async fn fail_weaker_verifications_never_add_to_the_days_envelope() {
         assert!(!status.reserved && !status.fits, "{order}");
         assert_eq!(status.remaining_fen, 0, "{order}");
     }
-    // A certificate-backed payment has its own ceiling.
+    // Releasing the D reservation gives back exactly its room in every ceiling it counted in.
+    let released = service
+        .verification()
+        .release_reservation(proto::ReleaseReservationRequest {
+            evidence_id: d_evidence,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .limit
+        .unwrap();
+    assert_eq!(released.remaining_fen, 50_000, "{released:?}");
+    assert!(!qualify("c-4", 50_001, vec![pin()], InApp).await.reserved);
+    assert!(qualify("c-5", 50_000, vec![pin()], InApp).await.reserved);
+
+    // A certificate-backed payment counts against the agreed limit, with the day's weaker
+    // payments in it, and takes nothing from B/C/D.
+    server
+        .operator()
+        .await
+        .admin()
+        .set_agreed_limit(proto::SetAgreedLimitRequest {
+            customer_id: "nora".into(),
+            daily_limit_fen: 600_000,
+        })
+        .await
+        .unwrap();
     let p = phone(&server, "nora", "n-1").await;
-    let i = intent(&server, &p, "a-1", 100_000);
+    let i = intent(&server, &p, "a-1", 100_001);
     let a = verify(&server, request(&p, &i, vec![pin()], true)).await;
     assert_eq!(a.tier, proto::Tier::A as i32);
-    assert!(a.limit.unwrap().reserved, "tier A does not draw on B/C/D");
+    let limit = a.limit.unwrap();
+    assert!(!limit.reserved, "A + B + C + D would be 600,001 fen");
+    assert_eq!(
+        (limit.binding_tier, limit.remaining_fen),
+        (proto::Tier::A as i32, 100_000)
+    );
+    let i = intent(&server, &p, "a-2", 100_000);
+    let limit = verify(&server, request(&p, &i, vec![pin()], true))
+        .await
+        .limit
+        .unwrap();
+    assert!(limit.reserved);
+    let b = qualify("b-4", 1, vec![pin(), sms()], InApp).await;
+    assert_eq!(b.remaining_fen, 0, "the B ceiling is where it was");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

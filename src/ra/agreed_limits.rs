@@ -18,13 +18,23 @@ pub struct AgreedLimits {
 }
 
 impl AgreedLimits {
-    /// Reads every agreed limit from the store.
-    pub fn load(store: &dyn Store) -> Result<AgreedLimits> {
-        let limits = store
+    /// Reads every agreed limit from the store. A limit above `max_fen` (set before the
+    /// maximum was lowered) still applies, and is named in a warning.
+    pub fn load(store: &dyn Store, max_fen: i64) -> Result<AgreedLimits> {
+        let limits: HashMap<Box<str>, i64> = store
             .agreed_limits()?
             .into_iter()
             .map(|(customer, limit)| (customer.into_boxed_str(), limit))
             .collect();
+        let above = limits.values().filter(|limit| **limit > max_fen).count();
+        if above > 0 {
+            tracing::warn!(
+                customers = above,
+                max_agreed_limit_fen = max_fen,
+                "agreed limits above ledger.max_agreed_limit_fen still apply; set them again \
+                 with payra limits set"
+            );
+        }
         Ok(AgreedLimits {
             limits: RwLock::new(limits),
             setting: Mutex::new(()),

@@ -8,7 +8,7 @@
 //!
 //! | decision | must fit |
 //! |---|---|
-//! | A | A ≤ agreed limit (A amounts count toward no other ceiling) |
+//! | A | A + B + C + D ≤ agreed limit (A amounts count toward no other ceiling) |
 //! | B | B + C + D ≤ limit B |
 //! | C | C + D ≤ limit C, and B + C + D ≤ limit B |
 //! | D | D ≤ limit D, C + D ≤ limit C, and B + C + D ≤ limit B |
@@ -60,7 +60,7 @@ pub struct Ceiling {
 
 const CEILING_A: Ceiling = Ceiling {
     tier: Tier::A,
-    counts: &[Tier::A],
+    counts: &[Tier::A, Tier::B, Tier::C, Tier::D],
 };
 const CEILING_B: Ceiling = Ceiling {
     tier: Tier::B,
@@ -78,7 +78,10 @@ const CEILING_D: Ceiling = Ceiling {
 /// The ceilings a decision of `tier` must fit, innermost first. Every one counts `tier`.
 pub fn ceilings(tier: Tier, accumulation: Accumulation) -> &'static [Ceiling] {
     const PER_TIER: [[Ceiling; 1]; 4] = [
-        [CEILING_A],
+        [Ceiling {
+            tier: Tier::A,
+            counts: &[Tier::A],
+        }],
         [Ceiling {
             tier: Tier::B,
             counts: &[Tier::B],
@@ -342,12 +345,12 @@ mod tests {
                 50_000,
             ),
             (
-                "the review's case: 500 D + 1000 C + 5000 B = 6500 is refused",
-                &[(D, 50_000)],
-                (C, 100_000),
+                "the review's case: 500 D + 500 C + 5000 B = 6000 is refused",
+                &[(D, 50_000), (C, 50_000)],
+                (B, 500_000),
                 false,
-                C,
-                50_000,
+                B,
+                400_000,
             ),
             (
                 "B after C and D: B+C+D <= 5000",
@@ -390,12 +393,20 @@ mod tests {
                 500_000,
             ),
             (
-                "B/C/D do not consume A",
-                &[(B, 500_000), (D, 0)],
-                (A, 5_000_000),
+                "B/C/D count toward the agreed limit: no weaker verification adds room",
+                &[(B, 450_000), (D, 50_000)],
+                (A, 4_500_000),
                 true,
                 A,
-                5_000_000,
+                4_500_000,
+            ),
+            (
+                "over the agreed limit with B/C/D counted",
+                &[(B, 450_000), (D, 50_000)],
+                (A, 4_500_001),
+                false,
+                A,
+                4_500_000,
             ),
             (
                 "no factor at all: 500 D then 1000 C is refused",
@@ -409,9 +420,7 @@ mod tests {
         for (name, before, (tier, amount), fits, binding, remaining) in table {
             let mut day = Day::new(Accumulation::Nested);
             for (t, a) in *before {
-                if *a > 0 {
-                    assert!(day.reserve(*t, *a).fits, "{name}: set-up {t:?} {a}");
-                }
+                assert!(day.reserve(*t, *a).fits, "{name}: set-up {t:?} {a}");
             }
             let assessment = day.reserve(*tier, *amount);
             assert_eq!(assessment.fits, *fits, "{name}");

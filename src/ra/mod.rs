@@ -134,7 +134,8 @@ impl Ra {
         let policy_failures = policy.enroll_failures_per_minute;
         let cache = CertificateCache::load(store.as_ref())?;
         let clients = ClientRegistry::load(store.as_ref())?;
-        let agreed_limits = agreed_limits::AgreedLimits::load(store.as_ref())?;
+        let agreed_limits =
+            agreed_limits::AgreedLimits::load(store.as_ref(), policy.ledger.max_agreed_limit_fen)?;
         let now_ms = clock.now_ms();
         // The ledger keeps today's and yesterday's buckets in memory (the day of a request
         // near midnight may be either, by its clock).

@@ -273,9 +273,12 @@ impl Ra {
                 );
             }
         }
+        // An `unknown` answer is not for HTTP caches either: the serial may be issued a
+        // moment later.
+        let cacheable = request.nonce.is_none() && !statuses.contains(&OcspStatus::Unknown);
         OcspAnswer {
             der,
-            freshness: request.nonce.is_none().then(|| freshness(now_s)),
+            freshness: cacheable.then(|| freshness(now_s)),
         }
     }
 }
@@ -286,7 +289,9 @@ impl Ra {
 /// that vanished at notAfter would leave a disputed payment signed just before it without an
 /// answer). It stays for a whole CRL validity past notAfter, in which a running payra signs at
 /// least two scheduled CRLs (one every half validity), and for as long as the last CRL this
-/// process signed (`last_this_update_s`) predates notAfter.
+/// process signed (`last_this_update_s`) predates notAfter. Before this process has signed
+/// one (`None`, just after a start), it stays: the first CRL after a start may be longer, but
+/// a payra that was down past an entry's window still lists it once after its notAfter.
 pub(crate) fn stays_on_crl(
     not_after_s: i64,
     now_s: i64,
@@ -294,7 +299,7 @@ pub(crate) fn stays_on_crl(
     last_this_update_s: Option<i64>,
 ) -> bool {
     now_s < not_after_s.saturating_add(crl_validity_s)
-        || last_this_update_s.is_some_and(|last| last < not_after_s)
+        || last_this_update_s.is_none_or(|last| last < not_after_s)
 }
 
 fn x509_ocsp_internal_error() -> Vec<u8> {
@@ -333,7 +338,8 @@ mod tests {
             day,
             Some(not_after + day / 2)
         ));
-        assert!(!stays_on_crl(not_after, not_after + day, day, None));
+        // Nothing signed since this process started: listed once more.
+        assert!(stays_on_crl(not_after, not_after + 5 * day, day, None));
         // No CRL since before notAfter (the CRL task could not run): still listed.
         assert!(stays_on_crl(
             not_after,

@@ -102,7 +102,7 @@ pub fn validate_factors(factors: &[Factor]) -> Result<()> {
     }
     if let Some((factor, known)) = contradicting_factor(factors) {
         tracing::warn!(
-            method = %factor.method,
+            method = ?factor.method,
             reported = ?factor.category,
             known = ?known,
             "factor reported with a category that contradicts its method"
