@@ -831,3 +831,93 @@ async fn ok_concurrent_c_and_d_reservations_never_pass_the_shared_ceiling() {
     assert!(d <= 5, "D alone is capped at 500 CNY: {d} reserved");
     assert_eq!(c + d, 10, "C + D fill exactly 1,000 CNY (c={c}, d={d})");
 }
+
+/// Enrolls `key` (not a fresh one) for `customer` / `device` with a new token.
+async fn enroll_key(
+    server: &TestServer,
+    key: &DeviceKey,
+    customer: &str,
+    device: &str,
+) -> Result<proto::EnrollResponse, tonic::Status> {
+    let token = server.token(customer).await;
+    server
+        .anonymous()
+        .await
+        .enroll(&token, key.csr_der(device).unwrap(), device, device_info())
+        .await
+}
+
+#[tokio::test]
+async fn fail_one_intent_verifies_once_per_key_across_its_certificates() {
+    let server = TestServer::start().await;
+    let first = phone(&server, "quinn", "q-1").await;
+    // The same key enrolled again for the same customer and device (allowed: a phone that
+    // lost its certificate but not its key).
+    let key = DeviceKey::from_pkcs8_pem(&first.key.to_pkcs8_pem().unwrap()).unwrap();
+    let again = enroll_key(&server, &key, "quinn", "q-1").await.unwrap();
+    assert_ne!(again.serial, first.serial);
+    let second = Phone {
+        key,
+        serial: again.serial,
+        customer: "quinn".into(),
+        device: "q-1".into(),
+        dir: first.dir.clone(),
+    };
+    let i = intent(&server, &first, "o-1", 40_000);
+    let a = verify(&server, request(&first, &i, vec![pin()], true)).await;
+    assert_eq!(verdict(&a), Verdict::Verified, "{}", a.reason);
+    // The same signed intent under the other certificate of the same key.
+    let b = verify(&server, request(&second, &i, vec![pin()], true)).await;
+    assert_eq!(verdict(&b), Verdict::ReplayedNonce, "{}", b.reason);
+    assert!(!b.limit.unwrap().reserved);
+}
+
+#[tokio::test]
+async fn fail_a_key_is_not_certified_for_another_customer_or_device() {
+    let server = TestServer::start().await;
+    let first = phone(&server, "rosa", "r-1").await;
+    let key = DeviceKey::from_pkcs8_pem(&first.key.to_pkcs8_pem().unwrap()).unwrap();
+    for (customer, device) in [("mallory", "r-1"), ("rosa", "r-2")] {
+        let err = enroll_key(&server, &key, customer, device)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.code(),
+            Code::AlreadyExists,
+            "{customer}/{device}: {err:?}"
+        );
+        assert!(err.message().contains("generate a new key pair"), "{err:?}");
+    }
+    // Once the holder's certificate is revoked, the key is free again.
+    server
+        .revoke(&first.serial, proto::RevocationReason::CessationOfOperation)
+        .await;
+    enroll_key(&server, &key, "rosa", "r-2").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_concurrent_enrollments_of_one_key_for_two_customers_give_one_certificate() {
+    let server = Arc::new(TestServer::start().await);
+    let key = DeviceKey::generate();
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let server = server.clone();
+        let key = DeviceKey::from_pkcs8_pem(&key.to_pkcs8_pem().unwrap()).unwrap();
+        tasks.push(tokio::spawn(async move {
+            let customer = format!("race-{}", n % 2);
+            enroll_key(&server, &key, &customer, "race-phone")
+                .await
+                .map(|_| customer)
+        }));
+    }
+    let mut holders = std::collections::HashSet::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(customer) => {
+                holders.insert(customer);
+            }
+            Err(status) => assert_eq!(status.code(), Code::AlreadyExists, "{status:?}"),
+        }
+    }
+    assert_eq!(holders.len(), 1, "one key certified for {holders:?}");
+}

@@ -15,7 +15,7 @@ pub const MAX_CSR_BYTES: usize = 8 * 1024;
 
 /// A device's P-256 public key as an uncompressed SEC1 point, checked to be on the curve.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DevicePublicKey(Vec<u8>);
+pub struct DevicePublicKey([u8; 65]);
 
 impl DevicePublicKey {
     /// Checks that `sec1` is a valid uncompressed P-256 point.
@@ -28,11 +28,18 @@ impl DevicePublicKey {
         }
         p256::PublicKey::from_sec1_bytes(sec1)
             .map_err(|_| Error::invalid("csr_der", "public key is not a point on P-256"))?;
-        Ok(DevicePublicKey(sec1.to_vec()))
+        let mut point = [0u8; 65];
+        point.copy_from_slice(sec1);
+        Ok(DevicePublicKey(point))
     }
 
     /// The 65-octet uncompressed point.
     pub fn sec1(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// The 65-octet uncompressed point, as an array.
+    pub fn point(&self) -> &[u8; 65] {
         &self.0
     }
 }

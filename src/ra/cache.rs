@@ -81,6 +81,12 @@ impl Entry {
         i64::from_le_bytes(word)
     }
 
+    fn public_key(&self) -> &[u8; KEY_LEN] {
+        let at = self.fixed();
+        // The layout puts exactly KEY_LEN bytes here.
+        self.0[at..at + KEY_LEN].try_into().unwrap_or(&[0; KEY_LEN])
+    }
+
     fn not_before_s(&self) -> i64 {
         self.i64_at(self.fixed() + KEY_LEN)
     }
@@ -177,6 +183,7 @@ impl Table {
 }
 
 type RandomState = std::collections::hash_map::RandomState;
+use std::collections::HashMap;
 
 /// How many tables the cache is split into, each behind its own lock. A scan for the
 /// metrics holds one table's lock at a time: with a million certificates, one lock over
@@ -190,10 +197,37 @@ fn shard_of(hash: u64) -> usize {
     (hash >> 32) as usize % SHARDS
 }
 
-/// serial → certificate facts, shared by all request threads.
+/// A serial as the key index holds it: length and up to 20 octets, no allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SerialSlot {
+    len: u8,
+    octets: [u8; MAX_SERIAL],
+}
+
+impl SerialSlot {
+    fn of(serial: &[u8]) -> Option<SerialSlot> {
+        let mut octets = [0u8; MAX_SERIAL];
+        octets.get_mut(..serial.len())?.copy_from_slice(serial);
+        Some(SerialSlot {
+            len: serial.len() as u8,
+            octets,
+        })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.octets[..usize::from(self.len)]
+    }
+}
+
+/// serial → certificate facts, shared by all request threads; and, for each device key, the
+/// certificate that certified it last.
 pub struct CertificateCache {
     shards: Box<[RwLock<Table>]>,
     hasher: RandomState,
+    /// Key fingerprint (keyed SipHash of the SEC1 point) → the serial that last certified the
+    /// key: about 37 bytes a certificate. A fingerprint collision (about 2^-64 a pair) can
+    /// only make a lookup miss; [`CertificateCache::key_holder`] compares the whole key.
+    keys: RwLock<HashMap<u64, SerialSlot>>,
 }
 
 impl Default for CertificateCache {
@@ -201,6 +235,7 @@ impl Default for CertificateCache {
         CertificateCache {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             hasher: RandomState::new(),
+            keys: RwLock::default(),
         }
     }
 }
@@ -210,7 +245,18 @@ impl CertificateCache {
     pub fn load(store: &dyn Store) -> Result<CertificateCache> {
         let cache = CertificateCache::default();
         let mut tables: Vec<Table> = (0..SHARDS).map(|_| Table::default()).collect();
+        // Which serial certified each key last: by notBefore, later wins.
+        let mut keys: HashMap<u64, (i64, SerialSlot)> = HashMap::new();
         store.for_each_certificate_summary(&mut |summary| {
+            if let Some(slot) = SerialSlot::of(summary.serial.as_bytes()) {
+                let fingerprint = cache.hasher.hash_one(summary.public_key);
+                let newer = keys
+                    .get(&fingerprint)
+                    .is_none_or(|(not_before, _)| *not_before <= summary.not_before_s);
+                if newer {
+                    keys.insert(fingerprint, (summary.not_before_s, slot));
+                }
+            }
             if let Some(entry) = Entry::new(
                 summary.serial.as_bytes(),
                 &summary.public_key,
@@ -229,6 +275,8 @@ impl CertificateCache {
             table.entries.shrink_to_fit(|e| hasher.hash_one(e.serial()));
             *shard.write().unwrap_or_else(|p| p.into_inner()) = table;
         }
+        *cache.keys.write().unwrap_or_else(|p| p.into_inner()) =
+            keys.into_iter().map(|(k, (_, slot))| (k, slot)).collect();
         Ok(cache)
     }
 
@@ -282,6 +330,13 @@ impl CertificateCache {
         });
         match entry {
             Some(entry) => {
+                if let Some(slot) = SerialSlot::of(entry.serial()) {
+                    let fingerprint = self.hasher.hash_one(entry.public_key());
+                    self.keys
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(fingerprint, slot);
+                }
                 let (hash, shard) = self.locate(entry.serial());
                 Self::write(shard).insert(hash, entry, &self.hasher);
             }
@@ -303,8 +358,34 @@ impl CertificateCache {
     pub fn remove(&self, serials: &[Serial]) {
         for serial in serials {
             let (hash, shard) = self.locate(serial.as_bytes());
+            let key = Self::read(shard)
+                .get(hash, serial.as_bytes())
+                .map(|entry| *entry.public_key());
+            if let Some(key) = key {
+                let fingerprint = self.hasher.hash_one(key);
+                let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+                if keys
+                    .get(&fingerprint)
+                    .is_some_and(|slot| slot.bytes() == serial.as_bytes())
+                {
+                    keys.remove(&fingerprint);
+                }
+            }
             Self::write(shard).remove(hash, serial.as_bytes());
         }
+    }
+
+    /// The certificate that certified `public_key` last, with its serial, if any is cached.
+    pub fn key_holder(&self, public_key: &[u8; 65]) -> Option<(Serial, CachedCertificate)> {
+        let fingerprint = self.hasher.hash_one(public_key);
+        let slot = *self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fingerprint)?;
+        let serial = Serial::from_bytes("serial", slot.bytes()).ok()?;
+        let holder = self.get(&serial)?;
+        (holder.public_key == *public_key).then_some((serial, holder))
     }
 
     /// Certificates by status name at `now_s`.
@@ -418,6 +499,30 @@ mod tests {
         }
         let unknown = Serial::from_bytes("serial", &[9, 9]).unwrap();
         assert_eq!(cache.get(&unknown), None);
+    }
+
+    #[test]
+    fn the_key_index_names_the_last_certificate_of_a_key() {
+        let cache = CertificateCache::default();
+        let first = record(&[1, 2, 3], "alice", "phone");
+        let second = record(&[4, 5, 6], "alice", "phone");
+        let key = public_key(&first.public_key_hex).unwrap();
+        assert!(cache.key_holder(&key).is_none());
+        cache.put(&first);
+        assert_eq!(cache.key_holder(&key).unwrap().0, first.serial);
+        cache.put(&second);
+        let (serial, holder) = cache.key_holder(&key).unwrap();
+        assert_eq!((serial, holder), (second.serial.clone(), expected(&second)));
+        let mut other_key = key;
+        other_key[64] ^= 1;
+        assert!(cache.key_holder(&other_key).is_none());
+        cache.remove(std::slice::from_ref(&first.serial));
+        assert!(
+            cache.key_holder(&key).is_some(),
+            "an older serial's removal keeps the index"
+        );
+        cache.remove(std::slice::from_ref(&second.serial));
+        assert!(cache.key_holder(&key).is_none());
     }
 
     #[test]

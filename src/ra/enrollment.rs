@@ -212,6 +212,13 @@ impl Ra {
             }));
         }
 
+        let key_claim = self.keys_in_flight.claim(
+            &self.cache,
+            public_key.point(),
+            &token.customer_id,
+            &request.device_id,
+            now_s,
+        )?;
         let (record, certificate_der) = self.sign_device_certificate(
             &public_key,
             token.customer_id,
@@ -236,6 +243,7 @@ impl Ra {
             record,
             certificate_der,
             audit,
+            key_claim,
         })
     }
 
@@ -257,6 +265,7 @@ impl Ra {
             record,
             certificate_der,
             audit,
+            key_claim,
         } = prepared;
         let ra = self.clone();
         let committed = record.clone();
@@ -269,7 +278,12 @@ impl Ra {
                 now_s,
                 &record,
                 &audit,
-                Box::new(move || span.in_scope(|| ra.on_enrollment_committed(&committed))),
+                // The key stays claimed until the certificate is in the cache's key index (or
+                // the batch is dropped).
+                Box::new(move || {
+                    span.in_scope(|| ra.on_enrollment_committed(&committed));
+                    drop(key_claim);
+                }),
             )?
             .await
             .map_err(|_| Error::internal("the enrollment batch ended without an answer"))??;
@@ -318,6 +332,7 @@ pub struct PreparedEnrollment {
     record: CertificateRecord,
     certificate_der: Vec<u8>,
     audit: AuditEvent,
+    key_claim: super::key_claims::KeyClaim,
 }
 
 impl Ra {
@@ -358,6 +373,14 @@ impl Ra {
                 )))
             }
         }
+        // A renewal may keep its key; a new key must not be another holder's.
+        let _key_claim = self.keys_in_flight.claim(
+            &self.cache,
+            public_key.point(),
+            &current.customer_id,
+            &current.device_id,
+            now_s,
+        )?;
         let (record, certificate_der) = self.sign_device_certificate(
             &public_key,
             current.customer_id.clone(),

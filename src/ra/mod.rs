@@ -6,6 +6,7 @@ mod agreed_limits;
 mod cache;
 mod clients;
 mod enrollment;
+mod key_claims;
 pub mod limits;
 mod publication;
 pub mod replay;
@@ -106,6 +107,8 @@ pub struct Ra {
     replay: ReplayGuard,
     decisions: DecisionLog,
     enroll_throttle: FailureThrottle,
+    /// Device keys being certified right now (one key, one device).
+    keys_in_flight: std::sync::Arc<key_claims::KeysInFlight>,
     clients: ClientRegistry,
     metrics: Arc<Metrics>,
     /// Held while a revocation state read from the store is put into the cache
@@ -147,7 +150,17 @@ impl Ra {
             checkpoint,
             now_ms,
             2 * policy.ledger.skew_ms + 60_000,
-            &mut |key, expires_at_ms| live_nonces.push((key, expires_at_ms)),
+            &mut |key, expires_at_ms| {
+                // A claim from before claims were per key: claim its certificate's key.
+                let key = match crate::store::serial_claim_parts(&key) {
+                    Some((serial, nonce)) => match cache.get(&serial) {
+                        Some(cert) => crate::store::nonce_key(&cert.public_key, nonce),
+                        None => key,
+                    },
+                    None => key,
+                };
+                live_nonces.push((key, expires_at_ms))
+            },
         )?;
         // Older days that the replay brought back (releases of old decisions) leave before
         // the first checkpoint, which would otherwise save them as they stand in memory.
@@ -180,6 +193,7 @@ impl Ra {
             replay,
             decisions,
             enroll_throttle: FailureThrottle::new(policy_failures, 60_000),
+            keys_in_flight: Default::default(),
             clients,
             metrics,
             revocation_cache_turn: std::sync::Mutex::new(()),

@@ -391,7 +391,7 @@ impl Ra {
             customer,
             scene: intent.scene.unwrap_or(Scene::InApp),
             nonce: Some(NonceClaim {
-                serial: request.serial.clone(),
+                public_key: cert.public_key,
                 nonce: intent.nonce.clone(),
                 // After created_at + skew the timestamp check refuses the intent anyway.
                 expires_at_ms: intent.created_at_ms + skew_ms,
@@ -429,7 +429,7 @@ impl Ra {
                 Claim::Claimed => claimed_key = Some((key, claim.expires_at_ms)),
                 Claim::Replayed => {
                     checked.verdict = Verdict::ReplayedNonce;
-                    checked.reason = "this nonce was already used with this certificate".into();
+                    checked.reason = "this nonce was already used with this device key".into();
                     checked.nonce = None;
                 }
                 Claim::TooLate { now_ms } => {

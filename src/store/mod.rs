@@ -77,30 +77,47 @@ pub enum RevokeRejection {
     NotOnHold(Serial),
 }
 
-/// A (certificate, nonce) pair claimed by a verification, remembered until `expires_at_ms`.
+/// A (device key, nonce) pair claimed by a verification, remembered until `expires_at_ms`.
+/// Claimed per key, not per certificate: one key certified twice (a second enrollment, a
+/// renewal that keeps the key) must not let one signed intent verify twice.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NonceClaim {
-    pub serial: Serial,
+    /// The device's public key, uncompressed SEC1.
+    pub public_key: [u8; 65],
     pub nonce: Vec<u8>,
     pub expires_at_ms: i64,
 }
 
 impl NonceClaim {
-    /// The storage key: serial length, serial, nonce.
+    /// The storage key; see [`nonce_key`].
     pub fn key(&self) -> Vec<u8> {
-        nonce_key(&self.serial, &self.nonce)
+        nonce_key(&self.public_key, &self.nonce)
     }
 }
 
-/// The storage key of a (serial, nonce) pair: serial length, serial, nonce.
-pub fn nonce_key(serial: &Serial, nonce: &[u8]) -> Vec<u8> {
-    let serial = serial.as_bytes();
-    let mut key = Vec::with_capacity(1 + serial.len() + nonce.len());
-    // A serial is at most 20 octets, so its length fits one byte.
-    key.push(serial.len() as u8);
-    key.extend_from_slice(serial);
+/// First byte of a (device key, nonce) claim key. Claim keys written before claims were
+/// per key start with a serial length (at most 20).
+const KEY_CLAIM_TAG: u8 = 0x80;
+
+/// The storage key of a (device key, nonce) pair: [`KEY_CLAIM_TAG`], the key in compressed
+/// SEC1 form (33 bytes: a point has one compressed form), the nonce.
+pub fn nonce_key(public_key: &[u8; 65], nonce: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + 33 + nonce.len());
+    key.push(KEY_CLAIM_TAG);
+    key.push(0x02 | (public_key[64] & 1));
+    key.extend_from_slice(&public_key[1..33]);
     key.extend_from_slice(nonce);
     key
+}
+
+/// The (serial, nonce) of a claim key written before claims were per key, if `key` is one.
+pub fn serial_claim_parts(key: &[u8]) -> Option<(Serial, &[u8])> {
+    let len = usize::from(*key.first()?);
+    if len > 20 || key.len() < 1 + len {
+        return None;
+    }
+    let serial = Serial::from_bytes("serial", &key[1..1 + len]).ok()?;
+    Some((serial, &key[1 + len..]))
 }
 
 /// Why a reservation could not be released.
@@ -324,4 +341,35 @@ pub trait Store: Send + Sync {
     /// Takes the next CRL number: strictly greater than every number taken before, across
     /// restarts, and at least `at_least`. Durable on return.
     fn next_crl_number(&self, at_least: u64) -> Result<u64>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn claim_keys_are_per_device_key_and_old_ones_are_recognised() {
+        let mut point = [7u8; 65];
+        point[0] = 4;
+        let key = nonce_key(&point, b"nonce");
+        assert_eq!(key.len(), 1 + 33 + 5);
+        assert_eq!(key[0], KEY_CLAIM_TAG);
+        assert!(
+            serial_claim_parts(&key).is_none(),
+            "a key claim is not a serial claim"
+        );
+        let mut odd = point;
+        odd[64] = 8;
+        assert_ne!(
+            nonce_key(&odd, b"nonce"),
+            key,
+            "the y parity is part of the key"
+        );
+
+        let serial = Serial::from_bytes("serial", &[0x42, 1, 2]).unwrap();
+        let mut old = vec![3, 0x42, 1, 2];
+        old.extend_from_slice(b"nonce");
+        let (parsed, nonce) = serial_claim_parts(&old).unwrap();
+        assert_eq!((parsed, nonce), (serial, &b"nonce"[..]));
+    }
 }
