@@ -190,6 +190,9 @@ pub struct IssuanceConfig {
     pub validity_days: u32,
     /// How far notBefore is set back from the issuance time, for phones with slow clocks.
     pub backdate_s: u32,
+    /// Most renewals of one certificate lineage (one device's chain of renewals) in any
+    /// 24 hours. Each renewal puts a superseded certificate on the CRL for its lifetime.
+    pub renewals_per_day: u32,
 }
 
 /// Enrollment token lifetimes.
@@ -267,6 +270,7 @@ impl Default for IssuanceConfig {
         IssuanceConfig {
             validity_days: 365,
             backdate_s: 300,
+            renewals_per_day: 4,
         }
     }
 }
@@ -369,6 +373,12 @@ impl Config {
             return Err(Error::invalid(
                 "issuance.validity_days",
                 "must be between 1 and 3650",
+            ));
+        }
+        if self.issuance.renewals_per_day == 0 || self.issuance.renewals_per_day > 1000 {
+            return Err(Error::invalid(
+                "issuance.renewals_per_day",
+                "must be between 1 and 1000",
             ));
         }
         if self.tokens.default_ttl_s == 0 || self.tokens.default_ttl_s > self.tokens.max_ttl_s {

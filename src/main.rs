@@ -1344,9 +1344,13 @@ async fn revoke(args: RevokeArgs) -> CliResult {
                 "revoked_serials": response.revoked_serials,
                 "revoked_at_unix_s": response.revoked_at_unix_s,
                 "dry_run": response.dry_run,
+                "note": response.note,
             })
         );
         return Ok(());
+    }
+    if !response.note.is_empty() {
+        println!("{}", response.note);
     }
     let verb = if response.dry_run {
         "would revoke"

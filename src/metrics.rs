@@ -26,6 +26,7 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub ocsp_responses: IntCounterVec,
     pub enroll_throttled: IntCounter,
+    pub renewals_refused: IntCounter,
     pub connections_refused: IntCounterVec,
     /// User plus system CPU time of this process, brought up to date at each scrape (under
     /// the lock, so that overlapping scrapes do not both add the same time).
@@ -189,6 +190,14 @@ impl Metrics {
                     "Enroll calls refused by the per-peer failure limit",
                 )
                 .unwrap_or_else(|e| panic!("metric payra_enroll_throttled_total: {e}")),
+            ),
+            renewals_refused: register(
+                &registry,
+                IntCounter::new(
+                    "payra_renewals_refused_total",
+                    "Renew calls refused by the per-lineage daily limit",
+                )
+                .unwrap_or_else(|e| panic!("metric payra_renewals_refused_total: {e}")),
             ),
             connections_refused: register(
                 &registry,

@@ -745,3 +745,79 @@ async fn ok_a_revoked_certificate_stays_on_a_crl_issued_after_its_not_after() {
     server.clock.set_ms((not_after + validity + 1) * 1000);
     assert!(!crl_serials(&fetch_crl(&server).await).contains(&serial));
 }
+
+/// Renews `phone` with a fresh key through mutual TLS with its current certificate.
+async fn renew(
+    server: &TestServer,
+    phone: &Enrolled,
+    device: &str,
+) -> Result<Enrolled, tonic::Status> {
+    let key = DeviceKey::generate();
+    let issued = server
+        .device(&phone.dir)
+        .await
+        .enrollment()
+        .renew(proto::RenewRequest {
+            csr_der: key.csr_der(device).unwrap(),
+            device_info: None,
+        })
+        .await?
+        .into_inner();
+    let dir = write_device_dir(&server.dir.path().join(&issued.serial), &key, &issued);
+    Ok(Enrolled { key, issued, dir })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_a_lineage_renews_at_most_its_daily_limit() {
+    let server = TestServer::start_with(|c| c.issuance.renewals_per_day = 3).await;
+    let mut current = enrolled(&server, "hugo", "h-1").await;
+    for _ in 0..3 {
+        current = renew(&server, &current, "h-1")
+            .await
+            .expect("within the limit");
+    }
+    let Err(err) = renew(&server, &current, "h-1").await else {
+        panic!("a fourth renewal in a day was allowed");
+    };
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(err.message().contains("renewals_per_day"), "{err:?}");
+    let (_, _, body) = http_get(&server.http_url("/metrics")).await;
+    assert!(
+        String::from_utf8(body)
+            .unwrap()
+            .contains("payra_renewals_refused_total 1"),
+        "counted"
+    );
+    // A day later the lineage may renew again.
+    server.clock.advance_ms(86_401 * 1000);
+    renew(&server, &current, "h-1")
+        .await
+        .expect("after 24 hours");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_a_compromise_of_a_superseded_certificate_reaches_its_successor() {
+    let server = TestServer::start().await;
+    let first = enrolled(&server, "ines", "i-1").await;
+    let second = renew(&server, &first, "i-1").await.unwrap();
+    let third = renew(&server, &second, "i-1").await.unwrap();
+    let response = server
+        .operator()
+        .await
+        .admin()
+        .revoke_certificate(proto::RevokeCertificateRequest {
+            serial: first.issued.serial.clone(),
+            reason: Reason::KeyCompromise as i32,
+        })
+        .await
+        .expect("not refused as already revoked")
+        .into_inner();
+    assert_eq!(response.revoked_serials, vec![third.issued.serial.clone()]);
+    assert!(response.note.contains("successor"), "{}", response.note);
+    let live = server.status(&third.issued.serial).await;
+    assert_eq!(live.status, proto::CertificateStatus::Revoked as i32);
+    assert_eq!(live.revocation_reason, Reason::KeyCompromise as i32);
+    // The superseded ones keep their state.
+    let middle = server.status(&second.issued.serial).await;
+    assert_eq!(middle.revocation_reason, Reason::Superseded as i32);
+}

@@ -373,6 +373,7 @@ impl Ra {
                 )))
             }
         }
+        self.check_renewal_rate(&current, now_s)?;
         // A renewal may keep its key; a new key must not be another holder's.
         let _key_claim = self.keys_in_flight.claim(
             &self.cache,
@@ -431,6 +432,39 @@ impl Ra {
 }
 
 impl Ra {
+    /// Refuses a renewal when `current`'s lineage was renewed `renewals_per_day` times in
+    /// the last 24 hours. Walks back along `renewed_from`, reading at most the limit plus one
+    /// records; an operator who must let a device through gives it an enrollment token (a
+    /// new enrollment starts a new lineage).
+    fn check_renewal_rate(&self, current: &CertificateRecord, now_s: i64) -> Result<()> {
+        let limit = self.policy.renewals_per_day as usize;
+        let window_start = now_s - 86_400;
+        let mut renewals = Vec::new();
+        let mut cursor = current.clone();
+        while cursor.issued_at_s > window_start && renewals.len() < limit {
+            let Some(previous) = cursor.renewed_from.clone() else {
+                break;
+            };
+            renewals.push(cursor.issued_at_s);
+            match self.store.certificate(&previous)? {
+                Some(record) => cursor = record,
+                None => break,
+            }
+        }
+        if renewals.len() < limit {
+            return Ok(());
+        }
+        self.metrics.renewals_refused.inc();
+        // The oldest counted renewal leaves the window first.
+        let retry_at_s = renewals.last().copied().unwrap_or(now_s) + 86_400;
+        tracing::warn!(serial = %current.serial, device = %current.device_id, "renewal refused: daily limit");
+        Err(Error::ResourceExhausted(format!(
+            "this device's certificate was renewed {limit} times in the last 24 hours, the most \
+             allowed (issuance.renewals_per_day); retry after {retry_at_s} (Unix seconds), or \
+             enroll again with a new enrollment token"
+        )))
+    }
+
     /// Signs a device certificate for `public_key` and builds its record (not yet stored).
     /// payra decides everything in it; see [`issue_device_certificate`].
     fn sign_device_certificate(

@@ -60,6 +60,8 @@ pub struct RaPolicy {
     /// Expired certificate records older than this many seconds past notAfter are deleted;
     /// 0 keeps them.
     pub certificate_retention_s: i64,
+    /// Most renewals of one lineage in any 24 hours.
+    pub renewals_per_day: u32,
 }
 
 impl RaPolicy {
@@ -91,6 +93,7 @@ impl RaPolicy {
             enroll_failures_per_minute: config.limits.enroll_failures_per_minute,
             scratch_dir: config.data_dir.clone(),
             certificate_retention_s: i64::from(config.retention.expired_certificate_days) * 86_400,
+            renewals_per_day: config.issuance.renewals_per_day,
         }
     }
 }

@@ -12,7 +12,13 @@ pub struct RevokeOutcome {
     pub serials: Vec<Serial>,
     pub revoked_at_s: i64,
     pub dry_run: bool,
+    /// What the call did beyond the request, for the operator.
+    pub note: Option<String>,
 }
+
+/// Most certificates followed along one lineage (a device renews a few times a day at most;
+/// this bounds the walk over a corrupt chain).
+const MAX_LINEAGE_STEPS: usize = 10_000;
 
 /// Filters and paging of [`Ra::list_certificates`].
 #[derive(Debug, Clone, Default)]
@@ -75,9 +81,63 @@ impl Ra {
                 serials: vec![serial.clone()],
                 revoked_at_s: revocation.revoked_at_s,
                 dry_run: false,
+                note: None,
             });
         }
+        if reason == RevocationReason::KeyCompromise {
+            if let Some(outcome) = self.revoke_compromised_lineage(actor, serial)? {
+                return Ok(outcome);
+            }
+        }
         self.revoke_batch(actor, vec![serial.clone()], reason, false)
+    }
+
+    /// A compromised key endangers every later certificate of its lineage (a renewal may
+    /// keep the key, and whoever holds the key could have renewed). When `serial` was already
+    /// superseded, its live successors are revoked for keyCompromise instead of refusing;
+    /// `None` when `serial` is not superseded (the usual path applies).
+    fn revoke_compromised_lineage(
+        &self,
+        actor: &Actor,
+        serial: &Serial,
+    ) -> Result<Option<RevokeOutcome>> {
+        let Some(record) = self.store.certificate(serial)? else {
+            return Ok(None);
+        };
+        if record.revocation.map(|r| r.reason) != Some(RevocationReason::Superseded) {
+            return Ok(None);
+        }
+        let now_s = self.clock.now_s();
+        let mut live = Vec::new();
+        let mut next = record.superseded_by.clone();
+        for _ in 0..MAX_LINEAGE_STEPS {
+            let Some(successor) = next.take() else { break };
+            let Some(later) = self.store.certificate(&successor)? else {
+                break;
+            };
+            let changeable = later
+                .revocation
+                .is_none_or(|r| r.reason == RevocationReason::CertificateHold);
+            if changeable && now_s < later.not_after_s {
+                live.push(successor);
+            }
+            next = later.superseded_by;
+        }
+        let mut outcome = self.revoke_batch(actor, live, RevocationReason::KeyCompromise, false)?;
+        outcome.note = Some(if outcome.serials.is_empty() {
+            format!(
+                "certificate {serial} was already superseded and has no live successor; \
+                 nothing changed"
+            )
+        } else {
+            let successors: Vec<String> = outcome.serials.iter().map(Serial::to_hex).collect();
+            format!(
+                "certificate {serial} was already superseded; its live successor {} of the \
+                 same device was revoked for keyCompromise",
+                successors.join(", ")
+            )
+        });
+        Ok(Some(outcome))
     }
 
     /// Revokes every live certificate of `device` (unrevoked or on hold, not expired).
@@ -151,6 +211,7 @@ impl Ra {
                 serials,
                 revoked_at_s,
                 dry_run,
+                note: None,
             });
         }
         let revocation = Revocation {
@@ -183,6 +244,7 @@ impl Ra {
             serials,
             revoked_at_s,
             dry_run,
+            note: None,
         })
     }
 

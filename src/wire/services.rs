@@ -123,6 +123,7 @@ fn revoke_response(outcome: RevokeOutcome) -> proto::RevokeResponse {
         revoked_serials: outcome.serials.iter().map(Serial::to_hex).collect(),
         revoked_at_unix_s: outcome.revoked_at_s,
         dry_run: outcome.dry_run,
+        note: outcome.note.unwrap_or_default(),
     }
 }
 
