@@ -188,16 +188,17 @@ impl Ra {
         let hash = TokenHash::of(&request.token);
         let now_ms = self.clock.now_ms();
         let now_s = now_ms.div_euclid(1000);
-        if let Some(peer) = request.peer {
-            if let Some(until_ms) = self.enroll_throttle.blocked_until(peer, now_ms) {
-                self.metrics.enroll_throttled.inc();
-                return Err(Error::ResourceExhausted(format!(
-                    "too many failed enrollment attempts from {peer}; retry after {until_ms} (Unix ms)"
-                )));
-            }
-        }
+        // The throttle refuses only unknown tokens: a phone with a real token behind a
+        // carrier NAT is never locked out by another phone guessing from the same address.
         let Some(token) = self.store.token(&hash)? else {
             if let Some(peer) = request.peer {
+                if let Some(until_ms) = self.enroll_throttle.blocked_until(peer, now_ms) {
+                    self.metrics.enroll_throttled.inc();
+                    return Err(Error::ResourceExhausted(format!(
+                        "too many failed enrollment attempts from {peer}; retry after \
+                         {until_ms} (Unix ms)"
+                    )));
+                }
                 self.enroll_throttle.record_failure(peer, now_ms);
             }
             tracing::warn!(peer = ?request.peer, "enrollment with an unknown token");

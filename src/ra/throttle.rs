@@ -1,7 +1,8 @@
 //! Resisting enrollment-token guessing: failed token lookups are counted per peer address in
-//! a fixed window, and a peer over the limit is refused with `ResourceExhausted` until its
-//! window ends. With 256-bit tokens guessing is hopeless anyway; this keeps the attempts
-//! visible and cheap to refuse.
+//! a fixed window, and a peer over the limit gets `ResourceExhausted` for its unknown tokens
+//! until its window ends. A real token always works: phones behind one carrier NAT address
+//! share it, and one guesser must not lock them all out. With 256-bit tokens guessing is
+//! hopeless anyway; this keeps the attempts visible and cheap to refuse.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
