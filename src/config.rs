@@ -33,6 +33,9 @@ pub struct Config {
     /// File holding the passphrase of an encrypted issuing key (mode 0600). The environment
     /// variable `PAYRA_CA_KEY_PASSPHRASE` is used when this is not set.
     pub ca_key_passphrase_file: Option<PathBuf>,
+    /// Start even when the data directory or a file in it is open to the group or others
+    /// (logged as a warning). Off: such a start is refused.
+    pub allow_readable_data: bool,
     pub issuance: IssuanceConfig,
     pub tokens: TokenConfig,
     pub limits: LimitConfig,
@@ -254,6 +257,7 @@ impl Default for Config {
             data_dir: PathBuf::from("data"),
             public_base_url: None,
             ca_key_passphrase_file: None,
+            allow_readable_data: false,
             issuance: IssuanceConfig::default(),
             tokens: TokenConfig::default(),
             limits: LimitConfig::default(),

@@ -108,6 +108,9 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
     config.http_addr = http_addr;
     let passphrase = ca_key_passphrase(&config)?;
     let ca = Arc::new(CaMaterial::load(&config.certs_dir, passphrase.as_deref())?);
+    // Everything this process writes (database, decision log, backups) is for its user only.
+    crate::store::data_dir::restrict_new_files();
+    crate::store::data_dir::prepare(&config.data_dir, config.allow_readable_data)?;
     let store = Arc::new(SledStore::open(&config.data_dir)?);
     let metrics = Arc::new(Metrics::new());
     let ra = Arc::new(Ra::new(

@@ -532,3 +532,60 @@ async fn fail_unregistered_client_certificates_are_refused() {
     assert_eq!(err.code(), Code::Unauthenticated);
     assert!(err.message().contains("not registered"), "{err:?}");
 }
+
+/// Every path below `dir` with a group or other permission bit.
+fn open_to_others(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        if meta.permissions().mode() & 0o077 != 0 {
+            found.push(format!(
+                "{} {:o}",
+                path.display(),
+                meta.permissions().mode()
+            ));
+        }
+        if meta.is_dir() {
+            found.extend(open_to_others(&path));
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn fail_data_readable_by_other_users_refuses_the_start() {
+    let mut server = TestServer::start().await;
+    let p = server.enroll("vera", "v-1").await;
+    assert!(!p.1.serial.is_empty());
+    server.stop().await;
+    let data = server.config.data_dir.clone();
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&data).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o700, "the data directory is private");
+    assert_eq!(
+        open_to_others(&data),
+        Vec::<String>::new(),
+        "every file is private"
+    );
+
+    // Another user's process (or a careless chmod) opened a file up: refused, with the fix.
+    let log = std::fs::read_dir(data.join("decisions"))
+        .map(|mut entries| entries.next().unwrap().unwrap().path())
+        .unwrap_or_else(|_| data.join("db"));
+    std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = match payra::server::start(
+        server.config.clone(),
+        std::sync::Arc::new(server.clock.clone()),
+    )
+    .await
+    {
+        Ok(_) => panic!("started with a readable data file"),
+        Err(e) => e,
+    };
+    assert!(err.to_string().contains("chmod -R go-rwx"), "{err}");
+    // The operator may insist; the start is then a warning.
+    server.config.allow_readable_data = true;
+    server.start_again().await;
+}

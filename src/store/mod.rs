@@ -6,6 +6,7 @@ pub mod audit;
 pub mod backup;
 #[cfg(test)]
 mod conformance;
+pub mod data_dir;
 pub mod decision_log;
 mod group_commit;
 mod issuance_journal;
