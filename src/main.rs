@@ -966,8 +966,9 @@ fn audit(command: AuditCommand) -> CliResult {
     use payra::store::{verify_audit_log, AuditCheck, DecisionLog, Store};
     match command {
         AuditCommand::Verify { data } => {
-            let store = open_data(&data)?;
-            let entries = match verify_audit_log(&store).map_err(|e| e.to_string())? {
+            // A copy: verifying must not write to the evidence it checks.
+            let store = payra::store::read_only::open_copy(&data).map_err(|e| e.to_string())?;
+            let entries = match verify_audit_log(&*store).map_err(|e| e.to_string())? {
                 AuditCheck::Intact { entries } => entries,
                 AuditCheck::Broken { seq, reason } => {
                     return Err(format!("audit log broken at entry {seq}: {reason}"))
@@ -997,7 +998,7 @@ fn audit(command: AuditCommand) -> CliResult {
             Ok(())
         }
         AuditCommand::Tail { data, lines, .. } => {
-            let store = open_data(&data)?;
+            let store = payra::store::read_only::open_copy(&data).map_err(|e| e.to_string())?;
             let head = store.audit_head().map_err(|e| e.to_string())?;
             let after = head.saturating_sub(lines);
             let entries = store

@@ -88,7 +88,12 @@ fn ca_key_passphrase(config: &Config) -> Result<Option<String>> {
         let text = crate::ca::pki::read_private_key(path)?;
         return Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()));
     }
-    Ok(std::env::var("PAYRA_CA_KEY_PASSPHRASE").ok())
+    let passphrase = std::env::var("PAYRA_CA_KEY_PASSPHRASE").ok();
+    // Read once, then gone from the environment: nothing this process starts inherits it, and
+    // no later read finds it. (/proc/PID/environ keeps the block the process started with;
+    // the passphrase file avoids that.) Nothing else in payra reads the environment then.
+    std::env::remove_var("PAYRA_CA_KEY_PASSPHRASE");
+    Ok(passphrase)
 }
 
 /// Starts payra with `config`, reading time from `clock`.
@@ -375,5 +380,18 @@ impl RunningServer {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_passphrase_leaves_the_environment_once_read() {
+        std::env::set_var("PAYRA_CA_KEY_PASSPHRASE", "correct horse");
+        let read = ca_key_passphrase(&Config::default()).unwrap();
+        assert_eq!(read.as_deref(), Some("correct horse"));
+        assert!(std::env::var("PAYRA_CA_KEY_PASSPHRASE").is_err());
     }
 }

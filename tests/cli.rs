@@ -321,3 +321,55 @@ async fn ok_issue_client_writes_a_working_credential() {
     ]);
     assert!(!ok, "only service and operator roles: {stderr}");
 }
+
+/// Every file below `dir` with its length, modification time and contents.
+fn snapshot(
+    dir: &std::path::Path,
+) -> std::collections::BTreeMap<String, (u64, std::time::SystemTime, Vec<u8>)> {
+    let mut files = std::collections::BTreeMap::new();
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        for entry in std::fs::read_dir(&path).unwrap() {
+            let entry = entry.unwrap();
+            let meta = entry.metadata().unwrap();
+            if meta.is_dir() {
+                pending.push(entry.path());
+            } else {
+                files.insert(
+                    entry.path().display().to_string(),
+                    (
+                        meta.len(),
+                        meta.modified().unwrap(),
+                        std::fs::read(entry.path()).unwrap(),
+                    ),
+                );
+            }
+        }
+    }
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_audit_verify_writes_nothing_to_the_data_it_checks() {
+    let mut server = TestServer::start().await;
+    server.enroll("wanda", "w-1").await;
+    server.stop().await;
+    let data = server.config.data_dir.clone();
+    let before = snapshot(&data);
+    let (ok, stdout, stderr) = payra(&["audit", "verify", "--data", path_str(&data)]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("audit log intact"), "{stdout}");
+    let after = snapshot(&data);
+    assert_eq!(
+        before.keys().collect::<Vec<_>>(),
+        after.keys().collect::<Vec<_>>(),
+        "no file added or removed"
+    );
+    for (path, (len, modified, bytes)) in &before {
+        let (len_after, modified_after, bytes_after) = &after[path];
+        assert!(
+            len == len_after && modified == modified_after && bytes == bytes_after,
+            "{path} changed"
+        );
+    }
+}

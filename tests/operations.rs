@@ -248,11 +248,13 @@ async fn ok_invented_method_names_share_one_metrics_label() {
     .await
     .expect("anonymous connects");
     // The standard services answer UNIMPLEMENTED; payra's authorization refuses an unknown
-    // payra method before routing.
+    // payra method, and any path outside payra and the standard services, before routing.
     for (path, code) in [
         ("/grpc.health.v1.Health/Invented,le=9", 12),
         ("/grpc.reflection.v1.ServerReflection/Made-Up", 12),
         ("/payra.v1.Verification/NoSuchMethod", 7),
+        ("/grpc.channelz.v1.Channelz/GetTopChannels", 7),
+        ("/Invented/Path", 7),
     ] {
         let refused = anonymous
             .unary::<_, proto::GetCertificateStatusResponse>(
@@ -271,7 +273,7 @@ async fn ok_invented_method_names_share_one_metrics_label() {
     );
     assert_eq!(
         delta("payra_rpc_requests_total{code=\"PERMISSION_DENIED\",method=\"other\"}"),
-        1.0
+        3.0
     );
     for name in after.keys() {
         assert!(

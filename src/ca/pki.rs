@@ -396,18 +396,29 @@ mod tests {
         let key_path = dir.path().join("issuing.key");
         let (_, plain) =
             pkcs8::SecretDocument::from_pem(&fs::read_to_string(&key_path).unwrap()).unwrap();
-        // PBKDF2-SHA256 + AES-256-CBC, as `openssl pkcs8 -topk8 -v2 aes-256-cbc` writes.
-        let params =
-            pkcs8::pkcs5::pbes2::Parameters::pbkdf2_sha256_aes256cbc(2048, &[7; 16], &[9; 16])
+        // PBKDF2-SHA256 + AES-256-CBC, as `openssl pkcs8 -topk8 -v2 aes-256-cbc` writes; with
+        // OpenSSL's default of 2048 iterations the key is refused as too weak.
+        let encrypt = |iterations: u32| {
+            let params = pkcs8::pkcs5::pbes2::Parameters::pbkdf2_sha256_aes256cbc(
+                iterations, &[7; 16], &[9; 16],
+            )
+            .unwrap();
+            let encrypted = pkcs8::PrivateKeyInfo::from_der(plain.as_bytes())
+                .unwrap()
+                .encrypt_with_params(params, "correct horse")
                 .unwrap();
-        let encrypted = pkcs8::PrivateKeyInfo::from_der(plain.as_bytes())
-            .unwrap()
-            .encrypt_with_params(params, "correct horse")
+            let pem = encrypted
+                .to_pem("ENCRYPTED PRIVATE KEY", pkcs8::LineEnding::LF)
+                .unwrap();
+            write_file(&key_path, &pem, true).unwrap();
+        };
+        encrypt(2048);
+        let err = CaMaterial::load(dir.path(), Some("correct horse"))
+            .err()
             .unwrap();
-        let pem = encrypted
-            .to_pem("ENCRYPTED PRIVATE KEY", pkcs8::LineEnding::LF)
-            .unwrap();
-        write_file(&key_path, &pem, true).unwrap();
+        assert!(err.to_string().contains("too weak"), "{err}");
+        assert!(err.to_string().contains("2048 PBKDF2 iterations"), "{err}");
+        encrypt(crate::ca::signer::MIN_PBKDF2_ITERATIONS);
         let err = CaMaterial::load(dir.path(), None).err().unwrap();
         assert!(err.to_string().contains("PAYRA_CA_KEY_PASSPHRASE"), "{err}");
         let err = CaMaterial::load(dir.path(), Some("wrong")).err().unwrap();

@@ -19,6 +19,61 @@ pub struct KeyFileSigner {
     key: KeyPair,
 }
 
+/// Fewest PBKDF2 iterations accepted for an encrypted issuing key (OpenSSL's default is
+/// 2048; `openssl pkcs8 -iter 600000` is what docs/operations.md shows).
+pub const MIN_PBKDF2_ITERATIONS: u32 = 100_000;
+/// Smallest scrypt cost (N) accepted.
+const MIN_SCRYPT_COST: u64 = 1 << 15;
+
+/// Refuses encryption too weak to protect a CA key: PBES1 (DES, RC2, MD5), a non-AES cipher,
+/// PBKDF2 with SHA-1 or fewer than [`MIN_PBKDF2_ITERATIONS`] iterations, a salt under 8
+/// bytes, or scrypt below N = 32768.
+fn check_key_encryption(scheme: &pkcs8::pkcs5::EncryptionScheme<'_>) -> Result<()> {
+    use pkcs8::pkcs5::pbes2::{EncryptionScheme as Cipher, Kdf, Pbkdf2Prf};
+    let weak = |why: String| {
+        Err(Error::FailedPrecondition(format!(
+            "the issuing key's encryption is too weak ({why}); re-encrypt it with \
+             openssl pkcs8 -topk8 -v2 aes-256-cbc -v2prf hmacWithSHA256 -iter 600000"
+        )))
+    };
+    let pkcs8::pkcs5::EncryptionScheme::Pbes2(params) = scheme else {
+        return weak("PBES1".into());
+    };
+    match params.encryption {
+        Cipher::Aes128Cbc { .. } | Cipher::Aes192Cbc { .. } | Cipher::Aes256Cbc { .. } => {}
+        _ => return weak("the cipher is not AES".into()),
+    }
+    match &params.kdf {
+        Kdf::Pbkdf2(pbkdf2) => {
+            if pbkdf2.prf == Pbkdf2Prf::HmacWithSha1 {
+                return weak("PBKDF2 with HMAC-SHA-1".into());
+            }
+            if pbkdf2.iteration_count < MIN_PBKDF2_ITERATIONS {
+                return weak(format!(
+                    "{} PBKDF2 iterations, fewer than {MIN_PBKDF2_ITERATIONS}",
+                    pbkdf2.iteration_count
+                ));
+            }
+            if pbkdf2.salt.len() < 8 {
+                return weak("a salt shorter than 8 bytes".into());
+            }
+        }
+        Kdf::Scrypt(scrypt) => {
+            if scrypt.cost_parameter < MIN_SCRYPT_COST {
+                return weak(format!(
+                    "scrypt N = {}, less than {MIN_SCRYPT_COST}",
+                    scrypt.cost_parameter
+                ));
+            }
+            if scrypt.salt.len() < 8 {
+                return weak("a salt shorter than 8 bytes".into());
+            }
+        }
+        _ => return weak("an unknown key derivation".into()),
+    }
+    Ok(())
+}
+
 impl KeyFileSigner {
     /// Loads a PKCS#8 PEM P-256 key, decrypting an encrypted PKCS#8 block (PBES2) with
     /// `passphrase`. The block's label decides which it is. An encrypted key without a
@@ -39,6 +94,7 @@ impl KeyFileSigner {
                 use pkcs8::der::Decode;
                 let encrypted = pkcs8::EncryptedPrivateKeyInfo::from_der(block.contents())
                     .map_err(|e| Error::FailedPrecondition(format!("issuing key: {e}")))?;
+                check_key_encryption(&encrypted.encryption_algorithm)?;
                 let decrypted = encrypted.decrypt(passphrase).map_err(|_| {
                     Error::FailedPrecondition(
                         "cannot decrypt the issuing key: wrong passphrase or unsupported cipher"

@@ -10,6 +10,7 @@ pub mod data_dir;
 pub mod decision_log;
 mod group_commit;
 mod issuance_journal;
+pub mod read_only;
 mod records;
 mod sled_backend;
 

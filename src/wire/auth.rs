@@ -301,8 +301,17 @@ fn caller_of<B>(
     }
 }
 
+/// The standard services anyone may call: health and server reflection (both versions).
+const OPEN_SERVICES: [&str; 3] = [
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1.ServerReflection/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+];
+
 /// Decides a request before routing: `Ok(Some(caller))` for an allowed payra RPC,
-/// `Ok(None)` for the standard services (health, reflection), which anyone may call.
+/// `Ok(None)` for the standard services (health, reflection), which anyone may call. Any
+/// other path is refused here, so no service added later is reachable before it is put in
+/// the authorization matrix.
 fn authorize_request<B>(
     request: &http::Request<B>,
     ra: &Ra,
@@ -310,10 +319,10 @@ fn authorize_request<B>(
 ) -> Result<Option<(Caller, Actor)>> {
     let path = request.uri().path();
     let Some(rpc) = Rpc::from_path(path) else {
-        if path.starts_with("/payra.") {
-            return Err(Error::PermissionDenied(format!("unknown method {path}")));
+        if OPEN_SERVICES.iter().any(|open| path.starts_with(open)) {
+            return Ok(None);
         }
-        return Ok(None);
+        return Err(Error::PermissionDenied(format!("unknown method {path}")));
     };
     let (caller, actor) = caller_of(request, ra, identities)?;
     check(rpc, &caller)?;
