@@ -409,15 +409,75 @@ fn walk(bytes: &[u8], mut each: impl FnMut(&Frame<'_>) -> Result<()>) -> Result<
     Ok(offset)
 }
 
-/// Whether `rest`, the bytes after the last intact frame, can be what an interrupted write
-/// leaves: a frame cut short, or space the file system filled with zeros. A complete frame
-/// that fails its checksum is damage, not a torn write.
-fn torn_write(rest: &[u8]) -> bool {
-    if rest.iter().all(|b| *b == 0) || rest.len() < PREFIX {
+/// Whether `rest`, the bytes after the last intact frame (whose successor is `next_seq`), can
+/// be what an interrupted write leaves: a frame cut short, or space the file system filled
+/// with zeros. Damage, not a torn write: a length no writer produces, a complete frame that
+/// fails its checksum, or an intact frame further on (a later record survived, so the bytes
+/// before it were written whole and changed since).
+fn torn_write(rest: &[u8], next_seq: u64) -> bool {
+    if rest.iter().all(|b| *b == 0) {
         return true;
     }
-    let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-    PREFIX + len > rest.len()
+    if rest.len() >= 4 {
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        if !(FIXED..=FIXED + MAX_RECORD_BYTES).contains(&len) || PREFIX + len <= rest.len() {
+            return false;
+        }
+    }
+    !has_later_frame(rest, next_seq)
+}
+
+/// Whether an intact frame numbered `next_seq` or later starts anywhere after byte 0 of
+/// `rest`. The length and number are checked before the checksum, so garbage costs little.
+fn has_later_frame(rest: &[u8], next_seq: u64) -> bool {
+    let most = next_seq.saturating_add(rest.len() as u64);
+    (1..rest.len().saturating_sub(PREFIX + FIXED - 1)).any(|offset| {
+        let Some(header) = rest.get(offset..offset + PREFIX + 8) else {
+            return false;
+        };
+        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+        let seq = u64::from_le_bytes(header[PREFIX..PREFIX + 8].try_into().unwrap_or([0; 8]));
+        (FIXED..=FIXED + MAX_RECORD_BYTES).contains(&len)
+            && (next_seq..=most).contains(&seq)
+            && frame_at(rest, offset).is_some()
+    })
+}
+
+/// A torn end of the newest segment, to be cut off once every check has passed.
+struct TornEnd {
+    path: PathBuf,
+    valid: usize,
+    cut: Vec<u8>,
+}
+
+impl TornEnd {
+    /// Copies the cut bytes aside (`<segment>.log.cut-<unix ms>-<random>`, synced), then truncates the
+    /// segment. Nothing is discarded: an operator can still look at what was cut.
+    fn apply(self, dir: &Path, now_ms: i64) -> Result<()> {
+        let aside = self.path.with_extension(format!(
+            "log.cut-{now_ms}-{}",
+            hex::encode(rand::random::<[u8; 4]>())
+        ));
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&aside)?;
+        file.write_all(&self.cut)?;
+        file.sync_all()?;
+        sync_dir(dir)?;
+        let segment = OpenOptions::new().write(true).open(&self.path)?;
+        segment.set_len(self.valid as u64)?;
+        segment.sync_all()?;
+        tracing::warn!(
+            segment = %self.path.display(),
+            kept = self.valid,
+            cut = self.cut.len(),
+            aside = %aside.display(),
+            "cut a torn write off the decision log (it was never acknowledged); the cut bytes \
+             are kept aside"
+        );
+        Ok(())
+    }
 }
 
 fn decode(json: &[u8], seq: u64) -> Result<LogRecord> {
@@ -473,32 +533,35 @@ impl DecisionLog {
         // are both covered, then apply forward in log order.
         let newest = *firsts.last().unwrap_or(&1);
         let mut scanned: Vec<(u64, Vec<u8>)> = Vec::new();
+        // Nothing is written until every check below has passed.
+        let mut torn_end = None;
         for &first in firsts.iter().rev() {
             let path = segment_path(dir, first);
             let mut bytes = read_segment(dir, first)?;
-            let valid = walk(&bytes, |_| Ok(()))?;
+            let mut last_seq = None;
+            let valid = walk(&bytes, |frame| {
+                last_seq = Some(frame.seq);
+                Ok(())
+            })?;
             if valid < bytes.len() {
-                if first != newest || !torn_write(&bytes[valid..]) {
+                let next_seq = last_seq.map_or(first, |seq| seq + 1);
+                if first != newest || !torn_write(&bytes[valid..], next_seq) {
                     return Err(Error::FailedPrecondition(format!(
                         "decision log segment {}: {} bytes from byte {valid} are damaged, and \
                          they are not the torn end of an interrupted write; payra will not \
-                         start over acknowledged records it cannot read. Restore the data \
-                         directory from a backup, or, accepting the loss of every record from \
-                         that byte on, truncate the file to {valid} bytes",
+                         start over acknowledged records it cannot read, and has changed \
+                         nothing. Restore the data directory from a backup (database and \
+                         decisions/ together); `payra audit verify` names the first broken \
+                         record",
                         path.display(),
                         bytes.len() - valid
                     )));
                 }
-                tracing::warn!(
-                    segment = %path.display(),
-                    kept = valid,
-                    cut = bytes.len() - valid,
-                    "cutting a torn write off the decision log (it was never acknowledged)"
-                );
-                let file = OpenOptions::new().write(true).open(&path)?;
-                file.set_len(valid as u64)?;
-                file.sync_all()?;
-                bytes.truncate(valid);
+                torn_end = Some(TornEnd {
+                    path: path.clone(),
+                    valid,
+                    cut: bytes.split_off(valid),
+                });
             }
             let oldest_time = match frame_at(&bytes, 0) {
                 Some(frame) => Some(record_time(&decode(frame.json, frame.seq)?)),
@@ -582,6 +645,9 @@ impl DecisionLog {
                 next_seq - 1,
                 checkpoint.through_seq
             )));
+        }
+        if let Some(torn_end) = torn_end {
+            torn_end.apply(dir, now_ms)?;
         }
         books.dirty = books
             .buckets
@@ -1426,7 +1492,7 @@ mod tests {
             &mut |_, _| {},
         );
         assert!(
-            matches!(&refused, Err(Error::FailedPrecondition(m)) if m.contains("truncate the file to 0 bytes")),
+            matches!(&refused, Err(Error::FailedPrecondition(m)) if m.contains("has changed nothing")),
             "{:?}",
             refused.err()
         );
@@ -1438,6 +1504,97 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let (log, _) = open(dir.path(), LedgerCheckpoint::default(), 100);
         assert_eq!(log.with_books(|b| b.used(&key())), 350);
+    }
+
+    /// Byte offsets of every frame in `bytes`.
+    fn frame_offsets(bytes: &[u8]) -> Vec<usize> {
+        let mut offsets = Vec::new();
+        let mut offset = 0;
+        while let Some(frame) = frame_at(bytes, offset) {
+            offsets.push(offset);
+            offset += frame.raw.len();
+        }
+        offsets
+    }
+
+    fn refused(dir: &Path, checkpoint: LedgerCheckpoint) -> String {
+        match DecisionLog::open(dir, checkpoint, 0, 1, &mut |_, _| {}) {
+            Err(Error::FailedPrecondition(message)) => message,
+            Err(other) => panic!("refused with {other:?}"),
+            Ok(_) => panic!("opened a damaged log"),
+        }
+    }
+
+    #[test]
+    fn a_flipped_length_mid_segment_is_damage_and_nothing_is_cut() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = open(dir.path(), LedgerCheckpoint::default(), 0);
+        for n in 0..30 {
+            reserve(&log, n, 10);
+        }
+        log.close().unwrap();
+        drop(log);
+        let path = segment_path(dir.path(), 1);
+        let intact = std::fs::read(&path).unwrap();
+        let tenth = frame_offsets(&intact)[9];
+        // A length no writer produces (over the largest record), and one that is plausible
+        // but runs past the end: both leave intact later records, so both are damage.
+        for flip in [(tenth + 3, 0x40u8), (tenth + 2, 0x01u8)] {
+            let mut bytes = intact.clone();
+            bytes[flip.0] ^= flip.1;
+            std::fs::write(&path, &bytes).unwrap();
+            let message = refused(dir.path(), LedgerCheckpoint::default());
+            assert!(message.contains("damaged"), "{message}");
+            assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut");
+            assert!(matches!(
+                DecisionLog::verify(dir.path()).unwrap(),
+                ChainCheck::Broken { seq: 10, .. }
+            ));
+        }
+        std::fs::write(&path, &intact).unwrap();
+        let (log, _) = open(dir.path(), LedgerCheckpoint::default(), 100);
+        assert_eq!(
+            log.with_books(|b| b.used(&key())),
+            300,
+            "all 30 records kept"
+        );
+    }
+
+    #[test]
+    fn a_torn_tail_is_kept_aside_and_only_cut_after_the_checkpoint_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = open(dir.path(), LedgerCheckpoint::default(), 0);
+        for n in 0..3 {
+            reserve(&log, n, 10);
+        }
+        log.close().unwrap();
+        drop(log);
+        let path = segment_path(dir.path(), 1);
+        let full = std::fs::read(&path).unwrap();
+        let torn = &full[..full.len() - 5];
+        std::fs::write(&path, torn).unwrap();
+
+        // A checkpoint past the log's end refuses the start before anything is cut.
+        let ahead = LedgerCheckpoint {
+            through_seq: 5,
+            ..LedgerCheckpoint::default()
+        };
+        let message = refused(dir.path(), ahead);
+        assert!(message.contains("ledger checkpoint"), "{message}");
+        assert_eq!(std::fs::read(&path).unwrap(), torn, "untouched");
+
+        let (log, _) = open(dir.path(), LedgerCheckpoint::default(), 100);
+        assert_eq!(log.with_books(|b| b.used(&key())), 20);
+        drop(log);
+        let third = frame_offsets(&full)[2];
+        assert_eq!(std::fs::read(&path).unwrap(), &full[..third]);
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.to_string_lossy().contains(".log.cut-"))
+            .collect();
+        assert_eq!(aside.len(), 1, "{aside:?}");
+        assert_eq!(std::fs::read(&aside[0]).unwrap(), &torn[third..]);
     }
 
     #[test]
