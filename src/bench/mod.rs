@@ -865,7 +865,8 @@ async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> 
                 let request = proto::EnrollRequest {
                     token,
                     csr_der: csrs[i % csrs.len()].clone(),
-                    device_id: format!("bench-device-{i}"),
+                    // One key, one device: each reused CSR always enrolls its own device.
+                    device_id: format!("bench-device-{}", i % csrs.len()),
                     device_info: None,
                 };
                 let started = Instant::now();
