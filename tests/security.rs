@@ -338,7 +338,7 @@ async fn ok_connection_limit_queues_extra_clients() {
     drop(second);
 }
 
-/// Encrypts `certs/issuing.key` with OpenSSL (PBES2, AES-256-CBC) and writes the passphrase
+/// Encrypts `certs/issuing.key` with OpenSSL (PBES2, AES-256-CBC, PBKDF2-SHA256) and writes the passphrase
 /// file; returns its path.
 fn encrypt_issuing_key(certs: &std::path::Path, passphrase: &str) -> std::path::PathBuf {
     use std::os::unix::fs::PermissionsExt;
@@ -349,6 +349,11 @@ fn encrypt_issuing_key(certs: &std::path::Path, passphrase: &str) -> std::path::
         "-topk8",
         "-v2",
         "aes-256-cbc",
+        "-v2prf",
+        "hmacWithSHA256",
+        // The fewest iterations payra accepts (OpenSSL's default of 2048 is refused).
+        "-iter",
+        "100000",
         "-in",
         path_str(&key),
         "-out",
