@@ -1032,7 +1032,7 @@ fn populate(data: &Path, records: u64) -> CliResult {
             customer_id: CustomerId::parse("customer_id", &format!("cust-{}", i / 2)).ok()?,
             device_id: DeviceId::parse("device_id", &format!("dev-{i}")).ok()?,
             device_info: Default::default(),
-            subject: format!("CN=dev-{i},UID=cust-{},O=payra device", i / 2),
+            subject: format!("CN={:032x},O=payra device", i),
             not_before_s: now - 300,
             not_after_s: now + 365 * 86_400,
             issued_at_s: now,
@@ -1041,6 +1041,7 @@ fn populate(data: &Path, records: u64) -> CliResult {
             revocation: None,
             renewed_from: None,
             superseded_by: None,
+            subscriber_ref: Some(format!("{i:032x}")),
         })
     };
     let count = store
@@ -1184,7 +1185,13 @@ async fn pay(args: PayArgs) -> CliResult {
     let cert_pem = std::fs::read_to_string(args.device_dir.join("device.pem"))
         .map_err(|e| format!("{}: {e}", args.device_dir.join("device.pem").display()))?;
     let cert = pem::parse(&cert_pem).map_err(|e| format!("device.pem: {e}"))?;
-    let identity = DeviceIdentity::from_certificate(cert.contents()).map_err(|e| e.to_string())?;
+    // `device enroll` keeps the ids beside the key (the certificate names neither); a
+    // directory from before that has them in the certificate.
+    let identity = match std::fs::read(args.device_dir.join("identity.json")) {
+        Ok(json) => serde_json::from_slice::<DeviceIdentity>(&json)
+            .map_err(|e| format!("identity.json: {e}"))?,
+        Err(_) => DeviceIdentity::from_certificate(cert.contents()).map_err(|e| e.to_string())?,
+    };
     let factors = args
         .factors
         .iter()
@@ -1542,6 +1549,12 @@ async fn enroll_device(
     std::fs::write(out.join("device.pem"), chain).map_err(|e| e.to_string())?;
     std::fs::write(out.join("serial"), format!("{}\n", issued.serial))
         .map_err(|e| e.to_string())?;
+    let identity = payra::client::DeviceIdentity::from_enrollment(&issued);
+    std::fs::write(
+        out.join("identity.json"),
+        serde_json::to_vec_pretty(&identity).map_err(|e| e.to_string())?,
+    )
+    .map_err(|e| e.to_string())?;
     println!("{}", issued.serial);
     eprintln!(
         "enrolled {device}: serial {}, valid until {} (Unix seconds); key and certificate in {}",

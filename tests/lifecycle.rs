@@ -405,6 +405,14 @@ async fn ok_renew_supersedes_and_refuses_revoked_or_expired() {
         .expect("renew with a valid certificate")
         .into_inner();
     assert_ne!(renewed.serial, phone.issued.serial);
+    assert_eq!(
+        renewed.subscriber_ref, phone.issued.subscriber_ref,
+        "a renewal keeps the lineage's subscriber reference"
+    );
+    assert_eq!(
+        (renewed.customer_id.as_str(), renewed.device_id.as_str()),
+        ("gina", "g-1")
+    );
     let old = server.status(&phone.issued.serial).await;
     assert_eq!(old.status, proto::CertificateStatus::Superseded as i32);
     assert_eq!(old.revocation_reason, Reason::Superseded as i32);

@@ -334,7 +334,7 @@ async fn enroll_device(
         )
         .await
         .map_err(status_error)?;
-    let identity = DeviceIdentity::from_certificate(&issued.certificate_der)?;
+    let identity = DeviceIdentity::from_enrollment(&issued);
     Ok((key, identity, issued.certificate_der))
 }
 

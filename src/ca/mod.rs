@@ -14,6 +14,7 @@ pub use ocsp::{OcspResponder, OcspStatus, ParsedOcspRequest};
 pub use pki::{init_dev_pki, CaMaterial, PkiFiles};
 pub use profile::{
     issue_client_certificate, issue_device_certificate, DeviceCertificate, DeviceProfile,
+    SubscriberRef,
 };
 pub use signer::{CaSigner, KeyFileSigner};
 

@@ -16,18 +16,15 @@ use super::csr::DevicePublicKey;
 use super::pki::SharedSigner;
 use super::ROLE_URI_PREFIX;
 use crate::error::{Error, Result};
-use crate::model::{CustomerId, DeviceId, Serial};
+use crate::model::Serial;
 
 /// OID of the `authorityInfoAccess` extension (RFC 5280 4.2.2.1).
 const OID_AUTHORITY_INFO_ACCESS: &[u64] = &[1, 3, 6, 1, 5, 5, 7, 1, 1];
-/// OID of the `UID` attribute (RFC 4519), which carries the customer id in the subject.
-const OID_USER_ID: &[u64] = &[0, 9, 2342, 19200300, 100, 1, 1];
 
 /// Role URI carried by every device certificate.
 pub const DEVICE_ROLE: &str = "device";
-
-/// Upper bound of a commonName (RFC 5280 Appendix A, `ub-common-name`).
-const MAX_COMMON_NAME_CHARS: usize = 64;
+/// Prefix of the URI SAN naming a device certificate's subscriber reference.
+pub const SUBSCRIBER_URI_PREFIX: &str = "urn:payra:subscriber:";
 
 /// The adjustable part of the device profile, from configuration.
 #[derive(Debug, Clone)]
@@ -57,17 +54,30 @@ impl DeviceProfile {
     }
 }
 
-/// A commonName within its upper bound of 64 characters: the device id itself when it fits,
-/// else its first 47 characters, `~` and 16 hex digits of its SHA-256 (still unique per id).
-/// The whole id is always in the URI SAN `urn:payra:device:<id>`.
-pub fn bounded_common_name(id: &str) -> String {
-    if id.chars().count() <= MAX_COMMON_NAME_CHARS {
-        return id.to_string();
+/// The opaque reference a device certificate names its subscriber by: 32 lowercase hex
+/// digits (128 random bits). Certificates are shown to every TLS peer and relying party, so
+/// they carry this instead of the customer and device ids; payra's record maps it back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscriberRef(String);
+
+impl SubscriberRef {
+    /// A fresh random reference.
+    pub fn random() -> SubscriberRef {
+        SubscriberRef(hex::encode(rand::random::<[u8; 16]>()))
     }
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(id.as_bytes());
-    let head: String = id.chars().take(47).collect();
-    format!("{head}~{}", hex::encode(&digest[..8]))
+
+    /// A reference read back from a record (checked: 32 lowercase hex digits).
+    pub fn parse(value: &str) -> Option<SubscriberRef> {
+        (value.len() == 32
+            && value
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+        .then(|| SubscriberRef(value.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// An issued device certificate and the facts payra records about it.
@@ -156,33 +166,28 @@ pub fn issue_client_certificate(
     })
 }
 
-/// Signs a device certificate for `key`, naming `customer` and `device`.
+/// Signs a device certificate for `key`, naming its subscriber by an opaque reference.
 ///
-/// Subject `CN=<device, at most 64 characters>, UID=<customer>, O=payra device`; URI SANs
-/// `urn:payra:role:device`, `urn:payra:customer:<customer>`, `urn:payra:device:<device>`;
-/// KeyUsage digitalSignature (critical), EKU clientAuth, BasicConstraints CA:false (critical),
-/// SKI, AKI, CRL distribution point and OCSP AIA; notBefore `now - backdate`, notAfter
-/// `now + validity` or the issuer's notAfter, whichever comes first.
+/// Subject `CN=<subscriber ref>, O=payra device`; URI SANs `urn:payra:role:device` and
+/// `urn:payra:subscriber:<ref>` (no customer or device id: a certificate is shown to every
+/// TLS peer and relying party); KeyUsage digitalSignature (critical), EKU clientAuth,
+/// BasicConstraints CA:false (critical), SKI, AKI, CRL distribution point and OCSP AIA;
+/// notBefore `now - backdate`, notAfter `now + validity` or the issuer's notAfter, whichever
+/// comes first.
 pub fn issue_device_certificate(
     issuer: &Issuer<'static, SharedSigner>,
     profile: &DeviceProfile,
     key: &DevicePublicKey,
     serial: &Serial,
-    customer: &CustomerId,
-    device: &DeviceId,
+    subscriber: &SubscriberRef,
     now_s: i64,
 ) -> Result<DeviceCertificate> {
     let not_before_s = now_s - profile.backdate_s;
     let not_after_s = profile.not_after(now_s, profile.validity_s)?;
-    let common_name = bounded_common_name(device.as_str());
 
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "payra device");
-    dn.push(
-        DnType::CustomDnType(OID_USER_ID.to_vec()),
-        customer.as_str(),
-    );
-    dn.push(DnType::CommonName, common_name.as_str());
+    dn.push(DnType::CommonName, subscriber.as_str());
 
     let mut params = CertificateParams::default();
     params.distinguished_name = dn;
@@ -195,8 +200,7 @@ pub fn issue_device_certificate(
     params.use_authority_key_identifier_extension = true;
     params.subject_alt_names = vec![
         uri(format!("{ROLE_URI_PREFIX}{DEVICE_ROLE}"))?,
-        uri(format!("urn:payra:customer:{customer}"))?,
-        uri(format!("urn:payra:device:{device}"))?,
+        uri(format!("{SUBSCRIBER_URI_PREFIX}{}", subscriber.as_str()))?,
     ];
     params.crl_distribution_points = vec![CrlDistributionPoint {
         uris: vec![profile.crl_url.clone()],
@@ -211,7 +215,7 @@ pub fn issue_device_certificate(
         .map_err(|e| Error::internal(format!("signing device certificate: {e}")))?;
     Ok(DeviceCertificate {
         der: cert.der().to_vec(),
-        subject: format!("CN={common_name},UID={customer},O=payra device"),
+        subject: format!("CN={},O=payra device", subscriber.as_str()),
         not_before_s,
         not_after_s,
     })

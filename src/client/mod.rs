@@ -222,8 +222,8 @@ pub fn random_nonce() -> Vec<u8> {
     nonce
 }
 
-/// Customer, device and serial named by a payra device certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Customer, device and serial of an enrolled phone's certificate.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DeviceIdentity {
     pub customer_id: String,
     pub device_id: String,
@@ -231,7 +231,18 @@ pub struct DeviceIdentity {
 }
 
 impl DeviceIdentity {
-    /// Reads the URI SANs `urn:payra:customer:<id>` and `urn:payra:device:<id>`.
+    /// What an enrollment or renewal answered: the certificate names neither id (only an
+    /// opaque subscriber reference), so the phone keeps them from the answer.
+    pub fn from_enrollment(issued: &proto::EnrollResponse) -> DeviceIdentity {
+        DeviceIdentity {
+            customer_id: issued.customer_id.clone(),
+            device_id: issued.device_id.clone(),
+            serial: issued.serial.clone(),
+        }
+    }
+
+    /// Reads the URI SANs `urn:payra:customer:<id>` and `urn:payra:device:<id>` of a
+    /// certificate issued before certificates stopped carrying ids.
     pub fn from_certificate(der: &[u8]) -> Result<DeviceIdentity> {
         use x509_parser::extensions::GeneralName;
         use x509_parser::prelude::{FromDer, X509Certificate};

@@ -182,6 +182,7 @@ impl Ra {
                 revocation: None,
                 renewed_from: None,
                 superseded_by: None,
+                subscriber_ref: None,
             },
             certificate_der: certificate.der,
             chain_der: vec![self.ca.issuing_der.clone()],

@@ -4,7 +4,7 @@ use rand::RngCore;
 
 use super::status::{CertificateStatus, StatusView};
 use super::Ra;
-use crate::ca::{issue_device_certificate, parse_device_csr};
+use crate::ca::{issue_device_certificate, parse_device_csr, SubscriberRef};
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, DeviceId, DeviceInfo, Serial};
 use crate::store::{Actor, AuditEvent};
@@ -226,6 +226,7 @@ impl Ra {
             request.device_id,
             request.device_info,
             None,
+            SubscriberRef::random(),
             now_s,
         )?;
         let audit = AuditEvent::new(
@@ -391,6 +392,13 @@ impl Ra {
                 .device_info
                 .unwrap_or_else(|| current.device_info.clone()),
             Some(current.serial.clone()),
+            // A renewal keeps the lineage's reference (a certificate from before references
+            // gets its first one).
+            current
+                .subscriber_ref
+                .as_deref()
+                .and_then(SubscriberRef::parse)
+                .unwrap_or_else(SubscriberRef::random),
             now_s,
         )?;
         let audit = AuditEvent::new(
@@ -475,6 +483,7 @@ impl Ra {
         device: DeviceId,
         device_info: DeviceInfo,
         renewed_from: Option<Serial>,
+        subscriber: SubscriberRef,
         now_s: i64,
     ) -> Result<(CertificateRecord, Vec<u8>)> {
         let serial = Serial::time_ordered(self.clock.now_ms());
@@ -483,8 +492,7 @@ impl Ra {
             &self.policy.profile,
             public_key,
             &serial,
-            &customer,
-            &device,
+            &subscriber,
             now_s,
         )?;
         let record = CertificateRecord {
@@ -502,6 +510,7 @@ impl Ra {
             revocation: None,
             renewed_from,
             superseded_by: None,
+            subscriber_ref: Some(subscriber.as_str().to_string()),
         };
         Ok((record, certificate.der))
     }

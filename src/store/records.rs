@@ -214,6 +214,11 @@ pub struct CertificateRecord {
     pub revocation: Option<Revocation>,
     pub renewed_from: Option<Serial>,
     pub superseded_by: Option<Serial>,
+    /// The opaque reference the certificate carries instead of the customer and device ids
+    /// (32 hex digits, random per enrollment, kept by renewals). `None` for certificates
+    /// issued before payra stopped putting ids into certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscriber_ref: Option<String>,
 }
 
 impl CertificateRecord {

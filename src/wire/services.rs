@@ -134,6 +134,9 @@ fn issued_response(issued: crate::ra::Issued) -> proto::EnrollResponse {
         serial: issued.record.serial.to_hex(),
         not_before_unix_s: issued.record.not_before_s,
         not_after_unix_s: issued.record.not_after_s,
+        customer_id: issued.record.customer_id.to_string(),
+        device_id: issued.record.device_id.to_string(),
+        subscriber_ref: issued.record.subscriber_ref.unwrap_or_default(),
     }
 }
 
@@ -170,6 +173,7 @@ fn record_to_proto(record: CertificateRecord, view: &StatusView) -> proto::Certi
         certificate_der,
         renewed_from_serial: record.renewed_from.map(|s| s.to_hex()).unwrap_or_default(),
         superseded_by_serial: record.superseded_by.map(|s| s.to_hex()).unwrap_or_default(),
+        subscriber_ref: record.subscriber_ref.unwrap_or_default(),
     }
 }
 

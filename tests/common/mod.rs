@@ -176,6 +176,12 @@ pub fn write_device_dir(dir: &Path, key: &DeviceKey, issued: &proto::EnrollRespo
     std::fs::write(dir.join("device.pem"), chain).unwrap();
     std::fs::write(dir.join("device.key"), key.to_pkcs8_pem().unwrap()).unwrap();
     std::fs::write(dir.join("leaf.pem"), pem(&issued.certificate_der)).unwrap();
+    let identity = payra::client::DeviceIdentity::from_enrollment(issued);
+    std::fs::write(
+        dir.join("identity.json"),
+        serde_json::to_vec(&identity).unwrap(),
+    )
+    .unwrap();
     dir.to_path_buf()
 }
 
