@@ -10,9 +10,7 @@ use payra::ca::{
     build_crl, init_dev_pki, issue_device_certificate, CaMaterial, CrlEntry, DeviceProfile,
 };
 use payra::client::DeviceKey;
-use payra::model::{
-    CustomerId, DeviceId, Factor, FactorCategory, RevocationReason, Scene, Serial, Tier,
-};
+use payra::model::{CustomerId, Factor, FactorCategory, RevocationReason, Scene, Serial, Tier};
 use payra::ra::replay::{Claim, Moment, ReplayGuard};
 use payra::ra::signature::{signed_message, verify_intent_signature};
 use payra::ra::tiers::decide_tier;
@@ -81,8 +79,7 @@ fn issuance_and_crl(c: &mut Criterion) {
         issuer_not_after_s: ca.issuing_not_after_s,
     };
     let csr = DeviceKey::generate().csr_der("d").unwrap();
-    let customer = CustomerId::parse("c", "cust").unwrap();
-    let device = DeviceId::parse("d", "dev").unwrap();
+    let subscriber = payra::ca::SubscriberRef::random();
     c.bench_function("parse CSR + issue device certificate", |b| {
         b.iter(|| {
             let key = payra::ca::parse_device_csr(black_box(&csr)).unwrap();
@@ -91,8 +88,7 @@ fn issuance_and_crl(c: &mut Criterion) {
                 &profile,
                 &key,
                 &Serial::random(),
-                &customer,
-                &device,
+                &subscriber,
                 1_800_000_000,
             )
             .unwrap()

@@ -462,6 +462,7 @@ mod tests {
             revocation: None,
             renewed_from: None,
             superseded_by: None,
+            subscriber_ref: None,
         }
     }
 

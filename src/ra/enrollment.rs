@@ -222,11 +222,13 @@ impl Ra {
         )?;
         let (record, certificate_der) = self.sign_device_certificate(
             &public_key,
-            token.customer_id,
-            request.device_id,
-            request.device_info,
+            Holder {
+                customer: token.customer_id,
+                device: request.device_id,
+                device_info: request.device_info,
+                subscriber: SubscriberRef::random(),
+            },
             None,
-            SubscriberRef::random(),
             now_s,
         )?;
         let audit = AuditEvent::new(
@@ -327,6 +329,15 @@ impl Ra {
     }
 }
 
+/// Whom a device certificate is for: the ids go into payra's record, the reference into the
+/// certificate.
+struct Holder {
+    customer: CustomerId,
+    device: DeviceId,
+    device_info: DeviceInfo,
+    subscriber: SubscriberRef,
+}
+
 /// An enrollment checked and signed, not yet stored.
 pub struct PreparedEnrollment {
     hash: TokenHash,
@@ -384,23 +395,22 @@ impl Ra {
             &current.device_id,
             now_s,
         )?;
-        let (record, certificate_der) = self.sign_device_certificate(
-            &public_key,
-            current.customer_id.clone(),
-            current.device_id.clone(),
-            request
+        let holder = Holder {
+            customer: current.customer_id.clone(),
+            device: current.device_id.clone(),
+            device_info: request
                 .device_info
                 .unwrap_or_else(|| current.device_info.clone()),
-            Some(current.serial.clone()),
             // A renewal keeps the lineage's reference (a certificate from before references
             // gets its first one).
-            current
+            subscriber: current
                 .subscriber_ref
                 .as_deref()
                 .and_then(SubscriberRef::parse)
                 .unwrap_or_else(SubscriberRef::random),
-            now_s,
-        )?;
+        };
+        let (record, certificate_der) =
+            self.sign_device_certificate(&public_key, holder, Some(current.serial.clone()), now_s)?;
         let audit = AuditEvent::new(
             self.clock.now_ms(),
             actor,
@@ -479,13 +489,16 @@ impl Ra {
     fn sign_device_certificate(
         &self,
         public_key: &crate::ca::DevicePublicKey,
-        customer: CustomerId,
-        device: DeviceId,
-        device_info: DeviceInfo,
+        holder: Holder,
         renewed_from: Option<Serial>,
-        subscriber: SubscriberRef,
         now_s: i64,
     ) -> Result<(CertificateRecord, Vec<u8>)> {
+        let Holder {
+            customer,
+            device,
+            device_info,
+            subscriber,
+        } = holder;
         let serial = Serial::time_ordered(self.clock.now_ms());
         let certificate = issue_device_certificate(
             &self.ca.issuer,

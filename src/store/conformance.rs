@@ -37,6 +37,7 @@ fn certificate(customer: &str, device: &str) -> CertificateRecord {
         revocation: None,
         renewed_from: None,
         superseded_by: None,
+        subscriber_ref: None,
     }
 }
 
