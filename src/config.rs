@@ -43,6 +43,24 @@ pub struct Config {
     pub verification: VerificationConfig,
     pub ledger: LedgerConfig,
     pub retention: RetentionConfig,
+    pub audit: AuditConfig,
+}
+
+/// The audit chains.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// How often the chains' heads are signed (when they moved), in seconds; also at
+    /// shutdown. What happened since the last signed head is covered by no signature yet.
+    pub head_interval_s: u32,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            head_interval_s: 60,
+        }
+    }
 }
 
 /// What is deleted, and when.
@@ -265,6 +283,7 @@ impl Default for Config {
             verification: VerificationConfig::default(),
             ledger: LedgerConfig::default(),
             retention: RetentionConfig::default(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -430,6 +449,12 @@ impl Config {
             return Err(Error::invalid(
                 "revocation",
                 "crl_validity_s and ocsp_validity_s must be at least 60",
+            ));
+        }
+        if self.audit.head_interval_s == 0 {
+            return Err(Error::invalid(
+                "audit.head_interval_s",
+                "must be at least 1",
             ));
         }
         let kept_s = u64::from(self.retention.expired_certificate_days) * 86_400;

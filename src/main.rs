@@ -407,8 +407,22 @@ enum RetentionCommand {
 
 #[derive(Subcommand)]
 enum AuditCommand {
-    /// Recompute the chain; exit non-zero naming the first broken entry.
+    /// Check both chains, every signed head, the recorded heads and the ledger checkpoint;
+    /// exit non-zero naming the first problem. Reads a copy: the data is never written.
     Verify {
+        #[arg(long, default_value = "data")]
+        data: PathBuf,
+        /// The PKI directory: signed heads are checked under its issuing.pem.
+        #[arg(long, default_value = "certs")]
+        certs: PathBuf,
+        /// A head exported earlier with `payra audit head` and kept outside this machine:
+        /// proves that nothing up to it changed since, even if the head file was cut.
+        #[arg(long)]
+        anchor: Option<PathBuf>,
+    },
+    /// Print the latest signed head of the audit chains (one JSON line), to keep outside
+    /// this machine and give back to `audit verify --anchor`.
+    Head {
         #[arg(long, default_value = "data")]
         data: PathBuf,
     },
@@ -961,27 +975,172 @@ fn open_data(data: &Path) -> Result<payra::store::SledStore, String> {
     })
 }
 
-fn audit(command: AuditCommand) -> CliResult {
+/// `payra audit verify`: both chains intact; the change chain ends at its recorded head; the
+/// decision log reaches the ledger checkpoint; every signed head (and the anchor, if given)
+/// verifies and still matches the chains.
+fn audit_verify(data: &Path, certs: &Path, anchor: Option<&Path>) -> CliResult {
+    use payra::store::audit_heads::{check_head, read_all, SignedHead};
     use payra::store::decision_log::ChainCheck;
     use payra::store::{verify_audit_log, AuditCheck, DecisionLog, Store};
+    // A copy: verifying must not write to the evidence it checks.
+    let store = payra::store::read_only::open_copy(data).map_err(|e| e.to_string())?;
+    let entries = match verify_audit_log(&*store).map_err(|e| e.to_string())? {
+        AuditCheck::Intact { entries } => entries,
+        AuditCheck::Broken { seq, reason } => {
+            return Err(format!("audit log broken at entry {seq}: {reason}"))
+        }
+    };
+    let recorded = store.audit_head().map_err(|e| e.to_string())?;
+    let change_hash_at = |seq: u64| -> Option<[u8; 32]> {
+        let entry = store.audit_entries(seq.checked_sub(1)?, 1).ok()?.pop()?;
+        (entry.body.seq == seq).then_some(())?;
+        hex::decode(&entry.hash).ok()?.try_into().ok()
+    };
+    if recorded.seq != entries || (entries > 0 && change_hash_at(entries) != Some(recorded.hash)) {
+        return Err(format!(
+            "audit log broken: the recorded head is entry {}, but the chain ends at entry \
+             {entries} (entries were removed or the head was rewritten)",
+            recorded.seq
+        ));
+    }
+    let mut heads = read_all(data).map_err(|e| e.to_string())?;
+    let anchor = match anchor {
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let line = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("");
+            Some(SignedHead::parse(line).map_err(|e| format!("{}: {e}", path.display()))?)
+        }
+        None => None,
+    };
+    // The decision hashes the heads name, collected while the chain is checked.
+    let wanted: std::collections::HashSet<u64> = heads
+        .iter()
+        .chain(anchor.iter())
+        .map(|h| h.statement.decision_seq)
+        .collect();
+    let mut decision_hashes = std::collections::HashMap::new();
+    let records = match DecisionLog::verify_with(&data.join("decisions"), &mut |seq, hash| {
+        if wanted.contains(&seq) {
+            decision_hashes.insert(seq, *hash);
+        }
+    })
+    .map_err(|e| e.to_string())?
+    {
+        ChainCheck::Intact { records } => records,
+        ChainCheck::Broken { seq, reason } => {
+            return Err(format!("decision chain broken at record {seq}: {reason}"))
+        }
+    };
+    let checkpoint = store
+        .ledger_checkpoint("9999-12-31")
+        .map_err(|e| e.to_string())?
+        .through_seq;
+    if checkpoint > records {
+        return Err(format!(
+            "decision chain broken: the ledger checkpoint covers record {checkpoint}, but the \
+             log ends at record {records} (records were removed)"
+        ));
+    }
+    let mut summary =
+        format!("audit log intact: {entries} change entries, {records} decision records");
+    if heads.is_empty() && anchor.is_none() {
+        println!("{summary}; no signed head yet, so only accidents, not tampering, would show");
+        return Ok(());
+    }
+    let issuing = payra::ca::pki::read_certificate_der(&certs.join("issuing.pem"))
+        .map_err(|e| format!("{e} (signed heads are checked under issuing.pem; pass --certs)"))?;
+    let public_key =
+        payra::ca::pki::certificate_public_key_sec1(&issuing).map_err(|e| e.to_string())?;
+    let decision_hash_at = |seq: u64| decision_hashes.get(&seq).copied();
+    let mut previous = (0, 0);
+    for (n, head) in heads.iter().enumerate() {
+        let at = (head.statement.change_seq, head.statement.decision_seq);
+        if at.0 < previous.0 || at.1 < previous.1 {
+            return Err(format!(
+                "signed head {} of {}: it goes back from the head before it",
+                n + 1,
+                payra::store::audit_heads::HEADS_FILE
+            ));
+        }
+        previous = at;
+        if let Some(why) = check_head(
+            head,
+            &public_key,
+            entries,
+            records,
+            &change_hash_at,
+            &decision_hash_at,
+        ) {
+            return Err(format!(
+                "signed head {} (signed at {} Unix ms) does not hold: {why}",
+                n + 1,
+                head.statement.signed_at_ms
+            ));
+        }
+    }
+    if let Some(anchor) = &anchor {
+        if let Some(why) = check_head(
+            anchor,
+            &public_key,
+            entries,
+            records,
+            &change_hash_at,
+            &decision_hash_at,
+        ) {
+            return Err(format!("the anchor does not hold: {why}"));
+        }
+        let newest = heads.iter().map(|h| h.statement.signed_at_ms).max();
+        if newest.is_none_or(|t| t < anchor.statement.signed_at_ms) {
+            return Err(
+                "the anchor is newer than every signed head in the data: signed heads were \
+                 removed"
+                    .into(),
+            );
+        }
+        summary.push_str(&format!(
+            "; the anchor (change {}, decision {}) holds",
+            anchor.statement.change_seq, anchor.statement.decision_seq
+        ));
+    }
+    if let Some(latest) = heads.pop() {
+        let s = &latest.statement;
+        summary.push_str(&format!(
+            "; {} signed heads hold, the latest covers change entry {} and decision record {} \
+             ({} and {} after it are not signed yet)",
+            heads.len() + 1,
+            s.change_seq,
+            s.decision_seq,
+            entries - s.change_seq,
+            records - s.decision_seq
+        ));
+    }
+    println!("{summary}");
+    Ok(())
+}
+
+fn audit(command: AuditCommand) -> CliResult {
+    use payra::store::{DecisionLog, Store};
     match command {
-        AuditCommand::Verify { data } => {
-            // A copy: verifying must not write to the evidence it checks.
-            let store = payra::store::read_only::open_copy(&data).map_err(|e| e.to_string())?;
-            let entries = match verify_audit_log(&*store).map_err(|e| e.to_string())? {
-                AuditCheck::Intact { entries } => entries,
-                AuditCheck::Broken { seq, reason } => {
-                    return Err(format!("audit log broken at entry {seq}: {reason}"))
-                }
+        AuditCommand::Verify {
+            data,
+            certs,
+            anchor,
+        } => audit_verify(&data, &certs, anchor.as_deref()),
+        AuditCommand::Head { data } => {
+            let heads = payra::store::audit_heads::read_all(&data).map_err(|e| e.to_string())?;
+            let Some(latest) = heads.last() else {
+                return Err(format!(
+                    "{} holds no signed audit head yet (payra signs one every \
+                     audit.head_interval_s while it runs, and at shutdown)",
+                    data.display()
+                ));
             };
-            let records =
-                match DecisionLog::verify(&data.join("decisions")).map_err(|e| e.to_string())? {
-                    ChainCheck::Intact { records } => records,
-                    ChainCheck::Broken { seq, reason } => {
-                        return Err(format!("decision chain broken at record {seq}: {reason}"))
-                    }
-                };
-            println!("audit log intact: {entries} change entries, {records} decision records");
+            println!("{}", latest.to_line().map_err(|e| e.to_string())?);
             Ok(())
         }
         AuditCommand::Tail {
@@ -999,7 +1158,7 @@ fn audit(command: AuditCommand) -> CliResult {
         }
         AuditCommand::Tail { data, lines, .. } => {
             let store = payra::store::read_only::open_copy(&data).map_err(|e| e.to_string())?;
-            let head = store.audit_head().map_err(|e| e.to_string())?;
+            let head = store.audit_head().map_err(|e| e.to_string())?.seq;
             let after = head.saturating_sub(lines);
             let entries = store
                 .audit_entries(after, usize::try_from(lines).unwrap_or(usize::MAX))

@@ -34,6 +34,7 @@ pub struct RunningServer {
     crl_task: JoinHandle<()>,
     purge_task: JoinHandle<()>,
     checkpoint_task: JoinHandle<()>,
+    audit_head_task: JoinHandle<()>,
     store: Arc<SledStore>,
     ra: Arc<Ra>,
 }
@@ -245,6 +246,10 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
         std::time::Duration::from_secs(u64::from(config.retention.interval_s.max(60))),
     ));
     let checkpoint_task = tokio::spawn(checkpoint_loop(ra.clone()));
+    let audit_head_task = tokio::spawn(audit_head_loop(
+        ra.clone(),
+        std::time::Duration::from_secs(u64::from(config.audit.head_interval_s)),
+    ));
     tracing::info!(%grpc_addr, %http_addr, "payra is serving");
     Ok(RunningServer {
         grpc_addr,
@@ -256,6 +261,7 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
         crl_task,
         purge_task,
         checkpoint_task,
+        audit_head_task,
         store,
         ra,
     })
@@ -274,6 +280,19 @@ async fn checkpoint_loop(ra: Arc<Ra>) {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "saving the ledger checkpoint failed"),
             Err(e) => tracing::error!(error = %e, "ledger checkpoint task failed"),
+        }
+    }
+}
+
+/// Signs the audit chains' heads every `interval` (when they moved).
+async fn audit_head_loop(ra: Arc<Ra>, interval: std::time::Duration) {
+    loop {
+        tokio::time::sleep(interval).await;
+        let run = ra.clone();
+        match tokio::task::spawn_blocking(move || run.sign_audit_head()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "signing the audit heads failed"),
+            Err(e) => tracing::error!(error = %e, "audit head task failed"),
         }
     }
 }
@@ -336,14 +355,20 @@ impl RunningServer {
         self.crl_task.abort();
         self.purge_task.abort();
         self.checkpoint_task.abort();
+        self.audit_head_task.abort();
         let _ = self.crl_task.await;
         let _ = self.purge_task.await;
         let _ = self.checkpoint_task.await;
+        let _ = self.audit_head_task.await;
         let ra = self.ra.clone();
-        let decisions = tokio::task::spawn_blocking(move || ra.close_decisions())
-            .await
-            .map_err(|e| Error::internal(format!("closing the decision log: {e}")))
-            .and_then(|closed| closed);
+        // The last head is signed once the decision log is closed, so it covers everything.
+        let decisions = tokio::task::spawn_blocking(move || {
+            ra.close_decisions()
+                .and_then(|()| ra.sign_audit_head().map(|_| ()))
+        })
+        .await
+        .map_err(|e| Error::internal(format!("closing the decision log: {e}")))
+        .and_then(|closed| closed);
         drop(self.ra);
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.close())

@@ -373,3 +373,132 @@ async fn ok_audit_verify_writes_nothing_to_the_data_it_checks() {
         );
     }
 }
+
+/// Rewrites every frame of a decision-log segment with `edit` applied to record `target`'s
+/// JSON, recomputing each frame's CRC and the hash chain from there on, as someone with write
+/// access to the data directory could.
+fn rewrite_decision_log(path: &std::path::Path, target: u64, edit: impl Fn(&str) -> String) {
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).unwrap();
+    let mut out = Vec::new();
+    let mut prev = [0u8; 32];
+    let mut offset = 0;
+    while offset + 8 <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[offset..offset + 4].try_into().unwrap()) as usize;
+        let body = &bytes[offset + 8..offset + 8 + len];
+        let seq = u64::from_le_bytes(body[..8].try_into().unwrap());
+        let mut json = String::from_utf8(body[40..].to_vec()).unwrap();
+        if seq == target {
+            json = edit(&json);
+        }
+        let mut hasher = Sha256::new();
+        hasher.update(prev);
+        hasher.update(seq.to_le_bytes());
+        hasher.update(json.as_bytes());
+        let hash: [u8; 32] = hasher.finalize().into();
+        let mut frame = Vec::new();
+        frame.extend_from_slice(&seq.to_le_bytes());
+        frame.extend_from_slice(&hash);
+        frame.extend_from_slice(json.as_bytes());
+        out.extend_from_slice(&(frame.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(&frame).to_le_bytes());
+        out.extend_from_slice(&frame);
+        prev = hash;
+        offset += 8 + len;
+    }
+    std::fs::write(path, out).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_tampering_with_the_audit_chains_is_caught_by_the_signed_heads() {
+    use payra::wire::proto;
+    let mut server = TestServer::start().await;
+    server.enroll("xena", "x-1").await;
+    let service = server.service().await;
+    for n in 0..3 {
+        service
+            .verification()
+            .qualify_transaction(proto::QualifyTransactionRequest {
+                customer_id: "xena".into(),
+                transaction: Some(proto::Transaction {
+                    merchant_id: "m".into(),
+                    order_id: format!("o-{n}"),
+                    amount_fen: 10_000,
+                    currency: "CNY".into(),
+                }),
+                factors: vec![],
+                scene: proto::Scene::InApp as i32,
+                reserve: true,
+            })
+            .await
+            .unwrap();
+    }
+    // Shutdown signs the heads of both chains.
+    server.stop().await;
+    let data = server.config.data_dir.clone();
+    let certs = server.certs();
+    let verify = |extra: &[&str]| {
+        let mut args = vec![
+            "audit",
+            "verify",
+            "--data",
+            path_str(&data),
+            "--certs",
+            path_str(&certs),
+        ];
+        args.extend_from_slice(extra);
+        payra(&args)
+    };
+    let (ok, stdout, stderr) = verify(&[]);
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("signed heads hold"), "{stdout}");
+    assert!(stdout.contains("decision record 3"), "{stdout}");
+
+    // The latest head, kept outside the machine.
+    let (ok, head, stderr) = payra(&["audit", "head", "--data", path_str(&data)]);
+    assert!(ok, "{stderr}");
+    let anchor = server.dir.path().join("anchor.json");
+    std::fs::write(&anchor, &head).unwrap();
+    let (ok, stdout, stderr) = verify(&["--anchor", path_str(&anchor)]);
+    assert!(ok && stdout.contains("the anchor"), "{stdout}{stderr}");
+
+    // A reservation edited down and every hash after it recomputed: the chain is intact, the
+    // signed head is not.
+    let segment = data.join("decisions").join("00000000000000000001.log");
+    let original = std::fs::read(&segment).unwrap();
+    rewrite_decision_log(&segment, 2, |json| {
+        json.replace("\"reserved_fen\":10000", "\"reserved_fen\":1")
+    });
+    assert_ne!(std::fs::read(&segment).unwrap(), original, "the edit took");
+    let (ok, _, stderr) = verify(&[]);
+    assert!(!ok, "an edited, re-hashed record passed");
+    assert!(
+        stderr.contains("signed head") && stderr.contains("altered"),
+        "{stderr}"
+    );
+
+    // The newest record dropped, and the signed heads with it: the ledger checkpoint still
+    // covers it.
+    std::fs::write(&segment, &original).unwrap();
+    rewrite_decision_log(&segment, 0, |json| json.to_string());
+    let frames = std::fs::read(&segment).unwrap();
+    let last_len = {
+        // Walk to the last frame's start.
+        let mut offset = 0;
+        let mut last = 0;
+        while offset < frames.len() {
+            last = offset;
+            offset +=
+                8 + u32::from_le_bytes(frames[offset..offset + 4].try_into().unwrap()) as usize;
+        }
+        last
+    };
+    std::fs::write(&segment, &frames[..last_len]).unwrap();
+    std::fs::remove_file(data.join("audit-heads.log")).unwrap();
+    let (ok, _, stderr) = verify(&[]);
+    assert!(!ok, "a dropped tail passed");
+    assert!(stderr.contains("ledger checkpoint"), "{stderr}");
+    // And with the anchor kept outside.
+    let (ok, _, stderr) = verify(&["--anchor", path_str(&anchor)]);
+    assert!(!ok, "{stderr}");
+}

@@ -380,7 +380,14 @@ async fn sigkill_loses_nothing_acknowledged() {
         "graceful shutdown exits 0"
     );
     let output = Command::new(env!("CARGO_BIN_EXE_payra"))
-        .args(["audit", "verify", "--data", path_str(&data)])
+        .args([
+            "audit",
+            "verify",
+            "--data",
+            path_str(&data),
+            "--certs",
+            path_str(&certs),
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

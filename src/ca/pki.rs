@@ -246,6 +246,11 @@ pub fn read_certificate_der(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// The uncompressed SEC1 public key of a certificate.
+/// The public key (SEC1 point) of a DER certificate.
+pub fn certificate_public_key_sec1(der: &[u8]) -> Result<Vec<u8>> {
+    certificate_public_key(der, Path::new("certificate"))
+}
+
 fn certificate_public_key(der: &[u8], what: &Path) -> Result<Vec<u8>> {
     let (_, cert) = X509Certificate::from_der(der).map_err(|e| {
         Error::FailedPrecondition(format!("{}: not an X.509 certificate: {e}", what.display()))

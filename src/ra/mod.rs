@@ -117,6 +117,8 @@ pub struct Ra {
     /// Held while a revocation state read from the store is put into the cache
     /// ([`Ra::cache_stored_revocations`]).
     revocation_cache_turn: std::sync::Mutex<()>,
+    /// The chain heads last signed ([`Ra::sign_audit_head`]); held while one is signed.
+    last_signed_heads: std::sync::Mutex<Option<(crate::store::ChainHead, crate::store::ChainHead)>>,
 }
 
 impl Ra {
@@ -200,6 +202,7 @@ impl Ra {
             clients,
             metrics,
             revocation_cache_turn: std::sync::Mutex::new(()),
+            last_signed_heads: std::sync::Mutex::new(None),
         })
     }
 
@@ -263,6 +266,33 @@ impl Ra {
             "backup taken"
         );
         Ok(path)
+    }
+
+    /// Signs the heads of both audit chains with the issuing CA key and appends the signed
+    /// head to the data directory's head file (synced), if either chain moved since the last
+    /// signed head. Called every `audit.head_interval_s` and at shutdown (after the decision
+    /// log is closed). Returns the head signed, if any.
+    pub fn sign_audit_head(&self) -> Result<Option<crate::store::audit_heads::SignedHead>> {
+        use crate::store::audit_heads::{self, HeadStatement, SignedHead};
+        let mut last = self
+            .last_signed_heads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let change = self.store.audit_head()?;
+        let decision = self.decisions.durable_head();
+        if *last == Some((change, decision)) {
+            return Ok(None);
+        }
+        let statement = HeadStatement::of(change, decision, self.clock.now_ms());
+        let signed = SignedHead::sign(statement, |message| self.ca.signer.sign(message))?;
+        audit_heads::append(&self.policy.scratch_dir, &signed)?;
+        *last = Some((change, decision));
+        tracing::debug!(
+            change = change.seq,
+            decision = decision.seq,
+            "audit chain heads signed"
+        );
+        Ok(Some(signed))
     }
 
     /// Saves the ledger's changes since the last checkpoint, so a restart replays only the

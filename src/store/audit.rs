@@ -105,6 +105,21 @@ pub fn chain_hash(prev_hash: &[u8], body: &AuditBody) -> [u8; 32] {
     hasher.finalize().into()
 }
 
+/// Where a hash chain stands: its last entry's number and hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChainHead {
+    pub seq: u64,
+    pub hash: [u8; 32],
+}
+
+impl ChainHead {
+    /// The head of an empty chain.
+    pub const GENESIS: ChainHead = ChainHead {
+        seq: 0,
+        hash: GENESIS_HASH,
+    };
+}
+
 /// The outcome of checking a chain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditCheck {

@@ -203,10 +203,19 @@ fn crl_numbers_grow(store: &dyn Store) {
 
 fn audit_chain_links_every_change(store: &dyn Store) {
     let head = store.audit_head().unwrap();
-    assert!(head > 10, "every change above appended an entry ({head})");
+    assert!(
+        head.seq > 10,
+        "every change above appended an entry ({head:?})"
+    );
     assert_eq!(
         verify_audit_log(store).unwrap(),
-        AuditCheck::Intact { entries: head }
+        AuditCheck::Intact { entries: head.seq }
+    );
+    let last = store.audit_entries(head.seq - 1, 1).unwrap();
+    assert_eq!(
+        last[0].hash,
+        hex::encode(head.hash),
+        "the head names the last entry"
     );
 }
 

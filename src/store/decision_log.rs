@@ -274,6 +274,8 @@ pub struct LedgerCheckpoint {
 #[derive(Debug, Default)]
 struct Durable {
     through: u64,
+    /// The hash of record `through` (the genesis hash for an empty log).
+    head_hash: [u8; 32],
     failed: Option<String>,
     /// Async callers waiting for a record beyond `through`. The writer wakes exactly those
     /// its sync covered; a dropped sender (write failure, shutdown) wakes the rest.
@@ -677,6 +679,7 @@ impl DecisionLog {
             work: Condvar::new(),
             durable: Mutex::new(Durable {
                 through: next_seq - 1,
+                head_hash: prev,
                 ..Durable::default()
             }),
             durable_changed: Condvar::new(),
@@ -699,6 +702,15 @@ impl DecisionLog {
             shared,
             writer: Mutex::new(Some(writer)),
         })
+    }
+
+    /// The decision chain's head as far as it is on stable storage.
+    pub fn durable_head(&self) -> super::ChainHead {
+        let durable = lock(&self.shared.durable);
+        super::ChainHead {
+            seq: durable.through,
+            hash: durable.head_hash,
+        }
     }
 
     /// Appends one record. `build` gets the record's sequence number and the books, under the
@@ -956,6 +968,11 @@ impl DecisionLog {
 
     /// Checks the whole chain of the log in `dir` (offline): numbering, checksums and links.
     pub fn verify(dir: &Path) -> Result<ChainCheck> {
+        Self::verify_with(dir, &mut |_, _| {})
+    }
+
+    /// [`DecisionLog::verify`], handing each intact record's number and hash to `each`.
+    pub fn verify_with(dir: &Path, each: &mut dyn FnMut(u64, &[u8; 32])) -> Result<ChainCheck> {
         if !dir.exists() {
             return Ok(ChainCheck::Intact { records: 0 });
         }
@@ -986,6 +1003,7 @@ impl DecisionLog {
                 } else if let Err(e) = decode(frame.json, frame.seq) {
                     broken = Some((frame.seq, e.to_string()));
                 } else {
+                    each(frame.seq, &frame.hash);
                     prev = frame.hash;
                     expected += 1;
                 }
@@ -1154,7 +1172,11 @@ impl Writer {
                     self.shared
                         .syncs
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    let covered = lock(&self.shared.durable).advance(last_seq);
+                    let covered = {
+                        let mut durable = lock(&self.shared.durable);
+                        durable.head_hash = prev;
+                        durable.advance(last_seq)
+                    };
                     for waiter in covered {
                         // A caller that gave up waiting has dropped its receiver.
                         let _ = waiter.send(());

@@ -3,6 +3,7 @@
 //! is on stable storage, and changes that belong together commit atomically.
 
 pub mod audit;
+pub mod audit_heads;
 pub mod backup;
 #[cfg(test)]
 mod conformance;
@@ -14,7 +15,7 @@ pub mod read_only;
 mod records;
 mod sled_backend;
 
-pub use audit::{Actor, AuditCheck, AuditEntry, AuditEvent};
+pub use audit::{Actor, AuditCheck, AuditEntry, AuditEvent, ChainHead};
 pub use decision_log::{Books, DecisionLog, ForgottenDays, LedgerCheckpoint, LogRecord};
 pub use group_commit::GroupCommit;
 pub use records::{
@@ -337,8 +338,9 @@ pub trait Store: Send + Sync {
     /// Up to `limit` audit entries with sequence numbers above `after_seq`, in order.
     fn audit_entries(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>>;
 
-    /// The sequence number of the last audit entry (0 when the log is empty).
-    fn audit_head(&self) -> Result<u64>;
+    /// The change chain's recorded head: the last entry's number and hash (0 and the genesis
+    /// hash when the log is empty).
+    fn audit_head(&self) -> Result<ChainHead>;
 
     /// Takes the next CRL number: strictly greater than every number taken before, across
     /// restarts, and at least `at_least`. Durable on return.

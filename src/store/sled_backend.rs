@@ -1516,14 +1516,13 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn audit_head(&self) -> Result<u64> {
-        Ok(match self.meta.get(AUDIT_HEAD_KEY)? {
-            Some(head) if head.len() == 40 => {
-                let mut seq = [0u8; 8];
-                seq.copy_from_slice(&head[..8]);
-                u64::from_be_bytes(seq)
-            }
-            _ => 0,
+    fn audit_head(&self) -> Result<crate::store::ChainHead> {
+        let head = audit_head(self.meta.get(AUDIT_HEAD_KEY)?.as_deref());
+        let hash = <[u8; 32]>::try_from(head.hash.as_slice())
+            .map_err(|_| Error::internal("the recorded audit head's hash is not 32 bytes"))?;
+        Ok(crate::store::ChainHead {
+            seq: head.seq,
+            hash,
         })
     }
 
