@@ -356,7 +356,15 @@ async fn ok_audit_verify_writes_nothing_to_the_data_it_checks() {
     server.stop().await;
     let data = server.config.data_dir.clone();
     let before = snapshot(&data);
-    let (ok, stdout, stderr) = payra(&["audit", "verify", "--data", path_str(&data)]);
+    let certs = server.certs();
+    let (ok, stdout, stderr) = payra(&[
+        "audit",
+        "verify",
+        "--data",
+        path_str(&data),
+        "--certs",
+        path_str(&certs),
+    ]);
     assert!(ok, "{stdout}{stderr}");
     assert!(stdout.contains("audit log intact"), "{stdout}");
     let after = snapshot(&data);
