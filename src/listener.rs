@@ -204,7 +204,7 @@ struct IdleClock {
     kind: ActivityKind,
     timeout: Duration,
     last_activity: Instant,
-    /// Fires at `last_activity + timeout` as it stood when armed; re-armed lazily.
+    /// Fires at `last_activity + timeout` as it stood when armed; re-armed when it fires.
     timer: Pin<Box<Sleep>>,
     /// Ends the connection regardless of activity.
     lifetime: Option<Pin<Box<Sleep>>>,
@@ -281,16 +281,17 @@ impl IdleClock {
                 return Poll::Ready(());
             }
         }
+        // The timer is re-armed only when it fires: resetting it on every read would take the
+        // timer wheel's lock once per read on the hot path.
         loop {
-            let deadline = self.last_activity + self.timeout;
-            if self.timer.deadline() != deadline {
-                self.timer.as_mut().reset(deadline);
-            }
             match self.timer.as_mut().poll(cx) {
-                Poll::Ready(()) if self.last_activity + self.timeout <= Instant::now() => {
-                    return Poll::Ready(())
+                Poll::Ready(()) => {
+                    let deadline = self.last_activity + self.timeout;
+                    if deadline <= Instant::now() {
+                        return Poll::Ready(());
+                    }
+                    self.timer.as_mut().reset(deadline);
                 }
-                Poll::Ready(()) => continue,
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -381,10 +382,18 @@ pub fn grpc_incoming(
     let (done, ready) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            let Ok(handshake_turn) = handshakes.clone().acquire_owned().await else {
+            // When the server stops taking connections (shutdown drops the stream), the loop
+            // ends and the listening socket closes with it.
+            let admitted = tokio::select! {
+                _ = done.closed() => return,
+                admitted = async {
+                    let turn = handshakes.clone().acquire_owned().await;
+                    (turn, admission.admit(&listener).await)
+                } => admitted,
+            };
+            let (Ok(handshake_turn), (stream, peer, slots)) = admitted else {
                 return;
             };
-            let (stream, peer, slots) = admission.admit(&listener).await;
             let acceptor = acceptor.clone();
             let admission = admission.clone();
             let sender = done.clone();
@@ -417,9 +426,6 @@ pub fn grpc_incoming(
                 };
                 let _ = sender.send(Ok(stream)).await;
             });
-            if done.is_closed() {
-                return;
-            }
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(ready)

@@ -212,3 +212,15 @@ async fn fail_silent_and_slow_http_clients_cannot_starve_relying_parties() {
     assert!(closed, "a trickled header held its connection");
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_a_stopped_server_closes_its_grpc_port() {
+    let mut server = TestServer::start().await;
+    let grpc = server.grpc_addr();
+    assert!(health_check(&server).await);
+    server.stop().await;
+    assert!(
+        TcpStream::connect(grpc).await.is_err(),
+        "the gRPC port still accepts after shutdown"
+    );
+}
