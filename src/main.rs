@@ -6,6 +6,9 @@
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+mod cli;
+
+use cli::human;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -600,7 +603,10 @@ async fn run(cli: Cli) -> CliResult {
                 );
             } else {
                 println!("{}", token.token);
-                eprintln!("expires at {} (Unix seconds)", token.expires_at_unix_s);
+                eprintln!(
+                    "expires at {}",
+                    human::time(token.expires_at_unix_s, human::now_s())
+                );
             }
             Ok(())
         }
@@ -940,7 +946,10 @@ async fn run(cli: Cli) -> CliResult {
                 })
                 .await
                 .map_err(status_message)?;
-            println!("tier-A daily limit of {customer} set to {fen} fen");
+            println!(
+                "tier-A daily limit of {customer} set to {}",
+                human::money(fen)
+            );
             Ok(())
         }
         Command::Unhold {
@@ -1454,8 +1463,11 @@ async fn pay(args: PayArgs) -> CliResult {
         println!("tier         {tier}");
         println!("categories   {}", categories.join(", "));
         println!(
-            "limit        {} fen, used {} fen, remaining {} fen ({}, tier {binding} ceiling binds)",
-            limit.limit_fen, limit.used_fen, limit.remaining_fen, limit.day
+            "limit        {}, used {}, remaining {} (day {}, tier {binding} ceiling binds)",
+            human::money(limit.limit_fen),
+            human::cny(limit.used_fen),
+            human::cny(limit.remaining_fen),
+            limit.day
         );
         println!("fits         {}", limit.fits);
         println!("reserved     {}", limit.reserved);
@@ -1767,11 +1779,21 @@ fn print_record(record: &payra::wire::proto::CertificateRecord, json: bool) {
     println!("device       {}", record.device_id);
     println!("subject      {}", record.subject);
     println!("status       {status}");
-    println!("not before   {}", record.not_before_unix_s);
-    println!("not after    {}", record.not_after_unix_s);
-    println!("issued at    {}", record.issued_at_unix_s);
+    let now = human::now_s();
+    println!(
+        "not before   {}",
+        human::time(record.not_before_unix_s, now)
+    );
+    println!("not after    {}", human::time(record.not_after_unix_s, now));
+    println!("issued at    {}", human::time(record.issued_at_unix_s, now));
+    if !record.subscriber_ref.is_empty() {
+        println!("subscriber   {}", record.subscriber_ref);
+    }
     if record.revoked_at_unix_s != 0 {
-        println!("revoked at   {}", record.revoked_at_unix_s);
+        println!(
+            "revoked at   {}",
+            human::time(record.revoked_at_unix_s, now)
+        );
         println!("reason       {reason}");
     }
 }

@@ -32,6 +32,32 @@ fn parse_id(field: &'static str, value: &str, max_len: usize) -> Result<String> 
     Ok(value.to_string())
 }
 
+fn rfc3339(unix_s: i64) -> Option<String> {
+    time::OffsetDateTime::from_unix_timestamp(unix_s)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+}
+
+/// A moment for people and programs alike, in messages: `2026-12-04T01:05:05Z (Unix
+/// 1796341505)`.
+pub fn moment(unix_s: i64) -> String {
+    match rfc3339(unix_s) {
+        Some(text) => format!("{text} (Unix {unix_s})"),
+        None => format!("{unix_s} (Unix seconds)"),
+    }
+}
+
+/// [`moment`] of a time in Unix milliseconds: `2026-12-04T01:05:05Z (Unix ms 1796341505123)`.
+pub fn moment_ms(unix_ms: i64) -> String {
+    match rfc3339(unix_ms.div_euclid(1000)) {
+        Some(text) => format!("{text} (Unix ms {unix_ms})"),
+        None => format!("{unix_ms} (Unix ms)"),
+    }
+}
+
 /// A customer of the payment institution: 1-64 characters of `[A-Za-z0-9._:@-]`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -397,6 +423,19 @@ impl Tier {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn moments_read_as_rfc_3339_beside_the_number() {
+        assert_eq!(
+            moment(1_796_341_505),
+            "2026-12-03T23:45:05Z (Unix 1796341505)"
+        );
+        assert_eq!(
+            moment_ms(1_796_341_505_123),
+            "2026-12-03T23:45:05Z (Unix ms 1796341505123)"
+        );
+        assert_eq!(moment(i64::MAX), format!("{} (Unix seconds)", i64::MAX));
+    }
 
     #[test]
     fn ok_ids() {

@@ -43,9 +43,9 @@ impl DeviceProfile {
     fn not_after(&self, now_s: i64, validity_s: i64) -> Result<i64> {
         if now_s >= self.issuer_not_after_s {
             return Err(Error::FailedPrecondition(format!(
-                "the issuing CA certificate expired at {} (Unix seconds); install a new \
-                 issuing CA before issuing certificates",
-                self.issuer_not_after_s
+                "the issuing CA certificate expired at {}; install a new issuing CA before \
+                 issuing certificates",
+                crate::model::moment(self.issuer_not_after_s)
             )));
         }
         Ok(now_s

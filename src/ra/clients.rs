@@ -214,8 +214,8 @@ impl Ra {
             Ok(()) => {}
             Err(RevokeRejection::AlreadyRevoked(serial, existing)) => {
                 return Err(Error::FailedPrecondition(format!(
-                    "certificate {serial} was already revoked at {} (Unix seconds) with reason {}",
-                    existing.revoked_at_s,
+                    "certificate {serial} was already revoked at {} with reason {}",
+                    crate::model::moment(existing.revoked_at_s),
                     existing.reason.cli_name()
                 )))
             }

@@ -195,8 +195,8 @@ impl Ra {
                 if let Some(until_ms) = self.enroll_throttle.blocked_until(peer, now_ms) {
                     self.metrics.enroll_throttled.inc();
                     return Err(Error::ResourceExhausted(format!(
-                        "too many failed enrollment attempts from {peer}; retry after \
-                         {until_ms} (Unix ms)"
+                        "too many failed enrollment attempts from {peer}; retry after {}",
+                        crate::model::moment_ms(until_ms)
                     )));
                 }
                 self.enroll_throttle.record_failure(peer, now_ms);
@@ -369,8 +369,9 @@ impl Ra {
             CertificateStatus::Valid => {}
             CertificateStatus::Expired => {
                 return Err(Error::Unauthenticated(format!(
-                    "certificate {} expired at {} (Unix seconds); enroll again with a new token",
-                    current.serial, current.not_after_s
+                    "certificate {} expired at {}; enroll again with a new token",
+                    current.serial,
+                    crate::model::moment(current.not_after_s)
                 )))
             }
             CertificateStatus::NotYetValid => {
@@ -479,8 +480,9 @@ impl Ra {
         tracing::warn!(serial = %current.serial, device = %current.device_id, "renewal refused: daily limit");
         Err(Error::ResourceExhausted(format!(
             "this device's certificate was renewed {limit} times in the last 24 hours, the most \
-             allowed (issuance.renewals_per_day); retry after {retry_at_s} (Unix seconds), or \
-             enroll again with a new enrollment token"
+             allowed (issuance.renewals_per_day); retry after {}, or enroll again with a new \
+             enrollment token",
+            crate::model::moment(retry_at_s)
         )))
     }
 
@@ -544,7 +546,8 @@ fn token_error(rejection: TokenRejection) -> Error {
             "enrollment token is not valid; ask the payment service for a new one".into(),
         ),
         TokenRejection::Expired { expired_at_s } => Error::FailedPrecondition(format!(
-            "enrollment token expired at {expired_at_s} (Unix seconds); ask the payment service for a new one"
+            "enrollment token expired at {}; ask the payment service for a new one",
+            crate::model::moment(expired_at_s)
         )),
         TokenRejection::AlreadyUsed { .. } => Error::FailedPrecondition(
             "enrollment token has already been used; a token enrolls one key once".into(),

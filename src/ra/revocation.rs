@@ -52,9 +52,9 @@ fn rejection_error(rejection: RevokeRejection) -> Error {
             Error::NotFound(format!("no certificate with serial {serial}"))
         }
         RevokeRejection::AlreadyRevoked(serial, existing) => Error::FailedPrecondition(format!(
-            "certificate {serial} was already revoked at {} (Unix seconds) with reason {}; a \
+            "certificate {serial} was already revoked at {} with reason {}; a \
              revocation is final (only certificate-hold can be released or made permanent)",
-            existing.revoked_at_s,
+            crate::model::moment(existing.revoked_at_s),
             existing.reason.cli_name()
         )),
         RevokeRejection::NotOnHold(serial) => Error::FailedPrecondition(format!(

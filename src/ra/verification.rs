@@ -291,8 +291,8 @@ impl Ra {
             return fail(
                 Verdict::CertificateRevoked,
                 format!(
-                    "certificate was revoked at {} (Unix seconds), reason {}",
-                    revocation.revoked_at_s,
+                    "certificate was revoked at {}, reason {}",
+                    crate::model::moment(revocation.revoked_at_s),
                     revocation.reason.cli_name()
                 ),
                 customer,
@@ -302,8 +302,9 @@ impl Ra {
             return fail(
                 Verdict::CertificateExpired,
                 format!(
-                    "certificate is valid from {} to {} (Unix seconds), not now",
-                    cert.not_before_s, cert.not_after_s
+                    "certificate is valid from {} to {}, not now",
+                    crate::model::moment(cert.not_before_s),
+                    crate::model::moment(cert.not_after_s)
                 ),
                 customer,
             );
@@ -690,7 +691,8 @@ impl Ra {
             }
             if let Some(released_at_ms) = books.released_at(decision_seq) {
                 return Err(Error::FailedPrecondition(format!(
-                    "evidence {evidence_id} was already released at {released_at_ms} (Unix ms)"
+                    "evidence {evidence_id} was already released at {}",
+                    crate::model::moment_ms(released_at_ms)
                 )));
             }
             books.release(decision_seq, bucket, record.reserved_fen, now_ms);
