@@ -321,6 +321,18 @@ enum DeviceCommand {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Renew the device's certificate with a new key, over mutual TLS with its current one;
+    /// rewrites device.key / device.pem / serial / identity.json in the directory.
+    Renew {
+        /// Directory written by `payra device enroll`.
+        #[arg(long)]
+        device_dir: PathBuf,
+        /// Replace the device info on record (platform name); omitted keeps it.
+        #[arg(long)]
+        platform: Option<String>,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Sign a payment intent with the device key and have the payment service (service.pem)
     /// verify it: prints the verdict, tier, categories and limit status.
     Pay {
@@ -620,6 +632,14 @@ async fn run(cli: Cli) -> CliResult {
                     connection,
                 },
         } => enroll_device(&connection, &token, &device, &out, &platform).await,
+        Command::Device {
+            command:
+                DeviceCommand::Renew {
+                    device_dir,
+                    platform,
+                    connection,
+                },
+        } => renew_device(&connection, &device_dir, platform.as_deref()).await,
         Command::Certs {
             command:
                 CertsCommand::Show {
@@ -1685,6 +1705,57 @@ fn write_secret(path: &Path, contents: &str) -> Result<(), String> {
         .map_err(|e| format!("{}: {e}", path.display()))
 }
 
+fn cli_device_info(platform: &str) -> ProtoDeviceInfo {
+    ProtoDeviceInfo {
+        platform: platform.to_string(),
+        model: "payra-cli".to_string(),
+        os_version: std::env::consts::OS.to_string(),
+        app_version: env!("CARGO_PKG_VERSION").to_string(),
+    }
+}
+
+/// Writes a device directory: `device.key` (0600), `device.pem` (certificate and chain),
+/// `serial` and `identity.json`. Each file is written beside its final name and renamed over
+/// it, so a directory is never left with a key that does not match its certificate.
+fn write_device_dir(
+    out: &Path,
+    key: &DeviceKey,
+    issued: &payra::wire::proto::EnrollResponse,
+) -> CliResult {
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let mut chain = pem::encode(&pem::Pem::new(
+        "CERTIFICATE",
+        issued.certificate_der.clone(),
+    ));
+    for ca in &issued.chain_der {
+        chain.push_str(&pem::encode(&pem::Pem::new("CERTIFICATE", ca.clone())));
+    }
+    let identity = payra::client::DeviceIdentity::from_enrollment(issued);
+    let identity = serde_json::to_string_pretty(&identity).map_err(|e| e.to_string())?;
+    let key_pem = key.to_pkcs8_pem().map_err(|e| e.to_string())?;
+    let files = [
+        ("device.key", key_pem, true),
+        ("device.pem", chain, false),
+        ("serial", format!("{}\n", issued.serial), false),
+        ("identity.json", identity, false),
+    ];
+    for (name, contents, _) in &files {
+        let staged = out.join(format!("{name}.new"));
+        write_secret(&staged, contents)?;
+    }
+    for (name, _, secret) in &files {
+        let staged = out.join(format!("{name}.new"));
+        if !secret {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| format!("{}: {e}", staged.display()))?;
+        }
+        std::fs::rename(&staged, out.join(name))
+            .map_err(|e| format!("{}: {e}", out.join(name).display()))?;
+    }
+    Ok(())
+}
+
 async fn enroll_device(
     connection: &Connection,
     token: &str,
@@ -1695,43 +1766,54 @@ async fn enroll_device(
     let key = DeviceKey::generate();
     let csr = key.csr_der(device).map_err(|e| e.to_string())?;
     let client = connect(connection, Credential::None).await?;
-    let info = ProtoDeviceInfo {
-        platform: platform.to_string(),
-        model: "payra-cli".to_string(),
-        os_version: std::env::consts::OS.to_string(),
-        app_version: env!("CARGO_PKG_VERSION").to_string(),
-    };
     let issued = client
-        .enroll(token, csr, device, info)
+        .enroll(token, csr, device, cli_device_info(platform))
         .await
         .map_err(status_message)?;
-    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
-    write_secret(
-        &out.join("device.key"),
-        &key.to_pkcs8_pem().map_err(|e| e.to_string())?,
-    )?;
-    let mut chain = pem::encode(&pem::Pem::new(
-        "CERTIFICATE",
-        issued.certificate_der.clone(),
-    ));
-    for ca in &issued.chain_der {
-        chain.push_str(&pem::encode(&pem::Pem::new("CERTIFICATE", ca.clone())));
-    }
-    std::fs::write(out.join("device.pem"), chain).map_err(|e| e.to_string())?;
-    std::fs::write(out.join("serial"), format!("{}\n", issued.serial))
-        .map_err(|e| e.to_string())?;
-    let identity = payra::client::DeviceIdentity::from_enrollment(&issued);
-    std::fs::write(
-        out.join("identity.json"),
-        serde_json::to_vec_pretty(&identity).map_err(|e| e.to_string())?,
-    )
-    .map_err(|e| e.to_string())?;
+    write_device_dir(out, &key, &issued)?;
     println!("{}", issued.serial);
     eprintln!(
-        "enrolled {device}: serial {}, valid until {} (Unix seconds); key and certificate in {}",
+        "enrolled {device}: serial {}, valid until {}; key and certificate in {}",
         issued.serial,
-        issued.not_after_unix_s,
+        human::time(issued.not_after_unix_s, human::now_s()),
         out.display()
+    );
+    Ok(())
+}
+
+/// `payra device renew`: a new key and certificate for the device in `dir`, over mutual TLS
+/// with its current certificate; the directory then holds the new ones.
+async fn renew_device(connection: &Connection, dir: &Path, platform: Option<&str>) -> CliResult {
+    let identity_path = dir.join("identity.json");
+    let device = match std::fs::read(&identity_path) {
+        Ok(json) => {
+            serde_json::from_slice::<payra::client::DeviceIdentity>(&json)
+                .map_err(|e| format!("{}: {e}", identity_path.display()))?
+                .device_id
+        }
+        Err(_) => String::from("device"),
+    };
+    let key = DeviceKey::generate();
+    let csr = key.csr_der(&device).map_err(|e| e.to_string())?;
+    let client = connect(connection, Credential::device(dir)).await?;
+    let issued = client
+        .enrollment()
+        .renew(payra::wire::proto::RenewRequest {
+            csr_der: csr,
+            device_info: platform.map(cli_device_info),
+        })
+        .await
+        .map_err(status_message)?
+        .into_inner();
+    write_device_dir(dir, &key, &issued)?;
+    println!("{}", issued.serial);
+    eprintln!(
+        "renewed {}: new serial {}, valid until {}; the previous certificate is superseded; \
+         new key and certificate in {}",
+        issued.device_id,
+        issued.serial,
+        human::time(issued.not_after_unix_s, human::now_s()),
+        dir.display()
     );
     Ok(())
 }

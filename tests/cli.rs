@@ -83,6 +83,54 @@ async fn ok_token_create_then_device_enroll_then_certs_show() {
     assert_eq!(record["customer_id"], "alice");
     assert_eq!(record["status"], "valid");
 
+    // Human output: RFC 3339 times with a hint, not bare Unix seconds.
+    let (ok, stdout, stderr) =
+        payra(&["certs", "show", &serial, "--server", &url, "--certs", certs]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("not after    20"), "{stdout}");
+    assert!(stdout.contains("Z (in "), "{stdout}");
+
+    // The phone renews from its directory; the directory then holds the new key and
+    // certificate, and the old certificate is superseded.
+    let (ok, stdout, stderr) = payra(&[
+        "device",
+        "renew",
+        "--device-dir",
+        path_str(&out),
+        "--server",
+        &url,
+        "--certs",
+        certs,
+    ]);
+    assert!(ok, "{stderr}");
+    let renewed = stdout.trim().to_string();
+    assert_ne!(renewed, serial);
+    assert!(stderr.contains("superseded"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(out.join("serial")).unwrap().trim(),
+        renewed
+    );
+    let (ok, stdout, stderr) = payra(&[
+        "certs", "show", &serial, "--json", "--server", &url, "--certs", certs,
+    ]);
+    assert!(ok, "{stderr}");
+    let old: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(old["status"], "superseded");
+    let mode = std::fs::metadata(out.join("device.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the new key is private too");
+    let (ok, text) = openssl(&[
+        "verify",
+        "-CAfile",
+        &format!("{certs}/root.pem"),
+        "-untrusted",
+        path_str(&out.join("device.pem")),
+        path_str(&out.join("device.pem")),
+    ]);
+    assert!(ok, "{text}");
+
     // Reusing the token fails with a non-zero exit and the server's message.
     let (ok, _, stderr) = payra(&[
         "device",
