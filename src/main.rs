@@ -496,8 +496,13 @@ enum CertsCommand {
         page_size: Option<i32>,
         #[arg(long)]
         page_token: Option<String>,
-        #[arg(long)]
+        /// Same as --output json.
+        #[arg(long, conflicts_with = "output")]
         json: bool,
+        /// table (for people), json (the records as the API gives them) or csv (a header
+        /// row, then one row per certificate).
+        #[arg(long, value_enum, default_value_t = ListOutput::Table)]
+        output: ListOutput,
         #[command(flatten)]
         connection: Connection,
     },
@@ -669,6 +674,7 @@ async fn run(cli: Cli) -> CliResult {
                     page_size,
                     page_token,
                     json,
+                    output,
                     connection,
                 },
         } => {
@@ -696,7 +702,11 @@ async fn run(cli: Cli) -> CliResult {
                 }
                 request.page_token = page.next_page_token;
             };
-            print_list(&records, &next, json);
+            print_list(
+                &records,
+                &next,
+                if json { ListOutput::Json } else { output },
+            );
             Ok(())
         }
         Command::Revoke(args) => revoke(args).await,
@@ -1575,27 +1585,74 @@ fn status_name(status: i32) -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-fn print_list(records: &[payra::wire::proto::CertificateRecord], next: &str, json: bool) {
-    if json {
-        let items: Vec<_> = records.iter().map(record_json).collect();
-        println!(
-            "{}",
-            serde_json::json!({"certificates": items, "next_page_token": next})
-        );
-        return;
+/// How `certs list` prints.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ListOutput {
+    Table,
+    Json,
+    Csv,
+}
+
+/// One CSV field (RFC 4180): quoted when it holds a comma, a quote or a line break.
+fn csv_field(value: &str) -> String {
+    if value.contains([',', '"', '\n', '\r']) {
+        format!("\"{}\"", value.replace('"', "\"\""))
+    } else {
+        value.to_string()
     }
+}
+
+fn print_list(records: &[payra::wire::proto::CertificateRecord], next: &str, output: ListOutput) {
+    match output {
+        ListOutput::Json => {
+            let items: Vec<_> = records.iter().map(record_json).collect();
+            println!(
+                "{}",
+                serde_json::json!({"certificates": items, "next_page_token": next})
+            );
+            return;
+        }
+        ListOutput::Csv => {
+            println!("serial,customer_id,device_id,status,not_before_unix_s,not_after_unix_s,revoked_at_unix_s,revocation_reason");
+            for record in records {
+                let reason = if record.revoked_at_unix_s != 0 {
+                    reason_name(record.revocation_reason)
+                } else {
+                    String::new()
+                };
+                let row = [
+                    record.serial.clone(),
+                    record.customer_id.clone(),
+                    record.device_id.clone(),
+                    status_name(record.status),
+                    record.not_before_unix_s.to_string(),
+                    record.not_after_unix_s.to_string(),
+                    record.revoked_at_unix_s.to_string(),
+                    reason,
+                ];
+                let row: Vec<String> = row.iter().map(|v| csv_field(v)).collect();
+                println!("{}", row.join(","));
+            }
+            if !next.is_empty() {
+                eprintln!("next page: --page-token {next}");
+            }
+            return;
+        }
+        ListOutput::Table => {}
+    }
+    let now = human::now_s();
     println!(
-        "{:<34} {:<20} {:<20} {:<12} {:>12}",
-        "SERIAL", "CUSTOMER", "DEVICE", "STATUS", "NOT_AFTER"
+        "{:<34} {:<20} {:<20} {:<12} NOT AFTER",
+        "SERIAL", "CUSTOMER", "DEVICE", "STATUS"
     );
     for record in records {
         println!(
-            "{:<34} {:<20} {:<20} {:<12} {:>12}",
+            "{:<34} {:<20} {:<20} {:<12} {}",
             record.serial,
             record.customer_id,
             record.device_id,
             status_name(record.status),
-            record.not_after_unix_s
+            human::time(record.not_after_unix_s, now)
         );
     }
     if !next.is_empty() {

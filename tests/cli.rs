@@ -284,6 +284,25 @@ async fn ok_revoke_unhold_and_list_from_the_cli() {
         stdout.contains("revoked") && stdout.contains("valid"),
         "{stdout}"
     );
+    let mut args = vec!["certs", "list", "--customer", "kate", "--output", "csv"];
+    args.extend(conn);
+    let (ok, stdout, stderr) = payra(&args);
+    assert!(ok, "{stderr}");
+    let mut lines = stdout.lines();
+    assert_eq!(
+        lines.next(),
+        Some("serial,customer_id,device_id,status,not_before_unix_s,not_after_unix_s,revoked_at_unix_s,revocation_reason")
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert!(
+        rows.iter().all(|r| r.len() == 8 && r[1] == "kate"),
+        "{stdout}"
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r[3] == "revoked" && r[7] == "key-compromise"),
+        "{stdout}"
+    );
 
     // The service credential cannot revoke: the CLI uses operator.pem, so swap it in.
     let swapped = server.dir.path().join("swapped");
