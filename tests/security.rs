@@ -97,6 +97,11 @@ async fn call(client: &Client, rpc: Rpc) -> Result<(), Status> {
             .create_backup(proto::CreateBackupRequest::default())
             .await
             .map(|_| ()),
+        Rpc::GetLimits => client
+            .admin()
+            .get_limits(proto::GetLimitsRequest::default())
+            .await
+            .map(|_| ()),
         Rpc::RunRetention => client
             .admin()
             .run_retention(proto::RunRetentionRequest::default())
@@ -148,7 +153,7 @@ async fn every_cell_of_the_authorization_matrix() {
             cells += 1;
         }
     }
-    assert_eq!(cells, 18 * 4);
+    assert_eq!(cells, 19 * 4);
     // Health is open to everyone, so load balancers need no certificate.
     let mut health =
         tonic_health::pb::health_client::HealthClient::new(server.anonymous().await.channel());

@@ -921,3 +921,97 @@ async fn ok_concurrent_enrollments_of_one_key_for_two_customers_give_one_certifi
     }
     assert_eq!(holders.len(), 1, "one key certified for {holders:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_limits_show_gives_every_tiers_ceilings_without_recording_anything() {
+    let server = TestServer::start().await;
+    let service = server.service().await;
+    for (order, amount, factors, scene) in [
+        ("d-1", 30_000, vec![], proto::Scene::StaticBarcode),
+        ("c-1", 20_000, vec![pin()], proto::Scene::InApp),
+    ] {
+        let answer = service
+            .verification()
+            .qualify_transaction(qualify_request("pia", order, amount, factors, scene))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(answer.limit.unwrap().reserved);
+    }
+    let limits = server
+        .operator()
+        .await
+        .admin()
+        .get_limits(proto::GetLimitsRequest {
+            customer_id: "pia".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!limits.has_agreement);
+    let tiers: Vec<i32> = limits.tiers.iter().map(|t| t.tier).collect();
+    assert_eq!(
+        tiers,
+        [
+            proto::Tier::A,
+            proto::Tier::B,
+            proto::Tier::C,
+            proto::Tier::D
+        ]
+        .map(|t| t as i32)
+    );
+    let d = &limits.tiers[3];
+    assert_eq!(d.ceilings.len(), 3);
+    assert_eq!(
+        (d.binding_tier, d.remaining_fen),
+        (proto::Tier::D as i32, 20_000),
+        "D: 500 - 300 left; C: 1,000 - 500 = 500 left; B: 5,000 - 500"
+    );
+    let c = &limits.tiers[2];
+    assert_eq!(
+        (c.binding_tier, c.remaining_fen),
+        (proto::Tier::C as i32, 50_000)
+    );
+    let a = &limits.tiers[0];
+    assert_eq!(
+        (a.limit_fen, a.used_fen),
+        (500_000, 50_000),
+        "the day counts toward A"
+    );
+
+    // The CLI prints the same for a person, in CNY.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_payra"))
+        .args([
+            "limits",
+            "show",
+            "--customer",
+            "pia",
+            "--server",
+            &server.url(),
+            "--certs",
+            path_str(&server.certs()),
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("C+D") && stdout.contains("500.00 CNY"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("<- binds"), "{stdout}");
+
+    // Reading recorded nothing: the ledger stands where it stood.
+    let again = server
+        .service()
+        .await
+        .admin()
+        .get_limits(proto::GetLimitsRequest {
+            customer_id: "pia".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.tiers, limits.tiers);
+}

@@ -730,6 +730,26 @@ impl Ra {
         ))
     }
 
+    /// Where `customer` stands today against the ceilings of each tier (A, B, C, D), and
+    /// whether they have an agreed limit. Reads only: no evidence, no reservation.
+    pub fn limits_today(&self, customer: &CustomerId) -> (String, bool, Vec<LimitStatus>) {
+        let day = self.policy.ledger.day(self.clock.now_ms());
+        let agreed = self.agreed_limits.get(customer);
+        let limits = self.policy.ledger.limits(agreed);
+        let accumulation = self.policy.ledger.accumulation;
+        let buckets = Tier::ALL.map(|t| ledger_key(customer, &day, t));
+        let statuses = self.decisions.with_books(|books| {
+            Tier::ALL.map(|tier| {
+                let assessment = Assessment::of(tier, 1, accumulation, &limits, |t| {
+                    books.used(&buckets[t.index()])
+                });
+                let fits = assessment.fits;
+                LimitStatus::new(tier, assessment, fits, false, day.clone())
+            })
+        });
+        (day, agreed.is_some(), statuses.into())
+    }
+
     /// Sets a customer's agreed tier-A daily limit.
     pub fn set_agreed_limit(
         &self,

@@ -68,6 +68,7 @@ pub enum Rpc {
     GetCertificate,
     ListCertificates,
     SetAgreedLimit,
+    GetLimits,
     GetEvidence,
     IssueClientCertificate,
     CreateBackup,
@@ -93,6 +94,7 @@ impl Rpc {
             ("payra.v1.Admin", "GetCertificate") => Rpc::GetCertificate,
             ("payra.v1.Admin", "ListCertificates") => Rpc::ListCertificates,
             ("payra.v1.Admin", "SetAgreedLimit") => Rpc::SetAgreedLimit,
+            ("payra.v1.Admin", "GetLimits") => Rpc::GetLimits,
             ("payra.v1.Admin", "GetEvidence") => Rpc::GetEvidence,
             ("payra.v1.Admin", "IssueClientCertificate") => Rpc::IssueClientCertificate,
             ("payra.v1.Admin", "CreateBackup") => Rpc::CreateBackup,
@@ -102,7 +104,7 @@ impl Rpc {
     }
 
     /// All RPCs, for tests that walk the whole matrix.
-    pub const ALL: [Rpc; 18] = [
+    pub const ALL: [Rpc; 19] = [
         Rpc::Enroll,
         Rpc::Renew,
         Rpc::CreateEnrollmentToken,
@@ -117,6 +119,7 @@ impl Rpc {
         Rpc::GetCertificate,
         Rpc::ListCertificates,
         Rpc::SetAgreedLimit,
+        Rpc::GetLimits,
         Rpc::GetEvidence,
         Rpc::IssueClientCertificate,
         Rpc::CreateBackup,
@@ -132,7 +135,7 @@ impl Rpc {
             Rpc::Renew => &[Device],
             Rpc::CreateEnrollmentToken => &[Service, Operator],
             Rpc::VerifyPayment | Rpc::QualifyTransaction | Rpc::ReleaseReservation => &[Service],
-            Rpc::GetCertificateStatus => &[Service, Operator],
+            Rpc::GetCertificateStatus | Rpc::GetLimits => &[Service, Operator],
             Rpc::RevokeCertificate
             | Rpc::RevokeDevice
             | Rpc::RevokeCustomer

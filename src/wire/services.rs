@@ -596,6 +596,20 @@ impl proto::admin_server::Admin for AdminService {
         }))
     }
 
+    async fn get_limits(
+        &self,
+        request: Request<proto::GetLimitsRequest>,
+    ) -> Result<Response<proto::GetLimitsResponse>, Status> {
+        let customer = CustomerId::parse("customer_id", &request.into_inner().customer_id)?;
+        let (day, has_agreement, statuses) = self.ra.limits_today(&customer);
+        Ok(Response::new(proto::GetLimitsResponse {
+            customer_id: customer.to_string(),
+            day,
+            has_agreement,
+            tiers: statuses.into_iter().map(limit_to_proto).collect(),
+        }))
+    }
+
     async fn get_evidence(
         &self,
         request: Request<proto::GetEvidenceRequest>,
