@@ -44,6 +44,16 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Print a shell completion script: `payra completions bash > /etc/bash_completion.d/payra`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (payra.1 and one per command, e.g. payra-revoke.1) into a directory.
+    Man {
+        #[arg(long, default_value = "man")]
+        out: PathBuf,
+    },
     /// Write a development PKI (root, issuing CA, server, operator and service credentials).
     Init {
         #[arg(long, default_value = "certs")]
@@ -583,6 +593,18 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> CliResult {
     match cli.command {
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            // Into a buffer first: the generator panics on a write error, and a closed pipe
+            // (`payra completions bash | head`) is not one worth a panic.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "payra", &mut script);
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.to_string()),
+                _ => Ok(()),
+            }
+        }
+        Command::Man { out } => write_man_pages(&out),
         Command::Init { dir, force } => {
             init_dev_pki(&dir, force).map_err(|e| e.to_string())?;
             println!("wrote a development PKI to {}", dir.display());
@@ -1861,6 +1883,31 @@ async fn limits_show(connection: &Connection, customer: &str, json: bool) -> Cli
             );
         }
     }
+    Ok(())
+}
+
+/// Writes `payra.1` and a page per subcommand (`payra-certs-list.1`, ...) into `out`.
+fn write_man_pages(out: &Path) -> CliResult {
+    use clap::CommandFactory;
+    std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let mut written = 0;
+    let mut pending = vec![(String::from("payra"), Cli::command())];
+    while let Some((name, command)) = pending.pop() {
+        let command = command.name(name.clone());
+        for sub in command.get_subcommands() {
+            if sub.get_name() != "help" {
+                pending.push((format!("{name}-{}", sub.get_name()), sub.clone()));
+            }
+        }
+        let mut page = Vec::new();
+        clap_mangen::Man::new(command)
+            .render(&mut page)
+            .map_err(|e| e.to_string())?;
+        let path = out.join(format!("{name}.1"));
+        std::fs::write(&path, page).map_err(|e| format!("{}: {e}", path.display()))?;
+        written += 1;
+    }
+    eprintln!("wrote {written} man pages into {}", out.display());
     Ok(())
 }
 

@@ -577,3 +577,22 @@ async fn fail_tampering_with_the_audit_chains_is_caught_by_the_signed_heads() {
     let (ok, _, stderr) = verify(&["--anchor", path_str(&anchor)]);
     assert!(!ok, "{stderr}");
 }
+
+#[test]
+fn ok_completions_and_man_pages_come_from_the_cli_definitions() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (ok, stdout, stderr) = payra(&["completions", shell]);
+        assert!(ok, "{shell}: {stderr}");
+        assert!(
+            stdout.contains("limits") && stdout.contains("renew"),
+            "{shell}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = payra(&["man", "--out", path_str(dir.path())]);
+    assert!(ok, "{stderr}");
+    let page = std::fs::read_to_string(dir.path().join("payra-limits-show.1")).unwrap();
+    assert!(page.contains(".TH payra-limits-show"), "{page}");
+    assert!(dir.path().join("payra.1").exists());
+    assert!(dir.path().join("payra-device-renew.1").exists());
+}
