@@ -244,6 +244,8 @@ pub struct LimitConfig {
     pub max_connections_per_address: usize,
     /// Most gRPC TLS handshakes in progress at once.
     pub max_handshaking: usize,
+    /// Most gRPC TLS handshakes in progress from one source address (IPv6: one /64).
+    pub max_handshaking_per_address: usize,
     /// A TLS handshake not finished in this many seconds is dropped with its connection.
     pub handshake_timeout_s: u32,
     /// A gRPC connection whose client sent no HTTP/2 frame but PING for this long is closed
@@ -316,6 +318,7 @@ impl Default for LimitConfig {
             enroll_failures_per_minute: 20,
             max_connections_per_address: 256,
             max_handshaking: 256,
+            max_handshaking_per_address: 8,
             handshake_timeout_s: 5,
             idle_timeout_s: 120,
             keepalive_interval_s: 30,
@@ -324,7 +327,7 @@ impl Default for LimitConfig {
             http_max_connections: 1024,
             http_max_connections_per_address: 64,
             http_idle_timeout_s: 15,
-            http_max_connection_age_s: 60,
+            http_max_connection_age_s: 300,
         }
     }
 }
@@ -338,6 +341,10 @@ impl LimitConfig {
                 self.max_connections_per_address,
             ),
             ("limits.max_handshaking", self.max_handshaking),
+            (
+                "limits.max_handshaking_per_address",
+                self.max_handshaking_per_address,
+            ),
             ("limits.http_max_connections", self.http_max_connections),
             (
                 "limits.http_max_connections_per_address",

@@ -42,6 +42,9 @@ pub struct AdmissionLimits {
     pub max_per_address: usize,
     /// Most TLS handshakes in progress at once (gRPC only).
     pub max_handshaking: usize,
+    /// Most TLS handshakes in progress from one source address (gRPC only), so that one
+    /// address cannot hold every handshake turn.
+    pub max_handshaking_per_address: usize,
     pub handshake_timeout: Duration,
     pub idle_timeout: Duration,
     /// Longest a connection may stay open, idle or not (`None`: no limit).
@@ -64,6 +67,8 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 const HTTP2_PREFACE_LEN: usize = 24;
 const HTTP2_FRAME_HEADER_LEN: usize = 9;
 const HTTP2_PING: u8 = 0x6;
+/// Frame types that keep a connection up without using it: SETTINGS, PING, WINDOW_UPDATE.
+const HTTP2_UPKEEP: [u8; 3] = [0x4, HTTP2_PING, 0x8];
 
 /// Whether an accept error means the process or the kernel ran out of something, so that
 /// retrying at once would spin.
@@ -111,9 +116,27 @@ struct AddressSlot {
     address: IpAddr,
 }
 
+/// The address a limit counts by: an IPv4 address, or an IPv6 address's /64 (one host or
+/// subscriber is commonly given a whole /64, so counting /128s would not limit it).
+fn address_group(address: IpAddr) -> IpAddr {
+    match address {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut octets = v6.octets();
+                octets[8..].fill(0);
+                IpAddr::V6(octets.into())
+            }
+        },
+    }
+}
+
 impl AddressTable {
-    /// Takes a slot for `address` if it has fewer than `max` connections open.
+    /// Takes a slot for `address` (its group, see [`address_group`]) if that group has fewer
+    /// than `max` connections open.
     fn take(self: &Arc<Self>, address: IpAddr, max: usize) -> Option<AddressSlot> {
+        let address = address_group(address);
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
         let count = open.entry(address).or_insert(0);
         if *count >= max {
@@ -199,55 +222,36 @@ impl Admission {
     }
 }
 
-/// Tracks a client's activity and says when it has been idle too long.
-struct IdleClock {
-    kind: ActivityKind,
-    timeout: Duration,
-    last_activity: Instant,
-    /// Fires at `last_activity + timeout` as it stood when armed; re-armed when it fires.
-    timer: Pin<Box<Sleep>>,
-    /// Ends the connection regardless of activity.
-    lifetime: Option<Pin<Box<Sleep>>>,
-    /// HTTP/2 framing state: preface bytes still to skip, the partial frame header, and
-    /// payload bytes still to skip.
+/// Finds the HTTP/2 frames in one direction of a connection's bytes and says whether any of
+/// them is a request's or a response's (RFC 9113 §4.1: 9-byte header, type in byte 3).
+struct FrameScanner {
+    /// Connection-preface bytes still to skip (the client's direction only).
     preface_left: usize,
     header: [u8; HTTP2_FRAME_HEADER_LEN],
     header_len: usize,
     payload_left: usize,
 }
 
-impl IdleClock {
-    fn new(kind: ActivityKind, timeout: Duration, lifetime: Option<Duration>) -> IdleClock {
-        let now = Instant::now();
-        IdleClock {
-            kind,
-            timeout,
-            last_activity: now,
-            timer: Box::pin(tokio::time::sleep_until(now + timeout)),
-            lifetime: lifetime.map(|l| Box::pin(tokio::time::sleep_until(now + l))),
-            preface_left: HTTP2_PREFACE_LEN,
+impl FrameScanner {
+    fn new(preface: usize) -> FrameScanner {
+        FrameScanner {
+            preface_left: preface,
             header: [0; HTTP2_FRAME_HEADER_LEN],
             header_len: 0,
             payload_left: 0,
         }
     }
 
-    /// Looks at bytes the client sent; notes activity if they count.
-    fn saw(&mut self, mut bytes: &[u8]) {
-        if bytes.is_empty() {
-            return;
-        }
-        if self.kind == ActivityKind::Bytes {
-            self.last_activity = Instant::now();
-            return;
-        }
-        let mut active = false;
+    /// Whether `bytes` complete a frame header of a kind that counts as use: anything but
+    /// connection upkeep (PING, SETTINGS, WINDOW_UPDATE), which a peer can send for ever
+    /// without using the connection.
+    fn scan(&mut self, mut bytes: &[u8]) -> bool {
+        let mut used = false;
         while !bytes.is_empty() {
             if self.preface_left > 0 {
                 let n = self.preface_left.min(bytes.len());
                 self.preface_left -= n;
                 bytes = &bytes[n..];
-                active = true;
             } else if self.payload_left > 0 {
                 let n = self.payload_left.min(bytes.len());
                 self.payload_left -= n;
@@ -261,15 +265,65 @@ impl IdleClock {
                     let length =
                         u32::from_be_bytes([0, self.header[0], self.header[1], self.header[2]])
                             as usize;
-                    if self.header[3] != HTTP2_PING {
-                        active = true;
+                    if !HTTP2_UPKEEP.contains(&self.header[3]) {
+                        used = true;
                     }
                     self.payload_left = length;
                     self.header_len = 0;
                 }
             }
         }
-        if active {
+        used
+    }
+}
+
+/// Tracks a connection's use and says when it has been idle too long.
+struct IdleClock {
+    kind: ActivityKind,
+    timeout: Duration,
+    last_activity: Instant,
+    /// Fires at `last_activity + timeout` as it stood when armed; re-armed when it fires.
+    timer: Pin<Box<Sleep>>,
+    /// Ends the connection regardless of activity.
+    lifetime: Option<Pin<Box<Sleep>>>,
+    /// HTTP/2 frames from the client and from the server.
+    read_frames: FrameScanner,
+    written_frames: FrameScanner,
+}
+
+impl IdleClock {
+    fn new(kind: ActivityKind, timeout: Duration, lifetime: Option<Duration>) -> IdleClock {
+        let now = Instant::now();
+        IdleClock {
+            kind,
+            timeout,
+            last_activity: now,
+            timer: Box::pin(tokio::time::sleep_until(now + timeout)),
+            lifetime: lifetime.map(|l| Box::pin(tokio::time::sleep_until(now + l))),
+            read_frames: FrameScanner::new(HTTP2_PREFACE_LEN),
+            written_frames: FrameScanner::new(0),
+        }
+    }
+
+    /// Looks at bytes the client sent; notes activity if they count.
+    fn saw(&mut self, bytes: &[u8]) {
+        let used = match self.kind {
+            ActivityKind::Bytes => !bytes.is_empty(),
+            ActivityKind::Http2Frames => self.read_frames.scan(bytes),
+        };
+        if used {
+            self.last_activity = Instant::now();
+        }
+    }
+
+    /// Looks at bytes the server wrote: a response in progress (a server stream sending
+    /// progress, a large download) is use of the connection too.
+    fn wrote(&mut self, bytes: &[u8]) {
+        let used = match self.kind {
+            ActivityKind::Bytes => !bytes.is_empty(),
+            ActivityKind::Http2Frames => self.written_frames.scan(bytes),
+        };
+        if used {
             self.last_activity = Instant::now();
         }
     }
@@ -346,7 +400,12 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AdmittedStream<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let this = &mut *self;
+        let written = Pin::new(&mut this.inner).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = written {
+            this.idle.wrote(&buf[..n]);
+        }
+        written
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -359,7 +418,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AdmittedStream<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let this = &mut *self;
+        let written = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(mut n)) = written {
+            for buf in bufs {
+                let taken = n.min(buf.len());
+                this.idle.wrote(&buf[..taken]);
+                n -= taken;
+                if n == 0 {
+                    break;
+                }
+            }
+        }
+        written
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
@@ -377,6 +448,7 @@ pub fn grpc_incoming(
 ) -> impl Stream<Item = io::Result<AdmittedStream<TlsStream<TcpStream>>>> {
     let admission = Admission::new(limits, metrics);
     let handshakes = Arc::new(Semaphore::new(admission.limits.max_handshaking.max(1)));
+    let handshaking = Arc::new(AddressTable::default());
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     // Bounded: when tonic stops taking connections, the handshakes wait rather than pile up.
     let (done, ready) = tokio::sync::mpsc::channel(64);
@@ -394,6 +466,11 @@ pub fn grpc_incoming(
             let (Ok(handshake_turn), (stream, peer, slots)) = admitted else {
                 return;
             };
+            let max = admission.limits.max_handshaking_per_address.max(1);
+            let Some(handshaking_slot) = handshaking.take(peer.ip(), max) else {
+                admission.refuse("handshake_per_address_limit");
+                continue;
+            };
             let acceptor = acceptor.clone();
             let admission = admission.clone();
             let sender = done.clone();
@@ -402,6 +479,7 @@ pub fn grpc_incoming(
                 let handshake =
                     tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await;
                 drop(handshake_turn);
+                drop(handshaking_slot);
                 let tls = match handshake {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -526,6 +604,24 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_addresses_count_by_their_64_and_mapped_ones_as_ipv4() {
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(address_group(a), address_group(b));
+        assert_ne!(address_group(a), address_group(c));
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(
+            address_group(mapped),
+            "192.0.2.7".parse::<IpAddr>().unwrap()
+        );
+        let table = Arc::new(AddressTable::default());
+        let _first = table.take(a, 1).unwrap();
+        assert!(table.take(b, 1).is_none(), "same /64");
+        assert!(table.take(c, 1).is_some());
+    }
+
+    #[test]
     fn address_slots_are_counted_and_given_back() {
         let table = Arc::new(AddressTable::default());
         let a: IpAddr = "127.0.0.2".parse().unwrap();
@@ -558,17 +654,18 @@ mod tests {
         let start = clock.last_activity;
         tokio::time::advance(Duration::from_secs(1)).await;
         clock.saw(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-        assert_eq!(
-            clock.last_activity,
-            start + Duration::from_secs(1),
-            "preface"
-        );
+        assert_eq!(clock.last_activity, start, "the preface alone is not use");
         tokio::time::advance(Duration::from_secs(1)).await;
         // A PING split across reads, with a payload that looks like a HEADERS frame header.
         let ping = frame(HTTP2_PING, &[0, 0, 5, 1, 0, 0, 0, 0]);
         clock.saw(&ping[..4]);
         clock.saw(&ping[4..]);
-        assert_eq!(clock.last_activity, start + Duration::from_secs(1), "PING");
+        clock.saw(&frame(0x4, &[])); // an empty SETTINGS
+        clock.saw(&frame(0x8, &[0, 0, 1, 0])); // WINDOW_UPDATE
+        assert_eq!(
+            clock.last_activity, start,
+            "PING, SETTINGS and WINDOW_UPDATE are upkeep"
+        );
         tokio::time::advance(Duration::from_secs(1)).await;
         let mut bytes = frame(0x1, &[0; 20]); // HEADERS
         bytes.extend(frame(0x0, &[1; 300])); // DATA
@@ -577,6 +674,16 @@ mod tests {
             clock.last_activity,
             start + Duration::from_secs(3),
             "HEADERS"
+        );
+        // A response the server writes (a stream sending progress) is use too; its PINGs not.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        clock.wrote(&frame(HTTP2_PING, &[0; 8]));
+        assert_eq!(clock.last_activity, start + Duration::from_secs(3));
+        clock.wrote(&frame(0x0, &[5; 40]));
+        assert_eq!(
+            clock.last_activity,
+            start + Duration::from_secs(4),
+            "server DATA"
         );
         // Payload bytes alone are not a new frame.
         tokio::time::advance(Duration::from_secs(1)).await;

@@ -201,6 +201,7 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
         max_connections: limits.max_connections,
         max_per_address: limits.max_connections_per_address,
         max_handshaking: limits.max_handshaking,
+        max_handshaking_per_address: limits.max_handshaking_per_address,
         handshake_timeout: seconds(limits.handshake_timeout_s),
         idle_timeout: seconds(limits.idle_timeout_s),
         // Connection age is tonic's (a graceful GOAWAY), not a cut.
@@ -211,6 +212,7 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
         max_connections: limits.http_max_connections,
         max_per_address: limits.http_max_connections_per_address,
         max_handshaking: limits.http_max_connections,
+        max_handshaking_per_address: limits.http_max_connections_per_address,
         handshake_timeout: seconds(limits.handshake_timeout_s),
         idle_timeout: seconds(limits.http_idle_timeout_s),
         max_lifetime: Some(seconds(limits.http_max_connection_age_s)),

@@ -224,3 +224,32 @@ async fn ok_a_stopped_server_closes_its_grpc_port() {
         "the gRPC port still accepts after shutdown"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_one_address_cannot_hold_every_handshake_turn() {
+    let server = TestServer::start_with(|c| {
+        c.limits.max_handshaking = 4;
+        c.limits.max_handshaking_per_address = 2;
+        c.limits.handshake_timeout_s = 30;
+    })
+    .await;
+    let mut silent = vec![
+        connect_from("127.0.0.2", server.grpc_addr()).await,
+        connect_from("127.0.0.2", server.grpc_addr()).await,
+    ];
+    let mut third = connect_from("127.0.0.2", server.grpc_addr()).await;
+    assert!(
+        closed_by_server(&mut third, PATIENCE).await,
+        "a third handshake from one address is refused at once"
+    );
+    // Two turns are left for everyone else: an honest client is served at once, long before
+    // the silent ones' 30 s deadline.
+    assert!(health_check(&server).await);
+    let refused = metric(
+        &server,
+        "payra_connections_refused_total{listener=\"grpc\",reason=\"handshake_per_address_limit\"}",
+    )
+    .await;
+    assert_eq!(refused, 1.0);
+    silent.clear();
+}
