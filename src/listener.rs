@@ -118,7 +118,7 @@ struct AddressSlot {
 
 /// The address a limit counts by: an IPv4 address, or an IPv6 address's /64 (one host or
 /// subscriber is commonly given a whole /64, so counting /128s would not limit it).
-fn address_group(address: IpAddr) -> IpAddr {
+pub fn address_group(address: IpAddr) -> IpAddr {
     match address {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
