@@ -444,6 +444,10 @@ enum AuditCommand {
         /// proves that nothing up to it changed since, even if the head file was cut.
         #[arg(long)]
         anchor: Option<PathBuf>,
+        /// Accept chains with no signed head (a restored backup, or a server killed before
+        /// its first head): only accidents, not tampering, can then be told.
+        #[arg(long)]
+        allow_unsigned: bool,
     },
     /// Print the latest signed head of the audit chains (one JSON line), to keep outside
     /// this machine and give back to `audit verify --anchor`.
@@ -1057,7 +1061,12 @@ fn open_data(data: &Path) -> Result<payra::store::SledStore, String> {
 /// `payra audit verify`: both chains intact; the change chain ends at its recorded head; the
 /// decision log reaches the ledger checkpoint; every signed head (and the anchor, if given)
 /// verifies and still matches the chains.
-fn audit_verify(data: &Path, certs: &Path, anchor: Option<&Path>) -> CliResult {
+fn audit_verify(
+    data: &Path,
+    certs: &Path,
+    anchor: Option<&Path>,
+    allow_unsigned: bool,
+) -> CliResult {
     use payra::store::audit_heads::{check_head, read_all, SignedHead};
     use payra::store::decision_log::ChainCheck;
     use payra::store::{verify_audit_log, AuditCheck, DecisionLog, Store};
@@ -1128,7 +1137,16 @@ fn audit_verify(data: &Path, certs: &Path, anchor: Option<&Path>) -> CliResult {
     let mut summary =
         format!("audit log intact: {entries} change entries, {records} decision records");
     if heads.is_empty() && anchor.is_none() {
-        println!("{summary}; no signed head yet, so only accidents, not tampering, would show");
+        if entries + records > 0 && !allow_unsigned {
+            return Err(format!(
+                "{summary}, but no signed head: {} is missing or empty, so tampering could not \
+                 be told from accidents. A running payra signs one every \
+                 audit.head_interval_s and at shutdown; for a restored backup or a server \
+                 killed before its first head, pass --allow-unsigned",
+                payra::store::audit_heads::HEADS_FILE
+            ));
+        }
+        println!("{summary}; no signed head, so only accidents, not tampering, would show");
         return Ok(());
     }
     let issuing = payra::ca::pki::read_certificate_der(&certs.join("issuing.pem"))
@@ -1209,7 +1227,8 @@ fn audit(command: AuditCommand) -> CliResult {
             data,
             certs,
             anchor,
-        } => audit_verify(&data, &certs, anchor.as_deref()),
+            allow_unsigned,
+        } => audit_verify(&data, &certs, anchor.as_deref(), allow_unsigned),
         AuditCommand::Head { data } => {
             let heads = payra::store::audit_heads::read_all(&data).map_err(|e| e.to_string())?;
             let Some(latest) = heads.last() else {

@@ -568,14 +568,21 @@ async fn fail_tampering_with_the_audit_chains_is_caught_by_the_signed_heads() {
         }
         last
     };
-    std::fs::write(&segment, &frames[..last_len]).unwrap();
+    let heads = std::fs::read(data.join("audit-heads.log")).unwrap();
     std::fs::remove_file(data.join("audit-heads.log")).unwrap();
+    // With the heads gone, intact chains are not enough.
     let (ok, _, stderr) = verify(&[]);
+    assert!(!ok && stderr.contains("no signed head"), "{stderr}");
+    let (ok, stdout, stderr) = verify(&["--allow-unsigned"]);
+    assert!(ok, "{stdout}{stderr}");
+    std::fs::write(&segment, &frames[..last_len]).unwrap();
+    let (ok, _, stderr) = verify(&["--allow-unsigned"]);
     assert!(!ok, "a dropped tail passed");
     assert!(stderr.contains("ledger checkpoint"), "{stderr}");
     // And with the anchor kept outside.
     let (ok, _, stderr) = verify(&["--anchor", path_str(&anchor)]);
     assert!(!ok, "{stderr}");
+    std::fs::write(data.join("audit-heads.log"), heads).unwrap();
 }
 
 #[test]

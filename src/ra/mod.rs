@@ -283,6 +283,10 @@ impl Ra {
         if *last == Some((change, decision)) {
             return Ok(None);
         }
+        // The recorded change head can name an entry whose group commit has not synced yet;
+        // a sync now covers it, so a head is never signed over something a crash could lose.
+        // (The decision head is the log's durable one already.)
+        self.store.probe_write()?;
         let statement = HeadStatement::of(change, decision, self.clock.now_ms());
         let signed = SignedHead::sign(statement, |message| self.ca.signer.sign(message))?;
         audit_heads::append(&self.policy.scratch_dir, &signed)?;
