@@ -1015,3 +1015,37 @@ async fn ok_limits_show_gives_every_tiers_ceilings_without_recording_anything() 
         .into_inner();
     assert_eq!(again.tiers, limits.tiers);
 }
+
+#[tokio::test]
+async fn fail_a_compromised_key_is_revoked_everywhere_and_never_certified_again() {
+    let server = TestServer::start().await;
+    let first = phone(&server, "uma", "u-1").await;
+    let key = DeviceKey::from_pkcs8_pem(&first.key.to_pkcs8_pem().unwrap()).unwrap();
+    // The same key again for the same phone (it kept its keystore key).
+    let second = enroll_key(&server, &key, "uma", "u-1").await.unwrap();
+    let response = server
+        .operator()
+        .await
+        .admin()
+        .revoke_certificate(proto::RevokeCertificateRequest {
+            serial: first.serial.clone(),
+            reason: proto::RevocationReason::KeyCompromise as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut revoked = response.revoked_serials.clone();
+    revoked.sort();
+    let mut expected = vec![first.serial.clone(), second.serial.clone()];
+    expected.sort();
+    assert_eq!(revoked, expected, "every certificate of the key");
+    assert!(response.note.contains("same key"), "{}", response.note);
+    // Never again, for anyone.
+    for (customer, device) in [("uma", "u-1"), ("vik", "v-1")] {
+        let err = enroll_key(&server, &key, customer, device)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+        assert!(err.message().contains("reported compromised"), "{err:?}");
+    }
+}

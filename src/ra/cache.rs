@@ -219,15 +219,55 @@ impl SerialSlot {
     }
 }
 
-/// serial → certificate facts, shared by all request threads; and, for each device key, the
-/// certificate that certified it last.
+/// The certificates of one device key: almost always one (a renewal that keeps the key adds
+/// one), so the common case needs no allocation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum KeyHolders {
+    One(SerialSlot),
+    Many(Vec<SerialSlot>),
+}
+
+impl KeyHolders {
+    fn add(&mut self, slot: SerialSlot) {
+        match self {
+            KeyHolders::One(one) if *one == slot => {}
+            KeyHolders::One(one) => *self = KeyHolders::Many(vec![*one, slot]),
+            KeyHolders::Many(many) => {
+                if !many.contains(&slot) {
+                    many.push(slot);
+                }
+            }
+        }
+    }
+
+    /// Removes `serial`; true when none is left.
+    fn remove(&mut self, serial: &[u8]) -> bool {
+        match self {
+            KeyHolders::One(one) => one.bytes() == serial,
+            KeyHolders::Many(many) => {
+                many.retain(|slot| slot.bytes() != serial);
+                many.is_empty()
+            }
+        }
+    }
+
+    fn slots(&self) -> &[SerialSlot] {
+        match self {
+            KeyHolders::One(one) => std::slice::from_ref(one),
+            KeyHolders::Many(many) => many,
+        }
+    }
+}
+
+/// serial → certificate facts, shared by all request threads; and, for each device key, every
+/// certificate of it.
 pub struct CertificateCache {
     shards: Box<[RwLock<Table>]>,
     hasher: RandomState,
-    /// Key fingerprint (keyed SipHash of the SEC1 point) → the serial that last certified the
-    /// key: about 37 bytes a certificate. A fingerprint collision (about 2^-64 a pair) can
-    /// only make a lookup miss; [`CertificateCache::key_holder`] compares the whole key.
-    keys: RwLock<HashMap<u64, SerialSlot>>,
+    /// Key fingerprint (keyed SipHash of the SEC1 point) → the serials certifying the key:
+    /// about 40 bytes a certificate. A fingerprint collision (about 2^-64 a pair) only adds a
+    /// candidate; [`CertificateCache::key_holders`] compares the whole key.
+    keys: RwLock<HashMap<u64, KeyHolders>>,
 }
 
 impl Default for CertificateCache {
@@ -245,16 +285,15 @@ impl CertificateCache {
     pub fn load(store: &dyn Store) -> Result<CertificateCache> {
         let cache = CertificateCache::default();
         let mut tables: Vec<Table> = (0..SHARDS).map(|_| Table::default()).collect();
-        // Which serial certified each key last: by notBefore, later wins.
-        let mut keys: HashMap<u64, (i64, SerialSlot)> = HashMap::new();
+        let mut keys: HashMap<u64, KeyHolders> = HashMap::new();
         store.for_each_certificate_summary(&mut |summary| {
             if let Some(slot) = SerialSlot::of(summary.serial.as_bytes()) {
                 let fingerprint = cache.hasher.hash_one(summary.public_key);
-                let newer = keys
-                    .get(&fingerprint)
-                    .is_none_or(|(not_before, _)| *not_before <= summary.not_before_s);
-                if newer {
-                    keys.insert(fingerprint, (summary.not_before_s, slot));
+                match keys.get_mut(&fingerprint) {
+                    Some(holders) => holders.add(slot),
+                    None => {
+                        keys.insert(fingerprint, KeyHolders::One(slot));
+                    }
                 }
             }
             if let Some(entry) = Entry::new(
@@ -275,8 +314,7 @@ impl CertificateCache {
             table.entries.shrink_to_fit(|e| hasher.hash_one(e.serial()));
             *shard.write().unwrap_or_else(|p| p.into_inner()) = table;
         }
-        *cache.keys.write().unwrap_or_else(|p| p.into_inner()) =
-            keys.into_iter().map(|(k, (_, slot))| (k, slot)).collect();
+        *cache.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
         Ok(cache)
     }
 
@@ -332,10 +370,13 @@ impl CertificateCache {
             Some(entry) => {
                 if let Some(slot) = SerialSlot::of(entry.serial()) {
                     let fingerprint = self.hasher.hash_one(entry.public_key());
-                    self.keys
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(fingerprint, slot);
+                    let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+                    match keys.get_mut(&fingerprint) {
+                        Some(holders) => holders.add(slot),
+                        None => {
+                            keys.insert(fingerprint, KeyHolders::One(slot));
+                        }
+                    }
                 }
                 let (hash, shard) = self.locate(entry.serial());
                 Self::write(shard).insert(hash, entry, &self.hasher);
@@ -365,8 +406,8 @@ impl CertificateCache {
                 let fingerprint = self.hasher.hash_one(key);
                 let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
                 if keys
-                    .get(&fingerprint)
-                    .is_some_and(|slot| slot.bytes() == serial.as_bytes())
+                    .get_mut(&fingerprint)
+                    .is_some_and(|holders| holders.remove(serial.as_bytes()))
                 {
                     keys.remove(&fingerprint);
                 }
@@ -375,17 +416,26 @@ impl CertificateCache {
         }
     }
 
-    /// The certificate that certified `public_key` last, with its serial, if any is cached.
-    pub fn key_holder(&self, public_key: &[u8; 65]) -> Option<(Serial, CachedCertificate)> {
+    /// Every cached certificate of `public_key`, with its serial.
+    pub fn key_holders(&self, public_key: &[u8; 65]) -> Vec<(Serial, CachedCertificate)> {
         let fingerprint = self.hasher.hash_one(public_key);
-        let slot = *self
+        let slots: Vec<SerialSlot> = match self
             .keys
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&fingerprint)?;
-        let serial = Serial::from_bytes("serial", slot.bytes()).ok()?;
-        let holder = self.get(&serial)?;
-        (holder.public_key == *public_key).then_some((serial, holder))
+            .get(&fingerprint)
+        {
+            Some(holders) => holders.slots().to_vec(),
+            None => return Vec::new(),
+        };
+        slots
+            .iter()
+            .filter_map(|slot| {
+                let serial = Serial::from_bytes("serial", slot.bytes()).ok()?;
+                let holder = self.get(&serial)?;
+                (holder.public_key == *public_key).then_some((serial, holder))
+            })
+            .collect()
     }
 
     /// Certificates by status name at `now_s`.
@@ -503,27 +553,29 @@ mod tests {
     }
 
     #[test]
-    fn the_key_index_names_the_last_certificate_of_a_key() {
+    fn the_key_index_names_every_certificate_of_a_key() {
         let cache = CertificateCache::default();
         let first = record(&[1, 2, 3], "alice", "phone");
         let second = record(&[4, 5, 6], "alice", "phone");
         let key = public_key(&first.public_key_hex).unwrap();
-        assert!(cache.key_holder(&key).is_none());
+        assert!(cache.key_holders(&key).is_empty());
         cache.put(&first);
-        assert_eq!(cache.key_holder(&key).unwrap().0, first.serial);
+        cache.put(&first);
+        assert_eq!(cache.key_holders(&key).len(), 1, "a put again adds nothing");
         cache.put(&second);
-        let (serial, holder) = cache.key_holder(&key).unwrap();
-        assert_eq!((serial, holder), (second.serial.clone(), expected(&second)));
+        let serials: Vec<Serial> = cache.key_holders(&key).into_iter().map(|h| h.0).collect();
+        assert_eq!(serials, vec![first.serial.clone(), second.serial.clone()]);
         let mut other_key = key;
         other_key[64] ^= 1;
-        assert!(cache.key_holder(&other_key).is_none());
-        cache.remove(std::slice::from_ref(&first.serial));
-        assert!(
-            cache.key_holder(&key).is_some(),
-            "an older serial's removal keeps the index"
-        );
+        assert!(cache.key_holders(&other_key).is_empty());
         cache.remove(std::slice::from_ref(&second.serial));
-        assert!(cache.key_holder(&key).is_none());
+        assert_eq!(
+            cache.key_holders(&key)[0].0,
+            first.serial,
+            "the older one is still found"
+        );
+        cache.remove(std::slice::from_ref(&first.serial));
+        assert!(cache.key_holders(&key).is_empty());
     }
 
     #[test]

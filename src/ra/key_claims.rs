@@ -2,7 +2,9 @@
 //! certificate for another customer or device. A renewal may keep its key (same customer,
 //! same device); a phone that enrolls again for the same customer and device may too.
 //!
-//! The check reads the verification cache's key index ([`super::cache::CertificateCache::key_holder`]),
+//! A key once revoked for keyCompromise is never certified again.
+//!
+//! The check reads the verification cache's key index ([`super::cache::CertificateCache::key_holders`]),
 //! and a key stays claimed here from the check until its certificate is in that index (or the
 //! request failed), so two concurrent requests cannot both certify one key for different
 //! holders.
@@ -58,11 +60,16 @@ impl KeysInFlight {
         now_s: i64,
     ) -> Result<KeyClaim> {
         let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((serial, holder)) = cache.key_holder(key) {
+        for (serial, holder) in cache.key_holders(key) {
+            let reason = holder.revocation.map(|r| r.reason);
+            if reason == Some(RevocationReason::KeyCompromise) {
+                tracing::warn!(holder = %serial, "refused to certify a key reported compromised");
+                return Err(Error::AlreadyExists(
+                    "this device key was reported compromised; generate a new key pair".into(),
+                ));
+            }
             let live = now_s < holder.not_after_s
-                && holder
-                    .revocation
-                    .is_none_or(|r| r.reason == RevocationReason::CertificateHold);
+                && reason.is_none_or(|r| r == RevocationReason::CertificateHold);
             if live && (holder.customer != *customer || holder.device != *device) {
                 tracing::warn!(
                     holder = %serial,

@@ -85,58 +85,93 @@ impl Ra {
             });
         }
         if reason == RevocationReason::KeyCompromise {
-            if let Some(outcome) = self.revoke_compromised_lineage(actor, serial)? {
+            if let Some(outcome) = self.revoke_compromised(actor, serial)? {
                 return Ok(outcome);
             }
         }
         self.revoke_batch(actor, vec![serial.clone()], reason, false)
     }
 
-    /// A compromised key endangers every later certificate of its lineage (a renewal may
-    /// keep the key, and whoever holds the key could have renewed). When `serial` was already
-    /// superseded, its live successors are revoked for keyCompromise instead of refusing;
-    /// `None` when `serial` is not superseded (the usual path applies).
-    fn revoke_compromised_lineage(
-        &self,
-        actor: &Actor,
-        serial: &Serial,
-    ) -> Result<Option<RevokeOutcome>> {
+    /// A compromised key endangers every certificate of it, and every later certificate of its
+    /// lineage (a renewal may keep the key, and whoever holds the key could have renewed). So
+    /// a keyCompromise revocation also revokes, in the same batch, every other live
+    /// certificate of the same key, and, when `serial` was already superseded, its live
+    /// successors (instead of refusing it as already revoked). `None` when there is nothing
+    /// more than `serial` itself to do (the usual path applies).
+    fn revoke_compromised(&self, actor: &Actor, serial: &Serial) -> Result<Option<RevokeOutcome>> {
         let Some(record) = self.store.certificate(serial)? else {
             return Ok(None);
         };
-        if record.revocation.map(|r| r.reason) != Some(RevocationReason::Superseded) {
+        let now_s = self.clock.now_s();
+        let changeable = |revocation: Option<crate::store::Revocation>, not_after_s: i64| {
+            revocation.is_none_or(|r| r.reason == RevocationReason::CertificateHold)
+                && now_s < not_after_s
+        };
+        let superseded = record.revocation.map(|r| r.reason) == Some(RevocationReason::Superseded);
+        let mut targets = Vec::new();
+        let mut successors = Vec::new();
+        if superseded {
+            let mut next = record.superseded_by.clone();
+            for _ in 0..MAX_LINEAGE_STEPS {
+                let Some(successor) = next.take() else { break };
+                let Some(later) = self.store.certificate(&successor)? else {
+                    break;
+                };
+                if changeable(later.revocation, later.not_after_s) {
+                    successors.push(successor);
+                }
+                next = later.superseded_by;
+            }
+            targets.extend(successors.iter().cloned());
+        } else {
+            targets.push(serial.clone());
+        }
+        let mut same_key = Vec::new();
+        if let Some(cached) = self.cache.get(serial) {
+            for (other, holder) in self.cache.key_holders(&cached.public_key) {
+                if other != *serial
+                    && !targets.contains(&other)
+                    && changeable(holder.revocation, holder.not_after_s)
+                {
+                    same_key.push(other);
+                }
+            }
+        }
+        targets.extend(same_key.iter().cloned());
+        if !superseded && same_key.is_empty() {
             return Ok(None);
         }
-        let now_s = self.clock.now_s();
-        let mut live = Vec::new();
-        let mut next = record.superseded_by.clone();
-        for _ in 0..MAX_LINEAGE_STEPS {
-            let Some(successor) = next.take() else { break };
-            let Some(later) = self.store.certificate(&successor)? else {
-                break;
-            };
-            let changeable = later
-                .revocation
-                .is_none_or(|r| r.reason == RevocationReason::CertificateHold);
-            if changeable && now_s < later.not_after_s {
-                live.push(successor);
-            }
-            next = later.superseded_by;
+        let mut outcome =
+            self.revoke_batch(actor, targets, RevocationReason::KeyCompromise, false)?;
+        let list = |serials: &[Serial]| {
+            serials
+                .iter()
+                .map(Serial::to_hex)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut notes = Vec::new();
+        if superseded {
+            notes.push(if successors.is_empty() {
+                format!("certificate {serial} was already superseded and has no live successor")
+            } else {
+                format!(
+                    "certificate {serial} was already superseded; its live successor {} of the \
+                     same device was revoked for keyCompromise",
+                    list(&successors)
+                )
+            });
         }
-        let mut outcome = self.revoke_batch(actor, live, RevocationReason::KeyCompromise, false)?;
-        outcome.note = Some(if outcome.serials.is_empty() {
-            format!(
-                "certificate {serial} was already superseded and has no live successor; \
-                 nothing changed"
-            )
-        } else {
-            let successors: Vec<String> = outcome.serials.iter().map(Serial::to_hex).collect();
-            format!(
-                "certificate {serial} was already superseded; its live successor {} of the \
-                 same device was revoked for keyCompromise",
-                successors.join(", ")
-            )
-        });
+        if !same_key.is_empty() {
+            notes.push(format!(
+                "the same key's other live certificates {} were revoked for keyCompromise too",
+                list(&same_key)
+            ));
+        }
+        if outcome.serials.is_empty() {
+            notes.push("nothing changed".into());
+        }
+        outcome.note = Some(notes.join("; "));
         Ok(Some(outcome))
     }
 
