@@ -150,9 +150,16 @@ impl Ra {
         let min_day = policy.ledger.first_tracked_day(now_ms);
         let checkpoint = store.ledger_checkpoint(&min_day)?;
         let mut live_nonces = Vec::new();
-        let decisions = DecisionLog::open(
+        // The last decision record a signed audit head covers: it was durable when signed.
+        let signed_through = crate::store::audit_heads::read_all(&policy.scratch_dir)?
+            .iter()
+            .map(|head| head.statement.decision_seq)
+            .max()
+            .unwrap_or(0);
+        let decisions = DecisionLog::open_signed(
             &policy.scratch_dir.join("decisions"),
             checkpoint,
+            signed_through,
             now_ms,
             2 * policy.ledger.skew_ms + 60_000,
             &mut |key, expires_at_ms| {

@@ -420,6 +420,14 @@ fn torn_write(rest: &[u8], next_seq: u64) -> bool {
     if rest.iter().all(|b| *b == 0) {
         return true;
     }
+    // Zeros where the next frame's length belongs: space the file system allocated but never
+    // wrote. A power cut during one batch's write can leave that before pages of the same
+    // unsynced batch that did reach the disk, so later frames do not make it damage here.
+    // What such a cut would remove is checked against the ledger checkpoint and the latest
+    // signed audit head before anything is cut.
+    if rest.len() >= 4 && rest[..4] == [0, 0, 0, 0] {
+        return true;
+    }
     if rest.len() >= 4 {
         let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         if !(FIXED..=FIXED + MAX_RECORD_BYTES).contains(&len) || PREFIX + len <= rest.len() {
@@ -513,6 +521,19 @@ impl DecisionLog {
     pub fn open(
         dir: &Path,
         checkpoint: LedgerCheckpoint,
+        now_ms: i64,
+        nonce_horizon_ms: i64,
+        claim: &mut dyn FnMut(Vec<u8>, i64),
+    ) -> Result<DecisionLog> {
+        Self::open_signed(dir, checkpoint, 0, now_ms, nonce_horizon_ms, claim)
+    }
+
+    /// [`DecisionLog::open`], also refusing a log that ends before `signed_through`, the last
+    /// record a signed audit head covers (it was durable when the head was signed).
+    pub fn open_signed(
+        dir: &Path,
+        checkpoint: LedgerCheckpoint,
+        signed_through: u64,
         now_ms: i64,
         nonce_horizon_ms: i64,
         claim: &mut dyn FnMut(Vec<u8>, i64),
@@ -646,6 +667,15 @@ impl DecisionLog {
                 dir.display(),
                 next_seq - 1,
                 checkpoint.through_seq
+            )));
+        }
+        if next_seq <= signed_through {
+            return Err(Error::FailedPrecondition(format!(
+                "the decision log in {} ends at record {}, but a signed audit head covers \
+                 records up to {signed_through}: decision records are missing or damaged. \
+                 Nothing was changed; restore the data directory from a backup",
+                dir.display(),
+                next_seq - 1
             )));
         }
         if let Some(torn_end) = torn_end {
@@ -1617,6 +1647,44 @@ mod tests {
             .collect();
         assert_eq!(aside.len(), 1, "{aside:?}");
         assert_eq!(std::fs::read(&aside[0]).unwrap(), &torn[third..]);
+    }
+
+    #[test]
+    fn zeros_before_surviving_pages_of_a_batch_are_torn_unless_a_signed_head_covers_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (log, _) = open(dir.path(), LedgerCheckpoint::default(), 0);
+        for n in 0..5 {
+            reserve(&log, n, 10);
+        }
+        log.close().unwrap();
+        drop(log);
+        let path = segment_path(dir.path(), 1);
+        let intact = std::fs::read(&path).unwrap();
+        let offsets = frame_offsets(&intact);
+        // Record 3's page never reached the disk (zeros); records 4 and 5 did.
+        let mut bytes = intact.clone();
+        bytes[offsets[2]..offsets[3]].fill(0);
+        std::fs::write(&path, &bytes).unwrap();
+        // A signed head covering record 4 says it was durable: refused, untouched.
+        let refused = DecisionLog::open_signed(
+            dir.path(),
+            LedgerCheckpoint::default(),
+            4,
+            0,
+            1,
+            &mut |_, _| {},
+        );
+        assert!(
+            matches!(&refused, Err(Error::FailedPrecondition(m)) if m.contains("signed audit head")),
+            "{:?}",
+            refused.err()
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), bytes, "nothing was cut");
+        // Covered by nothing: the torn batch is cut (and kept aside).
+        let (log, _) = open(dir.path(), LedgerCheckpoint::default(), 100);
+        assert_eq!(log.with_books(|b| b.used(&key())), 20);
+        drop(log);
+        assert_eq!(std::fs::read(&path).unwrap(), &intact[..offsets[2]]);
     }
 
     #[test]
