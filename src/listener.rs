@@ -166,6 +166,14 @@ impl Drop for AddressSlot {
 struct Slots {
     _listener: OwnedSemaphorePermit,
     _address: AddressSlot,
+    /// `payra_connections_open` for this listener, counted down when the connection closes.
+    open: prometheus::IntGauge,
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        self.open.dec();
+    }
 }
 
 /// Admits connections to one listener.
@@ -213,9 +221,15 @@ impl Admission {
                 continue;
             };
             let _ = stream.set_nodelay(true);
+            let open = self
+                .metrics
+                .connections_open
+                .with_label_values(&[self.limits.listener]);
+            open.inc();
             let slots = Slots {
                 _listener: permit,
                 _address: address,
+                open,
             };
             return (stream, peer, slots);
         }

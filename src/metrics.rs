@@ -27,6 +27,10 @@ pub struct Metrics {
     pub ocsp_responses: IntCounterVec,
     pub enroll_throttled: IntCounter,
     pub renewals_refused: IntCounter,
+    pub connections_open: IntGaugeVec,
+    pub ready: IntGauge,
+    pub certificate_not_after: IntGaugeVec,
+    pub data_dir_free_bytes: IntGauge,
     pub connections_refused: IntCounterVec,
     /// User plus system CPU time of this process, brought up to date at each scrape (under
     /// the lock, so that overlapping scrapes do not both add the same time).
@@ -179,7 +183,7 @@ impl Metrics {
                 &registry,
                 counter_vec(
                     "payra_ocsp_responses_total",
-                    "OCSP answers by source (cache, signed)",
+                    "OCSP answers by source (cache, signed, error)",
                     &["source"],
                 ),
             ),
@@ -190,6 +194,43 @@ impl Metrics {
                     "Enroll calls refused by the per-peer failure limit",
                 )
                 .unwrap_or_else(|e| panic!("metric payra_enroll_throttled_total: {e}")),
+            ),
+            connections_open: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "payra_connections_open",
+                        "connections admitted and not yet closed, by listener",
+                    ),
+                    &["listener"],
+                )
+                .unwrap_or_else(|e| panic!("metric payra_connections_open: {e}")),
+            ),
+            ready: register(
+                &registry,
+                gauge(
+                    "payra_ready",
+                    "1 when the store takes a durable write and the CA key signs (as /readyz), \
+                     else 0; checked at each scrape",
+                ),
+            ),
+            certificate_not_after: register(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "payra_certificate_not_after_seconds",
+                        "notAfter (Unix seconds) of payra's own certificates: root, issuing, server",
+                    ),
+                    &["certificate"],
+                )
+                .unwrap_or_else(|e| panic!("metric payra_certificate_not_after_seconds: {e}")),
+            ),
+            data_dir_free_bytes: register(
+                &registry,
+                gauge(
+                    "payra_data_dir_free_bytes",
+                    "bytes available to payra on the data directory's file system",
+                ),
             ),
             renewals_refused: register(
                 &registry,

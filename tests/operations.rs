@@ -417,3 +417,132 @@ async fn ok_retention_purges_expired_nonces_tokens_and_old_certificates() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
+
+/// The metric names a dashboard or rule file mentions.
+fn metric_names_in(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    for prefix in ["payra_", "process_cpu_seconds_total"] {
+        let mut rest = text;
+        while let Some(at) = rest.find(prefix) {
+            let tail = &rest[at..];
+            let end = tail
+                .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+                .unwrap_or(tail.len());
+            let mut name = tail[..end].to_string();
+            for suffix in ["_bucket", "_sum", "_count"] {
+                if name == format!("payra_rpc_duration_seconds{suffix}") {
+                    name = "payra_rpc_duration_seconds".into();
+                }
+            }
+            names.insert(name);
+            rest = &tail[end..];
+        }
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_the_dashboard_and_alert_rules_name_only_metrics_that_exist() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rules_path = root.join("deploy/prometheus/payra-rules.yml");
+    let rules = std::fs::read_to_string(&rules_path).unwrap();
+    let dashboard =
+        std::fs::read_to_string(root.join("deploy/grafana/payra-dashboard.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
+    assert!(parsed["panels"].as_array().unwrap().len() >= 10);
+    let mut named = metric_names_in(&rules);
+    named.extend(metric_names_in(&dashboard));
+
+    // Traffic that makes every labelled family appear.
+    let server = TestServer::start_with(|c| c.limits.max_connections_per_address = 4).await;
+    let (_, issued) = server.enroll("mia", "m-1").await;
+    server
+        .service()
+        .await
+        .verification()
+        .qualify_transaction(proto::QualifyTransactionRequest {
+            customer_id: "mia".into(),
+            transaction: Some(proto::Transaction {
+                merchant_id: "m".into(),
+                order_id: "o".into(),
+                amount_fen: 100,
+                currency: "CNY".into(),
+            }),
+            factors: vec![],
+            scene: proto::Scene::InApp as i32,
+            reserve: true,
+        })
+        .await
+        .unwrap();
+    server
+        .revoke(&issued.serial, proto::RevocationReason::Superseded)
+        .await;
+    let (code, _, _) = http_get(&server.http_url("/crl")).await;
+    assert_eq!(code, 200);
+    let leaf = server.dir.path().join("leaf.pem");
+    std::fs::write(&leaf, pem(&issued.certificate_der)).unwrap();
+    let request = server.dir.path().join("ocsp.der");
+    let (ok, text) = openssl(&[
+        "ocsp",
+        "-issuer",
+        path_str(&server.certs().join("issuing.pem")),
+        "-cert",
+        path_str(&leaf),
+        "-no_nonce",
+        "-reqout",
+        path_str(&request),
+    ]);
+    assert!(ok, "{text}");
+    let (code, _, _) = http_request(
+        "POST",
+        &server.http_url("/ocsp"),
+        &std::fs::read(&request).unwrap(),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        held.push(socket.connect(server.grpc_addr()).await.unwrap());
+    }
+    let mut scrapes = 0;
+    let page = loop {
+        // The fifth connection from 127.0.0.2 is refused; scrape until it is counted.
+        scrapes += 1;
+        assert!(scrapes < 10_000, "the refused connection was never counted");
+        let (_, _, body) = http_get(&server.http_url("/metrics")).await;
+        let page = String::from_utf8(body).unwrap();
+        if page.contains("payra_connections_refused_total{") {
+            break page;
+        }
+        tokio::task::yield_now().await;
+    };
+    let exposed: std::collections::BTreeSet<String> = page
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split(' ').next())
+        .map(str::to_string)
+        .collect();
+    let missing: Vec<&String> = named.iter().filter(|n| !exposed.contains(*n)).collect();
+    assert!(missing.is_empty(), "named but not on /metrics: {missing:?}");
+    assert!(named.len() >= 15, "{named:?}");
+    drop(held);
+
+    // The rules load in Prometheus's own checker, where it is installed (.ci/run installs it).
+    match std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules_path)
+        .output()
+    {
+        Ok(output) => assert!(
+            output.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+        Err(_) => eprintln!(
+            "SKIPPED promtool check rules: promtool is not installed (Debian package prometheus)"
+        ),
+    }
+}

@@ -246,6 +246,13 @@ pub fn read_certificate_der(path: &Path) -> Result<Vec<u8>> {
 }
 
 /// The uncompressed SEC1 public key of a certificate.
+/// The notAfter (Unix seconds) of a DER certificate, if it parses.
+pub fn not_after_s(der: &[u8]) -> Option<i64> {
+    X509Certificate::from_der(der)
+        .ok()
+        .map(|(_, cert)| cert.validity().not_after.timestamp())
+}
+
 /// The public key (SEC1 point) of a DER certificate.
 pub fn certificate_public_key_sec1(der: &[u8]) -> Result<Vec<u8>> {
     certificate_public_key(der, Path::new("certificate"))

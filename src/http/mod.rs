@@ -55,6 +55,12 @@ pub fn router(state: HttpState) -> Router {
 
 async fn metrics(State(state): State<HttpState>) -> Response {
     let syncs = (state.storage_syncs)();
+    // Readiness as /readyz sees it (a durable write and a signature), for alerting.
+    let ra = state.ra.clone();
+    let ready = tokio::task::spawn_blocking(move || ra.readiness())
+        .await
+        .is_ok_and(|checked| checked.is_ok());
+    state.ra.metrics().ready.set(i64::from(ready));
     state.ra.refresh_gauges(syncs);
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
@@ -66,11 +72,9 @@ async fn metrics(State(state): State<HttpState>) -> Response {
 /// Ready when storage takes a durable write and the CA key signs.
 async fn readyz(State(state): State<HttpState>) -> Response {
     let ra = state.ra.clone();
-    let checked = tokio::task::spawn_blocking(move || {
-        ra.storage_writable()?;
-        ra.ca().signer.sign(b"payra readiness probe").map(|_| ())
-    })
-    .await;
+    let checked = tokio::task::spawn_blocking(move || ra.readiness()).await;
+    let ready = matches!(checked, Ok(Ok(())));
+    state.ra.metrics().ready.set(i64::from(ready));
     match checked {
         Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
         Ok(Err(e)) => {

@@ -130,6 +130,24 @@ impl Ra {
         metrics: Arc<Metrics>,
     ) -> Result<Ra> {
         policy.profile.issuer_not_after_s = ca.issuing_not_after_s;
+        let server_der = pem::parse(&ca.server_chain_pem).map(|p| p.into_contents());
+        for (name, not_after) in [
+            ("issuing", Some(ca.issuing_not_after_s)),
+            ("root", crate::ca::pki::not_after_s(&ca.root_der)),
+            (
+                "server",
+                server_der
+                    .ok()
+                    .and_then(|der| crate::ca::pki::not_after_s(&der)),
+            ),
+        ] {
+            if let Some(not_after) = not_after {
+                metrics
+                    .certificate_not_after
+                    .with_label_values(&[name])
+                    .set(not_after);
+            }
+        }
         let now_s = clock.now_s();
         if now_s.saturating_add(policy.profile.validity_s) > ca.issuing_not_after_s {
             tracing::warn!(
@@ -218,9 +236,21 @@ impl Ra {
         &self.metrics
     }
 
+    /// What `/readyz` checks: the store takes a durable write and the CA key signs.
+    pub fn readiness(&self) -> Result<()> {
+        self.storage_writable()?;
+        self.ca.signer.sign(b"payra readiness probe").map(|_| ())
+    }
+
     /// Brings the state gauges (certificates by status, CRL age, syncs) up to date; called
     /// when `/metrics` is scraped.
     pub fn refresh_gauges(&self, storage_syncs: u64) {
+        if let Ok(stat) = rustix::fs::statvfs(&self.policy.scratch_dir) {
+            let free = stat.f_bavail.saturating_mul(stat.f_frsize);
+            self.metrics
+                .data_dir_free_bytes
+                .set(i64::try_from(free).unwrap_or(i64::MAX));
+        }
         let now_s = self.clock.now_s();
         for (status, count) in self.cache.count_by_status(now_s) {
             self.metrics

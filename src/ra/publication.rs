@@ -231,6 +231,10 @@ impl Ra {
                     },
                     Err(e) => {
                         tracing::error!(error = %e, "OCSP status lookup failed");
+                        self.metrics
+                            .ocsp_responses
+                            .with_label_values(&["error"])
+                            .inc();
                         return OcspAnswer::uncacheable(x509_ocsp_internal_error());
                     }
                 },
@@ -246,6 +250,10 @@ impl Ra {
             Ok(der) => der,
             Err(e) => {
                 tracing::error!(error = %e, "OCSP signing failed");
+                self.metrics
+                    .ocsp_responses
+                    .with_label_values(&["error"])
+                    .inc();
                 return OcspAnswer::uncacheable(x509_ocsp_internal_error());
             }
         };
