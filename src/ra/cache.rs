@@ -268,6 +268,18 @@ pub struct CertificateCache {
     /// about 40 bytes a certificate. A fingerprint collision (about 2^-64 a pair) only adds a
     /// candidate; [`CertificateCache::key_holders`] compares the whole key.
     keys: RwLock<HashMap<u64, KeyHolders>>,
+    /// Fingerprints of keys a certificate was revoked for keyCompromise with: such a key is
+    /// never certified again, however many certificates it had.
+    compromised: RwLock<std::collections::HashSet<u64>>,
+}
+
+/// What the one-key-one-device check needs to know of a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyStanding {
+    /// A certificate of the key was revoked for keyCompromise.
+    pub compromised: bool,
+    /// The newest live (valid or held, unexpired) certificate of the key, with its holder.
+    pub live_holder: Option<(Serial, CustomerId, DeviceId)>,
 }
 
 impl Default for CertificateCache {
@@ -276,6 +288,7 @@ impl Default for CertificateCache {
             shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
             hasher: RandomState::new(),
             keys: RwLock::default(),
+            compromised: RwLock::default(),
         }
     }
 }
@@ -286,7 +299,11 @@ impl CertificateCache {
         let cache = CertificateCache::default();
         let mut tables: Vec<Table> = (0..SHARDS).map(|_| Table::default()).collect();
         let mut keys: HashMap<u64, KeyHolders> = HashMap::new();
+        let mut compromised = std::collections::HashSet::new();
         store.for_each_certificate_summary(&mut |summary| {
+            if summary.revocation.map(|r| r.reason) == Some(RevocationReason::KeyCompromise) {
+                compromised.insert(cache.hasher.hash_one(summary.public_key));
+            }
             if let Some(slot) = SerialSlot::of(summary.serial.as_bytes()) {
                 let fingerprint = cache.hasher.hash_one(summary.public_key);
                 match keys.get_mut(&fingerprint) {
@@ -315,6 +332,7 @@ impl CertificateCache {
             *shard.write().unwrap_or_else(|p| p.into_inner()) = table;
         }
         *cache.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        *cache.compromised.write().unwrap_or_else(|p| p.into_inner()) = compromised;
         Ok(cache)
     }
 
@@ -387,11 +405,64 @@ impl CertificateCache {
 
     /// Sets (or clears, with `None`) the revocation of known serials.
     pub fn set_revocation(&self, serials: &[Serial], revocation: Option<Revocation>) {
+        let compromise = revocation.map(|r| r.reason) == Some(RevocationReason::KeyCompromise);
         for serial in serials {
             let (hash, shard) = self.locate(serial.as_bytes());
             if let Some(entry) = Self::write(shard).get_mut(hash, serial.as_bytes()) {
                 entry.set_revocation(revocation);
+                if compromise {
+                    let fingerprint = self.hasher.hash_one(entry.public_key());
+                    self.compromised
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(fingerprint);
+                }
             }
+        }
+    }
+
+    /// Where `public_key` stands for a new certificate: compromised or not, and its newest
+    /// live holder. Looks at the key's certificates newest first and stops at the first live
+    /// one (every live certificate of a key has one holder: Enroll and Renew see to it), so a
+    /// key enrolled many times costs no more than one lookup while its newest is live.
+    pub fn key_standing(&self, public_key: &[u8; 65], now_s: i64) -> KeyStanding {
+        let fingerprint = self.hasher.hash_one(public_key);
+        let compromised = self
+            .compromised
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&fingerprint);
+        let slots: Vec<SerialSlot> = match self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fingerprint)
+        {
+            Some(holders) => holders.slots().to_vec(),
+            None => Vec::new(),
+        };
+        let mut live_holder = None;
+        for slot in slots.iter().rev() {
+            let (hash, shard) = self.locate(slot.bytes());
+            let table = Self::read(shard);
+            let Some(entry) = table.get(hash, slot.bytes()) else {
+                continue;
+            };
+            let live = now_s < entry.not_after_s()
+                && entry
+                    .revocation()
+                    .is_none_or(|r| r.reason == RevocationReason::CertificateHold);
+            if live && entry.public_key() == public_key {
+                let view = entry.view();
+                if let Ok(serial) = Serial::from_bytes("serial", slot.bytes()) {
+                    live_holder = Some((serial, view.customer, view.device));
+                    break;
+                }
+            }
+        }
+        KeyStanding {
+            compromised,
+            live_holder,
         }
     }
 

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use super::cache::CertificateCache;
 use crate::error::{Error, Result};
-use crate::model::{CustomerId, DeviceId, RevocationReason};
+use crate::model::{CustomerId, DeviceId};
 
 /// Keys being certified right now, with their holder and how many requests claim them.
 #[derive(Default)]
@@ -60,17 +60,15 @@ impl KeysInFlight {
         now_s: i64,
     ) -> Result<KeyClaim> {
         let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
-        for (serial, holder) in cache.key_holders(key) {
-            let reason = holder.revocation.map(|r| r.reason);
-            if reason == Some(RevocationReason::KeyCompromise) {
-                tracing::warn!(holder = %serial, "refused to certify a key reported compromised");
-                return Err(Error::AlreadyExists(
-                    "this device key was reported compromised; generate a new key pair".into(),
-                ));
-            }
-            let live = now_s < holder.not_after_s
-                && reason.is_none_or(|r| r == RevocationReason::CertificateHold);
-            if live && (holder.customer != *customer || holder.device != *device) {
+        let standing = cache.key_standing(key, now_s);
+        if standing.compromised {
+            tracing::warn!(customer = %customer, "refused to certify a key reported compromised");
+            return Err(Error::AlreadyExists(
+                "this device key was reported compromised; generate a new key pair".into(),
+            ));
+        }
+        if let Some((serial, holder_customer, holder_device)) = standing.live_holder {
+            if holder_customer != *customer || holder_device != *device {
                 tracing::warn!(
                     holder = %serial,
                     customer = %customer,
