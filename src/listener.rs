@@ -300,10 +300,17 @@ struct IdleClock {
     timer: Pin<Box<Sleep>>,
     /// Ends the connection regardless of activity.
     lifetime: Option<Pin<Box<Sleep>>>,
-    /// HTTP/2 frames from the client and from the server.
+    /// Set by use since the timer last fired: the hot path only sets a flag, and the clock is
+    /// read when the timer fires (so a connection goes between one and two timeouts after its
+    /// last use).
+    used: bool,
+    /// HTTP/2 frames from the client.
     read_frames: FrameScanner,
-    written_frames: FrameScanner,
 }
+
+/// A server write this large is a response, not upkeep (a PING answer is 17 bytes, a
+/// WINDOW_UPDATE 13, a SETTINGS acknowledgement 9).
+const UPKEEP_WRITE_MAX: usize = 64;
 
 impl IdleClock {
     fn new(kind: ActivityKind, timeout: Duration, lifetime: Option<Duration>) -> IdleClock {
@@ -314,8 +321,8 @@ impl IdleClock {
             last_activity: now,
             timer: Box::pin(tokio::time::sleep_until(now + timeout)),
             lifetime: lifetime.map(|l| Box::pin(tokio::time::sleep_until(now + l))),
+            used: false,
             read_frames: FrameScanner::new(HTTP2_PREFACE_LEN),
-            written_frames: FrameScanner::new(0),
         }
     }
 
@@ -325,21 +332,16 @@ impl IdleClock {
             ActivityKind::Bytes => !bytes.is_empty(),
             ActivityKind::Http2Frames => self.read_frames.scan(bytes),
         };
-        if used {
-            self.last_activity = Instant::now();
-        }
+        self.used |= used;
     }
 
     /// Looks at bytes the server wrote: a response in progress (a server stream sending
     /// progress, a large download) is use of the connection too.
     fn wrote(&mut self, bytes: &[u8]) {
-        let used = match self.kind {
+        self.used |= match self.kind {
             ActivityKind::Bytes => !bytes.is_empty(),
-            ActivityKind::Http2Frames => self.written_frames.scan(bytes),
+            ActivityKind::Http2Frames => bytes.len() > UPKEEP_WRITE_MAX,
         };
-        if used {
-            self.last_activity = Instant::now();
-        }
     }
 
     /// `Ready` once the connection must end: idle past the timeout, or past its lifetime.
@@ -354,6 +356,9 @@ impl IdleClock {
         loop {
             match self.timer.as_mut().poll(cx) {
                 Poll::Ready(()) => {
+                    if std::mem::take(&mut self.used) {
+                        self.last_activity = Instant::now();
+                    }
                     let deadline = self.last_activity + self.timeout;
                     if deadline <= Instant::now() {
                         return Poll::Ready(());
@@ -665,48 +670,30 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn pings_do_not_count_as_activity_but_other_frames_do() {
         let mut clock = IdleClock::new(ActivityKind::Http2Frames, Duration::from_secs(10), None);
-        let start = clock.last_activity;
-        tokio::time::advance(Duration::from_secs(1)).await;
         clock.saw(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
-        assert_eq!(clock.last_activity, start, "the preface alone is not use");
-        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!clock.used, "the preface alone is not use");
         // A PING split across reads, with a payload that looks like a HEADERS frame header.
         let ping = frame(HTTP2_PING, &[0, 0, 5, 1, 0, 0, 0, 0]);
         clock.saw(&ping[..4]);
         clock.saw(&ping[4..]);
         clock.saw(&frame(0x4, &[])); // an empty SETTINGS
         clock.saw(&frame(0x8, &[0, 0, 1, 0])); // WINDOW_UPDATE
-        assert_eq!(
-            clock.last_activity, start,
-            "PING, SETTINGS and WINDOW_UPDATE are upkeep"
-        );
-        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!clock.used, "PING, SETTINGS and WINDOW_UPDATE are upkeep");
         let mut bytes = frame(0x1, &[0; 20]); // HEADERS
         bytes.extend(frame(0x0, &[1; 300])); // DATA
         clock.saw(&bytes);
-        assert_eq!(
-            clock.last_activity,
-            start + Duration::from_secs(3),
-            "HEADERS"
-        );
-        // A response the server writes (a stream sending progress) is use too; its PINGs not.
-        tokio::time::advance(Duration::from_secs(1)).await;
-        clock.wrote(&frame(HTTP2_PING, &[0; 8]));
-        assert_eq!(clock.last_activity, start + Duration::from_secs(3));
-        clock.wrote(&frame(0x0, &[5; 40]));
-        assert_eq!(
-            clock.last_activity,
-            start + Duration::from_secs(4),
-            "server DATA"
-        );
+        assert!(std::mem::take(&mut clock.used), "HEADERS");
         // Payload bytes alone are not a new frame.
-        tokio::time::advance(Duration::from_secs(1)).await;
         let partial = frame(0x0, &[1; 100]);
         clock.saw(&partial[..9]);
-        let at = clock.last_activity;
-        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(std::mem::take(&mut clock.used));
         clock.saw(&partial[9..]);
-        assert_eq!(clock.last_activity, at);
+        assert!(!clock.used, "payload");
+        // A response the server writes is use; its PINGs and window updates are not.
+        clock.wrote(&frame(HTTP2_PING, &[0; 8]));
+        assert!(!clock.used);
+        clock.wrote(&frame(0x0, &[5; 80]));
+        assert!(clock.used, "server DATA");
     }
 
     #[tokio::test(start_paused = true)]
@@ -717,10 +704,19 @@ mod tests {
         tokio::time::advance(Duration::from_secs(6)).await;
         assert!(clock.poll_expired(&mut cx).is_pending());
         clock.saw(b"x");
+        // The timer fires at 10 s, sees the use, and waits a whole timeout from then.
         tokio::time::advance(Duration::from_secs(6)).await;
-        assert!(clock.poll_expired(&mut cx).is_pending(), "activity at 6 s");
-        tokio::time::advance(Duration::from_secs(5)).await;
-        assert!(clock.poll_expired(&mut cx).is_ready(), "idle 11 s");
+        assert!(clock.poll_expired(&mut cx).is_pending(), "used at 6 s");
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(
+            clock.poll_expired(&mut cx).is_pending(),
+            "21 s: within the timeout of 12 s"
+        );
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert!(
+            clock.poll_expired(&mut cx).is_ready(),
+            "idle since 6 s, past 12 + 10 s"
+        );
 
         let mut old = IdleClock::new(
             ActivityKind::Bytes,
