@@ -467,7 +467,7 @@ pub fn grpc_incoming(
 ) -> impl Stream<Item = io::Result<AdmittedStream<TlsStream<TcpStream>>>> {
     let admission = Admission::new(limits, metrics);
     let handshakes = Arc::new(Semaphore::new(admission.limits.max_handshaking.max(1)));
-    let handshaking = Arc::new(AddressTable::default());
+    let turns = Arc::new(AddressTurns::default());
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     // Bounded: when tonic stops taking connections, the handshakes wait rather than pile up.
     let (done, ready) = tokio::sync::mpsc::channel(64);
@@ -475,30 +475,28 @@ pub fn grpc_incoming(
         loop {
             // When the server stops taking connections (shutdown drops the stream), the loop
             // ends and the listening socket closes with it.
-            let admitted = tokio::select! {
+            let (stream, peer, slots) = tokio::select! {
                 _ = done.closed() => return,
-                admitted = async {
-                    let turn = handshakes.clone().acquire_owned().await;
-                    (turn, admission.admit(&listener).await)
-                } => admitted,
-            };
-            let (Ok(handshake_turn), (stream, peer, slots)) = admitted else {
-                return;
-            };
-            let max = admission.limits.max_handshaking_per_address.max(1);
-            let Some(handshaking_slot) = handshaking.take(peer.ip(), max) else {
-                admission.refuse("handshake_per_address_limit");
-                continue;
+                admitted = admission.admit(&listener) => admitted,
             };
             let acceptor = acceptor.clone();
             let admission = admission.clone();
+            let handshakes = handshakes.clone();
+            let turns = turns.clone();
             let sender = done.clone();
             tokio::spawn(async move {
                 let limits = &admission.limits;
-                let handshake =
-                    tokio::time::timeout(limits.handshake_timeout, acceptor.accept(stream)).await;
-                drop(handshake_turn);
-                drop(handshaking_slot);
+                // The deadline runs from the accept: waiting for a turn counts. A connection
+                // first waits for one of its address's turns, then for a global one, so one
+                // address never holds more than its share of the global turns.
+                let handshake = tokio::time::timeout(limits.handshake_timeout, async {
+                    let _address_turn = turns
+                        .turn(peer.ip(), limits.max_handshaking_per_address.max(1))
+                        .await;
+                    let _turn = handshakes.acquire_owned().await;
+                    acceptor.accept(stream).await
+                })
+                .await;
                 let tls = match handshake {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
@@ -526,6 +524,57 @@ pub fn grpc_incoming(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(ready)
+}
+
+/// Handshake turns per address group: a connection waits for one of its address's turns.
+#[derive(Default)]
+struct AddressTurns {
+    turns: Mutex<HashMap<IpAddr, Arc<Semaphore>>>,
+}
+
+impl AddressTurns {
+    /// Waits for one of `address`'s `max` turns. The semaphore of an address nobody holds or
+    /// waits for is dropped, so the map holds only addresses with connections in handshake.
+    async fn turn(&self, address: IpAddr, max: usize) -> Option<AddressTurn<'_>> {
+        let address = address_group(address);
+        let semaphore = {
+            let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+            // Entries of waiters that timed out are left behind; sweep them now and then.
+            if turns.len() > 10_000 {
+                turns.retain(|_, semaphore| Arc::strong_count(semaphore) > 1);
+            }
+            turns
+                .entry(address)
+                .or_insert_with(|| Arc::new(Semaphore::new(max)))
+                .clone()
+        };
+        let permit = semaphore.clone().acquire_owned().await.ok()?;
+        Some(AddressTurn {
+            turns: self,
+            address,
+            _permit: Some(permit),
+            semaphore,
+        })
+    }
+}
+
+/// One address's handshake turn; given back when dropped.
+struct AddressTurn<'a> {
+    turns: &'a AddressTurns,
+    address: IpAddr,
+    _permit: Option<OwnedSemaphorePermit>,
+    semaphore: Arc<Semaphore>,
+}
+
+impl Drop for AddressTurn<'_> {
+    fn drop(&mut self) {
+        drop(self._permit.take());
+        let mut turns = self.turns.turns.lock().unwrap_or_else(|p| p.into_inner());
+        // Held by the map and by this turn only: nobody else holds or waits.
+        if Arc::strong_count(&self.semaphore) == 2 {
+            turns.remove(&self.address);
+        }
+    }
 }
 
 /// The HTTP listener's connections, for `axum::serve`.

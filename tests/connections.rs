@@ -233,23 +233,17 @@ async fn fail_one_address_cannot_hold_every_handshake_turn() {
         c.limits.handshake_timeout_s = 30;
     })
     .await;
-    let mut silent = vec![
-        connect_from("127.0.0.2", server.grpc_addr()).await,
-        connect_from("127.0.0.2", server.grpc_addr()).await,
-    ];
-    let mut third = connect_from("127.0.0.2", server.grpc_addr()).await;
-    assert!(
-        closed_by_server(&mut third, PATIENCE).await,
-        "a third handshake from one address is refused at once"
-    );
+    // As many silent sockets from one address as there are turns in all: only two of them
+    // get a turn, the others wait for their address's turns.
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(connect_from("127.0.0.2", server.grpc_addr()).await);
+    }
     // Two turns are left for everyone else: an honest client is served at once, long before
     // the silent ones' 30 s deadline.
-    assert!(health_check(&server).await);
-    let refused = metric(
-        &server,
-        "payra_connections_refused_total{listener=\"grpc\",reason=\"handshake_per_address_limit\"}",
-    )
-    .await;
-    assert_eq!(refused, 1.0);
+    assert!(
+        health_check(&server).await,
+        "one address held every handshake turn"
+    );
     silent.clear();
 }
