@@ -1724,13 +1724,24 @@ fn status_message(status: tonic::Status) -> String {
 }
 
 async fn connect(connection: &Connection, credential: Credential) -> Result<Client, String> {
-    Client::connect(
-        &connection.server,
-        &connection.certs.join("root.pem"),
-        &credential,
-    )
-    .await
-    .map_err(|e| e.to_string())
+    let root = connection.certs.join("root.pem");
+    if !root.exists() {
+        return Err(format!(
+            "{} not found: --certs (or PAYRA_CERTS) must name the directory `payra init` wrote, \
+             holding root.pem and the role credentials",
+            root.display()
+        ));
+    }
+    Client::connect(&connection.server, &root, &credential)
+        .await
+        .map_err(|e| {
+            format!(
+                "{e}. Is payra running and listening there? Check --server (or PAYRA_SERVER; \
+                 default https://localhost:8443) and that the server's certificate chains to \
+                 {}",
+                root.display()
+            )
+        })
 }
 
 /// The configuration `serve` would run with: defaults, then the file, then environment and

@@ -603,3 +603,41 @@ fn ok_completions_and_man_pages_come_from_the_cli_definitions() {
     assert!(dir.path().join("payra.1").exists());
     assert!(dir.path().join("payra-device-renew.1").exists());
 }
+
+#[test]
+fn fail_connection_errors_name_the_cause_and_the_next_step() {
+    // No PKI where --certs points.
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, _, stderr) = payra(&[
+        "certs",
+        "list",
+        "--certs",
+        path_str(&dir.path().join("nowhere")),
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("root.pem not found") && stderr.contains("payra init"),
+        "{stderr}"
+    );
+    // A PKI, but nothing listening.
+    let certs = dir.path().join("certs");
+    payra::ca::init_dev_pki(&certs, false).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (ok, _, stderr) = payra(&[
+        "certs",
+        "list",
+        "--certs",
+        path_str(&certs),
+        "--server",
+        &format!("https://localhost:{port}"),
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("Is payra running") && stderr.contains("--server"),
+        "{stderr}"
+    );
+}
