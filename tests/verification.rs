@@ -105,6 +105,19 @@ async fn verify(
         .into_inner()
 }
 
+async fn set_agreed_limit(server: &TestServer, customer: &str, daily_limit_fen: i64) {
+    server
+        .operator()
+        .await
+        .admin()
+        .set_agreed_limit(proto::SetAgreedLimitRequest {
+            customer_id: customer.into(),
+            daily_limit_fen,
+        })
+        .await
+        .unwrap();
+}
+
 fn verdict(response: &proto::VerifyPaymentResponse) -> Verdict {
     Verdict::try_from(response.verdict).unwrap()
 }
@@ -549,16 +562,7 @@ async fn ok_day_rollover_resets_used_and_release_gives_back() {
 async fn ok_agreed_limit_and_qualify_tiers() {
     let mut server = TestServer::start().await;
     let p = phone(&server, "hana", "h-1").await;
-    server
-        .operator()
-        .await
-        .admin()
-        .set_agreed_limit(proto::SetAgreedLimitRequest {
-            customer_id: "hana".into(),
-            daily_limit_fen: 2_000_000,
-        })
-        .await
-        .unwrap();
+    set_agreed_limit(&server, "hana", 2_000_000).await;
     let i = intent(&server, &p, "o-1", 100);
     let a = verify(&server, request(&p, &i, vec![pin()], false)).await;
     assert_eq!(a.tier, proto::Tier::A as i32);
@@ -767,16 +771,7 @@ async fn fail_weaker_verifications_never_add_to_the_days_envelope() {
 
     // A certificate-backed payment counts against the agreed limit, with the day's weaker
     // payments in it, and takes nothing from B/C/D.
-    server
-        .operator()
-        .await
-        .admin()
-        .set_agreed_limit(proto::SetAgreedLimitRequest {
-            customer_id: "nora".into(),
-            daily_limit_fen: 600_000,
-        })
-        .await
-        .unwrap();
+    set_agreed_limit(&server, "nora", 600_000).await;
     let p = phone(&server, "nora", "n-1").await;
     let i = intent(&server, &p, "a-1", 100_001);
     let a = verify(&server, request(&p, &i, vec![pin()], true)).await;
