@@ -44,6 +44,105 @@ pub struct Config {
     pub ledger: LedgerConfig,
     pub retention: RetentionConfig,
     pub audit: AuditConfig,
+    pub store: StoreConfig,
+}
+
+/// Which database holds payra's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// The embedded database in `data_dir`: one payra process.
+    #[default]
+    Sled,
+    /// A PostgreSQL database shared by any number of payra processes.
+    Postgres,
+}
+
+/// Where payra keeps its state (`[store]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    pub backend: Backend,
+    /// PostgreSQL connection URL, `postgres://user@host:port/database?sslmode=require`,
+    /// without a password (it comes from `password_file` or the environment).
+    pub url: Option<String>,
+    /// File holding the database password (mode 0600). Unset, the environment variable named
+    /// by `password_env` is used, if it is set.
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the database password.
+    pub password_env: String,
+    /// Connections each payra process keeps to the database, at most.
+    pub pool_size: usize,
+    /// PEM file of the certificate authorities that sign the database server's certificate.
+    /// Set, connections use TLS as the URL's `sslmode` says (`require` refuses plain ones);
+    /// unset, they are plain and an `sslmode=require` URL is refused.
+    pub ca_file: Option<PathBuf>,
+    /// Seconds to wait for a connection (and for a pooled one to come free) before a request
+    /// is answered UNAVAILABLE.
+    pub connect_timeout_s: u32,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            backend: Backend::Sled,
+            url: None,
+            password_file: None,
+            password_env: "PAYRA_DB_PASSWORD".into(),
+            pool_size: 16,
+            ca_file: None,
+            connect_timeout_s: 5,
+        }
+    }
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<()> {
+        if self.backend != Backend::Postgres {
+            return Ok(());
+        }
+        let Some(url) = &self.url else {
+            return Err(Error::invalid(
+                "store.url",
+                "is required with backend = \"postgres\" \
+                 (postgres://user@host:port/database)",
+            ));
+        };
+        let parsed: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| Error::invalid("store.url", format!("is not a PostgreSQL URL: {e}")))?;
+        if parsed.get_password().is_some() {
+            return Err(Error::invalid(
+                "store.url",
+                format!(
+                    "must not carry the password: put it in store.password_file or ${}",
+                    self.password_env
+                ),
+            ));
+        }
+        if parsed.get_ssl_mode() == tokio_postgres::config::SslMode::Require
+            && self.ca_file.is_none()
+        {
+            return Err(Error::invalid(
+                "store.ca_file",
+                "is required with sslmode=require: the PEM file of the CA that signed the \
+                 database server's certificate",
+            ));
+        }
+        if self.pool_size == 0 || self.pool_size > 1024 {
+            return Err(Error::invalid(
+                "store.pool_size",
+                "must be between 1 and 1024",
+            ));
+        }
+        if self.connect_timeout_s == 0 {
+            return Err(Error::invalid(
+                "store.connect_timeout_s",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// The audit chains.
@@ -286,6 +385,7 @@ impl Default for Config {
             ledger: LedgerConfig::default(),
             retention: RetentionConfig::default(),
             audit: AuditConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -399,6 +499,7 @@ impl Config {
 
     /// Checks the rules no type expresses.
     pub fn validate(&self) -> Result<()> {
+        self.store.validate()?;
         if self.issuance.validity_days == 0 || self.issuance.validity_days > 3650 {
             return Err(Error::invalid(
                 "issuance.validity_days",

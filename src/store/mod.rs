@@ -11,6 +11,7 @@ pub mod data_dir;
 pub mod decision_log;
 mod group_commit;
 mod issuance_journal;
+pub mod postgres;
 pub mod read_only;
 mod records;
 mod sled_backend;
@@ -18,6 +19,7 @@ mod sled_backend;
 pub use audit::{Actor, AuditCheck, AuditEntry, AuditEvent, ChainHead};
 pub use decision_log::{Books, DecisionLog, ForgottenDays, LedgerCheckpoint, LogRecord};
 pub use group_commit::GroupCommit;
+pub use postgres::PgStore;
 pub use records::{
     CertificateRecord, CertificateSummary, ClientCertificateRecord, EvidenceRecord, Revocation,
     RevokedEntry, TokenHash, TokenRecord, RECORD_VERSION,
@@ -27,6 +29,11 @@ pub use sled_backend::SledStore;
 /// Hands each (record number, frame) of the decision log to its argument, in order (for
 /// backups).
 pub type FrameSource<'a> = dyn FnMut(&mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> + 'a;
+
+/// The day in a ledger key: customer \0 day \0 tier, the day is the second field.
+pub(crate) fn ledger_day(key: &[u8]) -> &[u8] {
+    key.split(|b| *b == 0).nth(1).unwrap_or_default()
+}
 
 /// The key of a ledger bucket: customer, day and tier.
 pub fn ledger_key(customer: &CustomerId, day: &str, tier: Tier) -> Vec<u8> {
@@ -60,6 +67,22 @@ pub enum TokenRejection {
     Unknown,
     Expired { expired_at_s: i64 },
     AlreadyUsed { used_at_s: i64 },
+}
+
+/// `token` if it can enroll a device at `now_s`: unused and unexpired.
+pub(crate) fn token_usable(
+    token: TokenRecord,
+    now_s: i64,
+) -> std::result::Result<TokenRecord, TokenRejection> {
+    if let Some(used_at_s) = token.used_at_s {
+        return Err(TokenRejection::AlreadyUsed { used_at_s });
+    }
+    if now_s >= token.expires_at_s {
+        return Err(TokenRejection::Expired {
+            expired_at_s: token.expires_at_s,
+        });
+    }
+    Ok(token)
 }
 
 /// The outcome of [`Store::issue_with_token`].
@@ -345,6 +368,17 @@ pub trait Store: Send + Sync {
     /// Takes the next CRL number: strictly greater than every number taken before, across
     /// restarts, and at least `at_least`. Durable on return.
     fn next_crl_number(&self, at_least: u64) -> Result<u64>;
+
+    /// Storage syncs this process made since the store opened, for the metrics (0 where the
+    /// database server makes them).
+    fn syncs(&self) -> u64 {
+        0
+    }
+
+    /// Makes everything durable and lets the storage go; nothing may be written after.
+    fn close(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -941,16 +941,7 @@ fn token_usable(
     let Some(bytes) = stored else {
         return Ok(Err(TokenRejection::Unknown));
     };
-    let token: TokenRecord = decode(bytes)?;
-    if let Some(used_at_s) = token.used_at_s {
-        return Ok(Err(TokenRejection::AlreadyUsed { used_at_s }));
-    }
-    if now_s >= token.expires_at_s {
-        return Ok(Err(TokenRejection::Expired {
-            expired_at_s: token.expires_at_s,
-        }));
-    }
-    Ok(Ok(token))
+    Ok(super::token_usable(decode(bytes)?, now_s))
 }
 
 impl Store for SledStore {
@@ -1526,6 +1517,14 @@ impl Store for SledStore {
         })
     }
 
+    fn syncs(&self) -> u64 {
+        SledStore::syncs(self)
+    }
+
+    fn close(&self) -> Result<()> {
+        SledStore::close(self)
+    }
+
     fn next_crl_number(&self, at_least: u64) -> Result<u64> {
         let writing = self.writing();
         let updated = self.meta.update_and_fetch(CRL_NUMBER_KEY, |old| {
@@ -1614,10 +1613,7 @@ fn append_audit(
     Ok(())
 }
 
-/// The day in a ledger key: customer \0 day \0 tier, the day is the second field.
-fn ledger_day(key: &[u8]) -> &[u8] {
-    key.split(|b| *b == 0).nth(1).unwrap_or_default()
-}
+use super::ledger_day;
 
 fn read_i64(bytes: Option<sled::IVec>) -> i64 {
     bytes

@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# A throwaway PostgreSQL cluster for payra's PostgreSQL tests, on a free loopback port.
+#
+#   eval "$(scripts/test-postgres.sh start)"   # prints the variables the tests read
+#   cargo test
+#   scripts/test-postgres.sh stop              # stops it and deletes its directory
+#
+# Needs Debian's `postgresql` package (initdb, pg_ctl). Run as root, the cluster runs as the
+# `postgres` user. Password authentication (SCRAM) on 127.0.0.1 only.
+set -euo pipefail
+
+state=${PAYRA_TEST_POSTGRES_DIR:-${TMPDIR:-/tmp}/payra-test-postgres}
+
+bin_dir() {
+    if command -v pg_ctl >/dev/null 2>&1 && command -v initdb >/dev/null 2>&1; then
+        dirname "$(command -v pg_ctl)"
+        return
+    fi
+    local dir
+    dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
+    if [ -z "$dir" ]; then
+        echo "PostgreSQL's server programs (initdb, pg_ctl) are not installed: apt-get install postgresql" >&2
+        exit 1
+    fi
+    echo "$dir"
+}
+
+as_owner() {
+    if [ "$(id -u)" = 0 ]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+start() {
+    local bin port password
+    bin=$(bin_dir)
+    if [ -f "$state/env" ]; then
+        stop >/dev/null 2>&1 || true
+    fi
+    rm -rf "$state"
+    mkdir -p "$state"
+    password=$(head -c 18 /dev/urandom | base64 | tr -d '/+=')
+    printf '%s\n' "$password" >"$state/pwfile"
+    if [ "$(id -u)" = 0 ]; then
+        chown -R postgres: "$state"
+    fi
+    chmod 700 "$state"
+    as_owner "$bin/initdb" -D "$state/data" -U postgres --pwfile="$state/pwfile" \
+        --auth-host=scram-sha-256 --auth-local=trust -E UTF8 --no-instructions >"$state/initdb.log"
+    for attempt in 1 2 3 4 5; do
+        port=$(free_port)
+        if as_owner "$bin/pg_ctl" -D "$state/data" -l "$state/server.log" -w -t 60 start \
+            -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$state \
+                -c max_connections=400 -c shared_buffers=128MB" >/dev/null; then
+            break
+        fi
+        port=
+    done
+    if [ -z "$port" ]; then
+        echo "PostgreSQL did not start; see $state/server.log" >&2
+        exit 1
+    fi
+    {
+        echo "export PAYRA_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:$port/postgres"
+        echo "export PAYRA_TEST_POSTGRES_PASSWORD=$password"
+        echo "export PAYRA_TEST_POSTGRES_BIN=$bin"
+        echo "export PAYRA_TEST_POSTGRES_DATA=$state/data"
+    } >"$state/env"
+    cat "$state/env"
+}
+
+stop() {
+    local bin
+    bin=$(bin_dir)
+    if [ -d "$state/data" ]; then
+        as_owner "$bin/pg_ctl" -D "$state/data" -m immediate -w stop >/dev/null 2>&1 || true
+    fi
+    rm -rf "$state"
+}
+
+case "${1:-}" in
+start) start ;;
+stop) stop ;;
+*)
+    echo "usage: $0 start|stop" >&2
+    exit 2
+    ;;
+esac

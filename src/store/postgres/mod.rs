@@ -1,0 +1,1376 @@
+//! The PostgreSQL backend of [`Store`]: one database shared by any number of payra processes.
+//!
+//! Every method runs one transaction and returns once PostgreSQL has committed it (with
+//! `synchronous_commit` on, which [`PgStore::connect`] checks: committed means in the WAL on
+//! disk). Rows that a change depends on are locked with `SELECT ... FOR UPDATE`, in serial
+//! order, and every audited change locks the audit chain's head row last; so concurrent
+//! changes from any number of processes serialise where they must and cannot deadlock.
+//!
+//! The store's methods are synchronous (the RA calls them off the async executor). The
+//! connections live on a small runtime of the store's own; a call hands its transaction to
+//! that runtime and waits for the answer, so it works from any thread, inside another
+//! runtime or not.
+
+mod migrations;
+#[doc(hidden)]
+pub mod testing;
+
+pub use migrations::{SchemaState, SCHEMA_VERSION};
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::Transaction;
+
+use super::audit::{chain_hash, AuditBody, AuditEntry, AuditEvent, ChainHead, GENESIS_HASH};
+use super::records::{
+    CertificateRecord, CertificateSummary, ClientCertificateRecord, Revocation, RevokedEntry,
+    TokenHash, TokenRecord,
+};
+use super::{
+    FrameSource, IssueOutcome, IssueReceiver, LedgerCheckpoint, OnIssued, RevokeRejection, Store,
+    TokenRejection,
+};
+use crate::config::StoreConfig;
+use crate::error::{Error, Result};
+use crate::model::{CustomerId, DeviceId, RevocationReason, Serial};
+
+/// [`Store`] on a PostgreSQL database.
+pub struct PgStore {
+    pool: Pool,
+    /// Runs the connections and the transactions; shut down (in the background) on drop.
+    runtime: Option<tokio::runtime::Runtime>,
+    handle: tokio::runtime::Handle,
+    /// Held by this process's audited writes from before their commit until the caller's
+    /// follow-up ([`OnIssued`]) ran: a certificate reaches the RA's memory before any later
+    /// change to it made through this process does.
+    write_turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for PgStore {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// The database password: from `password_file` (not readable by group or others), else from
+/// the environment variable `password_env`, else none.
+fn password(config: &StoreConfig) -> Result<Option<String>> {
+    if let Some(path) = &config.password_file {
+        let text = crate::ca::pki::read_private_key(path)?;
+        return Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()));
+    }
+    Ok(std::env::var(&config.password_env).ok())
+}
+
+/// The rustls client configuration that trusts the certificate authorities in `ca_file`.
+fn tls_config(ca_file: &std::path::Path) -> Result<rustls::ClientConfig> {
+    let text = std::fs::read_to_string(ca_file).map_err(|e| {
+        Error::FailedPrecondition(format!("store.ca_file {}: {e}", ca_file.display()))
+    })?;
+    let mut roots = rustls::RootCertStore::empty();
+    let mut found = 0;
+    for block in pem::parse_many(&text).map_err(|e| {
+        Error::FailedPrecondition(format!("store.ca_file {}: {e}", ca_file.display()))
+    })? {
+        if block.tag() == "CERTIFICATE" {
+            roots
+                .add(rustls_pki_types::CertificateDer::from(
+                    block.into_contents(),
+                ))
+                .map_err(|e| {
+                    Error::FailedPrecondition(format!(
+                        "store.ca_file {}: a certificate is not usable as a trust anchor: {e}",
+                        ca_file.display()
+                    ))
+                })?;
+            found += 1;
+        }
+    }
+    if found == 0 {
+        return Err(Error::FailedPrecondition(format!(
+            "store.ca_file {} holds no PEM certificate",
+            ca_file.display()
+        )));
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::internal(format!("TLS to the database: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Turns a database error into ours: a lost or refused connection, a database shutting down
+/// or starting, a timeout are `Unavailable` (the caller may retry, here or on another
+/// replica); anything else is a fault inside payra.
+fn db_error(e: tokio_postgres::Error) -> Error {
+    use tokio_postgres::error::SqlState;
+    let unavailable = e.is_closed()
+        || e.code().is_none_or(|code| {
+            code.code().starts_with("08")
+                || *code == SqlState::ADMIN_SHUTDOWN
+                || *code == SqlState::CRASH_SHUTDOWN
+                || *code == SqlState::CANNOT_CONNECT_NOW
+                || *code == SqlState::READ_ONLY_SQL_TRANSACTION
+                || *code == SqlState::QUERY_CANCELED
+                || *code == SqlState::T_R_SERIALIZATION_FAILURE
+                || *code == SqlState::T_R_DEADLOCK_DETECTED
+                || *code == SqlState::TOO_MANY_CONNECTIONS
+        });
+    if unavailable {
+        Error::Unavailable(format!("the database is unavailable: {e}"))
+    } else {
+        Error::internal(format!("database: {e}"))
+    }
+}
+
+fn pool_error(e: deadpool_postgres::PoolError) -> Error {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => db_error(e),
+        other => Error::Unavailable(format!("the database is unavailable: {other}")),
+    }
+}
+
+fn decode_json<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> Result<T> {
+    serde_json::from_value(value).map_err(|e| Error::internal(format!("decoding record: {e}")))
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(value).map_err(|e| Error::internal(format!("encoding record: {e}")))
+}
+
+fn serial_of(bytes: &[u8]) -> Result<Serial> {
+    Serial::from_bytes("serial", bytes)
+        .map_err(|e| Error::internal(format!("a stored serial is malformed: {e}")))
+}
+
+fn to_i64(value: u64, what: &str) -> Result<i64> {
+    i64::try_from(value).map_err(|_| Error::internal(format!("{what} {value} is out of range")))
+}
+
+fn limit(count: usize) -> i64 {
+    i64::try_from(count).unwrap_or(i64::MAX)
+}
+
+/// Appends `event` to the audit chain: locks the head row, links the entry to it and moves
+/// it. Called last in a transaction (the head is the last lock every writer takes).
+async fn append_audit(tx: &Transaction<'_>, event: &AuditEvent) -> Result<ChainHead> {
+    let row = tx
+        .query_one(
+            "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(db_error)?;
+    let seq: i64 = row.get(0);
+    let hash: Vec<u8> = row.get(1);
+    let body = AuditBody {
+        version: 1,
+        seq: u64::try_from(seq).map_err(|_| Error::internal("negative audit sequence"))? + 1,
+        prev_hash: hex::encode(&hash),
+        event: event.clone(),
+    };
+    let new_hash = chain_hash(&hash, &body);
+    let entry = AuditEntry {
+        body,
+        hash: hex::encode(new_hash),
+    };
+    tx.execute(
+        "INSERT INTO audit (seq, entry) VALUES ($1, $2)",
+        &[&(seq + 1), &json(&entry)?],
+    )
+    .await
+    .map_err(db_error)?;
+    tx.execute(
+        "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
+        &[&(seq + 1), &new_hash.as_slice()],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(ChainHead {
+        seq: entry.body.seq,
+        hash: new_hash,
+    })
+}
+
+/// Stores a certificate record with its summary. `insert` fails on an existing serial
+/// (reported as `false`); otherwise the row is replaced.
+async fn put_certificate(
+    tx: &Transaction<'_>,
+    record: &CertificateRecord,
+    insert: bool,
+) -> Result<bool> {
+    let summary = CertificateSummary::of(record)?.encode();
+    let sql = if insert {
+        "INSERT INTO certificates (serial, customer_id, device_id, not_after_s, summary, record) \
+         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (serial) DO NOTHING"
+    } else {
+        "UPDATE certificates SET customer_id = $2, device_id = $3, not_after_s = $4, \
+         summary = $5, record = $6 WHERE serial = $1"
+    };
+    let rows = tx
+        .execute(
+            sql,
+            &[
+                &record.serial.as_bytes(),
+                &record.customer_id.as_str(),
+                &record.device_id.as_str(),
+                &record.not_after_s,
+                &summary,
+                &json(record)?,
+            ],
+        )
+        .await
+        .map_err(db_error)?;
+    Ok(rows == 1)
+}
+
+/// Puts `record`'s revocation on the CRL's list (or takes it off when it has none).
+async fn put_revoked(tx: &Transaction<'_>, record: &CertificateRecord) -> Result<()> {
+    match record.revocation {
+        Some(revocation) => {
+            let entry = RevokedEntry {
+                serial: record.serial.clone(),
+                revocation,
+                not_after_s: record.not_after_s,
+            };
+            tx.execute(
+                "INSERT INTO revoked (serial, entry) VALUES ($1, $2) \
+                 ON CONFLICT (serial) DO UPDATE SET entry = EXCLUDED.entry",
+                &[&record.serial.as_bytes(), &json(&entry)?],
+            )
+            .await
+        }
+        None => {
+            tx.execute(
+                "DELETE FROM revoked WHERE serial = $1",
+                &[&record.serial.as_bytes()],
+            )
+            .await
+        }
+    }
+    .map_err(db_error)?;
+    Ok(())
+}
+
+/// The certificate records with `serials`, locked for update, in serial order.
+async fn lock_certificates(
+    tx: &Transaction<'_>,
+    serials: &[&[u8]],
+) -> Result<std::collections::HashMap<Vec<u8>, CertificateRecord>> {
+    let rows = tx
+        .query(
+            "SELECT serial, record FROM certificates WHERE serial = ANY($1) \
+             ORDER BY serial FOR UPDATE",
+            &[&serials],
+        )
+        .await
+        .map_err(db_error)?;
+    rows.into_iter()
+        .map(|row| {
+            let serial: Vec<u8> = row.get(0);
+            let record: serde_json::Value = row.get(1);
+            Ok((serial, decode_json(record)?))
+        })
+        .collect()
+}
+
+/// One enrollment (or a new token): what [`PgStore::commit_issue`] writes.
+enum IssueWork {
+    Enroll {
+        hash: TokenHash,
+        now_s: i64,
+        certificate: Box<CertificateRecord>,
+    },
+    Token {
+        hash: TokenHash,
+        token: TokenRecord,
+    },
+}
+
+impl PgStore {
+    /// Connects to the configured database and checks that its schema is this payra's and
+    /// that it commits durably. An unmigrated or newer schema is refused with the command
+    /// to run.
+    pub fn connect(config: &StoreConfig) -> Result<PgStore> {
+        let store = PgStore::open_pool(config)?;
+        let state = store.schema_state()?;
+        state.require_current()?;
+        store.check_durability()?;
+        Ok(store)
+    }
+
+    /// Opens the pool without checking the schema (for `payra db migrate`).
+    fn open_pool(config: &StoreConfig) -> Result<PgStore> {
+        let url = config
+            .url
+            .as_deref()
+            .ok_or_else(|| Error::invalid("store.url", "is not set"))?;
+        let mut pg: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| Error::invalid("store.url", format!("is not a PostgreSQL URL: {e}")))?;
+        if let Some(password) = password(config)? {
+            pg.password(password);
+        }
+        let timeout = Duration::from_secs(u64::from(config.connect_timeout_s));
+        pg.connect_timeout(timeout);
+        pg.application_name("payra");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("payra-db")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::internal(format!("starting the database runtime: {e}")))?;
+        let handle = runtime.handle().clone();
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &config.ca_file {
+            Some(ca_file) => Manager::from_config(
+                pg,
+                tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(ca_file)?),
+                manager_config,
+            ),
+            None => Manager::from_config(pg, tokio_postgres::NoTls, manager_config),
+        };
+        let pool = {
+            let _entered = runtime.enter();
+            Pool::builder(manager)
+                .max_size(config.pool_size)
+                .runtime(deadpool_postgres::Runtime::Tokio1)
+                .wait_timeout(Some(timeout))
+                .create_timeout(Some(timeout))
+                .recycle_timeout(Some(timeout))
+                .build()
+                .map_err(|e| Error::internal(format!("database pool: {e}")))?
+        };
+        Ok(PgStore {
+            pool,
+            runtime: Some(runtime),
+            handle,
+            write_turn: Arc::new(tokio::sync::Mutex::new(())),
+        })
+    }
+
+    /// Runs `work` on the store's runtime and waits for its answer on this thread.
+    fn block<T, F>(&self, work: F) -> Result<T>
+    where
+        F: Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.handle.spawn(async move {
+            let _ = tx.send(work.await);
+        });
+        rx.recv()
+            .map_err(|_| Error::Unavailable("the database runtime has stopped".into()))?
+    }
+
+    /// Runs `work` inside one transaction on a pooled connection, committing if it returns
+    /// `Ok(Ok(_))` and rolling back otherwise.
+    fn transaction<T, F>(&self, work: F) -> Result<T>
+    where
+        F: for<'t> FnOnce(
+                &'t Transaction<'t>,
+            ) -> std::pin::Pin<
+                Box<dyn Future<Output = Result<Committed<T>>> + Send + 't>,
+            > + Send
+            + 'static,
+        T: Send + 'static,
+    {
+        let pool = self.pool.clone();
+        let turn = self.write_turn.clone();
+        self.block(async move {
+            let _turn = turn.lock().await;
+            in_transaction(&pool, work).await
+        })
+    }
+
+    /// Reads with one statement on a pooled connection.
+    fn read<T, F>(&self, work: F) -> Result<T>
+    where
+        F: for<'c> FnOnce(
+                &'c deadpool_postgres::Client,
+            )
+                -> std::pin::Pin<Box<dyn Future<Output = Result<T>> + Send + 'c>>
+            + Send
+            + 'static,
+        T: Send + 'static,
+    {
+        let pool = self.pool.clone();
+        self.block(async move {
+            let client = pool.get().await.map_err(pool_error)?;
+            work(&client).await
+        })
+    }
+
+    /// Where the database's schema stands against this payra's.
+    pub fn schema_state(&self) -> Result<SchemaState> {
+        self.read(|client| Box::pin(migrations::state(client)))
+    }
+
+    /// Refuses a database that may acknowledge a commit before it is on disk.
+    fn check_durability(&self) -> Result<()> {
+        let (fsync, synchronous_commit) = self.read(|client| {
+            Box::pin(async move {
+                let fsync: String = client
+                    .query_one("SHOW fsync", &[])
+                    .await
+                    .map_err(db_error)?
+                    .get(0);
+                let commit: String = client
+                    .query_one("SHOW synchronous_commit", &[])
+                    .await
+                    .map_err(db_error)?
+                    .get(0);
+                Ok((fsync, commit))
+            })
+        })?;
+        if fsync != "on" {
+            return Err(Error::FailedPrecondition(
+                "the database runs with fsync = off: a crash could lose changes payra \
+                 acknowledged; turn fsync on"
+                    .into(),
+            ));
+        }
+        if synchronous_commit == "off" {
+            return Err(Error::FailedPrecondition(
+                "the database runs with synchronous_commit = off: a crash could lose \
+                 changes payra acknowledged; set it to on (or remote_apply with a standby)"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Applies every migration the database lacks (see [`migrations`]); safe to run again
+    /// and from several processes at once. Returns the versions applied.
+    pub fn migrate(config: &StoreConfig) -> Result<Vec<u32>> {
+        let store = PgStore::open_pool(config)?;
+        let pool = store.pool.clone();
+        store.block(async move {
+            let mut client = pool.get().await.map_err(pool_error)?;
+            migrations::migrate(&mut client).await
+        })
+    }
+
+    /// Where the configured database's schema stands, without refusing anything.
+    pub fn inspect(config: &StoreConfig) -> Result<SchemaState> {
+        PgStore::open_pool(config)?.schema_state()
+    }
+
+    /// Commits one enrollment or new token, in its own transaction.
+    async fn commit_issue(
+        pool: Pool,
+        turn: Arc<tokio::sync::Mutex<()>>,
+        work: IssueWork,
+        audit: AuditEvent,
+        on_issued: Option<OnIssued>,
+    ) -> Result<IssueOutcome> {
+        let _turn = turn.lock().await;
+        let outcome = in_transaction(&pool, move |tx| {
+            Box::pin(async move {
+                match work {
+                    IssueWork::Token { hash, token } => {
+                        tx.execute(
+                            "INSERT INTO tokens (hash, expires_at_s, record) VALUES ($1, $2, $3)",
+                            &[&hash.0.as_slice(), &token.expires_at_s, &json(&token)?],
+                        )
+                        .await
+                        .map_err(db_error)?;
+                        append_audit(tx, &audit).await?;
+                        Ok(Committed::Yes(IssueOutcome::Issued))
+                    }
+                    IssueWork::Enroll {
+                        hash,
+                        now_s,
+                        certificate,
+                    } => {
+                        let row = tx
+                            .query_opt(
+                                "SELECT record FROM tokens WHERE hash = $1 FOR UPDATE",
+                                &[&hash.0.as_slice()],
+                            )
+                            .await
+                            .map_err(db_error)?;
+                        let Some(row) = row else {
+                            return Ok(Committed::No(IssueOutcome::TokenRejected(
+                                TokenRejection::Unknown,
+                            )));
+                        };
+                        let token: TokenRecord = decode_json(row.get(0))?;
+                        let mut token = match super::token_usable(token, now_s) {
+                            Ok(token) => token,
+                            Err(why) => return Ok(Committed::No(IssueOutcome::TokenRejected(why))),
+                        };
+                        if !put_certificate(tx, &certificate, true).await? {
+                            return Ok(Committed::No(IssueOutcome::SerialTaken));
+                        }
+                        token.used_at_s = Some(now_s);
+                        token.used_for_serial = Some(certificate.serial.clone());
+                        tx.execute(
+                            "UPDATE tokens SET record = $2 WHERE hash = $1",
+                            &[&hash.0.as_slice(), &json(&token)?],
+                        )
+                        .await
+                        .map_err(db_error)?;
+                        append_audit(tx, &audit).await?;
+                        Ok(Committed::Yes(IssueOutcome::Issued))
+                    }
+                }
+            })
+        })
+        .await?;
+        if outcome == IssueOutcome::Issued {
+            if let Some(on_issued) = on_issued {
+                on_issued();
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Runs [`PgStore::commit_issue`] on the store's runtime; the receiver gets the outcome.
+    fn issue_async(
+        &self,
+        work: IssueWork,
+        audit: &AuditEvent,
+        on_issued: Option<OnIssued>,
+    ) -> IssueReceiver {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (pool, turn, audit) = (self.pool.clone(), self.write_turn.clone(), audit.clone());
+        self.handle.spawn(async move {
+            let _ = tx.send(PgStore::commit_issue(pool, turn, work, audit, on_issued).await);
+        });
+        rx
+    }
+
+    /// Deletes what `select` picks (a `SELECT key ... LIMIT $n` over `table`'s `column`)
+    /// with one audit entry saying how many; returns the keys deleted.
+    fn purge(
+        &self,
+        sql: &'static str,
+        params: PurgeParams,
+        audit: &AuditEvent,
+        outcome: impl FnOnce(usize) -> String + Send + 'static,
+    ) -> Result<Vec<Vec<u8>>> {
+        let audit = audit.clone();
+        self.transaction(move |tx| {
+            Box::pin(async move {
+                let rows = match &params {
+                    PurgeParams::Bytes(a, b, n) => tx.query(sql, &[a as &Param, b, n]).await,
+                    PurgeParams::Numbers(a, b, n) => tx.query(sql, &[a as &Param, b, n]).await,
+                    PurgeParams::Number(a, n) => tx.query(sql, &[a as &Param, n]).await,
+                }
+                .map_err(db_error)?;
+                let keys: Vec<Vec<u8>> = rows.iter().map(|row| row.get(0)).collect();
+                if keys.is_empty() {
+                    return Ok(Committed::No(keys));
+                }
+                let mut event = audit;
+                event.outcome = outcome(keys.len());
+                append_audit(tx, &event).await?;
+                Ok(Committed::Yes(keys))
+            })
+        })
+    }
+}
+
+type Param = dyn tokio_postgres::types::ToSql + Sync;
+
+/// The parameters of a purge statement.
+enum PurgeParams {
+    Bytes(String, Vec<u8>, i64),
+    Numbers(i64, i64, i64),
+    Number(i64, i64),
+}
+
+/// What a transaction's work decided: commit and answer, or roll back and answer.
+pub enum Committed<T> {
+    Yes(T),
+    No(T),
+}
+
+/// Runs `work` in a transaction on a pooled connection; commits on [`Committed::Yes`].
+async fn in_transaction<T, F>(pool: &Pool, work: F) -> Result<T>
+where
+    F: for<'t> FnOnce(
+        &'t Transaction<'t>,
+    )
+        -> std::pin::Pin<Box<dyn Future<Output = Result<Committed<T>>> + Send + 't>>,
+{
+    let mut client = pool.get().await.map_err(pool_error)?;
+    let tx = client.transaction().await.map_err(db_error)?;
+    match work(&tx).await? {
+        Committed::Yes(value) => {
+            tx.commit().await.map_err(db_error)?;
+            Ok(value)
+        }
+        Committed::No(value) => {
+            tx.rollback().await.map_err(db_error)?;
+            Ok(value)
+        }
+    }
+}
+
+impl Store for PgStore {
+    fn put_token(&self, hash: &TokenHash, token: &TokenRecord, audit: &AuditEvent) -> Result<()> {
+        let work = IssueWork::Token {
+            hash: hash.clone(),
+            token: token.clone(),
+        };
+        let (pool, turn, audit) = (self.pool.clone(), self.write_turn.clone(), audit.clone());
+        self.block(async move { PgStore::commit_issue(pool, turn, work, audit, None).await })
+            .map(|_| ())
+    }
+
+    fn put_token_async(
+        self: Arc<Self>,
+        hash: &TokenHash,
+        token: &TokenRecord,
+        audit: &AuditEvent,
+    ) -> Result<IssueReceiver> {
+        let work = IssueWork::Token {
+            hash: hash.clone(),
+            token: token.clone(),
+        };
+        Ok(self.issue_async(work, audit, None))
+    }
+
+    fn token(&self, hash: &TokenHash) -> Result<Option<TokenRecord>> {
+        let hash = hash.0;
+        self.read(move |client| {
+            Box::pin(async move {
+                let row = client
+                    .query_opt(
+                        "SELECT record FROM tokens WHERE hash = $1",
+                        &[&hash.as_slice()],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                row.map(|row| decode_json(row.get(0))).transpose()
+            })
+        })
+    }
+
+    fn issue_with_token(
+        &self,
+        hash: &TokenHash,
+        now_s: i64,
+        certificate: &CertificateRecord,
+        audit: &AuditEvent,
+    ) -> Result<IssueOutcome> {
+        let work = IssueWork::Enroll {
+            hash: hash.clone(),
+            now_s,
+            certificate: Box::new(certificate.clone()),
+        };
+        let (pool, turn, audit) = (self.pool.clone(), self.write_turn.clone(), audit.clone());
+        self.block(async move { PgStore::commit_issue(pool, turn, work, audit, None).await })
+    }
+
+    fn issue_with_token_async(
+        self: Arc<Self>,
+        hash: &TokenHash,
+        now_s: i64,
+        certificate: &CertificateRecord,
+        audit: &AuditEvent,
+        on_issued: OnIssued,
+    ) -> Result<IssueReceiver> {
+        let work = IssueWork::Enroll {
+            hash: hash.clone(),
+            now_s,
+            certificate: Box::new(certificate.clone()),
+        };
+        Ok(self.issue_async(work, audit, Some(on_issued)))
+    }
+
+    fn certificate(&self, serial: &Serial) -> Result<Option<CertificateRecord>> {
+        let serial = serial.clone();
+        self.read(move |client| {
+            Box::pin(async move {
+                let row = client
+                    .query_opt(
+                        "SELECT record FROM certificates WHERE serial = $1",
+                        &[&serial.as_bytes()],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                row.map(|row| decode_json(row.get(0))).transpose()
+            })
+        })
+    }
+
+    fn revocation_state(&self, serial: &Serial) -> Result<Option<Option<Revocation>>> {
+        let serial = serial.clone();
+        self.read(move |client| {
+            Box::pin(async move {
+                let row = client
+                    .query_opt(
+                        "SELECT summary FROM certificates WHERE serial = $1",
+                        &[&serial.as_bytes()],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                row.map(|row| {
+                    let bytes: Vec<u8> = row.get(0);
+                    CertificateSummary::decode(serial.as_bytes(), &bytes).map(|s| s.revocation)
+                })
+                .transpose()
+            })
+        })
+    }
+
+    fn serials_by_customer(&self, customer: &CustomerId) -> Result<Vec<Serial>> {
+        let customer = customer.as_str().to_string();
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        "SELECT serial FROM certificates WHERE customer_id = $1 ORDER BY serial",
+                        &[&customer],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                rows.iter().map(|row| serial_of(row.get(0))).collect()
+            })
+        })
+    }
+
+    fn serials_by_device(&self, device: &DeviceId) -> Result<Vec<Serial>> {
+        let device = device.as_str().to_string();
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        "SELECT serial FROM certificates WHERE device_id = $1 ORDER BY serial",
+                        &[&device],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                rows.iter().map(|row| serial_of(row.get(0))).collect()
+            })
+        })
+    }
+
+    fn certificates_after(
+        &self,
+        after: Option<&Serial>,
+        limit: usize,
+    ) -> Result<Vec<CertificateRecord>> {
+        let after = after.map(|s| s.as_bytes().to_vec()).unwrap_or_default();
+        let count = self::limit(limit);
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        "SELECT record FROM certificates WHERE serial > $1 ORDER BY serial LIMIT $2",
+                        &[&after, &count],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                rows.into_iter().map(|row| decode_json(row.get(0))).collect()
+            })
+        })
+    }
+
+    fn for_each_certificate_summary(&self, each: &mut dyn FnMut(CertificateSummary)) -> Result<()> {
+        // The rows stream from the store's runtime through a bounded channel: memory stays
+        // bounded however many certificates there are.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<CertificateSummary>>(4096);
+        let pool = self.pool.clone();
+        self.handle.spawn(async move {
+            use tokio_stream::StreamExt;
+            let stream = async {
+                let client = pool.get().await.map_err(pool_error)?;
+                let rows = client
+                    .query_raw(
+                        "SELECT serial, summary FROM certificates",
+                        std::iter::empty::<&str>(),
+                    )
+                    .await
+                    .map_err(db_error)?;
+                Ok::<_, Error>((client, rows))
+            };
+            let (_client, rows) = match stream.await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            tokio::pin!(rows);
+            while let Some(row) = rows.next().await {
+                let summary = row.map_err(db_error).and_then(|row| {
+                    let serial: &[u8] = row.get(0);
+                    let bytes: &[u8] = row.get(1);
+                    CertificateSummary::decode(serial, bytes)
+                });
+                let failed = summary.is_err();
+                // The channel is bounded: wait for the reader off the runtime's workers.
+                let tx = tx.clone();
+                let sent = tokio::task::spawn_blocking(move || tx.send(summary).is_ok())
+                    .await
+                    .unwrap_or(false);
+                if !sent || failed {
+                    return;
+                }
+            }
+        });
+        for summary in rx {
+            each(summary?);
+        }
+        Ok(())
+    }
+
+    fn revoke(
+        &self,
+        serials: &[Serial],
+        revocation: &Revocation,
+        audit: &AuditEvent,
+    ) -> Result<std::result::Result<(), RevokeRejection>> {
+        let (serials, revocation, audit) = (serials.to_vec(), *revocation, audit.clone());
+        self.transaction(move |tx| {
+            Box::pin(async move {
+                let keys: Vec<&[u8]> = serials.iter().map(Serial::as_bytes).collect();
+                let mut records = lock_certificates(tx, &keys).await?;
+                let mut changed = Vec::with_capacity(serials.len());
+                for serial in &serials {
+                    let Some(mut record) = records.remove(serial.as_bytes()) else {
+                        return Ok(Committed::No(Err(RevokeRejection::NotFound(
+                            serial.clone(),
+                        ))));
+                    };
+                    match revocation.applied_over(record.revocation) {
+                        Some(applied) => record.revocation = Some(applied),
+                        None => {
+                            return Ok(Committed::No(Err(RevokeRejection::AlreadyRevoked(
+                                serial.clone(),
+                                record.revocation.unwrap_or(revocation),
+                            ))))
+                        }
+                    }
+                    changed.push(record);
+                }
+                for record in &changed {
+                    put_certificate(tx, record, false).await?;
+                    put_revoked(tx, record).await?;
+                }
+                for record in &changed {
+                    let mut event = audit.clone();
+                    event.target = record.serial.to_hex();
+                    append_audit(tx, &event).await?;
+                }
+                Ok(Committed::Yes(Ok(())))
+            })
+        })
+    }
+
+    fn unhold(
+        &self,
+        serial: &Serial,
+        audit: &AuditEvent,
+    ) -> Result<std::result::Result<CertificateRecord, RevokeRejection>> {
+        let (serial, audit) = (serial.clone(), audit.clone());
+        self.transaction(move |tx| {
+            Box::pin(async move {
+                let mut records = lock_certificates(tx, &[serial.as_bytes()]).await?;
+                let Some(mut record) = records.remove(serial.as_bytes()) else {
+                    return Ok(Committed::No(Err(RevokeRejection::NotFound(serial))));
+                };
+                match record.revocation {
+                    Some(r) if r.reason == RevocationReason::CertificateHold => {}
+                    _ => return Ok(Committed::No(Err(RevokeRejection::NotOnHold(serial)))),
+                }
+                record.revocation = None;
+                put_certificate(tx, &record, false).await?;
+                put_revoked(tx, &record).await?;
+                append_audit(tx, &audit).await?;
+                Ok(Committed::Yes(Ok(record)))
+            })
+        })
+    }
+
+    fn renew(
+        &self,
+        old: &Serial,
+        new: &CertificateRecord,
+        revoked_at_s: i64,
+        audit: &AuditEvent,
+    ) -> Result<std::result::Result<(), RevokeRejection>> {
+        let (old, new, audit) = (old.clone(), new.clone(), audit.clone());
+        self.transaction(move |tx| {
+            Box::pin(async move {
+                let mut records = lock_certificates(tx, &[old.as_bytes()]).await?;
+                let Some(mut record) = records.remove(old.as_bytes()) else {
+                    return Ok(Committed::No(Err(RevokeRejection::NotFound(old))));
+                };
+                if let Some(existing) = record.revocation {
+                    return Ok(Committed::No(Err(RevokeRejection::AlreadyRevoked(
+                        old, existing,
+                    ))));
+                }
+                record.revocation = Some(Revocation {
+                    revoked_at_s,
+                    reason: RevocationReason::Superseded,
+                });
+                record.superseded_by = Some(new.serial.clone());
+                put_certificate(tx, &record, false).await?;
+                put_revoked(tx, &record).await?;
+                if !put_certificate(tx, &new, true).await? {
+                    return Err(Error::internal("random serial collided"));
+                }
+                append_audit(tx, &audit).await?;
+                Ok(Committed::Yes(Ok(())))
+            })
+        })
+    }
+
+    fn revoked_entries(&self) -> Result<Vec<RevokedEntry>> {
+        self.read(|client| {
+            Box::pin(async move {
+                let rows = client
+                    .query("SELECT entry FROM revoked ORDER BY serial", &[])
+                    .await
+                    .map_err(db_error)?;
+                rows.into_iter()
+                    .map(|row| decode_json(row.get(0)))
+                    .collect()
+            })
+        })
+    }
+
+    fn ledger_checkpoint(&self, min_day: &str) -> Result<LedgerCheckpoint> {
+        let min_day = min_day.to_string();
+        self.read(move |client| {
+            Box::pin(async move {
+                let through: i64 = client
+                    .query_one(
+                        "SELECT value FROM counters WHERE name = 'ledger_through_seq'",
+                        &[],
+                    )
+                    .await
+                    .map_err(db_error)?
+                    .get(0);
+                let buckets = client
+                    .query(
+                        "SELECT bucket, used_fen FROM ledger WHERE day >= $1 ORDER BY bucket",
+                        &[&min_day],
+                    )
+                    .await
+                    .map_err(db_error)?
+                    .iter()
+                    .map(|row| (row.get::<_, Vec<u8>>(0), row.get::<_, i64>(1)))
+                    .collect();
+                let released = client
+                    .query(
+                        "SELECT decision_seq, released_at_ms FROM releases ORDER BY decision_seq",
+                        &[],
+                    )
+                    .await
+                    .map_err(db_error)?
+                    .iter()
+                    .map(|row| {
+                        let seq: i64 = row.get(0);
+                        Ok((
+                            u64::try_from(seq)
+                                .map_err(|_| Error::internal("negative decision number"))?,
+                            row.get::<_, i64>(1),
+                        ))
+                    })
+                    .collect::<Result<_>>()?;
+                Ok(LedgerCheckpoint {
+                    through_seq: u64::try_from(through)
+                        .map_err(|_| Error::internal("negative ledger checkpoint"))?,
+                    buckets,
+                    released,
+                })
+            })
+        })
+    }
+
+    fn save_ledger_checkpoint(&self, checkpoint: &LedgerCheckpoint) -> Result<()> {
+        let checkpoint = checkpoint.clone();
+        self.transaction(move |tx| {
+            Box::pin(async move {
+                let keys: Vec<&[u8]> = checkpoint.buckets.iter().map(|(k, _)| k.as_slice()).collect();
+                let days: Vec<String> = checkpoint
+                    .buckets
+                    .iter()
+                    .map(|(k, _)| String::from_utf8_lossy(super::ledger_day(k)).into_owned())
+                    .collect();
+                let used: Vec<i64> = checkpoint.buckets.iter().map(|(_, u)| *u).collect();
+                tx.execute(
+                    "INSERT INTO ledger (bucket, day, used_fen) \
+                     SELECT * FROM UNNEST($1::bytea[], $2::text[], $3::bigint[]) \
+                     ON CONFLICT (bucket) DO UPDATE SET used_fen = EXCLUDED.used_fen",
+                    &[&keys, &days, &used],
+                )
+                .await
+                .map_err(db_error)?;
+                let seqs = checkpoint
+                    .released
+                    .iter()
+                    .map(|(seq, _)| to_i64(*seq, "decision number"))
+                    .collect::<Result<Vec<i64>>>()?;
+                let at: Vec<i64> = checkpoint.released.iter().map(|(_, at)| *at).collect();
+                tx.execute(
+                    "INSERT INTO releases (decision_seq, released_at_ms) \
+                     SELECT * FROM UNNEST($1::bigint[], $2::bigint[]) \
+                     ON CONFLICT (decision_seq) DO UPDATE SET released_at_ms = EXCLUDED.released_at_ms",
+                    &[&seqs, &at],
+                )
+                .await
+                .map_err(db_error)?;
+                tx.execute(
+                    "UPDATE counters SET value = $1 WHERE name = 'ledger_through_seq'",
+                    &[&to_i64(checkpoint.through_seq, "decision number")?],
+                )
+                .await
+                .map_err(db_error)?;
+                Ok(Committed::Yes(()))
+            })
+        })
+    }
+
+    fn agreed_limits(&self) -> Result<Vec<(String, i64)>> {
+        self.read(|client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        "SELECT customer_id, limit_fen FROM agreed_limits ORDER BY customer_id",
+                        &[],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+            })
+        })
+    }
+
+    fn set_agreed_limit(
+        &self,
+        customer: &CustomerId,
+        limit_fen: i64,
+        audit: &AuditEvent,
+    ) -> Result<()> {
+        let (customer, audit) = (customer.as_str().to_string(), audit.clone());
+        self.transaction(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "INSERT INTO agreed_limits (customer_id, limit_fen) VALUES ($1, $2) \
+                     ON CONFLICT (customer_id) DO UPDATE SET limit_fen = EXCLUDED.limit_fen",
+                    &[&customer, &limit_fen],
+                )
+                .await
+                .map_err(db_error)?;
+                append_audit(tx, &audit).await?;
+                Ok(Committed::Yes(()))
+            })
+        })
+    }
+
+    fn put_client_certificate(
+        &self,
+        record: &ClientCertificateRecord,
+        audit: &AuditEvent,
+    ) -> Result<bool> {
+        let (record, audit) = (record.clone(), audit.clone());
+        self.transaction(move |tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .execute(
+                        "INSERT INTO client_certificates (serial, record) VALUES ($1, $2) \
+                         ON CONFLICT (serial) DO NOTHING",
+                        &[&record.serial.as_bytes(), &json(&record)?],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                if rows == 0 {
+                    return Ok(Committed::No(false));
+                }
+                append_audit(tx, &audit).await?;
+                Ok(Committed::Yes(true))
+            })
+        })
+    }
+
+    fn client_certificate(&self, serial: &Serial) -> Result<Option<ClientCertificateRecord>> {
+        let serial = serial.clone();
+        self.read(move |client| {
+            Box::pin(async move {
+                let row = client
+                    .query_opt(
+                        "SELECT record FROM client_certificates WHERE serial = $1",
+                        &[&serial.as_bytes()],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                row.map(|row| decode_json(row.get(0))).transpose()
+            })
+        })
+    }
+
+    fn client_certificates(&self) -> Result<Vec<ClientCertificateRecord>> {
+        self.read(|client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        "SELECT record FROM client_certificates ORDER BY serial",
+                        &[],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                rows.into_iter()
+                    .map(|row| decode_json(row.get(0)))
+                    .collect()
+            })
+        })
+    }
+
+    fn revoke_client_certificate(
+        &self,
+        serial: &Serial,
+        revocation: &Revocation,
+        audit: &AuditEvent,
+    ) -> Result<std::result::Result<(), RevokeRejection>> {
+        let (serial, revocation, audit) = (serial.clone(), *revocation, audit.clone());
+        self.transaction(move |tx| {
+            Box::pin(async move {
+                let row = tx
+                    .query_opt(
+                        "SELECT record FROM client_certificates WHERE serial = $1 FOR UPDATE",
+                        &[&serial.as_bytes()],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                let Some(row) = row else {
+                    return Ok(Committed::No(Err(RevokeRejection::NotFound(serial))));
+                };
+                let mut record: ClientCertificateRecord = decode_json(row.get(0))?;
+                if let Some(existing) = record.revocation {
+                    return Ok(Committed::No(Err(RevokeRejection::AlreadyRevoked(
+                        serial, existing,
+                    ))));
+                }
+                record.revocation = Some(revocation);
+                let entry = RevokedEntry {
+                    serial: serial.clone(),
+                    revocation,
+                    not_after_s: record.not_after_s,
+                };
+                tx.execute(
+                    "UPDATE client_certificates SET record = $2 WHERE serial = $1",
+                    &[&serial.as_bytes(), &json(&record)?],
+                )
+                .await
+                .map_err(db_error)?;
+                tx.execute(
+                    "INSERT INTO revoked (serial, entry) VALUES ($1, $2) \
+                     ON CONFLICT (serial) DO UPDATE SET entry = EXCLUDED.entry",
+                    &[&serial.as_bytes(), &json(&entry)?],
+                )
+                .await
+                .map_err(db_error)?;
+                append_audit(tx, &audit).await?;
+                Ok(Committed::Yes(Ok(())))
+            })
+        })
+    }
+
+    fn purge_expired_tokens(
+        &self,
+        before_s: i64,
+        limit: usize,
+        audit: &AuditEvent,
+    ) -> Result<usize> {
+        self.purge(
+            "DELETE FROM tokens WHERE hash IN (SELECT hash FROM tokens WHERE expires_at_s < $1 \
+             ORDER BY hash LIMIT $2 FOR UPDATE) RETURNING hash",
+            PurgeParams::Number(before_s, self::limit(limit)),
+            audit,
+            |count| format!("{count} tokens"),
+        )
+        .map(|keys| keys.len())
+    }
+
+    fn purge_expired_certificates(
+        &self,
+        before_s: i64,
+        limit: usize,
+        audit: &AuditEvent,
+    ) -> Result<Vec<Serial>> {
+        let audit = audit.clone();
+        let count = self::limit(limit);
+        let serials = self.transaction(move |tx| {
+            Box::pin(async move {
+                let rows = tx
+                    .query(
+                        "DELETE FROM certificates WHERE serial IN (SELECT serial FROM certificates \
+                         WHERE not_after_s < $1 ORDER BY serial LIMIT $2 FOR UPDATE) \
+                         RETURNING serial",
+                        &[&before_s, &count],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                let serials: Vec<Vec<u8>> = rows.iter().map(|row| row.get(0)).collect();
+                if serials.is_empty() {
+                    return Ok(Committed::No(serials));
+                }
+                tx.execute("DELETE FROM revoked WHERE serial = ANY($1)", &[&serials])
+                    .await
+                    .map_err(db_error)?;
+                let mut event = audit;
+                event.outcome = format!("{} certificate records", serials.len());
+                append_audit(tx, &event).await?;
+                Ok(Committed::Yes(serials))
+            })
+        })?;
+        let mut serials = serials
+            .iter()
+            .map(|bytes| serial_of(bytes))
+            .collect::<Result<Vec<_>>>()?;
+        serials.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        Ok(serials)
+    }
+
+    fn purge_ledger_days_before(
+        &self,
+        min_day: &str,
+        after: Option<&[u8]>,
+        limit: usize,
+        audit: &AuditEvent,
+    ) -> Result<(usize, Option<Vec<u8>>)> {
+        let min_day_owned = min_day.to_string();
+        let keys = self.purge(
+            "DELETE FROM ledger WHERE bucket IN (SELECT bucket FROM ledger WHERE day < $1 \
+             AND bucket > $2 ORDER BY bucket LIMIT $3 FOR UPDATE) RETURNING bucket",
+            PurgeParams::Bytes(
+                min_day.to_string(),
+                after.unwrap_or_default().to_vec(),
+                self::limit(limit),
+            ),
+            audit,
+            move |count| format!("{count} ledger buckets before {min_day_owned}"),
+        )?;
+        let count = keys.len();
+        let next = (count == limit).then(|| keys.into_iter().max()).flatten();
+        Ok((count, next))
+    }
+
+    fn purge_releases_before(
+        &self,
+        before_ms: i64,
+        after: Option<&[u8]>,
+        limit: usize,
+        audit: &AuditEvent,
+    ) -> Result<(usize, Option<Vec<u8>>)> {
+        let after = match after {
+            Some(key) => {
+                let key = <[u8; 8]>::try_from(key)
+                    .map_err(|_| Error::internal("a release key is 8 bytes"))?;
+                to_i64(u64::from_be_bytes(key), "decision number")?
+            }
+            None => -1,
+        };
+        let keys = self.purge(
+            "DELETE FROM releases WHERE decision_seq IN (SELECT decision_seq FROM releases \
+             WHERE released_at_ms < $1 AND decision_seq > $2 ORDER BY decision_seq LIMIT $3 \
+             FOR UPDATE) RETURNING int8send(decision_seq)",
+            PurgeParams::Numbers(before_ms, after, self::limit(limit)),
+            audit,
+            |count| format!("{count} releases"),
+        )?;
+        let count = keys.len();
+        let next = (count == limit).then(|| keys.into_iter().max()).flatten();
+        Ok((count, next))
+    }
+
+    fn export(
+        &self,
+        _out: &mut dyn std::io::Write,
+        _created_at_ms: i64,
+        _decision_log: &mut FrameSource<'_>,
+    ) -> Result<super::backup::BackupSummary> {
+        Err(Error::FailedPrecondition(
+            "payra backup writes a snapshot of the embedded database; with PostgreSQL, back up \
+             the database itself (pg_dump, or a base backup with WAL archiving: see \
+             docs/operations.md)"
+                .into(),
+        ))
+    }
+
+    fn probe_write(&self) -> Result<()> {
+        self.transaction(|tx| {
+            Box::pin(async move {
+                tx.execute(
+                    "UPDATE counters SET value = value + 1 WHERE name = 'ready_probe'",
+                    &[],
+                )
+                .await
+                .map_err(db_error)?;
+                Ok(Committed::Yes(()))
+            })
+        })
+    }
+
+    fn audit_entries(&self, after_seq: u64, limit: usize) -> Result<Vec<AuditEntry>> {
+        let after = to_i64(after_seq, "audit sequence")?;
+        let count = self::limit(limit);
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        "SELECT entry FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+                        &[&after, &count],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                rows.into_iter()
+                    .map(|row| decode_json(row.get(0)))
+                    .collect()
+            })
+        })
+    }
+
+    fn audit_head(&self) -> Result<ChainHead> {
+        self.read(|client| {
+            Box::pin(async move {
+                let row = client
+                    .query_one("SELECT seq, hash FROM audit_head WHERE id = 1", &[])
+                    .await
+                    .map_err(db_error)?;
+                let seq: i64 = row.get(0);
+                let hash: Vec<u8> = row.get(1);
+                Ok(ChainHead {
+                    seq: u64::try_from(seq).map_err(|_| Error::internal("negative audit seq"))?,
+                    hash: <[u8; 32]>::try_from(hash.as_slice()).unwrap_or(GENESIS_HASH),
+                })
+            })
+        })
+    }
+
+    fn next_crl_number(&self, at_least: u64) -> Result<u64> {
+        let at_least = to_i64(at_least, "CRL number")?;
+        self.transaction(move |tx| {
+            Box::pin(async move {
+                let number: i64 = tx
+                    .query_one(
+                        "UPDATE counters SET value = GREATEST(value + 1, $1) \
+                         WHERE name = 'crl_number' RETURNING value",
+                        &[&at_least],
+                    )
+                    .await
+                    .map_err(db_error)?
+                    .get(0);
+                Ok(Committed::Yes(
+                    u64::try_from(number).map_err(|_| Error::internal("negative CRL number"))?,
+                ))
+            })
+        })
+    }
+}

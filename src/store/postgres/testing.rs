@@ -1,0 +1,124 @@
+//! Fresh PostgreSQL databases for tests, on the cluster that `scripts/test-postgres.sh`
+//! starts (`.ci/run` does; see the README). Without one, each PostgreSQL test returns early
+//! and the test binary says once, on the terminal, which tests it skipped and why.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use crate::config::{Backend, StoreConfig};
+
+/// The URL of a database on the test cluster whose user may create databases.
+pub const URL_VARIABLE: &str = "PAYRA_TEST_POSTGRES_URL";
+/// The test cluster's password.
+pub const PASSWORD_VARIABLE: &str = "PAYRA_TEST_POSTGRES_PASSWORD";
+
+static TOLD: AtomicBool = AtomicBool::new(false);
+
+/// The test cluster's URL, or `None` after saying (once per test binary, past the test
+/// harness's output capture) that `test` and the other PostgreSQL tests are skipped.
+pub fn cluster_url(test: &str) -> Option<String> {
+    match std::env::var(URL_VARIABLE) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            let first = !TOLD.swap(true, Ordering::SeqCst);
+            let mut stderr = std::io::stderr();
+            if first {
+                let _ = writeln!(
+                    stderr,
+                    "\nSKIPPED: the PostgreSQL tests (the `postgres` conformance cases and the \
+                     replica tests): {URL_VARIABLE} is not set. Start a throwaway cluster with \
+                     `eval \"$(scripts/test-postgres.sh start)\"` (README, Testing against \
+                     PostgreSQL) to run them."
+                );
+            }
+            let _ = writeln!(stderr, "skipped (no PostgreSQL): {test}");
+            None
+        }
+    }
+}
+
+/// `url` with its database replaced by `database`.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map_or(0, |i| i + 3);
+    let base = match base[scheme_end..].find('/') {
+        Some(slash) => &base[..scheme_end + slash],
+        None => base,
+    };
+    match query {
+        Some(query) => format!("{base}/{database}?{query}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+/// Creates an empty database named after `test` on the test cluster and returns a store
+/// configuration for it (unmigrated), or `None` when there is no test cluster.
+pub fn fresh_database(test: &str) -> Option<StoreConfig> {
+    let url = cluster_url(test)?;
+    let mut name: String = test
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    name.truncate(40);
+    let name = format!("t_{name}_{}", hex::encode(rand::random::<[u8; 6]>()));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for the test database");
+    runtime.block_on(async {
+        let mut config: tokio_postgres::Config = url.parse().expect("the test cluster's URL");
+        if let Ok(password) = std::env::var(PASSWORD_VARIABLE) {
+            config.password(password);
+        }
+        let (client, connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("connecting to the test cluster");
+        tokio::spawn(connection);
+        client
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("creating a test database");
+    });
+    Some(StoreConfig {
+        backend: Backend::Postgres,
+        url: Some(with_database(&url, &name)),
+        password_env: PASSWORD_VARIABLE.into(),
+        pool_size: 8,
+        ..StoreConfig::default()
+    })
+}
+
+/// A migrated store on a fresh database, or `None` when there is no test cluster.
+pub fn fresh_store(test: &str) -> Option<super::PgStore> {
+    let config = fresh_database(test)?;
+    super::PgStore::migrate(&config).expect("migrating the test database");
+    Some(super::PgStore::connect(&config).expect("connecting to the test database"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_database_of_a_url_is_replaced() {
+        assert_eq!(
+            with_database("postgres://u@127.0.0.1:5432/postgres", "x"),
+            "postgres://u@127.0.0.1:5432/x"
+        );
+        assert_eq!(
+            with_database("postgres://u@h:1/db?sslmode=disable", "x"),
+            "postgres://u@h:1/x?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://u@h:1", "x"), "postgres://u@h:1/x");
+    }
+}
