@@ -160,6 +160,11 @@ enum Command {
         #[command(flatten)]
         connection: Connection,
     },
+    /// The PostgreSQL database: schema migrations.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
     /// The hash-chained audit log, read offline from a stopped server's data directory.
     Audit {
         #[command(subcommand)]
@@ -287,6 +292,19 @@ struct ServeArgs {
     /// Base URL of the HTTP listener as relying parties see it (CRL and OCSP URLs).
     #[arg(long, env = "PAYRA_PUBLIC_BASE_URL")]
     public_base_url: Option<String>,
+    /// PostgreSQL URL, postgres://user@host:port/database (sets store.backend = "postgres").
+    /// No password here: it comes from store.password_file or $PAYRA_DB_PASSWORD.
+    #[arg(long, env = "PAYRA_STORE_URL")]
+    store_url: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum DbCommand {
+    /// Apply the schema migrations the PostgreSQL database lacks (safe to run again, and
+    /// from several hosts at once). Run before the first `serve` and after each upgrade.
+    Migrate(ServeArgs),
+    /// Say which schema version the database is at and which this payra needs.
+    Status(ServeArgs),
 }
 
 #[derive(Args, Clone)]
@@ -747,6 +765,7 @@ async fn run(cli: Cli) -> CliResult {
         }
         Command::Revoke(args) => revoke(args).await,
         Command::Audit { command } => audit(command),
+        Command::Db { command } => db(command),
         Command::Backup { out, connection } => backup(&out, &connection).await,
         Command::Bench {
             command: Some(BenchCommand::Populate { data, records }),
@@ -1768,8 +1787,51 @@ fn effective_config(args: ServeArgs) -> Result<(Config, bool), String> {
     if let Some(url) = args.public_base_url {
         config.public_base_url = Some(url);
     }
+    if let Some(url) = args.store_url {
+        config.store.backend = payra::config::Backend::Postgres;
+        config.store.url = Some(url);
+    }
     config.validate().map_err(|e| e.to_string())?;
     Ok((config, explicit_certs))
+}
+
+/// `payra db migrate|status`: the PostgreSQL schema.
+fn db(command: DbCommand) -> CliResult {
+    let (migrate, args) = match command {
+        DbCommand::Migrate(args) => (true, args),
+        DbCommand::Status(args) => (false, args),
+    };
+    let (config, _) = effective_config(args)?;
+    if config.store.backend != payra::config::Backend::Postgres {
+        return Err(
+            "the store is the embedded database (store.backend = \"sled\"), which needs no \
+                    migration; for PostgreSQL, set [store] backend = \"postgres\" and url in \
+                    the configuration, or pass --store-url"
+                .into(),
+        );
+    }
+    let store = &config.store;
+    if migrate {
+        let applied = payra::store::PgStore::migrate(store).map_err(|e| e.to_string())?;
+        match (applied.first(), applied.last()) {
+            (Some(first), Some(last)) => println!(
+                "applied schema migrations {first} to {last}; the database is at version {last}"
+            ),
+            _ => println!(
+                "the database is already at schema version {}; nothing to do",
+                payra::store::postgres::SCHEMA_VERSION
+            ),
+        }
+        return Ok(());
+    }
+    let state = payra::store::PgStore::inspect(store).map_err(|e| e.to_string())?;
+    println!(
+        "schema version {} (this payra needs {})",
+        state.applied, state.known
+    );
+    state.require_current().map_err(|e| e.to_string())?;
+    println!("up to date");
+    Ok(())
 }
 
 async fn serve(args: ServeArgs) -> CliResult {

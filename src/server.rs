@@ -16,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::listener::{grpc_incoming, AdmissionLimits, HttpListener};
 use crate::metrics::Metrics;
 use crate::ra::{Ra, RaPolicy};
-use crate::store::{SledStore, Store};
+use crate::store::{PgStore, SledStore, Store};
 use crate::wire::observe::ObserveLayer;
 use crate::wire::proto;
 use crate::wire::{AdminService, EnrollmentService, RegistrationService, VerificationService};
@@ -35,7 +35,7 @@ pub struct RunningServer {
     purge_task: JoinHandle<()>,
     checkpoint_task: JoinHandle<()>,
     audit_head_task: JoinHandle<()>,
-    store: Arc<SledStore>,
+    store: Arc<dyn Store>,
     ra: Arc<Ra>,
 }
 
@@ -97,6 +97,19 @@ fn ca_key_passphrase(config: &Config) -> Result<Option<String>> {
     Ok(passphrase)
 }
 
+/// The configured store: the embedded database in the data directory, or PostgreSQL (its
+/// schema checked: an unmigrated database is refused with the command to run).
+fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
+    Ok(match config.store.backend {
+        crate::config::Backend::Sled => Arc::new(SledStore::open(&config.data_dir)?),
+        crate::config::Backend::Postgres => {
+            let store = PgStore::connect(&config.store)?;
+            tracing::info!("storage: PostgreSQL");
+            Arc::new(store)
+        }
+    })
+}
+
 /// Starts payra with `config`, reading time from `clock`.
 pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningServer> {
     config.validate()?;
@@ -117,10 +130,10 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
     // Everything this process writes (database, decision log, backups) is for its user only.
     crate::store::data_dir::restrict_new_files();
     crate::store::data_dir::prepare(&config.data_dir, config.allow_readable_data)?;
-    let store = Arc::new(SledStore::open(&config.data_dir)?);
+    let store = open_store(&config)?;
     let metrics = Arc::new(Metrics::new());
     let ra = Arc::new(Ra::new(
-        store.clone() as Arc<dyn Store>,
+        store.clone(),
         ca.clone(),
         clock,
         RaPolicy::from_config(&config),

@@ -20,7 +20,7 @@ const MIGRATIONS: &[(&str, &str)] = &[(
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;
 
 /// The key of the advisory lock `migrate` holds ("payra" in ASCII).
-const MIGRATION_LOCK: i64 = 0x7061_7972_61;
+const MIGRATION_LOCK: i64 = 0x0070_6179_7261;
 
 /// Where a database's schema stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,7 +52,7 @@ impl SchemaState {
     }
 }
 
-const CREATE_HISTORY: &str = "CREATE TABLE IF NOT EXISTS payra_schema (
+const CREATE_HISTORY: &str = "CREATE TABLE payra_schema (
     version     integer     PRIMARY KEY,
     description text        NOT NULL,
     applied_at  timestamptz NOT NULL DEFAULT now()
@@ -87,7 +87,14 @@ pub(super) async fn migrate(client: &mut deadpool_postgres::Client) -> Result<Ve
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
         .map_err(db_error)?;
-    tx.batch_execute(CREATE_HISTORY).await.map_err(db_error)?;
+    let exists: bool = tx
+        .query_one("SELECT to_regclass('payra_schema') IS NOT NULL", &[])
+        .await
+        .map_err(db_error)?
+        .get(0);
+    if !exists {
+        tx.batch_execute(CREATE_HISTORY).await.map_err(db_error)?;
+    }
     let current: Option<i32> = tx
         .query_one("SELECT max(version) FROM payra_schema", &[])
         .await

@@ -122,10 +122,17 @@ fn db_error(e: tokio_postgres::Error) -> Error {
                 || *code == SqlState::T_R_DEADLOCK_DETECTED
                 || *code == SqlState::TOO_MANY_CONNECTIONS
         });
+    // The connection errors' Display leaves out their cause ("connection refused").
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
     if unavailable {
-        Error::Unavailable(format!("the database is unavailable: {e}"))
+        Error::Unavailable(format!("the database is unavailable: {text}"))
     } else {
-        Error::internal(format!("database: {e}"))
+        Error::internal(format!("database: {text}"))
     }
 }
 
@@ -620,7 +627,7 @@ where
 impl Store for PgStore {
     fn put_token(&self, hash: &TokenHash, token: &TokenRecord, audit: &AuditEvent) -> Result<()> {
         let work = IssueWork::Token {
-            hash: hash.clone(),
+            hash: *hash,
             token: token.clone(),
         };
         let (pool, turn, audit) = (self.pool.clone(), self.write_turn.clone(), audit.clone());
@@ -635,7 +642,7 @@ impl Store for PgStore {
         audit: &AuditEvent,
     ) -> Result<IssueReceiver> {
         let work = IssueWork::Token {
-            hash: hash.clone(),
+            hash: *hash,
             token: token.clone(),
         };
         Ok(self.issue_async(work, audit, None))
@@ -665,7 +672,7 @@ impl Store for PgStore {
         audit: &AuditEvent,
     ) -> Result<IssueOutcome> {
         let work = IssueWork::Enroll {
-            hash: hash.clone(),
+            hash: *hash,
             now_s,
             certificate: Box::new(certificate.clone()),
         };
@@ -682,7 +689,7 @@ impl Store for PgStore {
         on_issued: OnIssued,
     ) -> Result<IssueReceiver> {
         let work = IssueWork::Enroll {
-            hash: hash.clone(),
+            hash: *hash,
             now_s,
             certificate: Box::new(certificate.clone()),
         };

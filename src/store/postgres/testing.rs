@@ -70,25 +70,32 @@ pub fn fresh_database(test: &str) -> Option<StoreConfig> {
         .collect();
     name.truncate(40);
     let name = format!("t_{name}_{}", hex::encode(rand::random::<[u8; 6]>()));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a runtime for the test database");
-    runtime.block_on(async {
-        let mut config: tokio_postgres::Config = url.parse().expect("the test cluster's URL");
-        if let Ok(password) = std::env::var(PASSWORD_VARIABLE) {
-            config.password(password);
-        }
-        let (client, connection) = config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .expect("connecting to the test cluster");
-        tokio::spawn(connection);
-        client
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("creating a test database");
-    });
+    // On a thread of its own: the caller may be inside a runtime.
+    let (admin_url, create) = (url.clone(), format!("CREATE DATABASE {name}"));
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime for the test database");
+        runtime.block_on(async {
+            let mut config: tokio_postgres::Config =
+                admin_url.parse().expect("the test cluster's URL");
+            if let Ok(password) = std::env::var(PASSWORD_VARIABLE) {
+                config.password(password);
+            }
+            let (client, connection) = config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .expect("connecting to the test cluster");
+            tokio::spawn(connection);
+            client
+                .batch_execute(&create)
+                .await
+                .expect("creating a test database");
+        })
+    })
+    .join()
+    .expect("creating a test database");
     Some(StoreConfig {
         backend: Backend::Postgres,
         url: Some(with_database(&url, &name)),
