@@ -159,7 +159,10 @@ async fn fail_an_unmigrated_database_is_refused_with_the_command_to_run() {
     assert!(message.contains("payra db migrate"), "{message}");
     assert!(message.contains("version 0"), "{message}");
 
-    assert_eq!(PgStore::migrate(&store).unwrap(), vec![1]);
+    assert_eq!(
+        PgStore::migrate(&store).unwrap(),
+        (1..=payra::store::postgres::SCHEMA_VERSION).collect::<Vec<_>>()
+    );
     assert_eq!(
         PgStore::migrate(&store).unwrap(),
         Vec::<u32>::new(),

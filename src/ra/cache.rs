@@ -371,6 +371,20 @@ impl CertificateCache {
         })
     }
 
+    /// Adds or replaces a certificate from its stored summary.
+    pub fn put_summary(&self, summary: &crate::store::CertificateSummary) {
+        let entry = Entry::new(
+            summary.serial.as_bytes(),
+            &summary.public_key,
+            &summary.customer_id,
+            &summary.device_id,
+            summary.not_before_s,
+            summary.not_after_s,
+            summary.revocation,
+        );
+        self.insert(entry, &summary.serial);
+    }
+
     /// Adds or replaces a certificate.
     pub fn put(&self, record: &CertificateRecord) {
         let entry = public_key(&record.public_key_hex).and_then(|public_key| {
@@ -384,6 +398,10 @@ impl CertificateCache {
                 record.revocation,
             )
         });
+        self.insert(entry, &record.serial);
+    }
+
+    fn insert(&self, entry: Option<Entry>, serial: &Serial) {
         match entry {
             Some(entry) => {
                 if let Some(slot) = SerialSlot::of(entry.serial()) {
@@ -399,7 +417,7 @@ impl CertificateCache {
                 let (hash, shard) = self.locate(entry.serial());
                 Self::write(shard).insert(hash, entry, &self.hasher);
             }
-            None => tracing::error!(serial = %record.serial, "certificate not cacheable"),
+            None => tracing::error!(serial = %serial, "certificate not cacheable"),
         }
     }
 

@@ -101,6 +101,9 @@ impl RaPolicy {
 /// The registration authority and its collaborators.
 pub struct Ra {
     store: Arc<dyn Store>,
+    /// Decisions, nonces and the ledger in a database shared with other payra processes;
+    /// `None` with the embedded store (the decision log and replay set below hold them).
+    shared: Option<Arc<dyn crate::store::SharedDecisions>>,
     ca: Arc<CaMaterial>,
     clock: Arc<dyn Clock>,
     policy: RaPolicy,
@@ -213,6 +216,7 @@ impl Ra {
         let publication =
             Publication::new(responder, policy.crl_validity_s, policy.ocsp_validity_s);
         Ok(Ra {
+            shared: store.shared_decisions(),
             store,
             ca,
             clock,
@@ -339,6 +343,10 @@ impl Ra {
     /// Saves the ledger's changes since the last checkpoint, so a restart replays only the
     /// decisions after it. Called every few seconds and at shutdown.
     pub fn save_ledger_checkpoint(&self) -> Result<()> {
+        if self.shared.is_some() {
+            // The shared store's ledger is its own: nothing is kept here to save.
+            return Ok(());
+        }
         let checkpoint = self.decisions.take_checkpoint()?;
         if let Err(e) = self.store.save_ledger_checkpoint(&checkpoint) {
             self.decisions.checkpoint_failed(checkpoint);

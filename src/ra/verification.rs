@@ -11,7 +11,8 @@ use super::Ra;
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, Factor, FactorCategory, Scene, Serial, Tier};
 use crate::store::{
-    ledger_key, Actor, AuditEvent, EvidenceRecord, LogRecord, NonceClaim, RECORD_VERSION,
+    ledger_key, Actor, AuditEvent, EvidenceRecord, LogRecord, NonceClaim, ReleaseRejection,
+    RECORD_VERSION,
 };
 
 /// Largest serialized intent accepted.
@@ -246,6 +247,137 @@ fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
+/// Everything a decision records, gathered before it is numbered and settled.
+#[derive(Clone)]
+struct Draft {
+    kind: &'static str,
+    actor: Actor,
+    now_ms: i64,
+    customer: Option<CustomerId>,
+    serial: Option<Serial>,
+    intent_b64: String,
+    signature_b64: String,
+    factors: Vec<Factor>,
+    scene: Scene,
+    /// A verified verdict counts the device certificate as a possession factor
+    /// (VerifyPayment; QualifyTransaction has none).
+    counts_certificate: bool,
+    amount_fen: i64,
+    /// The service asked for a reservation (only a verified decision makes one).
+    reserve: bool,
+    day: String,
+    accumulation: crate::ra::limits::Accumulation,
+    /// The customer's limits and buckets today; `None` when the customer is unknown.
+    ledger: Option<(TierLimits, [Vec<u8>; 4])>,
+    /// The (device key, nonce) claim key, hex, and its expiry.
+    nonce: Option<(String, i64)>,
+}
+
+/// A decision as recorded and answered.
+struct Settled {
+    decision: Decision,
+    record: LogRecord,
+    reserved: bool,
+    /// A reservation was asked for (for the metrics).
+    reserving: bool,
+}
+
+impl Draft {
+    /// Settles the decision with `verdict` under `evidence_id`, given what the customer's
+    /// four buckets hold (when the customer is known): the tier, whether the amount fits every
+    /// ceiling, whether it is reserved, the evidence and the record to append.
+    fn settle(
+        &self,
+        verdict: Verdict,
+        reason: &str,
+        evidence_id: String,
+        used: Option<[i64; 4]>,
+    ) -> Result<Settled> {
+        let verified = verdict == Verdict::Verified;
+        let tiered = decide_tier(
+            self.counts_certificate && verified,
+            &self.factors,
+            self.scene,
+        );
+        let tier = tiered.tier;
+        let categories: Vec<FactorCategory> = tiered.categories.iter().copied().collect();
+        let assessment = match (&self.ledger, used) {
+            (Some((limits, _)), Some(used)) => Some(Assessment::of(
+                tier,
+                self.amount_fen,
+                self.accumulation,
+                limits,
+                |t| used[t.index()],
+            )),
+            _ => None,
+        };
+        let reserving = self.reserve && verified && self.ledger.is_some();
+        let reserved = reserving && assessment.as_ref().is_some_and(|a| a.fits);
+        let evidence = EvidenceRecord {
+            version: RECORD_VERSION,
+            evidence_id: evidence_id.clone(),
+            kind: self.kind.to_string(),
+            recorded_at_ms: self.now_ms,
+            certificate_serial: self.serial.clone(),
+            customer_id: self.customer.clone(),
+            intent_b64: self.intent_b64.clone(),
+            signature_b64: self.signature_b64.clone(),
+            verdict: verdict.name().to_string(),
+            reason: reason.to_string(),
+            tier,
+            categories: categories.clone(),
+            factors: self.factors.clone(),
+            amount_fen: self.amount_fen,
+            reserved_fen: if reserved { self.amount_fen } else { 0 },
+            day: self.day.clone(),
+            released_at_ms: None,
+        };
+        let action = if self.kind == "verify_payment" {
+            "payment.verified"
+        } else {
+            "transaction.qualified"
+        };
+        let mut outcome = format!("{} tier {}", verdict.name(), tier.letter());
+        if reserving {
+            let note = if reserved { "reserved" } else { "not reserved" };
+            outcome = format!("{outcome}; {note} {} fen", self.amount_fen);
+        }
+        let record = LogRecord::Decision {
+            audit: AuditEvent::new(
+                self.now_ms,
+                &self.actor,
+                action,
+                evidence_id.clone(),
+                outcome,
+            ),
+            evidence: Box::new(evidence),
+            nonce: self.nonce.clone(),
+        };
+        let limit = assessment.map(|assessment| {
+            let fits = assessment.fits;
+            let after = if reserved {
+                assessment.after_adding(self.amount_fen)
+            } else {
+                assessment
+            };
+            LimitStatus::new(tier, after, fits, reserved, self.day.clone())
+        });
+        Ok(Settled {
+            decision: Decision {
+                verdict,
+                reason: reason.to_string(),
+                tier,
+                categories,
+                limit,
+                evidence_id,
+            },
+            record,
+            reserved,
+            reserving,
+        })
+    }
+}
+
 /// How far the checks got.
 struct Checked {
     verdict: Verdict,
@@ -419,6 +551,22 @@ impl Ra {
             ));
         }
         let now_ms = self.clock.now_ms();
+        if let Some(shared) = self.shared.clone() {
+            self.cache_from_store(&request.serial).await?;
+            let checked = self.check_payment(&request, now_ms);
+            let draft = self.draft(actor, "verify_payment", now_ms, &checked, &request);
+            let recheck = (checked.verdict == Verdict::Verified).then(|| request.serial.clone());
+            return self
+                .decide_shared(
+                    shared.as_ref(),
+                    draft,
+                    checked.verdict,
+                    checked.reason,
+                    recheck,
+                    checked.nonce,
+                )
+                .await;
+        }
         let mut checked = self.check_payment(&request, now_ms);
         let mut claimed_key = None;
         if let Some(claim) = &checked.nonce {
@@ -444,29 +592,11 @@ impl Ra {
                 }
             }
         }
-        let verified = checked.verdict == Verdict::Verified;
-        let decision = decide_tier(verified, &request.factors, checked.scene);
-        let recorded = self.decide(
-            actor,
-            "verify_payment",
-            now_ms,
-            checked.customer.clone(),
-            Some(request.serial.clone()),
-            &request.intent_bytes,
-            &request.signature,
-            checked.verdict,
-            &checked.reason,
-            decision.tier,
-            decision.categories.iter().copied().collect(),
-            &request.factors,
-            request.transaction.amount_fen,
-            request.reserve && verified,
-            checked.nonce.as_ref(),
-        );
-        let result = match recorded {
-            Ok((decision, seq, reserving)) => self.decisions.durable(seq).await.map(|()| {
-                self.count(&decision, reserving);
-                decision
+        let draft = self.draft(actor, "verify_payment", now_ms, &checked, &request);
+        let result = match self.decide(draft, checked.verdict, &checked.reason) {
+            Ok((settled, seq)) => self.decisions.durable(seq).await.map(|()| {
+                self.count(&settled.decision, settled.reserving);
+                settled.decision
             }),
             Err(e) => Err(e),
         };
@@ -487,137 +617,200 @@ impl Ra {
         request.transaction.validate()?;
         validate_factors(&request.factors)?;
         let now_ms = self.clock.now_ms();
-        let decision = decide_tier(false, &request.factors, request.scene);
-        let (decision, seq, reserving) = self.decide(
-            actor,
-            "qualify_transaction",
+        let draft = Draft {
+            kind: "qualify_transaction",
+            actor: actor.clone(),
             now_ms,
-            Some(request.customer),
-            None,
-            &[],
-            &[],
-            Verdict::Verified,
-            "",
-            decision.tier,
-            decision.categories.iter().copied().collect(),
-            &request.factors,
-            request.transaction.amount_fen,
-            request.reserve,
-            None,
-        )?;
+            serial: None,
+            intent_b64: String::new(),
+            signature_b64: String::new(),
+            factors: request.factors.clone(),
+            scene: request.scene,
+            counts_certificate: false,
+            amount_fen: request.transaction.amount_fen,
+            reserve: request.reserve,
+            day: self.policy.ledger.day(now_ms),
+            accumulation: self.policy.ledger.accumulation,
+            ledger: Some(self.ledger_of(&request.customer, now_ms)),
+            customer: Some(request.customer),
+            nonce: None,
+        };
+        if let Some(shared) = self.shared.clone() {
+            return self
+                .decide_shared(
+                    shared.as_ref(),
+                    draft,
+                    Verdict::Verified,
+                    String::new(),
+                    None,
+                    None,
+                )
+                .await;
+        }
+        let (settled, seq) = self.decide(draft, Verdict::Verified, "")?;
         self.decisions.durable(seq).await?;
-        self.count(&decision, reserving);
-        Ok(decision)
+        self.count(&settled.decision, settled.reserving);
+        Ok(settled.decision)
     }
 
-    /// Appends the decision (evidence, nonce, reservation) to the decision log and builds the
-    /// answer. The answer may be given once the returned record number is durable; the flag
-    /// tells whether a reservation was asked for.
-    #[allow(clippy::too_many_arguments)]
-    fn decide(
+    /// The customer's limits and the keys of their four buckets on the day of `now_ms`.
+    fn ledger_of(&self, customer: &CustomerId, now_ms: i64) -> (TierLimits, [Vec<u8>; 4]) {
+        let day = self.policy.ledger.day(now_ms);
+        (
+            self.limits_for(customer),
+            Tier::ALL.map(|t| ledger_key(customer, &day, t)),
+        )
+    }
+
+    /// What a VerifyPayment decision records, from its checks.
+    fn draft(
         &self,
         actor: &Actor,
-        kind: &str,
+        kind: &'static str,
         now_ms: i64,
-        customer: Option<CustomerId>,
-        serial: Option<Serial>,
-        intent: &[u8],
-        signature: &[u8],
-        verdict: Verdict,
-        reason: &str,
-        tier: Tier,
-        categories: Vec<FactorCategory>,
-        factors: &[Factor],
-        amount_fen: i64,
-        reserve: bool,
-        nonce: Option<&NonceClaim>,
-    ) -> Result<(Decision, u64, bool)> {
-        let day = self.policy.ledger.day(now_ms);
-        let accumulation = self.policy.ledger.accumulation;
-        // The customer's limits and the keys of their buckets today, one per tier.
-        let ledger = customer.as_ref().map(|c| {
-            let buckets = Tier::ALL.map(|t| ledger_key(c, &day, t));
-            (self.limits_for(c), buckets)
-        });
-        let reserving = reserve && ledger.is_some();
-        let mut evidence = EvidenceRecord {
-            version: RECORD_VERSION,
-            evidence_id: String::new(),
-            kind: kind.to_string(),
-            recorded_at_ms: now_ms,
-            certificate_serial: serial,
-            customer_id: customer,
-            intent_b64: b64(intent),
-            signature_b64: b64(signature),
-            verdict: verdict.name().to_string(),
-            reason: reason.to_string(),
-            tier,
-            categories: categories.clone(),
-            factors: factors.to_vec(),
-            amount_fen,
-            reserved_fen: 0,
-            day: day.clone(),
-            released_at_ms: None,
-        };
-        let action = if kind == "verify_payment" {
-            "payment.verified"
-        } else {
-            "transaction.qualified"
-        };
-        let nonce = nonce.map(|n| (hex::encode(n.key()), n.expires_at_ms));
+        checked: &Checked,
+        request: &VerifyRequest,
+    ) -> Draft {
+        Draft {
+            kind,
+            actor: actor.clone(),
+            now_ms,
+            serial: Some(request.serial.clone()),
+            intent_b64: b64(&request.intent_bytes),
+            signature_b64: b64(&request.signature),
+            factors: request.factors.clone(),
+            scene: checked.scene,
+            counts_certificate: true,
+            amount_fen: request.transaction.amount_fen,
+            reserve: request.reserve,
+            day: self.policy.ledger.day(now_ms),
+            accumulation: self.policy.ledger.accumulation,
+            ledger: checked.customer.as_ref().map(|c| self.ledger_of(c, now_ms)),
+            customer: checked.customer.clone(),
+            nonce: checked
+                .nonce
+                .as_ref()
+                .map(|n| (hex::encode(n.key()), n.expires_at_ms)),
+        }
+    }
+
+    /// Appends the decision (evidence, nonce, reservation) to the decision log. The answer
+    /// may be given once the returned record number is durable.
+    fn decide(&self, draft: Draft, verdict: Verdict, reason: &str) -> Result<(Settled, u64)> {
         // Drawn before the log's lock, from the thread's CSPRNG (ChaCha, seeded by the OS):
         // a system call per decision under the lock would serialise the request threads.
         let random: [u8; 8] = rand::random();
-        let (seq, (evidence_id, reserved, assessment)) = self.decisions.append(|seq, books| {
+        let (seq, settled) = self.decisions.append(|seq, books| {
             // Checked and added under the log's lock: concurrent decisions for one customer
             // see each other's reservations in every ceiling they share.
-            let assessment = ledger.as_ref().map(|(limits, buckets)| {
-                Assessment::of(tier, amount_fen, accumulation, limits, |t| {
-                    books.used(&buckets[t.index()])
-                })
-            });
-            let reserved = match (&assessment, &ledger) {
-                (Some(assessment), Some((_, buckets))) if reserving && assessment.fits => {
-                    books.add_reservation(&buckets[tier.index()], amount_fen);
-                    true
-                }
-                _ => false,
-            };
-            evidence.evidence_id = evidence_id_for(seq, random);
-            evidence.reserved_fen = if reserved { amount_fen } else { 0 };
-            let mut outcome = format!("{} tier {}", verdict.name(), tier.letter());
-            if reserving {
-                let note = if reserved { "reserved" } else { "not reserved" };
-                outcome = format!("{outcome}; {note} {amount_fen} fen");
+            let buckets = draft.ledger.as_ref().map(|(_, buckets)| buckets);
+            let used = buckets.map(|b| Tier::ALL.map(|t| books.used(&b[t.index()])));
+            let settled = draft.settle(verdict, reason, evidence_id_for(seq, random), used)?;
+            if let (true, Some(buckets)) = (settled.reserved, buckets) {
+                books.add_reservation(&buckets[settled.decision.tier.index()], draft.amount_fen);
             }
-            let evidence_id = evidence.evidence_id.clone();
-            let record = LogRecord::Decision {
-                audit: AuditEvent::new(now_ms, actor, action, evidence_id.clone(), outcome),
-                evidence: Box::new(evidence),
-                nonce,
-            };
-            let json = serde_json::to_vec(&record)
+            let json = serde_json::to_vec(&settled.record)
                 .map_err(|e| Error::internal(format!("encoding a decision: {e}")))?;
-            Ok((json, (evidence_id, reserved, assessment)))
+            Ok((json, settled))
         })?;
-        let limit = assessment.map(|assessment| {
-            let fits = assessment.fits;
-            let after = if reserved {
-                assessment.after_adding(amount_fen)
-            } else {
-                assessment
-            };
-            LimitStatus::new(tier, after, fits, reserved, day)
-        });
-        let decision = Decision {
-            verdict,
-            reason: reason.to_string(),
-            tier,
-            categories,
-            limit,
-            evidence_id,
+        Ok((settled, seq))
+    }
+
+    /// Records the decision in the shared store: in its transaction the nonce is claimed
+    /// across every payra process, the certificate's revocation re-read (`recheck`), and the
+    /// reservation checked against the buckets as committed. Answers once committed.
+    async fn decide_shared(
+        &self,
+        shared: &dyn crate::store::SharedDecisions,
+        draft: Draft,
+        verdict: Verdict,
+        reason: String,
+        recheck: Option<Serial>,
+        nonce: Option<NonceClaim>,
+    ) -> Result<Decision> {
+        let slot: std::sync::Arc<std::sync::Mutex<Option<Settled>>> = Default::default();
+        let job = crate::store::DecisionJob {
+            now_ms: draft.now_ms,
+            recheck: recheck.clone(),
+            nonce: nonce.as_ref().map(|n| (n.key(), n.expires_at_ms)),
+            buckets: draft.ledger.as_ref().map(|(_, buckets)| buckets.clone()),
+            decide: {
+                let slot = slot.clone();
+                Box::new(move |context: &crate::store::DecisionContext| {
+                    let (mut verdict, mut reason) = (verdict, reason.clone());
+                    let mut draft = draft.clone();
+                    if let Some(serial) = recheck.as_ref().filter(|_| verdict == Verdict::Verified)
+                    {
+                        match context.certificate {
+                            None => {
+                                verdict = Verdict::UnknownCertificate;
+                                reason = format!(
+                                    "no certificate with serial {serial} was issued by payra"
+                                );
+                            }
+                            Some(Some(revocation)) => {
+                                verdict = Verdict::CertificateRevoked;
+                                reason = format!(
+                                    "certificate was revoked at {}, reason {}",
+                                    crate::model::moment(revocation.revoked_at_s),
+                                    revocation.reason.cli_name()
+                                );
+                            }
+                            Some(None) => {}
+                        }
+                    }
+                    if verdict == Verdict::Verified && context.replayed {
+                        verdict = Verdict::ReplayedNonce;
+                        reason = "this nonce was already used with this device key".into();
+                    }
+                    if verdict != Verdict::Verified {
+                        draft.nonce = None;
+                    }
+                    let settled = draft.settle(
+                        verdict,
+                        &reason,
+                        context.evidence_id.clone(),
+                        context.used,
+                    )?;
+                    let decided = crate::store::Decided {
+                        record: settled.record.clone(),
+                        reserve: settled
+                            .reserved
+                            .then(|| (settled.decision.tier.index(), draft.amount_fen)),
+                    };
+                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(settled);
+                    Ok(decided)
+                })
+            },
         };
-        Ok((decision, seq, reserving))
+        shared
+            .decide(job)
+            .await
+            .map_err(|_| Error::Unavailable("the decision writer has stopped".into()))??;
+        let settled = slot
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| Error::internal("a committed decision left no answer"))?;
+        self.count(&settled.decision, settled.reserving);
+        Ok(settled.decision)
+    }
+
+    /// Puts the certificate with `serial` into the cache from the store when the cache does
+    /// not have it (another payra process issued it).
+    async fn cache_from_store(&self, serial: &Serial) -> Result<()> {
+        if self.cache.get(serial).is_some() {
+            return Ok(());
+        }
+        let store = self.store.clone();
+        let serial = serial.clone();
+        let summary = tokio::task::spawn_blocking(move || store.certificate_summary(&serial))
+            .await
+            .map_err(|e| Error::internal(format!("reading a certificate: {e}")))??;
+        if let Some(summary) = summary {
+            self.cache.put_summary(&summary);
+        }
+        Ok(())
     }
 
     /// Counts a decision in the metrics, once it is durable.
@@ -639,6 +832,20 @@ impl Ra {
         }
     }
 
+    /// The decision recorded under `evidence_id` in the shared store, with its release time.
+    fn shared_evidence(
+        &self,
+        shared: &dyn crate::store::SharedDecisions,
+        evidence_id: &str,
+    ) -> Result<EvidenceRecord> {
+        if evidence_id.is_empty() || evidence_id.len() > 64 {
+            return Err(Error::invalid("evidence_id", "must be 1 to 64 characters"));
+        }
+        shared
+            .evidence(evidence_id)?
+            .ok_or_else(|| Error::NotFound(format!("no evidence with id {evidence_id}")))
+    }
+
     /// The decision recorded under `evidence_id` and its record number.
     fn decision_record(&self, evidence_id: &str) -> Result<(u64, EvidenceRecord)> {
         if evidence_id.is_empty() || evidence_id.len() > 64 {
@@ -658,7 +865,10 @@ impl Ra {
     /// Unknown id: `NotFound`; nothing reserved, already released, or reserved before
     /// yesterday (it counts for no limit any more): `FailedPrecondition`.
     pub fn release_reservation(&self, actor: &Actor, evidence_id: &str) -> Result<LimitStatus> {
-        let (decision_seq, record) = self.decision_record(evidence_id)?;
+        let (decision_seq, record) = match &self.shared {
+            Some(shared) => (0, self.shared_evidence(shared.as_ref(), evidence_id)?),
+            None => self.decision_record(evidence_id)?,
+        };
         let customer = match (&record.customer_id, record.reserved_fen) {
             (Some(customer), reserved) if reserved > 0 => customer.clone(),
             _ => {
@@ -680,6 +890,41 @@ impl Ra {
         let bucket = &buckets[record.tier.index()];
         let limits = self.limits_for(&customer);
         let accumulation = self.policy.ledger.accumulation;
+        if let Some(shared) = &self.shared {
+            let audit = AuditEvent::new(now_ms, actor, "reservation.released", evidence_id, "ok");
+            let used = match shared.release(evidence_id, &buckets, now_ms, &audit)? {
+                Ok(used) => used,
+                Err(ReleaseRejection::NotFound) => {
+                    return Err(Error::NotFound(format!(
+                        "no evidence with id {evidence_id}"
+                    )))
+                }
+                Err(ReleaseRejection::NothingReserved) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "evidence {evidence_id} reserved nothing"
+                    )))
+                }
+                Err(ReleaseRejection::AlreadyReleased { released_at_ms }) => {
+                    return Err(Error::FailedPrecondition(format!(
+                        "evidence {evidence_id} was already released at {}",
+                        crate::model::moment_ms(released_at_ms)
+                    )))
+                }
+            };
+            self.metrics
+                .reservations
+                .with_label_values(&["released"])
+                .inc();
+            let assessment =
+                Assessment::of(record.tier, 0, accumulation, &limits, |t| used[t.index()]);
+            return Ok(LimitStatus::new(
+                record.tier,
+                assessment,
+                true,
+                false,
+                record.day,
+            ));
+        }
         let (seq, assessment) = self.decisions.append(|_, books| {
             // Under the log's lock: a checkpoint may have let the day go since the check above.
             if !books.has_day(&record.day) {
@@ -732,22 +977,24 @@ impl Ra {
 
     /// Where `customer` stands today against the ceilings of each tier (A, B, C, D), and
     /// whether they have an agreed limit. Reads only: no evidence, no reservation.
-    pub fn limits_today(&self, customer: &CustomerId) -> (String, bool, Vec<LimitStatus>) {
+    pub fn limits_today(&self, customer: &CustomerId) -> Result<(String, bool, Vec<LimitStatus>)> {
         let day = self.policy.ledger.day(self.clock.now_ms());
         let agreed = self.agreed_limits.get(customer);
         let limits = self.policy.ledger.limits(agreed);
         let accumulation = self.policy.ledger.accumulation;
         let buckets = Tier::ALL.map(|t| ledger_key(customer, &day, t));
-        let statuses = self.decisions.with_books(|books| {
-            Tier::ALL.map(|tier| {
-                let assessment = Assessment::of(tier, 1, accumulation, &limits, |t| {
-                    books.used(&buckets[t.index()])
-                });
-                let fits = assessment.fits;
-                LimitStatus::new(tier, assessment, fits, false, day.clone())
-            })
+        let used = match &self.shared {
+            Some(shared) => shared.used(&buckets)?,
+            None => self
+                .decisions
+                .with_books(|books| buckets.clone().map(|bucket| books.used(&bucket))),
+        };
+        let statuses = Tier::ALL.map(|tier| {
+            let assessment = Assessment::of(tier, 1, accumulation, &limits, |t| used[t.index()]);
+            let fits = assessment.fits;
+            LimitStatus::new(tier, assessment, fits, false, day.clone())
         });
-        (day, agreed.is_some(), statuses.into())
+        Ok((day, agreed.is_some(), statuses.into()))
     }
 
     /// Sets a customer's agreed tier-A daily limit.
@@ -779,6 +1026,9 @@ impl Ra {
 
     /// The evidence stored under `evidence_id`, with its release time if it was released.
     pub fn evidence(&self, evidence_id: &str) -> Result<EvidenceRecord> {
+        if let Some(shared) = &self.shared {
+            return self.shared_evidence(shared.as_ref(), evidence_id);
+        }
         let (seq, mut record) = self.decision_record(evidence_id)?;
         record.released_at_ms = self.decisions.with_books(|books| books.released_at(seq));
         Ok(record)
@@ -787,6 +1037,9 @@ impl Ra {
     /// Forgets expired nonces (in memory; the decision log keeps its records); returns how
     /// many were purged.
     pub fn purge_expired_nonces(&self) -> Result<usize> {
+        if let Some(shared) = &self.shared {
+            return shared.purge_nonces(self.clock.now_ms());
+        }
         Ok(self.replay.purge(Moment::of(self.clock.as_ref())))
     }
 }

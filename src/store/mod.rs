@@ -162,6 +162,82 @@ pub type IssueReceiver = tokio::sync::oneshot::Receiver<Result<IssueOutcome>>;
 /// it, and before any later write can commit.
 pub type OnIssued = Box<dyn FnOnce() + Send>;
 
+/// What a shared decision store knows when it records one decision: the evidence id it
+/// gave it, and the state of the database inside the decision's transaction.
+#[derive(Debug, Clone)]
+pub struct DecisionContext {
+    pub evidence_id: String,
+    /// When [`DecisionJob::recheck`] asked for it: the certificate's revocation as committed
+    /// now (`Some(None)`: not revoked; `None`: no such certificate).
+    pub certificate: Option<Option<Revocation>>,
+    /// The nonce was claimed by an earlier decision (of any payra process).
+    pub replayed: bool,
+    /// What the customer's buckets of [`DecisionJob::buckets`] hold, before this decision.
+    pub used: Option<[i64; 4]>,
+}
+
+/// What the RA decided once it saw the [`DecisionContext`].
+#[derive(Debug)]
+pub struct Decided {
+    /// The decision record to append (a [`LogRecord::Decision`]).
+    pub record: LogRecord,
+    /// The bucket (index into [`DecisionJob::buckets`]) and amount to reserve.
+    pub reserve: Option<(usize, i64)>,
+}
+
+/// Decides a decision inside the store's transaction. Must be quick: it runs while the
+/// customer's buckets are locked. It may run more than once (a transaction the database
+/// aborted is tried again); the last run's answer is the one recorded.
+pub type DecideFn = Box<dyn Fn(&DecisionContext) -> Result<Decided> + Send + Sync>;
+
+/// One verification or qualification for a shared decision store to record atomically: the
+/// nonce claimed, the certificate re-checked, the reservation added if the RA's rules say it
+/// fits, the evidence appended.
+pub struct DecisionJob {
+    /// The RA's clock when it decided (a claim that expired before it may be taken again).
+    pub now_ms: i64,
+    pub recheck: Option<Serial>,
+    /// The (device key, nonce) claim key and when it may be forgotten.
+    pub nonce: Option<(Vec<u8>, i64)>,
+    /// The customer's four buckets today (tiers A, B, C, D), to read and lock.
+    pub buckets: Option<[Vec<u8>; 4]>,
+    pub decide: DecideFn,
+}
+
+/// Where a shared decision's commit is reported.
+pub type DecisionReceiver = tokio::sync::oneshot::Receiver<Result<()>>;
+
+/// Decisions, nonce claims and the daily ledger kept in a database that several payra
+/// processes share (PostgreSQL). The embedded store has none: its decision log and ledger
+/// live in the process ([`DecisionLog`]).
+pub trait SharedDecisions: Send + Sync {
+    /// Records `job` in a transaction (with others, batched); the receiver gets `Ok` once
+    /// it is committed. `job.decide` has run by then.
+    fn decide(&self, job: DecisionJob) -> DecisionReceiver;
+
+    /// Gives back the reservation of `evidence_id`, if it has one not yet given back, and
+    /// returns the four buckets' amounts after. Durable on return.
+    fn release(
+        &self,
+        evidence_id: &str,
+        buckets: &[Vec<u8>; 4],
+        now_ms: i64,
+        audit: &AuditEvent,
+    ) -> Result<std::result::Result<[i64; 4], ReleaseRejection>>;
+
+    /// The evidence recorded under `evidence_id`, with its release time.
+    fn evidence(&self, evidence_id: &str) -> Result<Option<EvidenceRecord>>;
+
+    /// What `buckets` hold now.
+    fn used(&self, buckets: &[Vec<u8>; 4]) -> Result<[i64; 4]>;
+
+    /// Forgets nonce claims that expired before `now_ms`; returns how many.
+    fn purge_nonces(&self, now_ms: i64) -> Result<usize>;
+
+    /// Checks every decision chain; returns the number of decisions checked.
+    fn verify_chains(&self) -> Result<std::result::Result<u64, String>>;
+}
+
 /// Persistent state of the RA and CA.
 pub trait Store: Send + Sync {
     /// Stores a new enrollment token under its hash. Durable on return.
@@ -368,6 +444,16 @@ pub trait Store: Send + Sync {
     /// Takes the next CRL number: strictly greater than every number taken before, across
     /// restarts, and at least `at_least`. Durable on return.
     fn next_crl_number(&self, at_least: u64) -> Result<u64>;
+
+    /// The summary of the certificate with `serial`, if payra issued it (a verification cache
+    /// miss: the certificate may have been issued by another payra process).
+    fn certificate_summary(&self, serial: &Serial) -> Result<Option<CertificateSummary>>;
+
+    /// The shared decision store, when decisions live in the database rather than in this
+    /// process's decision log.
+    fn shared_decisions(&self) -> Option<std::sync::Arc<dyn SharedDecisions>> {
+        None
+    }
 
     /// Storage syncs this process made since the store opened, for the metrics (0 where the
     /// database server makes them).

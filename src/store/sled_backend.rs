@@ -1000,6 +1000,13 @@ impl Store for SledStore {
         Ok(self.queue_async(job))
     }
 
+    fn certificate_summary(&self, serial: &Serial) -> Result<Option<CertificateSummary>> {
+        self.summaries
+            .get(serial.as_bytes())?
+            .map(|bytes| CertificateSummary::decode(serial.as_bytes(), &bytes))
+            .transpose()
+    }
+
     fn revocation_state(&self, serial: &Serial) -> Result<Option<Option<Revocation>>> {
         self.summaries
             .get(serial.as_bytes())?

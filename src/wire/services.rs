@@ -601,9 +601,11 @@ impl proto::admin_server::Admin for AdminService {
         request: Request<proto::GetLimitsRequest>,
     ) -> Result<Response<proto::GetLimitsResponse>, Status> {
         let customer = CustomerId::parse("customer_id", &request.into_inner().customer_id)?;
-        let (day, has_agreement, statuses) = self.ra.limits_today(&customer);
+        let ra = self.ra.clone();
+        let name = customer.to_string();
+        let (day, has_agreement, statuses) = blocking(move || ra.limits_today(&customer)).await?;
         Ok(Response::new(proto::GetLimitsResponse {
-            customer_id: customer.to_string(),
+            customer_id: name,
             day,
             has_agreement,
             tiers: statuses.into_iter().map(limit_to_proto).collect(),

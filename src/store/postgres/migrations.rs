@@ -11,10 +11,16 @@ use super::db_error;
 
 /// The migrations, in order; version `i + 1` is `MIGRATIONS[i]`. Never edit one that has
 /// shipped: add the next.
-const MIGRATIONS: &[(&str, &str)] = &[(
-    "initial schema",
-    include_str!("migrations/0001_initial.sql"),
-)];
+const MIGRATIONS: &[(&str, &str)] = &[
+    (
+        "initial schema",
+        include_str!("migrations/0001_initial.sql"),
+    ),
+    (
+        "shared decisions, nonces and ledger",
+        include_str!("migrations/0002_decisions.sql"),
+    ),
+];
 
 /// The schema version this payra runs on.
 pub const SCHEMA_VERSION: u32 = MIGRATIONS.len() as u32;

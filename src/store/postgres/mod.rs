@@ -11,10 +11,12 @@
 //! that runtime and waits for the answer, so it works from any thread, inside another
 //! runtime or not.
 
+mod decisions;
 mod migrations;
 #[doc(hidden)]
 pub mod testing;
 
+pub use decisions::PgDecisions;
 pub use migrations::{SchemaState, SCHEMA_VERSION};
 
 use std::future::Future;
@@ -47,6 +49,8 @@ pub struct PgStore {
     /// follow-up ([`OnIssued`]) ran: a certificate reaches the RA's memory before any later
     /// change to it made through this process does.
     write_turn: Arc<tokio::sync::Mutex<()>>,
+    /// Decisions, nonces and the ledger (started by [`PgStore::connect`]).
+    decisions: Option<Arc<PgDecisions>>,
 }
 
 impl Drop for PgStore {
@@ -305,10 +309,19 @@ impl PgStore {
     /// that it commits durably. An unmigrated or newer schema is refused with the command
     /// to run.
     pub fn connect(config: &StoreConfig) -> Result<PgStore> {
-        let store = PgStore::open_pool(config)?;
+        let mut store = PgStore::open_pool(config)?;
         let state = store.schema_state()?;
         state.require_current()?;
         store.check_durability()?;
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        store.decisions = Some(Arc::new(PgDecisions::start(
+            store.pool.clone(),
+            store.handle.clone(),
+            store.write_turn.clone(),
+            now_ms,
+        )));
         Ok(store)
     }
 
@@ -361,6 +374,7 @@ impl PgStore {
             runtime: Some(runtime),
             handle,
             write_turn: Arc::new(tokio::sync::Mutex::new(())),
+            decisions: None,
         })
     }
 
@@ -710,6 +724,32 @@ impl Store for PgStore {
                 row.map(|row| decode_json(row.get(0))).transpose()
             })
         })
+    }
+
+    fn certificate_summary(&self, serial: &Serial) -> Result<Option<CertificateSummary>> {
+        let serial = serial.clone();
+        self.read(move |client| {
+            Box::pin(async move {
+                let row = client
+                    .query_opt(
+                        "SELECT summary FROM certificates WHERE serial = $1",
+                        &[&serial.as_bytes()],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                row.map(|row| {
+                    let bytes: Vec<u8> = row.get(0);
+                    CertificateSummary::decode(serial.as_bytes(), &bytes)
+                })
+                .transpose()
+            })
+        })
+    }
+
+    fn shared_decisions(&self) -> Option<Arc<dyn super::SharedDecisions>> {
+        self.decisions
+            .clone()
+            .map(|d| d as Arc<dyn super::SharedDecisions>)
     }
 
     fn revocation_state(&self, serial: &Serial) -> Result<Option<Option<Revocation>>> {
