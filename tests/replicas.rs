@@ -1,0 +1,400 @@
+//! Three `payra serve` processes on one PostgreSQL database, behind no load balancer: the
+//! tests spread requests over them by hand. Each guarantee of the shared store is checked
+//! across processes: one token enrolls once, one signed intent verifies once, reservations
+//! never pass a daily limit, a revocation acknowledged by one replica is honoured by the next
+//! verification on every other. Skipped, and said so, without a test cluster
+//! (`scripts/test-postgres.sh`).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+
+use common::*;
+use payra::client::{encode_intent, random_nonce, Client, Credential, DeviceKey};
+use payra::store::postgres::testing;
+use payra::store::PgStore;
+use payra::wire::proto;
+use proto::Verdict;
+
+struct Replica {
+    child: Child,
+    url: String,
+    http: String,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Three replicas sharing one PKI and one fresh, migrated database.
+struct Replicas {
+    dir: tempfile::TempDir,
+    certs: std::path::PathBuf,
+    replicas: Vec<Replica>,
+}
+
+impl Replicas {
+    /// Starts three replicas, or returns `None` (skipped) without a test cluster.
+    fn start(test: &str) -> Option<Replicas> {
+        let store = testing::fresh_database(test)?;
+        PgStore::migrate(&store).expect("migrate");
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        payra::ca::init_dev_pki(&certs, false).unwrap();
+        let url = store.url.clone().unwrap();
+        let replicas = (0..3)
+            .map(|i| spawn(&certs, &dir.path().join(format!("data-{i}")), &url))
+            .collect();
+        Some(Replicas {
+            dir,
+            certs,
+            replicas,
+        })
+    }
+
+    async fn client(&self, replica: usize, credential: Credential) -> Client {
+        Client::connect(
+            &self.replicas[replica].url,
+            &self.certs.join("root.pem"),
+            &credential,
+        )
+        .await
+        .expect("client connects")
+    }
+
+    async fn service(&self, replica: usize) -> Client {
+        self.client(replica, Credential::role(&self.certs, "service"))
+            .await
+    }
+
+    async fn operator(&self, replica: usize) -> Client {
+        self.client(replica, Credential::role(&self.certs, "operator"))
+            .await
+    }
+
+    /// Enrolls a fresh key for `customer`/`device` through `replica`.
+    async fn enroll(
+        &self,
+        replica: usize,
+        customer: &str,
+        device: &str,
+    ) -> (DeviceKey, proto::EnrollResponse) {
+        let token = self
+            .service(replica)
+            .await
+            .create_enrollment_token(customer, 0)
+            .await
+            .unwrap()
+            .token;
+        let key = DeviceKey::generate();
+        let issued = self
+            .client(replica, Credential::None)
+            .await
+            .enroll(&token, key.csr_der(device).unwrap(), device, device_info())
+            .await
+            .expect("enroll");
+        (key, issued)
+    }
+}
+
+/// Starts `payra serve` on the database at `url` and waits for the line naming its ports.
+fn spawn(certs: &std::path::Path, data: &std::path::Path, url: &str) -> Replica {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_payra"))
+        .args([
+            "serve",
+            "--certs",
+            path_str(certs),
+            "--data",
+            path_str(data),
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--store-url",
+            url,
+        ])
+        .env(
+            "PAYRA_DB_PASSWORD",
+            std::env::var(testing::PASSWORD_VARIABLE).unwrap_or_default(),
+        )
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn payra serve");
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let (grpc, http) = loop {
+        let line = lines.next().expect("server exited before serving").unwrap();
+        let field = |name: &str| {
+            line.split(&format!("{name}="))
+                .nth(1)
+                .map(|rest| rest.split_whitespace().next().unwrap().to_string())
+        };
+        if let (Some(grpc), Some(http)) = (field("grpc_addr"), field("http_addr")) {
+            break (grpc, http);
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    let port = grpc.rsplit(':').next().unwrap().to_string();
+    Replica {
+        child,
+        url: format!("https://localhost:{port}"),
+        http: format!("http://{http}"),
+    }
+}
+
+fn intent(customer: &str, device: &str, order: &str, amount_fen: i64) -> proto::PaymentIntent {
+    proto::PaymentIntent {
+        customer_id: customer.into(),
+        device_id: device.into(),
+        merchant_id: "m-shop".into(),
+        order_id: order.into(),
+        amount_fen,
+        currency: "CNY".into(),
+        created_at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as i64,
+        nonce: random_nonce(),
+        scene: proto::Scene::InApp as i32,
+    }
+}
+
+fn request(
+    key: &DeviceKey,
+    serial: &str,
+    intent: &proto::PaymentIntent,
+    reserve: bool,
+) -> proto::VerifyPaymentRequest {
+    let bytes = encode_intent(intent);
+    proto::VerifyPaymentRequest {
+        signature: key.sign_intent(&bytes),
+        intent: bytes,
+        certificate_serial: serial.into(),
+        transaction: Some(proto::Transaction {
+            merchant_id: intent.merchant_id.clone(),
+            order_id: intent.order_id.clone(),
+            amount_fen: intent.amount_fen,
+            currency: intent.currency.clone(),
+        }),
+        factors: vec![],
+        reserve,
+    }
+}
+
+async fn verify(
+    client: &Client,
+    request: proto::VerifyPaymentRequest,
+) -> proto::VerifyPaymentResponse {
+    client
+        .verification()
+        .verify_payment(request)
+        .await
+        .expect("VerifyPayment answers")
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_enrolls_once_across_replicas() {
+    let Some(cluster) = Replicas::start("replicas::one_token_enrolls_once") else {
+        return;
+    };
+    let token = cluster
+        .service(0)
+        .await
+        .create_enrollment_token("c-token", 0)
+        .await
+        .unwrap()
+        .token;
+    let mut tasks = Vec::new();
+    for attempt in 0..9 {
+        let client = cluster.client(attempt % 3, Credential::None).await;
+        let token = token.clone();
+        tasks.push(tokio::spawn(async move {
+            let key = DeviceKey::generate();
+            let device = format!("phone-{attempt}");
+            client
+                .enroll(
+                    &token,
+                    key.csr_der(&device).unwrap(),
+                    &device,
+                    device_info(),
+                )
+                .await
+        }));
+    }
+    let mut issued = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(response) => issued.push(response.serial),
+            Err(status) => assert_eq!(
+                status.code(),
+                tonic::Code::FailedPrecondition,
+                "a used token is refused: {status:?}"
+            ),
+        }
+    }
+    assert_eq!(issued.len(), 1, "exactly one certificate: {issued:?}");
+    // Every replica knows the one certificate.
+    for replica in 0..3 {
+        let listed = cluster
+            .operator(replica)
+            .await
+            .admin()
+            .list_certificates(proto::ListCertificatesRequest {
+                customer_id: "c-token".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(listed.certificates.len(), 1);
+        assert_eq!(listed.certificates[0].serial, issued[0]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_intent_verifies_once_across_replicas() {
+    let Some(cluster) = Replicas::start("replicas::one_intent_verifies_once") else {
+        return;
+    };
+    let (key, issued) = cluster.enroll(0, "c-replay", "phone").await;
+    let signed = request(
+        &key,
+        &issued.serial,
+        &intent("c-replay", "phone", "o-1", 500),
+        false,
+    );
+    let mut tasks = Vec::new();
+    for attempt in 0..12 {
+        let client = cluster.service(attempt % 3).await;
+        let signed = signed.clone();
+        tasks.push(tokio::spawn(async move { verify(&client, signed).await }));
+    }
+    let mut verdicts = Vec::new();
+    for task in tasks {
+        verdicts.push(Verdict::try_from(task.await.unwrap().verdict).unwrap());
+    }
+    let verified = verdicts.iter().filter(|v| **v == Verdict::Verified).count();
+    assert_eq!(verified, 1, "{verdicts:?}");
+    assert!(
+        verdicts
+            .iter()
+            .all(|v| *v == Verdict::Verified || *v == Verdict::ReplayedNonce),
+        "{verdicts:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reservations_across_replicas_never_pass_the_daily_limit() {
+    let Some(cluster) = Replicas::start("replicas::reservations_never_pass") else {
+        return;
+    };
+    let (key, issued) = cluster.enroll(0, "c-limit", "phone").await;
+    let key = Arc::new(key);
+    // Tier C (certificate only): 100,000 fen a day; 30 payments of 20,000 over 3 replicas.
+    let mut tasks = Vec::new();
+    for n in 0..30 {
+        let client = cluster.service(n % 3).await;
+        let (key, serial) = (key.clone(), issued.serial.clone());
+        tasks.push(tokio::spawn(async move {
+            let i = intent("c-limit", "phone", &format!("o-{n}"), 20_000);
+            verify(&client, request(&key, &serial, &i, true)).await
+        }));
+    }
+    let mut reserved = 0;
+    for task in tasks {
+        let answer = task.await.unwrap();
+        assert_eq!(
+            answer.verdict,
+            Verdict::Verified as i32,
+            "{}",
+            answer.reason
+        );
+        let limit = answer.limit.unwrap();
+        if limit.reserved {
+            reserved += 1;
+        } else {
+            assert!(!limit.fits, "refused only when it does not fit");
+        }
+    }
+    assert_eq!(reserved, 5, "exactly the limit");
+    // Every replica sees the same ledger.
+    for replica in 0..3 {
+        let limits = cluster
+            .operator(replica)
+            .await
+            .admin()
+            .get_limits(proto::GetLimitsRequest {
+                customer_id: "c-limit".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let c = limits
+            .tiers
+            .iter()
+            .find(|t| t.tier == proto::Tier::C as i32)
+            .unwrap();
+        assert_eq!(c.used_fen, 100_000, "replica {replica}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_is_honoured_by_the_next_verification_on_every_replica() {
+    let Some(cluster) = Replicas::start("replicas::a_revocation_is_honoured") else {
+        return;
+    };
+    let (key, issued) = cluster.enroll(0, "c-revoke", "phone").await;
+    // Every replica has verified with the certificate: it is in each one's memory.
+    for replica in 0..3 {
+        let i = intent("c-revoke", "phone", &format!("warm-{replica}"), 100);
+        let answer = verify(
+            &cluster.service(replica).await,
+            request(&key, &issued.serial, &i, false),
+        )
+        .await;
+        assert_eq!(
+            answer.verdict,
+            Verdict::Verified as i32,
+            "{}",
+            answer.reason
+        );
+    }
+    cluster
+        .operator(0)
+        .await
+        .admin()
+        .revoke_certificate(proto::RevokeCertificateRequest {
+            serial: issued.serial.clone(),
+            reason: proto::RevocationReason::KeyCompromise as i32,
+        })
+        .await
+        .unwrap();
+    for replica in 0..3 {
+        let i = intent("c-revoke", "phone", &format!("after-{replica}"), 100);
+        let answer = verify(
+            &cluster.service(replica).await,
+            request(&key, &issued.serial, &i, true),
+        )
+        .await;
+        assert_eq!(
+            answer.verdict,
+            Verdict::CertificateRevoked as i32,
+            "replica {replica}: {}",
+            answer.reason
+        );
+        assert!(
+            !answer.limit.is_some_and(|l| l.reserved),
+            "a revoked certificate reserves nothing"
+        );
+    }
+    let _ = (&cluster.dir, &cluster.replicas[0].http);
+}
