@@ -33,6 +33,8 @@ pub struct RunningServer {
     http: JoinHandle<std::io::Result<()>>,
     crl_task: JoinHandle<()>,
     purge_task: JoinHandle<()>,
+    /// Applies other payra processes' changes (a shared store only).
+    changes_task: JoinHandle<()>,
     checkpoint_task: JoinHandle<()>,
     audit_head_task: JoinHandle<()>,
     store: Arc<dyn Store>,
@@ -256,6 +258,7 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
         let _ = http_stop_rx.await;
     }));
     let crl_task = tokio::spawn(keep_crl_current(ra.clone()));
+    let changes_task = tokio::spawn(follow_changes(ra.clone(), store.watch_changes()));
     let purge_task = tokio::spawn(retention_loop(
         ra.clone(),
         std::time::Duration::from_secs(u64::from(config.retention.interval_s.max(60))),
@@ -275,6 +278,7 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
         http,
         crl_task,
         purge_task,
+        changes_task,
         checkpoint_task,
         audit_head_task,
         store,
@@ -354,6 +358,23 @@ async fn keep_crl_current(ra: Arc<Ra>) {
     }
 }
 
+/// Brings this process's memory up to date with what other payra processes change in a
+/// shared store, as the store reports it.
+async fn follow_changes(
+    ra: Arc<Ra>,
+    changes: Option<tokio::sync::mpsc::UnboundedReceiver<crate::store::StoreChange>>,
+) {
+    let Some(mut changes) = changes else { return };
+    while let Some(change) = changes.recv().await {
+        let apply = ra.clone();
+        match tokio::task::spawn_blocking(move || apply.apply_store_change(change)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "applying another process's change failed"),
+            Err(e) => tracing::error!(error = %e, "the change task failed"),
+        }
+    }
+}
+
 impl RunningServer {
     /// Stops accepting, lets in-flight RPCs finish, and makes storage durable.
     pub async fn shutdown(mut self) -> Result<()> {
@@ -369,10 +390,12 @@ impl RunningServer {
         let http = self.http.await;
         self.crl_task.abort();
         self.purge_task.abort();
+        self.changes_task.abort();
         self.checkpoint_task.abort();
         self.audit_head_task.abort();
         let _ = self.crl_task.await;
         let _ = self.purge_task.await;
+        let _ = self.changes_task.await;
         let _ = self.checkpoint_task.await;
         let _ = self.audit_head_task.await;
         let ra = self.ra.clone();

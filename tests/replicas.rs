@@ -396,5 +396,133 @@ async fn a_revocation_is_honoured_by_the_next_verification_on_every_replica() {
             "a revoked certificate reserves nothing"
         );
     }
-    let _ = (&cluster.dir, &cluster.replicas[0].http);
+}
+
+/// Polls `check` until it holds, for at most 5 s; returns how long it took. What it waits for
+/// is a notification between processes: the delay this test measures.
+async fn converge<F, Fut>(what: &str, mut check: F) -> std::time::Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    loop {
+        if check().await {
+            return start.elapsed();
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(5),
+            "{what} did not happen within 5 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+fn crl_of(der: &[u8]) -> (u64, Vec<String>) {
+    use x509_parser::prelude::FromDer;
+    let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(der).unwrap();
+    let number = crl.crl_number().expect("CRL number");
+    let serials = crl
+        .iter_revoked_certificates()
+        .map(|entry| hex::encode(entry.raw_serial()))
+        .collect();
+    (
+        number.to_u64_digits().first().copied().unwrap_or(0),
+        serials,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_ocsp_and_crl_agree_across_replicas_after_a_change() {
+    let Some(cluster) = Replicas::start("replicas::status_ocsp_and_crl_agree") else {
+        return;
+    };
+    let (key, issued) = cluster.enroll(0, "c-agree", "phone").await;
+    let device_dir = write_device_dir(&cluster.dir.path().join("phone"), &key, &issued);
+    let leaf = device_dir.join("leaf.pem");
+    let status = |replica: usize| {
+        let serial = issued.serial.clone();
+        let client = cluster.service(replica);
+        async move {
+            client
+                .await
+                .verification()
+                .get_certificate_status(proto::GetCertificateStatusRequest { serial })
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+        }
+    };
+    // Replicas 1 and 2 never saw the enrollment: they read the certificate from the database.
+    for replica in 0..3 {
+        assert_eq!(
+            status(replica).await,
+            proto::CertificateStatus::Valid as i32
+        );
+    }
+    let mut numbers_before = Vec::new();
+    for replica in &cluster.replicas {
+        let (code, _, der) = http_get(&format!("{}/crl", replica.http)).await;
+        assert_eq!(code, 200);
+        numbers_before.push(crl_of(&der).0);
+    }
+    cluster
+        .operator(0)
+        .await
+        .admin()
+        .revoke_certificate(proto::RevokeCertificateRequest {
+            serial: issued.serial.clone(),
+            reason: proto::RevocationReason::KeyCompromise as i32,
+        })
+        .await
+        .unwrap();
+    for replica in 1..3 {
+        let lag = converge("the status change", || async {
+            status(replica).await == proto::CertificateStatus::Revoked as i32
+        })
+        .await;
+        eprintln!("replica {replica}: status revoked {lag:?} after the revocation's answer");
+    }
+    let mut numbers_after = Vec::new();
+    for (i, replica) in cluster.replicas.iter().enumerate() {
+        let url = format!("{}/crl", replica.http);
+        let lag = converge("the CRL change", || {
+            let url = url.clone();
+            let serial = issued.serial.to_lowercase();
+            async move {
+                let (_, _, der) = http_get(&url).await;
+                crl_of(&der).1.contains(&serial)
+            }
+        })
+        .await;
+        eprintln!("replica {i}: CRL lists the serial {lag:?} after the revocation's answer");
+        let (_, _, der) = http_get(&url).await;
+        numbers_after.push(crl_of(&der).0);
+        let (ok, text) = openssl(&[
+            "ocsp",
+            "-issuer",
+            path_str(&cluster.certs.join("issuing.pem")),
+            "-cert",
+            path_str(&leaf),
+            "-url",
+            &format!("{}/ocsp", replica.http),
+            "-CAfile",
+            path_str(&cluster.certs.join("root.pem")),
+        ]);
+        assert!(ok, "{text}");
+        assert!(text.contains(": revoked"), "replica {i}: {text}");
+    }
+    // CRL numbers come from one counter in the database: no two CRLs share one, and every
+    // CRL made after the change is numbered above every CRL made before it.
+    let mut all = numbers_before.clone();
+    all.extend(&numbers_after);
+    let mut distinct = all.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), all.len(), "CRL numbers repeat: {all:?}");
+    assert!(
+        numbers_after.iter().min() > numbers_before.iter().max(),
+        "{numbers_before:?} then {numbers_after:?}"
+    );
 }

@@ -63,6 +63,11 @@ impl ClientRegistry {
         }
     }
 
+    /// Takes `record`'s standing as the store holds it (changed by another payra process).
+    pub(crate) fn refresh(&self, record: &ClientCertificateRecord) {
+        self.set(record.serial.clone(), record.revocation.is_some());
+    }
+
     fn set(&self, serial: Serial, revoked: bool) {
         self.serials
             .write()

@@ -400,6 +400,59 @@ impl Ra {
     }
 
     /// Where a certificate stands now; from memory, no disk read.
+    /// Brings this process's memory (certificate cache, client registry, OCSP and CRL) up to
+    /// date with a change another payra process made in the shared store.
+    pub fn apply_store_change(&self, change: crate::store::StoreChange) -> Result<()> {
+        use crate::store::StoreChange;
+        match change {
+            StoreChange::Certificates(serials) => {
+                let _turn = self
+                    .revocation_cache_turn
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                for serial in &serials {
+                    match self.store.certificate_summary(serial)? {
+                        Some(summary) => {
+                            self.cache.put_summary(&summary);
+                            self.cache
+                                .set_revocation(std::slice::from_ref(serial), summary.revocation);
+                        }
+                        None => self.cache.remove(std::slice::from_ref(serial)),
+                    }
+                }
+            }
+            StoreChange::ClientCertificates(serials) => {
+                for serial in &serials {
+                    if let Some(record) = self.store.client_certificate(serial)? {
+                        self.clients.refresh(&record);
+                    }
+                }
+            }
+            StoreChange::Everything => {
+                let _turn = self
+                    .revocation_cache_turn
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
+                let mut count = 0usize;
+                self.store.for_each_certificate_summary(&mut |summary| {
+                    self.cache.put_summary(&summary);
+                    self.cache
+                        .set_revocation(std::slice::from_ref(&summary.serial), summary.revocation);
+                    count += 1;
+                })?;
+                for record in self.store.client_certificates()? {
+                    self.clients.refresh(&record);
+                }
+                tracing::info!(
+                    certificates = count,
+                    "reloaded revocation states after lost notifications"
+                );
+            }
+        }
+        self.publication.revocation_changed();
+        Ok(())
+    }
+
     pub fn certificate_status(&self, serial: &Serial) -> Result<StatusView> {
         let (not_before_s, not_after_s, revocation) = self
             .cache

@@ -796,10 +796,10 @@ impl Ra {
         Ok(settled.decision)
     }
 
-    /// Puts the certificate with `serial` into the cache from the store when the cache does
-    /// not have it (another payra process issued it).
-    async fn cache_from_store(&self, serial: &Serial) -> Result<()> {
-        if self.cache.get(serial).is_some() {
+    /// With a shared store, puts the certificate with `serial` into the cache from the store
+    /// when the cache does not have it (another payra process issued it).
+    pub async fn cache_from_store(&self, serial: &Serial) -> Result<()> {
+        if self.shared.is_none() || self.cache.standing(serial).is_some() {
             return Ok(());
         }
         let store = self.store.clone();

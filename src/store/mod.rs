@@ -238,6 +238,17 @@ pub trait SharedDecisions: Send + Sync {
     fn verify_chains(&self) -> Result<std::result::Result<u64, String>>;
 }
 
+/// A change another payra process made to state this process keeps in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreChange {
+    /// These device certificates were revoked, released, superseded or deleted.
+    Certificates(Vec<Serial>),
+    /// These client certificates were registered or revoked.
+    ClientCertificates(Vec<Serial>),
+    /// Anything may have changed (notifications were lost): reload.
+    Everything,
+}
+
 /// Persistent state of the RA and CA.
 pub trait Store: Send + Sync {
     /// Stores a new enrollment token under its hash. Durable on return.
@@ -452,6 +463,12 @@ pub trait Store: Send + Sync {
     /// The shared decision store, when decisions live in the database rather than in this
     /// process's decision log.
     fn shared_decisions(&self) -> Option<std::sync::Arc<dyn SharedDecisions>> {
+        None
+    }
+
+    /// Changes other payra processes make, for a store several processes share; `None` for
+    /// a store only this process writes. The receiver can be taken once.
+    fn watch_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<StoreChange>> {
         None
     }
 

@@ -475,6 +475,7 @@ impl proto::verification_server::Verification for VerificationService {
         request: Request<proto::GetCertificateStatusRequest>,
     ) -> Result<Response<proto::GetCertificateStatusResponse>, Status> {
         let serial = Serial::parse("serial", &request.into_inner().serial)?;
+        self.ra.cache_from_store(&serial).await?;
         let view = self.ra.certificate_status(&serial)?;
         Ok(Response::new(proto::GetCertificateStatusResponse {
             serial: serial.to_hex(),

@@ -11,6 +11,7 @@
 //! that runtime and waits for the answer, so it works from any thread, inside another
 //! runtime or not.
 
+mod changes;
 mod decisions;
 mod migrations;
 #[doc(hidden)]
@@ -51,6 +52,11 @@ pub struct PgStore {
     write_turn: Arc<tokio::sync::Mutex<()>>,
     /// Decisions, nonces and the ledger (started by [`PgStore::connect`]).
     decisions: Option<Arc<PgDecisions>>,
+    /// How to open a connection of our own (the change listener's).
+    pg_config: tokio_postgres::Config,
+    tls: Option<rustls::ClientConfig>,
+    /// Changes of other processes, until the RA takes the receiver.
+    changes: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<super::StoreChange>>>,
 }
 
 impl Drop for PgStore {
@@ -316,6 +322,20 @@ impl PgStore {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        // Listening before the RA loads anything: no change committed after the load is
+        // missed.
+        let (changes, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let (listening, listened) = std::sync::mpsc::sync_channel(1);
+        store.handle.spawn(changes::listen(
+            store.pg_config.clone(),
+            store.tls.clone(),
+            changes,
+            listening,
+        ));
+        listened
+            .recv()
+            .map_err(|_| Error::Unavailable("the change listener stopped".into()))??;
+        *store.changes.lock().unwrap_or_else(|p| p.into_inner()) = Some(receiver);
         store.decisions = Some(Arc::new(PgDecisions::start(
             store.pool.clone(),
             store.handle.clone(),
@@ -350,10 +370,12 @@ impl PgStore {
         let manager_config = ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         };
-        let manager = match &config.ca_file {
-            Some(ca_file) => Manager::from_config(
+        let tls = config.ca_file.as_deref().map(tls_config).transpose()?;
+        let pg_config = pg.clone();
+        let manager = match &tls {
+            Some(tls) => Manager::from_config(
                 pg,
-                tokio_postgres_rustls::MakeRustlsConnect::new(tls_config(ca_file)?),
+                tokio_postgres_rustls::MakeRustlsConnect::new(tls.clone()),
                 manager_config,
             ),
             None => Manager::from_config(pg, tokio_postgres::NoTls, manager_config),
@@ -375,6 +397,9 @@ impl PgStore {
             handle,
             write_turn: Arc::new(tokio::sync::Mutex::new(())),
             decisions: None,
+            pg_config,
+            tls,
+            changes: std::sync::Mutex::new(None),
         })
     }
 
@@ -746,6 +771,13 @@ impl Store for PgStore {
         })
     }
 
+    fn watch_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<super::StoreChange>> {
+        self.changes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
     fn shared_decisions(&self) -> Option<Arc<dyn super::SharedDecisions>> {
         self.decisions
             .clone()
@@ -907,6 +939,8 @@ impl Store for PgStore {
                     put_certificate(tx, record, false).await?;
                     put_revoked(tx, record).await?;
                 }
+                let serials: Vec<&Serial> = changed.iter().map(|r| &r.serial).collect();
+                changes::notify(tx, &serials, false).await?;
                 for record in &changed {
                     let mut event = audit.clone();
                     event.target = record.serial.to_hex();
@@ -936,6 +970,7 @@ impl Store for PgStore {
                 record.revocation = None;
                 put_certificate(tx, &record, false).await?;
                 put_revoked(tx, &record).await?;
+                changes::notify(tx, &[&record.serial], false).await?;
                 append_audit(tx, &audit).await?;
                 Ok(Committed::Yes(Ok(record)))
             })
@@ -971,6 +1006,7 @@ impl Store for PgStore {
                 if !put_certificate(tx, &new, true).await? {
                     return Err(Error::internal("random serial collided"));
                 }
+                changes::notify(tx, &[&record.serial], false).await?;
                 append_audit(tx, &audit).await?;
                 Ok(Committed::Yes(Ok(())))
             })
@@ -1140,6 +1176,7 @@ impl Store for PgStore {
                 if rows == 0 {
                     return Ok(Committed::No(false));
                 }
+                changes::notify(tx, &[&record.serial], true).await?;
                 append_audit(tx, &audit).await?;
                 Ok(Committed::Yes(true))
             })
@@ -1223,6 +1260,7 @@ impl Store for PgStore {
                 )
                 .await
                 .map_err(db_error)?;
+                changes::notify(tx, &[&serial], true).await?;
                 append_audit(tx, &audit).await?;
                 Ok(Committed::Yes(Ok(())))
             })
@@ -1271,6 +1309,11 @@ impl Store for PgStore {
                 tx.execute("DELETE FROM revoked WHERE serial = ANY($1)", &[&serials])
                     .await
                     .map_err(db_error)?;
+                let parsed = serials
+                    .iter()
+                    .map(|bytes| serial_of(bytes))
+                    .collect::<Result<Vec<_>>>()?;
+                changes::notify(tx, &parsed.iter().collect::<Vec<_>>(), false).await?;
                 let mut event = audit;
                 event.outcome = format!("{} certificate records", serials.len());
                 append_audit(tx, &event).await?;
