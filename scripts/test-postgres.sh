@@ -4,6 +4,8 @@
 #   eval "$(scripts/test-postgres.sh start)"   # prints the variables the tests read
 #   cargo test
 #   scripts/test-postgres.sh stop              # stops it and deletes its directory
+#   scripts/test-postgres.sh halt|resume       # stops and starts the server, keeping its data
+#                                              # and port (the fault tests use their own cluster)
 #
 # Needs Debian's `postgresql` package (initdb, pg_ctl). Run as root, the cluster runs as the
 # `postgres` user. Password authentication (SCRAM) on 127.0.0.1 only.
@@ -37,6 +39,12 @@ free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+run_server() {
+    as_owner "$1/pg_ctl" -D "$state/data" -l "$state/server.log" -w -t 60 start \
+        -o "-c listen_addresses=127.0.0.1 -c port=$2 -c unix_socket_directories=$state \
+            -c max_connections=400 -c shared_buffers=128MB" >/dev/null
+}
+
 start() {
     local bin port password
     bin=$(bin_dir)
@@ -55,9 +63,7 @@ start() {
         --auth-host=scram-sha-256 --auth-local=trust -E UTF8 --no-instructions >"$state/initdb.log"
     for attempt in 1 2 3 4 5; do
         port=$(free_port)
-        if as_owner "$bin/pg_ctl" -D "$state/data" -l "$state/server.log" -w -t 60 start \
-            -o "-c listen_addresses=127.0.0.1 -c port=$port -c unix_socket_directories=$state \
-                -c max_connections=400 -c shared_buffers=128MB" >/dev/null; then
+        if run_server "$bin" "$port"; then
             break
         fi
         port=
@@ -66,6 +72,7 @@ start() {
         echo "PostgreSQL did not start; see $state/server.log" >&2
         exit 1
     fi
+    echo "$port" >"$state/port"
     {
         echo "export PAYRA_TEST_POSTGRES_URL=postgres://postgres@127.0.0.1:$port/postgres"
         echo "export PAYRA_TEST_POSTGRES_PASSWORD=$password"
@@ -84,11 +91,21 @@ stop() {
     rm -rf "$state"
 }
 
+halt() {
+    as_owner "$(bin_dir)/pg_ctl" -D "$state/data" -m fast -w stop >/dev/null
+}
+
+resume() {
+    run_server "$(bin_dir)" "$(cat "$state/port")"
+}
+
 case "${1:-}" in
 start) start ;;
 stop) stop ;;
+halt) halt ;;
+resume) resume ;;
 *)
-    echo "usage: $0 start|stop" >&2
+    echo "usage: $0 start|stop|halt|resume" >&2
     exit 2
     ;;
 esac

@@ -187,3 +187,200 @@ fn fail_a_password_in_the_url_is_refused() {
         "the password is not echoed: {message}"
     );
 }
+
+/// A PostgreSQL cluster of one test's own, which it may stop and start
+/// (`scripts/test-postgres.sh` in a temporary directory); removed when dropped.
+struct OwnCluster {
+    dir: tempfile::TempDir,
+    url: String,
+    password: String,
+}
+
+impl OwnCluster {
+    fn script(dir: &std::path::Path, command: &str) -> std::process::Output {
+        let output = std::process::Command::new("bash")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/test-postgres.sh"
+            ))
+            .arg(command)
+            .env("PAYRA_TEST_POSTGRES_DIR", dir.join("cluster"))
+            .output()
+            .expect("run scripts/test-postgres.sh");
+        assert!(
+            output.status.success(),
+            "test-postgres.sh {command}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        output
+    }
+
+    /// Starts one, or returns `None` (skipped) where the PostgreSQL tests do not run.
+    fn start(test: &str) -> Option<OwnCluster> {
+        testing::cluster_url(test)?;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let output = OwnCluster::script(dir.path(), "start");
+        let exports = String::from_utf8(output.stdout).unwrap();
+        let value = |name: &str| {
+            exports
+                .lines()
+                .find_map(|line| line.strip_prefix(&format!("export {name}=")))
+                .unwrap_or_else(|| panic!("{name} in {exports}"))
+                .to_string()
+        };
+        Some(OwnCluster {
+            url: value(testing::URL_VARIABLE),
+            password: value(testing::PASSWORD_VARIABLE),
+            dir,
+        })
+    }
+
+    /// A fresh, migrated database whose password comes from a file.
+    fn database(&self, test: &str) -> StoreConfig {
+        let password_file = self.dir.path().join("db-password");
+        std::fs::write(&password_file, &self.password).unwrap();
+        std::fs::set_permissions(
+            &password_file,
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+        let config = StoreConfig {
+            backend: payra::config::Backend::Postgres,
+            url: Some(testing::create_database(
+                &self.url,
+                Some(&self.password),
+                test,
+            )),
+            password_file: Some(password_file),
+            password_env: "PAYRA_TEST_UNSET_PASSWORD".into(),
+            pool_size: 4,
+            ..StoreConfig::default()
+        };
+        PgStore::migrate(&config).expect("migrate");
+        config
+    }
+
+    fn halt(&self) {
+        OwnCluster::script(self.dir.path(), "halt");
+    }
+
+    fn resume(&self) {
+        OwnCluster::script(self.dir.path(), "resume");
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/scripts/test-postgres.sh"
+            ))
+            .arg("stop")
+            .env("PAYRA_TEST_POSTGRES_DIR", self.dir.path().join("cluster"))
+            .output();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_a_stopped_database_gives_unavailable_and_payra_recovers_on_its_own() {
+    let name = "postgres::fail_a_stopped_database_gives_unavailable";
+    let Some(cluster) = OwnCluster::start(name) else {
+        return;
+    };
+    let store = cluster.database(name);
+    let server = TestServer::start_with(move |config| config.store = store).await;
+    let (key, issued) = server.enroll("c-down", "phone").await;
+    let paid = pay(&server, &key, &issued, "c-down", "phone").await;
+    assert_eq!(
+        paid.verdict,
+        proto::Verdict::Verified as i32,
+        "{}",
+        paid.reason
+    );
+
+    cluster.halt();
+    let service = server.service().await;
+    let refused = service.create_enrollment_token("c-down", 0).await;
+    assert_eq!(
+        refused.expect_err("no token without a database").code(),
+        tonic::Code::Unavailable
+    );
+    let intent = proto::PaymentIntent {
+        customer_id: "c-down".into(),
+        device_id: "phone".into(),
+        merchant_id: "m".into(),
+        order_id: "o-down".into(),
+        amount_fen: 100,
+        currency: "CNY".into(),
+        created_at_ms: server.clock.now_ms(),
+        nonce: random_nonce(),
+        scene: proto::Scene::InApp as i32,
+    };
+    let bytes = encode_intent(&intent);
+    let request = proto::VerifyPaymentRequest {
+        signature: key.sign_intent(&bytes),
+        intent: bytes,
+        certificate_serial: issued.serial.clone(),
+        transaction: Some(proto::Transaction {
+            merchant_id: "m".into(),
+            order_id: "o-down".into(),
+            amount_fen: 100,
+            currency: "CNY".into(),
+        }),
+        factors: vec![],
+        reserve: true,
+    };
+    let refused = service
+        .verification()
+        .verify_payment(request.clone())
+        .await
+        .expect_err("no verification without a database");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    let (code, _, body) = http_get(&server.http_url("/readyz")).await;
+    let body = String::from_utf8_lossy(&body).to_string();
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("database is unavailable"), "{body}");
+
+    // Back again: the same request is answered without a restart (its nonce was never
+    // claimed: the failed transaction wrote nothing).
+    cluster.resume();
+    let started = std::time::Instant::now();
+    let answer = loop {
+        match service.verification().verify_payment(request.clone()).await {
+            Ok(answer) => break answer.into_inner(),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(20),
+                    "payra did not recover within 20 s: {status:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(
+        answer.verdict,
+        proto::Verdict::Verified as i32,
+        "{}",
+        answer.reason
+    );
+    let (code, _, _) = http_get(&server.http_url("/readyz")).await;
+    assert_eq!(code, 200);
+    eprintln!(
+        "recovered {:?} after the database came back",
+        started.elapsed()
+    );
+    let reader = PgStore::connect(&server.config.store).unwrap();
+    let shared = reader.shared_decisions().unwrap();
+    assert_eq!(
+        shared.verify_chains().unwrap(),
+        Ok(2),
+        "both decisions, chained"
+    );
+}

@@ -34,6 +34,7 @@ impl Drop for Replica {
 /// Three replicas sharing one PKI and one fresh, migrated database.
 struct Replicas {
     dir: tempfile::TempDir,
+    url: String,
     certs: std::path::PathBuf,
     replicas: Vec<Replica>,
 }
@@ -52,6 +53,7 @@ impl Replicas {
             .collect();
         Some(Replicas {
             dir,
+            url,
             certs,
             replicas,
         })
@@ -345,6 +347,25 @@ async fn reservations_across_replicas_never_pass_the_daily_limit() {
             .unwrap();
         assert_eq!(c.used_fen, 100_000, "replica {replica}");
     }
+    // The chains in the database check out while the three replicas run.
+    let output = Command::new(env!("CARGO_BIN_EXE_payra"))
+        .args(["audit", "verify", "--store-url", &cluster.url])
+        .env(
+            "PAYRA_DB_PASSWORD",
+            std::env::var(testing::PASSWORD_VARIABLE).unwrap_or_default(),
+        )
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        text.contains("decision chains: 30 decisions intact"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

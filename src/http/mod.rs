@@ -79,7 +79,17 @@ async fn readyz(State(state): State<HttpState>) -> Response {
         Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "not ready");
-            (StatusCode::SERVICE_UNAVAILABLE, "not ready\n").into_response()
+            // The reason for a load balancer's log and an operator's curl: an unavailable
+            // dependency is named; an internal fault's details stay in the server's log.
+            let reason = match &e {
+                crate::error::Error::Unavailable(why) => why.clone(),
+                _ => "an internal error (see the server log)".to_string(),
+            };
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n"),
+            )
+                .into_response()
         }
         Err(e) => {
             tracing::error!(error = %e, "readiness task failed");

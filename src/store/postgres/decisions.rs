@@ -45,6 +45,14 @@ pub struct PgDecisions {
     write_turn: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// The writer's chain: its id once created, and its head as last committed (`None` after a
+/// failed commit, whose outcome may be either: it is read back before the next batch).
+#[derive(Default)]
+struct WriterState {
+    id: Option<i64>,
+    head: Option<ChainHead>,
+}
+
 /// Where this process's chain stands.
 #[derive(Clone, Copy)]
 struct ChainHead {
@@ -105,7 +113,7 @@ async fn writer(
     mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>,
     started_at_ms: i64,
 ) {
-    let mut head: Option<ChainHead> = None;
+    let mut head = WriterState::default();
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -148,13 +156,31 @@ async fn writer(
 /// Records `batch` in one transaction; moves `head` only once it is committed.
 async fn commit(
     pool: &Pool,
-    head_out: &mut Option<ChainHead>,
+    state: &mut WriterState,
     started_at_ms: i64,
     batch: &[Pending],
 ) -> Result<()> {
-    let start = match *head_out {
-        Some(head) => head,
-        None => {
+    let known = state.head.take();
+    let start = match (known, state.id) {
+        (Some(head), _) => head,
+        (None, Some(id)) => {
+            let client = pool.get().await.map_err(pool_error)?;
+            let row = client
+                .query_one(
+                    "SELECT seq, hash FROM decision_chains WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .map_err(db_error)?;
+            let hash: Vec<u8> = row.get(1);
+            ChainHead {
+                id,
+                seq: row.get(0),
+                hash: <[u8; 32]>::try_from(hash.as_slice())
+                    .map_err(|_| Error::internal("a decision chain's hash is not 32 bytes"))?,
+            }
+        }
+        (None, None) => {
             let client = pool.get().await.map_err(pool_error)?;
             let id: i64 = client
                 .query_one(
@@ -169,7 +195,7 @@ async fn commit(
                 seq: 0,
                 hash: GENESIS_HASH,
             };
-            *head_out = Some(fresh);
+            state.id = Some(id);
             fresh
         }
     };
@@ -361,7 +387,7 @@ async fn commit(
         .await
         .map_err(db_error)?;
         tx.commit().await.map_err(db_error)?;
-        *head_out = Some(head);
+        state.head = Some(head);
         Ok(())
     }
 }

@@ -58,6 +58,19 @@ pub fn with_database(url: &str, database: &str) -> String {
 /// configuration for it (unmigrated), or `None` when there is no test cluster.
 pub fn fresh_database(test: &str) -> Option<StoreConfig> {
     let url = cluster_url(test)?;
+    let password = std::env::var(PASSWORD_VARIABLE).ok();
+    Some(StoreConfig {
+        backend: Backend::Postgres,
+        url: Some(create_database(&url, password.as_deref(), test)),
+        password_env: PASSWORD_VARIABLE.into(),
+        pool_size: 8,
+        ..StoreConfig::default()
+    })
+}
+
+/// Creates an empty database named after `test` through `admin_url` (whose user may create
+/// databases); returns its URL.
+pub fn create_database(admin_url: &str, password: Option<&str>, test: &str) -> String {
     let mut name: String = test
         .chars()
         .map(|c| {
@@ -71,16 +84,16 @@ pub fn fresh_database(test: &str) -> Option<StoreConfig> {
     name.truncate(40);
     let name = format!("t_{name}_{}", hex::encode(rand::random::<[u8; 6]>()));
     // On a thread of its own: the caller may be inside a runtime.
-    let (admin_url, create) = (url.clone(), format!("CREATE DATABASE {name}"));
+    let (url, create) = (admin_url.to_string(), format!("CREATE DATABASE {name}"));
+    let password = password.map(str::to_string);
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .expect("a runtime for the test database");
         runtime.block_on(async {
-            let mut config: tokio_postgres::Config =
-                admin_url.parse().expect("the test cluster's URL");
-            if let Ok(password) = std::env::var(PASSWORD_VARIABLE) {
+            let mut config: tokio_postgres::Config = url.parse().expect("the cluster's URL");
+            if let Some(password) = password {
                 config.password(password);
             }
             let (client, connection) = config
@@ -96,13 +109,7 @@ pub fn fresh_database(test: &str) -> Option<StoreConfig> {
     })
     .join()
     .expect("creating a test database");
-    Some(StoreConfig {
-        backend: Backend::Postgres,
-        url: Some(with_database(&url, &name)),
-        password_env: PASSWORD_VARIABLE.into(),
-        pool_size: 8,
-        ..StoreConfig::default()
-    })
+    with_database(admin_url, &name)
 }
 
 /// A migrated store on a fresh database, or `None` when there is no test cluster.
