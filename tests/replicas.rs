@@ -547,3 +547,187 @@ async fn status_ocsp_and_crl_agree_across_replicas_after_a_change() {
         "{numbers_before:?} then {numbers_after:?}"
     );
 }
+
+#[derive(Default)]
+struct Acked {
+    certificates: Vec<(String, String)>, // (serial, token)
+    revocations: Vec<String>,
+    reservations: Vec<String>, // evidence ids of 1-fen reservations
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_one_replica_loses_nothing_and_the_others_keep_serving() {
+    let Some(mut cluster) = Replicas::start("replicas::sigkill_of_one_replica") else {
+        return;
+    };
+    let (payer_key, payer) = cluster.enroll(1, "payer", "payer-phone").await;
+    let payer_key = Arc::new(payer_key);
+    let acked = Arc::new(std::sync::Mutex::new(Acked::default()));
+    let progress = Arc::new(tokio::sync::Notify::new());
+    let mut workers = Vec::new();
+    // Nine workers, three per replica: enroll, enroll and revoke, pay with a reservation.
+    for worker in 0..9usize {
+        let replica = worker % 3;
+        let service = cluster.service(replica).await;
+        let operator = cluster.operator(replica).await;
+        let phone = cluster.client(replica, Credential::None).await;
+        let (acked, progress) = (acked.clone(), progress.clone());
+        let (payer_key, payer_serial) = (payer_key.clone(), payer.serial.clone());
+        workers.push(tokio::spawn(async move {
+            let mut failures = 0;
+            for i in 0..40 {
+                let done: Result<(), tonic::Status> = async {
+                    match worker / 3 {
+                        0 | 1 => {
+                            let token = service
+                                .create_enrollment_token(&format!("c{worker}"), 0)
+                                .await?
+                                .token;
+                            let device = format!("d{worker}-{i}");
+                            let key = DeviceKey::generate();
+                            let issued = phone
+                                .enroll(
+                                    &token,
+                                    key.csr_der(&device).unwrap(),
+                                    &device,
+                                    device_info(),
+                                )
+                                .await?;
+                            acked
+                                .lock()
+                                .unwrap()
+                                .certificates
+                                .push((issued.serial.clone(), token));
+                            if worker / 3 == 1 {
+                                operator
+                                    .admin()
+                                    .revoke_certificate(proto::RevokeCertificateRequest {
+                                        serial: issued.serial.clone(),
+                                        reason: proto::RevocationReason::KeyCompromise as i32,
+                                    })
+                                    .await?;
+                                acked.lock().unwrap().revocations.push(issued.serial);
+                            }
+                        }
+                        _ => {
+                            let i = intent("payer", "payer-phone", &format!("o{worker}-{i}"), 1);
+                            let answer = service
+                                .verification()
+                                .verify_payment(request(&payer_key, &payer_serial, &i, true))
+                                .await?
+                                .into_inner();
+                            assert!(answer.limit.as_ref().unwrap().reserved, "{}", answer.reason);
+                            acked.lock().unwrap().reservations.push(answer.evidence_id);
+                        }
+                    }
+                    Ok(())
+                }
+                .await;
+                progress.notify_one();
+                if let Err(status) = done {
+                    assert_eq!(replica, 0, "replica {replica} failed: {status:?}");
+                    failures += 1;
+                    if failures > 3 {
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    loop {
+        let enough = {
+            let a = acked.lock().unwrap();
+            a.certificates.len() >= 30 && a.revocations.len() >= 10 && a.reservations.len() >= 20
+        };
+        if enough {
+            break;
+        }
+        progress.notified().await;
+    }
+    cluster.replicas[0].child.kill().expect("SIGKILL");
+    cluster.replicas[0].child.wait().unwrap();
+    for worker in workers {
+        worker.await.expect("the replicas that live keep serving");
+    }
+    let acked = std::mem::take(&mut *acked.lock().unwrap());
+
+    // Everything any replica acknowledged, the dead one included, is there on the others.
+    let operator = cluster.operator(2).await;
+    let phone = cluster.client(1, Credential::None).await;
+    let service = cluster.service(2).await;
+    let mut serials = std::collections::HashSet::new();
+    for (serial, token) in &acked.certificates {
+        assert!(
+            serials.insert(serial.clone()),
+            "serial {serial} issued twice"
+        );
+        operator
+            .admin()
+            .get_certificate(proto::GetCertificateRequest {
+                serial: serial.clone(),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("certificate {serial} lost: {status:?}"));
+        let reuse = phone
+            .enroll(
+                token,
+                DeviceKey::generate().csr_der("x").unwrap(),
+                "reuse",
+                device_info(),
+            )
+            .await
+            .expect_err("a used token works twice");
+        assert_eq!(reuse.code(), tonic::Code::FailedPrecondition);
+    }
+    for serial in &acked.revocations {
+        let status = service
+            .verification()
+            .get_certificate_status(proto::GetCertificateStatusRequest {
+                serial: serial.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            status.status,
+            proto::CertificateStatus::Revoked as i32,
+            "{serial}"
+        );
+    }
+    for evidence_id in &acked.reservations {
+        let evidence = operator
+            .admin()
+            .get_evidence(proto::GetEvidenceRequest {
+                evidence_id: evidence_id.clone(),
+            })
+            .await
+            .unwrap_or_else(|status| panic!("evidence {evidence_id} lost: {status:?}"))
+            .into_inner();
+        assert_eq!(evidence.reserved_fen, 1);
+    }
+    let limits = operator
+        .admin()
+        .get_limits(proto::GetLimitsRequest {
+            customer_id: "payer".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let c = limits
+        .tiers
+        .iter()
+        .find(|t| t.tier == proto::Tier::C as i32)
+        .unwrap();
+    assert!(
+        c.used_fen >= acked.reservations.len() as i64,
+        "the ledger holds every acknowledged reservation: {} < {}",
+        c.used_fen,
+        acked.reservations.len()
+    );
+    eprintln!(
+        "acknowledged: {} certificates, {} revocations, {} reservations; none lost",
+        acked.certificates.len(),
+        acked.revocations.len(),
+        acked.reservations.len()
+    );
+}

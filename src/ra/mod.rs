@@ -399,7 +399,6 @@ impl Ra {
             .ok_or_else(|| Error::NotFound(format!("no certificate with serial {serial}")))
     }
 
-    /// Where a certificate stands now; from memory, no disk read.
     /// Brings this process's memory (certificate cache, client registry, OCSP and CRL) up to
     /// date with a change another payra process made in the shared store.
     pub fn apply_store_change(&self, change: crate::store::StoreChange) -> Result<()> {
@@ -453,6 +452,12 @@ impl Ra {
         Ok(())
     }
 
+    /// Where the certificate of `record` stands now.
+    pub fn status_of(&self, record: &CertificateRecord) -> StatusView {
+        StatusView::of(record, self.clock.now_s())
+    }
+
+    /// Where a certificate stands now; from memory, no disk read.
     pub fn certificate_status(&self, serial: &Serial) -> Result<StatusView> {
         let (not_before_s, not_after_s, revocation) = self
             .cache

@@ -521,8 +521,9 @@ impl proto::admin_server::Admin for AdminService {
         request: Request<proto::GetCertificateRequest>,
     ) -> Result<Response<proto::CertificateRecord>, Status> {
         let serial = Serial::parse("serial", &request.into_inner().serial)?;
-        let record = self.ra.certificate(&serial)?;
-        let view = self.ra.certificate_status(&serial)?;
+        let ra = self.ra.clone();
+        let record = blocking(move || ra.certificate(&serial)).await?;
+        let view = self.ra.status_of(&record);
         Ok(Response::new(record_to_proto(record, &view)))
     }
 
@@ -576,7 +577,7 @@ impl proto::admin_server::Admin for AdminService {
         let serial = Serial::parse("serial", &request.into_inner().serial)?;
         let ra = self.ra.clone();
         let record = blocking(move || ra.unhold_certificate(&actor, &serial)).await?;
-        let view = self.ra.certificate_status(&record.serial)?;
+        let view = self.ra.status_of(&record);
         Ok(Response::new(record_to_proto(record, &view)))
     }
 
