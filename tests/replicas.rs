@@ -731,3 +731,69 @@ async fn sigkill_of_one_replica_loses_nothing_and_the_others_keep_serving() {
         acked.reservations.len()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_key_is_certified_for_one_device_across_replicas() {
+    let Some(cluster) = Replicas::start("replicas::one_key_one_device") else {
+        return;
+    };
+    let enroll_key = |replica: usize, key: Arc<DeviceKey>, customer: &str, device: &str| {
+        let (customer, device) = (customer.to_string(), device.to_string());
+        let service = cluster.service(replica);
+        let phone = cluster.client(replica, Credential::None);
+        async move {
+            let token = service
+                .await
+                .create_enrollment_token(&customer, 0)
+                .await
+                .unwrap()
+                .token;
+            phone
+                .await
+                .enroll(
+                    &token,
+                    key.csr_der(&device).unwrap(),
+                    &device,
+                    device_info(),
+                )
+                .await
+        }
+    };
+    // Certified on one replica, refused for someone else on another.
+    let key = Arc::new(DeviceKey::generate());
+    let first = enroll_key(0, key.clone(), "c-key-1", "phone")
+        .await
+        .unwrap();
+    let refused = enroll_key(1, key.clone(), "c-key-2", "phone")
+        .await
+        .expect_err("another customer may not certify the key");
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+
+    // The same fresh key enrolled for two customers at once, on two replicas: one wins.
+    for round in 0..5 {
+        let key = Arc::new(DeviceKey::generate());
+        let (a, b) = tokio::join!(
+            enroll_key(1, key.clone(), &format!("c-race-a{round}"), "phone"),
+            enroll_key(2, key.clone(), &format!("c-race-b{round}"), "phone"),
+        );
+        let wins = [a.is_ok(), b.is_ok()].iter().filter(|ok| **ok).count();
+        assert_eq!(wins, 1, "round {round}: {a:?} / {b:?}");
+    }
+
+    // A compromise reported on one replica closes the key on every other.
+    cluster
+        .operator(2)
+        .await
+        .admin()
+        .revoke_certificate(proto::RevokeCertificateRequest {
+            serial: first.serial.clone(),
+            reason: proto::RevocationReason::KeyCompromise as i32,
+        })
+        .await
+        .unwrap();
+    let refused = enroll_key(1, key.clone(), "c-key-1", "phone")
+        .await
+        .expect_err("a compromised key is not certified again");
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists);
+    assert!(refused.message().contains("compromised"), "{refused:?}");
+}

@@ -294,6 +294,8 @@ impl Ra {
         match outcome {
             IssueOutcome::Issued => Ok(self.issued(record, certificate_der)),
             IssueOutcome::TokenRejected(rejection) => Err(token_error(rejection)),
+            IssueOutcome::KeyHeldElsewhere => Err(super::key_claims::conflict()),
+            IssueOutcome::KeyCompromised => Err(super::key_claims::compromised()),
             IssueOutcome::SerialTaken => Err(Error::internal(
                 "random serial collided with an existing one",
             )),

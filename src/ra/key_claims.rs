@@ -40,7 +40,12 @@ impl Drop for KeyClaim {
     }
 }
 
-fn conflict() -> Error {
+/// A key reported compromised.
+pub(super) fn compromised() -> Error {
+    Error::AlreadyExists("this device key was reported compromised; generate a new key pair".into())
+}
+
+pub(super) fn conflict() -> Error {
     Error::AlreadyExists(
         "this device key already has a live certificate for another customer or device; \
          generate a new key pair for this enrollment"
@@ -63,9 +68,7 @@ impl KeysInFlight {
         let standing = cache.key_standing(key, now_s);
         if standing.compromised {
             tracing::warn!(customer = %customer, "refused to certify a key reported compromised");
-            return Err(Error::AlreadyExists(
-                "this device key was reported compromised; generate a new key pair".into(),
-            ));
+            return Err(compromised());
         }
         if let Some((serial, holder_customer, holder_device)) = standing.live_holder {
             if holder_customer != *customer || holder_device != *device {

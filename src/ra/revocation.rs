@@ -127,14 +127,25 @@ impl Ra {
             targets.push(serial.clone());
         }
         let mut same_key = Vec::new();
-        if let Some(cached) = self.cache.get(serial) {
-            for (other, holder) in self.cache.key_holders(&cached.public_key) {
-                if other != *serial
-                    && !targets.contains(&other)
-                    && changeable(holder.revocation, holder.not_after_s)
-                {
-                    same_key.push(other);
-                }
+        let key = crate::store::CertificateSummary::of(&record)?.public_key;
+        // A shared store knows every certificate of the key; this process's cache may not.
+        let holders: Vec<(Serial, Option<crate::store::Revocation>, i64)> =
+            match self.store.certificates_with_key(&key)? {
+                Some(summaries) => summaries
+                    .into_iter()
+                    .map(|s| (s.serial, s.revocation, s.not_after_s))
+                    .collect(),
+                None => self
+                    .cache
+                    .key_holders(&key)
+                    .into_iter()
+                    .map(|(other, holder)| (other, holder.revocation, holder.not_after_s))
+                    .collect(),
+            };
+        for (other, revocation, not_after_s) in holders {
+            if other != *serial && !targets.contains(&other) && changeable(revocation, not_after_s)
+            {
+                same_key.push(other);
             }
         }
         targets.extend(same_key.iter().cloned());

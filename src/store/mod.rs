@@ -92,6 +92,13 @@ pub enum IssueOutcome {
     TokenRejected(TokenRejection),
     /// The serial exists already (a random collision); nothing was written.
     SerialTaken,
+    /// The device key has a live certificate (unrevoked or on hold, unexpired) for another
+    /// customer or device; nothing was written. Only a store shared by several payra
+    /// processes checks this itself (the RA checks it in memory first).
+    KeyHeldElsewhere,
+    /// The device key was revoked for keyCompromise before; nothing was written (shared
+    /// stores only, as above).
+    KeyCompromised,
 }
 
 /// Why a certificate could not be revoked, renewed or released from hold.
@@ -459,6 +466,15 @@ pub trait Store: Send + Sync {
     /// The summary of the certificate with `serial`, if payra issued it (a verification cache
     /// miss: the certificate may have been issued by another payra process).
     fn certificate_summary(&self, serial: &Serial) -> Result<Option<CertificateSummary>>;
+
+    /// Every certificate of the device key `public_key`, for a store several payra processes
+    /// share; `None` where this process's own cache knows them all.
+    fn certificates_with_key(
+        &self,
+        _public_key: &[u8; 65],
+    ) -> Result<Option<Vec<CertificateSummary>>> {
+        Ok(None)
+    }
 
     /// The shared decision store, when decisions live in the database rather than in this
     /// process's decision log.

@@ -222,13 +222,14 @@ async fn put_certificate(
     record: &CertificateRecord,
     insert: bool,
 ) -> Result<bool> {
-    let summary = CertificateSummary::of(record)?.encode();
+    let parsed = CertificateSummary::of(record)?;
+    let summary = parsed.encode();
     let sql = if insert {
-        "INSERT INTO certificates (serial, customer_id, device_id, not_after_s, summary, record) \
-         VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (serial) DO NOTHING"
+        "INSERT INTO certificates (serial, customer_id, device_id, not_after_s, summary, record, \
+         public_key) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (serial) DO NOTHING"
     } else {
         "UPDATE certificates SET customer_id = $2, device_id = $3, not_after_s = $4, \
-         summary = $5, record = $6 WHERE serial = $1"
+         summary = $5, record = $6, public_key = $7 WHERE serial = $1"
     };
     let rows = tx
         .execute(
@@ -240,11 +241,57 @@ async fn put_certificate(
                 &record.not_after_s,
                 &summary,
                 &json(record)?,
+                &parsed.public_key.as_slice(),
             ],
         )
         .await
         .map_err(db_error)?;
     Ok(rows == 1)
+}
+
+/// Why `certificate`'s key may not be certified, if it may not: another customer's or
+/// device's live certificate holds it, or it was reported compromised. Enrollments of one key
+/// on any number of processes take turns on a transaction lock named after the key, so two
+/// of them cannot both pass this check.
+async fn key_refusal(
+    tx: &Transaction<'_>,
+    certificate: &CertificateRecord,
+    now_s: i64,
+) -> Result<Option<IssueOutcome>> {
+    let key = CertificateSummary::of(certificate)?.public_key;
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(key);
+    let lock = i64::from_be_bytes(digest[..8].try_into().unwrap_or_default());
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])
+        .await
+        .map_err(db_error)?;
+    let rows = tx
+        .query(
+            "SELECT serial, summary FROM certificates WHERE public_key = $1",
+            &[&key.as_slice()],
+        )
+        .await
+        .map_err(db_error)?;
+    let mut held = false;
+    for row in rows {
+        let serial: Vec<u8> = row.get(0);
+        let summary: Vec<u8> = row.get(1);
+        let holder = CertificateSummary::decode(&serial, &summary)?;
+        match holder.revocation {
+            Some(r) if r.reason == RevocationReason::KeyCompromise => {
+                return Ok(Some(IssueOutcome::KeyCompromised))
+            }
+            Some(r) if r.reason != RevocationReason::CertificateHold => continue,
+            _ => {}
+        }
+        let live = holder.not_after_s > now_s;
+        if live
+            && (holder.customer_id != certificate.customer_id
+                || holder.device_id != certificate.device_id)
+        {
+            held = true;
+        }
+    }
+    Ok(held.then_some(IssueOutcome::KeyHeldElsewhere))
 }
 
 /// Puts `record`'s revocation on the CRL's list (or takes it off when it has none).
@@ -554,6 +601,9 @@ impl PgStore {
                             Ok(token) => token,
                             Err(why) => return Ok(Committed::No(IssueOutcome::TokenRejected(why))),
                         };
+                        if let Some(refused) = key_refusal(tx, &certificate, now_s).await? {
+                            return Ok(Committed::No(refused));
+                        }
                         if !put_certificate(tx, &certificate, true).await? {
                             return Ok(Committed::No(IssueOutcome::SerialTaken));
                         }

@@ -14,6 +14,8 @@ CREATE TABLE certificates (
     customer_id text   NOT NULL,
     device_id   text   NOT NULL,
     not_after_s bigint NOT NULL,
+    -- The device key, uncompressed SEC1: one key is certified for one customer and device.
+    public_key  bytea  NOT NULL,
     -- What the verification cache loads (CertificateSummary's binary form).
     summary     bytea  NOT NULL,
     record      jsonb  NOT NULL
@@ -21,6 +23,7 @@ CREATE TABLE certificates (
 CREATE INDEX certificates_by_customer ON certificates (customer_id, serial);
 CREATE INDEX certificates_by_device ON certificates (device_id, serial);
 CREATE INDEX certificates_expiry ON certificates (not_after_s);
+CREATE INDEX certificates_by_key ON certificates (public_key);
 
 -- Every revoked certificate, device and client alike: what the CRL lists.
 CREATE TABLE revoked (
