@@ -151,6 +151,10 @@ enum Command {
         /// requests queued since its last write in one go) or `tonic` (the CLI's client).
         #[arg(long, value_enum, default_value = "lean")]
         client: BenchClient,
+        /// Verify scenario: ask for a reservation of 1 fen with each payment (tier C, the
+        /// certificate alone), so every request takes the ledger path.
+        #[arg(long)]
+        reserve: bool,
         /// The server's HTTP listener: the ocsp scenario's target, and where the server's CPU
         /// per request and its own latency for the scenario's RPC are read (`/metrics`).
         #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -790,6 +794,7 @@ async fn run(cli: Cli) -> CliResult {
             rate,
             connections,
             client,
+            reserve,
             http,
             json,
             connection,
@@ -817,6 +822,7 @@ async fn run(cli: Cli) -> CliResult {
                     BenchClient::Tonic => ClientKind::Tonic,
                 },
                 progress: !json,
+                reserve,
             })
             .await
             .map_err(|e| e.to_string())?;

@@ -13,6 +13,7 @@ use payra::wire::proto;
 
 fn settings(server: &TestServer, scenario: Scenario, client: ClientKind) -> BenchSettings {
     BenchSettings {
+        reserve: false,
         scenario,
         server: server.url(),
         http: format!("http://{}", server.http_addr()),

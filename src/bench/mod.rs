@@ -68,6 +68,9 @@ pub struct BenchSettings {
     pub connections: usize,
     pub client: ClientKind,
     pub progress: bool,
+    /// Verify scenario: each payment asks to reserve 1 fen (tier C), so each takes the
+    /// ledger path; otherwise 100 fen, a PIN factor, no reservation.
+    pub reserve: bool,
 }
 
 /// Latency in microseconds at the usual percentiles.
@@ -395,7 +398,9 @@ fn presign(
     key: &DeviceKey,
     identity: &DeviceIdentity,
     count: usize,
+    reserve: bool,
 ) -> Result<Vec<proto::VerifyPaymentRequest>> {
+    let amount_fen = if reserve { 1 } else { 100 };
     use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
     let rng = ring::rand::SystemRandom::new();
     let secret = key.secret();
@@ -416,7 +421,7 @@ fn presign(
                 device_id: identity.device_id.clone(),
                 merchant_id: "bench-merchant".into(),
                 order_id: format!("order-{n}"),
-                amount_fen: 100,
+                amount_fen,
                 currency: "CNY".into(),
                 created_at_ms: now_ms,
                 nonce: random_nonce(),
@@ -433,14 +438,18 @@ fn presign(
                 transaction: Some(proto::Transaction {
                     merchant_id: intent.merchant_id,
                     order_id: intent.order_id,
-                    amount_fen: 100,
+                    amount_fen,
                     currency: "CNY".into(),
                 }),
-                factors: vec![proto::Factor {
-                    category: proto::FactorCategory::Knowledge as i32,
-                    method: "payment_pin".into(),
-                }],
-                reserve: false,
+                factors: if reserve {
+                    Vec::new()
+                } else {
+                    vec![proto::Factor {
+                        category: proto::FactorCategory::Knowledge as i32,
+                        method: "payment_pin".into(),
+                    }]
+                },
+                reserve,
             })
         })
         .collect()
@@ -468,6 +477,7 @@ async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
                 devices.push((key, identity));
             }
             // Signed on two threads; the server is idle meanwhile.
+            let reserve = settings.reserve;
             let signed = tokio::task::spawn_blocking(move || {
                 let half = devices.len().div_ceil(2);
                 std::thread::scope(|scope| {
@@ -476,7 +486,9 @@ async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
                         .map(|part| {
                             scope.spawn(move || {
                                 part.iter()
-                                    .map(|(key, identity)| presign(key, identity, per_worker))
+                                    .map(|(key, identity)| {
+                                        presign(key, identity, per_worker, reserve)
+                                    })
                                     .collect::<Result<Vec<_>>>()
                             })
                         })

@@ -32,7 +32,9 @@ fn certificate(customer: &str, device: &str) -> CertificateRecord {
         not_before_s: 0,
         not_after_s: 1000,
         issued_at_s: 0,
-        public_key_hex: "04".repeat(65),
+        // A key of its own: a store shared by several processes refuses one key for two
+        // devices.
+        public_key_hex: format!("04{}", hex::encode(rand::random::<[u8; 32]>()).repeat(2)),
         certificate_b64: String::new(),
         revocation: None,
         renewed_from: None,

@@ -11,7 +11,8 @@
 
 use std::time::Duration;
 
-use tokio_postgres::{AsyncMessage, Transaction};
+use deadpool_postgres::Transaction;
+use tokio_postgres::AsyncMessage;
 
 use super::db_error;
 use crate::error::Result;
@@ -37,9 +38,12 @@ pub(super) async fn notify(tx: &Transaction<'_>, serials: &[&Serial], client: bo
     if payload.len() > MAX_PAYLOAD {
         payload = "*".into();
     }
-    tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
-        .await
-        .map_err(db_error)?;
+    tx.execute(
+        &super::prepared_tx(tx, "SELECT pg_notify($1, $2)").await?,
+        &[&CHANNEL, &payload],
+    )
+    .await
+    .map_err(db_error)?;
     Ok(())
 }
 

@@ -167,7 +167,11 @@ async fn commit(
             let client = pool.get().await.map_err(pool_error)?;
             let row = client
                 .query_one(
-                    "SELECT seq, hash FROM decision_chains WHERE id = $1",
+                    &super::prepared(
+                        &client,
+                        "SELECT seq, hash FROM decision_chains WHERE id = $1",
+                    )
+                    .await?,
                     &[&id],
                 )
                 .await
@@ -184,7 +188,11 @@ async fn commit(
             let client = pool.get().await.map_err(pool_error)?;
             let id: i64 = client
                 .query_one(
-                    "INSERT INTO decision_chains (started_at_ms) VALUES ($1) RETURNING id",
+                    &super::prepared(
+                        &client,
+                        "INSERT INTO decision_chains (started_at_ms) VALUES ($1) RETURNING id",
+                    )
+                    .await?,
                     &[&started_at_ms],
                 )
                 .await
@@ -223,10 +231,14 @@ async fn commit(
             let now_ms = jobs.iter().map(|job| job.now_ms).max().unwrap_or(0);
             let rows = tx
                 .query(
-                    "INSERT INTO nonces (key, expires_at_ms) \
+                    &super::prepared_tx(
+                        &tx,
+                        "INSERT INTO nonces (key, expires_at_ms) \
                          SELECT * FROM UNNEST($1::bytea[], $2::bigint[]) \
                          ON CONFLICT (key) DO UPDATE SET expires_at_ms = EXCLUDED.expires_at_ms \
                          WHERE nonces.expires_at_ms < $3 RETURNING key",
+                    )
+                    .await?,
                     &[&keys, &expiries, &now_ms],
                 )
                 .await
@@ -243,7 +255,11 @@ async fn commit(
         if !serials.is_empty() {
             for row in tx
                 .query(
-                    "SELECT serial, summary FROM certificates WHERE serial = ANY($1)",
+                    &super::prepared_tx(
+                        &tx,
+                        "SELECT serial, summary FROM certificates WHERE serial = ANY($1)",
+                    )
+                    .await?,
                     &[&serials],
                 )
                 .await
@@ -271,17 +287,25 @@ async fn commit(
                 .map(|b| String::from_utf8_lossy(crate::store::ledger_day(b)).into_owned())
                 .collect();
             tx.execute(
-                "INSERT INTO ledger (bucket, day, used_fen) \
+                &super::prepared_tx(
+                    &tx,
+                    "INSERT INTO ledger (bucket, day, used_fen) \
                      SELECT b, d, 0 FROM UNNEST($1::bytea[], $2::text[]) AS v(b, d) \
                      ON CONFLICT (bucket) DO NOTHING",
+                )
+                .await?,
                 &[&buckets, &days],
             )
             .await
             .map_err(db_error)?;
             for row in tx
                 .query(
-                    "SELECT bucket, used_fen FROM ledger WHERE bucket = ANY($1) \
+                    &super::prepared_tx(
+                        &tx,
+                        "SELECT bucket, used_fen FROM ledger WHERE bucket = ANY($1) \
                          ORDER BY bucket FOR UPDATE",
+                    )
+                    .await?,
                     &[&buckets],
                 )
                 .await
@@ -356,18 +380,21 @@ async fn commit(
             let keys: Vec<&[u8]> = changed.iter().map(|(k, _)| k.as_slice()).collect();
             let values: Vec<i64> = changed.iter().map(|(_, v)| **v).collect();
             tx.execute(
-                "UPDATE ledger SET used_fen = v.used FROM \
+                &super::prepared_tx(
+                    &tx,
+                    "UPDATE ledger SET used_fen = v.used FROM \
                      UNNEST($1::bytea[], $2::bigint[]) AS v(bucket, used) \
                      WHERE ledger.bucket = v.bucket",
+                )
+                .await?,
                 &[&keys, &values],
             )
             .await
             .map_err(db_error)?;
         }
-        tx.execute(
-                "INSERT INTO decisions (chain, seq, evidence_id, bucket, reserved_fen, record, hash) \
+        tx.execute(&super::prepared_tx(&tx, "INSERT INTO decisions (chain, seq, evidence_id, bucket, reserved_fen, record, hash) \
                  SELECT $1::bigint, * FROM UNNEST($2::bigint[], $3::text[], $4::bytea[], $5::bigint[], \
-                 $6::text[], $7::bytea[])",
+                 $6::text[], $7::bytea[])").await?,
                 &[
                     &head.id,
                     &rows_seq,
@@ -381,7 +408,11 @@ async fn commit(
             .await
             .map_err(db_error)?;
         tx.execute(
-            "UPDATE decision_chains SET seq = $2, hash = $3 WHERE id = $1",
+            &super::prepared_tx(
+                &tx,
+                "UPDATE decision_chains SET seq = $2, hash = $3 WHERE id = $1",
+            )
+            .await?,
             &[&head.id, &head.seq, &head.hash.as_slice()],
         )
         .await
@@ -417,10 +448,8 @@ impl SharedDecisions for PgDecisions {
             let _turn = turn.lock().await;
             in_transaction(&pool, move |tx| {
                 Box::pin(async move {
-                    let Some(row) = tx
-                        .query_opt(
-                            "SELECT bucket, reserved_fen, released_at_ms FROM decisions \
-                             WHERE evidence_id = $1 FOR UPDATE",
+                    let Some(row) = tx.query_opt(&super::prepared_tx(&tx, "SELECT bucket, reserved_fen, released_at_ms FROM decisions \
+                             WHERE evidence_id = $1 FOR UPDATE").await?,
                             &[&evidence_id],
                         )
                         .await
@@ -438,23 +467,19 @@ impl SharedDecisions for PgDecisions {
                     let Some(bucket) = bucket.filter(|_| reserved > 0) else {
                         return Ok(Committed::No(Err(ReleaseRejection::NothingReserved)));
                     };
-                    tx.execute(
-                        "UPDATE decisions SET released_at_ms = $2 WHERE evidence_id = $1",
+                    tx.execute(&super::prepared_tx(&tx, "UPDATE decisions SET released_at_ms = $2 WHERE evidence_id = $1").await?,
                         &[&evidence_id, &now_ms],
                     )
                     .await
                     .map_err(db_error)?;
-                    tx.execute(
-                        "UPDATE ledger SET used_fen = GREATEST(used_fen - $2, 0) WHERE bucket = $1",
+                    tx.execute(&super::prepared_tx(&tx, "UPDATE ledger SET used_fen = GREATEST(used_fen - $2, 0) WHERE bucket = $1").await?,
                         &[&bucket, &reserved],
                     )
                     .await
                     .map_err(db_error)?;
                     let keys: Vec<&[u8]> = buckets.iter().map(Vec::as_slice).collect();
                     let mut used: HashMap<Vec<u8>, i64> = HashMap::new();
-                    for row in tx
-                        .query(
-                            "SELECT bucket, used_fen FROM ledger WHERE bucket = ANY($1)",
+                    for row in tx.query(&super::prepared_tx(&tx, "SELECT bucket, used_fen FROM ledger WHERE bucket = ANY($1)").await?,
                             &[&keys],
                         )
                         .await
@@ -479,7 +504,11 @@ impl SharedDecisions for PgDecisions {
             let client = pool.get().await.map_err(pool_error)?;
             let Some(row) = client
                 .query_opt(
-                    "SELECT record, released_at_ms FROM decisions WHERE evidence_id = $1",
+                    &super::prepared(
+                        &client,
+                        "SELECT record, released_at_ms FROM decisions WHERE evidence_id = $1",
+                    )
+                    .await?,
                     &[&evidence_id],
                 )
                 .await
@@ -509,7 +538,11 @@ impl SharedDecisions for PgDecisions {
             let mut used: HashMap<Vec<u8>, i64> = HashMap::new();
             for row in client
                 .query(
-                    "SELECT bucket, used_fen FROM ledger WHERE bucket = ANY($1)",
+                    &super::prepared(
+                        &client,
+                        "SELECT bucket, used_fen FROM ledger WHERE bucket = ANY($1)",
+                    )
+                    .await?,
                     &[&keys],
                 )
                 .await
@@ -526,7 +559,11 @@ impl SharedDecisions for PgDecisions {
         self.block(async move {
             let client = pool.get().await.map_err(pool_error)?;
             let deleted = client
-                .execute("DELETE FROM nonces WHERE expires_at_ms < $1", &[&now_ms])
+                .execute(
+                    &super::prepared(&client, "DELETE FROM nonces WHERE expires_at_ms < $1")
+                        .await?,
+                    &[&now_ms],
+                )
                 .await
                 .map_err(db_error)?;
             Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
@@ -537,8 +574,7 @@ impl SharedDecisions for PgDecisions {
         let pool = self.pool.clone();
         self.block(async move {
             let client = pool.get().await.map_err(pool_error)?;
-            let chains = client
-                .query("SELECT id, seq, hash FROM decision_chains ORDER BY id", &[])
+            let chains = client.query(&super::prepared(&client, "SELECT id, seq, hash FROM decision_chains ORDER BY id").await?, &[])
                 .await
                 .map_err(db_error)?;
             let mut checked = 0u64;
@@ -550,10 +586,8 @@ impl SharedDecisions for PgDecisions {
                 let mut expected = 1i64;
                 let mut after = 0i64;
                 loop {
-                    let rows = client
-                        .query(
-                            "SELECT seq, record, hash FROM decisions WHERE chain = $1 AND seq > $2 \
-                             ORDER BY seq LIMIT 4096",
+                    let rows = client.query(&super::prepared(&client, "SELECT seq, record, hash FROM decisions WHERE chain = $1 AND seq > $2 \
+                             ORDER BY seq LIMIT 4096").await?,
                             &[&id, &after],
                         )
                         .await

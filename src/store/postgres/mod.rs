@@ -24,8 +24,8 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use deadpool_postgres::Transaction;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::Transaction;
 
 use super::audit::{chain_hash, AuditBody, AuditEntry, AuditEvent, ChainHead, GENESIS_HASH};
 use super::records::{
@@ -174,12 +174,30 @@ fn limit(count: usize) -> i64 {
     i64::try_from(count).unwrap_or(i64::MAX)
 }
 
+/// `sql` prepared on the transaction's connection, once per connection (the pool keeps the
+/// statements): a statement then costs one round trip instead of two.
+async fn prepared_tx(tx: &Transaction<'_>, sql: &str) -> Result<tokio_postgres::Statement> {
+    tx.prepare_cached(sql).await.map_err(db_error)
+}
+
+/// [`prepared_tx`] on a pooled connection outside a transaction.
+async fn prepared(
+    client: &deadpool_postgres::Client,
+    sql: &str,
+) -> Result<tokio_postgres::Statement> {
+    client.prepare_cached(sql).await.map_err(db_error)
+}
+
 /// Appends `event` to the audit chain: locks the head row, links the entry to it and moves
 /// it. Called last in a transaction (the head is the last lock every writer takes).
 async fn append_audit(tx: &Transaction<'_>, event: &AuditEvent) -> Result<ChainHead> {
     let row = tx
         .query_one(
-            "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+            &prepared_tx(
+                tx,
+                "SELECT seq, hash FROM audit_head WHERE id = 1 FOR UPDATE",
+            )
+            .await?,
             &[],
         )
         .await
@@ -198,13 +216,13 @@ async fn append_audit(tx: &Transaction<'_>, event: &AuditEvent) -> Result<ChainH
         hash: hex::encode(new_hash),
     };
     tx.execute(
-        "INSERT INTO audit (seq, entry) VALUES ($1, $2)",
+        &prepared_tx(tx, "INSERT INTO audit (seq, entry) VALUES ($1, $2)").await?,
         &[&(seq + 1), &json(&entry)?],
     )
     .await
     .map_err(db_error)?;
     tx.execute(
-        "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1",
+        &prepared_tx(tx, "UPDATE audit_head SET seq = $1, hash = $2 WHERE id = 1").await?,
         &[&(seq + 1), &new_hash.as_slice()],
     )
     .await
@@ -261,12 +279,19 @@ async fn key_refusal(
     let key = CertificateSummary::of(certificate)?.public_key;
     let digest = <sha2::Sha256 as sha2::Digest>::digest(key);
     let lock = i64::from_be_bytes(digest[..8].try_into().unwrap_or_default());
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&lock])
-        .await
-        .map_err(db_error)?;
+    tx.execute(
+        &prepared_tx(tx, "SELECT pg_advisory_xact_lock($1)").await?,
+        &[&lock],
+    )
+    .await
+    .map_err(db_error)?;
     let rows = tx
         .query(
-            "SELECT serial, summary FROM certificates WHERE public_key = $1",
+            &prepared_tx(
+                tx,
+                "SELECT serial, summary FROM certificates WHERE public_key = $1",
+            )
+            .await?,
             &[&key.as_slice()],
         )
         .await
@@ -304,15 +329,19 @@ async fn put_revoked(tx: &Transaction<'_>, record: &CertificateRecord) -> Result
                 not_after_s: record.not_after_s,
             };
             tx.execute(
-                "INSERT INTO revoked (serial, entry) VALUES ($1, $2) \
+                &prepared_tx(
+                    tx,
+                    "INSERT INTO revoked (serial, entry) VALUES ($1, $2) \
                  ON CONFLICT (serial) DO UPDATE SET entry = EXCLUDED.entry",
+                )
+                .await?,
                 &[&record.serial.as_bytes(), &json(&entry)?],
             )
             .await
         }
         None => {
             tx.execute(
-                "DELETE FROM revoked WHERE serial = $1",
+                &prepared_tx(tx, "DELETE FROM revoked WHERE serial = $1").await?,
                 &[&record.serial.as_bytes()],
             )
             .await
@@ -329,8 +358,12 @@ async fn lock_certificates(
 ) -> Result<std::collections::HashMap<Vec<u8>, CertificateRecord>> {
     let rows = tx
         .query(
-            "SELECT serial, record FROM certificates WHERE serial = ANY($1) \
+            &prepared_tx(
+                tx,
+                "SELECT serial, record FROM certificates WHERE serial = ANY($1) \
              ORDER BY serial FOR UPDATE",
+            )
+            .await?,
             &[&serials],
         )
         .await
@@ -512,12 +545,12 @@ impl PgStore {
         let (fsync, synchronous_commit) = self.read(|client| {
             Box::pin(async move {
                 let fsync: String = client
-                    .query_one("SHOW fsync", &[])
+                    .query_one(&prepared(client, "SHOW fsync").await?, &[])
                     .await
                     .map_err(db_error)?
                     .get(0);
                 let commit: String = client
-                    .query_one("SHOW synchronous_commit", &[])
+                    .query_one(&prepared(client, "SHOW synchronous_commit").await?, &[])
                     .await
                     .map_err(db_error)?
                     .get(0);
@@ -570,8 +603,7 @@ impl PgStore {
             Box::pin(async move {
                 match work {
                     IssueWork::Token { hash, token } => {
-                        tx.execute(
-                            "INSERT INTO tokens (hash, expires_at_s, record) VALUES ($1, $2, $3)",
+                        tx.execute(&prepared_tx(tx, "INSERT INTO tokens (hash, expires_at_s, record) VALUES ($1, $2, $3)").await?,
                             &[&hash.0.as_slice(), &token.expires_at_s, &json(&token)?],
                         )
                         .await
@@ -584,9 +616,7 @@ impl PgStore {
                         now_s,
                         certificate,
                     } => {
-                        let row = tx
-                            .query_opt(
-                                "SELECT record FROM tokens WHERE hash = $1 FOR UPDATE",
+                        let row = tx.query_opt(&prepared_tx(tx, "SELECT record FROM tokens WHERE hash = $1 FOR UPDATE").await?,
                                 &[&hash.0.as_slice()],
                             )
                             .await
@@ -609,8 +639,7 @@ impl PgStore {
                         }
                         token.used_at_s = Some(now_s);
                         token.used_for_serial = Some(certificate.serial.clone());
-                        tx.execute(
-                            "UPDATE tokens SET record = $2 WHERE hash = $1",
+                        tx.execute(&prepared_tx(tx, "UPDATE tokens SET record = $2 WHERE hash = $1").await?,
                             &[&hash.0.as_slice(), &json(&token)?],
                         )
                         .await
@@ -743,7 +772,7 @@ impl Store for PgStore {
             Box::pin(async move {
                 let row = client
                     .query_opt(
-                        "SELECT record FROM tokens WHERE hash = $1",
+                        &prepared(client, "SELECT record FROM tokens WHERE hash = $1").await?,
                         &[&hash.as_slice()],
                     )
                     .await
@@ -791,7 +820,8 @@ impl Store for PgStore {
             Box::pin(async move {
                 let row = client
                     .query_opt(
-                        "SELECT record FROM certificates WHERE serial = $1",
+                        &prepared(client, "SELECT record FROM certificates WHERE serial = $1")
+                            .await?,
                         &[&serial.as_bytes()],
                     )
                     .await
@@ -807,7 +837,8 @@ impl Store for PgStore {
             Box::pin(async move {
                 let row = client
                     .query_opt(
-                        "SELECT summary FROM certificates WHERE serial = $1",
+                        &prepared(client, "SELECT summary FROM certificates WHERE serial = $1")
+                            .await?,
                         &[&serial.as_bytes()],
                     )
                     .await
@@ -840,7 +871,8 @@ impl Store for PgStore {
             Box::pin(async move {
                 let row = client
                     .query_opt(
-                        "SELECT summary FROM certificates WHERE serial = $1",
+                        &prepared(client, "SELECT summary FROM certificates WHERE serial = $1")
+                            .await?,
                         &[&serial.as_bytes()],
                     )
                     .await
@@ -858,9 +890,7 @@ impl Store for PgStore {
         let customer = customer.as_str().to_string();
         self.read(move |client| {
             Box::pin(async move {
-                let rows = client
-                    .query(
-                        "SELECT serial FROM certificates WHERE customer_id = $1 ORDER BY serial",
+                let rows = client.query(&prepared(client, "SELECT serial FROM certificates WHERE customer_id = $1 ORDER BY serial").await?,
                         &[&customer],
                     )
                     .await
@@ -876,7 +906,11 @@ impl Store for PgStore {
             Box::pin(async move {
                 let rows = client
                     .query(
-                        "SELECT serial FROM certificates WHERE device_id = $1 ORDER BY serial",
+                        &prepared(
+                            client,
+                            "SELECT serial FROM certificates WHERE device_id = $1 ORDER BY serial",
+                        )
+                        .await?,
                         &[&device],
                     )
                     .await
@@ -895,9 +929,7 @@ impl Store for PgStore {
         let count = self::limit(limit);
         self.read(move |client| {
             Box::pin(async move {
-                let rows = client
-                    .query(
-                        "SELECT record FROM certificates WHERE serial > $1 ORDER BY serial LIMIT $2",
+                let rows = client.query(&prepared(client, "SELECT record FROM certificates WHERE serial > $1 ORDER BY serial LIMIT $2").await?,
                         &[&after, &count],
                     )
                     .await
@@ -918,7 +950,7 @@ impl Store for PgStore {
                 let client = pool.get().await.map_err(pool_error)?;
                 let rows = client
                     .query_raw(
-                        "SELECT serial, summary FROM certificates",
+                        &prepared(&client, "SELECT serial, summary FROM certificates").await?,
                         std::iter::empty::<&str>(),
                     )
                     .await
@@ -1067,7 +1099,10 @@ impl Store for PgStore {
         self.read(|client| {
             Box::pin(async move {
                 let rows = client
-                    .query("SELECT entry FROM revoked ORDER BY serial", &[])
+                    .query(
+                        &prepared(client, "SELECT entry FROM revoked ORDER BY serial").await?,
+                        &[],
+                    )
                     .await
                     .map_err(db_error)?;
                 rows.into_iter()
@@ -1081,17 +1116,13 @@ impl Store for PgStore {
         let min_day = min_day.to_string();
         self.read(move |client| {
             Box::pin(async move {
-                let through: i64 = client
-                    .query_one(
-                        "SELECT value FROM counters WHERE name = 'ledger_through_seq'",
+                let through: i64 = client.query_one(&prepared(client, "SELECT value FROM counters WHERE name = 'ledger_through_seq'").await?,
                         &[],
                     )
                     .await
                     .map_err(db_error)?
                     .get(0);
-                let buckets = client
-                    .query(
-                        "SELECT bucket, used_fen FROM ledger WHERE day >= $1 ORDER BY bucket",
+                let buckets = client.query(&prepared(client, "SELECT bucket, used_fen FROM ledger WHERE day >= $1 ORDER BY bucket").await?,
                         &[&min_day],
                     )
                     .await
@@ -1099,9 +1130,7 @@ impl Store for PgStore {
                     .iter()
                     .map(|row| (row.get::<_, Vec<u8>>(0), row.get::<_, i64>(1)))
                     .collect();
-                let released = client
-                    .query(
-                        "SELECT decision_seq, released_at_ms FROM releases ORDER BY decision_seq",
+                let released = client.query(&prepared(client, "SELECT decision_seq, released_at_ms FROM releases ORDER BY decision_seq").await?,
                         &[],
                     )
                     .await
@@ -1137,10 +1166,9 @@ impl Store for PgStore {
                     .map(|(k, _)| String::from_utf8_lossy(super::ledger_day(k)).into_owned())
                     .collect();
                 let used: Vec<i64> = checkpoint.buckets.iter().map(|(_, u)| *u).collect();
-                tx.execute(
-                    "INSERT INTO ledger (bucket, day, used_fen) \
+                tx.execute(&prepared_tx(tx, "INSERT INTO ledger (bucket, day, used_fen) \
                      SELECT * FROM UNNEST($1::bytea[], $2::text[], $3::bigint[]) \
-                     ON CONFLICT (bucket) DO UPDATE SET used_fen = EXCLUDED.used_fen",
+                     ON CONFLICT (bucket) DO UPDATE SET used_fen = EXCLUDED.used_fen").await?,
                     &[&keys, &days, &used],
                 )
                 .await
@@ -1151,16 +1179,14 @@ impl Store for PgStore {
                     .map(|(seq, _)| to_i64(*seq, "decision number"))
                     .collect::<Result<Vec<i64>>>()?;
                 let at: Vec<i64> = checkpoint.released.iter().map(|(_, at)| *at).collect();
-                tx.execute(
-                    "INSERT INTO releases (decision_seq, released_at_ms) \
+                tx.execute(&prepared_tx(tx, "INSERT INTO releases (decision_seq, released_at_ms) \
                      SELECT * FROM UNNEST($1::bigint[], $2::bigint[]) \
-                     ON CONFLICT (decision_seq) DO UPDATE SET released_at_ms = EXCLUDED.released_at_ms",
+                     ON CONFLICT (decision_seq) DO UPDATE SET released_at_ms = EXCLUDED.released_at_ms").await?,
                     &[&seqs, &at],
                 )
                 .await
                 .map_err(db_error)?;
-                tx.execute(
-                    "UPDATE counters SET value = $1 WHERE name = 'ledger_through_seq'",
+                tx.execute(&prepared_tx(tx, "UPDATE counters SET value = $1 WHERE name = 'ledger_through_seq'").await?,
                     &[&to_i64(checkpoint.through_seq, "decision number")?],
                 )
                 .await
@@ -1175,7 +1201,11 @@ impl Store for PgStore {
             Box::pin(async move {
                 let rows = client
                     .query(
-                        "SELECT customer_id, limit_fen FROM agreed_limits ORDER BY customer_id",
+                        &prepared(
+                            client,
+                            "SELECT customer_id, limit_fen FROM agreed_limits ORDER BY customer_id",
+                        )
+                        .await?,
                         &[],
                     )
                     .await
@@ -1195,8 +1225,12 @@ impl Store for PgStore {
         self.transaction(move |tx| {
             Box::pin(async move {
                 tx.execute(
-                    "INSERT INTO agreed_limits (customer_id, limit_fen) VALUES ($1, $2) \
+                    &prepared_tx(
+                        tx,
+                        "INSERT INTO agreed_limits (customer_id, limit_fen) VALUES ($1, $2) \
                      ON CONFLICT (customer_id) DO UPDATE SET limit_fen = EXCLUDED.limit_fen",
+                    )
+                    .await?,
                     &[&customer, &limit_fen],
                 )
                 .await
@@ -1217,8 +1251,12 @@ impl Store for PgStore {
             Box::pin(async move {
                 let rows = tx
                     .execute(
-                        "INSERT INTO client_certificates (serial, record) VALUES ($1, $2) \
+                        &prepared_tx(
+                            tx,
+                            "INSERT INTO client_certificates (serial, record) VALUES ($1, $2) \
                          ON CONFLICT (serial) DO NOTHING",
+                        )
+                        .await?,
                         &[&record.serial.as_bytes(), &json(&record)?],
                     )
                     .await
@@ -1239,7 +1277,11 @@ impl Store for PgStore {
             Box::pin(async move {
                 let row = client
                     .query_opt(
-                        "SELECT record FROM client_certificates WHERE serial = $1",
+                        &prepared(
+                            client,
+                            "SELECT record FROM client_certificates WHERE serial = $1",
+                        )
+                        .await?,
                         &[&serial.as_bytes()],
                     )
                     .await
@@ -1254,7 +1296,11 @@ impl Store for PgStore {
             Box::pin(async move {
                 let rows = client
                     .query(
-                        "SELECT record FROM client_certificates ORDER BY serial",
+                        &prepared(
+                            client,
+                            "SELECT record FROM client_certificates ORDER BY serial",
+                        )
+                        .await?,
                         &[],
                     )
                     .await
@@ -1277,7 +1323,11 @@ impl Store for PgStore {
             Box::pin(async move {
                 let row = tx
                     .query_opt(
-                        "SELECT record FROM client_certificates WHERE serial = $1 FOR UPDATE",
+                        &prepared_tx(
+                            tx,
+                            "SELECT record FROM client_certificates WHERE serial = $1 FOR UPDATE",
+                        )
+                        .await?,
                         &[&serial.as_bytes()],
                     )
                     .await
@@ -1298,14 +1348,22 @@ impl Store for PgStore {
                     not_after_s: record.not_after_s,
                 };
                 tx.execute(
-                    "UPDATE client_certificates SET record = $2 WHERE serial = $1",
+                    &prepared_tx(
+                        tx,
+                        "UPDATE client_certificates SET record = $2 WHERE serial = $1",
+                    )
+                    .await?,
                     &[&serial.as_bytes(), &json(&record)?],
                 )
                 .await
                 .map_err(db_error)?;
                 tx.execute(
-                    "INSERT INTO revoked (serial, entry) VALUES ($1, $2) \
+                    &prepared_tx(
+                        tx,
+                        "INSERT INTO revoked (serial, entry) VALUES ($1, $2) \
                      ON CONFLICT (serial) DO UPDATE SET entry = EXCLUDED.entry",
+                    )
+                    .await?,
                     &[&serial.as_bytes(), &json(&entry)?],
                 )
                 .await
@@ -1343,11 +1401,9 @@ impl Store for PgStore {
         let count = self::limit(limit);
         let serials = self.transaction(move |tx| {
             Box::pin(async move {
-                let rows = tx
-                    .query(
-                        "DELETE FROM certificates WHERE serial IN (SELECT serial FROM certificates \
+                let rows = tx.query(&prepared_tx(tx, "DELETE FROM certificates WHERE serial IN (SELECT serial FROM certificates \
                          WHERE not_after_s < $1 ORDER BY serial LIMIT $2 FOR UPDATE) \
-                         RETURNING serial",
+                         RETURNING serial").await?,
                         &[&before_s, &count],
                     )
                     .await
@@ -1356,7 +1412,7 @@ impl Store for PgStore {
                 if serials.is_empty() {
                     return Ok(Committed::No(serials));
                 }
-                tx.execute("DELETE FROM revoked WHERE serial = ANY($1)", &[&serials])
+                tx.execute(&prepared_tx(tx, "DELETE FROM revoked WHERE serial = ANY($1)").await?, &[&serials])
                     .await
                     .map_err(db_error)?;
                 let parsed = serials
@@ -1448,7 +1504,11 @@ impl Store for PgStore {
         self.transaction(|tx| {
             Box::pin(async move {
                 tx.execute(
-                    "UPDATE counters SET value = value + 1 WHERE name = 'ready_probe'",
+                    &prepared_tx(
+                        tx,
+                        "UPDATE counters SET value = value + 1 WHERE name = 'ready_probe'",
+                    )
+                    .await?,
                     &[],
                 )
                 .await
@@ -1465,7 +1525,11 @@ impl Store for PgStore {
             Box::pin(async move {
                 let rows = client
                     .query(
-                        "SELECT entry FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+                        &prepared(
+                            client,
+                            "SELECT entry FROM audit WHERE seq > $1 ORDER BY seq LIMIT $2",
+                        )
+                        .await?,
                         &[&after, &count],
                     )
                     .await
@@ -1481,7 +1545,10 @@ impl Store for PgStore {
         self.read(|client| {
             Box::pin(async move {
                 let row = client
-                    .query_one("SELECT seq, hash FROM audit_head WHERE id = 1", &[])
+                    .query_one(
+                        &prepared(client, "SELECT seq, hash FROM audit_head WHERE id = 1").await?,
+                        &[],
+                    )
                     .await
                     .map_err(db_error)?;
                 let seq: i64 = row.get(0);
@@ -1500,8 +1567,12 @@ impl Store for PgStore {
             Box::pin(async move {
                 let number: i64 = tx
                     .query_one(
-                        "UPDATE counters SET value = GREATEST(value + 1, $1) \
+                        &prepared_tx(
+                            tx,
+                            "UPDATE counters SET value = GREATEST(value + 1, $1) \
                          WHERE name = 'crl_number' RETURNING value",
+                        )
+                        .await?,
                         &[&at_least],
                     )
                     .await
