@@ -448,7 +448,7 @@ impl SharedDecisions for PgDecisions {
             let _turn = turn.lock().await;
             in_transaction(&pool, move |tx| {
                 Box::pin(async move {
-                    let Some(row) = tx.query_opt(&super::prepared_tx(&tx, "SELECT bucket, reserved_fen, released_at_ms FROM decisions \
+                    let Some(row) = tx.query_opt(&super::prepared_tx(tx, "SELECT bucket, reserved_fen, released_at_ms FROM decisions \
                              WHERE evidence_id = $1 FOR UPDATE").await?,
                             &[&evidence_id],
                         )
@@ -467,19 +467,19 @@ impl SharedDecisions for PgDecisions {
                     let Some(bucket) = bucket.filter(|_| reserved > 0) else {
                         return Ok(Committed::No(Err(ReleaseRejection::NothingReserved)));
                     };
-                    tx.execute(&super::prepared_tx(&tx, "UPDATE decisions SET released_at_ms = $2 WHERE evidence_id = $1").await?,
+                    tx.execute(&super::prepared_tx(tx, "UPDATE decisions SET released_at_ms = $2 WHERE evidence_id = $1").await?,
                         &[&evidence_id, &now_ms],
                     )
                     .await
                     .map_err(db_error)?;
-                    tx.execute(&super::prepared_tx(&tx, "UPDATE ledger SET used_fen = GREATEST(used_fen - $2, 0) WHERE bucket = $1").await?,
+                    tx.execute(&super::prepared_tx(tx, "UPDATE ledger SET used_fen = GREATEST(used_fen - $2, 0) WHERE bucket = $1").await?,
                         &[&bucket, &reserved],
                     )
                     .await
                     .map_err(db_error)?;
                     let keys: Vec<&[u8]> = buckets.iter().map(Vec::as_slice).collect();
                     let mut used: HashMap<Vec<u8>, i64> = HashMap::new();
-                    for row in tx.query(&super::prepared_tx(&tx, "SELECT bucket, used_fen FROM ledger WHERE bucket = ANY($1)").await?,
+                    for row in tx.query(&super::prepared_tx(tx, "SELECT bucket, used_fen FROM ledger WHERE bucket = ANY($1)").await?,
                             &[&keys],
                         )
                         .await
