@@ -13,6 +13,7 @@
 
 mod changes;
 mod decisions;
+mod issuance;
 mod migrations;
 #[doc(hidden)]
 pub mod testing;
@@ -32,9 +33,10 @@ use super::records::{
     CertificateRecord, CertificateSummary, ClientCertificateRecord, Revocation, RevokedEntry,
     TokenHash, TokenRecord,
 };
+use issuance::IssueWork;
+
 use super::{
     FrameSource, IssueOutcome, IssueReceiver, LedgerCheckpoint, OnIssued, RevokeRejection, Store,
-    TokenRejection,
 };
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
@@ -55,6 +57,8 @@ pub struct PgStore {
     /// How to open a connection of our own (the change listener's).
     pg_config: tokio_postgres::Config,
     tls: Option<rustls::ClientConfig>,
+    /// New tokens and enrollments for the committer ([`issuance`]).
+    issue_queue: tokio::sync::mpsc::UnboundedSender<issuance::IssueJob>,
     /// Changes of other processes, until the RA takes the receiver.
     changes: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<super::StoreChange>>>,
 }
@@ -267,58 +271,6 @@ async fn put_certificate(
     Ok(rows == 1)
 }
 
-/// Why `certificate`'s key may not be certified, if it may not: another customer's or
-/// device's live certificate holds it, or it was reported compromised. Enrollments of one key
-/// on any number of processes take turns on a transaction lock named after the key, so two
-/// of them cannot both pass this check.
-async fn key_refusal(
-    tx: &Transaction<'_>,
-    certificate: &CertificateRecord,
-    now_s: i64,
-) -> Result<Option<IssueOutcome>> {
-    let key = CertificateSummary::of(certificate)?.public_key;
-    let digest = <sha2::Sha256 as sha2::Digest>::digest(key);
-    let lock = i64::from_be_bytes(digest[..8].try_into().unwrap_or_default());
-    tx.execute(
-        &prepared_tx(tx, "SELECT pg_advisory_xact_lock($1)").await?,
-        &[&lock],
-    )
-    .await
-    .map_err(db_error)?;
-    let rows = tx
-        .query(
-            &prepared_tx(
-                tx,
-                "SELECT serial, summary FROM certificates WHERE public_key = $1",
-            )
-            .await?,
-            &[&key.as_slice()],
-        )
-        .await
-        .map_err(db_error)?;
-    let mut held = false;
-    for row in rows {
-        let serial: Vec<u8> = row.get(0);
-        let summary: Vec<u8> = row.get(1);
-        let holder = CertificateSummary::decode(&serial, &summary)?;
-        match holder.revocation {
-            Some(r) if r.reason == RevocationReason::KeyCompromise => {
-                return Ok(Some(IssueOutcome::KeyCompromised))
-            }
-            Some(r) if r.reason != RevocationReason::CertificateHold => continue,
-            _ => {}
-        }
-        let live = holder.not_after_s > now_s;
-        if live
-            && (holder.customer_id != certificate.customer_id
-                || holder.device_id != certificate.device_id)
-        {
-            held = true;
-        }
-    }
-    Ok(held.then_some(IssueOutcome::KeyHeldElsewhere))
-}
-
 /// Puts `record`'s revocation on the CRL's list (or takes it off when it has none).
 async fn put_revoked(tx: &Transaction<'_>, record: &CertificateRecord) -> Result<()> {
     match record.revocation {
@@ -375,19 +327,6 @@ async fn lock_certificates(
             Ok((serial, decode_json(record)?))
         })
         .collect()
-}
-
-/// One enrollment (or a new token): what [`PgStore::commit_issue`] writes.
-enum IssueWork {
-    Enroll {
-        hash: TokenHash,
-        now_s: i64,
-        certificate: Box<CertificateRecord>,
-    },
-    Token {
-        hash: TokenHash,
-        token: TokenRecord,
-    },
 }
 
 impl PgStore {
@@ -471,11 +410,15 @@ impl PgStore {
                 .build()
                 .map_err(|e| Error::internal(format!("database pool: {e}")))?
         };
+        let write_turn = Arc::new(tokio::sync::Mutex::new(()));
+        let (issue_queue, jobs) = tokio::sync::mpsc::unbounded_channel();
+        handle.spawn(issuance::committer(pool.clone(), write_turn.clone(), jobs));
         Ok(PgStore {
+            issue_queue,
             pool,
             runtime: Some(runtime),
             handle,
-            write_turn: Arc::new(tokio::sync::Mutex::new(())),
+            write_turn,
             decisions: None,
             pg_config,
             tls,
@@ -590,88 +533,35 @@ impl PgStore {
         PgStore::open_pool(config)?.schema_state()
     }
 
-    /// Commits one enrollment or new token, in its own transaction.
-    async fn commit_issue(
-        pool: Pool,
-        turn: Arc<tokio::sync::Mutex<()>>,
-        work: IssueWork,
-        audit: AuditEvent,
-        on_issued: Option<OnIssued>,
-    ) -> Result<IssueOutcome> {
-        let _turn = turn.lock().await;
-        let outcome = in_transaction(&pool, move |tx| {
-            Box::pin(async move {
-                match work {
-                    IssueWork::Token { hash, token } => {
-                        tx.execute(&prepared_tx(tx, "INSERT INTO tokens (hash, expires_at_s, record) VALUES ($1, $2, $3)").await?,
-                            &[&hash.0.as_slice(), &token.expires_at_s, &json(&token)?],
-                        )
-                        .await
-                        .map_err(db_error)?;
-                        append_audit(tx, &audit).await?;
-                        Ok(Committed::Yes(IssueOutcome::Issued))
-                    }
-                    IssueWork::Enroll {
-                        hash,
-                        now_s,
-                        certificate,
-                    } => {
-                        let row = tx.query_opt(&prepared_tx(tx, "SELECT record FROM tokens WHERE hash = $1 FOR UPDATE").await?,
-                                &[&hash.0.as_slice()],
-                            )
-                            .await
-                            .map_err(db_error)?;
-                        let Some(row) = row else {
-                            return Ok(Committed::No(IssueOutcome::TokenRejected(
-                                TokenRejection::Unknown,
-                            )));
-                        };
-                        let token: TokenRecord = decode_json(row.get(0))?;
-                        let mut token = match super::token_usable(token, now_s) {
-                            Ok(token) => token,
-                            Err(why) => return Ok(Committed::No(IssueOutcome::TokenRejected(why))),
-                        };
-                        if let Some(refused) = key_refusal(tx, &certificate, now_s).await? {
-                            return Ok(Committed::No(refused));
-                        }
-                        if !put_certificate(tx, &certificate, true).await? {
-                            return Ok(Committed::No(IssueOutcome::SerialTaken));
-                        }
-                        token.used_at_s = Some(now_s);
-                        token.used_for_serial = Some(certificate.serial.clone());
-                        tx.execute(&prepared_tx(tx, "UPDATE tokens SET record = $2 WHERE hash = $1").await?,
-                            &[&hash.0.as_slice(), &json(&token)?],
-                        )
-                        .await
-                        .map_err(db_error)?;
-                        append_audit(tx, &audit).await?;
-                        Ok(Committed::Yes(IssueOutcome::Issued))
-                    }
-                }
-            })
-        })
-        .await?;
-        if outcome == IssueOutcome::Issued {
-            if let Some(on_issued) = on_issued {
-                on_issued();
-            }
-        }
-        Ok(outcome)
-    }
-
-    /// Runs [`PgStore::commit_issue`] on the store's runtime; the receiver gets the outcome.
+    /// Queues `work` for the committer (see [`issuance`]); the receiver gets the outcome.
     fn issue_async(
         &self,
         work: IssueWork,
         audit: &AuditEvent,
         on_issued: Option<OnIssued>,
     ) -> IssueReceiver {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let (pool, turn, audit) = (self.pool.clone(), self.write_turn.clone(), audit.clone());
-        self.handle.spawn(async move {
-            let _ = tx.send(PgStore::commit_issue(pool, turn, work, audit, on_issued).await);
-        });
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let job = issuance::IssueJob {
+            work,
+            audit: audit.clone(),
+            on_issued,
+            reply,
+        };
+        if let Err(refused) = self.issue_queue.send(job) {
+            let _ = refused.0.reply.send(Err(Error::Unavailable(
+                "the enrollment committer has stopped".into(),
+            )));
+        }
         rx
+    }
+
+    /// [`PgStore::issue_async`], waiting for the outcome on this thread.
+    fn issue_blocking(&self, work: IssueWork, audit: &AuditEvent) -> Result<IssueOutcome> {
+        let rx = self.issue_async(work, audit, None);
+        self.block(async move {
+            rx.await
+                .map_err(|_| Error::Unavailable("the enrollment committer has stopped".into()))?
+        })
     }
 
     /// Deletes what `select` picks (a `SELECT key ... LIMIT $n` over `table`'s `column`)
@@ -748,9 +638,10 @@ impl Store for PgStore {
             hash: *hash,
             token: token.clone(),
         };
-        let (pool, turn, audit) = (self.pool.clone(), self.write_turn.clone(), audit.clone());
-        self.block(async move { PgStore::commit_issue(pool, turn, work, audit, None).await })
-            .map(|_| ())
+        match self.issue_blocking(work, audit)? {
+            IssueOutcome::Issued => Ok(()),
+            other => Err(Error::internal(format!("storing a token: {other:?}"))),
+        }
     }
 
     fn put_token_async(
@@ -794,8 +685,7 @@ impl Store for PgStore {
             now_s,
             certificate: Box::new(certificate.clone()),
         };
-        let (pool, turn, audit) = (self.pool.clone(), self.write_turn.clone(), audit.clone());
-        self.block(async move { PgStore::commit_issue(pool, turn, work, audit, None).await })
+        self.issue_blocking(work, audit)
     }
 
     fn issue_with_token_async(
