@@ -80,6 +80,9 @@ pub struct StoreConfig {
     /// Seconds to wait for a connection (and for a pooled one to come free) before a request
     /// is answered UNAVAILABLE.
     pub connect_timeout_s: u32,
+    /// Decision writers per process (each a chain of its own in the database): while one
+    /// batch of verifications waits for its commit, the next is written.
+    pub decision_writers: usize,
 }
 
 impl Default for StoreConfig {
@@ -92,6 +95,7 @@ impl Default for StoreConfig {
             pool_size: 16,
             ca_file: None,
             connect_timeout_s: 5,
+            decision_writers: 2,
         }
     }
 }
@@ -133,6 +137,18 @@ impl StoreConfig {
             return Err(Error::invalid(
                 "store.pool_size",
                 "must be between 1 and 1024",
+            ));
+        }
+        if self.decision_writers == 0 || self.decision_writers > 16 {
+            return Err(Error::invalid(
+                "store.decision_writers",
+                "must be between 1 and 16",
+            ));
+        }
+        if self.decision_writers >= self.pool_size {
+            return Err(Error::invalid(
+                "store.decision_writers",
+                "must be below store.pool_size (the writers hold connections while they commit)",
             ));
         }
         if self.connect_timeout_s == 0 {

@@ -797,3 +797,44 @@ async fn one_key_is_certified_for_one_device_across_replicas() {
     assert_eq!(refused.code(), tonic::Code::AlreadyExists);
     assert!(refused.message().contains("compromised"), "{refused:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agreed_limit_set_on_one_replica_applies_on_every_other() {
+    let Some(cluster) = Replicas::start("replicas::an_agreed_limit_applies") else {
+        return;
+    };
+    cluster
+        .operator(0)
+        .await
+        .admin()
+        .set_agreed_limit(proto::SetAgreedLimitRequest {
+            customer_id: "c-agreed".into(),
+            daily_limit_fen: 1_234_500,
+        })
+        .await
+        .unwrap();
+    for replica in 1..3 {
+        let operator = cluster.operator(replica).await;
+        let lag = converge("the agreed limit", || {
+            let operator = operator.clone();
+            async move {
+                let limits = operator
+                    .admin()
+                    .get_limits(proto::GetLimitsRequest {
+                        customer_id: "c-agreed".into(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                limits.has_agreement
+                    && limits
+                        .tiers
+                        .iter()
+                        .find(|t| t.tier == proto::Tier::A as i32)
+                        .is_some_and(|a| a.limit_fen == 1_234_500)
+            }
+        })
+        .await;
+        eprintln!("replica {replica}: the agreed limit applies {lag:?} after it was set");
+    }
+}

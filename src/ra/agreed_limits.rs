@@ -50,6 +50,18 @@ impl AgreedLimits {
             .copied()
     }
 
+    /// Takes every limit as the store holds it now (another payra process changed one).
+    pub fn reload(&self, store: &dyn Store) -> Result<()> {
+        let _turn = self.setting.lock().unwrap_or_else(|p| p.into_inner());
+        let limits: HashMap<Box<str>, i64> = store
+            .agreed_limits()?
+            .into_iter()
+            .map(|(customer, limit)| (customer.into_boxed_str(), limit))
+            .collect();
+        *self.limits.write().unwrap_or_else(|p| p.into_inner()) = limits;
+        Ok(())
+    }
+
     /// Stores the limit durably (with its audit entry), then makes it visible.
     pub fn set(
         &self,

@@ -427,7 +427,13 @@ impl Ra {
                     }
                 }
             }
+            StoreChange::AgreedLimits => {
+                self.agreed_limits.reload(self.store.as_ref())?;
+                // Nothing published depends on the limits.
+                return Ok(());
+            }
             StoreChange::Everything => {
+                self.agreed_limits.reload(self.store.as_ref())?;
                 let _turn = self
                     .revocation_cache_turn
                     .lock()

@@ -252,6 +252,8 @@ pub enum StoreChange {
     Certificates(Vec<Serial>),
     /// These client certificates were registered or revoked.
     ClientCertificates(Vec<Serial>),
+    /// An agreed tier-A limit was set.
+    AgreedLimits,
     /// Anything may have changed (notifications were lost): reload.
     Everything,
 }

@@ -47,6 +47,17 @@ pub(super) async fn notify(tx: &Transaction<'_>, serials: &[&Serial], client: bo
     Ok(())
 }
 
+/// Tells the other processes, at commit, that an agreed limit changed.
+pub(super) async fn notify_limits(tx: &Transaction<'_>) -> Result<()> {
+    tx.execute(
+        &super::prepared_tx(tx, "SELECT pg_notify($1, $2)").await?,
+        &[&CHANNEL, &"l:"],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
 /// Parses a notification's payload.
 fn parse(payload: &str) -> StoreChange {
     let serials = |list: &str| -> Option<Vec<Serial>> {
@@ -61,6 +72,7 @@ fn parse(payload: &str) -> StoreChange {
         Some(("k", list)) => {
             serials(list).map_or(StoreChange::Everything, StoreChange::ClientCertificates)
         }
+        Some(("l", _)) => StoreChange::AgreedLimits,
         _ => StoreChange::Everything,
     }
 }
@@ -163,6 +175,7 @@ mod tests {
             StoreChange::ClientCertificates(vec![serial])
         );
         assert_eq!(parse("*"), StoreChange::Everything);
+        assert_eq!(parse("l:"), StoreChange::AgreedLimits);
         assert_eq!(parse("c:not-hex"), StoreChange::Everything);
     }
 }

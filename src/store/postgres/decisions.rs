@@ -1,15 +1,17 @@
 //! Decisions, nonce claims and the daily ledger on PostgreSQL, shared by every payra process
 //! on the database.
 //!
-//! Each process runs one writer. It takes every decision waiting (up to [`MAX_BATCH`]) and
+//! Each process runs `store.decision_writers` writers. One takes every decision waiting (up to [`MAX_BATCH`]) and
 //! records them in one transaction of a few statements: claim the nonces (a unique key:
 //! a nonce claimed by any process is a replay), re-read the certificates' revocation state,
 //! lock the customers' ledger buckets (in key order), let the RA decide each in turn, add the
 //! reservations, append the decisions to the process's own hash chain. One commit then
 //! answers every decision of the batch.
 //!
-//! A chain belongs to one process start (`decision_chains`), so chains need no lock across
-//! processes; `payra audit verify` checks each.
+//! A chain belongs to one writer of one process start (`decision_chains`), so chains need no
+//! lock across writers or processes; `payra audit verify` checks each. Writers lock nonces
+//! (in key order) before buckets (in key order), so two batches never wait for each other in
+//! a cycle.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -68,9 +70,13 @@ impl PgDecisions {
         handle: tokio::runtime::Handle,
         write_turn: Arc<tokio::sync::Mutex<()>>,
         now_ms: i64,
+        writers: usize,
     ) -> PgDecisions {
         let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
-        handle.spawn(writer(pool.clone(), rx, now_ms));
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        for _ in 0..writers.max(1) {
+            handle.spawn(writer(pool.clone(), rx.clone(), now_ms));
+        }
         PgDecisions {
             queue,
             pool,
@@ -110,18 +116,24 @@ fn link(prev: &[u8; 32], record: &[u8]) -> [u8; 32] {
 
 async fn writer(
     pool: Pool,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<Pending>,
+    rx: Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Pending>>>,
     started_at_ms: i64,
 ) {
     let mut head = WriterState::default();
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
+    loop {
+        // One writer at a time takes what is waiting; the other may be committing.
+        let batch = {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else { break };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(next) => batch.push(next),
+                    Err(_) => break,
+                }
             }
-        }
+            batch
+        };
         let mut outcome = Err(Error::Unavailable("not tried".into()));
         for _ in 0..RETRIES {
             outcome = commit(&pool, &mut head, started_at_ms, &batch).await;

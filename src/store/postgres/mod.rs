@@ -360,6 +360,7 @@ impl PgStore {
             store.handle.clone(),
             store.write_turn.clone(),
             now_ms,
+            config.decision_writers,
         )));
         Ok(store)
     }
@@ -1125,6 +1126,7 @@ impl Store for PgStore {
                 )
                 .await
                 .map_err(db_error)?;
+                changes::notify_limits(tx).await?;
                 append_audit(tx, &audit).await?;
                 Ok(Committed::Yes(()))
             })
