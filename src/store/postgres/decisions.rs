@@ -90,12 +90,7 @@ impl PgDecisions {
         F: std::future::Future<Output = Result<T>> + Send + 'static,
         T: Send + 'static,
     {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.handle.spawn(async move {
-            let _ = tx.send(work.await);
-        });
-        rx.recv()
-            .map_err(|_| Error::Unavailable("the database runtime has stopped".into()))?
+        super::block_on(&self.handle, work)
     }
 }
 

@@ -178,6 +178,21 @@ fn limit(count: usize) -> i64 {
     i64::try_from(count).unwrap_or(i64::MAX)
 }
 
+/// Runs `work` on `handle` and waits for its answer on this thread, which may be any thread
+/// (inside another runtime or not): the answer comes back over a plain channel.
+fn block_on<T, F>(handle: &tokio::runtime::Handle, work: F) -> Result<T>
+where
+    F: Future<Output = Result<T>> + Send + 'static,
+    T: Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    handle.spawn(async move {
+        let _ = tx.send(work.await);
+    });
+    rx.recv()
+        .map_err(|_| Error::Unavailable("the database runtime has stopped".into()))?
+}
+
 /// `sql` prepared on the transaction's connection, once per connection (the pool keeps the
 /// statements): a statement then costs one round trip instead of two.
 async fn prepared_tx(tx: &Transaction<'_>, sql: &str) -> Result<tokio_postgres::Statement> {
@@ -433,12 +448,7 @@ impl PgStore {
         F: Future<Output = Result<T>> + Send + 'static,
         T: Send + 'static,
     {
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.handle.spawn(async move {
-            let _ = tx.send(work.await);
-        });
-        rx.recv()
-            .map_err(|_| Error::Unavailable("the database runtime has stopped".into()))?
+        block_on(&self.handle, work)
     }
 
     /// Runs `work` inside one transaction on a pooled connection, committing if it returns
@@ -476,6 +486,36 @@ impl PgStore {
         self.block(async move {
             let client = pool.get().await.map_err(pool_error)?;
             work(&client).await
+        })
+    }
+
+    /// The JSON record `sql` selects by one key, decoded.
+    fn record_by<T>(&self, sql: &'static str, key: Vec<u8>) -> Result<Option<T>>
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+    {
+        self.read(move |client| {
+            Box::pin(async move {
+                let row = client
+                    .query_opt(&prepared(client, sql).await?, &[&key])
+                    .await
+                    .map_err(db_error)?;
+                row.map(|row| decode_json(row.get(0))).transpose()
+            })
+        })
+    }
+
+    /// The serials `sql` selects for one id.
+    fn serials_where(&self, sql: &'static str, id: &str) -> Result<Vec<Serial>> {
+        let id = id.to_string();
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(&prepared(client, sql).await?, &[&id])
+                    .await
+                    .map_err(db_error)?;
+                rows.iter().map(|row| serial_of(row.get(0))).collect()
+            })
         })
     }
 
@@ -659,19 +699,7 @@ impl Store for PgStore {
     }
 
     fn token(&self, hash: &TokenHash) -> Result<Option<TokenRecord>> {
-        let hash = hash.0;
-        self.read(move |client| {
-            Box::pin(async move {
-                let row = client
-                    .query_opt(
-                        &prepared(client, "SELECT record FROM tokens WHERE hash = $1").await?,
-                        &[&hash.as_slice()],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                row.map(|row| decode_json(row.get(0))).transpose()
-            })
-        })
+        self.record_by("SELECT record FROM tokens WHERE hash = $1", hash.0.to_vec())
     }
 
     fn issue_with_token(
@@ -706,20 +734,10 @@ impl Store for PgStore {
     }
 
     fn certificate(&self, serial: &Serial) -> Result<Option<CertificateRecord>> {
-        let serial = serial.clone();
-        self.read(move |client| {
-            Box::pin(async move {
-                let row = client
-                    .query_opt(
-                        &prepared(client, "SELECT record FROM certificates WHERE serial = $1")
-                            .await?,
-                        &[&serial.as_bytes()],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                row.map(|row| decode_json(row.get(0))).transpose()
-            })
-        })
+        self.record_by(
+            "SELECT record FROM certificates WHERE serial = $1",
+            serial.as_bytes().to_vec(),
+        )
     }
 
     fn certificate_summary(&self, serial: &Serial) -> Result<Option<CertificateSummary>> {
@@ -757,58 +775,21 @@ impl Store for PgStore {
     }
 
     fn revocation_state(&self, serial: &Serial) -> Result<Option<Option<Revocation>>> {
-        let serial = serial.clone();
-        self.read(move |client| {
-            Box::pin(async move {
-                let row = client
-                    .query_opt(
-                        &prepared(client, "SELECT summary FROM certificates WHERE serial = $1")
-                            .await?,
-                        &[&serial.as_bytes()],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                row.map(|row| {
-                    let bytes: Vec<u8> = row.get(0);
-                    CertificateSummary::decode(serial.as_bytes(), &bytes).map(|s| s.revocation)
-                })
-                .transpose()
-            })
-        })
+        Ok(self.certificate_summary(serial)?.map(|s| s.revocation))
     }
 
     fn serials_by_customer(&self, customer: &CustomerId) -> Result<Vec<Serial>> {
-        let customer = customer.as_str().to_string();
-        self.read(move |client| {
-            Box::pin(async move {
-                let rows = client.query(&prepared(client, "SELECT serial FROM certificates WHERE customer_id = $1 ORDER BY serial").await?,
-                        &[&customer],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                rows.iter().map(|row| serial_of(row.get(0))).collect()
-            })
-        })
+        self.serials_where(
+            "SELECT serial FROM certificates WHERE customer_id = $1 ORDER BY serial",
+            customer.as_str(),
+        )
     }
 
     fn serials_by_device(&self, device: &DeviceId) -> Result<Vec<Serial>> {
-        let device = device.as_str().to_string();
-        self.read(move |client| {
-            Box::pin(async move {
-                let rows = client
-                    .query(
-                        &prepared(
-                            client,
-                            "SELECT serial FROM certificates WHERE device_id = $1 ORDER BY serial",
-                        )
-                        .await?,
-                        &[&device],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                rows.iter().map(|row| serial_of(row.get(0))).collect()
-            })
-        })
+        self.serials_where(
+            "SELECT serial FROM certificates WHERE device_id = $1 ORDER BY serial",
+            device.as_str(),
+        )
     }
 
     fn certificates_after(
@@ -831,12 +812,22 @@ impl Store for PgStore {
     }
 
     fn for_each_certificate_summary(&self, each: &mut dyn FnMut(CertificateSummary)) -> Result<()> {
-        // The rows stream from the store's runtime through a bounded channel: memory stays
-        // bounded however many certificates there are.
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<CertificateSummary>>(4096);
+        // The rows stream from the store's runtime in chunks through a bounded channel:
+        // memory stays bounded however many certificates there are.
+        const CHUNK: usize = 4096;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<CertificateSummary>>>(4);
         let pool = self.pool.clone();
         self.handle.spawn(async move {
             use tokio_stream::StreamExt;
+            // Waits for the reader off the runtime's workers; false once it is gone.
+            let send = |chunk: Result<Vec<CertificateSummary>>| {
+                let tx = tx.clone();
+                async move {
+                    tokio::task::spawn_blocking(move || tx.send(chunk).is_ok())
+                        .await
+                        .unwrap_or(false)
+                }
+            };
             let stream = async {
                 let client = pool.get().await.map_err(pool_error)?;
                 let rows = client
@@ -851,30 +842,39 @@ impl Store for PgStore {
             let (_client, rows) = match stream.await {
                 Ok(stream) => stream,
                 Err(e) => {
-                    let _ = tx.send(Err(e));
+                    send(Err(e)).await;
                     return;
                 }
             };
             tokio::pin!(rows);
+            let mut chunk = Vec::with_capacity(CHUNK);
             while let Some(row) = rows.next().await {
                 let summary = row.map_err(db_error).and_then(|row| {
                     let serial: &[u8] = row.get(0);
                     let bytes: &[u8] = row.get(1);
                     CertificateSummary::decode(serial, bytes)
                 });
-                let failed = summary.is_err();
-                // The channel is bounded: wait for the reader off the runtime's workers.
-                let tx = tx.clone();
-                let sent = tokio::task::spawn_blocking(move || tx.send(summary).is_ok())
-                    .await
-                    .unwrap_or(false);
-                if !sent || failed {
+                match summary {
+                    Ok(summary) => chunk.push(summary),
+                    Err(e) => {
+                        send(Err(e)).await;
+                        return;
+                    }
+                }
+                if chunk.len() == CHUNK
+                    && !send(Ok(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK)))).await
+                {
                     return;
                 }
             }
+            if !chunk.is_empty() {
+                send(Ok(chunk)).await;
+            }
         });
-        for summary in rx {
-            each(summary?);
+        for chunk in rx {
+            for summary in chunk? {
+                each(summary);
+            }
         }
         Ok(())
     }
@@ -1164,23 +1164,10 @@ impl Store for PgStore {
     }
 
     fn client_certificate(&self, serial: &Serial) -> Result<Option<ClientCertificateRecord>> {
-        let serial = serial.clone();
-        self.read(move |client| {
-            Box::pin(async move {
-                let row = client
-                    .query_opt(
-                        &prepared(
-                            client,
-                            "SELECT record FROM client_certificates WHERE serial = $1",
-                        )
-                        .await?,
-                        &[&serial.as_bytes()],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                row.map(|row| decode_json(row.get(0))).transpose()
-            })
-        })
+        self.record_by(
+            "SELECT record FROM client_certificates WHERE serial = $1",
+            serial.as_bytes().to_vec(),
+        )
     }
 
     fn client_certificates(&self) -> Result<Vec<ClientCertificateRecord>> {
