@@ -152,6 +152,36 @@ fn spawn(certs: &std::path::Path, data: &std::path::Path, url: &str) -> Replica 
     }
 }
 
+/// Where `customer` stands today against `tier`'s ceilings, as `operator`'s replica says.
+async fn tier_limit(operator: &Client, customer: &str, tier: proto::Tier) -> proto::LimitStatus {
+    operator
+        .admin()
+        .get_limits(proto::GetLimitsRequest {
+            customer_id: customer.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tiers
+        .into_iter()
+        .find(|t| t.tier == tier as i32)
+        .unwrap()
+}
+
+/// Revokes `serial` through `replica` as the operator.
+async fn revoke(cluster: &Replicas, replica: usize, serial: &str, reason: proto::RevocationReason) {
+    cluster
+        .operator(replica)
+        .await
+        .admin()
+        .revoke_certificate(proto::RevokeCertificateRequest {
+            serial: serial.into(),
+            reason: reason as i32,
+        })
+        .await
+        .unwrap();
+}
+
 fn intent(customer: &str, device: &str, order: &str, amount_fen: i64) -> proto::PaymentIntent {
     proto::PaymentIntent {
         customer_id: customer.into(),
@@ -330,21 +360,7 @@ async fn reservations_across_replicas_never_pass_the_daily_limit() {
     assert_eq!(reserved, 5, "exactly the limit");
     // Every replica sees the same ledger.
     for replica in 0..3 {
-        let limits = cluster
-            .operator(replica)
-            .await
-            .admin()
-            .get_limits(proto::GetLimitsRequest {
-                customer_id: "c-limit".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let c = limits
-            .tiers
-            .iter()
-            .find(|t| t.tier == proto::Tier::C as i32)
-            .unwrap();
+        let c = tier_limit(&cluster.operator(replica).await, "c-limit", proto::Tier::C).await;
         assert_eq!(c.used_fen, 100_000, "replica {replica}");
     }
     // The chains in the database check out while the three replicas run.
@@ -389,16 +405,13 @@ async fn a_revocation_is_honoured_by_the_next_verification_on_every_replica() {
             answer.reason
         );
     }
-    cluster
-        .operator(0)
-        .await
-        .admin()
-        .revoke_certificate(proto::RevokeCertificateRequest {
-            serial: issued.serial.clone(),
-            reason: proto::RevocationReason::KeyCompromise as i32,
-        })
-        .await
-        .unwrap();
+    revoke(
+        &cluster,
+        0,
+        &issued.serial,
+        proto::RevocationReason::KeyCompromise,
+    )
+    .await;
     for replica in 0..3 {
         let i = intent("c-revoke", "phone", &format!("after-{replica}"), 100);
         let answer = verify(
@@ -488,16 +501,13 @@ async fn status_ocsp_and_crl_agree_across_replicas_after_a_change() {
         assert_eq!(code, 200);
         numbers_before.push(crl_of(&der).0);
     }
-    cluster
-        .operator(0)
-        .await
-        .admin()
-        .revoke_certificate(proto::RevokeCertificateRequest {
-            serial: issued.serial.clone(),
-            reason: proto::RevocationReason::KeyCompromise as i32,
-        })
-        .await
-        .unwrap();
+    revoke(
+        &cluster,
+        0,
+        &issued.serial,
+        proto::RevocationReason::KeyCompromise,
+    )
+    .await;
     for replica in 1..3 {
         let lag = converge("the status change", || async {
             status(replica).await == proto::CertificateStatus::Revoked as i32
@@ -705,19 +715,7 @@ async fn sigkill_of_one_replica_loses_nothing_and_the_others_keep_serving() {
             .into_inner();
         assert_eq!(evidence.reserved_fen, 1);
     }
-    let limits = operator
-        .admin()
-        .get_limits(proto::GetLimitsRequest {
-            customer_id: "payer".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let c = limits
-        .tiers
-        .iter()
-        .find(|t| t.tier == proto::Tier::C as i32)
-        .unwrap();
+    let c = tier_limit(&operator, "payer", proto::Tier::C).await;
     assert!(
         c.used_fen >= acked.reservations.len() as i64,
         "the ledger holds every acknowledged reservation: {} < {}",
@@ -781,16 +779,13 @@ async fn one_key_is_certified_for_one_device_across_replicas() {
     }
 
     // A compromise reported on one replica closes the key on every other.
-    cluster
-        .operator(2)
-        .await
-        .admin()
-        .revoke_certificate(proto::RevokeCertificateRequest {
-            serial: first.serial.clone(),
-            reason: proto::RevocationReason::KeyCompromise as i32,
-        })
-        .await
-        .unwrap();
+    revoke(
+        &cluster,
+        2,
+        &first.serial,
+        proto::RevocationReason::KeyCompromise,
+    )
+    .await;
     let refused = enroll_key(1, key.clone(), "c-key-1", "phone")
         .await
         .expect_err("a compromised key is not certified again");
