@@ -849,7 +849,7 @@ fn sled_store_journals_concurrent_new_tokens_in_shared_batches() {
 
 #[test]
 fn sled_store_commits_queued_enrollments_in_order_in_one_journal_record() {
-    use super::sled_backend::IssueJob;
+    use super::sled::IssueJob;
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
     let (shared, own) = (TokenHash::of("t-queue-a"), TokenHash::of("t-queue-b"));
@@ -899,7 +899,7 @@ fn sled_store_commits_queued_enrollments_in_order_in_one_journal_record() {
 
 #[test]
 fn sled_store_applies_journaled_enrollments_the_database_lacks_when_it_opens() {
-    use super::sled_backend::ISSUANCE_JOURNAL_FILE;
+    use super::sled::ISSUANCE_JOURNAL_FILE;
     let dir = tempfile::tempdir().unwrap();
     let (first_hash, hash) = (TokenHash::of("t-journal-1"), TokenHash::of("t-journal-2"));
     let (first, cert) = (
@@ -1242,7 +1242,7 @@ async fn a_panicking_commit_hook_leaves_the_enrollment_issued_and_the_journal_wo
 
 #[test]
 fn sled_store_commits_a_long_queue_in_bounded_batches() {
-    use super::sled_backend::IssueJob;
+    use super::sled::IssueJob;
     let dir = tempfile::tempdir().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
     let queued = 1_100;
@@ -1275,7 +1275,7 @@ fn sled_store_commits_a_long_queue_in_bounded_batches() {
 
 #[test]
 fn sled_store_empties_a_full_journal_and_keeps_every_batch() {
-    use super::sled_backend::ISSUANCE_JOURNAL_FILE;
+    use super::sled::ISSUANCE_JOURNAL_FILE;
     let dir = tempfile::tempdir().unwrap();
     let certs: Vec<_> = (0..3)
         .map(|i| certificate("c-reset", &format!("d{i}")))

@@ -3,28 +3,23 @@
 //! is on stable storage, and changes that belong together commit atomically.
 
 pub mod audit;
-pub mod audit_heads;
-pub mod backup;
 #[cfg(test)]
 mod conformance;
-pub mod data_dir;
-pub mod decision_log;
-mod group_commit;
-mod issuance_journal;
 pub mod postgres;
-pub mod read_only;
 mod records;
-mod sled_backend;
+pub mod sled;
+
+pub use sled::{audit_heads, backup, data_dir, decision_log, read_only};
 
 pub use audit::{Actor, AuditCheck, AuditEntry, AuditEvent, ChainHead};
 pub use decision_log::{Books, DecisionLog, ForgottenDays, LedgerCheckpoint, LogRecord};
-pub use group_commit::GroupCommit;
 pub use postgres::PgStore;
 pub use records::{
     CertificateRecord, CertificateSummary, ClientCertificateRecord, EvidenceRecord, Revocation,
     RevokedEntry, TokenHash, TokenRecord, RECORD_VERSION,
 };
-pub use sled_backend::SledStore;
+pub use sled::GroupCommit;
+pub use sled::SledStore;
 
 /// Hands each (record number, frame) of the decision log to its argument, in order (for
 /// backups).

@@ -13,9 +13,9 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::FrameSource;
 use crate::error::{Error, Result};
 use crate::model::{RevocationReason, Serial};
+use crate::store::FrameSource;
 
 const MAGIC: &[u8] = b"PAYRA-BACKUP-1\n";
 /// The section holding the decision log's frames (not a sled tree).
@@ -239,7 +239,7 @@ pub fn verify_backup(path: &Path) -> Result<(BackupSummary, HashMap<Serial, Revo
             Record::Tree(name) => current_tree = name,
             Record::Entry(key, value) if current_tree == "revoked" => {
                 let serial = Serial::from_bytes("serial", &key);
-                let entry: std::result::Result<super::RevokedEntry, _> =
+                let entry: std::result::Result<crate::store::RevokedEntry, _> =
                     serde_json::from_slice(&value);
                 if let (Ok(serial), Ok(entry)) = (serial, entry) {
                     revoked.insert(serial, entry.revocation.reason);
@@ -255,11 +255,7 @@ pub fn verify_backup(path: &Path) -> Result<(BackupSummary, HashMap<Serial, Revo
 /// Writes the backup's trees into a new database at `dir` (which must not hold one) and
 /// syncs it.
 pub fn import_backup(path: &Path, dir: &Path) -> Result<BackupSummary> {
-    if dir.join("db").exists()
-        || dir
-            .join(super::sled_backend::ISSUANCE_JOURNAL_FILE)
-            .exists()
-    {
+    if dir.join("db").exists() || dir.join(super::ISSUANCE_JOURNAL_FILE).exists() {
         return Err(Error::AlreadyExists(format!(
             "{} already holds a database",
             dir.display()

@@ -20,8 +20,8 @@ use std::path::{Path, PathBuf};
 use base64::Engine;
 use serde::{Deserialize, Serialize};
 
-use super::ChainHead;
 use crate::error::{Error, Result};
+use crate::store::ChainHead;
 
 /// The file, in the data directory.
 pub const HEADS_FILE: &str = "audit-heads.log";
@@ -202,7 +202,7 @@ pub fn check_head(
             ));
         }
         let found = if seq == 0 {
-            Some(super::audit::GENESIS_HASH)
+            Some(crate::store::audit::GENESIS_HASH)
         } else {
             hash_at(seq)
         };
