@@ -384,3 +384,92 @@ async fn fail_a_stopped_database_gives_unavailable_and_payra_recovers_on_its_own
         "both decisions, chained"
     );
 }
+
+#[tokio::test]
+async fn fail_a_changed_row_breaks_the_chains_and_audit_verify_names_it() {
+    let Some(store) = database("postgres::fail_a_changed_row_breaks_the_chains") else {
+        return;
+    };
+    let store_config = store.clone();
+    let mut server = TestServer::start_with(move |config| config.store = store_config).await;
+    let (key, issued) = server.enroll("c-tamper", "phone").await;
+    for _ in 0..3 {
+        let paid = pay(&server, &key, &issued, "c-tamper", "phone").await;
+        assert_eq!(
+            paid.verdict,
+            proto::Verdict::Verified as i32,
+            "{}",
+            paid.reason
+        );
+    }
+    let verify = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_payra"))
+            .args([
+                "audit",
+                "verify",
+                "--store-url",
+                store.url.as_deref().unwrap(),
+            ])
+            .env(
+                "PAYRA_DB_PASSWORD",
+                std::env::var(testing::PASSWORD_VARIABLE).unwrap_or_default(),
+            )
+            .output()
+            .unwrap()
+    };
+    let intact = verify();
+    assert!(intact.status.success(), "{intact:?}");
+
+    // Someone with write access lowers an amount in a recorded decision.
+    let sql = "UPDATE decisions SET record = replace(record, '\"amount_fen\":1500', \
+               '\"amount_fen\":15') WHERE seq = 2";
+    psql(&store, sql);
+    let broken = verify();
+    let text = String::from_utf8_lossy(&broken.stderr);
+    assert!(!broken.status.success());
+    assert!(
+        text.contains("decision 2 does not match its hash"),
+        "{text}"
+    );
+
+    // Put back, the decision chains hold again; then an entry of the change chain is changed.
+    psql(
+        &store,
+        "UPDATE decisions SET record = replace(record, '\"amount_fen\":15,', \
+         '\"amount_fen\":1500,') WHERE seq = 2",
+    );
+    assert!(verify().status.success(), "restored");
+    psql(
+        &store,
+        "UPDATE audit SET entry = jsonb_set(entry, '{body,event,outcome}', '\"forged\"') \
+         WHERE seq = 1",
+    );
+    let broken = verify();
+    let text = String::from_utf8_lossy(&broken.stderr);
+    assert!(!broken.status.success());
+    assert!(text.contains("change chain is broken"), "{text}");
+    server.stop().await;
+}
+
+/// Runs `sql` on the database of `store` with psql.
+fn psql(store: &StoreConfig, sql: &str) {
+    let output = std::process::Command::new("psql")
+        .args([
+            store.url.as_deref().unwrap(),
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-qc",
+            sql,
+        ])
+        .env(
+            "PGPASSWORD",
+            std::env::var(testing::PASSWORD_VARIABLE).unwrap_or_default(),
+        )
+        .output()
+        .expect("psql");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
