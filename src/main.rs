@@ -1754,7 +1754,39 @@ fn print_list(records: &[payra::wire::proto::CertificateRecord], next: &str, out
 }
 
 fn status_message(status: tonic::Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+    let first = format!("{:?}: {}", status.code(), status.message());
+    match status_hint(status.code()) {
+        Some(hint) => format!("{first}\n  next: {hint}"),
+        None => first,
+    }
+}
+
+/// What to do about an answer with `code`, where the code alone says it.
+fn status_hint(code: tonic::Code) -> Option<&'static str> {
+    use tonic::Code;
+    Some(match code {
+        Code::PermissionDenied => {
+            "this command needs another role. The credential is read from --certs DIR \
+             (operator.pem and operator.key for operator commands, service.pem and service.key \
+             for service ones); an operator issues one with `payra issue-client --role \
+             operator|service --name NAME`"
+        }
+        Code::Unauthenticated => {
+            "the server did not accept this client certificate: it may have expired, been \
+             revoked, or come from another payra's CA. Check --certs, and have an operator \
+             issue a new one with `payra issue-client`"
+        }
+        Code::Unavailable => {
+            "the server, or the database behind it, cannot take requests now; retry in a \
+             moment. Its readiness says why: curl http://HOST:8080/readyz"
+        }
+        Code::DeadlineExceeded => {
+            "the server did not answer in time (limits.request_timeout_s); retry, and check \
+             its load and its database"
+        }
+        Code::ResourceExhausted => "a rate or size limit was reached; wait and retry",
+        _ => return None,
+    })
 }
 
 async fn connect(connection: &Connection, credential: Credential) -> Result<Client, String> {

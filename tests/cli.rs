@@ -641,3 +641,64 @@ fn fail_connection_errors_name_the_cause_and_the_next_step() {
         "{stderr}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_a_wrong_role_or_a_revoked_credential_says_what_to_do() {
+    let server = TestServer::start().await;
+    let url = server.url();
+    let certs = server.certs();
+    // The service's credential where the operator's is expected: the role is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let wrong = dir.path().join("certs");
+    std::fs::create_dir_all(&wrong).unwrap();
+    std::fs::copy(certs.join("root.pem"), wrong.join("root.pem")).unwrap();
+    std::fs::copy(certs.join("service.pem"), wrong.join("operator.pem")).unwrap();
+    std::fs::copy(certs.join("service.key"), wrong.join("operator.key")).unwrap();
+    let (ok, _, stderr) = payra(&[
+        "certs",
+        "list",
+        "--certs",
+        path_str(&wrong),
+        "--server",
+        &url,
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("PermissionDenied"), "{stderr}");
+    assert!(
+        stderr.contains("needs another role") && stderr.contains("payra issue-client"),
+        "{stderr}"
+    );
+
+    // The service's credential revoked: it is not accepted any more.
+    let pem = std::fs::read_to_string(certs.join("service.pem")).unwrap();
+    let der = ::pem::parse(pem).unwrap().into_contents();
+    let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+    let serial = hex::encode(parsed.raw_serial());
+    let (ok, _, stderr) = payra(&[
+        "revoke",
+        &serial,
+        "--reason",
+        "key-compromise",
+        "--certs",
+        path_str(&certs),
+        "--server",
+        &url,
+    ]);
+    assert!(ok, "{stderr}");
+    let (ok, _, stderr) = payra(&[
+        "token",
+        "create",
+        "--customer",
+        "c-cli",
+        "--certs",
+        path_str(&certs),
+        "--server",
+        &url,
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("Unauthenticated") && stderr.contains("revoked"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("issue a new one"), "{stderr}");
+}
