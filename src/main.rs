@@ -1754,7 +1754,23 @@ fn print_list(records: &[payra::wire::proto::CertificateRecord], next: &str, out
 }
 
 fn status_message(status: tonic::Status) -> String {
-    let first = format!("{:?}: {}", status.code(), status.message());
+    // A transport failure's cause is in the error chain, not the message ("transport error").
+    let mut causes = Vec::new();
+    let mut source = std::error::Error::source(&status);
+    while let Some(cause) = source {
+        causes.push(cause.to_string());
+        source = cause.source();
+    }
+    let first = if causes.is_empty() || !status.message().contains("transport error") {
+        format!("{:?}: {}", status.code(), status.message())
+    } else {
+        format!(
+            "{:?}: {}: {}",
+            status.code(),
+            status.message(),
+            causes.join(": ")
+        )
+    };
     match status_hint(status.code()) {
         Some(hint) => format!("{first}\n  next: {hint}"),
         None => first,
@@ -1790,6 +1806,7 @@ fn status_hint(code: tonic::Code) -> Option<&'static str> {
 }
 
 async fn connect(connection: &Connection, credential: Credential) -> Result<Client, String> {
+    check_credential_dates(&credential)?;
     let root = connection.certs.join("root.pem");
     if !root.exists() {
         return Err(format!(
@@ -1808,6 +1825,50 @@ async fn connect(connection: &Connection, credential: Credential) -> Result<Clie
                 root.display()
             )
         })
+}
+
+/// Refuses a client certificate that is not valid now, before the server does: a server
+/// drops such a TLS connection, and the client sees only a closed stream.
+fn check_credential_dates(credential: &Credential) -> CliResult {
+    let Credential::Files { certificate, .. } = credential else {
+        return Ok(());
+    };
+    // A missing or unreadable file is reported when the credential is loaded.
+    let Ok(text) = std::fs::read_to_string(certificate) else {
+        return Ok(());
+    };
+    let Ok(block) = pem::parse(&text) else {
+        return Ok(());
+    };
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(block.contents()) else {
+        return Ok(());
+    };
+    let now_s = payra::clock::Clock::now_s(&SystemClock);
+    let validity = parsed.validity();
+    let (not_before, not_after) = (
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    );
+    let next =
+        "have an operator issue a new one with `payra issue-client --role ROLE --name NAME` \
+                (a device renews with `payra device renew` before its certificate expires, or \
+                enrolls again)";
+    if now_s >= not_after {
+        return Err(format!(
+            "the client certificate {} expired at {} ({})\n  next: {next}",
+            certificate.display(),
+            payra::model::moment(not_after),
+            human::relative(not_after - now_s),
+        ));
+    }
+    if now_s < not_before {
+        return Err(format!(
+            "the client certificate {} is valid only from {}: check this machine's clock",
+            certificate.display(),
+            payra::model::moment(not_before),
+        ));
+    }
+    Ok(())
 }
 
 /// The configuration `serve` would run with: defaults, then the file, then environment and

@@ -702,3 +702,79 @@ async fn fail_a_wrong_role_or_a_revoked_credential_says_what_to_do() {
     );
     assert!(stderr.contains("issue a new one"), "{stderr}");
 }
+
+#[test]
+fn fail_an_expired_client_certificate_is_named_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    payra::ca::init_dev_pki(&certs, false).unwrap();
+    let expired = dir.path().join("expired");
+    std::fs::create_dir_all(&expired).unwrap();
+    std::fs::copy(certs.join("root.pem"), expired.join("root.pem")).unwrap();
+    let key = expired.join("service.key");
+    let csr = dir.path().join("service.csr");
+    let ext = dir.path().join("ext.cnf");
+    std::fs::write(
+        &ext,
+        "subjectAltName=URI:urn:payra:role:service\nextendedKeyUsage=clientAuth\n",
+    )
+    .unwrap();
+    for args in [
+        vec![
+            "ecparam",
+            "-name",
+            "prime256v1",
+            "-genkey",
+            "-noout",
+            "-out",
+            path_str(&key),
+        ],
+        vec![
+            "req",
+            "-new",
+            "-key",
+            path_str(&key),
+            "-subj",
+            "/CN=old",
+            "-out",
+            path_str(&csr),
+        ],
+    ] {
+        let (ok, text) = openssl(&args);
+        assert!(ok, "{text}");
+    }
+    // Valid until yesterday.
+    let (ok, text) = openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        path_str(&csr),
+        "-CA",
+        path_str(&certs.join("issuing.pem")),
+        "-CAkey",
+        path_str(&certs.join("issuing.key")),
+        "-CAcreateserial",
+        "-days",
+        "-1",
+        "-extfile",
+        path_str(&ext),
+        "-out",
+        path_str(&expired.join("service.pem")),
+    ]);
+    assert!(ok, "{text}");
+    let (ok, _, stderr) = payra(&[
+        "token",
+        "create",
+        "--customer",
+        "c",
+        "--certs",
+        path_str(&expired),
+        "--server",
+        "https://localhost:1",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("service.pem expired at") && stderr.contains("payra issue-client"),
+        "{stderr}"
+    );
+}
