@@ -366,11 +366,22 @@ async fn follow_changes(
 ) {
     let Some(mut changes) = changes else { return };
     while let Some(change) = changes.recv().await {
-        let apply = ra.clone();
-        match tokio::task::spawn_blocking(move || apply.apply_store_change(change)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "applying another process's change failed"),
-            Err(e) => tracing::error!(error = %e, "the change task failed"),
+        // A change that cannot be applied (the database away for a moment) is not dropped:
+        // everything is reloaded, once a second, until that succeeds.
+        let mut pending = Some(change);
+        while let Some(change) = pending.take() {
+            let apply = ra.clone();
+            let failed =
+                match tokio::task::spawn_blocking(move || apply.apply_store_change(change)).await {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(e) => Some(e.to_string()),
+                };
+            if let Some(error) = failed {
+                tracing::warn!(%error, "applying another process's change failed; reloading");
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                pending = Some(crate::store::StoreChange::Everything);
+            }
         }
     }
 }

@@ -778,7 +778,12 @@ async fn one_key_is_certified_for_one_device_across_replicas() {
         assert_eq!(wins, 1, "round {round}: {a:?} / {b:?}");
     }
 
-    // A compromise reported on one replica closes the key on every other.
+    // The same device enrolls the key again on another replica (allowed: same device).
+    let second = enroll_key(1, key.clone(), "c-key-1", "phone")
+        .await
+        .unwrap();
+    // A compromise reported on a third replica, which issued neither, revokes both and
+    // closes the key on every replica.
     revoke(
         &cluster,
         2,
@@ -786,6 +791,21 @@ async fn one_key_is_certified_for_one_device_across_replicas() {
         proto::RevocationReason::KeyCompromise,
     )
     .await;
+    let other = cluster
+        .operator(0)
+        .await
+        .admin()
+        .get_certificate(proto::GetCertificateRequest {
+            serial: second.serial.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        other.status,
+        proto::CertificateStatus::Revoked as i32,
+        "every certificate of a compromised key is revoked"
+    );
     let refused = enroll_key(1, key.clone(), "c-key-1", "phone")
         .await
         .expect_err("a compromised key is not certified again");

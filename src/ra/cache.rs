@@ -373,6 +373,16 @@ impl CertificateCache {
 
     /// Adds or replaces a certificate from its stored summary.
     pub fn put_summary(&self, summary: &crate::store::CertificateSummary) {
+        self.put_summary_with(summary, false);
+    }
+
+    /// Adds a certificate from its stored summary unless the cache has it: an entry put
+    /// meanwhile (by a newer read) is kept.
+    pub fn put_summary_if_absent(&self, summary: &crate::store::CertificateSummary) {
+        self.put_summary_with(summary, true);
+    }
+
+    fn put_summary_with(&self, summary: &crate::store::CertificateSummary, if_absent: bool) {
         let entry = Entry::new(
             summary.serial.as_bytes(),
             &summary.public_key,
@@ -382,11 +392,22 @@ impl CertificateCache {
             summary.not_after_s,
             summary.revocation,
         );
-        self.insert(entry, &summary.serial);
+        self.insert(entry, &summary.serial, if_absent);
     }
 
     /// Adds or replaces a certificate.
     pub fn put(&self, record: &CertificateRecord) {
+        self.put_with(record, false);
+    }
+
+    /// Adds a just-issued certificate unless the cache has it already: with a store shared by
+    /// several processes, another process's change to it (a revocation by device) may have
+    /// arrived first, and is newer.
+    pub fn put_if_absent(&self, record: &CertificateRecord) {
+        self.put_with(record, true);
+    }
+
+    fn put_with(&self, record: &CertificateRecord, if_absent: bool) {
         let entry = public_key(&record.public_key_hex).and_then(|public_key| {
             Entry::new(
                 record.serial.as_bytes(),
@@ -398,10 +419,10 @@ impl CertificateCache {
                 record.revocation,
             )
         });
-        self.insert(entry, &record.serial);
+        self.insert(entry, &record.serial, if_absent);
     }
 
-    fn insert(&self, entry: Option<Entry>, serial: &Serial) {
+    fn insert(&self, entry: Option<Entry>, serial: &Serial, if_absent: bool) {
         match entry {
             Some(entry) => {
                 if let Some(slot) = SerialSlot::of(entry.serial()) {
@@ -415,7 +436,10 @@ impl CertificateCache {
                     }
                 }
                 let (hash, shard) = self.locate(entry.serial());
-                Self::write(shard).insert(hash, entry, &self.hasher);
+                let mut table = Self::write(shard);
+                if !(if_absent && table.get(hash, entry.serial()).is_some()) {
+                    table.insert(hash, entry, &self.hasher);
+                }
             }
             None => tracing::error!(serial = %serial, "certificate not cacheable"),
         }

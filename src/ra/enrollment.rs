@@ -305,7 +305,7 @@ impl Ra {
     /// Run by the store once an enrollment's certificate is stored, while no other write can
     /// commit: the verification cache, the metric and the log line.
     fn on_enrollment_committed(&self, record: &CertificateRecord) {
-        self.cache.put(record);
+        self.cache.put_if_absent(record);
         self.metrics
             .certificates_issued
             .with_label_values(&["enroll"])

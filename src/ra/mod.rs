@@ -402,6 +402,13 @@ impl Ra {
     /// Brings this process's memory (certificate cache, client registry, OCSP and CRL) up to
     /// date with a change another payra process made in the shared store.
     pub fn apply_store_change(&self, change: crate::store::StoreChange) -> Result<()> {
+        let applied = self.apply_change(change);
+        // Whatever part was applied, published answers may have changed.
+        self.publication.revocation_changed();
+        applied
+    }
+
+    fn apply_change(&self, change: crate::store::StoreChange) -> Result<()> {
         use crate::store::StoreChange;
         match change {
             StoreChange::Certificates(serials) => {
@@ -429,8 +436,6 @@ impl Ra {
             }
             StoreChange::AgreedLimits => {
                 self.agreed_limits.reload(self.store.as_ref())?;
-                // Nothing published depends on the limits.
-                return Ok(());
             }
             StoreChange::Everything => {
                 self.agreed_limits.reload(self.store.as_ref())?;
@@ -454,7 +459,6 @@ impl Ra {
                 );
             }
         }
-        self.publication.revocation_changed();
         Ok(())
     }
 

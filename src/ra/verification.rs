@@ -808,7 +808,8 @@ impl Ra {
             .await
             .map_err(|e| Error::internal(format!("reading a certificate: {e}")))??;
         if let Some(summary) = summary {
-            self.cache.put_summary(&summary);
+            // A notification may have put a newer state meanwhile: keep it.
+            self.cache.put_summary_if_absent(&summary);
         }
         Ok(())
     }
@@ -1038,7 +1039,10 @@ impl Ra {
     /// many were purged.
     pub fn purge_expired_nonces(&self) -> Result<usize> {
         if let Some(shared) = &self.shared {
-            return shared.purge_nonces(self.clock.now_ms());
+            // Claims are kept a skew longer than they can matter: a decision still queued, or
+            // drafted on a replica whose clock is behind, must find its claim.
+            let horizon = self.clock.now_ms() - 2 * self.policy.ledger.skew_ms - 60_000;
+            return shared.purge_nonces(horizon);
         }
         Ok(self.replay.purge(Moment::of(self.clock.as_ref())))
     }

@@ -22,28 +22,29 @@ use crate::store::StoreChange;
 /// The notification channel.
 pub const CHANNEL: &str = "payra_changes";
 
-/// Largest payload PostgreSQL accepts is 8000 bytes; above this a change says "everything".
-const MAX_PAYLOAD: usize = 7000;
+/// Serials per notification: 200 × 41 characters stays under PostgreSQL's 8000 bytes.
+const MAX_SERIALS: usize = 180;
 
 /// Tells the other processes, at commit, that `serials` (device certificates, or client
 /// certificates with `client`) changed.
 pub(super) async fn notify(tx: &Transaction<'_>, serials: &[&Serial], client: bool) -> Result<()> {
-    let mut payload = String::from(if client { "k:" } else { "c:" });
-    for (i, serial) in serials.iter().enumerate() {
-        if i > 0 {
-            payload.push(',');
+    // Notifications of at most about 200 serials each (PostgreSQL takes 8000 bytes): a bulk
+    // revocation or a retention batch names every serial, never "reload everything".
+    for chunk in serials.chunks(MAX_SERIALS) {
+        let mut payload = String::from(if client { "k:" } else { "c:" });
+        for (i, serial) in chunk.iter().enumerate() {
+            if i > 0 {
+                payload.push(',');
+            }
+            payload.push_str(&serial.to_hex());
         }
-        payload.push_str(&serial.to_hex());
+        tx.execute(
+            &super::prepared_tx(tx, "SELECT pg_notify($1, $2)").await?,
+            &[&CHANNEL, &payload],
+        )
+        .await
+        .map_err(db_error)?;
     }
-    if payload.len() > MAX_PAYLOAD {
-        payload = "*".into();
-    }
-    tx.execute(
-        &super::prepared_tx(tx, "SELECT pg_notify($1, $2)").await?,
-        &[&CHANNEL, &payload],
-    )
-    .await
-    .map_err(db_error)?;
     Ok(())
 }
 

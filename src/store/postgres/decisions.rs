@@ -127,8 +127,15 @@ async fn writer(
                     Err(_) => break,
                 }
             }
+            // A caller that stopped waiting (its deadline passed while the database was slow
+            // or away) gets no decision: recording it would claim its nonce and reserve its
+            // amount for an answer nobody received.
+            batch.retain(|pending| !pending.reply.is_closed());
             batch
         };
+        if batch.is_empty() {
+            continue;
+        }
         let mut outcome = Err(Error::Unavailable("not tried".into()));
         for _ in 0..RETRIES {
             outcome = commit(&pool, &mut head, started_at_ms, &batch).await;
@@ -235,7 +242,8 @@ async fn commit(
         if !claims.is_empty() {
             let keys: Vec<&[u8]> = claims.iter().map(|c| c.0).collect();
             let expiries: Vec<i64> = claims.iter().map(|c| c.1).collect();
-            let now_ms = jobs.iter().map(|job| job.now_ms).max().unwrap_or(0);
+            // A claim may be taken over only once it expired for every decision of the batch.
+            let now_ms = jobs.iter().map(|job| job.now_ms).min().unwrap_or(0);
             let rows = tx
                 .query(
                     &super::prepared_tx(
@@ -565,15 +573,28 @@ impl SharedDecisions for PgDecisions {
         let pool = self.pool.clone();
         self.block(async move {
             let client = pool.get().await.map_err(pool_error)?;
-            let deleted = client
-                .execute(
-                    &super::prepared(&client, "DELETE FROM nonces WHERE expires_at_ms < $1")
+            // In key order, a batch at a time, skipping rows a writer holds: the writers lock
+            // claims in key order too, so the two never wait for each other in a cycle.
+            let mut purged = 0usize;
+            loop {
+                let deleted = client
+                    .execute(
+                        &super::prepared(
+                            &client,
+                            "DELETE FROM nonces WHERE key IN (SELECT key FROM nonces \
+                             WHERE expires_at_ms < $1 ORDER BY key LIMIT 10000 \
+                             FOR UPDATE SKIP LOCKED)",
+                        )
                         .await?,
-                    &[&now_ms],
-                )
-                .await
-                .map_err(db_error)?;
-            Ok(usize::try_from(deleted).unwrap_or(usize::MAX))
+                        &[&now_ms],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                purged += usize::try_from(deleted).unwrap_or(usize::MAX);
+                if deleted < 10_000 {
+                    return Ok(purged);
+                }
+            }
         })
     }
 
@@ -594,8 +615,8 @@ impl SharedDecisions for PgDecisions {
                 let mut after = 0i64;
                 loop {
                     let rows = client.query(&super::prepared(&client, "SELECT seq, record, hash FROM decisions WHERE chain = $1 AND seq > $2 \
-                             ORDER BY seq LIMIT 4096").await?,
-                            &[&id, &after],
+                             AND seq <= $3 ORDER BY seq LIMIT 4096").await?,
+                            &[&id, &after, &head_seq],
                         )
                         .await
                         .map_err(db_error)?;

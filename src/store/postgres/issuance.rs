@@ -58,6 +58,12 @@ pub(super) async fn committer(
                 Err(_) => break,
             }
         }
+        // A caller that stopped waiting (its deadline passed) gets no enrollment: the token
+        // stays unused for its retry.
+        batch.retain(|job| !job.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let (work, waiting): (Vec<_>, Vec<_>) = batch
             .into_iter()
             .map(|job| ((job.work, job.audit), (job.on_issued, job.reply)))
@@ -104,6 +110,58 @@ fn key_lock(public_key: &[u8; 65]) -> i64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     i64::from_be_bytes(first)
+}
+
+/// Why `certificate`'s key may not be certified now, if it may not (for a renewal, one
+/// certificate at a time): another customer's or device's live certificate holds it, or it
+/// was reported compromised. Takes the key's transaction lock first, as a batch does.
+pub(super) async fn key_refusal(
+    tx: &deadpool_postgres::Transaction<'_>,
+    certificate: &CertificateRecord,
+    now_s: i64,
+) -> Result<Option<Error>> {
+    let key = CertificateSummary::of(certificate)?.public_key;
+    tx.execute(
+        &prepared_tx(tx, "SELECT pg_advisory_xact_lock($1)").await?,
+        &[&key_lock(&key)],
+    )
+    .await
+    .map_err(db_error)?;
+    let rows = tx
+        .query(
+            &prepared_tx(
+                tx,
+                "SELECT serial, summary FROM certificates WHERE public_key = $1",
+            )
+            .await?,
+            &[&key.as_slice()],
+        )
+        .await
+        .map_err(db_error)?;
+    for row in rows {
+        let serial: Vec<u8> = row.get(0);
+        let summary: Vec<u8> = row.get(1);
+        let holder = CertificateSummary::decode(&serial, &summary)?;
+        let reason = holder.revocation.map(|r| r.reason);
+        if reason == Some(RevocationReason::KeyCompromise) {
+            return Ok(Some(Error::AlreadyExists(
+                "this device key was reported compromised; generate a new key pair".into(),
+            )));
+        }
+        let live = matches!(reason, None | Some(RevocationReason::CertificateHold))
+            && holder.not_after_s > now_s;
+        if live
+            && (holder.customer_id != certificate.customer_id
+                || holder.device_id != certificate.device_id)
+        {
+            return Ok(Some(Error::AlreadyExists(
+                "this device key already has a live certificate for another customer or \
+                 device; generate a new key pair for this enrollment"
+                    .into(),
+            )));
+        }
+    }
+    Ok(None)
 }
 
 /// Who holds a key, as the batch decides: (customer, device, usable again later?).

@@ -124,18 +124,31 @@ fn tls_config(ca_file: &std::path::Path) -> Result<rustls::ClientConfig> {
 /// replica); anything else is a fault inside payra.
 fn db_error(e: tokio_postgres::Error) -> Error {
     use tokio_postgres::error::SqlState;
-    let unavailable = e.is_closed()
-        || e.code().is_none_or(|code| {
-            code.code().starts_with("08")
-                || *code == SqlState::ADMIN_SHUTDOWN
-                || *code == SqlState::CRASH_SHUTDOWN
-                || *code == SqlState::CANNOT_CONNECT_NOW
+    let unavailable = match e.code() {
+        // The database said it cannot take this now: connection trouble (08), resources
+        // (53: disk full, out of memory, too many connections), an operator or a crash
+        // (57P), a system error (58), a lock or serialization conflict to retry (40, 55P03),
+        // a standby or read-only database (25006), a cancelled statement (57014).
+        Some(code) => {
+            let class = code.code();
+            ["08", "53", "57P", "58", "40"]
+                .iter()
+                .any(|prefix| class.starts_with(prefix))
+                || *code == SqlState::LOCK_NOT_AVAILABLE
                 || *code == SqlState::READ_ONLY_SQL_TRANSACTION
                 || *code == SqlState::QUERY_CANCELED
-                || *code == SqlState::T_R_SERIALIZATION_FAILURE
-                || *code == SqlState::T_R_DEADLOCK_DETECTED
-                || *code == SqlState::TOO_MANY_CONNECTIONS
-        });
+        }
+        // No SQLSTATE: a closed or failed connection is the database's absence; anything
+        // else (a type that does not convert, a row count) is a fault in payra.
+        None => {
+            e.is_closed()
+                || std::error::Error::source(&e).is_some_and(|cause| {
+                    cause.is::<std::io::Error>() || cause.to_string().contains("timed out")
+                })
+                || e.to_string().contains("timeout")
+                || e.to_string().contains("connecting")
+        }
+    };
     // The connection errors' Display leaves out their cause ("connection refused").
     let mut text = e.to_string();
     let mut source = std::error::Error::source(&e);
@@ -395,6 +408,14 @@ impl PgStore {
         let timeout = Duration::from_secs(u64::from(config.connect_timeout_s));
         pg.connect_timeout(timeout);
         pg.application_name("payra");
+        // A database host that vanished (a failover that resets nothing) is noticed in
+        // seconds, not after the kernel's two-hour default: TCP keepalives, and unacknowledged
+        // data gives up after 30 s.
+        pg.keepalives(true);
+        pg.keepalives_idle(Duration::from_secs(10));
+        pg.keepalives_interval(Duration::from_secs(5));
+        pg.keepalives_retries(3);
+        pg.tcp_user_timeout(Duration::from_secs(30));
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .thread_name("payra-db")
@@ -761,6 +782,37 @@ impl Store for PgStore {
         })
     }
 
+    fn certificates_with_key(
+        &self,
+        public_key: &[u8; 65],
+    ) -> Result<Option<Vec<CertificateSummary>>> {
+        let key = public_key.to_vec();
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        &prepared(
+                            client,
+                            "SELECT serial, summary FROM certificates WHERE public_key = $1 \
+                             ORDER BY serial",
+                        )
+                        .await?,
+                        &[&key],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                rows.iter()
+                    .map(|row| {
+                        let serial: Vec<u8> = row.get(0);
+                        let summary: Vec<u8> = row.get(1);
+                        CertificateSummary::decode(&serial, &summary)
+                    })
+                    .collect::<Result<Vec<_>>>()
+                    .map(Some)
+            })
+        })
+    }
+
     fn watch_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<super::StoreChange>> {
         self.changes
             .lock()
@@ -974,6 +1026,10 @@ impl Store for PgStore {
                     reason: RevocationReason::Superseded,
                 });
                 record.superseded_by = Some(new.serial.clone());
+                // A renewal with a new key: the key must be free across every process.
+                if let Some(refused) = issuance::key_refusal(tx, &new, revoked_at_s).await? {
+                    return Err(refused);
+                }
                 put_certificate(tx, &record, false).await?;
                 put_revoked(tx, &record).await?;
                 if !put_certificate(tx, &new, true).await? {
