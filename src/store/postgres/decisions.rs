@@ -30,6 +30,10 @@ use crate::store::{
 /// The most decisions one transaction records.
 const MAX_BATCH: usize = 512;
 
+/// The most decisions a process lets wait for its writers; more are answered UNAVAILABLE
+/// at once (a database that stopped must not turn into unbounded memory).
+const MAX_WAITING: usize = 16_384;
+
 /// How often a batch that PostgreSQL aborted for a deadlock or a serialization failure is
 /// tried again before its decisions are answered UNAVAILABLE.
 const RETRIES: usize = 3;
@@ -41,7 +45,7 @@ struct Pending {
 
 /// [`SharedDecisions`] on PostgreSQL.
 pub struct PgDecisions {
-    queue: tokio::sync::mpsc::UnboundedSender<Pending>,
+    queue: tokio::sync::mpsc::Sender<Pending>,
     pool: Pool,
     handle: tokio::runtime::Handle,
     write_turn: Arc<tokio::sync::Mutex<()>>,
@@ -72,7 +76,7 @@ impl PgDecisions {
         now_ms: i64,
         writers: usize,
     ) -> PgDecisions {
-        let (queue, rx) = tokio::sync::mpsc::unbounded_channel();
+        let (queue, rx) = tokio::sync::mpsc::channel(MAX_WAITING);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         for _ in 0..writers.max(1) {
             handle.spawn(writer(pool.clone(), rx.clone(), now_ms));
@@ -111,7 +115,7 @@ fn link(prev: &[u8; 32], record: &[u8]) -> [u8; 32] {
 
 async fn writer(
     pool: Pool,
-    rx: Arc<tokio::sync::Mutex<tokio::sync::mpsc::UnboundedReceiver<Pending>>>,
+    rx: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<Pending>>>,
     started_at_ms: i64,
 ) {
     let mut head = WriterState::default();
@@ -441,10 +445,20 @@ async fn commit(
 impl SharedDecisions for PgDecisions {
     fn decide(&self, job: DecisionJob) -> DecisionReceiver {
         let (reply, rx) = tokio::sync::oneshot::channel();
-        if let Err(refused) = self.queue.send(Pending { job, reply }) {
-            let _ = refused.0.reply.send(Err(Error::Unavailable(
-                "the decision writer has stopped".into(),
-            )));
+        use tokio::sync::mpsc::error::TrySendError;
+        match self.queue.try_send(Pending { job, reply }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(refused)) => {
+                let _ = refused.reply.send(Err(Error::Unavailable(format!(
+                    "{MAX_WAITING} decisions are waiting for the database; retry, or on another \
+                     replica"
+                ))));
+            }
+            Err(TrySendError::Closed(refused)) => {
+                let _ = refused.reply.send(Err(Error::Unavailable(
+                    "the decision writer has stopped".into(),
+                )));
+            }
         }
         rx
     }

@@ -24,6 +24,9 @@ use crate::store::{IssueOutcome, OnIssued, TokenRejection};
 /// The most jobs one transaction takes.
 const MAX_BATCH: usize = 256;
 
+/// The most jobs a process lets wait for the committer; more are answered UNAVAILABLE.
+pub(super) const MAX_WAITING: usize = 8_192;
+
 /// One enrollment or new token.
 pub(super) enum IssueWork {
     Enroll {
@@ -48,7 +51,7 @@ pub(super) struct IssueJob {
 pub(super) async fn committer(
     pool: Pool,
     turn: Arc<tokio::sync::Mutex<()>>,
-    mut queue: tokio::sync::mpsc::UnboundedReceiver<IssueJob>,
+    mut queue: tokio::sync::mpsc::Receiver<IssueJob>,
 ) {
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];

@@ -58,7 +58,7 @@ pub struct PgStore {
     pg_config: tokio_postgres::Config,
     tls: Option<rustls::ClientConfig>,
     /// New tokens and enrollments for the committer ([`issuance`]).
-    issue_queue: tokio::sync::mpsc::UnboundedSender<issuance::IssueJob>,
+    issue_queue: tokio::sync::mpsc::Sender<issuance::IssueJob>,
     /// Changes of other processes, until the RA takes the receiver.
     changes: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<super::StoreChange>>>,
 }
@@ -448,7 +448,7 @@ impl PgStore {
                 .map_err(|e| Error::internal(format!("database pool: {e}")))?
         };
         let write_turn = Arc::new(tokio::sync::Mutex::new(()));
-        let (issue_queue, jobs) = tokio::sync::mpsc::unbounded_channel();
+        let (issue_queue, jobs) = tokio::sync::mpsc::channel(issuance::MAX_WAITING);
         handle.spawn(issuance::committer(pool.clone(), write_turn.clone(), jobs));
         Ok(PgStore {
             issue_queue,
@@ -609,10 +609,20 @@ impl PgStore {
             on_issued,
             reply,
         };
-        if let Err(refused) = self.issue_queue.send(job) {
-            let _ = refused.0.reply.send(Err(Error::Unavailable(
-                "the enrollment committer has stopped".into(),
-            )));
+        use tokio::sync::mpsc::error::TrySendError;
+        match self.issue_queue.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(refused)) => {
+                let _ = refused.reply.send(Err(Error::Unavailable(format!(
+                    "{} enrollments are waiting for the database; retry",
+                    issuance::MAX_WAITING
+                ))));
+            }
+            Err(TrySendError::Closed(refused)) => {
+                let _ = refused.reply.send(Err(Error::Unavailable(
+                    "the enrollment committer has stopped".into(),
+                )));
+            }
         }
         rx
     }
