@@ -141,8 +141,10 @@ async fn writer(
             continue;
         }
         let mut outcome = Err(Error::Unavailable("not tried".into()));
+        let mut attempted = Vec::new();
         for _ in 0..RETRIES {
-            outcome = commit(&pool, &mut head, started_at_ms, &batch).await;
+            attempted.clear();
+            outcome = commit(&pool, &mut head, started_at_ms, &batch, &mut attempted).await;
             match &outcome {
                 Err(Error::Unavailable(why))
                     if why.contains("deadlock") || why.contains("serializ") =>
@@ -150,6 +152,15 @@ async fn writer(
                     continue
                 }
                 _ => break,
+            }
+        }
+        // A connection lost while committing leaves the outcome unknown: look on a fresh one.
+        if let (Err(Error::Unavailable(_)), Some(first)) = (&outcome, attempted.first()) {
+            if recorded(&pool, first).await {
+                tracing::warn!(
+                    "a batch of decisions committed although its commit's answer was lost"
+                );
+                outcome = Ok(());
             }
         }
         match outcome {
@@ -171,12 +182,34 @@ async fn writer(
     }
 }
 
-/// Records `batch` in one transaction; moves `head` only once it is committed.
+/// Whether the decision `evidence_id` is in the database (false if that cannot be read).
+async fn recorded(pool: &Pool, evidence_id: &str) -> bool {
+    let Ok(client) = pool.get().await else {
+        return false;
+    };
+    let Ok(statement) = super::prepared(
+        &client,
+        "SELECT EXISTS (SELECT 1 FROM decisions WHERE evidence_id = $1)",
+    )
+    .await
+    else {
+        return false;
+    };
+    client
+        .query_one(&statement, &[&evidence_id])
+        .await
+        .map(|row| row.get::<_, bool>(0))
+        .unwrap_or(false)
+}
+
+/// Records `batch` in one transaction; moves `head` only once it is committed. `attempted`
+/// gets the evidence ids the transaction writes, before it commits.
 async fn commit(
     pool: &Pool,
     state: &mut WriterState,
     started_at_ms: i64,
     batch: &[Pending],
+    attempted: &mut Vec<String>,
 ) -> Result<()> {
     let known = state.head.take();
     let start = match (known, state.id) {
@@ -436,6 +469,7 @@ async fn commit(
         )
         .await
         .map_err(db_error)?;
+        attempted.clone_from(&rows_id);
         tx.commit().await.map_err(db_error)?;
         state.head = Some(head);
         Ok(())
