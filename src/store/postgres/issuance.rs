@@ -75,13 +75,26 @@ pub(super) async fn committer(
         // certificate before any later change to it made through this process.
         let _turn = turn.lock().await;
         let mut outcome = Err(Error::Unavailable("not tried".into()));
+        let mut decided = Vec::new();
         for _ in 0..3 {
-            outcome = commit(&pool, &work).await;
+            decided.clear();
+            outcome = commit(&pool, &work, &mut decided).await;
             match &outcome {
                 Err(Error::Unavailable(why))
                     if why.contains("deadlock") || why.contains("serializ") => {}
                 _ => break,
             }
+        }
+        // A connection lost while committing leaves the outcome unknown: look on a fresh one
+        // for something the batch wrote.
+        if matches!(outcome, Err(Error::Unavailable(_)))
+            && !decided.is_empty()
+            && committed(&pool, &work, &decided).await
+        {
+            tracing::warn!(
+                "a batch of enrollments committed although its commit's answer was lost"
+            );
+            outcome = Ok(decided);
         }
         match outcome {
             Ok(outcomes) => {
@@ -176,8 +189,50 @@ struct Holder {
     compromised: bool,
 }
 
-/// Writes `batch` in one transaction; returns each job's outcome, in order.
-async fn commit(pool: &Pool, batch: &[(IssueWork, AuditEvent)]) -> Result<Vec<IssueOutcome>> {
+/// Whether the batch whose jobs were decided `decided` is in the database: the first
+/// certificate or token it wrote is there (false if that cannot be read).
+async fn committed(
+    pool: &Pool,
+    batch: &[(IssueWork, AuditEvent)],
+    decided: &[IssueOutcome],
+) -> bool {
+    let written = batch
+        .iter()
+        .zip(decided)
+        .find(|(_, outcome)| **outcome == IssueOutcome::Issued)
+        .map(|((work, _), _)| match work {
+            IssueWork::Enroll { certificate, .. } => (
+                "SELECT EXISTS (SELECT 1 FROM certificates WHERE serial = $1)",
+                certificate.serial.as_bytes().to_vec(),
+            ),
+            IssueWork::Token { hash, .. } => (
+                "SELECT EXISTS (SELECT 1 FROM tokens WHERE hash = $1)",
+                hash.0.to_vec(),
+            ),
+        });
+    let Some((sql, key)) = written else {
+        return false;
+    };
+    let Ok(client) = pool.get().await else {
+        return false;
+    };
+    let Ok(statement) = super::prepared(&client, sql).await else {
+        return false;
+    };
+    client
+        .query_one(&statement, &[&key])
+        .await
+        .map(|row| row.get::<_, bool>(0))
+        .unwrap_or(false)
+}
+
+/// Writes `batch` in one transaction; returns each job's outcome, in order. `decided` gets
+/// the outcomes before the commit.
+async fn commit(
+    pool: &Pool,
+    batch: &[(IssueWork, AuditEvent)],
+    decided: &mut Vec<IssueOutcome>,
+) -> Result<Vec<IssueOutcome>> {
     let mut client = pool.get().await.map_err(pool_error)?;
     let tx = client.transaction().await.map_err(db_error)?;
 
@@ -469,6 +524,7 @@ async fn commit(pool: &Pool, batch: &[(IssueWork, AuditEvent)]) -> Result<Vec<Is
         )
         .await
         .map_err(db_error)?;
+        decided.clone_from(&outcomes);
         tx.commit().await.map_err(db_error)?;
     } else {
         tx.rollback().await.map_err(db_error)?;
