@@ -36,7 +36,12 @@ as_owner() {
 }
 
 free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    if command -v python3 >/dev/null 2>&1; then
+        python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+    else
+        # A random high port; start() tries another if it is taken.
+        echo $((20000 + RANDOM % 40000))
+    fi
 }
 
 run_server() {
