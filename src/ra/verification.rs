@@ -728,7 +728,7 @@ impl Ra {
         recheck: Option<Serial>,
         nonce: Option<NonceClaim>,
     ) -> Result<Decision> {
-        let slot: std::sync::Arc<std::sync::Mutex<Option<Settled>>> = Default::default();
+        let slot: std::sync::Arc<std::sync::Mutex<Option<(Decision, bool)>>> = Default::default();
         let job = crate::store::DecisionJob {
             now_ms: draft.now_ms,
             recheck: recheck.clone(),
@@ -772,13 +772,17 @@ impl Ra {
                         context.evidence_id.clone(),
                         context.used,
                     )?;
+                    let Settled {
+                        decision,
+                        record,
+                        reserved,
+                        reserving,
+                    } = settled;
                     let decided = crate::store::Decided {
-                        record: settled.record.clone(),
-                        reserve: settled
-                            .reserved
-                            .then(|| (settled.decision.tier.index(), draft.amount_fen)),
+                        record,
+                        reserve: reserved.then(|| (decision.tier.index(), draft.amount_fen)),
                     };
-                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(settled);
+                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some((decision, reserving));
                     Ok(decided)
                 })
             },
@@ -787,13 +791,13 @@ impl Ra {
             .decide(job)
             .await
             .map_err(|_| Error::Unavailable("the decision writer has stopped".into()))??;
-        let settled = slot
+        let (decision, reserving) = slot
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
             .ok_or_else(|| Error::internal("a committed decision left no answer"))?;
-        self.count(&settled.decision, settled.reserving);
-        Ok(settled.decision)
+        self.count(&decision, reserving);
+        Ok(decision)
     }
 
     /// With a shared store, puts the certificate with `serial` into the cache from the store

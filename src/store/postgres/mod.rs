@@ -526,6 +526,24 @@ impl PgStore {
         })
     }
 
+    /// Every JSON record `sql` selects (no parameters), decoded.
+    fn records<T>(&self, sql: &'static str) -> Result<Vec<T>>
+    where
+        T: serde::de::DeserializeOwned + Send + 'static,
+    {
+        self.read(move |client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(&prepared(client, sql).await?, &[])
+                    .await
+                    .map_err(db_error)?;
+                rows.into_iter()
+                    .map(|row| decode_json(row.get(0)))
+                    .collect()
+            })
+        })
+    }
+
     /// The serials `sql` selects for one id.
     fn serials_where(&self, sql: &'static str, id: &str) -> Result<Vec<Serial>> {
         let id = id.to_string();
@@ -1053,20 +1071,7 @@ impl Store for PgStore {
     }
 
     fn revoked_entries(&self) -> Result<Vec<RevokedEntry>> {
-        self.read(|client| {
-            Box::pin(async move {
-                let rows = client
-                    .query(
-                        &prepared(client, "SELECT entry FROM revoked ORDER BY serial").await?,
-                        &[],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                rows.into_iter()
-                    .map(|row| decode_json(row.get(0)))
-                    .collect()
-            })
-        })
+        self.records("SELECT entry FROM revoked ORDER BY serial")
     }
 
     fn ledger_checkpoint(&self, min_day: &str) -> Result<LedgerCheckpoint> {
@@ -1237,24 +1242,7 @@ impl Store for PgStore {
     }
 
     fn client_certificates(&self) -> Result<Vec<ClientCertificateRecord>> {
-        self.read(|client| {
-            Box::pin(async move {
-                let rows = client
-                    .query(
-                        &prepared(
-                            client,
-                            "SELECT record FROM client_certificates ORDER BY serial",
-                        )
-                        .await?,
-                        &[],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                rows.into_iter()
-                    .map(|row| decode_json(row.get(0)))
-                    .collect()
-            })
-        })
+        self.records("SELECT record FROM client_certificates ORDER BY serial")
     }
 
     fn revoke_client_certificate(
