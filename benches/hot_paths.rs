@@ -11,9 +11,9 @@ use payra::ca::{
 };
 use payra::client::DeviceKey;
 use payra::model::{CustomerId, Factor, FactorCategory, RevocationReason, Scene, Serial, Tier};
-use payra::ra::replay::{Claim, Moment, ReplayGuard};
 use payra::ra::signature::{signed_message, verify_intent_signature};
 use payra::ra::tiers::decide_tier;
+use payra::store::sled::replay::{Claim, Moment, ReplayGuard};
 use payra::store::{
     ledger_key, Actor, AuditEvent, Books, DecisionLog, EvidenceRecord, LedgerCheckpoint, LogRecord,
     RECORD_VERSION,

@@ -6,6 +6,9 @@
 #   scripts/test-postgres.sh stop              # stops it and deletes its directory
 #   scripts/test-postgres.sh halt|resume       # stops and starts the server, keeping its data
 #                                              # and port (the fault tests use their own cluster)
+#   scripts/test-postgres.sh standby           # adds a synchronous streaming standby on another
+#                                              # port; prints PAYRA_TEST_POSTGRES_STANDBY_PORT
+#   scripts/test-postgres.sh failover          # crashes the primary, promotes the standby
 #
 # Needs Debian's `postgresql` package (initdb, pg_ctl). Run as root, the cluster runs as the
 # `postgres` user. Password authentication (SCRAM) on 127.0.0.1 only.
@@ -15,7 +18,8 @@ state=${PAYRA_TEST_POSTGRES_DIR:-${TMPDIR:-/tmp}/payra-test-postgres}
 
 bin_dir() {
     if command -v pg_ctl >/dev/null 2>&1 && command -v initdb >/dev/null 2>&1; then
-        dirname "$(command -v pg_ctl)"
+        # (through symbolic links: the other server programs sit beside the real one)
+        dirname "$(readlink -f "$(command -v pg_ctl)")"
         return
     fi
     local dir
@@ -45,7 +49,8 @@ free_port() {
 }
 
 run_server() {
-    as_owner "$1/pg_ctl" -D "$state/data" -l "$state/server.log" -w -t 60 start \
+    local data=${3:-$state/data}
+    as_owner "$1/pg_ctl" -D "$data" -l "$data.log" -w -t 60 start \
         -o "-c listen_addresses=127.0.0.1 -c port=$2 -c unix_socket_directories=$state \
             -c max_connections=400 -c shared_buffers=128MB" >/dev/null
 }
@@ -74,7 +79,7 @@ start() {
         port=
     done
     if [ -z "$port" ]; then
-        echo "PostgreSQL did not start; see $state/server.log" >&2
+        echo "PostgreSQL did not start; see $state/data.log" >&2
         exit 1
     fi
     echo "$port" >"$state/port"
@@ -88,12 +93,50 @@ start() {
 }
 
 stop() {
+    local bin data
+    bin=$(bin_dir)
+    for data in "$state/data" "$state/standby"; do
+        if [ -d "$data" ]; then
+            as_owner "$bin/pg_ctl" -D "$data" -m immediate -w stop >/dev/null 2>&1 || true
+        fi
+    done
+    rm -rf "$state"
+}
+
+# A hot standby streaming from the primary, which then waits for it on every commit
+# (synchronous_commit = on with a synchronous standby): what a commit acknowledged, the
+# standby has.
+standby() {
+    local bin port
+    bin=$(bin_dir)
+    rm -rf "$state/standby"
+    as_owner env PGPASSWORD="$(cat "$state/pwfile")" "$bin/pg_basebackup" -h 127.0.0.1 \
+        -p "$(cat "$state/port")" -U postgres -D "$state/standby" -R -X stream \
+        -c fast >/dev/null
+    for attempt in 1 2 3 4 5; do
+        port=$(free_port)
+        if run_server "$bin" "$port" "$state/standby"; then
+            break
+        fi
+        port=
+    done
+    if [ -z "$port" ]; then
+        echo "the standby did not start; see $state/standby.log" >&2
+        exit 1
+    fi
+    echo "$port" >"$state/standby_port"
+    as_owner "$bin/psql" -q -h "$state" -p "$(cat "$state/port")" -U postgres -d postgres \
+        -c "ALTER SYSTEM SET synchronous_standby_names = '*'" -c "SELECT pg_reload_conf()" \
+        >/dev/null
+    echo "export PAYRA_TEST_POSTGRES_STANDBY_PORT=$port"
+}
+
+# The primary dies without a clean shutdown; the standby becomes the primary.
+failover() {
     local bin
     bin=$(bin_dir)
-    if [ -d "$state/data" ]; then
-        as_owner "$bin/pg_ctl" -D "$state/data" -m immediate -w stop >/dev/null 2>&1 || true
-    fi
-    rm -rf "$state"
+    as_owner "$bin/pg_ctl" -D "$state/data" -m immediate -w stop >/dev/null
+    as_owner "$bin/pg_ctl" -D "$state/standby" -w -t 60 promote >/dev/null
 }
 
 halt() {
@@ -109,8 +152,10 @@ start) start ;;
 stop) stop ;;
 halt) halt ;;
 resume) resume ;;
+standby) standby ;;
+failover) failover ;;
 *)
-    echo "usage: $0 start|stop|halt|resume" >&2
+    echo "usage: $0 start|stop|halt|resume|standby|failover" >&2
     exit 2
     ;;
 esac

@@ -1916,9 +1916,8 @@ fn audit_verify_postgres(url: String) -> CliResult {
         payra::store::AuditCheck::Intact { entries } => entries,
         broken => return Err(format!("the change chain is broken: {broken:?}")),
     };
-    let decisions = payra::store::Store::shared_decisions(&store)
-        .ok_or("the database has no decision chains")?
-        .verify_chains()
+    let decisions = store
+        .verify_decision_chains()
         .map_err(|e| e.to_string())?
         .map_err(|why| format!("a decision chain is broken: {why}"))?;
     println!(

@@ -28,6 +28,24 @@ async fn pay(
     customer: &str,
     device: &str,
 ) -> proto::VerifyPaymentResponse {
+    server
+        .service()
+        .await
+        .verification()
+        .verify_payment(payment(server, key, issued, customer, device))
+        .await
+        .expect("VerifyPayment answers")
+        .into_inner()
+}
+
+/// A reserving VerifyPayment of 15 CNY with a fresh intent, signed by `key`.
+fn payment(
+    server: &TestServer,
+    key: &payra::client::DeviceKey,
+    issued: &proto::EnrollResponse,
+    customer: &str,
+    device: &str,
+) -> proto::VerifyPaymentRequest {
     let intent = proto::PaymentIntent {
         customer_id: customer.into(),
         device_id: device.into(),
@@ -40,29 +58,22 @@ async fn pay(
         scene: proto::Scene::InApp as i32,
     };
     let bytes = encode_intent(&intent);
-    server
-        .service()
-        .await
-        .verification()
-        .verify_payment(proto::VerifyPaymentRequest {
-            signature: key.sign_intent(&bytes),
-            intent: bytes,
-            certificate_serial: issued.serial.clone(),
-            transaction: Some(proto::Transaction {
-                merchant_id: intent.merchant_id.clone(),
-                order_id: intent.order_id.clone(),
-                amount_fen: intent.amount_fen,
-                currency: intent.currency.clone(),
-            }),
-            factors: vec![proto::Factor {
-                category: proto::FactorCategory::Knowledge as i32,
-                method: "payment_pin".into(),
-            }],
-            reserve: true,
-        })
-        .await
-        .expect("VerifyPayment answers")
-        .into_inner()
+    proto::VerifyPaymentRequest {
+        signature: key.sign_intent(&bytes),
+        intent: bytes,
+        certificate_serial: issued.serial.clone(),
+        transaction: Some(proto::Transaction {
+            merchant_id: intent.merchant_id.clone(),
+            order_id: intent.order_id.clone(),
+            amount_fen: intent.amount_fen,
+            currency: intent.currency.clone(),
+        }),
+        factors: vec![proto::Factor {
+            category: proto::FactorCategory::Knowledge as i32,
+            method: "payment_pin".into(),
+        }],
+        reserve: true,
+    }
 }
 
 #[tokio::test]
@@ -272,6 +283,22 @@ impl OwnCluster {
     fn resume(&self) {
         OwnCluster::script(self.dir.path(), "resume");
     }
+
+    /// Adds a synchronous streaming standby; returns its port.
+    fn standby(&self) -> u16 {
+        let output = OwnCluster::script(self.dir.path(), "standby");
+        String::from_utf8(output.stdout)
+            .unwrap()
+            .lines()
+            .find_map(|line| line.strip_prefix("export PAYRA_TEST_POSTGRES_STANDBY_PORT="))
+            .and_then(|port| port.parse().ok())
+            .expect("the standby's port")
+    }
+
+    /// Crashes the primary and promotes the standby.
+    fn failover(&self) {
+        OwnCluster::script(self.dir.path(), "failover");
+    }
 }
 
 impl Drop for OwnCluster {
@@ -351,19 +378,7 @@ async fn fail_a_stopped_database_gives_unavailable_and_payra_recovers_on_its_own
     // claimed: the failed transaction wrote nothing).
     cluster.resume();
     let started = std::time::Instant::now();
-    let answer = loop {
-        match service.verification().verify_payment(request.clone()).await {
-            Ok(answer) => break answer.into_inner(),
-            Err(status) => {
-                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
-                assert!(
-                    started.elapsed() < std::time::Duration::from_secs(20),
-                    "payra did not recover within 20 s: {status:?}"
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
-    };
+    let answer = verify_when_back(&server, &request).await;
     assert_eq!(
         answer.verdict,
         proto::Verdict::Verified as i32,
@@ -377,9 +392,8 @@ async fn fail_a_stopped_database_gives_unavailable_and_payra_recovers_on_its_own
         started.elapsed()
     );
     let reader = PgStore::connect(&server.config.store).unwrap();
-    let shared = reader.shared_decisions().unwrap();
     assert_eq!(
-        shared.verify_chains().unwrap(),
+        reader.verify_decision_chains().unwrap(),
         Ok(2),
         "both decisions, chained"
     );
@@ -472,4 +486,115 @@ fn psql(store: &StoreConfig, sql: &str) {
         "{}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Retries `request` while payra answers `UNAVAILABLE` (the database is switching), for up
+/// to 30 s; returns the first answer.
+async fn verify_when_back(
+    server: &TestServer,
+    request: &proto::VerifyPaymentRequest,
+) -> proto::VerifyPaymentResponse {
+    let service = server.service().await;
+    let started = std::time::Instant::now();
+    loop {
+        match service.verification().verify_payment(request.clone()).await {
+            Ok(answer) => return answer.into_inner(),
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert!(
+                    started.elapsed() < std::time::Duration::from_secs(30),
+                    "payra did not recover within 30 s: {status:?}"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_the_primary_fails_over_to_a_synchronous_standby_and_nothing_acknowledged_is_lost() {
+    let name = "postgres::fail_failover_to_a_standby";
+    let Some(cluster) = OwnCluster::start(name) else {
+        return;
+    };
+    let mut store = cluster.database(name);
+    let standby_port = cluster.standby();
+    // Both hosts in the URL, the writable one chosen (libpq's multi-host form): what a
+    // deployment without a stable leader address (Patroni's HAProxy, a DNS name) writes.
+    let url = store.url.clone().unwrap();
+    let (head, database) = url.rsplit_once('/').unwrap();
+    store.url = Some(format!(
+        "{head},127.0.0.1:{standby_port}/{database}?target_session_attrs=read-write"
+    ));
+    let store_config = store.clone();
+    let mut server = TestServer::start_with(move |config| config.store = store_config).await;
+
+    let (key, issued) = server.enroll("c-fo", "phone").await;
+    let (_, second) = server.enroll("c-fo", "tablet").await;
+    // Twenty reservations at once, each acknowledged, and one revocation.
+    let first = payment(&server, &key, &issued, "c-fo", "phone");
+    let mut requests = vec![first.clone()];
+    for _ in 1..20 {
+        requests.push(payment(&server, &key, &issued, "c-fo", "phone"));
+    }
+    let service = server.service().await;
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .map(|request| {
+            let service = service.clone();
+            tokio::spawn(async move {
+                service
+                    .verification()
+                    .verify_payment(request)
+                    .await
+                    .expect("VerifyPayment answers")
+                    .into_inner()
+            })
+        })
+        .collect();
+    for task in tasks {
+        let answer = task.await.unwrap();
+        assert_eq!(
+            answer.verdict,
+            proto::Verdict::Verified as i32,
+            "{}",
+            answer.reason
+        );
+        assert!(answer.limit.as_ref().unwrap().reserved);
+    }
+    server
+        .revoke(&second.serial, proto::RevocationReason::KeyCompromise)
+        .await;
+
+    cluster.failover();
+
+    // The first intent again, on the promoted standby: its nonce's claim survived.
+    let replayed = verify_when_back(&server, &first).await;
+    assert_eq!(
+        replayed.verdict,
+        proto::Verdict::ReplayedNonce as i32,
+        "{}",
+        replayed.reason
+    );
+    // A new payment counts all twenty reservations before it.
+    let next = verify_when_back(&server, &payment(&server, &key, &issued, "c-fo", "phone")).await;
+    assert_eq!(
+        next.verdict,
+        proto::Verdict::Verified as i32,
+        "{}",
+        next.reason
+    );
+    assert_eq!(next.limit.as_ref().unwrap().used_fen, 21 * 1_500);
+
+    // A restart loads everything from the new primary: the revocation holds there.
+    server.restart().await;
+    let status = server.status(&second.serial).await;
+    assert_eq!(status.status, proto::CertificateStatus::Revoked as i32);
+    let reader = PgStore::connect(&store).unwrap();
+    assert_eq!(
+        reader.verify_decision_chains().unwrap(),
+        Ok(22),
+        "twenty decisions, the replay and the last one, chained"
+    );
+    server.stop().await;
 }

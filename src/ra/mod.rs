@@ -9,7 +9,7 @@ mod enrollment;
 mod key_claims;
 pub mod limits;
 mod publication;
-pub mod replay;
+
 mod retention;
 mod revocation;
 pub mod signature;
@@ -31,7 +31,6 @@ pub use verification::{
 };
 
 use cache::CertificateCache;
-use replay::ReplayGuard;
 use throttle::FailureThrottle;
 
 use std::sync::Arc;
@@ -43,7 +42,7 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::model::Serial;
 use crate::store::Actor;
-use crate::store::{CertificateRecord, DecisionLog, Store};
+use crate::store::{CertificateRecord, Decisions, Store};
 
 /// Policy numbers the RA needs from configuration.
 #[derive(Debug, Clone)]
@@ -101,17 +100,14 @@ impl RaPolicy {
 /// The registration authority and its collaborators.
 pub struct Ra {
     store: Arc<dyn Store>,
-    /// Decisions, nonces and the ledger in a database shared with other payra processes;
-    /// `None` with the embedded store (the decision log and replay set below hold them).
-    shared: Option<Arc<dyn crate::store::SharedDecisions>>,
+    /// Where decisions, nonce claims and the ledger are recorded (opened from `store`).
+    decisions: Arc<dyn Decisions>,
     ca: Arc<CaMaterial>,
     clock: Arc<dyn Clock>,
     policy: RaPolicy,
     publication: Publication,
     cache: CertificateCache,
     agreed_limits: agreed_limits::AgreedLimits,
-    replay: ReplayGuard,
-    decisions: DecisionLog,
     enroll_throttle: FailureThrottle,
     /// Device keys being certified right now (one key, one device).
     keys_in_flight: std::sync::Arc<key_claims::KeysInFlight>,
@@ -169,36 +165,11 @@ impl Ra {
         // The ledger keeps today's and yesterday's buckets in memory (the day of a request
         // near midnight may be either, by its clock).
         let min_day = policy.ledger.first_tracked_day(now_ms);
-        let checkpoint = store.ledger_checkpoint(&min_day)?;
-        let mut live_nonces = Vec::new();
-        // The last decision record a signed audit head covers: it was durable when signed.
-        let signed_through = crate::store::audit_heads::read_all(&policy.scratch_dir)?
-            .iter()
-            .map(|head| head.statement.decision_seq)
-            .max()
-            .unwrap_or(0);
-        let decisions = DecisionLog::open_signed(
-            &policy.scratch_dir.join("decisions"),
-            checkpoint,
-            signed_through,
-            now_ms,
-            2 * policy.ledger.skew_ms + 60_000,
-            &mut |key, expires_at_ms| {
-                // A claim from before claims were per key: claim its certificate's key.
-                let key = match crate::store::serial_claim_parts(&key) {
-                    Some((serial, nonce)) => match cache.get(&serial) {
-                        Some(cert) => crate::store::nonce_key(&cert.public_key, nonce),
-                        None => key,
-                    },
-                    None => key,
-                };
-                live_nonces.push((key, expires_at_ms))
-            },
-        )?;
-        // Older days that the replay brought back (releases of old decisions) leave before
-        // the first checkpoint, which would otherwise save them as they stand in memory.
-        decisions.forget_ledger_days_before(&min_day);
-        let replay = ReplayGuard::with(live_nonces, replay::Moment::of(clock.as_ref()));
+        let decisions = store.open_decisions(&crate::store::DecisionSetup {
+            clock: clock.clone(),
+            min_day,
+            claim_horizon_ms: 2 * policy.ledger.skew_ms + 60_000,
+        })?;
         tracing::info!(
             certificates = cache.len(),
             agreed_limits = agreed_limits.len(),
@@ -216,16 +187,14 @@ impl Ra {
         let publication =
             Publication::new(responder, policy.crl_validity_s, policy.ocsp_validity_s);
         Ok(Ra {
-            shared: store.shared_decisions(),
             store,
+            decisions,
             ca,
             clock,
             policy,
             publication,
             cache,
             agreed_limits,
-            replay,
-            decisions,
             enroll_throttle: FailureThrottle::new(policy_failures, 60_000),
             keys_in_flight: Default::default(),
             clients,
@@ -271,16 +240,17 @@ impl Ra {
         self.metrics
             .storage_syncs
             .set(i64::try_from(storage_syncs).unwrap_or(i64::MAX));
-        let (records, bytes) = self.decisions.size();
-        self.metrics
-            .decision_log_records
-            .set(i64::try_from(records).unwrap_or(i64::MAX));
-        self.metrics
-            .decision_log_bytes
-            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
-        self.metrics
-            .replay_nonces
-            .set(i64::try_from(self.replay.held()).unwrap_or(i64::MAX));
+        if let Some(gauges) = self.decisions.gauges() {
+            self.metrics
+                .decision_log_records
+                .set(i64::try_from(gauges.records).unwrap_or(i64::MAX));
+            self.metrics
+                .decision_log_bytes
+                .set(i64::try_from(gauges.bytes).unwrap_or(i64::MAX));
+            self.metrics
+                .replay_nonces
+                .set(i64::try_from(gauges.nonces).unwrap_or(i64::MAX));
+        }
     }
 
     /// Writes a consistent backup to a temporary file in the data directory and returns its
@@ -320,7 +290,11 @@ impl Ra {
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let change = self.store.audit_head()?;
-        let decision = self.decisions.durable_head();
+        // Where the decision chains live in a database, `payra audit verify` reads them there.
+        let decision = self
+            .decisions
+            .durable_head()
+            .unwrap_or(crate::store::ChainHead::GENESIS);
         if *last == Some((change, decision)) {
             return Ok(None);
         }
@@ -343,19 +317,12 @@ impl Ra {
     /// Saves the ledger's changes since the last checkpoint, so a restart replays only the
     /// decisions after it. Called every few seconds and at shutdown.
     pub fn save_ledger_checkpoint(&self) -> Result<()> {
-        if self.shared.is_some() {
-            // The shared store's ledger is its own: nothing is kept here to save.
-            return Ok(());
-        }
-        let checkpoint = self.decisions.take_checkpoint()?;
-        if let Err(e) = self.store.save_ledger_checkpoint(&checkpoint) {
-            self.decisions.checkpoint_failed(checkpoint);
-            return Err(e);
-        }
         // A running server keeps the days a start loads (see `Ra::new`), and the two newest
         // days that have buckets: the buckets of older days go.
         let min_day = self.policy.ledger.first_tracked_day(self.clock.now_ms());
-        let forgotten = self.decisions.forget_ledger_days_before(&min_day);
+        let forgotten = self.decisions.checkpoint(&min_day, &|checkpoint| {
+            self.store.save_ledger_checkpoint(checkpoint)
+        })?;
         if forgotten > 0 {
             tracing::info!(buckets = forgotten, before = %min_day, "forgot past days' ledger buckets");
         }
@@ -528,7 +495,7 @@ mod tests {
             scene: Scene::InApp,
             reserve: true,
         };
-        let buckets = || ra.decisions.with_books(|books| books.bucket_count());
+        let buckets = || ra.decisions.gauges().unwrap().buckets;
         for customer in ["alice", "bob"] {
             let decision = ra
                 .qualify_transaction(&Actor::system(), reserve(customer, "o-1"))

@@ -70,7 +70,7 @@ impl Ra {
         // Never a day the ledger still holds in memory (a clock that jumped days ahead keeps
         // the two newest days there): its stored buckets are what a restart loads.
         let mut min_day = self.policy.ledger.first_tracked_day(self.clock.now_ms());
-        if let Some(oldest) = self.decisions.with_books(|books| books.oldest_day()) {
+        if let Some(oldest) = self.decisions.oldest_day() {
             min_day = min_day.min(oldest);
         }
         self.purge_in_batches(
@@ -91,7 +91,7 @@ impl Ra {
         let mut before_ms = self.clock.now_ms() - 2 * 86_400_000;
         if let Some(start_ms) = self
             .decisions
-            .with_books(|books| books.oldest_day())
+            .oldest_day()
             .and_then(|day| self.policy.ledger.day_start_ms(&day))
         {
             before_ms = before_ms.min(start_ms);

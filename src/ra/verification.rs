@@ -4,15 +4,14 @@
 use base64::Engine;
 
 use super::limits::{Assessment, CeilingStatus, TierLimits};
-use super::replay::{Claim, Moment};
 use super::signature::{verify_intent_signature, MAX_SIGNATURE_BYTES};
 use super::tiers::{contradicting_factor, decide_tier};
 use super::Ra;
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, Factor, FactorCategory, Scene, Serial, Tier};
 use crate::store::{
-    ledger_key, Actor, AuditEvent, EvidenceRecord, LogRecord, NonceClaim, ReleaseRejection,
-    RECORD_VERSION,
+    ledger_key, Actor, AuditEvent, EvidenceRecord, LogRecord, NonceCheck, NonceClaim,
+    ReleaseRejection, RECORD_VERSION,
 };
 
 /// Largest serialized intent accepted.
@@ -228,21 +227,6 @@ pub struct Decision {
     pub evidence_id: String,
 }
 
-/// `ev_` + the decision's record number (16 hex digits) + 64 random bits (16 hex digits):
-/// the number finds the record, the random part makes ids unguessable.
-fn evidence_id_for(seq: u64, random: [u8; 8]) -> String {
-    format!("ev_{seq:016x}{}", hex::encode(random))
-}
-
-/// The record number inside an evidence id, if it has the shape of one.
-fn evidence_seq(evidence_id: &str) -> Option<u64> {
-    let rest = evidence_id.strip_prefix("ev_")?;
-    if rest.len() != 32 || !rest.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    u64::from_str_radix(&rest[..16], 16).ok()
-}
-
 fn b64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
@@ -267,7 +251,8 @@ struct Draft {
     reserve: bool,
     day: String,
     accumulation: crate::ra::limits::Accumulation,
-    /// The customer's limits and buckets today; `None` when the customer is unknown.
+    /// The customer's limits and buckets today (the buckets are handed to the store when
+    /// the decision is recorded); `None` when the customer is unknown.
     ledger: Option<(TierLimits, [Vec<u8>; 4])>,
     /// The (device key, nonce) claim key, hex, and its expiry.
     nonce: Option<(String, i64)>,
@@ -351,7 +336,8 @@ impl Draft {
                 outcome,
             ),
             evidence: Box::new(evidence),
-            nonce: self.nonce.clone(),
+            // Only a verified decision holds its nonce's claim.
+            nonce: self.nonce.clone().filter(|_| verified),
         };
         let limit = assessment.map(|assessment| {
             let fits = assessment.fits;
@@ -551,61 +537,18 @@ impl Ra {
             ));
         }
         let now_ms = self.clock.now_ms();
-        if let Some(shared) = self.shared.clone() {
-            self.cache_from_store(&request.serial).await?;
-            let checked = self.check_payment(&request, now_ms);
-            let draft = self.draft(actor, "verify_payment", now_ms, &checked, &request);
-            let recheck = (checked.verdict == Verdict::Verified).then(|| request.serial.clone());
-            return self
-                .decide_shared(
-                    shared.as_ref(),
-                    draft,
-                    checked.verdict,
-                    checked.reason,
-                    recheck,
-                    checked.nonce,
-                )
-                .await;
-        }
-        let mut checked = self.check_payment(&request, now_ms);
-        let mut claimed_key = None;
-        if let Some(claim) = &checked.nonce {
-            let key = claim.key();
-            // The replay set reads the clock again under its lock (see `ra/replay.rs`).
-            match self.replay.claim(&key, claim.expires_at_ms, || {
-                Moment::of(self.clock.as_ref())
-            }) {
-                Claim::Claimed => claimed_key = Some((key, claim.expires_at_ms)),
-                Claim::Replayed => {
-                    checked.verdict = Verdict::ReplayedNonce;
-                    checked.reason = "this nonce was already used with this device key".into();
-                    checked.nonce = None;
-                }
-                Claim::TooLate { now_ms } => {
-                    checked.verdict = Verdict::StaleTimestamp;
-                    checked.reason = format!(
-                        "created_at_ms is more than {} ms before the server's clock ({now_ms}) \
-                         when its nonce was claimed; sign a new intent",
-                        self.policy.ledger.skew_ms
-                    );
-                    checked.nonce = None;
-                }
-            }
-        }
+        self.cache_from_store(&request.serial).await?;
+        let checked = self.check_payment(&request, now_ms);
         let draft = self.draft(actor, "verify_payment", now_ms, &checked, &request);
-        let result = match self.decide(draft, checked.verdict, &checked.reason) {
-            Ok((settled, seq)) => self.decisions.durable(seq).await.map(|()| {
-                self.count(&settled.decision, settled.reserving);
-                settled.decision
-            }),
-            Err(e) => Err(e),
-        };
-        if result.is_err() {
-            if let Some((key, expires_at_ms)) = claimed_key {
-                self.replay.unclaim(&key, expires_at_ms);
-            }
-        }
-        result
+        let recheck = (checked.verdict == Verdict::Verified).then(|| request.serial.clone());
+        self.decide(
+            draft,
+            checked.verdict,
+            checked.reason,
+            recheck,
+            checked.nonce,
+        )
+        .await
     }
 
     /// QualifyTransaction: the tier and limit from the service's factors alone (B, C or D).
@@ -635,22 +578,8 @@ impl Ra {
             customer: Some(request.customer),
             nonce: None,
         };
-        if let Some(shared) = self.shared.clone() {
-            return self
-                .decide_shared(
-                    shared.as_ref(),
-                    draft,
-                    Verdict::Verified,
-                    String::new(),
-                    None,
-                    None,
-                )
-                .await;
-        }
-        let (settled, seq) = self.decide(draft, Verdict::Verified, "")?;
-        self.decisions.durable(seq).await?;
-        self.count(&settled.decision, settled.reserving);
-        Ok(settled.decision)
+        self.decide(draft, Verdict::Verified, String::new(), None, None)
+            .await
     }
 
     /// The customer's limits and the keys of their four buckets on the day of `now_ms`.
@@ -694,51 +623,34 @@ impl Ra {
         }
     }
 
-    /// Appends the decision (evidence, nonce, reservation) to the decision log. The answer
-    /// may be given once the returned record number is durable.
-    fn decide(&self, draft: Draft, verdict: Verdict, reason: &str) -> Result<(Settled, u64)> {
-        // Drawn before the log's lock, from the thread's CSPRNG (ChaCha, seeded by the OS):
-        // a system call per decision under the lock would serialise the request threads.
-        let random: [u8; 8] = rand::random();
-        let (seq, settled) = self.decisions.append(|seq, books| {
-            // Checked and added under the log's lock: concurrent decisions for one customer
-            // see each other's reservations in every ceiling they share.
-            let buckets = draft.ledger.as_ref().map(|(_, buckets)| buckets);
-            let used = buckets.map(|b| Tier::ALL.map(|t| books.used(&b[t.index()])));
-            let settled = draft.settle(verdict, reason, evidence_id_for(seq, random), used)?;
-            if let (true, Some(buckets)) = (settled.reserved, buckets) {
-                books.add_reservation(&buckets[settled.decision.tier.index()], draft.amount_fen);
-            }
-            let json = serde_json::to_vec(&settled.record)
-                .map_err(|e| Error::internal(format!("encoding a decision: {e}")))?;
-            Ok((json, settled))
-        })?;
-        Ok((settled, seq))
-    }
-
-    /// Records the decision in the shared store: in its transaction the nonce is claimed
-    /// across every payra process, the certificate's revocation re-read (`recheck`), and the
-    /// reservation checked against the buckets as committed. Answers once committed.
-    async fn decide_shared(
+    /// Records the decision: atomically, the nonce is claimed (across every payra process,
+    /// with a shared store), the certificate's revocation re-read (`recheck`), and the
+    /// reservation checked against the buckets as stored. Answers once durable.
+    async fn decide(
         &self,
-        shared: &dyn crate::store::SharedDecisions,
         draft: Draft,
         verdict: Verdict,
         reason: String,
         recheck: Option<Serial>,
         nonce: Option<NonceClaim>,
     ) -> Result<Decision> {
+        let mut draft = draft;
         let slot: std::sync::Arc<std::sync::Mutex<Option<(Decision, bool)>>> = Default::default();
+        let skew_ms = self.policy.ledger.skew_ms;
+        // The store reads (and locks) the buckets; the draft keeps the customer's limits.
+        let buckets = draft
+            .ledger
+            .as_mut()
+            .map(|(_, buckets)| std::mem::take(buckets));
         let job = crate::store::DecisionJob {
             now_ms: draft.now_ms,
             recheck: recheck.clone(),
             nonce: nonce.as_ref().map(|n| (n.key(), n.expires_at_ms)),
-            buckets: draft.ledger.as_ref().map(|(_, buckets)| buckets.clone()),
+            buckets,
             decide: {
                 let slot = slot.clone();
                 Box::new(move |context: &crate::store::DecisionContext| {
                     let (mut verdict, mut reason) = (verdict, reason.clone());
-                    let mut draft = draft.clone();
                     if let Some(serial) = recheck.as_ref().filter(|_| verdict == Verdict::Verified)
                     {
                         match context.certificate {
@@ -759,12 +671,21 @@ impl Ra {
                             Some(None) => {}
                         }
                     }
-                    if verdict == Verdict::Verified && context.replayed {
-                        verdict = Verdict::ReplayedNonce;
-                        reason = "this nonce was already used with this device key".into();
-                    }
-                    if verdict != Verdict::Verified {
-                        draft.nonce = None;
+                    if verdict == Verdict::Verified {
+                        match context.nonce {
+                            NonceCheck::Claimed => {}
+                            NonceCheck::Replayed => {
+                                verdict = Verdict::ReplayedNonce;
+                                reason = "this nonce was already used with this device key".into();
+                            }
+                            NonceCheck::TooLate { now_ms } => {
+                                verdict = Verdict::StaleTimestamp;
+                                reason = format!(
+                                    "created_at_ms is more than {skew_ms} ms before the server's \
+                                     clock ({now_ms}) when its nonce was claimed; sign a new intent"
+                                );
+                            }
+                        }
                     }
                     let settled = draft.settle(
                         verdict,
@@ -787,10 +708,7 @@ impl Ra {
                 })
             },
         };
-        shared
-            .decide(job)
-            .await
-            .map_err(|_| Error::Unavailable("the decision writer has stopped".into()))??;
+        self.decisions.decide(job).await?;
         let (decision, reserving) = slot
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -800,10 +718,10 @@ impl Ra {
         Ok(decision)
     }
 
-    /// With a shared store, puts the certificate with `serial` into the cache from the store
-    /// when the cache does not have it (another payra process issued it).
+    /// Puts the certificate with `serial` into the cache from the store when the cache does
+    /// not have it (another payra process issued it).
     pub async fn cache_from_store(&self, serial: &Serial) -> Result<()> {
-        if self.shared.is_none() || self.cache.standing(serial).is_some() {
+        if self.cache.standing(serial).is_some() {
             return Ok(());
         }
         let store = self.store.clone();
@@ -837,43 +755,21 @@ impl Ra {
         }
     }
 
-    /// The decision recorded under `evidence_id` in the shared store, with its release time.
-    fn shared_evidence(
-        &self,
-        shared: &dyn crate::store::SharedDecisions,
-        evidence_id: &str,
-    ) -> Result<EvidenceRecord> {
+    /// The evidence stored under `evidence_id`, with its release time if it was released.
+    pub fn evidence(&self, evidence_id: &str) -> Result<EvidenceRecord> {
         if evidence_id.is_empty() || evidence_id.len() > 64 {
             return Err(Error::invalid("evidence_id", "must be 1 to 64 characters"));
         }
-        shared
+        self.decisions
             .evidence(evidence_id)?
             .ok_or_else(|| Error::NotFound(format!("no evidence with id {evidence_id}")))
-    }
-
-    /// The decision recorded under `evidence_id` and its record number.
-    fn decision_record(&self, evidence_id: &str) -> Result<(u64, EvidenceRecord)> {
-        if evidence_id.is_empty() || evidence_id.len() > 64 {
-            return Err(Error::invalid("evidence_id", "must be 1 to 64 characters"));
-        }
-        let missing = || Error::NotFound(format!("no evidence with id {evidence_id}"));
-        let seq = evidence_seq(evidence_id).ok_or_else(missing)?;
-        match self.decisions.read(seq)? {
-            Some(LogRecord::Decision { evidence, .. }) if evidence.evidence_id == evidence_id => {
-                Ok((seq, *evidence))
-            }
-            _ => Err(missing()),
-        }
     }
 
     /// Gives back the amount an evidence reserved, for a payment that failed downstream.
     /// Unknown id: `NotFound`; nothing reserved, already released, or reserved before
     /// yesterday (it counts for no limit any more): `FailedPrecondition`.
     pub fn release_reservation(&self, actor: &Actor, evidence_id: &str) -> Result<LimitStatus> {
-        let (decision_seq, record) = match &self.shared {
-            Some(shared) => (0, self.shared_evidence(shared.as_ref(), evidence_id)?),
-            None => self.decision_record(evidence_id)?,
-        };
+        let record = self.evidence(evidence_id)?;
         let customer = match (&record.customer_id, record.reserved_fen) {
             (Some(customer), reserved) if reserved > 0 => customer.clone(),
             _ => {
@@ -892,76 +788,38 @@ impl Ra {
             )));
         }
         let buckets = Tier::ALL.map(|t| ledger_key(&customer, &record.day, t));
-        let bucket = &buckets[record.tier.index()];
         let limits = self.limits_for(&customer);
         let accumulation = self.policy.ledger.accumulation;
-        if let Some(shared) = &self.shared {
-            let audit = AuditEvent::new(now_ms, actor, "reservation.released", evidence_id, "ok");
-            let used = match shared.release(evidence_id, &buckets, now_ms, &audit)? {
-                Ok(used) => used,
-                Err(ReleaseRejection::NotFound) => {
-                    return Err(Error::NotFound(format!(
-                        "no evidence with id {evidence_id}"
-                    )))
-                }
-                Err(ReleaseRejection::NothingReserved) => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "evidence {evidence_id} reserved nothing"
-                    )))
-                }
-                Err(ReleaseRejection::AlreadyReleased { released_at_ms }) => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "evidence {evidence_id} was already released at {}",
-                        crate::model::moment_ms(released_at_ms)
-                    )))
-                }
-            };
-            self.metrics
-                .reservations
-                .with_label_values(&["released"])
-                .inc();
-            let assessment =
-                Assessment::of(record.tier, 0, accumulation, &limits, |t| used[t.index()]);
-            return Ok(LimitStatus::new(
-                record.tier,
-                assessment,
-                true,
-                false,
-                record.day,
-            ));
-        }
-        let (seq, assessment) = self.decisions.append(|_, books| {
-            // Under the log's lock: a checkpoint may have let the day go since the check above.
-            if !books.has_day(&record.day) {
+        let audit = AuditEvent::new(now_ms, actor, "reservation.released", evidence_id, "ok");
+        let used = match self
+            .decisions
+            .release(evidence_id, &buckets, now_ms, &audit)?
+        {
+            Ok(used) => used,
+            Err(ReleaseRejection::NotFound) => {
+                return Err(Error::NotFound(format!(
+                    "no evidence with id {evidence_id}"
+                )))
+            }
+            Err(ReleaseRejection::NothingReserved) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "evidence {evidence_id} reserved nothing"
+                )))
+            }
+            Err(ReleaseRejection::AlreadyReleased { released_at_ms }) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "evidence {evidence_id} was already released at {}",
+                    crate::model::moment_ms(released_at_ms)
+                )))
+            }
+            Err(ReleaseRejection::DayNotKept) => {
                 return Err(Error::FailedPrecondition(format!(
                     "evidence {evidence_id} reserved on {}; daily limits are kept from \
                      {first_day} on, so there is nothing left to give back",
                     record.day
-                )));
+                )))
             }
-            if let Some(released_at_ms) = books.released_at(decision_seq) {
-                return Err(Error::FailedPrecondition(format!(
-                    "evidence {evidence_id} was already released at {}",
-                    crate::model::moment_ms(released_at_ms)
-                )));
-            }
-            books.release(decision_seq, bucket, record.reserved_fen, now_ms);
-            let assessment = Assessment::of(record.tier, 0, accumulation, &limits, |t| {
-                books.used(&buckets[t.index()])
-            });
-            let release = LogRecord::Release {
-                decision_seq,
-                evidence_id: evidence_id.to_string(),
-                ledger_key_hex: hex::encode(bucket),
-                amount_fen: record.reserved_fen,
-                released_at_ms: now_ms,
-                audit: AuditEvent::new(now_ms, actor, "reservation.released", evidence_id, "ok"),
-            };
-            let json = serde_json::to_vec(&release)
-                .map_err(|e| Error::internal(format!("encoding a release: {e}")))?;
-            Ok((json, assessment))
-        })?;
-        self.decisions.durable_blocking(seq)?;
+        };
         self.metrics
             .reservations
             .with_label_values(&["released"])
@@ -971,6 +829,7 @@ impl Ra {
             amount = record.reserved_fen,
             "reservation released"
         );
+        let assessment = Assessment::of(record.tier, 0, accumulation, &limits, |t| used[t.index()]);
         Ok(LimitStatus::new(
             record.tier,
             assessment,
@@ -988,12 +847,7 @@ impl Ra {
         let limits = self.policy.ledger.limits(agreed);
         let accumulation = self.policy.ledger.accumulation;
         let buckets = Tier::ALL.map(|t| ledger_key(customer, &day, t));
-        let used = match &self.shared {
-            Some(shared) => shared.used(&buckets)?,
-            None => self
-                .decisions
-                .with_books(|books| buckets.clone().map(|bucket| books.used(&bucket))),
-        };
+        let used = self.decisions.used(&buckets)?;
         let statuses = Tier::ALL.map(|tier| {
             let assessment = Assessment::of(tier, 1, accumulation, &limits, |t| used[t.index()]);
             let fits = assessment.fits;
@@ -1029,26 +883,10 @@ impl Ra {
         Ok(())
     }
 
-    /// The evidence stored under `evidence_id`, with its release time if it was released.
-    pub fn evidence(&self, evidence_id: &str) -> Result<EvidenceRecord> {
-        if let Some(shared) = &self.shared {
-            return self.shared_evidence(shared.as_ref(), evidence_id);
-        }
-        let (seq, mut record) = self.decision_record(evidence_id)?;
-        record.released_at_ms = self.decisions.with_books(|books| books.released_at(seq));
-        Ok(record)
-    }
-
-    /// Forgets expired nonces (in memory; the decision log keeps its records); returns how
+    /// Forgets nonce claims that can no longer matter (the records keep them); returns how
     /// many were purged.
     pub fn purge_expired_nonces(&self) -> Result<usize> {
-        if let Some(shared) = &self.shared {
-            // Claims are kept a skew longer than they can matter: a decision still queued, or
-            // drafted on a replica whose clock is behind, must find its claim.
-            let horizon = self.clock.now_ms() - 2 * self.policy.ledger.skew_ms - 60_000;
-            return shared.purge_nonces(horizon);
-        }
-        Ok(self.replay.purge(Moment::of(self.clock.as_ref())))
+        self.decisions.purge_nonces(self.clock.now_ms())
     }
 }
 

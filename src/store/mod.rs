@@ -19,7 +19,7 @@ pub use records::{
     RevokedEntry, TokenHash, TokenRecord, RECORD_VERSION,
 };
 pub use sled::GroupCommit;
-pub use sled::SledStore;
+pub use sled::{LocalDecisions, SledStore};
 
 /// Hands each (record number, frame) of the decision log to its argument, in order (for
 /// backups).
@@ -153,7 +153,11 @@ pub fn serial_claim_parts(key: &[u8]) -> Option<(Serial, &[u8])> {
 pub enum ReleaseRejection {
     NotFound,
     NothingReserved,
-    AlreadyReleased { released_at_ms: i64 },
+    AlreadyReleased {
+        released_at_ms: i64,
+    },
+    /// The reservation's day is no longer kept (it counts for no limit any more).
+    DayNotKept,
 }
 
 /// Where an async enrollment's outcome arrives (see [`Store::issue_with_token_async`]).
@@ -164,18 +168,33 @@ pub type IssueReceiver = tokio::sync::oneshot::Receiver<Result<IssueOutcome>>;
 /// it, and before any later write can commit.
 pub type OnIssued = Box<dyn FnOnce() + Send>;
 
-/// What a shared decision store knows when it records one decision: the evidence id it
-/// gave it, and the state of the database inside the decision's transaction.
+/// What the decision store knows when it records one decision: the evidence id it gave
+/// it, and the state of the store when the decision is recorded (inside the decision's
+/// transaction, for a database).
 #[derive(Debug, Clone)]
 pub struct DecisionContext {
     pub evidence_id: String,
     /// When [`DecisionJob::recheck`] asked for it: the certificate's revocation as committed
-    /// now (`Some(None)`: not revoked; `None`: no such certificate).
+    /// now (`Some(None)`: not revoked; `None`: no such certificate). A store that only this
+    /// process writes answers `Some(None)`: the process's own cache, changed before any
+    /// revocation is acknowledged, has answered already.
     pub certificate: Option<Option<Revocation>>,
-    /// The nonce was claimed by an earlier decision (of any payra process).
-    pub replayed: bool,
+    /// What became of [`DecisionJob::nonce`].
+    pub nonce: NonceCheck,
     /// What the customer's buckets of [`DecisionJob::buckets`] hold, before this decision.
     pub used: Option<[i64; 4]>,
+}
+
+/// What became of a decision's nonce claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NonceCheck {
+    /// Claimed by this decision (or it had no nonce).
+    Claimed,
+    /// Claimed by an earlier decision (of any payra process).
+    Replayed,
+    /// Its claim would have expired by the store's clock (`now_ms`) when it was made: a
+    /// claim that old may already have been forgotten, so it cannot be taken.
+    TooLate { now_ms: i64 },
 }
 
 /// What the RA decided once it saw the [`DecisionContext`].
@@ -192,7 +211,7 @@ pub struct Decided {
 /// aborted is tried again); the last run's answer is the one recorded.
 pub type DecideFn = Box<dyn Fn(&DecisionContext) -> Result<Decided> + Send + Sync>;
 
-/// One verification or qualification for a shared decision store to record atomically: the
+/// One verification or qualification for the decision store to record atomically: the
 /// nonce claimed, the certificate re-checked, the reservation added if the RA's rules say it
 /// fits, the evidence appended.
 pub struct DecisionJob {
@@ -206,16 +225,40 @@ pub struct DecisionJob {
     pub decide: DecideFn,
 }
 
-/// Where a shared decision's commit is reported.
-pub type DecisionReceiver = tokio::sync::oneshot::Receiver<Result<()>>;
+/// Resolves once a recorded decision is durable (or with the error that stopped it).
+pub type DecisionFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>> + Send + 'static>>;
 
-/// Decisions, nonce claims and the daily ledger kept in a database that several payra
-/// processes share (PostgreSQL). The embedded store has none: its decision log and ledger
-/// live in the process ([`DecisionLog`]).
-pub trait SharedDecisions: Send + Sync {
-    /// Records `job` in a transaction (with others, batched); the receiver gets `Ok` once
-    /// it is committed. `job.decide` has run by then.
-    fn decide(&self, job: DecisionJob) -> DecisionReceiver;
+/// What a store needs to open its decisions: the RA's clock and ledger days.
+pub struct DecisionSetup {
+    pub clock: std::sync::Arc<dyn crate::clock::Clock>,
+    /// The oldest ledger day the RA still checks limits against.
+    pub min_day: String,
+    /// How long a nonce claim can matter after its intent was created (twice the skew and a
+    /// minute): claims older than that are not kept.
+    pub claim_horizon_ms: i64,
+}
+
+/// Sizes of a decision store kept in this process, for the metrics.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DecisionGauges {
+    pub records: u64,
+    pub bytes: u64,
+    pub nonces: usize,
+    /// Ledger buckets held in memory.
+    pub buckets: usize,
+}
+
+/// Decisions (evidence, reservations, releases), nonce claims and the daily ledger's
+/// persistence: the embedded store's decision log and replay set
+/// ([`sled::LocalDecisions`]), or tables a database shares between payra processes
+/// ([`postgres::PgDecisions`]). The ledger's rules stay in the RA: a store applies "add
+/// this reservation if the RA's rules, run with the buckets as stored, say it fits".
+pub trait Decisions: Send + Sync {
+    /// Records `job` atomically (with others, batched): the nonce claimed, the certificate
+    /// re-read, `job.decide` run with what the store holds, the reservation added, the
+    /// record appended. The future resolves once it is durable; `job.decide` has run by then.
+    fn decide(&self, job: DecisionJob) -> DecisionFuture;
 
     /// Gives back the reservation of `evidence_id`, if it has one not yet given back, and
     /// returns the four buckets' amounts after. Durable on return.
@@ -233,11 +276,60 @@ pub trait SharedDecisions: Send + Sync {
     /// What `buckets` hold now.
     fn used(&self, buckets: &[Vec<u8>; 4]) -> Result<[i64; 4]>;
 
-    /// Forgets nonce claims that expired before `now_ms`; returns how many.
+    /// Forgets nonce claims that can no longer matter at `now_ms` (the RA's clock; a store
+    /// in this process reads its own wall and monotonic clocks); returns how many.
     fn purge_nonces(&self, now_ms: i64) -> Result<usize>;
 
     /// Checks every decision chain; returns the number of decisions checked.
     fn verify_chains(&self) -> Result<std::result::Result<u64, String>>;
+
+    /// The decision chain's head as far as it is durable, for a signed audit head; `None`
+    /// where the chains live in a database (several chains, read by `payra audit verify`).
+    fn durable_head(&self) -> Option<ChainHead> {
+        None
+    }
+
+    /// Saves the ledger as it stands in this process through `save` (the store's ledger
+    /// checkpoint), then forgets buckets of days before `min_day`; returns how many it
+    /// forgot. Nothing to do where the ledger lives in a database.
+    fn checkpoint(
+        &self,
+        _min_day: &str,
+        _save: &dyn Fn(&LedgerCheckpoint) -> Result<()>,
+    ) -> Result<usize> {
+        Ok(0)
+    }
+
+    /// The oldest day whose buckets this process holds in memory, if any.
+    fn oldest_day(&self) -> Option<String> {
+        None
+    }
+
+    /// Hands each (record number, frame) of a decision log in this process to `each` (for
+    /// backups).
+    fn for_each_frame(&self, _each: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<()> {
+        Ok(())
+    }
+
+    /// Sizes for the metrics, for a store kept in this process.
+    fn gauges(&self) -> Option<DecisionGauges> {
+        None
+    }
+
+    /// Syncs made by this process (0 where the database server makes them).
+    fn syncs(&self) -> u64 {
+        0
+    }
+
+    /// Whether decisions can be recorded now (for `/readyz`).
+    fn healthy(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Writes what is queued and stops taking decisions.
+    fn close(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A change another payra process made to state this process keeps in memory.
@@ -473,11 +565,9 @@ pub trait Store: Send + Sync {
         Ok(None)
     }
 
-    /// The shared decision store, when decisions live in the database rather than in this
-    /// process's decision log.
-    fn shared_decisions(&self) -> Option<std::sync::Arc<dyn SharedDecisions>> {
-        None
-    }
+    /// Opens the store's decisions (once per store): where verifications, reservations,
+    /// releases and nonce claims are recorded.
+    fn open_decisions(&self, setup: &DecisionSetup) -> Result<std::sync::Arc<dyn Decisions>>;
 
     /// Changes other payra processes make, for a store several processes share; `None` for
     /// a store only this process writes. The receiver can be taken once.

@@ -24,7 +24,8 @@ use crate::error::{Error, Result};
 use crate::store::audit::{AuditEvent, GENESIS_HASH};
 use crate::store::records::{CertificateSummary, EvidenceRecord, Revocation};
 use crate::store::{
-    DecisionContext, DecisionJob, DecisionReceiver, LogRecord, ReleaseRejection, SharedDecisions,
+    DecisionContext, DecisionFuture, DecisionJob, Decisions, LogRecord, NonceCheck,
+    ReleaseRejection,
 };
 
 /// The most decisions one transaction records.
@@ -43,12 +44,16 @@ struct Pending {
     reply: tokio::sync::oneshot::Sender<Result<()>>,
 }
 
-/// [`SharedDecisions`] on PostgreSQL.
+/// [`Decisions`] on PostgreSQL.
 pub struct PgDecisions {
     queue: tokio::sync::mpsc::Sender<Pending>,
     pool: Pool,
     handle: tokio::runtime::Handle,
     write_turn: Arc<tokio::sync::Mutex<()>>,
+    /// How long a claim can matter after its intent was created
+    /// ([`crate::store::DecisionSetup::claim_horizon_ms`]); until the RA opens the
+    /// decisions, no claim is purged.
+    pub(super) claim_horizon_ms: std::sync::atomic::AtomicI64,
 }
 
 /// The writer's chain: its id once created, and its head as last committed (`None` after a
@@ -86,6 +91,7 @@ impl PgDecisions {
             pool,
             handle,
             write_turn,
+            claim_horizon_ms: std::sync::atomic::AtomicI64::new(i64::MAX),
         }
     }
 
@@ -385,13 +391,18 @@ async fn commit(
                 }
                 None => false,
             };
+            let nonce = if replayed {
+                NonceCheck::Replayed
+            } else {
+                NonceCheck::Claimed
+            };
             let context = DecisionContext {
                 evidence_id: id.clone(),
                 certificate: job
                     .recheck
                     .as_ref()
                     .and_then(|serial| states.get(serial.as_bytes()).copied()),
-                replayed,
+                nonce,
                 used: job
                     .buckets
                     .as_ref()
@@ -476,8 +487,8 @@ async fn commit(
     }
 }
 
-impl SharedDecisions for PgDecisions {
-    fn decide(&self, job: DecisionJob) -> DecisionReceiver {
+impl Decisions for PgDecisions {
+    fn decide(&self, job: DecisionJob) -> DecisionFuture {
         let (reply, rx) = tokio::sync::oneshot::channel();
         use tokio::sync::mpsc::error::TrySendError;
         match self.queue.try_send(Pending { job, reply }) {
@@ -494,7 +505,10 @@ impl SharedDecisions for PgDecisions {
                 )));
             }
         }
-        rx
+        Box::pin(async move {
+            rx.await
+                .map_err(|_| Error::Unavailable("the decision writer has stopped".into()))?
+        })
     }
 
     fn release(
@@ -618,6 +632,12 @@ impl SharedDecisions for PgDecisions {
     }
 
     fn purge_nonces(&self, now_ms: i64) -> Result<usize> {
+        // Claims are kept a horizon longer than they can matter: a decision still queued, or
+        // drafted on a replica whose clock is behind, must find its claim.
+        let horizon = self
+            .claim_horizon_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let now_ms = now_ms.saturating_sub(horizon);
         let pool = self.pool.clone();
         self.block(async move {
             let client = pool.get().await.map_err(pool_error)?;

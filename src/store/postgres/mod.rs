@@ -361,6 +361,17 @@ impl PgStore {
     /// Connects to the configured database and checks that its schema is this payra's and
     /// that it commits durably. An unmigrated or newer schema is refused with the command
     /// to run.
+    /// Checks every decision chain in the database; returns the number of decisions checked.
+    pub fn verify_decision_chains(&self) -> Result<std::result::Result<u64, String>> {
+        use super::Decisions;
+        match &self.decisions {
+            Some(decisions) => decisions.verify_chains(),
+            None => Err(Error::internal(
+                "this connection to the database records no decisions",
+            )),
+        }
+    }
+
     pub fn connect(config: &StoreConfig) -> Result<PgStore> {
         let mut store = PgStore::open_pool(config)?;
         let state = store.schema_state()?;
@@ -848,10 +859,14 @@ impl Store for PgStore {
             .take()
     }
 
-    fn shared_decisions(&self) -> Option<Arc<dyn super::SharedDecisions>> {
-        self.decisions
-            .clone()
-            .map(|d| d as Arc<dyn super::SharedDecisions>)
+    fn open_decisions(&self, setup: &super::DecisionSetup) -> Result<Arc<dyn super::Decisions>> {
+        let decisions = self.decisions.clone().ok_or_else(|| {
+            Error::internal("this connection to the database records no decisions")
+        })?;
+        decisions
+            .claim_horizon_ms
+            .store(setup.claim_horizon_ms, std::sync::atomic::Ordering::Relaxed);
+        Ok(decisions)
     }
 
     fn revocation_state(&self, serial: &Serial) -> Result<Option<Option<Revocation>>> {

@@ -15,11 +15,14 @@ pub mod audit_heads;
 pub mod backup;
 pub mod data_dir;
 pub mod decision_log;
+mod decisions;
 mod group_commit;
 mod issuance;
 mod issuance_journal;
 pub mod read_only;
+pub mod replay;
 
+pub use decisions::LocalDecisions;
 pub use group_commit::GroupCommit;
 pub(in crate::store) use issuance::IssueJob;
 use issuance::IssueQueue;
@@ -73,6 +76,10 @@ pub struct SledStore {
     /// [`SledStore::issue_batch`].
     sled_changes: std::sync::atomic::AtomicU64,
     sled_changes_synced: std::sync::atomic::AtomicU64,
+    /// The data directory (the decision log and signed audit heads live beside sled).
+    dir: std::path::PathBuf,
+    /// The decision log was opened ([`Store::open_decisions`]): it has one owner.
+    decisions_opened: std::sync::atomic::AtomicBool,
     /// The journal's size past which a batch empties it ([`IssuanceJournal::RESET_BYTES`]).
     journal_reset_bytes: std::sync::atomic::AtomicU64,
 }
@@ -202,6 +209,8 @@ impl SledStore {
             journal_reset_bytes: std::sync::atomic::AtomicU64::new(IssuanceJournal::RESET_BYTES),
             sled_changes: std::sync::atomic::AtomicU64::new(0),
             sled_changes_synced: std::sync::atomic::AtomicU64::new(0),
+            dir: dir.to_path_buf(),
+            decisions_opened: std::sync::atomic::AtomicBool::new(false),
         };
         store.recover_issuance(journaled)?;
         store.build_missing_summaries()?;
@@ -508,6 +517,29 @@ impl Store for SledStore {
     ) -> Result<crate::store::IssueReceiver> {
         let job = IssueJob::token(hash, token, audit)?;
         Ok(self.queue_async(job))
+    }
+
+    fn open_decisions(
+        &self,
+        setup: &crate::store::DecisionSetup,
+    ) -> Result<std::sync::Arc<dyn crate::store::Decisions>> {
+        use std::sync::atomic::Ordering;
+        if self.decisions_opened.swap(true, Ordering::SeqCst) {
+            return Err(Error::internal("the decision log is open already"));
+        }
+        let opened = LocalDecisions::open(
+            &self.dir,
+            setup,
+            self.ledger_checkpoint(&setup.min_day)?,
+            &|serial| Ok(self.certificate_summary(serial)?.map(|s| s.public_key)),
+        );
+        match opened {
+            Ok(decisions) => Ok(std::sync::Arc::new(decisions)),
+            Err(e) => {
+                self.decisions_opened.store(false, Ordering::SeqCst);
+                Err(e)
+            }
+        }
     }
 
     fn certificate_summary(&self, serial: &Serial) -> Result<Option<CertificateSummary>> {
