@@ -45,6 +45,55 @@ pub struct Config {
     pub retention: RetentionConfig,
     pub audit: AuditConfig,
     pub store: StoreConfig,
+    /// The issuing key in a PKCS#11 token instead of `issuing.key` (`[pkcs11]`).
+    pub pkcs11: Pkcs11Config,
+}
+
+/// Where the issuing key is when a PKCS#11 token holds it (`[pkcs11]`). Used when `uri` or
+/// `module` is set; the issuing CA certificate stays `issuing.pem` in the certs directory.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pkcs11Config {
+    /// An RFC 7512 URI naming the key, e.g.
+    /// `pkcs11:token=payra;object=issuing;type=private?module-path=/usr/lib/softhsm/libsofthsm2.so`
+    /// (`pin-source=file:/path` may name the PIN file). The fields below add to it.
+    pub uri: Option<String>,
+    /// The module (the token vendor's PKCS#11 library).
+    pub module: Option<PathBuf>,
+    /// The token, by label or by serial number (not by slot: slots are renumbered).
+    pub token_label: Option<String>,
+    pub token_serial: Option<String>,
+    /// The key, by label (CKA_LABEL), id (CKA_ID, hex) or both.
+    pub key_label: Option<String>,
+    pub key_id: Option<String>,
+    /// File holding the user PIN (mode 0600). Unset, the environment variable `pin_env`.
+    pub pin_file: Option<PathBuf>,
+    pub pin_env: String,
+    /// Sessions kept open to the token, at most (signatures in parallel).
+    pub sessions: usize,
+}
+
+impl Default for Pkcs11Config {
+    fn default() -> Self {
+        Pkcs11Config {
+            uri: None,
+            module: None,
+            token_label: None,
+            token_serial: None,
+            key_label: None,
+            key_id: None,
+            pin_file: None,
+            pin_env: "PAYRA_PKCS11_PIN".into(),
+            sessions: 4,
+        }
+    }
+}
+
+impl Pkcs11Config {
+    /// Whether the issuing key is in a token.
+    pub fn enabled(&self) -> bool {
+        self.uri.is_some() || self.module.is_some()
+    }
 }
 
 /// Which database holds payra's state.
@@ -402,6 +451,7 @@ impl Default for Config {
             retention: RetentionConfig::default(),
             audit: AuditConfig::default(),
             store: StoreConfig::default(),
+            pkcs11: Pkcs11Config::default(),
         }
     }
 }
@@ -516,6 +566,9 @@ impl Config {
     /// Checks the rules no type expresses.
     pub fn validate(&self) -> Result<()> {
         self.store.validate()?;
+        if self.pkcs11.enabled() {
+            crate::ca::pkcs11::KeyLocation::from_config(&self.pkcs11)?;
+        }
         if self.issuance.validity_days == 0 || self.issuance.validity_days > 3650 {
             return Err(Error::invalid(
                 "issuance.validity_days",

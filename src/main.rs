@@ -61,6 +61,12 @@ enum Command {
         /// Replace an existing PKI.
         #[arg(long)]
         force: bool,
+        /// Generate the issuing key inside this PKCS#11 token (an RFC 7512 URI naming the
+        /// module, token and key, e.g. pkcs11:token=payra;object=issuing?module-path=/usr/lib/softhsm/libsofthsm2.so).
+        /// The PIN comes from the URI's pin-source file or $PAYRA_PKCS11_PIN. The root stays a
+        /// file (development).
+        #[arg(long, env = "PAYRA_PKCS11_URI")]
+        pkcs11_uri: Option<String>,
     },
     /// Run the server. With no arguments: a development server on loopback, creating
     /// `certs/` and `data/` on first start.
@@ -168,6 +174,11 @@ enum Command {
     Db {
         #[command(subcommand)]
         command: DbCommand,
+    },
+    /// The issuing CA's key.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
     },
     /// The hash-chained audit log, read offline from a stopped server's data directory.
     Audit {
@@ -300,6 +311,16 @@ struct ServeArgs {
     /// No password here: it comes from store.password_file or $PAYRA_DB_PASSWORD.
     #[arg(long, env = "PAYRA_STORE_URL")]
     store_url: Option<String>,
+    /// The issuing key in a PKCS#11 token: an RFC 7512 URI (sets pkcs11.uri).
+    #[arg(long, env = "PAYRA_PKCS11_URI")]
+    pkcs11_uri: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Prove the configured issuing key works without starting the server: it matches
+    /// issuing.pem and signs a test message that verifies.
+    Check(ServeArgs),
 }
 
 #[derive(Subcommand)]
@@ -635,11 +656,23 @@ async fn run(cli: Cli) -> CliResult {
             }
         }
         Command::Man { out } => write_man_pages(&out),
-        Command::Init { dir, force } => {
+        Command::Init {
+            dir,
+            force,
+            pkcs11_uri: None,
+        } => {
             init_dev_pki(&dir, force).map_err(|e| e.to_string())?;
             println!("wrote a development PKI to {}", dir.display());
             Ok(())
         }
+        Command::Init {
+            dir,
+            force,
+            pkcs11_uri: Some(uri),
+        } => init_pkcs11(&dir, force, uri),
+        Command::Ca {
+            command: CaCommand::Check(args),
+        } => ca_check(args),
         Command::Serve(args) => serve(args).await,
         Command::Config {
             command:
@@ -1899,8 +1932,51 @@ fn effective_config(args: ServeArgs) -> Result<(Config, bool), String> {
         config.store.backend = payra::config::Backend::Postgres;
         config.store.url = Some(url);
     }
+    if let Some(uri) = args.pkcs11_uri {
+        config.pkcs11.uri = Some(uri);
+    }
     config.validate().map_err(|e| e.to_string())?;
     Ok((config, explicit_certs))
+}
+
+/// `payra init --pkcs11-uri`: the issuing key generated in the token, the certificates
+/// written as for a development PKI.
+fn init_pkcs11(dir: &Path, force: bool, uri: String) -> Result<(), String> {
+    use payra::ca::pkcs11::KeyLocation;
+    let config = payra::config::Pkcs11Config {
+        uri: Some(uri),
+        ..Default::default()
+    };
+    let location = KeyLocation::from_config(&config).map_err(|e| e.to_string())?;
+    let signer = payra::ca::Pkcs11Signer::generate(&location).map_err(|e| e.to_string())?;
+    payra::ca::pki::init_pki_with_issuing_signer(dir, force, std::sync::Arc::new(signer))
+        .map_err(|e| e.to_string())?;
+    println!(
+        "generated the issuing key in the {} and wrote a development PKI to {} (no issuing.key: \
+         serve with --pkcs11-uri or [pkcs11])",
+        location.token,
+        dir.display()
+    );
+    Ok(())
+}
+
+/// `payra ca check`: loads the CA as `serve` would, which signs and verifies a test message.
+fn ca_check(args: ServeArgs) -> Result<(), String> {
+    let (config, _) = effective_config(args)?;
+    let ca = payra::server::load_ca(&config).map_err(|e| e.to_string())?;
+    let key = if config.pkcs11.enabled() {
+        "the key in the PKCS#11 token"
+    } else {
+        "issuing.key"
+    };
+    println!(
+        "ok: {key} matches {} and signs (a test signature verified)",
+        payra::ca::PkiFiles::new(&config.certs_dir)
+            .issuing_cert()
+            .display()
+    );
+    drop(ca);
+    Ok(())
 }
 
 /// `payra audit verify --store-url`: the change chain and every decision chain in

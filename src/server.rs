@@ -84,6 +84,28 @@ fn grpc_tls_config(ca: &CaMaterial) -> Result<Arc<rustls::ServerConfig>> {
     Ok(Arc::new(config))
 }
 
+/// The CA material: the certificates from the certs directory, the issuing key from
+/// `issuing.key` or from the PKCS#11 token `[pkcs11]` names.
+pub fn load_ca(config: &Config) -> Result<CaMaterial> {
+    if !config.pkcs11.enabled() {
+        let passphrase = ca_key_passphrase(config)?;
+        return CaMaterial::load(&config.certs_dir, passphrase.as_deref());
+    }
+    let location = crate::ca::pkcs11::KeyLocation::from_config(&config.pkcs11)?;
+    let signer = crate::ca::Pkcs11Signer::open(&location)?;
+    tracing::info!(
+        module = %location.module.display(),
+        sessions = location.sessions,
+        "issuing key in the {}",
+        location.token
+    );
+    CaMaterial::load_with_signer(
+        &config.certs_dir,
+        Arc::new(signer),
+        &format!("the PKCS#11 key in the {}", location.token),
+    )
+}
+
 /// The issuing key's passphrase: from `ca_key_passphrase_file` (which must not be readable by
 /// others), else from `PAYRA_CA_KEY_PASSPHRASE`. Never logged.
 fn ca_key_passphrase(config: &Config) -> Result<Option<String>> {
@@ -127,8 +149,7 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
     let http_addr = http_listener.local_addr()?;
     // Certificates name the CRL and OCSP URLs of the listener as bound (port 0 picks one).
     config.http_addr = http_addr;
-    let passphrase = ca_key_passphrase(&config)?;
-    let ca = Arc::new(CaMaterial::load(&config.certs_dir, passphrase.as_deref())?);
+    let ca = Arc::new(load_ca(&config)?);
     // Everything this process writes (database, decision log, backups) is for its user only.
     crate::store::data_dir::restrict_new_files();
     crate::store::data_dir::prepare(&config.data_dir, config.allow_readable_data)?;

@@ -70,6 +70,6 @@ pub fn build_crl(
     };
     let crl = params
         .signed_by(issuer)
-        .map_err(|e| Error::internal(format!("signing CRL: {e}")))?;
+        .map_err(|e| super::signer::signing_error("signing CRL", e))?;
     Ok(crl.der().to_vec())
 }

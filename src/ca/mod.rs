@@ -4,6 +4,7 @@
 pub mod crl;
 pub mod csr;
 pub mod ocsp;
+pub mod pkcs11;
 pub mod pki;
 pub mod profile;
 pub mod signer;
@@ -11,6 +12,7 @@ pub mod signer;
 pub use crl::{build_crl, CrlEntry};
 pub use csr::{parse_device_csr, DevicePublicKey, MAX_CSR_BYTES};
 pub use ocsp::{OcspResponder, OcspStatus, ParsedOcspRequest};
+pub use pkcs11::Pkcs11Signer;
 pub use pki::{init_dev_pki, CaMaterial, PkiFiles};
 pub use profile::{
     issue_client_certificate, issue_device_certificate, DeviceCertificate, DeviceProfile,

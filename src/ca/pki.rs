@@ -135,6 +135,31 @@ fn client_params(role: &str, not_before: OffsetDateTime) -> Result<CertificatePa
 /// a localhost TLS server certificate and `operator` / `service` client certificates. Keys are
 /// PKCS#8 PEM with mode 0600. Refuses to overwrite an existing PKI unless `force`.
 pub fn init_dev_pki(dir: &Path, force: bool) -> Result<()> {
+    let issuing_key = new_key()?;
+    let issuing_pem = issuing_key.serialize_pem();
+    init_pki(dir, force, &issuing_key, Some(&issuing_pem))
+}
+
+/// [`init_dev_pki`] with the issuing key in `signer` (a PKCS#11 token): writes no
+/// `issuing.key` (and removes one a previous PKI left), the rest as a development PKI.
+pub fn init_pki_with_issuing_signer(
+    dir: &Path,
+    force: bool,
+    signer: Arc<dyn CaSigner>,
+) -> Result<()> {
+    init_pki(dir, force, &SharedSigner(signer), None)?;
+    match fs::remove_file(PkiFiles::new(dir).issuing_key()) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+fn init_pki<K: rcgen::SigningKey>(
+    dir: &Path,
+    force: bool,
+    issuing_key: &K,
+    issuing_pem: Option<&str>,
+) -> Result<()> {
     let files = PkiFiles::new(dir);
     if !force {
         if let Some(existing) = files.all().into_iter().find(|p| p.exists()) {
@@ -158,7 +183,6 @@ pub fn init_dev_pki(dir: &Path, force: bool) -> Result<()> {
     let root_cert = root_params.self_signed(&root_key).map_err(rcgen_err)?;
     let root_issuer = Issuer::new(root_params, &root_key);
 
-    let issuing_key = new_key()?;
     let mut issuing_params = CertificateParams::default();
     issuing_params.distinguished_name = name("payra development issuing CA");
     issuing_params.serial_number = Some(random_serial());
@@ -172,9 +196,9 @@ pub fn init_dev_pki(dir: &Path, force: bool) -> Result<()> {
     ];
     issuing_params.use_authority_key_identifier_extension = true;
     let issuing_cert = issuing_params
-        .signed_by(&issuing_key, &root_issuer)
+        .signed_by(issuing_key, &root_issuer)
         .map_err(rcgen_err)?;
-    let issuing_issuer = Issuer::new(issuing_params, &issuing_key);
+    let issuing_issuer = Issuer::new(issuing_params, issuing_key);
 
     let server_key = new_key()?;
     let mut server_params = CertificateParams::new(vec![
@@ -198,7 +222,9 @@ pub fn init_dev_pki(dir: &Path, force: bool) -> Result<()> {
     write_file(&files.root_cert(), &root_cert.pem(), false)?;
     write_file(&files.root_key(), &root_key.serialize_pem(), true)?;
     write_file(&files.issuing_cert(), &issuing_cert.pem(), false)?;
-    write_file(&files.issuing_key(), &issuing_key.serialize_pem(), true)?;
+    if let Some(pem) = issuing_pem {
+        write_file(&files.issuing_key(), pem, true)?;
+    }
     write_file(&files.server_cert(), &server_cert.pem(), false)?;
     write_file(&files.server_key(), &server_key.serialize_pem(), true)?;
     for role in ["operator", "service"] {
@@ -321,25 +347,64 @@ pub struct CaMaterial {
     pub server_key_pem: String,
 }
 
+/// Signs a test message with `signer` and verifies the signature with its public key (what
+/// `payra ca check` and every start do).
+pub fn check_signer(signer: &dyn CaSigner) -> Result<()> {
+    use p256::ecdsa::signature::Verifier;
+    let message = format!(
+        "payra signer check {}",
+        hex::encode(rand::random::<[u8; 16]>())
+    );
+    let der = signer.sign(message.as_bytes())?;
+    let signature = p256::ecdsa::Signature::from_der(&der)
+        .map_err(|e| Error::internal(format!("the signer's signature is not DER: {e}")))?;
+    let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(signer.public_key_sec1())
+        .map_err(|e| Error::internal(format!("the signer's public key: {e}")))?;
+    key.verify(message.as_bytes(), &signature).map_err(|_| {
+        Error::FailedPrecondition(
+            "a test signature does not verify with the signer's public key".into(),
+        )
+    })
+}
+
 impl CaMaterial {
     /// Loads the PKI from `dir`, refusing keys readable by others and an issuing key that does
     /// not match the issuing certificate. `passphrase` decrypts an encrypted issuing key.
     pub fn load(dir: &Path, passphrase: Option<&str>) -> Result<CaMaterial> {
         let files = PkiFiles::new(dir);
-        let root_der = read_certificate_der(&files.root_cert())?;
-        let issuing_der = read_certificate_der(&files.issuing_cert())?;
         let signer: Arc<dyn CaSigner> = Arc::new(KeyFileSigner::from_pem(
             &read_private_key(&files.issuing_key())?,
             passphrase,
         )?);
+        CaMaterial::load_with_signer(dir, signer, &files.issuing_key().display().to_string())
+    }
+
+    /// Loads the certificates from `dir` with the issuing key `signer` (named `key_name` in
+    /// messages), refusing a key that does not match the issuing certificate: its public key
+    /// must be the certificate's, and a test signature must verify with it (a token whose
+    /// public object does not belong to its private key fails here, not at the first
+    /// enrollment).
+    pub fn load_with_signer(
+        dir: &Path,
+        signer: Arc<dyn CaSigner>,
+        key_name: &str,
+    ) -> Result<CaMaterial> {
+        let files = PkiFiles::new(dir);
+        let root_der = read_certificate_der(&files.root_cert())?;
+        let issuing_der = read_certificate_der(&files.issuing_cert())?;
         let cert_key = certificate_public_key(&issuing_der, &files.issuing_cert())?;
         if cert_key != signer.public_key_sec1() {
             return Err(Error::FailedPrecondition(format!(
-                "{} does not match the public key of {}; refusing to start",
-                files.issuing_key().display(),
+                "{key_name} does not match the public key of {}; refusing to start",
                 files.issuing_cert().display()
             )));
         }
+        check_signer(signer.as_ref()).map_err(|why| {
+            Error::FailedPrecondition(format!(
+                "{key_name} does not sign for the public key of {}: {why}; refusing to start",
+                files.issuing_cert().display()
+            ))
+        })?;
         let issuer = Issuer::from_ca_cert_der(
             &CertificateDer::from(issuing_der.clone()),
             SharedSigner(signer.clone()),

@@ -157,7 +157,7 @@ pub fn issue_client_certificate(
     }];
     let cert = params
         .signed_by(key, issuer)
-        .map_err(|e| Error::internal(format!("signing client certificate: {e}")))?;
+        .map_err(|e| super::signer::signing_error("signing client certificate", e))?;
     Ok(DeviceCertificate {
         der: cert.der().to_vec(),
         subject: format!("CN={name},OU={role},O=payra"),
@@ -212,7 +212,7 @@ pub fn issue_device_certificate(
 
     let cert = params
         .signed_by(key, issuer)
-        .map_err(|e| Error::internal(format!("signing device certificate: {e}")))?;
+        .map_err(|e| super::signer::signing_error("signing device certificate", e))?;
     Ok(DeviceCertificate {
         der: cert.der().to_vec(),
         subject: format!("CN={},O=payra device", subscriber.as_str()),

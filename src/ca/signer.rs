@@ -151,10 +151,26 @@ impl PublicKeyData for RcgenSigner<'_> {
     }
 }
 
+thread_local! {
+    /// The error of the last failed signature on this thread, which rcgen's error type
+    /// cannot carry (see [`signing_error`]).
+    static SIGN_ERROR: std::cell::RefCell<Option<Error>> = const { std::cell::RefCell::new(None) };
+}
+
 impl SigningKey for RcgenSigner<'_> {
     fn sign(&self, message: &[u8]) -> std::result::Result<Vec<u8>, rcgen::Error> {
-        self.0
-            .sign(message)
-            .map_err(|_| rcgen::Error::RingUnspecified)
+        self.0.sign(message).map_err(|e| {
+            SIGN_ERROR.with(|slot| *slot.borrow_mut() = Some(e));
+            rcgen::Error::RingUnspecified
+        })
+    }
+}
+
+/// The error for rcgen's failure `e` while `context`: the signer's own error if it was
+/// unavailable (an HSM out of reach: `UNAVAILABLE`, the client may retry), else internal.
+pub(crate) fn signing_error(context: &str, e: rcgen::Error) -> Error {
+    match SIGN_ERROR.with(|slot| slot.borrow_mut().take()) {
+        Some(unavailable @ Error::Unavailable(_)) => unavailable,
+        _ => Error::internal(format!("{context}: {e}")),
     }
 }

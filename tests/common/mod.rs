@@ -275,3 +275,87 @@ fn dechunk(mut data: &[u8]) -> Vec<u8> {
         data = &data[size + 2..];
     }
 }
+
+// Publication, checked with OpenSSL: enrolled devices, the CRL, OCSP.
+
+/// A device enrolled through the server, with its key, answer and a directory holding
+/// `leaf.pem`, the chain and the key for OpenSSL.
+pub struct Enrolled {
+    pub key: DeviceKey,
+    pub issued: proto::EnrollResponse,
+    pub dir: std::path::PathBuf,
+}
+
+pub async fn enrolled(server: &TestServer, customer: &str, device: &str) -> Enrolled {
+    let (key, issued) = server.enroll(customer, device).await;
+    let dir = write_device_dir(&server.dir.path().join(&issued.serial), &key, &issued);
+    Enrolled { key, issued, dir }
+}
+
+pub fn crl_file(server: &TestServer, der: &[u8]) -> String {
+    let path = server.dir.path().join(format!("crl-{}.der", rand_suffix()));
+    std::fs::write(&path, der).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+pub fn rand_suffix() -> String {
+    payra::model::Serial::random().to_hex()
+}
+
+pub async fn fetch_crl(server: &TestServer) -> Vec<u8> {
+    let (code, headers, body) = http_get(&server.http_url("/crl")).await;
+    assert_eq!(code, 200);
+    assert!(
+        headers
+            .to_ascii_lowercase()
+            .contains("content-type: application/pkix-crl"),
+        "{headers}"
+    );
+    body
+}
+
+/// `openssl verify -crl_check` of `leaf` with the current CRL.
+pub async fn openssl_verify_with_crl(
+    server: &TestServer,
+    leaf: &std::path::Path,
+) -> (bool, String) {
+    let crl_der = fetch_crl(server).await;
+    let crl_pem = server.dir.path().join(format!("crl-{}.pem", rand_suffix()));
+    let (ok, text) = openssl(&[
+        "crl",
+        "-inform",
+        "DER",
+        "-in",
+        &crl_file(server, &crl_der),
+        "-out",
+        path_str(&crl_pem),
+    ]);
+    assert!(ok, "{text}");
+    let certs = server.certs();
+    openssl(&[
+        "verify",
+        "-crl_check",
+        "-CAfile",
+        path_str(&certs.join("root.pem")),
+        "-untrusted",
+        path_str(&certs.join("issuing.pem")),
+        "-CRLfile",
+        path_str(&crl_pem),
+        path_str(leaf),
+    ])
+}
+
+pub fn openssl_ocsp(server: &TestServer, leaf: &std::path::Path) -> (bool, String) {
+    let certs = server.certs();
+    openssl(&[
+        "ocsp",
+        "-issuer",
+        path_str(&certs.join("issuing.pem")),
+        "-cert",
+        path_str(leaf),
+        "-url",
+        &server.http_url("/ocsp"),
+        "-CAfile",
+        path_str(&certs.join("root.pem")),
+    ])
+}
