@@ -222,12 +222,18 @@ pub struct CertificateRecord {
 }
 
 impl CertificateRecord {
-    /// The certificate DER.
-    pub fn certificate_der(&self) -> Vec<u8> {
+    /// The certificate DER; an error (never an empty certificate) if the stored base64 is
+    /// damaged.
+    pub fn certificate_der(&self) -> crate::error::Result<Vec<u8>> {
         use base64::Engine;
         base64::engine::general_purpose::STANDARD
             .decode(&self.certificate_b64)
-            .unwrap_or_default()
+            .map_err(|e| {
+                crate::error::Error::internal(format!(
+                    "the stored certificate of serial {} is not base64: {e}",
+                    self.serial
+                ))
+            })
     }
 
     /// Base64 of a DER certificate, for [`CertificateRecord::certificate_b64`].
@@ -309,7 +315,16 @@ mod tests {
             cert.revocation.unwrap().reason,
             RevocationReason::KeyCompromise
         );
-        assert_eq!(cert.certificate_der(), vec![0, 1, 2]);
+        assert_eq!(cert.certificate_der().unwrap(), vec![0, 1, 2]);
+        let damaged = CertificateRecord {
+            certificate_b64: "AA!C".into(),
+            ..cert.clone()
+        };
+        let refused = damaged.certificate_der().unwrap_err().to_string();
+        assert!(
+            refused.contains("internal"),
+            "a damaged record is an error, never an empty certificate: {refused}"
+        );
 
         let evidence = r#"{"version":1,"evidence_id":"ev_00","kind":"verify_payment",
             "recorded_at_ms":1764000000123,"certificate_serial":"4a1b2c3d4e5f60718293a4b5c6d7e8f9",

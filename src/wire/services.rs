@@ -152,9 +152,12 @@ fn status_to_proto(status: CertificateStatus) -> proto::CertificateStatus {
     }
 }
 
-fn record_to_proto(record: CertificateRecord, view: &StatusView) -> proto::CertificateRecord {
-    let certificate_der = record.certificate_der();
-    proto::CertificateRecord {
+fn record_to_proto(
+    record: CertificateRecord,
+    view: &StatusView,
+) -> Result<proto::CertificateRecord, Status> {
+    let certificate_der = record.certificate_der().map_err(Status::from)?;
+    Ok(proto::CertificateRecord {
         serial: record.serial.to_hex(),
         customer_id: record.customer_id.to_string(),
         device_id: record.device_id.to_string(),
@@ -174,7 +177,7 @@ fn record_to_proto(record: CertificateRecord, view: &StatusView) -> proto::Certi
         renewed_from_serial: record.renewed_from.map(|s| s.to_hex()).unwrap_or_default(),
         superseded_by_serial: record.superseded_by.map(|s| s.to_hex()).unwrap_or_default(),
         subscriber_ref: record.subscriber_ref.unwrap_or_default(),
-    }
+    })
 }
 
 /// `payra.v1.Registration`.
@@ -524,7 +527,7 @@ impl proto::admin_server::Admin for AdminService {
         let ra = self.ra.clone();
         let record = blocking(move || ra.certificate(&serial)).await?;
         let view = self.ra.status_of(&record);
-        Ok(Response::new(record_to_proto(record, &view)))
+        Ok(Response::new(record_to_proto(record, &view)?))
     }
 
     async fn revoke_certificate(
@@ -578,7 +581,7 @@ impl proto::admin_server::Admin for AdminService {
         let ra = self.ra.clone();
         let record = blocking(move || ra.unhold_certificate(&actor, &serial)).await?;
         let view = self.ra.status_of(&record);
-        Ok(Response::new(record_to_proto(record, &view)))
+        Ok(Response::new(record_to_proto(record, &view)?))
     }
 
     async fn set_agreed_limit(
@@ -771,7 +774,7 @@ impl proto::admin_server::Admin for AdminService {
                 .certificates
                 .into_iter()
                 .map(|(record, view)| record_to_proto(record, &view))
-                .collect(),
+                .collect::<Result<_, _>>()?,
             next_page_token: page.next.map(|s| s.to_hex()).unwrap_or_default(),
         }))
     }
