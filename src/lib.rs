@@ -1,6 +1,9 @@
 //! payra: a registration authority and issuing CA for mobile-payment device certificates.
 //! See docs/architecture.md for the layers; this file only names them.
 
+// Outside tests, a failure is an `Error` with a message, never a panic.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 pub mod bench;
 pub mod ca;
 pub mod client;
@@ -14,6 +17,7 @@ pub mod model;
 pub mod ra;
 pub mod server;
 pub mod store;
+pub mod sync;
 pub mod wire;
 
 pub use error::{Error, Result};

@@ -15,6 +15,7 @@
 //! Accept errors never end a listener. Running out of file descriptors (`EMFILE`, `ENFILE`)
 //! or kernel memory makes the loop back off (50 ms, doubling to 1 s) instead of spinning.
 
+use crate::sync::Unpoisoned;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -137,7 +138,7 @@ impl AddressTable {
     /// than `max` connections open.
     fn take(self: &Arc<Self>, address: IpAddr, max: usize) -> Option<AddressSlot> {
         let address = address_group(address);
-        let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = self.open.lock().unpoisoned();
         let count = open.entry(address).or_insert(0);
         if *count >= max {
             return None;
@@ -152,7 +153,7 @@ impl AddressTable {
 
 impl Drop for AddressSlot {
     fn drop(&mut self) {
-        let mut open = self.table.open.lock().unwrap_or_else(|p| p.into_inner());
+        let mut open = self.table.open.lock().unpoisoned();
         if let Some(count) = open.get_mut(&self.address) {
             *count -= 1;
             if *count == 0 {
@@ -538,7 +539,7 @@ impl AddressTurns {
     async fn turn(&self, address: IpAddr, max: usize) -> Option<AddressTurn<'_>> {
         let address = address_group(address);
         let semaphore = {
-            let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+            let mut turns = self.turns.lock().unpoisoned();
             // Entries of waiters that timed out are left behind; sweep them now and then.
             if turns.len() > 10_000 {
                 turns.retain(|_, semaphore| Arc::strong_count(semaphore) > 1);
@@ -569,7 +570,7 @@ struct AddressTurn<'a> {
 impl Drop for AddressTurn<'_> {
     fn drop(&mut self) {
         drop(self._permit.take());
-        let mut turns = self.turns.turns.lock().unwrap_or_else(|p| p.into_inner());
+        let mut turns = self.turns.turns.lock().unpoisoned();
         // Held by the map and by this turn only: nobody else holds or waits.
         if Arc::strong_count(&self.semaphore) == 2 {
             turns.remove(&self.address);

@@ -1,5 +1,8 @@
 //! The `payra` command: the server and the operator / developer CLI in one binary.
 
+// Outside tests, a failure is an error message and an exit code, never a panic.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
+
 /// jemalloc: the hot paths allocate many small, short-lived buffers (HTTP/2 frames, TLS
 /// records, sled nodes). Against glibc's allocator it raised VerifyPayment by about 12 % and
 /// kept the resident size with a million certificates within 15 MB (docs/performance.md).

@@ -2,6 +2,7 @@
 //! RPC layer, the RA); gauges that describe state (certificates by status, CRL age) are
 //! computed when `/metrics` is scraped.
 
+use crate::sync::Unpoisoned;
 use prometheus::{
     Counter, Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -272,10 +273,7 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         {
-            let counter = self
-                .process_cpu_seconds
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let counter = self.process_cpu_seconds.lock().unpoisoned();
             if let Some(total) = process_cpu_seconds() {
                 let behind = total - counter.get();
                 if behind > 0.0 {

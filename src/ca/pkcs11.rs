@@ -17,6 +17,7 @@
 //!   if that fails too, the signature fails `UNAVAILABLE` and the next one starts over. Other
 //!   errors are `INTERNAL`. The last failure is kept for `/readyz`.
 
+use crate::sync::Unpoisoned;
 use std::path::{Path, PathBuf};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
@@ -357,7 +358,7 @@ pub struct Pkcs11Signer {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
+    mutex.lock().unpoisoned()
 }
 
 /// Loads and initialises the module once per process, and keeps it: a PKCS#11 library is
@@ -641,10 +642,7 @@ impl Pkcs11Signer {
                     }
                 }
             }
-            let (next, waited) = self
-                .freed
-                .wait_timeout(pool, SESSION_WAIT)
-                .unwrap_or_else(|p| p.into_inner());
+            let (next, waited) = self.freed.wait_timeout(pool, SESSION_WAIT).unpoisoned();
             pool = next;
             if waited.timed_out() && pool.idle.is_empty() && pool.open >= self.location.sessions {
                 return Err(Error::Unavailable(format!(

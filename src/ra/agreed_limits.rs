@@ -2,6 +2,7 @@
 //! QualifyTransaction read no storage. Loaded at start; a change is written durably first
 //! and then made visible, before it is acknowledged.
 
+use crate::sync::Unpoisoned;
 use std::collections::HashMap;
 use std::sync::{Mutex, RwLock};
 
@@ -45,20 +46,20 @@ impl AgreedLimits {
     pub fn get(&self, customer: &CustomerId) -> Option<i64> {
         self.limits
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .unpoisoned()
             .get(customer.as_str())
             .copied()
     }
 
     /// Takes every limit as the store holds it now (another payra process changed one).
     pub fn reload(&self, store: &dyn Store) -> Result<()> {
-        let _turn = self.setting.lock().unwrap_or_else(|p| p.into_inner());
+        let _turn = self.setting.lock().unpoisoned();
         let limits: HashMap<Box<str>, i64> = store
             .agreed_limits()?
             .into_iter()
             .map(|(customer, limit)| (customer.into_boxed_str(), limit))
             .collect();
-        *self.limits.write().unwrap_or_else(|p| p.into_inner()) = limits;
+        *self.limits.write().unpoisoned() = limits;
         Ok(())
     }
 
@@ -70,17 +71,17 @@ impl AgreedLimits {
         limit_fen: i64,
         audit: &AuditEvent,
     ) -> Result<()> {
-        let _turn = self.setting.lock().unwrap_or_else(|p| p.into_inner());
+        let _turn = self.setting.lock().unpoisoned();
         store.set_agreed_limit(customer, limit_fen, audit)?;
         self.limits
             .write()
-            .unwrap_or_else(|p| p.into_inner())
+            .unpoisoned()
             .insert(customer.as_str().into(), limit_fen);
         Ok(())
     }
 
     /// How many customers have an agreed limit (logged at start).
     pub fn len(&self) -> usize {
-        self.limits.read().unwrap_or_else(|p| p.into_inner()).len()
+        self.limits.read().unpoisoned().len()
     }
 }

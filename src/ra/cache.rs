@@ -3,6 +3,7 @@
 //! acknowledged, so the hot path reads no disk and a revocation is effective for the very
 //! next verification.
 
+use crate::sync::Unpoisoned;
 use std::hash::BuildHasher;
 use std::sync::RwLock;
 
@@ -329,10 +330,10 @@ impl CertificateCache {
         for (shard, mut table) in cache.shards.iter().zip(tables) {
             let hasher = &cache.hasher;
             table.entries.shrink_to_fit(|e| hasher.hash_one(e.serial()));
-            *shard.write().unwrap_or_else(|p| p.into_inner()) = table;
+            *shard.write().unpoisoned() = table;
         }
-        *cache.keys.write().unwrap_or_else(|p| p.into_inner()) = keys;
-        *cache.compromised.write().unwrap_or_else(|p| p.into_inner()) = compromised;
+        *cache.keys.write().unpoisoned() = keys;
+        *cache.compromised.write().unpoisoned() = compromised;
         Ok(cache)
     }
 
@@ -343,11 +344,11 @@ impl CertificateCache {
     }
 
     fn read(shard: &RwLock<Table>) -> std::sync::RwLockReadGuard<'_, Table> {
-        shard.read().unwrap_or_else(|p| p.into_inner())
+        shard.read().unpoisoned()
     }
 
     fn write(shard: &RwLock<Table>) -> std::sync::RwLockWriteGuard<'_, Table> {
-        shard.write().unwrap_or_else(|p| p.into_inner())
+        shard.write().unpoisoned()
     }
 
     /// The facts about `serial`, if payra issued it.
@@ -427,7 +428,7 @@ impl CertificateCache {
             Some(entry) => {
                 if let Some(slot) = SerialSlot::of(entry.serial()) {
                     let fingerprint = self.hasher.hash_one(entry.public_key());
-                    let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+                    let mut keys = self.keys.write().unpoisoned();
                     match keys.get_mut(&fingerprint) {
                         Some(holders) => holders.add(slot),
                         None => {
@@ -454,10 +455,7 @@ impl CertificateCache {
                 entry.set_revocation(revocation);
                 if compromise {
                     let fingerprint = self.hasher.hash_one(entry.public_key());
-                    self.compromised
-                        .write()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .insert(fingerprint);
+                    self.compromised.write().unpoisoned().insert(fingerprint);
                 }
             }
         }
@@ -469,17 +467,8 @@ impl CertificateCache {
     /// key enrolled many times costs no more than one lookup while its newest is live.
     pub fn key_standing(&self, public_key: &[u8; 65], now_s: i64) -> KeyStanding {
         let fingerprint = self.hasher.hash_one(public_key);
-        let compromised = self
-            .compromised
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .contains(&fingerprint);
-        let slots: Vec<SerialSlot> = match self
-            .keys
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fingerprint)
-        {
+        let compromised = self.compromised.read().unpoisoned().contains(&fingerprint);
+        let slots: Vec<SerialSlot> = match self.keys.read().unpoisoned().get(&fingerprint) {
             Some(holders) => holders.slots().to_vec(),
             None => Vec::new(),
         };
@@ -517,7 +506,7 @@ impl CertificateCache {
                 .map(|entry| *entry.public_key());
             if let Some(key) = key {
                 let fingerprint = self.hasher.hash_one(key);
-                let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+                let mut keys = self.keys.write().unpoisoned();
                 if keys
                     .get_mut(&fingerprint)
                     .is_some_and(|holders| holders.remove(serial.as_bytes()))
@@ -532,12 +521,7 @@ impl CertificateCache {
     /// Every cached certificate of `public_key`, with its serial.
     pub fn key_holders(&self, public_key: &[u8; 65]) -> Vec<(Serial, CachedCertificate)> {
         let fingerprint = self.hasher.hash_one(public_key);
-        let slots: Vec<SerialSlot> = match self
-            .keys
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fingerprint)
-        {
+        let slots: Vec<SerialSlot> = match self.keys.read().unpoisoned().get(&fingerprint) {
             Some(holders) => holders.slots().to_vec(),
             None => return Vec::new(),
         };

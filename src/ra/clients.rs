@@ -2,6 +2,7 @@
 //! `payra init` wrote, and the in-memory set of revoked ones that the authorization layer
 //! checks on every call, so a revoked credential is locked out at once.
 
+use crate::sync::Unpoisoned;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::RwLock;
@@ -51,12 +52,7 @@ impl ClientRegistry {
 
     /// The standing of `serial`.
     pub fn standing(&self, serial: &Serial) -> ClientStanding {
-        match self
-            .serials
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(serial)
-        {
+        match self.serials.read().unpoisoned().get(serial) {
             None => ClientStanding::Unknown,
             Some(false) => ClientStanding::Active,
             Some(true) => ClientStanding::Revoked,
@@ -69,10 +65,7 @@ impl ClientRegistry {
     }
 
     fn set(&self, serial: Serial, revoked: bool) {
-        self.serials
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(serial, revoked);
+        self.serials.write().unpoisoned().insert(serial, revoked);
     }
 }
 

@@ -9,6 +9,7 @@
 //! request failed), so two concurrent requests cannot both certify one key for different
 //! holders.
 
+use crate::sync::Unpoisoned;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -30,7 +31,7 @@ pub struct KeyClaim {
 
 impl Drop for KeyClaim {
     fn drop(&mut self) {
-        let mut claims = self.keys.claims.lock().unwrap_or_else(|p| p.into_inner());
+        let mut claims = self.keys.claims.lock().unpoisoned();
         if let Some((_, _, count)) = claims.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
@@ -64,7 +65,7 @@ impl KeysInFlight {
         device: &DeviceId,
         now_s: i64,
     ) -> Result<KeyClaim> {
-        let mut claims = self.claims.lock().unwrap_or_else(|p| p.into_inner());
+        let mut claims = self.claims.lock().unpoisoned();
         let standing = cache.key_standing(key, now_s);
         if standing.compromised {
             tracing::warn!(customer = %customer, "refused to certify a key reported compromised");

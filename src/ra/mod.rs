@@ -30,6 +30,7 @@ pub use verification::{
     MAX_INTENT_BYTES,
 };
 
+use crate::sync::Unpoisoned;
 use cache::CertificateCache;
 use throttle::FailureThrottle;
 
@@ -285,10 +286,7 @@ impl Ra {
     /// log is closed). Returns the head signed, if any.
     pub fn sign_audit_head(&self) -> Result<Option<crate::store::audit_heads::SignedHead>> {
         use crate::store::audit_heads::{self, HeadStatement, SignedHead};
-        let mut last = self
-            .last_signed_heads
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let mut last = self.last_signed_heads.lock().unpoisoned();
         let change = self.store.audit_head()?;
         // Where the decision chains live in a database, `payra audit verify` reads them there.
         let decision = self
@@ -379,10 +377,7 @@ impl Ra {
         use crate::store::StoreChange;
         match change {
             StoreChange::Certificates(serials) => {
-                let _turn = self
-                    .revocation_cache_turn
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let _turn = self.revocation_cache_turn.lock().unpoisoned();
                 for serial in &serials {
                     match self.store.certificate_summary(serial)? {
                         Some(summary) => {
@@ -406,10 +401,7 @@ impl Ra {
             }
             StoreChange::Everything => {
                 self.agreed_limits.reload(self.store.as_ref())?;
-                let _turn = self
-                    .revocation_cache_turn
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner());
+                let _turn = self.revocation_cache_turn.lock().unpoisoned();
                 let mut count = 0usize;
                 self.store.for_each_certificate_summary(&mut |summary| {
                     self.cache.put_summary(&summary);

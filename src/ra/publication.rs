@@ -6,6 +6,7 @@
 //! built at and is rebuilt when the counter has moved, so nothing published lags an
 //! acknowledged revocation.
 
+use crate::sync::Unpoisoned;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
@@ -103,7 +104,7 @@ impl Publication {
 
     /// The CRL served last, if any.
     pub fn last_crl(&self) -> Option<PublishedCrl> {
-        self.crl.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.crl.lock().unpoisoned().clone()
     }
 
     /// Seconds between CRL rebuilds when nothing changes.
@@ -117,7 +118,7 @@ impl Ra {
     /// validity has passed. Concurrent callers share one rebuild.
     pub fn current_crl(&self) -> Result<PublishedCrl> {
         let publication = &self.publication;
-        let mut slot = publication.crl.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = publication.crl.lock().unpoisoned();
         let now_s = self.clock.now_s();
         let generation = publication.generation.load(Ordering::SeqCst);
         if let Some(crl) = slot.as_ref() {
@@ -187,10 +188,7 @@ impl Ra {
             .and_then(|(cert_id, _)| der::Encode::to_der(cert_id).ok());
         if cacheable {
             if let Some(key) = &cache_key {
-                let cache = publication
-                    .ocsp_cache
-                    .read()
-                    .unwrap_or_else(|p| p.into_inner());
+                let cache = publication.ocsp_cache.read().unpoisoned();
                 if let Some(hit) = cache.get(key) {
                     if hit.generation == generation
                         && now_s < hit.this_update_s + publication.ocsp_validity_s / 2
@@ -264,10 +262,7 @@ impl Ra {
         // Unknown answers are not cached: the serial may be issued a moment later.
         if let (true, Some(key), Some(status)) = (cacheable, cache_key, statuses.first()) {
             if *status != OcspStatus::Unknown {
-                let mut cache = publication
-                    .ocsp_cache
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner());
+                let mut cache = publication.ocsp_cache.write().unpoisoned();
                 if cache.len() >= OCSP_CACHE_LIMIT {
                     cache.clear();
                 }

@@ -5,6 +5,7 @@ use super::Ra;
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, DeviceId, RevocationReason, Serial};
 use crate::store::{Actor, AuditEvent, CertificateRecord, Revocation, RevokeRejection};
+use crate::sync::Unpoisoned;
 
 /// What a revocation call did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,10 +310,7 @@ impl Ra {
         serials: &[Serial],
         committed: Option<crate::store::Revocation>,
     ) {
-        let _turn = self
-            .revocation_cache_turn
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
+        let _turn = self.revocation_cache_turn.lock().unpoisoned();
         for serial in serials {
             let state = match self.store.revocation_state(serial) {
                 Ok(Some(state)) => state,

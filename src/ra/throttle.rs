@@ -4,6 +4,7 @@
 //! share it, and one guesser must not lock them all out. With 256-bit tokens guessing is
 //! hopeless anyway; this keeps the attempts visible and cheap to refuse.
 
+use crate::sync::Unpoisoned;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Mutex;
@@ -45,7 +46,7 @@ impl FailureThrottle {
             return None;
         }
         let peer = crate::listener::address_group(peer);
-        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peers = self.peers.lock().unpoisoned();
         if now_ms < peers.saturated_until && !peers.windows.contains_key(&peer) {
             return Some(peers.saturated_until);
         }
@@ -62,7 +63,7 @@ impl FailureThrottle {
     /// Counts one failure of `peer` at `now_ms`.
     pub fn record_failure(&self, peer: IpAddr, now_ms: i64) {
         let peer = crate::listener::address_group(peer);
-        let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut peers = self.peers.lock().unpoisoned();
         if peers.windows.len() >= MAX_TRACKED_PEERS && !peers.windows.contains_key(&peer) {
             let window_ms = self.window_ms;
             peers

@@ -1,6 +1,7 @@
 //! Verifying device-signed payments and qualifying transactions (BRIEF flows 4 and 5): the
 //! checks in their documented order, the tier, the daily limit ledger and the evidence.
 
+use crate::sync::Unpoisoned;
 use base64::Engine;
 
 use super::limits::{Assessment, CeilingStatus, TierLimits};
@@ -703,7 +704,7 @@ impl Ra {
                         record,
                         reserve: reserved.then(|| (decision.tier.index(), draft.amount_fen)),
                     };
-                    *slot.lock().unwrap_or_else(|p| p.into_inner()) = Some((decision, reserving));
+                    *slot.lock().unpoisoned() = Some((decision, reserving));
                     Ok(decided)
                 })
             },
@@ -711,7 +712,7 @@ impl Ra {
         self.decisions.decide(job).await?;
         let (decision, reserving) = slot
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unpoisoned()
             .take()
             .ok_or_else(|| Error::internal("a committed decision left no answer"))?;
         self.count(&decision, reserving);

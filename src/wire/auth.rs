@@ -3,6 +3,7 @@
 //! already checked that a presented certificate chains to payra's CA, so a role URI in it was
 //! put there by payra.
 
+use crate::sync::Unpoisoned;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -242,12 +243,7 @@ const MAX_IDENTITIES: usize = 10_000;
 
 impl Identities {
     fn of(&self, der: &[u8]) -> Result<Arc<Identity>> {
-        if let Some(known) = self
-            .parsed
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(der)
-        {
+        if let Some(known) = self.parsed.read().unpoisoned().get(der) {
             return Ok(known.clone());
         }
         let (caller, serial) = caller_from_certificate(der)?;
@@ -257,7 +253,7 @@ impl Identities {
             serial,
             actor: Actor::with_certificate(&role, der),
         });
-        let mut parsed = self.parsed.write().unwrap_or_else(|p| p.into_inner());
+        let mut parsed = self.parsed.write().unpoisoned();
         if parsed.len() >= MAX_IDENTITIES {
             parsed.clear();
         }

@@ -21,6 +21,7 @@ pub mod testing;
 pub use decisions::PgDecisions;
 pub use migrations::{SchemaState, SCHEMA_VERSION};
 
+use crate::sync::Unpoisoned;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -393,7 +394,7 @@ impl PgStore {
         listened
             .recv()
             .map_err(|_| Error::Unavailable("the change listener stopped".into()))??;
-        *store.changes.lock().unwrap_or_else(|p| p.into_inner()) = Some(receiver);
+        *store.changes.lock().unpoisoned() = Some(receiver);
         store.decisions = Some(Arc::new(PgDecisions::start(
             store.pool.clone(),
             store.handle.clone(),
@@ -853,10 +854,7 @@ impl Store for PgStore {
     }
 
     fn watch_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<super::StoreChange>> {
-        self.changes
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
+        self.changes.lock().unpoisoned().take()
     }
 
     fn open_decisions(&self, setup: &super::DecisionSetup) -> Result<Arc<dyn super::Decisions>> {

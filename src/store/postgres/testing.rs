@@ -2,6 +2,9 @@
 //! starts (`.ci/run` does; see the README). Without one, each PostgreSQL test returns early
 //! and the test binary says once, on the terminal, which tests it skipped and why.
 
+// Test support: a failure here is a failed test, said with its reason.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 

@@ -6,6 +6,7 @@
 //! arrive while a sync runs wait for the next one, which covers all of them: under load the
 //! number of syncs grows with time, not with the number of writes.
 
+use crate::sync::Unpoisoned;
 use std::fs::File;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,9 +51,7 @@ impl GroupCommit {
 
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding this lock cannot leave State inconsistent (plain counters).
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unpoisoned()
     }
 
     /// Returns once every write this thread completed before the call is on stable storage.
@@ -70,10 +69,7 @@ impl GroupCommit {
                 return Ok(());
             }
             if state.leader_active {
-                state = self
-                    .done
-                    .wait(state)
-                    .unwrap_or_else(|poisoned| poisoned.into_inner());
+                state = self.done.wait(state).unpoisoned();
                 continue;
             }
             state.leader_active = true;

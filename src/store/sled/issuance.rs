@@ -3,6 +3,7 @@
 //! batches the database lacks when it opens.
 
 use super::*;
+use crate::sync::Unpoisoned;
 
 /// The issuance journal's file name in the data directory.
 pub const ISSUANCE_JOURNAL_FILE: &str = "issuance.journal";
@@ -112,11 +113,7 @@ impl IssueJob {
     pub(super) fn finish(&self, outcome: std::result::Result<IssueOutcome, String>) {
         let issued = matches!(outcome, Ok(IssueOutcome::Issued));
         let _ = self.outcome.set(outcome);
-        let on_issued = self
-            .on_issued
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let on_issued = self.on_issued.lock().unpoisoned().take();
         if let (true, Some(on_issued)) = (issued, on_issued) {
             // The job is durable and stored whatever the hook does: a panic in it must not
             // stop the journal (and every later enrollment) or leave this batch unanswered.
@@ -126,7 +123,7 @@ impl IssueJob {
                 );
             }
         }
-        let notify = self.notify.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let notify = self.notify.lock().unpoisoned().take();
         if let Some(sender) = notify {
             // A caller that stopped waiting dropped its receiver; the outcome stands.
             let _ = sender.send(self.outcome().and_then(|o| {
@@ -189,7 +186,7 @@ impl SledStore {
     }
 
     pub(super) fn lock_journal(&self) -> std::sync::MutexGuard<'_, IssuanceJournal> {
-        self.journal.lock().unwrap_or_else(|p| p.into_inner())
+        self.journal.lock().unpoisoned()
     }
 
     pub(super) fn journal_tree(&self, tree: JournalTree) -> &Tree {
@@ -219,24 +216,14 @@ impl SledStore {
     /// first commits everything queued, this job included.
     pub(super) fn commit_blocking(&self, job: IssueJob) -> Result<IssueOutcome> {
         let job = std::sync::Arc::new(job);
-        self.issue_queue
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .jobs
-            .push(job.clone());
+        self.issue_queue.lock().unpoisoned().jobs.push(job.clone());
         {
             let _writing = self.journal_turn();
             // Until somebody has committed this job: commit what is queued, ours included,
             // from the front (jobs leave the queue only under the turn, so a job that is
             // no longer queued has its outcome).
             while job.outcome.get().is_none() {
-                let batch = take_batch(
-                    &mut self
-                        .issue_queue
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .jobs,
-                );
+                let batch = take_batch(&mut self.issue_queue.lock().unpoisoned().jobs);
                 if batch.is_empty() {
                     break;
                 }
@@ -255,9 +242,9 @@ impl SledStore {
         job: IssueJob,
     ) -> crate::store::IssueReceiver {
         let (sender, receiver) = tokio::sync::oneshot::channel();
-        *job.notify.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+        *job.notify.lock().unpoisoned() = Some(sender);
         let start = {
-            let mut queue = self.issue_queue.lock().unwrap_or_else(|p| p.into_inner());
+            let mut queue = self.issue_queue.lock().unpoisoned();
             queue.jobs.push(std::sync::Arc::new(job));
             !std::mem::replace(&mut queue.draining, true)
         };
@@ -275,7 +262,7 @@ impl SledStore {
         impl Drop for Draining<'_> {
             fn drop(&mut self) {
                 if std::thread::panicking() {
-                    self.0.lock().unwrap_or_else(|p| p.into_inner()).draining = false;
+                    self.0.lock().unpoisoned().draining = false;
                 }
             }
         }
@@ -285,7 +272,7 @@ impl SledStore {
             // turn whose job has no outcome can then count on finding it still queued.
             let _writing = self.journal_turn();
             let batch = {
-                let mut queue = self.issue_queue.lock().unwrap_or_else(|p| p.into_inner());
+                let mut queue = self.issue_queue.lock().unpoisoned();
                 if queue.jobs.is_empty() {
                     queue.draining = false;
                     return;
@@ -490,7 +477,7 @@ impl SledStore {
     pub(in crate::store) fn danger_queue(&self, job: IssueJob) {
         self.issue_queue
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
+            .unpoisoned()
             .jobs
             .push(std::sync::Arc::new(job));
     }
@@ -512,6 +499,6 @@ impl SledStore {
     /// The write turn as the issuance committer takes it: its changes are durable through
     /// the journal, so releasing it counts nothing.
     pub(super) fn journal_turn(&self) -> std::sync::MutexGuard<'_, ()> {
-        self.write_turn.lock().unwrap_or_else(|p| p.into_inner())
+        self.write_turn.lock().unpoisoned()
     }
 }

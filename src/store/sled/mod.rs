@@ -6,6 +6,7 @@
 //! `by_customer` and `by_device` (`<id>\0<serial>` → empty), `revoked` (serial → JSON
 //! [`RevokedEntry`]) and `meta` (counters). Records are JSON with a version field.
 
+use crate::sync::Unpoisoned;
 use std::path::Path;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
@@ -504,7 +505,7 @@ impl Store for SledStore {
         on_issued: crate::store::OnIssued,
     ) -> Result<crate::store::IssueReceiver> {
         let job = IssueJob::new(hash, now_s, certificate, audit)?;
-        *job.on_issued.lock().unwrap_or_else(|p| p.into_inner()) = Some(on_issued);
+        *job.on_issued.lock().unpoisoned() = Some(on_issued);
         Ok(self.queue_async(job))
     }
 

@@ -32,6 +32,7 @@
 //! choose two keys whose digests collide; by chance, two different keys collide with
 //! probability about 2⁻¹²⁸.
 
+use crate::sync::Unpoisoned;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
@@ -200,7 +201,7 @@ impl ReplayGuard {
     }
 
     fn lock(&self, shard: usize) -> std::sync::MutexGuard<'_, Shard> {
-        self.shards[shard].lock().unwrap_or_else(|p| p.into_inner())
+        self.shards[shard].lock().unpoisoned()
     }
 
     /// Claims `key` until `expires_at_ms` (Unix ms, that millisecond included), reading

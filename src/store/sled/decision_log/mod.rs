@@ -27,6 +27,7 @@
 //! segment (a crash during a write, never acknowledged) is cut off at start; damage anywhere
 //! else refuses the start with the segment and offset named.
 
+use crate::sync::Unpoisoned;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -140,7 +141,7 @@ fn write_failed(failed: &str) -> Error {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
+    mutex.lock().unpoisoned()
 }
 
 /// The outcome of checking the whole decision chain.
@@ -451,11 +452,7 @@ impl DecisionLog {
             if durable.through >= seq {
                 return Ok(());
             }
-            durable = self
-                .shared
-                .durable_changed
-                .wait(durable)
-                .unwrap_or_else(|p| p.into_inner());
+            durable = self.shared.durable_changed.wait(durable).unpoisoned();
         }
     }
 
@@ -791,11 +788,7 @@ impl Writer {
             let batch = {
                 let mut append = lock(&self.shared.append);
                 while append.pending.is_empty() && !append.closing {
-                    append = self
-                        .shared
-                        .work
-                        .wait(append)
-                        .unwrap_or_else(|p| p.into_inner());
+                    append = self.shared.work.wait(append).unpoisoned();
                 }
                 if append.pending.is_empty() {
                     // Closing, and everything appended is durable: any waiter left is told
@@ -812,12 +805,7 @@ impl Writer {
                         if left.is_zero() {
                             break;
                         }
-                        append = self
-                            .shared
-                            .work
-                            .wait_timeout(append, left)
-                            .unwrap_or_else(|p| p.into_inner())
-                            .0;
+                        append = self.shared.work.wait_timeout(append, left).unpoisoned().0;
                     }
                 }
                 std::mem::take(&mut append.pending)
