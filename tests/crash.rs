@@ -6,8 +6,7 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 
 use common::*;
@@ -15,60 +14,13 @@ use payra::client::{encode_intent, random_nonce, Client, Credential, DeviceKey};
 use payra::wire::proto;
 use tonic::Code;
 
-struct Process {
-    child: Child,
-    url: String,
-}
-
 /// Starts `payra serve` on ephemeral ports and waits for the line that names them.
-fn spawn(certs: &std::path::Path, data: &std::path::Path) -> Process {
+fn spawn(certs: &std::path::Path, data: &std::path::Path) -> ServeProcess {
     spawn_with(certs, data, "text")
 }
 
-fn spawn_with(certs: &std::path::Path, data: &std::path::Path, log_format: &str) -> Process {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_payra"))
-        .args([
-            "serve",
-            "--certs",
-            path_str(certs),
-            "--data",
-            path_str(data),
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--log-format",
-            log_format,
-        ])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn payra serve");
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().expect("server exited before serving").unwrap();
-        if log_format == "json" {
-            let entry: serde_json::Value =
-                serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
-            if let Some(addr) = entry["fields"]["grpc_addr"].as_str() {
-                break addr.to_string();
-            }
-            continue;
-        }
-        if let Some(rest) = line.split("grpc_addr=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    // Keep draining stderr so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    let port = addr.rsplit(':').next().unwrap().to_string();
-    Process {
-        child,
-        url: format!("https://localhost:{port}"),
-    }
+fn spawn_with(certs: &std::path::Path, data: &std::path::Path, log_format: &str) -> ServeProcess {
+    spawn_serve(certs, data, &["--log-format", log_format], &[])
 }
 
 #[derive(Default)]

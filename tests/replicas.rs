@@ -7,8 +7,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 
 use common::*;
@@ -18,25 +17,12 @@ use payra::store::PgStore;
 use payra::wire::proto;
 use proto::Verdict;
 
-struct Replica {
-    child: Child,
-    url: String,
-    http: String,
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Three replicas sharing one PKI and one fresh, migrated database.
 struct Replicas {
     dir: tempfile::TempDir,
     url: String,
     certs: std::path::PathBuf,
-    replicas: Vec<Replica>,
+    replicas: Vec<ServeProcess>,
 }
 
 impl Replicas {
@@ -105,51 +91,16 @@ impl Replicas {
 }
 
 /// Starts `payra serve` on the database at `url` and waits for the line naming its ports.
-fn spawn(certs: &std::path::Path, data: &std::path::Path, url: &str) -> Replica {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_payra"))
-        .args([
-            "serve",
-            "--certs",
-            path_str(certs),
-            "--data",
-            path_str(data),
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--store-url",
-            url,
-        ])
-        .env(
+fn spawn(certs: &std::path::Path, data: &std::path::Path, url: &str) -> ServeProcess {
+    spawn_serve(
+        certs,
+        data,
+        &["--store-url", url],
+        &[(
             "PAYRA_DB_PASSWORD",
             std::env::var(testing::PASSWORD_VARIABLE).unwrap_or_default(),
-        )
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn payra serve");
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let (grpc, http) = loop {
-        let line = lines.next().expect("server exited before serving").unwrap();
-        let field = |name: &str| {
-            line.split(&format!("{name}="))
-                .nth(1)
-                .map(|rest| rest.split_whitespace().next().unwrap().to_string())
-        };
-        if let (Some(grpc), Some(http)) = (field("grpc_addr"), field("http_addr")) {
-            break (grpc, http);
-        }
-    };
-    std::thread::spawn(move || for _ in lines {});
-    let port = grpc.rsplit(':').next().unwrap().to_string();
-    Replica {
-        child,
-        url: format!("https://localhost:{port}"),
-        http: format!("http://{http}"),
-    }
+        )],
+    )
 }
 
 /// Where `customer` stands today against `tier`'s ceilings, as `operator`'s replica says.

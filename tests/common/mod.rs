@@ -359,3 +359,84 @@ pub fn openssl_ocsp(server: &TestServer, leaf: &std::path::Path) -> (bool, Strin
         path_str(&certs.join("root.pem")),
     ])
 }
+
+// The real binary, for tests that kill it or run several.
+
+/// A `payra serve` process a test started; killed (if still running) when dropped.
+pub struct ServeProcess {
+    pub child: std::process::Child,
+    /// `https://localhost:PORT` of its gRPC listener.
+    pub url: String,
+    /// `http://ADDR` of its HTTP listener.
+    pub http: String,
+}
+
+impl Drop for ServeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `payra serve --certs CERTS --data DATA` on ephemeral loopback ports, with `args`
+/// and `env` added, and waits for the log line that names its ports (text or JSON logs).
+pub fn spawn_serve(
+    certs: &Path,
+    data: &Path,
+    args: &[&str],
+    env: &[(&str, String)],
+) -> ServeProcess {
+    use std::io::{BufRead, BufReader};
+    let mut command = Command::new(env!("CARGO_BIN_EXE_payra"));
+    command
+        .args([
+            "serve",
+            "--certs",
+            path_str(certs),
+            "--data",
+            path_str(data),
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--http-addr",
+            "127.0.0.1:0",
+        ])
+        .args(args)
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn().expect("spawn payra serve");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut lines = BufReader::new(stderr).lines();
+    let (grpc, http) = loop {
+        let line = lines
+            .next()
+            .expect("server exited before serving")
+            .expect("a log line");
+        let field = |name: &str| -> Option<String> {
+            if line.starts_with('{') {
+                let entry: serde_json::Value =
+                    serde_json::from_str(&line).unwrap_or_else(|_| panic!("not JSON: {line}"));
+                return entry["fields"][name].as_str().map(str::to_string);
+            }
+            line.split(&format!("{name}="))
+                .nth(1)
+                .and_then(|rest| rest.split_whitespace().next())
+                .map(str::to_string)
+        };
+        if let (Some(grpc), Some(http)) = (field("grpc_addr"), field("http_addr")) {
+            break (grpc, http);
+        }
+    };
+    // Keep draining stderr so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    let port = grpc.rsplit(':').next().unwrap_or_default().to_string();
+    ServeProcess {
+        child,
+        url: format!("https://localhost:{port}"),
+        http: format!("http://{http}"),
+    }
+}
