@@ -1,0 +1,185 @@
+//! Connecting to a server as a role, and saying what went wrong in words an operator can act on.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use payra::client::{Client, Credential};
+use payra::clock::SystemClock;
+
+use super::args::*;
+use super::human;
+use crate::CliResult;
+
+pub(crate) fn status_message(status: tonic::Status) -> String {
+    // A transport failure's cause is in the error chain, not the message ("transport error").
+    let mut causes = Vec::new();
+    let mut source = std::error::Error::source(&status);
+    while let Some(cause) = source {
+        causes.push(cause.to_string());
+        source = cause.source();
+    }
+    let first = if causes.is_empty() || !status.message().contains("transport error") {
+        format!("{:?}: {}", status.code(), status.message())
+    } else {
+        format!(
+            "{:?}: {}: {}",
+            status.code(),
+            status.message(),
+            causes.join(": ")
+        )
+    };
+    match status_hint(status.code()) {
+        Some(hint) => format!("{first}\n  next: {hint}"),
+        None => first,
+    }
+}
+
+/// What to do about an answer with `code`, where the code alone says it.
+pub(crate) fn status_hint(code: tonic::Code) -> Option<&'static str> {
+    use tonic::Code;
+    Some(match code {
+        Code::PermissionDenied => {
+            "this command needs another role. The credential is read from --certs DIR \
+             (operator.pem and operator.key for operator commands, service.pem and service.key \
+             for service ones); an operator issues one with `payra issue-client --role \
+             operator|service --name NAME`"
+        }
+        Code::Unauthenticated => {
+            "the server did not accept this client certificate: it may have expired, been \
+             revoked, or come from another payra's CA. Check --certs, and have an operator \
+             issue a new one with `payra issue-client`"
+        }
+        Code::Unavailable => {
+            "the server, or the database behind it, cannot take requests now; retry in a \
+             moment. Its readiness says why: curl http://HOST:8080/readyz"
+        }
+        Code::DeadlineExceeded => {
+            "the server did not answer in time (limits.request_timeout_s); retry, and check \
+             its load and its database"
+        }
+        Code::ResourceExhausted => "a rate or size limit was reached; wait and retry",
+        _ => return None,
+    })
+}
+
+pub(crate) async fn connect(
+    connection: &Connection,
+    credential: Credential,
+) -> Result<Client, String> {
+    check_credential_dates(&credential)?;
+    let root = connection.certs.join("root.pem");
+    if !root.exists() {
+        return Err(format!(
+            "{} not found: --certs (or PAYRA_CERTS) must name the directory `payra init` wrote, \
+             holding root.pem and the role credentials",
+            root.display()
+        ));
+    }
+    Client::connect(&connection.server, &root, &credential)
+        .await
+        .map_err(|e| {
+            format!(
+                "{e}. Is payra running and listening there? Check --server (or PAYRA_SERVER; \
+                 default https://localhost:8443) and that the server's certificate chains to \
+                 {}",
+                root.display()
+            )
+        })
+}
+
+/// Refuses a client certificate that is not valid now, before the server does: a server
+/// drops such a TLS connection, and the client sees only a closed stream.
+pub(crate) fn check_credential_dates(credential: &Credential) -> CliResult {
+    let Credential::Files { certificate, .. } = credential else {
+        return Ok(());
+    };
+    // A missing or unreadable file is reported when the credential is loaded.
+    let Ok(text) = std::fs::read_to_string(certificate) else {
+        return Ok(());
+    };
+    let Ok(block) = pem::parse(&text) else {
+        return Ok(());
+    };
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(block.contents()) else {
+        return Ok(());
+    };
+    let now_s = payra::clock::Clock::now_s(&SystemClock);
+    let validity = parsed.validity();
+    let (not_before, not_after) = (
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    );
+    let next =
+        "have an operator issue a new one with `payra issue-client --role ROLE --name NAME` \
+                (a device renews with `payra device renew` before its certificate expires, or \
+                enrolls again)";
+    if now_s >= not_after {
+        return Err(format!(
+            "the client certificate {} expired at {} ({})\n  next: {next}",
+            certificate.display(),
+            payra::model::moment(not_after),
+            human::relative(not_after - now_s),
+        ));
+    }
+    if now_s < not_before {
+        return Err(format!(
+            "the client certificate {} is valid only from {}: check this machine's clock",
+            certificate.display(),
+            payra::model::moment(not_before),
+        ));
+    }
+    Ok(())
+}
+
+pub(crate) fn write_secret(path: &Path, contents: &str) -> Result<(), String> {
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    file.write_all(contents.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// `payra issue-client`: a service or operator credential, key written beside it.
+pub(crate) async fn issue_client(
+    role: &str,
+    name: &str,
+    out: Option<std::path::PathBuf>,
+    connection: &Connection,
+) -> CliResult {
+    let client = connect(connection, Credential::role(&connection.certs, "operator")).await?;
+    let key = payra::client::DeviceKey::generate();
+    let csr = key.csr_der(name).map_err(|e| e.to_string())?;
+    let issued = client
+        .admin()
+        .issue_client_certificate(payra::wire::proto::IssueClientCertificateRequest {
+            role: role.to_string(),
+            name: name.to_string(),
+            csr_der: csr,
+        })
+        .await
+        .map_err(status_message)?
+        .into_inner();
+    let out = out.unwrap_or(connection.certs.clone());
+    std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
+    let key_path = out.join(format!("{name}.key"));
+    write_secret(&key_path, &key.to_pkcs8_pem().map_err(|e| e.to_string())?)?;
+    let mut chain = pem::encode(&pem::Pem::new("CERTIFICATE", issued.certificate_der));
+    for ca in issued.chain_der {
+        chain.push_str(&pem::encode(&pem::Pem::new("CERTIFICATE", ca)));
+    }
+    let cert_path = out.join(format!("{name}.pem"));
+    std::fs::write(&cert_path, chain).map_err(|e| e.to_string())?;
+    println!("{}", issued.serial);
+    eprintln!(
+        "issued {role} certificate {} for {name}: {} and {}",
+        issued.serial,
+        cert_path.display(),
+        key_path.display()
+    );
+    Ok(())
+}
