@@ -9,15 +9,6 @@ use crate::CliResult;
 /// completes recovery as a start of the server would (it applies issuance-journal batches the
 /// database lacks after a crash). sled allows one process at a time, so the server must be
 /// stopped.
-pub(crate) fn open_data(data: &Path) -> Result<payra::store::SledStore, String> {
-    if !data.join("db").exists() {
-        return Err(format!("{} holds no payra database", data.display()));
-    }
-    payra::store::SledStore::open(data).map_err(|e| {
-        format!("{e} (is the server still running? the audit commands need it stopped)")
-    })
-}
-
 /// `payra audit verify`: both chains intact; the change chain ends at its recorded head; the
 /// decision log reaches the ledger checkpoint; every signed head (and the anchor, if given)
 /// verifies and still matches the chains.

@@ -8,7 +8,6 @@ use payra::client::Credential;
 use payra::clock::SystemClock;
 
 use super::args::*;
-use super::audit::*;
 use super::connection::*;
 use crate::CliResult;
 
@@ -56,45 +55,30 @@ pub(crate) async fn backup(out: &Path, connection: &Connection) -> CliResult {
 }
 
 pub(crate) fn restore(file: &Path, data: &Path, force: bool) -> CliResult {
-    use payra::store::backup::{import_backup, verify_backup};
-    use payra::store::Store;
-    let (summary, backup_revoked) = verify_backup(file).map_err(|e| e.to_string())?;
-    if data.join("db").exists() {
-        let lost: Vec<String> = {
-            let current = open_data(data)?;
-            current
-                .revoked_entries()
-                .map_err(|e| e.to_string())?
-                .into_iter()
-                // Lost: revoked now but not in the backup, or revoked for good now but only
-                // on hold in the backup (restoring would make it releasable again).
-                .filter(|entry| match backup_revoked.get(&entry.serial) {
-                    None => true,
-                    Some(reason) => {
-                        *reason == payra::model::RevocationReason::CertificateHold
-                            && entry.revocation.reason
-                                != payra::model::RevocationReason::CertificateHold
-                    }
-                })
-                .map(|entry| {
-                    format!(
-                        "{} ({} at {})",
-                        entry.serial,
-                        entry.revocation.reason.cli_name(),
-                        entry.revocation.revoked_at_s
-                    )
-                })
-                .collect()
-        };
-        if !lost.is_empty() && !force {
-            return Err(format!(
-                "restoring would un-revoke {} certificate(s) revoked after the backup: {}{}; \
-                 revoke them again after restoring, or pass --force",
-                lost.len(),
-                lost.iter().take(20).cloned().collect::<Vec<_>>().join(", "),
-                if lost.len() > 20 { ", ..." } else { "" }
-            ));
-        }
+    use payra::store::backup::{import_backup, plan_restore};
+    let plan = plan_restore(file, data).map_err(|e| e.to_string())?;
+    let lost: Vec<String> = plan
+        .would_unrevoke
+        .iter()
+        .map(|lost| {
+            format!(
+                "{} ({} at {})",
+                lost.serial,
+                lost.reason.cli_name(),
+                lost.revoked_at_s
+            )
+        })
+        .collect();
+    if !lost.is_empty() && !force {
+        return Err(format!(
+            "restoring would un-revoke {} certificate(s) revoked after the backup: {}{}; \
+             revoke them again after restoring, or pass --force",
+            lost.len(),
+            lost.iter().take(20).cloned().collect::<Vec<_>>().join(", "),
+            if lost.len() > 20 { ", ..." } else { "" }
+        ));
+    }
+    if plan.replaces_database {
         let now = payra::clock::Clock::now_s(&SystemClock);
         let aside = data.with_file_name(format!(
             "{}.before-restore-{now}",
@@ -113,10 +97,10 @@ pub(crate) fn restore(file: &Path, data: &Path, force: bool) -> CliResult {
     import_backup(file, data).map_err(|e| e.to_string())?;
     println!(
         "restored {} entries in {} trees into {} (backup sha256 {})",
-        summary.entries,
-        summary.trees,
+        plan.summary.entries,
+        plan.summary.trees,
         data.display(),
-        summary.sha256
+        plan.summary.sha256
     );
     Ok(())
 }

@@ -254,6 +254,66 @@ pub fn verify_backup(path: &Path) -> Result<(BackupSummary, HashMap<Serial, Revo
 
 /// Writes the backup's trees into a new database at `dir` (which must not hold one) and
 /// syncs it.
+/// A revocation the data directory holds that restoring a backup would lose.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LostRevocation {
+    pub serial: Serial,
+    pub reason: RevocationReason,
+    pub revoked_at_s: i64,
+}
+
+/// What restoring a backup into a data directory would do: the backup's summary, and the
+/// revocations the directory's current database has that the backup lacks (revoked after
+/// the backup, or revoked for good after being on hold in it: restoring would make such a
+/// certificate valid, or releasable, again).
+#[derive(Debug)]
+pub struct RestorePlan {
+    pub summary: BackupSummary,
+    /// Whether `dir` holds a database now (it is set aside before the restore).
+    pub replaces_database: bool,
+    pub would_unrevoke: Vec<LostRevocation>,
+}
+
+/// Checks the backup at `path` and compares its revocations with the database in `dir`, if
+/// there is one (which must not be open: stop the server first).
+pub fn plan_restore(path: &Path, dir: &Path) -> Result<RestorePlan> {
+    use crate::store::Store;
+    let (summary, backup_revoked) = verify_backup(path)?;
+    if !dir.join("db").exists() {
+        return Ok(RestorePlan {
+            summary,
+            replaces_database: false,
+            would_unrevoke: Vec::new(),
+        });
+    }
+    let current = super::SledStore::open(dir).map_err(|e| {
+        Error::FailedPrecondition(format!(
+            "{e} (is the server still running? stop it before restoring)"
+        ))
+    })?;
+    let would_unrevoke = current
+        .revoked_entries()?
+        .into_iter()
+        .filter(|entry| match backup_revoked.get(&entry.serial) {
+            None => true,
+            Some(reason) => {
+                *reason == RevocationReason::CertificateHold
+                    && entry.revocation.reason != RevocationReason::CertificateHold
+            }
+        })
+        .map(|entry| LostRevocation {
+            serial: entry.serial,
+            reason: entry.revocation.reason,
+            revoked_at_s: entry.revocation.revoked_at_s,
+        })
+        .collect();
+    Ok(RestorePlan {
+        summary,
+        replaces_database: true,
+        would_unrevoke,
+    })
+}
+
 pub fn import_backup(path: &Path, dir: &Path) -> Result<BackupSummary> {
     if dir.join("db").exists() || dir.join(super::ISSUANCE_JOURNAL_FILE).exists() {
         return Err(Error::AlreadyExists(format!(
