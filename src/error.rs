@@ -37,6 +37,10 @@ pub enum Error {
     /// caller may retry elsewhere or later.
     #[error("{0}")]
     Unavailable(String),
+    /// An enrollment token that cannot enroll: unknown (`UNAUTHENTICATED`: the token is the
+    /// phone's credential), expired or used (`FAILED_PRECONDITION`).
+    #[error("{0}")]
+    Token(crate::model::TokenRejection),
     /// A fault inside payra (storage, signing). The text is for the log, never for the caller.
     #[error("internal error: {0}")]
     Internal(String),
@@ -81,14 +85,10 @@ impl Error {
             Error::FailedPrecondition(_) => ErrorKind::FailedPrecondition,
             Error::ResourceExhausted(_) => ErrorKind::ResourceExhausted,
             Error::Unavailable(_) => ErrorKind::Unavailable,
+            Error::Token(crate::model::TokenRejection::Unknown) => ErrorKind::Unauthenticated,
+            Error::Token(_) => ErrorKind::FailedPrecondition,
             Error::Internal(_) => ErrorKind::Internal,
         }
-    }
-}
-
-impl From<sled::Error> for Error {
-    fn from(e: sled::Error) -> Self {
-        Error::internal(format!("storage: {e}"))
     }
 }
 

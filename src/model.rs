@@ -504,3 +504,34 @@ mod tests {
         assert!(Serial::parse("s", &"1".repeat(42)).is_err());
     }
 }
+
+/// Why an enrollment token could not enroll a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenRejection {
+    /// No token with that value (or one that was purged).
+    Unknown,
+    Expired {
+        expired_at_s: i64,
+    },
+    AlreadyUsed {
+        used_at_s: i64,
+    },
+}
+
+impl std::fmt::Display for TokenRejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenRejection::Unknown => {
+                f.write_str("enrollment token is not valid; ask the payment service for a new one")
+            }
+            TokenRejection::Expired { expired_at_s } => write!(
+                f,
+                "enrollment token expired at {}; ask the payment service for a new one",
+                moment(*expired_at_s)
+            ),
+            TokenRejection::AlreadyUsed { .. } => {
+                f.write_str("enrollment token has already been used; a token enrolls one key once")
+            }
+        }
+    }
+}

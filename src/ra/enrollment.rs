@@ -202,13 +202,13 @@ impl Ra {
                 self.enroll_throttle.record_failure(peer, now_ms);
             }
             tracing::warn!(peer = ?request.peer, "enrollment with an unknown token");
-            return Err(token_error(TokenRejection::Unknown));
+            return Err(Error::Token(TokenRejection::Unknown));
         };
         if let Some(used_at_s) = token.used_at_s {
-            return Err(token_error(TokenRejection::AlreadyUsed { used_at_s }));
+            return Err(Error::Token(TokenRejection::AlreadyUsed { used_at_s }));
         }
         if now_s >= token.expires_at_s {
-            return Err(token_error(TokenRejection::Expired {
+            return Err(Error::Token(TokenRejection::Expired {
                 expired_at_s: token.expires_at_s,
             }));
         }
@@ -293,7 +293,7 @@ impl Ra {
             .map_err(|_| Error::internal("the enrollment batch ended without an answer"))??;
         match outcome {
             IssueOutcome::Issued => Ok(self.issued(record, certificate_der)),
-            IssueOutcome::TokenRejected(rejection) => Err(token_error(rejection)),
+            IssueOutcome::TokenRejected(rejection) => Err(Error::Token(rejection)),
             IssueOutcome::KeyHeldElsewhere => Err(super::key_claims::conflict()),
             IssueOutcome::KeyCompromised => Err(super::key_claims::compromised()),
             IssueOutcome::SerialTaken => Err(Error::internal(
@@ -542,21 +542,6 @@ impl Ra {
     }
 }
 
-fn token_error(rejection: TokenRejection) -> Error {
-    match rejection {
-        TokenRejection::Unknown => Error::Unauthenticated(
-            "enrollment token is not valid; ask the payment service for a new one".into(),
-        ),
-        TokenRejection::Expired { expired_at_s } => Error::FailedPrecondition(format!(
-            "enrollment token expired at {}; ask the payment service for a new one",
-            crate::model::moment(expired_at_s)
-        )),
-        TokenRejection::AlreadyUsed { .. } => Error::FailedPrecondition(
-            "enrollment token has already been used; a token enrolls one key once".into(),
-        ),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -690,6 +675,46 @@ mod tests {
         let cached = ra.cache.get(&issued.record.serial).expect("cached");
         assert_eq!(cached.revocation, None);
         assert_eq!(issued.chain_der, vec![ra.ca.issuing_der.clone()]);
+        ra.close_decisions().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_token_that_cannot_enroll_is_a_typed_error_with_its_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let ra = test_ra(&dir);
+        let actor = Actor::system();
+        let customer = CustomerId::parse("customer_id", "typed").unwrap();
+        let token = ra
+            .create_enrollment_token(&actor, customer.clone(), 0)
+            .unwrap()
+            .token;
+        let request = |token: &str| EnrollRequest {
+            peer: None,
+            token: token.to_string(),
+            csr_der: crate::client::DeviceKey::generate()
+                .csr_der("typed-phone")
+                .unwrap(),
+            device_id: DeviceId::parse("device_id", "typed-phone").unwrap(),
+            device_info: DeviceInfo::default(),
+        };
+        ra.enroll(&actor, request(&token)).await.unwrap();
+
+        let again = ra.enroll(&actor, request(&token)).await.unwrap_err();
+        assert!(
+            matches!(again, Error::Token(TokenRejection::AlreadyUsed { .. })),
+            "{again:?}"
+        );
+        assert_eq!(again.kind(), crate::error::ErrorKind::FailedPrecondition);
+
+        // The same shape, one character changed: a token payra never issued.
+        let first = if token.starts_with('A') { "B" } else { "A" };
+        let never_issued = format!("{first}{}", &token[1..]);
+        let unknown = ra.enroll(&actor, request(&never_issued)).await.unwrap_err();
+        assert!(
+            matches!(unknown, Error::Token(TokenRejection::Unknown)),
+            "{unknown:?}"
+        );
+        assert_eq!(unknown.kind(), crate::error::ErrorKind::Unauthenticated);
         ra.close_decisions().unwrap();
     }
 }

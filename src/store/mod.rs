@@ -56,13 +56,7 @@ pub fn verify_audit_log(store: &dyn Store) -> Result<AuditCheck> {
 }
 use crate::model::{CustomerId, DeviceId, Serial, Tier};
 
-/// Why a token could not be consumed.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum TokenRejection {
-    Unknown,
-    Expired { expired_at_s: i64 },
-    AlreadyUsed { used_at_s: i64 },
-}
+pub use crate::model::TokenRejection;
 
 /// `token` if it can enroll a device at `now_s`: unused and unexpired.
 pub(crate) fn token_usable(

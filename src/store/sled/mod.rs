@@ -41,6 +41,12 @@ use crate::store::{
 };
 use issuance_journal::{IssuanceJournal, JournalRecord, JournalTree, Put};
 
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        Error::internal(format!("storage: {e}"))
+    }
+}
+
 /// [`Store`] on an embedded sled database, with group-committed durability.
 pub struct SledStore {
     db: Db,
