@@ -46,34 +46,13 @@ fn payment(
     customer: &str,
     device: &str,
 ) -> proto::VerifyPaymentRequest {
-    let intent = proto::PaymentIntent {
-        customer_id: customer.into(),
-        device_id: device.into(),
-        merchant_id: "m-coffee".into(),
-        order_id: format!("o-{}", hex::encode(rand::random::<[u8; 4]>())),
-        amount_fen: 1_500,
-        currency: "CNY".into(),
-        created_at_ms: server.clock.now_ms(),
-        nonce: random_nonce(),
-        scene: proto::Scene::InApp as i32,
+    let order = format!("o-{}", hex::encode(rand::random::<[u8; 4]>()));
+    let intent = payment_intent(customer, device, &order, 1_500, server.clock.now_ms());
+    let pin = proto::Factor {
+        category: proto::FactorCategory::Knowledge as i32,
+        method: "payment_pin".into(),
     };
-    let bytes = encode_intent(&intent);
-    proto::VerifyPaymentRequest {
-        signature: key.sign_intent(&bytes),
-        intent: bytes,
-        certificate_serial: issued.serial.clone(),
-        transaction: Some(proto::Transaction {
-            merchant_id: intent.merchant_id.clone(),
-            order_id: intent.order_id.clone(),
-            amount_fen: intent.amount_fen,
-            currency: intent.currency.clone(),
-        }),
-        factors: vec![proto::Factor {
-            category: proto::FactorCategory::Knowledge as i32,
-            method: "payment_pin".into(),
-        }],
-        reserve: true,
-    }
+    signed_payment(key, &issued.serial, &intent, vec![pin], true)
 }
 
 #[tokio::test]

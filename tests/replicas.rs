@@ -11,7 +11,7 @@ use std::process::Command;
 use std::sync::Arc;
 
 use common::*;
-use payra::client::{encode_intent, random_nonce, Client, Credential, DeviceKey};
+use payra::client::{Client, Credential, DeviceKey};
 use payra::store::postgres::testing;
 use payra::store::PgStore;
 use payra::wire::proto;
@@ -134,20 +134,7 @@ async fn revoke(cluster: &Replicas, replica: usize, serial: &str, reason: proto:
 }
 
 fn intent(customer: &str, device: &str, order: &str, amount_fen: i64) -> proto::PaymentIntent {
-    proto::PaymentIntent {
-        customer_id: customer.into(),
-        device_id: device.into(),
-        merchant_id: "m-shop".into(),
-        order_id: order.into(),
-        amount_fen,
-        currency: "CNY".into(),
-        created_at_ms: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_millis() as i64,
-        nonce: random_nonce(),
-        scene: proto::Scene::InApp as i32,
-    }
+    payment_intent(customer, device, order, amount_fen, now_ms())
 }
 
 fn request(
@@ -156,20 +143,7 @@ fn request(
     intent: &proto::PaymentIntent,
     reserve: bool,
 ) -> proto::VerifyPaymentRequest {
-    let bytes = encode_intent(intent);
-    proto::VerifyPaymentRequest {
-        signature: key.sign_intent(&bytes),
-        intent: bytes,
-        certificate_serial: serial.into(),
-        transaction: Some(proto::Transaction {
-            merchant_id: intent.merchant_id.clone(),
-            order_id: intent.order_id.clone(),
-            amount_fen: intent.amount_fen,
-            currency: intent.currency.clone(),
-        }),
-        factors: vec![],
-        reserve,
-    }
+    signed_payment(key, serial, intent, vec![], reserve)
 }
 
 async fn verify(

@@ -38,26 +38,13 @@ fn intent(
     order: &str,
     amount_fen: i64,
 ) -> proto::PaymentIntent {
-    proto::PaymentIntent {
-        customer_id: phone.customer.clone(),
-        device_id: phone.device.clone(),
-        merchant_id: "m-coffee".into(),
-        order_id: order.into(),
+    payment_intent(
+        &phone.customer,
+        &phone.device,
+        order,
         amount_fen,
-        currency: "CNY".into(),
-        created_at_ms: server.clock.now_ms(),
-        nonce: random_nonce(),
-        scene: proto::Scene::InApp as i32,
-    }
-}
-
-fn tx_of(intent: &proto::PaymentIntent) -> proto::Transaction {
-    proto::Transaction {
-        merchant_id: intent.merchant_id.clone(),
-        order_id: intent.order_id.clone(),
-        amount_fen: intent.amount_fen,
-        currency: intent.currency.clone(),
-    }
+        server.clock.now_ms(),
+    )
 }
 
 fn pin() -> proto::Factor {
@@ -80,15 +67,7 @@ fn request(
     factors: Vec<proto::Factor>,
     reserve: bool,
 ) -> proto::VerifyPaymentRequest {
-    let bytes = encode_intent(intent);
-    proto::VerifyPaymentRequest {
-        signature: phone.key.sign_intent(&bytes),
-        intent: bytes,
-        certificate_serial: phone.serial.clone(),
-        transaction: Some(tx_of(intent)),
-        factors,
-        reserve,
-    }
+    signed_payment(&phone.key, &phone.serial, intent, factors, reserve)
 }
 
 async fn verify(
@@ -202,7 +181,7 @@ async fn fail_every_verdict_end_to_end() {
         signature: p.key.sign_intent(&junk),
         intent: junk,
         certificate_serial: p.serial.clone(),
-        transaction: Some(tx_of(&i)),
+        transaction: Some(transaction_of(&i)),
         factors: vec![],
         reserve: false,
     };
@@ -439,7 +418,7 @@ async fn ok_openssl_signatures_verify_in_both_encodings() {
                 intent: bytes,
                 signature,
                 certificate_serial: issued.serial.clone(),
-                transaction: Some(tx_of(&i)),
+                transaction: Some(transaction_of(&i)),
                 factors: vec![pin()],
                 reserve: false,
             },

@@ -719,10 +719,12 @@ impl Ra {
         Ok(decision)
     }
 
-    /// Puts the certificate with `serial` into the cache from the store when the cache does
-    /// not have it (another payra process issued it).
+    /// With a store other processes write too, puts the certificate with `serial` into the
+    /// cache from the store when the cache does not have it (another process issued it). A
+    /// store only this process writes has every certificate in the cache already: an unknown
+    /// serial costs no read.
     pub async fn cache_from_store(&self, serial: &Serial) -> Result<()> {
-        if self.cache.standing(serial).is_some() {
+        if !self.store.shared() || self.cache.standing(serial).is_some() {
             return Ok(());
         }
         let store = self.store.clone();

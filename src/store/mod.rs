@@ -563,6 +563,13 @@ pub trait Store: Send + Sync {
     /// releases and nonce claims are recorded.
     fn open_decisions(&self, setup: &DecisionSetup) -> Result<std::sync::Arc<dyn Decisions>>;
 
+    /// Whether other payra processes write this store too (a shared database): then state this
+    /// process does not hold in memory may exist, and a certificate the cache lacks is looked
+    /// up. A store only this process writes has all of it in the cache.
+    fn shared(&self) -> bool {
+        false
+    }
+
     /// Changes other payra processes make, for a store several processes share; `None` for
     /// a store only this process writes. The receiver can be taken once.
     fn watch_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<StoreChange>> {

@@ -440,3 +440,63 @@ pub fn spawn_serve(
         http: format!("http://{http}"),
     }
 }
+
+// Payments, signed as a phone signs them.
+
+/// An intent to pay `amount_fen` CNY fen at merchant `m-coffee`, created at `created_at_ms`,
+/// in-app, with a fresh nonce.
+pub fn payment_intent(
+    customer: &str,
+    device: &str,
+    order: &str,
+    amount_fen: i64,
+    created_at_ms: i64,
+) -> proto::PaymentIntent {
+    proto::PaymentIntent {
+        customer_id: customer.into(),
+        device_id: device.into(),
+        merchant_id: "m-coffee".into(),
+        order_id: order.into(),
+        amount_fen,
+        currency: "CNY".into(),
+        created_at_ms,
+        nonce: payra::client::random_nonce(),
+        scene: proto::Scene::InApp as i32,
+    }
+}
+
+/// The transaction `intent` describes, as the payment service states it.
+pub fn transaction_of(intent: &proto::PaymentIntent) -> proto::Transaction {
+    proto::Transaction {
+        merchant_id: intent.merchant_id.clone(),
+        order_id: intent.order_id.clone(),
+        amount_fen: intent.amount_fen,
+        currency: intent.currency.clone(),
+    }
+}
+
+/// A VerifyPayment request for `intent`, signed with `key`, whose certificate is `serial`.
+pub fn signed_payment(
+    key: &DeviceKey,
+    serial: &str,
+    intent: &proto::PaymentIntent,
+    factors: Vec<proto::Factor>,
+    reserve: bool,
+) -> proto::VerifyPaymentRequest {
+    let bytes = payra::client::encode_intent(intent);
+    proto::VerifyPaymentRequest {
+        signature: key.sign_intent(&bytes),
+        intent: bytes,
+        certificate_serial: serial.into(),
+        transaction: Some(transaction_of(intent)),
+        factors,
+        reserve,
+    }
+}
+
+/// The Unix time now in ms, for processes whose clock the test does not hold.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}

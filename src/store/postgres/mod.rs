@@ -359,9 +359,6 @@ async fn lock_certificates(
 }
 
 impl PgStore {
-    /// Connects to the configured database and checks that its schema is this payra's and
-    /// that it commits durably. An unmigrated or newer schema is refused with the command
-    /// to run.
     /// Checks every decision chain in the database; returns the number of decisions checked.
     pub fn verify_decision_chains(&self) -> Result<std::result::Result<u64, String>> {
         use super::Decisions;
@@ -373,6 +370,9 @@ impl PgStore {
         }
     }
 
+    /// Connects to the configured database and checks that its schema is this payra's and
+    /// that it commits durably. An unmigrated or newer schema is refused with the command
+    /// to run.
     pub fn connect(config: &StoreConfig) -> Result<PgStore> {
         let mut store = PgStore::open_pool(config)?;
         let state = store.schema_state()?;
@@ -855,6 +855,10 @@ impl Store for PgStore {
 
     fn watch_changes(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<super::StoreChange>> {
         self.changes.lock().unpoisoned().take()
+    }
+
+    fn shared(&self) -> bool {
+        true
     }
 
     fn open_decisions(&self, setup: &super::DecisionSetup) -> Result<Arc<dyn super::Decisions>> {

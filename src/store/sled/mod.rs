@@ -531,15 +531,13 @@ impl Store for SledStore {
         setup: &crate::store::DecisionSetup,
     ) -> Result<std::sync::Arc<dyn crate::store::Decisions>> {
         use std::sync::atomic::Ordering;
+        let checkpoint = self.ledger_checkpoint(&setup.min_day)?;
         if self.decisions_opened.swap(true, Ordering::SeqCst) {
             return Err(Error::internal("the decision log is open already"));
         }
-        let opened = LocalDecisions::open(
-            &self.dir,
-            setup,
-            self.ledger_checkpoint(&setup.min_day)?,
-            &|serial| Ok(self.certificate_summary(serial)?.map(|s| s.public_key)),
-        );
+        let opened = LocalDecisions::open(&self.dir, setup, checkpoint, &|serial| {
+            Ok(self.certificate_summary(serial)?.map(|s| s.public_key))
+        });
         match opened {
             Ok(decisions) => Ok(std::sync::Arc::new(decisions)),
             Err(e) => {
