@@ -568,6 +568,17 @@ impl Config {
         self.store.validate()?;
         if self.pkcs11.enabled() {
             crate::ca::pkcs11::KeyLocation::from_config(&self.pkcs11)?;
+        } else if self.pkcs11.token_label.is_some()
+            || self.pkcs11.token_serial.is_some()
+            || self.pkcs11.key_label.is_some()
+            || self.pkcs11.key_id.is_some()
+            || self.pkcs11.pin_file.is_some()
+        {
+            return Err(Error::invalid(
+                "pkcs11",
+                "names a token or key but no module: set pkcs11.module or pkcs11.uri (without \
+                 them the issuing key is certs/issuing.key)",
+            ));
         }
         if self.issuance.validity_days == 0 || self.issuance.validity_days > 3650 {
             return Err(Error::invalid(

@@ -205,6 +205,7 @@ fn percent_decode(value: &str) -> Result<Vec<u8>> {
         if bytes[i] == b'%' {
             let hex_pair = bytes
                 .get(i + 1..i + 3)
+                .filter(|pair| pair.iter().all(u8::is_ascii_hexdigit))
                 .and_then(|pair| std::str::from_utf8(pair).ok())
                 .and_then(|pair| u8::from_str_radix(pair, 16).ok())
                 .ok_or_else(|| {
@@ -269,12 +270,15 @@ fn parse_uri(uri: &str) -> Result<UriParts> {
         let (name, value) = attribute
             .split_once('=')
             .ok_or_else(|| invalid(format!("{attribute:?} has no value")))?;
+        if !seen.insert(name.to_string()) {
+            return Err(invalid(format!("{name} appears twice")));
+        }
         match name {
             "module-path" => parts.module = Some(PathBuf::from(text(name, value)?)),
             "pin-source" => {
                 let source = text(name, value)?;
                 let path = source.strip_prefix("file:").unwrap_or(&source);
-                if !path.starts_with('/') {
+                if !path.starts_with('/') || path.starts_with("//") {
                     return Err(invalid(format!(
                         "pin-source {source:?} must be an absolute file path"
                     )));
@@ -341,6 +345,8 @@ struct Pool {
     idle: Vec<Session>,
     open: usize,
     key: Option<ObjectHandle>,
+    /// Counts the times the pool started over after a lost session.
+    generation: u64,
 }
 
 /// See the module documentation.
@@ -539,6 +545,7 @@ impl Pkcs11Signer {
                 idle: vec![session],
                 open: 1,
                 key: Some(key),
+                generation: 0,
             }),
             freed: Condvar::new(),
             last_failure: Mutex::new(None),
@@ -602,17 +609,19 @@ impl Pkcs11Signer {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// A session and the key's handle: an idle one, or a new one if fewer than `sessions`
-    /// are open, or the first one freed within [`SESSION_WAIT`].
-    fn checkout(&self) -> Result<(Session, ObjectHandle)> {
+    /// A session, the key's handle and the pool's generation: an idle session, or a new
+    /// one if fewer than `sessions` are open, or the first one freed within
+    /// [`SESSION_WAIT`] (one deadline for the whole wait).
+    fn checkout(&self) -> Result<(Session, ObjectHandle, u64)> {
+        let deadline = std::time::Instant::now() + SESSION_WAIT;
         let mut pool = lock(&self.pool);
         loop {
             if let (Some(key), Some(session)) = (pool.key, pool.idle.pop()) {
-                return Ok((session, key));
+                return Ok((session, key, pool.generation));
             }
             if pool.open < self.location.sessions {
                 pool.open += 1;
-                let known_key = pool.key;
+                let (known_key, generation) = (pool.key, pool.generation);
                 drop(pool);
                 let opened =
                     open_session(&self.p11, &self.location, &self.pin, false).and_then(|session| {
@@ -632,8 +641,13 @@ impl Pkcs11Signer {
                 let mut pool = lock(&self.pool);
                 match opened {
                     Ok((session, key)) => {
-                        pool.key = Some(key);
-                        return Ok((session, key));
+                        // A handle found before the pool was discarded belongs to the old
+                        // login: keep it for this signature only.
+                        if generation == pool.generation && pool.key.is_none() {
+                            pool.key = Some(key);
+                            self.freed.notify_all();
+                        }
+                        return Ok((session, key, generation));
                     }
                     Err(e) => {
                         pool.open -= 1;
@@ -642,32 +656,50 @@ impl Pkcs11Signer {
                     }
                 }
             }
-            let (next, waited) = self.freed.wait_timeout(pool, SESSION_WAIT).unpoisoned();
-            pool = next;
-            if waited.timed_out() && pool.idle.is_empty() && pool.open >= self.location.sessions {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
                 return Err(Error::Unavailable(format!(
-                    "all {} PKCS#11 sessions stayed busy for {} s",
+                    "all {} sessions to the {} stayed busy for {} s",
                     self.location.sessions,
+                    self.location.token,
                     SESSION_WAIT.as_secs()
                 )));
             }
+            pool = self.freed.wait_timeout(pool, left).unpoisoned().0;
         }
     }
 
-    fn checkin(&self, session: Session) {
-        lock(&self.pool).idle.push(session);
+    /// Returns `session` to the pool, unless the pool was discarded since it was taken
+    /// (it shares the lost login or token): then it is closed.
+    fn checkin(&self, session: Session, generation: u64) {
+        let mut pool = lock(&self.pool);
+        if generation == pool.generation {
+            pool.idle.push(session);
+        } else {
+            pool.open -= 1;
+            drop(pool);
+            drop(session);
+        }
         self.freed.notify_one();
     }
 
     /// Drops `session` and every idle one (they share the fate of the token or the login),
-    /// and forgets the key's handle.
-    fn discard_all(&self, session: Session) {
+    /// forgets the key's handle, and starts a new generation: sessions taken before come
+    /// back to be closed.
+    fn discard_all(&self, session: Session, generation: u64) {
         let idle = {
             let mut pool = lock(&self.pool);
-            let idle = std::mem::take(&mut pool.idle);
-            pool.open -= 1 + idle.len();
-            pool.key = None;
-            idle
+            pool.open -= 1;
+            if generation != pool.generation {
+                // Another thread started over already; its new sessions stay.
+                Vec::new()
+            } else {
+                let idle = std::mem::take(&mut pool.idle);
+                pool.open -= idle.len();
+                pool.key = None;
+                pool.generation += 1;
+                idle
+            }
         };
         drop(session);
         drop(idle);
@@ -678,21 +710,21 @@ impl Pkcs11Signer {
     fn sign_digest(&self, digest: &[u8]) -> Result<Vec<u8>> {
         let mut lost = None;
         for _ in 0..2 {
-            let (session, key) = self.checkout()?;
+            let (session, key, generation) = self.checkout()?;
             match session.sign(&Mechanism::Ecdsa, key, digest) {
                 Ok(signature) => {
-                    self.checkin(session);
+                    self.checkin(session, generation);
                     return Ok(signature);
                 }
                 Err(e) if connection_lost(&e) => {
                     tracing::warn!(error = %e, "PKCS#11 session lost; opening a new one");
                     self.lost_sessions
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    self.discard_all(session);
+                    self.discard_all(session, generation);
                     lost = Some(e);
                 }
                 Err(e) => {
-                    self.checkin(session);
+                    self.checkin(session, generation);
                     return Err(Error::internal(format!(
                         "the PKCS#11 token refused to sign: {e}"
                     )));
@@ -700,7 +732,8 @@ impl Pkcs11Signer {
             }
         }
         Err(Error::Unavailable(format!(
-            "the CA key's PKCS#11 token is unreachable: {}",
+            "the CA key's {} is unreachable: {}",
+            self.location.token,
             lost.map(|e| e.to_string()).unwrap_or_default()
         )))
     }
@@ -794,6 +827,15 @@ mod tests {
                 "slot-id",
             ),
             ("pkcs11:token=a;id=%zz?module-path=/m.so", "escape"),
+            ("pkcs11:token=a;id=%+f?module-path=/m.so", "escape"),
+            (
+                "pkcs11:token=a;object=k?module-path=/m.so&module-path=/n.so",
+                "twice",
+            ),
+            (
+                "pkcs11:token=a;object=k?module-path=/m.so&pin-source=file://host/p",
+                "absolute",
+            ),
             ("pkcs11:object=k?module-path=/m.so", "name the token"),
             ("pkcs11:token=a?module-path=/m.so", "name the key"),
             ("pkcs11:token=a;object=k", "module"),

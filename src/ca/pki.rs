@@ -154,6 +154,20 @@ pub fn init_pki_with_issuing_signer(
     }
 }
 
+/// Refuses to write a PKI into `dir` if one is there, unless `force`.
+pub fn refuse_existing_pki(dir: &Path, force: bool) -> Result<()> {
+    if force {
+        return Ok(());
+    }
+    match PkiFiles::new(dir).all().into_iter().find(|p| p.exists()) {
+        Some(existing) => Err(Error::AlreadyExists(format!(
+            "{} exists; refusing to overwrite a PKI (use --force to replace it)",
+            existing.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn init_pki<K: rcgen::SigningKey>(
     dir: &Path,
     force: bool,
@@ -161,14 +175,7 @@ fn init_pki<K: rcgen::SigningKey>(
     issuing_pem: Option<&str>,
 ) -> Result<()> {
     let files = PkiFiles::new(dir);
-    if !force {
-        if let Some(existing) = files.all().into_iter().find(|p| p.exists()) {
-            return Err(Error::AlreadyExists(format!(
-                "{} exists; refusing to overwrite a PKI (use --force to replace it)",
-                existing.display()
-            )));
-        }
-    }
+    refuse_existing_pki(dir, force)?;
     fs::create_dir_all(dir)?;
     let not_before = now_utc() - Duration::hours(1);
 
@@ -219,21 +226,28 @@ fn init_pki<K: rcgen::SigningKey>(
         .signed_by(&server_key, &issuing_issuer)
         .map_err(rcgen_err)?;
 
-    write_file(&files.root_cert(), &root_cert.pem(), false)?;
-    write_file(&files.root_key(), &root_key.serialize_pem(), true)?;
-    write_file(&files.issuing_cert(), &issuing_cert.pem(), false)?;
+    // Everything is signed before anything is written: a signer that fails half-way (an
+    // HSM) leaves the directory as it was.
+    let mut writes = vec![
+        (files.root_cert(), root_cert.pem(), false),
+        (files.root_key(), root_key.serialize_pem(), true),
+        (files.issuing_cert(), issuing_cert.pem(), false),
+        (files.server_cert(), server_cert.pem(), false),
+        (files.server_key(), server_key.serialize_pem(), true),
+    ];
     if let Some(pem) = issuing_pem {
-        write_file(&files.issuing_key(), pem, true)?;
+        writes.push((files.issuing_key(), pem.to_string(), true));
     }
-    write_file(&files.server_cert(), &server_cert.pem(), false)?;
-    write_file(&files.server_key(), &server_key.serialize_pem(), true)?;
     for role in ["operator", "service"] {
         let key = new_key()?;
         let cert = client_params(role, not_before)?
             .signed_by(&key, &issuing_issuer)
             .map_err(rcgen_err)?;
-        write_file(&files.client_cert(role), &cert.pem(), false)?;
-        write_file(&files.client_key(role), &key.serialize_pem(), true)?;
+        writes.push((files.client_cert(role), cert.pem(), false));
+        writes.push((files.client_key(role), key.serialize_pem(), true));
+    }
+    for (path, contents, secret) in writes {
+        write_file(&path, &contents, secret)?;
     }
     Ok(())
 }

@@ -171,6 +171,7 @@ impl SigningKey for RcgenSigner<'_> {
 pub(crate) fn signing_error(context: &str, e: rcgen::Error) -> Error {
     match SIGN_ERROR.with(|slot| slot.borrow_mut().take()) {
         Some(unavailable @ Error::Unavailable(_)) => unavailable,
-        _ => Error::internal(format!("{context}: {e}")),
+        Some(signer) => Error::internal(format!("{context}: {signer}")),
+        None => Error::internal(format!("{context}: {e}")),
     }
 }

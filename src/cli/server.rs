@@ -54,6 +54,8 @@ pub(crate) fn init_pkcs11(dir: &Path, force: bool, uri: String) -> Result<(), St
         ..Default::default()
     };
     let location = KeyLocation::from_config(&config).map_err(|e| e.to_string())?;
+    // Refused before the key is made: a refusal after it would leave a key in the token.
+    payra::ca::pki::refuse_existing_pki(dir, force).map_err(|e| e.to_string())?;
     let signer = payra::ca::Pkcs11Signer::generate(&location).map_err(|e| e.to_string())?;
     payra::ca::pki::init_pki_with_issuing_signer(dir, force, std::sync::Arc::new(signer))
         .map_err(|e| e.to_string())?;

@@ -108,6 +108,16 @@ async fn crl(State(ra): State<Arc<Ra>>) -> Response {
             crl.der,
         )
             .into_response(),
+        Ok(Err(e)) if e.kind() == crate::error::ErrorKind::Unavailable => {
+            // The CA key is out of reach for now (an HSM): a retry may succeed.
+            tracing::error!(error = %e, "building the CRL failed");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                [(header::RETRY_AFTER, "5")],
+                "CRL unavailable; retry shortly\n",
+            )
+                .into_response()
+        }
         Ok(Err(e)) => {
             tracing::error!(error = %e, "building the CRL failed");
             (StatusCode::INTERNAL_SERVER_ERROR, "CRL unavailable\n").into_response()

@@ -252,7 +252,11 @@ impl Ra {
                     .ocsp_responses
                     .with_label_values(&["error"])
                     .inc();
-                return OcspAnswer::uncacheable(x509_ocsp_internal_error());
+                // A signer out of reach (an HSM) will be back: the client should try later.
+                return OcspAnswer::uncacheable(match e.kind() {
+                    crate::error::ErrorKind::Unavailable => x509_ocsp_try_later(),
+                    _ => x509_ocsp_internal_error(),
+                });
             }
         };
         self.metrics
@@ -303,6 +307,13 @@ pub(crate) fn stays_on_crl(
 ) -> bool {
     now_s < not_after_s.saturating_add(crl_validity_s)
         || last_this_update_s.is_none_or(|last| last < not_after_s)
+}
+
+fn x509_ocsp_try_later() -> Vec<u8> {
+    use der::Encode;
+    x509_ocsp::OcspResponse::try_later()
+        .to_der()
+        .unwrap_or_else(|_| vec![0x30, 0x03, 0x0a, 0x01, 0x03])
 }
 
 fn x509_ocsp_internal_error() -> Vec<u8> {
