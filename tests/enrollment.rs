@@ -259,7 +259,7 @@ async fn ok_openssl_made_csr_is_accepted_and_its_requests_ignored() {
     assert!(!cert.key_usage().unwrap().unwrap().value.key_cert_sign());
 }
 
-async fn enroll_openssl_key(server: &TestServer, genkey: &[&str]) -> tonic::Status {
+async fn enroll_openssl_key(server: &TestServer, genkey: &[&str]) -> payra::client::ClientError {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("key.pem");
     let csr = dir.path().join("csr.der");

@@ -812,7 +812,7 @@ async fn enroll_key(
     key: &DeviceKey,
     customer: &str,
     device: &str,
-) -> Result<proto::EnrollResponse, tonic::Status> {
+) -> Result<proto::EnrollResponse, payra::client::ClientError> {
     let token = server.token(customer).await;
     server
         .anonymous()

@@ -310,8 +310,8 @@ fn tonic_answer<A>(
         })
 }
 
-fn status_error(status: tonic::Status) -> Error {
-    Error::internal(format!("{:?}: {}", status.code(), status.message()))
+fn status_error(error: impl Into<crate::client::ClientError>) -> Error {
+    Error::internal(error.into().to_string())
 }
 
 /// Enrolls a fresh device for `customer`; returns its key and identity.

@@ -14,12 +14,7 @@ use crate::CliResult;
 pub(crate) async fn backup(out: &Path, connection: &Connection) -> CliResult {
     use payra::store::backup::verify_backup;
     let client = connect(connection, Credential::role(&connection.certs, "operator")).await?;
-    let mut stream = client
-        .admin()
-        .create_backup(payra::wire::proto::CreateBackupRequest {})
-        .await
-        .map_err(status_message)?
-        .into_inner();
+    let mut stream = client.create_backup().await.map_err(status_message)?;
     // Chunks go straight to OUT.partial (mode 0600: a backup holds every record), which is
     // synced and renamed only when the stream has ended; the checksum is checked after.
     let mut partial_name = out.as_os_str().to_owned();

@@ -14,35 +14,23 @@ pub(crate) async fn revoke(args: RevokeArgs) -> CliResult {
         Credential::role(&args.connection.certs, "operator"),
     )
     .await?;
-    let mut admin = client.admin();
-    let reason = args.reason.to_proto();
+    let reason = proto::RevocationReason::try_from(args.reason.to_proto())
+        .map_err(|_| "not a revocation reason payra knows".to_string())?;
     let response = if let Some(serial) = args.serial {
         if args.dry_run {
             return Err("--dry-run applies to --device and --customer".into());
         }
-        admin
-            .revoke_certificate(proto::RevokeCertificateRequest { serial, reason })
-            .await
+        client.revoke_certificate(&serial, reason).await
     } else if let Some(device_id) = args.device {
-        admin
-            .revoke_device(proto::RevokeDeviceRequest {
-                device_id,
-                reason,
-                dry_run: args.dry_run,
-            })
-            .await
+        client.revoke_device(&device_id, reason, args.dry_run).await
     } else if let Some(customer_id) = args.customer {
-        admin
-            .revoke_customer(proto::RevokeCustomerRequest {
-                customer_id,
-                reason,
-                dry_run: args.dry_run,
-            })
+        client
+            .revoke_customer(&customer_id, reason, args.dry_run)
             .await
     } else {
         return Err("name a serial, --device or --customer".into());
     };
-    let response = response.map_err(status_message)?.into_inner();
+    let response = response.map_err(status_message)?;
     if args.json {
         println!(
             "{}",
@@ -225,12 +213,7 @@ pub(crate) async fn certs(command: CertsCommand) -> CliResult {
         } => {
             let client =
                 connect(&connection, Credential::role(&connection.certs, "operator")).await?;
-            let record = client
-                .admin()
-                .get_certificate(payra::wire::proto::GetCertificateRequest { serial })
-                .await
-                .map_err(status_message)?
-                .into_inner();
+            let record = client.certificate(&serial).await.map_err(status_message)?;
             print_record(&record, json);
             Ok(())
         }
@@ -258,11 +241,9 @@ pub(crate) async fn certs(command: CertsCommand) -> CliResult {
             let mut records = Vec::new();
             let next = loop {
                 let page = client
-                    .admin()
                     .list_certificates(request.clone())
                     .await
-                    .map_err(status_message)?
-                    .into_inner();
+                    .map_err(status_message)?;
                 records.extend(page.certificates);
                 if page.next_page_token.is_empty() || page_size.is_some() {
                     break page.next_page_token;
@@ -283,11 +264,9 @@ pub(crate) async fn certs(command: CertsCommand) -> CliResult {
 pub(crate) async fn unhold(serial: String, json: bool, connection: &Connection) -> CliResult {
     let client = connect(connection, Credential::role(&connection.certs, "operator")).await?;
     let record = client
-        .admin()
-        .unhold_certificate(payra::wire::proto::UnholdCertificateRequest { serial })
+        .unhold_certificate(&serial)
         .await
-        .map_err(status_message)?
-        .into_inner();
+        .map_err(status_message)?;
     print_record(&record, json);
     Ok(())
 }

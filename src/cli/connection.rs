@@ -11,56 +11,14 @@ use super::args::*;
 use super::human;
 use crate::CliResult;
 
-pub(crate) fn status_message(status: tonic::Status) -> String {
-    // A transport failure's cause is in the error chain, not the message ("transport error").
-    let mut causes = Vec::new();
-    let mut source = std::error::Error::source(&status);
-    while let Some(cause) = source {
-        causes.push(cause.to_string());
-        source = cause.source();
+/// An error from the server in words an operator can act on: the code, payra's message, and
+/// what to do next where the code says it.
+pub(crate) fn status_message(error: impl Into<payra::client::ClientError>) -> String {
+    let error = error.into();
+    match error.hint() {
+        Some(hint) => format!("{error}\n  next: {hint}"),
+        None => error.to_string(),
     }
-    let first = if causes.is_empty() || !status.message().contains("transport error") {
-        format!("{:?}: {}", status.code(), status.message())
-    } else {
-        format!(
-            "{:?}: {}: {}",
-            status.code(),
-            status.message(),
-            causes.join(": ")
-        )
-    };
-    match status_hint(status.code()) {
-        Some(hint) => format!("{first}\n  next: {hint}"),
-        None => first,
-    }
-}
-
-/// What to do about an answer with `code`, where the code alone says it.
-pub(crate) fn status_hint(code: tonic::Code) -> Option<&'static str> {
-    use tonic::Code;
-    Some(match code {
-        Code::PermissionDenied => {
-            "this command needs another role. The credential is read from --certs DIR \
-             (operator.pem and operator.key for operator commands, service.pem and service.key \
-             for service ones); an operator issues one with `payra issue-client --role \
-             operator|service --name NAME`"
-        }
-        Code::Unauthenticated => {
-            "the server did not accept this client certificate: it may have expired, been \
-             revoked, or come from another payra's CA. Check --certs, and have an operator \
-             issue a new one with `payra issue-client`"
-        }
-        Code::Unavailable => {
-            "the server, or the database behind it, cannot take requests now; retry in a \
-             moment. Its readiness says why: curl http://HOST:8080/readyz"
-        }
-        Code::DeadlineExceeded => {
-            "the server did not answer in time (limits.request_timeout_s); retry, and check \
-             its load and its database"
-        }
-        Code::ResourceExhausted => "a rate or size limit was reached; wait and retry",
-        _ => return None,
-    })
 }
 
 pub(crate) async fn connect(
@@ -155,15 +113,9 @@ pub(crate) async fn issue_client(
     let key = payra::client::DeviceKey::generate();
     let csr = key.csr_der(name).map_err(|e| e.to_string())?;
     let issued = client
-        .admin()
-        .issue_client_certificate(payra::wire::proto::IssueClientCertificateRequest {
-            role: role.to_string(),
-            name: name.to_string(),
-            csr_der: csr,
-        })
+        .issue_client_certificate(role, name, csr)
         .await
-        .map_err(status_message)?
-        .into_inner();
+        .map_err(status_message)?;
     let out = out.unwrap_or(connection.certs.clone());
     std::fs::create_dir_all(&out).map_err(|e| format!("{}: {e}", out.display()))?;
     let key_path = out.join(format!("{name}.key"));

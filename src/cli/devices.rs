@@ -63,7 +63,6 @@ pub(crate) async fn pay(args: PayArgs) -> CliResult {
     )
     .await?;
     let answer = client
-        .verification()
         .verify_payment(proto::VerifyPaymentRequest {
             intent: intent_bytes,
             signature,
@@ -78,8 +77,7 @@ pub(crate) async fn pay(args: PayArgs) -> CliResult {
             reserve: args.reserve,
         })
         .await
-        .map_err(status_message)?
-        .into_inner();
+        .map_err(status_message)?;
     let verdict = proto::Verdict::try_from(answer.verdict)
         .map(|v| v.as_str_name().trim_start_matches("VERDICT_").to_string())
         .unwrap_or_else(|_| "UNKNOWN".into());
@@ -243,14 +241,9 @@ pub(crate) async fn renew_device(
     let csr = key.csr_der(&device).map_err(|e| e.to_string())?;
     let client = connect(connection, Credential::device(dir)).await?;
     let issued = client
-        .enrollment()
-        .renew(payra::wire::proto::RenewRequest {
-            csr_der: csr,
-            device_info: platform.map(cli_device_info),
-        })
+        .renew(csr, platform.map(cli_device_info))
         .await
-        .map_err(status_message)?
-        .into_inner();
+        .map_err(status_message)?;
     write_device_dir(dir, &key, &issued)?;
     println!("{}", issued.serial);
     eprintln!(

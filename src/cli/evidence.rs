@@ -12,12 +12,7 @@ pub(crate) async fn evidence(command: EvidenceCommand) -> CliResult {
         EvidenceCommand::Show { id, connection } => {
             let client =
                 connect(&connection, Credential::role(&connection.certs, "operator")).await?;
-            let evidence = client
-                .admin()
-                .get_evidence(payra::wire::proto::GetEvidenceRequest { evidence_id: id })
-                .await
-                .map_err(status_message)?
-                .into_inner();
+            let evidence = client.evidence(&id).await.map_err(status_message)?;
             println!(
                 "{}",
                 serde_json::json!({

@@ -11,14 +11,7 @@ use crate::CliResult;
 pub(crate) async fn limits_show(connection: &Connection, customer: &str, json: bool) -> CliResult {
     use payra::wire::proto;
     let client = connect(connection, Credential::role(&connection.certs, "operator")).await?;
-    let answer = client
-        .admin()
-        .get_limits(proto::GetLimitsRequest {
-            customer_id: customer.to_string(),
-        })
-        .await
-        .map_err(status_message)?
-        .into_inner();
+    let answer = client.limits(customer).await.map_err(status_message)?;
     let letter = |tier: i32| {
         proto::Tier::try_from(tier)
             .map(|t| t.as_str_name().trim_start_matches("TIER_").to_string())
@@ -108,11 +101,7 @@ pub(crate) async fn limits(command: LimitsCommand) -> CliResult {
             let client =
                 connect(&connection, Credential::role(&connection.certs, "operator")).await?;
             client
-                .admin()
-                .set_agreed_limit(payra::wire::proto::SetAgreedLimitRequest {
-                    customer_id: customer.clone(),
-                    daily_limit_fen: fen,
-                })
+                .set_agreed_limit(&customer, fen)
                 .await
                 .map_err(status_message)?;
             println!(

@@ -12,12 +12,7 @@ pub(crate) async fn retention(command: RetentionCommand) -> CliResult {
         RetentionCommand::Run { connection } => {
             let client =
                 connect(&connection, Credential::role(&connection.certs, "operator")).await?;
-            let mut stream = client
-                .admin()
-                .run_retention(payra::wire::proto::RunRetentionRequest {})
-                .await
-                .map_err(status_message)?
-                .into_inner();
+            let mut stream = client.run_retention().await.map_err(status_message)?;
             while let Some(progress) = stream.message().await.map_err(status_message)? {
                 eprint!(
                     "\rpurged: {} nonces, {} tokens, {} certificate records, {} ledger buckets, {} releases",

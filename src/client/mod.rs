@@ -1,5 +1,53 @@
 //! The Rust client of payra: used by the CLI and the tests, and the reference for SDK authors.
-//! [`DeviceKey`] is the device side (key generation, CSR); [`Client`] speaks gRPC over TLS.
+//! [`DeviceKey`] is the device side (key generation, CSR, intent signatures); [`Client`]
+//! speaks gRPC over mutual TLS, one typed method per RPC, every failure a [`ClientError`].
+//!
+//! A payment service verifies a payment:
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), Box<dyn std::error::Error>> {
+//! use payra::client::{Client, Credential};
+//! use payra::wire::proto;
+//! let certs = std::path::Path::new("certs");
+//! let service = Client::connect(
+//!     "https://localhost:8443",
+//!     &certs.join("root.pem"),
+//!     &Credential::role(certs, "service"),
+//! )
+//! .await?;
+//! # let (intent, signature, serial) = (Vec::new(), Vec::new(), String::new());
+//! let answer = service
+//!     .verify_payment(proto::VerifyPaymentRequest {
+//!         intent,            // the bytes the phone signed
+//!         signature,         // its ECDSA signature (DER or raw r||s)
+//!         certificate_serial: serial,
+//!         transaction: None, // or what the service is about to charge
+//!         factors: vec![],
+//!         reserve: true,
+//!     })
+//!     .await?;
+//! println!("{:?} tier {:?}", answer.verdict(), answer.tier());
+//! # Ok(()) }
+//! ```
+//!
+//! An operator revokes a phone's certificates, and a device enrolls with a token:
+//!
+//! ```no_run
+//! # async fn example(operator: payra::client::Client, phone: payra::client::Client, token: &str)
+//! # -> Result<(), Box<dyn std::error::Error>> {
+//! use payra::client::{DeviceKey, ProtoDeviceInfo};
+//! use payra::wire::proto::RevocationReason;
+//! let revoked = operator
+//!     .revoke_device("phone-1", RevocationReason::KeyCompromise, false)
+//!     .await?;
+//! println!("{} certificates revoked", revoked.revoked_serials.len());
+//! let key = DeviceKey::generate();
+//! let issued = phone
+//!     .enroll(token, key.csr_der("phone-2")?, "phone-2", ProtoDeviceInfo::default())
+//!     .await?;
+//! println!("certificate {}", issued.serial);
+//! # Ok(()) }
+//! ```
 
 use std::path::{Path, PathBuf};
 
@@ -43,6 +91,95 @@ fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path)
         .map_err(|e| Error::FailedPrecondition(format!("{}: {e}", path.display())))
 }
+
+/// A payra call that failed: the gRPC code, payra's message (it names the field or the rule),
+/// and for a transport failure its cause.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientError {
+    code: tonic::Code,
+    message: String,
+    cause: Option<String>,
+}
+
+impl ClientError {
+    /// The gRPC status code.
+    pub fn code(&self) -> tonic::Code {
+        self.code
+    }
+
+    /// payra's message, as the server sent it.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// What to do about it, where the code alone says it (for people at a terminal).
+    pub fn hint(&self) -> Option<&'static str> {
+        use tonic::Code;
+        Some(match self.code {
+            Code::PermissionDenied => {
+                "this command needs another role. The credential is read from --certs DIR \
+                 (operator.pem and operator.key for operator commands, service.pem and \
+                 service.key for service ones); an operator issues one with `payra \
+                 issue-client --role operator|service --name NAME`"
+            }
+            Code::Unauthenticated => {
+                "the server did not accept this client certificate: it may have expired, been \
+                 revoked, or come from another payra's CA. Check --certs, and have an operator \
+                 issue a new one with `payra issue-client`"
+            }
+            Code::Unavailable => {
+                "the server, or the database behind it, cannot take requests now; retry in a \
+                 moment. Its readiness says why: curl http://HOST:8080/readyz"
+            }
+            Code::DeadlineExceeded => {
+                "the server did not answer in time (limits.request_timeout_s); retry, and check \
+                 its load and its database"
+            }
+            Code::ResourceExhausted => "a rate or size limit was reached; wait and retry",
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for ClientError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}: {}", self.code, self.message)?;
+        match &self.cause {
+            Some(cause) => write!(f, ": {cause}"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for ClientError {}
+
+impl From<Status> for ClientError {
+    fn from(status: Status) -> ClientError {
+        // A transport failure's cause is in the error chain, not the message.
+        let mut causes = Vec::new();
+        let mut source = std::error::Error::source(&status);
+        while let Some(cause) = source {
+            causes.push(cause.to_string());
+            source = cause.source();
+        }
+        ClientError {
+            code: status.code(),
+            message: status.message().to_string(),
+            cause: (!causes.is_empty() && status.message().contains("transport error"))
+                .then(|| causes.join(": ")),
+        }
+    }
+}
+
+impl From<ClientError> for Status {
+    /// Back to a status, for a service that passes payra's answer on over gRPC.
+    fn from(error: ClientError) -> Status {
+        Status::new(error.code, error.message)
+    }
+}
+
+/// What a [`Client`] call returns.
+pub type CallResult<T> = std::result::Result<T, ClientError>;
 
 /// A connection to a payra server.
 #[derive(Clone)]
@@ -96,40 +233,240 @@ impl Client {
         proto::admin_client::AdminClient::new(self.channel.clone())
     }
 
-    /// `Registration.CreateEnrollmentToken`.
+    /// `Registration.CreateEnrollmentToken` (as the payment service): a token for one
+    /// enrollment of `customer_id`, valid `ttl_s` seconds (0: the server's default).
     pub async fn create_enrollment_token(
         &self,
         customer_id: &str,
         ttl_s: i64,
-    ) -> Result<proto::CreateEnrollmentTokenResponse, Status> {
-        let response = self
+    ) -> CallResult<proto::CreateEnrollmentTokenResponse> {
+        let request = proto::CreateEnrollmentTokenRequest {
+            customer_id: customer_id.to_string(),
+            ttl_s,
+        };
+        Ok(self
             .registration()
-            .create_enrollment_token(proto::CreateEnrollmentTokenRequest {
-                customer_id: customer_id.to_string(),
-                ttl_s,
-            })
-            .await?;
-        Ok(response.into_inner())
+            .create_enrollment_token(request)
+            .await?
+            .into_inner())
     }
 
-    /// `Enrollment.Enroll`.
+    /// `Enrollment.Enroll` (as the phone, with no certificate yet): a certificate for the
+    /// key in `csr_der`.
     pub async fn enroll(
         &self,
         token: &str,
         csr_der: Vec<u8>,
         device_id: &str,
         device_info: proto::DeviceInfo,
-    ) -> Result<proto::EnrollResponse, Status> {
-        let response = self
-            .enrollment()
-            .enroll(proto::EnrollRequest {
-                token: token.to_string(),
-                csr_der,
-                device_id: device_id.to_string(),
-                device_info: Some(device_info),
-            })
-            .await?;
-        Ok(response.into_inner())
+    ) -> CallResult<proto::EnrollResponse> {
+        let request = proto::EnrollRequest {
+            token: token.to_string(),
+            csr_der,
+            device_id: device_id.to_string(),
+            device_info: Some(device_info),
+        };
+        Ok(self.enrollment().enroll(request).await?.into_inner())
+    }
+
+    /// `Enrollment.Renew` (as the phone, presenting its current certificate): a certificate
+    /// for the key in `csr_der` that supersedes it.
+    pub async fn renew(
+        &self,
+        csr_der: Vec<u8>,
+        device_info: Option<proto::DeviceInfo>,
+    ) -> CallResult<proto::EnrollResponse> {
+        let request = proto::RenewRequest {
+            csr_der,
+            device_info,
+        };
+        Ok(self.enrollment().renew(request).await?.into_inner())
+    }
+
+    /// `Verification.VerifyPayment` (as the payment service).
+    pub async fn verify_payment(
+        &self,
+        request: proto::VerifyPaymentRequest,
+    ) -> CallResult<proto::VerifyPaymentResponse> {
+        Ok(self
+            .verification()
+            .verify_payment(request)
+            .await?
+            .into_inner())
+    }
+
+    /// `Verification.QualifyTransaction` (as the payment service).
+    pub async fn qualify_transaction(
+        &self,
+        request: proto::QualifyTransactionRequest,
+    ) -> CallResult<proto::QualifyTransactionResponse> {
+        Ok(self
+            .verification()
+            .qualify_transaction(request)
+            .await?
+            .into_inner())
+    }
+
+    /// `Verification.GetCertificateStatus`.
+    pub async fn certificate_status(
+        &self,
+        serial: &str,
+    ) -> CallResult<proto::GetCertificateStatusResponse> {
+        let request = proto::GetCertificateStatusRequest {
+            serial: serial.to_string(),
+        };
+        Ok(self
+            .verification()
+            .get_certificate_status(request)
+            .await?
+            .into_inner())
+    }
+
+    /// `Verification.ReleaseReservation` (as the payment service): gives back what
+    /// `evidence_id` reserved, for a payment that failed downstream.
+    pub async fn release_reservation(
+        &self,
+        evidence_id: &str,
+    ) -> CallResult<proto::ReleaseReservationResponse> {
+        let request = proto::ReleaseReservationRequest {
+            evidence_id: evidence_id.to_string(),
+        };
+        Ok(self
+            .verification()
+            .release_reservation(request)
+            .await?
+            .into_inner())
+    }
+
+    /// `Admin.RevokeCertificate` (as an operator).
+    pub async fn revoke_certificate(
+        &self,
+        serial: &str,
+        reason: proto::RevocationReason,
+    ) -> CallResult<proto::RevokeResponse> {
+        let request = proto::RevokeCertificateRequest {
+            serial: serial.to_string(),
+            reason: reason as i32,
+        };
+        Ok(self.admin().revoke_certificate(request).await?.into_inner())
+    }
+
+    /// `Admin.RevokeDevice` (as an operator): every live certificate of the device; with
+    /// `dry_run`, only which ones it would revoke.
+    pub async fn revoke_device(
+        &self,
+        device_id: &str,
+        reason: proto::RevocationReason,
+        dry_run: bool,
+    ) -> CallResult<proto::RevokeResponse> {
+        let request = proto::RevokeDeviceRequest {
+            device_id: device_id.to_string(),
+            reason: reason as i32,
+            dry_run,
+        };
+        Ok(self.admin().revoke_device(request).await?.into_inner())
+    }
+
+    /// `Admin.RevokeCustomer` (as an operator): every live certificate of the customer;
+    /// with `dry_run`, only which ones it would revoke.
+    pub async fn revoke_customer(
+        &self,
+        customer_id: &str,
+        reason: proto::RevocationReason,
+        dry_run: bool,
+    ) -> CallResult<proto::RevokeResponse> {
+        let request = proto::RevokeCustomerRequest {
+            customer_id: customer_id.to_string(),
+            reason: reason as i32,
+            dry_run,
+        };
+        Ok(self.admin().revoke_customer(request).await?.into_inner())
+    }
+
+    /// `Admin.UnholdCertificate` (as an operator): releases a certificate from hold.
+    pub async fn unhold_certificate(&self, serial: &str) -> CallResult<proto::CertificateRecord> {
+        let request = proto::UnholdCertificateRequest {
+            serial: serial.to_string(),
+        };
+        Ok(self.admin().unhold_certificate(request).await?.into_inner())
+    }
+
+    /// `Admin.GetCertificate` (as an operator).
+    pub async fn certificate(&self, serial: &str) -> CallResult<proto::CertificateRecord> {
+        let request = proto::GetCertificateRequest {
+            serial: serial.to_string(),
+        };
+        Ok(self.admin().get_certificate(request).await?.into_inner())
+    }
+
+    /// `Admin.ListCertificates` (as an operator): one page.
+    pub async fn list_certificates(
+        &self,
+        request: proto::ListCertificatesRequest,
+    ) -> CallResult<proto::ListCertificatesResponse> {
+        Ok(self.admin().list_certificates(request).await?.into_inner())
+    }
+
+    /// `Admin.SetAgreedLimit` (as an operator): the customer's agreed tier-A daily limit.
+    pub async fn set_agreed_limit(
+        &self,
+        customer_id: &str,
+        daily_limit_fen: i64,
+    ) -> CallResult<()> {
+        let request = proto::SetAgreedLimitRequest {
+            customer_id: customer_id.to_string(),
+            daily_limit_fen,
+        };
+        self.admin().set_agreed_limit(request).await?;
+        Ok(())
+    }
+
+    /// `Admin.GetLimits` (as an operator): where the customer stands today.
+    pub async fn limits(&self, customer_id: &str) -> CallResult<proto::GetLimitsResponse> {
+        let request = proto::GetLimitsRequest {
+            customer_id: customer_id.to_string(),
+        };
+        Ok(self.admin().get_limits(request).await?.into_inner())
+    }
+
+    /// `Admin.GetEvidence` (as an operator).
+    pub async fn evidence(&self, evidence_id: &str) -> CallResult<proto::Evidence> {
+        let request = proto::GetEvidenceRequest {
+            evidence_id: evidence_id.to_string(),
+        };
+        Ok(self.admin().get_evidence(request).await?.into_inner())
+    }
+
+    /// `Admin.IssueClientCertificate` (as an operator): a service or operator credential
+    /// for the key in `csr_der`.
+    pub async fn issue_client_certificate(
+        &self,
+        role: &str,
+        name: &str,
+        csr_der: Vec<u8>,
+    ) -> CallResult<proto::IssueClientCertificateResponse> {
+        let request = proto::IssueClientCertificateRequest {
+            role: role.to_string(),
+            name: name.to_string(),
+            csr_der,
+        };
+        Ok(self
+            .admin()
+            .issue_client_certificate(request)
+            .await?
+            .into_inner())
+    }
+
+    /// `Admin.CreateBackup` (as an operator): the backup's chunks, in order.
+    pub async fn create_backup(&self) -> CallResult<tonic::Streaming<proto::BackupChunk>> {
+        let request = proto::CreateBackupRequest {};
+        Ok(self.admin().create_backup(request).await?.into_inner())
+    }
+
+    /// `Admin.RunRetention` (as an operator): its progress, until `done`.
+    pub async fn run_retention(&self) -> CallResult<tonic::Streaming<proto::RetentionProgress>> {
+        let request = proto::RunRetentionRequest {};
+        Ok(self.admin().run_retention(request).await?.into_inner())
     }
 }
 
