@@ -330,4 +330,63 @@ mod tests {
             assert_eq!(evidence_seq(bad), None, "{bad:?}");
         }
     }
+
+    /// What the decide closure saw of the job's nonce; the closure then refuses, so nothing
+    /// is appended.
+    fn nonce_seen(decisions: &LocalDecisions, key: &[u8], expires_at_ms: i64) -> NonceCheck {
+        let seen = Arc::new(std::sync::Mutex::new(None));
+        let job = DecisionJob {
+            now_ms: 0,
+            recheck: None,
+            nonce: Some((key.to_vec(), expires_at_ms)),
+            buckets: None,
+            decide: {
+                let seen = seen.clone();
+                Box::new(move |context: &DecisionContext| {
+                    *seen.lock().unwrap() = Some(context.nonce);
+                    Err(Error::internal("the test stops here"))
+                })
+            },
+        };
+        assert!(decisions.append(&job).is_err());
+        let seen = *seen.lock().unwrap();
+        seen.expect("the closure ran")
+    }
+
+    #[test]
+    fn a_claim_past_its_expiry_is_too_late_and_a_refused_decision_gives_its_claim_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = Arc::new(crate::clock::ManualClock::new(1_800_000_000_000));
+        let setup = DecisionSetup {
+            clock: clock.clone(),
+            min_day: "2027-01-01".into(),
+            claim_horizon_ms: 660_000,
+        };
+        let decisions =
+            LocalDecisions::open(dir.path(), &setup, LedgerCheckpoint::default(), &|_| {
+                Ok(None)
+            })
+            .unwrap();
+        let now_ms = clock.now_ms();
+        assert_eq!(
+            nonce_seen(&decisions, b"key-1", now_ms - 1_000),
+            NonceCheck::TooLate { now_ms },
+            "a claim that would have expired when made"
+        );
+        assert_eq!(
+            nonce_seen(&decisions, b"key-2", now_ms + 60_000),
+            NonceCheck::Claimed
+        );
+        assert_eq!(
+            nonce_seen(&decisions, b"key-2", now_ms + 60_000),
+            NonceCheck::Claimed,
+            "the refused decision gave its claim back"
+        );
+        assert_eq!(
+            decisions.gauges().unwrap().records,
+            0,
+            "nothing was appended"
+        );
+        decisions.close().unwrap();
+    }
 }
