@@ -15,6 +15,7 @@ pub mod listener;
 pub mod metrics;
 pub mod model;
 pub mod ra;
+pub mod secrets;
 pub mod server;
 pub mod store;
 pub mod sync;

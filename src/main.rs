@@ -43,6 +43,8 @@ fn init_logging(format: LogFormat) {
 type CliResult = Result<(), String>;
 
 fn main() -> ExitCode {
+    // Before any thread: secrets leave the environment while nothing else can read it.
+    payra::secrets::take_from_environment(&payra::secrets::ENVIRONMENT_SECRETS);
     let cli = Cli::parse();
     init_logging(cli.log_format);
     // The load generator runs on one thread: its workers queue their calls, then each

@@ -113,12 +113,8 @@ fn ca_key_passphrase(config: &Config) -> Result<Option<String>> {
         let text = crate::ca::pki::read_private_key(path)?;
         return Ok(Some(text.trim_end_matches(['\r', '\n']).to_string()));
     }
-    let passphrase = std::env::var("PAYRA_CA_KEY_PASSPHRASE").ok();
-    // Read once, then gone from the environment: nothing this process starts inherits it, and
-    // no later read finds it. (/proc/PID/environ keeps the block the process started with;
-    // the passphrase file avoids that.) Nothing else in payra reads the environment then.
-    std::env::remove_var("PAYRA_CA_KEY_PASSPHRASE");
-    Ok(passphrase)
+    // Taken out of the environment before any thread started (see `secrets`).
+    Ok(crate::secrets::env_secret("PAYRA_CA_KEY_PASSPHRASE"))
 }
 
 /// The configured store: the embedded database in the data directory, or PostgreSQL (its

@@ -150,11 +150,8 @@ impl KeyLocation {
                 text.trim_end_matches(['\r', '\n']).to_string(),
             ));
         }
-        match std::env::var(&self.pin_env) {
-            Ok(pin) if !pin.is_empty() => {
-                std::env::remove_var(&self.pin_env);
-                Ok(AuthPin::from(pin))
-            }
+        match crate::secrets::env_secret(&self.pin_env) {
+            Some(pin) if !pin.is_empty() => Ok(AuthPin::from(pin)),
             _ => Err(Error::FailedPrecondition(format!(
                 "no PIN for the PKCS#11 token: set pkcs11.pin_file (mode 0600) or ${}",
                 self.pin_env
