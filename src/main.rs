@@ -14,10 +14,12 @@ mod cli;
 use cli::args::*;
 use cli::audit::*;
 use cli::backup::*;
+#[cfg(feature = "bench")]
+use cli::bench;
 use cli::certificates::*;
 use cli::connection::*;
 use cli::server::*;
-use cli::{bench, certificates, devices, evidence, limits, retention, tokens};
+use cli::{certificates, devices, evidence, limits, retention, tokens};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -49,6 +51,7 @@ fn main() -> ExitCode {
     init_logging(cli.log_format);
     // The load generator runs on one thread: its workers queue their calls, then each
     // connection writes them out together; it shares this machine with the server it measures.
+    #[cfg(feature = "bench")]
     let measuring = matches!(
         cli.command,
         Command::Bench(BenchArgs {
@@ -56,6 +59,8 @@ fn main() -> ExitCode {
             ..
         })
     );
+    #[cfg(not(feature = "bench"))]
+    let measuring = false;
     let runtime = if measuring {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -110,6 +115,7 @@ async fn run(cli: Cli) -> CliResult {
         Command::Audit { command } => audit(command),
         Command::Db { command } => db(command),
         Command::Backup { out, connection } => backup(&out, &connection).await,
+        #[cfg(feature = "bench")]
         Command::Bench(args) => bench::bench(args).await,
         Command::Restore { file, data, force } => restore(&file, &data, force),
         Command::IssueClient {

@@ -2,6 +2,8 @@
 //! scenario without errors and report CPU per request; the load generator's own client reports
 //! gRPC status codes as the server sends them.
 
+#![cfg(feature = "bench")]
+
 mod common;
 
 use std::time::Duration;

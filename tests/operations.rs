@@ -235,6 +235,7 @@ async fn ok_health_readiness_reflection_and_request_ids() {
     assert_eq!(id.len(), 16);
 }
 
+#[cfg(feature = "bench")]
 #[tokio::test]
 async fn ok_invented_method_names_share_one_metrics_label() {
     let server = TestServer::start().await;

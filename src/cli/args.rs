@@ -114,6 +114,7 @@ pub(crate) enum Command {
     },
     /// Load-test a running server on this machine (loopback only) and report throughput,
     /// latency percentiles and the ratio to this binary's raw ECDSA rates.
+    #[cfg(feature = "bench")]
     Bench(BenchArgs),
     /// The PostgreSQL database: schema migrations.
     Db {
@@ -381,6 +382,7 @@ impl SceneArg {
     }
 }
 
+#[cfg(feature = "bench")]
 #[derive(Subcommand)]
 pub(crate) enum BenchCommand {
     /// Fill a stopped server's data directory with synthetic certificate records (not in the
@@ -393,12 +395,14 @@ pub(crate) enum BenchCommand {
     },
 }
 
+#[cfg(feature = "bench")]
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub(crate) enum BenchClient {
     Lean,
     Tonic,
 }
 
+#[cfg(feature = "bench")]
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub(crate) enum BenchScenario {
     Verify,
@@ -552,6 +556,7 @@ pub(crate) enum ListOutput {
     Csv,
 }
 
+#[cfg(feature = "bench")]
 /// `payra bench`: a scenario against a running server, or a subcommand.
 #[derive(Args)]
 pub(crate) struct BenchArgs {

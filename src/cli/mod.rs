@@ -4,6 +4,7 @@
 pub mod args;
 pub mod audit;
 pub mod backup;
+#[cfg(feature = "bench")]
 pub mod bench;
 pub mod certificates;
 pub mod connection;
