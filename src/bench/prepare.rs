@@ -1,0 +1,302 @@
+//! Before a run: devices enrolled, intents presigned, OCSP requests built, one set of work per worker.
+
+use std::sync::Arc;
+
+use crate::client::{encode_intent, random_nonce, Client, Credential, DeviceIdentity, DeviceKey};
+use crate::error::{Error, Result};
+use crate::wire::proto;
+
+use super::*;
+
+/// Enrolls a fresh device for `customer`; returns its key and identity.
+pub(super) async fn enroll_device(
+    settings: &BenchSettings,
+    service: &Client,
+    customer: &str,
+    device: &str,
+) -> Result<(DeviceKey, DeviceIdentity, Vec<u8>)> {
+    let token = service
+        .create_enrollment_token(customer, 0)
+        .await
+        .map_err(status_error)?
+        .token;
+    let key = DeviceKey::generate();
+    let phone = connect(settings, Credential::None).await?;
+    let issued = phone
+        .enroll(
+            &token,
+            key.csr_der(device)?,
+            device,
+            proto::DeviceInfo::default(),
+        )
+        .await
+        .map_err(status_error)?;
+    let identity = DeviceIdentity::from_enrollment(&issued);
+    Ok((key, identity, issued.certificate_der))
+}
+
+/// A DER OCSP request (SHA-1 CertID, no nonce) for `certificate` issued by `issuer`.
+pub(super) fn ocsp_request(issuer_der: &[u8], certificate_der: &[u8]) -> Result<Vec<u8>> {
+    use der::{Decode, Encode};
+    use sha1::{Digest, Sha1};
+    let issuer = x509_cert::Certificate::from_der(issuer_der)
+        .map_err(|e| Error::internal(format!("issuer: {e}")))?;
+    let cert = x509_cert::Certificate::from_der(certificate_der)
+        .map_err(|e| Error::internal(format!("certificate: {e}")))?;
+    let name = issuer
+        .tbs_certificate
+        .subject
+        .to_der()
+        .map_err(|e| Error::internal(format!("issuer name: {e}")))?;
+    let key = issuer
+        .tbs_certificate
+        .subject_public_key_info
+        .subject_public_key
+        .raw_bytes();
+    let request = x509_ocsp::OcspRequest {
+        tbs_request: x509_ocsp::TbsRequest {
+            version: Default::default(),
+            requestor_name: None,
+            request_list: vec![x509_ocsp::Request {
+                req_cert: x509_ocsp::CertId {
+                    hash_algorithm: spki::AlgorithmIdentifierOwned {
+                        oid: const_oid::db::rfc5912::ID_SHA_1,
+                        parameters: None,
+                    },
+                    issuer_name_hash: der::asn1::OctetString::new(Sha1::digest(&name).to_vec())
+                        .map_err(|e| Error::internal(e.to_string()))?,
+                    issuer_key_hash: der::asn1::OctetString::new(Sha1::digest(key).to_vec())
+                        .map_err(|e| Error::internal(e.to_string()))?,
+                    serial_number: cert.tbs_certificate.serial_number.clone(),
+                },
+                single_request_extensions: None,
+            }],
+            request_extensions: None,
+        },
+        optional_signature: None,
+    };
+    request
+        .to_der()
+        .map_err(|e| Error::internal(format!("OCSP request: {e}")))
+}
+
+/// Pre-signed intents are sized for at most this closed-loop rate (twice the raw verify rate of
+/// a 2-core machine); `--rate` or `--max-requests` size them otherwise.
+const MAX_CLOSED_LOOP_VERIFY_RATE: f64 = 40_000.0;
+/// Upper bound on pre-signed intents (about 400 bytes each).
+const MAX_PRESIGNED: u64 = 500_000;
+
+/// Builds `count` VerifyPayment requests for one device, each a fresh intent with its own
+/// nonce, signed with ring exactly as docs/payment-signature.md says a device signs.
+pub(super) fn presign(
+    key: &DeviceKey,
+    identity: &DeviceIdentity,
+    count: usize,
+    reserve: bool,
+) -> Result<Vec<proto::VerifyPaymentRequest>> {
+    let amount_fen = if reserve { 1 } else { 100 };
+    use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
+    let rng = ring::rand::SystemRandom::new();
+    let secret = key.secret();
+    let public =
+        p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&secret.public_key(), false);
+    let signer = EcdsaKeyPair::from_private_key_and_public_key(
+        &ECDSA_P256_SHA256_ASN1_SIGNING,
+        &secret.to_bytes(),
+        public.as_bytes(),
+        &rng,
+    )
+    .map_err(|e| Error::internal(format!("loading the device key into ring: {e}")))?;
+    let now_ms = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
+    (0..count)
+        .map(|n| {
+            let intent = proto::PaymentIntent {
+                customer_id: identity.customer_id.clone(),
+                device_id: identity.device_id.clone(),
+                merchant_id: "bench-merchant".into(),
+                order_id: format!("order-{n}"),
+                amount_fen,
+                currency: "CNY".into(),
+                created_at_ms: now_ms,
+                nonce: random_nonce(),
+                scene: proto::Scene::InApp as i32,
+            };
+            let bytes = encode_intent(&intent);
+            let signature = signer
+                .sign(&rng, &crate::ra::signature::signed_message(&bytes))
+                .map_err(|e| Error::internal(format!("signing: {e}")))?;
+            Ok(proto::VerifyPaymentRequest {
+                signature: signature.as_ref().to_vec(),
+                intent: bytes,
+                certificate_serial: identity.serial.clone(),
+                transaction: Some(proto::Transaction {
+                    merchant_id: intent.merchant_id,
+                    order_id: intent.order_id,
+                    amount_fen,
+                    currency: "CNY".into(),
+                }),
+                factors: if reserve {
+                    Vec::new()
+                } else {
+                    vec![proto::Factor {
+                        category: proto::FactorCategory::Knowledge as i32,
+                        method: "payment_pin".into(),
+                    }]
+                },
+                reserve,
+            })
+        })
+        .collect()
+}
+
+pub(super) async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
+    let service = connect(settings, Credential::role(&settings.certs, "service")).await?;
+    let mut work = Vec::with_capacity(settings.concurrency);
+    match settings.scenario {
+        Scenario::Verify => {
+            // Enough signed intents for the whole run at the expected pace (or the request
+            // budget, if smaller); a worker that runs out stops, which the report shows.
+            let seconds = (settings.duration + settings.warmup).as_secs_f64();
+            let pace = settings.rate.unwrap_or(MAX_CLOSED_LOOP_VERIFY_RATE);
+            let total = ((pace * seconds * 1.1) as u64)
+                .min(settings.max_requests)
+                .min(MAX_PRESIGNED);
+            let per_worker = (total / settings.concurrency as u64).max(1) as usize;
+            let mut devices = Vec::with_capacity(settings.concurrency);
+            for worker in 0..settings.concurrency {
+                let customer = format!("bench-{}-{worker}", random_suffix());
+                let (key, identity, _) =
+                    enroll_device(settings, &service, &customer, &format!("{customer}-phone"))
+                        .await?;
+                devices.push((key, identity));
+            }
+            // Signed on two threads; the server is idle meanwhile.
+            let reserve = settings.reserve;
+            let signed = tokio::task::spawn_blocking(move || {
+                let half = devices.len().div_ceil(2);
+                std::thread::scope(|scope| {
+                    let parts: Vec<_> = devices
+                        .chunks(half.max(1))
+                        .map(|part| {
+                            scope.spawn(move || {
+                                part.iter()
+                                    .map(|(key, identity)| {
+                                        presign(key, identity, per_worker, reserve)
+                                    })
+                                    .collect::<Result<Vec<_>>>()
+                            })
+                        })
+                        .collect();
+                    let mut all = Vec::new();
+                    for part in parts {
+                        all.extend(
+                            part.join()
+                                .map_err(|_| Error::internal("signing thread panicked"))??,
+                        );
+                    }
+                    Ok::<_, Error>(all)
+                })
+            })
+            .await
+            .map_err(|e| Error::internal(format!("signing intents: {e}")))??;
+            // A payment service multiplexes its calls over a few HTTP/2 connections.
+            let mut clients = Vec::new();
+            for _ in 0..settings.connections.clamp(1, settings.concurrency) {
+                clients.push(
+                    Caller::connect(settings, Credential::role(&settings.certs, "service")).await?,
+                );
+            }
+            for (i, requests) in signed.into_iter().enumerate() {
+                work.push(Work::Verify {
+                    client: clients[i % clients.len()].clone(),
+                    requests,
+                });
+            }
+        }
+        Scenario::Enroll => {
+            let csrs: Arc<Vec<Vec<u8>>> = Arc::new(
+                (0..64)
+                    .map(|i| DeviceKey::generate().csr_der(&format!("bench-{i}")))
+                    .collect::<Result<_>>()?,
+            );
+            let per_worker = (settings.max_requests / settings.concurrency as u64).clamp(1, 20_000);
+            // The workers' tokens are created concurrently, as many calls in flight as the
+            // run will have, so that a large run does not spend minutes on its set-up.
+            let mut minting = tokio::task::JoinSet::new();
+            for _ in 0..settings.concurrency {
+                let service = service.clone();
+                minting.spawn(async move {
+                    let mut tokens = Vec::with_capacity(per_worker as usize);
+                    for _ in 0..per_worker {
+                        tokens.push(
+                            service
+                                .create_enrollment_token("bench-enroll", 0)
+                                .await
+                                .map_err(status_error)?
+                                .token,
+                        );
+                    }
+                    Ok::<_, Error>(tokens)
+                });
+            }
+            let mut minted = Vec::with_capacity(settings.concurrency);
+            while let Some(tokens) = minting.join_next().await {
+                minted.push(
+                    tokens.map_err(|e| Error::internal(format!("token task failed: {e}")))??,
+                );
+            }
+            for tokens in minted {
+                work.push(Work::Enroll {
+                    client: Caller::connect(settings, Credential::None).await?,
+                    tokens,
+                    csrs: csrs.clone(),
+                });
+            }
+        }
+        Scenario::Token => {
+            for _ in 0..settings.concurrency {
+                work.push(Work::Token {
+                    client: Caller::connect(settings, Credential::role(&settings.certs, "service"))
+                        .await?,
+                });
+            }
+        }
+        Scenario::Status | Scenario::Ocsp => {
+            let issuer = crate::ca::pki::read_certificate_der(&settings.certs.join("issuing.pem"))?;
+            let mut serials = Vec::new();
+            let mut requests = Vec::new();
+            for i in 0..16 {
+                let customer = format!("bench-{}-{i}", random_suffix());
+                let (_, identity, der) =
+                    enroll_device(settings, &service, &customer, &format!("{customer}-phone"))
+                        .await?;
+                serials.push(identity.serial);
+                requests.push(ocsp_request(&issuer, &der)?);
+            }
+            let serials = Arc::new(serials);
+            let requests = Arc::new(requests);
+            let address = require_loopback("HTTP address", &settings.http)?;
+            for _ in 0..settings.concurrency {
+                work.push(match settings.scenario {
+                    Scenario::Status => Work::Status {
+                        client: Caller::connect(
+                            settings,
+                            Credential::role(&settings.certs, "service"),
+                        )
+                        .await?,
+                        serials: serials.clone(),
+                    },
+                    _ => Work::Ocsp {
+                        address,
+                        requests: requests.clone(),
+                    },
+                });
+            }
+        }
+    }
+    Ok(work)
+}
+
+pub(super) fn random_suffix() -> String {
+    crate::model::Serial::random().to_hex()[..8].to_string()
+}
