@@ -1,4 +1,5 @@
-//! Before a run: devices enrolled, intents presigned, OCSP requests built, one set of work per worker.
+//! Before a run: devices enrolled, intents presigned, OCSP requests built, one set of work
+//! per worker.
 
 use std::sync::Arc;
 
