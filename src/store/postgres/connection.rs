@@ -9,11 +9,11 @@ use std::time::Duration;
 use deadpool_postgres::Transaction;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 
-use super::super::audit::AuditEvent;
-use super::super::{IssueOutcome, IssueReceiver, OnIssued};
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
 use crate::model::Serial;
+use crate::store::audit::AuditEvent;
+use crate::store::{IssueOutcome, IssueReceiver, OnIssued};
 
 use super::*;
 

@@ -9,11 +9,11 @@ use std::sync::Arc;
 use deadpool_postgres::Pool;
 use deadpool_postgres::Transaction;
 
-use super::super::audit::{chain_hash, AuditBody, AuditEntry, AuditEvent, ChainHead};
-use super::super::records::{CertificateRecord, CertificateSummary, RevokedEntry};
 use crate::config::StoreConfig;
 use crate::error::{Error, Result};
 use crate::model::Serial;
+use crate::store::audit::{chain_hash, AuditBody, AuditEntry, AuditEvent, ChainHead};
+use crate::store::records::{CertificateRecord, CertificateSummary, RevokedEntry};
 
 /// The database password: from `password_file` (not readable by group or others), else from
 /// the environment variable `password_env`, else none.

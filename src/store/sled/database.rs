@@ -1,0 +1,302 @@
+//! The sled database itself: opening it (and recovering the issuance journal), the write
+//! turn and its syncs, the certificate summaries built for an older database, and the
+//! consistent export a backup takes.
+
+use super::*;
+
+impl SledStore {
+    /// Opens (or creates) the database in `dir`.
+    pub fn open(dir: &Path) -> Result<SledStore> {
+        std::fs::create_dir_all(dir)?;
+        // sled's page cache defaults to 1 GiB; payra keeps what the hot path needs in its own
+        // maps, so a small cache suffices and keeps the resident size down.
+        let config = sled::Config::new()
+            .path(dir)
+            .cache_capacity(SLED_CACHE_BYTES);
+        // sled's I/O threads can hold the database's file lock for a moment after the last
+        // handle in this process is gone (a reopen in the same process, as a restore or a test
+        // does), so a held lock is tried again for up to LOCK_WAIT. Another process holding it
+        // (a running server) still gets the error, after that wait.
+        let started = std::time::Instant::now();
+        let db = loop {
+            match config.open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e)) if lock_held(&e) && started.elapsed() < LOCK_WAIT => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => {
+                    return Err(Error::internal(format!(
+                        "opening database {}: {e}",
+                        dir.display()
+                    )))
+                }
+            }
+        };
+        let commit = GroupCommit::new(db.clone(), dir)?;
+        let (journal, journaled) = IssuanceJournal::open(&dir.join(ISSUANCE_JOURNAL_FILE))?;
+        let store = SledStore {
+            certificates: db.open_tree("certificates")?,
+            tokens: db.open_tree("tokens")?,
+            by_customer: db.open_tree("by_customer")?,
+            by_device: db.open_tree("by_device")?,
+            revoked: db.open_tree("revoked")?,
+            meta: db.open_tree("meta")?,
+            write_turn: std::sync::Mutex::new(()),
+            issue_queue: std::sync::Mutex::new(IssueQueue::default()),
+            ledger: db.open_tree("ledger")?,
+            releases: db.open_tree("releases")?,
+            summaries: db.open_tree("cert_summaries")?,
+            agreed_limits: db.open_tree("agreed_limits")?,
+            audit: db.open_tree("audit")?,
+            client_certificates: db.open_tree("client_certificates")?,
+            db,
+            commit,
+            journal: std::sync::Mutex::new(journal),
+            journal_syncs: std::sync::atomic::AtomicU64::new(0),
+            #[cfg(test)]
+            skip_apply: std::sync::atomic::AtomicBool::new(false),
+            journal_reset_bytes: std::sync::atomic::AtomicU64::new(IssuanceJournal::RESET_BYTES),
+            sled_changes: std::sync::atomic::AtomicU64::new(0),
+            sled_changes_synced: std::sync::atomic::AtomicU64::new(0),
+            dir: dir.to_path_buf(),
+            decisions_opened: std::sync::atomic::AtomicBool::new(false),
+        };
+        store.recover_issuance(journaled)?;
+        store.build_missing_summaries()?;
+        Ok(store)
+    }
+
+    /// Empties the summaries tree, as a database from before it existed would be (tests).
+    #[cfg(test)]
+    pub fn danger_clear_summaries(&self) -> Result<()> {
+        self.summaries.clear()?;
+        self.sync_sled()
+    }
+
+    /// A database written before the `cert_summaries` tree existed gets it built once, from
+    /// the full records.
+    pub(super) fn build_missing_summaries(&self) -> Result<()> {
+        if !self.summaries.is_empty() || self.certificates.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        let mut count = 0u64;
+        for entry in self.certificates.iter() {
+            let (serial, value) = entry?;
+            let record: CertificateRecord = decode(&value)?;
+            batch.insert(serial, CertificateSummary::of(&record)?.encode());
+            count += 1;
+            if count % 10_000 == 0 {
+                self.summaries.apply_batch(std::mem::take(&mut batch))?;
+            }
+        }
+        self.summaries.apply_batch(batch)?;
+        self.sync_sled()?;
+        tracing::info!(certificates = count, "built the certificate summaries");
+        Ok(())
+    }
+
+    /// Deletes up to `limit` entries of `tree` after the key `after` that `old` picks (key,
+    /// value), in one transaction with an audit entry whose outcome `outcome` words from the
+    /// count, then syncs. The scan runs without the write turn (the entries it picks stay
+    /// picked: they only age); the deletion takes it. Returns how many went, and the key to
+    /// go on after, or `None` once the scan reached the end of the tree.
+    pub(super) fn purge_where(
+        &self,
+        tree: &sled::Tree,
+        after: Option<&[u8]>,
+        limit: usize,
+        audit: &AuditEvent,
+        old: impl Fn(&[u8], &[u8]) -> Result<bool>,
+        outcome: impl Fn(usize) -> String,
+    ) -> Result<(usize, Option<Vec<u8>>)> {
+        let entries = match after {
+            Some(after) => tree
+                .range::<&[u8], _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded)),
+            None => tree.iter(),
+        };
+        let mut keys = Vec::new();
+        let mut next = None;
+        for entry in entries {
+            let (key, value) = entry?;
+            if old(&key, &value)? {
+                keys.push(key);
+                if keys.len() == limit {
+                    next = keys.last().map(|key| key.to_vec());
+                    break;
+                }
+            }
+        }
+        if keys.is_empty() {
+            return Ok((0, next));
+        }
+        let writing = self.writing();
+        let result = (tree, &self.audit, &self.meta).transaction(|(tree, log, meta)| {
+            for key in &keys {
+                tree.remove(key)?;
+            }
+            let mut event = audit.clone();
+            event.outcome = outcome(keys.len());
+            append_audit(log, meta, &event)?;
+            Ok(())
+        });
+        finish(result)?;
+        drop(writing);
+        self.sync_sled()?;
+        Ok((keys.len(), next))
+    }
+
+    /// The trees a revocation or a release from hold changes, in the order their
+    /// transactions name them: certificates, revoked, audit, meta, summaries.
+    pub(super) fn revocation_trees(&self) -> (&Tree, &Tree, &Tree, &Tree, &Tree) {
+        (
+            &self.certificates,
+            &self.revoked,
+            &self.audit,
+            &self.meta,
+            &self.summaries,
+        )
+    }
+
+    /// Whether no writer holds the write turn now (tests of what runs under it).
+    #[cfg(test)]
+    pub(in crate::store) fn write_turn_is_free(&self) -> bool {
+        self.write_turn.try_lock().is_ok()
+    }
+
+    /// Counts a change to sled made under the write turn (see [`WriteTurn`]).
+    pub(super) fn sled_changed(&self) {
+        self.sled_changes
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Makes sled's writes durable (the group commit), and notes that every audited change
+    /// counted before the sync began is covered.
+    pub(super) fn sync_sled(&self) -> Result<()> {
+        let changes = self.sled_changes.load(std::sync::atomic::Ordering::Acquire);
+        self.commit.sync()?;
+        self.sled_changes_synced
+            .fetch_max(changes, std::sync::atomic::Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// The write turn of a writer that changes sled directly. Releasing it counts a change,
+    /// which a later sled sync must cover before an issuance batch chains after it.
+    pub(super) fn writing(&self) -> WriteTurn<'_> {
+        WriteTurn {
+            store: self,
+            _turn: self.journal_turn(),
+        }
+    }
+
+    /// Writes a consistent snapshot of every tree to `out` (see [`backup`]): writers
+    /// pause while it is taken.
+    pub(super) fn export_trees(
+        &self,
+        out: &mut dyn std::io::Write,
+        created_at_ms: i64,
+        decision_log: &mut FrameSource<'_>,
+    ) -> Result<backup::BackupSummary> {
+        let mut exclusive = Some(self.writing());
+        self.sync_sled()?;
+        let trees: Vec<(String, Tree)> = self
+            .db
+            .tree_names()
+            .into_iter()
+            .filter_map(|name| {
+                let name = String::from_utf8(name.to_vec()).ok()?;
+                let tree = self.db.open_tree(&name).ok()?;
+                Some((name, tree))
+            })
+            .collect();
+        // Writers wait only while the trees are copied; the decision log's durable frames are
+        // copied after (they never change once written).
+        backup::write_backup(
+            out,
+            created_at_ms,
+            &trees,
+            &mut || drop(exclusive.take()),
+            decision_log,
+        )
+    }
+
+    /// Inserts certificate records with their indexes in large batches, with no audit entry
+    /// and one sync at the end. For building benchmark data sets only (`payra bench
+    /// populate`): records written this way are not in the audit chain.
+    pub fn danger_bulk_insert_certificates(
+        &self,
+        records: impl Iterator<Item = CertificateRecord>,
+    ) -> Result<u64> {
+        let _writing = self.writing();
+        let mut count = 0u64;
+        let mut certificates = sled::Batch::default();
+        let mut by_customer = sled::Batch::default();
+        let mut by_device = sled::Batch::default();
+        let mut summaries = sled::Batch::default();
+        let mut pending = 0;
+        for record in records {
+            certificates.insert(record.serial.as_bytes(), encode(&record)?);
+            summaries.insert(
+                record.serial.as_bytes(),
+                CertificateSummary::of(&record)?.encode(),
+            );
+            by_customer.insert(
+                index_key(record.customer_id.as_str(), &record.serial),
+                &[] as &[u8],
+            );
+            by_device.insert(
+                index_key(record.device_id.as_str(), &record.serial),
+                &[] as &[u8],
+            );
+            count += 1;
+            pending += 1;
+            if pending == 10_000 {
+                self.certificates
+                    .apply_batch(std::mem::take(&mut certificates))?;
+                self.by_customer
+                    .apply_batch(std::mem::take(&mut by_customer))?;
+                self.by_device.apply_batch(std::mem::take(&mut by_device))?;
+                self.summaries.apply_batch(std::mem::take(&mut summaries))?;
+                pending = 0;
+            }
+        }
+        self.certificates.apply_batch(certificates)?;
+        self.by_customer.apply_batch(by_customer)?;
+        self.by_device.apply_batch(by_device)?;
+        self.summaries.apply_batch(summaries)?;
+        self.sync_sled()?;
+        Ok(count)
+    }
+
+    /// The durability barrier, for metrics and tests of batching.
+    pub fn group_commit(&self) -> &GroupCommit {
+        &self.commit
+    }
+
+    /// Durable syncs of the database so far: the group commit's and the issuance journal's.
+    pub fn syncs(&self) -> u64 {
+        self.commit.syncs()
+            + self
+                .journal_syncs
+                .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Flushes and syncs everything; for shutdown.
+    pub fn close(&self) -> Result<()> {
+        self.sync_sled()?;
+        let _ = &self.db;
+        Ok(())
+    }
+
+    pub(super) fn serials_under(tree: &Tree, id: &str) -> Result<Vec<Serial>> {
+        let prefix = index_prefix(id);
+        tree.scan_prefix(&prefix)
+            .keys()
+            .map(|key| {
+                let key = key?;
+                Serial::from_bytes("serial", &key[prefix.len()..])
+                    .map_err(|e| Error::internal(format!("corrupt index key: {e}")))
+            })
+            .collect()
+    }
+}
