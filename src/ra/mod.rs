@@ -5,6 +5,7 @@
 mod agreed_limits;
 mod cache;
 mod clients;
+mod decision;
 mod enrollment;
 mod key_claims;
 pub mod limits;
