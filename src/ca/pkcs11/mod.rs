@@ -31,9 +31,12 @@ use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
 use sha2::Digest;
 
+mod uri;
+
 use super::signer::CaSigner;
 use crate::config::Pkcs11Config;
 use crate::error::{Error, Result};
+use uri::{parse_uri, UriParts};
 
 /// DER of the P-256 curve's OID (prime256v1), as CKA_EC_PARAMS holds it.
 const P256_PARAMS: [u8; 10] = [0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
@@ -180,123 +183,6 @@ impl KeyLocation {
             (None, None) => "key".into(),
         }
     }
-}
-
-/// What a `pkcs11:` URI says (RFC 7512), of the attributes payra uses.
-#[derive(Debug, Default, PartialEq, Eq)]
-struct UriParts {
-    token: Option<String>,
-    serial: Option<String>,
-    object: Option<String>,
-    id: Option<Vec<u8>>,
-    module: Option<PathBuf>,
-    pin_file: Option<PathBuf>,
-}
-
-/// Decodes %XX escapes.
-fn percent_decode(value: &str) -> Result<Vec<u8>> {
-    let bytes = value.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex_pair = bytes
-                .get(i + 1..i + 3)
-                .filter(|pair| pair.iter().all(u8::is_ascii_hexdigit))
-                .and_then(|pair| std::str::from_utf8(pair).ok())
-                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-                .ok_or_else(|| {
-                    Error::invalid("pkcs11.uri", format!("a bad %-escape in {value:?}"))
-                })?;
-            out.push(hex_pair);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    Ok(out)
-}
-
-/// Parses the attributes payra reads from an RFC 7512 URI: `token`, `serial`, `object`,
-/// `id`, `type` (must be `private`) in the path; `module-path` and `pin-source` (a file) in
-/// the query. `pin-value` is refused (a PIN does not belong in the configuration), and so is
-/// any other attribute, except vendor ones (`x-`).
-fn parse_uri(uri: &str) -> Result<UriParts> {
-    let invalid = |why: String| Error::invalid("pkcs11.uri", why);
-    let rest = uri
-        .strip_prefix("pkcs11:")
-        .ok_or_else(|| invalid("must start with pkcs11:".into()))?;
-    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
-    let mut parts = UriParts::default();
-    let text = |name: &str, value: &str| -> Result<String> {
-        String::from_utf8(percent_decode(value)?)
-            .map_err(|_| invalid(format!("{name} is not UTF-8")))
-    };
-    let mut seen = std::collections::HashSet::new();
-    for attribute in path.split(';').filter(|a| !a.is_empty()) {
-        let (name, value) = attribute
-            .split_once('=')
-            .ok_or_else(|| invalid(format!("{attribute:?} has no value")))?;
-        if !seen.insert(name.to_string()) {
-            return Err(invalid(format!("{name} appears twice")));
-        }
-        match name {
-            "token" => parts.token = Some(text(name, value)?),
-            "serial" => parts.serial = Some(text(name, value)?),
-            "object" => parts.object = Some(text(name, value)?),
-            "id" => parts.id = Some(percent_decode(value)?),
-            "type" if value == "private" => {}
-            "type" => return Err(invalid(format!("type={value}: the key must be private"))),
-            "manufacturer"
-            | "model"
-            | "library-description"
-            | "library-manufacturer"
-            | "library-version"
-            | "slot-description"
-            | "slot-manufacturer" => {}
-            other if other.starts_with("x-") => {}
-            other => {
-                return Err(invalid(format!(
-                    "payra does not use the attribute {other:?}"
-                )))
-            }
-        }
-    }
-    for attribute in query.split('&').filter(|a| !a.is_empty()) {
-        let (name, value) = attribute
-            .split_once('=')
-            .ok_or_else(|| invalid(format!("{attribute:?} has no value")))?;
-        if !seen.insert(name.to_string()) {
-            return Err(invalid(format!("{name} appears twice")));
-        }
-        match name {
-            "module-path" => parts.module = Some(PathBuf::from(text(name, value)?)),
-            "pin-source" => {
-                let source = text(name, value)?;
-                let path = source.strip_prefix("file:").unwrap_or(&source);
-                if !path.starts_with('/') || path.starts_with("//") {
-                    return Err(invalid(format!(
-                        "pin-source {source:?} must be an absolute file path"
-                    )));
-                }
-                parts.pin_file = Some(PathBuf::from(path));
-            }
-            "pin-value" => {
-                return Err(invalid(
-                    "pin-value puts the PIN in the configuration: use pin-source or pin_file"
-                        .into(),
-                ))
-            }
-            other if other.starts_with("x-") => {}
-            other => {
-                return Err(invalid(format!(
-                    "payra does not use the attribute {other:?}"
-                )))
-            }
-        }
-    }
-    Ok(parts)
 }
 
 /// Whether `error` means the session, its login, the key's handle or the token is gone (a
@@ -772,92 +658,4 @@ impl CaSigner for Pkcs11Signer {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(uri: Option<&str>) -> Pkcs11Config {
-        Pkcs11Config {
-            uri: uri.map(str::to_string),
-            ..Pkcs11Config::default()
-        }
-    }
-
-    #[test]
-    fn a_uri_names_module_token_key_and_pin_file() {
-        let location = KeyLocation::from_config(&config(Some(
-            "pkcs11:token=payra%20ca;object=issuing;id=%01%a2;type=private\
-             ?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/payra/pin",
-        )))
-        .unwrap();
-        assert_eq!(
-            location.module,
-            PathBuf::from("/usr/lib/softhsm/libsofthsm2.so")
-        );
-        assert_eq!(location.token, TokenRef::Label("payra ca".into()));
-        assert_eq!(location.key_label.as_deref(), Some("issuing"));
-        assert_eq!(location.key_id, Some(vec![0x01, 0xa2]));
-        assert_eq!(location.pin_file, Some(PathBuf::from("/etc/payra/pin")));
-    }
-
-    #[test]
-    fn fields_and_uri_combine_and_disagreements_are_refused() {
-        let mut both = config(Some("pkcs11:token=a;object=k"));
-        both.module = Some("/m.so".into());
-        let location = KeyLocation::from_config(&both).unwrap();
-        assert_eq!(location.module, PathBuf::from("/m.so"));
-        both.token_label = Some("b".into());
-        let refused = KeyLocation::from_config(&both).unwrap_err().to_string();
-        assert!(refused.contains("token_label"), "{refused}");
-
-        for (uri, why) in [
-            (
-                "pkcs11:token=a;object=k?module-path=/m.so&pin-value=1234",
-                "pin-value",
-            ),
-            (
-                "pkcs11:token=a;object=k;type=public?module-path=/m.so",
-                "private",
-            ),
-            ("pkcs11:token=a;token=b;object=k?module-path=/m.so", "twice"),
-            (
-                "pkcs11:token=a;object=k;slot-id=3?module-path=/m.so",
-                "slot-id",
-            ),
-            ("pkcs11:token=a;id=%zz?module-path=/m.so", "escape"),
-            ("pkcs11:token=a;id=%+f?module-path=/m.so", "escape"),
-            (
-                "pkcs11:token=a;object=k?module-path=/m.so&module-path=/n.so",
-                "twice",
-            ),
-            (
-                "pkcs11:token=a;object=k?module-path=/m.so&pin-source=file://host/p",
-                "absolute",
-            ),
-            ("pkcs11:object=k?module-path=/m.so", "name the token"),
-            ("pkcs11:token=a?module-path=/m.so", "name the key"),
-            ("pkcs11:token=a;object=k", "module"),
-            (
-                "pkcs11:token=a;object=k?module-path=/m.so&pin-source=pin.txt",
-                "absolute",
-            ),
-            ("file:token=a", "pkcs11:"),
-        ] {
-            let refused = KeyLocation::from_config(&config(Some(uri)))
-                .expect_err(uri)
-                .to_string();
-            assert!(refused.contains(why), "{uri}: {refused}");
-        }
-    }
-
-    #[test]
-    fn ec_points_are_read_wrapped_or_bare() {
-        let mut point = vec![0x04];
-        point.extend([0x3f; 64]);
-        assert_eq!(sec1_from_ec_point(&point), Some(point.clone()));
-        let mut wrapped = vec![0x04, 0x41];
-        wrapped.extend(&point);
-        assert_eq!(sec1_from_ec_point(&wrapped), Some(point.clone()));
-        assert_eq!(sec1_from_ec_point(&point[..33]), None, "compressed");
-        assert_eq!(sec1_from_ec_point(&[0x04, 0x01, 0x04]), None);
-    }
-}
+mod tests;
