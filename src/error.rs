@@ -41,6 +41,10 @@ pub enum Error {
     /// phone's credential), expired or used (`FAILED_PRECONDITION`).
     #[error("{0}")]
     Token(crate::model::TokenRejection),
+    /// A revocation or a release from hold that cannot be made: no such certificate
+    /// (`NOT_FOUND`), or its state does not allow it (`FAILED_PRECONDITION`).
+    #[error("{0}")]
+    Revoke(crate::model::RevokeRejection),
     /// A fault inside payra (storage, signing). The text is for the log, never for the caller.
     #[error("internal error: {0}")]
     Internal(String),
@@ -87,6 +91,8 @@ impl Error {
             Error::Unavailable(_) => ErrorKind::Unavailable,
             Error::Token(crate::model::TokenRejection::Unknown) => ErrorKind::Unauthenticated,
             Error::Token(_) => ErrorKind::FailedPrecondition,
+            Error::Revoke(crate::model::RevokeRejection::NotFound(_)) => ErrorKind::NotFound,
+            Error::Revoke(_) => ErrorKind::FailedPrecondition,
             Error::Internal(_) => ErrorKind::Internal,
         }
     }

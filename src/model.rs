@@ -535,3 +535,63 @@ impl std::fmt::Display for TokenRejection {
         }
     }
 }
+
+/// A revocation as recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Revocation {
+    pub revoked_at_s: i64,
+    pub reason: RevocationReason,
+}
+
+impl Revocation {
+    /// The revocation a certificate holds once `self` is applied over `existing`, or `None`
+    /// when it cannot be: a revocation is final, except that a certificate on hold may be
+    /// revoked for good. Then the hold's time stays the revocation time: the certificate has
+    /// not been valid since it was held, and for a disputed payment the earlier time counts.
+    pub fn applied_over(self, existing: Option<Revocation>) -> Option<Revocation> {
+        match existing {
+            None => Some(self),
+            Some(held)
+                if held.reason == RevocationReason::CertificateHold
+                    && self.reason != RevocationReason::CertificateHold =>
+            {
+                Some(Revocation {
+                    revoked_at_s: held.revoked_at_s.min(self.revoked_at_s),
+                    reason: self.reason,
+                })
+            }
+            Some(_) => None,
+        }
+    }
+}
+
+/// Why a certificate could not be revoked, renewed or released from hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevokeRejection {
+    NotFound(Serial),
+    AlreadyRevoked(Serial, Revocation),
+    /// Unhold of a certificate that is not on hold.
+    NotOnHold(Serial),
+}
+
+impl std::fmt::Display for RevokeRejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RevokeRejection::NotFound(serial) => {
+                write!(f, "no certificate with serial {serial}")
+            }
+            RevokeRejection::AlreadyRevoked(serial, existing) => write!(
+                f,
+                "certificate {serial} was already revoked at {} with reason {}; a revocation \
+                 is final (only certificate-hold can be released or made permanent)",
+                moment(existing.revoked_at_s),
+                existing.reason.cli_name()
+            ),
+            RevokeRejection::NotOnHold(serial) => write!(
+                f,
+                "certificate {serial} is not on hold; only certificate-hold can be released"
+            ),
+        }
+    }
+}

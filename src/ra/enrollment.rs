@@ -717,4 +717,46 @@ mod tests {
         assert_eq!(unknown.kind(), crate::error::ErrorKind::Unauthenticated);
         ra.close_decisions().unwrap();
     }
+
+    #[tokio::test]
+    async fn a_revocation_that_cannot_be_made_is_a_typed_error_with_its_status() {
+        let dir = tempfile::tempdir().unwrap();
+        let ra = test_ra(&dir);
+        let actor = Actor::system();
+        let customer = CustomerId::parse("customer_id", "typed-revoke").unwrap();
+        let issued = ra
+            .commit_enrollment(prepare(&ra, &customer, "typed-phone"))
+            .await
+            .unwrap();
+        let serial = issued.record.serial.clone();
+        ra.revoke_certificate(&actor, &serial, RevocationReason::Superseded)
+            .unwrap();
+
+        let again = ra
+            .revoke_certificate(&actor, &serial, RevocationReason::Superseded)
+            .unwrap_err();
+        assert!(
+            matches!(&again, Error::Revoke(RevokeRejection::AlreadyRevoked(s, r))
+                if *s == serial && r.reason == RevocationReason::Superseded),
+            "{again:?}"
+        );
+        assert_eq!(again.kind(), crate::error::ErrorKind::FailedPrecondition);
+
+        let not_held = ra.unhold_certificate(&actor, &serial).unwrap_err();
+        assert!(
+            matches!(&not_held, Error::Revoke(RevokeRejection::NotOnHold(s)) if *s == serial),
+            "{not_held:?}"
+        );
+
+        let unknown = Serial::random();
+        let missing = ra
+            .revoke_certificate(&actor, &unknown, RevocationReason::Superseded)
+            .unwrap_err();
+        assert_eq!(
+            missing.kind(),
+            crate::error::ErrorKind::NotFound,
+            "{missing:?}"
+        );
+        ra.close_decisions().unwrap();
+    }
 }

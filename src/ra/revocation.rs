@@ -4,7 +4,7 @@ use super::status::{CertificateStatus, StatusView};
 use super::Ra;
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, DeviceId, RevocationReason, Serial};
-use crate::store::{Actor, AuditEvent, CertificateRecord, Revocation, RevokeRejection};
+use crate::store::{Actor, AuditEvent, CertificateRecord, Revocation};
 use crate::sync::Unpoisoned;
 
 /// What a revocation call did (or, with `dry_run`, would do).
@@ -46,23 +46,6 @@ pub const MAX_PAGE_SIZE: usize = 1000;
 /// Most records one ListCertificates call examines without an index, so a call with a
 /// rare filter returns a short page (with a page token) instead of scanning everything.
 const MAX_SCAN_PER_PAGE: usize = 10_000;
-
-fn rejection_error(rejection: RevokeRejection) -> Error {
-    match rejection {
-        RevokeRejection::NotFound(serial) => {
-            Error::NotFound(format!("no certificate with serial {serial}"))
-        }
-        RevokeRejection::AlreadyRevoked(serial, existing) => Error::FailedPrecondition(format!(
-            "certificate {serial} was already revoked at {} with reason {}; a \
-             revocation is final (only certificate-hold can be released or made permanent)",
-            crate::model::moment(existing.revoked_at_s),
-            existing.reason.cli_name()
-        )),
-        RevokeRejection::NotOnHold(serial) => Error::FailedPrecondition(format!(
-            "certificate {serial} is not on hold; only certificate-hold can be released"
-        )),
-    }
-}
 
 impl Ra {
     /// Revokes one certificate. Unknown serial: `NotFound`. Already revoked:
@@ -277,7 +260,7 @@ impl Ra {
                     reason.cli_name(),
                 ),
             )?
-            .map_err(rejection_error)?;
+            .map_err(Error::Revoke)?;
         self.cache_stored_revocations(&serials, Some(revocation));
         self.metrics
             .certificates_revoked
@@ -342,10 +325,7 @@ impl Ra {
             serial.to_hex(),
             "ok",
         );
-        let record = self
-            .store
-            .unhold(serial, &audit)?
-            .map_err(rejection_error)?;
+        let record = self.store.unhold(serial, &audit)?.map_err(Error::Revoke)?;
         self.cache_stored_revocations(std::slice::from_ref(serial), None);
         self.publication.revocation_changed();
         tracing::info!(serial = %serial, "certificate released from hold");

@@ -90,14 +90,7 @@ pub enum IssueOutcome {
     KeyCompromised,
 }
 
-/// Why a certificate could not be revoked, renewed or released from hold.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum RevokeRejection {
-    NotFound(Serial),
-    AlreadyRevoked(Serial, Revocation),
-    /// Unhold of a certificate that is not on hold.
-    NotOnHold(Serial),
-}
+pub use crate::model::RevokeRejection;
 
 /// A (device key, nonce) pair claimed by a verification, remembered until `expires_at_ms`.
 /// Claimed per key, not per certificate: one key certified twice (a second enrollment, a

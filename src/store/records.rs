@@ -36,35 +36,7 @@ pub struct TokenRecord {
     pub used_for_serial: Option<Serial>,
 }
 
-/// A revocation as recorded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Revocation {
-    pub revoked_at_s: i64,
-    pub reason: RevocationReason,
-}
-
-impl Revocation {
-    /// The revocation a certificate holds once `self` is applied over `existing`, or `None`
-    /// when it cannot be: a revocation is final, except that a certificate on hold may be
-    /// revoked for good. Then the hold's time stays the revocation time: the certificate has
-    /// not been valid since it was held, and for a disputed payment the earlier time counts.
-    pub fn applied_over(self, existing: Option<Revocation>) -> Option<Revocation> {
-        match existing {
-            None => Some(self),
-            Some(held)
-                if held.reason == RevocationReason::CertificateHold
-                    && self.reason != RevocationReason::CertificateHold =>
-            {
-                Some(Revocation {
-                    revoked_at_s: held.revoked_at_s.min(self.revoked_at_s),
-                    reason: self.reason,
-                })
-            }
-            Some(_) => None,
-        }
-    }
-}
+pub use crate::model::Revocation;
 
 /// The fields of a [`CertificateRecord`] that the verification cache keeps, stored beside the
 /// record in a compact binary form (the `cert_summaries` tree) so that loading a million of
