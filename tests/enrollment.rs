@@ -206,48 +206,18 @@ async fn ok_a_leaf_never_outlives_its_issuer() {
 async fn ok_openssl_made_csr_is_accepted_and_its_requests_ignored() {
     let server = TestServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key.pem");
-    let csr = dir.path().join("csr.der");
-    let (ok, out) = openssl(&[
-        "ecparam",
-        "-name",
-        "prime256v1",
-        "-genkey",
-        "-noout",
-        "-out",
-        path_str(&key),
-    ]);
-    assert!(ok, "{out}");
     // The CSR asks for a CA certificate, a server name and an evil subject: none may appear.
-    let (ok, out) = openssl(&[
-        "req",
-        "-new",
-        "-key",
-        path_str(&key),
-        "-outform",
-        "DER",
-        "-out",
-        path_str(&csr),
-        "-subj",
+    let (_, csr) = openssl_key_and_csr(
+        dir.path(),
         "/CN=evil.example.com/O=Attacker",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "subjectAltName=DNS:evil.example.com",
-        "-addext",
-        "keyUsage=keyCertSign",
-    ]);
-    assert!(ok, "{out}");
-    let token = server.token("bob").await;
+        &[
+            "basicConstraints=critical,CA:TRUE",
+            "subjectAltName=DNS:evil.example.com",
+            "keyUsage=keyCertSign",
+        ],
+    );
     let issued = server
-        .anonymous()
-        .await
-        .enroll(
-            &token,
-            std::fs::read(&csr).unwrap(),
-            "bob-phone",
-            device_info(),
-        )
+        .enroll_csr("bob", "bob-phone", csr)
         .await
         .expect("openssl CSR accepted");
     let (_, cert) = X509Certificate::from_der(&issued.certificate_der).unwrap();
@@ -261,35 +231,9 @@ async fn ok_openssl_made_csr_is_accepted_and_its_requests_ignored() {
 
 async fn enroll_openssl_key(server: &TestServer, genkey: &[&str]) -> payra::client::ClientError {
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key.pem");
-    let csr = dir.path().join("csr.der");
-    let mut args: Vec<&str> = genkey.to_vec();
-    args.extend(["-out", path_str(&key)]);
-    let (ok, out) = openssl(&args);
-    assert!(ok, "{out}");
-    let (ok, out) = openssl(&[
-        "req",
-        "-new",
-        "-key",
-        path_str(&key),
-        "-outform",
-        "DER",
-        "-out",
-        path_str(&csr),
-        "-subj",
-        "/CN=x",
-    ]);
-    assert!(ok, "{out}");
-    let token = server.token("carol").await;
+    let (_, csr) = openssl_csr(dir.path(), genkey, "/CN=x", &[]);
     server
-        .anonymous()
-        .await
-        .enroll(
-            &token,
-            std::fs::read(&csr).unwrap(),
-            "carol-phone",
-            device_info(),
-        )
+        .enroll_csr("carol", "carol-phone", csr)
         .await
         .expect_err("must be refused")
 }

@@ -336,47 +336,8 @@ async fn fail_malformed_requests_are_invalid_argument() {
 async fn ok_openssl_signatures_verify_in_both_encodings() {
     let server = TestServer::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("key.pem");
-    let csr = dir.path().join("csr.der");
-    assert!(
-        openssl(&[
-            "ecparam",
-            "-name",
-            "prime256v1",
-            "-genkey",
-            "-noout",
-            "-out",
-            path_str(&key)
-        ])
-        .0
-    );
-    assert!(
-        openssl(&[
-            "req",
-            "-new",
-            "-key",
-            path_str(&key),
-            "-outform",
-            "DER",
-            "-out",
-            path_str(&csr),
-            "-subj",
-            "/CN=x"
-        ])
-        .0
-    );
-    let token = server.token("erin").await;
-    let issued = server
-        .anonymous()
-        .await
-        .enroll(
-            &token,
-            std::fs::read(&csr).unwrap(),
-            "erin-phone",
-            device_info(),
-        )
-        .await
-        .unwrap();
+    let (key, csr) = openssl_key_and_csr(dir.path(), "/CN=x", &[]);
+    let issued = server.enroll_csr("erin", "erin-phone", csr).await.unwrap();
     for (order, raw) in [("o-der", false), ("o-raw", true)] {
         let i = proto::PaymentIntent {
             customer_id: "erin".into(),

@@ -500,3 +500,66 @@ pub fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as i64)
 }
+
+// Keys and CSRs made by OpenSSL, as a phone's own crypto library would make them.
+
+/// The `openssl` arguments that make a P-256 key (to which `-out FILE` is added).
+pub const OPENSSL_P256_KEY: &[&str] = &["ecparam", "-name", "prime256v1", "-genkey", "-noout"];
+
+/// A P-256 key made by `openssl ecparam` in `dir` (PEM, `key.pem`), and a CSR for it made by
+/// `openssl req` with `subject` and the `-addext` extensions in `extensions`: the key's path
+/// and the CSR's DER.
+pub fn openssl_key_and_csr(dir: &Path, subject: &str, extensions: &[&str]) -> (PathBuf, Vec<u8>) {
+    openssl_csr(dir, OPENSSL_P256_KEY, subject, extensions)
+}
+
+/// [`openssl_key_and_csr`] with the key made by the `openssl` arguments `genkey` (for example
+/// `genpkey -algorithm RSA`).
+pub fn openssl_csr(
+    dir: &Path,
+    genkey: &[&str],
+    subject: &str,
+    extensions: &[&str],
+) -> (PathBuf, Vec<u8>) {
+    let key = dir.join("key.pem");
+    let csr = dir.join("csr.der");
+    let mut args = genkey.to_vec();
+    args.extend(["-out", path_str(&key)]);
+    let (ok, out) = openssl(&args);
+    assert!(ok, "{out}");
+    let mut args = vec![
+        "req",
+        "-new",
+        "-key",
+        path_str(&key),
+        "-outform",
+        "DER",
+        "-out",
+        path_str(&csr),
+        "-subj",
+        subject,
+    ];
+    for extension in extensions {
+        args.extend(["-addext", extension]);
+    }
+    let (ok, out) = openssl(&args);
+    assert!(ok, "{out}");
+    let der = std::fs::read(&csr).expect("the CSR OpenSSL wrote");
+    (key, der)
+}
+
+impl TestServer {
+    /// Enrolls `csr_der` for `customer` / `device` with a fresh token, as a phone would.
+    pub async fn enroll_csr(
+        &self,
+        customer: &str,
+        device: &str,
+        csr_der: Vec<u8>,
+    ) -> Result<proto::EnrollResponse, payra::client::ClientError> {
+        let token = self.token(customer).await;
+        self.anonymous()
+            .await
+            .enroll(&token, csr_der, device, device_info())
+            .await
+    }
+}
