@@ -209,15 +209,9 @@ async fn ok_bulk_revocation_dry_run_changes_nothing_then_revokes_atomically() {
     let admin = server.operator().await;
 
     let dry = admin
-        .admin()
-        .revoke_customer(proto::RevokeCustomerRequest {
-            customer_id: "dave".into(),
-            reason: Reason::AffiliationChanged as i32,
-            dry_run: true,
-        })
+        .revoke_customer("dave", Reason::AffiliationChanged, true)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert!(dry.dry_run);
     let mut expected = vec![
         d1.issued.serial.clone(),
@@ -237,15 +231,9 @@ async fn ok_bulk_revocation_dry_run_changes_nothing_then_revokes_atomically() {
     }
 
     let by_device = admin
-        .admin()
-        .revoke_device(proto::RevokeDeviceRequest {
-            device_id: "dave-phone".into(),
-            reason: Reason::CertificateHold as i32,
-            dry_run: false,
-        })
+        .revoke_device("dave-phone", Reason::CertificateHold, false)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(by_device.revoked_serials.len(), 2);
     assert_eq!(
         server.status(&d3.issued.serial).await.status,
@@ -254,15 +242,9 @@ async fn ok_bulk_revocation_dry_run_changes_nothing_then_revokes_atomically() {
 
     // The customer revocation makes the held ones permanent and revokes the tablet.
     let by_customer = admin
-        .admin()
-        .revoke_customer(proto::RevokeCustomerRequest {
-            customer_id: "dave".into(),
-            reason: Reason::AffiliationChanged as i32,
-            dry_run: false,
-        })
+        .revoke_customer("dave", Reason::AffiliationChanged, false)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(by_customer.revoked_serials.len(), 3);
     for serial in &expected {
         let status = server.status(serial).await;
@@ -275,12 +257,7 @@ async fn ok_bulk_revocation_dry_run_changes_nothing_then_revokes_atomically() {
     );
 
     let err = admin
-        .admin()
-        .revoke_device(proto::RevokeDeviceRequest {
-            device_id: "nobody".into(),
-            reason: 0,
-            dry_run: false,
-        })
+        .revoke_device("nobody", Reason::Unspecified, false)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);

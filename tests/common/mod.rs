@@ -203,26 +203,17 @@ impl TestServer {
     ) -> proto::RevokeResponse {
         self.operator()
             .await
-            .admin()
-            .revoke_certificate(proto::RevokeCertificateRequest {
-                serial: serial.to_string(),
-                reason: reason as i32,
-            })
+            .revoke_certificate(serial, reason)
             .await
             .expect("revoke")
-            .into_inner()
     }
 
     pub async fn status(&self, serial: &str) -> proto::GetCertificateStatusResponse {
         self.service()
             .await
-            .verification()
-            .get_certificate_status(proto::GetCertificateStatusRequest {
-                serial: serial.to_string(),
-            })
+            .certificate_status(serial)
             .await
             .expect("status")
-            .into_inner()
     }
 }
 
