@@ -306,6 +306,21 @@ fn verdict_to_proto(verdict: Verdict) -> i32 {
     }) as i32
 }
 
+/// The parts VerifyPayment and QualifyTransaction answer alike: tier, factor categories,
+/// limit status and evidence id.
+fn decision_to_proto(decision: Decision) -> (i32, Vec<i32>, Option<proto::LimitStatus>, String) {
+    (
+        tier_to_proto(decision.tier),
+        decision
+            .categories
+            .into_iter()
+            .map(category_to_proto)
+            .collect(),
+        decision.limit.map(limit_to_proto),
+        decision.evidence_id,
+    )
+}
+
 fn limit_to_proto(limit: LimitStatus) -> proto::LimitStatus {
     proto::LimitStatus {
         tier: tier_to_proto(limit.tier),
@@ -423,17 +438,16 @@ impl proto::verification_server::Verification for VerificationService {
             .verify_payment(&actor, request)
             .await
             .map_err(Status::from)?;
+        let verdict = verdict_to_proto(decision.verdict);
+        let reason = decision.reason.clone();
+        let (tier, categories, limit, evidence_id) = decision_to_proto(decision);
         Ok(Response::new(proto::VerifyPaymentResponse {
-            verdict: verdict_to_proto(decision.verdict),
-            reason: decision.reason,
-            tier: tier_to_proto(decision.tier),
-            categories: decision
-                .categories
-                .into_iter()
-                .map(category_to_proto)
-                .collect(),
-            limit: decision.limit.map(limit_to_proto),
-            evidence_id: decision.evidence_id,
+            verdict,
+            reason,
+            tier,
+            categories,
+            limit,
+            evidence_id,
         }))
     }
 
@@ -448,15 +462,12 @@ impl proto::verification_server::Verification for VerificationService {
             .qualify_transaction(&actor, request)
             .await
             .map_err(Status::from)?;
+        let (tier, categories, limit, evidence_id) = decision_to_proto(decision);
         Ok(Response::new(proto::QualifyTransactionResponse {
-            tier: tier_to_proto(decision.tier),
-            categories: decision
-                .categories
-                .into_iter()
-                .map(category_to_proto)
-                .collect(),
-            limit: decision.limit.map(limit_to_proto),
-            evidence_id: decision.evidence_id,
+            tier,
+            categories,
+            limit,
+            evidence_id,
         }))
     }
 
