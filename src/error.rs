@@ -45,6 +45,14 @@ pub enum Error {
     /// (`NOT_FOUND`), or its state does not allow it (`FAILED_PRECONDITION`).
     #[error("{0}")]
     Revoke(crate::model::RevokeRejection),
+    /// A reservation that cannot be given back: unknown evidence (`NOT_FOUND`), nothing
+    /// reserved, released already, or of a day the limits no longer count
+    /// (`FAILED_PRECONDITION`).
+    #[error("{}", .refusal.message(.evidence_id))]
+    Release {
+        evidence_id: String,
+        refusal: crate::model::ReleaseRefusal,
+    },
     /// A fault inside payra (storage, signing). The text is for the log, never for the caller.
     #[error("internal error: {0}")]
     Internal(String),
@@ -93,6 +101,11 @@ impl Error {
             Error::Token(_) => ErrorKind::FailedPrecondition,
             Error::Revoke(crate::model::RevokeRejection::NotFound(_)) => ErrorKind::NotFound,
             Error::Revoke(_) => ErrorKind::FailedPrecondition,
+            Error::Release {
+                refusal: crate::model::ReleaseRefusal::NotFound,
+                ..
+            } => ErrorKind::NotFound,
+            Error::Release { .. } => ErrorKind::FailedPrecondition,
             Error::Internal(_) => ErrorKind::Internal,
         }
     }

@@ -595,3 +595,37 @@ impl std::fmt::Display for RevokeRejection {
         }
     }
 }
+
+/// Why a reservation could not be given back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseRefusal {
+    /// No evidence with that id.
+    NotFound,
+    NothingReserved,
+    AlreadyReleased {
+        released_at_ms: i64,
+    },
+    /// Reserved on `day`, before `kept_from`, the oldest day the limits still count.
+    DayNotKept {
+        day: String,
+        kept_from: String,
+    },
+}
+
+impl ReleaseRefusal {
+    /// The message for the release of `evidence_id`.
+    pub fn message(&self, evidence_id: &str) -> String {
+        match self {
+            ReleaseRefusal::NotFound => format!("no evidence with id {evidence_id}"),
+            ReleaseRefusal::NothingReserved => format!("evidence {evidence_id} reserved nothing"),
+            ReleaseRefusal::AlreadyReleased { released_at_ms } => format!(
+                "evidence {evidence_id} was already released at {}",
+                moment_ms(*released_at_ms)
+            ),
+            ReleaseRefusal::DayNotKept { day, kept_from } => format!(
+                "evidence {evidence_id} reserved on {day}; daily limits are kept from \
+                 {kept_from} on, so there is nothing left to give back"
+            ),
+        }
+    }
+}

@@ -533,7 +533,13 @@ mod tests {
             .release_reservation(&Actor::system(), &old.evidence_id)
             .unwrap_err();
         assert!(
-            matches!(&refused, Error::FailedPrecondition(m) if m.contains("nothing left to give back")),
+            matches!(
+                &refused,
+                Error::Release {
+                    refusal: crate::model::ReleaseRefusal::DayNotKept { .. },
+                    ..
+                }
+            ),
             "{refused:?}"
         );
         ra.save_ledger_checkpoint().unwrap();
@@ -596,7 +602,18 @@ mod tests {
         let repeat = ra
             .release_reservation(&Actor::system(), &first.evidence_id)
             .unwrap_err();
-        assert!(matches!(repeat, Error::FailedPrecondition(_)), "{repeat:?}");
+        // Its day is no longer counted: a repeat is refused by that rule, not given back.
+        assert!(
+            matches!(
+                repeat,
+                Error::Release {
+                    refusal: crate::model::ReleaseRefusal::DayNotKept { .. },
+                    ..
+                }
+            ),
+            "{repeat:?}"
+        );
+        assert_eq!(repeat.kind(), crate::error::ErrorKind::FailedPrecondition);
         ra.close_decisions().unwrap();
     }
 }

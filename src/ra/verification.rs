@@ -425,23 +425,27 @@ impl Ra {
     /// Unknown id: `NotFound`; nothing reserved, already released, or reserved before
     /// yesterday (it counts for no limit any more): `FailedPrecondition`.
     pub fn release_reservation(&self, actor: &Actor, evidence_id: &str) -> Result<LimitStatus> {
-        let record = self.evidence(evidence_id)?;
+        use crate::model::ReleaseRefusal;
+        let refused = |refusal| Error::Release {
+            evidence_id: evidence_id.to_string(),
+            refusal,
+        };
+        let record = match self.evidence(evidence_id) {
+            Err(Error::NotFound(_)) => return Err(refused(ReleaseRefusal::NotFound)),
+            other => other?,
+        };
         let customer = match (&record.customer_id, record.reserved_fen) {
             (Some(customer), reserved) if reserved > 0 => customer.clone(),
-            _ => {
-                return Err(Error::FailedPrecondition(format!(
-                    "evidence {evidence_id} reserved nothing"
-                )))
-            }
+            _ => return Err(refused(ReleaseRefusal::NothingReserved)),
         };
         let now_ms = self.clock.now_ms();
         let first_day = self.policy.ledger.first_tracked_day(now_ms);
+        let day_not_kept = || ReleaseRefusal::DayNotKept {
+            day: record.day.clone(),
+            kept_from: first_day.clone(),
+        };
         if record.day < first_day {
-            return Err(Error::FailedPrecondition(format!(
-                "evidence {evidence_id} reserved on {}; daily limits are kept from {first_day} \
-                 on, so there is nothing left to give back",
-                record.day
-            )));
+            return Err(refused(day_not_kept()));
         }
         let buckets = Tier::ALL.map(|t| ledger_key(&customer, &record.day, t));
         let limits = self.limits_for(&customer);
@@ -452,29 +456,14 @@ impl Ra {
             .release(evidence_id, &buckets, now_ms, &audit)?
         {
             Ok(used) => used,
-            Err(ReleaseRejection::NotFound) => {
-                return Err(Error::NotFound(format!(
-                    "no evidence with id {evidence_id}"
-                )))
-            }
+            Err(ReleaseRejection::NotFound) => return Err(refused(ReleaseRefusal::NotFound)),
             Err(ReleaseRejection::NothingReserved) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "evidence {evidence_id} reserved nothing"
-                )))
+                return Err(refused(ReleaseRefusal::NothingReserved))
             }
             Err(ReleaseRejection::AlreadyReleased { released_at_ms }) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "evidence {evidence_id} was already released at {}",
-                    crate::model::moment_ms(released_at_ms)
-                )))
+                return Err(refused(ReleaseRefusal::AlreadyReleased { released_at_ms }))
             }
-            Err(ReleaseRejection::DayNotKept) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "evidence {evidence_id} reserved on {}; daily limits are kept from \
-                     {first_day} on, so there is nothing left to give back",
-                    record.day
-                )))
-            }
+            Err(ReleaseRejection::DayNotKept) => return Err(refused(day_not_kept())),
         };
         self.metrics
             .reservations
