@@ -334,31 +334,7 @@ pub(crate) enum DeviceCommand {
     },
     /// Sign a payment intent with the device key and have the payment service (service.pem)
     /// verify it: prints the verdict, tier, categories and limit status.
-    Pay {
-        /// Directory written by `payra device enroll` (device.key, device.pem).
-        #[arg(long)]
-        device_dir: PathBuf,
-        #[arg(long)]
-        merchant: String,
-        #[arg(long)]
-        order: String,
-        /// Amount in CNY, e.g. 12.34.
-        #[arg(long)]
-        amount: String,
-        /// A factor the payment service verified: payment_pin, password, sms_otp, otp,
-        /// fingerprint, face. Repeat for several.
-        #[arg(long = "factor")]
-        factors: Vec<String>,
-        #[arg(long, value_enum, default_value_t = SceneArg::InApp)]
-        scene: SceneArg,
-        /// Add the amount to today's ledger if it fits.
-        #[arg(long)]
-        reserve: bool,
-        #[arg(long)]
-        json: bool,
-        #[command(flatten)]
-        connection: Connection,
-    },
+    Pay(PayArgs),
 }
 
 /// Payment scenes, as the CLI spells them.
@@ -536,15 +512,31 @@ pub(crate) enum CertsCommand {
     },
 }
 
+// `payra device pay`: a payment signed with the device's key, verified as the service.
+#[derive(Args)]
 pub(crate) struct PayArgs {
+    /// Directory written by `payra device enroll` (device.key, device.pem).
+    #[arg(long)]
     pub(crate) device_dir: PathBuf,
+    #[arg(long)]
     pub(crate) merchant: String,
+    #[arg(long)]
     pub(crate) order: String,
+    /// Amount in CNY, e.g. 12.34.
+    #[arg(long)]
     pub(crate) amount: String,
+    /// A factor the payment service verified: payment_pin, password, sms_otp, otp,
+    /// fingerprint, face. Repeat for several.
+    #[arg(long = "factor")]
     pub(crate) factors: Vec<String>,
+    #[arg(long, value_enum, default_value_t = SceneArg::InApp)]
     pub(crate) scene: SceneArg,
+    /// Add the amount to today's ledger if it fits.
+    #[arg(long)]
     pub(crate) reserve: bool,
+    #[arg(long)]
     pub(crate) json: bool,
+    #[command(flatten)]
     pub(crate) connection: Connection,
 }
 

@@ -272,29 +272,6 @@ pub(crate) async fn device(command: DeviceCommand) -> CliResult {
             platform,
             connection,
         } => renew_device(&connection, &device_dir, platform.as_deref()).await,
-        DeviceCommand::Pay {
-            device_dir,
-            merchant,
-            order,
-            amount,
-            factors,
-            scene,
-            reserve,
-            json,
-            connection,
-        } => {
-            pay(PayArgs {
-                device_dir,
-                merchant,
-                order,
-                amount,
-                factors,
-                scene,
-                reserve,
-                json,
-                connection,
-            })
-            .await
-        }
+        DeviceCommand::Pay(args) => pay(args).await,
     }
 }

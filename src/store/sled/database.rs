@@ -180,6 +180,21 @@ impl SledStore {
         Ok(())
     }
 
+    /// Ends a write transaction taken under `writing`: a change that was made (`Ok(Ok)`) is
+    /// synced after the turn is released; a rejection wrote nothing and needs no sync.
+    pub(super) fn synced_if_changed<T, R>(
+        &self,
+        writing: WriteTurn<'_>,
+        outcome: std::result::Result<std::result::Result<T, R>, TransactionError<Error>>,
+    ) -> Result<std::result::Result<T, R>> {
+        let outcome = finish(outcome)?;
+        if outcome.is_ok() {
+            drop(writing);
+            self.sync_sled()?;
+        }
+        Ok(outcome)
+    }
+
     /// The write turn of a writer that changes sled directly. Releasing it counts a change,
     /// which a later sled sync must cover before an issuance batch chains after it.
     pub(super) fn writing(&self) -> WriteTurn<'_> {

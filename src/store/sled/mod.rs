@@ -355,14 +355,7 @@ impl Store for SledStore {
                     }
                     Ok(Ok(()))
                 });
-        let outcome = finish(outcome)?;
-        if outcome.is_ok() {
-            {
-                drop(writing);
-                self.sync_sled()
-            }?;
-        }
-        Ok(outcome)
+        self.synced_if_changed(writing, outcome)
     }
 
     fn unhold(
@@ -389,14 +382,7 @@ impl Store for SledStore {
                     append_audit(log, meta, audit)?;
                     Ok(Ok(record))
                 });
-        let outcome = finish(outcome)?;
-        if outcome.is_ok() {
-            {
-                drop(writing);
-                self.sync_sled()
-            }?;
-        }
-        Ok(outcome)
+        self.synced_if_changed(writing, outcome)
     }
 
     fn renew(
@@ -450,14 +436,7 @@ impl Store for SledStore {
                     Ok(Ok(()))
                 },
             );
-        let outcome = finish(outcome)?;
-        if outcome.is_ok() {
-            {
-                drop(writing);
-                self.sync_sled()
-            }?;
-        }
-        Ok(outcome)
+        self.synced_if_changed(writing, outcome)
     }
 
     fn revoked_entries(&self) -> Result<Vec<RevokedEntry>> {
@@ -660,14 +639,7 @@ impl Store for SledStore {
                 append_audit(log, meta, audit)?;
                 Ok(Ok(()))
             });
-        let outcome = finish(outcome)?;
-        if outcome.is_ok() {
-            {
-                drop(writing);
-                self.sync_sled()
-            }?;
-        }
-        Ok(outcome)
+        self.synced_if_changed(writing, outcome)
     }
 
     fn export(
