@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tokio::io::BufReader;
 
 use crate::client::{Client, Credential};
 use crate::error::{Error, Result};
@@ -21,7 +20,7 @@ mod prepare;
 mod server_side;
 
 use prepare::prepare;
-use server_side::{cpu_per_request, ocsp_post, rpc_method, server_reading, ServerReading};
+use server_side::{cpu_per_request, http_connect, ocsp_post, rpc_method, server_reading, ServerReading};
 
 pub use grpc::{CallError, GrpcConnection};
 
@@ -219,7 +218,7 @@ enum Work {
     },
     Ocsp {
         address: SocketAddr,
-        requests: Arc<Vec<Vec<u8>>>,
+        requests: Arc<Vec<bytes::Bytes>>,
     },
 }
 
@@ -430,17 +429,15 @@ async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> 
             }
         }
         Work::Ocsp { address, requests } => {
-            let Ok(stream) = tokio::net::TcpStream::connect(address).await else {
+            let Ok(mut connection) = http_connect(address).await else {
                 counters.errors.fetch_add(1, Ordering::Relaxed);
                 return latencies;
             };
-            let _ = stream.set_nodelay(true);
-            let mut stream = BufReader::new(stream);
             let mut i = 0;
             while counters.take() {
                 i += 1;
                 let started = Instant::now();
-                let ok = ocsp_post(&mut stream, &requests[i % requests.len()])
+                let ok = ocsp_post(&mut connection, requests[i % requests.len()].clone())
                     .await
                     .unwrap_or(false);
                 record(started, ok, &counters);

@@ -272,7 +272,7 @@ pub(super) async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
                     enroll_device(settings, &service, &customer, &format!("{customer}-phone"))
                         .await?;
                 serials.push(identity.serial);
-                requests.push(ocsp_request(&issuer, &der)?);
+                requests.push(bytes::Bytes::from(ocsp_request(&issuer, &der)?));
             }
             let serials = Arc::new(serials);
             let requests = Arc::new(requests);

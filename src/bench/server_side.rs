@@ -3,37 +3,57 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
 
 use super::*;
 
-/// A keep-alive HTTP/1.1 POST of an OCSP request; returns true on a 200 answer.
-pub(super) async fn ocsp_post(
-    stream: &mut BufReader<tokio::net::TcpStream>,
-    body: &[u8],
-) -> std::io::Result<bool> {
-    let head = format!(
-        "POST /ocsp HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/ocsp-request\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.get_mut().write_all(head.as_bytes()).await?;
-    stream.get_mut().write_all(body).await?;
-    let mut status_line = String::new();
-    stream.read_line(&mut status_line).await?;
-    let mut length = 0usize;
-    loop {
-        let mut line = String::new();
-        stream.read_line(&mut line).await?;
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-        if let Some(value) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-            length = value.trim().parse().unwrap_or(0);
-        }
-    }
-    let mut body = vec![0u8; length];
-    stream.read_exact(&mut body).await?;
-    Ok(status_line.starts_with("HTTP/1.1 200"))
+/// One keep-alive HTTP/1.1 connection to the server's HTTP side.
+pub(super) type HttpConnection = SendRequest<Full<Bytes>>;
+
+/// Opens a keep-alive HTTP/1.1 connection to `address` (hyper's client; its connection task
+/// ends when the connection closes).
+pub(super) async fn http_connect(address: SocketAddr) -> std::io::Result<HttpConnection> {
+    let stream = tokio::net::TcpStream::connect(address).await?;
+    stream.set_nodelay(true)?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(std::io::Error::other)?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// Sends one request and reads its answer's body, at most `limit` bytes.
+async fn http_request(
+    connection: &mut HttpConnection,
+    request: http::Request<Full<Bytes>>,
+    limit: usize,
+) -> std::io::Result<(http::StatusCode, Bytes)> {
+    connection.ready().await.map_err(std::io::Error::other)?;
+    let response = connection
+        .send_request(request)
+        .await
+        .map_err(std::io::Error::other)?;
+    let status = response.status();
+    let body = Limited::new(response.into_body(), limit)
+        .collect()
+        .await
+        .map_err(std::io::Error::other)?
+        .to_bytes();
+    Ok((status, body))
+}
+
+/// A POST of an OCSP request on a kept-alive connection; returns true on a 200 answer.
+pub(super) async fn ocsp_post(connection: &mut HttpConnection, body: Bytes) -> std::io::Result<bool> {
+    let request = http::Request::post("/ocsp")
+        .header(http::header::HOST, "localhost")
+        .header(http::header::CONTENT_TYPE, "application/ocsp-request")
+        .body(Full::new(body))
+        .map_err(std::io::Error::other)?;
+    let (status, _) = http_request(connection, request, 64 << 10).await?;
+    Ok(status == http::StatusCode::OK)
 }
 
 /// What the bench reads from the server's `/metrics` before and after the measured window.
@@ -174,17 +194,16 @@ pub(super) async fn server_reading(
     method: Option<&str>,
 ) -> Option<ServerReading> {
     let read = async {
-        let mut stream = tokio::net::TcpStream::connect(http).await.ok()?;
-        stream
-            .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            .await
+        let mut connection = http_connect(http).await.ok()?;
+        let request = http::Request::get("/metrics")
+            .header(http::header::HOST, "localhost")
+            .body(Full::new(Bytes::new()))
             .ok()?;
-        let mut page = Vec::new();
-        stream.take(4 << 20).read_to_end(&mut page).await.ok()?;
-        Some(ServerReading::parse(
-            &String::from_utf8_lossy(&page),
-            method,
-        ))
+        let (status, page) = http_request(&mut connection, request, 4 << 20).await.ok()?;
+        if status != http::StatusCode::OK {
+            return None;
+        }
+        Some(ServerReading::parse(&String::from_utf8_lossy(&page), method))
     };
     tokio::time::timeout(Duration::from_secs(2), read)
         .await
