@@ -20,7 +20,9 @@ mod prepare;
 mod server_side;
 
 use prepare::prepare;
-use server_side::{cpu_per_request, http_connect, ocsp_post, rpc_method, server_reading, ServerReading};
+use server_side::{
+    cpu_per_request, http_connect, ocsp_post, rpc_method, server_reading, ServerReading,
+};
 
 pub use grpc::{CallError, GrpcConnection};
 

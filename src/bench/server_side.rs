@@ -46,7 +46,10 @@ async fn http_request(
 }
 
 /// A POST of an OCSP request on a kept-alive connection; returns true on a 200 answer.
-pub(super) async fn ocsp_post(connection: &mut HttpConnection, body: Bytes) -> std::io::Result<bool> {
+pub(super) async fn ocsp_post(
+    connection: &mut HttpConnection,
+    body: Bytes,
+) -> std::io::Result<bool> {
     let request = http::Request::post("/ocsp")
         .header(http::header::HOST, "localhost")
         .header(http::header::CONTENT_TYPE, "application/ocsp-request")
@@ -203,7 +206,10 @@ pub(super) async fn server_reading(
         if status != http::StatusCode::OK {
             return None;
         }
-        Some(ServerReading::parse(&String::from_utf8_lossy(&page), method))
+        Some(ServerReading::parse(
+            &String::from_utf8_lossy(&page),
+            method,
+        ))
     };
     tokio::time::timeout(Duration::from_secs(2), read)
         .await

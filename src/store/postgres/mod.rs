@@ -742,9 +742,7 @@ impl Store for PgStore {
             audit,
             move |count| format!("{count} ledger buckets before {min_day_owned}"),
         )?;
-        let count = keys.len();
-        let next = (count == limit).then(|| keys.into_iter().max()).flatten();
-        Ok((count, next))
+        Ok(purged_page(keys, limit))
     }
 
     fn purge_releases_before(
@@ -770,9 +768,7 @@ impl Store for PgStore {
             audit,
             |count| format!("{count} releases"),
         )?;
-        let count = keys.len();
-        let next = (count == limit).then(|| keys.into_iter().max()).flatten();
-        Ok((count, next))
+        Ok(purged_page(keys, limit))
     }
 
     fn export(
@@ -873,4 +869,12 @@ impl Store for PgStore {
             })
         })
     }
+}
+
+/// How many keys one page of a purge deleted, and the key to go on after when the page was
+/// full (the largest deleted; `None` when the purge is done).
+fn purged_page(keys: Vec<Vec<u8>>, limit: usize) -> (usize, Option<Vec<u8>>) {
+    let count = keys.len();
+    let next = (count == limit).then(|| keys.into_iter().max()).flatten();
+    (count, next)
 }
