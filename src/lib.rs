@@ -4,6 +4,7 @@
 // Outside tests, a failure is an `Error` with a message, never a panic.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod attestation;
 #[cfg(feature = "bench")]
 pub mod bench;
 pub mod ca;

@@ -1,0 +1,184 @@
+//! An attestation certificate chain checked against configured trust anchors: names chain,
+//! every signature verifies under the next certificate's key, the top certificate is an
+//! anchor's key or is signed by one, every certificate is valid at the given time, and none
+//! is listed in the status list.
+
+use sha2::{Digest, Sha256};
+use x509_parser::certificate::X509Certificate;
+use x509_parser::prelude::FromDer;
+use x509_parser::time::ASN1Time;
+
+use super::{AttestationRefusal, StatusList};
+
+/// The most certificates an attestation chain may hold (Android RKP chains have five).
+pub const MAX_CHAIN: usize = 8;
+/// The largest certificate accepted in a chain.
+pub const MAX_CERTIFICATE: usize = 8 * 1024;
+
+/// A root an attestation chain may end at, known by its public key (Google reissues its
+/// roots under one key, so the key is what is trusted, not one certificate).
+#[derive(Debug, Clone)]
+pub struct TrustAnchor {
+    /// Where it came from: `google-hardware-ec-ca1`, a configured file's name, ...
+    pub name: String,
+    pub subject_der: Vec<u8>,
+    pub spki_der: Vec<u8>,
+}
+
+impl TrustAnchor {
+    /// The anchor of one PEM or DER certificate.
+    pub fn from_certificate(name: &str, der: &[u8]) -> Result<TrustAnchor, String> {
+        let (_, cert) = X509Certificate::from_der(der).map_err(|e| format!("{name}: {e}"))?;
+        Ok(TrustAnchor {
+            name: name.to_string(),
+            subject_der: cert.subject().as_raw().to_vec(),
+            spki_der: cert.public_key().raw.to_vec(),
+        })
+    }
+
+    /// Every certificate in a PEM text, as anchors named `name` (with `#n` after the first).
+    pub fn from_pem(name: &str, text: &[u8]) -> Result<Vec<TrustAnchor>, String> {
+        let blocks = pem::parse_many(text).map_err(|e| format!("{name}: {e}"))?;
+        if blocks.is_empty() {
+            return Err(format!("{name}: no PEM certificate"));
+        }
+        blocks
+            .iter()
+            .enumerate()
+            .map(|(i, block)| {
+                let label = if i == 0 {
+                    name.to_string()
+                } else {
+                    format!("{name}#{}", i + 1)
+                };
+                TrustAnchor::from_certificate(&label, block.contents())
+            })
+            .collect()
+    }
+
+    /// SHA-256 of the anchor's SubjectPublicKeyInfo, hex: what a record keeps.
+    pub fn key_sha256_hex(&self) -> String {
+        hex::encode(Sha256::digest(&self.spki_der))
+    }
+}
+
+/// Parses a chain, leaf first, within the size limits.
+pub fn parse(ders: &[Vec<u8>]) -> Result<Vec<X509Certificate<'_>>, AttestationRefusal> {
+    if ders.is_empty() || ders.len() > MAX_CHAIN {
+        return Err(AttestationRefusal::Malformed(format!(
+            "a chain holds 1 to {MAX_CHAIN} certificates, not {}",
+            ders.len()
+        )));
+    }
+    ders.iter()
+        .enumerate()
+        .map(|(i, der)| {
+            if der.len() > MAX_CERTIFICATE {
+                return Err(AttestationRefusal::Malformed(format!(
+                    "certificate {i} is {} bytes; at most {MAX_CERTIFICATE}",
+                    der.len()
+                )));
+            }
+            match X509Certificate::from_der(der) {
+                Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+                Ok(_) => Err(AttestationRefusal::Malformed(format!(
+                    "certificate {i} has bytes after its end"
+                ))),
+                Err(e) => Err(AttestationRefusal::Malformed(format!(
+                    "certificate {i} is not an X.509 certificate: {e}"
+                ))),
+            }
+        })
+        .collect()
+}
+
+/// The serial as Google's status list keys it: lowercase hex without leading zeros.
+pub fn status_key(cert: &X509Certificate<'_>) -> String {
+    let hex = hex::encode(cert.raw_serial());
+    let trimmed = hex.trim_start_matches('0');
+    if trimmed.is_empty() {
+        "0".to_string()
+    } else {
+        trimmed.to_string()
+    }
+}
+
+fn sha1_signed(cert: &X509Certificate<'_>) -> bool {
+    use x509_parser::oid_registry::{OID_PKCS1_SHA1WITHRSA, OID_SHA1_WITH_RSA};
+    let oid = &cert.signature_algorithm.algorithm;
+    *oid == OID_PKCS1_SHA1WITHRSA || *oid == OID_SHA1_WITH_RSA
+}
+
+/// Checks `chain` (leaf first) at `now_s`; returns the anchor it ends at.
+pub fn verify<'a>(
+    chain: &[X509Certificate<'_>],
+    anchors: &'a [TrustAnchor],
+    now_s: i64,
+    status: Option<&StatusList>,
+) -> Result<&'a TrustAnchor, AttestationRefusal> {
+    let at = ASN1Time::from_timestamp(now_s)
+        .map_err(|_| AttestationRefusal::Malformed("verification time out of range".into()))?;
+    for (i, cert) in chain.iter().enumerate() {
+        let validity = cert.validity();
+        if !validity.is_valid_at(at) {
+            return Err(AttestationRefusal::Expired(format!(
+                "certificate {i} ({}) is valid from {} to {}, not at {}",
+                cert.subject(),
+                validity.not_before,
+                validity.not_after,
+                at
+            )));
+        }
+        if let Some(status) = status {
+            let key = status_key(cert);
+            if let Some(entry) = status.get(&key) {
+                return Err(AttestationRefusal::Revoked {
+                    serial: key,
+                    status: entry.to_string(),
+                });
+            }
+        }
+        if sha1_signed(cert) {
+            return Err(AttestationRefusal::BadChain(format!(
+                "certificate {i} is signed with SHA-1"
+            )));
+        }
+    }
+    for (i, pair) in chain.windows(2).enumerate() {
+        let (cert, issuer) = (&pair[0], &pair[1]);
+        if cert.issuer().as_raw() != issuer.subject().as_raw() {
+            return Err(AttestationRefusal::BadChain(format!(
+                "certificate {i} names issuer {}, but certificate {} is {}",
+                cert.issuer(),
+                i + 1,
+                issuer.subject()
+            )));
+        }
+        cert.verify_signature(Some(issuer.public_key()))
+            .map_err(|e| {
+                AttestationRefusal::BadChain(format!(
+                    "certificate {i} is not signed by certificate {}: {e}",
+                    i + 1
+                ))
+            })?;
+    }
+    let top = chain
+        .last()
+        .ok_or_else(|| AttestationRefusal::Malformed("empty chain".into()))?;
+    if let Some(anchor) = anchors.iter().find(|a| a.spki_der == top.public_key().raw) {
+        return Ok(anchor);
+    }
+    for anchor in anchors
+        .iter()
+        .filter(|a| a.subject_der == top.issuer().as_raw())
+    {
+        let Ok((_, spki)) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&anchor.spki_der)
+        else {
+            continue;
+        };
+        if top.verify_signature(Some(&spki)).is_ok() {
+            return Ok(anchor);
+        }
+    }
+    Err(AttestationRefusal::UnknownRoot(top.issuer().to_string()))
+}

@@ -1,0 +1,703 @@
+//! Device key attestation at enrollment: proof that the payment key lives in the phone's
+//! secure hardware (Android Key Attestation), or that the genuine app on a genuine iPhone
+//! vouches for it (Apple App Attest), and the policy that decides what a certificate counts
+//! for in the tier engine.
+//!
+//! - [`challenge`]: what the app puts into its attestation, derived from its enrollment token,
+//!   so an attestation made for one enrollment cannot be replayed into another.
+//! - [`Attestor`]: the configured trust anchors, status list and app ids; checks an
+//!   [`Evidence`] against an enrollment and returns the [`Attestation`] the certificate
+//!   record keeps.
+//! - [`AttestationPolicy`]: per tier, what attestation the certificate needs to count.
+//!
+//! docs/attestation.md is the reference for SDK authors and operators.
+
+pub mod android;
+pub mod apple;
+pub mod chain;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+pub use chain::TrustAnchor;
+
+/// The domain separator of an enrollment's attestation challenge.
+const CHALLENGE_CONTEXT: &[u8] = b"payra attestation challenge v1\0";
+
+/// The attestation challenge of the enrollment that uses `token`:
+/// `SHA-256("payra attestation challenge v1\0" || token)`, the token as the UTF-8 text the
+/// app received. The app computes it itself; no round trip is needed.
+pub fn challenge(token: &str) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(CHALLENGE_CONTEXT);
+    hash.update(token.as_bytes());
+    hash.finalize().into()
+}
+
+/// The client data an iOS app hashes for `attestKey(_:clientDataHash:)`: the enrollment's
+/// challenge followed by SHA-256 of the payment key's uncompressed P-256 point (65 bytes,
+/// the CSR's key). Its SHA-256 is the `clientDataHash`.
+pub fn apple_client_data(token: &str, payment_key_point: &[u8]) -> Vec<u8> {
+    let mut data = challenge(token).to_vec();
+    data.extend_from_slice(&Sha256::digest(payment_key_point));
+    data
+}
+
+/// Where the attested key is kept, weakest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityLevel {
+    /// Android Keystore's software implementation: the key is in the OS, copyable when rooted.
+    Software,
+    /// Android's Trusted Execution Environment.
+    TrustedEnvironment,
+    /// Apple's Secure Enclave (App Attest's key; the payment key is bound to it).
+    SecureEnclave,
+    /// Android StrongBox: a separate secure element.
+    StrongBox,
+}
+
+impl SecurityLevel {
+    pub fn name(self) -> &'static str {
+        match self {
+            SecurityLevel::Software => "software",
+            SecurityLevel::TrustedEnvironment => "tee",
+            SecurityLevel::SecureEnclave => "secure_enclave",
+            SecurityLevel::StrongBox => "strongbox",
+        }
+    }
+}
+
+/// Android's verifiedBootState.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BootState {
+    Verified,
+    SelfSigned,
+    Unverified,
+    Failed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Platform {
+    Android,
+    Apple,
+}
+
+/// What an enrollment's attestation proved; kept in the certificate record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Attestation {
+    pub platform: Platform,
+    pub security_level: SecurityLevel,
+    /// Android: the verified-boot state and whether the bootloader is locked. Apple: `None`
+    /// (App Attest runs only on a genuine, unmodified iOS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_state: Option<BootState>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_locked: Option<bool>,
+    /// The trust anchor the chain ended at, and SHA-256 of its public key, hex.
+    pub root: String,
+    pub root_key_sha256: String,
+    /// Android: the attesting app's package names; Apple: `<team id>.<bundle id>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub apps: Vec<String>,
+    pub attested_at_s: i64,
+}
+
+impl Attestation {
+    /// Whether the device booted a verified, locked system (Apple: always).
+    pub fn boot_verified(&self) -> bool {
+        match self.platform {
+            Platform::Apple => true,
+            Platform::Android => {
+                self.boot_state == Some(BootState::Verified) && self.device_locked == Some(true)
+            }
+        }
+    }
+
+    /// The one byte the verification cache and the summaries keep.
+    pub fn class(&self) -> AttestationClass {
+        AttestationClass::new(Some(self.security_level), self.boot_verified())
+    }
+}
+
+/// An attestation in one byte: 0 for none; else bit 7 set, the level in bits 0-1
+/// (software, hardware, StrongBox), and bit 2 for a verified boot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
+pub struct AttestationClass(pub u8);
+
+impl AttestationClass {
+    pub const NONE: AttestationClass = AttestationClass(0);
+
+    pub fn new(level: Option<SecurityLevel>, boot_verified: bool) -> AttestationClass {
+        let Some(level) = level else {
+            return AttestationClass::NONE;
+        };
+        let rank = match level {
+            SecurityLevel::Software => 0,
+            SecurityLevel::TrustedEnvironment | SecurityLevel::SecureEnclave => 1,
+            SecurityLevel::StrongBox => 2,
+        };
+        AttestationClass(0x80 | rank | if boot_verified { 0x04 } else { 0 })
+    }
+
+    /// `None` when the certificate's key was not attested; else 0 software, 1 hardware
+    /// (TEE or Secure Enclave), 2 StrongBox.
+    pub fn rank(self) -> Option<u8> {
+        (self.0 & 0x80 != 0).then_some(self.0 & 0x03)
+    }
+
+    pub fn boot_verified(self) -> bool {
+        self.0 & 0x04 != 0
+    }
+
+    /// A short name: `none`, `software`, `hardware`, `strongbox` (with `, boot not verified`).
+    pub fn describe(self) -> String {
+        let level = match self.rank() {
+            None => return "none".into(),
+            Some(0) => "software",
+            Some(1) => "hardware",
+            Some(_) => "strongbox",
+        };
+        if self.boot_verified() || level == "software" {
+            level.to_string()
+        } else {
+            format!("{level}, boot not verified")
+        }
+    }
+}
+
+/// What attestation a tier needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Requirement {
+    /// Attested or not.
+    #[default]
+    None,
+    /// Any valid attestation, software included.
+    Any,
+    /// A key in a TEE, a StrongBox, or bound by App Attest.
+    Hardware,
+    /// A key in an Android StrongBox.
+    Strongbox,
+}
+
+impl Requirement {
+    pub fn name(self) -> &'static str {
+        match self {
+            Requirement::None => "none",
+            Requirement::Any => "any",
+            Requirement::Hardware => "hardware",
+            Requirement::Strongbox => "strongbox",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Requirement> {
+        [
+            Requirement::None,
+            Requirement::Any,
+            Requirement::Hardware,
+            Requirement::Strongbox,
+        ]
+        .into_iter()
+        .find(|r| r.name() == text)
+    }
+
+    /// Whether `class` meets this requirement; why not when it does not.
+    pub fn check(
+        self,
+        class: AttestationClass,
+        require_verified_boot: bool,
+    ) -> std::result::Result<(), String> {
+        let need = match self {
+            Requirement::None => return Ok(()),
+            Requirement::Any => 0,
+            Requirement::Hardware => 1,
+            Requirement::Strongbox => 2,
+        };
+        match class.rank() {
+            None => Err(format!(
+                "the device key was not attested at enrollment; {} attestation is required",
+                self.name()
+            )),
+            Some(rank) if rank < need => Err(format!(
+                "the device key's attestation is {}; {} is required",
+                class.describe(),
+                self.name()
+            )),
+            Some(rank) if rank >= 1 && require_verified_boot && !class.boot_verified() => Err(
+                "the device did not boot a verified, locked system when its key was attested"
+                    .into(),
+            ),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+/// What a verified signature under a device certificate counts for in the tier engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertificateFactor {
+    /// Not a factor (no verified signature, a QualifyTransaction, or below `tier_b`).
+    NotCounted,
+    /// A possession factor, but not the certificate tier A needs.
+    Possession,
+    /// The digital certificate of tier A (and a possession factor).
+    Certificate,
+}
+
+impl CertificateFactor {
+    pub fn name(self) -> &'static str {
+        match self {
+            CertificateFactor::NotCounted => "NOT_COUNTED",
+            CertificateFactor::Possession => "POSSESSION",
+            CertificateFactor::Certificate => "CERTIFICATE",
+        }
+    }
+}
+
+/// What to do with an enrollment whose attestation (or lack of one) does not meet `tier_a`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum BelowPolicy {
+    /// Enroll it; its certificate does not count for tier A.
+    #[default]
+    Enroll,
+    /// Refuse the enrollment (`FAILED_PRECONDITION`); the token stays usable.
+    Refuse,
+}
+
+/// `[attestation]` in the configuration.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttestationConfig {
+    /// What the certificate needs to count as tier A's digital certificate.
+    pub tier_a: Requirement,
+    /// What it needs to count as a possession factor at all (toward tier B).
+    pub tier_b: Requirement,
+    /// Hardware levels count only when the device booted a verified, locked system.
+    pub require_verified_boot: bool,
+    /// An enrollment below `tier_a`: `enroll` (without tier-A eligibility) or `refuse`.
+    pub below_policy: BelowPolicy,
+    /// Trust Google's hardware attestation roots (shipped with payra).
+    pub google_roots: bool,
+    /// More Android roots: PEM files, e.g. a manufacturer's for phones without Google services.
+    pub android_roots: Vec<PathBuf>,
+    /// Google's attestation status list (JSON, the format of
+    /// https://android.googleapis.com/attestation/status), kept current by the operator.
+    pub android_status_file: Option<PathBuf>,
+    /// Android apps allowed to attest (package names); empty accepts any.
+    pub android_packages: Vec<String>,
+    /// SHA-256 digests (hex) of the signing certificates allowed; empty accepts any.
+    pub android_signing_digests: Vec<String>,
+    /// iOS apps allowed to attest, `<team id>.<bundle id>`. Empty refuses App Attest.
+    pub apple_app_ids: Vec<String>,
+    /// Accept App Attest's development environment (for test builds only).
+    pub apple_development: bool,
+    /// Apple's App Attestation root instead of the shipped one (PEM file).
+    pub apple_root: Option<PathBuf>,
+}
+
+impl Default for AttestationConfig {
+    fn default() -> Self {
+        AttestationConfig {
+            tier_a: Requirement::None,
+            tier_b: Requirement::None,
+            require_verified_boot: true,
+            below_policy: BelowPolicy::Enroll,
+            google_roots: true,
+            android_roots: Vec::new(),
+            android_status_file: None,
+            android_packages: Vec::new(),
+            android_signing_digests: Vec::new(),
+            apple_app_ids: Vec::new(),
+            apple_development: false,
+            apple_root: None,
+        }
+    }
+}
+
+impl AttestationConfig {
+    pub fn validate(&self) -> Result<()> {
+        if self.tier_b > self.tier_a {
+            return Err(Error::invalid(
+                "attestation.tier_b",
+                format!(
+                    "{} is stricter than tier_a {}: a certificate good enough for tier A \
+                     would not count toward tier B",
+                    self.tier_b.name(),
+                    self.tier_a.name()
+                ),
+            ));
+        }
+        for digest in &self.android_signing_digests {
+            if digest.len() != 64 || hex::decode(digest).is_err() {
+                return Err(Error::invalid(
+                    "attestation.android_signing_digests",
+                    format!("{digest:?} is not 64 hex digits (a SHA-256)"),
+                ));
+            }
+        }
+        for id in &self.apple_app_ids {
+            let valid = id.split_once('.').is_some_and(|(team, bundle)| {
+                team.len() == 10
+                    && team.chars().all(|c| c.is_ascii_alphanumeric())
+                    && !bundle.is_empty()
+            });
+            if !valid {
+                return Err(Error::invalid(
+                    "attestation.apple_app_ids",
+                    format!("{id:?} is not <10-character team id>.<bundle id>"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The attestation policy applied at verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttestationPolicy {
+    pub tier_a: Requirement,
+    pub tier_b: Requirement,
+    pub require_verified_boot: bool,
+}
+
+impl Default for AttestationPolicy {
+    fn default() -> Self {
+        AttestationPolicy {
+            tier_a: Requirement::None,
+            tier_b: Requirement::None,
+            require_verified_boot: true,
+        }
+    }
+}
+
+impl AttestationPolicy {
+    pub fn of(config: &AttestationConfig) -> AttestationPolicy {
+        AttestationPolicy {
+            tier_a: config.tier_a,
+            tier_b: config.tier_b,
+            require_verified_boot: config.require_verified_boot,
+        }
+    }
+
+    /// What a verified signature under a certificate of `class` counts for, and why it
+    /// counts for less than tier A's certificate when it does.
+    pub fn factor(&self, class: AttestationClass) -> (CertificateFactor, Option<String>) {
+        match self.tier_a.check(class, self.require_verified_boot) {
+            Ok(()) => (CertificateFactor::Certificate, None),
+            Err(why_not_a) => match self.tier_b.check(class, self.require_verified_boot) {
+                Ok(()) => (
+                    CertificateFactor::Possession,
+                    Some(format!("not counted as tier A's certificate: {why_not_a}")),
+                ),
+                Err(why_not_b) => (
+                    CertificateFactor::NotCounted,
+                    Some(format!("not counted as a factor: {why_not_b}")),
+                ),
+            },
+        }
+    }
+}
+
+/// Why an attestation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AttestationRefusal {
+    #[error("attestation is malformed: {0}")]
+    Malformed(String),
+    #[error("attestation chain does not verify: {0}")]
+    BadChain(String),
+    #[error("attestation chain ends at {0}, which is not a configured trust anchor")]
+    UnknownRoot(String),
+    #[error("attestation certificate {serial} is {status} in the attestation status list")]
+    Revoked { serial: String, status: String },
+    #[error("attestation certificate expired or not yet valid: {0}")]
+    Expired(String),
+    #[error("attestation challenge does not match this enrollment: {0}")]
+    WrongChallenge(String),
+    #[error("attested key is not the CSR's key: {0}")]
+    KeyMismatch(String),
+    #[error("attested key does not qualify: {0}")]
+    KeyProperties(String),
+    #[error("attesting app is not allowed: {0}")]
+    UnknownApp(String),
+    #[error("{0}")]
+    NotConfigured(String),
+    #[error("enrollment refused by the attestation policy: {0}")]
+    BelowPolicy(String),
+}
+
+/// The evidence an enrollment may carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Evidence {
+    /// Android Key Attestation: the chain from `KeyStore.getCertificateChain`, leaf first.
+    Android { chain: Vec<Vec<u8>> },
+    /// Apple App Attest: the attestation object `attestKey` returned.
+    Apple { attestation_object: Vec<u8> },
+}
+
+/// The status list: lowercase hex serial → status (`REVOKED`, `SUSPENDED`).
+#[derive(Debug, Clone, Default)]
+pub struct StatusList(HashMap<String, String>);
+
+impl StatusList {
+    /// Parses Google's JSON status format: `{"entries": {"<hex serial>": {"status": ...}}}`.
+    pub fn parse(text: &[u8]) -> std::result::Result<StatusList, String> {
+        #[derive(Deserialize)]
+        struct Entry {
+            status: String,
+        }
+        #[derive(Deserialize)]
+        struct File {
+            entries: HashMap<String, Entry>,
+        }
+        let file: File = serde_json::from_slice(text).map_err(|e| e.to_string())?;
+        Ok(StatusList(
+            file.entries
+                .into_iter()
+                .map(|(serial, entry)| (serial.to_ascii_lowercase(), entry.status))
+                .collect(),
+        ))
+    }
+
+    pub fn get(&self, serial_hex: &str) -> Option<&str> {
+        self.0.get(serial_hex).map(String::as_str)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+const GOOGLE_ROOTS: &[(&str, &str)] = &[
+    (
+        "google-hardware-rsa-root",
+        include_str!("roots/google-hardware-rsa-root-f1c172a699eaf51d.pem"),
+    ),
+    (
+        "google-hardware-ec-ca1",
+        include_str!("roots/google-hardware-ec-root-ca1.pem"),
+    ),
+];
+const APPLE_ROOT: &str = include_str!("roots/apple-app-attestation-root-ca.pem");
+
+/// Checks attestations against the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct Attestor {
+    pub android_anchors: Vec<TrustAnchor>,
+    pub apple_anchors: Vec<TrustAnchor>,
+    pub status: Option<StatusList>,
+    pub android_packages: Vec<String>,
+    pub android_signing_digests: Vec<Vec<u8>>,
+    pub apple_app_ids: Vec<String>,
+    pub apple_development: bool,
+    pub policy: AttestationPolicy,
+    pub below_policy: BelowPolicy,
+}
+
+fn read_file(path: &std::path::Path, what: &'static str) -> Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| Error::invalid(what, format!("{}: {e}", path.display())))
+}
+
+impl Attestor {
+    /// Loads the anchors and the status list the configuration names.
+    pub fn from_config(config: &AttestationConfig) -> Result<Attestor> {
+        config.validate()?;
+        let mut android_anchors = Vec::new();
+        if config.google_roots {
+            for (name, pem) in GOOGLE_ROOTS {
+                android_anchors
+                    .extend(TrustAnchor::from_pem(name, pem.as_bytes()).map_err(Error::internal)?);
+            }
+        }
+        for path in &config.android_roots {
+            let text = read_file(path, "attestation.android_roots")?;
+            android_anchors.extend(
+                TrustAnchor::from_pem(&path.display().to_string(), &text)
+                    .map_err(|e| Error::invalid("attestation.android_roots", e))?,
+            );
+        }
+        let apple_anchors = match &config.apple_root {
+            Some(path) => {
+                let text = read_file(path, "attestation.apple_root")?;
+                TrustAnchor::from_pem(&path.display().to_string(), &text)
+                    .map_err(|e| Error::invalid("attestation.apple_root", e))?
+            }
+            None => TrustAnchor::from_pem("apple-app-attestation-root", APPLE_ROOT.as_bytes())
+                .map_err(Error::internal)?,
+        };
+        let status = match &config.android_status_file {
+            Some(path) => {
+                let text = read_file(path, "attestation.android_status_file")?;
+                Some(StatusList::parse(&text).map_err(|e| {
+                    Error::invalid(
+                        "attestation.android_status_file",
+                        format!("{}: {e}", path.display()),
+                    )
+                })?)
+            }
+            None => None,
+        };
+        Ok(Attestor {
+            android_anchors,
+            apple_anchors,
+            status,
+            android_packages: config.android_packages.clone(),
+            android_signing_digests: config
+                .android_signing_digests
+                .iter()
+                .filter_map(|d| hex::decode(d).ok())
+                .collect(),
+            apple_app_ids: config.apple_app_ids.clone(),
+            apple_development: config.apple_development,
+            policy: AttestationPolicy::of(config),
+            below_policy: config.below_policy,
+        })
+    }
+
+    /// Checks an Android chain whose KeyDescription must carry `challenge` and attest the
+    /// key `key_point` (an uncompressed P-256 point).
+    pub fn android(
+        &self,
+        chain_der: &[Vec<u8>],
+        challenge: &[u8],
+        key_point: &[u8],
+        now_s: i64,
+    ) -> std::result::Result<Attestation, AttestationRefusal> {
+        let chain = chain::parse(chain_der)?;
+        if chain.len() < 2 {
+            return Err(AttestationRefusal::Malformed(
+                "an Android attestation chain holds the leaf and at least its issuer".into(),
+            ));
+        }
+        let description = android::key_description(&chain)?;
+        let anchor = chain::verify(&chain, &self.android_anchors, now_s, self.status.as_ref())?;
+        if description.challenge != challenge {
+            return Err(AttestationRefusal::WrongChallenge(format!(
+                "the attestation's challenge is {} bytes {}…, not this enrollment's \
+                 (SHA-256 of \"payra attestation challenge v1\\0\" and the token)",
+                description.challenge.len(),
+                hex::encode(&description.challenge[..description.challenge.len().min(8)])
+            )));
+        }
+        let leaf_key = &chain[0].public_key().subject_public_key.data;
+        if leaf_key.as_ref() != key_point {
+            return Err(AttestationRefusal::KeyMismatch(
+                "the attestation chain's leaf certifies another key than the CSR's".into(),
+            ));
+        }
+        description.check_key_properties()?;
+        if !self.android_packages.is_empty()
+            && !description
+                .packages
+                .iter()
+                .any(|p| self.android_packages.contains(p))
+        {
+            return Err(AttestationRefusal::UnknownApp(format!(
+                "packages {:?} are not among [attestation] android_packages",
+                description.packages
+            )));
+        }
+        if !self.android_signing_digests.is_empty()
+            && !description
+                .signature_digests
+                .iter()
+                .any(|d| self.android_signing_digests.contains(d))
+        {
+            return Err(AttestationRefusal::UnknownApp(
+                "the app's signing certificate is not among [attestation] \
+                 android_signing_digests"
+                    .into(),
+            ));
+        }
+        let root = description.root_of_trust.as_ref();
+        Ok(Attestation {
+            platform: Platform::Android,
+            security_level: description.attestation_security_level,
+            boot_state: root.map(|r| r.verified_boot_state),
+            device_locked: root.map(|r| r.device_locked),
+            root: anchor.name.clone(),
+            root_key_sha256: anchor.key_sha256_hex(),
+            apps: description.packages,
+            attested_at_s: now_s,
+        })
+    }
+
+    /// Checks an App Attest object made with `client_data_hash`.
+    pub fn apple(
+        &self,
+        object: &[u8],
+        client_data_hash: &[u8; 32],
+        now_s: i64,
+    ) -> std::result::Result<Attestation, AttestationRefusal> {
+        if self.apple_app_ids.is_empty() {
+            return Err(AttestationRefusal::NotConfigured(
+                "Apple App Attest is not accepted: [attestation] apple_app_ids is empty".into(),
+            ));
+        }
+        let object = apple::decode(object)?;
+        let chain = chain::parse(&object.x5c)?;
+        let anchor = chain::verify(&chain, &self.apple_anchors, now_s, None)?;
+        let attested = apple::check(
+            &object,
+            &chain[0],
+            client_data_hash,
+            &self.apple_app_ids,
+            self.apple_development,
+        )?;
+        Ok(Attestation {
+            platform: Platform::Apple,
+            security_level: SecurityLevel::SecureEnclave,
+            boot_state: None,
+            device_locked: None,
+            root: anchor.name.clone(),
+            root_key_sha256: anchor.key_sha256_hex(),
+            apps: vec![attested.app_id],
+            attested_at_s: now_s,
+        })
+    }
+
+    /// Checks an enrollment's evidence (if any) for `token` and the CSR's key, then applies
+    /// `below_policy`: returns the attestation to record, or the refusal.
+    pub fn enrollment(
+        &self,
+        evidence: Option<&Evidence>,
+        token: &str,
+        key_point: &[u8],
+        now_s: i64,
+    ) -> std::result::Result<Option<Attestation>, AttestationRefusal> {
+        let attestation = match evidence {
+            None => None,
+            Some(Evidence::Android { chain }) => {
+                Some(self.android(chain, &challenge(token), key_point, now_s)?)
+            }
+            Some(Evidence::Apple { attestation_object }) => {
+                let hash: [u8; 32] = Sha256::digest(apple_client_data(token, key_point)).into();
+                Some(self.apple(attestation_object, &hash, now_s)?)
+            }
+        };
+        if self.below_policy == BelowPolicy::Refuse {
+            let class = attestation
+                .as_ref()
+                .map_or(AttestationClass::NONE, Attestation::class);
+            self.policy
+                .tier_a
+                .check(class, self.policy.require_verified_boot)
+                .map_err(AttestationRefusal::BelowPolicy)?;
+        }
+        Ok(attestation)
+    }
+}
+
+#[cfg(test)]
+mod tests;
