@@ -59,7 +59,7 @@ fn tiers(c: &mut Criterion) {
     c.bench_function("decide_tier", |b| {
         b.iter(|| {
             decide_tier(
-                black_box(true),
+                black_box(payra::attestation::CertificateFactor::Certificate),
                 black_box(&factors),
                 black_box(Scene::InApp),
             )
@@ -139,6 +139,7 @@ fn decision_json(id: String) -> Vec<u8> {
         reserved_fen: 0,
         day: "2026-11-25".into(),
         released_at_ms: None,
+        certificate_factor_note: None,
     };
     let record = LogRecord::Decision {
         audit: AuditEvent::new(0, &Actor::system(), "payment.verified", id, "VERIFIED"),

@@ -47,6 +47,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// The issuing key in a PKCS#11 token instead of `issuing.key` (`[pkcs11]`).
     pub pkcs11: Pkcs11Config,
+    /// Device key attestation at enrollment and what it counts for (`[attestation]`).
+    pub attestation: crate::attestation::AttestationConfig,
 }
 
 /// Where the issuing key is when a PKCS#11 token holds it (`[pkcs11]`). Used when `uri` or
@@ -452,6 +454,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             store: StoreConfig::default(),
             pkcs11: Pkcs11Config::default(),
+            attestation: crate::attestation::AttestationConfig::default(),
         }
     }
 }
@@ -566,6 +569,7 @@ impl Config {
     /// Checks the rules no type expresses.
     pub fn validate(&self) -> Result<()> {
         self.store.validate()?;
+        self.attestation.validate()?;
         if self.pkcs11.enabled() {
             crate::ca::pkcs11::KeyLocation::from_config(&self.pkcs11)?;
         } else if self.pkcs11.token_label.is_some()

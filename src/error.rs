@@ -53,6 +53,11 @@ pub enum Error {
         evidence_id: String,
         refusal: crate::model::ReleaseRefusal,
     },
+    /// An enrollment's key attestation that was refused: malformed (`INVALID_ARGUMENT`), not
+    /// accepted by the policy or not configured (`FAILED_PRECONDITION`), or not proving what
+    /// it claims (`PERMISSION_DENIED`). The token stays usable.
+    #[error("{0}")]
+    Attestation(crate::attestation::AttestationRefusal),
     /// A fault inside payra (storage, signing). The text is for the log, never for the caller.
     #[error("internal error: {0}")]
     Internal(String),
@@ -106,6 +111,14 @@ impl Error {
                 ..
             } => ErrorKind::NotFound,
             Error::Release { .. } => ErrorKind::FailedPrecondition,
+            Error::Attestation(refusal) => {
+                use crate::attestation::AttestationRefusal as R;
+                match refusal {
+                    R::Malformed(_) => ErrorKind::InvalidArgument,
+                    R::BelowPolicy(_) | R::NotConfigured(_) => ErrorKind::FailedPrecondition,
+                    _ => ErrorKind::PermissionDenied,
+                }
+            }
             Error::Internal(_) => ErrorKind::Internal,
         }
     }

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub ocsp_responses: IntCounterVec,
     pub enroll_throttled: IntCounter,
+    /// Enrollment attestations by platform and outcome (a security level, or `refused`).
+    pub attestations: IntCounterVec,
     pub renewals_refused: IntCounter,
     pub connections_open: IntGaugeVec,
     pub ready: IntGauge,
@@ -115,6 +117,14 @@ impl Metrics {
                     "payra_verifications_total",
                     "VerifyPayment and QualifyTransaction decisions by verdict and tier",
                     &["verdict", "tier"],
+                ),
+            ),
+            attestations: register(
+                &registry,
+                counter_vec(
+                    "payra_enrollment_attestations_total",
+                    "enrollment key attestations by platform and outcome (security level or refused)",
+                    &["platform", "outcome"],
                 ),
             ),
             reservations: register(

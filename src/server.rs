@@ -155,7 +155,7 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
         store.clone(),
         ca.clone(),
         clock,
-        RaPolicy::from_config(&config),
+        RaPolicy::from_config(&config)?,
         metrics.clone(),
     )?);
 

@@ -291,11 +291,11 @@ async fn ok_revoke_unhold_and_list_from_the_cli() {
     let mut lines = stdout.lines();
     assert_eq!(
         lines.next(),
-        Some("serial,customer_id,device_id,status,not_before_unix_s,not_after_unix_s,revoked_at_unix_s,revocation_reason")
+        Some("serial,customer_id,device_id,status,not_before_unix_s,not_after_unix_s,revoked_at_unix_s,revocation_reason,attestation")
     );
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
     assert!(
-        rows.iter().all(|r| r.len() == 8 && r[1] == "kate"),
+        rows.iter().all(|r| r.len() == 9 && r[1] == "kate" && r[8] == "none"),
         "{stdout}"
     );
     assert!(

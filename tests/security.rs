@@ -205,6 +205,7 @@ async fn fail_malformed_input_gets_clear_codes_and_the_server_keeps_serving() {
                 csr_der: csr[..csr.len() / 2].to_vec(),
                 device_id: "d".into(),
                 device_info: None,
+                attestation: None,
             },
         ),
         (
@@ -214,6 +215,7 @@ async fn fail_malformed_input_gets_clear_codes_and_the_server_keeps_serving() {
                 csr_der: csr.clone(),
                 device_id: "d".into(),
                 device_info: None,
+                attestation: None,
             },
         ),
         (
@@ -223,6 +225,7 @@ async fn fail_malformed_input_gets_clear_codes_and_the_server_keeps_serving() {
                 csr_der: csr.clone(),
                 device_id: "d".repeat(200),
                 device_info: None,
+                attestation: None,
             },
         ),
         (
@@ -235,6 +238,7 @@ async fn fail_malformed_input_gets_clear_codes_and_the_server_keeps_serving() {
                     platform: "and\u{0}roid".into(),
                     ..Default::default()
                 }),
+                attestation: None,
             },
         ),
     ] {
@@ -251,6 +255,7 @@ async fn fail_malformed_input_gets_clear_codes_and_the_server_keeps_serving() {
             csr_der: vec![0; 200_000],
             device_id: "d".into(),
             device_info: None,
+            attestation: None,
         })
         .await
         .unwrap_err();

@@ -80,7 +80,7 @@ pub fn parse(ders: &[Vec<u8>]) -> Result<Vec<X509Certificate<'_>>, AttestationRe
                 )));
             }
             match X509Certificate::from_der(der) {
-                Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+                Ok(([], cert)) => Ok(cert),
                 Ok(_) => Err(AttestationRefusal::Malformed(format!(
                     "certificate {i} has bytes after its end"
                 ))),

@@ -89,6 +89,26 @@ pub enum Platform {
     Apple,
 }
 
+impl Platform {
+    pub fn name(self) -> &'static str {
+        match self {
+            Platform::Android => "android",
+            Platform::Apple => "apple",
+        }
+    }
+}
+
+impl BootState {
+    pub fn name(self) -> &'static str {
+        match self {
+            BootState::Verified => "verified",
+            BootState::SelfSigned => "self_signed",
+            BootState::Unverified => "unverified",
+            BootState::Failed => "failed",
+        }
+    }
+}
+
 /// What an enrollment's attestation proved; kept in the certificate record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -170,6 +190,39 @@ impl AttestationClass {
         } else {
             format!("{level}, boot not verified")
         }
+    }
+}
+
+/// A filter on the attestation class, for listing certificates: exactly this rank.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttestationFilter {
+    None,
+    Software,
+    Hardware,
+    Strongbox,
+}
+
+impl AttestationFilter {
+    pub const NAMES: &'static str = "none, software, hardware, strongbox";
+
+    pub fn parse(text: &str) -> Option<AttestationFilter> {
+        match text {
+            "none" => Some(AttestationFilter::None),
+            "software" => Some(AttestationFilter::Software),
+            "hardware" => Some(AttestationFilter::Hardware),
+            "strongbox" => Some(AttestationFilter::Strongbox),
+            _ => Option::None,
+        }
+    }
+
+    pub fn matches(self, class: AttestationClass) -> bool {
+        let rank = match self {
+            AttestationFilter::None => Option::None,
+            AttestationFilter::Software => Some(0),
+            AttestationFilter::Hardware => Some(1),
+            AttestationFilter::Strongbox => Some(2),
+        };
+        class.rank() == rank
     }
 }
 

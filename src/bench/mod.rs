@@ -401,6 +401,7 @@ async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> 
                     // One key, one device: each reused CSR always enrolls its own device.
                     device_id: format!("bench-device-{}", i % csrs.len()),
                     device_info: None,
+                    attestation: None,
                 };
                 let started = Instant::now();
                 let ok = client.enroll(request).await.is_ok();

@@ -492,6 +492,10 @@ pub(crate) enum CertsCommand {
         page_size: Option<i32>,
         #[arg(long)]
         page_token: Option<String>,
+        /// Only certificates whose key attestation is of this class (hardware: a TEE or
+        /// Apple's Secure Enclave).
+        #[arg(long, value_parser = ["none", "software", "hardware", "strongbox"])]
+        attestation: Option<String>,
         /// Same as --output json.
         #[arg(long, conflicts_with = "output")]
         json: bool,

@@ -35,6 +35,7 @@ pub(crate) fn populate(data: &Path, records: u64) -> CliResult {
             renewed_from: None,
             superseded_by: None,
             subscriber_ref: Some(format!("{i:032x}")),
+            attestation: None,
         })
     };
     let count = store

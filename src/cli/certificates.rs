@@ -94,7 +94,7 @@ pub(crate) fn print_list(
             return;
         }
         ListOutput::Csv => {
-            println!("serial,customer_id,device_id,status,not_before_unix_s,not_after_unix_s,revoked_at_unix_s,revocation_reason");
+            println!("serial,customer_id,device_id,status,not_before_unix_s,not_after_unix_s,revoked_at_unix_s,revocation_reason,attestation");
             for record in records {
                 let reason = if record.revoked_at_unix_s != 0 {
                     reason_name(record.revocation_reason)
@@ -110,6 +110,7 @@ pub(crate) fn print_list(
                     record.not_after_unix_s.to_string(),
                     record.revoked_at_unix_s.to_string(),
                     reason,
+                    attestation_word(record).to_string(),
                 ];
                 let row: Vec<String> = row.iter().map(|v| csv_field(v)).collect();
                 println!("{}", row.join(","));
@@ -123,16 +124,17 @@ pub(crate) fn print_list(
     }
     let now = human::now_s();
     println!(
-        "{:<34} {:<20} {:<20} {:<12} NOT AFTER",
-        "SERIAL", "CUSTOMER", "DEVICE", "STATUS"
+        "{:<34} {:<20} {:<20} {:<12} {:<14} NOT AFTER",
+        "SERIAL", "CUSTOMER", "DEVICE", "STATUS", "ATTESTATION"
     );
     for record in records {
         println!(
-            "{:<34} {:<20} {:<20} {:<12} {}",
+            "{:<34} {:<20} {:<20} {:<12} {:<14} {}",
             record.serial,
             record.customer_id,
             record.device_id,
             status_name(record.status),
+            attestation_word(record),
             human::time(record.not_after_unix_s, now)
         );
     }
@@ -169,7 +171,27 @@ pub(crate) fn record_json(record: &payra::wire::proto::CertificateRecord) -> ser
             "revocation_reason": if record.revoked_at_unix_s != 0 { Some(reason.clone()) } else { None },
             "renewed_from_serial": record.renewed_from_serial,
             "superseded_by_serial": record.superseded_by_serial,
+            "attestation": record.attestation.as_ref().map(|a| serde_json::json!({
+                "platform": a.platform,
+                "security_level": a.security_level,
+                "boot_state": a.boot_state,
+                "device_locked": a.device_locked,
+                "root": a.root,
+                "root_key_sha256": a.root_key_sha256,
+                "apps": a.apps,
+                "attested_at_unix_s": a.attested_at_unix_s,
+                "tier_a_eligible": a.tier_a_eligible,
+                "policy_note": a.policy_note,
+            })),
     })
+}
+
+/// One word for a record's attestation: `none`, or the security level.
+fn attestation_word(record: &payra::wire::proto::CertificateRecord) -> &str {
+    record
+        .attestation
+        .as_ref()
+        .map_or("none", |a| a.security_level.as_str())
 }
 
 pub(crate) fn print_record(record: &payra::wire::proto::CertificateRecord, json: bool) {
@@ -201,6 +223,33 @@ pub(crate) fn print_record(record: &payra::wire::proto::CertificateRecord, json:
         );
         println!("reason       {reason}");
     }
+    match &record.attestation {
+        None => println!("attestation  none"),
+        Some(a) => {
+            let boot = if a.boot_state.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    ", boot {}, {}",
+                    a.boot_state,
+                    if a.device_locked {
+                        "locked"
+                    } else {
+                        "unlocked"
+                    }
+                )
+            };
+            println!(
+                "attestation  {} {}{boot}, root {}",
+                a.platform, a.security_level, a.root
+            );
+            if a.tier_a_eligible {
+                println!("tier A       eligible");
+            } else {
+                println!("tier A       not eligible: {}", a.policy_note);
+            }
+        }
+    }
 }
 
 /// `payra certs`.
@@ -224,6 +273,7 @@ pub(crate) async fn certs(command: CertsCommand) -> CliResult {
             expiring_before,
             page_size,
             page_token,
+            attestation,
             json,
             output,
             connection,
@@ -237,6 +287,7 @@ pub(crate) async fn certs(command: CertsCommand) -> CliResult {
                 expiring_before_unix_s: expiring_before.unwrap_or(0),
                 page_size: page_size.unwrap_or(0),
                 page_token: page_token.unwrap_or_default(),
+                attestation: attestation.unwrap_or_default(),
             };
             let mut records = Vec::new();
             let next = loop {

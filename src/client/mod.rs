@@ -260,11 +260,27 @@ impl Client {
         device_id: &str,
         device_info: proto::DeviceInfo,
     ) -> CallResult<proto::EnrollResponse> {
+        self.enroll_attested(token, csr_der, device_id, device_info, None)
+            .await
+    }
+
+    /// `Enrollment.Enroll` with the key's attestation: an Android Key Attestation chain or
+    /// an Apple App Attest object made over [`crate::attestation::challenge`] of `token`
+    /// (docs/attestation.md). The answer's `attestation` says what the server made of it.
+    pub async fn enroll_attested(
+        &self,
+        token: &str,
+        csr_der: Vec<u8>,
+        device_id: &str,
+        device_info: proto::DeviceInfo,
+        attestation: Option<proto::enroll_request::Attestation>,
+    ) -> CallResult<proto::EnrollResponse> {
         let request = proto::EnrollRequest {
             token: token.to_string(),
             csr_der,
             device_id: device_id.to_string(),
             device_info: Some(device_info),
+            attestation,
         };
         Ok(self.enrollment().enroll(request).await?.into_inner())
     }

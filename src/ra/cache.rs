@@ -7,6 +7,7 @@ use crate::sync::Unpoisoned;
 use std::hash::BuildHasher;
 use std::sync::RwLock;
 
+use crate::attestation::AttestationClass;
 use crate::error::Result;
 use crate::model::{CustomerId, DeviceId, RevocationReason, Serial};
 use crate::store::{CertificateRecord, Revocation, Store};
@@ -21,6 +22,8 @@ pub struct CachedCertificate {
     pub not_before_s: i64,
     pub not_after_s: i64,
     pub revocation: Option<Revocation>,
+    /// What the enrollment's attestation proved (what the certificate counts for).
+    pub attestation: AttestationClass,
 }
 
 /// One certificate as the map keeps it: a single allocation of about 150 bytes holding
@@ -37,33 +40,27 @@ const MAX_SERIAL: usize = 20;
 const KEY_LEN: usize = 65;
 
 impl Entry {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        serial: &[u8],
-        public_key: &[u8; KEY_LEN],
-        customer: &CustomerId,
-        device: &DeviceId,
-        not_before_s: i64,
-        not_after_s: i64,
-        revocation: Option<Revocation>,
-    ) -> Option<Entry> {
-        let (customer, device) = (customer.as_str().as_bytes(), device.as_str().as_bytes());
+    fn new(summary: &crate::store::CertificateSummary) -> Option<Entry> {
+        let serial = summary.serial.as_bytes();
+        let customer = summary.customer_id.as_str().as_bytes();
+        let device = summary.device_id.as_str().as_bytes();
         if serial.len() > MAX_SERIAL || customer.len() > usize::from(u8::MAX) {
             return None;
         }
         let mut bytes =
-            Vec::with_capacity(1 + serial.len() + KEY_LEN + 26 + customer.len() + device.len());
+            Vec::with_capacity(1 + serial.len() + KEY_LEN + 27 + customer.len() + device.len());
         bytes.push(serial.len() as u8);
         bytes.extend_from_slice(serial);
-        bytes.extend_from_slice(public_key);
-        bytes.extend_from_slice(&not_before_s.to_le_bytes());
-        bytes.extend_from_slice(&not_after_s.to_le_bytes());
+        bytes.extend_from_slice(&summary.public_key);
+        bytes.extend_from_slice(&summary.not_before_s.to_le_bytes());
+        bytes.extend_from_slice(&summary.not_after_s.to_le_bytes());
         bytes.extend_from_slice(&[0; 9]);
+        bytes.push(summary.attestation.0);
         bytes.push(customer.len() as u8);
         bytes.extend_from_slice(customer);
         bytes.extend_from_slice(device);
         let mut entry = Entry(bytes.into_boxed_slice());
-        entry.set_revocation(revocation);
+        entry.set_revocation(summary.revocation);
         Some(entry)
     }
 
@@ -121,7 +118,8 @@ impl Entry {
         let at = self.fixed();
         let mut public_key = [0u8; KEY_LEN];
         public_key.copy_from_slice(&self.0[at..at + KEY_LEN]);
-        let ids_at = at + KEY_LEN + 25;
+        let attestation = AttestationClass(self.0[at + KEY_LEN + 25]);
+        let ids_at = at + KEY_LEN + 26;
         let customer_len = usize::from(self.0[ids_at]);
         let ids = &self.0[ids_at + 1..];
         // Both identifiers were validated (ASCII) before they were stored, so this borrows.
@@ -133,10 +131,12 @@ impl Entry {
             not_before_s: self.not_before_s(),
             not_after_s: self.not_after_s(),
             revocation: self.revocation(),
+            attestation,
         }
     }
 }
 
+#[cfg(test)]
 fn public_key(hex_text: &str) -> Option<[u8; 65]> {
     let mut key = [0u8; 65];
     hex::decode_to_slice(hex_text, &mut key).ok()?;
@@ -314,15 +314,7 @@ impl CertificateCache {
                     }
                 }
             }
-            if let Some(entry) = Entry::new(
-                summary.serial.as_bytes(),
-                &summary.public_key,
-                &summary.customer_id,
-                &summary.device_id,
-                summary.not_before_s,
-                summary.not_after_s,
-                summary.revocation,
-            ) {
+            if let Some(entry) = Entry::new(&summary) {
                 let hash = cache.hasher.hash_one(entry.serial());
                 tables[shard_of(hash)].insert(hash, entry, &cache.hasher);
             }
@@ -384,16 +376,7 @@ impl CertificateCache {
     }
 
     fn put_summary_with(&self, summary: &crate::store::CertificateSummary, if_absent: bool) {
-        let entry = Entry::new(
-            summary.serial.as_bytes(),
-            &summary.public_key,
-            &summary.customer_id,
-            &summary.device_id,
-            summary.not_before_s,
-            summary.not_after_s,
-            summary.revocation,
-        );
-        self.insert(entry, &summary.serial, if_absent);
+        self.insert(Entry::new(summary), &summary.serial, if_absent);
     }
 
     /// Adds or replaces a certificate.
@@ -409,17 +392,9 @@ impl CertificateCache {
     }
 
     fn put_with(&self, record: &CertificateRecord, if_absent: bool) {
-        let entry = public_key(&record.public_key_hex).and_then(|public_key| {
-            Entry::new(
-                record.serial.as_bytes(),
-                &public_key,
-                &record.customer_id,
-                &record.device_id,
-                record.not_before_s,
-                record.not_after_s,
-                record.revocation,
-            )
-        });
+        let entry = crate::store::CertificateSummary::of(record)
+            .ok()
+            .and_then(|summary| Entry::new(&summary));
         self.insert(entry, &record.serial, if_absent);
     }
 
@@ -610,6 +585,7 @@ mod tests {
             renewed_from: None,
             superseded_by: None,
             subscriber_ref: None,
+            attestation: None,
         }
     }
 
@@ -621,6 +597,7 @@ mod tests {
             not_before_s: record.not_before_s,
             not_after_s: record.not_after_s,
             revocation: record.revocation,
+            attestation: AttestationClass::NONE,
         }
     }
 

@@ -181,6 +181,7 @@ impl Ra {
                 renewed_from: None,
                 superseded_by: None,
                 subscriber_ref: None,
+                attestation: None,
             },
             certificate_der: certificate.der,
             chain_der: vec![self.ca.issuing_der.clone()],

@@ -6,6 +6,7 @@ use base64::Engine;
 
 use super::limits::{Assessment, CeilingStatus, TierLimits};
 use super::tiers::{contradicting_factor, decide_tier};
+use crate::attestation::CertificateFactor;
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, Factor, FactorCategory, Scene, Serial, Tier};
 use crate::store::{Actor, AuditEvent, EvidenceRecord, LogRecord, RECORD_VERSION};
@@ -227,6 +228,11 @@ pub struct Decision {
     /// `None` only when the certificate is unknown (no customer to count for).
     pub limit: Option<LimitStatus>,
     pub evidence_id: String,
+    /// What the verified device signature counted for; `None` when not verified or for
+    /// QualifyTransaction.
+    pub certificate_factor: Option<CertificateFactor>,
+    /// Why it counted for less than tier A's certificate.
+    pub certificate_factor_note: Option<String>,
 }
 
 pub(super) fn b64(bytes: &[u8]) -> String {
@@ -245,9 +251,10 @@ pub(super) struct Draft {
     pub(super) signature_b64: String,
     pub(super) factors: Vec<Factor>,
     pub(super) scene: Scene,
-    /// A verified verdict counts the device certificate as a possession factor
-    /// (VerifyPayment; QualifyTransaction has none).
-    pub(super) counts_certificate: bool,
+    /// What a verified signature under the device certificate counts for, by its key's
+    /// attestation and the policy, and why less than tier A's certificate (VerifyPayment;
+    /// QualifyTransaction has no certificate: `NotCounted`).
+    pub(super) certificate: (CertificateFactor, Option<String>),
     pub(super) amount_fen: i64,
     /// The service asked for a reservation (only a verified decision makes one).
     pub(super) reserve: bool,
@@ -281,11 +288,11 @@ impl Draft {
         used: Option<[i64; 4]>,
     ) -> Result<Settled> {
         let verified = verdict == Verdict::Verified;
-        let tiered = decide_tier(
-            self.counts_certificate && verified,
-            &self.factors,
-            self.scene,
-        );
+        let (factor, note) = match (&self.certificate, verified) {
+            ((factor, note), true) => (*factor, note.clone()),
+            (_, false) => (CertificateFactor::NotCounted, None),
+        };
+        let tiered = decide_tier(factor, &self.factors, self.scene);
         let tier = tiered.tier;
         let categories: Vec<FactorCategory> = tiered.categories.iter().copied().collect();
         let assessment = match (&self.ledger, used) {
@@ -318,6 +325,7 @@ impl Draft {
             reserved_fen: if reserved { self.amount_fen } else { 0 },
             day: self.day.clone(),
             released_at_ms: None,
+            certificate_factor_note: note.clone(),
         };
         let action = if self.kind == "verify_payment" {
             "payment.verified"
@@ -328,6 +336,9 @@ impl Draft {
         if reserving {
             let note = if reserved { "reserved" } else { "not reserved" };
             outcome = format!("{outcome}; {note} {} fen", self.amount_fen);
+        }
+        if verified && factor != CertificateFactor::Certificate && self.kind == "verify_payment" {
+            outcome = format!("{outcome}; certificate counted as {}", factor.name());
         }
         let record = LogRecord::Decision {
             audit: AuditEvent::new(
@@ -358,6 +369,8 @@ impl Draft {
                 categories,
                 limit,
                 evidence_id,
+                certificate_factor: (verified && self.kind == "verify_payment").then_some(factor),
+                certificate_factor_note: note,
             },
             record,
             reserved,

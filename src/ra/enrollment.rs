@@ -34,6 +34,8 @@ pub struct EnrollRequest {
     pub csr_der: Vec<u8>,
     pub device_id: DeviceId,
     pub device_info: DeviceInfo,
+    /// The key's attestation, when the app sent one.
+    pub attestation: Option<crate::attestation::Evidence>,
 }
 
 /// A parsed `Renew` request; the current certificate comes from mutual TLS.
@@ -52,6 +54,15 @@ pub struct Issued {
     pub certificate_der: Vec<u8>,
     /// Issuing CA first, root excluded.
     pub chain_der: Vec<Vec<u8>>,
+}
+
+/// The platform label of an enrollment's evidence, for the metrics.
+fn evidence_platform(evidence: Option<&crate::attestation::Evidence>) -> &'static str {
+    match evidence {
+        None => "none",
+        Some(crate::attestation::Evidence::Android { .. }) => "android",
+        Some(crate::attestation::Evidence::Apple { .. }) => "apple",
+    }
 }
 
 /// Checks the shape of a token string before it is hashed and looked up.
@@ -213,6 +224,37 @@ impl Ra {
             }));
         }
 
+        // Checked with a usable token in hand and before anything is claimed: a refused
+        // attestation leaves the token usable for a corrected attempt.
+        let attestation = self
+            .policy
+            .attestation
+            .enrollment(
+                request.attestation.as_ref(),
+                &request.token,
+                public_key.point(),
+                now_s,
+            )
+            .map_err(|refusal| {
+                self.metrics
+                    .attestations
+                    .with_label_values(&[
+                        evidence_platform(request.attestation.as_ref()),
+                        "refused",
+                    ])
+                    .inc();
+                tracing::warn!(%refusal, "enrollment attestation refused");
+                Error::Attestation(refusal)
+            })?;
+        if let Some(attestation) = &attestation {
+            self.metrics
+                .attestations
+                .with_label_values(&[
+                    evidence_platform(request.attestation.as_ref()),
+                    attestation.security_level.name(),
+                ])
+                .inc();
+        }
         let key_claim = self.keys_in_flight.claim(
             &self.cache,
             public_key.point(),
@@ -220,7 +262,7 @@ impl Ra {
             &request.device_id,
             now_s,
         )?;
-        let (record, certificate_der) = self.sign_device_certificate(
+        let (mut record, certificate_der) = self.sign_device_certificate(
             &public_key,
             Holder {
                 customer: token.customer_id,
@@ -231,13 +273,18 @@ impl Ra {
             None,
             now_s,
         )?;
+        let attested = match &attestation {
+            Some(a) => format!("; key attested {} by {}", a.security_level.name(), a.root),
+            None => String::new(),
+        };
+        record.attestation = attestation;
         let audit = AuditEvent::new(
             self.clock.now_ms(),
             actor,
             "certificate.issued",
             record.serial.to_hex(),
             format!(
-                "token used; customer {} device {}",
+                "token used; customer {} device {}{attested}",
                 record.customer_id, record.device_id
             ),
         );
@@ -412,14 +459,26 @@ impl Ra {
                 .and_then(SubscriberRef::parse)
                 .unwrap_or_else(SubscriberRef::random),
         };
-        let (record, certificate_der) =
+        let (mut record, certificate_der) =
             self.sign_device_certificate(&public_key, holder, Some(current.serial.clone()), now_s)?;
+        // An attestation proves where one key lives: it carries over only to the same key. A
+        // new key is unattested until a new enrollment (with a token) attests it.
+        let same_key = record.public_key_hex == current.public_key_hex;
+        if same_key {
+            record.attestation = current.attestation.clone();
+        }
         let audit = AuditEvent::new(
             self.clock.now_ms(),
             actor,
             "certificate.renewed",
             record.serial.to_hex(),
-            format!("supersedes {}", current.serial),
+            match (&current.attestation, same_key) {
+                (Some(_), false) => format!(
+                    "supersedes {}; new key, so the old key's attestation does not carry over",
+                    current.serial
+                ),
+                _ => format!("supersedes {}", current.serial),
+            },
         );
         match self.store.renew(&current.serial, &record, now_s, &audit)? {
             Ok(()) => {}
@@ -528,6 +587,7 @@ impl Ra {
             renewed_from,
             superseded_by: None,
             subscriber_ref: Some(subscriber.as_str().to_string()),
+            attestation: None,
         };
         Ok((record, certificate.der))
     }
@@ -567,6 +627,7 @@ mod tests {
                     .unwrap(),
                 device_id: device,
                 device_info: DeviceInfo::default(),
+                attestation: None,
             },
         )
         .unwrap()
@@ -696,6 +757,7 @@ mod tests {
                 .unwrap(),
             device_id: DeviceId::parse("device_id", "typed-phone").unwrap(),
             device_info: DeviceInfo::default(),
+            attestation: None,
         };
         ra.enroll(&actor, request(&token)).await.unwrap();
 

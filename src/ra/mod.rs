@@ -63,12 +63,15 @@ pub struct RaPolicy {
     pub certificate_retention_s: i64,
     /// Most renewals of one lineage in any 24 hours.
     pub renewals_per_day: u32,
+    /// Checks enrollments' attestations and says what a certificate counts for.
+    pub attestation: std::sync::Arc<crate::attestation::Attestor>,
 }
 
 impl RaPolicy {
     /// Takes the RA's part of `config`.
-    pub fn from_config(config: &Config) -> RaPolicy {
-        RaPolicy {
+    /// Fails when a file the attestation section names cannot be read.
+    pub fn from_config(config: &Config) -> Result<RaPolicy> {
+        Ok(RaPolicy {
             token_default_ttl_s: i64::from(config.tokens.default_ttl_s),
             token_max_ttl_s: i64::from(config.tokens.max_ttl_s),
             profile: DeviceProfile {
@@ -95,7 +98,10 @@ impl RaPolicy {
             scratch_dir: config.data_dir.clone(),
             certificate_retention_s: i64::from(config.retention.expired_certificate_days) * 86_400,
             renewals_per_day: config.issuance.renewals_per_day,
-        }
+            attestation: std::sync::Arc::new(crate::attestation::Attestor::from_config(
+                &config.attestation,
+            )?),
+        })
     }
 }
 
@@ -423,6 +429,11 @@ impl Ra {
     }
 
     /// Where the certificate of `record` stands now.
+    /// The attestation policy in force: what a certificate counts for in the tier engine.
+    pub fn attestation_policy(&self) -> crate::attestation::AttestationPolicy {
+        self.policy.attestation.policy
+    }
+
     pub fn status_of(&self, record: &CertificateRecord) -> StatusView {
         StatusView::of(record, self.clock.now_s())
     }
@@ -456,7 +467,7 @@ pub(crate) fn test_ra(dir: &std::path::Path) -> (Ra, crate::clock::ManualClock) 
         Arc::new(crate::store::SledStore::open(&config.data_dir).unwrap()),
         Arc::new(CaMaterial::load(&certs, None).unwrap()),
         Arc::new(clock.clone()),
-        RaPolicy::from_config(&config),
+        RaPolicy::from_config(&config).unwrap(),
         Arc::new(Metrics::new()),
     )
     .unwrap();

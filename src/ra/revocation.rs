@@ -30,6 +30,8 @@ pub struct CertificateQuery {
     pub expiring_before_s: Option<i64>,
     pub page_size: usize,
     pub after: Option<Serial>,
+    /// Only certificates whose key's attestation is of this class.
+    pub attestation: Option<crate::attestation::AttestationFilter>,
 }
 
 /// One page of certificates, in serial order.
@@ -355,6 +357,12 @@ impl Ra {
                     .as_ref()
                     .is_none_or(|c| *c == record.customer_id)
                 && query.device.as_ref().is_none_or(|d| *d == record.device_id)
+                && query.attestation.is_none_or(|filter| {
+                    filter.matches(record.attestation.as_ref().map_or(
+                        crate::attestation::AttestationClass::NONE,
+                        crate::attestation::Attestation::class,
+                    ))
+                })
         };
         let mut certificates = Vec::new();
         let indexed = match (&query.customer, &query.device) {

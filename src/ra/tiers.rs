@@ -7,6 +7,8 @@
 
 use std::collections::BTreeSet;
 
+use crate::attestation::CertificateFactor;
+
 pub use crate::model::{Factor, FactorCategory, Scene, Tier};
 
 /// Method names whose category is not in doubt (43号 Art. 22), as payment services commonly
@@ -75,19 +77,25 @@ pub struct TierDecision {
 
 /// Decides the tier.
 ///
-/// `certificate_verified` is true only for a `VERIFIED` device signature under a valid,
-/// unrevoked payra certificate; it counts as the possession category. The service's factors
-/// add their categories (a second possession factor such as an SMS OTP adds nothing new).
-/// Static barcode is D whatever the factors; otherwise A needs the certificate and two or
-/// more categories, B two or more categories without it, and everything else is C.
-pub fn decide_tier(certificate_verified: bool, factors: &[Factor], scene: Scene) -> TierDecision {
+/// `certificate` is what a `VERIFIED` device signature under a valid, unrevoked payra
+/// certificate counts for (by its key's attestation and the policy): `Certificate` and
+/// `Possession` add the possession category, `NotCounted` (no verified signature, or below
+/// the policy's `tier_b`) adds nothing. The service's factors add their categories (a second
+/// possession factor such as an SMS OTP adds nothing new). Static barcode is D whatever the
+/// factors; otherwise A needs tier A's certificate and two or more categories, B two or more
+/// categories without it, and everything else is C.
+pub fn decide_tier(
+    certificate: CertificateFactor,
+    factors: &[Factor],
+    scene: Scene,
+) -> TierDecision {
     let mut categories: BTreeSet<FactorCategory> = factors.iter().map(|f| f.category).collect();
-    if certificate_verified {
+    if certificate != CertificateFactor::NotCounted {
         categories.insert(FactorCategory::Possession);
     }
     let tier = if scene == Scene::StaticBarcode {
         Tier::D
-    } else if categories.len() >= 2 && certificate_verified {
+    } else if categories.len() >= 2 && certificate == CertificateFactor::Certificate {
         Tier::A
     } else if categories.len() >= 2 {
         Tier::B
@@ -114,14 +122,15 @@ mod tests {
 
     /// The reference rule, written independently of `decide_tier`'s branches: count the
     /// distinct categories, then read the BRIEF's table top to bottom.
-    fn expected(cert: bool, service: &[FactorCategory], scene: Scene) -> Tier {
+    fn expected(cert: CertificateFactor, service: &[FactorCategory], scene: Scene) -> Tier {
         let mut distinct: Vec<FactorCategory> = service.to_vec();
-        if cert {
+        if cert != CertificateFactor::NotCounted {
             distinct.push(Possession);
         }
         distinct.sort();
         distinct.dedup();
-        match (scene, distinct.len(), cert) {
+        let tier_a_certificate = cert == CertificateFactor::Certificate;
+        match (scene, distinct.len(), tier_a_certificate) {
             (Scene::StaticBarcode, _, _) => Tier::D,
             (_, n, true) if n >= 2 => Tier::A,
             (_, n, false) if n >= 2 => Tier::B,
@@ -148,22 +157,29 @@ mod tests {
                     service.extend(std::iter::repeat_n(all[0], k));
                     service.extend(std::iter::repeat_n(all[1], p));
                     service.extend(std::iter::repeat_n(all[2], i));
-                    for cert in [false, true] {
+                    for cert in [
+                        CertificateFactor::NotCounted,
+                        CertificateFactor::Possession,
+                        CertificateFactor::Certificate,
+                    ] {
                         for scene in scenes {
                             let decision = decide_tier(cert, &factors(&service), scene);
                             assert_eq!(
                                 decision.tier,
                                 expected(cert, &service, scene),
-                                "cert={cert} service={service:?} scene={scene:?}"
+                                "cert={cert:?} service={service:?} scene={scene:?}"
                             );
-                            assert_eq!(decision.categories.contains(&Possession), cert || p > 0);
+                            assert_eq!(
+                                decision.categories.contains(&Possession),
+                                cert != CertificateFactor::NotCounted || p > 0
+                            );
                             cases += 1;
                         }
                     }
                 }
             }
         }
-        assert_eq!(cases, 27 * 2 * 4);
+        assert_eq!(cases, 27 * 3 * 4);
     }
 
     #[test]
@@ -233,6 +249,11 @@ mod tests {
             ("ok/nothing", false, vec![], Scene::Online, Tier::C),
         ];
         for (name, cert, service, scene, tier) in table {
+            let cert = if cert {
+                CertificateFactor::Certificate
+            } else {
+                CertificateFactor::NotCounted
+            };
             assert_eq!(
                 decide_tier(cert, &factors(&service), scene).tier,
                 tier,

@@ -25,6 +25,8 @@ struct Checked {
     customer: Option<CustomerId>,
     scene: Scene,
     nonce: Option<NonceClaim>,
+    /// The certificate's attestation class (none when the certificate is unknown).
+    attestation: crate::attestation::AttestationClass,
 }
 
 impl Ra {
@@ -47,6 +49,7 @@ impl Ra {
                 .and_then(|i| i.scene)
                 .unwrap_or(Scene::InApp),
             nonce: None,
+            attestation: crate::attestation::AttestationClass::NONE,
         };
         let Some(cert) = self.cache.get(&request.serial) else {
             return fail(
@@ -169,6 +172,7 @@ impl Ra {
                 // After created_at + skew the timestamp check refuses the intent anyway.
                 expires_at_ms: intent.created_at_ms + skew_ms,
             }),
+            attestation: cert.attestation,
         }
     }
 
@@ -223,7 +227,7 @@ impl Ra {
             signature_b64: String::new(),
             factors: request.factors.clone(),
             scene: request.scene,
-            counts_certificate: false,
+            certificate: (crate::attestation::CertificateFactor::NotCounted, None),
             amount_fen: request.transaction.amount_fen,
             reserve: request.reserve,
             day: self.policy.ledger.day(now_ms),
@@ -263,7 +267,7 @@ impl Ra {
             signature_b64: b64(&request.signature),
             factors: request.factors.clone(),
             scene: checked.scene,
-            counts_certificate: true,
+            certificate: self.policy.attestation.policy.factor(checked.attestation),
             amount_fen: request.transaction.amount_fen,
             reserve: request.reserve,
             day: self.policy.ledger.day(now_ms),

@@ -40,6 +40,7 @@ fn certificate(customer: &str, device: &str) -> CertificateRecord {
         renewed_from: None,
         superseded_by: None,
         subscriber_ref: None,
+        attestation: None,
     }
 }
 

@@ -44,7 +44,8 @@ pub use crate::model::Revocation;
 ///
 /// Layout: version (1) | public key (65, uncompressed SEC1) | notBefore i64 BE | notAfter i64
 /// BE | revoked flag (0/1) | revoked_at_s i64 BE | reason code u8 | customer length u8 |
-/// customer | device length u8 | device. The serial is the tree's key.
+/// customer | device length u8 | device | attestation class u8 (only when the key was
+/// attested; a summary without it reads as unattested). The serial is the tree's key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateSummary {
     pub serial: Serial,
@@ -54,6 +55,8 @@ pub struct CertificateSummary {
     pub not_after_s: i64,
     pub public_key: [u8; 65],
     pub revocation: Option<Revocation>,
+    /// What the enrollment's attestation proved, in one byte.
+    pub attestation: crate::attestation::AttestationClass,
 }
 
 const SUMMARY_VERSION: u8 = 1;
@@ -76,6 +79,10 @@ impl CertificateSummary {
             not_after_s: record.not_after_s,
             public_key,
             revocation: record.revocation,
+            attestation: record
+                .attestation
+                .as_ref()
+                .map_or(crate::attestation::AttestationClass::NONE, |a| a.class()),
         })
     }
 
@@ -100,6 +107,10 @@ impl CertificateSummary {
         out.extend_from_slice(customer);
         out.push(device.len() as u8);
         out.extend_from_slice(device);
+        // Last and optional: summaries written before attestation end at the device id.
+        if self.attestation != crate::attestation::AttestationClass::NONE {
+            out.push(self.attestation.0);
+        }
         out
     }
 
@@ -144,6 +155,11 @@ impl CertificateSummary {
         let len = take(1)?[0] as usize;
         let device = std::str::from_utf8(take(len)?).map_err(|_| bad("device"))?;
         let device_id = DeviceId::parse("device_id", device)?;
+        let attestation = match rest {
+            [] => crate::attestation::AttestationClass::NONE,
+            [class] => crate::attestation::AttestationClass(*class),
+            _ => return Err(bad("bytes after the attestation class")),
+        };
         Ok(CertificateSummary {
             serial: Serial::from_bytes("serial", serial)?,
             customer_id,
@@ -152,6 +168,7 @@ impl CertificateSummary {
             not_after_s,
             public_key,
             revocation,
+            attestation,
         })
     }
 }
@@ -191,6 +208,10 @@ pub struct CertificateRecord {
     /// issued before payra stopped putting ids into certificates.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub subscriber_ref: Option<String>,
+    /// What the enrollment's attestation proved about the key; `None` when it carried none
+    /// (or was issued before payra checked attestations).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<crate::attestation::Attestation>,
 }
 
 impl CertificateRecord {
@@ -257,6 +278,10 @@ pub struct EvidenceRecord {
     /// The ledger day (YYYY-MM-DD in the configured time zone).
     pub day: String,
     pub released_at_ms: Option<i64>,
+    /// Why a verified device signature counted for less than tier A's certificate (its key's
+    /// attestation did not meet the policy then in force); absent when it counted fully.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_factor_note: Option<String>,
 }
 
 #[cfg(test)]
@@ -327,6 +352,7 @@ mod tests {
                 revoked_at_s: 1_764_000_500,
                 reason: RevocationReason::CertificateHold,
             }),
+            attestation: crate::attestation::AttestationClass::NONE,
         };
         let golden = format!(
             "01{}{}{}01{}06{}{}",
@@ -351,5 +377,21 @@ mod tests {
             unrevoked
         );
         assert!(CertificateSummary::decode(unrevoked.serial.as_bytes(), &encoded[..40]).is_err());
+
+        // An attested key adds its class as one last byte; the golden form above stays.
+        let mut attested = summary.clone();
+        attested.attestation = crate::attestation::AttestationClass::new(
+            Some(crate::attestation::SecurityLevel::StrongBox),
+            true,
+        );
+        let encoded = attested.encode();
+        assert_eq!(hex::encode(&encoded), format!("{golden}86"));
+        assert_eq!(
+            CertificateSummary::decode(attested.serial.as_bytes(), &encoded).unwrap(),
+            attested
+        );
+        let mut longer = encoded.clone();
+        longer.push(0);
+        assert!(CertificateSummary::decode(attested.serial.as_bytes(), &longer).is_err());
     }
 }

@@ -8,6 +8,9 @@ use tonic::{Request, Response, Status};
 
 use super::auth::{actor, caller, Caller};
 use super::proto;
+use crate::attestation::{
+    Attestation, AttestationFilter, AttestationPolicy, CertificateFactor, Evidence,
+};
 use crate::error::{Error, Result};
 use crate::model::{
     CustomerId, DeviceId, DeviceInfo, Factor, FactorCategory, RevocationReason, Scene, Serial, Tier,
@@ -70,7 +73,38 @@ impl TryFrom<proto::EnrollRequest> for EnrollRequest {
                 .device_info
                 .map(DeviceInfo::from)
                 .unwrap_or_default(),
+            attestation: request.attestation.map(|evidence| match evidence {
+                proto::enroll_request::Attestation::Android(android) => Evidence::Android {
+                    chain: android.certificate_chain_der,
+                },
+                proto::enroll_request::Attestation::Apple(apple) => Evidence::Apple {
+                    attestation_object: apple.attestation_object,
+                },
+            }),
         })
+    }
+}
+
+/// An attestation as the API shows it, with what it counts for under `policy`.
+fn attestation_to_proto(
+    attestation: &Attestation,
+    policy: &AttestationPolicy,
+) -> proto::DeviceAttestation {
+    let (factor, note) = policy.factor(attestation.class());
+    proto::DeviceAttestation {
+        platform: attestation.platform.name().to_string(),
+        security_level: attestation.security_level.name().to_string(),
+        boot_state: attestation
+            .boot_state
+            .map(|b| b.name().to_string())
+            .unwrap_or_default(),
+        device_locked: attestation.device_locked.unwrap_or(false),
+        root: attestation.root.clone(),
+        root_key_sha256: attestation.root_key_sha256.clone(),
+        apps: attestation.apps.clone(),
+        attested_at_unix_s: attestation.attested_at_s,
+        tier_a_eligible: factor == CertificateFactor::Certificate,
+        policy_note: note.unwrap_or_default(),
     }
 }
 
@@ -127,8 +161,13 @@ fn revoke_response(outcome: RevokeOutcome) -> proto::RevokeResponse {
     }
 }
 
-fn issued_response(issued: crate::ra::Issued) -> proto::EnrollResponse {
+fn issued_response(issued: crate::ra::Issued, policy: &AttestationPolicy) -> proto::EnrollResponse {
     proto::EnrollResponse {
+        attestation: issued
+            .record
+            .attestation
+            .as_ref()
+            .map(|a| attestation_to_proto(a, policy)),
         certificate_der: issued.certificate_der,
         chain_der: issued.chain_der,
         serial: issued.record.serial.to_hex(),
@@ -155,9 +194,14 @@ fn status_to_proto(status: CertificateStatus) -> proto::CertificateStatus {
 fn record_to_proto(
     record: CertificateRecord,
     view: &StatusView,
+    policy: &AttestationPolicy,
 ) -> Result<proto::CertificateRecord, Status> {
     let certificate_der = record.certificate_der().map_err(Status::from)?;
     Ok(proto::CertificateRecord {
+        attestation: record
+            .attestation
+            .as_ref()
+            .map(|a| attestation_to_proto(a, policy)),
         serial: record.serial.to_hex(),
         customer_id: record.customer_id.to_string(),
         device_id: record.device_id.to_string(),
@@ -224,7 +268,10 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
         // Checked and signed on this task's thread; the wait for the durable write holds no
         // thread.
         let issued = self.ra.enroll(&actor, request).await?;
-        Ok(Response::new(issued_response(issued)))
+        Ok(Response::new(issued_response(
+            issued,
+            &self.ra.attestation_policy(),
+        )))
     }
 
     async fn renew(
@@ -243,7 +290,10 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
         };
         let ra = self.ra.clone();
         let issued = blocking(move || ra.renew(&actor, request)).await?;
-        Ok(Response::new(issued_response(issued)))
+        Ok(Response::new(issued_response(
+            issued,
+            &self.ra.attestation_policy(),
+        )))
     }
 }
 
@@ -440,6 +490,14 @@ impl proto::verification_server::Verification for VerificationService {
             .map_err(Status::from)?;
         let verdict = verdict_to_proto(decision.verdict);
         let reason = decision.reason.clone();
+        let certificate_factor = match decision.certificate_factor {
+            None => proto::CertificateFactor::Unspecified,
+            Some(CertificateFactor::NotCounted) => proto::CertificateFactor::NotCounted,
+            Some(CertificateFactor::Possession) => proto::CertificateFactor::Possession,
+            Some(CertificateFactor::Certificate) => proto::CertificateFactor::Certificate,
+        } as i32;
+        let certificate_factor_reason =
+            decision.certificate_factor_note.clone().unwrap_or_default();
         let (tier, categories, limit, evidence_id) = decision_to_proto(decision);
         Ok(Response::new(proto::VerifyPaymentResponse {
             verdict,
@@ -448,6 +506,8 @@ impl proto::verification_server::Verification for VerificationService {
             categories,
             limit,
             evidence_id,
+            certificate_factor,
+            certificate_factor_reason,
         }))
     }
 
@@ -538,7 +598,11 @@ impl proto::admin_server::Admin for AdminService {
         let ra = self.ra.clone();
         let record = blocking(move || ra.certificate(&serial)).await?;
         let view = self.ra.status_of(&record);
-        Ok(Response::new(record_to_proto(record, &view)?))
+        Ok(Response::new(record_to_proto(
+            record,
+            &view,
+            &self.ra.attestation_policy(),
+        )?))
     }
 
     async fn revoke_certificate(
@@ -592,7 +656,11 @@ impl proto::admin_server::Admin for AdminService {
         let ra = self.ra.clone();
         let record = blocking(move || ra.unhold_certificate(&actor, &serial)).await?;
         let view = self.ra.status_of(&record);
-        Ok(Response::new(record_to_proto(record, &view)?))
+        Ok(Response::new(record_to_proto(
+            record,
+            &view,
+            &self.ra.attestation_policy(),
+        )?))
     }
 
     async fn set_agreed_limit(
@@ -777,14 +845,24 @@ impl proto::admin_server::Admin for AdminService {
                 "" => None,
                 token => Some(Serial::parse("page_token", token)?),
             },
+            attestation: match request.attestation.as_str() {
+                "" => None,
+                text => Some(AttestationFilter::parse(text).ok_or_else(|| {
+                    Error::invalid(
+                        "attestation",
+                        format!("{text:?} is not one of {}", AttestationFilter::NAMES),
+                    )
+                })?),
+            },
         };
         let ra = self.ra.clone();
         let page = blocking(move || ra.list_certificates(&query)).await?;
+        let policy = self.ra.attestation_policy();
         Ok(Response::new(proto::ListCertificatesResponse {
             certificates: page
                 .certificates
                 .into_iter()
-                .map(|(record, view)| record_to_proto(record, &view))
+                .map(|(record, view)| record_to_proto(record, &view, &policy))
                 .collect::<Result<_, _>>()?,
             next_page_token: page.next.map(|s| s.to_hex()).unwrap_or_default(),
         }))

@@ -24,6 +24,7 @@ fn decision(seq_time: i64, reserved_fen: i64, nonce: Option<(String, i64)>) -> V
             reserved_fen,
             day: "2026-11-25".into(),
             released_at_ms: None,
+            certificate_factor_note: None,
         }),
         nonce,
         audit: AuditEvent::new(seq_time, &Actor::system(), "payment.verified", "x", "ok"),
