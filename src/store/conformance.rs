@@ -90,7 +90,53 @@ conformance!(
     expired_tokens_and_certificates_are_purged_in_batches,
     summaries_and_pages_follow_every_change,
     concurrent_revocations_of_one_certificate_apply_once,
+    an_attestation_is_kept_through_revocation_and_in_the_summaries,
 );
+
+/// A certificate whose key was attested keeps the attestation in its record and its class in
+/// its summary, before and after a revocation changes both.
+fn an_attestation_is_kept_through_revocation_and_in_the_summaries(store: Arc<dyn Store>) {
+    use crate::attestation::{Attestation, AttestationClass, BootState, Platform, SecurityLevel};
+    let mut cert = certificate("c-attested", "d-strongbox");
+    cert.attestation = Some(Attestation {
+        platform: Platform::Android,
+        security_level: SecurityLevel::StrongBox,
+        boot_state: Some(BootState::Verified),
+        device_locked: Some(true),
+        root: "google-hardware-ec-ca1".into(),
+        root_key_sha256: "ab".repeat(32),
+        apps: vec!["com.example.pay".into()],
+        attested_at_s: 1_764_000_000,
+    });
+    issue_record(store.as_ref(), &cert);
+    let plain = issue(store.as_ref(), "c-attested", "d-plain");
+    let class = |serial: &Serial| {
+        let mut found = None;
+        store
+            .for_each_certificate_summary(&mut |summary| {
+                if summary.serial == *serial {
+                    found = Some(summary.attestation);
+                }
+            })
+            .unwrap();
+        found.expect("summary")
+    };
+    let strongbox = AttestationClass::new(Some(SecurityLevel::StrongBox), true);
+    assert_eq!(class(&cert.serial), strongbox);
+    assert_eq!(class(&plain.serial), AttestationClass::NONE);
+    let revocation = Revocation {
+        revoked_at_s: 9,
+        reason: RevocationReason::KeyCompromise,
+    };
+    store
+        .revoke(std::slice::from_ref(&cert.serial), &revocation, &ev())
+        .unwrap()
+        .unwrap();
+    let stored = store.certificate(&cert.serial).unwrap().unwrap();
+    assert_eq!(stored.attestation, cert.attestation);
+    assert_eq!(stored.revocation, Some(revocation));
+    assert_eq!(class(&cert.serial), strongbox);
+}
 
 /// Issues a certificate for `customer`/`device` through a new token.
 fn issue(store: &dyn Store, customer: &str, device: &str) -> CertificateRecord {
