@@ -295,7 +295,8 @@ async fn ok_revoke_unhold_and_list_from_the_cli() {
     );
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
     assert!(
-        rows.iter().all(|r| r.len() == 9 && r[1] == "kate" && r[8] == "none"),
+        rows.iter()
+            .all(|r| r.len() == 9 && r[1] == "kate" && r[8] == "none"),
         "{stdout}"
     );
     assert!(

@@ -385,17 +385,30 @@ fn a_real_app_attest_object_is_refused_for_other_client_data_another_app_or_deve
     );
 }
 
+/// The vectors docs/attestation.md gives SDK authors, computed there with Python's hashlib.
 #[test]
-fn the_challenge_and_client_data_are_the_documented_hashes() {
-    // docs/attestation.md gives these vectors to SDK authors.
-    let token = "enr_test_token";
-    let mut expected = Sha256::new();
-    expected.update(b"payra attestation challenge v1\0enr_test_token");
-    assert_eq!(challenge(token), <[u8; 32]>::from(expected.finalize()));
-    let point = [4u8; 65];
+fn the_challenge_and_client_data_are_the_documented_vectors() {
+    let token = "payra_et_3f1c9a0e5b7d2468ace013579bdf2468";
+    assert_eq!(
+        hex::encode(challenge(token)),
+        "b4bb2ef488f3d978a7552fe9bed80cad0d0f664d5cf0f2414b6e186423eb34d8"
+    );
+    // A payment key point 04 01 02 ... 40 (65 bytes).
+    let mut point = [0u8; 65];
+    point[0] = 4;
+    for (i, byte) in point.iter_mut().enumerate().skip(1) {
+        *byte = i as u8;
+    }
     let data = apple_client_data(token, &point);
-    assert_eq!(&data[..32], &challenge(token));
-    assert_eq!(&data[32..], &Sha256::digest(point)[..]);
+    assert_eq!(
+        hex::encode(&data),
+        "b4bb2ef488f3d978a7552fe9bed80cad0d0f664d5cf0f2414b6e186423eb34d8\
+         0ed3a6ab957ff6f59a9630a473d31a7d04fcb46548b89016196980c7e96584f6"
+    );
+    assert_eq!(
+        hex::encode(Sha256::digest(&data)),
+        "268bcf6074a4d5a5ae6fa24f7e40def2fdc44aa0e595a83e7e3169d1d70b80fe"
+    );
 }
 
 #[test]
