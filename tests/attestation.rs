@@ -557,7 +557,7 @@ async fn every_refused_attestation_names_its_reason_and_leaves_the_token_usable(
     );
     garbage_leaf.truncate(2);
 
-    let cases: Vec<(&str, Vec<Vec<u8>>, Code, &str)> = vec![
+    let mut cases: Vec<(&str, Vec<Vec<u8>>, Code, &str)> = vec![
         (
             "wrong challenge",
             maker.android(
@@ -616,6 +616,72 @@ async fn every_refused_attestation_names_its_reason_and_leaves_the_token_usable(
             "at least its issuer",
         ),
     ];
+    // An attested key certifying a forged leaf below itself: a device key signs whatever its
+    // owner asks, so a chain through it proves nothing.
+    let (attested_key, forged) = {
+        let device_key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Android Keystore Key");
+        params
+            .custom_extensions
+            .push(CustomExtension::from_oid_content(
+                &[1, 3, 6, 1, 4, 1, 11129, 2, 1, 17],
+                Description::tee([0; 32]).der(),
+            ));
+        let attested = params.signed_by(&device_key, &maker.intermediate).unwrap();
+        let device_issuer = Issuer::new(params, device_key);
+        let mut fake = CertificateParams::new(vec![]).unwrap();
+        fake.custom_extensions
+            .push(CustomExtension::from_oid_content(
+                &[1, 3, 6, 1, 4, 1, 11129, 2, 1, 17],
+                with(|d| d.security_level = 2).der(),
+            ));
+        let forged = fake
+            .signed_by(
+                &SubjectPublicKeyInfo::from_der(&spki).unwrap(),
+                &device_issuer,
+            )
+            .unwrap();
+        (attested.der().to_vec(), forged.der().to_vec())
+    };
+    // The same through a certificate that is no CA and carries no KeyDescription.
+    let through_end_entity = {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![]).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "some device");
+        let end_entity = params.signed_by(&key, &maker.intermediate).unwrap();
+        let issuer = Issuer::new(params, key);
+        let mut fake = CertificateParams::new(vec![]).unwrap();
+        fake.custom_extensions
+            .push(CustomExtension::from_oid_content(
+                &[1, 3, 6, 1, 4, 1, 11129, 2, 1, 17],
+                good.der(),
+            ));
+        let leaf = fake
+            .signed_by(&SubjectPublicKeyInfo::from_der(&spki).unwrap(), &issuer)
+            .unwrap();
+        vec![
+            leaf.der().to_vec(),
+            end_entity.der().to_vec(),
+            maker.intermediate_der.clone(),
+        ]
+    };
+    cases.push((
+        "a leaf certified by a certificate that is no CA",
+        through_end_entity,
+        Code::PermissionDenied,
+        "is not a CA",
+    ));
+    cases.push((
+        "a leaf certified by an attested device key",
+        vec![forged, attested_key, maker.intermediate_der.clone()],
+        Code::PermissionDenied,
+        "only the leaf may",
+    ));
     let anonymous = server.anonymous().await;
     for (name, chain, code, words) in cases {
         let refused = anonymous

@@ -154,6 +154,22 @@ pub fn verify<'a>(
                 issuer.subject()
             )));
         }
+        // An issuer must be a CA: otherwise any attested device key (which signs whatever
+        // its owner asks) could certify a forged leaf below itself.
+        let is_ca = matches!(issuer.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+        let may_sign_certificates = match issuer.key_usage() {
+            Ok(Some(usage)) => usage.value.key_cert_sign(),
+            Ok(None) => true,
+            Err(_) => false,
+        };
+        if !is_ca || !may_sign_certificates {
+            return Err(AttestationRefusal::BadChain(format!(
+                "certificate {} ({}) issues certificate {i} but is not a CA (basicConstraints \
+                 CA and keyCertSign)",
+                i + 1,
+                issuer.subject()
+            )));
+        }
         cert.verify_signature(Some(issuer.public_key()))
             .map_err(|e| {
                 AttestationRefusal::BadChain(format!(
