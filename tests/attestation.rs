@@ -263,24 +263,57 @@ fn write_pem(server_dir: &std::path::Path, name: &str, pem: &str) -> std::path::
     path
 }
 
-/// A server whose Android anchors include `android`'s root, whose Apple root is `apple`'s,
-/// with `adjust` applied last.
-async fn server(
-    android: &TestAttestationCa,
-    apple: &TestAttestationCa,
-    adjust: impl FnOnce(&mut Config),
-) -> TestServer {
+/// A phone maker's and a test "Apple" attestation PKI, and a server that trusts both (the
+/// maker's root as an Android anchor, the other as Apple's root), with `tier_a = "hardware"`
+/// and `adjust` applied last.
+struct Fixture {
+    maker: TestAttestationCa,
+    apple: TestAttestationCa,
+    server: TestServer,
+}
+
+async fn fixture(adjust: impl FnOnce(&mut Config)) -> Fixture {
+    let maker = TestAttestationCa::new("Maker", None);
+    let apple = TestAttestationCa::new("Apple Test", None);
     let roots = tempfile::tempdir().unwrap().keep();
-    let android_root = write_pem(&roots, "maker-root.pem", &android.root_pem);
+    let android_root = write_pem(&roots, "maker-root.pem", &maker.root_pem);
     let apple_root = write_pem(&roots, "apple-root.pem", &apple.root_pem);
-    TestServer::start_with(move |config| {
+    let server = TestServer::start_with(move |config| {
         config.attestation.android_roots = vec![android_root];
         config.attestation.apple_root = Some(apple_root);
         config.attestation.apple_app_ids = vec![APP_ID.into()];
         config.attestation.tier_a = payra::attestation::Requirement::Hardware;
         adjust(config);
     })
-    .await
+    .await;
+    Fixture {
+        maker,
+        apple,
+        server,
+    }
+}
+
+/// A phone about to enroll: its token, payment key, CSR, and the CSR's SPKI and point.
+struct Phone {
+    token: String,
+    key: DeviceKey,
+    csr: Vec<u8>,
+    spki: Vec<u8>,
+    point: Vec<u8>,
+}
+
+async fn phone(server: &TestServer, customer: &str, device: &str) -> Phone {
+    let token = server.token(customer).await;
+    let key = DeviceKey::generate();
+    let csr = key.csr_der(device).unwrap();
+    let (spki, point) = spki_of_csr(&csr);
+    Phone {
+        token,
+        key,
+        csr,
+        spki,
+        point,
+    }
 }
 
 fn pin() -> proto::Factor {
@@ -325,15 +358,16 @@ impl ClockMs for TestServer {
 
 #[tokio::test]
 async fn an_attested_key_counts_for_tier_a_and_an_unattested_one_only_for_b() {
-    let maker = TestAttestationCa::new("Maker", None);
-    let apple = TestAttestationCa::new("Apple Test", None);
-    let server = server(&maker, &apple, |_| {}).await;
+    let Fixture { maker, server, .. } = fixture(|_| {}).await;
 
     // Android: the key generated in the TEE with the enrollment's challenge.
-    let token = server.token("c-attested").await;
-    let key = DeviceKey::generate();
-    let csr = key.csr_der("phone-tee").unwrap();
-    let (spki, _) = spki_of_csr(&csr);
+    let Phone {
+        token,
+        key,
+        csr,
+        spki,
+        ..
+    } = phone(&server, "c-attested", "phone-tee").await;
     let chain = maker.android(
         &spki,
         &Description::tee(payra::attestation::challenge(&token)),
@@ -426,10 +460,7 @@ async fn an_attested_key_counts_for_tier_a_and_an_unattested_one_only_for_b() {
     let again = pay(&server, &key, &attested, "c-attested", "phone-tee").await;
     assert_eq!(again.tier(), proto::Tier::A);
     let device_dir = write_device_dir(server.dir.path(), &key, &attested);
-    let renewed = server
-        .device(&device_dir)
-        .await
-        .renew(key.csr_der("phone-tee").unwrap(), None)
+    let renewed = renew_as(&server, &device_dir, &key, "phone-tee")
         .await
         .expect("renew");
     assert_eq!(
@@ -440,13 +471,14 @@ async fn an_attested_key_counts_for_tier_a_and_an_unattested_one_only_for_b() {
 
 #[tokio::test]
 async fn app_attest_binds_the_payment_key_and_counts_as_hardware() {
-    let maker = TestAttestationCa::new("Maker", None);
-    let apple = TestAttestationCa::new("Apple Test", None);
-    let server = server(&maker, &apple, |_| {}).await;
-    let token = server.token("c-iphone").await;
-    let key = DeviceKey::generate();
-    let csr = key.csr_der("iphone").unwrap();
-    let (_, point) = spki_of_csr(&csr);
+    let Fixture { apple, server, .. } = fixture(|_| {}).await;
+    let Phone {
+        token,
+        key,
+        csr,
+        point,
+        ..
+    } = phone(&server, "c-iphone", "iphone").await;
     let client_data = payra::attestation::apple_client_data(&token, &point);
     let evidence = |object: Vec<u8>| {
         Some(proto::enroll_request::Attestation::Apple(
@@ -511,8 +543,6 @@ async fn app_attest_binds_the_payment_key_and_counts_as_hardware() {
 
 #[tokio::test]
 async fn every_refused_attestation_names_its_reason_and_leaves_the_token_usable() {
-    let maker = TestAttestationCa::new("Maker", None);
-    let apple = TestAttestationCa::new("Apple Test", None);
     let stranger = TestAttestationCa::new("Stranger", None);
     let expired = TestAttestationCa::new("Expired", Some((2021, 1, 1)));
     let listed = TestAttestationCa::new("Listed", None);
@@ -532,18 +562,16 @@ async fn every_refused_attestation_names_its_reason_and_leaves_the_token_usable(
         format!("{}{}", expired.root_pem, listed.root_pem),
     )
     .unwrap();
-    let server = server(&maker, &apple, |config| {
+    let Fixture { maker, server, .. } = fixture(|config| {
         config.attestation.android_roots.push(extra_roots);
         config.attestation.android_status_file = Some(status_file);
     })
     .await;
-
-    let key = DeviceKey::generate();
-    let csr = key.csr_der("phone").unwrap();
-    let (spki, _) = spki_of_csr(&csr);
+    let Phone {
+        token, csr, spki, ..
+    } = phone(&server, "c-refused", "phone").await;
     let other = DeviceKey::generate();
     let (other_spki, _) = spki_of_csr(&other.csr_der("other").unwrap());
-    let token = server.token("c-refused").await;
     let good = Description::tee(payra::attestation::challenge(&token));
     let with = |change: fn(&mut Description)| {
         let mut d = good.clone();
@@ -716,16 +744,13 @@ async fn every_refused_attestation_names_its_reason_and_leaves_the_token_usable(
 
 #[tokio::test]
 async fn the_refuse_policy_turns_away_software_and_unattested_keys_but_not_hardware() {
-    let maker = TestAttestationCa::new("Maker", None);
-    let apple = TestAttestationCa::new("Apple Test", None);
-    let server = server(&maker, &apple, |config| {
+    let Fixture { maker, server, .. } = fixture(|config| {
         config.attestation.below_policy = payra::attestation::BelowPolicy::Refuse;
     })
     .await;
-    let token = server.token("c-strict").await;
-    let key = DeviceKey::generate();
-    let csr = key.csr_der("phone").unwrap();
-    let (spki, _) = spki_of_csr(&csr);
+    let Phone {
+        token, csr, spki, ..
+    } = phone(&server, "c-strict", "phone").await;
     let challenge = payra::attestation::challenge(&token);
     let anonymous = server.anonymous().await;
 

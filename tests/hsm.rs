@@ -183,17 +183,9 @@ async fn ok_enroll_renew_revoke_crl_and_ocsp_with_the_issuing_key_in_softhsm2() 
     );
 
     let new_key = DeviceKey::generate();
-    let renewed = server
-        .device(&good.dir)
+    let renewed = renew_as(&server, &good.dir, &new_key, "h-1")
         .await
-        .enrollment()
-        .renew(proto::RenewRequest {
-            csr_der: new_key.csr_der("h-1").unwrap(),
-            device_info: None,
-        })
-        .await
-        .expect("renew")
-        .into_inner();
+        .expect("renew");
     assert_ne!(renewed.serial, good.issued.serial);
     let renewed_dir =
         write_device_dir(&server.dir.path().join(&renewed.serial), &new_key, &renewed);

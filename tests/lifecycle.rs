@@ -293,17 +293,10 @@ fn crl_number(der: &[u8]) -> u64 {
 async fn ok_renew_supersedes_and_refuses_revoked_or_expired() {
     let server = TestServer::start().await;
     let phone = enrolled(&server, "gina", "g-1").await;
-    let device = server.device(&phone.dir).await;
     let new_key = DeviceKey::generate();
-    let renewed = device
-        .enrollment()
-        .renew(proto::RenewRequest {
-            csr_der: new_key.csr_der("g-1").unwrap(),
-            device_info: None,
-        })
+    let renewed = renew_as(&server, &phone.dir, &new_key, "g-1")
         .await
-        .expect("renew with a valid certificate")
-        .into_inner();
+        .expect("renew with a valid certificate");
     assert_ne!(renewed.serial, phone.issued.serial);
     assert_eq!(
         renewed.subscriber_ref, phone.issued.subscriber_ref,
@@ -331,12 +324,7 @@ async fn ok_renew_supersedes_and_refuses_revoked_or_expired() {
     assert_eq!(record.renewed_from_serial, phone.issued.serial);
 
     // The superseded certificate cannot renew again.
-    let err = device
-        .enrollment()
-        .renew(proto::RenewRequest {
-            csr_der: new_key.csr_der("g-1").unwrap(),
-            device_info: None,
-        })
+    let err = renew_as(&server, &phone.dir, &new_key, "g-1")
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
@@ -346,14 +334,7 @@ async fn ok_renew_supersedes_and_refuses_revoked_or_expired() {
     server
         .revoke(&revoked.issued.serial, Reason::KeyCompromise)
         .await;
-    let err = server
-        .device(&revoked.dir)
-        .await
-        .enrollment()
-        .renew(proto::RenewRequest {
-            csr_der: revoked.key.csr_der("g-2").unwrap(),
-            device_info: None,
-        })
+    let err = renew_as(&server, &revoked.dir, &revoked.key, "g-2")
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -361,14 +342,7 @@ async fn ok_renew_supersedes_and_refuses_revoked_or_expired() {
     // An expired certificate cannot renew (the server's clock moves past notAfter).
     let expiring = enrolled(&server, "gina", "g-3").await;
     server.clock.advance_ms(366 * 86_400 * 1000);
-    let err = server
-        .device(&expiring.dir)
-        .await
-        .enrollment()
-        .renew(proto::RenewRequest {
-            csr_der: expiring.key.csr_der("g-3").unwrap(),
-            device_info: None,
-        })
+    let err = renew_as(&server, &expiring.dir, &expiring.key, "g-3")
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -378,11 +352,7 @@ async fn ok_renew_supersedes_and_refuses_revoked_or_expired() {
     let err = server
         .anonymous()
         .await
-        .enrollment()
-        .renew(proto::RenewRequest {
-            csr_der: new_key.csr_der("x").unwrap(),
-            device_info: None,
-        })
+        .renew(new_key.csr_der("x").unwrap(), None)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
@@ -654,37 +624,16 @@ async fn ok_a_revoked_certificate_stays_on_a_crl_issued_after_its_not_after() {
     assert!(!crl_serials(&fetch_crl(&server).await).contains(&serial));
 }
 
-/// Renews `phone` with a fresh key through mutual TLS with its current certificate.
-async fn renew(
-    server: &TestServer,
-    phone: &Enrolled,
-    device: &str,
-) -> Result<Enrolled, tonic::Status> {
-    let key = DeviceKey::generate();
-    let issued = server
-        .device(&phone.dir)
-        .await
-        .enrollment()
-        .renew(proto::RenewRequest {
-            csr_der: key.csr_der(device).unwrap(),
-            device_info: None,
-        })
-        .await?
-        .into_inner();
-    let dir = write_device_dir(&server.dir.path().join(&issued.serial), &key, &issued);
-    Ok(Enrolled { key, issued, dir })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fail_a_lineage_renews_at_most_its_daily_limit() {
     let server = TestServer::start_with(|c| c.issuance.renewals_per_day = 3).await;
     let mut current = enrolled(&server, "hugo", "h-1").await;
     for _ in 0..3 {
-        current = renew(&server, &current, "h-1")
+        current = renewed(&server, &current, "h-1")
             .await
             .expect("within the limit");
     }
-    let Err(err) = renew(&server, &current, "h-1").await else {
+    let Err(err) = renewed(&server, &current, "h-1").await else {
         panic!("a fourth renewal in a day was allowed");
     };
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
@@ -698,7 +647,7 @@ async fn fail_a_lineage_renews_at_most_its_daily_limit() {
     );
     // A day later the lineage may renew again.
     server.clock.advance_ms(86_401 * 1000);
-    renew(&server, &current, "h-1")
+    renewed(&server, &current, "h-1")
         .await
         .expect("after 24 hours");
 }
@@ -707,8 +656,8 @@ async fn fail_a_lineage_renews_at_most_its_daily_limit() {
 async fn fail_a_compromise_of_a_superseded_certificate_reaches_its_successor() {
     let server = TestServer::start().await;
     let first = enrolled(&server, "ines", "i-1").await;
-    let second = renew(&server, &first, "i-1").await.unwrap();
-    let third = renew(&server, &second, "i-1").await.unwrap();
+    let second = renewed(&server, &first, "i-1").await.unwrap();
+    let third = renewed(&server, &second, "i-1").await.unwrap();
     let response = server
         .operator()
         .await

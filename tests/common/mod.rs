@@ -277,6 +277,32 @@ pub struct Enrolled {
     pub dir: std::path::PathBuf,
 }
 
+/// Renews over mutual TLS as the phone whose certificate is in `dir`, with a CSR of `key`.
+pub async fn renew_as(
+    server: &TestServer,
+    dir: &Path,
+    key: &DeviceKey,
+    device: &str,
+) -> payra::client::CallResult<proto::EnrollResponse> {
+    server
+        .device(dir)
+        .await
+        .renew(key.csr_der(device).unwrap(), None)
+        .await
+}
+
+/// Renews `phone` with a fresh key; the renewed phone, ready to renew again.
+pub async fn renewed(
+    server: &TestServer,
+    phone: &Enrolled,
+    device: &str,
+) -> payra::client::CallResult<Enrolled> {
+    let key = DeviceKey::generate();
+    let issued = renew_as(server, &phone.dir, &key, device).await?;
+    let dir = write_device_dir(&server.dir.path().join(&issued.serial), &key, &issued);
+    Ok(Enrolled { key, issued, dir })
+}
+
 pub async fn enrolled(server: &TestServer, customer: &str, device: &str) -> Enrolled {
     let (key, issued) = server.enroll(customer, device).await;
     let dir = write_device_dir(&server.dir.path().join(&issued.serial), &key, &issued);
