@@ -57,6 +57,7 @@ fn explicit(number: u32, inner: Vec<u8>) -> Vec<u8> {
 #[derive(Clone)]
 struct Description {
     security_level: i64,
+    keymint_level: i64,
     challenge: Vec<u8>,
     purposes: Vec<i64>,
     origin: i64,
@@ -68,6 +69,7 @@ impl Description {
     fn tee(challenge: [u8; 32]) -> Description {
         Description {
             security_level: 1,
+            keymint_level: 1,
             challenge: challenge.to_vec(),
             purposes: vec![2, 3],
             origin: 0,
@@ -120,7 +122,7 @@ impl Description {
                 int(0x02, 300),
                 int(0x0a, self.security_level),
                 int(0x02, 300),
-                int(0x0a, self.security_level),
+                int(0x0a, self.keymint_level),
                 tlv(&[0x04], &self.challenge),
                 tlv(&[0x04], &[]),
                 software,
@@ -401,6 +403,15 @@ async fn an_attested_key_counts_for_tier_a_and_an_unattested_one_only_for_b() {
     );
     assert!(attestation.tier_a_eligible, "{}", attestation.policy_note);
     assert_eq!(attestation.apps, vec!["com.example.pay".to_string()]);
+    assert_eq!(
+        attestation.chain_serials.len(),
+        2,
+        "the leaf's and the intermediate's serials: {:?}",
+        attestation.chain_serials
+    );
+    assert!(attestation
+        .chain_serials
+        .contains(&maker.intermediate_serial_hex));
 
     // The same customer's second phone, with no attestation.
     let (plain_key, plain) = server.enroll("c-attested", "phone-plain").await;
@@ -773,6 +784,25 @@ async fn the_refuse_policy_turns_away_software_and_unattested_keys_but_not_hardw
             "phone",
             device_info(),
             android_evidence(maker.android(&spki, &software)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused}");
+    assert!(
+        refused.message().contains("software; hardware is required"),
+        "{refused}"
+    );
+
+    // Attested by the TEE, but the key itself is held by the software keymaster.
+    let mut software_keymint = Description::tee(challenge);
+    software_keymint.keymint_level = 0;
+    let refused = anonymous
+        .enroll_attested(
+            &token,
+            csr.clone(),
+            "phone",
+            device_info(),
+            android_evidence(maker.android(&spki, &software_keymint)),
         )
         .await
         .unwrap_err();

@@ -194,10 +194,11 @@ impl<'a> AuthorizationList<'a> {
         }
         expect_universal(&fields[0], Tag::OctetString, "verifiedBootKey")?;
         let locked = expect_universal(&fields[1], Tag::Boolean, "deviceLocked")?;
+        // DER says TRUE is 0xFF; some keymasters write BER's any-nonzero.
         let device_locked = match locked {
             [0x00] => false,
-            [0xff] => true,
-            _ => return Err(malformed("deviceLocked is not a DER BOOLEAN")),
+            [_] => true,
+            _ => return Err(malformed("deviceLocked is not a BOOLEAN")),
         };
         let verified_boot_state = match integer(&fields[2], "verifiedBootState")? {
             0 => BootState::Verified,

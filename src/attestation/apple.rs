@@ -43,10 +43,17 @@ fn malformed(what: impl std::fmt::Display) -> AttestationRefusal {
     AttestationRefusal::Malformed(format!("App Attest object: {what}"))
 }
 
-fn field<'a>(map: &'a [(Value, Value)], name: &str) -> Option<&'a Value> {
-    map.iter()
-        .find(|(k, _)| k.as_text() == Some(name))
-        .map(|(_, v)| v)
+/// The value under text key `name`; a key given twice is refused (no "first one wins").
+fn field<'a>(
+    map: &'a [(Value, Value)],
+    name: &str,
+) -> Result<Option<&'a Value>, AttestationRefusal> {
+    let mut found = map.iter().filter(|(k, _)| k.as_text() == Some(name));
+    let first = found.next().map(|(_, v)| v);
+    if found.next().is_some() {
+        return Err(malformed(format!("the key {name:?} appears twice")));
+    }
+    Ok(first)
 }
 
 /// Decodes the CBOR attestation object.
@@ -57,10 +64,17 @@ pub fn decode(bytes: &[u8]) -> Result<AttestationObject, AttestationRefusal> {
             bytes.len()
         )));
     }
+    let mut reader = bytes;
     let value: Value =
-        ciborium::de::from_reader(bytes).map_err(|e| malformed(format!("not CBOR: {e}")))?;
+        ciborium::de::from_reader(&mut reader).map_err(|e| malformed(format!("not CBOR: {e}")))?;
+    if !reader.is_empty() {
+        return Err(malformed(format!(
+            "{} bytes after the object",
+            reader.len()
+        )));
+    }
     let map = value.as_map().ok_or_else(|| malformed("not a CBOR map"))?;
-    match field(map, "fmt").and_then(Value::as_text) {
+    match field(map, "fmt")?.and_then(Value::as_text) {
         Some("apple-appattest") => {}
         Some(other) => {
             return Err(malformed(format!(
@@ -69,10 +83,10 @@ pub fn decode(bytes: &[u8]) -> Result<AttestationObject, AttestationRefusal> {
         }
         None => return Err(malformed("no fmt")),
     }
-    let statement = field(map, "attStmt")
+    let statement = field(map, "attStmt")?
         .and_then(Value::as_map)
         .ok_or_else(|| malformed("no attStmt map"))?;
-    let x5c = field(statement, "x5c")
+    let x5c = field(statement, "x5c")?
         .and_then(Value::as_array)
         .ok_or_else(|| malformed("no attStmt.x5c array"))?
         .iter()
@@ -82,7 +96,7 @@ pub fn decode(bytes: &[u8]) -> Result<AttestationObject, AttestationRefusal> {
                 .ok_or_else(|| malformed("an x5c entry is not bytes"))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let auth_data = field(map, "authData")
+    let auth_data = field(map, "authData")?
         .and_then(Value::as_bytes)
         .ok_or_else(|| malformed("no authData bytes"))?
         .clone();
@@ -93,11 +107,15 @@ pub fn decode(bytes: &[u8]) -> Result<AttestationObject, AttestationRefusal> {
 /// (`SEQUENCE { [1] EXPLICIT OCTET STRING }`).
 fn certificate_nonce(cert: &X509Certificate<'_>) -> Result<Vec<u8>, AttestationRefusal> {
     let oid = x509_parser::oid_registry::Oid::from(NONCE_OID).map_err(|_| malformed("OID"))?;
-    let ext = cert
-        .extensions()
-        .iter()
-        .find(|e| e.oid == oid)
+    let mut found = cert.extensions().iter().filter(|e| e.oid == oid);
+    let ext = found
+        .next()
         .ok_or_else(|| malformed("the credential certificate has no nonce extension"))?;
+    if found.next().is_some() {
+        return Err(malformed(
+            "the credential certificate has two nonce extensions",
+        ));
+    }
     let bad = || malformed("the nonce extension is not SEQUENCE { [1] OCTET STRING }");
     let (_, outer) = Any::from_der(ext.value).map_err(|_| bad())?;
     if outer.header.tag() != Tag::Sequence {
@@ -148,7 +166,19 @@ pub fn check(
     let credential_id = data
         .get(55..55 + id_len)
         .ok_or_else(|| malformed("authData ends inside the credential id"))?;
-    let point = &leaf.public_key().subject_public_key.data;
+    let spki = leaf.public_key();
+    let point = &spki.subject_public_key.data;
+    let p256 = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok())
+        .is_some_and(|curve| curve == x509_parser::oid_registry::OID_EC_P256);
+    if !p256 || point.len() != 65 || point[0] != 0x04 {
+        return Err(malformed(
+            "the credential certificate's key is not an uncompressed P-256 point",
+        ));
+    }
     let key_id: [u8; 32] = Sha256::digest(point.as_ref()).into();
     if credential_id != key_id {
         return Err(AttestationRefusal::KeyMismatch(

@@ -23,6 +23,9 @@ pub struct TrustAnchor {
     pub name: String,
     pub subject_der: Vec<u8>,
     pub spki_der: Vec<u8>,
+    /// Trusted for software-level attestations only: its private key is public (AOSP's
+    /// software attestation roots), so a chain to it proves nothing beyond software.
+    pub software_only: bool,
 }
 
 impl TrustAnchor {
@@ -33,6 +36,7 @@ impl TrustAnchor {
             name: name.to_string(),
             subject_der: cert.subject().as_raw().to_vec(),
             spki_der: cert.public_key().raw.to_vec(),
+            software_only: false,
         })
     }
 
@@ -92,14 +96,49 @@ pub fn parse(ders: &[Vec<u8>]) -> Result<Vec<X509Certificate<'_>>, AttestationRe
         .collect()
 }
 
-/// The serial as Google's status list keys it: lowercase hex without leading zeros.
+/// The serial as Google's status list keys it: Java's `BigInteger.toString(16)`, lowercase
+/// hex without leading zeros, `-` before the magnitude of a negative serial.
 pub fn status_key(cert: &X509Certificate<'_>) -> String {
-    let hex = hex::encode(cert.raw_serial());
-    let trimmed = hex.trim_start_matches('0');
+    serial_status_key(cert.raw_serial())
+}
+
+/// [`status_key`] of a serial's DER content bytes (two's complement, big-endian).
+pub fn serial_status_key(raw: &[u8]) -> String {
+    let negative = raw.first().is_some_and(|b| b & 0x80 != 0);
+    let magnitude: Vec<u8> = if negative {
+        // Two's complement: invert and add one.
+        let mut bytes: Vec<u8> = raw.iter().map(|b| !b).collect();
+        for byte in bytes.iter_mut().rev() {
+            let (sum, carry) = byte.overflowing_add(1);
+            *byte = sum;
+            if !carry {
+                break;
+            }
+        }
+        bytes
+    } else {
+        raw.to_vec()
+    };
+    let key = normalise_status_key(&hex::encode(magnitude));
+    if negative && key != "0" {
+        format!("-{key}")
+    } else {
+        key
+    }
+}
+
+/// A status list key as payra compares them: lowercase, no leading zeros.
+pub fn normalise_status_key(key: &str) -> String {
+    let (sign, digits) = match key.strip_prefix('-') {
+        Some(rest) => ("-", rest),
+        None => ("", key),
+    };
+    let digits = digits.to_ascii_lowercase();
+    let trimmed = digits.trim_start_matches('0');
     if trimmed.is_empty() {
         "0".to_string()
     } else {
-        trimmed.to_string()
+        format!("{sign}{trimmed}")
     }
 }
 
@@ -110,6 +149,11 @@ fn sha1_signed(cert: &X509Certificate<'_>) -> bool {
 }
 
 /// Checks `chain` (leaf first) at `now_s`; returns the anchor it ends at.
+///
+/// The chain may end with the anchor's own certificate (matched by key) or with a
+/// certificate an anchor signed. A certificate matched by key only lends its key: its other
+/// fields are not trusted or checked, and it is never the leaf (a one-certificate "chain"
+/// bearing an anchor's key proves nothing, since anyone can write such a certificate).
 pub fn verify<'a>(
     chain: &[X509Certificate<'_>],
     anchors: &'a [TrustAnchor],
@@ -118,7 +162,22 @@ pub fn verify<'a>(
 ) -> Result<&'a TrustAnchor, AttestationRefusal> {
     let at = ASN1Time::from_timestamp(now_s)
         .map_err(|_| AttestationRefusal::Malformed("verification time out of range".into()))?;
-    for (i, cert) in chain.iter().enumerate() {
+    let top = chain
+        .last()
+        .ok_or_else(|| AttestationRefusal::Malformed("empty chain".into()))?;
+    let presented_anchor = anchors.iter().find(|a| a.spki_der == top.public_key().raw);
+    let certified = match presented_anchor {
+        Some(_) => &chain[..chain.len() - 1],
+        None => chain,
+    };
+    if certified.is_empty() {
+        return Err(AttestationRefusal::Malformed(
+            "the chain holds only a certificate bearing a trust anchor's key; the attested \
+             leaf and its issuers are missing"
+                .into(),
+        ));
+    }
+    for (i, cert) in certified.iter().enumerate() {
         let validity = cert.validity();
         if !validity.is_valid_at(at) {
             return Err(AttestationRefusal::Expired(format!(
@@ -143,6 +202,11 @@ pub fn verify<'a>(
                 "certificate {i} is signed with SHA-1"
             )));
         }
+        if cert.signature_algorithm != cert.tbs_certificate.signature {
+            return Err(AttestationRefusal::BadChain(format!(
+                "certificate {i} names two different signature algorithms"
+            )));
+        }
     }
     for (i, pair) in chain.windows(2).enumerate() {
         let (cert, issuer) = (&pair[0], &pair[1]);
@@ -155,14 +219,16 @@ pub fn verify<'a>(
             )));
         }
         // An issuer must be a CA: otherwise any attested device key (which signs whatever
-        // its owner asks) could certify a forged leaf below itself.
+        // its owner asks) could certify a forged leaf below itself. The anchor's own
+        // certificate lends only its key.
+        let is_anchor = presented_anchor.is_some() && i + 2 == chain.len();
         let is_ca = matches!(issuer.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
         let may_sign_certificates = match issuer.key_usage() {
             Ok(Some(usage)) => usage.value.key_cert_sign(),
             Ok(None) => true,
             Err(_) => false,
         };
-        if !is_ca || !may_sign_certificates {
+        if !is_anchor && (!is_ca || !may_sign_certificates) {
             return Err(AttestationRefusal::BadChain(format!(
                 "certificate {} ({}) issues certificate {i} but is not a CA (basicConstraints \
                  CA and keyCertSign)",
@@ -178,10 +244,7 @@ pub fn verify<'a>(
                 ))
             })?;
     }
-    let top = chain
-        .last()
-        .ok_or_else(|| AttestationRefusal::Malformed("empty chain".into()))?;
-    if let Some(anchor) = anchors.iter().find(|a| a.spki_der == top.public_key().raw) {
+    if let Some(anchor) = presented_anchor {
         return Ok(anchor);
     }
     for anchor in anchors

@@ -128,6 +128,10 @@ pub struct Attestation {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub apps: Vec<String>,
     pub attested_at_s: i64,
+    /// The serials of the chain's certificates below the anchor, as the status list keys
+    /// them: to find what a later-revoked attestation certificate vouched for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain_serials: Vec<String>,
 }
 
 impl Attestation {
@@ -148,7 +152,8 @@ impl Attestation {
 }
 
 /// An attestation in one byte: 0 for none; else bit 7 set, the level in bits 0-1
-/// (software, hardware, StrongBox), and bit 2 for a verified boot.
+/// (software, hardware, StrongBox), bit 2 for a verified boot, bit 3 for Apple App Attest
+/// (hardware only while the policy counts App Attest as hardware).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Hash)]
 pub struct AttestationClass(pub u8);
 
@@ -164,7 +169,17 @@ impl AttestationClass {
             SecurityLevel::TrustedEnvironment | SecurityLevel::SecureEnclave => 1,
             SecurityLevel::StrongBox => 2,
         };
-        AttestationClass(0x80 | rank | if boot_verified { 0x04 } else { 0 })
+        let app_attest = if level == SecurityLevel::SecureEnclave {
+            0x08
+        } else {
+            0
+        };
+        AttestationClass(0x80 | rank | app_attest | if boot_verified { 0x04 } else { 0 })
+    }
+
+    /// Whether this is an Apple App Attest enrollment.
+    pub fn app_attest(self) -> bool {
+        self.0 & 0x88 == 0x88
     }
 
     /// `None` when the certificate's key was not attested; else 0 software, 1 hardware
@@ -261,36 +276,6 @@ impl Requirement {
         .into_iter()
         .find(|r| r.name() == text)
     }
-
-    /// Whether `class` meets this requirement; why not when it does not.
-    pub fn check(
-        self,
-        class: AttestationClass,
-        require_verified_boot: bool,
-    ) -> std::result::Result<(), String> {
-        let need = match self {
-            Requirement::None => return Ok(()),
-            Requirement::Any => 0,
-            Requirement::Hardware => 1,
-            Requirement::Strongbox => 2,
-        };
-        match class.rank() {
-            None => Err(format!(
-                "the device key was not attested at enrollment; {} attestation is required",
-                self.name()
-            )),
-            Some(rank) if rank < need => Err(format!(
-                "the device key's attestation is {}; {} is required",
-                class.describe(),
-                self.name()
-            )),
-            Some(rank) if rank >= 1 && require_verified_boot && !class.boot_verified() => Err(
-                "the device did not boot a verified, locked system when its key was attested"
-                    .into(),
-            ),
-            Some(_) => Ok(()),
-        }
-    }
 }
 
 /// What a verified signature under a device certificate counts for in the tier engine.
@@ -325,6 +310,16 @@ pub enum BelowPolicy {
     Refuse,
 }
 
+/// What an Apple App Attest enrollment counts as. App Attest proves the genuine app on a
+/// genuine device asked for the payment key, not where that key is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AppleLevel {
+    #[default]
+    Hardware,
+    Software,
+}
+
 /// `[attestation]` in the configuration.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -341,6 +336,10 @@ pub struct AttestationConfig {
     pub google_roots: bool,
     /// More Android roots: PEM files, e.g. a manufacturer's for phones without Google services.
     pub android_roots: Vec<PathBuf>,
+    /// Android roots trusted for software-level attestation only (AOSP's software
+    /// attestation roots, whose private keys are public): whatever a chain to one claims,
+    /// it counts as software.
+    pub android_software_roots: Vec<PathBuf>,
     /// Google's attestation status list (JSON, the format of
     /// https://android.googleapis.com/attestation/status), kept current by the operator.
     pub android_status_file: Option<PathBuf>,
@@ -352,6 +351,8 @@ pub struct AttestationConfig {
     pub apple_app_ids: Vec<String>,
     /// Accept App Attest's development environment (for test builds only).
     pub apple_development: bool,
+    /// What an App Attest enrollment counts as: `hardware` or `software`.
+    pub apple_level: AppleLevel,
     /// Apple's App Attestation root instead of the shipped one (PEM file).
     pub apple_root: Option<PathBuf>,
 }
@@ -365,11 +366,13 @@ impl Default for AttestationConfig {
             below_policy: BelowPolicy::Enroll,
             google_roots: true,
             android_roots: Vec::new(),
+            android_software_roots: Vec::new(),
             android_status_file: None,
             android_packages: Vec::new(),
             android_signing_digests: Vec::new(),
             apple_app_ids: Vec::new(),
             apple_development: false,
+            apple_level: AppleLevel::Hardware,
             apple_root: None,
         }
     }
@@ -386,6 +389,13 @@ impl AttestationConfig {
                     self.tier_b.name(),
                     self.tier_a.name()
                 ),
+            ));
+        }
+        if !self.android_packages.is_empty() && self.android_signing_digests.is_empty() {
+            return Err(Error::invalid(
+                "attestation.android_packages",
+                "needs attestation.android_signing_digests too: any app can take a package \
+                 name, only yours is signed with your key",
             ));
         }
         for digest in &self.android_signing_digests {
@@ -413,12 +423,14 @@ impl AttestationConfig {
     }
 }
 
-/// The attestation policy applied at verification.
+/// The attestation policy applied at verification (from the configuration loaded at start).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttestationPolicy {
     pub tier_a: Requirement,
     pub tier_b: Requirement,
     pub require_verified_boot: bool,
+    /// App Attest counts as hardware; otherwise as software.
+    pub app_attest_as_hardware: bool,
 }
 
 impl Default for AttestationPolicy {
@@ -427,6 +439,7 @@ impl Default for AttestationPolicy {
             tier_a: Requirement::None,
             tier_b: Requirement::None,
             require_verified_boot: true,
+            app_attest_as_hardware: true,
         }
     }
 }
@@ -437,15 +450,54 @@ impl AttestationPolicy {
             tier_a: config.tier_a,
             tier_b: config.tier_b,
             require_verified_boot: config.require_verified_boot,
+            app_attest_as_hardware: config.apple_level == AppleLevel::Hardware,
         }
+    }
+
+    /// Whether `class` meets `requirement`; why not when it does not.
+    pub fn check(
+        &self,
+        requirement: Requirement,
+        class: AttestationClass,
+    ) -> std::result::Result<(), String> {
+        let need = match requirement {
+            Requirement::None => return Ok(()),
+            Requirement::Any => 0,
+            Requirement::Hardware => 1,
+            Requirement::Strongbox => 2,
+        };
+        let Some(mut rank) = class.rank() else {
+            return Err(format!(
+                "the device key was not attested at enrollment; {} attestation is required",
+                requirement.name()
+            ));
+        };
+        let mut level = class.describe();
+        if class.app_attest() && !self.app_attest_as_hardware {
+            rank = 0;
+            level = "App Attest, which this server counts as software".into();
+        }
+        if rank < need {
+            return Err(format!(
+                "the device key's attestation is {level}; {} is required",
+                requirement.name()
+            ));
+        }
+        if need >= 1 && self.require_verified_boot && !class.boot_verified() {
+            return Err(
+                "the device did not boot a verified, locked system when its key was attested"
+                    .into(),
+            );
+        }
+        Ok(())
     }
 
     /// What a verified signature under a certificate of `class` counts for, and why it
     /// counts for less than tier A's certificate when it does.
     pub fn factor(&self, class: AttestationClass) -> (CertificateFactor, Option<String>) {
-        match self.tier_a.check(class, self.require_verified_boot) {
+        match self.check(self.tier_a, class) {
             Ok(()) => (CertificateFactor::Certificate, None),
-            Err(why_not_a) => match self.tier_b.check(class, self.require_verified_boot) {
+            Err(why_not_a) => match self.check(self.tier_b, class) {
                 Ok(()) => (
                     CertificateFactor::Possession,
                     Some(format!("not counted as tier A's certificate: {why_not_a}")),
@@ -495,6 +547,96 @@ pub enum Evidence {
     Apple { attestation_object: Vec<u8> },
 }
 
+/// Where the status list comes from: a file re-read when it changes (looked at, at most,
+/// every [`StatusSource::RECHECK`]), or a fixed list.
+#[derive(Debug)]
+pub struct StatusSource {
+    path: Option<PathBuf>,
+    state: std::sync::RwLock<StatusState>,
+}
+
+#[derive(Debug)]
+struct StatusState {
+    list: std::sync::Arc<StatusList>,
+    modified: Option<std::time::SystemTime>,
+    checked: std::time::Instant,
+}
+
+impl StatusSource {
+    pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
+
+    pub fn fixed(list: StatusList) -> StatusSource {
+        StatusSource {
+            path: None,
+            state: std::sync::RwLock::new(StatusState {
+                list: std::sync::Arc::new(list),
+                modified: None,
+                checked: std::time::Instant::now(),
+            }),
+        }
+    }
+
+    /// Reads `path`; an unreadable or invalid file is an error here (at start).
+    pub fn file(path: &std::path::Path) -> Result<StatusSource> {
+        let (list, modified) = Self::read(path).map_err(|e| {
+            Error::invalid(
+                "attestation.android_status_file",
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        tracing::info!(path = %path.display(), entries = list.len(), "attestation status list loaded");
+        Ok(StatusSource {
+            path: Some(path.to_path_buf()),
+            state: std::sync::RwLock::new(StatusState {
+                list: std::sync::Arc::new(list),
+                modified,
+                checked: std::time::Instant::now(),
+            }),
+        })
+    }
+
+    fn read(
+        path: &std::path::Path,
+    ) -> std::result::Result<(StatusList, Option<std::time::SystemTime>), String> {
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let text = std::fs::read(path).map_err(|e| e.to_string())?;
+        Ok((StatusList::parse(&text)?, modified))
+    }
+
+    /// The list now: the file is re-read when its modification time changed. A file that
+    /// became unreadable or invalid keeps the last good list (and says so in the log).
+    pub fn current(&self) -> std::sync::Arc<StatusList> {
+        use crate::sync::Unpoisoned;
+        {
+            let state = self.state.read().unpoisoned();
+            if self.path.is_none() || state.checked.elapsed() < Self::RECHECK {
+                return state.list.clone();
+            }
+        }
+        let mut state = self.state.write().unpoisoned();
+        state.checked = std::time::Instant::now();
+        let Some(path) = &self.path else {
+            return state.list.clone();
+        };
+        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        if modified.is_some() && modified != state.modified {
+            match Self::read(path) {
+                Ok((list, modified)) => {
+                    tracing::info!(path = %path.display(), entries = list.len(), "attestation status list reloaded");
+                    state.list = std::sync::Arc::new(list);
+                    state.modified = modified;
+                }
+                Err(e) => tracing::error!(
+                    path = %path.display(),
+                    error = %e,
+                    "attestation status list unreadable; keeping the last one read"
+                ),
+            }
+        }
+        state.list.clone()
+    }
+}
+
 /// The status list: lowercase hex serial → status (`REVOKED`, `SUSPENDED`).
 #[derive(Debug, Clone, Default)]
 pub struct StatusList(HashMap<String, String>);
@@ -514,7 +656,7 @@ impl StatusList {
         Ok(StatusList(
             file.entries
                 .into_iter()
-                .map(|(serial, entry)| (serial.to_ascii_lowercase(), entry.status))
+                .map(|(serial, entry)| (chain::normalise_status_key(&serial), entry.status))
                 .collect(),
         ))
     }
@@ -544,12 +686,31 @@ const GOOGLE_ROOTS: &[(&str, &str)] = &[
 ];
 const APPLE_ROOT: &str = include_str!("roots/apple-app-attestation-root-ca.pem");
 
+/// SHA-256 of the SubjectPublicKeyInfo of AOSP's software attestation roots (EC and RSA),
+/// whose private keys are published: such a root proves a software key at most.
+const AOSP_SOFTWARE_ROOT_KEYS: &[&str] = &[
+    "d5100c7942ef2e8310dc30ef82729680cf48d690735c3f68179a33c7c370f286",
+    "f2c4746f545946c100e72297f8f946344d7052f03a2f694221f9c893b0e6f711",
+];
+
+/// The status-list keys of a verified chain's certificates below the anchor.
+fn chain_serials(
+    chain: &[x509_parser::certificate::X509Certificate<'_>],
+    anchor: &TrustAnchor,
+) -> Vec<String> {
+    chain
+        .iter()
+        .filter(|c| c.public_key().raw != anchor.spki_der.as_slice())
+        .map(chain::status_key)
+        .collect()
+}
+
 /// Checks attestations against the configuration.
 #[derive(Debug, Clone, Default)]
 pub struct Attestor {
     pub android_anchors: Vec<TrustAnchor>,
     pub apple_anchors: Vec<TrustAnchor>,
-    pub status: Option<StatusList>,
+    pub status: Option<std::sync::Arc<StatusSource>>,
     pub android_packages: Vec<String>,
     pub android_signing_digests: Vec<Vec<u8>>,
     pub apple_app_ids: Vec<String>,
@@ -575,10 +736,31 @@ impl Attestor {
         }
         for path in &config.android_roots {
             let text = read_file(path, "attestation.android_roots")?;
-            android_anchors.extend(
-                TrustAnchor::from_pem(&path.display().to_string(), &text)
-                    .map_err(|e| Error::invalid("attestation.android_roots", e))?,
-            );
+            for anchor in TrustAnchor::from_pem(&path.display().to_string(), &text)
+                .map_err(|e| Error::invalid("attestation.android_roots", e))?
+            {
+                if AOSP_SOFTWARE_ROOT_KEYS.contains(&anchor.key_sha256_hex().as_str()) {
+                    return Err(Error::invalid(
+                        "attestation.android_roots",
+                        format!(
+                            "{} is AOSP's software attestation root, whose private key is \
+                             public: list it under android_software_roots, where a chain to \
+                             it counts as software only",
+                            path.display()
+                        ),
+                    ));
+                }
+                android_anchors.push(anchor);
+            }
+        }
+        for path in &config.android_software_roots {
+            let text = read_file(path, "attestation.android_software_roots")?;
+            for mut anchor in TrustAnchor::from_pem(&path.display().to_string(), &text)
+                .map_err(|e| Error::invalid("attestation.android_software_roots", e))?
+            {
+                anchor.software_only = true;
+                android_anchors.push(anchor);
+            }
         }
         let apple_anchors = match &config.apple_root {
             Some(path) => {
@@ -590,16 +772,17 @@ impl Attestor {
                 .map_err(Error::internal)?,
         };
         let status = match &config.android_status_file {
-            Some(path) => {
-                let text = read_file(path, "attestation.android_status_file")?;
-                Some(StatusList::parse(&text).map_err(|e| {
-                    Error::invalid(
-                        "attestation.android_status_file",
-                        format!("{}: {e}", path.display()),
-                    )
-                })?)
+            Some(path) => Some(std::sync::Arc::new(StatusSource::file(path)?)),
+            None => {
+                if config.tier_a >= Requirement::Hardware {
+                    tracing::warn!(
+                        "[attestation] tier_a requires hardware but no android_status_file is \
+                         set: attestation keys Google has revoked (leaked keyboxes) are not \
+                         refused"
+                    );
+                }
+                None
             }
-            None => None,
         };
         Ok(Attestor {
             android_anchors,
@@ -634,7 +817,8 @@ impl Attestor {
             ));
         }
         let description = android::key_description(&chain)?;
-        let anchor = chain::verify(&chain, &self.android_anchors, now_s, self.status.as_ref())?;
+        let status = self.status.as_ref().map(|s| s.current());
+        let anchor = chain::verify(&chain, &self.android_anchors, now_s, status.as_deref())?;
         if description.challenge != challenge {
             return Err(AttestationRefusal::WrongChallenge(format!(
                 "the attestation's challenge is {} bytes {}…, not this enrollment's \
@@ -673,16 +857,26 @@ impl Attestor {
                     .into(),
             ));
         }
-        let root = description.root_of_trust.as_ref();
+        // The weaker of what attested and what holds the key; software whatever it claims
+        // under a root whose private key is public.
+        let mut security_level = description
+            .attestation_security_level
+            .min(description.keymint_security_level);
+        let mut root = description.root_of_trust.as_ref();
+        if anchor.software_only {
+            security_level = SecurityLevel::Software;
+            root = None;
+        }
         Ok(Attestation {
             platform: Platform::Android,
-            security_level: description.attestation_security_level,
+            security_level,
             boot_state: root.map(|r| r.verified_boot_state),
             device_locked: root.map(|r| r.device_locked),
             root: anchor.name.clone(),
             root_key_sha256: anchor.key_sha256_hex(),
             apps: description.packages,
             attested_at_s: now_s,
+            chain_serials: chain_serials(&chain, anchor),
         })
     }
 
@@ -699,6 +893,13 @@ impl Attestor {
             ));
         }
         let object = apple::decode(object)?;
+        if object.x5c.len() != 2 {
+            return Err(AttestationRefusal::Malformed(format!(
+                "App Attest object: attStmt.x5c holds {} certificates, not 2 (the credential \
+                 certificate and Apple's intermediate)",
+                object.x5c.len()
+            )));
+        }
         let chain = chain::parse(&object.x5c)?;
         let anchor = chain::verify(&chain, &self.apple_anchors, now_s, None)?;
         let attested = apple::check(
@@ -717,6 +918,7 @@ impl Attestor {
             root_key_sha256: anchor.key_sha256_hex(),
             apps: vec![attested.app_id],
             attested_at_s: now_s,
+            chain_serials: chain_serials(&chain, anchor),
         })
     }
 
@@ -744,8 +946,7 @@ impl Attestor {
                 .as_ref()
                 .map_or(AttestationClass::NONE, Attestation::class);
             self.policy
-                .tier_a
-                .check(class, self.policy.require_verified_boot)
+                .check(self.policy.tier_a, class)
                 .map_err(AttestationRefusal::BelowPolicy)?;
         }
         Ok(attestation)

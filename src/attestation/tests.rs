@@ -53,11 +53,26 @@ fn challenge_of(meta: &serde_json::Value) -> Vec<u8> {
     .unwrap()
 }
 
-/// Google's roots as shipped, plus the AOSP software root (as an operator would add it).
+/// Whether `class` meets `requirement` under the default policy, asking for a verified boot
+/// or not.
+fn meets(
+    requirement: Requirement,
+    class: AttestationClass,
+    verified_boot: bool,
+) -> Result<(), String> {
+    AttestationPolicy {
+        require_verified_boot: verified_boot,
+        ..AttestationPolicy::default()
+    }
+    .check(requirement, class)
+}
+
+/// Google's roots as shipped, plus the AOSP software root where it belongs (trusted for
+/// software-level attestation only).
 fn android_attestor(with_software_root: bool) -> Attestor {
     let mut config = AttestationConfig::default();
     if with_software_root {
-        config.android_roots.push(
+        config.android_software_roots.push(
             format!(
                 "{}/tests/data/attestation/android/roots/android-software-ec-root.pem",
                 env!("CARGO_MANIFEST_DIR")
@@ -147,27 +162,23 @@ fn a_tee_chain_with_a_verified_boot_meets_hardware_and_an_unlocked_one_does_not(
             .class()
     };
     assert_eq!(
-        Requirement::Hardware.check(class_of("tee-ec-1"), true),
+        meets(Requirement::Hardware, class_of("tee-ec-1"), true),
         Ok(())
     );
     assert_eq!(
-        Requirement::Strongbox.check(class_of("strongbox-ec-1"), true),
+        meets(Requirement::Strongbox, class_of("strongbox-ec-1"), true),
         Ok(())
     );
-    let tee_refusal = Requirement::Strongbox
-        .check(class_of("tee-ec-1"), true)
-        .unwrap_err();
+    let tee_refusal = meets(Requirement::Strongbox, class_of("tee-ec-1"), true).unwrap_err();
     assert!(
         tee_refusal.contains("strongbox is required"),
         "{tee_refusal}"
     );
-    let unlocked = Requirement::Hardware
-        .check(class_of("tee-ec-3"), true)
-        .unwrap_err();
+    let unlocked = meets(Requirement::Hardware, class_of("tee-ec-3"), true).unwrap_err();
     assert!(unlocked.contains("verified, locked"), "{unlocked}");
     // An operator who does not ask for a verified boot accepts it.
     assert_eq!(
-        Requirement::Hardware.check(class_of("tee-ec-3"), false),
+        meets(Requirement::Hardware, class_of("tee-ec-3"), false),
         Ok(())
     );
 }
@@ -191,8 +202,8 @@ fn the_software_chain_needs_its_root_configured_and_is_only_software() {
     assert_eq!(attestation.security_level, SecurityLevel::Software);
     assert_eq!(attestation.boot_state, None);
     let class = attestation.class();
-    assert_eq!(Requirement::Any.check(class, true), Ok(()));
-    let refusal = Requirement::Hardware.check(class, true).unwrap_err();
+    assert_eq!(meets(Requirement::Any, class, true), Ok(()));
+    let refusal = meets(Requirement::Hardware, class, true).unwrap_err();
     assert!(
         refusal.contains("software; hardware is required"),
         "{refusal}"
@@ -263,7 +274,7 @@ fn the_status_list_refuses_a_listed_certificate_in_a_real_chain() {
     let chain = android_chain(sample);
     let ca3 = chain::status_key(&chain::parse(&chain).unwrap()[2]);
     let mut attestor = android_attestor(false);
-    attestor.status = Some(status);
+    attestor.status = Some(std::sync::Arc::new(StatusSource::fixed(status)));
     attestor
         .android(
             &chain,
@@ -275,7 +286,9 @@ fn the_status_list_refuses_a_listed_certificate_in_a_real_chain() {
     let listed = format!(
         r#"{{"entries": {{"{ca3}": {{"status": "REVOKED", "reason": "KEY_COMPROMISE"}}}}}}"#
     );
-    attestor.status = Some(StatusList::parse(listed.as_bytes()).unwrap());
+    attestor.status = Some(std::sync::Arc::new(StatusSource::fixed(
+        StatusList::parse(listed.as_bytes()).unwrap(),
+    )));
     let refused = attestor
         .android(
             &chain,
@@ -326,12 +339,10 @@ fn both_real_app_attest_objects_verify_to_apples_root_with_their_app_and_client_
         assert_eq!(attestation.apps, vec![app_id.to_string()]);
         assert_eq!(attestation.root, "apple-app-attestation-root");
         assert_eq!(
-            Requirement::Hardware.check(attestation.class(), true),
+            meets(Requirement::Hardware, attestation.class(), true),
             Ok(())
         );
-        assert!(Requirement::Strongbox
-            .check(attestation.class(), true)
-            .is_err());
+        assert!(meets(Requirement::Strongbox, attestation.class(), true).is_err());
         let decoded = apple::decode(&object).unwrap();
         let leaf = chain::parse(&decoded.x5c).unwrap();
         let key_id = apple::check(&decoded, &leaf[0], &hash, &[app_id.to_string()], true)
@@ -417,6 +428,7 @@ fn the_policy_counts_a_certificate_by_its_class() {
         tier_a: Requirement::Hardware,
         tier_b: Requirement::Any,
         require_verified_boot: true,
+        app_attest_as_hardware: true,
     };
     let hardware = AttestationClass::new(Some(SecurityLevel::TrustedEnvironment), true);
     let software = AttestationClass::new(Some(SecurityLevel::Software), false);
@@ -533,4 +545,157 @@ proptest! {
             prop_assert!(receipt_only, "a changed byte at {} was accepted", at);
         }
     }
+}
+
+/// A certificate anyone can write: `spki_der`'s key, signed by a throwaway key, with
+/// `extension` (OID, value) if given.
+fn forged_certificate(spki_der: &[u8], extension: Option<(&[u64], Vec<u8>)>) -> Vec<u8> {
+    let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
+    if let Some((oid, value)) = extension {
+        params
+            .custom_extensions
+            .push(rcgen::CustomExtension::from_oid_content(oid, value));
+    }
+    let issuer = rcgen::Issuer::new(
+        rcgen::CertificateParams::new(vec![]).unwrap(),
+        rcgen::KeyPair::generate().unwrap(),
+    );
+    params
+        .signed_by(
+            &rcgen::SubjectPublicKeyInfo::from_der(spki_der).unwrap(),
+            &issuer,
+        )
+        .unwrap()
+        .der()
+        .to_vec()
+}
+
+#[test]
+fn a_certificate_bearing_an_anchors_key_is_never_the_leaf() {
+    let attestor = apple_attestor("ABCDE12345.com.example.pay", false);
+    let apple_root = &attestor.apple_anchors[0];
+    // The attack: one certificate carrying Apple's root key and a nonce the attacker chose.
+    let nonce = [0x30, 0x24, 0xa1, 0x22, 0x04, 0x20]
+        .iter()
+        .copied()
+        .chain([7u8; 32])
+        .collect();
+    let forged = forged_certificate(
+        &apple_root.spki_der,
+        Some((&[1, 2, 840, 113635, 100, 8, 2], nonce)),
+    );
+    let alone = [forged.clone()];
+    let parsed = chain::parse(&alone).unwrap();
+    let refused = chain::verify(&parsed, &attestor.apple_anchors, 1_800_000_000, None).unwrap_err();
+    assert!(
+        matches!(&refused, AttestationRefusal::Malformed(m) if m.contains("only a certificate bearing")),
+        "{refused:?}"
+    );
+    // Below a presented anchor certificate, a leaf must verify under the anchor's key.
+    let (object, meta, _) = apple_sample("sample-2");
+    let real = apple::decode(&object).unwrap();
+    let leaf_spki = chain::parse(&real.x5c).unwrap()[0]
+        .public_key()
+        .raw
+        .to_vec();
+    let pair = [forged_certificate(&leaf_spki, None), forged];
+    let parsed = chain::parse(&pair).unwrap();
+    let refused =
+        chain::verify(&parsed, &attestor.apple_anchors, window(&meta).1, None).unwrap_err();
+    assert!(
+        matches!(refused, AttestationRefusal::BadChain(_)),
+        "{refused:?}"
+    );
+    // And an App Attest object must hold exactly the credential certificate and Apple's
+    // intermediate.
+    let mut one = object.clone();
+    let decoded = apple::decode(&one).unwrap();
+    let single = ciborium::Value::Map(vec![
+        (
+            ciborium::Value::Text("fmt".into()),
+            ciborium::Value::Text("apple-appattest".into()),
+        ),
+        (
+            ciborium::Value::Text("attStmt".into()),
+            ciborium::Value::Map(vec![(
+                ciborium::Value::Text("x5c".into()),
+                ciborium::Value::Array(vec![ciborium::Value::Bytes(decoded.x5c[0].clone())]),
+            )]),
+        ),
+        (
+            ciborium::Value::Text("authData".into()),
+            ciborium::Value::Bytes(decoded.auth_data),
+        ),
+    ]);
+    one.clear();
+    ciborium::ser::into_writer(&single, &mut one).unwrap();
+    let refused = attestor.apple(&one, &[0; 32], window(&meta).1).unwrap_err();
+    assert!(
+        matches!(&refused, AttestationRefusal::Malformed(m) if m.contains("not 2")),
+        "{refused:?}"
+    );
+}
+
+#[test]
+fn aosps_software_root_is_trusted_for_software_only() {
+    let root = format!(
+        "{}/tests/data/attestation/android/roots/android-software-ec-root.pem",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let refused = Attestor::from_config(&AttestationConfig {
+        android_roots: vec![root.clone().into()],
+        ..AttestationConfig::default()
+    })
+    .unwrap_err();
+    assert!(
+        refused.to_string().contains("android_software_roots"),
+        "{refused}"
+    );
+    let attestor = android_attestor(true);
+    let anchor = attestor
+        .android_anchors
+        .iter()
+        .find(|a| a.name == root)
+        .unwrap();
+    assert!(anchor.software_only);
+}
+
+#[test]
+fn status_keys_are_compared_as_javas_biginteger_writes_them() {
+    assert_eq!(chain::normalise_status_key("00Ab12"), "ab12");
+    assert_eq!(chain::normalise_status_key("-00ff"), "-ff");
+    assert_eq!(chain::normalise_status_key("000"), "0");
+    let list = StatusList::parse(br#"{"entries": {"00CC66E9": {"status": "REVOKED"}}}"#).unwrap();
+    assert_eq!(list.get("cc66e9"), Some("REVOKED"));
+    // Serials as DER writes them: a leading zero keeps a high bit positive; 0xff01 in two's
+    // complement is -255.
+    assert_eq!(chain::serial_status_key(&[0x00, 0xcc, 0x66]), "cc66");
+    assert_eq!(chain::serial_status_key(&[0xff, 0x01]), "-ff");
+    assert_eq!(chain::serial_status_key(&[0x80]), "-80");
+    assert_eq!(chain::serial_status_key(&[0x00]), "0");
+}
+
+#[test]
+fn any_accepts_an_unlocked_tee_and_app_attest_can_count_as_software() {
+    let unlocked = AttestationClass::new(Some(SecurityLevel::TrustedEnvironment), false);
+    assert_eq!(meets(Requirement::Any, unlocked, true), Ok(()));
+    assert!(meets(Requirement::Hardware, unlocked, true).is_err());
+    let app_attest = AttestationClass::new(Some(SecurityLevel::SecureEnclave), true);
+    assert!(app_attest.app_attest());
+    assert_eq!(meets(Requirement::Hardware, app_attest, true), Ok(()));
+    let software_apple = AttestationPolicy {
+        app_attest_as_hardware: false,
+        ..AttestationPolicy::default()
+    };
+    let refusal = software_apple
+        .check(Requirement::Hardware, app_attest)
+        .unwrap_err();
+    assert!(refusal.contains("counts as software"), "{refusal}");
+    assert_eq!(software_apple.check(Requirement::Any, app_attest), Ok(()));
+    // A package allow-list alone is refused: any app can take a package name.
+    let packages_only = AttestationConfig {
+        android_packages: vec!["com.example.pay".into()],
+        ..AttestationConfig::default()
+    };
+    assert!(packages_only.validate().is_err());
 }

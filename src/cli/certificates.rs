@@ -182,6 +182,7 @@ pub(crate) fn record_json(record: &payra::wire::proto::CertificateRecord) -> ser
                 "attested_at_unix_s": a.attested_at_unix_s,
                 "tier_a_eligible": a.tier_a_eligible,
                 "policy_note": a.policy_note,
+                "chain_serials": a.chain_serials,
             })),
     })
 }

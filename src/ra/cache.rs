@@ -32,7 +32,7 @@ pub struct CachedCertificate {
 ///
 /// Layout: serial length (1) | serial (up to 20) | public key (65) | notBefore i64 LE |
 /// notAfter i64 LE | revocation: reason code + 1, or 0 for none (1) | revoked_at_s i64 LE |
-/// customer length (1) | customer | device.
+/// attestation class (1) | customer length (1) | customer | device.
 struct Entry(Box<[u8]>);
 
 /// The longest serial RFC 5280 allows.

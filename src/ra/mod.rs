@@ -428,12 +428,12 @@ impl Ra {
         Ok(())
     }
 
-    /// Where the certificate of `record` stands now.
     /// The attestation policy in force: what a certificate counts for in the tier engine.
     pub fn attestation_policy(&self) -> crate::attestation::AttestationPolicy {
         self.policy.attestation.policy
     }
 
+    /// Where the certificate of `record` stands now.
     pub fn status_of(&self, record: &CertificateRecord) -> StatusView {
         StatusView::of(record, self.clock.now_s())
     }

@@ -107,6 +107,7 @@ fn an_attestation_is_kept_through_revocation_and_in_the_summaries(store: Arc<dyn
         root_key_sha256: "ab".repeat(32),
         apps: vec!["com.example.pay".into()],
         attested_at_s: 1_764_000_000,
+        chain_serials: vec!["2c85cdc15c3042f25698906669c35137".into()],
     });
     issue_record(store.as_ref(), &cert);
     let plain = issue(store.as_ref(), "c-attested", "d-plain");

@@ -105,6 +105,7 @@ fn attestation_to_proto(
         attested_at_unix_s: attestation.attested_at_s,
         tier_a_eligible: factor == CertificateFactor::Certificate,
         policy_note: note.unwrap_or_default(),
+        chain_serials: attestation.chain_serials.clone(),
     }
 }
 
