@@ -281,8 +281,72 @@ fn replay_claim(c: &mut Criterion) {
     println!("claims held: {}", guard.held());
 }
 
+/// Checking an enrollment's attestation: the real samples of tests/data/attestation at a
+/// time inside their windows (a TEE chain to Google's RSA-4096 root, a StrongBox chain to the
+/// P-384 root, an App Attest object).
+fn attestation(c: &mut Criterion) {
+    use payra::attestation::{AttestationConfig, Attestor};
+    let data = |path: &str| {
+        std::fs::read(format!(
+            "{}/tests/data/attestation/{path}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    };
+    let unix = |text: &str| {
+        time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+            .unwrap()
+            .unix_timestamp()
+    };
+    let android = Attestor::from_config(&AttestationConfig::default()).unwrap();
+    for (sample, at, challenge) in [
+        (
+            "tee-ec-2",
+            "2025-09-30T00:00:00Z",
+            "d688d763-6118-4ca6-94b2-e6cd9ed7e4e4",
+        ),
+        (
+            "strongbox-ec-1",
+            "2026-03-01T00:00:00Z",
+            "90578e1d-f5bf-4ccf-a27f-a4f4d89ee21f",
+        ),
+    ] {
+        let chain: Vec<Vec<u8>> = pem::parse_many(data(&format!("android/{sample}/chain.pem")))
+            .unwrap()
+            .into_iter()
+            .map(|p| p.into_contents())
+            .collect();
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        let point = leaf.public_key().subject_public_key.data.to_vec();
+        let at = unix(at);
+        c.bench_function(&format!("attestation: Android {sample}"), |b| {
+            b.iter(|| {
+                android
+                    .android(black_box(&chain), challenge.as_bytes(), &point, at)
+                    .unwrap()
+            })
+        });
+    }
+    let apple = Attestor::from_config(&AttestationConfig {
+        apple_app_ids: vec!["V8H6LQ9448.io.uebelacker.AppAttestExample".into()],
+        ..AttestationConfig::default()
+    })
+    .unwrap();
+    let object = data("apple/sample-2/attestation.cbor");
+    let hash: [u8; 32] =
+        hex::decode("3e9ef50b7ff0f985304f7b660895c4c2da034e43dafb385b7152898d226c0037")
+            .unwrap()
+            .try_into()
+            .unwrap();
+    let at = unix("2024-06-01T00:00:00Z");
+    c.bench_function("attestation: App Attest", |b| {
+        b.iter(|| apple.apple(black_box(&object), &hash, at).unwrap())
+    });
+}
+
 criterion_group!(
     benches,
+    attestation,
     replay_claim,
     ledger_sweep,
     signatures,

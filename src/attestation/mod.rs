@@ -549,91 +549,122 @@ pub enum Evidence {
 
 /// Where the status list comes from: a file re-read when it changes (looked at, at most,
 /// every [`StatusSource::RECHECK`]), or a fixed list.
+///
+/// One caller at a time looks at the file, without holding the lock: the others go on with
+/// the list they have. A file's identity is its modification time and length; a file
+/// modified within the last two seconds is looked at again next time, so that a second write
+/// within one tick of a coarse clock is not missed.
 #[derive(Debug)]
 pub struct StatusSource {
     path: Option<PathBuf>,
     state: std::sync::RwLock<StatusState>,
+    looking: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug)]
 struct StatusState {
     list: std::sync::Arc<StatusList>,
-    modified: Option<std::time::SystemTime>,
+    /// (modification time, length) of the file the list came from; `None` to read it again.
+    stamp: Option<(std::time::SystemTime, u64)>,
     checked: std::time::Instant,
 }
+
+type Stamp = Option<(std::time::SystemTime, u64)>;
 
 impl StatusSource {
     pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
-    pub fn fixed(list: StatusList) -> StatusSource {
+    fn with(path: Option<PathBuf>, list: StatusList, stamp: Stamp) -> StatusSource {
         StatusSource {
-            path: None,
+            path,
             state: std::sync::RwLock::new(StatusState {
                 list: std::sync::Arc::new(list),
-                modified: None,
+                stamp,
                 checked: std::time::Instant::now(),
             }),
+            looking: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    pub fn fixed(list: StatusList) -> StatusSource {
+        Self::with(None, list, None)
     }
 
     /// Reads `path`; an unreadable or invalid file is an error here (at start).
     pub fn file(path: &std::path::Path) -> Result<StatusSource> {
-        let (list, modified) = Self::read(path).map_err(|e| {
+        let (list, stamp) = Self::read(path).map_err(|e| {
             Error::invalid(
                 "attestation.android_status_file",
                 format!("{}: {e}", path.display()),
             )
         })?;
         tracing::info!(path = %path.display(), entries = list.len(), "attestation status list loaded");
-        Ok(StatusSource {
-            path: Some(path.to_path_buf()),
-            state: std::sync::RwLock::new(StatusState {
-                list: std::sync::Arc::new(list),
-                modified,
-                checked: std::time::Instant::now(),
-            }),
-        })
+        Ok(Self::with(Some(path.to_path_buf()), list, stamp))
     }
 
-    fn read(
-        path: &std::path::Path,
-    ) -> std::result::Result<(StatusList, Option<std::time::SystemTime>), String> {
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    /// The file's stamp, `None` when it changed too recently to tell a later write apart.
+    fn stamp(path: &std::path::Path) -> std::io::Result<Stamp> {
+        let meta = std::fs::metadata(path)?;
+        let modified = meta.modified()?;
+        let settled = modified
+            .elapsed()
+            .is_ok_and(|age| age > std::time::Duration::from_secs(2));
+        Ok(settled.then_some((modified, meta.len())))
+    }
+
+    fn read(path: &std::path::Path) -> std::result::Result<(StatusList, Stamp), String> {
+        // The stamp first: a write after it makes the next look read again.
+        let stamp = Self::stamp(path).map_err(|e| e.to_string())?;
         let text = std::fs::read(path).map_err(|e| e.to_string())?;
-        Ok((StatusList::parse(&text)?, modified))
+        Ok((StatusList::parse(&text)?, stamp))
     }
 
-    /// The list now: the file is re-read when its modification time changed. A file that
-    /// became unreadable or invalid keeps the last good list (and says so in the log).
+    /// The list now, re-read first when the file changed.
     pub fn current(&self) -> std::sync::Arc<StatusList> {
+        self.current_within(Self::RECHECK)
+    }
+
+    /// [`StatusSource::current`], looking at the file if it was last looked at `recheck` ago.
+    pub fn current_within(&self, recheck: std::time::Duration) -> std::sync::Arc<StatusList> {
         use crate::sync::Unpoisoned;
-        {
+        use std::sync::atomic::Ordering;
+        let (list, stamp) = {
             let state = self.state.read().unpoisoned();
-            if self.path.is_none() || state.checked.elapsed() < Self::RECHECK {
+            if self.path.is_none() || state.checked.elapsed() < recheck {
                 return state.list.clone();
             }
-        }
+            (state.list.clone(), state.stamp)
+        };
+        let (Some(path), false) = (&self.path, self.looking.swap(true, Ordering::AcqRel)) else {
+            return list;
+        };
+        let fresh = match Self::stamp(path) {
+            Ok(now) if now.is_some() && now == stamp => None,
+            Ok(_) => match Self::read(path) {
+                Ok(read) => Some(read),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e,
+                        "attestation status list unreadable; keeping the last one read");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "attestation status list file is gone or unreadable; keeping the last one read");
+                None
+            }
+        };
         let mut state = self.state.write().unpoisoned();
         state.checked = std::time::Instant::now();
-        let Some(path) = &self.path else {
-            return state.list.clone();
-        };
-        let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        if modified.is_some() && modified != state.modified {
-            match Self::read(path) {
-                Ok((list, modified)) => {
-                    tracing::info!(path = %path.display(), entries = list.len(), "attestation status list reloaded");
-                    state.list = std::sync::Arc::new(list);
-                    state.modified = modified;
-                }
-                Err(e) => tracing::error!(
-                    path = %path.display(),
-                    error = %e,
-                    "attestation status list unreadable; keeping the last one read"
-                ),
-            }
+        if let Some((list, stamp)) = fresh {
+            tracing::info!(path = %path.display(), entries = list.len(), "attestation status list reloaded");
+            state.list = std::sync::Arc::new(list);
+            state.stamp = stamp;
         }
-        state.list.clone()
+        let list = state.list.clone();
+        drop(state);
+        self.looking.store(false, Ordering::Release);
+        list
     }
 }
 
@@ -686,12 +717,18 @@ const GOOGLE_ROOTS: &[(&str, &str)] = &[
 ];
 const APPLE_ROOT: &str = include_str!("roots/apple-app-attestation-root-ca.pem");
 
-/// SHA-256 of the SubjectPublicKeyInfo of AOSP's software attestation roots (EC and RSA),
-/// whose private keys are published: such a root proves a software key at most.
-const AOSP_SOFTWARE_ROOT_KEYS: &[&str] = &[
+/// SHA-256 of the SubjectPublicKeyInfo of AOSP's software attestation roots (EC and RSA)
+/// and of its EC software attestation intermediate, whose private keys are published: a
+/// chain through any of them proves a software key at most.
+const AOSP_SOFTWARE_KEYS: &[&str] = &[
     "d5100c7942ef2e8310dc30ef82729680cf48d690735c3f68179a33c7c370f286",
     "f2c4746f545946c100e72297f8f946344d7052f03a2f694221f9c893b0e6f711",
+    "f7d20ab04f01da6cbb6d1e3d9d00cd28495cb6f9a27ec85cf3e3e872d7c35878",
 ];
+
+fn is_aosp_software_key(spki_der: &[u8]) -> bool {
+    AOSP_SOFTWARE_KEYS.contains(&hex::encode(Sha256::digest(spki_der)).as_str())
+}
 
 /// The status-list keys of a verified chain's certificates below the anchor.
 fn chain_serials(
@@ -739,7 +776,7 @@ impl Attestor {
             for anchor in TrustAnchor::from_pem(&path.display().to_string(), &text)
                 .map_err(|e| Error::invalid("attestation.android_roots", e))?
             {
-                if AOSP_SOFTWARE_ROOT_KEYS.contains(&anchor.key_sha256_hex().as_str()) {
+                if is_aosp_software_key(&anchor.spki_der) {
                     return Err(Error::invalid(
                         "attestation.android_roots",
                         format!(
@@ -758,6 +795,19 @@ impl Attestor {
             for mut anchor in TrustAnchor::from_pem(&path.display().to_string(), &text)
                 .map_err(|e| Error::invalid("attestation.android_software_roots", e))?
             {
+                if let Some(other) = android_anchors
+                    .iter()
+                    .find(|a| !a.software_only && a.spki_der == anchor.spki_der)
+                {
+                    return Err(Error::invalid(
+                        "attestation.android_software_roots",
+                        format!(
+                            "{}'s key is also trusted for hardware (as {}); list it in one place",
+                            path.display(),
+                            other.name
+                        ),
+                    ));
+                }
                 anchor.software_only = true;
                 android_anchors.push(anchor);
             }
@@ -827,8 +877,14 @@ impl Attestor {
                 hex::encode(&description.challenge[..description.challenge.len().min(8)])
             )));
         }
-        let leaf_key = &chain[0].public_key().subject_public_key.data;
-        if leaf_key.as_ref() != key_point {
+        let leaf = chain[0].public_key();
+        let leaf_p256 = leaf
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok())
+            .is_some_and(|curve| curve == x509_parser::oid_registry::OID_EC_P256);
+        if !leaf_p256 || leaf.subject_public_key.data.as_ref() != key_point {
             return Err(AttestationRefusal::KeyMismatch(
                 "the attestation chain's leaf certifies another key than the CSR's".into(),
             ));
@@ -863,7 +919,10 @@ impl Attestor {
             .attestation_security_level
             .min(description.keymint_security_level);
         let mut root = description.root_of_trust.as_ref();
-        if anchor.software_only {
+        let through_public_key = chain
+            .iter()
+            .any(|c| is_aosp_software_key(c.public_key().raw));
+        if anchor.software_only || through_public_key {
             security_level = SecurityLevel::Software;
             root = None;
         }

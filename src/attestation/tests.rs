@@ -699,3 +699,72 @@ fn any_accepts_an_unlocked_tee_and_app_attest_can_count_as_software() {
     };
     assert!(packages_only.validate().is_err());
 }
+
+#[test]
+fn the_status_file_is_read_again_when_it_changes_and_a_bad_one_keeps_the_last() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("status.json");
+    let write = |text: &str, age_s: u64| {
+        std::fs::write(&path, text).unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(age_s))
+            .unwrap();
+    };
+    let entry = |serial: &str| format!(r#"{{"entries": {{"{serial}": {{"status": "REVOKED"}}}}}}"#);
+    write(&entry("aa"), 60);
+    let source = StatusSource::file(&path).unwrap();
+    let now = std::time::Duration::ZERO;
+    assert_eq!(source.current_within(now).get("aa"), Some("REVOKED"));
+
+    // A new list, one byte longer: read on the next look.
+    write(&entry("bbb"), 30);
+    let list = source.current_within(now);
+    assert_eq!((list.get("bbb"), list.get("aa")), (Some("REVOKED"), None));
+    // Within the recheck interval nothing is looked at.
+    write(&entry("ccc"), 20);
+    assert_eq!(source.current().get("bbb"), Some("REVOKED"));
+    // The next look after it reads it (same length, another modification time).
+    let list = source.current_within(now);
+    assert_eq!(
+        list.get("ccc"),
+        Some("REVOKED"),
+        "a different mtime is a change"
+    );
+    // A file that no longer parses, or is gone, keeps the last good list.
+    write("{ not json", 10);
+    assert_eq!(source.current_within(now).get("ccc"), Some("REVOKED"));
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(source.current_within(now).get("ccc"), Some("REVOKED"));
+    // A bad file at start is an error there.
+    write("[]", 60);
+    assert!(StatusSource::file(&path).is_err());
+}
+
+#[test]
+fn a_chain_through_aosps_published_intermediate_key_counts_as_software() {
+    // The real software chain, with its intermediate's key: trusted by key from
+    // android_software_roots it is software; its EC intermediate's key is AOSP's too.
+    let chain = android_chain("android/software-ec-1");
+    let parsed = chain::parse(&chain).unwrap();
+    assert!(is_aosp_software_key(parsed[1].public_key().raw));
+    assert!(is_aosp_software_key(parsed[2].public_key().raw));
+    assert!(!is_aosp_software_key(
+        chain::parse(&android_chain("android/tee-ec-1")).unwrap()[4]
+            .public_key()
+            .raw
+    ));
+    // A key listed both as a hardware and as a software root is refused.
+    let root = format!(
+        "{}/tests/data/attestation/android/roots/google-hardware-ec-root-ca1.pem",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let refused = Attestor::from_config(&AttestationConfig {
+        android_software_roots: vec![root.into()],
+        ..AttestationConfig::default()
+    })
+    .unwrap_err();
+    assert!(
+        refused.to_string().contains("list it in one place"),
+        "{refused}"
+    );
+}
