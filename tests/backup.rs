@@ -23,16 +23,8 @@ fn payra(args: &[&str]) -> (bool, String, String) {
 }
 
 async fn exists(server: &TestServer, serial: &str) -> Option<proto::CertificateRecord> {
-    match server
-        .operator()
-        .await
-        .admin()
-        .get_certificate(proto::GetCertificateRequest {
-            serial: serial.into(),
-        })
-        .await
-    {
-        Ok(record) => Some(record.into_inner()),
+    match server.operator().await.certificate(serial).await {
+        Ok(record) => Some(record),
         Err(status) if status.code() == Code::NotFound => None,
         Err(status) => panic!("{status:?}"),
     }

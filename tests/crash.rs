@@ -115,11 +115,10 @@ async fn sigkill_loses_nothing_acknowledged() {
                         progress.notify_one();
                         if worker % 3 == 1 {
                             let revoked = operator
-                                .admin()
-                                .revoke_certificate(proto::RevokeCertificateRequest {
-                                    serial: issued.serial.clone(),
-                                    reason: proto::RevocationReason::KeyCompromise as i32,
-                                })
+                                .revoke_certificate(
+                                    &issued.serial,
+                                    proto::RevocationReason::KeyCompromise,
+                                )
                                 .await;
                             if revoked.is_err() {
                                 return;
@@ -154,9 +153,8 @@ async fn sigkill_loses_nothing_acknowledged() {
                             factors: vec![],
                             reserve: true,
                         };
-                        let answer = service.verification().verify_payment(request.clone()).await;
+                        let answer = service.verify_payment(request.clone()).await;
                         let Ok(answer) = answer else { return };
-                        let answer = answer.into_inner();
                         assert!(answer.limit.as_ref().unwrap().reserved, "{}", answer.reason);
                         let mut acked = acked.lock().unwrap();
                         acked.reservations.push((answer.evidence_id, 1));
@@ -204,13 +202,7 @@ async fn sigkill_loses_nothing_acknowledged() {
             serials.insert(serial.clone()),
             "serial {serial} issued twice"
         );
-        match operator
-            .admin()
-            .get_certificate(proto::GetCertificateRequest {
-                serial: serial.clone(),
-            })
-            .await
-        {
+        match operator.certificate(serial).await {
             Ok(_) => {}
             Err(status) if status.code() == Code::NotFound => lost += 1,
             Err(status) => panic!("{status:?}"),
@@ -231,33 +223,19 @@ async fn sigkill_loses_nothing_acknowledged() {
         );
     }
     for serial in &acked.revocations {
-        let status = service
-            .verification()
-            .get_certificate_status(proto::GetCertificateStatusRequest {
-                serial: serial.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let status = service.certificate_status(serial).await.unwrap();
         if status.status != proto::CertificateStatus::Revoked as i32 {
             lost += 1;
         }
     }
     for (evidence_id, amount) in &acked.reservations {
-        match operator
-            .admin()
-            .get_evidence(proto::GetEvidenceRequest {
-                evidence_id: evidence_id.clone(),
-            })
-            .await
-        {
-            Ok(evidence) if evidence.get_ref().reserved_fen == *amount => {}
+        match operator.evidence(evidence_id).await {
+            Ok(evidence) if evidence.reserved_fen == *amount => {}
             _ => lost += 1,
         }
     }
     // An acknowledged payment's nonce is still remembered: sent again, it is a replay.
     let replayed = service
-        .verification()
         .verify_payment(
             acked
                 .last_payment
@@ -265,8 +243,7 @@ async fn sigkill_loses_nothing_acknowledged() {
                 .expect("a payment was acknowledged"),
         )
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(replayed.verdict, proto::Verdict::ReplayedNonce as i32);
     // The ledger holds at least every acknowledged reservation (1 fen each).
     let probe = {
@@ -282,12 +259,7 @@ async fn sigkill_loses_nothing_acknowledged() {
         request.reserve = false;
         request
     };
-    let probe = service
-        .verification()
-        .verify_payment(probe)
-        .await
-        .unwrap()
-        .into_inner();
+    let probe = service.verify_payment(probe).await.unwrap();
     assert_eq!(
         probe.verdict,
         proto::Verdict::Verified as i32,
@@ -302,14 +274,12 @@ async fn sigkill_loses_nothing_acknowledged() {
     );
     // Every serial on record is distinct (the listing is keyed by serial).
     let listed = operator
-        .admin()
         .list_certificates(proto::ListCertificatesRequest {
             page_size: 1000,
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     let listed: HashSet<_> = listed.certificates.into_iter().map(|c| c.serial).collect();
     assert!(listed.is_superset(&serials));
     eprintln!(
@@ -416,14 +386,7 @@ async fn sigterm_under_load_drains_exits_zero_and_loses_nothing() {
         .unwrap();
     let mut lost = 0;
     for serial in &acked {
-        if operator
-            .admin()
-            .get_certificate(proto::GetCertificateRequest {
-                serial: serial.clone(),
-            })
-            .await
-            .is_err()
-        {
+        if operator.certificate(serial).await.is_err() {
             lost += 1;
         }
     }

@@ -440,13 +440,9 @@ async fn ok_state_survives_restart() {
     let record = server
         .operator()
         .await
-        .admin()
-        .get_certificate(proto::GetCertificateRequest {
-            serial: issued.serial.clone(),
-        })
+        .certificate(&issued.serial)
         .await
-        .expect("certificate survives restart")
-        .into_inner();
+        .expect("certificate survives restart");
     assert_eq!(record.certificate_der, issued.certificate_der);
     assert_eq!(record.customer_id, "gina");
     assert_eq!(record.device_id, "gina-phone");
@@ -477,26 +473,18 @@ async fn ok_status_and_record_for_issued_not_found_for_unknown() {
     let status = server
         .service()
         .await
-        .verification()
-        .get_certificate_status(proto::GetCertificateStatusRequest {
-            serial: issued.serial.clone(),
-        })
+        .certificate_status(&issued.serial)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(status.status, proto::CertificateStatus::Valid as i32);
     assert_eq!(status.not_after_unix_s, issued.not_after_unix_s);
 
     let record = server
         .operator()
         .await
-        .admin()
-        .get_certificate(proto::GetCertificateRequest {
-            serial: issued.serial.clone(),
-        })
+        .certificate(&issued.serial)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(record.status, proto::CertificateStatus::Valid as i32);
     assert_eq!(record.issued_at_unix_s, server.clock.now_s());
 
@@ -504,18 +492,14 @@ async fn ok_status_and_record_for_issued_not_found_for_unknown() {
     let err = server
         .service()
         .await
-        .verification()
-        .get_certificate_status(proto::GetCertificateStatusRequest {
-            serial: unknown.clone(),
-        })
+        .certificate_status(&unknown)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);
     let err = server
         .operator()
         .await
-        .admin()
-        .get_certificate(proto::GetCertificateRequest { serial: unknown })
+        .certificate(&unknown)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound);

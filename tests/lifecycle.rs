@@ -91,13 +91,9 @@ async fn ok_hold_then_unhold_is_good_again_in_ocsp_and_crl() {
     let record = server
         .operator()
         .await
-        .admin()
-        .unhold_certificate(proto::UnholdCertificateRequest {
-            serial: phone.issued.serial.clone(),
-        })
+        .unhold_certificate(&phone.issued.serial)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(record.status, proto::CertificateStatus::Valid as i32);
     let (_, text) = openssl_ocsp(&server, &phone.dir.join("leaf.pem"));
     assert!(text.contains(": good"), "{text}");
@@ -108,10 +104,7 @@ async fn ok_hold_then_unhold_is_good_again_in_ocsp_and_crl() {
     let err = server
         .operator()
         .await
-        .admin()
-        .unhold_certificate(proto::UnholdCertificateRequest {
-            serial: phone.issued.serial.clone(),
-        })
+        .unhold_certificate(&phone.issued.serial)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -126,11 +119,7 @@ async fn fail_revocation_rules_not_found_already_revoked_and_service_role() {
     let err = server
         .service()
         .await
-        .admin()
-        .revoke_certificate(proto::RevokeCertificateRequest {
-            serial: phone.issued.serial.clone(),
-            reason: Reason::KeyCompromise as i32,
-        })
+        .revoke_certificate(&phone.issued.serial, Reason::KeyCompromise)
         .await
         .unwrap_err();
     assert_eq!(
@@ -158,11 +147,7 @@ async fn fail_revocation_rules_not_found_already_revoked_and_service_role() {
         .await;
     server.clock.advance_ms(5_000);
     let err = admin
-        .admin()
-        .revoke_certificate(proto::RevokeCertificateRequest {
-            serial: phone.issued.serial.clone(),
-            reason: Reason::CessationOfOperation as i32,
-        })
+        .revoke_certificate(&phone.issued.serial, Reason::CessationOfOperation)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
@@ -312,13 +297,9 @@ async fn ok_renew_supersedes_and_refuses_revoked_or_expired() {
     let record = server
         .operator()
         .await
-        .admin()
-        .get_certificate(proto::GetCertificateRequest {
-            serial: renewed.serial.clone(),
-        })
+        .certificate(&renewed.serial)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(record.customer_id, "gina");
     assert_eq!(record.device_id, "g-1");
     assert_eq!(record.renewed_from_serial, phone.issued.serial);
@@ -378,7 +359,6 @@ async fn ok_list_filters_and_pages() {
     let mut token = String::new();
     loop {
         let page = admin
-            .admin()
             .list_certificates(proto::ListCertificatesRequest {
                 customer_id: "hank".into(),
                 page_size: 2,
@@ -386,8 +366,7 @@ async fn ok_list_filters_and_pages() {
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         assert!(page.certificates.len() <= 2);
         seen.extend(page.certificates.into_iter().map(|c| c.serial));
         if page.next_page_token.is_empty() {
@@ -402,14 +381,12 @@ async fn ok_list_filters_and_pages() {
     assert_eq!(sorted, expected, "pages cover every certificate once");
 
     let revoked = admin
-        .admin()
         .list_certificates(proto::ListCertificatesRequest {
             status: proto::CertificateStatus::Revoked as i32,
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(revoked.certificates.len(), 1);
     assert_eq!(revoked.certificates[0].serial, hank[0]);
     assert_eq!(
@@ -418,30 +395,25 @@ async fn ok_list_filters_and_pages() {
     );
 
     let by_device = admin
-        .admin()
         .list_certificates(proto::ListCertificatesRequest {
             device_id: "i-0".into(),
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(by_device.certificates.len(), 1);
     assert_eq!(by_device.certificates[0].customer_id, "ivy");
 
     let soon = admin
-        .admin()
         .list_certificates(proto::ListCertificatesRequest {
             expiring_before_unix_s: server.clock.now_s() + 10,
             ..Default::default()
         })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert!(soon.certificates.is_empty());
 
     let err = admin
-        .admin()
         .list_certificates(proto::ListCertificatesRequest {
             page_size: 5000,
             ..Default::default()
@@ -661,14 +633,9 @@ async fn fail_a_compromise_of_a_superseded_certificate_reaches_its_successor() {
     let response = server
         .operator()
         .await
-        .admin()
-        .revoke_certificate(proto::RevokeCertificateRequest {
-            serial: first.issued.serial.clone(),
-            reason: Reason::KeyCompromise as i32,
-        })
+        .revoke_certificate(&first.issued.serial, Reason::KeyCompromise)
         .await
-        .expect("not refused as already revoked")
-        .into_inner();
+        .expect("not refused as already revoked");
     assert_eq!(response.revoked_serials, vec![third.issued.serial.clone()]);
     assert!(response.note.contains("successor"), "{}", response.note);
     let live = server.status(&third.issued.serial).await;

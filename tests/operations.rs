@@ -70,7 +70,6 @@ async fn ok_metrics_parse_and_move_with_traffic() {
     server
         .service()
         .await
-        .verification()
         .verify_payment(proto::VerifyPaymentRequest {
             signature: key.sign_intent(&bytes),
             intent: bytes,
@@ -361,7 +360,6 @@ async fn ok_retention_purges_expired_nonces_tokens_and_old_certificates() {
     server
         .service()
         .await
-        .verification()
         .verify_payment(proto::VerifyPaymentRequest {
             signature: key.sign_intent(&bytes),
             intent: bytes,
@@ -410,10 +408,7 @@ async fn ok_retention_purges_expired_nonces_tokens_and_old_certificates() {
     let err = server
         .operator()
         .await
-        .admin()
-        .get_certificate(proto::GetCertificateRequest {
-            serial: issued.serial.clone(),
-        })
+        .certificate(&issued.serial)
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound);
@@ -460,7 +455,6 @@ async fn ok_the_dashboard_and_alert_rules_name_only_metrics_that_exist() {
     server
         .service()
         .await
-        .verification()
         .qualify_transaction(proto::QualifyTransactionRequest {
             customer_id: "mia".into(),
             transaction: Some(proto::Transaction {

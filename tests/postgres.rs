@@ -31,11 +31,9 @@ async fn pay(
     server
         .service()
         .await
-        .verification()
         .verify_payment(payment(server, key, issued, customer, device))
         .await
         .expect("VerifyPayment answers")
-        .into_inner()
 }
 
 /// A reserving VerifyPayment of 15 CNY with a fresh intent, signed by `key`.
@@ -343,7 +341,6 @@ async fn fail_a_stopped_database_gives_unavailable_and_payra_recovers_on_its_own
         reserve: true,
     };
     let refused = service
-        .verification()
         .verify_payment(request.clone())
         .await
         .expect_err("no verification without a database");
@@ -476,8 +473,8 @@ async fn verify_when_back(
     let service = server.service().await;
     let started = std::time::Instant::now();
     loop {
-        match service.verification().verify_payment(request.clone()).await {
-            Ok(answer) => return answer.into_inner(),
+        match service.verify_payment(request.clone()).await {
+            Ok(answer) => return answer,
             Err(status) => {
                 assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
                 assert!(
@@ -523,11 +520,9 @@ async fn fail_the_primary_fails_over_to_a_synchronous_standby_and_nothing_acknow
             let service = service.clone();
             tokio::spawn(async move {
                 service
-                    .verification()
                     .verify_payment(request)
                     .await
                     .expect("VerifyPayment answers")
-                    .into_inner()
             })
         })
         .collect();

@@ -151,11 +151,9 @@ async fn verify(
     request: proto::VerifyPaymentRequest,
 ) -> proto::VerifyPaymentResponse {
     client
-        .verification()
         .verify_payment(request)
         .await
         .expect("VerifyPayment answers")
-        .into_inner()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,14 +202,12 @@ async fn one_token_enrolls_once_across_replicas() {
         let listed = cluster
             .operator(replica)
             .await
-            .admin()
             .list_certificates(proto::ListCertificatesRequest {
                 customer_id: "c-token".into(),
                 ..Default::default()
             })
             .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         assert_eq!(listed.certificates.len(), 1);
         assert_eq!(listed.certificates[0].serial, issued[0]);
     }
@@ -535,11 +531,10 @@ async fn sigkill_of_one_replica_loses_nothing_and_the_others_keep_serving() {
                                 .push((issued.serial.clone(), token));
                             if worker / 3 == 1 {
                                 operator
-                                    .admin()
-                                    .revoke_certificate(proto::RevokeCertificateRequest {
-                                        serial: issued.serial.clone(),
-                                        reason: proto::RevocationReason::KeyCompromise as i32,
-                                    })
+                                    .revoke_certificate(
+                                        &issued.serial,
+                                        proto::RevocationReason::KeyCompromise,
+                                    )
                                     .await?;
                                 acked.lock().unwrap().revocations.push(issued.serial);
                             }
@@ -547,10 +542,8 @@ async fn sigkill_of_one_replica_loses_nothing_and_the_others_keep_serving() {
                         _ => {
                             let i = intent("payer", "payer-phone", &format!("o{worker}-{i}"), 1);
                             let answer = service
-                                .verification()
                                 .verify_payment(request(&payer_key, &payer_serial, &i, true))
-                                .await?
-                                .into_inner();
+                                .await?;
                             assert!(answer.limit.as_ref().unwrap().reserved, "{}", answer.reason);
                             acked.lock().unwrap().reservations.push(answer.evidence_id);
                         }
@@ -597,10 +590,7 @@ async fn sigkill_of_one_replica_loses_nothing_and_the_others_keep_serving() {
             "serial {serial} issued twice"
         );
         operator
-            .admin()
-            .get_certificate(proto::GetCertificateRequest {
-                serial: serial.clone(),
-            })
+            .certificate(serial)
             .await
             .unwrap_or_else(|status| panic!("certificate {serial} lost: {status:?}"));
         let reuse = phone
@@ -615,14 +605,7 @@ async fn sigkill_of_one_replica_loses_nothing_and_the_others_keep_serving() {
         assert_eq!(reuse.code(), tonic::Code::FailedPrecondition);
     }
     for serial in &acked.revocations {
-        let status = service
-            .verification()
-            .get_certificate_status(proto::GetCertificateStatusRequest {
-                serial: serial.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let status = service.certificate_status(serial).await.unwrap();
         assert_eq!(
             status.status,
             proto::CertificateStatus::Revoked as i32,
@@ -631,13 +614,9 @@ async fn sigkill_of_one_replica_loses_nothing_and_the_others_keep_serving() {
     }
     for evidence_id in &acked.reservations {
         let evidence = operator
-            .admin()
-            .get_evidence(proto::GetEvidenceRequest {
-                evidence_id: evidence_id.clone(),
-            })
+            .evidence(evidence_id)
             .await
-            .unwrap_or_else(|status| panic!("evidence {evidence_id} lost: {status:?}"))
-            .into_inner();
+            .unwrap_or_else(|status| panic!("evidence {evidence_id} lost: {status:?}"));
         assert_eq!(evidence.reserved_fen, 1);
     }
     let c = tier_limit(&operator, "payer", proto::Tier::C).await;
@@ -719,13 +698,9 @@ async fn one_key_is_certified_for_one_device_across_replicas() {
     let other = cluster
         .operator(0)
         .await
-        .admin()
-        .get_certificate(proto::GetCertificateRequest {
-            serial: second.serial.clone(),
-        })
+        .certificate(&second.serial)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(
         other.status,
         proto::CertificateStatus::Revoked as i32,
@@ -758,14 +733,7 @@ async fn an_agreed_limit_set_on_one_replica_applies_on_every_other() {
         let lag = converge("the agreed limit", || {
             let operator = operator.clone();
             async move {
-                let limits = operator
-                    .admin()
-                    .get_limits(proto::GetLimitsRequest {
-                        customer_id: "c-agreed".into(),
-                    })
-                    .await
-                    .unwrap()
-                    .into_inner();
+                let limits = operator.limits("c-agreed").await.unwrap();
                 limits.has_agreement
                     && limits
                         .tiers

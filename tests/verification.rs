@@ -77,11 +77,9 @@ async fn verify(
     server
         .service()
         .await
-        .verification()
         .verify_payment(request)
         .await
         .expect("VerifyPayment answers")
-        .into_inner()
 }
 
 async fn set_agreed_limit(server: &TestServer, customer: &str, daily_limit_fen: i64) {
@@ -126,13 +124,9 @@ async fn ok_verified_with_pin_is_tier_a_and_reserves() {
     let evidence = server
         .operator()
         .await
-        .admin()
-        .get_evidence(proto::GetEvidenceRequest {
-            evidence_id: answer.evidence_id.clone(),
-        })
+        .evidence(&answer.evidence_id)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(evidence.intent, encode_intent(&i));
     assert_eq!(evidence.verdict, "VERIFIED");
     assert_eq!(evidence.tier, "A");
@@ -303,7 +297,7 @@ async fn fail_malformed_requests_are_invalid_argument() {
     for (field, mutate) in cases {
         let mut r = base.clone();
         mutate(&mut r);
-        let err = client.verification().verify_payment(r).await.unwrap_err();
+        let err = client.verify_payment(r).await.unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument, "{field}");
         assert!(
             err.message().starts_with(field),
@@ -317,7 +311,6 @@ async fn fail_malformed_requests_are_invalid_argument() {
     let err = server
         .anonymous()
         .await
-        .verification()
         .verify_payment(request(&p, &i, vec![], false))
         .await
         .unwrap_err();
@@ -325,7 +318,6 @@ async fn fail_malformed_requests_are_invalid_argument() {
     let err = server
         .operator()
         .await
-        .verification()
         .verify_payment(request(&p, &i, vec![], false))
         .await
         .unwrap_err();
@@ -407,11 +399,9 @@ async fn ok_fifty_concurrent_reservations_of_a_fifth_never_overshoot() {
         tasks.push(tokio::spawn(async move {
             let i = intent(&server, &p, &format!("o-{n}"), 20_000);
             client
-                .verification()
                 .verify_payment(request(&p, &i, vec![], true))
                 .await
                 .unwrap()
-                .into_inner()
         }));
     }
     let mut reserved = 0;
@@ -429,7 +419,6 @@ async fn ok_fifty_concurrent_reservations_of_a_fifth_never_overshoot() {
     let q = server
         .service()
         .await
-        .verification()
         .qualify_transaction(proto::QualifyTransactionRequest {
             customer_id: "fay".into(),
             transaction: Some(proto::Transaction {
@@ -443,8 +432,7 @@ async fn ok_fifty_concurrent_reservations_of_a_fifth_never_overshoot() {
             reserve: false,
         })
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     let limit = q.limit.unwrap();
     assert_eq!(limit.used_fen, 5 * 20_000);
     assert_eq!(limit.remaining_fen, 0);
@@ -538,16 +526,13 @@ async fn ok_agreed_limit_and_qualify_tiers() {
         ),
     ] {
         let q = service
-            .verification()
             .qualify_transaction(qualify(factors, scene))
             .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         assert_eq!(q.tier, tier as i32);
         assert_eq!(q.limit.unwrap().limit_fen, limit);
     }
     let err = service
-        .verification()
         .qualify_transaction(qualify(vec![], proto::Scene::Unspecified))
         .await
         .unwrap_err();
@@ -745,12 +730,7 @@ async fn ok_concurrent_c_and_d_reservations_never_pass_the_shared_ceiling() {
         };
         let request = qualify_request("olga", &format!("o-{n}"), 10_000, vec![], scene);
         tasks.push(tokio::spawn(async move {
-            let answer = client
-                .verification()
-                .qualify_transaction(request)
-                .await
-                .unwrap()
-                .into_inner();
+            let answer = client.qualify_transaction(request).await.unwrap();
             (answer.tier, answer.limit.unwrap().reserved)
         }));
     }
@@ -866,23 +846,12 @@ async fn ok_limits_show_gives_every_tiers_ceilings_without_recording_anything() 
         ("c-1", 20_000, vec![pin()], proto::Scene::InApp),
     ] {
         let answer = service
-            .verification()
             .qualify_transaction(qualify_request("pia", order, amount, factors, scene))
             .await
-            .unwrap()
-            .into_inner();
+            .unwrap();
         assert!(answer.limit.unwrap().reserved);
     }
-    let limits = server
-        .operator()
-        .await
-        .admin()
-        .get_limits(proto::GetLimitsRequest {
-            customer_id: "pia".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let limits = server.operator().await.limits("pia").await.unwrap();
     assert!(!limits.has_agreement);
     let tiers: Vec<i32> = limits.tiers.iter().map(|t| t.tier).collect();
     assert_eq!(
@@ -938,16 +907,7 @@ async fn ok_limits_show_gives_every_tiers_ceilings_without_recording_anything() 
     assert!(stdout.contains("<- binds"), "{stdout}");
 
     // Reading recorded nothing: the ledger stands where it stood.
-    let again = server
-        .service()
-        .await
-        .admin()
-        .get_limits(proto::GetLimitsRequest {
-            customer_id: "pia".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let again = server.service().await.limits("pia").await.unwrap();
     assert_eq!(again.tiers, limits.tiers);
 }
 
@@ -961,14 +921,9 @@ async fn fail_a_compromised_key_is_revoked_everywhere_and_never_certified_again(
     let response = server
         .operator()
         .await
-        .admin()
-        .revoke_certificate(proto::RevokeCertificateRequest {
-            serial: first.serial.clone(),
-            reason: proto::RevocationReason::KeyCompromise as i32,
-        })
+        .revoke_certificate(&first.serial, proto::RevocationReason::KeyCompromise)
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     let mut revoked = response.revoked_serials.clone();
     revoked.sort();
     let mut expected = vec![first.serial.clone(), second.serial.clone()];
