@@ -765,67 +765,36 @@ async fn the_refuse_policy_turns_away_software_and_unattested_keys_but_not_hardw
     let challenge = payra::attestation::challenge(&token);
     let anonymous = server.anonymous().await;
 
-    let unattested = anonymous
-        .enroll_attested(&token, csr.clone(), "phone", device_info(), None)
-        .await
-        .unwrap_err();
-    assert_eq!(unattested.code(), Code::FailedPrecondition, "{unattested}");
-    assert!(
-        unattested.message().contains("not attested"),
-        "{unattested}"
-    );
-
     let mut software = Description::tee(challenge);
     software.security_level = 0;
-    let refused = anonymous
-        .enroll_attested(
-            &token,
-            csr.clone(),
-            "phone",
-            device_info(),
-            android_evidence(maker.android(&spki, &software)),
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused}");
-    assert!(
-        refused.message().contains("software; hardware is required"),
-        "{refused}"
-    );
-
     // Attested by the TEE, but the key itself is held by the software keymaster.
     let mut software_keymint = Description::tee(challenge);
     software_keymint.keymint_level = 0;
-    let refused = anonymous
-        .enroll_attested(
-            &token,
-            csr.clone(),
-            "phone",
-            device_info(),
-            android_evidence(maker.android(&spki, &software_keymint)),
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused}");
-    assert!(
-        refused.message().contains("software; hardware is required"),
-        "{refused}"
-    );
-
     let mut unlocked = Description::tee(challenge);
     (unlocked.boot_state, unlocked.locked) = (2, false);
-    let refused = anonymous
-        .enroll_attested(
-            &token,
-            csr.clone(),
-            "phone",
-            device_info(),
-            android_evidence(maker.android(&spki, &unlocked)),
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused}");
-    assert!(refused.message().contains("verified, locked"), "{refused}");
+    let cases = [
+        ("unattested", None, "not attested"),
+        ("software", Some(software), "software; hardware is required"),
+        (
+            "software keymint",
+            Some(software_keymint),
+            "software; hardware is required",
+        ),
+        ("unlocked", Some(unlocked), "verified, locked"),
+    ];
+    for (name, description, words) in cases {
+        let evidence = description.and_then(|d| android_evidence(maker.android(&spki, &d)));
+        let refused = anonymous
+            .enroll_attested(&token, csr.clone(), "phone", device_info(), evidence)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Code::FailedPrecondition,
+            "{name}: {refused}"
+        );
+        assert!(refused.message().contains(words), "{name}: {refused}");
+    }
 
     let issued = anonymous
         .enroll_attested(

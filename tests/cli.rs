@@ -19,6 +19,26 @@ fn payra(args: &[&str]) -> (bool, String, String) {
     )
 }
 
+/// A device directory as `payra device enroll`/`renew` leave it: `device.key` for the owner
+/// only, and `device.pem` (leaf and issuing CA) verifying to the root with OpenSSL.
+fn assert_device_dir(out: &std::path::Path, certs: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out.join("device.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "device.key is private");
+    let (ok, text) = openssl(&[
+        "verify",
+        "-CAfile",
+        &format!("{certs}/root.pem"),
+        "-untrusted",
+        path_str(&out.join("device.pem")),
+        path_str(&out.join("device.pem")),
+    ]);
+    assert!(ok, "{text}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ok_token_create_then_device_enroll_then_certs_show() {
     let server = TestServer::start().await;
@@ -57,22 +77,7 @@ async fn ok_token_create_then_device_enroll_then_certs_show() {
     ]);
     assert!(ok, "{stderr}");
     let serial = stdout.trim().to_string();
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(out.join("device.key"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600);
-    // device.pem holds the leaf and the issuing CA: openssl verifies it against the root.
-    let (ok, text) = openssl(&[
-        "verify",
-        "-CAfile",
-        &format!("{certs}/root.pem"),
-        "-untrusted",
-        path_str(&out.join("device.pem")),
-        path_str(&out.join("device.pem")),
-    ]);
-    assert!(ok, "{text}");
+    assert_device_dir(&out, certs);
 
     let (ok, stdout, stderr) = payra(&[
         "certs", "show", &serial, "--json", "--server", &url, "--certs", certs,
@@ -116,20 +121,7 @@ async fn ok_token_create_then_device_enroll_then_certs_show() {
     assert!(ok, "{stderr}");
     let old: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(old["status"], "superseded");
-    let mode = std::fs::metadata(out.join("device.key"))
-        .unwrap()
-        .permissions()
-        .mode();
-    assert_eq!(mode & 0o777, 0o600, "the new key is private too");
-    let (ok, text) = openssl(&[
-        "verify",
-        "-CAfile",
-        &format!("{certs}/root.pem"),
-        "-untrusted",
-        path_str(&out.join("device.pem")),
-        path_str(&out.join("device.pem")),
-    ]);
-    assert!(ok, "{text}");
+    assert_device_dir(&out, certs);
 
     // Reusing the token fails with a non-zero exit and the server's message.
     let (ok, _, stderr) = payra(&[

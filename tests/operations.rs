@@ -55,34 +55,17 @@ async fn ok_metrics_parse_and_move_with_traffic() {
     assert_eq!(value(&before, "payra_build_info{version=\"0.1.0\"}"), 1.0);
 
     let (key, issued) = server.enroll("metrics", "m-phone").await;
-    let intent = proto::PaymentIntent {
-        customer_id: "metrics".into(),
-        device_id: "m-phone".into(),
-        merchant_id: "m".into(),
-        order_id: "o".into(),
-        amount_fen: 100,
-        currency: "CNY".into(),
-        created_at_ms: payra::clock::Clock::now_ms(&server.clock),
-        nonce: payra::client::random_nonce(),
-        scene: proto::Scene::InApp as i32,
-    };
-    let bytes = payra::client::encode_intent(&intent);
+    let intent = payment_intent(
+        "metrics",
+        "m-phone",
+        "o",
+        100,
+        payra::clock::Clock::now_ms(&server.clock),
+    );
     server
         .service()
         .await
-        .verify_payment(proto::VerifyPaymentRequest {
-            signature: key.sign_intent(&bytes),
-            intent: bytes,
-            certificate_serial: issued.serial.clone(),
-            transaction: Some(proto::Transaction {
-                merchant_id: "m".into(),
-                order_id: "o".into(),
-                amount_fen: 100,
-                currency: "CNY".into(),
-            }),
-            factors: vec![],
-            reserve: true,
-        })
+        .verify_payment(signed_payment(&key, &issued.serial, &intent, vec![], true))
         .await
         .unwrap();
     server
@@ -345,34 +328,17 @@ async fn ok_retention_purges_expired_nonces_tokens_and_old_certificates() {
         .create_enrollment_token("ret", 60)
         .await
         .unwrap();
-    let intent = proto::PaymentIntent {
-        customer_id: "ret".into(),
-        device_id: "ret-phone".into(),
-        merchant_id: "m".into(),
-        order_id: "o".into(),
-        amount_fen: 1,
-        currency: "CNY".into(),
-        created_at_ms: payra::clock::Clock::now_ms(&server.clock),
-        nonce: payra::client::random_nonce(),
-        scene: proto::Scene::InApp as i32,
-    };
-    let bytes = payra::client::encode_intent(&intent);
+    let intent = payment_intent(
+        "ret",
+        "ret-phone",
+        "o",
+        1,
+        payra::clock::Clock::now_ms(&server.clock),
+    );
     server
         .service()
         .await
-        .verify_payment(proto::VerifyPaymentRequest {
-            signature: key.sign_intent(&bytes),
-            intent: bytes,
-            certificate_serial: issued.serial.clone(),
-            transaction: Some(proto::Transaction {
-                merchant_id: "m".into(),
-                order_id: "o".into(),
-                amount_fen: 1,
-                currency: "CNY".into(),
-            }),
-            factors: vec![],
-            reserve: false,
-        })
+        .verify_payment(signed_payment(&key, &issued.serial, &intent, vec![], false))
         .await
         .unwrap();
     // Past notAfter (365 days) plus the one-day retention.
@@ -455,18 +421,13 @@ async fn ok_the_dashboard_and_alert_rules_name_only_metrics_that_exist() {
     server
         .service()
         .await
-        .qualify_transaction(proto::QualifyTransactionRequest {
-            customer_id: "mia".into(),
-            transaction: Some(proto::Transaction {
-                merchant_id: "m".into(),
-                order_id: "o".into(),
-                amount_fen: 100,
-                currency: "CNY".into(),
-            }),
-            factors: vec![],
-            scene: proto::Scene::InApp as i32,
-            reserve: true,
-        })
+        .qualify_transaction(qualify_request(
+            "mia",
+            "o",
+            100,
+            vec![],
+            proto::Scene::InApp,
+        ))
         .await
         .unwrap();
     server

@@ -420,16 +420,8 @@ async fn ok_fifty_concurrent_reservations_of_a_fifth_never_overshoot() {
         .service()
         .await
         .qualify_transaction(proto::QualifyTransactionRequest {
-            customer_id: "fay".into(),
-            transaction: Some(proto::Transaction {
-                merchant_id: "m".into(),
-                order_id: "q".into(),
-                amount_fen: 1,
-                currency: "CNY".into(),
-            }),
-            factors: vec![],
-            scene: proto::Scene::InApp as i32,
             reserve: false,
+            ..qualify_request("fay", "q", 1, vec![], proto::Scene::InApp)
         })
         .await
         .unwrap();
@@ -601,27 +593,6 @@ async fn ok_device_pay_cli() {
     assert_eq!(answer["tier"], "A");
     assert_eq!(answer["used_fen"], 1234);
     assert_eq!(answer["reserved"], true);
-}
-
-fn qualify_request(
-    customer: &str,
-    order: &str,
-    amount_fen: i64,
-    factors: Vec<proto::Factor>,
-    scene: proto::Scene,
-) -> proto::QualifyTransactionRequest {
-    proto::QualifyTransactionRequest {
-        customer_id: customer.into(),
-        transaction: Some(proto::Transaction {
-            merchant_id: "m".into(),
-            order_id: order.into(),
-            amount_fen,
-            currency: "CNY".into(),
-        }),
-        factors,
-        scene: scene as i32,
-        reserve: true,
-    }
 }
 
 #[tokio::test]

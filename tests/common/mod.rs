@@ -492,6 +492,28 @@ pub fn transaction_of(intent: &proto::PaymentIntent) -> proto::Transaction {
     }
 }
 
+/// A reserving QualifyTransaction request for `amount_fen` at merchant `m`.
+pub fn qualify_request(
+    customer: &str,
+    order: &str,
+    amount_fen: i64,
+    factors: Vec<proto::Factor>,
+    scene: proto::Scene,
+) -> proto::QualifyTransactionRequest {
+    proto::QualifyTransactionRequest {
+        customer_id: customer.into(),
+        transaction: Some(proto::Transaction {
+            merchant_id: "m".into(),
+            order_id: order.into(),
+            amount_fen,
+            currency: "CNY".into(),
+        }),
+        factors,
+        scene: scene as i32,
+        reserve: true,
+    }
+}
+
 /// A VerifyPayment request for `intent`, signed with `key`, whose certificate is `serial`.
 pub fn signed_payment(
     key: &DeviceKey,
