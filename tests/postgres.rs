@@ -21,6 +21,15 @@ fn database(test: &str) -> Option<StoreConfig> {
     Some(config)
 }
 
+/// A server on a fresh migrated database of the test cluster, and the database's config;
+/// `None` (the test is skipped, and says so) without a cluster.
+async fn server_on_fresh_database(test: &str) -> Option<(StoreConfig, TestServer)> {
+    let store = database(test)?;
+    let store_config = store.clone();
+    let server = TestServer::start_with(move |config| config.store = store_config).await;
+    Some((store, server))
+}
+
 async fn pay(
     server: &TestServer,
     key: &payra::client::DeviceKey,
@@ -55,11 +64,11 @@ fn payment(
 
 #[tokio::test]
 async fn ok_enroll_pay_revoke_and_restart_on_postgres() {
-    let Some(store) = database("postgres::ok_enroll_pay_revoke_and_restart_on_postgres") else {
+    let Some((store, mut server)) =
+        server_on_fresh_database("postgres::ok_enroll_pay_revoke_and_restart_on_postgres").await
+    else {
         return;
     };
-    let store_config = store.clone();
-    let mut server = TestServer::start_with(move |config| config.store = store_config).await;
 
     let (key, issued) = server.enroll("c-pg", "phone-1").await;
     let paid = pay(&server, &key, &issued, "c-pg", "phone-1").await;
@@ -377,11 +386,11 @@ async fn fail_a_stopped_database_gives_unavailable_and_payra_recovers_on_its_own
 
 #[tokio::test]
 async fn fail_a_changed_row_breaks_the_chains_and_audit_verify_names_it() {
-    let Some(store) = database("postgres::fail_a_changed_row_breaks_the_chains") else {
+    let Some((store, mut server)) =
+        server_on_fresh_database("postgres::fail_a_changed_row_breaks_the_chains").await
+    else {
         return;
     };
-    let store_config = store.clone();
-    let mut server = TestServer::start_with(move |config| config.store = store_config).await;
     let (key, issued) = server.enroll("c-tamper", "phone").await;
     for _ in 0..3 {
         let paid = pay(&server, &key, &issued, "c-tamper", "phone").await;
