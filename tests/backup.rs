@@ -3,24 +3,11 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use payra::wire::proto;
 use tonic::Code;
 
-fn payra(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_payra"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+use common::run_payra as payra;
 
 async fn exists(server: &TestServer, serial: &str) -> Option<proto::CertificateRecord> {
     match server.operator().await.certificate(serial).await {

@@ -2,22 +2,9 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 
-fn payra(args: &[&str]) -> (bool, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_payra"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run payra");
-    (
-        output.status.success(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+use common::run_payra as payra;
 
 /// A device directory as `payra device enroll`/`renew` leave it: `device.key` for the owner
 /// only, and `device.pem` (leaf and issuing CA) verifying to the root with OpenSSL.

@@ -343,34 +343,16 @@ async fn ok_retention_purges_expired_nonces_tokens_and_old_certificates() {
         .unwrap();
     // Past notAfter (365 days) plus the one-day retention.
     server.clock.advance_ms((365 + 2) * 86_400 * 1000);
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_payra"))
-        .args([
-            "retention",
-            "run",
-            "--server",
-            &server.url(),
-            "--certs",
-            path_str(&server.certs()),
-        ])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let (ok, stdout, stderr) = run_payra_at(&server, &["retention", "run"]);
+    assert!(ok, "{stderr}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(report["nonces_purged"], 1);
     assert_eq!(report["tokens_purged"], 2, "the used and the unused token");
     assert_eq!(report["certificates_purged"], 1);
     // No reservation was made, so no ledger bucket or release was stored.
     assert_eq!(report["ledger_buckets_purged"], 0);
     assert_eq!(report["releases_purged"], 0);
-    assert!(
-        String::from_utf8_lossy(&output.stderr).contains("purged:"),
-        "progress shown"
-    );
+    assert!(stderr.contains("purged:"), "progress shown");
     let err = server
         .operator()
         .await

@@ -558,8 +558,9 @@ async fn fail_nonce_replayed_after_restart() {
 async fn ok_device_pay_cli() {
     let server = TestServer::start().await;
     let p = phone(&server, "jill", "j-1").await;
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_payra"))
-        .args([
+    let (ok, stdout, stderr) = run_payra_at(
+        &server,
+        &[
             "device",
             "pay",
             "--device-dir",
@@ -574,20 +575,9 @@ async fn ok_device_pay_cli() {
             "payment_pin",
             "--reserve",
             "--json",
-            "--server",
-            &server.url(),
-            "--certs",
-            path_str(&server.certs()),
-        ])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout} {}",
-        String::from_utf8_lossy(&output.stderr)
+        ],
     );
+    assert!(ok, "{stdout} {stderr}");
     let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(answer["verdict"], "VERIFIED");
     assert_eq!(answer["tier"], "A");
@@ -855,22 +845,8 @@ async fn ok_limits_show_gives_every_tiers_ceilings_without_recording_anything() 
     );
 
     // The CLI prints the same for a person, in CNY.
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_payra"))
-        .args([
-            "limits",
-            "show",
-            "--customer",
-            "pia",
-            "--server",
-            &server.url(),
-            "--certs",
-            path_str(&server.certs()),
-        ])
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}");
+    let (ok, stdout, stderr) = run_payra_at(&server, &["limits", "show", "--customer", "pia"]);
+    assert!(ok, "{stdout} {stderr}");
     assert!(
         stdout.contains("C+D") && stdout.contains("500.00 CNY"),
         "{stdout}"

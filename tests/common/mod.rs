@@ -137,6 +137,29 @@ impl TestServer {
     }
 }
 
+/// Runs the `payra` binary with `args` (logging at warn): success, stdout, stderr.
+pub fn run_payra(args: &[&str]) -> (bool, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_payra"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run payra");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// [`run_payra`] against `server`, with its URL and certs directory appended (the CLI
+/// authenticates with the role's credential there).
+pub fn run_payra_at(server: &TestServer, args: &[&str]) -> (bool, String, String) {
+    let (url, certs) = (server.url(), server.certs());
+    let mut all = args.to_vec();
+    all.extend(["--server", &url, "--certs", path_str(&certs)]);
+    run_payra(&all)
+}
+
 pub fn device_info() -> proto::DeviceInfo {
     proto::DeviceInfo {
         platform: "android".into(),
