@@ -38,6 +38,23 @@ async fn connect(url: &str, certs: &std::path::Path, credential: Credential) -> 
         .ok()
 }
 
+/// One enrollment of a fresh key for `customer`/`device`: its serial and the token used, or
+/// `None` once the server stops answering (the test kills it).
+async fn enroll_once(
+    service: &payra::client::Client,
+    phone: &payra::client::Client,
+    customer: &str,
+    device: &str,
+) -> Option<(String, String)> {
+    let token = service.create_enrollment_token(customer, 0).await.ok()?;
+    let csr = DeviceKey::generate().csr_der("d").unwrap();
+    let issued = phone
+        .enroll(&token.token, csr, device, device_info())
+        .await
+        .ok()?;
+    Some((issued.serial, token.token))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
@@ -94,16 +111,10 @@ async fn sigkill_loses_nothing_acknowledged() {
             for i in 0..1000 {
                 match worker % 3 {
                     0 | 1 => {
-                        let Ok(token) = service
-                            .create_enrollment_token(&format!("c{worker}"), 0)
-                            .await
-                        else {
-                            return;
-                        };
-                        let csr = DeviceKey::generate().csr_der("d").unwrap();
-                        let Ok(issued) = phone
-                            .enroll(&token.token, csr, &format!("d{worker}-{i}"), device_info())
-                            .await
+                        let customer = format!("c{worker}");
+                        let device = format!("d{worker}-{i}");
+                        let Some((serial, token)) =
+                            enroll_once(&service, &phone, &customer, &device).await
                         else {
                             return;
                         };
@@ -111,19 +122,16 @@ async fn sigkill_loses_nothing_acknowledged() {
                             .lock()
                             .unwrap()
                             .certificates
-                            .push((issued.serial.clone(), token.token));
+                            .push((serial.clone(), token));
                         progress.notify_one();
                         if worker % 3 == 1 {
                             let revoked = operator
-                                .revoke_certificate(
-                                    &issued.serial,
-                                    proto::RevocationReason::KeyCompromise,
-                                )
+                                .revoke_certificate(&serial, proto::RevocationReason::KeyCompromise)
                                 .await;
                             if revoked.is_err() {
                                 return;
                             }
-                            acked.lock().unwrap().revocations.push(issued.serial);
+                            acked.lock().unwrap().revocations.push(serial);
                             progress.notify_one();
                         }
                     }
@@ -346,20 +354,12 @@ async fn sigterm_under_load_drains_exits_zero_and_loses_nothing() {
                 return;
             };
             for i in 0..1000 {
-                let Ok(token) = service
-                    .create_enrollment_token(&format!("t{worker}"), 0)
-                    .await
+                let (customer, device) = (format!("t{worker}"), format!("d{worker}-{i}"));
+                let Some((serial, _)) = enroll_once(&service, &phone, &customer, &device).await
                 else {
                     return;
                 };
-                let csr = DeviceKey::generate().csr_der("d").unwrap();
-                let Ok(issued) = phone
-                    .enroll(&token.token, csr, &format!("d{worker}-{i}"), device_info())
-                    .await
-                else {
-                    return;
-                };
-                acked.lock().unwrap().push(issued.serial);
+                acked.lock().unwrap().push(serial);
                 progress.notify_one();
             }
         }));

@@ -241,38 +241,37 @@ async fn enroll_openssl_key(server: &TestServer, genkey: &[&str]) -> payra::clie
 #[tokio::test]
 async fn fail_rsa_and_p384_keys_are_refused_naming_the_key_type() {
     let server = TestServer::start().await;
-    let status = enroll_openssl_key(
-        &server,
-        &[
-            "genpkey",
-            "-algorithm",
-            "RSA",
-            "-pkeyopt",
-            "rsa_keygen_bits:2048",
-        ],
-    )
-    .await;
-    assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains("csr_der"), "{}", status.message());
-    assert!(
-        status.message().contains("RSA-2048"),
-        "{}",
-        status.message()
-    );
-
-    let status = enroll_openssl_key(
-        &server,
-        &[
-            "genpkey",
-            "-algorithm",
-            "EC",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-384",
-        ],
-    )
-    .await;
-    assert_eq!(status.code(), Code::InvalidArgument);
-    assert!(status.message().contains("P-384"), "{}", status.message());
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &[
+                "genpkey",
+                "-algorithm",
+                "RSA",
+                "-pkeyopt",
+                "rsa_keygen_bits:2048",
+            ],
+            "RSA-2048",
+        ),
+        (
+            &[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-384",
+            ],
+            "P-384",
+        ),
+    ];
+    for (openssl_args, key_type) in cases {
+        let status = enroll_openssl_key(&server, openssl_args).await;
+        assert_eq!(status.code(), Code::InvalidArgument, "{key_type}");
+        let message = status.message();
+        assert!(
+            message.contains("csr_der") && message.contains(key_type),
+            "{message}"
+        );
+    }
 }
 
 #[tokio::test]
