@@ -3,6 +3,7 @@
 //! every certificate of its chain is valid. Refusals built from generated chains run end to
 //! end in tests/attestation.rs.
 
+use super::attestor::is_aosp_software_key;
 use super::*;
 use proptest::prelude::*;
 

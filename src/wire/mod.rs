@@ -3,6 +3,7 @@
 //! prost types.
 
 pub mod auth;
+mod convert;
 pub mod observe;
 mod services;
 mod status;

@@ -7,18 +7,13 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::auth::{actor, caller, Caller};
+use super::convert::*;
 use super::proto;
-use crate::attestation::{
-    Attestation, AttestationFilter, AttestationPolicy, CertificateFactor, Evidence,
-};
+use crate::attestation::{AttestationFilter, CertificateFactor};
 use crate::error::{Error, Result};
-use crate::model::{
-    CustomerId, DeviceId, DeviceInfo, Factor, FactorCategory, RevocationReason, Scene, Serial, Tier,
-};
+use crate::model::{CustomerId, DeviceId, DeviceInfo, Serial};
 use crate::ra::{
-    CertificateQuery, CertificateStatus, Decision, EnrollRequest, LimitStatus, PaymentIntent,
-    QualifyRequest, Ra, RenewRequest, RevokeOutcome, StatusView, Transaction, Verdict,
-    VerifyRequest,
+    CertificateQuery, Decision, EnrollRequest, QualifyRequest, Ra, RenewRequest, VerifyRequest,
 };
 use crate::store::CertificateRecord;
 
@@ -37,192 +32,6 @@ where
             "worker failed: {join}"
         )))),
     }
-}
-
-impl From<proto::DeviceInfo> for DeviceInfo {
-    fn from(info: proto::DeviceInfo) -> DeviceInfo {
-        DeviceInfo {
-            platform: info.platform,
-            model: info.model,
-            os_version: info.os_version,
-            app_version: info.app_version,
-        }
-    }
-}
-
-impl From<DeviceInfo> for proto::DeviceInfo {
-    fn from(info: DeviceInfo) -> proto::DeviceInfo {
-        proto::DeviceInfo {
-            platform: info.platform,
-            model: info.model,
-            os_version: info.os_version,
-            app_version: info.app_version,
-        }
-    }
-}
-
-impl TryFrom<proto::EnrollRequest> for EnrollRequest {
-    type Error = Error;
-    fn try_from(request: proto::EnrollRequest) -> Result<EnrollRequest> {
-        Ok(EnrollRequest {
-            peer: None,
-            token: request.token,
-            csr_der: request.csr_der,
-            device_id: DeviceId::parse("device_id", &request.device_id)?,
-            device_info: request
-                .device_info
-                .map(DeviceInfo::from)
-                .unwrap_or_default(),
-            attestation: request.attestation.map(|evidence| match evidence {
-                proto::enroll_request::Attestation::Android(android) => Evidence::Android {
-                    chain: android.certificate_chain_der,
-                },
-                proto::enroll_request::Attestation::Apple(apple) => Evidence::Apple {
-                    attestation_object: apple.attestation_object,
-                },
-            }),
-        })
-    }
-}
-
-/// An attestation as the API shows it, with what it counts for under `policy`.
-fn attestation_to_proto(
-    attestation: &Attestation,
-    policy: &AttestationPolicy,
-) -> proto::DeviceAttestation {
-    let (factor, note) = policy.factor(attestation.class());
-    proto::DeviceAttestation {
-        platform: attestation.platform.name().to_string(),
-        security_level: attestation.security_level.name().to_string(),
-        boot_state: attestation
-            .boot_state
-            .map(|b| b.name().to_string())
-            .unwrap_or_default(),
-        device_locked: attestation.device_locked.unwrap_or(false),
-        root: attestation.root.clone(),
-        root_key_sha256: attestation.root_key_sha256.clone(),
-        apps: attestation.apps.clone(),
-        attested_at_unix_s: attestation.attested_at_s,
-        tier_a_eligible: factor == CertificateFactor::Certificate,
-        policy_note: note.unwrap_or_default(),
-        chain_serials: attestation.chain_serials.clone(),
-    }
-}
-
-fn reason_to_proto(reason: RevocationReason) -> proto::RevocationReason {
-    use proto::RevocationReason as P;
-    match reason {
-        RevocationReason::Unspecified => P::Unspecified,
-        RevocationReason::KeyCompromise => P::KeyCompromise,
-        RevocationReason::AffiliationChanged => P::AffiliationChanged,
-        RevocationReason::Superseded => P::Superseded,
-        RevocationReason::CessationOfOperation => P::CessationOfOperation,
-        RevocationReason::CertificateHold => P::CertificateHold,
-        RevocationReason::PrivilegeWithdrawn => P::PrivilegeWithdrawn,
-    }
-}
-
-fn reason_from_proto(value: i32) -> Result<RevocationReason> {
-    use proto::RevocationReason as P;
-    match P::try_from(value) {
-        Ok(P::Unspecified) => Ok(RevocationReason::Unspecified),
-        Ok(P::KeyCompromise) => Ok(RevocationReason::KeyCompromise),
-        Ok(P::AffiliationChanged) => Ok(RevocationReason::AffiliationChanged),
-        Ok(P::Superseded) => Ok(RevocationReason::Superseded),
-        Ok(P::CessationOfOperation) => Ok(RevocationReason::CessationOfOperation),
-        Ok(P::CertificateHold) => Ok(RevocationReason::CertificateHold),
-        Ok(P::PrivilegeWithdrawn) => Ok(RevocationReason::PrivilegeWithdrawn),
-        Err(_) => Err(Error::invalid(
-            "reason",
-            format!("{value} is not a revocation reason payra accepts"),
-        )),
-    }
-}
-
-fn status_from_proto(value: i32) -> Result<Option<CertificateStatus>> {
-    use proto::CertificateStatus as P;
-    Ok(match P::try_from(value) {
-        Ok(P::Unspecified) => None,
-        Ok(P::Valid) => Some(CertificateStatus::Valid),
-        Ok(P::Revoked) => Some(CertificateStatus::Revoked),
-        Ok(P::Expired) => Some(CertificateStatus::Expired),
-        Ok(P::Superseded) => Some(CertificateStatus::Superseded),
-        Ok(P::OnHold) => Some(CertificateStatus::OnHold),
-        Ok(P::NotYetValid) => Some(CertificateStatus::NotYetValid),
-        Err(_) => return Err(Error::invalid("status", format!("{value} is not a status"))),
-    })
-}
-
-fn revoke_response(outcome: RevokeOutcome) -> proto::RevokeResponse {
-    proto::RevokeResponse {
-        revoked_serials: outcome.serials.iter().map(Serial::to_hex).collect(),
-        revoked_at_unix_s: outcome.revoked_at_s,
-        dry_run: outcome.dry_run,
-        note: outcome.note.unwrap_or_default(),
-    }
-}
-
-fn issued_response(issued: crate::ra::Issued, policy: &AttestationPolicy) -> proto::EnrollResponse {
-    proto::EnrollResponse {
-        attestation: issued
-            .record
-            .attestation
-            .as_ref()
-            .map(|a| attestation_to_proto(a, policy)),
-        certificate_der: issued.certificate_der,
-        chain_der: issued.chain_der,
-        serial: issued.record.serial.to_hex(),
-        not_before_unix_s: issued.record.not_before_s,
-        not_after_unix_s: issued.record.not_after_s,
-        customer_id: issued.record.customer_id.to_string(),
-        device_id: issued.record.device_id.to_string(),
-        subscriber_ref: issued.record.subscriber_ref.unwrap_or_default(),
-    }
-}
-
-fn status_to_proto(status: CertificateStatus) -> proto::CertificateStatus {
-    use proto::CertificateStatus as P;
-    match status {
-        CertificateStatus::Valid => P::Valid,
-        CertificateStatus::NotYetValid => P::NotYetValid,
-        CertificateStatus::Expired => P::Expired,
-        CertificateStatus::Revoked => P::Revoked,
-        CertificateStatus::Superseded => P::Superseded,
-        CertificateStatus::OnHold => P::OnHold,
-    }
-}
-
-fn record_to_proto(
-    record: CertificateRecord,
-    view: &StatusView,
-    policy: &AttestationPolicy,
-) -> Result<proto::CertificateRecord, Status> {
-    let certificate_der = record.certificate_der().map_err(Status::from)?;
-    Ok(proto::CertificateRecord {
-        attestation: record
-            .attestation
-            .as_ref()
-            .map(|a| attestation_to_proto(a, policy)),
-        serial: record.serial.to_hex(),
-        customer_id: record.customer_id.to_string(),
-        device_id: record.device_id.to_string(),
-        subject: record.subject,
-        not_before_unix_s: record.not_before_s,
-        not_after_unix_s: record.not_after_s,
-        issued_at_unix_s: record.issued_at_s,
-        status: status_to_proto(view.status) as i32,
-        revoked_at_unix_s: record.revocation.map_or(0, |r| r.revoked_at_s),
-        revocation_reason: record
-            .revocation
-            .map_or(proto::RevocationReason::Unspecified, |r| {
-                reason_to_proto(r.reason)
-            }) as i32,
-        device_info: Some(record.device_info.into()),
-        certificate_der,
-        renewed_from_serial: record.renewed_from.map(|s| s.to_hex()).unwrap_or_default(),
-        superseded_by_serial: record.superseded_by.map(|s| s.to_hex()).unwrap_or_default(),
-        subscriber_ref: record.subscriber_ref.unwrap_or_default(),
-    })
 }
 
 /// `payra.v1.Registration`.
@@ -295,177 +104,6 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
             issued,
             &self.ra.attestation_policy(),
         )))
-    }
-}
-
-fn scene_from_proto(value: i32) -> Option<Scene> {
-    use proto::Scene as P;
-    match P::try_from(value) {
-        Ok(P::InApp) => Some(Scene::InApp),
-        Ok(P::DynamicBarcode) => Some(Scene::DynamicBarcode),
-        Ok(P::StaticBarcode) => Some(Scene::StaticBarcode),
-        Ok(P::Online) => Some(Scene::Online),
-        Ok(P::Unspecified) | Err(_) => None,
-    }
-}
-
-fn category_from_proto(value: i32) -> Result<FactorCategory> {
-    use proto::FactorCategory as P;
-    match P::try_from(value) {
-        Ok(P::Knowledge) => Ok(FactorCategory::Knowledge),
-        Ok(P::Possession) => Ok(FactorCategory::Possession),
-        Ok(P::Inherence) => Ok(FactorCategory::Inherence),
-        Ok(P::Unspecified) | Err(_) => Err(Error::invalid(
-            "factors.category",
-            "must be KNOWLEDGE, POSSESSION or INHERENCE",
-        )),
-    }
-}
-
-fn category_to_proto(category: FactorCategory) -> i32 {
-    use proto::FactorCategory as P;
-    (match category {
-        FactorCategory::Knowledge => P::Knowledge,
-        FactorCategory::Possession => P::Possession,
-        FactorCategory::Inherence => P::Inherence,
-    }) as i32
-}
-
-fn tier_to_proto(tier: Tier) -> i32 {
-    use proto::Tier as P;
-    (match tier {
-        Tier::A => P::A,
-        Tier::B => P::B,
-        Tier::C => P::C,
-        Tier::D => P::D,
-    }) as i32
-}
-
-fn verdict_to_proto(verdict: Verdict) -> i32 {
-    use proto::Verdict as P;
-    (match verdict {
-        Verdict::Verified => P::Verified,
-        Verdict::UnknownCertificate => P::UnknownCertificate,
-        Verdict::CertificateRevoked => P::CertificateRevoked,
-        Verdict::CertificateExpired => P::CertificateExpired,
-        Verdict::BadSignature => P::BadSignature,
-        Verdict::MalformedIntent => P::MalformedIntent,
-        Verdict::IdentityMismatch => P::IdentityMismatch,
-        Verdict::TransactionMismatch => P::TransactionMismatch,
-        Verdict::StaleTimestamp => P::StaleTimestamp,
-        Verdict::ReplayedNonce => P::ReplayedNonce,
-    }) as i32
-}
-
-/// The parts VerifyPayment and QualifyTransaction answer alike: tier, factor categories,
-/// limit status and evidence id.
-fn decision_to_proto(decision: Decision) -> (i32, Vec<i32>, Option<proto::LimitStatus>, String) {
-    (
-        tier_to_proto(decision.tier),
-        decision
-            .categories
-            .into_iter()
-            .map(category_to_proto)
-            .collect(),
-        decision.limit.map(limit_to_proto),
-        decision.evidence_id,
-    )
-}
-
-fn limit_to_proto(limit: LimitStatus) -> proto::LimitStatus {
-    proto::LimitStatus {
-        tier: tier_to_proto(limit.tier),
-        limit_fen: limit.limit_fen,
-        used_fen: limit.used_fen,
-        remaining_fen: limit.remaining_fen,
-        fits: limit.fits,
-        reserved: limit.reserved,
-        day: limit.day,
-        binding_tier: tier_to_proto(limit.binding_tier),
-        ceilings: limit
-            .ceilings
-            .into_iter()
-            .map(|ceiling| proto::LimitCeiling {
-                tier: tier_to_proto(ceiling.tier),
-                counts: ceiling.counts.iter().map(|t| tier_to_proto(*t)).collect(),
-                limit_fen: ceiling.limit_fen,
-                used_fen: ceiling.used_fen,
-                remaining_fen: ceiling.remaining_fen,
-            })
-            .collect(),
-    }
-}
-
-fn factors_from_proto(factors: Vec<proto::Factor>) -> Result<Vec<Factor>> {
-    factors
-        .into_iter()
-        .map(|f| {
-            Ok(Factor {
-                category: category_from_proto(f.category)?,
-                method: f.method,
-            })
-        })
-        .collect()
-}
-
-fn transaction_from_proto(tx: Option<proto::Transaction>) -> Result<Transaction> {
-    let tx = tx.ok_or_else(|| Error::invalid("transaction", "is required"))?;
-    Ok(Transaction {
-        merchant_id: tx.merchant_id,
-        order_id: tx.order_id,
-        amount_fen: tx.amount_fen,
-        currency: tx.currency,
-    })
-}
-
-/// Decodes the signed intent bytes; the verdict for a failure is decided after the
-/// signature check.
-fn decode_intent(bytes: &[u8]) -> std::result::Result<PaymentIntent, String> {
-    let intent = <proto::PaymentIntent as prost::Message>::decode(bytes)
-        .map_err(|e| format!("not a payra.v1.PaymentIntent: {e}"))?;
-    Ok(PaymentIntent {
-        customer_id: intent.customer_id,
-        device_id: intent.device_id,
-        merchant_id: intent.merchant_id,
-        order_id: intent.order_id,
-        amount_fen: intent.amount_fen,
-        currency: intent.currency,
-        created_at_ms: intent.created_at_ms,
-        nonce: intent.nonce,
-        scene: scene_from_proto(intent.scene),
-    })
-}
-
-impl TryFrom<proto::VerifyPaymentRequest> for VerifyRequest {
-    type Error = Error;
-    fn try_from(request: proto::VerifyPaymentRequest) -> Result<VerifyRequest> {
-        Ok(VerifyRequest {
-            intent: decode_intent(&request.intent),
-            intent_bytes: request.intent,
-            signature: request.signature,
-            serial: Serial::parse("certificate_serial", &request.certificate_serial)?,
-            transaction: transaction_from_proto(request.transaction)?,
-            factors: factors_from_proto(request.factors)?,
-            reserve: request.reserve,
-        })
-    }
-}
-
-impl TryFrom<proto::QualifyTransactionRequest> for QualifyRequest {
-    type Error = Error;
-    fn try_from(request: proto::QualifyTransactionRequest) -> Result<QualifyRequest> {
-        Ok(QualifyRequest {
-            customer: CustomerId::parse("customer_id", &request.customer_id)?,
-            transaction: transaction_from_proto(request.transaction)?,
-            factors: factors_from_proto(request.factors)?,
-            scene: scene_from_proto(request.scene).ok_or_else(|| {
-                Error::invalid(
-                    "scene",
-                    "must be IN_APP, DYNAMIC_BARCODE, STATIC_BARCODE or ONLINE",
-                )
-            })?,
-            reserve: request.reserve,
-        })
     }
 }
 
@@ -589,6 +227,19 @@ pub struct AdminService {
     pub ra: Arc<Ra>,
 }
 
+impl AdminService {
+    /// A certificate record as the API shows it: its status now, and what its attestation
+    /// counts for under the policy in force.
+    fn record_response(
+        &self,
+        record: CertificateRecord,
+    ) -> Result<Response<proto::CertificateRecord>, Status> {
+        let view = self.ra.status_of(&record);
+        let policy = self.ra.attestation_policy();
+        Ok(Response::new(record_to_proto(record, &view, &policy)?))
+    }
+}
+
 #[tonic::async_trait]
 impl proto::admin_server::Admin for AdminService {
     async fn get_certificate(
@@ -598,12 +249,7 @@ impl proto::admin_server::Admin for AdminService {
         let serial = Serial::parse("serial", &request.into_inner().serial)?;
         let ra = self.ra.clone();
         let record = blocking(move || ra.certificate(&serial)).await?;
-        let view = self.ra.status_of(&record);
-        Ok(Response::new(record_to_proto(
-            record,
-            &view,
-            &self.ra.attestation_policy(),
-        )?))
+        self.record_response(record)
     }
 
     async fn revoke_certificate(
@@ -656,12 +302,7 @@ impl proto::admin_server::Admin for AdminService {
         let serial = Serial::parse("serial", &request.into_inner().serial)?;
         let ra = self.ra.clone();
         let record = blocking(move || ra.unhold_certificate(&actor, &serial)).await?;
-        let view = self.ra.status_of(&record);
-        Ok(Response::new(record_to_proto(
-            record,
-            &view,
-            &self.ra.attestation_policy(),
-        )?))
+        self.record_response(record)
     }
 
     async fn set_agreed_limit(
@@ -867,47 +508,5 @@ impl proto::admin_server::Admin for AdminService {
                 .collect::<Result<_, _>>()?,
             next_page_token: page.next.map(|s| s.to_hex()).unwrap_or_default(),
         }))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
-
-        /// Arbitrary intent bytes decode or give a reason; never a panic.
-        #[test]
-        fn intent_decoding_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
-            if let Err(reason) = decode_intent(&bytes) {
-                prop_assert!(reason.starts_with("not a payra.v1.PaymentIntent"));
-            }
-        }
-
-        /// A valid intent with bytes flipped decodes to something or is refused.
-        #[test]
-        fn mutated_intent_never_panics(
-            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
-        ) {
-            let intent = proto::PaymentIntent {
-                customer_id: "c".into(),
-                device_id: "d".into(),
-                merchant_id: "m".into(),
-                order_id: "o".into(),
-                amount_fen: 1234,
-                currency: "CNY".into(),
-                created_at_ms: 1_800_000_000_000,
-                nonce: vec![9; 32],
-                scene: proto::Scene::InApp as i32,
-            };
-            let mut bytes = prost::Message::encode_to_vec(&intent);
-            for (index, byte) in flips {
-                let i = index.index(bytes.len());
-                bytes[i] ^= byte;
-            }
-            let _ = decode_intent(&bytes);
-        }
     }
 }
