@@ -29,6 +29,8 @@ pub struct Metrics {
     pub enroll_throttled: IntCounter,
     /// Enrollment attestations by platform and outcome (a security level, or `refused`).
     pub attestations: IntCounterVec,
+    pub attestation_status_entries: IntGauge,
+    pub attestation_status_age_seconds: IntGauge,
     pub renewals_refused: IntCounter,
     pub connections_open: IntGaugeVec,
     pub ready: IntGauge,
@@ -125,6 +127,20 @@ impl Metrics {
                     "payra_enrollment_attestations_total",
                     "enrollment key attestations by platform and outcome (security level or refused)",
                     &["platform", "outcome"],
+                ),
+            ),
+            attestation_status_entries: register(
+                &registry,
+                gauge(
+                    "payra_attestation_status_entries",
+                    "entries in the attestation status list in use (absent without a status file)",
+                ),
+            ),
+            attestation_status_age_seconds: register(
+                &registry,
+                gauge(
+                    "payra_attestation_status_age_seconds",
+                    "seconds since the attestation status file in use was modified",
                 ),
             ),
             reservations: register(

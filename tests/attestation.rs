@@ -152,6 +152,19 @@ fn ca_params(name: &str) -> CertificateParams {
 
 impl TestAttestationCa {
     fn new(name: &str, intermediate_not_after: Option<(i32, u8, u8)>) -> TestAttestationCa {
+        Self::with_intermediate(name, |params| {
+            if let Some((y, m, d)) = intermediate_not_after {
+                params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+                params.not_after = rcgen::date_time_ymd(y, m, d);
+            }
+        })
+    }
+
+    /// A PKI whose intermediate `adjust` changes.
+    fn with_intermediate(
+        name: &str,
+        adjust: impl FnOnce(&mut CertificateParams),
+    ) -> TestAttestationCa {
         let root_key = KeyPair::generate().unwrap();
         let root_params = ca_params(&format!("{name} Root"));
         let root_pem = root_params.self_signed(&root_key).unwrap().pem();
@@ -162,10 +175,7 @@ impl TestAttestationCa {
         let mut serial: [u8; 8] = rand::random();
         serial[0] = serial[0] % 0x7f + 1;
         params.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
-        if let Some((y, m, d)) = intermediate_not_after {
-            params.not_before = rcgen::date_time_ymd(2019, 1, 1);
-            params.not_after = rcgen::date_time_ymd(y, m, d);
-        }
+        adjust(&mut params);
         let intermediate_der = params
             .signed_by(&intermediate_key, &root)
             .unwrap()
@@ -464,6 +474,28 @@ async fn an_attested_key_counts_for_tier_a_and_an_unattested_one_only_for_b() {
     assert_eq!(serials, vec![plain.serial.clone()]);
     let bad = operator.list_certificates(list("tee")).await.unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
+    // What an attestation key vouched for, found by its serial (as the status list writes it).
+    let vouched = operator
+        .list_certificates(proto::ListCertificatesRequest {
+            attested_by_serial: maker.intermediate_serial_hex.to_uppercase(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let serials: Vec<_> = vouched
+        .certificates
+        .iter()
+        .map(|c| c.serial.clone())
+        .collect();
+    assert_eq!(serials, vec![attested.serial.clone()]);
+    let bad = operator
+        .list_certificates(proto::ListCertificatesRequest {
+            attested_by_serial: "not-hex".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
 
     // The attestation survives a restart, and a renewal with the same key keeps it.
     let mut server = server;
@@ -557,6 +589,9 @@ async fn every_refused_attestation_names_its_reason_and_leaves_the_token_usable(
     let stranger = TestAttestationCa::new("Stranger", None);
     let expired = TestAttestationCa::new("Expired", Some((2021, 1, 1)));
     let listed = TestAttestationCa::new("Listed", None);
+    let narrow = TestAttestationCa::with_intermediate("Narrow", |params| {
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    });
     let status_dir = tempfile::tempdir().unwrap().keep();
     let status_file = status_dir.join("status.json");
     std::fs::write(
@@ -570,7 +605,7 @@ async fn every_refused_attestation_names_its_reason_and_leaves_the_token_usable(
     let extra_roots = status_dir.join("more-roots.pem");
     std::fs::write(
         &extra_roots,
-        format!("{}{}", expired.root_pem, listed.root_pem),
+        format!("{}{}{}", expired.root_pem, listed.root_pem, narrow.root_pem),
     )
     .unwrap();
     let Fixture { maker, server, .. } = fixture(|config| {
@@ -709,6 +744,33 @@ async fn every_refused_attestation_names_its_reason_and_leaves_the_token_usable(
             maker.intermediate_der.clone(),
         ]
     };
+    // A CA below an intermediate whose pathLenConstraint is 0.
+    let too_deep = {
+        let key = KeyPair::generate().unwrap();
+        let params = ca_params("Sub CA");
+        let sub = params.signed_by(&key, &narrow.intermediate).unwrap();
+        let issuer = Issuer::new(params, key);
+        let mut fake = CertificateParams::new(vec![]).unwrap();
+        fake.custom_extensions
+            .push(CustomExtension::from_oid_content(
+                &[1, 3, 6, 1, 4, 1, 11129, 2, 1, 17],
+                good.der(),
+            ));
+        let leaf = fake
+            .signed_by(&SubjectPublicKeyInfo::from_der(&spki).unwrap(), &issuer)
+            .unwrap();
+        vec![
+            leaf.der().to_vec(),
+            sub.der().to_vec(),
+            narrow.intermediate_der.clone(),
+        ]
+    };
+    cases.push((
+        "a CA below an intermediate's path length",
+        too_deep,
+        Code::PermissionDenied,
+        "allows fewer CA certificates",
+    ));
     cases.push((
         "a leaf certified by a certificate that is no CA",
         through_end_entity,
@@ -751,6 +813,18 @@ async fn every_refused_attestation_names_its_reason_and_leaves_the_token_usable(
         .await
         .expect("the token is still usable");
     assert!(issued.attestation.is_none());
+
+    // The status list in use is on /metrics, with its age to alert on.
+    let (_, _, page) = http_get(&server.http_url("/metrics")).await;
+    let page = String::from_utf8(page).unwrap();
+    assert!(
+        page.contains("payra_attestation_status_entries 1\n"),
+        "{page}"
+    );
+    assert!(
+        page.contains("payra_attestation_status_age_seconds "),
+        "{page}"
+    );
 }
 
 #[tokio::test]

@@ -222,12 +222,25 @@ pub fn verify<'a>(
         // its owner asks) could certify a forged leaf below itself. The anchor's own
         // certificate lends only its key.
         let is_anchor = presented_anchor.is_some() && i + 2 == chain.len();
-        let is_ca = matches!(issuer.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+        let constraints = issuer.basic_constraints().ok().flatten().map(|bc| bc.value);
+        let is_ca = constraints.is_some_and(|bc| bc.ca);
+        // pathLenConstraint: how many CA certificates may follow this issuer toward the
+        // leaf (here, certificates 1 to i).
+        let path_len_exceeded = constraints
+            .and_then(|bc| bc.path_len_constraint)
+            .is_some_and(|limit| i as u64 > u64::from(limit));
         let may_sign_certificates = match issuer.key_usage() {
             Ok(Some(usage)) => usage.value.key_cert_sign(),
             Ok(None) => true,
             Err(_) => false,
         };
+        if !is_anchor && path_len_exceeded {
+            return Err(AttestationRefusal::BadChain(format!(
+                "certificate {} ({}) allows fewer CA certificates below it than the chain has",
+                i + 1,
+                issuer.subject()
+            )));
+        }
         if !is_anchor && (!is_ca || !may_sign_certificates) {
             return Err(AttestationRefusal::BadChain(format!(
                 "certificate {} ({}) issues certificate {i} but is not a CA (basicConstraints \

@@ -27,6 +27,8 @@ struct StatusState {
     list: std::sync::Arc<StatusList>,
     /// (modification time, length) of the file the list came from; `None` to read it again.
     stamp: Option<(std::time::SystemTime, u64)>,
+    /// The modification time of the file the list came from.
+    modified: Option<std::time::SystemTime>,
     checked: std::time::Instant,
 }
 
@@ -36,11 +38,15 @@ impl StatusSource {
     pub const RECHECK: std::time::Duration = std::time::Duration::from_secs(30);
 
     fn with(path: Option<PathBuf>, list: StatusList, stamp: Stamp) -> StatusSource {
+        let modified = path
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
         StatusSource {
             path,
             state: std::sync::RwLock::new(StatusState {
                 list: std::sync::Arc::new(list),
                 stamp,
+                modified,
                 checked: std::time::Instant::now(),
             }),
             looking: std::sync::atomic::AtomicBool::new(false),
@@ -78,6 +84,15 @@ impl StatusSource {
         let stamp = Self::stamp(path).map_err(|e| e.to_string())?;
         let text = std::fs::read(path).map_err(|e| e.to_string())?;
         Ok((StatusList::parse(&text)?, stamp))
+    }
+
+    /// How old the list in use is: seconds since its file was last modified (`None` for a
+    /// fixed list). For the operator's alert on a list nobody refreshes.
+    pub fn age_s(&self) -> Option<i64> {
+        use crate::sync::Unpoisoned;
+        let modified = self.state.read().unpoisoned().modified?;
+        let age = std::time::SystemTime::now().duration_since(modified).ok()?;
+        i64::try_from(age.as_secs()).ok()
     }
 
     /// The list now, re-read first when the file changed.
@@ -121,6 +136,7 @@ impl StatusSource {
             tracing::info!(path = %path.display(), entries = list.len(), "attestation status list reloaded");
             state.list = std::sync::Arc::new(list);
             state.stamp = stamp;
+            state.modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
         }
         let list = state.list.clone();
         drop(state);

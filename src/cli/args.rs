@@ -496,6 +496,10 @@ pub(crate) enum CertsCommand {
         /// Apple's Secure Enclave).
         #[arg(long, value_parser = ["none", "software", "hardware", "strongbox"])]
         attestation: Option<String>,
+        /// Only certificates whose attestation chain held the certificate with this serial
+        /// (hex): what an attestation key listed later vouched for.
+        #[arg(long)]
+        attested_by: Option<String>,
         /// Same as --output json.
         #[arg(long, conflicts_with = "output")]
         json: bool,

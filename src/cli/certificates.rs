@@ -275,6 +275,7 @@ pub(crate) async fn certs(command: CertsCommand) -> CliResult {
             page_size,
             page_token,
             attestation,
+            attested_by,
             json,
             output,
             connection,
@@ -289,6 +290,7 @@ pub(crate) async fn certs(command: CertsCommand) -> CliResult {
                 page_size: page_size.unwrap_or(0),
                 page_token: page_token.unwrap_or_default(),
                 attestation: attestation.unwrap_or_default(),
+                attested_by_serial: attested_by.unwrap_or_default(),
             };
             let mut records = Vec::new();
             let next = loop {

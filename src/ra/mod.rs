@@ -239,6 +239,17 @@ impl Ra {
                 .with_label_values(&[status])
                 .set(i64::try_from(count).unwrap_or(i64::MAX));
         }
+        // A scrape also looks for a new status file, so a list nobody enrolls against is
+        // still read, and its age is there to alert on.
+        if let Some(status) = &self.policy.attestation.status {
+            let entries = status.current().len();
+            self.metrics
+                .attestation_status_entries
+                .set(i64::try_from(entries).unwrap_or(i64::MAX));
+            if let Some(age) = status.age_s() {
+                self.metrics.attestation_status_age_seconds.set(age);
+            }
+        }
         if let Some(crl) = self.publication.last_crl() {
             self.metrics.crl_age_seconds.set(now_s - crl.this_update_s);
             self.metrics

@@ -32,6 +32,9 @@ pub struct CertificateQuery {
     pub after: Option<Serial>,
     /// Only certificates whose key's attestation is of this class.
     pub attestation: Option<crate::attestation::AttestationFilter>,
+    /// Only certificates whose attestation chain held the certificate of this serial
+    /// (as Google's status list writes it): what a later-listed attestation key vouched for.
+    pub attested_by: Option<String>,
 }
 
 /// One page of certificates, in serial order.
@@ -357,6 +360,12 @@ impl Ra {
                     .as_ref()
                     .is_none_or(|c| *c == record.customer_id)
                 && query.device.as_ref().is_none_or(|d| *d == record.device_id)
+                && query.attested_by.as_ref().is_none_or(|serial| {
+                    record
+                        .attestation
+                        .as_ref()
+                        .is_some_and(|a| a.chain_serials.contains(serial))
+                })
                 && query.attestation.is_none_or(|filter| {
                     filter.matches(record.attestation.as_ref().map_or(
                         crate::attestation::AttestationClass::NONE,

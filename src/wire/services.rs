@@ -487,6 +487,25 @@ impl proto::admin_server::Admin for AdminService {
                 "" => None,
                 token => Some(Serial::parse("page_token", token)?),
             },
+            attested_by: match request.attested_by_serial.as_str() {
+                "" => None,
+                serial
+                    if serial.len() <= 64
+                        && serial
+                            .trim_start_matches('-')
+                            .chars()
+                            .all(|c| c.is_ascii_hexdigit()) =>
+                {
+                    Some(crate::attestation::chain::normalise_status_key(serial))
+                }
+                _ => {
+                    return Err(Error::invalid(
+                        "attested_by_serial",
+                        "must be a serial in hex (at most 64 digits)",
+                    )
+                    .into())
+                }
+            },
             attestation: match request.attestation.as_str() {
                 "" => None,
                 text => Some(AttestationFilter::parse(text).ok_or_else(|| {
