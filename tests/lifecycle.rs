@@ -278,8 +278,12 @@ fn crl_number(der: &[u8]) -> u64 {
 async fn ok_renew_supersedes_and_refuses_revoked_or_expired() {
     let server = TestServer::start().await;
     let phone = enrolled(&server, "gina", "g-1").await;
+    // One connection for both renewals: the second comes on the same TLS session, after the
+    // certificate that opened it was superseded.
+    let device = server.device(&phone.dir).await;
     let new_key = DeviceKey::generate();
-    let renewed = renew_as(&server, &phone.dir, &new_key, "g-1")
+    let renewed = device
+        .renew(new_key.csr_der("g-1").unwrap(), None)
         .await
         .expect("renew with a valid certificate");
     assert_ne!(renewed.serial, phone.issued.serial);
@@ -304,8 +308,9 @@ async fn ok_renew_supersedes_and_refuses_revoked_or_expired() {
     assert_eq!(record.device_id, "g-1");
     assert_eq!(record.renewed_from_serial, phone.issued.serial);
 
-    // The superseded certificate cannot renew again.
-    let err = renew_as(&server, &phone.dir, &new_key, "g-1")
+    // The superseded certificate cannot renew again, even on its open connection.
+    let err = device
+        .renew(new_key.csr_der("g-1").unwrap(), None)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
