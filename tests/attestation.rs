@@ -882,3 +882,45 @@ async fn the_refuse_policy_turns_away_software_and_unattested_keys_but_not_hardw
         .expect("a TEE key enrolls");
     assert!(issued.attestation.unwrap().tier_a_eligible);
 }
+
+#[tokio::test]
+async fn refused_attestations_count_toward_the_addresss_failure_limit() {
+    // A chain costs 1-2 ms of signature checks: one token must not buy unlimited checks.
+    let Fixture { maker, server, .. } = fixture(|config| {
+        config.limits.enroll_failures_per_minute = 3;
+    })
+    .await;
+    let Phone {
+        token, csr, spki, ..
+    } = phone(&server, "c-throttled", "phone").await;
+    let wrong = Description::tee(payra::attestation::challenge("another token"));
+    let anonymous = server.anonymous().await;
+    let attempt =
+        |evidence| anonymous.enroll_attested(&token, csr.clone(), "phone", device_info(), evidence);
+    for _ in 0..3 {
+        let refused = attempt(android_evidence(maker.android(&spki, &wrong)))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::PermissionDenied, "{refused}");
+    }
+    let throttled = attempt(android_evidence(maker.android(&spki, &wrong)))
+        .await
+        .unwrap_err();
+    assert_eq!(throttled.code(), Code::ResourceExhausted, "{throttled}");
+    assert!(
+        throttled
+            .message()
+            .contains("too many failed enrollment attempts"),
+        "{throttled}"
+    );
+    // Another phone behind the same address still enrolls without attestation (a known
+    // token is never locked out), and a minute later attestations are checked again.
+    let (_, plain) = server.enroll("c-throttled", "other-phone").await;
+    assert!(plain.attestation.is_none());
+    server.clock.advance_ms(61_000);
+    let good = Description::tee(payra::attestation::challenge(&token));
+    let issued = attempt(android_evidence(maker.android(&spki, &good)))
+        .await
+        .expect("checked again after the window");
+    assert!(issued.attestation.is_some());
+}

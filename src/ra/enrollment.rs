@@ -225,7 +225,18 @@ impl Ra {
         }
 
         // Checked with a usable token in hand and before anything is claimed: a refused
-        // attestation leaves the token usable for a corrected attempt.
+        // attestation leaves the token usable for a corrected attempt. A chain costs 1-2 ms
+        // of signature checks, so refusals count toward the address's failure limit (the
+        // same one unknown tokens count toward): one token cannot buy unlimited checks.
+        if let (Some(peer), Some(_)) = (request.peer, &request.attestation) {
+            if let Some(until_ms) = self.enroll_throttle.blocked_until(peer, now_ms) {
+                self.metrics.enroll_throttled.inc();
+                return Err(Error::ResourceExhausted(format!(
+                    "too many failed enrollment attempts from {peer}; retry after {}",
+                    crate::model::moment_ms(until_ms)
+                )));
+            }
+        }
         let attestation = self
             .policy
             .attestation
@@ -244,6 +255,9 @@ impl Ra {
                     ])
                     .inc();
                 tracing::warn!(%refusal, "enrollment attestation refused");
+                if let Some(peer) = request.peer {
+                    self.enroll_throttle.record_failure(peer, now_ms);
+                }
                 Error::Attestation(refusal)
             })?;
         if let Some(attestation) = &attestation {
