@@ -212,6 +212,34 @@ impl TestAttestationCa {
     }
 }
 
+/// A chain [leaf, middle, `ca`'s intermediate]: `middle`, made from `params` with a fresh
+/// key and issued by `ca`'s intermediate, signs a leaf certifying `spki` whose KeyDescription
+/// is `description`.
+fn chain_through(
+    ca: &TestAttestationCa,
+    params: CertificateParams,
+    spki: &[u8],
+    description: &Description,
+) -> Vec<Vec<u8>> {
+    let key = KeyPair::generate().unwrap();
+    let middle = params.signed_by(&key, &ca.intermediate).unwrap();
+    let issuer = Issuer::new(params, key);
+    let mut leaf = CertificateParams::new(vec![]).unwrap();
+    leaf.custom_extensions
+        .push(CustomExtension::from_oid_content(
+            &[1, 3, 6, 1, 4, 1, 11129, 2, 1, 17],
+            description.der(),
+        ));
+    let leaf = leaf
+        .signed_by(&SubjectPublicKeyInfo::from_der(spki).unwrap(), &issuer)
+        .unwrap();
+    vec![
+        leaf.der().to_vec(),
+        middle.der().to_vec(),
+        ca.intermediate_der.clone(),
+    ]
+}
+
 fn spki_of_csr(csr: &[u8]) -> (Vec<u8>, Vec<u8>) {
     let (_, parsed) = X509CertificationRequest::from_der(csr).unwrap();
     let spki = &parsed.certification_request_info.subject_pki;
@@ -692,79 +720,26 @@ async fn every_refused_attestation_names_its_reason_and_leaves_the_token_usable(
     ];
     // An attested key certifying a forged leaf below itself: a device key signs whatever its
     // owner asks, so a chain through it proves nothing.
-    let (attested_key, forged) = {
-        let device_key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec![]).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "Android Keystore Key");
-        params
-            .custom_extensions
-            .push(CustomExtension::from_oid_content(
-                &[1, 3, 6, 1, 4, 1, 11129, 2, 1, 17],
-                Description::tee([0; 32]).der(),
-            ));
-        let attested = params.signed_by(&device_key, &maker.intermediate).unwrap();
-        let device_issuer = Issuer::new(params, device_key);
-        let mut fake = CertificateParams::new(vec![]).unwrap();
-        fake.custom_extensions
-            .push(CustomExtension::from_oid_content(
-                &[1, 3, 6, 1, 4, 1, 11129, 2, 1, 17],
-                with(|d| d.security_level = 2).der(),
-            ));
-        let forged = fake
-            .signed_by(
-                &SubjectPublicKeyInfo::from_der(&spki).unwrap(),
-                &device_issuer,
-            )
-            .unwrap();
-        (attested.der().to_vec(), forged.der().to_vec())
-    };
+    let mut attested = CertificateParams::new(vec![]).unwrap();
+    attested
+        .distinguished_name
+        .push(DnType::CommonName, "Android Keystore Key");
+    attested
+        .custom_extensions
+        .push(CustomExtension::from_oid_content(
+            &[1, 3, 6, 1, 4, 1, 11129, 2, 1, 17],
+            Description::tee([0; 32]).der(),
+        ));
+    let below_attested_key =
+        chain_through(&maker, attested, &spki, &with(|d| d.security_level = 2));
     // The same through a certificate that is no CA and carries no KeyDescription.
-    let through_end_entity = {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec![]).unwrap();
-        params
-            .distinguished_name
-            .push(DnType::CommonName, "some device");
-        let end_entity = params.signed_by(&key, &maker.intermediate).unwrap();
-        let issuer = Issuer::new(params, key);
-        let mut fake = CertificateParams::new(vec![]).unwrap();
-        fake.custom_extensions
-            .push(CustomExtension::from_oid_content(
-                &[1, 3, 6, 1, 4, 1, 11129, 2, 1, 17],
-                good.der(),
-            ));
-        let leaf = fake
-            .signed_by(&SubjectPublicKeyInfo::from_der(&spki).unwrap(), &issuer)
-            .unwrap();
-        vec![
-            leaf.der().to_vec(),
-            end_entity.der().to_vec(),
-            maker.intermediate_der.clone(),
-        ]
-    };
+    let mut end_entity = CertificateParams::new(vec![]).unwrap();
+    end_entity
+        .distinguished_name
+        .push(DnType::CommonName, "some device");
+    let through_end_entity = chain_through(&maker, end_entity, &spki, &good);
     // A CA below an intermediate whose pathLenConstraint is 0.
-    let too_deep = {
-        let key = KeyPair::generate().unwrap();
-        let params = ca_params("Sub CA");
-        let sub = params.signed_by(&key, &narrow.intermediate).unwrap();
-        let issuer = Issuer::new(params, key);
-        let mut fake = CertificateParams::new(vec![]).unwrap();
-        fake.custom_extensions
-            .push(CustomExtension::from_oid_content(
-                &[1, 3, 6, 1, 4, 1, 11129, 2, 1, 17],
-                good.der(),
-            ));
-        let leaf = fake
-            .signed_by(&SubjectPublicKeyInfo::from_der(&spki).unwrap(), &issuer)
-            .unwrap();
-        vec![
-            leaf.der().to_vec(),
-            sub.der().to_vec(),
-            narrow.intermediate_der.clone(),
-        ]
-    };
+    let too_deep = chain_through(&narrow, ca_params("Sub CA"), &spki, &good);
     cases.push((
         "a CA below an intermediate's path length",
         too_deep,
@@ -779,7 +754,7 @@ async fn every_refused_attestation_names_its_reason_and_leaves_the_token_usable(
     ));
     cases.push((
         "a leaf certified by an attested device key",
-        vec![forged, attested_key, maker.intermediate_der.clone()],
+        below_attested_key,
         Code::PermissionDenied,
         "only the leaf may",
     ));
