@@ -45,6 +45,27 @@ fn signatures(c: &mut Criterion) {
     });
 }
 
+/// SM2 with SM3 and the default distinguishing id (the `sm2` crate) beside P-256 (ring and
+/// the `p256` crate), over the same prefixed 120-byte intent, in one run.
+fn sm2_beside_p256(c: &mut Criterion) {
+    use p256::ecdsa::signature::{Signer, Verifier};
+    let message = signed_message(&[7u8; 120]);
+    let p256_key = p256::ecdsa::SigningKey::random(&mut rand::rngs::OsRng);
+    c.bench_function("sign (p256 crate)", |b| {
+        b.iter(|| -> p256::ecdsa::Signature { p256_key.sign(black_box(&message)) })
+    });
+    let secret = sm2::SecretKey::random(&mut rand::rngs::OsRng);
+    let sm2_key = sm2::dsa::SigningKey::new("1234567812345678", &secret).unwrap();
+    c.bench_function("SM2 sign (sm2 crate)", |b| {
+        b.iter(|| -> sm2::dsa::Signature { sm2_key.sign(black_box(&message)) })
+    });
+    let signature: sm2::dsa::Signature = sm2_key.sign(&message);
+    let verifying = sm2_key.verifying_key().clone();
+    c.bench_function("SM2 verify (sm2 crate)", |b| {
+        b.iter(|| verifying.verify(black_box(&message), &signature).unwrap())
+    });
+}
+
 fn tiers(c: &mut Criterion) {
     let factors = vec![
         Factor {
@@ -347,6 +368,7 @@ fn attestation(c: &mut Criterion) {
 criterion_group!(
     benches,
     attestation,
+    sm2_beside_p256,
     replay_claim,
     ledger_sweep,
     signatures,
