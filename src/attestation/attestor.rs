@@ -3,7 +3,9 @@
 
 use sha2::{Digest, Sha256};
 
-use super::policy::{AttestationConfig, AttestationPolicy, BelowPolicy, Requirement};
+use super::policy::{
+    AttestationConfig, AttestationPolicy, BelowPolicy, CertificateFactor, Requirement,
+};
 use super::{
     android, apple, apple_client_data, chain, challenge, Attestation, AttestationClass,
     AttestationRefusal, Evidence, Platform, SecurityLevel, StatusSource, TrustAnchor,
@@ -59,6 +61,21 @@ pub struct Attestor {
     pub apple_development: bool,
     pub policy: AttestationPolicy,
     pub below_policy: BelowPolicy,
+    /// What a certificate of each attestation class counts for under `policy`, worked out
+    /// once: a verification looks its class up instead of formatting why.
+    factors: Vec<(CertificateFactor, Option<std::sync::Arc<str>>)>,
+}
+
+/// [`AttestationPolicy::factor`] for every class byte.
+fn factor_table(
+    policy: &AttestationPolicy,
+) -> Vec<(CertificateFactor, Option<std::sync::Arc<str>>)> {
+    (0..=u8::MAX)
+        .map(|byte| {
+            let (factor, note) = policy.factor(AttestationClass(byte));
+            (factor, note.map(std::sync::Arc::from))
+        })
+        .collect()
 }
 
 fn read_file(path: &std::path::Path, what: &'static str) -> Result<Vec<u8>> {
@@ -153,7 +170,24 @@ impl Attestor {
             apple_development: config.apple_development,
             policy: AttestationPolicy::of(config),
             below_policy: config.below_policy,
+            factors: factor_table(&AttestationPolicy::of(config)),
         })
+    }
+
+    /// What a verified signature under a certificate of `class` counts for, and why less
+    /// than tier A's certificate when it does (a table lookup).
+    pub fn factor(
+        &self,
+        class: AttestationClass,
+    ) -> (CertificateFactor, Option<std::sync::Arc<str>>) {
+        match self.factors.get(usize::from(class.0)) {
+            Some(entry) => entry.clone(),
+            // An Attestor not made from a configuration (tests): work it out.
+            None => {
+                let (factor, note) = self.policy.factor(class);
+                (factor, note.map(std::sync::Arc::from))
+            }
+        }
     }
 
     /// Checks an Android chain whose KeyDescription must carry `challenge` and attest the

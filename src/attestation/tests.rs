@@ -769,3 +769,24 @@ fn a_chain_through_aosps_published_intermediate_key_counts_as_software() {
         "{refused}"
     );
 }
+
+#[test]
+fn the_attestors_factor_table_answers_as_the_policy_does_for_every_class() {
+    let config = AttestationConfig {
+        tier_a: Requirement::Strongbox,
+        tier_b: Requirement::Any,
+        apple_level: AppleLevel::Software,
+        ..AttestationConfig::default()
+    };
+    let attestor = Attestor::from_config(&config).unwrap();
+    let policy = AttestationPolicy::of(&config);
+    for byte in 0..=u8::MAX {
+        let class = AttestationClass(byte);
+        let (factor, note) = attestor.factor(class);
+        assert_eq!(
+            (factor, note.map(|n| n.to_string())),
+            policy.factor(class),
+            "{byte:#x}"
+        );
+    }
+}

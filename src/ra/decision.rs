@@ -254,7 +254,7 @@ pub(super) struct Draft {
     /// What a verified signature under the device certificate counts for, by its key's
     /// attestation and the policy, and why less than tier A's certificate (VerifyPayment;
     /// QualifyTransaction has no certificate: `NotCounted`).
-    pub(super) certificate: (CertificateFactor, Option<String>),
+    pub(super) certificate: (CertificateFactor, Option<std::sync::Arc<str>>),
     pub(super) amount_fen: i64,
     /// The service asked for a reservation (only a verified decision makes one).
     pub(super) reserve: bool,
@@ -289,7 +289,7 @@ impl Draft {
     ) -> Result<Settled> {
         let verified = verdict == Verdict::Verified;
         let (factor, note) = match (&self.certificate, verified) {
-            ((factor, note), true) => (*factor, note.clone()),
+            ((factor, note), true) => (*factor, note.as_deref().map(str::to_string)),
             (_, false) => (CertificateFactor::NotCounted, None),
         };
         let tiered = decide_tier(factor, &self.factors, self.scene);

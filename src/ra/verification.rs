@@ -267,7 +267,7 @@ impl Ra {
             signature_b64: b64(&request.signature),
             factors: request.factors.clone(),
             scene: checked.scene,
-            certificate: self.policy.attestation.policy.factor(checked.attestation),
+            certificate: self.policy.attestation.factor(checked.attestation),
             amount_fen: request.transaction.amount_fen,
             reserve: request.reserve,
             day: self.policy.ledger.day(now_ms),

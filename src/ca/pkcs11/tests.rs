@@ -68,6 +68,8 @@ fn fields_and_uri_combine_and_disagreements_are_refused() {
             "absolute",
         ),
         ("file:token=a", "pkcs11:"),
+        ("pkcs11:token=a;token=b;object=k?module-path=/m.so", "twice"),
+        ("pkcs11:token=a;object=k?module-path", "has no value"),
     ] {
         let refused = KeyLocation::from_config(&config(Some(uri)))
             .expect_err(uri)

@@ -40,6 +40,27 @@ fn percent_decode(value: &str) -> Result<Vec<u8>> {
     Ok(out)
 }
 
+/// The `name=value` pairs of a URI's path (`;`-separated) or query (`&`-separated); a name
+/// already in `seen` is refused.
+fn attributes<'a>(
+    text: &'a str,
+    separator: char,
+    seen: &mut std::collections::HashSet<&'a str>,
+) -> Result<Vec<(&'a str, &'a str)>> {
+    let invalid = |why: String| Error::invalid("pkcs11.uri", why);
+    let mut pairs = Vec::new();
+    for attribute in text.split(separator).filter(|a| !a.is_empty()) {
+        let (name, value) = attribute
+            .split_once('=')
+            .ok_or_else(|| invalid(format!("{attribute:?} has no value")))?;
+        if !seen.insert(name) {
+            return Err(invalid(format!("{name} appears twice")));
+        }
+        pairs.push((name, value));
+    }
+    Ok(pairs)
+}
+
 /// Parses the attributes payra reads from an RFC 7512 URI: `token`, `serial`, `object`,
 /// `id`, `type` (must be `private`) in the path; `module-path` and `pin-source` (a file) in
 /// the query. `pin-value` is refused (a PIN does not belong in the configuration), and so is
@@ -55,14 +76,9 @@ pub(super) fn parse_uri(uri: &str) -> Result<UriParts> {
         String::from_utf8(percent_decode(value)?)
             .map_err(|_| invalid(format!("{name} is not UTF-8")))
     };
+    // A name appears once in the whole URI, path and query together.
     let mut seen = std::collections::HashSet::new();
-    for attribute in path.split(';').filter(|a| !a.is_empty()) {
-        let (name, value) = attribute
-            .split_once('=')
-            .ok_or_else(|| invalid(format!("{attribute:?} has no value")))?;
-        if !seen.insert(name.to_string()) {
-            return Err(invalid(format!("{name} appears twice")));
-        }
+    for (name, value) in attributes(path, ';', &mut seen)? {
         match name {
             "token" => parts.token = Some(text(name, value)?),
             "serial" => parts.serial = Some(text(name, value)?),
@@ -85,13 +101,7 @@ pub(super) fn parse_uri(uri: &str) -> Result<UriParts> {
             }
         }
     }
-    for attribute in query.split('&').filter(|a| !a.is_empty()) {
-        let (name, value) = attribute
-            .split_once('=')
-            .ok_or_else(|| invalid(format!("{attribute:?} has no value")))?;
-        if !seen.insert(name.to_string()) {
-            return Err(invalid(format!("{name} appears twice")));
-        }
+    for (name, value) in attributes(query, '&', &mut seen)? {
         match name {
             "module-path" => parts.module = Some(PathBuf::from(text(name, value)?)),
             "pin-source" => {
