@@ -380,6 +380,10 @@ pub struct IssuanceConfig {
     /// Most renewals of one certificate lineage (one device's chain of renewals) in any
     /// 24 hours. Each renewal puts a superseded certificate on the CRL for its lifetime.
     pub renewals_per_day: u32,
+    /// The device key algorithms enrollment accepts: `"p256"` and `"sm2"`. Unset: P-256, and
+    /// SM2 too when the certs directory has an SM2 hierarchy (`sm2-issuing.pem`). Listing
+    /// `sm2` without one refuses the start.
+    pub key_algorithms: Option<Vec<crate::model::KeyAlgorithm>>,
 }
 
 /// Enrollment token lifetimes.
@@ -465,6 +469,7 @@ impl Default for IssuanceConfig {
             validity_days: 365,
             backdate_s: 300,
             renewals_per_day: 4,
+            key_algorithms: None,
         }
     }
 }
@@ -588,6 +593,17 @@ impl Config {
             return Err(Error::invalid(
                 "issuance.validity_days",
                 "must be between 1 and 3650",
+            ));
+        }
+        if self
+            .issuance
+            .key_algorithms
+            .as_ref()
+            .is_some_and(|list| list.is_empty())
+        {
+            return Err(Error::invalid(
+                "issuance.key_algorithms",
+                "is empty; list \"p256\", \"sm2\" or both (or leave it unset)",
             ));
         }
         if self.issuance.renewals_per_day == 0 || self.issuance.renewals_per_day > 1000 {
@@ -719,6 +735,11 @@ impl Config {
     /// URL of the CRL, as put into issued certificates.
     pub fn crl_url(&self) -> String {
         format!("{}/crl", self.public_base_url())
+    }
+
+    /// URL of the SM2 issuing CA's CRL, as put into SM2 certificates.
+    pub fn sm2_crl_url(&self) -> String {
+        format!("{}/crl/sm2", self.public_base_url())
     }
 
     /// URL of the OCSP responder, as put into issued certificates.

@@ -107,6 +107,9 @@ async fn run(cli: Cli) -> CliResult {
         Command::Ca {
             command: CaCommand::Check(args),
         } => ca_check(args),
+        Command::Ca {
+            command: CaCommand::InitSm2 { certs },
+        } => ca_init_sm2(&certs),
         Command::Serve(args) => serve(args).await,
         Command::Config {
             command: ConfigCommand::Check { file, overrides },

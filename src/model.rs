@@ -241,6 +241,67 @@ impl From<Serial> for String {
     }
 }
 
+/// The algorithm of a device key, and so of the CA hierarchy that certifies it and of the
+/// payment signatures it makes: ECDSA P-256 with SHA-256, or SM2 with SM3 (GM/T 0003, the
+/// default distinguishing id `1234567812345678`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyAlgorithm {
+    #[default]
+    P256,
+    Sm2,
+}
+
+impl KeyAlgorithm {
+    /// Both, in the order configuration and messages list them.
+    pub const ALL: [KeyAlgorithm; 2] = [KeyAlgorithm::P256, KeyAlgorithm::Sm2];
+
+    /// The name configuration and the API use: `p256` or `sm2`.
+    pub fn name(self) -> &'static str {
+        match self {
+            KeyAlgorithm::P256 => "p256",
+            KeyAlgorithm::Sm2 => "sm2",
+        }
+    }
+
+    /// The algorithm named `name` (`p256` or `sm2`).
+    pub fn parse(name: &str) -> Option<KeyAlgorithm> {
+        KeyAlgorithm::ALL.into_iter().find(|a| a.name() == name)
+    }
+
+    /// What people call it: `EC P-256` or `SM2`.
+    pub fn display_name(self) -> &'static str {
+        match self {
+            KeyAlgorithm::P256 => "EC P-256",
+            KeyAlgorithm::Sm2 => "SM2",
+        }
+    }
+
+    /// One byte for the compact binary forms (summaries, cache entries).
+    pub fn code(self) -> u8 {
+        match self {
+            KeyAlgorithm::P256 => 0,
+            KeyAlgorithm::Sm2 => 1,
+        }
+    }
+
+    /// The algorithm of [`KeyAlgorithm::code`] `code`.
+    pub fn from_code(code: u8) -> Option<KeyAlgorithm> {
+        KeyAlgorithm::ALL.into_iter().find(|a| a.code() == code)
+    }
+
+    /// For serde's `skip_serializing_if`: records of P-256 keys stay as they were.
+    pub fn is_p256(&self) -> bool {
+        *self == KeyAlgorithm::P256
+    }
+}
+
+impl fmt::Display for KeyAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.display_name())
+    }
+}
+
 /// RFC 5280 CRLReason values an operator may choose (caCompromise, aACompromise and
 /// removeFromCRL are not certificate-level choices here).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

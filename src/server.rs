@@ -99,11 +99,15 @@ pub fn load_ca(config: &Config) -> Result<CaMaterial> {
         "issuing key in the {}",
         location.token
     );
-    CaMaterial::load_with_signer(
+    let mut material = CaMaterial::load_with_signer(
         &config.certs_dir,
         Arc::new(signer),
         &format!("the PKCS#11 key in the {}", location.token),
-    )
+    )?;
+    // The SM2 issuing key stays a file: PKCS#11 holds the P-256 key only (docs/operations.md).
+    let passphrase = ca_key_passphrase(config)?;
+    material.sm2 = crate::ca::pki::Sm2Material::load(&config.certs_dir, passphrase.as_deref())?;
+    Ok(material)
 }
 
 /// The issuing key's passphrase: from `ca_key_passphrase_file` (which must not be readable by
@@ -363,8 +367,17 @@ async fn keep_crl_current(ra: Arc<Ra>) {
     );
     loop {
         let build = ra.clone();
-        match tokio::task::spawn_blocking(move || build.current_crl()).await {
-            Ok(Ok(_)) => {}
+        let sm2 = ra.publication().has_sm2();
+        match tokio::task::spawn_blocking(move || {
+            build.current_crl()?;
+            if sm2 {
+                build.current_crl_of(crate::model::KeyAlgorithm::Sm2)?;
+            }
+            Ok::<_, crate::error::Error>(())
+        })
+        .await
+        {
+            Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "CRL refresh failed"),
             Err(e) => tracing::error!(error = %e, "CRL task failed"),
         }

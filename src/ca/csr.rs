@@ -1,5 +1,5 @@
 //! Checking a device's PKCS#10 request: it must parse, its self-signature must verify (proof
-//! of possession) and its key must be EC P-256. Only the public key is taken from it.
+//! of possession) and its key must be EC P-256 or SM2. Only the public key is taken from it.
 
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::oid_registry::{
@@ -9,42 +9,70 @@ use x509_parser::oid_registry::{
 use x509_parser::prelude::FromDer;
 
 use crate::error::{Error, Result};
+use crate::model::KeyAlgorithm;
 
 /// Largest CSR accepted, in bytes.
 pub const MAX_CSR_BYTES: usize = 8 * 1024;
 
-/// A device's P-256 public key as an uncompressed SEC1 point, checked to be on the curve.
+/// A device's public key: its algorithm and its uncompressed SEC1 point, checked to be on
+/// the algorithm's curve.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DevicePublicKey([u8; 65]);
+pub struct DevicePublicKey {
+    algorithm: KeyAlgorithm,
+    point: [u8; 65],
+}
 
 impl DevicePublicKey {
     /// Checks that `sec1` is a valid uncompressed P-256 point.
     pub fn from_sec1(sec1: &[u8]) -> Result<Self> {
+        Self::new(KeyAlgorithm::P256, sec1)
+    }
+
+    /// Checks that `sec1` is a valid uncompressed point on `algorithm`'s curve.
+    pub fn new(algorithm: KeyAlgorithm, sec1: &[u8]) -> Result<Self> {
+        let curve = algorithm.display_name();
         if sec1.len() != 65 || sec1[0] != 0x04 {
             return Err(Error::invalid(
                 "csr_der",
-                "public key must be an uncompressed P-256 point",
+                format!("public key must be an uncompressed {curve} point"),
             ));
         }
-        p256::PublicKey::from_sec1_bytes(sec1)
-            .map_err(|_| Error::invalid("csr_der", "public key is not a point on P-256"))?;
+        let on_curve = match algorithm {
+            KeyAlgorithm::P256 => p256::PublicKey::from_sec1_bytes(sec1).is_ok(),
+            KeyAlgorithm::Sm2 => super::sm2::is_sm2_point(sec1),
+        };
+        if !on_curve {
+            return Err(Error::invalid(
+                "csr_der",
+                format!("public key is not a point on {curve}"),
+            ));
+        }
         let mut point = [0u8; 65];
         point.copy_from_slice(sec1);
-        Ok(DevicePublicKey(point))
+        Ok(DevicePublicKey { algorithm, point })
+    }
+
+    /// The key's algorithm.
+    pub fn algorithm(&self) -> KeyAlgorithm {
+        self.algorithm
     }
 
     /// The 65-octet uncompressed point.
     pub fn sec1(&self) -> &[u8] {
-        &self.0
+        &self.point
     }
 
     /// The 65-octet uncompressed point, as an array.
     pub fn point(&self) -> &[u8; 65] {
-        &self.0
+        &self.point
     }
 }
 
-/// Parses a DER CSR, verifies its self-signature and returns its P-256 key.
+const ACCEPTED: &str = "only EC P-256 and SM2 keys are";
+
+/// Parses a DER CSR, verifies its self-signature and returns its P-256 or SM2 key. An SM2
+/// request is signed SM2-with-SM3 with the default distinguishing id `1234567812345678`
+/// (what `openssl req -sm3 -sigopt distid:1234567812345678` makes).
 ///
 /// Fails with `InvalidArgument` on field `csr_der` naming what is wrong: size, encoding,
 /// signature, or the key type found.
@@ -82,7 +110,7 @@ pub fn parse_device_csr(der: &[u8]) -> Result<DevicePublicKey> {
         };
         return Err(Error::invalid(
             "csr_der",
-            format!("key type {found} is not accepted; only EC P-256 keys are"),
+            format!("key type {found} is not accepted; {ACCEPTED}"),
         ));
     }
     let curve = spki
@@ -90,8 +118,9 @@ pub fn parse_device_csr(der: &[u8]) -> Result<DevicePublicKey> {
         .parameters
         .as_ref()
         .and_then(|p| p.as_oid().ok());
-    match curve {
-        Some(oid) if oid == OID_EC_P256 => {}
+    let algorithm = match curve {
+        Some(oid) if oid == OID_EC_P256 => KeyAlgorithm::P256,
+        Some(oid) if oid.as_bytes() == super::sm2::OID_SM2_CURVE.as_bytes() => KeyAlgorithm::Sm2,
         Some(oid) => {
             let name = if oid == OID_NIST_EC_P384 {
                 "EC P-384".to_string()
@@ -102,23 +131,47 @@ pub fn parse_device_csr(der: &[u8]) -> Result<DevicePublicKey> {
             };
             return Err(Error::invalid(
                 "csr_der",
-                format!("key type {name} is not accepted; only EC P-256 keys are"),
+                format!("key type {name} is not accepted; {ACCEPTED}"),
             ));
         }
         None => {
             return Err(Error::invalid(
                 "csr_der",
-                "EC key without a named curve is not accepted; only EC P-256 keys are",
+                format!("EC key without a named curve is not accepted; {ACCEPTED}"),
             ))
         }
-    }
-    csr.verify_signature().map_err(|_| {
+    };
+    let key = DevicePublicKey::new(algorithm, &spki.subject_public_key.data)?;
+    let no_possession = || {
         Error::invalid(
             "csr_der",
             "signature does not verify with the request's own key (no proof of possession)",
         )
-    })?;
-    DevicePublicKey::from_sec1(&spki.subject_public_key.data)
+    };
+    match algorithm {
+        KeyAlgorithm::P256 => csr.verify_signature().map_err(|_| no_possession())?,
+        KeyAlgorithm::Sm2 => {
+            let signed_with = csr.signature_algorithm.algorithm.as_bytes();
+            if signed_with != super::sm2::OID_SM2_WITH_SM3.as_bytes() {
+                return Err(Error::invalid(
+                    "csr_der",
+                    format!(
+                        "an SM2 request must be signed SM2-with-SM3 (1.2.156.10197.1.501), not \
+                         {}",
+                        csr.signature_algorithm.algorithm
+                    ),
+                ));
+            }
+            if !super::sm2::verify_der(
+                key.sec1(),
+                csr.certification_request_info.raw,
+                &csr.signature_value.data,
+            ) {
+                return Err(no_possession());
+            }
+        }
+    }
+    Ok(key)
 }
 
 #[cfg(test)]

@@ -8,15 +8,16 @@ pub mod pkcs11;
 pub mod pki;
 pub mod profile;
 pub mod signer;
+pub mod sm2;
 
 pub use crl::{build_crl, CrlEntry};
 pub use csr::{parse_device_csr, DevicePublicKey, MAX_CSR_BYTES};
 pub use ocsp::{OcspResponder, OcspStatus, ParsedOcspRequest};
 pub use pkcs11::Pkcs11Signer;
-pub use pki::{init_dev_pki, CaMaterial, PkiFiles};
+pub use pki::{init_dev_pki, CaMaterial, PkiFiles, Sm2Material};
 pub use profile::{
-    issue_client_certificate, issue_device_certificate, DeviceCertificate, DeviceProfile,
-    SubscriberRef,
+    issue_client_certificate, issue_device_certificate, issue_sm2_device_certificate,
+    DeviceCertificate, DeviceProfile, SubscriberRef,
 };
 pub use signer::{CaSigner, KeyFileSigner};
 

@@ -23,7 +23,7 @@ use x509_ocsp::{
 
 use super::signer::CaSigner;
 use crate::error::{Error, Result};
-use crate::model::{RevocationReason, Serial};
+use crate::model::{KeyAlgorithm, RevocationReason, Serial};
 
 /// Largest OCSP request accepted, in bytes.
 pub const MAX_OCSP_REQUEST_BYTES: usize = 8 * 1024;
@@ -71,7 +71,7 @@ fn generalized(seconds: i64) -> Result<OcspGeneralizedTime> {
     ))
 }
 
-fn crl_reason(reason: RevocationReason) -> CrlReason {
+pub(crate) fn crl_reason(reason: RevocationReason) -> CrlReason {
     match reason {
         RevocationReason::Unspecified => CrlReason::Unspecified,
         RevocationReason::KeyCompromise => CrlReason::KeyCompromise,
@@ -216,9 +216,12 @@ impl OcspResponder {
         let signature = self.signer.sign(&tbs_der)?;
         let basic = BasicOcspResponse {
             tbs_response_data: tbs,
-            signature_algorithm: AlgorithmIdentifierOwned {
-                oid: ECDSA_WITH_SHA_256,
-                parameters: None,
+            signature_algorithm: match self.signer.algorithm() {
+                KeyAlgorithm::P256 => AlgorithmIdentifierOwned {
+                    oid: ECDSA_WITH_SHA_256,
+                    parameters: None,
+                },
+                KeyAlgorithm::Sm2 => super::sm2::sm2_with_sm3(),
             },
             signature: BitString::from_bytes(&signature).map_err(der_err)?,
             certs: None,

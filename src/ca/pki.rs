@@ -48,6 +48,19 @@ impl PkiFiles {
     pub fn server_key(&self) -> PathBuf {
         self.dir.join("server.key")
     }
+    /// The SM2 hierarchy (GM/T 0015): root and issuing CA, beside the P-256 one.
+    pub fn sm2_root_cert(&self) -> PathBuf {
+        self.dir.join("sm2-root.pem")
+    }
+    pub fn sm2_root_key(&self) -> PathBuf {
+        self.dir.join("sm2-root.key")
+    }
+    pub fn sm2_issuing_cert(&self) -> PathBuf {
+        self.dir.join("sm2-issuing.pem")
+    }
+    pub fn sm2_issuing_key(&self) -> PathBuf {
+        self.dir.join("sm2-issuing.key")
+    }
     /// `operator.pem` / `service.pem` and their keys.
     pub fn client_cert(&self, role: &str) -> PathBuf {
         self.dir.join(format!("{role}.pem"))
@@ -69,6 +82,10 @@ impl PkiFiles {
             self.client_key("operator"),
             self.client_cert("service"),
             self.client_key("service"),
+            self.sm2_root_cert(),
+            self.sm2_root_key(),
+            self.sm2_issuing_cert(),
+            self.sm2_issuing_key(),
         ]
     }
 }
@@ -238,6 +255,7 @@ fn init_pki<K: rcgen::SigningKey>(
     if let Some(pem) = issuing_pem {
         writes.push((files.issuing_key(), pem.to_string(), true));
     }
+    writes.extend(sm2_hierarchy(&files, not_before)?);
     for role in ["operator", "service"] {
         let key = new_key()?;
         let cert = client_params(role, not_before)?
@@ -247,6 +265,93 @@ fn init_pki<K: rcgen::SigningKey>(
         writes.push((files.client_key(role), key.serialize_pem(), true));
     }
     for (path, contents, secret) in writes {
+        write_file(&path, &contents, secret)?;
+    }
+    Ok(())
+}
+
+/// The SM2 root (10 years) and issuing CA (pathLen 0, 5 years), signed SM2-with-SM3, as
+/// files to write: `sm2-root.pem/.key`, `sm2-issuing.pem/.key`.
+fn sm2_hierarchy(
+    files: &PkiFiles,
+    not_before: OffsetDateTime,
+) -> Result<Vec<(PathBuf, String, bool)>> {
+    use super::sm2::{self, CertificateSpec, Sm2Issuer, Sm2KeyFileSigner};
+    use x509_cert::ext::pkix::KeyUsages;
+    let start_s = not_before.unix_timestamp();
+    let (root_signer, root_pem) = Sm2KeyFileSigner::generate()?;
+    let (issuing_signer, issuing_pem) = Sm2KeyFileSigner::generate()?;
+    let root_point: [u8; 65] = root_signer
+        .public_key_sec1()
+        .try_into()
+        .map_err(|_| Error::internal("SM2 root key"))?;
+    let issuing_point: [u8; 65] = issuing_signer
+        .public_key_sec1()
+        .try_into()
+        .map_err(|_| Error::internal("SM2 issuing key"))?;
+    let root_name = sm2::name("CN=payra development SM2 root CA,O=payra,C=CN")?;
+    let root = Sm2Issuer {
+        name: root_name.clone(),
+        key_id: sm2::key_id(&root_point),
+        signer: Arc::new(root_signer),
+    };
+    let root_der = root.sign_certificate(&CertificateSpec {
+        serial: Serial::random().as_bytes(),
+        subject: root_name,
+        not_before_s: start_s,
+        not_after_s: start_s + 3653 * 86_400,
+        subject_key: &root_point,
+        ca_path_len: Some(None),
+        key_usage: &[KeyUsages::KeyCertSign, KeyUsages::CRLSign],
+        client_auth: false,
+        uris: &[],
+        crl_url: None,
+        ocsp_url: None,
+    })?;
+    let issuing_der = root.sign_certificate(&CertificateSpec {
+        serial: Serial::random().as_bytes(),
+        subject: sm2::name("CN=payra development SM2 issuing CA,O=payra,C=CN")?,
+        not_before_s: start_s,
+        not_after_s: start_s + 1827 * 86_400,
+        subject_key: &issuing_point,
+        ca_path_len: Some(Some(0)),
+        key_usage: &[
+            KeyUsages::DigitalSignature,
+            KeyUsages::KeyCertSign,
+            KeyUsages::CRLSign,
+        ],
+        client_auth: false,
+        uris: &[],
+        crl_url: None,
+        ocsp_url: None,
+    })?;
+    let pem = |der: Vec<u8>| pem::encode(&pem::Pem::new("CERTIFICATE", der));
+    Ok(vec![
+        (files.sm2_root_cert(), pem(root_der), false),
+        (files.sm2_root_key(), root_pem, true),
+        (files.sm2_issuing_cert(), pem(issuing_der), false),
+        (files.sm2_issuing_key(), issuing_pem, true),
+    ])
+}
+
+/// Writes an SM2 hierarchy into an existing PKI's `dir` (one made before payra had SM2),
+/// refusing to replace one that is there.
+pub fn init_sm2_hierarchy(dir: &Path) -> Result<()> {
+    let files = PkiFiles::new(dir);
+    let ours = [
+        files.sm2_root_cert(),
+        files.sm2_root_key(),
+        files.sm2_issuing_cert(),
+        files.sm2_issuing_key(),
+    ];
+    if let Some(existing) = ours.iter().find(|p| p.exists()) {
+        return Err(Error::AlreadyExists(format!(
+            "{} exists; refusing to overwrite the SM2 hierarchy",
+            existing.display()
+        )));
+    }
+    let not_before = now_utc() - Duration::hours(1);
+    for (path, contents, secret) in sm2_hierarchy(&files, not_before)? {
         write_file(&path, &contents, secret)?;
     }
     Ok(())
@@ -359,6 +464,59 @@ pub struct CaMaterial {
     /// `server.pem` followed by `issuing.pem`, for the TLS handshake.
     pub server_chain_pem: String,
     pub server_key_pem: String,
+    /// The SM2 hierarchy, when the certs directory has one.
+    pub sm2: Option<Sm2Material>,
+}
+
+/// The SM2 issuing CA the server runs with (`sm2-issuing.pem` and `sm2-issuing.key`).
+pub struct Sm2Material {
+    pub root_der: Vec<u8>,
+    pub issuing_der: Vec<u8>,
+    /// The issuing certificate's notAfter, in Unix seconds.
+    pub issuing_not_after_s: i64,
+    pub issuer: super::sm2::Sm2Issuer,
+}
+
+impl Sm2Material {
+    /// Loads the SM2 hierarchy from `dir` if `sm2-issuing.pem` is there, refusing a key that
+    /// others can read, that does not match the certificate or does not sign for it.
+    pub fn load(dir: &Path, passphrase: Option<&str>) -> Result<Option<Sm2Material>> {
+        let files = PkiFiles::new(dir);
+        if !files.sm2_issuing_cert().exists() {
+            return Ok(None);
+        }
+        let key_path = files.sm2_issuing_key();
+        let pkcs8 = super::signer::pkcs8_from_pem(
+            &read_private_key(&key_path)?,
+            passphrase,
+            "SM2 issuing key",
+        )?;
+        let signer: Arc<dyn CaSigner> =
+            Arc::new(super::sm2::Sm2KeyFileSigner::from_pkcs8_der(&pkcs8)?);
+        let issuing_der = read_certificate_der(&files.sm2_issuing_cert())?;
+        let issuer = super::sm2::Sm2Issuer::from_certificate(&issuing_der, signer.clone())
+            .map_err(|e| {
+                Error::FailedPrecondition(format!("{}: {e}; refusing to start", key_path.display()))
+            })?;
+        check_signer(signer.as_ref()).map_err(|why| {
+            Error::FailedPrecondition(format!(
+                "{} does not sign for its certificate's key: {why}; refusing to start",
+                key_path.display()
+            ))
+        })?;
+        let issuing_not_after_s = not_after_s(&issuing_der).ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "{}: not an X.509 certificate",
+                files.sm2_issuing_cert().display()
+            ))
+        })?;
+        Ok(Some(Sm2Material {
+            root_der: read_certificate_der(&files.sm2_root_cert())?,
+            issuing_der,
+            issuing_not_after_s,
+            issuer,
+        }))
+    }
 }
 
 /// Signs a test message with `signer` and verifies the signature with its public key (what
@@ -370,6 +528,14 @@ pub fn check_signer(signer: &dyn CaSigner) -> Result<()> {
         hex::encode(rand::random::<[u8; 16]>())
     );
     let der = signer.sign(message.as_bytes())?;
+    if signer.algorithm() == crate::model::KeyAlgorithm::Sm2 {
+        return match super::sm2::verify_der(signer.public_key_sec1(), message.as_bytes(), &der) {
+            true => Ok(()),
+            false => Err(Error::FailedPrecondition(
+                "a test signature does not verify with the signer's public key".into(),
+            )),
+        };
+    }
     let signature = p256::ecdsa::Signature::from_der(&der)
         .map_err(|e| Error::internal(format!("the signer's signature is not DER: {e}")))?;
     let key = p256::ecdsa::VerifyingKey::from_sec1_bytes(signer.public_key_sec1())
@@ -390,7 +556,10 @@ impl CaMaterial {
             &read_private_key(&files.issuing_key())?,
             passphrase,
         )?);
-        CaMaterial::load_with_signer(dir, signer, &files.issuing_key().display().to_string())
+        let mut material =
+            CaMaterial::load_with_signer(dir, signer, &files.issuing_key().display().to_string())?;
+        material.sm2 = Sm2Material::load(dir, passphrase)?;
+        Ok(material)
     }
 
     /// Loads the certificates from `dir` with the issuing key `signer` (named `key_name` in
@@ -445,6 +614,7 @@ impl CaMaterial {
             signer,
             server_chain_pem: format!("{}\n{}", server_pem.trim_end(), issuing_pem),
             server_key_pem,
+            sm2: None,
         })
     }
 }

@@ -4,14 +4,21 @@
 use rcgen::{KeyPair, PublicKeyData, SignatureAlgorithm, SigningKey, PKCS_ECDSA_P256_SHA256};
 
 use crate::error::{Error, Result};
+use crate::model::KeyAlgorithm;
 
-/// A CA private key that signs with ECDSA P-256 / SHA-256.
+/// A CA private key that signs with ECDSA P-256 / SHA-256, or with SM2 / SM3.
 pub trait CaSigner: Send + Sync {
     /// The public key as an uncompressed SEC1 point (65 octets).
     fn public_key_sec1(&self) -> &[u8];
 
-    /// Signs `message` (hashing it with SHA-256) and returns a DER ECDSA signature.
+    /// Signs `message` (hashing it with SHA-256, or for SM2 with SM3 after the default
+    /// distinguishing id's Z value) and returns a DER signature.
     fn sign(&self, message: &[u8]) -> Result<Vec<u8>>;
+
+    /// The key's algorithm; what it signs says so in its signature algorithm field.
+    fn algorithm(&self) -> KeyAlgorithm {
+        KeyAlgorithm::P256
+    }
 }
 
 /// A P-256 key loaded from a PKCS#8 file, signing with ring.
@@ -74,41 +81,43 @@ fn check_key_encryption(scheme: &pkcs8::pkcs5::EncryptionScheme<'_>) -> Result<(
     Ok(())
 }
 
+/// The PKCS#8 DER of a PEM key file (`what` names it in messages), decrypting an encrypted
+/// PKCS#8 block (PBES2, checked by [`check_key_encryption`]) with `passphrase`.
+pub(crate) fn pkcs8_from_pem(text: &str, passphrase: Option<&str>, what: &str) -> Result<Vec<u8>> {
+    let block = pem::parse(text)
+        .map_err(|e| Error::FailedPrecondition(format!("{what} is not PEM: {e}")))?;
+    match block.tag() {
+        "PRIVATE KEY" => Ok(block.into_contents()),
+        "ENCRYPTED PRIVATE KEY" => {
+            let Some(passphrase) = passphrase else {
+                return Err(Error::FailedPrecondition(format!(
+                    "the {what} is encrypted; set PAYRA_CA_KEY_PASSPHRASE or \
+                     ca_key_passphrase_file"
+                )));
+            };
+            use pkcs8::der::Decode;
+            let encrypted = pkcs8::EncryptedPrivateKeyInfo::from_der(block.contents())
+                .map_err(|e| Error::FailedPrecondition(format!("{what}: {e}")))?;
+            check_key_encryption(&encrypted.encryption_algorithm)?;
+            let decrypted = encrypted.decrypt(passphrase).map_err(|_| {
+                Error::FailedPrecondition(format!(
+                    "cannot decrypt the {what}: wrong passphrase or unsupported cipher"
+                ))
+            })?;
+            Ok(decrypted.as_bytes().to_vec())
+        }
+        other => Err(Error::FailedPrecondition(format!(
+            "{what} is a PEM {other:?} block; a PKCS#8 key is needed"
+        ))),
+    }
+}
+
 impl KeyFileSigner {
     /// Loads a PKCS#8 PEM P-256 key, decrypting an encrypted PKCS#8 block (PBES2) with
     /// `passphrase`. The block's label decides which it is. An encrypted key without a
     /// passphrase, or with a wrong one, is refused.
     pub fn from_pem(text: &str, passphrase: Option<&str>) -> Result<Self> {
-        let block = pem::parse(text)
-            .map_err(|e| Error::FailedPrecondition(format!("issuing key is not PEM: {e}")))?;
-        let pkcs8_der = match block.tag() {
-            "PRIVATE KEY" => block.into_contents(),
-            "ENCRYPTED PRIVATE KEY" => {
-                let Some(passphrase) = passphrase else {
-                    return Err(Error::FailedPrecondition(
-                        "the issuing key is encrypted; set PAYRA_CA_KEY_PASSPHRASE or \
-                         ca_key_passphrase_file"
-                            .into(),
-                    ));
-                };
-                use pkcs8::der::Decode;
-                let encrypted = pkcs8::EncryptedPrivateKeyInfo::from_der(block.contents())
-                    .map_err(|e| Error::FailedPrecondition(format!("issuing key: {e}")))?;
-                check_key_encryption(&encrypted.encryption_algorithm)?;
-                let decrypted = encrypted.decrypt(passphrase).map_err(|_| {
-                    Error::FailedPrecondition(
-                        "cannot decrypt the issuing key: wrong passphrase or unsupported cipher"
-                            .into(),
-                    )
-                })?;
-                decrypted.as_bytes().to_vec()
-            }
-            other => {
-                return Err(Error::FailedPrecondition(format!(
-                    "issuing key is a PEM {other:?} block; a PKCS#8 key is needed"
-                )))
-            }
-        };
+        let pkcs8_der = pkcs8_from_pem(text, passphrase, "issuing key")?;
         let key = KeyPair::from_pkcs8_der_and_sign_algo(
             &rustls_pki_types::PrivatePkcs8KeyDer::from(pkcs8_der.as_slice()),
             &PKCS_ECDSA_P256_SHA256,

@@ -267,6 +267,12 @@ pub(crate) enum CaCommand {
     /// Prove the configured issuing key works without starting the server: it matches
     /// issuing.pem and signs a test message that verifies.
     Check(ServeArgs),
+    /// Add an SM2 hierarchy (sm2-root, sm2-issuing; SM2-with-SM3, GM/T 0015) to a PKI made
+    /// before payra had one. `payra init` makes both hierarchies; this refuses to replace one.
+    InitSm2 {
+        #[arg(long, env = "PAYRA_CERTS", default_value = "certs")]
+        certs: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]

@@ -30,6 +30,7 @@ pub(crate) fn populate(data: &Path, records: u64) -> CliResult {
             not_after_s: now + 365 * 86_400,
             issued_at_s: now,
             public_key_hex: public_key_hex.clone(),
+            key_algorithm: Default::default(),
             certificate_b64: certificate_b64.clone(),
             revocation: None,
             renewed_from: None,

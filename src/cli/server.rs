@@ -83,7 +83,30 @@ pub(crate) fn ca_check(args: ServeArgs) -> Result<(), String> {
             .issuing_cert()
             .display()
     );
+    if ca.sm2.is_some() {
+        println!(
+            "ok: {} matches {} and signs SM2-with-SM3 (a test signature verified)",
+            payra::ca::PkiFiles::new(&config.certs_dir)
+                .sm2_issuing_key()
+                .display(),
+            payra::ca::PkiFiles::new(&config.certs_dir)
+                .sm2_issuing_cert()
+                .display()
+        );
+    }
     drop(ca);
+    Ok(())
+}
+
+/// `payra ca init-sm2`: an SM2 hierarchy beside an existing P-256 one.
+pub(crate) fn ca_init_sm2(certs: &std::path::Path) -> Result<(), String> {
+    payra::ca::pki::init_sm2_hierarchy(certs).map_err(|e| e.to_string())?;
+    let files = payra::ca::PkiFiles::new(certs);
+    println!(
+        "wrote {} and {} (keys mode 0600); restart payra to issue SM2 certificates",
+        files.sm2_root_cert().display(),
+        files.sm2_issuing_cert().display()
+    );
     Ok(())
 }
 

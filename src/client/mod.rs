@@ -295,6 +295,24 @@ impl Client {
         let request = proto::RenewRequest {
             csr_der,
             device_info,
+            proof: None,
+        };
+        Ok(self.enrollment().renew(request).await?.into_inner())
+    }
+
+    /// `Enrollment.Renew` for an SM2 certificate, on a connection without a client
+    /// certificate: `proof` is the current certificate's SM2 signature over
+    /// [`crate::ra::renewal_proof_message`] of its serial, the time and `csr_der`.
+    pub async fn renew_with_proof(
+        &self,
+        csr_der: Vec<u8>,
+        device_info: Option<proto::DeviceInfo>,
+        proof: proto::RenewalProof,
+    ) -> CallResult<proto::EnrollResponse> {
+        let request = proto::RenewRequest {
+            csr_der,
+            device_info,
+            proof: Some(proof),
         };
         Ok(self.enrollment().renew(request).await?.into_inner())
     }

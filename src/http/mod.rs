@@ -41,6 +41,7 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/crl", get(crl))
+        .route("/crl/sm2", get(sm2_crl))
         .route("/ocsp", axum::routing::post(ocsp_post))
         .route("/ocsp/{*request}", get(ocsp_get))
         .layer(DefaultBodyLimit::max(MAX_OCSP_REQUEST_BYTES))
@@ -99,7 +100,16 @@ async fn readyz(State(state): State<HttpState>) -> Response {
 }
 
 async fn crl(State(ra): State<Arc<Ra>>) -> Response {
-    match tokio::task::spawn_blocking(move || ra.current_crl()).await {
+    serve_crl(ra, crate::model::KeyAlgorithm::P256).await
+}
+
+/// The SM2 issuing CA's CRL (`404` when this payra has no SM2 hierarchy).
+async fn sm2_crl(State(ra): State<Arc<Ra>>) -> Response {
+    serve_crl(ra, crate::model::KeyAlgorithm::Sm2).await
+}
+
+async fn serve_crl(ra: Arc<Ra>, algorithm: crate::model::KeyAlgorithm) -> Response {
+    match tokio::task::spawn_blocking(move || ra.current_crl_of(algorithm)).await {
         Ok(Ok(crl)) => (
             [
                 (header::CONTENT_TYPE, "application/pkix-crl"),
@@ -117,6 +127,9 @@ async fn crl(State(ra): State<Arc<Ra>>) -> Response {
                 "CRL unavailable; retry shortly\n",
             )
                 .into_response()
+        }
+        Ok(Err(e)) if e.kind() == crate::error::ErrorKind::NotFound => {
+            (StatusCode::NOT_FOUND, "no SM2 issuing CA here\n").into_response()
         }
         Ok(Err(e)) => {
             tracing::error!(error = %e, "building the CRL failed");

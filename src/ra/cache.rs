@@ -9,7 +9,7 @@ use std::sync::RwLock;
 
 use crate::attestation::AttestationClass;
 use crate::error::Result;
-use crate::model::{CustomerId, DeviceId, RevocationReason, Serial};
+use crate::model::{CustomerId, DeviceId, KeyAlgorithm, RevocationReason, Serial};
 use crate::store::{CertificateRecord, Revocation, Store};
 
 /// What the verifier knows about one certificate.
@@ -24,6 +24,8 @@ pub struct CachedCertificate {
     pub revocation: Option<Revocation>,
     /// What the enrollment's attestation proved (what the certificate counts for).
     pub attestation: AttestationClass,
+    /// P-256 or SM2: how the device signs its payments.
+    pub key_algorithm: KeyAlgorithm,
 }
 
 /// One certificate as the map keeps it: a single allocation of about 150 bytes holding
@@ -32,7 +34,7 @@ pub struct CachedCertificate {
 ///
 /// Layout: serial length (1) | serial (up to 20) | public key (65) | notBefore i64 LE |
 /// notAfter i64 LE | revocation: reason code + 1, or 0 for none (1) | revoked_at_s i64 LE |
-/// attestation class (1) | customer length (1) | customer | device.
+/// attestation class (1) | key algorithm (1) | customer length (1) | customer | device.
 struct Entry(Box<[u8]>);
 
 /// The longest serial RFC 5280 allows.
@@ -48,7 +50,7 @@ impl Entry {
             return None;
         }
         let mut bytes =
-            Vec::with_capacity(1 + serial.len() + KEY_LEN + 27 + customer.len() + device.len());
+            Vec::with_capacity(1 + serial.len() + KEY_LEN + 28 + customer.len() + device.len());
         bytes.push(serial.len() as u8);
         bytes.extend_from_slice(serial);
         bytes.extend_from_slice(&summary.public_key);
@@ -56,6 +58,7 @@ impl Entry {
         bytes.extend_from_slice(&summary.not_after_s.to_le_bytes());
         bytes.extend_from_slice(&[0; 9]);
         bytes.push(summary.attestation.0);
+        bytes.push(summary.key_algorithm.code());
         bytes.push(customer.len() as u8);
         bytes.extend_from_slice(customer);
         bytes.extend_from_slice(device);
@@ -119,7 +122,10 @@ impl Entry {
         let mut public_key = [0u8; KEY_LEN];
         public_key.copy_from_slice(&self.0[at..at + KEY_LEN]);
         let attestation = AttestationClass(self.0[at + KEY_LEN + 25]);
-        let ids_at = at + KEY_LEN + 26;
+        // Only `new` writes the code, from a KeyAlgorithm.
+        let key_algorithm =
+            KeyAlgorithm::from_code(self.0[at + KEY_LEN + 26]).unwrap_or(KeyAlgorithm::P256);
+        let ids_at = at + KEY_LEN + 27;
         let customer_len = usize::from(self.0[ids_at]);
         let ids = &self.0[ids_at + 1..];
         // Both identifiers were validated (ASCII) before they were stored, so this borrows.
@@ -132,6 +138,7 @@ impl Entry {
             not_after_s: self.not_after_s(),
             revocation: self.revocation(),
             attestation,
+            key_algorithm,
         }
     }
 }
@@ -580,6 +587,7 @@ mod tests {
             not_after_s: 1_900_000_000,
             issued_at_s: 0,
             public_key_hex: hex::encode(key),
+            key_algorithm: Default::default(),
             certificate_b64: String::new(),
             revocation: None,
             renewed_from: None,
@@ -598,6 +606,7 @@ mod tests {
             not_after_s: record.not_after_s,
             revocation: record.revocation,
             attestation: AttestationClass::NONE,
+            key_algorithm: record.key_algorithm,
         }
     }
 

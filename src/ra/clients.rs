@@ -135,6 +135,16 @@ impl Ra {
         // Names follow the customer-id alphabet: they appear in subjects and logs.
         CustomerId::parse("name", name)?;
         let key = parse_device_csr(csr_der)?;
+        if key.algorithm() != crate::model::KeyAlgorithm::P256 {
+            return Err(Error::invalid(
+                "csr_der",
+                format!(
+                    "key type {} is not accepted for a client certificate; payra's TLS speaks \
+                     EC P-256 only",
+                    key.algorithm()
+                ),
+            ));
+        }
         let now_s = self.clock.now_s();
         let serial = Serial::random();
         let certificate = issue_client_certificate(
@@ -176,6 +186,7 @@ impl Ra {
                 not_after_s: certificate.not_after_s,
                 issued_at_s: now_s,
                 public_key_hex: hex::encode(key.sec1()),
+                key_algorithm: Default::default(),
                 certificate_b64: record.certificate_b64,
                 revocation: None,
                 renewed_from: None,

@@ -4,9 +4,11 @@ use rand::RngCore;
 
 use super::status::{CertificateStatus, StatusView};
 use super::Ra;
-use crate::ca::{issue_device_certificate, parse_device_csr, SubscriberRef};
+use crate::ca::{
+    issue_device_certificate, issue_sm2_device_certificate, parse_device_csr, SubscriberRef,
+};
 use crate::error::{Error, Result};
-use crate::model::{CustomerId, DeviceId, DeviceInfo, Serial};
+use crate::model::{CustomerId, DeviceId, DeviceInfo, KeyAlgorithm, Serial};
 use crate::store::{Actor, AuditEvent};
 use crate::store::{
     CertificateRecord, IssueOutcome, RevokeRejection, TokenHash, TokenRecord, TokenRejection,
@@ -45,6 +47,30 @@ pub struct RenewRequest {
     pub csr_der: Vec<u8>,
     /// `None` keeps the device info on record.
     pub device_info: Option<DeviceInfo>,
+    /// For an SM2 certificate: the caller's proof that it holds the certificate's key (it
+    /// cannot present the certificate over TLS). `None`: the caller presented `current` over
+    /// mutual TLS.
+    pub proof: Option<RenewalProof>,
+}
+
+/// The current SM2 certificate's signature over what a renewal asks for (proto
+/// `RenewalProof`; see [`renewal_proof_message`]).
+#[derive(Debug, Clone)]
+pub struct RenewalProof {
+    pub signed_at_s: i64,
+    pub signature: Vec<u8>,
+}
+
+/// The bytes a [`RenewalProof`] signs: `"payra.v1.RenewalProof\n" || serial (hex) || "\n" ||
+/// signed_at_s (decimal) || "\n" || csr_der`.
+pub fn renewal_proof_message(serial: &Serial, signed_at_s: i64, csr_der: &[u8]) -> Vec<u8> {
+    let mut message = format!(
+        "payra.v1.RenewalProof\n{}\n{signed_at_s}\n",
+        serial.to_hex()
+    )
+    .into_bytes();
+    message.extend_from_slice(csr_der);
+    message
 }
 
 /// An issued certificate as returned to the phone.
@@ -195,7 +221,14 @@ impl Ra {
     ) -> Result<PreparedEnrollment> {
         check_token_shape(&request.token)?;
         request.device_info.validate()?;
-        let public_key = parse_device_csr(&request.csr_der)?;
+        let public_key = self.accepted_device_key(&request.csr_der)?;
+        if public_key.algorithm() != KeyAlgorithm::P256 && request.attestation.is_some() {
+            return Err(Error::invalid(
+                "attestation",
+                "Android Key Attestation and App Attest certify P-256 keys; an SM2 key cannot \
+                 carry one (enroll it without an attestation)",
+            ));
+        }
         let hash = TokenHash::of(&request.token);
         let now_ms = self.clock.now_ms();
         let now_s = now_ms.div_euclid(1000);
@@ -420,7 +453,7 @@ impl Ra {
         if let Some(info) = &request.device_info {
             info.validate()?;
         }
-        let public_key = parse_device_csr(&request.csr_der)?;
+        let public_key = self.accepted_device_key(&request.csr_der)?;
         let now_s = self.clock.now_s();
         let current = self.store.certificate(&request.current)?.ok_or_else(|| {
             Error::Unauthenticated(format!(
@@ -428,6 +461,19 @@ impl Ra {
                 request.current
             ))
         })?;
+        match (&request.proof, current.key_algorithm) {
+            (None, _) => {}
+            (Some(proof), KeyAlgorithm::Sm2) => {
+                self.check_renewal_proof(&current, &request.csr_der, proof, now_s)?
+            }
+            (Some(_), KeyAlgorithm::P256) => {
+                return Err(Error::Unauthenticated(format!(
+                    "certificate {} is an EC P-256 certificate: renew by presenting it over \
+                     mutual TLS (a RenewalProof is for SM2 certificates)",
+                    current.serial
+                )))
+            }
+        }
         match StatusView::of(&current, now_s).status {
             CertificateStatus::Valid => {}
             CertificateStatus::Expired => {
@@ -477,7 +523,8 @@ impl Ra {
             self.sign_device_certificate(&public_key, holder, Some(current.serial.clone()), now_s)?;
         // An attestation proves where one key lives: it carries over only to the same key. A
         // new key is unattested until a new enrollment (with a token) attests it.
-        let same_key = record.public_key_hex == current.public_key_hex;
+        let same_key = record.public_key_hex == current.public_key_hex
+            && record.key_algorithm == current.key_algorithm;
         if same_key {
             record.attestation = current.attestation.clone();
         }
@@ -577,14 +624,34 @@ impl Ra {
             subscriber,
         } = holder;
         let serial = Serial::time_ordered(self.clock.now_ms());
-        let certificate = issue_device_certificate(
-            &self.ca.issuer,
-            &self.policy.profile,
-            public_key,
-            &serial,
-            &subscriber,
-            now_s,
-        )?;
+        let certificate = match (
+            public_key.algorithm(),
+            &self.ca.sm2,
+            &self.policy.sm2_profile,
+        ) {
+            (KeyAlgorithm::P256, _, _) => issue_device_certificate(
+                &self.ca.issuer,
+                &self.policy.profile,
+                public_key,
+                &serial,
+                &subscriber,
+                now_s,
+            )?,
+            (KeyAlgorithm::Sm2, Some(sm2), Some(profile)) => issue_sm2_device_certificate(
+                &sm2.issuer,
+                profile,
+                public_key,
+                &serial,
+                &subscriber,
+                now_s,
+            )?,
+            // `accepted_device_key` lets no SM2 key through without an SM2 CA.
+            (KeyAlgorithm::Sm2, _, _) => {
+                return Err(Error::FailedPrecondition(
+                    "this payra has no SM2 issuing CA".into(),
+                ))
+            }
+        };
         let record = CertificateRecord {
             version: RECORD_VERSION,
             serial,
@@ -596,6 +663,7 @@ impl Ra {
             not_after_s: certificate.not_after_s,
             issued_at_s: now_s,
             public_key_hex: hex::encode(public_key.sec1()),
+            key_algorithm: public_key.algorithm(),
             certificate_b64: CertificateRecord::encode_der(&certificate.der),
             revocation: None,
             renewed_from,
@@ -608,11 +676,67 @@ impl Ra {
 
     /// The answer to the phone: the certificate and the chain up to (not including) the root.
     fn issued(&self, record: CertificateRecord, certificate_der: Vec<u8>) -> Issued {
+        let issuing_der = match (record.key_algorithm, &self.ca.sm2) {
+            (KeyAlgorithm::Sm2, Some(sm2)) => sm2.issuing_der.clone(),
+            _ => self.ca.issuing_der.clone(),
+        };
         Issued {
             certificate_der,
-            chain_der: vec![self.ca.issuing_der.clone()],
+            chain_der: vec![issuing_der],
             record,
         }
+    }
+
+    /// Checks an SM2 certificate's renewal proof: signed within the verification skew of
+    /// now, by `current`'s key, over the serial, the time and the CSR.
+    fn check_renewal_proof(
+        &self,
+        current: &CertificateRecord,
+        csr_der: &[u8],
+        proof: &RenewalProof,
+        now_s: i64,
+    ) -> Result<()> {
+        let skew_s = self.policy.ledger.skew_ms / 1000;
+        if proof.signed_at_s.abs_diff(now_s) > skew_s.unsigned_abs() {
+            return Err(Error::Unauthenticated(format!(
+                "the renewal proof was signed at {}, more than {skew_s} s from payra's clock ({}); \
+                 sign it again with the current time",
+                crate::model::moment(proof.signed_at_s),
+                crate::model::moment(now_s)
+            )));
+        }
+        let message = renewal_proof_message(&current.serial, proof.signed_at_s, csr_der);
+        let key = hex::decode(&current.public_key_hex).unwrap_or_default();
+        if proof.signature.len() > super::signature::MAX_SIGNATURE_BYTES
+            || !crate::ca::sm2::verify(&key, &message, &proof.signature)
+        {
+            tracing::warn!(serial = %current.serial, "renewal proof does not verify");
+            return Err(Error::Unauthenticated(format!(
+                "the renewal proof does not verify with the key of certificate {} (SM2 with SM3, \
+                 distinguishing id 1234567812345678, over \"payra.v1.RenewalProof\\n\" || serial \
+                 || \"\\n\" || signed_at || \"\\n\" || csr_der)",
+                current.serial
+            )));
+        }
+        Ok(())
+    }
+
+    /// The device key of `csr_der` (see [`parse_device_csr`]), refused unless
+    /// `issuance.key_algorithms` accepts its algorithm.
+    fn accepted_device_key(&self, csr_der: &[u8]) -> Result<crate::ca::DevicePublicKey> {
+        let key = parse_device_csr(csr_der)?;
+        let accepted = self.policy.key_algorithms.as_deref().unwrap_or(&[]);
+        if !accepted.contains(&key.algorithm()) {
+            let names: Vec<&str> = accepted.iter().map(|a| a.name()).collect();
+            return Err(Error::invalid(
+                "csr_der",
+                format!(
+                    "key type {} is not accepted here (issuance.key_algorithms = {names:?})",
+                    key.algorithm()
+                ),
+            ));
+        }
+        Ok(key)
     }
 }
 

@@ -20,7 +20,9 @@ pub mod tiers;
 mod verification;
 
 pub use clients::{ClientRegistry, ClientStanding, CLIENT_ROLES};
-pub use enrollment::{EnrollRequest, EnrollmentToken, Issued, RenewRequest};
+pub use enrollment::{
+    renewal_proof_message, EnrollRequest, EnrollmentToken, Issued, RenewRequest, RenewalProof,
+};
 pub use limits::LedgerPolicy;
 pub use publication::{OcspAnswer, OcspFreshness, Publication, PublishedCrl};
 pub use retention::RetentionProgress;
@@ -42,7 +44,7 @@ use crate::clock::Clock;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::model::Serial;
+use crate::model::{KeyAlgorithm, Serial};
 use crate::store::Actor;
 use crate::store::{CertificateRecord, Decisions, Store};
 
@@ -65,6 +67,14 @@ pub struct RaPolicy {
     pub renewals_per_day: u32,
     /// Checks enrollments' attestations and says what a certificate counts for.
     pub attestation: std::sync::Arc<crate::attestation::Attestor>,
+    /// The device key algorithms enrollment accepts (`None`: P-256, and SM2 when the CA
+    /// material has an SM2 hierarchy; resolved by `Ra::new`).
+    pub key_algorithms: Option<Vec<KeyAlgorithm>>,
+    /// The SM2 device profile: the P-256 one with the SM2 CA's CRL and notAfter (set by
+    /// `Ra::new` when the CA material has an SM2 hierarchy).
+    pub sm2_profile: Option<DeviceProfile>,
+    /// Where SM2 certificates point for their CRL.
+    pub sm2_crl_url: String,
 }
 
 impl RaPolicy {
@@ -101,6 +111,9 @@ impl RaPolicy {
             attestation: std::sync::Arc::new(crate::attestation::Attestor::from_config(
                 &config.attestation,
             )?),
+            key_algorithms: config.issuance.key_algorithms.clone(),
+            sm2_profile: None,
+            sm2_crl_url: config.sm2_crl_url(),
         })
     }
 }
@@ -137,6 +150,29 @@ impl Ra {
         metrics: Arc<Metrics>,
     ) -> Result<Ra> {
         policy.profile.issuer_not_after_s = ca.issuing_not_after_s;
+        policy.sm2_profile = ca.sm2.as_ref().map(|sm2| DeviceProfile {
+            crl_url: policy.sm2_crl_url.clone(),
+            issuer_not_after_s: sm2.issuing_not_after_s,
+            ..policy.profile.clone()
+        });
+        let accepted = match policy.key_algorithms.take() {
+            Some(list) => list,
+            None if ca.sm2.is_some() => vec![KeyAlgorithm::P256, KeyAlgorithm::Sm2],
+            None => vec![KeyAlgorithm::P256],
+        };
+        if accepted.contains(&KeyAlgorithm::Sm2) && ca.sm2.is_none() {
+            return Err(Error::FailedPrecondition(
+                "issuance.key_algorithms lists \"sm2\" but the certs directory has no SM2 \
+                 hierarchy (sm2-issuing.pem, sm2-issuing.key); create one with `payra ca \
+                 init-sm2`"
+                    .into(),
+            ));
+        }
+        tracing::info!(
+            key_algorithms = ?accepted.iter().map(|a| a.name()).collect::<Vec<_>>(),
+            "device key algorithms accepted"
+        );
+        policy.key_algorithms = Some(accepted);
         let server_der = pem::parse(&ca.server_chain_pem).map(|p| p.into_contents());
         for (name, not_after) in [
             ("issuing", Some(ca.issuing_not_after_s)),
@@ -192,8 +228,19 @@ impl Ra {
             "daily ceilings"
         );
         let responder = OcspResponder::new(&ca.issuing_der, ca.signer.clone())?;
-        let publication =
-            Publication::new(responder, policy.crl_validity_s, policy.ocsp_validity_s);
+        let sm2_responder = match &ca.sm2 {
+            Some(sm2) => Some(OcspResponder::new(
+                &sm2.issuing_der,
+                sm2.issuer.signer.clone(),
+            )?),
+            None => None,
+        };
+        let publication = Publication::new(
+            responder,
+            sm2_responder,
+            policy.crl_validity_s,
+            policy.ocsp_validity_s,
+        );
         Ok(Ra {
             store,
             decisions,

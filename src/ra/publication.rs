@@ -13,7 +13,8 @@ use std::sync::{Mutex, RwLock};
 
 use super::Ra;
 use crate::ca::{build_crl, CrlEntry, OcspResponder, OcspStatus};
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::model::KeyAlgorithm;
 
 /// Most cached OCSP responses; the cache is emptied when it grows past this.
 const OCSP_CACHE_LIMIT: usize = 100_000;
@@ -68,8 +69,11 @@ impl OcspAnswer {
 /// CRL and OCSP state of a running RA.
 pub struct Publication {
     responder: OcspResponder,
+    /// The SM2 issuing CA's responder, when there is an SM2 hierarchy.
+    sm2_responder: Option<OcspResponder>,
     generation: AtomicU64,
     crl: Mutex<Option<PublishedCrl>>,
+    sm2_crl: Mutex<Option<PublishedCrl>>,
     /// Keyed by the request's DER CertID: the response must echo the CertID exactly as asked
     /// (SHA-1 and SHA-256 requests for one serial get different responses).
     ocsp_cache: RwLock<HashMap<Vec<u8>, CachedOcsp>>,
@@ -79,11 +83,18 @@ pub struct Publication {
 }
 
 impl Publication {
-    pub fn new(responder: OcspResponder, crl_validity_s: i64, ocsp_validity_s: i64) -> Self {
+    pub fn new(
+        responder: OcspResponder,
+        sm2_responder: Option<OcspResponder>,
+        crl_validity_s: i64,
+        ocsp_validity_s: i64,
+    ) -> Self {
         Publication {
             responder,
+            sm2_responder,
             generation: AtomicU64::new(0),
             crl: Mutex::new(None),
+            sm2_crl: Mutex::new(None),
             ocsp_cache: RwLock::new(HashMap::new()),
             crl_wakeup: tokio::sync::Notify::new(),
             crl_validity_s,
@@ -102,9 +113,14 @@ impl Publication {
         &self.crl_wakeup
     }
 
-    /// The CRL served last, if any.
+    /// The P-256 CA's CRL served last, if any.
     pub fn last_crl(&self) -> Option<PublishedCrl> {
         self.crl.lock().unpoisoned().clone()
+    }
+
+    /// Whether there is an SM2 CA (and so an SM2 CRL) to publish.
+    pub fn has_sm2(&self) -> bool {
+        self.sm2_responder.is_some()
     }
 
     /// Seconds between CRL rebuilds when nothing changes.
@@ -114,11 +130,27 @@ impl Publication {
 }
 
 impl Ra {
-    /// The current CRL, rebuilt first if a revocation changed since the last one or half its
-    /// validity has passed. Concurrent callers share one rebuild.
+    /// The P-256 CA's current CRL; see [`Ra::current_crl_of`].
     pub fn current_crl(&self) -> Result<PublishedCrl> {
+        self.current_crl_of(KeyAlgorithm::P256)
+    }
+
+    /// The current CRL of the `algorithm` hierarchy's issuing CA, rebuilt first if a
+    /// revocation changed since the last one or half its validity has passed. Concurrent
+    /// callers share one rebuild. Each CA's CRL lists the certificates it issued; both take
+    /// their numbers from one increasing sequence.
+    pub fn current_crl_of(&self, algorithm: KeyAlgorithm) -> Result<PublishedCrl> {
         let publication = &self.publication;
-        let mut slot = publication.crl.lock().unpoisoned();
+        let sm2 = match algorithm {
+            KeyAlgorithm::P256 => None,
+            KeyAlgorithm::Sm2 => Some(self.ca.sm2.as_ref().ok_or_else(|| {
+                Error::NotFound("this payra has no SM2 issuing CA, so no SM2 CRL".into())
+            })?),
+        };
+        let mut slot = match algorithm {
+            KeyAlgorithm::P256 => publication.crl.lock().unpoisoned(),
+            KeyAlgorithm::Sm2 => publication.sm2_crl.lock().unpoisoned(),
+        };
         let now_s = self.clock.now_s();
         let generation = publication.generation.load(Ordering::SeqCst);
         if let Some(crl) = slot.as_ref() {
@@ -133,6 +165,7 @@ impl Ra {
             .store
             .revoked_entries()?
             .into_iter()
+            .filter(|entry| entry.key_algorithm == algorithm)
             .filter(|entry| stays_on_crl(entry.not_after_s, now_s, validity_s, last_this_update_s))
             .map(|entry| CrlEntry {
                 serial: entry.serial,
@@ -146,15 +179,25 @@ impl Ra {
             .store
             .next_crl_number(u64::try_from(self.clock.now_ms()).unwrap_or(0))?;
         let next_update_s = now_s + publication.crl_validity_s;
-        let der = build_crl(
-            &self.ca.issuer,
-            &self.ca.issuing_key_id,
+        let der = match sm2 {
+            None => build_crl(
+                &self.ca.issuer,
+                &self.ca.issuing_key_id,
+                number,
+                now_s,
+                next_update_s,
+                &entries,
+            )?,
+            Some(sm2) => sm2
+                .issuer
+                .sign_crl(number, now_s, next_update_s, &entries)?,
+        };
+        tracing::info!(
             number,
-            now_s,
-            next_update_s,
-            &entries,
-        )?;
-        tracing::info!(number, entries = entries.len(), "CRL signed");
+            entries = entries.len(),
+            ca = algorithm.name(),
+            "CRL signed"
+        );
         let crl = PublishedCrl {
             der,
             number,
@@ -170,9 +213,23 @@ impl Ra {
     /// gets `malformedRequest`, an internal fault `internalError`).
     pub fn ocsp_response(&self, request_der: &[u8]) -> OcspAnswer {
         let publication = &self.publication;
-        let Some(request) = publication.responder.parse_request(request_der) else {
+        let Some(mut request) = publication.responder.parse_request(request_der) else {
             return OcspAnswer::uncacheable(OcspResponder::malformed());
         };
+        // The request names one of the two issuing CAs; a request that names neither is
+        // answered `unknown` by the P-256 CA.
+        let mut responder = (&publication.responder, KeyAlgorithm::P256);
+        if let Some(sm2) = &publication.sm2_responder {
+            if request.items.iter().all(|(_, serial)| serial.is_none()) {
+                if let Some(parsed) = sm2.parse_request(request_der) {
+                    if parsed.items.iter().any(|(_, serial)| serial.is_some()) {
+                        request = parsed;
+                        responder = (sm2, KeyAlgorithm::Sm2);
+                    }
+                }
+            }
+        }
+        let (responder, issuer_algorithm) = responder;
         let now_s = self.clock.now_s();
         let freshness = |this_update_s: i64| OcspFreshness {
             this_update_s,
@@ -210,6 +267,10 @@ impl Ra {
             let status = match serial {
                 None => OcspStatus::Unknown,
                 Some(serial) => match self.store.certificate(serial) {
+                    // A serial of the other CA's: not this issuer's certificate.
+                    Ok(Some(record)) if record.key_algorithm != issuer_algorithm => {
+                        OcspStatus::Unknown
+                    }
                     Ok(Some(record)) => match record.revocation {
                         Some(r) => OcspStatus::Revoked {
                             revoked_at_s: r.revoked_at_s,
@@ -217,6 +278,7 @@ impl Ra {
                         },
                         None => OcspStatus::Good,
                     },
+                    Ok(None) if issuer_algorithm != KeyAlgorithm::P256 => OcspStatus::Unknown,
                     Ok(None) => match self.store.client_certificate(serial) {
                         Ok(Some(client)) => match client.revocation {
                             Some(r) => OcspStatus::Revoked {
@@ -239,12 +301,7 @@ impl Ra {
             };
             statuses.push(status);
         }
-        let der = match publication.responder.respond(
-            &request,
-            &statuses,
-            now_s,
-            publication.ocsp_validity_s,
-        ) {
+        let der = match responder.respond(&request, &statuses, now_s, publication.ocsp_validity_s) {
             Ok(der) => der,
             Err(e) => {
                 tracing::error!(error = %e, "OCSP signing failed");

@@ -5,10 +5,12 @@
 
 use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_ASN1, ECDSA_P256_SHA256_FIXED};
 
+use crate::model::KeyAlgorithm;
+
 /// The domain-separation prefix: the signature covers `PREFIX || intent_bytes`.
 pub const SIGNING_PREFIX: &[u8] = b"payra.v1.PaymentIntent\n";
 
-/// Longest signature accepted: a DER ECDSA P-256 signature is at most 72 bytes.
+/// Longest signature accepted: a DER ECDSA P-256 or SM2 signature is at most 72 bytes.
 pub const MAX_SIGNATURE_BYTES: usize = 72;
 
 /// The exact bytes a device signs for `intent_bytes`.
@@ -26,7 +28,22 @@ pub fn signed_message(intent_bytes: &[u8]) -> Vec<u8> {
 /// SEQUENCE it is tried as DER too. Both low-S and high-S signatures are accepted: replay
 /// protection rests on the nonce, not on the signature bytes (docs/payment-signature.md).
 pub fn verify_intent_signature(public_key: &[u8], intent_bytes: &[u8], signature: &[u8]) -> bool {
+    verify_intent_signature_with(KeyAlgorithm::P256, public_key, intent_bytes, signature)
+}
+
+/// [`verify_intent_signature`] for a key of `algorithm`: for SM2, an SM2 signature with SM3
+/// and the default distinguishing id `1234567812345678`, DER or raw r‖s, over the same
+/// prefixed bytes.
+pub fn verify_intent_signature_with(
+    algorithm: KeyAlgorithm,
+    public_key: &[u8],
+    intent_bytes: &[u8],
+    signature: &[u8],
+) -> bool {
     let message = signed_message(intent_bytes);
+    if algorithm == KeyAlgorithm::Sm2 {
+        return crate::ca::sm2::verify(public_key, &message, signature);
+    }
     let der = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, public_key);
     if signature.len() == 64 {
         let raw = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, public_key);

@@ -4,7 +4,7 @@
 use crate::sync::Unpoisoned;
 
 use super::limits::{Assessment, TierLimits};
-use super::signature::{verify_intent_signature, MAX_SIGNATURE_BYTES};
+use super::signature::{verify_intent_signature_with, MAX_SIGNATURE_BYTES};
 use super::Ra;
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, Scene, Serial, Tier};
@@ -84,12 +84,23 @@ impl Ra {
                 customer,
             );
         }
-        if !verify_intent_signature(&cert.public_key, &request.intent_bytes, &request.signature) {
+        if !verify_intent_signature_with(
+            cert.key_algorithm,
+            &cert.public_key,
+            &request.intent_bytes,
+            &request.signature,
+        ) {
             return fail(
                 Verdict::BadSignature,
-                "signature does not verify with the certificate's key over \
-                 \"payra.v1.PaymentIntent\\n\" || intent"
-                    .into(),
+                format!(
+                    "signature does not verify with the certificate's key ({}) over \
+                     \"payra.v1.PaymentIntent\\n\" || intent",
+                    match cert.key_algorithm {
+                        crate::model::KeyAlgorithm::P256 => "ECDSA P-256 with SHA-256",
+                        crate::model::KeyAlgorithm::Sm2 =>
+                            "SM2 with SM3, distinguishing id 1234567812345678",
+                    }
+                ),
                 customer,
             );
         }

@@ -35,6 +35,7 @@ fn certificate(customer: &str, device: &str) -> CertificateRecord {
         // A key of its own: a store shared by several processes refuses one key for two
         // devices.
         public_key_hex: format!("04{}", hex::encode(rand::random::<[u8; 32]>()).repeat(2)),
+        key_algorithm: Default::default(),
         certificate_b64: String::new(),
         revocation: None,
         renewed_from: None,

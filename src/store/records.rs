@@ -6,7 +6,8 @@ use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
 use crate::model::{
-    CustomerId, DeviceId, DeviceInfo, Factor, FactorCategory, RevocationReason, Serial, Tier,
+    CustomerId, DeviceId, DeviceInfo, Factor, FactorCategory, KeyAlgorithm, RevocationReason,
+    Serial, Tier,
 };
 
 /// The version written by this build.
@@ -44,8 +45,9 @@ pub use crate::model::Revocation;
 ///
 /// Layout: version (1) | public key (65, uncompressed SEC1) | notBefore i64 BE | notAfter i64
 /// BE | revoked flag (0/1) | revoked_at_s i64 BE | reason code u8 | customer length u8 |
-/// customer | device length u8 | device | attestation class u8 (only when the key was
-/// attested; a summary without it reads as unattested). The serial is the tree's key.
+/// customer | device length u8 | device | attestation class u8 | key algorithm u8. The last
+/// two are optional: a summary that ends at the device id is of an unattested P-256 key, one
+/// that ends at the attestation class of a P-256 key. The serial is the tree's key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertificateSummary {
     pub serial: Serial,
@@ -57,6 +59,7 @@ pub struct CertificateSummary {
     pub revocation: Option<Revocation>,
     /// What the enrollment's attestation proved, in one byte.
     pub attestation: crate::attestation::AttestationClass,
+    pub key_algorithm: KeyAlgorithm,
 }
 
 const SUMMARY_VERSION: u8 = 1;
@@ -67,7 +70,7 @@ impl CertificateSummary {
         let mut public_key = [0u8; 65];
         hex::decode_to_slice(&record.public_key_hex, &mut public_key).map_err(|_| {
             Error::internal(format!(
-                "certificate {}: stored public key is not a P-256 point",
+                "certificate {}: stored public key is not an uncompressed point",
                 record.serial
             ))
         })?;
@@ -83,6 +86,7 @@ impl CertificateSummary {
                 .attestation
                 .as_ref()
                 .map_or(crate::attestation::AttestationClass::NONE, |a| a.class()),
+            key_algorithm: record.key_algorithm,
         })
     }
 
@@ -107,9 +111,14 @@ impl CertificateSummary {
         out.extend_from_slice(customer);
         out.push(device.len() as u8);
         out.extend_from_slice(device);
-        // Last and optional: summaries written before attestation end at the device id.
-        if self.attestation != crate::attestation::AttestationClass::NONE {
+        // Last and optional: summaries written before attestation end at the device id, and
+        // those written before SM2 at the attestation class.
+        let sm2 = self.key_algorithm != KeyAlgorithm::P256;
+        if sm2 || self.attestation != crate::attestation::AttestationClass::NONE {
             out.push(self.attestation.0);
+        }
+        if sm2 {
+            out.push(self.key_algorithm.code());
         }
         out
     }
@@ -155,10 +164,20 @@ impl CertificateSummary {
         let len = take(1)?[0] as usize;
         let device = std::str::from_utf8(take(len)?).map_err(|_| bad("device"))?;
         let device_id = DeviceId::parse("device_id", device)?;
-        let attestation = match rest {
-            [] => crate::attestation::AttestationClass::NONE,
-            [class] => crate::attestation::AttestationClass(*class),
-            _ => return Err(bad("bytes after the attestation class")),
+        let (attestation, key_algorithm) = match rest {
+            [] => (
+                crate::attestation::AttestationClass::NONE,
+                KeyAlgorithm::P256,
+            ),
+            [class] => (
+                crate::attestation::AttestationClass(*class),
+                KeyAlgorithm::P256,
+            ),
+            [class, algorithm] => (
+                crate::attestation::AttestationClass(*class),
+                KeyAlgorithm::from_code(*algorithm).ok_or_else(|| bad("unknown key algorithm"))?,
+            ),
+            _ => return Err(bad("bytes after the key algorithm")),
         };
         Ok(CertificateSummary {
             serial: Serial::from_bytes("serial", serial)?,
@@ -169,6 +188,7 @@ impl CertificateSummary {
             public_key,
             revocation,
             attestation,
+            key_algorithm,
         })
     }
 }
@@ -181,6 +201,10 @@ pub struct RevokedEntry {
     pub serial: Serial,
     pub revocation: Revocation,
     pub not_after_s: i64,
+    /// Which hierarchy's CRL lists it: the SM2 CA's for SM2 device keys, else the P-256
+    /// CA's (absent in entries written before SM2).
+    #[serde(default, skip_serializing_if = "KeyAlgorithm::is_p256")]
+    pub key_algorithm: KeyAlgorithm,
 }
 
 /// A certificate payra issued, keyed by serial.
@@ -198,6 +222,10 @@ pub struct CertificateRecord {
     pub issued_at_s: i64,
     /// The uncompressed SEC1 public key, hex; kept so the verifier never parses the DER.
     pub public_key_hex: String,
+    /// The key's algorithm, and so the hierarchy that signed the certificate (absent: P-256,
+    /// as in every record written before SM2).
+    #[serde(default, skip_serializing_if = "KeyAlgorithm::is_p256")]
+    pub key_algorithm: KeyAlgorithm,
     /// The certificate, base64 (standard alphabet) DER.
     pub certificate_b64: String,
     pub revocation: Option<Revocation>,
@@ -353,6 +381,7 @@ mod tests {
                 reason: RevocationReason::CertificateHold,
             }),
             attestation: crate::attestation::AttestationClass::NONE,
+            key_algorithm: KeyAlgorithm::P256,
         };
         let golden = format!(
             "01{}{}{}01{}06{}{}",
@@ -390,8 +419,29 @@ mod tests {
             CertificateSummary::decode(attested.serial.as_bytes(), &encoded).unwrap(),
             attested
         );
+
+        // An SM2 key adds its algorithm after the class (0 when unattested).
+        let mut sm2 = summary.clone();
+        sm2.key_algorithm = KeyAlgorithm::Sm2;
+        let encoded = sm2.encode();
+        assert_eq!(hex::encode(&encoded), format!("{golden}0001"));
+        assert_eq!(
+            CertificateSummary::decode(sm2.serial.as_bytes(), &encoded).unwrap(),
+            sm2
+        );
+        let mut attested_sm2 = attested.clone();
+        attested_sm2.key_algorithm = KeyAlgorithm::Sm2;
+        let encoded = attested_sm2.encode();
+        assert_eq!(hex::encode(&encoded), format!("{golden}8601"));
+        assert_eq!(
+            CertificateSummary::decode(sm2.serial.as_bytes(), &encoded).unwrap(),
+            attested_sm2
+        );
+        let mut unknown = encoded.clone();
+        unknown[encoded.len() - 1] = 7;
+        assert!(CertificateSummary::decode(sm2.serial.as_bytes(), &unknown).is_err());
         let mut longer = encoded.clone();
         longer.push(0);
-        assert!(CertificateSummary::decode(attested.serial.as_bytes(), &longer).is_err());
+        assert!(CertificateSummary::decode(sm2.serial.as_bytes(), &longer).is_err());
     }
 }

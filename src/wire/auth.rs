@@ -133,7 +133,8 @@ impl Rpc {
         use Role::*;
         match self {
             Rpc::Enroll => &[Anonymous, Device],
-            Rpc::Renew => &[Device],
+            // Anonymous: an SM2 device, which proves its certificate by a RenewalProof.
+            Rpc::Renew => &[Anonymous, Device],
             Rpc::CreateEnrollmentToken => &[Service, Operator],
             Rpc::VerifyPayment | Rpc::QualifyTransaction | Rpc::ReleaseReservation => &[Service],
             Rpc::GetCertificateStatus | Rpc::GetLimits => &[Service, Operator],

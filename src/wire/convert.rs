@@ -200,6 +200,7 @@ pub(super) fn record_to_proto(
         renewed_from_serial: record.renewed_from.map(|s| s.to_hex()).unwrap_or_default(),
         superseded_by_serial: record.superseded_by.map(|s| s.to_hex()).unwrap_or_default(),
         subscriber_ref: record.subscriber_ref.unwrap_or_default(),
+        key_algorithm: record.key_algorithm.name().to_string(),
     })
 }
 

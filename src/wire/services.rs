@@ -13,7 +13,8 @@ use crate::attestation::{AttestationFilter, CertificateFactor};
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, DeviceId, DeviceInfo, Serial};
 use crate::ra::{
-    CertificateQuery, Decision, EnrollRequest, QualifyRequest, Ra, RenewRequest, VerifyRequest,
+    CertificateQuery, Decision, EnrollRequest, QualifyRequest, Ra, RenewRequest, RenewalProof,
+    VerifyRequest,
 };
 use crate::store::CertificateRecord;
 
@@ -89,14 +90,44 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
         request: Request<proto::RenewRequest>,
     ) -> Result<Response<proto::EnrollResponse>, Status> {
         let actor = actor(&request);
-        let Caller::Device(current) = caller(&request)? else {
-            return Err(Error::PermissionDenied("Renew needs a device certificate".into()).into());
-        };
+        let caller = caller(&request)?;
         let request = request.into_inner();
+        let (current, proof) = match (caller, request.proof) {
+            (Caller::Device(current), None) => (current, None),
+            (Caller::Device(_), Some(_)) => {
+                return Err(Error::invalid(
+                    "proof",
+                    "is for SM2 devices without a TLS client certificate; this caller \
+                     presented its device certificate",
+                )
+                .into())
+            }
+            (Caller::Anonymous, Some(proof)) => (
+                Serial::parse("proof.current_serial", &proof.current_serial)?,
+                Some(RenewalProof {
+                    signed_at_s: proof.signed_at_unix_s,
+                    signature: proof.signature,
+                }),
+            ),
+            (Caller::Anonymous, None) => {
+                return Err(Error::Unauthenticated(
+                    "Renew needs the device's current certificate over mutual TLS, or for an \
+                     SM2 certificate a RenewalProof signed with its key"
+                        .into(),
+                )
+                .into())
+            }
+            _ => {
+                return Err(
+                    Error::PermissionDenied("Renew needs a device certificate".into()).into(),
+                )
+            }
+        };
         let request = RenewRequest {
             current,
             csr_der: request.csr_der,
             device_info: request.device_info.map(DeviceInfo::from),
+            proof,
         };
         let ra = self.ra.clone();
         let issued = blocking(move || ra.renew(&actor, request)).await?;

@@ -635,6 +635,7 @@ impl Store for PgStore {
                     serial: serial.clone(),
                     revocation,
                     not_after_s: record.not_after_s,
+                    key_algorithm: crate::model::KeyAlgorithm::P256,
                 };
                 tx.execute(
                     &prepared_tx(

@@ -254,6 +254,7 @@ pub(super) async fn put_revoked(tx: &Transaction<'_>, record: &CertificateRecord
                 serial: record.serial.clone(),
                 revocation,
                 not_after_s: record.not_after_s,
+                key_algorithm: record.key_algorithm,
             };
             tx.execute(
                 &prepared_tx(

@@ -101,6 +101,7 @@ pub(super) fn put_revoked(
         serial: record.serial.clone(),
         revocation,
         not_after_s: record.not_after_s,
+        key_algorithm: record.key_algorithm,
     };
     revoked
         .insert(record.serial.as_bytes(), encode(&entry)?)

@@ -633,6 +633,7 @@ impl Store for SledStore {
                     serial: serial.clone(),
                     revocation: *revocation,
                     not_after_s: record.not_after_s,
+                    key_algorithm: crate::model::KeyAlgorithm::P256,
                 };
                 revoked.insert(serial.as_bytes(), encode(&entry).map_err(abort)?)?;
                 clients.insert(serial.as_bytes(), encode(&record).map_err(abort)?)?;
