@@ -741,3 +741,67 @@ fn the_crate_and_openssl_agree_on_sm2_signatures_both_ways() {
     let other = VerifyingKey::from_sec1_bytes("1234567812345679", &point).unwrap();
     assert!(other.verify(message, &parsed).is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_sdk_enrolls_pays_and_renews_with_an_sm2_key() {
+    use payra::client::Sm2DeviceKey;
+    let server = TestServer::start().await;
+    let key = Sm2DeviceKey::generate();
+    // Its PKCS#8 form is one OpenSSL reads as an SM2 key.
+    let key_file = server.dir.path().join("sdk-sm2.pem");
+    std::fs::write(&key_file, key.to_pkcs8_pem().unwrap()).unwrap();
+    let (ok, text) = openssl(&["pkey", "-in", path_str(&key_file), "-noout", "-text"]);
+    assert!(ok && text.contains("ASN1 OID: SM2"), "{text}");
+    let again = Sm2DeviceKey::from_pkcs8_pem(&key.to_pkcs8_pem().unwrap()).unwrap();
+    assert_eq!(again.public_point(), key.public_point());
+
+    // OpenSSL checks the SDK's CSR signature under the default id.
+    let csr = key.csr_der("sdk-phone").unwrap();
+    let csr_file = server.dir.path().join("sdk.csr");
+    std::fs::write(&csr_file, &csr).unwrap();
+    let (ok, text) = openssl(&[
+        "req",
+        "-inform",
+        "DER",
+        "-in",
+        path_str(&csr_file),
+        "-verify",
+        "-noout",
+        "-vfyopt",
+        DISTID_OPT,
+    ]);
+    assert!(ok && text.contains("verify OK"), "{text}");
+
+    let issued = server
+        .enroll_csr("hu", "sdk-phone", csr)
+        .await
+        .expect("the SDK's SM2 CSR enrolls");
+    let intent = payment_intent("hu", "sdk-phone", "sdk-1", 500, server.clock.now_ms());
+    let bytes = encode_intent(&intent);
+    let answer = verify(
+        &server,
+        proto::VerifyPaymentRequest {
+            signature: key.sign_intent(&bytes),
+            intent: bytes,
+            certificate_serial: issued.serial.clone(),
+            transaction: Some(transaction_of(&intent)),
+            factors: Vec::new(),
+            reserve: false,
+        },
+    )
+    .await;
+    assert_eq!(verdict(&answer), Verdict::Verified, "{}", answer.reason);
+
+    let next = Sm2DeviceKey::generate();
+    let next_csr = next.csr_der("sdk-phone").unwrap();
+    let proof = key
+        .renewal_proof(&issued.serial, &next_csr, server.clock.now_ms() / 1000)
+        .unwrap();
+    let renewed = server
+        .anonymous()
+        .await
+        .renew_with_proof(next_csr, None, proof)
+        .await
+        .expect("renewal by the SDK's proof");
+    assert_ne!(renewed.serial, issued.serial);
+}
