@@ -177,6 +177,88 @@ def sign_intent(private_key, intent_bytes):
     return private_key.sign(SIGNATURE_PREFIX + intent_bytes, ec.ECDSA(hashes.SHA256()))
 
 
+# ---------------------------------------------------------------------------------------
+# The same for an SM2 phone (--algorithm sm2): GB/T 32918 signatures with SM3, in pure
+# Python with gmssl, and the CSR's DER written out by hand (cryptography has no SM2).
+# ---------------------------------------------------------------------------------------
+
+SM2_N = int("FFFFFFFEFFFFFFFFFFFFFFFFFFFFFFFF7203DF6B21C6052B53BBF40939D54123", 16)
+OID_EC_PUBLIC_KEY = "1.2.840.10045.2.1"
+OID_SM2_CURVE = "1.2.156.10197.1.301"
+OID_SM2_WITH_SM3 = "1.2.156.10197.1.501"
+OID_COMMON_NAME = "2.5.4.3"
+
+
+def der(tag, content):
+    """One DER TLV."""
+    n = len(content)
+    if n < 0x80:
+        length = bytes([n])
+    else:
+        octets = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(octets)]) + octets
+    return bytes([tag]) + length + content
+
+
+def der_int(value):
+    return der(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def der_oid(dotted):
+    arcs = [int(a) for a in dotted.split(".")]
+    out = bytes([40 * arcs[0] + arcs[1]])
+    for arc in arcs[2:]:
+        chunk = [arc & 0x7F]
+        arc >>= 7
+        while arc:
+            chunk.append(0x80 | (arc & 0x7F))
+            arc >>= 7
+        out += bytes(reversed(chunk))
+    return der(0x06, out)
+
+
+def der_seq(*items):
+    return der(0x30, b"".join(items))
+
+
+class Sm2Key:
+    """An SM2 key pair. Every signature uses the default distinguishing id
+    1234567812345678 (gmssl's Z value uses it) and a nonce from the secrets module: gmssl's
+    own default nonce comes from the random module, which is not a CSPRNG, and a predictable
+    SM2 nonce gives the private key away."""
+
+    def __init__(self):
+        from gmssl import sm2
+        self.d = secrets.randbelow(SM2_N - 2) + 1
+        crypt = sm2.CryptSM2(private_key="%064x" % self.d, public_key="")
+        # x || y as 128 hex digits. Set directly: gmssl's constructor strips a leading "04"
+        # with str.lstrip, which also eats a point whose x starts with 0 or 4.
+        crypt.public_key = crypt._kg(self.d, sm2.default_ecc_table["g"])
+        self.crypt = crypt
+        self.point = b"\x04" + bytes.fromhex(crypt.public_key)
+
+    def sign(self, message):
+        """SM2 with SM3 over message, DER SEQUENCE { r, s }."""
+        while True:
+            k = "%064x" % (secrets.randbelow(SM2_N - 1) + 1)
+            raw = self.crypt.sign_with_sm3(message, k)
+            if raw:
+                r, s = int(raw[:64], 16), int(raw[64:], 16)
+                return der_seq(der_int(r), der_int(s))
+
+
+def make_sm2_csr_der(key, device_id):
+    """A PKCS#10 CSR for an SM2 key, signed SM2-with-SM3, as `openssl req -sm3 -sigopt
+    distid:1234567812345678` makes one."""
+    subject = der_seq(der(0x31, der_seq(der_oid(OID_COMMON_NAME),
+                                        der(0x0C, device_id.encode()))))
+    spki = der_seq(der_seq(der_oid(OID_EC_PUBLIC_KEY), der_oid(OID_SM2_CURVE)),
+                   der(0x03, b"\x00" + key.point))
+    info = der_seq(der_int(0), subject, spki, der(0xA0, b""))
+    signature = key.sign(info)
+    return der_seq(info, der_seq(der_oid(OID_SM2_WITH_SM3)), der(0x03, b"\x00" + signature))
+
+
 def fen_to_cny(fen):
     """Formats an amount in fen for display, with integer arithmetic only."""
     sign = "-" if fen < 0 else ""
@@ -218,7 +300,11 @@ def pay(pb, stub, server, private_key, serial, customer_id, device_id, order_id,
     # not required to be byte-identical, and payra verifies the bytes it is given.
     intent_bytes = intent.SerializeToString()
 
-    signature = sign_intent(private_key, intent_bytes)
+    if isinstance(private_key, Sm2Key):
+        # SM2 with SM3 over the same bytes, with the default distinguishing id.
+        signature = private_key.sign(SIGNATURE_PREFIX + intent_bytes)
+    else:
+        signature = sign_intent(private_key, intent_bytes)
     if encoding == "raw":
         # payra also accepts raw r||s (64 bytes), for platforms that produce that encoding.
         signature = der_to_raw(signature)
@@ -295,15 +381,21 @@ def run(args):
               f"{token_response.expires_at_unix_s} (Unix s)")
 
         # (2) Phone: a P-256 key that never leaves the device, and a CSR for it. On a real
-        # phone the key lives in Android Keystore / the Secure Enclave.
-        device_key = ec.generate_private_key(ec.SECP256R1())
+        # phone the key lives in Android Keystore / the Secure Enclave. With --algorithm sm2,
+        # an SM2 key, which payra certifies from its SM2 issuing CA.
+        if args.algorithm == "sm2":
+            device_key = Sm2Key()
+            csr_der = make_sm2_csr_der(device_key, args.device)
+        else:
+            device_key = ec.generate_private_key(ec.SECP256R1())
+            csr_der = make_csr_der(device_key, args.device)
         enroll_response = call(
             "Enroll",
             args.server,
             enrollment_grpc.EnrollmentStub(phone_channel).Enroll,
             enrollment.EnrollRequest(
                 token=token_response.token,
-                csr_der=make_csr_der(device_key, args.device),
+                csr_der=csr_der,
                 device_id=args.device,
                 # Informational only: stored with the record, never put in the certificate.
                 device_info=common.DeviceInfo(
@@ -313,14 +405,20 @@ def run(args):
             ),
         )
         certificate = x509.load_der_x509_certificate(enroll_response.certificate_der)
-        if certificate.public_key().public_numbers() != device_key.public_key().public_numbers():
+        if isinstance(device_key, Sm2Key):
+            # cryptography reads SM2 certificates but not SM2 keys: find the point instead.
+            if device_key.point not in enroll_response.certificate_der:
+                raise ExampleError("the enrolled certificate is not for our key")
+            if certificate.signature_algorithm_oid.dotted_string != OID_SM2_WITH_SM3:
+                raise ExampleError("an SM2 key's certificate must be signed SM2-with-SM3")
+        elif certificate.public_key().public_numbers() != device_key.public_key().public_numbers():
             raise ExampleError("the enrolled certificate is not for our key")
         try:
             san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
             uris = san.value.get_values_for_type(x509.UniformResourceIdentifier)
         except x509.ExtensionNotFound:
             uris = []
-        print(f"enrolled device {args.device}: serial {enroll_response.serial}")
+        print(f"enrolled device {args.device} ({args.algorithm}): serial {enroll_response.serial}")
         print(f"  subject:  {certificate.subject.rfc4514_string()}")
         print(f"  SAN URIs: {', '.join(uris) or '(none)'}")
         print(f"  valid:    {enroll_response.not_before_unix_s} .. "
@@ -360,6 +458,8 @@ def main():
     parser.add_argument("--proto", default=str(REPO_ROOT / "proto"),
                         help="directory containing payra/v1/*.proto (default: %(default)s)")
     suffix = secrets.token_hex(4)
+    parser.add_argument("--algorithm", choices=("p256", "sm2"), default="p256",
+                        help="the device key: EC P-256, or SM2 with SM3 (default: %(default)s)")
     parser.add_argument("--customer", default=f"cust-py-{suffix}",
                         help="customer id (default: a fresh random one)")
     parser.add_argument("--device", default=f"phone-py-{suffix}",

@@ -75,10 +75,12 @@ if [[ -z "$port" ]]; then
 fi
 echo "payra is serving gRPC on port $port"
 
-echo "== payra_example.py"
 status=0
-"$work/venv/bin/python" "$here/payra_example.py" \
-    --server "localhost:$port" --certs "$work/certs" || status=$?
+for algorithm in p256 sm2; do
+    echo "== payra_example.py --algorithm $algorithm"
+    "$work/venv/bin/python" "$here/payra_example.py" --algorithm "$algorithm" \
+        --server "localhost:$port" --certs "$work/certs" || status=$?
+done
 if [[ $status -ne 0 ]]; then
     echo "== server log" >&2
     cat "$log" >&2
