@@ -34,7 +34,35 @@ fn settings(server: &TestServer, scenario: Scenario, client: ClientKind) -> Benc
         connections: 1,
         client,
         progress: false,
+        key_algorithm: payra::model::KeyAlgorithm::P256,
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sm2_devices_verify_and_enroll_against_sm2_raw_rates() {
+    let server = TestServer::start().await;
+    for scenario in [Scenario::Verify, Scenario::Enroll] {
+        let mut sm2 = settings(&server, scenario, ClientKind::Lean);
+        sm2.key_algorithm = payra::model::KeyAlgorithm::Sm2;
+        // Presigned SM2 intents are slow to make in a debug build: a few hundred do.
+        sm2.max_requests = 400;
+        let report = run(sm2)
+            .await
+            .unwrap_or_else(|e| panic!("{scenario:?}: {e}"));
+        assert!(report.requests > 0, "{scenario:?}: no requests");
+        assert_eq!(report.errors, 0, "{scenario:?}: errors");
+        assert_eq!(report.key_algorithm, "sm2");
+        assert!(report.raw_verify_per_s > 0.0 && report.raw_sign_per_s > 0.0);
+    }
+    // Every certificate those runs enrolled came from the SM2 issuing CA.
+    let page = server
+        .operator()
+        .await
+        .list_certificates(proto::ListCertificatesRequest::default())
+        .await
+        .unwrap();
+    assert!(!page.certificates.is_empty());
+    assert!(page.certificates.iter().all(|c| c.key_algorithm == "sm2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

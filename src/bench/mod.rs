@@ -77,6 +77,9 @@ pub struct BenchSettings {
     /// Verify scenario: each payment asks to reserve 1 fen (tier C), so each takes the
     /// ledger path; otherwise 100 fen, a PIN factor, no reservation.
     pub reserve: bool,
+    /// Verify and enroll scenarios: the devices' key algorithm (P-256, or SM2 from the SM2
+    /// issuing CA). The raw rates are then of the same algorithm.
+    pub key_algorithm: crate::model::KeyAlgorithm,
 }
 
 /// Latency in microseconds at the usual percentiles.
@@ -92,6 +95,8 @@ pub struct Latency {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub scenario: Scenario,
+    /// The devices' key algorithm, and the raw rates' (`p256` or `sm2`).
+    pub key_algorithm: &'static str,
     pub client: ClientKind,
     pub concurrency: usize,
     pub seconds: f64,
@@ -99,9 +104,10 @@ pub struct BenchReport {
     pub errors: u64,
     pub throughput_per_s: f64,
     pub latency: Latency,
-    /// Raw single-core ECDSA P-256 verifications per second (ring), measured in this run.
+    /// Raw single-core verifications per second, measured in this run: ECDSA P-256 (ring), or
+    /// SM2 with SM3 (the sm2 crate, through the function VerifyPayment calls).
     pub raw_verify_per_s: f64,
-    /// Raw single-core ECDSA P-256 signatures per second (ring), measured in this run.
+    /// Raw single-core signatures per second of the same algorithm, measured in this run.
     pub raw_sign_per_s: f64,
     pub ratio_to_raw_verify: f64,
     pub ratio_to_raw_sign: f64,
@@ -157,6 +163,42 @@ fn loopback_addresses(what: &str, address: &str) -> Result<Vec<SocketAddr>> {
             ),
         ))
     }
+}
+
+/// Raw single-core (verify, sign) rates of this binary's implementation of `algorithm`, as
+/// the server uses it, each measured for `window`.
+pub fn raw_rates_of(algorithm: crate::model::KeyAlgorithm, window: Duration) -> (f64, f64) {
+    match algorithm {
+        crate::model::KeyAlgorithm::P256 => raw_crypto_rates(window),
+        crate::model::KeyAlgorithm::Sm2 => raw_sm2_rates(window),
+    }
+}
+
+/// Raw single-core rates of SM2 with SM3 (the sm2 crate): signing as
+/// [`crate::client::Sm2DeviceKey`] signs, verifying with [`crate::ca::sm2::verify`], the
+/// function VerifyPayment calls (it parses the point and computes Z_A each time, as the
+/// server does).
+pub fn raw_sm2_rates(window: Duration) -> (f64, f64) {
+    let key = crate::client::Sm2DeviceKey::generate();
+    let message = b"payra.v1.PaymentIntent\nbenchmark message of a typical intent size, about a hundred bytes long";
+    let start = Instant::now();
+    let mut signs = 0u64;
+    let mut signature = Vec::new();
+    while start.elapsed() < window {
+        signature = key.sign_intent(message);
+        signs += 1;
+    }
+    let sign_rate = signs as f64 / start.elapsed().as_secs_f64();
+    let signed = crate::ra::signature::signed_message(message);
+    let point = key.public_point();
+    let start = Instant::now();
+    let mut verifies = 0u64;
+    while start.elapsed() < window {
+        let _ = crate::ca::sm2::verify(&point, &signed, &signature);
+        verifies += 1;
+    }
+    let verify_rate = verifies as f64 / start.elapsed().as_secs_f64();
+    (verify_rate, sign_rate)
 }
 
 /// Raw single-core rates of this binary's ECDSA P-256 (ring, as the server uses), each
@@ -569,13 +611,15 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
     }
     latencies.sort_unstable();
     // The raw rates are measured after the load, on an otherwise idle core of this machine.
+    let algorithm = settings.key_algorithm;
     let (raw_verify_per_s, raw_sign_per_s) =
-        tokio::task::spawn_blocking(|| raw_crypto_rates(Duration::from_secs(1)))
+        tokio::task::spawn_blocking(move || raw_rates_of(algorithm, Duration::from_secs(1)))
             .await
             .unwrap_or((0.0, 0.0));
     let throughput_per_s = requests as f64 / seconds;
     Ok(BenchReport {
         scenario: settings.scenario,
+        key_algorithm: settings.key_algorithm.name(),
         client: settings.client,
         concurrency: settings.concurrency,
         seconds,

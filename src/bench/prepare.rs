@@ -3,11 +3,36 @@
 
 use std::sync::Arc;
 
-use crate::client::{encode_intent, random_nonce, Client, Credential, DeviceIdentity, DeviceKey};
+use crate::client::{
+    encode_intent, random_nonce, Client, Credential, DeviceIdentity, DeviceKey, Sm2DeviceKey,
+};
 use crate::error::{Error, Result};
+use crate::model::KeyAlgorithm;
 use crate::wire::proto;
 
 use super::*;
+
+/// A benchmark device's key: P-256 or SM2, as `--key-algorithm` says.
+pub(super) enum BenchKey {
+    P256(DeviceKey),
+    Sm2(Sm2DeviceKey),
+}
+
+impl BenchKey {
+    pub(super) fn generate(algorithm: KeyAlgorithm) -> BenchKey {
+        match algorithm {
+            KeyAlgorithm::P256 => BenchKey::P256(DeviceKey::generate()),
+            KeyAlgorithm::Sm2 => BenchKey::Sm2(Sm2DeviceKey::generate()),
+        }
+    }
+
+    pub(super) fn csr_der(&self, device: &str) -> Result<Vec<u8>> {
+        match self {
+            BenchKey::P256(key) => key.csr_der(device),
+            BenchKey::Sm2(key) => key.csr_der(device),
+        }
+    }
+}
 
 /// Enrolls a fresh device for `customer`; returns its key and identity.
 pub(super) async fn enroll_device(
@@ -15,13 +40,13 @@ pub(super) async fn enroll_device(
     service: &Client,
     customer: &str,
     device: &str,
-) -> Result<(DeviceKey, DeviceIdentity, Vec<u8>)> {
+) -> Result<(BenchKey, DeviceIdentity, Vec<u8>)> {
     let token = service
         .create_enrollment_token(customer, 0)
         .await
         .map_err(status_error)?
         .token;
-    let key = DeviceKey::generate();
+    let key = BenchKey::generate(settings.key_algorithm);
     let phone = connect(settings, Credential::None).await?;
     let issued = phone
         .enroll(
@@ -88,14 +113,20 @@ const MAX_CLOSED_LOOP_VERIFY_RATE: f64 = 40_000.0;
 const MAX_PRESIGNED: u64 = 500_000;
 
 /// Builds `count` VerifyPayment requests for one device, each a fresh intent with its own
-/// nonce, signed with ring exactly as docs/payment-signature.md says a device signs.
+/// nonce, signed exactly as docs/payment-signature.md says a device signs: with ring for
+/// P-256, with the sm2 crate for SM2.
 pub(super) fn presign(
-    key: &DeviceKey,
+    key: &BenchKey,
     identity: &DeviceIdentity,
     count: usize,
     reserve: bool,
 ) -> Result<Vec<proto::VerifyPaymentRequest>> {
-    let amount_fen = if reserve { 1 } else { 100 };
+    let key = match key {
+        BenchKey::Sm2(key) => {
+            return presign_with(identity, count, reserve, |bytes| Ok(key.sign_intent(bytes)))
+        }
+        BenchKey::P256(key) => key,
+    };
     use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
     let rng = ring::rand::SystemRandom::new();
     let secret = key.secret();
@@ -108,6 +139,22 @@ pub(super) fn presign(
         &rng,
     )
     .map_err(|e| Error::internal(format!("loading the device key into ring: {e}")))?;
+    presign_with(identity, count, reserve, |bytes| {
+        signer
+            .sign(&rng, &crate::ra::signature::signed_message(bytes))
+            .map(|signature| signature.as_ref().to_vec())
+            .map_err(|e| Error::internal(format!("signing: {e}")))
+    })
+}
+
+/// [`presign`] with the device's signature over intent bytes made by `sign`.
+fn presign_with(
+    identity: &DeviceIdentity,
+    count: usize,
+    reserve: bool,
+    sign: impl Fn(&[u8]) -> Result<Vec<u8>>,
+) -> Result<Vec<proto::VerifyPaymentRequest>> {
+    let amount_fen = if reserve { 1 } else { 100 };
     let now_ms = crate::clock::Clock::now_ms(&crate::clock::SystemClock);
     (0..count)
         .map(|n| {
@@ -123,11 +170,9 @@ pub(super) fn presign(
                 scene: proto::Scene::InApp as i32,
             };
             let bytes = encode_intent(&intent);
-            let signature = signer
-                .sign(&rng, &crate::ra::signature::signed_message(&bytes))
-                .map_err(|e| Error::internal(format!("signing: {e}")))?;
+            let signature = sign(&bytes)?;
             Ok(proto::VerifyPaymentRequest {
-                signature: signature.as_ref().to_vec(),
+                signature,
                 intent: bytes,
                 certificate_serial: identity.serial.clone(),
                 transaction: Some(proto::Transaction {
@@ -217,7 +262,9 @@ pub(super) async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
         Scenario::Enroll => {
             let csrs: Arc<Vec<Vec<u8>>> = Arc::new(
                 (0..64)
-                    .map(|i| DeviceKey::generate().csr_der(&format!("bench-{i}")))
+                    .map(|i| {
+                        BenchKey::generate(settings.key_algorithm).csr_der(&format!("bench-{i}"))
+                    })
                     .collect::<Result<_>>()?,
             );
             let per_worker = (settings.max_requests / settings.concurrency as u64).clamp(1, 20_000);

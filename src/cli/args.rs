@@ -554,6 +554,13 @@ pub(crate) struct PayArgs {
     pub(crate) connection: Connection,
 }
 
+/// `payra bench --key-algorithm`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum BenchKeyAlgorithm {
+    P256,
+    Sm2,
+}
+
 /// How `certs list` prints.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum ListOutput {
@@ -594,6 +601,10 @@ pub(crate) struct BenchArgs {
     /// certificate alone), so every request takes the ledger path.
     #[arg(long)]
     pub(crate) reserve: bool,
+    /// The devices' key algorithm (verify and enroll): p256, or sm2 from the SM2 issuing CA;
+    /// the raw rates reported are of the same algorithm.
+    #[arg(long, value_enum, default_value = "p256")]
+    pub(crate) key_algorithm: BenchKeyAlgorithm,
     /// The server's HTTP listener: the ocsp scenario's target, and where the server's CPU
     /// per request and its own latency for the scenario's RPC are read (`/metrics`).
     #[arg(long, default_value = "http://127.0.0.1:8080")]

@@ -72,6 +72,7 @@ pub(crate) async fn bench(args: BenchArgs) -> CliResult {
             connections,
             client,
             reserve,
+            key_algorithm,
             http,
             json,
             connection,
@@ -100,6 +101,10 @@ pub(crate) async fn bench(args: BenchArgs) -> CliResult {
                 },
                 progress: !json,
                 reserve,
+                key_algorithm: match key_algorithm {
+                    BenchKeyAlgorithm::P256 => payra::model::KeyAlgorithm::P256,
+                    BenchKeyAlgorithm::Sm2 => payra::model::KeyAlgorithm::Sm2,
+                },
             })
             .await
             .map_err(|e| e.to_string())?;
@@ -126,8 +131,14 @@ pub(crate) async fn bench(args: BenchArgs) -> CliResult {
                     report.latency.max_us
                 );
                 println!(
-                    "raw ECDSA    verify {:.0} per s, sign {:.0} per s (one core, ring)",
-                    report.raw_verify_per_s, report.raw_sign_per_s
+                    "raw {:<8} verify {:.0} per s, sign {:.0} per s (one core, {})",
+                    report.key_algorithm,
+                    report.raw_verify_per_s,
+                    report.raw_sign_per_s,
+                    match report.key_algorithm {
+                        "sm2" => "the sm2 crate",
+                        _ => "ring",
+                    }
                 );
                 println!(
                     "ratio        {:.2} x raw verify, {:.2} x raw sign",
