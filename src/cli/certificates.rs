@@ -163,6 +163,7 @@ pub(crate) fn record_json(record: &payra::wire::proto::CertificateRecord) -> ser
             "customer_id": record.customer_id,
             "device_id": record.device_id,
             "subject": record.subject,
+            "key_algorithm": record.key_algorithm,
             "status": status,
             "not_before_unix_s": record.not_before_unix_s,
             "not_after_unix_s": record.not_after_unix_s,
@@ -206,6 +207,9 @@ pub(crate) fn print_record(record: &payra::wire::proto::CertificateRecord, json:
     println!("customer     {}", record.customer_id);
     println!("device       {}", record.device_id);
     println!("subject      {}", record.subject);
+    if !record.key_algorithm.is_empty() {
+        println!("key          {}", record.key_algorithm);
+    }
     println!("status       {status}");
     let now = human::now_s();
     println!(

@@ -92,7 +92,67 @@ conformance!(
     summaries_and_pages_follow_every_change,
     concurrent_revocations_of_one_certificate_apply_once,
     an_attestation_is_kept_through_revocation_and_in_the_summaries,
+    an_sm2_certificate_keeps_its_algorithm_in_record_summary_and_crl_index,
 );
+
+/// An SM2 certificate's algorithm is kept in its record and summary, and its revocation
+/// (by an operator or by a renewal) is indexed for the SM2 CRL; a P-256 one's for the other.
+fn an_sm2_certificate_keeps_its_algorithm_in_record_summary_and_crl_index(store: Arc<dyn Store>) {
+    use crate::model::KeyAlgorithm;
+    let mut sm2 = certificate("c-sm2", "d-sm2");
+    sm2.key_algorithm = KeyAlgorithm::Sm2;
+    issue_record(store.as_ref(), &sm2);
+    let p256 = issue(store.as_ref(), "c-sm2", "d-p256");
+    assert_eq!(store.certificate(&sm2.serial).unwrap(), Some(sm2.clone()));
+    let algorithm_of = |serial: &Serial| {
+        let mut found = None;
+        store
+            .for_each_certificate_summary(&mut |summary| {
+                if summary.serial == *serial {
+                    found = Some(summary.key_algorithm);
+                }
+            })
+            .unwrap();
+        found.expect("summary")
+    };
+    assert_eq!(algorithm_of(&sm2.serial), KeyAlgorithm::Sm2);
+    assert_eq!(algorithm_of(&p256.serial), KeyAlgorithm::P256);
+
+    // Renewed to a new SM2 certificate: the superseded one is on the SM2 CRL's index.
+    let mut renewed = certificate("c-sm2", "d-sm2");
+    renewed.key_algorithm = KeyAlgorithm::Sm2;
+    renewed.renewed_from = Some(sm2.serial.clone());
+    store
+        .renew(&sm2.serial, &renewed, 40, &ev())
+        .unwrap()
+        .unwrap();
+    let revocation = Revocation {
+        revoked_at_s: 41,
+        reason: RevocationReason::KeyCompromise,
+    };
+    store
+        .revoke(
+            &[renewed.serial.clone(), p256.serial.clone()],
+            &revocation,
+            &ev(),
+        )
+        .unwrap()
+        .unwrap();
+    let entries = store.revoked_entries().unwrap();
+    let algorithm_on_crl = |serial: &Serial| {
+        entries
+            .iter()
+            .find(|entry| entry.serial == *serial)
+            .map(|entry| entry.key_algorithm)
+    };
+    assert_eq!(algorithm_on_crl(&sm2.serial), Some(KeyAlgorithm::Sm2));
+    assert_eq!(algorithm_on_crl(&renewed.serial), Some(KeyAlgorithm::Sm2));
+    assert_eq!(algorithm_on_crl(&p256.serial), Some(KeyAlgorithm::P256));
+    assert_eq!(algorithm_of(&renewed.serial), KeyAlgorithm::Sm2);
+    let stored = store.certificate(&renewed.serial).unwrap().unwrap();
+    assert_eq!(stored.key_algorithm, KeyAlgorithm::Sm2);
+    assert_eq!(stored.revocation, Some(revocation));
+}
 
 /// A certificate whose key was attested keeps the attestation in its record and its class in
 /// its summary, before and after a revocation changes both.
