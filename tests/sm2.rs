@@ -912,3 +912,43 @@ async fn pkilint_finds_no_warning_in_the_sm2_hierarchy_crl_and_ocsp_answers() {
     );
     assert!(findings.is_empty(), "P-256 CRL: {findings}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_renewal_proofs_count_toward_the_address_limit() {
+    let server = TestServer::start_with(|config| {
+        config.limits.enroll_failures_per_minute = 2;
+    })
+    .await;
+    let phone = enroll_sm2(&server, "zhao", "zhao-phone").await;
+    let now_s = server.clock.now_ms() / 1000;
+    let csr = openssl_sm2_csr(&phone.dir, &phone.key, DISTID_OPT);
+    let mut forged = renewal_proof(&phone, &csr, now_s, &phone.key);
+    forged.signed_at_unix_s += 1;
+    let anonymous = server.anonymous().await;
+    for _ in 0..2 {
+        let refused = anonymous
+            .renew_with_proof(csr.clone(), None, forged.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{refused}");
+    }
+    // The third is turned away before its signature is checked; so is a good proof, until
+    // the window passes.
+    let refused = anonymous
+        .renew_with_proof(csr.clone(), None, forged)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
+    let good = renewal_proof(&phone, &csr, now_s, &phone.key);
+    let refused = anonymous
+        .renew_with_proof(csr.clone(), None, good.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused}");
+    server.clock.advance_ms(61_000);
+    let good = renewal_proof(&phone, &csr, now_s + 61, &phone.key);
+    anonymous
+        .renew_with_proof(csr, None, good)
+        .await
+        .expect("a good proof renews once the window has passed");
+}

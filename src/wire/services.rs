@@ -91,6 +91,7 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
     ) -> Result<Response<proto::EnrollResponse>, Status> {
         let actor = actor(&request);
         let caller = caller(&request)?;
+        let peer = request.remote_addr().map(|addr| addr.ip());
         let request = request.into_inner();
         let (current, proof) = match (caller, request.proof) {
             (Caller::Device(current), None) => (current, None),
@@ -128,6 +129,7 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
             csr_der: request.csr_der,
             device_info: request.device_info.map(DeviceInfo::from),
             proof,
+            peer,
         };
         let ra = self.ra.clone();
         let issued = blocking(move || ra.renew(&actor, request)).await?;
