@@ -163,7 +163,7 @@ impl Metrics {
                 &registry,
                 gauge(
                     "payra_crl_age_seconds",
-                    "seconds since the current CRL was signed",
+                    "seconds since the current CRL was signed (the older one, with an SM2 CRL)",
                 ),
             ),
             crl_number: register(

@@ -105,8 +105,14 @@ pub fn load_ca(config: &Config) -> Result<CaMaterial> {
         &format!("the PKCS#11 key in the {}", location.token),
     )?;
     // The SM2 issuing key stays a file: PKCS#11 holds the P-256 key only (docs/operations.md).
-    let passphrase = ca_key_passphrase(config)?;
-    material.sm2 = crate::ca::pki::Sm2Material::load(&config.certs_dir, passphrase.as_deref())?;
+    // Its passphrase is read only when there is an SM2 hierarchy to load.
+    if crate::ca::PkiFiles::new(&config.certs_dir)
+        .sm2_issuing_cert()
+        .exists()
+    {
+        let passphrase = ca_key_passphrase(config)?;
+        material.sm2 = crate::ca::pki::Sm2Material::load(&config.certs_dir, passphrase.as_deref())?;
+    }
     Ok(material)
 }
 
@@ -368,17 +374,24 @@ async fn keep_crl_current(ra: Arc<Ra>) {
     loop {
         let build = ra.clone();
         let sm2 = ra.publication().has_sm2();
+        // Each CA's CRL is refreshed whatever happens to the other's.
         match tokio::task::spawn_blocking(move || {
-            build.current_crl()?;
+            let mut results = vec![("p256", build.current_crl().map(|_| ()))];
             if sm2 {
-                build.current_crl_of(crate::model::KeyAlgorithm::Sm2)?;
+                let algorithm = crate::model::KeyAlgorithm::Sm2;
+                results.push(("sm2", build.current_crl_of(algorithm).map(|_| ())));
             }
-            Ok::<_, crate::error::Error>(())
+            results
         })
         .await
         {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "CRL refresh failed"),
+            Ok(results) => {
+                for (ca, result) in results {
+                    if let Err(e) = result {
+                        tracing::error!(error = %e, ca, "CRL refresh failed");
+                    }
+                }
+            }
             Err(e) => tracing::error!(error = %e, "CRL task failed"),
         }
         tokio::select! {

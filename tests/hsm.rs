@@ -173,6 +173,10 @@ async fn ok_enroll_renew_revoke_crl_and_ocsp_with_the_issuing_key_in_softhsm2() 
         !pki.path().join("certs/issuing.key").exists(),
         "the issuing key stays in the token"
     );
+    // Nor does init put an SM2 issuing key on disk beside it.
+    for file in ["sm2-issuing.key", "sm2-root.key", "sm2-issuing.pem"] {
+        assert!(!pki.path().join("certs").join(file).exists(), "{file}");
+    }
     let server = serve(pki.path(), config).await;
 
     let good = enrolled(&server, "hana", "h-1").await;

@@ -412,6 +412,19 @@ async fn an_sm2_phone_enrolls_pays_and_is_revoked_as_openssl_sees_it() {
     assert!(text.contains("No Revoked Certificates"), "{text}");
     let text = openssl_ocsp_sm2(&server, &phone.leaf());
     assert!(text.contains(": good"), "{text}");
+    // A GM/T client hashes its CertID with SM3: answered the same.
+    let (ok, text) = openssl(&[
+        "ocsp",
+        "-sm3",
+        "-issuer",
+        path_str(&certs.join("sm2-issuing.pem")),
+        "-cert",
+        path_str(&phone.leaf()),
+        "-url",
+        &server.http_url("/ocsp"),
+        "-noverify",
+    ]);
+    assert!(ok && text.contains(": good"), "{text}");
 
     // Revoked: the SM2 CRL lists it (the P-256 CRL does not), OCSP says revoked, and the
     // next payment fails.
@@ -556,6 +569,14 @@ async fn an_sm2_phone_renews_by_proof_once() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
+    // Device info is not covered by a proof: refused rather than taken from anyone.
+    let proof = renewal_proof(&phone, &csr, now_s, &phone.key);
+    let refused = anonymous
+        .renew_with_proof(csr.clone(), Some(device_info()), proof)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().starts_with("device_info"), "{refused}");
     // Without any proof or certificate: unauthenticated, naming both ways.
     let refused = anonymous.renew(csr.clone(), None).await.unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
@@ -924,10 +945,13 @@ async fn failed_renewal_proofs_count_toward_the_address_limit() {
     let csr = openssl_sm2_csr(&phone.dir, &phone.key, DISTID_OPT);
     let mut forged = renewal_proof(&phone, &csr, now_s, &phone.key);
     forged.signed_at_unix_s += 1;
+    let mut unknown = forged.clone();
+    unknown.current_serial = payra::model::Serial::random().to_hex();
     let anonymous = server.anonymous().await;
-    for _ in 0..2 {
+    // A forged proof, and a proof for a serial payra never issued: both count.
+    for proof in [forged.clone(), unknown] {
         let refused = anonymous
-            .renew_with_proof(csr.clone(), None, forged.clone())
+            .renew_with_proof(csr.clone(), None, proof)
             .await
             .unwrap_err();
         assert_eq!(refused.code(), Code::Unauthenticated, "{refused}");

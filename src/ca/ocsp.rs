@@ -58,7 +58,13 @@ pub struct OcspResponder {
     sha1_key: Vec<u8>,
     sha256_name: Vec<u8>,
     sha256_key: Vec<u8>,
+    sm3_name: Vec<u8>,
+    sm3_key: Vec<u8>,
 }
+
+/// SM3 (GM/T 0004) as a CertID hash algorithm, which GM/T OCSP clients use.
+const ID_SM3: const_oid::ObjectIdentifier =
+    const_oid::ObjectIdentifier::new_unwrap("1.2.156.10197.1.401");
 
 fn der_err(e: der::Error) -> Error {
     Error::internal(format!("OCSP encoding: {e}"))
@@ -101,6 +107,8 @@ impl OcspResponder {
             sha1_key: Sha1::digest(&key).to_vec(),
             sha256_name: Sha256::digest(&name).to_vec(),
             sha256_key: Sha256::digest(&key).to_vec(),
+            sm3_name: sm3::Sm3::digest(&name).to_vec(),
+            sm3_key: sm3::Sm3::digest(&key).to_vec(),
         })
     }
 
@@ -110,6 +118,8 @@ impl OcspResponder {
             (&self.sha1_name, &self.sha1_key)
         } else if id.hash_algorithm.oid == ID_SHA_256 {
             (&self.sha256_name, &self.sha256_key)
+        } else if id.hash_algorithm.oid == ID_SM3 {
+            (&self.sm3_name, &self.sm3_key)
         } else {
             return None;
         };

@@ -154,7 +154,7 @@ fn client_params(role: &str, not_before: OffsetDateTime) -> Result<CertificatePa
 pub fn init_dev_pki(dir: &Path, force: bool) -> Result<()> {
     let issuing_key = new_key()?;
     let issuing_pem = issuing_key.serialize_pem();
-    init_pki(dir, force, &issuing_key, Some(&issuing_pem))
+    init_pki(dir, force, &issuing_key, Some(&issuing_pem), true)
 }
 
 /// [`init_dev_pki`] with the issuing key in `signer` (a PKCS#11 token): writes no
@@ -164,7 +164,9 @@ pub fn init_pki_with_issuing_signer(
     force: bool,
     signer: Arc<dyn CaSigner>,
 ) -> Result<()> {
-    init_pki(dir, force, &SharedSigner(signer), None)?;
+    // No SM2 hierarchy: its issuing key would be a file beside a P-256 key kept in a token
+    // so that no CA key lives on disk (`payra ca init-sm2` adds one, knowingly).
+    init_pki(dir, force, &SharedSigner(signer), None, false)?;
     match fs::remove_file(PkiFiles::new(dir).issuing_key()) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
         _ => Ok(()),
@@ -190,6 +192,7 @@ fn init_pki<K: rcgen::SigningKey>(
     force: bool,
     issuing_key: &K,
     issuing_pem: Option<&str>,
+    with_sm2: bool,
 ) -> Result<()> {
     let files = PkiFiles::new(dir);
     refuse_existing_pki(dir, force)?;
@@ -255,7 +258,9 @@ fn init_pki<K: rcgen::SigningKey>(
     if let Some(pem) = issuing_pem {
         writes.push((files.issuing_key(), pem.to_string(), true));
     }
-    writes.extend(sm2_hierarchy(&files, not_before)?);
+    if with_sm2 {
+        writes.extend(sm2_hierarchy(&files, not_before)?);
+    }
     for role in ["operator", "service"] {
         let key = new_key()?;
         let cert = client_params(role, not_before)?
@@ -431,6 +436,25 @@ fn subject_key_id(der: &[u8], what: &Path) -> Result<Vec<u8>> {
         })
 }
 
+/// Refuses an issuing CA certificate that is not a CA, or that may not sign certificates and
+/// CRLs (relying parties would reject what payra signs with it).
+fn check_issuing_ca(der: &[u8], what: &Path) -> Result<()> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| {
+        Error::FailedPrecondition(format!("{}: not an X.509 certificate: {e}", what.display()))
+    })?;
+    let is_ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+    let usage = cert.key_usage().ok().flatten().map(|ku| ku.value);
+    let signs = usage.is_some_and(|ku| ku.key_cert_sign() && ku.crl_sign());
+    if !is_ca || !signs {
+        return Err(Error::FailedPrecondition(format!(
+            "{} must be a CA certificate (basicConstraints CA:true) with keyCertSign and \
+             cRLSign; refusing to start",
+            what.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Owns the issuing CA's signer in a form rcgen can borrow for every issuance.
 #[derive(Clone)]
 pub struct SharedSigner(pub Arc<dyn CaSigner>);
@@ -494,6 +518,7 @@ impl Sm2Material {
         let signer: Arc<dyn CaSigner> =
             Arc::new(super::sm2::Sm2KeyFileSigner::from_pkcs8_der(&pkcs8)?);
         let issuing_der = read_certificate_der(&files.sm2_issuing_cert())?;
+        check_issuing_ca(&issuing_der, &files.sm2_issuing_cert())?;
         let issuer = super::sm2::Sm2Issuer::from_certificate(&issuing_der, signer.clone())
             .map_err(|e| {
                 Error::FailedPrecondition(format!("{}: {e}; refusing to start", key_path.display()))
@@ -685,6 +710,46 @@ mod tests {
         let err = CaMaterial::load(dir.path(), Some("wrong")).err().unwrap();
         assert!(err.to_string().contains("wrong passphrase"), "{err}");
         CaMaterial::load(dir.path(), Some("correct horse")).expect("decrypts");
+    }
+
+    #[test]
+    fn ok_init_writes_an_sm2_hierarchy_that_loads_and_refuses_a_non_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        init_dev_pki(dir.path(), false).unwrap();
+        let sm2 = Sm2Material::load(dir.path(), None)
+            .unwrap()
+            .expect("an SM2 hierarchy");
+        assert_eq!(
+            sm2.issuer.signer.algorithm(),
+            crate::model::KeyAlgorithm::Sm2
+        );
+        assert!(CaMaterial::load(dir.path(), None).unwrap().sm2.is_some());
+        // init-sm2 refuses to replace it.
+        let err = init_sm2_hierarchy(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("refusing to overwrite"), "{err}");
+        // An end-entity certificate as the SM2 issuing CA: refused at start.
+        fs::copy(
+            dir.path().join("server.pem"),
+            dir.path().join("sm2-issuing.pem"),
+        )
+        .unwrap();
+        let err = Sm2Material::load(dir.path(), None).err().unwrap();
+        assert!(
+            err.to_string().contains("must be a CA certificate"),
+            "{err}"
+        );
+        // Without the files, no SM2 hierarchy, and no error.
+        for file in [
+            "sm2-issuing.pem",
+            "sm2-issuing.key",
+            "sm2-root.pem",
+            "sm2-root.key",
+        ] {
+            fs::remove_file(dir.path().join(file)).unwrap();
+        }
+        assert!(Sm2Material::load(dir.path(), None).unwrap().is_none());
+        init_sm2_hierarchy(dir.path()).unwrap();
+        assert!(Sm2Material::load(dir.path(), None).unwrap().is_some());
     }
 
     #[test]

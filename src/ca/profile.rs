@@ -226,6 +226,11 @@ pub fn issue_device_certificate(
     subscriber: &SubscriberRef,
     now_s: i64,
 ) -> Result<DeviceCertificate> {
+    if key.algorithm() != crate::model::KeyAlgorithm::P256 {
+        return Err(Error::internal(
+            "a P-256 certificate for a key that is not P-256",
+        ));
+    }
     let not_before_s = now_s - profile.backdate_s;
     let not_after_s = profile.not_after(now_s, profile.validity_s)?;
 

@@ -457,45 +457,51 @@ impl Ra {
         if let Some(info) = &request.device_info {
             info.validate()?;
         }
-        let public_key = self.accepted_device_key(&request.csr_der)?;
+        if request.proof.is_some() && request.device_info.is_some() {
+            return Err(Error::invalid(
+                "device_info",
+                "is not covered by a RenewalProof, so a renewal by proof keeps the device info \
+                 on record; leave it out",
+            ));
+        }
         let now_s = self.clock.now_s();
+        let now_ms = self.clock.now_ms();
+        // A caller with a proof has shown nothing yet: each proof costs an SM2 check (about
+        // 0.4 ms), so an address whose proofs keep failing is turned away before any check,
+        // as one guessing enrollment tokens is, and every failure below counts.
+        let by_proof = request.proof.is_some();
+        let failed = |refusal: Error| {
+            if let (true, Some(peer)) = (by_proof, request.peer) {
+                self.enroll_throttle.record_failure(peer, now_ms);
+            }
+            refusal
+        };
+        if let (true, Some(peer)) = (by_proof, request.peer) {
+            if let Some(until_ms) = self.enroll_throttle.blocked_until(peer, now_ms) {
+                self.metrics.enroll_throttled.inc();
+                return Err(Error::ResourceExhausted(format!(
+                    "too many failed enrollment and renewal attempts from {peer}; retry after {}",
+                    crate::model::moment_ms(until_ms)
+                )));
+            }
+        }
         let current = self.store.certificate(&request.current)?.ok_or_else(|| {
-            Error::Unauthenticated(format!(
+            failed(Error::Unauthenticated(format!(
                 "certificate {} is not a payra device certificate on record",
                 request.current
-            ))
+            )))
         })?;
         match (&request.proof, current.key_algorithm) {
             (None, _) => {}
-            (Some(proof), KeyAlgorithm::Sm2) => {
-                // Each proof costs an SM2 check (about 0.4 ms): an address whose proofs keep
-                // failing is turned away first, as one guessing enrollment tokens is.
-                let now_ms = self.clock.now_ms();
-                if let Some(peer) = request.peer {
-                    if let Some(until_ms) = self.enroll_throttle.blocked_until(peer, now_ms) {
-                        self.metrics.enroll_throttled.inc();
-                        return Err(Error::ResourceExhausted(format!(
-                            "too many failed enrollment and renewal attempts from {peer}; retry \
-                             after {}",
-                            crate::model::moment_ms(until_ms)
-                        )));
-                    }
-                }
-                if let Err(refused) =
-                    self.check_renewal_proof(&current, &request.csr_der, proof, now_s)
-                {
-                    if let Some(peer) = request.peer {
-                        self.enroll_throttle.record_failure(peer, now_ms);
-                    }
-                    return Err(refused);
-                }
-            }
+            (Some(proof), KeyAlgorithm::Sm2) => self
+                .check_renewal_proof(&current, &request.csr_der, proof, now_s)
+                .map_err(failed)?,
             (Some(_), KeyAlgorithm::P256) => {
-                return Err(Error::Unauthenticated(format!(
+                return Err(failed(Error::Unauthenticated(format!(
                     "certificate {} is an EC P-256 certificate: renew by presenting it over \
                      mutual TLS (a RenewalProof is for SM2 certificates)",
                     current.serial
-                )))
+                ))))
             }
         }
         match StatusView::of(&current, now_s).status {
@@ -521,6 +527,8 @@ impl Ra {
             }
         }
         self.check_renewal_rate(&current, now_s)?;
+        // The CSR's own signature is checked once the caller has proven the certificate.
+        let public_key = self.accepted_device_key(&request.csr_der)?;
         // A renewal may keep its key; a new key must not be another holder's.
         let _key_claim = self.keys_in_flight.claim(
             &self.cache,
@@ -560,6 +568,10 @@ impl Ra {
             match (&current.attestation, same_key) {
                 (Some(_), false) => format!(
                     "supersedes {}; new key, so the old key's attestation does not carry over",
+                    current.serial
+                ),
+                _ if by_proof => format!(
+                    "supersedes {}; proven by an SM2 renewal proof signed with its key",
                     current.serial
                 ),
                 _ => format!("supersedes {}", current.serial),

@@ -178,6 +178,16 @@ impl Ra {
             ("issuing", Some(ca.issuing_not_after_s)),
             ("root", crate::ca::pki::not_after_s(&ca.root_der)),
             (
+                "sm2-issuing",
+                ca.sm2.as_ref().map(|sm2| sm2.issuing_not_after_s),
+            ),
+            (
+                "sm2-root",
+                ca.sm2
+                    .as_ref()
+                    .and_then(|sm2| crate::ca::pki::not_after_s(&sm2.root_der)),
+            ),
+            (
                 "server",
                 server_der
                     .ok()
@@ -199,6 +209,16 @@ impl Ra {
                 "the issuing CA expires before a certificate issued now would: certificates \
                  end at the issuer's notAfter; plan a new issuing CA"
             );
+        }
+        if let Some(sm2) = &ca.sm2 {
+            if now_s.saturating_add(policy.profile.validity_s) > sm2.issuing_not_after_s {
+                tracing::warn!(
+                    issuer_not_after_s = sm2.issuing_not_after_s,
+                    validity_s = policy.profile.validity_s,
+                    "the SM2 issuing CA expires before a certificate issued now would: SM2 \
+                     certificates end at the issuer's notAfter; plan a new SM2 issuing CA"
+                );
+            }
         }
         let policy_failures = policy.enroll_failures_per_minute;
         let cache = CertificateCache::load(store.as_ref())?;
@@ -267,7 +287,11 @@ impl Ra {
     /// What `/readyz` checks: the store takes a durable write and the CA key signs.
     pub fn readiness(&self) -> Result<()> {
         self.storage_writable()?;
-        self.ca.signer.sign(b"payra readiness probe").map(|_| ())
+        self.ca.signer.sign(b"payra readiness probe")?;
+        if let Some(sm2) = &self.ca.sm2 {
+            sm2.issuer.signer.sign(b"payra readiness probe")?;
+        }
+        Ok(())
     }
 
     /// Brings the state gauges (certificates by status, CRL age, syncs) up to date; called
@@ -298,7 +322,12 @@ impl Ra {
             }
         }
         if let Some(crl) = self.publication.last_crl() {
-            self.metrics.crl_age_seconds.set(now_s - crl.this_update_s);
+            // The age of the older CRL: a stale SM2 CRL alerts as a stale P-256 one does.
+            let this_update_s = match self.publication.last_sm2_crl() {
+                Some(sm2) => sm2.this_update_s.min(crl.this_update_s),
+                None => crl.this_update_s,
+            };
+            self.metrics.crl_age_seconds.set(now_s - this_update_s);
             self.metrics
                 .crl_number
                 .set(i64::try_from(crl.number).unwrap_or(i64::MAX));

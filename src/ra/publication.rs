@@ -118,6 +118,11 @@ impl Publication {
         self.crl.lock().unpoisoned().clone()
     }
 
+    /// The SM2 CA's CRL served last, if any.
+    pub fn last_sm2_crl(&self) -> Option<PublishedCrl> {
+        self.sm2_crl.lock().unpoisoned().clone()
+    }
+
     /// Whether there is an SM2 CA (and so an SM2 CRL) to publish.
     pub fn has_sm2(&self) -> bool {
         self.sm2_responder.is_some()
