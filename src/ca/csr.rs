@@ -193,6 +193,23 @@ mod tests {
         assert_eq!(parse_device_csr(&valid_csr()).unwrap().sec1().len(), 65);
     }
 
+    fn valid_sm2_csr() -> Vec<u8> {
+        crate::client::Sm2DeviceKey::generate()
+            .csr_der("phone")
+            .unwrap()
+    }
+
+    #[test]
+    fn ok_an_sm2_csr_parses_as_sm2() {
+        let key = parse_device_csr(&valid_sm2_csr()).unwrap();
+        assert_eq!(key.algorithm(), KeyAlgorithm::Sm2);
+        assert!(crate::ca::sm2::is_sm2_point(key.sec1()));
+        // A P-256 point is not on SM2, nor the other way round.
+        let p256 = parse_device_csr(&valid_csr()).unwrap();
+        assert!(DevicePublicKey::new(KeyAlgorithm::Sm2, p256.sec1()).is_err());
+        assert!(DevicePublicKey::new(KeyAlgorithm::P256, key.sec1()).is_err());
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
@@ -223,6 +240,29 @@ mod tests {
             }
             if let Ok(key) = parse_device_csr(&csr) {
                 prop_assert_eq!(key.sec1().len(), 65);
+            }
+        }
+
+        /// The same for an SM2 request: refused or still an SM2 point, never a panic.
+        #[test]
+        fn mutated_sm2_csr_never_panics(
+            flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+            cut in any::<prop::sample::Index>(),
+            truncate in any::<bool>(),
+        ) {
+            static ORIGINAL: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+            let mut csr = ORIGINAL.get_or_init(valid_sm2_csr).clone();
+            for (index, byte) in flips {
+                let i = index.index(csr.len());
+                csr[i] ^= byte;
+            }
+            if truncate {
+                let len = cut.index(csr.len());
+                csr.truncate(len);
+            }
+            if let Ok(key) = parse_device_csr(&csr) {
+                prop_assert_eq!(key.algorithm(), KeyAlgorithm::Sm2);
+                prop_assert!(crate::ca::sm2::is_sm2_point(key.sec1()));
             }
         }
     }
