@@ -778,6 +778,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn key_algorithms_take_names_and_refuse_an_empty_or_unknown_list() {
+        use crate::model::KeyAlgorithm;
+        let config =
+            Config::from_toml("[issuance]\nkey_algorithms = [\"sm2\", \"p256\"]").expect("both");
+        assert_eq!(
+            config.issuance.key_algorithms,
+            Some(vec![KeyAlgorithm::Sm2, KeyAlgorithm::P256])
+        );
+        let err = Config::from_toml("[issuance]\nkey_algorithms = []").unwrap_err();
+        assert!(err.to_string().contains("issuance.key_algorithms"), "{err}");
+        let err = Config::from_toml("[issuance]\nkey_algorithms = [\"rsa\"]").unwrap_err();
+        assert!(err.to_string().contains("rsa"), "{err}");
+    }
+
+    #[test]
     fn ok_empty_file_gives_defaults() {
         let config = Config::from_toml("").expect("empty config");
         assert_eq!(config.grpc_addr.port(), 8443);

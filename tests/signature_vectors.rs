@@ -192,4 +192,21 @@ fn documented_sm2_vectors_hold() {
         // An SM2 signature is not a P-256 one.
         assert!(!verify_intent_signature(&public, &intent, &bytes));
     }
+    // Nor is the documented P-256 signature an SM2 one, under the SM2 key or under the
+    // P-256 vector's own point read as an SM2 key (it is not on the SM2 curve).
+    let p256_public = hex::decode(doc_value(&doc, "public_key_hex")).unwrap();
+    for p256_signature in [
+        doc_value(&doc, "signature_der_hex"),
+        doc_value(&doc, "signature_raw_hex"),
+    ] {
+        let bytes = hex::decode(p256_signature).unwrap();
+        assert!(verify_intent_signature(&p256_public, &intent, &bytes));
+        assert!(!verify_intent_signature_with(Sm2, &public, &intent, &bytes));
+        assert!(!verify_intent_signature_with(
+            Sm2,
+            &p256_public,
+            &intent,
+            &bytes
+        ));
+    }
 }

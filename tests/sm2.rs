@@ -21,8 +21,7 @@ use sm2::pkcs8::DecodePrivateKey;
 use tonic::Code;
 
 const DISTID_OPT: &str = "distid:1234567812345678";
-/// The same id for `openssl verify -vfyopt`: OpenSSL 3.0's certificate verification takes
-/// the id in hex only (its `distid:` form fails to verify any SM2 chain there).
+/// The same id in hex, the other form `-vfyopt` takes.
 const HEX_DISTID_OPT: &str = "hexdistid:31323334353637383132333435363738";
 
 /// An SM2 phone: its key made by OpenSSL, its certificate and where OpenSSL finds both.
@@ -322,8 +321,8 @@ async fn an_sm2_phone_enrolls_pays_and_is_revoked_as_openssl_sees_it() {
     let certs = server.certs();
 
     // Issued by the SM2 issuing CA, whose certificate is the chain payra answers with.
-    let sm2_issuing = std::fs::read_to_string(certs.join("sm2-issuing.pem")).unwrap();
-    assert_eq!(pem(&phone.issued.chain_der[0]), sm2_issuing);
+    let sm2_issuing = ::pem::parse(std::fs::read(certs.join("sm2-issuing.pem")).unwrap()).unwrap();
+    assert_eq!(phone.issued.chain_der[0], sm2_issuing.contents());
     let (ok, text) = openssl(&["x509", "-in", path_str(&phone.leaf()), "-noout", "-text"]);
     assert!(ok, "{text}");
     assert!(text.contains("Signature Algorithm: SM2-with-SM3"), "{text}");
@@ -350,10 +349,18 @@ async fn an_sm2_phone_enrolls_pays_and_is_revoked_as_openssl_sees_it() {
     assert!(ok, "{text}");
     let (ok, text) = openssl_verify_sm2(&server, &phone.leaf(), HEX_DISTID_OPT, &[]);
     assert!(ok, "{text}");
-    // Under another id the signatures do not verify: they were made with the default one.
-    let (ok, text) = openssl_verify_sm2(&server, &phone.leaf(), "distid:1234567812345679", &[]);
-    assert!(!ok, "{text}");
-    // Nor does it chain to the P-256 root.
+    // Under another id the leaf's signature does not verify: it was made with the default one.
+    let (ok, text) = openssl(&[
+        "verify",
+        "-vfyopt",
+        "distid:1234567812345679",
+        "-partial_chain",
+        "-CAfile",
+        path_str(&certs.join("sm2-issuing.pem")),
+        path_str(&phone.leaf()),
+    ]);
+    assert!(!ok && text.contains("signature failure"), "{text}");
+    // It names the SM2 issuing CA as its issuer, so it does not chain to the P-256 root.
     let (ok, _) = openssl(&[
         "verify",
         "-CAfile",
@@ -394,7 +401,7 @@ async fn an_sm2_phone_enrolls_pays_and_is_revoked_as_openssl_sees_it() {
     assert_eq!(evidence.certificate_serial, phone.issued.serial);
     assert_eq!(evidence.verdict, "VERIFIED");
 
-    // A signature over other bytes, or a P-256-style signature, is BAD_SIGNATURE naming SM2.
+    // A signature over other bytes is BAD_SIGNATURE naming SM2.
     let mut forged = sm2_payment(&server, &phone, "o-3", 100, false);
     forged.intent = encode_intent(&payment_intent(
         &phone.customer,
@@ -406,6 +413,12 @@ async fn an_sm2_phone_enrolls_pays_and_is_revoked_as_openssl_sees_it() {
     let answer = verify(&server, forged).await;
     assert_eq!(verdict(&answer), Verdict::BadSignature);
     assert!(answer.reason.contains("SM2 with SM3"), "{}", answer.reason);
+    // So is an ECDSA P-256 signature over the right bytes (by a P-256 key with the same
+    // point bytes it cannot have; any P-256 signature is refused for an SM2 certificate).
+    let mut p256_signed = sm2_payment(&server, &phone, "o-3b", 100, false);
+    p256_signed.signature = payra::client::DeviceKey::generate().sign_intent(&p256_signed.intent);
+    let answer = verify(&server, p256_signed).await;
+    assert_eq!(verdict(&answer), Verdict::BadSignature, "{}", answer.reason);
 
     // The SM2 CRL is signed by the SM2 issuing CA and lists nothing yet; OCSP says good.
     let (_, text) = sm2_crl(&server).await;
@@ -569,6 +582,7 @@ async fn an_sm2_phone_renews_by_proof_once() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::Unauthenticated);
+    assert!(refused.message().contains("does not verify"), "{refused}");
     // Device info is not covered by a proof: refused rather than taken from anyone.
     let proof = renewal_proof(&phone, &csr, now_s, &phone.key);
     let refused = anonymous
@@ -618,6 +632,7 @@ async fn an_sm2_phone_renews_by_proof_once() {
         .await
         .unwrap_err();
     assert_eq!(replay.code(), Code::Unauthenticated);
+    assert!(replay.message().contains("cannot renew"), "{replay}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -833,45 +848,69 @@ async fn the_rust_sdk_enrolls_pays_and_renews_with_an_sm2_key() {
 }
 
 /// The directory of pkilint's commands (`PAYRA_TEST_PKILINT`, which `.ci/run` sets after
-/// installing pkilint into a virtualenv), or `None`: the test says it is skipped.
+/// installing pkilint into a virtualenv), or `None`: the test says it is skipped. Set but
+/// without pkilint in it is a failure, not a skip.
 fn pkilint() -> Option<PathBuf> {
     let dir = PathBuf::from(std::env::var_os("PAYRA_TEST_PKILINT")?);
-    dir.join("lint_pkix_cert").exists().then_some(dir)
+    assert!(
+        dir.join("lint_pkix_cert").exists(),
+        "PAYRA_TEST_PKILINT={} holds no lint_pkix_cert",
+        dir.display()
+    );
+    Some(dir)
 }
 
-/// Runs pkilint's `command` with `args`, reporting warnings and worse: its findings, but for
-/// one false positive. pkilint checks a URI general name with the `validators` package's URL
-/// check, which needs a host, so it calls every URN invalid; `urn:payra:role:device` and
-/// `urn:payra:subscriber:<ref>` are URIs as RFC 3986 and RFC 5280 4.2.1.6 define them (a
-/// scheme and a scheme-specific part), and every other finding counts.
-fn lint(dir: &Path, command: &str, args: &[&str]) -> String {
-    let findings = lint_all(dir, command, args);
-    findings
-        .lines()
-        .filter(|line| !(line.contains("pkix.invalid_uri_syntax") && line.contains("\"urn:payra:")))
-        .filter(|line| line.starts_with("    "))
-        .collect::<Vec<_>>()
-        .join("\n")
+/// pkilint's findings of warnings and worse, as `code: node path` lines, from its JSON
+/// report, but for one false positive. pkilint checks a URI general name with the
+/// `validators` package's URL check, which needs a host, so it calls every URN invalid;
+/// `urn:payra:role:device` and `urn:payra:subscriber:<ref>` are URIs as RFC 3986 and RFC 5280
+/// 4.2.1.6 define them (a scheme and a scheme-specific part), and every other finding counts.
+fn lint(dir: &Path, command: &str, args: &[&str]) -> Vec<String> {
+    lint_all(dir, command, args)
+        .into_iter()
+        .filter(|finding| !finding.starts_with("pkix.invalid_uri_syntax: "))
+        .collect()
 }
 
-/// pkilint's whole report, warnings and worse.
-fn lint_all(dir: &Path, command: &str, args: &[&str]) -> String {
+/// Every finding of warnings and worse.
+fn lint_all(dir: &Path, command: &str, args: &[&str]) -> Vec<String> {
     let output = std::process::Command::new(dir.join(command))
         .arg("lint")
-        .args(["-s", "WARNING"])
+        .args(["-s", "WARNING", "-f", "JSON"])
         .args(args)
         .output()
         .expect("pkilint runs");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|e| {
+        panic!(
+            "{command} did not print a JSON report ({e}): {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    let results = report["results"].as_array().expect("a results array");
+    let mut findings = Vec::new();
+    for result in results {
+        for finding in result["finding_descriptions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            findings.push(format!(
+                "{}: {} {}",
+                finding["code"].as_str().unwrap_or("?"),
+                result["node_path"].as_str().unwrap_or("?"),
+                finding["message"].as_str().unwrap_or("")
+            ));
+        }
+    }
+    // pkilint exits non-zero exactly when it reports findings.
+    assert_eq!(
+        output.status.success(),
+        findings.is_empty(),
+        "{command}: exit {:?} with {findings:?}",
+        output.status
     );
-    assert!(
-        output.status.code().is_some(),
-        "{command} was killed: {text}"
-    );
-    text.trim().to_string()
+    findings
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -892,14 +931,17 @@ async fn pkilint_finds_no_warning_in_the_sm2_hierarchy_crl_and_ocsp_answers() {
         phone.leaf(),
     ] {
         let findings = lint(&pkilint, "lint_pkix_cert", &[path_str(&cert)]);
-        assert!(findings.is_empty(), "{}: {findings}", cert.display());
+        assert!(findings.is_empty(), "{}: {findings:?}", cert.display());
     }
-    // The only finding on the device certificate is the URN one, which `lint` leaves out.
+    // The only findings on the device certificate are the two URNs, which `lint` leaves out.
     let report = lint_all(&pkilint, "lint_pkix_cert", &[path_str(&phone.leaf())]);
-    assert_eq!(
-        report.matches("pkix.invalid_uri_syntax").count(),
-        2,
-        "{report}"
+    assert_eq!(report.len(), 2, "{report:?}");
+    assert!(
+        report
+            .iter()
+            .all(|f| f.starts_with("pkix.invalid_uri_syntax: ")
+                && f.contains("uniformResourceIdentifier")),
+        "{report:?}"
     );
     let (_, headers, crl) = http_get(&server.http_url("/crl/sm2")).await;
     assert!(headers.starts_with("HTTP/1.1 200"), "{headers}");
@@ -909,11 +951,11 @@ async fn pkilint_finds_no_warning_in_the_sm2_hierarchy_crl_and_ocsp_answers() {
         "lint_crl",
         &["-t", "CRL", "-p", "PKIX", &crl_path],
     );
-    assert!(findings.is_empty(), "SM2 CRL: {findings}");
+    assert!(findings.is_empty(), "SM2 CRL: {findings:?}");
     let (text, response) = openssl_ocsp_sm2_to(&server, &phone.leaf());
     assert!(text.contains(": revoked"), "{text}");
     let findings = lint(&pkilint, "lint_ocsp_response", &[path_str(&response)]);
-    assert!(findings.is_empty(), "SM2 OCSP response: {findings}");
+    assert!(findings.is_empty(), "SM2 OCSP response: {findings:?}");
 
     // The P-256 hierarchy and its device certificates, for comparison: the same.
     let p256 = enrolled(&server, "lint", "lint-p256").await;
@@ -923,7 +965,7 @@ async fn pkilint_finds_no_warning_in_the_sm2_hierarchy_crl_and_ocsp_answers() {
         p256.dir.join("leaf.pem"),
     ] {
         let findings = lint(&pkilint, "lint_pkix_cert", &[path_str(&cert)]);
-        assert!(findings.is_empty(), "{}: {findings}", cert.display());
+        assert!(findings.is_empty(), "{}: {findings:?}", cert.display());
     }
     let crl = fetch_crl(&server).await;
     let findings = lint(
@@ -931,7 +973,7 @@ async fn pkilint_finds_no_warning_in_the_sm2_hierarchy_crl_and_ocsp_answers() {
         "lint_crl",
         &["-t", "CRL", "-p", "PKIX", &crl_file(&server, &crl)],
     );
-    assert!(findings.is_empty(), "P-256 CRL: {findings}");
+    assert!(findings.is_empty(), "P-256 CRL: {findings:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -975,4 +1017,93 @@ async fn failed_renewal_proofs_count_toward_the_address_limit() {
         .renew_with_proof(csr, None, good)
         .await
         .expect("a good proof renews once the window has passed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sm2_keys_stay_on_their_own_paths() {
+    use payra::client::Sm2DeviceKey;
+    let server = TestServer::start().await;
+    let certs = server.certs();
+    // An SM2 key with an attestation: refused before the attestation is even read.
+    let token = server.token("wu").await;
+    let refused = server
+        .anonymous()
+        .await
+        .enrollment()
+        .enroll(proto::EnrollRequest {
+            token: token.clone(),
+            csr_der: Sm2DeviceKey::generate().csr_der("wu-1").unwrap(),
+            device_id: "wu-1".into(),
+            device_info: None,
+            attestation: Some(proto::enroll_request::Attestation::Android(
+                proto::AndroidKeyAttestation {
+                    certificate_chain_der: vec![vec![0x30, 0x00]],
+                },
+            )),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().starts_with("attestation"), "{refused:?}");
+
+    // An SM2 key cannot have a client certificate: payra's TLS speaks P-256.
+    let refused = server
+        .operator()
+        .await
+        .issue_client_certificate(
+            "service",
+            "sm2-svc",
+            Sm2DeviceKey::generate().csr_der("s").unwrap(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused
+            .message()
+            .contains("not accepted for a client certificate"),
+        "{refused}"
+    );
+
+    // Asked of the SM2 issuer, a P-256 device's serial is unknown.
+    let (_, p256) = server.enroll("wu", "wu-p256").await;
+    let (ok, text) = openssl(&[
+        "ocsp",
+        "-issuer",
+        path_str(&certs.join("sm2-issuing.pem")),
+        "-serial",
+        &format!("0x{}", p256.serial),
+        "-url",
+        &server.http_url("/ocsp"),
+        "-noverify",
+    ]);
+    assert!(ok && text.contains(": unknown"), "{text}");
+
+    // An SM2 phone renewing by proof to a P-256 key gets a P-256 certificate from the P-256
+    // issuing CA; the lineage stays one.
+    let phone = enroll_sm2(&server, "wu", "wu-sm2").await;
+    let p256_key = payra::client::DeviceKey::generate();
+    let csr = p256_key.csr_der("wu-sm2").unwrap();
+    let proof = renewal_proof(&phone, &csr, server.clock.now_ms() / 1000, &phone.key);
+    let renewed = server
+        .anonymous()
+        .await
+        .renew_with_proof(csr, None, proof)
+        .await
+        .expect("renewal to a P-256 key");
+    let issuing = ::pem::parse(std::fs::read(certs.join("issuing.pem")).unwrap()).unwrap();
+    assert_eq!(renewed.chain_der[0], issuing.contents());
+    let record = server
+        .operator()
+        .await
+        .certificate(&renewed.serial)
+        .await
+        .unwrap();
+    assert_eq!(record.key_algorithm, "p256");
+    assert_eq!(record.renewed_from_serial, phone.issued.serial);
+    let (_, text) = sm2_crl(&server).await;
+    assert!(
+        text.contains(&phone.issued.serial.to_uppercase()),
+        "superseded SM2 serial: {text}"
+    );
 }

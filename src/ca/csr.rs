@@ -242,6 +242,11 @@ mod tests {
                 prop_assert_eq!(key.sec1().len(), 65);
             }
         }
+    }
+
+    proptest! {
+        // Each case that parses runs an SM2 check, slow in a debug build: fewer cases.
+        #![proptest_config(ProptestConfig::with_cases(300))]
 
         /// The same for an SM2 request: refused or still an SM2 point, never a panic.
         #[test]

@@ -759,7 +759,7 @@ impl Ra {
 
     /// The device key of `csr_der` (see [`parse_device_csr`]), refused unless
     /// `issuance.key_algorithms` accepts its algorithm.
-    fn accepted_device_key(&self, csr_der: &[u8]) -> Result<crate::ca::DevicePublicKey> {
+    pub(super) fn accepted_device_key(&self, csr_der: &[u8]) -> Result<crate::ca::DevicePublicKey> {
         let key = parse_device_csr(csr_der)?;
         let accepted = self.policy.key_algorithms.as_deref().unwrap_or(&[]);
         if !accepted.contains(&key.algorithm()) {

@@ -563,6 +563,69 @@ pub(crate) fn test_ra(dir: &std::path::Path) -> (Ra, crate::clock::ManualClock) 
 
 #[cfg(test)]
 mod tests {
+    use crate::model::KeyAlgorithm;
+
+    /// An RA over a development PKI with (`sm2`) or without an SM2 hierarchy, and
+    /// `issuance.key_algorithms` set to `listed`.
+    fn ra_with(dir: &std::path::Path, sm2: bool, listed: Option<Vec<KeyAlgorithm>>) -> Result<Ra> {
+        let certs = dir.join("certs");
+        crate::ca::pki::init_dev_pki(&certs, false).unwrap();
+        if !sm2 {
+            for file in [
+                "sm2-root.pem",
+                "sm2-root.key",
+                "sm2-issuing.pem",
+                "sm2-issuing.key",
+            ] {
+                std::fs::remove_file(certs.join(file)).unwrap();
+            }
+        }
+        let mut config = Config {
+            data_dir: dir.join("data"),
+            ..Config::default()
+        };
+        config.issuance.key_algorithms = listed;
+        Ra::new(
+            Arc::new(crate::store::SledStore::open(&config.data_dir).unwrap()),
+            Arc::new(CaMaterial::load(&certs, None).unwrap()),
+            Arc::new(crate::clock::ManualClock::at_system_time()),
+            RaPolicy::from_config(&config).unwrap(),
+            Arc::new(Metrics::new()),
+        )
+    }
+
+    #[test]
+    fn key_algorithms_follow_the_hierarchies_present_and_the_list() {
+        use KeyAlgorithm::{Sm2, P256};
+        let accepted = |ra: &Ra| ra.policy.key_algorithms.clone().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ra = ra_with(&dir.path().join("both"), true, None).unwrap();
+        assert_eq!(accepted(&ra), vec![P256, Sm2]);
+        assert!(ra.current_crl_of(Sm2).is_ok());
+        let ra = ra_with(&dir.path().join("p256"), false, None).unwrap();
+        assert_eq!(accepted(&ra), vec![P256]);
+        // Without an SM2 CA there is no SM2 CRL: NotFound, which /crl/sm2 answers with 404.
+        let err = ra.current_crl_of(Sm2).err().unwrap();
+        assert_eq!(err.kind(), crate::error::ErrorKind::NotFound, "{err}");
+        assert!(ra.readiness().is_ok());
+        let err = ra_with(&dir.path().join("missing"), false, Some(vec![Sm2]))
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("no SM2 hierarchy"), "{err}");
+        assert!(err.to_string().contains("payra ca init-sm2"), "{err}");
+        let ra = ra_with(&dir.path().join("sm2-only"), true, Some(vec![Sm2])).unwrap();
+        assert_eq!(accepted(&ra), vec![Sm2]);
+        let p256_csr = crate::client::DeviceKey::generate().csr_der("d").unwrap();
+        let err = ra.accepted_device_key(&p256_csr).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("key type EC P-256 is not accepted here"),
+            "{err}"
+        );
+        // The SM2 key signs readiness probes too.
+        assert!(ra.readiness().is_ok());
+    }
+
     use super::*;
     use crate::model::{CustomerId, Factor, FactorCategory, Scene};
     use verification::{QualifyRequest, Transaction};
