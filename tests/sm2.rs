@@ -1107,3 +1107,90 @@ async fn sm2_keys_stay_on_their_own_paths() {
         "superseded SM2 serial: {text}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_enrolls_pays_and_renews_an_sm2_device() {
+    let server = TestServer::start().await;
+    let token = server.token("liu").await;
+    let dir = server.dir.path().join("cli-sm2");
+    let (ok, stdout, stderr) = run_payra_at(
+        &server,
+        &[
+            "device",
+            "enroll",
+            "--token",
+            &token,
+            "--device",
+            "liu-phone",
+            "--out",
+            path_str(&dir),
+            "--key-algorithm",
+            "sm2",
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let serial = stdout.trim().to_string();
+    // OpenSSL reads the key as SM2, and its certificate as the SM2 issuing CA's.
+    let (ok, text) = openssl(&[
+        "pkey",
+        "-in",
+        path_str(&dir.join("device.key")),
+        "-noout",
+        "-text",
+    ]);
+    assert!(ok && text.contains("ASN1 OID: SM2"), "{text}");
+    let (ok, text) = openssl_verify_sm2(&server, &dir.join("device.pem"), DISTID_OPT, &[]);
+    assert!(ok, "{text}");
+
+    let (ok, stdout, stderr) = run_payra_at(
+        &server,
+        &[
+            "device",
+            "pay",
+            "--device-dir",
+            path_str(&dir),
+            "--merchant",
+            "m-1",
+            "--order",
+            "o-1",
+            "--amount",
+            "1.00",
+            "--factor",
+            "payment_pin",
+            "--json",
+        ],
+    );
+    assert!(ok, "{stdout} {stderr}");
+    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(answer["verdict"], "VERIFIED");
+
+    // Renewal by proof, from the directory; it then holds a new SM2 key and certificate.
+    let (ok, stdout, stderr) = run_payra_at(
+        &server,
+        &["device", "renew", "--device-dir", path_str(&dir)],
+    );
+    assert!(ok, "{stderr}");
+    let renewed = stdout.trim().to_string();
+    assert_ne!(renewed, serial);
+    let record = server.operator().await.certificate(&renewed).await.unwrap();
+    assert_eq!(record.key_algorithm, "sm2");
+    assert_eq!(record.renewed_from_serial, serial);
+    let (ok, stdout, stderr) = run_payra_at(
+        &server,
+        &[
+            "device",
+            "pay",
+            "--device-dir",
+            path_str(&dir),
+            "--merchant",
+            "m-1",
+            "--order",
+            "o-2",
+            "--amount",
+            "1.00",
+            "--json",
+        ],
+    );
+    assert!(ok, "{stdout} {stderr}");
+    assert!(stdout.contains("\"VERIFIED\""), "{stdout}");
+}

@@ -312,7 +312,8 @@ pub(crate) enum TokenCommand {
 
 #[derive(Subcommand)]
 pub(crate) enum DeviceCommand {
-    /// Generate a P-256 key, send a CSR with the token, and write device.key / device.pem.
+    /// Generate a key (P-256, or SM2 with --key-algorithm sm2), send a CSR with the token,
+    /// and write device.key / device.pem.
     Enroll {
         #[arg(long)]
         token: String,
@@ -323,6 +324,9 @@ pub(crate) enum DeviceCommand {
         out: PathBuf,
         #[arg(long, default_value = "cli")]
         platform: String,
+        /// The device key: p256, or sm2 (certified by the SM2 issuing CA).
+        #[arg(long, value_enum, default_value = "p256")]
+        key_algorithm: BenchKeyAlgorithm,
         #[command(flatten)]
         connection: Connection,
     },
@@ -554,7 +558,7 @@ pub(crate) struct PayArgs {
     pub(crate) connection: Connection,
 }
 
-/// `payra bench --key-algorithm`.
+/// `--key-algorithm` of `payra bench` and `payra device enroll`.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum BenchKeyAlgorithm {
     P256,

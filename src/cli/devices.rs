@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use payra::client::{Credential, DeviceKey, ProtoDeviceInfo};
+use payra::client::{Credential, DeviceKey, ProtoDeviceInfo, Sm2DeviceKey};
 use payra::clock::SystemClock;
 
 use super::args::*;
@@ -10,13 +10,60 @@ use super::connection::*;
 use super::human;
 use crate::CliResult;
 
+/// A device directory's key: P-256, or SM2.
+pub(crate) enum CliKey {
+    P256(DeviceKey),
+    Sm2(Sm2DeviceKey),
+}
+
+impl CliKey {
+    fn generate(algorithm: BenchKeyAlgorithm) -> CliKey {
+        match algorithm {
+            BenchKeyAlgorithm::P256 => CliKey::P256(DeviceKey::generate()),
+            BenchKeyAlgorithm::Sm2 => CliKey::Sm2(Sm2DeviceKey::generate()),
+        }
+    }
+
+    /// The key in a PKCS#8 PEM file: P-256 or SM2, as the file says.
+    fn read(path: &Path) -> Result<CliKey, String> {
+        let pem = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        if let Ok(key) = DeviceKey::from_pkcs8_pem(&pem) {
+            return Ok(CliKey::P256(key));
+        }
+        Sm2DeviceKey::from_pkcs8_pem(&pem)
+            .map(CliKey::Sm2)
+            .map_err(|_| format!("{}: not a PKCS#8 P-256 or SM2 key", path.display()))
+    }
+
+    fn csr_der(&self, device: &str) -> Result<Vec<u8>, String> {
+        match self {
+            CliKey::P256(key) => key.csr_der(device),
+            CliKey::Sm2(key) => key.csr_der(device),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    fn to_pkcs8_pem(&self) -> Result<String, String> {
+        match self {
+            CliKey::P256(key) => key.to_pkcs8_pem(),
+            CliKey::Sm2(key) => key.to_pkcs8_pem(),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    fn sign_intent(&self, intent_bytes: &[u8]) -> Vec<u8> {
+        match self {
+            CliKey::P256(key) => key.sign_intent(intent_bytes),
+            CliKey::Sm2(key) => key.sign_intent(intent_bytes),
+        }
+    }
+}
+
 pub(crate) async fn pay(args: PayArgs) -> CliResult {
     use payra::client::{encode_intent, factor_category, random_nonce, DeviceIdentity};
     use payra::wire::proto;
     let amount_fen = payra::client::parse_amount_fen(&args.amount).map_err(|e| e.to_string())?;
-    let key_pem = std::fs::read_to_string(args.device_dir.join("device.key"))
-        .map_err(|e| format!("{}: {e}", args.device_dir.join("device.key").display()))?;
-    let key = DeviceKey::from_pkcs8_pem(&key_pem).map_err(|e| e.to_string())?;
+    let key = CliKey::read(&args.device_dir.join("device.key"))?;
     let cert_pem = std::fs::read_to_string(args.device_dir.join("device.pem"))
         .map_err(|e| format!("{}: {e}", args.device_dir.join("device.pem").display()))?;
     let cert = pem::parse(&cert_pem).map_err(|e| format!("device.pem: {e}"))?;
@@ -159,7 +206,7 @@ pub(crate) fn cli_device_info(platform: &str) -> ProtoDeviceInfo {
 /// it, so a directory is never left with a key that does not match its certificate.
 pub(crate) fn write_device_dir(
     out: &Path,
-    key: &DeviceKey,
+    key: &CliKey,
     issued: &payra::wire::proto::EnrollResponse,
 ) -> CliResult {
     std::fs::create_dir_all(out).map_err(|e| format!("{}: {e}", out.display()))?;
@@ -172,7 +219,7 @@ pub(crate) fn write_device_dir(
     }
     let identity = payra::client::DeviceIdentity::from_enrollment(issued);
     let identity = serde_json::to_string_pretty(&identity).map_err(|e| e.to_string())?;
-    let key_pem = key.to_pkcs8_pem().map_err(|e| e.to_string())?;
+    let key_pem = key.to_pkcs8_pem()?;
     let files = [
         ("device.key", key_pem, true),
         ("device.pem", chain, false),
@@ -202,9 +249,10 @@ pub(crate) async fn enroll_device(
     device: &str,
     out: &Path,
     platform: &str,
+    algorithm: BenchKeyAlgorithm,
 ) -> CliResult {
-    let key = DeviceKey::generate();
-    let csr = key.csr_der(device).map_err(|e| e.to_string())?;
+    let key = CliKey::generate(algorithm);
+    let csr = key.csr_der(device)?;
     let client = connect(connection, Credential::None).await?;
     let issued = client
         .enroll(token, csr, device, cli_device_info(platform))
@@ -222,7 +270,9 @@ pub(crate) async fn enroll_device(
 }
 
 /// `payra device renew`: a new key and certificate for the device in `dir`, over mutual TLS
-/// with its current certificate; the directory then holds the new ones.
+/// with its current certificate, or for an SM2 device with a renewal proof signed by its
+/// current key (TLS cannot present an SM2 certificate); the directory then holds the new
+/// ones, of the same algorithm.
 pub(crate) async fn renew_device(
     connection: &Connection,
     dir: &Path,
@@ -237,13 +287,42 @@ pub(crate) async fn renew_device(
         }
         Err(_) => String::from("device"),
     };
-    let key = DeviceKey::generate();
-    let csr = key.csr_der(&device).map_err(|e| e.to_string())?;
-    let client = connect(connection, Credential::device(dir)).await?;
-    let issued = client
-        .renew(csr, platform.map(cli_device_info))
-        .await
-        .map_err(status_message)?;
+    let issued = match CliKey::read(&dir.join("device.key"))? {
+        CliKey::P256(_) => {
+            let key = CliKey::generate(BenchKeyAlgorithm::P256);
+            let csr = key.csr_der(&device)?;
+            let client = connect(connection, Credential::device(dir)).await?;
+            let issued = client
+                .renew(csr, platform.map(cli_device_info))
+                .await
+                .map_err(status_message)?;
+            (key, issued)
+        }
+        CliKey::Sm2(current) => {
+            if platform.is_some() {
+                return Err(
+                    "--platform: a renewal by SM2 proof keeps the device info on \
+                            record (the proof does not cover it)"
+                        .into(),
+                );
+            }
+            let serial = std::fs::read_to_string(dir.join("serial"))
+                .map_err(|e| format!("{}: {e}", dir.join("serial").display()))?;
+            let key = CliKey::generate(BenchKeyAlgorithm::Sm2);
+            let csr = key.csr_der(&device)?;
+            let now_s = payra::clock::Clock::now_s(&SystemClock);
+            let proof = current
+                .renewal_proof(serial.trim(), &csr, now_s)
+                .map_err(|e| e.to_string())?;
+            let client = connect(connection, Credential::None).await?;
+            let issued = client
+                .renew_with_proof(csr, None, proof)
+                .await
+                .map_err(status_message)?;
+            (key, issued)
+        }
+    };
+    let (key, issued) = issued;
     write_device_dir(dir, &key, &issued)?;
     println!("{}", issued.serial);
     eprintln!(
@@ -265,8 +344,9 @@ pub(crate) async fn device(command: DeviceCommand) -> CliResult {
             device,
             out,
             platform,
+            key_algorithm,
             connection,
-        } => enroll_device(&connection, &token, &device, &out, &platform).await,
+        } => enroll_device(&connection, &token, &device, &out, &platform, key_algorithm).await,
         DeviceCommand::Renew {
             device_dir,
             platform,
