@@ -2,7 +2,6 @@
 
 use rand::RngCore;
 
-use super::status::{CertificateStatus, StatusView};
 use super::Ra;
 use crate::ca::{
     issue_device_certificate, issue_sm2_device_certificate, parse_device_csr, SubscriberRef,
@@ -11,8 +10,7 @@ use crate::error::{Error, Result};
 use crate::model::{CustomerId, DeviceId, DeviceInfo, KeyAlgorithm, Serial};
 use crate::store::{Actor, AuditEvent};
 use crate::store::{
-    CertificateRecord, IssueOutcome, RevokeRejection, TokenHash, TokenRecord, TokenRejection,
-    RECORD_VERSION,
+    CertificateRecord, IssueOutcome, TokenHash, TokenRecord, TokenRejection, RECORD_VERSION,
 };
 
 /// Prefix of every enrollment token, so secret scanners and people can recognise one.
@@ -38,41 +36,6 @@ pub struct EnrollRequest {
     pub device_info: DeviceInfo,
     /// The key's attestation, when the app sent one.
     pub attestation: Option<crate::attestation::Evidence>,
-}
-
-/// A parsed `Renew` request; the current certificate comes from mutual TLS.
-#[derive(Debug, Clone)]
-pub struct RenewRequest {
-    pub current: Serial,
-    pub csr_der: Vec<u8>,
-    /// `None` keeps the device info on record.
-    pub device_info: Option<DeviceInfo>,
-    /// For an SM2 certificate: the caller's proof that it holds the certificate's key (it
-    /// cannot present the certificate over TLS). `None`: the caller presented `current` over
-    /// mutual TLS.
-    pub proof: Option<RenewalProof>,
-    /// The caller's address: proofs that fail count toward its enrollment failure limit.
-    pub peer: Option<std::net::IpAddr>,
-}
-
-/// The current SM2 certificate's signature over what a renewal asks for (proto
-/// `RenewalProof`; see [`renewal_proof_message`]).
-#[derive(Debug, Clone)]
-pub struct RenewalProof {
-    pub signed_at_s: i64,
-    pub signature: Vec<u8>,
-}
-
-/// The bytes a [`RenewalProof`] signs: `"payra.v1.RenewalProof\n" || serial (hex) || "\n" ||
-/// signed_at_s (decimal) || "\n" || csr_der`.
-pub fn renewal_proof_message(serial: &Serial, signed_at_s: i64, csr_der: &[u8]) -> Vec<u8> {
-    let mut message = format!(
-        "payra.v1.RenewalProof\n{}\n{signed_at_s}\n",
-        serial.to_hex()
-    )
-    .into_bytes();
-    message.extend_from_slice(csr_der);
-    message
 }
 
 /// An issued certificate as returned to the phone.
@@ -423,7 +386,7 @@ impl Ra {
     /// may have reached the cache first and found nothing to mark there; so the state the
     /// store holds is put in after the entry, in turn with every other revocation change
     /// ([`Ra::cache_stored_revocations`]).
-    fn cache_committed(&self, record: &CertificateRecord) {
+    pub(super) fn cache_committed(&self, record: &CertificateRecord) {
         self.cache.put(record);
         self.cache_stored_revocations(std::slice::from_ref(&record.serial), record.revocation);
     }
@@ -431,11 +394,11 @@ impl Ra {
 
 /// Whom a device certificate is for: the ids go into payra's record, the reference into the
 /// certificate.
-struct Holder {
-    customer: CustomerId,
-    device: DeviceId,
-    device_info: DeviceInfo,
-    subscriber: SubscriberRef,
+pub(super) struct Holder {
+    pub(super) customer: CustomerId,
+    pub(super) device: DeviceId,
+    pub(super) device_info: DeviceInfo,
+    pub(super) subscriber: SubscriberRef,
 }
 
 /// An enrollment checked and signed, not yet stored.
@@ -449,204 +412,9 @@ pub struct PreparedEnrollment {
 }
 
 impl Ra {
-    /// Renews a device certificate: the device proves its current certificate over mutual TLS
-    /// and sends a new CSR (a new key is allowed). The new certificate names the same customer
-    /// and device; the old one is revoked as superseded in the same transaction. Only a valid
-    /// (unexpired, unrevoked) certificate can renew; anything else enrolls again.
-    pub fn renew(&self, actor: &Actor, request: RenewRequest) -> Result<Issued> {
-        if let Some(info) = &request.device_info {
-            info.validate()?;
-        }
-        if request.proof.is_some() && request.device_info.is_some() {
-            return Err(Error::invalid(
-                "device_info",
-                "is not covered by a RenewalProof, so a renewal by proof keeps the device info \
-                 on record; leave it out",
-            ));
-        }
-        let now_s = self.clock.now_s();
-        let now_ms = self.clock.now_ms();
-        // A caller with a proof has shown nothing yet: each proof costs an SM2 check (about
-        // 0.4 ms), so an address whose proofs keep failing is turned away before any check,
-        // as one guessing enrollment tokens is, and every failure below counts.
-        let by_proof = request.proof.is_some();
-        let failed = |refusal: Error| {
-            if let (true, Some(peer)) = (by_proof, request.peer) {
-                self.enroll_throttle.record_failure(peer, now_ms);
-            }
-            refusal
-        };
-        if let (true, Some(peer)) = (by_proof, request.peer) {
-            if let Some(until_ms) = self.enroll_throttle.blocked_until(peer, now_ms) {
-                self.metrics.enroll_throttled.inc();
-                return Err(Error::ResourceExhausted(format!(
-                    "too many failed enrollment and renewal attempts from {peer}; retry after {}",
-                    crate::model::moment_ms(until_ms)
-                )));
-            }
-        }
-        let current = self.store.certificate(&request.current)?.ok_or_else(|| {
-            failed(Error::Unauthenticated(format!(
-                "certificate {} is not a payra device certificate on record",
-                request.current
-            )))
-        })?;
-        match (&request.proof, current.key_algorithm) {
-            (None, _) => {}
-            (Some(proof), KeyAlgorithm::Sm2) => self
-                .check_renewal_proof(&current, &request.csr_der, proof, now_s)
-                .map_err(failed)?,
-            (Some(_), KeyAlgorithm::P256) => {
-                return Err(failed(Error::Unauthenticated(format!(
-                    "certificate {} is an EC P-256 certificate: renew by presenting it over \
-                     mutual TLS (a RenewalProof is for SM2 certificates)",
-                    current.serial
-                ))))
-            }
-        }
-        match StatusView::of(&current, now_s).status {
-            CertificateStatus::Valid => {}
-            CertificateStatus::Expired => {
-                return Err(Error::Unauthenticated(format!(
-                    "certificate {} expired at {}; enroll again with a new token",
-                    current.serial,
-                    crate::model::moment(current.not_after_s)
-                )))
-            }
-            CertificateStatus::NotYetValid => {
-                return Err(Error::Unauthenticated(format!(
-                    "certificate {} is not valid yet",
-                    current.serial
-                )))
-            }
-            other => {
-                return Err(Error::Unauthenticated(format!(
-                    "certificate {} is {:?} and cannot renew; enroll again with a new token",
-                    current.serial, other
-                )))
-            }
-        }
-        self.check_renewal_rate(&current, now_s)?;
-        // The CSR's own signature is checked once the caller has proven the certificate.
-        let public_key = self.accepted_device_key(&request.csr_der)?;
-        // A renewal may keep its key; a new key must not be another holder's.
-        let _key_claim = self.keys_in_flight.claim(
-            &self.cache,
-            public_key.point(),
-            &current.customer_id,
-            &current.device_id,
-            now_s,
-        )?;
-        let holder = Holder {
-            customer: current.customer_id.clone(),
-            device: current.device_id.clone(),
-            device_info: request
-                .device_info
-                .unwrap_or_else(|| current.device_info.clone()),
-            // A renewal keeps the lineage's reference (a certificate from before references
-            // gets its first one).
-            subscriber: current
-                .subscriber_ref
-                .as_deref()
-                .and_then(SubscriberRef::parse)
-                .unwrap_or_else(SubscriberRef::random),
-        };
-        let (mut record, certificate_der) =
-            self.sign_device_certificate(&public_key, holder, Some(current.serial.clone()), now_s)?;
-        // An attestation proves where one key lives: it carries over only to the same key. A
-        // new key is unattested until a new enrollment (with a token) attests it.
-        let same_key = record.public_key_hex == current.public_key_hex
-            && record.key_algorithm == current.key_algorithm;
-        if same_key {
-            record.attestation = current.attestation.clone();
-        }
-        let audit = AuditEvent::new(
-            self.clock.now_ms(),
-            actor,
-            "certificate.renewed",
-            record.serial.to_hex(),
-            match (&current.attestation, same_key) {
-                (Some(_), false) => format!(
-                    "supersedes {}; new key, so the old key's attestation does not carry over",
-                    current.serial
-                ),
-                _ if by_proof => format!(
-                    "supersedes {}; proven by an SM2 renewal proof signed with its key",
-                    current.serial
-                ),
-                _ => format!("supersedes {}", current.serial),
-            },
-        );
-        match self.store.renew(&current.serial, &record, now_s, &audit)? {
-            Ok(()) => {}
-            Err(RevokeRejection::AlreadyRevoked(serial, _)) => {
-                return Err(Error::Unauthenticated(format!(
-                    "certificate {serial} was revoked meanwhile; enroll again with a new token"
-                )))
-            }
-            Err(other) => return Err(Error::internal(format!("renew: {other:?}"))),
-        }
-        self.cache_committed(&record);
-        self.cache_stored_revocations(
-            std::slice::from_ref(&current.serial),
-            Some(crate::store::Revocation {
-                revoked_at_s: now_s,
-                reason: crate::model::RevocationReason::Superseded,
-            }),
-        );
-        self.publication.revocation_changed();
-        self.metrics
-            .certificates_issued
-            .with_label_values(&["renew"])
-            .inc();
-        tracing::info!(
-            old = %current.serial,
-            new = %record.serial,
-            device = %record.device_id,
-            "certificate renewed"
-        );
-        Ok(self.issued(record, certificate_der))
-    }
-}
-
-impl Ra {
-    /// Refuses a renewal when `current`'s lineage was renewed `renewals_per_day` times in
-    /// the last 24 hours. Walks back along `renewed_from`, reading at most the limit plus one
-    /// records; an operator who must let a device through gives it an enrollment token (a
-    /// new enrollment starts a new lineage).
-    fn check_renewal_rate(&self, current: &CertificateRecord, now_s: i64) -> Result<()> {
-        let limit = self.policy.renewals_per_day as usize;
-        let window_start = now_s - 86_400;
-        let mut renewals = Vec::new();
-        let mut cursor = current.clone();
-        while cursor.issued_at_s > window_start && renewals.len() < limit {
-            let Some(previous) = cursor.renewed_from.clone() else {
-                break;
-            };
-            renewals.push(cursor.issued_at_s);
-            match self.store.certificate(&previous)? {
-                Some(record) => cursor = record,
-                None => break,
-            }
-        }
-        if renewals.len() < limit {
-            return Ok(());
-        }
-        self.metrics.renewals_refused.inc();
-        // The oldest counted renewal leaves the window first.
-        let retry_at_s = renewals.last().copied().unwrap_or(now_s) + 86_400;
-        tracing::warn!(serial = %current.serial, device = %current.device_id, "renewal refused: daily limit");
-        Err(Error::ResourceExhausted(format!(
-            "this device's certificate was renewed {limit} times in the last 24 hours, the most \
-             allowed (issuance.renewals_per_day); retry after {}, or enroll again with a new \
-             enrollment token",
-            crate::model::moment(retry_at_s)
-        )))
-    }
-
     /// Signs a device certificate for `public_key` and builds its record (not yet stored).
     /// payra decides everything in it; see [`issue_device_certificate`].
-    fn sign_device_certificate(
+    pub(super) fn sign_device_certificate(
         &self,
         public_key: &crate::ca::DevicePublicKey,
         holder: Holder,
@@ -711,7 +479,7 @@ impl Ra {
     }
 
     /// The answer to the phone: the certificate and the chain up to (not including) the root.
-    fn issued(&self, record: CertificateRecord, certificate_der: Vec<u8>) -> Issued {
+    pub(super) fn issued(&self, record: CertificateRecord, certificate_der: Vec<u8>) -> Issued {
         let issuing_der = match (record.key_algorithm, &self.ca.sm2) {
             (KeyAlgorithm::Sm2, Some(sm2)) => sm2.issuing_der.clone(),
             _ => self.ca.issuing_der.clone(),
@@ -721,40 +489,6 @@ impl Ra {
             chain_der: vec![issuing_der],
             record,
         }
-    }
-
-    /// Checks an SM2 certificate's renewal proof: signed within the verification skew of
-    /// now, by `current`'s key, over the serial, the time and the CSR.
-    fn check_renewal_proof(
-        &self,
-        current: &CertificateRecord,
-        csr_der: &[u8],
-        proof: &RenewalProof,
-        now_s: i64,
-    ) -> Result<()> {
-        let skew_s = self.policy.ledger.skew_ms / 1000;
-        if proof.signed_at_s.abs_diff(now_s) > skew_s.unsigned_abs() {
-            return Err(Error::Unauthenticated(format!(
-                "the renewal proof was signed at {}, more than {skew_s} s from payra's clock ({}); \
-                 sign it again with the current time",
-                crate::model::moment(proof.signed_at_s),
-                crate::model::moment(now_s)
-            )));
-        }
-        let message = renewal_proof_message(&current.serial, proof.signed_at_s, csr_der);
-        let key = hex::decode(&current.public_key_hex).unwrap_or_default();
-        if proof.signature.len() > super::signature::MAX_SIGNATURE_BYTES
-            || !crate::ca::sm2::verify(&key, &message, &proof.signature)
-        {
-            tracing::warn!(serial = %current.serial, "renewal proof does not verify");
-            return Err(Error::Unauthenticated(format!(
-                "the renewal proof does not verify with the key of certificate {} (SM2 with SM3, \
-                 distinguishing id 1234567812345678, over \"payra.v1.RenewalProof\\n\" || serial \
-                 || \"\\n\" || signed_at || \"\\n\" || csr_der)",
-                current.serial
-            )));
-        }
-        Ok(())
     }
 
     /// The device key of `csr_der` (see [`parse_device_csr`]), refused unless
@@ -780,6 +514,7 @@ impl Ra {
 mod tests {
     use super::*;
     use crate::model::RevocationReason;
+    use crate::store::RevokeRejection;
 
     fn test_ra(dir: &tempfile::TempDir) -> std::sync::Arc<Ra> {
         std::sync::Arc::new(super::super::test_ra(dir.path()).0)

@@ -10,6 +10,7 @@ mod enrollment;
 mod key_claims;
 pub mod limits;
 mod publication;
+mod renewal;
 
 mod retention;
 mod revocation;
@@ -20,11 +21,10 @@ pub mod tiers;
 mod verification;
 
 pub use clients::{ClientRegistry, ClientStanding, CLIENT_ROLES};
-pub use enrollment::{
-    renewal_proof_message, EnrollRequest, EnrollmentToken, Issued, RenewRequest, RenewalProof,
-};
+pub use enrollment::{EnrollRequest, EnrollmentToken, Issued};
 pub use limits::LedgerPolicy;
 pub use publication::{OcspAnswer, OcspFreshness, Publication, PublishedCrl};
+pub use renewal::{renewal_proof_message, RenewRequest, RenewalProof};
 pub use retention::RetentionProgress;
 pub use revocation::{CertificatePage, CertificateQuery, RevokeOutcome, MAX_PAGE_SIZE};
 pub use status::{CertificateStatus, StatusView};
