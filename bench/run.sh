@@ -6,20 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
 DURATION=${2:-5}
-cargo build --release --locked --bin payra >&2
-BIN=$PWD/target/release/payra
-WORK=$(mktemp -d)
-trap 'kill $SERVER 2>/dev/null || true; rm -rf "$WORK"' EXIT
-"$BIN" init --dir "$WORK/certs" >/dev/null
-RUST_LOG=warn "$BIN" serve --certs "$WORK/certs" --data "$WORK/data" \
-    --grpc-addr 127.0.0.1:18443 --http-addr 127.0.0.1:18080 >"$WORK/server.log" 2>&1 &
-SERVER=$!
-for _ in $(seq 1 100); do
-    curl -sf http://127.0.0.1:18080/healthz >/dev/null 2>&1 && break
-    sleep 0.1
-done
-COMMON=(--server https://localhost:18443 --certs "$WORK/certs" --http http://127.0.0.1:18080
-        --duration-s "$DURATION" --warmup-s 1 --json)
+# shellcheck source=bench/serve.sh
+source bench/serve.sh
 OUT="$WORK/results.jsonl"
 for run in $(seq 1 "$RUNS"); do
     # Closed loop: 64 calls in flight on one HTTP/2 connection, as one payment-service

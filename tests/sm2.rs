@@ -157,22 +157,6 @@ fn sm2_payment(
     }
 }
 
-async fn verify(
-    server: &TestServer,
-    request: proto::VerifyPaymentRequest,
-) -> proto::VerifyPaymentResponse {
-    server
-        .service()
-        .await
-        .verify_payment(request)
-        .await
-        .expect("VerifyPayment answers")
-}
-
-fn verdict(answer: &proto::VerifyPaymentResponse) -> Verdict {
-    Verdict::try_from(answer.verdict).unwrap()
-}
-
 /// `openssl verify` of `leaf` to the SM2 root under the distinguishing id `vfyopt`, one link
 /// at a time: OpenSSL 3.0's `verify` applies `-vfyopt` to the certificate it is asked about
 /// only (an intermediate's signature is checked under its own default, the empty id), so the
@@ -1108,6 +1092,30 @@ async fn sm2_keys_stay_on_their_own_paths() {
     );
 }
 
+/// `payra device pay` of 1.00 CNY with a PIN from the device directory `dir`: its JSON answer.
+fn cli_pay(server: &TestServer, dir: &Path, order: &str) -> serde_json::Value {
+    let (ok, stdout, stderr) = run_payra_at(
+        server,
+        &[
+            "device",
+            "pay",
+            "--device-dir",
+            path_str(dir),
+            "--merchant",
+            "m-1",
+            "--order",
+            order,
+            "--amount",
+            "1.00",
+            "--factor",
+            "payment_pin",
+            "--json",
+        ],
+    );
+    assert!(ok, "{stdout} {stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_enrolls_pays_and_renews_an_sm2_device() {
     let server = TestServer::start().await;
@@ -1142,27 +1150,7 @@ async fn the_cli_enrolls_pays_and_renews_an_sm2_device() {
     let (ok, text) = openssl_verify_sm2(&server, &dir.join("device.pem"), DISTID_OPT, &[]);
     assert!(ok, "{text}");
 
-    let (ok, stdout, stderr) = run_payra_at(
-        &server,
-        &[
-            "device",
-            "pay",
-            "--device-dir",
-            path_str(&dir),
-            "--merchant",
-            "m-1",
-            "--order",
-            "o-1",
-            "--amount",
-            "1.00",
-            "--factor",
-            "payment_pin",
-            "--json",
-        ],
-    );
-    assert!(ok, "{stdout} {stderr}");
-    let answer: serde_json::Value = serde_json::from_str(&stdout).unwrap();
-    assert_eq!(answer["verdict"], "VERIFIED");
+    assert_eq!(cli_pay(&server, &dir, "o-1")["verdict"], "VERIFIED");
 
     // Renewal by proof, from the directory; it then holds a new SM2 key and certificate.
     let (ok, stdout, stderr) = run_payra_at(
@@ -1175,22 +1163,5 @@ async fn the_cli_enrolls_pays_and_renews_an_sm2_device() {
     let record = server.operator().await.certificate(&renewed).await.unwrap();
     assert_eq!(record.key_algorithm, "sm2");
     assert_eq!(record.renewed_from_serial, serial);
-    let (ok, stdout, stderr) = run_payra_at(
-        &server,
-        &[
-            "device",
-            "pay",
-            "--device-dir",
-            path_str(&dir),
-            "--merchant",
-            "m-1",
-            "--order",
-            "o-2",
-            "--amount",
-            "1.00",
-            "--json",
-        ],
-    );
-    assert!(ok, "{stdout} {stderr}");
-    assert!(stdout.contains("\"VERIFIED\""), "{stdout}");
+    assert_eq!(cli_pay(&server, &dir, "o-2")["verdict"], "VERIFIED");
 }

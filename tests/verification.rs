@@ -70,18 +70,6 @@ fn request(
     signed_payment(&phone.key, &phone.serial, intent, factors, reserve)
 }
 
-async fn verify(
-    server: &TestServer,
-    request: proto::VerifyPaymentRequest,
-) -> proto::VerifyPaymentResponse {
-    server
-        .service()
-        .await
-        .verify_payment(request)
-        .await
-        .expect("VerifyPayment answers")
-}
-
 async fn set_agreed_limit(server: &TestServer, customer: &str, daily_limit_fen: i64) {
     server
         .operator()
@@ -93,10 +81,6 @@ async fn set_agreed_limit(server: &TestServer, customer: &str, daily_limit_fen: 
         })
         .await
         .unwrap();
-}
-
-fn verdict(response: &proto::VerifyPaymentResponse) -> Verdict {
-    Verdict::try_from(response.verdict).unwrap()
 }
 
 #[tokio::test]

@@ -193,6 +193,24 @@ mod tests {
         assert_eq!(parse_device_csr(&valid_csr()).unwrap().sec1().len(), 65);
     }
 
+    /// `csr` with the bytes at `flips` XORed and, if `truncate`, cut at `cut`.
+    fn mutated(
+        mut csr: Vec<u8>,
+        flips: &[(prop::sample::Index, u8)],
+        cut: prop::sample::Index,
+        truncate: bool,
+    ) -> Vec<u8> {
+        for (index, byte) in flips {
+            let i = index.index(csr.len());
+            csr[i] ^= byte;
+        }
+        if truncate {
+            let len = cut.index(csr.len());
+            csr.truncate(len);
+        }
+        csr
+    }
+
     fn valid_sm2_csr() -> Vec<u8> {
         crate::client::Sm2DeviceKey::generate()
             .csr_der("phone")
@@ -229,15 +247,7 @@ mod tests {
             cut in any::<prop::sample::Index>(),
             truncate in any::<bool>(),
         ) {
-            let mut csr = valid_csr();
-            for (index, byte) in flips {
-                let i = index.index(csr.len());
-                csr[i] ^= byte;
-            }
-            if truncate {
-                let len = cut.index(csr.len());
-                csr.truncate(len);
-            }
+            let csr = mutated(valid_csr(), &flips, cut, truncate);
             if let Ok(key) = parse_device_csr(&csr) {
                 prop_assert_eq!(key.sec1().len(), 65);
             }
@@ -256,15 +266,7 @@ mod tests {
             truncate in any::<bool>(),
         ) {
             static ORIGINAL: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
-            let mut csr = ORIGINAL.get_or_init(valid_sm2_csr).clone();
-            for (index, byte) in flips {
-                let i = index.index(csr.len());
-                csr[i] ^= byte;
-            }
-            if truncate {
-                let len = cut.index(csr.len());
-                csr.truncate(len);
-            }
+            let csr = mutated(ORIGINAL.get_or_init(valid_sm2_csr).clone(), &flips, cut, truncate);
             if let Ok(key) = parse_device_csr(&csr) {
                 prop_assert_eq!(key.algorithm(), KeyAlgorithm::Sm2);
                 prop_assert!(crate::ca::sm2::is_sm2_point(key.sec1()));

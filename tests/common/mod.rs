@@ -537,6 +537,24 @@ pub fn qualify_request(
     }
 }
 
+/// VerifyPayment as the payment service; panics unless payra answers.
+pub async fn verify(
+    server: &TestServer,
+    request: proto::VerifyPaymentRequest,
+) -> proto::VerifyPaymentResponse {
+    server
+        .service()
+        .await
+        .verify_payment(request)
+        .await
+        .expect("VerifyPayment answers")
+}
+
+/// The verdict of a VerifyPayment answer.
+pub fn verdict(answer: &proto::VerifyPaymentResponse) -> proto::Verdict {
+    proto::Verdict::try_from(answer.verdict).unwrap()
+}
+
 /// A VerifyPayment request for `intent`, signed with `key`, whose certificate is `serial`.
 pub fn signed_payment(
     key: &DeviceKey,
