@@ -27,6 +27,10 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub ocsp_responses: IntCounterVec,
     pub enroll_throttled: IntCounter,
+    /// Calls to the upstream CA (RA mode) by operation (sign, revoke) and outcome.
+    pub upstream_requests: IntCounterVec,
+    /// Revocations payra has made that the upstream CA has not confirmed yet.
+    pub upstream_revocations_pending: IntGauge,
     /// Enrollment attestations by platform and outcome (a security level, or `refused`).
     pub attestations: IntCounterVec,
     pub attestation_status_entries: IntGauge,
@@ -119,6 +123,22 @@ impl Metrics {
                     "payra_verifications_total",
                     "VerifyPayment and QualifyTransaction decisions by verdict and tier",
                     &["verdict", "tier"],
+                ),
+            ),
+            upstream_requests: register(
+                &registry,
+                counter_vec(
+                    "payra_upstream_requests_total",
+                    "calls to the upstream CA (RA mode) by operation (sign, revoke) and outcome \
+                     (ok, unreachable, refused, mismatch)",
+                    &["operation", "outcome"],
+                ),
+            ),
+            upstream_revocations_pending: register(
+                &registry,
+                gauge(
+                    "payra_upstream_revocations_pending",
+                    "revocations (and orphaned certificates) the upstream CA has not confirmed yet",
                 ),
             ),
             attestations: register(

@@ -11,7 +11,11 @@ use crate::sync::Unpoisoned;
 
 /// The variables the binary takes at start; a name configured otherwise (`pkcs11.pin_env`)
 /// is read, and removed, when it is first needed.
-pub const ENVIRONMENT_SECRETS: [&str; 2] = ["PAYRA_CA_KEY_PASSPHRASE", "PAYRA_PKCS11_PIN"];
+pub const ENVIRONMENT_SECRETS: [&str; 3] = [
+    "PAYRA_CA_KEY_PASSPHRASE",
+    "PAYRA_PKCS11_PIN",
+    "PAYRA_UPSTREAM_AUTH_KEY",
+];
 
 static TAKEN: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
 

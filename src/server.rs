@@ -37,6 +37,7 @@ pub struct RunningServer {
     changes_task: JoinHandle<()>,
     checkpoint_task: JoinHandle<()>,
     audit_head_task: JoinHandle<()>,
+    upstream_task: JoinHandle<()>,
     store: Arc<dyn Store>,
     ra: Arc<Ra>,
 }
@@ -295,6 +296,16 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
         ra.clone(),
         std::time::Duration::from_secs(u64::from(config.audit.head_interval_s)),
     ));
+    let upstream_task = tokio::spawn(upstream_loop(
+        ra.clone(),
+        std::time::Duration::from_secs(u64::from(config.ca.upstream.retry_interval_s)),
+    ));
+    if let Some(upstream) = ra.upstream() {
+        tracing::info!(
+            upstream = %upstream.describe(),
+            "RA mode: the upstream CA signs and revokes device certificates"
+        );
+    }
     tracing::info!(%grpc_addr, %http_addr, "payra is serving");
     Ok(RunningServer {
         grpc_addr,
@@ -308,9 +319,30 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
         changes_task,
         checkpoint_task,
         audit_head_task,
+        upstream_task,
         store,
         ra,
     })
+}
+
+/// RA mode: brings revocations to the upstream CA at start, whenever this process stores
+/// one, and every `interval` until the upstream has confirmed them all. Nothing in local mode.
+async fn upstream_loop(ra: Arc<Ra>, interval: std::time::Duration) {
+    if ra.upstream().is_none() {
+        return;
+    }
+    loop {
+        match ra.sync_upstream().await {
+            Ok(sync) if sync.confirmed > 0 || sync.pending > 0 => tracing::info!(
+                confirmed = sync.confirmed,
+                pending = sync.pending,
+                "upstream revocations"
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "bringing revocations to the upstream CA failed"),
+        }
+        ra.upstream_sync_due(interval).await;
+    }
 }
 
 /// How often the ledger's changes are saved (a restart replays the decisions after the last
@@ -447,11 +479,13 @@ impl RunningServer {
         self.changes_task.abort();
         self.checkpoint_task.abort();
         self.audit_head_task.abort();
+        self.upstream_task.abort();
         let _ = self.crl_task.await;
         let _ = self.purge_task.await;
         let _ = self.changes_task.await;
         let _ = self.checkpoint_task.await;
         let _ = self.audit_head_task.await;
+        let _ = self.upstream_task.await;
         let ra = self.ra.clone();
         // The last head is signed once the decision log is closed, so it covers everything.
         let decisions = tokio::task::spawn_blocking(move || {

@@ -9,6 +9,7 @@ pub mod pki;
 pub mod profile;
 pub mod signer;
 pub mod sm2;
+pub mod upstream;
 
 pub use crl::{build_crl, CrlEntry};
 pub use csr::{parse_device_csr, DevicePublicKey, MAX_CSR_BYTES};

@@ -644,6 +644,44 @@ impl CaMaterial {
     }
 }
 
+/// The rustls client configuration that trusts the certificate authorities in the PEM file
+/// `ca_file` (named `field` in errors).
+pub fn tls_client_config(field: &str, ca_file: &std::path::Path) -> Result<rustls::ClientConfig> {
+    let text = std::fs::read_to_string(ca_file)
+        .map_err(|e| Error::FailedPrecondition(format!("{field} {}: {e}", ca_file.display())))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let mut found = 0;
+    for block in pem::parse_many(&text)
+        .map_err(|e| Error::FailedPrecondition(format!("{field} {}: {e}", ca_file.display())))?
+    {
+        if block.tag() == "CERTIFICATE" {
+            roots
+                .add(rustls_pki_types::CertificateDer::from(
+                    block.into_contents(),
+                ))
+                .map_err(|e| {
+                    Error::FailedPrecondition(format!(
+                        "{field} {}: a certificate is not usable as a trust anchor: {e}",
+                        ca_file.display()
+                    ))
+                })?;
+            found += 1;
+        }
+    }
+    if found == 0 {
+        return Err(Error::FailedPrecondition(format!(
+            "{field} {} holds no PEM certificate",
+            ca_file.display()
+        )));
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::internal(format!("TLS for {field}: {e}")))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

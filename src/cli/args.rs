@@ -528,6 +528,17 @@ pub(crate) enum CertsCommand {
         #[command(flatten)]
         connection: Connection,
     },
+    /// RA mode: revocations the upstream CA has not confirmed yet, with the attempts made
+    /// (uses operator.pem). Exits 0 when none are pending, 1 when some are.
+    UpstreamPending {
+        /// Send them to the upstream now, before listing (after an outage is over).
+        #[arg(long)]
+        retry: bool,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
 }
 
 // `payra device pay`: a payment signed with the device's key, verified as the service.

@@ -37,6 +37,7 @@ pub(crate) fn populate(data: &Path, records: u64) -> CliResult {
             superseded_by: None,
             subscriber_ref: Some(format!("{i:032x}")),
             attestation: None,
+            issued_upstream: false,
         })
     };
     let count = store

@@ -164,6 +164,7 @@ pub(crate) fn record_json(record: &payra::wire::proto::CertificateRecord) -> ser
             "device_id": record.device_id,
             "subject": record.subject,
             "key_algorithm": record.key_algorithm,
+            "issued_upstream": record.issued_upstream,
             "status": status,
             "not_before_unix_s": record.not_before_unix_s,
             "not_after_unix_s": record.not_after_unix_s,
@@ -209,6 +210,9 @@ pub(crate) fn print_record(record: &payra::wire::proto::CertificateRecord, json:
     println!("subject      {}", record.subject);
     if !record.key_algorithm.is_empty() {
         println!("key          {}", record.key_algorithm);
+    }
+    if record.issued_upstream {
+        println!("issuer       the upstream CA (RA mode)");
     }
     println!("status       {status}");
     let now = human::now_s();
@@ -271,6 +275,27 @@ pub(crate) async fn certs(command: CertsCommand) -> CliResult {
             print_record(&record, json);
             Ok(())
         }
+        CertsCommand::UpstreamPending {
+            retry,
+            json,
+            connection,
+        } => {
+            let client =
+                connect(&connection, Credential::role(&connection.certs, "operator")).await?;
+            let answer = client
+                .list_upstream_revocations(retry)
+                .await
+                .map_err(status_message)?;
+            print_upstream_pending(&answer, json);
+            if answer.pending.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} revocation(s) not confirmed by the upstream CA yet",
+                    answer.pending.len()
+                ))
+            }
+        }
         CertsCommand::List {
             customer,
             device,
@@ -315,6 +340,63 @@ pub(crate) async fn certs(command: CertsCommand) -> CliResult {
             );
             Ok(())
         }
+    }
+}
+
+fn print_upstream_pending(
+    answer: &payra::wire::proto::ListUpstreamRevocationsResponse,
+    json: bool,
+) {
+    if json {
+        let pending: Vec<serde_json::Value> = answer
+            .pending
+            .iter()
+            .map(|p| {
+                serde_json::json!({
+                    "serial": p.serial,
+                    "reason": reason_name(p.reason),
+                    "revoked_at_unix_s": p.revoked_at_unix_s,
+                    "attempts": p.attempts,
+                    "last_attempt_unix_s": p.last_attempt_unix_s,
+                    "last_error": p.last_error,
+                    "orphan": p.orphan,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "upstream": answer.upstream, "pending": pending })
+        );
+        return;
+    }
+    if answer.upstream.is_empty() {
+        println!("local mode: payra's own CA signs device certificates; nothing goes upstream");
+        return;
+    }
+    println!("upstream     {}", answer.upstream);
+    println!("pending      {}", answer.pending.len());
+    let now = human::now_s();
+    for p in &answer.pending {
+        let what = if p.orphan {
+            "orphan".to_string()
+        } else {
+            reason_name(p.reason)
+        };
+        let last = if p.attempts == 0 {
+            "not tried yet".to_string()
+        } else {
+            format!(
+                "{} attempt(s), last {}: {}",
+                p.attempts,
+                human::time(p.last_attempt_unix_s, now),
+                p.last_error
+            )
+        };
+        println!(
+            "{}  {what}  revoked {}  {last}",
+            p.serial,
+            human::time(p.revoked_at_unix_s, now)
+        );
     }
 }
 

@@ -270,9 +270,9 @@ pub(crate) async fn enroll_device(
 }
 
 /// `payra device renew`: a new key and certificate for the device in `dir`, over mutual TLS
-/// with its current certificate, or for an SM2 device with a renewal proof signed by its
-/// current key (TLS cannot present an SM2 certificate); the directory then holds the new
-/// ones, of the same algorithm.
+/// with its current certificate, or with a renewal proof signed by its current key for an SM2
+/// device (TLS cannot present an SM2 certificate) or one whose certificate an upstream CA
+/// issued; the directory then holds the new ones, of the same algorithm.
 pub(crate) async fn renew_device(
     connection: &Connection,
     dir: &Path,
@@ -288,6 +288,31 @@ pub(crate) async fn renew_device(
         Err(_) => String::from("device"),
     };
     let issued = match CliKey::read(&dir.join("device.key"))? {
+        // A certificate from an upstream CA (RA mode) is not one payra's TLS listener
+        // accepts: its key signs a renewal proof instead.
+        CliKey::P256(current) if !carries_payra_role(&dir.join("device.pem"))? => {
+            let serial = std::fs::read_to_string(dir.join("serial"))
+                .map_err(|e| format!("{}: {e}", dir.join("serial").display()))?;
+            if platform.is_some() {
+                return Err(
+                    "--platform: a renewal by proof keeps the device info on record \
+                            (the proof does not cover it)"
+                        .into(),
+                );
+            }
+            let key = CliKey::generate(BenchKeyAlgorithm::P256);
+            let csr = key.csr_der(&device)?;
+            let now_s = payra::clock::Clock::now_s(&SystemClock);
+            let proof = current
+                .renewal_proof(serial.trim(), &csr, now_s)
+                .map_err(|e| e.to_string())?;
+            let client = connect(connection, Credential::None).await?;
+            let issued = client
+                .renew_with_proof(csr, None, proof)
+                .await
+                .map_err(status_message)?;
+            (key, issued)
+        }
         CliKey::P256(_) => {
             let key = CliKey::generate(BenchKeyAlgorithm::P256);
             let csr = key.csr_der(&device)?;
@@ -334,6 +359,27 @@ pub(crate) async fn renew_device(
         dir.display()
     );
     Ok(())
+}
+
+/// Whether the certificate in `path` (PEM) names a payra role (`urn:payra:role:`), as payra's
+/// own device certificates do and an upstream CA's do not.
+fn carries_payra_role(path: &Path) -> Result<bool, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let der = pem::parse(&text)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .into_contents();
+    let (_, cert) = x509_parser::parse_x509_certificate(&der)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let names = cert
+        .subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| san.value.general_names.clone())
+        .unwrap_or_default();
+    Ok(names.iter().any(|name| {
+        matches!(name, x509_parser::extensions::GeneralName::URI(uri)
+            if uri.starts_with(payra::ca::ROLE_URI_PREFIX))
+    }))
 }
 
 /// `payra device`.

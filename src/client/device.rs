@@ -80,6 +80,28 @@ impl DeviceKey {
             key.sign(&crate::ra::signature::signed_message(intent_bytes));
         signature.to_bytes().to_vec()
     }
+
+    /// A `RenewalProof` for renewing the certificate `current_serial` (hex) to `csr_der`,
+    /// signed at `now_s` (Unix seconds): for a certificate an upstream CA issued (RA mode),
+    /// which payra's TLS listener does not accept as a client certificate. ECDSA P-256 with
+    /// SHA-256, DER.
+    pub fn renewal_proof(
+        &self,
+        current_serial: &str,
+        csr_der: &[u8],
+        now_s: i64,
+    ) -> Result<proto::RenewalProof> {
+        use p256::ecdsa::signature::Signer;
+        let serial = crate::model::Serial::parse("current_serial", current_serial)?;
+        let message = crate::ra::renewal_proof_message(&serial, now_s, csr_der);
+        let key = p256::ecdsa::SigningKey::from(&self.secret);
+        let signature: p256::ecdsa::Signature = key.sign(&message);
+        Ok(proto::RenewalProof {
+            current_serial: serial.to_hex(),
+            signed_at_unix_s: now_s,
+            signature: signature.to_der().as_bytes().to_vec(),
+        })
+    }
 }
 
 /// A device's SM2 key (GB/T 32918), for phones that use the national algorithms: it enrolls

@@ -435,6 +435,20 @@ impl Client {
         Ok(self.admin().get_certificate(request).await?.into_inner())
     }
 
+    /// `Admin.ListUpstreamRevocations` (as an operator): revocations the upstream CA has not
+    /// confirmed yet (RA mode), after sending them once more when `retry_now`.
+    pub async fn list_upstream_revocations(
+        &self,
+        retry_now: bool,
+    ) -> CallResult<proto::ListUpstreamRevocationsResponse> {
+        let request = proto::ListUpstreamRevocationsRequest { retry_now };
+        Ok(self
+            .admin()
+            .list_upstream_revocations(request)
+            .await?
+            .into_inner())
+    }
+
     /// `Admin.ListCertificates` (as an operator): one page.
     pub async fn list_certificates(
         &self,

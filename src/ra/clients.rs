@@ -193,6 +193,7 @@ impl Ra {
                 superseded_by: None,
                 subscriber_ref: None,
                 attestation: None,
+                issued_upstream: false,
             },
             certificate_der: certificate.der,
             chain_der: vec![self.ca.issuing_der.clone()],

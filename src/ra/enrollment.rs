@@ -174,7 +174,20 @@ impl Ra {
         actor: &Actor,
         request: EnrollRequest,
     ) -> Result<Issued> {
-        let prepared = self.prepare_enrollment(actor, request)?;
+        let prepared = match self.policy.upstream {
+            None => self.prepare_enrollment(actor, request)?,
+            // The upstream's answer is waited for on a blocking thread (bounded by
+            // ca.upstream.max_in_flight), not on the executor.
+            Some(_) => {
+                let (ra, actor) = (self.clone(), actor.clone());
+                let span = tracing::Span::current();
+                tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| ra.prepare_enrollment(&actor, request))
+                })
+                .await
+                .map_err(|e| Error::internal(format!("enrollment task: {e}")))??
+            }
+        };
         self.commit_enrollment(prepared).await
     }
 
@@ -278,6 +291,7 @@ impl Ra {
         )?;
         let (mut record, certificate_der) = self.sign_device_certificate(
             &public_key,
+            &request.csr_der,
             Holder {
                 customer: token.customer_id,
                 device: request.device_id,
@@ -335,6 +349,7 @@ impl Ra {
         let ra = self.clone();
         let committed = record.clone();
         let span = tracing::Span::current();
+        let orphan = record.clone();
         let outcome = self
             .store
             .clone()
@@ -351,8 +366,13 @@ impl Ra {
                 }),
             )?
             .await
-            .map_err(|_| Error::internal("the enrollment batch ended without an answer"))??;
-        match outcome {
+            .map_err(|_| Error::internal("the enrollment batch ended without an answer"))
+            .and_then(|outcome| outcome);
+        if !matches!(outcome, Ok(IssueOutcome::Issued)) {
+            // An upstream certificate no record holds is revoked upstream.
+            self.uncommitted_upstream(&orphan);
+        }
+        match outcome? {
             IssueOutcome::Issued => Ok(self.issued(record, certificate_der)),
             IssueOutcome::TokenRejected(rejection) => Err(Error::Token(rejection)),
             IssueOutcome::KeyHeldElsewhere => Err(super::key_claims::conflict()),
@@ -414,9 +434,13 @@ pub struct PreparedEnrollment {
 impl Ra {
     /// Signs a device certificate for `public_key` and builds its record (not yet stored).
     /// payra decides everything in it; see [`issue_device_certificate`].
+    ///
+    /// In RA mode the upstream CA signs (see [`Ra::sign_upstream`]; this then blocks its
+    /// thread for the answer), and `csr_der` is what it is sent.
     pub(super) fn sign_device_certificate(
         &self,
         public_key: &crate::ca::DevicePublicKey,
+        csr_der: &[u8],
         holder: Holder,
         renewed_from: Option<Serial>,
         now_s: i64,
@@ -427,6 +451,20 @@ impl Ra {
             device_info,
             subscriber,
         } = holder;
+        if let Some(upstream) = &self.policy.upstream {
+            let (serial, certificate) =
+                self.sign_upstream(upstream, public_key, csr_der, &subscriber, now_s)?;
+            let mut record = self.device_record(
+                serial,
+                public_key,
+                (customer, device, device_info, subscriber),
+                &certificate,
+                renewed_from,
+                now_s,
+            );
+            record.issued_upstream = true;
+            return Ok((record, certificate.der));
+        }
         let serial = Serial::time_ordered(self.clock.now_ms());
         let certificate = match (
             public_key.algorithm(),
@@ -456,13 +494,39 @@ impl Ra {
                 ))
             }
         };
-        let record = CertificateRecord {
+        let record = self.device_record(
+            serial,
+            public_key,
+            (customer, device, device_info, subscriber),
+            &certificate,
+            renewed_from,
+            now_s,
+        );
+        Ok((record, certificate.der))
+    }
+
+    /// The record of a device certificate just signed.
+    fn device_record(
+        &self,
+        serial: Serial,
+        public_key: &crate::ca::DevicePublicKey,
+        (customer, device, device_info, subscriber): (
+            CustomerId,
+            DeviceId,
+            DeviceInfo,
+            SubscriberRef,
+        ),
+        certificate: &crate::ca::DeviceCertificate,
+        renewed_from: Option<Serial>,
+        now_s: i64,
+    ) -> CertificateRecord {
+        CertificateRecord {
             version: RECORD_VERSION,
             serial,
             customer_id: customer,
             device_id: device,
             device_info,
-            subject: certificate.subject,
+            subject: certificate.subject.clone(),
             not_before_s: certificate.not_before_s,
             not_after_s: certificate.not_after_s,
             issued_at_s: now_s,
@@ -474,19 +538,22 @@ impl Ra {
             superseded_by: None,
             subscriber_ref: Some(subscriber.as_str().to_string()),
             attestation: None,
-        };
-        Ok((record, certificate.der))
+            issued_upstream: false,
+        }
     }
 
     /// The answer to the phone: the certificate and the chain up to (not including) the root.
     pub(super) fn issued(&self, record: CertificateRecord, certificate_der: Vec<u8>) -> Issued {
-        let issuing_der = match (record.key_algorithm, &self.ca.sm2) {
-            (KeyAlgorithm::Sm2, Some(sm2)) => sm2.issuing_der.clone(),
-            _ => self.ca.issuing_der.clone(),
+        let chain_der = match (record.issued_upstream, &self.policy.upstream) {
+            (true, Some(upstream)) => upstream.chain_der.clone(),
+            _ => match (record.key_algorithm, &self.ca.sm2) {
+                (KeyAlgorithm::Sm2, Some(sm2)) => vec![sm2.issuing_der.clone()],
+                _ => vec![self.ca.issuing_der.clone()],
+            },
         };
         Issued {
             certificate_der,
-            chain_der: vec![issuing_der],
+            chain_der,
             record,
         }
     }

@@ -18,6 +18,7 @@ pub mod signature;
 mod status;
 mod throttle;
 pub mod tiers;
+mod upstream;
 mod verification;
 
 pub use clients::{ClientRegistry, ClientStanding, CLIENT_ROLES};
@@ -75,6 +76,9 @@ pub struct RaPolicy {
     pub sm2_profile: Option<DeviceProfile>,
     /// Where SM2 certificates point for their CRL.
     pub sm2_crl_url: String,
+    /// RA mode: the external CA that signs and revokes device certificates (`None`: payra's
+    /// own issuing CA signs them).
+    pub upstream: Option<Arc<crate::ca::upstream::UpstreamIssuer>>,
 }
 
 impl RaPolicy {
@@ -114,6 +118,12 @@ impl RaPolicy {
             key_algorithms: config.issuance.key_algorithms.clone(),
             sm2_profile: None,
             sm2_crl_url: config.sm2_crl_url(),
+            upstream: match config.ca.mode {
+                crate::config::CaMode::Local => None,
+                crate::config::CaMode::Upstream => Some(Arc::new(
+                    crate::ca::upstream::UpstreamIssuer::from_config(&config.ca.upstream)?,
+                )),
+            },
         })
     }
 }
@@ -139,6 +149,9 @@ pub struct Ra {
     revocation_cache_turn: std::sync::Mutex<()>,
     /// The chain heads last signed ([`Ra::sign_audit_head`]); held while one is signed.
     last_signed_heads: std::sync::Mutex<Option<(crate::store::ChainHead, crate::store::ChainHead)>>,
+    /// Woken when a revocation (or an orphaned upstream certificate) is stored, so the
+    /// upstream hears of it at once rather than at the next retry (RA mode).
+    upstream_wake: tokio::sync::Notify,
 }
 
 impl Ra {
@@ -157,7 +170,10 @@ impl Ra {
         });
         let accepted = match policy.key_algorithms.take() {
             Some(list) => list,
-            None if ca.sm2.is_some() => vec![KeyAlgorithm::P256, KeyAlgorithm::Sm2],
+            // An upstream CA signs P-256 device keys only.
+            None if ca.sm2.is_some() && policy.upstream.is_none() => {
+                vec![KeyAlgorithm::P256, KeyAlgorithm::Sm2]
+            }
             None => vec![KeyAlgorithm::P256],
         };
         if accepted.contains(&KeyAlgorithm::Sm2) && ca.sm2.is_none() {
@@ -276,6 +292,7 @@ impl Ra {
             metrics,
             revocation_cache_turn: std::sync::Mutex::new(()),
             last_signed_heads: std::sync::Mutex::new(None),
+            upstream_wake: tokio::sync::Notify::new(),
         })
     }
 

@@ -170,7 +170,8 @@ impl Ra {
             .store
             .revoked_entries()?
             .into_iter()
-            .filter(|entry| entry.key_algorithm == algorithm)
+            // An upstream CA's certificates are on its own CRL, not payra's.
+            .filter(|entry| entry.key_algorithm == algorithm && !entry.issued_upstream)
             .filter(|entry| stays_on_crl(entry.not_after_s, now_s, validity_s, last_this_update_s))
             .map(|entry| CrlEntry {
                 serial: entry.serial,
@@ -272,8 +273,11 @@ impl Ra {
             let status = match serial {
                 None => OcspStatus::Unknown,
                 Some(serial) => match self.store.certificate(serial) {
-                    // A serial of the other CA's: not this issuer's certificate.
-                    Ok(Some(record)) if record.key_algorithm != issuer_algorithm => {
+                    // A serial of the other CA's, or of the upstream CA's (RA mode): not
+                    // this issuer's certificate.
+                    Ok(Some(record))
+                        if record.key_algorithm != issuer_algorithm || record.issued_upstream =>
+                    {
                         OcspStatus::Unknown
                     }
                     Ok(Some(record)) => match record.revocation {

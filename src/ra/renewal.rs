@@ -93,6 +93,11 @@ impl Ra {
             (Some(proof), KeyAlgorithm::Sm2) => self
                 .check_renewal_proof(&current, &request.csr_der, proof, now_s)
                 .map_err(failed)?,
+            // An upstream certificate is not one payra's TLS listener trusts, so its device
+            // proves it by a proof as an SM2 one does.
+            (Some(proof), KeyAlgorithm::P256) if current.issued_upstream => self
+                .check_renewal_proof(&current, &request.csr_der, proof, now_s)
+                .map_err(failed)?,
             (Some(_), KeyAlgorithm::P256) => {
                 return Err(failed(Error::Unauthenticated(format!(
                     "certificate {} is an EC P-256 certificate: renew by presenting it over \
@@ -148,8 +153,13 @@ impl Ra {
                 .and_then(SubscriberRef::parse)
                 .unwrap_or_else(SubscriberRef::random),
         };
-        let (mut record, certificate_der) =
-            self.sign_device_certificate(&public_key, holder, Some(current.serial.clone()), now_s)?;
+        let (mut record, certificate_der) = self.sign_device_certificate(
+            &public_key,
+            &request.csr_der,
+            holder,
+            Some(current.serial.clone()),
+            now_s,
+        )?;
         // An attestation proves where one key lives: it carries over only to the same key. A
         // new key is unattested until a new enrollment (with a token) attests it.
         let same_key = record.public_key_hex == current.public_key_hex
@@ -174,7 +184,12 @@ impl Ra {
                 _ => format!("supersedes {}", current.serial),
             },
         );
-        match self.store.renew(&current.serial, &record, now_s, &audit)? {
+        let renewed = self.store.renew(&current.serial, &record, now_s, &audit);
+        if !matches!(renewed, Ok(Ok(()))) {
+            // An upstream certificate no record holds is revoked upstream.
+            self.uncommitted_upstream(&record);
+        }
+        match renewed? {
             Ok(()) => {}
             Err(RevokeRejection::AlreadyRevoked(serial, _)) => {
                 return Err(Error::Unauthenticated(format!(
@@ -191,7 +206,7 @@ impl Ra {
                 reason: crate::model::RevocationReason::Superseded,
             }),
         );
-        self.publication.revocation_changed();
+        self.revocations_stored();
         self.metrics
             .certificates_issued
             .with_label_values(&["renew"])
@@ -262,13 +277,22 @@ impl Ra {
         let message = renewal_proof_message(&current.serial, proof.signed_at_s, csr_der);
         let key = hex::decode(&current.public_key_hex).unwrap_or_default();
         if proof.signature.len() > super::signature::MAX_SIGNATURE_BYTES
-            || !crate::ca::sm2::verify(&key, &message, &proof.signature)
+            || !super::signature::verify_message(
+                current.key_algorithm,
+                &key,
+                &message,
+                &proof.signature,
+            )
         {
             tracing::warn!(serial = %current.serial, "renewal proof does not verify");
+            let algorithm = match current.key_algorithm {
+                KeyAlgorithm::Sm2 => "SM2 with SM3, distinguishing id 1234567812345678",
+                KeyAlgorithm::P256 => "ECDSA P-256 with SHA-256",
+            };
             return Err(Error::Unauthenticated(format!(
-                "the renewal proof does not verify with the key of certificate {} (SM2 with SM3, \
-                 distinguishing id 1234567812345678, over \"payra.v1.RenewalProof\\n\" || serial \
-                 || \"\\n\" || signed_at || \"\\n\" || csr_der)",
+                "the renewal proof does not verify with the key of certificate {} ({algorithm}, \
+                 over \"payra.v1.RenewalProof\\n\" || serial || \"\\n\" || signed_at || \"\\n\" \
+                 || csr_der)",
                 current.serial
             )));
         }

@@ -271,7 +271,7 @@ impl Ra {
             .certificates_revoked
             .with_label_values(&[reason.cli_name()])
             .inc_by(serials.len() as u64);
-        self.publication.revocation_changed();
+        self.revocations_stored();
         for serial in &serials {
             tracing::info!(serial = %serial, reason = reason.cli_name(), "certificate revoked");
         }
@@ -323,6 +323,7 @@ impl Ra {
 
     /// Releases a certificate from certificateHold: it is good again everywhere.
     pub fn unhold_certificate(&self, actor: &Actor, serial: &Serial) -> Result<CertificateRecord> {
+        self.check_upstream_unhold(serial)?;
         let audit = AuditEvent::new(
             self.clock.now_ms(),
             actor,

@@ -40,19 +40,34 @@ pub fn verify_intent_signature_with(
     intent_bytes: &[u8],
     signature: &[u8],
 ) -> bool {
-    let message = signed_message(intent_bytes);
+    verify_message(
+        algorithm,
+        public_key,
+        &signed_message(intent_bytes),
+        signature,
+    )
+}
+
+/// Whether `signature` (DER, or raw r‖s) by `public_key` of `algorithm` verifies over
+/// `message`: ECDSA P-256 with SHA-256, or SM2 with SM3 under the default distinguishing id.
+pub fn verify_message(
+    algorithm: KeyAlgorithm,
+    public_key: &[u8],
+    message: &[u8],
+    signature: &[u8],
+) -> bool {
     if algorithm == KeyAlgorithm::Sm2 {
-        return crate::ca::sm2::verify(public_key, &message, signature);
+        return crate::ca::sm2::verify(public_key, message, signature);
     }
     let der = UnparsedPublicKey::new(&ECDSA_P256_SHA256_ASN1, public_key);
     if signature.len() == 64 {
         let raw = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, public_key);
-        if raw.verify(&message, signature).is_ok() {
+        if raw.verify(message, signature).is_ok() {
             return true;
         }
-        return signature[0] == 0x30 && der.verify(&message, signature).is_ok();
+        return signature[0] == 0x30 && der.verify(message, signature).is_ok();
     }
-    der.verify(&message, signature).is_ok()
+    der.verify(message, signature).is_ok()
 }
 
 #[cfg(test)]

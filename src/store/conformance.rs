@@ -42,6 +42,7 @@ fn certificate(customer: &str, device: &str) -> CertificateRecord {
         superseded_by: None,
         subscriber_ref: None,
         attestation: None,
+        issued_upstream: false,
     }
 }
 
@@ -93,7 +94,94 @@ conformance!(
     concurrent_revocations_of_one_certificate_apply_once,
     an_attestation_is_kept_through_revocation_and_in_the_summaries,
     an_sm2_certificate_keeps_its_algorithm_in_record_summary_and_crl_index,
+    upstream_certificates_are_marked_on_the_crl_index_and_their_revocations_tracked,
 );
+
+/// An upstream CA's certificate (RA mode) keeps its mark in its record and in the revoked
+/// index (by revocation and by renewal), and the upstream revocation entries are kept, replaced
+/// per serial, listed in serial order, and audited only when asked.
+fn upstream_certificates_are_marked_on_the_crl_index_and_their_revocations_tracked(
+    store: Arc<dyn Store>,
+) {
+    let mut upstream = certificate("c-up", "d-up");
+    upstream.issued_upstream = true;
+    issue_record(store.as_ref(), &upstream);
+    let local = issue(store.as_ref(), "c-up", "d-local");
+    assert_eq!(
+        store.certificate(&upstream.serial).unwrap(),
+        Some(upstream.clone())
+    );
+    let mut renewed = certificate("c-up", "d-up");
+    renewed.issued_upstream = true;
+    renewed.renewed_from = Some(upstream.serial.clone());
+    store
+        .renew(&upstream.serial, &renewed, 40, &ev())
+        .unwrap()
+        .unwrap();
+    let revocation = Revocation {
+        revoked_at_s: 41,
+        reason: RevocationReason::KeyCompromise,
+    };
+    store
+        .revoke(
+            &[renewed.serial.clone(), local.serial.clone()],
+            &revocation,
+            &ev(),
+        )
+        .unwrap()
+        .unwrap();
+    let entries = store.revoked_entries().unwrap();
+    let marked = |serial: &Serial| {
+        entries
+            .iter()
+            .find(|entry| entry.serial == *serial)
+            .map(|entry| entry.issued_upstream)
+    };
+    assert_eq!(marked(&upstream.serial), Some(true));
+    assert_eq!(marked(&renewed.serial), Some(true));
+    assert_eq!(marked(&local.serial), Some(false));
+
+    assert_eq!(store.upstream_revocations().unwrap(), vec![]);
+    let mut first = UpstreamRevocation {
+        serial: renewed.serial.clone(),
+        revocation,
+        authority_key_id_hex: "0a0b".into(),
+        confirmed_at_s: None,
+        attempts: 1,
+        last_attempt_at_s: Some(42),
+        last_error: Some("connection refused".into()),
+        orphan: false,
+    };
+    let orphan = UpstreamRevocation {
+        serial: Serial::random(),
+        revocation: Revocation {
+            revoked_at_s: 43,
+            reason: RevocationReason::CessationOfOperation,
+        },
+        authority_key_id_hex: String::new(),
+        confirmed_at_s: None,
+        attempts: 0,
+        last_attempt_at_s: None,
+        last_error: None,
+        orphan: true,
+    };
+    let head = store.audit_head().unwrap();
+    store.put_upstream_revocation(&first, None).unwrap();
+    assert_eq!(
+        store.audit_head().unwrap(),
+        head,
+        "a failed attempt is not audited"
+    );
+    store.put_upstream_revocation(&orphan, Some(&ev())).unwrap();
+    assert_eq!(store.audit_head().unwrap().seq, head.seq + 1);
+    first.attempts = 2;
+    first.confirmed_at_s = Some(50);
+    first.last_error = None;
+    store.put_upstream_revocation(&first, Some(&ev())).unwrap();
+    let mut expected = vec![first, orphan];
+    expected.sort_by(|a, b| a.serial.as_bytes().cmp(b.serial.as_bytes()));
+    assert_eq!(store.upstream_revocations().unwrap(), expected);
+}
 
 /// An SM2 certificate's algorithm is kept in its record and summary, and its revocation
 /// (by an operator or by a renewal) is indexed for the SM2 CRL; a P-256 one's for the other.

@@ -16,7 +16,7 @@ pub use decision_log::{Books, DecisionLog, ForgottenDays, LedgerCheckpoint, LogR
 pub use postgres::PgStore;
 pub use records::{
     CertificateRecord, CertificateSummary, ClientCertificateRecord, EvidenceRecord, Revocation,
-    RevokedEntry, TokenHash, TokenRecord, RECORD_VERSION,
+    RevokedEntry, TokenHash, TokenRecord, UpstreamRevocation, RECORD_VERSION,
 };
 pub use sled::GroupCommit;
 pub use sled::{LocalDecisions, SledStore};
@@ -434,6 +434,17 @@ pub trait Store: Send + Sync {
 
     /// Every revoked certificate (including those on hold), for the CRL.
     fn revoked_entries(&self) -> Result<Vec<RevokedEntry>>;
+
+    /// Every upstream revocation entry (RA mode), confirmed or pending, in serial order.
+    fn upstream_revocations(&self) -> Result<Vec<UpstreamRevocation>>;
+
+    /// Stores `entry`, replacing the serial's previous one, and appends `audit` when given
+    /// (a confirmation is audited; a failed attempt is not). Durable on return.
+    fn put_upstream_revocation(
+        &self,
+        entry: &UpstreamRevocation,
+        audit: Option<&AuditEvent>,
+    ) -> Result<()>;
 
     /// The last saved ledger checkpoint of the decision log: buckets of `min_day` or later
     /// (`YYYY-MM-DD`), every release, and the record number they cover (0: none saved).

@@ -205,6 +205,34 @@ pub struct RevokedEntry {
     /// CA's (absent in entries written before SM2).
     #[serde(default, skip_serializing_if = "KeyAlgorithm::is_p256")]
     pub key_algorithm: KeyAlgorithm,
+    /// An upstream CA issued it (RA mode): payra's own CRL does not list it, and the
+    /// revocation is brought to the upstream.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub issued_upstream: bool,
+}
+
+/// A revocation payra brings to the upstream CA (RA mode), and how far it got. The
+/// revocation itself is in payra's records and effective there at once; this is the upstream's
+/// side of it, retried until confirmed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamRevocation {
+    pub serial: Serial,
+    /// The revocation as payra recorded it (the reason sent upstream).
+    pub revocation: Revocation,
+    /// The certificate's authorityKeyIdentifier, hex (some upstreams key records by it).
+    pub authority_key_id_hex: String,
+    /// When the upstream confirmed it; `None` while pending.
+    pub confirmed_at_s: Option<i64>,
+    /// Attempts so far, the last one's time and, if it failed, why.
+    pub attempts: u32,
+    pub last_attempt_at_s: Option<i64>,
+    pub last_error: Option<String>,
+    /// A certificate the upstream issued for an enrollment that did not complete (its token
+    /// went to a concurrent request, or the store failed): payra has no record of it and
+    /// revokes it upstream as cessationOfOperation.
+    #[serde(default)]
+    pub orphan: bool,
 }
 
 /// A certificate payra issued, keyed by serial.
@@ -240,6 +268,9 @@ pub struct CertificateRecord {
     /// (or was issued before payra checked attestations).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attestation: Option<crate::attestation::Attestation>,
+    /// An upstream CA issued it (RA mode, `[ca] mode = "upstream"`); payra's own CA otherwise.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub issued_upstream: bool,
 }
 
 impl CertificateRecord {

@@ -74,6 +74,7 @@ pub enum Rpc {
     IssueClientCertificate,
     CreateBackup,
     RunRetention,
+    ListUpstreamRevocations,
 }
 
 impl Rpc {
@@ -100,12 +101,13 @@ impl Rpc {
             ("payra.v1.Admin", "IssueClientCertificate") => Rpc::IssueClientCertificate,
             ("payra.v1.Admin", "CreateBackup") => Rpc::CreateBackup,
             ("payra.v1.Admin", "RunRetention") => Rpc::RunRetention,
+            ("payra.v1.Admin", "ListUpstreamRevocations") => Rpc::ListUpstreamRevocations,
             _ => return None,
         })
     }
 
     /// All RPCs, for tests that walk the whole matrix.
-    pub const ALL: [Rpc; 19] = [
+    pub const ALL: [Rpc; 20] = [
         Rpc::Enroll,
         Rpc::Renew,
         Rpc::CreateEnrollmentToken,
@@ -125,6 +127,7 @@ impl Rpc {
         Rpc::IssueClientCertificate,
         Rpc::CreateBackup,
         Rpc::RunRetention,
+        Rpc::ListUpstreamRevocations,
     ];
 
     /// The authorization matrix (docs/security.md shows it as a table). Least privilege:
@@ -133,7 +136,8 @@ impl Rpc {
         use Role::*;
         match self {
             Rpc::Enroll => &[Anonymous, Device],
-            // Anonymous: an SM2 device, which proves its certificate by a RenewalProof.
+            // Anonymous: an SM2 device, or one whose certificate an upstream CA issued, which
+            // proves its certificate by a RenewalProof.
             Rpc::Renew => &[Anonymous, Device],
             Rpc::CreateEnrollmentToken => &[Service, Operator],
             Rpc::VerifyPayment | Rpc::QualifyTransaction | Rpc::ReleaseReservation => &[Service],
@@ -148,7 +152,8 @@ impl Rpc {
             | Rpc::GetEvidence
             | Rpc::IssueClientCertificate
             | Rpc::CreateBackup
-            | Rpc::RunRetention => &[Operator],
+            | Rpc::RunRetention
+            | Rpc::ListUpstreamRevocations => &[Operator],
         }
     }
 }

@@ -201,7 +201,22 @@ pub(super) fn record_to_proto(
         superseded_by_serial: record.superseded_by.map(|s| s.to_hex()).unwrap_or_default(),
         subscriber_ref: record.subscriber_ref.unwrap_or_default(),
         key_algorithm: record.key_algorithm.name().to_string(),
+        issued_upstream: record.issued_upstream,
     })
+}
+
+pub(super) fn upstream_revocation_to_proto(
+    entry: crate::store::UpstreamRevocation,
+) -> proto::UpstreamRevocation {
+    proto::UpstreamRevocation {
+        serial: entry.serial.to_hex(),
+        reason: reason_to_proto(entry.revocation.reason) as i32,
+        revoked_at_unix_s: entry.revocation.revoked_at_s,
+        attempts: entry.attempts,
+        last_attempt_unix_s: entry.last_attempt_at_s.unwrap_or(0),
+        last_error: entry.last_error.unwrap_or_default(),
+        orphan: entry.orphan,
+    }
 }
 
 pub(super) fn scene_from_proto(value: i32) -> Option<Scene> {

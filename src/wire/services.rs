@@ -98,8 +98,9 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
             (Caller::Device(_), Some(_)) => {
                 return Err(Error::invalid(
                     "proof",
-                    "is for SM2 devices without a TLS client certificate; this caller \
-                     presented its device certificate",
+                    "is for devices that cannot present their certificate over TLS (SM2, \
+                     or issued by the upstream CA); this caller presented its device \
+                     certificate",
                 )
                 .into())
             }
@@ -113,7 +114,7 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
             (Caller::Anonymous, None) => {
                 return Err(Error::Unauthenticated(
                     "Renew needs the device's current certificate over mutual TLS, or for an \
-                     SM2 certificate a RenewalProof signed with its key"
+                     SM2 or upstream-issued certificate a RenewalProof signed with its key"
                         .into(),
                 )
                 .into())
@@ -368,6 +369,32 @@ impl proto::admin_server::Admin for AdminService {
             day,
             has_agreement,
             tiers: statuses.into_iter().map(limit_to_proto).collect(),
+        }))
+    }
+
+    async fn list_upstream_revocations(
+        &self,
+        request: Request<proto::ListUpstreamRevocationsRequest>,
+    ) -> Result<Response<proto::ListUpstreamRevocationsResponse>, Status> {
+        if request.into_inner().retry_now {
+            self.ra.sync_upstream().await?;
+        }
+        let ra = self.ra.clone();
+        let pending = blocking(move || match ra.upstream() {
+            Some(_) => ra.upstream_backlog(),
+            None => Ok(Vec::new()),
+        })
+        .await?;
+        Ok(Response::new(proto::ListUpstreamRevocationsResponse {
+            upstream: self
+                .ra
+                .upstream()
+                .map(|upstream| upstream.describe())
+                .unwrap_or_default(),
+            pending: pending
+                .into_iter()
+                .map(upstream_revocation_to_proto)
+                .collect(),
         }))
     }
 

@@ -20,6 +20,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "shared decisions, nonces and ledger",
         include_str!("migrations/0002_decisions.sql"),
     ),
+    (
+        "upstream revocations (RA mode)",
+        include_str!("migrations/0003_upstream.sql"),
+    ),
 ];
 
 /// The schema version this payra runs on.

@@ -29,7 +29,7 @@ use deadpool_postgres::Pool;
 use super::audit::{AuditEntry, AuditEvent, ChainHead, GENESIS_HASH};
 use super::records::{
     CertificateRecord, CertificateSummary, ClientCertificateRecord, Revocation, RevokedEntry,
-    TokenHash, TokenRecord,
+    TokenHash, TokenRecord, UpstreamRevocation,
 };
 use issuance::IssueWork;
 
@@ -514,6 +514,52 @@ impl Store for PgStore {
         })
     }
 
+    fn upstream_revocations(&self) -> Result<Vec<UpstreamRevocation>> {
+        self.read(|client| {
+            Box::pin(async move {
+                let rows = client
+                    .query(
+                        &prepared(
+                            client,
+                            "SELECT entry FROM upstream_revocations ORDER BY serial",
+                        )
+                        .await?,
+                        &[],
+                    )
+                    .await
+                    .map_err(db_error)?;
+                rows.iter().map(|row| decode_json(row.get(0))).collect()
+            })
+        })
+    }
+
+    fn put_upstream_revocation(
+        &self,
+        entry: &UpstreamRevocation,
+        audit: Option<&AuditEvent>,
+    ) -> Result<()> {
+        let (entry, audit) = (entry.clone(), audit.cloned());
+        self.transaction(move |tx| {
+            Box::pin(async move {
+                tx.execute(
+                    &prepared_tx(
+                        tx,
+                        "INSERT INTO upstream_revocations (serial, entry) VALUES ($1, $2) \
+                     ON CONFLICT (serial) DO UPDATE SET entry = EXCLUDED.entry",
+                    )
+                    .await?,
+                    &[&entry.serial.as_bytes(), &json(&entry)?],
+                )
+                .await
+                .map_err(db_error)?;
+                if let Some(audit) = &audit {
+                    append_audit(tx, audit).await?;
+                }
+                Ok(Committed::Yes(()))
+            })
+        })
+    }
+
     fn agreed_limits(&self) -> Result<Vec<(String, i64)>> {
         self.read(|client| {
             Box::pin(async move {
@@ -636,6 +682,7 @@ impl Store for PgStore {
                     revocation,
                     not_after_s: record.not_after_s,
                     key_algorithm: crate::model::KeyAlgorithm::P256,
+                    issued_upstream: false,
                 };
                 tx.execute(
                     &prepared_tx(

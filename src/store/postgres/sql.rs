@@ -4,7 +4,6 @@
 //! locks.
 
 use std::future::Future;
-use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 use deadpool_postgres::Transaction;
@@ -27,40 +26,7 @@ pub(super) fn password(config: &StoreConfig) -> Result<Option<String>> {
 
 /// The rustls client configuration that trusts the certificate authorities in `ca_file`.
 pub(super) fn tls_config(ca_file: &std::path::Path) -> Result<rustls::ClientConfig> {
-    let text = std::fs::read_to_string(ca_file).map_err(|e| {
-        Error::FailedPrecondition(format!("store.ca_file {}: {e}", ca_file.display()))
-    })?;
-    let mut roots = rustls::RootCertStore::empty();
-    let mut found = 0;
-    for block in pem::parse_many(&text).map_err(|e| {
-        Error::FailedPrecondition(format!("store.ca_file {}: {e}", ca_file.display()))
-    })? {
-        if block.tag() == "CERTIFICATE" {
-            roots
-                .add(rustls_pki_types::CertificateDer::from(
-                    block.into_contents(),
-                ))
-                .map_err(|e| {
-                    Error::FailedPrecondition(format!(
-                        "store.ca_file {}: a certificate is not usable as a trust anchor: {e}",
-                        ca_file.display()
-                    ))
-                })?;
-            found += 1;
-        }
-    }
-    if found == 0 {
-        return Err(Error::FailedPrecondition(format!(
-            "store.ca_file {} holds no PEM certificate",
-            ca_file.display()
-        )));
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| Error::internal(format!("TLS to the database: {e}")))?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    crate::ca::pki::tls_client_config("store.ca_file", ca_file)
 }
 
 /// Turns a database error into ours: a lost or refused connection, a database shutting down
@@ -255,6 +221,7 @@ pub(super) async fn put_revoked(tx: &Transaction<'_>, record: &CertificateRecord
                 revocation,
                 not_after_s: record.not_after_s,
                 key_algorithm: record.key_algorithm,
+                issued_upstream: record.issued_upstream,
             };
             tx.execute(
                 &prepared_tx(

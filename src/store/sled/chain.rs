@@ -102,6 +102,7 @@ pub(super) fn put_revoked(
         revocation,
         not_after_s: record.not_after_s,
         key_algorithm: record.key_algorithm,
+        issued_upstream: record.issued_upstream,
     };
     revoked
         .insert(record.serial.as_bytes(), encode(&entry)?)

@@ -47,6 +47,7 @@ impl SledStore {
             releases: db.open_tree("releases")?,
             summaries: db.open_tree("cert_summaries")?,
             agreed_limits: db.open_tree("agreed_limits")?,
+            upstream_revocations: db.open_tree("upstream_revocations")?,
             audit: db.open_tree("audit")?,
             client_certificates: db.open_tree("client_certificates")?,
             db,

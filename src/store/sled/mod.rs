@@ -35,7 +35,7 @@ use crate::store::audit::{chain_hash, AuditBody, AuditEntry, AuditEvent, GENESIS
 use crate::store::ledger_day;
 use crate::store::records::{
     CertificateRecord, CertificateSummary, ClientCertificateRecord, Revocation, RevokedEntry,
-    TokenHash, TokenRecord,
+    TokenHash, TokenRecord, UpstreamRevocation,
 };
 use crate::store::{
     FrameSource, IssueOutcome, LedgerCheckpoint, RevokeRejection, Store, TokenRejection,
@@ -69,6 +69,8 @@ pub struct SledStore {
     /// serial → [`CertificateSummary`] (binary), what the verification cache loads.
     summaries: Tree,
     agreed_limits: Tree,
+    /// Serial → [`UpstreamRevocation`] (RA mode).
+    upstream_revocations: Tree,
     audit: Tree,
     client_certificates: Tree,
     commit: GroupCommit,
@@ -529,6 +531,34 @@ impl Store for SledStore {
         self.sync_sled()
     }
 
+    fn upstream_revocations(&self) -> Result<Vec<UpstreamRevocation>> {
+        self.upstream_revocations
+            .iter()
+            .map(|entry| decode(&entry?.1))
+            .collect()
+    }
+
+    fn put_upstream_revocation(
+        &self,
+        entry: &UpstreamRevocation,
+        audit: Option<&AuditEvent>,
+    ) -> Result<()> {
+        let writing = self.writing();
+        let value = encode(entry)?;
+        let outcome = (&self.upstream_revocations, &self.audit, &self.meta).transaction(
+            |(upstream, log, meta)| {
+                upstream.insert(entry.serial.as_bytes(), value.as_slice())?;
+                if let Some(audit) = audit {
+                    append_audit(log, meta, audit)?;
+                }
+                Ok(())
+            },
+        );
+        finish(outcome)?;
+        drop(writing);
+        self.sync_sled()
+    }
+
     fn agreed_limits(&self) -> Result<Vec<(String, i64)>> {
         self.agreed_limits
             .iter()
@@ -634,6 +664,7 @@ impl Store for SledStore {
                     revocation: *revocation,
                     not_after_s: record.not_after_s,
                     key_algorithm: crate::model::KeyAlgorithm::P256,
+                    issued_upstream: false,
                 };
                 revoked.insert(serial.as_bytes(), encode(&entry).map_err(abort)?)?;
                 clients.insert(serial.as_bytes(), encode(&record).map_err(abort)?)?;

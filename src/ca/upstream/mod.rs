@@ -1,0 +1,517 @@
+//! RA mode: an external CA signs and revokes device certificates, payra stays the RA.
+//!
+//! [`UpstreamCa`] is the seam a connector implements (CFSSL's HTTP API here; a CMP or a
+//! licensed CA's own HTTPS API would be another). [`UpstreamIssuer`] wraps one with what payra
+//! does around every call: a deadline, a bound on calls in flight, and the check of what comes
+//! back against the profile payra decided. A certificate that does not match is refused and
+//! never stored.
+
+pub mod cfssl;
+mod http;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::csr::DevicePublicKey;
+use super::profile::{DeviceCertificate, DeviceProfile, SubscriberRef};
+use crate::config::{UpstreamConfig, UpstreamKind};
+use crate::error::{Error, Result};
+use crate::model::{RevocationReason, Serial};
+
+/// A future a connector returns.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The organisation device certificates name (as local ones do).
+pub const DEVICE_ORGANIZATION: &str = "payra device";
+
+/// How far an upstream's notBefore may lie ahead of payra's clock, and its notAfter beyond
+/// payra's validity (upstreams backdate, and clocks differ).
+const CLOCK_TOLERANCE_S: i64 = 600;
+
+/// What payra asks an upstream to sign: the phone's CSR (proof of possession, checked by
+/// payra already) and the profile payra decided.
+#[derive(Debug, Clone)]
+pub struct SigningRequest {
+    pub csr_der: Vec<u8>,
+    /// The subject: `CN=<subscriber reference>, O=payra device`.
+    pub common_name: String,
+    pub organization: String,
+    /// How long the certificate should be valid, in seconds.
+    pub validity_s: i64,
+}
+
+/// A certificate to revoke upstream.
+#[derive(Debug, Clone)]
+pub struct RevocationRequest {
+    pub serial: Serial,
+    /// The certificate's authorityKeyIdentifier, as some upstreams key their records by it.
+    pub authority_key_id: Vec<u8>,
+    pub reason: RevocationReason,
+}
+
+/// Why an upstream call did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamFailure {
+    /// No usable answer: connection refused or lost, a deadline passed, a server error, an
+    /// answer that does not parse. Worth retrying.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The upstream answered and said no (bad request, authentication, unknown certificate).
+    /// Retrying the same request will not help until someone changes something.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// An external CA's signing and revocation interface.
+pub trait UpstreamCa: Send + Sync {
+    /// Names the upstream in messages and logs, e.g. `cfssl at http://ca.internal:8888`.
+    fn describe(&self) -> String;
+
+    /// Has the upstream sign `request`; answers the certificate's DER.
+    fn sign<'a>(
+        &'a self,
+        request: &'a SigningRequest,
+    ) -> BoxFuture<'a, std::result::Result<Vec<u8>, UpstreamFailure>>;
+
+    /// Has the upstream revoke a certificate it issued. Revoking one already revoked (with
+    /// the same or another reason) must succeed: payra retries until it is confirmed.
+    fn revoke<'a>(
+        &'a self,
+        request: &'a RevocationRequest,
+    ) -> BoxFuture<'a, std::result::Result<(), UpstreamFailure>>;
+}
+
+/// The upstream and what payra knows of it: its issuing CA, the chain phones get, and the
+/// limits on calls to it.
+pub struct UpstreamIssuer {
+    connector: Arc<dyn UpstreamCa>,
+    /// The upstream's issuing CA certificate (DER).
+    issuer_der: Vec<u8>,
+    /// Issuing CA first, then intermediates: what phones get as their chain.
+    pub chain_der: Vec<Vec<u8>>,
+    pub issuer_not_after_s: i64,
+    timeout: Duration,
+    in_flight: tokio::sync::Semaphore,
+    expected_crl_url: Option<String>,
+    expected_ocsp_url: Option<String>,
+}
+
+impl std::fmt::Debug for UpstreamIssuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamIssuer")
+            .field("upstream", &self.describe())
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why an upstream issuance failed, and the certificate payra refused, if it got one (its
+/// serial and authorityKeyIdentifier).
+#[derive(Debug)]
+pub struct IssueFailure {
+    pub error: Error,
+    pub refused: Option<(Serial, Vec<u8>)>,
+}
+
+/// A certificate the upstream issued that matched the profile.
+#[derive(Debug, Clone)]
+pub struct UpstreamCertificate {
+    pub serial: Serial,
+    pub certificate: DeviceCertificate,
+}
+
+impl UpstreamIssuer {
+    /// The upstream `config` names, with its connector.
+    pub fn from_config(config: &UpstreamConfig) -> Result<UpstreamIssuer> {
+        let connector: Arc<dyn UpstreamCa> = match config.kind {
+            UpstreamKind::Cfssl => Arc::new(cfssl::Cfssl::from_config(config)?),
+        };
+        let issuer_file = config.issuer_file.as_deref().ok_or_else(|| {
+            Error::invalid("ca.upstream.issuer_file", "is required in upstream mode")
+        })?;
+        let text = std::fs::read_to_string(issuer_file).map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "ca.upstream.issuer_file {}: {e}",
+                issuer_file.display()
+            ))
+        })?;
+        let chain_der: Vec<Vec<u8>> = pem::parse_many(&text)
+            .map_err(|e| {
+                Error::FailedPrecondition(format!(
+                    "ca.upstream.issuer_file {}: {e}",
+                    issuer_file.display()
+                ))
+            })?
+            .into_iter()
+            .filter(|block| block.tag() == "CERTIFICATE")
+            .map(|block| block.into_contents())
+            .collect();
+        UpstreamIssuer::new(connector, chain_der, config)
+    }
+
+    /// An issuer around `connector`, whose issuing CA is `chain_der[0]`.
+    pub fn new(
+        connector: Arc<dyn UpstreamCa>,
+        chain_der: Vec<Vec<u8>>,
+        config: &UpstreamConfig,
+    ) -> Result<UpstreamIssuer> {
+        let issuer_der = chain_der.first().cloned().ok_or_else(|| {
+            Error::FailedPrecondition(
+                "ca.upstream.issuer_file holds no PEM certificate: it must start with the \
+                 upstream CA that signs device certificates"
+                    .into(),
+            )
+        })?;
+        let (_, issuer) = X509Certificate::from_der(&issuer_der).map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "ca.upstream.issuer_file: the first certificate does not parse: {e}"
+            ))
+        })?;
+        let is_ca = issuer
+            .basic_constraints()
+            .ok()
+            .flatten()
+            .is_some_and(|bc| bc.value.ca);
+        if !is_ca {
+            return Err(Error::FailedPrecondition(
+                "ca.upstream.issuer_file: the first certificate is not a CA (basicConstraints \
+                 CA:TRUE)"
+                    .into(),
+            ));
+        }
+        let issuer_not_after_s = issuer.validity().not_after.timestamp();
+        Ok(UpstreamIssuer {
+            connector,
+            issuer_not_after_s,
+            issuer_der,
+            chain_der,
+            timeout: Duration::from_millis(u64::from(config.timeout_ms)),
+            in_flight: tokio::sync::Semaphore::new(config.max_in_flight),
+            expected_crl_url: config.crl_url.clone(),
+            expected_ocsp_url: config.ocsp_url.clone(),
+        })
+    }
+
+    /// Names the upstream.
+    pub fn describe(&self) -> String {
+        self.connector.describe()
+    }
+
+    /// The upstream's issuing CA certificate.
+    pub fn issuer_der(&self) -> &[u8] {
+        &self.issuer_der
+    }
+
+    /// Has the upstream certify `key` for `subscriber` and checks what comes back against
+    /// the profile. Every failure is `Unavailable`, naming the upstream: the phone can retry
+    /// later, and nothing was stored. A certificate refused by the check is named in the
+    /// failure (its serial and authorityKeyIdentifier, when it parses), to be revoked
+    /// upstream.
+    pub async fn issue(
+        &self,
+        profile: &DeviceProfile,
+        key: &DevicePublicKey,
+        csr_der: &[u8],
+        subscriber: &SubscriberRef,
+        now_s: i64,
+    ) -> std::result::Result<UpstreamCertificate, IssueFailure> {
+        let request = SigningRequest {
+            csr_der: csr_der.to_vec(),
+            common_name: subscriber.as_str().to_string(),
+            organization: DEVICE_ORGANIZATION.to_string(),
+            validity_s: profile.validity_s,
+        };
+        let der = self
+            .call(self.connector.sign(&request))
+            .await
+            .map_err(|failure| IssueFailure {
+                error: Error::Unavailable(format!(
+                    "the upstream CA ({}) did not issue the certificate: {failure}; nothing \
+                     was stored and the token is still usable, retry later",
+                    self.describe()
+                )),
+                refused: None,
+            })?;
+        self.check(&der, profile, key, subscriber, now_s)
+            .map_err(|mismatch| {
+                tracing::error!(
+                    upstream = %self.describe(),
+                    %mismatch,
+                    "the upstream CA returned a certificate outside payra's profile; refused"
+                );
+                IssueFailure {
+                    error: Error::Unavailable(format!(
+                        "the upstream CA ({}) returned a certificate payra refuses \
+                         ({mismatch}); nothing was stored and the token is still usable",
+                        self.describe()
+                    )),
+                    refused: self.signed_by_upstream(&der),
+                }
+            })
+    }
+
+    /// The serial and authorityKeyIdentifier of `der` if the upstream's issuing CA signed it
+    /// (a certificate it issued, which payra may have refused).
+    fn signed_by_upstream(&self, der: &[u8]) -> Option<(Serial, Vec<u8>)> {
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let (_, issuer) = X509Certificate::from_der(&self.issuer_der).ok()?;
+        cert.verify_signature(Some(issuer.public_key())).ok()?;
+        let serial = Serial::from_bytes("serial", cert.raw_serial()).ok()?;
+        Some((serial, authority_key_id(der)))
+    }
+
+    /// Has the upstream revoke a certificate.
+    pub async fn revoke(
+        &self,
+        request: &RevocationRequest,
+    ) -> std::result::Result<(), UpstreamFailure> {
+        self.call(self.connector.revoke(request)).await
+    }
+
+    /// Runs one upstream call under the deadline and the in-flight bound.
+    async fn call<T>(
+        &self,
+        call: BoxFuture<'_, std::result::Result<T, UpstreamFailure>>,
+    ) -> std::result::Result<T, UpstreamFailure> {
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return Err(UpstreamFailure::Unreachable(
+                "too many requests are waiting for it already (ca.upstream.max_in_flight)".into(),
+            ));
+        };
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(answer) => answer,
+            Err(_) => Err(UpstreamFailure::Unreachable(format!(
+                "no answer within {} ms (ca.upstream.timeout_ms)",
+                self.timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Checks a certificate the upstream returned against the profile payra decided: signed
+    /// by the configured issuing CA; the device's key; the subject payra asked for and nothing
+    /// more; valid from about now for at most the profile's validity and not past the
+    /// issuer; an end entity for digitalSignature and clientAuth only; no names payra did not
+    /// ask for; the expected CRL and OCSP URLs when configured; no unknown critical extension.
+    pub fn check(
+        &self,
+        der: &[u8],
+        profile: &DeviceProfile,
+        key: &DevicePublicKey,
+        subscriber: &SubscriberRef,
+        now_s: i64,
+    ) -> std::result::Result<UpstreamCertificate, String> {
+        let (rest, cert) = X509Certificate::from_der(der)
+            .map_err(|e| format!("the certificate does not parse: {e}"))?;
+        if !rest.is_empty() {
+            return Err("trailing bytes after the certificate".into());
+        }
+        let (_, issuer) = X509Certificate::from_der(&self.issuer_der)
+            .map_err(|e| format!("the issuing CA does not parse: {e}"))?;
+        if cert.issuer().as_raw() != issuer.subject().as_raw() {
+            return Err(format!(
+                "issuer {} is not the configured upstream CA {}",
+                cert.issuer(),
+                issuer.subject()
+            ));
+        }
+        cert.verify_signature(Some(issuer.public_key()))
+            .map_err(|_| "its signature does not verify with the upstream CA's key".to_string())?;
+        if cert.version() != x509_parser::x509::X509Version::V3 {
+            return Err("not an X.509 v3 certificate".into());
+        }
+        let serial = Serial::from_bytes("serial", cert.raw_serial())
+            .map_err(|e| format!("serial number: {e}"))?;
+        if cert.raw_serial().first().is_some_and(|b| b & 0x80 != 0) {
+            return Err("the serial number is negative".into());
+        }
+        let spki = cert.public_key();
+        let curve = spki
+            .algorithm
+            .parameters
+            .as_ref()
+            .and_then(|p| p.as_oid().ok());
+        if spki.algorithm.algorithm != x509_parser::oid_registry::OID_KEY_TYPE_EC_PUBLIC_KEY
+            || curve != Some(x509_parser::oid_registry::OID_EC_P256)
+            || spki.subject_public_key.data.as_ref() != key.sec1()
+        {
+            return Err("it certifies another key than the CSR's".into());
+        }
+        check_subject(&cert, subscriber)?;
+        let not_before_s = cert.validity().not_before.timestamp();
+        let not_after_s = cert.validity().not_after.timestamp();
+        if not_before_s > now_s + CLOCK_TOLERANCE_S {
+            return Err(format!(
+                "notBefore {} is in the future",
+                crate::model::moment(not_before_s)
+            ));
+        }
+        if not_after_s <= now_s {
+            return Err(format!(
+                "notAfter {} has passed",
+                crate::model::moment(not_after_s)
+            ));
+        }
+        if not_after_s > now_s + profile.validity_s + CLOCK_TOLERANCE_S {
+            return Err(format!(
+                "notAfter {} is beyond payra's validity of {} days",
+                crate::model::moment(not_after_s),
+                profile.validity_s / 86_400
+            ));
+        }
+        if not_after_s > self.issuer_not_after_s {
+            return Err("it outlives the upstream CA's certificate".into());
+        }
+        self.check_extensions(&cert)?;
+        Ok(UpstreamCertificate {
+            serial,
+            certificate: DeviceCertificate {
+                der: der.to_vec(),
+                subject: format!("CN={},O={DEVICE_ORGANIZATION}", subscriber.as_str()),
+                not_before_s,
+                not_after_s,
+            },
+        })
+    }
+
+    fn check_extensions(&self, cert: &X509Certificate<'_>) -> std::result::Result<(), String> {
+        let mut digital_signature = false;
+        let mut client_auth = false;
+        let mut crl_urls = Vec::new();
+        let mut ocsp_urls = Vec::new();
+        for ext in cert.extensions() {
+            match ext.parsed_extension() {
+                ParsedExtension::BasicConstraints(bc) if bc.ca => {
+                    return Err("it is a CA certificate".into())
+                }
+                ParsedExtension::BasicConstraints(_) => {}
+                ParsedExtension::KeyUsage(ku) => {
+                    if ku.key_cert_sign() || ku.crl_sign() {
+                        return Err("its key usage allows signing certificates or CRLs".into());
+                    }
+                    digital_signature = ku.digital_signature();
+                }
+                ParsedExtension::ExtendedKeyUsage(eku) => {
+                    if eku.any || eku.server_auth || eku.code_signing || eku.email_protection {
+                        return Err("its extended key usage goes beyond clientAuth".to_string());
+                    }
+                    if eku.time_stamping || eku.ocsp_signing || !eku.other.is_empty() {
+                        return Err("its extended key usage goes beyond clientAuth".to_string());
+                    }
+                    client_auth = eku.client_auth;
+                }
+                ParsedExtension::SubjectAlternativeName(san) => {
+                    if let Some(name) = san.general_names.first() {
+                        return Err(format!("it names {name} payra did not ask for"));
+                    }
+                }
+                ParsedExtension::CRLDistributionPoints(points) => {
+                    for point in points.iter() {
+                        if let Some(x509_parser::extensions::DistributionPointName::FullName(
+                            names,
+                        )) = &point.distribution_point
+                        {
+                            for name in names {
+                                if let GeneralName::URI(uri) = name {
+                                    crl_urls.push(uri.to_string());
+                                }
+                            }
+                        }
+                    }
+                }
+                ParsedExtension::AuthorityInfoAccess(aia) => {
+                    for access in aia.iter() {
+                        if access.access_method
+                            == x509_parser::oid_registry::OID_PKIX_ACCESS_DESCRIPTOR_OCSP
+                        {
+                            if let GeneralName::URI(uri) = &access.access_location {
+                                ocsp_urls.push(uri.to_string());
+                            }
+                        }
+                    }
+                }
+                ParsedExtension::SubjectKeyIdentifier(_)
+                | ParsedExtension::AuthorityKeyIdentifier(_)
+                | ParsedExtension::CertificatePolicies(_) => {}
+                _ if ext.critical => {
+                    return Err(format!(
+                        "it carries an unknown critical extension {}",
+                        ext.oid
+                    ))
+                }
+                _ => {}
+            }
+        }
+        if !digital_signature {
+            return Err("its key usage lacks digitalSignature".into());
+        }
+        if !client_auth {
+            return Err("its extended key usage lacks clientAuth".into());
+        }
+        for (what, expected, found) in [
+            ("CRL distribution point", &self.expected_crl_url, &crl_urls),
+            ("OCSP URL", &self.expected_ocsp_url, &ocsp_urls),
+        ] {
+            if let Some(expected) = expected {
+                if found.as_slice() != std::slice::from_ref(expected) {
+                    return Err(format!("its {what} is {found:?}, not {expected:?}"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The subject must be exactly `CN=<subscriber>, O=payra device` (in either order).
+fn check_subject(
+    cert: &X509Certificate<'_>,
+    subscriber: &SubscriberRef,
+) -> std::result::Result<(), String> {
+    let mut common_name = None;
+    let mut organization = None;
+    let mut others = 0;
+    for attribute in cert.subject().iter_attributes() {
+        let value = attribute.as_str().ok();
+        let oid = attribute.attr_type();
+        if *oid == x509_parser::oid_registry::OID_X509_COMMON_NAME && common_name.is_none() {
+            common_name = value;
+        } else if *oid == x509_parser::oid_registry::OID_X509_ORGANIZATION_NAME
+            && organization.is_none()
+        {
+            organization = value;
+        } else {
+            others += 1;
+        }
+    }
+    if common_name != Some(subscriber.as_str())
+        || organization != Some(DEVICE_ORGANIZATION)
+        || others > 0
+    {
+        return Err(format!(
+            "subject {} is not the CN={},O={DEVICE_ORGANIZATION} payra asked for",
+            cert.subject(),
+            subscriber.as_str()
+        ));
+    }
+    Ok(())
+}
+
+/// The authorityKeyIdentifier of a certificate (empty when it has none).
+pub fn authority_key_id(der: &[u8]) -> Vec<u8> {
+    let Ok((_, cert)) = X509Certificate::from_der(der) else {
+        return Vec::new();
+    };
+    cert.extensions()
+        .iter()
+        .find_map(|ext| match ext.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(aki) => {
+                aki.key_identifier.as_ref().map(|id| id.0.to_vec())
+            }
+            _ => None,
+        })
+        .unwrap_or_default()
+}

@@ -1,0 +1,301 @@
+//! RA mode: device certificates signed by an upstream CA, and payra's revocations brought to
+//! it.
+//!
+//! A revocation is payra's first: it commits in payra's store and is effective in the next
+//! verification, as in local mode. Bringing it upstream follows: the revoked index is the
+//! outbox (a revocation and its outbox entry are one write), and [`Ra::sync_upstream`] sends
+//! whatever the upstream has not confirmed, recording each attempt, until it has. An
+//! enrollment that got an upstream certificate but could not store it leaves an orphan entry,
+//! revoked upstream the same way.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::Ra;
+use crate::ca::upstream::{authority_key_id, RevocationRequest, UpstreamIssuer};
+use crate::error::{Error, Result};
+use crate::model::{RevocationReason, Serial};
+use crate::store::{Actor, AuditEvent, CertificateRecord, Revocation, UpstreamRevocation};
+
+/// What one pass of [`Ra::sync_upstream`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpstreamSync {
+    /// Revocations the upstream confirmed in this pass.
+    pub confirmed: usize,
+    /// Revocations still pending after it.
+    pub pending: usize,
+}
+
+impl Ra {
+    /// The upstream CA, in RA mode.
+    pub fn upstream(&self) -> Option<&Arc<UpstreamIssuer>> {
+        self.policy.upstream.as_ref()
+    }
+
+    /// Has the upstream sign a device certificate for `public_key` (the CSR `csr_der`).
+    /// Blocks its thread for the upstream's answer: call it off the async executor (the
+    /// enrollment and renewal paths do).
+    pub(super) fn sign_upstream(
+        &self,
+        upstream: &UpstreamIssuer,
+        public_key: &crate::ca::DevicePublicKey,
+        csr_der: &[u8],
+        subscriber: &crate::ca::SubscriberRef,
+        now_s: i64,
+    ) -> Result<(Serial, crate::ca::DeviceCertificate)> {
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::internal("an upstream CA is called from outside the runtime"))?;
+        let answer = runtime.block_on(upstream.issue(
+            &self.policy.profile,
+            public_key,
+            csr_der,
+            subscriber,
+            now_s,
+        ));
+        let outcome = match &answer {
+            Ok(_) => "ok",
+            Err(failure) if failure.refused.is_some() => "mismatch",
+            Err(_) => "unreachable",
+        };
+        self.metrics
+            .upstream_requests
+            .with_label_values(&["sign", outcome])
+            .inc();
+        match answer {
+            Ok(issued) => Ok((issued.serial, issued.certificate)),
+            Err(failure) => {
+                if let Some((serial, authority_key_id)) = &failure.refused {
+                    self.orphaned_upstream(serial, authority_key_id, "payra refused it");
+                }
+                Err(failure.error)
+            }
+        }
+    }
+
+    /// [`Ra::orphaned_upstream`] for a record that did not commit.
+    pub(super) fn uncommitted_upstream(&self, record: &CertificateRecord) {
+        if record.issued_upstream {
+            let authority_key_id = record
+                .certificate_der()
+                .map(|der| authority_key_id(&der))
+                .unwrap_or_default();
+            self.orphaned_upstream(
+                &record.serial,
+                &authority_key_id,
+                "its enrollment or renewal did not commit",
+            );
+        }
+    }
+
+    /// Records an upstream certificate that no record will hold (payra refused it, or its
+    /// enrollment or renewal did not commit), so it is revoked upstream; best effort, logged
+    /// when it cannot be.
+    fn orphaned_upstream(&self, serial: &Serial, authority_key_id: &[u8], why: &str) {
+        let entry = UpstreamRevocation {
+            serial: serial.clone(),
+            revocation: Revocation {
+                revoked_at_s: self.clock.now_s(),
+                reason: RevocationReason::CessationOfOperation,
+            },
+            authority_key_id_hex: hex::encode(authority_key_id),
+            confirmed_at_s: None,
+            attempts: 0,
+            last_attempt_at_s: None,
+            last_error: None,
+            orphan: true,
+        };
+        let audit = AuditEvent::new(
+            self.clock.now_ms(),
+            &Actor::system(),
+            "certificate.orphaned_upstream",
+            serial.to_hex(),
+            format!("the upstream issued it but {why}; revoking it upstream"),
+        );
+        tracing::warn!(%serial, why, "an upstream certificate without a record; revoking it upstream");
+        match self.store.put_upstream_revocation(&entry, Some(&audit)) {
+            Ok(()) => self.upstream_wake.notify_one(),
+            Err(e) => tracing::error!(
+                %serial,
+                error = %e,
+                "an upstream certificate without a record could not be queued for revocation; \
+                 revoke it at the upstream by hand"
+            ),
+        }
+    }
+
+    /// Refuses what the upstream cannot do for a certificate it issued: release a hold.
+    pub(super) fn check_upstream_unhold(&self, serial: &Serial) -> Result<()> {
+        if self.policy.upstream.is_none() {
+            return Ok(());
+        }
+        if let Some(record) = self.store.certificate(serial)? {
+            if record.issued_upstream {
+                return Err(Error::FailedPrecondition(format!(
+                    "certificate {serial} was issued by the upstream CA, which cannot release a \
+                     hold; revoke it for good and enroll the device again"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Wakes the upstream sync after a revocation this process stored.
+    pub(super) fn revocations_stored(&self) {
+        self.publication.revocation_changed();
+        if self.policy.upstream.is_some() {
+            self.upstream_wake.notify_one();
+        }
+    }
+
+    /// Every revocation the upstream has not confirmed: revoked upstream certificates whose
+    /// entry is missing, unconfirmed or for another reason (a hold made permanent), and
+    /// orphans not yet confirmed. With the attempts made so far.
+    pub fn upstream_backlog(&self) -> Result<Vec<UpstreamRevocation>> {
+        let mut known: HashMap<Serial, UpstreamRevocation> = self
+            .store
+            .upstream_revocations()?
+            .into_iter()
+            .map(|entry| (entry.serial.clone(), entry))
+            .collect();
+        let mut pending = Vec::new();
+        for revoked in self.store.revoked_entries()? {
+            if !revoked.issued_upstream {
+                continue;
+            }
+            match known.remove(&revoked.serial) {
+                Some(entry)
+                    if entry.confirmed_at_s.is_some()
+                        && entry.revocation.reason == revoked.revocation.reason => {}
+                Some(mut entry) => {
+                    if entry.revocation.reason != revoked.revocation.reason {
+                        entry.revocation = revoked.revocation;
+                        entry.confirmed_at_s = None;
+                    }
+                    pending.push(entry);
+                }
+                None => {
+                    let authority_key_id_hex = match self.store.certificate(&revoked.serial)? {
+                        Some(record) => hex::encode(authority_key_id(&record.certificate_der()?)),
+                        None => String::new(),
+                    };
+                    pending.push(UpstreamRevocation {
+                        serial: revoked.serial,
+                        revocation: revoked.revocation,
+                        authority_key_id_hex,
+                        confirmed_at_s: None,
+                        attempts: 0,
+                        last_attempt_at_s: None,
+                        last_error: None,
+                        orphan: false,
+                    });
+                }
+            }
+        }
+        pending.extend(
+            known
+                .into_values()
+                .filter(|entry| entry.orphan && entry.confirmed_at_s.is_none()),
+        );
+        pending.sort_by(|a, b| a.serial.as_bytes().cmp(b.serial.as_bytes()));
+        Ok(pending)
+    }
+
+    /// One pass: sends every pending revocation upstream and records each outcome (a
+    /// confirmation with an audit entry). Several replicas may send the same one; revoking
+    /// twice upstream is harmless.
+    pub async fn sync_upstream(self: &Arc<Self>) -> Result<UpstreamSync> {
+        let Some(upstream) = self.policy.upstream.clone() else {
+            return Ok(UpstreamSync::default());
+        };
+        let ra = self.clone();
+        let backlog = tokio::task::spawn_blocking(move || ra.upstream_backlog())
+            .await
+            .map_err(|e| Error::internal(format!("reading the upstream backlog: {e}")))??;
+        let mut sync = UpstreamSync::default();
+        let total = backlog.len();
+        for (done, mut entry) in backlog.into_iter().enumerate() {
+            let request = RevocationRequest {
+                serial: entry.serial.clone(),
+                authority_key_id: hex::decode(&entry.authority_key_id_hex).unwrap_or_default(),
+                reason: entry.revocation.reason,
+            };
+            let answer = upstream.revoke(&request).await;
+            let now_ms = self.clock.now_ms();
+            entry.attempts = entry.attempts.saturating_add(1);
+            entry.last_attempt_at_s = Some(now_ms.div_euclid(1000));
+            let outcome = match &answer {
+                Ok(()) => "ok",
+                Err(crate::ca::upstream::UpstreamFailure::Unreachable(_)) => "unreachable",
+                Err(crate::ca::upstream::UpstreamFailure::Refused(_)) => "refused",
+            };
+            self.metrics
+                .upstream_requests
+                .with_label_values(&["revoke", outcome])
+                .inc();
+            let unreachable = matches!(
+                answer,
+                Err(crate::ca::upstream::UpstreamFailure::Unreachable(_))
+            );
+            let audit = match answer {
+                Ok(()) => {
+                    entry.confirmed_at_s = Some(now_ms.div_euclid(1000));
+                    entry.last_error = None;
+                    sync.confirmed += 1;
+                    Some(AuditEvent::new(
+                        now_ms,
+                        &Actor::system(),
+                        "certificate.revocation_confirmed_upstream",
+                        entry.serial.to_hex(),
+                        format!(
+                            "{} confirmed by {} after {} attempt(s)",
+                            entry.revocation.reason.cli_name(),
+                            upstream.describe(),
+                            entry.attempts
+                        ),
+                    ))
+                }
+                // An orphan the upstream has no record of needs no revocation there.
+                Err(crate::ca::upstream::UpstreamFailure::Refused(message))
+                    if entry.orphan && message.ends_with("[not found]") =>
+                {
+                    entry.confirmed_at_s = Some(now_ms.div_euclid(1000));
+                    entry.last_error = Some(message);
+                    sync.confirmed += 1;
+                    None
+                }
+                Err(failure) => {
+                    tracing::warn!(
+                        serial = %entry.serial,
+                        attempts = entry.attempts,
+                        %failure,
+                        "the upstream CA has not confirmed a revocation yet; retrying later"
+                    );
+                    entry.last_error = Some(failure.to_string());
+                    sync.pending += 1;
+                    None
+                }
+            };
+            let ra = self.clone();
+            tokio::task::spawn_blocking(move || {
+                ra.store.put_upstream_revocation(&entry, audit.as_ref())
+            })
+            .await
+            .map_err(|e| Error::internal(format!("recording an upstream revocation: {e}")))??;
+            if unreachable {
+                // An upstream that is down would make every remaining request wait out its
+                // deadline in turn: they wait for the next pass.
+                sync.pending += total - done - 1;
+                break;
+            }
+        }
+        self.metrics
+            .upstream_revocations_pending
+            .set(i64::try_from(sync.pending).unwrap_or(i64::MAX));
+        Ok(sync)
+    }
+
+    /// Waits for the next revocation this process stores, or `interval`, whichever is first.
+    pub async fn upstream_sync_due(&self, interval: std::time::Duration) {
+        let _ = tokio::time::timeout(interval, self.upstream_wake.notified()).await;
+    }
+}
