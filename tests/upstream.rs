@@ -1,0 +1,777 @@
+//! RA mode against a real upstream CA: CFSSL (`cfssl serve`, Debian's golang-cfssl) with a
+//! throwaway two-level CA made by OpenSSL, an authenticated signing profile and its
+//! certificate database. Enrollment, renewal, payments and revocation go end to end through
+//! it; faults (down, slow, garbage, a certificate outside the profile, a wrong key) are
+//! answered UNAVAILABLE and leave nothing half-written.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+use payra::client::DeviceKey;
+use payra::clock::Clock;
+use payra::config::{CaMode, Config};
+use payra::wire::proto;
+
+/// The usages of a signing profile that matches payra's device profile.
+const DEVICE_USAGES: &[&str] = &["digital signature", "client auth"];
+
+/// A CFSSL server with a throwaway CA (root and issuing CA), its signing profile `device`
+/// (HMAC-authenticated) and a SQLite certificate database; killed when dropped.
+struct Cfssl {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Cfssl {
+    /// Makes the CA and starts `cfssl serve` with a `device` profile of `usages`.
+    fn start(usages: &[&str]) -> Cfssl {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let run = |args: &[&str]| {
+            let (ok, out) = openssl(args);
+            assert!(ok, "openssl {args:?}: {out}");
+        };
+        run(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            path_str(&d.join("root.key")),
+            "-out",
+            path_str(&d.join("root.pem")),
+            "-subj",
+            "/C=CN/O=Licensed CA/CN=Licensed Root",
+            "-days",
+            "3650",
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ]);
+        run(&[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            path_str(&d.join("issuing.key")),
+            "-out",
+            path_str(&d.join("issuing.csr")),
+            "-subj",
+            "/C=CN/O=Licensed CA/CN=Licensed Device CA",
+        ]);
+        std::fs::write(
+            d.join("issuing.ext"),
+            "basicConstraints=critical,CA:TRUE,pathlen:0\n\
+             keyUsage=critical,keyCertSign,cRLSign,digitalSignature\n\
+             subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+        )
+        .unwrap();
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            path_str(&d.join("issuing.csr")),
+            "-CA",
+            path_str(&d.join("root.pem")),
+            "-CAkey",
+            path_str(&d.join("root.key")),
+            "-set_serial",
+            "2",
+            "-days",
+            "1825",
+            "-out",
+            path_str(&d.join("issuing.pem")),
+            "-extfile",
+            path_str(&d.join("issuing.ext")),
+        ]);
+        // CFSSL's certificate database (its SQLite schema), made with Python's sqlite3.
+        sqlite(
+            &d.join("certdb.db"),
+            "CREATE TABLE certificates (serial_number blob NOT NULL, \
+             authority_key_identifier blob NOT NULL, ca_label blob, status blob NOT NULL, \
+             reason int, expiry timestamp, revoked_at timestamp, pem blob NOT NULL, \
+             PRIMARY KEY(serial_number, authority_key_identifier)); \
+             CREATE TABLE ocsp_responses (serial_number blob NOT NULL, \
+             authority_key_identifier blob NOT NULL, body blob NOT NULL, expiry timestamp, \
+             PRIMARY KEY(serial_number, authority_key_identifier));",
+        );
+        std::fs::write(
+            d.join("db.json"),
+            serde_json::json!({
+                "driver": "sqlite3",
+                "data_source": d.join("certdb.db"),
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let key: [u8; 16] = rand::random();
+        let key_file = d.join("auth.key");
+        std::fs::write(&key_file, hex::encode(key)).unwrap();
+        set_mode(&key_file, 0o600);
+        let mut cfssl = Cfssl {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        cfssl.configure(usages, &hex::encode(key));
+        cfssl.start_again();
+        cfssl
+    }
+
+    /// Writes the signing configuration: profile `device` with `usages`, one year, keyed by
+    /// `key_hex`.
+    fn configure(&self, usages: &[&str], key_hex: &str) {
+        std::fs::write(
+            self.dir.path().join("config.json"),
+            serde_json::json!({
+                "signing": {
+                    "default": { "expiry": "168h" },
+                    "profiles": {
+                        "device": {
+                            "usages": usages,
+                            "expiry": "8760h",
+                            "auth_key": "payra",
+                        }
+                    }
+                },
+                "auth_keys": { "payra": { "type": "standard", "key": key_hex } }
+            })
+            .to_string(),
+        )
+        .unwrap();
+    }
+
+    /// Starts `cfssl serve` on this server's port and waits for it to listen.
+    fn start_again(&mut self) {
+        let d = self.dir.path();
+        let mut child = Command::new("cfssl")
+            .args([
+                "serve",
+                "-address",
+                "127.0.0.1",
+                "-port",
+                &self.port.to_string(),
+                "-ca",
+                path_str(&d.join("issuing.pem")),
+                "-ca-key",
+                path_str(&d.join("issuing.key")),
+                "-config",
+                path_str(&d.join("config.json")),
+                "-db-config",
+                path_str(&d.join("db.json")),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("cfssl (Debian package golang-cfssl) runs");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        loop {
+            let line = lines
+                .next()
+                .expect("cfssl exited before listening")
+                .unwrap();
+            if line.contains("Now listening on") {
+                break;
+            }
+        }
+        std::thread::spawn(move || for _ in lines {});
+        self.child = Some(child);
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The certificate database's status and reason code for `serial` (hex), if it holds it.
+    fn db_status(&self, serial_hex: &str) -> Option<(String, i64)> {
+        let decimal = payra::ca::upstream::cfssl::decimal(&hex::decode(serial_hex).unwrap());
+        let out = sqlite(
+            &self.path("certdb.db"),
+            &format!("SELECT status, reason FROM certificates WHERE serial_number = '{decimal}'"),
+        );
+        let line = out.lines().next()?;
+        let (status, reason) = line.split_once('|')?;
+        Some((status.to_string(), reason.parse().unwrap()))
+    }
+
+    /// How many certificates CFSSL has issued.
+    fn db_count(&self) -> usize {
+        sqlite(&self.path("certdb.db"), "SELECT count(*) FROM certificates")
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// payra's configuration for this upstream.
+    fn payra_config(&self, config: &mut Config) {
+        config.ca.mode = CaMode::Upstream;
+        let upstream = &mut config.ca.upstream;
+        upstream.url = Some(self.url());
+        upstream.issuer_file = Some(self.path("issuing.pem"));
+        upstream.auth_key_file = Some(self.path("auth.key"));
+        upstream.timeout_ms = 5_000;
+    }
+}
+
+impl Drop for Cfssl {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// Runs SQL on a SQLite database with Python's sqlite3: a SELECT's rows as `a|b` lines, or
+/// a script of statements.
+fn sqlite(db: &Path, sql: &str) -> String {
+    let script = "import sqlite3, sys\n\
+                  c = sqlite3.connect(sys.argv[1])\n\
+                  if sys.argv[2].startswith('SELECT'):\n    \
+                      [print('|'.join(str(v) for v in r)) for r in c.execute(sys.argv[2])]\n\
+                  else:\n    \
+                      c.executescript(sys.argv[2])\n\
+                  c.commit()\n";
+    let out = Command::new("python3")
+        .args(["-c", script, path_str(db), sql])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "sqlite: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A loopback port nothing listens on (right now).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A fake upstream on a loopback port: each connection's request is read, then answered by
+/// `answer` (`None`: held open, never answered). Runs until the test ends.
+fn fake_upstream(answer: Option<&'static [u8]>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let mut buffer = [0u8; 4096];
+            let _ = stream.read(&mut buffer);
+            match answer {
+                Some(bytes) => {
+                    let _ = stream.write_all(bytes);
+                }
+                None => held.push(stream),
+            }
+        }
+    });
+    url
+}
+
+/// An HTTP 200 answer carrying `body`.
+fn http_answer(body: &str) -> &'static [u8] {
+    let answer = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    Box::leak(answer.into_boxed_str()).as_bytes()
+}
+
+/// Enrolls a fresh key with `token`; the answer or the gRPC status.
+async fn enroll_with(
+    server: &TestServer,
+    token: &str,
+    device: &str,
+) -> Result<(DeviceKey, proto::EnrollResponse), payra::client::ClientError> {
+    let key = DeviceKey::generate();
+    let csr = key.csr_der(device).unwrap();
+    server
+        .anonymous()
+        .await
+        .enroll(token, csr, device, device_info())
+        .await
+        .map(|issued| (key, issued))
+}
+
+/// What is still pending upstream after one more pass.
+async fn pending_after_retry(server: &TestServer) -> Vec<proto::UpstreamRevocation> {
+    server
+        .operator()
+        .await
+        .list_upstream_revocations(true)
+        .await
+        .expect("ListUpstreamRevocations")
+        .pending
+}
+
+/// A payment by `key`'s certificate `serial`, verified: its verdict.
+async fn pay(
+    server: &TestServer,
+    key: &DeviceKey,
+    serial: &str,
+    customer: &str,
+    device: &str,
+) -> proto::Verdict {
+    let intent = payment_intent(
+        customer,
+        device,
+        &rand_suffix(),
+        1_200,
+        server.clock.now_ms(),
+    );
+    verdict(&verify(server, signed_payment(key, serial, &intent, vec![], false)).await)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_enroll_pay_renew_and_are_revoked_through_a_cfssl_upstream() {
+    let cfssl = Cfssl::start(DEVICE_USAGES);
+    let server = TestServer::start_with(|config| cfssl.payra_config(config)).await;
+
+    let token = server.token("acme").await;
+    let (key, issued) = enroll_with(&server, &token, "phone-1")
+        .await
+        .expect("enroll");
+    // The upstream issued it: its issuer, its chain, and its database holds it.
+    assert_eq!(
+        issued.chain_der,
+        vec![
+            pem::parse(std::fs::read_to_string(cfssl.path("issuing.pem")).unwrap())
+                .unwrap()
+                .into_contents()
+        ]
+    );
+    assert_eq!(cfssl.db_status(&issued.serial), Some(("good".into(), 0)));
+    let leaf = server.dir.path().join("leaf.pem");
+    std::fs::write(&leaf, pem(&issued.certificate_der)).unwrap();
+    let (ok, out) = openssl(&[
+        "verify",
+        "-CAfile",
+        path_str(&cfssl.path("root.pem")),
+        "-untrusted",
+        path_str(&cfssl.path("issuing.pem")),
+        "-purpose",
+        "sslclient",
+        path_str(&leaf),
+    ]);
+    assert!(
+        ok,
+        "OpenSSL verifies the chain to the upstream's root: {out}"
+    );
+    let (_, text) = openssl(&[
+        "x509",
+        "-in",
+        path_str(&leaf),
+        "-noout",
+        "-subject",
+        "-issuer",
+    ]);
+    assert!(
+        text.contains("O = payra device") && text.contains("Licensed Device CA"),
+        "{text}"
+    );
+    let record = server
+        .operator()
+        .await
+        .certificate(&issued.serial)
+        .await
+        .unwrap();
+    assert!(record.issued_upstream);
+    assert_eq!(record.customer_id, "acme");
+
+    // Payments verify against it, as against payra's own certificates.
+    assert_eq!(
+        pay(&server, &key, &issued.serial, "acme", "phone-1").await,
+        proto::Verdict::Verified
+    );
+
+    // Renewal by proof (payra's TLS listener does not take the upstream's certificate); the
+    // superseded certificate is revoked upstream.
+    let new_key = DeviceKey::generate();
+    let csr = new_key.csr_der("phone-1").unwrap();
+    let proof = key
+        .renewal_proof(&issued.serial, &csr, server.clock.now_s())
+        .unwrap();
+    let renewed = server
+        .anonymous()
+        .await
+        .renew_with_proof(csr, None, proof)
+        .await
+        .expect("renewal by proof");
+    assert_ne!(renewed.serial, issued.serial);
+    assert_eq!(cfssl.db_status(&renewed.serial), Some(("good".into(), 0)));
+    assert_eq!(pending_after_retry(&server).await, vec![]);
+    assert_eq!(
+        cfssl.db_status(&issued.serial),
+        Some(("revoked".into(), 4)),
+        "superseded"
+    );
+    assert_eq!(
+        pay(&server, &key, &issued.serial, "acme", "phone-1").await,
+        proto::Verdict::CertificateRevoked
+    );
+
+    // A proof from another key does not renew.
+    let stranger = DeviceKey::generate();
+    let csr = stranger.csr_der("phone-1").unwrap();
+    let forged = stranger
+        .renewal_proof(&renewed.serial, &csr, server.clock.now_s())
+        .unwrap();
+    let refused = server
+        .anonymous()
+        .await
+        .renew_with_proof(csr, None, forged)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("ECDSA P-256"),
+        "{}",
+        refused.message()
+    );
+
+    // An operator revokes: effective at once in payra, confirmed upstream.
+    server
+        .revoke(&renewed.serial, proto::RevocationReason::KeyCompromise)
+        .await;
+    assert_eq!(
+        pay(&server, &new_key, &renewed.serial, "acme", "phone-1").await,
+        proto::Verdict::CertificateRevoked
+    );
+    assert_eq!(pending_after_retry(&server).await, vec![]);
+    assert_eq!(
+        cfssl.db_status(&renewed.serial),
+        Some(("revoked".into(), 1)),
+        "keyCompromise"
+    );
+
+    // payra's own CRL lists none of the upstream's certificates; the upstream's CRL does.
+    let crl = fetch_crl(&server).await;
+    let (_, crl_text) = openssl(&[
+        "crl",
+        "-inform",
+        "DER",
+        "-in",
+        &crl_file(&server, &crl),
+        "-noout",
+        "-text",
+    ]);
+    for serial in [&issued.serial, &renewed.serial] {
+        assert!(
+            !crl_text.to_lowercase().contains(&serial.to_lowercase()),
+            "{crl_text}"
+        );
+    }
+
+    // The upstream cannot release a hold, so payra does not offer to.
+    let (hold_key, held) = enroll_with(&server, &server.token("acme").await, "phone-2")
+        .await
+        .unwrap();
+    server
+        .revoke(&held.serial, proto::RevocationReason::CertificateHold)
+        .await;
+    let unhold = server
+        .operator()
+        .await
+        .unhold_certificate(&held.serial)
+        .await
+        .unwrap_err();
+    assert_eq!(unhold.code(), tonic::Code::FailedPrecondition, "{unhold:?}");
+    assert!(
+        unhold.message().contains("cannot release a hold"),
+        "{}",
+        unhold.message()
+    );
+    assert_eq!(
+        pay(&server, &hold_key, &held.serial, "acme", "phone-2").await,
+        proto::Verdict::CertificateRevoked
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_is_down_fails_enrollment_cleanly_and_the_token_works_when_it_is_back() {
+    let mut cfssl = Cfssl::start(DEVICE_USAGES);
+    let server = TestServer::start_with(|config| cfssl.payra_config(config)).await;
+    let token = server.token("acme").await;
+    cfssl.stop();
+
+    let down = enroll_with(&server, &token, "phone-1")
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(down.code(), tonic::Code::Unavailable, "{down:?}");
+    let message = down.message();
+    assert!(
+        message.contains(&format!("cfssl at {}", cfssl.url())),
+        "{message}"
+    );
+    assert!(message.contains("token is still usable"), "{message}");
+    let listed = server
+        .operator()
+        .await
+        .list_certificates(proto::ListCertificatesRequest {
+            customer_id: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(listed.certificates.is_empty(), "nothing stored");
+
+    cfssl.start_again();
+    let (_, issued) = enroll_with(&server, &token, "phone-1")
+        .await
+        .expect("the same token");
+    assert_eq!(cfssl.db_status(&issued.serial), Some(("good".into(), 0)));
+    let again = enroll_with(&server, &token, "phone-1")
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(
+        again.code(),
+        tonic::Code::FailedPrecondition,
+        "used once: {again:?}"
+    );
+    assert_eq!(
+        cfssl.db_count(),
+        1,
+        "the used token never reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upstream_or_one_answering_garbage_is_unavailable_and_nothing_is_stored() {
+    let issuer = Cfssl::start(DEVICE_USAGES);
+    for (answer, expected) in [
+        (None, "no answer within 300 ms"),
+        (
+            Some(&b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello"[..]),
+            "not a CFSSL answer",
+        ),
+        (
+            Some(http_answer(
+                r#"{"success":true,"result":{"certificate":"not PEM"},"errors":[]}"#,
+            )),
+            "not PEM",
+        ),
+        (
+            Some(&b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"[..]),
+            "not a CFSSL answer",
+        ),
+    ] {
+        let url = fake_upstream(answer);
+        let server = TestServer::start_with(|config| {
+            issuer.payra_config(config);
+            config.ca.upstream.url = Some(url.clone());
+            config.ca.upstream.timeout_ms = 300;
+        })
+        .await;
+        let token = server.token("acme").await;
+        let refused = enroll_with(&server, &token, "phone-1").await.err().expect("refused");
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert!(refused.message().contains(expected), "{expected}: {}", refused.message());
+        let listed = server
+            .operator()
+            .await
+            .list_certificates(proto::ListCertificatesRequest::default())
+            .await
+            .unwrap();
+        assert!(listed.certificates.is_empty(), "nothing stored");
+        // The server keeps serving: the token is still there to use.
+        let again = enroll_with(&server, &token, "phone-1").await.err().expect("refused");
+        assert_eq!(again.code(), tonic::Code::Unavailable, "not consumed: {again:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_outside_the_profile_is_refused_unstored_and_revoked_upstream() {
+    // A signing profile for servers, not the device profile payra decided.
+    let mut cfssl = Cfssl::start(&["digital signature", "server auth"]);
+    let server = TestServer::start_with(|config| cfssl.payra_config(config)).await;
+    let token = server.token("acme").await;
+
+    let refused = enroll_with(&server, &token, "phone-1")
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("payra refuses"),
+        "{}",
+        refused.message()
+    );
+    assert!(
+        refused.message().contains("clientAuth"),
+        "{}",
+        refused.message()
+    );
+    let listed = server
+        .operator()
+        .await
+        .list_certificates(proto::ListCertificatesRequest::default())
+        .await
+        .unwrap();
+    assert!(listed.certificates.is_empty(), "not stored");
+    // The upstream issued it, so payra has it revoked there.
+    assert_eq!(cfssl.db_count(), 1);
+    assert_eq!(pending_after_retry(&server).await, vec![]);
+    let serial = sqlite(
+        &cfssl.path("certdb.db"),
+        "SELECT serial_number, status, reason FROM certificates",
+    );
+    assert!(
+        serial.trim().ends_with("|revoked|5"),
+        "cessationOfOperation: {serial}"
+    );
+
+    // With the profile put right, the same token enrolls.
+    let key = std::fs::read_to_string(cfssl.path("auth.key")).unwrap();
+    cfssl.stop();
+    cfssl.configure(DEVICE_USAGES, key.trim());
+    cfssl.start_again();
+    enroll_with(&server, &token, "phone-1")
+        .await
+        .expect("enrolls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_hmac_key_is_refused_by_the_upstream_and_named() {
+    let cfssl = Cfssl::start(DEVICE_USAGES);
+    let wrong = cfssl.path("wrong.key");
+    std::fs::write(&wrong, hex::encode(rand::random::<[u8; 16]>())).unwrap();
+    set_mode(&wrong, 0o600);
+    let server = TestServer::start_with(|config| {
+        cfssl.payra_config(config);
+        config.ca.upstream.auth_key_file = Some(wrong.clone());
+    })
+    .await;
+    let token = server.token("acme").await;
+    let refused = enroll_with(&server, &token, "phone-1")
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("authsign answered"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(cfssl.db_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_while_the_upstream_is_down_is_effective_at_once_and_retried_until_confirmed()
+{
+    let mut cfssl = Cfssl::start(DEVICE_USAGES);
+    let mut server = TestServer::start_with(|config| cfssl.payra_config(config)).await;
+    let (key, issued) = enroll_with(&server, &server.token("acme").await, "phone-1")
+        .await
+        .unwrap();
+    cfssl.stop();
+
+    server
+        .revoke(&issued.serial, proto::RevocationReason::KeyCompromise)
+        .await;
+    assert_eq!(
+        pay(&server, &key, &issued.serial, "acme", "phone-1").await,
+        proto::Verdict::CertificateRevoked
+    );
+    let pending = pending_after_retry(&server).await;
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(pending[0].serial, issued.serial);
+    assert_eq!(
+        pending[0].reason,
+        proto::RevocationReason::KeyCompromise as i32
+    );
+    assert!(pending[0].attempts >= 1);
+    assert!(
+        pending[0].last_error.contains("connecting to"),
+        "{}",
+        pending[0].last_error
+    );
+
+    // Operators see it from the CLI, which exits non-zero while anything is pending.
+    let (ok, out, err) = run_payra_at(&server, &["certs", "upstream-pending"]);
+    assert!(!ok, "{out} {err}");
+    assert!(
+        out.contains(&issued.serial) && out.contains("key-compromise"),
+        "{out}"
+    );
+    assert!(err.contains("1 revocation(s) not confirmed"), "{err}");
+
+    // A restart keeps it pending: nothing about it was only in memory.
+    server.restart().await;
+    let pending = pending_after_retry(&server).await;
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(cfssl.db_status(&issued.serial), Some(("good".into(), 0)));
+
+    cfssl.start_again();
+    assert_eq!(pending_after_retry(&server).await, vec![]);
+    assert_eq!(cfssl.db_status(&issued.serial), Some(("revoked".into(), 1)));
+    let (ok, out, err) = run_payra_at(&server, &["certs", "upstream-pending", "--json"]);
+    assert!(ok, "{out} {err}");
+    let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(listed["pending"], serde_json::json!([]));
+    assert_eq!(listed["upstream"], format!("cfssl at {}", cfssl.url()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_by_proof_is_refused_for_payra_issued_p256_certificates() {
+    let server = TestServer::start().await;
+    let (key, issued) = server.enroll("acme", "phone-1").await;
+    let csr = DeviceKey::generate().csr_der("phone-1").unwrap();
+    let proof = key
+        .renewal_proof(&issued.serial, &csr, server.clock.now_s())
+        .unwrap();
+    let refused = server
+        .anonymous()
+        .await
+        .renew_with_proof(csr, None, proof)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    assert!(
+        refused.message().contains("over mutual TLS"),
+        "{}",
+        refused.message()
+    );
+    // In local mode there is nothing upstream.
+    let listed = server
+        .operator()
+        .await
+        .list_upstream_revocations(true)
+        .await
+        .unwrap();
+    assert!(listed.upstream.is_empty() && listed.pending.is_empty());
+}
