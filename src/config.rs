@@ -935,6 +935,38 @@ mod tests {
     }
 
     #[test]
+    fn upstream_mode_needs_a_url_and_an_issuer_and_takes_no_sm2() {
+        let full = "[ca]\nmode = \"upstream\"\n[ca.upstream]\nurl = \"http://ca.internal:8888\"\n\
+                    issuer_file = \"/etc/payra/upstream.pem\"\n";
+        let config = Config::from_toml(full).expect("upstream mode");
+        assert_eq!(config.ca.mode, CaMode::Upstream);
+        assert_eq!(config.ca.upstream.profile, "device");
+        assert_eq!(config.ca.upstream.auth_key_env, "PAYRA_UPSTREAM_AUTH_KEY");
+        for (text, named) in [
+            ("[ca]\nmode = \"upstream\"\n", "ca.upstream.url"),
+            (
+                "[ca]\nmode = \"upstream\"\n[ca.upstream]\nurl = \"http://ca.internal\"\n",
+                "ca.upstream.issuer_file",
+            ),
+            (
+                &full.replace("http://ca.internal:8888", "ftp://ca.internal"),
+                "ca.upstream.url",
+            ),
+            (&format!("{full}timeout_ms = 0\n"), "ca.upstream.timeout_ms"),
+            (
+                &format!("[issuance]\nkey_algorithms = [\"sm2\"]\n{full}"),
+                "issuance.key_algorithms",
+            ),
+            ("[ca]\nmode = \"remote\"\n", "remote"),
+        ] {
+            let err = Config::from_toml(text).unwrap_err();
+            assert!(err.to_string().contains(named), "{named}: {err}");
+        }
+        // Local mode ignores the upstream section.
+        Config::from_toml("[ca.upstream]\ntimeout_ms = 0\n").expect("local mode");
+    }
+
+    #[test]
     fn ok_empty_file_gives_defaults() {
         let config = Config::from_toml("").expect("empty config");
         assert_eq!(config.grpc_addr.port(), 8443);

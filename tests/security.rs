@@ -107,6 +107,11 @@ async fn call(client: &Client, rpc: Rpc) -> Result<(), Status> {
             .run_retention(proto::RunRetentionRequest::default())
             .await
             .map(|_| ()),
+        Rpc::ListUpstreamRevocations => client
+            .admin()
+            .list_upstream_revocations(proto::ListUpstreamRevocationsRequest::default())
+            .await
+            .map(|_| ()),
     }
 }
 
@@ -153,7 +158,7 @@ async fn every_cell_of_the_authorization_matrix() {
             cells += 1;
         }
     }
-    assert_eq!(cells, 19 * 4);
+    assert_eq!(cells, 20 * 4);
     // Health is open to everyone, so load balancers need no certificate.
     let mut health =
         tonic_health::pb::health_client::HealthClient::new(server.anonymous().await.channel());

@@ -775,3 +775,56 @@ async fn renewal_by_proof_is_refused_for_payra_issued_p256_certificates() {
         .unwrap();
     assert!(listed.upstream.is_empty() && listed.pending.is_empty());
 }
+
+/// Two replicas on one PostgreSQL database share the upstream's backlog: a revocation made
+/// through one while the upstream is down is pending on both, and confirmed for both by
+/// either. Skipped, and said so, without a test cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_on_postgresql_share_the_upstream_backlog() {
+    let Some(store) = payra::store::postgres::testing::fresh_database(
+        "upstream::replicas_on_postgresql_share_the_upstream_backlog",
+    ) else {
+        return;
+    };
+    payra::store::PgStore::migrate(&store).expect("migrate");
+    let mut cfssl = Cfssl::start(DEVICE_USAGES);
+    let first_store = store.clone();
+    let first = TestServer::start_with(|config| {
+        cfssl.payra_config(config);
+        config.store = first_store;
+    })
+    .await;
+    let certs = first.certs();
+    let second = TestServer::start_with(|config| {
+        cfssl.payra_config(config);
+        config.store = store;
+        config.certs_dir = certs;
+    })
+    .await;
+
+    let (key, issued) = enroll_with(&first, &first.token("acme").await, "phone-1")
+        .await
+        .unwrap();
+    cfssl.stop();
+    second
+        .revoke(&issued.serial, proto::RevocationReason::KeyCompromise)
+        .await;
+    assert_eq!(
+        pay(&first, &key, &issued.serial, "acme", "phone-1").await,
+        proto::Verdict::CertificateRevoked
+    );
+    let pending = pending_after_retry(&first).await;
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(pending[0].serial, issued.serial);
+
+    cfssl.start_again();
+    assert_eq!(pending_after_retry(&second).await, vec![]);
+    let listed = first
+        .operator()
+        .await
+        .list_upstream_revocations(false)
+        .await
+        .unwrap();
+    assert_eq!(listed.pending, vec![], "confirmed for both");
+    assert_eq!(cfssl.db_status(&issued.serial), Some(("revoked".into(), 1)));
+}

@@ -594,6 +594,7 @@ mod tests {
             superseded_by: None,
             subscriber_ref: None,
             attestation: None,
+            issued_upstream: false,
         }
     }
 

@@ -425,7 +425,7 @@ pub(super) struct Holder {
 pub struct PreparedEnrollment {
     hash: TokenHash,
     now_s: i64,
-    record: CertificateRecord,
+    pub(super) record: CertificateRecord,
     certificate_der: Vec<u8>,
     audit: AuditEvent,
     key_claim: super::key_claims::KeyClaim,

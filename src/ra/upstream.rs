@@ -299,3 +299,171 @@ impl Ra {
         let _ = tokio::time::timeout(interval, self.upstream_wake.notified()).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ca::upstream::tests::LocalUpstream;
+    use crate::model::{CustomerId, DeviceId, DeviceInfo};
+    use crate::ra::EnrollRequest;
+
+    /// An RA in RA mode over `upstream`, on a fresh development PKI and sled database.
+    fn upstream_ra(dir: &std::path::Path, upstream: &Arc<LocalUpstream>) -> Arc<Ra> {
+        let certs = dir.join("certs");
+        crate::ca::pki::init_dev_pki(&certs, false).unwrap();
+        let config = crate::config::Config {
+            data_dir: dir.join("data"),
+            ..crate::config::Config::default()
+        };
+        let mut policy = super::super::RaPolicy::from_config(&config).unwrap();
+        policy.upstream = Some(Arc::new(upstream.issuer(&config.ca.upstream)));
+        Arc::new(
+            Ra::new(
+                Arc::new(crate::store::SledStore::open(&config.data_dir).unwrap()),
+                Arc::new(crate::ca::CaMaterial::load(&certs, None).unwrap()),
+                Arc::new(crate::clock::ManualClock::at_system_time()),
+                policy,
+                Arc::new(crate::metrics::Metrics::new()),
+            )
+            .unwrap(),
+        )
+    }
+
+    fn request(token: &str, device: &str) -> EnrollRequest {
+        EnrollRequest {
+            peer: None,
+            token: token.to_string(),
+            csr_der: crate::client::DeviceKey::generate()
+                .csr_der(device)
+                .unwrap(),
+            device_id: DeviceId::parse("device_id", device).unwrap(),
+            device_info: DeviceInfo::default(),
+            attestation: None,
+        }
+    }
+
+    /// Two enrollments with one token both get past the token check and both get an
+    /// upstream certificate; the store lets one commit. The other's certificate has no
+    /// record, and is revoked upstream as cessationOfOperation.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_losing_certificate_of_a_token_race_is_revoked_upstream() {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = Arc::new(LocalUpstream::new(|_| {}));
+        let ra = upstream_ra(dir.path(), &upstream);
+        let actor = Actor::system();
+        let customer = CustomerId::parse("customer_id", "racer").unwrap();
+        let token = ra
+            .create_enrollment_token(&actor, customer, 0)
+            .unwrap()
+            .token;
+        let (first, second) = {
+            let (ra1, ra2) = (ra.clone(), ra.clone());
+            let (r1, r2) = (request(&token, "phone-a"), request(&token, "phone-b"));
+            let a =
+                tokio::task::spawn_blocking(move || ra1.prepare_enrollment(&Actor::system(), r1));
+            let b =
+                tokio::task::spawn_blocking(move || ra2.prepare_enrollment(&Actor::system(), r2));
+            (a.await.unwrap().unwrap(), b.await.unwrap().unwrap())
+        };
+        let loser_serial = second.record.serial.clone();
+        let winner = ra.commit_enrollment(first).await.unwrap();
+        assert!(winner.record.issued_upstream);
+        assert_eq!(winner.chain_der, vec![upstream.issuer_der.clone()]);
+        let lost = ra.commit_enrollment(second).await.unwrap_err();
+        assert!(matches!(lost, Error::Token(_)), "{lost:?}");
+        assert_eq!(ra.store.certificate(&loser_serial).unwrap(), None);
+
+        let backlog = ra.upstream_backlog().unwrap();
+        assert_eq!(backlog.len(), 1);
+        assert!(backlog[0].orphan);
+        assert_eq!(backlog[0].serial, loser_serial);
+        let sync = ra.sync_upstream().await.unwrap();
+        assert_eq!(
+            sync,
+            UpstreamSync {
+                confirmed: 1,
+                pending: 0
+            }
+        );
+        assert_eq!(
+            *upstream.revoked.lock().unwrap(),
+            vec![(loser_serial, RevocationReason::CessationOfOperation)]
+        );
+        assert_eq!(ra.upstream_backlog().unwrap(), vec![]);
+        ra.close_decisions().unwrap();
+    }
+
+    /// A hold sent upstream and then made permanent is sent again with the new reason; an
+    /// upstream that is down leaves the rest of a pass for the next one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hold_made_permanent_goes_upstream_again_and_an_outage_ends_a_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = Arc::new(LocalUpstream::new(|_| {}));
+        let ra = upstream_ra(dir.path(), &upstream);
+        let actor = Actor::system();
+        let customer = CustomerId::parse("customer_id", "holder").unwrap();
+        let mut serials = Vec::new();
+        for device in ["phone-a", "phone-b", "phone-c"] {
+            let token = ra
+                .create_enrollment_token(&actor, customer.clone(), 0)
+                .unwrap()
+                .token;
+            serials.push(
+                ra.enroll(&actor, request(&token, device))
+                    .await
+                    .unwrap()
+                    .record
+                    .serial,
+            );
+        }
+        ra.revoke_certificate(&actor, &serials[0], RevocationReason::CertificateHold)
+            .unwrap();
+        assert_eq!(ra.sync_upstream().await.unwrap().confirmed, 1);
+        ra.revoke_certificate(&actor, &serials[0], RevocationReason::KeyCompromise)
+            .unwrap();
+        for serial in &serials[1..] {
+            ra.revoke_certificate(&actor, serial, RevocationReason::AffiliationChanged)
+                .unwrap();
+        }
+        upstream
+            .down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let sync = ra.sync_upstream().await.unwrap();
+        assert_eq!(
+            sync,
+            UpstreamSync {
+                confirmed: 0,
+                pending: 3
+            }
+        );
+        let backlog = ra.upstream_backlog().unwrap();
+        // One attempt failed and ended the pass; the others wait untried.
+        let failed: Vec<_> = backlog
+            .iter()
+            .filter(|entry| entry.last_error.is_some())
+            .collect();
+        assert_eq!(failed.len(), 1, "{backlog:?}");
+        assert_eq!(failed[0].last_error.as_deref(), Some("connection refused"));
+
+        upstream
+            .down
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        assert_eq!(
+            ra.sync_upstream().await.unwrap(),
+            UpstreamSync {
+                confirmed: 3,
+                pending: 0
+            }
+        );
+        let revoked = upstream.revoked.lock().unwrap().clone();
+        assert_eq!(
+            revoked[0],
+            (serials[0].clone(), RevocationReason::CertificateHold)
+        );
+        assert!(revoked.contains(&(serials[0].clone(), RevocationReason::KeyCompromise)));
+        assert_eq!(revoked.len(), 4);
+        let unhold = ra.unhold_certificate(&actor, &serials[0]).unwrap_err();
+        assert_eq!(unhold.kind(), crate::error::ErrorKind::FailedPrecondition);
+        ra.close_decisions().unwrap();
+    }
+}

@@ -515,3 +515,6 @@ pub fn authority_key_id(der: &[u8]) -> Vec<u8> {
         })
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+pub(crate) mod tests;
