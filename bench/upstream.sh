@@ -4,6 +4,8 @@
 # sign (authsign, HMAC key, SQLite certificate database), each measured RUNS times in turn at
 # the same concurrency. Installs Debian's golang-cfssl if missing. Not part of CI.
 # Usage: bash bench/upstream.sh [RUNS] [DURATION_S] [CONCURRENCY]
+# CFSSL_DB=0 runs CFSSL without its certificate database (it then cannot revoke), to tell its
+# SQLite writes from the rest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS=${1:-3}
@@ -46,8 +48,10 @@ cat >"$WORK/cfssl.json" <<JSON
                           "auth_key": "payra"}}},
  "auth_keys": {"payra": {"type": "standard", "key": "$KEY"}}}
 JSON
+DB_ARGS=(-db-config "$WORK/db.json")
+[ "${CFSSL_DB:-1}" = 0 ] && DB_ARGS=()
 cfssl serve -address 127.0.0.1 -port 18888 -ca "$WORK/issuing.pem" -ca-key "$WORK/issuing.key" \
-    -config "$WORK/cfssl.json" -db-config "$WORK/db.json" >"$WORK/cfssl.log" 2>&1 &
+    -config "$WORK/cfssl.json" "${DB_ARGS[@]}" >"$WORK/cfssl.log" 2>&1 &
 PIDS+=($!)
 
 # Two payra servers: local signing (18443) and RA mode in front of the CFSSL upstream (18444).

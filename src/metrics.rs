@@ -307,6 +307,22 @@ impl Metrics {
             registry,
         }
         .with_build_info()
+        .with_upstream_outcomes()
+    }
+
+    /// Every upstream call outcome starts at zero, so rates and alerts work from the first
+    /// scrape (and the families are there in local mode too).
+    fn with_upstream_outcomes(self) -> Metrics {
+        for (operation, outcomes) in [
+            ("sign", &["ok", "unreachable", "mismatch"][..]),
+            ("revoke", &["ok", "unreachable", "refused"][..]),
+        ] {
+            for outcome in outcomes {
+                self.upstream_requests
+                    .with_label_values(&[operation, outcome]);
+            }
+        }
+        self
     }
 
     fn with_build_info(self) -> Metrics {
