@@ -174,29 +174,47 @@ impl Ra {
         actor: &Actor,
         request: EnrollRequest,
     ) -> Result<Issued> {
-        let prepared = match self.policy.upstream {
+        let prepared = match &self.policy.upstream {
             None => self.prepare_enrollment(actor, request)?,
-            // The upstream's answer is waited for on a blocking thread (bounded by
-            // ca.upstream.max_in_flight), not on the executor.
-            Some(_) => {
-                let (ra, actor) = (self.clone(), actor.clone());
-                let span = tracing::Span::current();
-                tokio::task::spawn_blocking(move || {
-                    span.in_scope(|| ra.prepare_enrollment(&actor, request))
-                })
-                .await
-                .map_err(|e| Error::internal(format!("enrollment task: {e}")))??
+            // RA mode: the wait for the upstream's answer holds no thread.
+            Some(upstream) => {
+                let checked = self.check_enrollment(request)?;
+                let (record, certificate_der) = self
+                    .sign_upstream(
+                        upstream,
+                        &checked.public_key,
+                        &checked.csr_der,
+                        checked.holder(),
+                        None,
+                        checked.now_s,
+                    )
+                    .await?;
+                self.prepared(actor, checked, record, certificate_der)
             }
         };
         self.commit_enrollment(prepared).await
     }
 
-    /// The first half of [`Ra::enroll`]: every check, then the signature.
+    /// The first half of [`Ra::enroll`]: every check, then the signature. In RA mode it
+    /// blocks its thread for the upstream's answer (see [`Ra::sign_device_certificate`]).
     pub fn prepare_enrollment(
         &self,
         actor: &Actor,
         request: EnrollRequest,
     ) -> Result<PreparedEnrollment> {
+        let checked = self.check_enrollment(request)?;
+        let (record, certificate_der) = self.sign_device_certificate(
+            &checked.public_key,
+            &checked.csr_der,
+            checked.holder(),
+            None,
+            checked.now_s,
+        )?;
+        Ok(self.prepared(actor, checked, record, certificate_der))
+    }
+
+    /// Every check of an enrollment, in order, up to the claim of its key.
+    fn check_enrollment(&self, request: EnrollRequest) -> Result<CheckedEnrollment> {
         check_token_shape(&request.token)?;
         request.device_info.validate()?;
         let hash = TokenHash::of(&request.token);
@@ -289,18 +307,34 @@ impl Ra {
             &request.device_id,
             now_s,
         )?;
-        let (mut record, certificate_der) = self.sign_device_certificate(
-            &public_key,
-            &request.csr_der,
-            Holder {
-                customer: token.customer_id,
-                device: request.device_id,
-                device_info: request.device_info,
-                subscriber: SubscriberRef::random(),
-            },
-            None,
+        Ok(CheckedEnrollment {
+            hash,
             now_s,
-        )?;
+            public_key,
+            csr_der: request.csr_der,
+            customer: token.customer_id,
+            device: request.device_id,
+            device_info: request.device_info,
+            attestation,
+            key_claim,
+        })
+    }
+
+    /// An enrollment checked and signed, with its audit entry, ready to commit.
+    fn prepared(
+        &self,
+        actor: &Actor,
+        checked: CheckedEnrollment,
+        mut record: CertificateRecord,
+        certificate_der: Vec<u8>,
+    ) -> PreparedEnrollment {
+        let CheckedEnrollment {
+            hash,
+            now_s,
+            attestation,
+            key_claim,
+            ..
+        } = checked;
         let attested = match &attestation {
             Some(a) => format!("; key attested {} by {}", a.security_level.name(), a.root),
             None => String::new(),
@@ -316,14 +350,14 @@ impl Ra {
                 record.customer_id, record.device_id
             ),
         );
-        Ok(PreparedEnrollment {
+        PreparedEnrollment {
             hash,
             now_s,
             record,
             certificate_der,
             audit,
             key_claim,
-        })
+        }
     }
 
     /// The second half of [`Ra::enroll`]: consumes the token and stores the certificate,
@@ -421,6 +455,31 @@ pub(super) struct Holder {
     pub(super) subscriber: SubscriberRef,
 }
 
+/// An enrollment checked, not yet signed: what signing and storing it need.
+struct CheckedEnrollment {
+    hash: TokenHash,
+    now_s: i64,
+    public_key: crate::ca::DevicePublicKey,
+    csr_der: Vec<u8>,
+    customer: CustomerId,
+    device: DeviceId,
+    device_info: DeviceInfo,
+    attestation: Option<crate::attestation::Attestation>,
+    key_claim: super::key_claims::KeyClaim,
+}
+
+impl CheckedEnrollment {
+    /// Whom the certificate is for, under a fresh subscriber reference.
+    fn holder(&self) -> Holder {
+        Holder {
+            customer: self.customer.clone(),
+            device: self.device.clone(),
+            device_info: self.device_info.clone(),
+            subscriber: SubscriberRef::random(),
+        }
+    }
+}
+
 /// An enrollment checked and signed, not yet stored.
 pub struct PreparedEnrollment {
     hash: TokenHash,
@@ -452,18 +511,22 @@ impl Ra {
             subscriber,
         } = holder;
         if let Some(upstream) = &self.policy.upstream {
-            let (serial, certificate) =
-                self.sign_upstream(upstream, public_key, csr_der, &subscriber, now_s)?;
-            let mut record = self.device_record(
-                serial,
+            let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+                Error::internal("an upstream CA is called from outside the runtime")
+            })?;
+            return runtime.block_on(self.sign_upstream(
+                upstream,
                 public_key,
-                (customer, device, device_info, subscriber),
-                &certificate,
+                csr_der,
+                Holder {
+                    customer,
+                    device,
+                    device_info,
+                    subscriber,
+                },
                 renewed_from,
                 now_s,
-            );
-            record.issued_upstream = true;
-            return Ok((record, certificate.der));
+            ));
         }
         let serial = Serial::time_ordered(self.clock.now_ms());
         let certificate = match (
@@ -506,7 +569,7 @@ impl Ra {
     }
 
     /// The record of a device certificate just signed.
-    fn device_record(
+    pub(super) fn device_record(
         &self,
         serial: Serial,
         public_key: &crate::ca::DevicePublicKey,

@@ -32,26 +32,27 @@ impl Ra {
         self.policy.upstream.as_ref()
     }
 
-    /// Has the upstream sign a device certificate for `public_key` (the CSR `csr_der`).
-    /// Blocks its thread for the upstream's answer: call it off the async executor (the
-    /// enrollment and renewal paths do).
-    pub(super) fn sign_upstream(
+    /// Has the upstream sign a device certificate for `public_key` (the CSR `csr_der`) and
+    /// builds its record, marked `issued_upstream` (not yet stored). The wait is bounded by
+    /// `ca.upstream.timeout_ms`; a certificate payra refuses is left to be revoked upstream.
+    pub(super) async fn sign_upstream(
         &self,
         upstream: &UpstreamIssuer,
         public_key: &crate::ca::DevicePublicKey,
         csr_der: &[u8],
-        subscriber: &crate::ca::SubscriberRef,
+        holder: super::enrollment::Holder,
+        renewed_from: Option<Serial>,
         now_s: i64,
-    ) -> Result<(Serial, crate::ca::DeviceCertificate)> {
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| Error::internal("an upstream CA is called from outside the runtime"))?;
-        let answer = runtime.block_on(upstream.issue(
-            &self.policy.profile,
-            public_key,
-            csr_der,
-            subscriber,
-            now_s,
-        ));
+    ) -> Result<(CertificateRecord, Vec<u8>)> {
+        let answer = upstream
+            .issue(
+                &self.policy.profile,
+                public_key,
+                csr_der,
+                &holder.subscriber,
+                now_s,
+            )
+            .await;
         let outcome = match &answer {
             Ok(_) => "ok",
             Err(failure) if failure.refused.is_some() => "mismatch",
@@ -61,15 +62,31 @@ impl Ra {
             .upstream_requests
             .with_label_values(&["sign", outcome])
             .inc();
-        match answer {
-            Ok(issued) => Ok((issued.serial, issued.certificate)),
+        let issued = match answer {
+            Ok(issued) => issued,
             Err(failure) => {
                 if let Some((serial, authority_key_id)) = &failure.refused {
                     self.orphaned_upstream(serial, authority_key_id, "payra refused it");
                 }
-                Err(failure.error)
+                return Err(failure.error);
             }
-        }
+        };
+        let super::enrollment::Holder {
+            customer,
+            device,
+            device_info,
+            subscriber,
+        } = holder;
+        let mut record = self.device_record(
+            issued.serial,
+            public_key,
+            (customer, device, device_info, subscriber),
+            &issued.certificate,
+            renewed_from,
+            now_s,
+        );
+        record.issued_upstream = true;
+        Ok((record, issued.certificate.der))
     }
 
     /// [`Ra::orphaned_upstream`] for a record that did not commit.

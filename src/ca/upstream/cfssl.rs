@@ -77,6 +77,7 @@ impl Cfssl {
                 &url,
                 config.tls_ca_file.as_deref(),
                 std::time::Duration::from_millis(u64::from(config.connect_timeout_ms)),
+                config.max_in_flight,
             )?,
             url,
             profile: config.profile.clone(),
