@@ -174,25 +174,33 @@ impl Ra {
         actor: &Actor,
         request: EnrollRequest,
     ) -> Result<Issued> {
-        let prepared = match &self.policy.upstream {
-            None => self.prepare_enrollment(actor, request)?,
-            // RA mode: the wait for the upstream's answer holds no thread.
-            Some(upstream) => {
-                let checked = self.check_enrollment(request)?;
-                let (record, certificate_der) = self
-                    .sign_upstream(
-                        upstream,
-                        &checked.public_key,
-                        &checked.csr_der,
-                        checked.holder(),
-                        None,
-                        checked.now_s,
-                    )
-                    .await?;
-                self.prepared(actor, checked, record, certificate_der)
-            }
+        let Some(upstream) = self.policy.upstream.clone() else {
+            let prepared = self.prepare_enrollment(actor, request)?;
+            return self.commit_enrollment(prepared).await;
         };
-        self.commit_enrollment(prepared).await
+        // RA mode: the wait for the upstream's answer holds no thread, and runs as a task of
+        // its own, so a caller that goes away (a cancelled RPC, a deadline) does not drop a
+        // certificate the upstream issued: the enrollment still commits, or leaves an orphan
+        // to be revoked upstream.
+        let checked = self.check_enrollment(request)?;
+        let (ra, actor) = (self.clone(), actor.clone());
+        let enrollment = async move {
+            let (record, certificate_der) = ra
+                .sign_upstream(
+                    &upstream,
+                    &checked.public_key,
+                    &checked.csr_der,
+                    checked.holder(),
+                    None,
+                    checked.now_s,
+                )
+                .await?;
+            let prepared = ra.prepared(&actor, checked, record, certificate_der);
+            ra.commit_enrollment(prepared).await
+        };
+        tokio::spawn(tracing::Instrument::in_current_span(enrollment))
+            .await
+            .map_err(|e| Error::internal(format!("the enrollment task failed: {e}")))?
     }
 
     /// The first half of [`Ra::enroll`]: every check, then the signature. In RA mode it
@@ -384,24 +392,25 @@ impl Ra {
         let committed = record.clone();
         let span = tracing::Span::current();
         let orphan = record.clone();
-        let outcome = self
-            .store
-            .clone()
-            .issue_with_token_async(
-                &hash,
-                now_s,
-                &record,
-                &audit,
-                // The key stays claimed until the certificate is in the cache's key index (or
-                // the batch is dropped).
-                Box::new(move || {
-                    span.in_scope(|| ra.on_enrollment_committed(&committed));
-                    drop(key_claim);
-                }),
-            )?
-            .await
-            .map_err(|_| Error::internal("the enrollment batch ended without an answer"))
-            .and_then(|outcome| outcome);
+        let queued = self.store.clone().issue_with_token_async(
+            &hash,
+            now_s,
+            &record,
+            &audit,
+            // The key stays claimed until the certificate is in the cache's key index (or
+            // the batch is dropped).
+            Box::new(move || {
+                span.in_scope(|| ra.on_enrollment_committed(&committed));
+                drop(key_claim);
+            }),
+        );
+        let outcome = match queued {
+            Ok(receiver) => receiver
+                .await
+                .map_err(|_| Error::internal("the enrollment batch ended without an answer"))
+                .and_then(|outcome| outcome),
+            Err(e) => Err(e),
+        };
         if !matches!(outcome, Ok(IssueOutcome::Issued)) {
             // An upstream certificate no record holds is revoked upstream.
             self.uncommitted_upstream(&orphan);
@@ -625,6 +634,9 @@ impl Ra {
     /// `issuance.key_algorithms` accepts its algorithm.
     pub(super) fn accepted_device_key(&self, csr_der: &[u8]) -> Result<crate::ca::DevicePublicKey> {
         let key = parse_device_csr(csr_der)?;
+        if self.policy.upstream.is_some() {
+            crate::ca::upstream::check_csr_for_upstream(csr_der)?;
+        }
         let accepted = self.policy.key_algorithms.as_deref().unwrap_or(&[]);
         if !accepted.contains(&key.algorithm()) {
             let names: Vec<&str> = accepted.iter().map(|a| a.name()).collect();

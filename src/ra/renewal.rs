@@ -178,7 +178,7 @@ impl Ra {
                     current.serial
                 ),
                 _ if by_proof => format!(
-                    "supersedes {}; proven by an SM2 renewal proof signed with its key",
+                    "supersedes {}; proven by a renewal proof signed with its key",
                     current.serial
                 ),
                 _ => format!("supersedes {}", current.serial),

@@ -17,6 +17,51 @@ use crate::error::{Error, Result};
 use crate::model::{RevocationReason, Serial};
 use crate::store::{Actor, AuditEvent, CertificateRecord, Revocation, UpstreamRevocation};
 
+/// Records an upstream certificate no record holds, to be revoked upstream as
+/// cessationOfOperation, with an audit entry; true once it is durable. A failure is logged
+/// with the serial (it must then be revoked at the upstream by hand).
+fn record_orphan(
+    store: &dyn crate::store::Store,
+    clock: &dyn crate::clock::Clock,
+    serial: &Serial,
+    authority_key_id: &[u8],
+    why: &str,
+) -> bool {
+    let entry = UpstreamRevocation {
+        serial: serial.clone(),
+        revocation: Revocation {
+            revoked_at_s: clock.now_s(),
+            reason: RevocationReason::CessationOfOperation,
+        },
+        authority_key_id_hex: hex::encode(authority_key_id),
+        confirmed_at_s: None,
+        attempts: 0,
+        last_attempt_at_s: None,
+        last_error: None,
+        orphan: true,
+    };
+    let audit = AuditEvent::new(
+        clock.now_ms(),
+        &Actor::system(),
+        "certificate.orphaned_upstream",
+        serial.to_hex(),
+        format!("the upstream issued it but {why}; revoking it upstream"),
+    );
+    tracing::warn!(%serial, why, "an upstream certificate without a record; revoking it upstream");
+    match store.put_upstream_revocation(&entry, Some(&audit)) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!(
+                %serial,
+                error = %e,
+                "an upstream certificate without a record could not be queued for revocation; \
+                 revoke it at the upstream by hand"
+            );
+            false
+        }
+    }
+}
+
 /// What one pass of [`Ra::sync_upstream`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UpstreamSync {
@@ -37,7 +82,7 @@ impl Ra {
     /// `ca.upstream.timeout_ms`; a certificate payra refuses is left to be revoked upstream.
     pub(super) async fn sign_upstream(
         &self,
-        upstream: &UpstreamIssuer,
+        upstream: &Arc<UpstreamIssuer>,
         public_key: &crate::ca::DevicePublicKey,
         csr_der: &[u8],
         holder: super::enrollment::Holder,
@@ -68,6 +113,9 @@ impl Ra {
                 if let Some((serial, authority_key_id)) = &failure.refused {
                     self.orphaned_upstream(serial, authority_key_id, "payra refused it");
                 }
+                if let Some(late) = failure.late {
+                    self.watch_late_answer(upstream, late);
+                }
                 return Err(failure.error);
             }
         };
@@ -89,6 +137,34 @@ impl Ra {
         Ok((record, issued.certificate.der))
     }
 
+    /// A signing call past its deadline may still bring a certificate the upstream issued
+    /// for an enrollment that has already failed: waited for in the background (at most
+    /// [`crate::ca::upstream::LATE_ANSWER_WAIT`]), it is recorded as an orphan and so revoked
+    /// upstream. A process killed meanwhile loses the watch: docs/operations.md says how to
+    /// find such certificates.
+    fn watch_late_answer(
+        &self,
+        upstream: &Arc<UpstreamIssuer>,
+        late: crate::ca::upstream::LateAnswer,
+    ) {
+        let (upstream, store, clock) = (upstream.clone(), self.store.clone(), self.clock.clone());
+        tokio::spawn(async move {
+            let Some((serial, authority_key_id)) = upstream.late_certificate(late).await else {
+                return;
+            };
+            let _ = tokio::task::spawn_blocking(move || {
+                record_orphan(
+                    store.as_ref(),
+                    clock.as_ref(),
+                    &serial,
+                    &authority_key_id,
+                    "it answered after the deadline",
+                )
+            })
+            .await;
+        });
+    }
+
     /// [`Ra::orphaned_upstream`] for a record that did not commit.
     pub(super) fn uncommitted_upstream(&self, record: &CertificateRecord) {
         if record.issued_upstream {
@@ -108,43 +184,20 @@ impl Ra {
     /// enrollment or renewal did not commit), so it is revoked upstream; best effort, logged
     /// when it cannot be.
     fn orphaned_upstream(&self, serial: &Serial, authority_key_id: &[u8], why: &str) {
-        let entry = UpstreamRevocation {
-            serial: serial.clone(),
-            revocation: Revocation {
-                revoked_at_s: self.clock.now_s(),
-                reason: RevocationReason::CessationOfOperation,
-            },
-            authority_key_id_hex: hex::encode(authority_key_id),
-            confirmed_at_s: None,
-            attempts: 0,
-            last_attempt_at_s: None,
-            last_error: None,
-            orphan: true,
-        };
-        let audit = AuditEvent::new(
-            self.clock.now_ms(),
-            &Actor::system(),
-            "certificate.orphaned_upstream",
-            serial.to_hex(),
-            format!("the upstream issued it but {why}; revoking it upstream"),
-        );
-        tracing::warn!(%serial, why, "an upstream certificate without a record; revoking it upstream");
-        match self.store.put_upstream_revocation(&entry, Some(&audit)) {
-            Ok(()) => self.upstream_wake.notify_one(),
-            Err(e) => tracing::error!(
-                %serial,
-                error = %e,
-                "an upstream certificate without a record could not be queued for revocation; \
-                 revoke it at the upstream by hand"
-            ),
+        if record_orphan(
+            self.store.as_ref(),
+            self.clock.as_ref(),
+            serial,
+            authority_key_id,
+            why,
+        ) {
+            self.upstream_wake.notify_one();
         }
     }
 
-    /// Refuses what the upstream cannot do for a certificate it issued: release a hold.
+    /// Refuses what the upstream cannot do for a certificate it issued: release a hold (in
+    /// either mode: after a switch back to local mode the upstream still holds it).
     pub(super) fn check_upstream_unhold(&self, serial: &Serial) -> Result<()> {
-        if self.policy.upstream.is_none() {
-            return Ok(());
-        }
         if let Some(record) = self.store.certificate(serial)? {
             if record.issued_upstream {
                 return Err(Error::FailedPrecondition(format!(
@@ -213,7 +266,12 @@ impl Ra {
                 .into_values()
                 .filter(|entry| entry.orphan && entry.confirmed_at_s.is_none()),
         );
-        pending.sort_by(|a, b| a.serial.as_bytes().cmp(b.serial.as_bytes()));
+        // Least recently tried first (never tried before all): an entry the upstream keeps
+        // failing on cannot hold up the ones after it.
+        pending.sort_by(|a, b| {
+            (a.last_attempt_at_s, a.serial.as_bytes())
+                .cmp(&(b.last_attempt_at_s, b.serial.as_bytes()))
+        });
         Ok(pending)
     }
 
@@ -221,16 +279,30 @@ impl Ra {
     /// confirmation with an audit entry). Several replicas may send the same one; revoking
     /// twice upstream is harmless.
     pub async fn sync_upstream(self: &Arc<Self>) -> Result<UpstreamSync> {
+        use crate::ca::upstream::UpstreamFailure;
         let Some(upstream) = self.policy.upstream.clone() else {
             return Ok(UpstreamSync::default());
         };
-        let ra = self.clone();
-        let backlog = tokio::task::spawn_blocking(move || ra.upstream_backlog())
-            .await
-            .map_err(|e| Error::internal(format!("reading the upstream backlog: {e}")))??;
+        let backlog = self.on_store(|ra| ra.upstream_backlog()).await?;
         let mut sync = UpstreamSync::default();
         let total = backlog.len();
         for (done, mut entry) in backlog.into_iter().enumerate() {
+            let serial = entry.serial.clone();
+            // An orphan whose enrollment committed after all (a store error that was not
+            // one) is payra's certificate: it stays valid upstream.
+            if entry.orphan
+                && self
+                    .on_store(move |ra| ra.store.certificate(&serial))
+                    .await?
+                    .is_some()
+            {
+                entry.confirmed_at_s = Some(self.clock.now_s());
+                entry.last_error =
+                    Some("payra holds its record after all; not revoked upstream".into());
+                self.on_store(move |ra| ra.store.put_upstream_revocation(&entry, None))
+                    .await?;
+                continue;
+            }
             let request = RevocationRequest {
                 serial: entry.serial.clone(),
                 authority_key_id: hex::decode(&entry.authority_key_id_hex).unwrap_or_default(),
@@ -242,18 +314,41 @@ impl Ra {
             entry.last_attempt_at_s = Some(now_ms.div_euclid(1000));
             let outcome = match &answer {
                 Ok(()) => "ok",
-                Err(crate::ca::upstream::UpstreamFailure::Unreachable(_)) => "unreachable",
-                Err(crate::ca::upstream::UpstreamFailure::Refused(_)) => "refused",
+                Err(UpstreamFailure::Unreachable(_)) => "unreachable",
+                Err(UpstreamFailure::Refused(_)) => "refused",
             };
             self.metrics
                 .upstream_requests
                 .with_label_values(&["revoke", outcome])
                 .inc();
-            let unreachable = matches!(
-                answer,
-                Err(crate::ca::upstream::UpstreamFailure::Unreachable(_))
-            );
+            let unreachable = matches!(answer, Err(UpstreamFailure::Unreachable(_)));
+            // The reason now on record, read after the upstream answered: a hold made
+            // permanent meanwhile (here or on another replica) is sent again, so a stale
+            // reason is never recorded as confirmed.
+            let serial = entry.serial.clone();
+            let current = match (&answer, entry.orphan) {
+                (Ok(()), false) => {
+                    self.on_store(move |ra| ra.store.revocation_state(&serial))
+                        .await?
+                }
+                _ => None,
+            };
             let audit = match answer {
+                Ok(())
+                    if current
+                        .flatten()
+                        .is_some_and(|now| now.reason != entry.revocation.reason) =>
+                {
+                    let now = current.flatten().unwrap_or(entry.revocation);
+                    entry.last_error = Some(format!(
+                        "the reason became {} while {} was sent; sending it again",
+                        now.reason.cli_name(),
+                        entry.revocation.reason.cli_name()
+                    ));
+                    entry.revocation = now;
+                    sync.pending += 1;
+                    None
+                }
                 Ok(()) => {
                     entry.confirmed_at_s = Some(now_ms.div_euclid(1000));
                     entry.last_error = None;
@@ -272,7 +367,7 @@ impl Ra {
                     ))
                 }
                 // An orphan the upstream has no record of needs no revocation there.
-                Err(crate::ca::upstream::UpstreamFailure::Refused(message))
+                Err(UpstreamFailure::Refused(message))
                     if entry.orphan && message.ends_with("[not found]") =>
                 {
                     entry.confirmed_at_s = Some(now_ms.div_euclid(1000));
@@ -292,12 +387,8 @@ impl Ra {
                     None
                 }
             };
-            let ra = self.clone();
-            tokio::task::spawn_blocking(move || {
-                ra.store.put_upstream_revocation(&entry, audit.as_ref())
-            })
-            .await
-            .map_err(|e| Error::internal(format!("recording an upstream revocation: {e}")))??;
+            self.on_store(move |ra| ra.store.put_upstream_revocation(&entry, audit.as_ref()))
+                .await?;
             if unreachable {
                 // An upstream that is down would make every remaining request wait out its
                 // deadline in turn: they wait for the next pass.
@@ -309,6 +400,18 @@ impl Ra {
             .upstream_revocations_pending
             .set(i64::try_from(sync.pending).unwrap_or(i64::MAX));
         Ok(sync)
+    }
+
+    /// Runs a store call off the executor.
+    async fn on_store<T, F>(self: &Arc<Self>, work: F) -> Result<T>
+    where
+        F: FnOnce(&Ra) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let ra = self.clone();
+        tokio::task::spawn_blocking(move || work(&ra))
+            .await
+            .map_err(|e| Error::internal(format!("a storage task failed: {e}")))?
     }
 
     /// Waits for the next revocation this process stores, or `interval`, whichever is first.
@@ -407,6 +510,40 @@ mod tests {
             vec![(loser_serial, RevocationReason::CessationOfOperation)]
         );
         assert_eq!(ra.upstream_backlog().unwrap(), vec![]);
+        ra.close_decisions().unwrap();
+    }
+
+    /// An orphan whose record exists after all (a store error that was not one) is not
+    /// revoked upstream: it is payra's certificate.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_orphan_payra_holds_a_record_of_is_not_revoked_upstream() {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = Arc::new(LocalUpstream::new(|_| {}));
+        let ra = upstream_ra(dir.path(), &upstream);
+        let actor = Actor::system();
+        let customer = CustomerId::parse("customer_id", "stored").unwrap();
+        let token = ra
+            .create_enrollment_token(&actor, customer, 0)
+            .unwrap()
+            .token;
+        let issued = ra.enroll(&actor, request(&token, "phone")).await.unwrap();
+        assert!(record_orphan(
+            ra.store.as_ref(),
+            ra.clock.as_ref(),
+            &issued.record.serial,
+            &[],
+            "the store answered with an error"
+        ));
+        assert_eq!(ra.upstream_backlog().unwrap().len(), 1);
+        assert_eq!(ra.sync_upstream().await.unwrap(), UpstreamSync::default());
+        assert!(upstream.revoked.lock().unwrap().is_empty());
+        assert_eq!(ra.upstream_backlog().unwrap(), vec![]);
+        let entry = &ra.store.upstream_revocations().unwrap()[0];
+        assert!(entry.confirmed_at_s.is_some());
+        assert_eq!(
+            entry.last_error.as_deref(),
+            Some("payra holds its record after all; not revoked upstream")
+        );
         ra.close_decisions().unwrap();
     }
 

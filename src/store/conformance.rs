@@ -178,9 +178,15 @@ fn upstream_certificates_are_marked_on_the_crl_index_and_their_revocations_track
     first.confirmed_at_s = Some(50);
     first.last_error = None;
     store.put_upstream_revocation(&first, Some(&ev())).unwrap();
-    let mut expected = vec![first, orphan];
+    let mut expected = vec![first, orphan.clone()];
     expected.sort_by(|a, b| a.serial.as_bytes().cmp(b.serial.as_bytes()));
     assert_eq!(store.upstream_revocations().unwrap(), expected);
+
+    // Retention takes a purged certificate's entry with it; an orphan has no record to
+    // purge and stays.
+    let purged = store.purge_expired_certificates(2_000, 100, &ev()).unwrap();
+    assert!(purged.contains(&renewed.serial));
+    assert_eq!(store.upstream_revocations().unwrap(), vec![orphan]);
 }
 
 /// An SM2 certificate's algorithm is kept in its record and summary, and its revocation

@@ -67,6 +67,22 @@ pub enum UpstreamFailure {
     Refused(String),
 }
 
+impl UpstreamFailure {
+    /// What kind of failure, in words fit for a phone (no address, no upstream text).
+    pub fn brief(&self) -> &'static str {
+        match self {
+            UpstreamFailure::Refused(_) => "it refused the request",
+            UpstreamFailure::Unreachable(detail) if detail.starts_with("no answer within") => {
+                "it did not answer in time"
+            }
+            UpstreamFailure::Unreachable(detail) if detail.starts_with("too many requests") => {
+                "too many requests are waiting for it"
+            }
+            UpstreamFailure::Unreachable(_) => "it could not be reached or gave no usable answer",
+        }
+    }
+}
+
 /// An external CA's signing and revocation interface.
 pub trait UpstreamCa: Send + Sync {
     /// Names the upstream in messages and logs, e.g. `cfssl at http://ca.internal:8888`.
@@ -96,7 +112,8 @@ pub struct UpstreamIssuer {
     pub chain_der: Vec<Vec<u8>>,
     pub issuer_not_after_s: i64,
     timeout: Duration,
-    in_flight: tokio::sync::Semaphore,
+    /// Signing calls in flight (a call past its deadline keeps its permit until it ends).
+    in_flight: Arc<tokio::sync::Semaphore>,
     expected_crl_url: Option<String>,
     expected_ocsp_url: Option<String>,
 }
@@ -110,12 +127,20 @@ impl std::fmt::Debug for UpstreamIssuer {
     }
 }
 
-/// Why an upstream issuance failed, and the certificate payra refused, if it got one (its
-/// serial and authorityKeyIdentifier).
+/// A signing call still running past its deadline.
+pub type LateAnswer = tokio::task::JoinHandle<std::result::Result<Vec<u8>, UpstreamFailure>>;
+
+/// How long a signing call past its deadline is still waited for, so that a certificate the
+/// upstream issued late is revoked there rather than left valid with no record.
+pub const LATE_ANSWER_WAIT: Duration = Duration::from_secs(120);
+
+/// Why an upstream issuance failed; the certificate payra refused, if it got one (its serial
+/// and authorityKeyIdentifier); and the call itself if it ran past its deadline.
 #[derive(Debug)]
 pub struct IssueFailure {
     pub error: Error,
     pub refused: Option<(Serial, Vec<u8>)>,
+    pub late: Option<LateAnswer>,
 }
 
 /// A certificate the upstream issued that matched the profile.
@@ -191,7 +216,7 @@ impl UpstreamIssuer {
             issuer_der,
             chain_der,
             timeout: Duration::from_millis(u64::from(config.timeout_ms)),
-            in_flight: tokio::sync::Semaphore::new(config.max_in_flight),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
             expected_crl_url: config.crl_url.clone(),
             expected_ocsp_url: config.ocsp_url.clone(),
         })
@@ -208,10 +233,14 @@ impl UpstreamIssuer {
     }
 
     /// Has the upstream certify `key` for `subscriber` and checks what comes back against
-    /// the profile. Every failure is `Unavailable`, naming the upstream: the phone can retry
-    /// later, and nothing was stored. A certificate refused by the check is named in the
-    /// failure (its serial and authorityKeyIdentifier, when it parses), to be revoked
-    /// upstream.
+    /// the profile. Nothing is stored either way.
+    ///
+    /// The phone's message says what kind of failure it was, never the upstream's address or
+    /// its own words (those go to the log): `UNAVAILABLE` when the upstream did not answer
+    /// usefully (retry later), `FAILED_PRECONDITION` when it issued a certificate payra
+    /// refuses (retrying would only have it issue another; an operator must fix its
+    /// profile). A refused certificate, and one that arrives after the deadline, are named
+    /// in the failure, to be revoked upstream.
     pub async fn issue(
         &self,
         profile: &DeviceProfile,
@@ -226,33 +255,90 @@ impl UpstreamIssuer {
             organization: DEVICE_ORGANIZATION.to_string(),
             validity_s: profile.validity_s,
         };
-        let der = self
-            .call(self.connector.sign(&request))
-            .await
-            .map_err(|failure| IssueFailure {
+        let der = self.sign(request).await.map_err(|(failure, late)| {
+            tracing::warn!(upstream = %self.describe(), %failure, "the upstream CA did not issue a certificate");
+            IssueFailure {
                 error: Error::Unavailable(format!(
-                    "the upstream CA ({}) did not issue the certificate: {failure}; nothing \
-                     was stored and the token is still usable, retry later",
-                    self.describe()
+                    "the certificate authority did not issue the certificate ({}); nothing was \
+                     stored and the enrollment token is still usable, retry later",
+                    failure.brief()
                 )),
                 refused: None,
-            })?;
+                late,
+            }
+        })?;
         self.check(&der, profile, key, subscriber, now_s)
             .map_err(|mismatch| {
                 tracing::error!(
                     upstream = %self.describe(),
                     %mismatch,
-                    "the upstream CA returned a certificate outside payra's profile; refused"
+                    "the upstream CA returned a certificate outside payra's profile; refused, \
+                     and to be revoked there"
                 );
                 IssueFailure {
-                    error: Error::Unavailable(format!(
-                        "the upstream CA ({}) returned a certificate payra refuses \
-                         ({mismatch}); nothing was stored and the token is still usable",
-                        self.describe()
-                    )),
+                    error: Error::FailedPrecondition(
+                        "the certificate authority issued a certificate outside payra's \
+                         profile, which payra refused; nothing was stored and the enrollment \
+                         token is still usable once an operator has corrected the authority's \
+                         profile"
+                            .into(),
+                    ),
                     refused: self.signed_by_upstream(&der),
+                    late: None,
                 }
             })
+    }
+
+    /// One signing call, run as a task of its own under the in-flight bound: past the
+    /// deadline the caller gets the failure and the task, which the upstream may still
+    /// answer (having issued a certificate).
+    async fn sign(
+        &self,
+        request: SigningRequest,
+    ) -> std::result::Result<Vec<u8>, (UpstreamFailure, Option<LateAnswer>)> {
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            return Err((
+                UpstreamFailure::Unreachable(
+                    "too many requests are waiting for it already (ca.upstream.max_in_flight)"
+                        .into(),
+                ),
+                None,
+            ));
+        };
+        let connector = self.connector.clone();
+        let mut call = tokio::spawn(async move {
+            let answer = connector.sign(&request).await;
+            drop(permit);
+            answer
+        });
+        match tokio::time::timeout(self.timeout, &mut call).await {
+            Ok(Ok(answer)) => answer.map_err(|failure| (failure, None)),
+            Ok(Err(join)) => Err((
+                UpstreamFailure::Unreachable(format!("the signing call failed: {join}")),
+                None,
+            )),
+            Err(_) => Err((
+                UpstreamFailure::Unreachable(format!(
+                    "no answer within {} ms (ca.upstream.timeout_ms)",
+                    self.timeout.as_millis()
+                )),
+                Some(call),
+            )),
+        }
+    }
+
+    /// The certificate in a late answer, if the upstream's issuing CA signed it: waits for
+    /// the call at most [`LATE_ANSWER_WAIT`], then gives up on it.
+    pub async fn late_certificate(&self, late: LateAnswer) -> Option<(Serial, Vec<u8>)> {
+        let mut late = late;
+        match tokio::time::timeout(LATE_ANSWER_WAIT, &mut late).await {
+            Ok(Ok(Ok(der))) => self.signed_by_upstream(&der),
+            Ok(_) => None,
+            Err(_) => {
+                late.abort();
+                None
+            }
+        }
     }
 
     /// The serial and authorityKeyIdentifier of `der` if the upstream's issuing CA signed it
@@ -265,25 +351,14 @@ impl UpstreamIssuer {
         Some((serial, authority_key_id(der)))
     }
 
-    /// Has the upstream revoke a certificate.
+    /// Has the upstream revoke a certificate, within the deadline. Revocations are sent one
+    /// at a time by each process's sync, so they take no signing permit: a burst of
+    /// enrollments does not hold them up.
     pub async fn revoke(
         &self,
         request: &RevocationRequest,
     ) -> std::result::Result<(), UpstreamFailure> {
-        self.call(self.connector.revoke(request)).await
-    }
-
-    /// Runs one upstream call under the deadline and the in-flight bound.
-    async fn call<T>(
-        &self,
-        call: BoxFuture<'_, std::result::Result<T, UpstreamFailure>>,
-    ) -> std::result::Result<T, UpstreamFailure> {
-        let Ok(_permit) = self.in_flight.try_acquire() else {
-            return Err(UpstreamFailure::Unreachable(
-                "too many requests are waiting for it already (ca.upstream.max_in_flight)".into(),
-            ));
-        };
-        match tokio::time::timeout(self.timeout, call).await {
+        match tokio::time::timeout(self.timeout, self.connector.revoke(request)).await {
             Ok(answer) => answer,
             Err(_) => Err(UpstreamFailure::Unreachable(format!(
                 "no answer within {} ms (ca.upstream.timeout_ms)",
@@ -350,6 +425,12 @@ impl UpstreamIssuer {
                 crate::model::moment(not_before_s)
             ));
         }
+        if not_before_s < now_s - profile.backdate_s.max(0) - CLOCK_TOLERANCE_S {
+            return Err(format!(
+                "notBefore {} lies further back than payra's backdating allows",
+                crate::model::moment(not_before_s)
+            ));
+        }
         if not_after_s <= now_s {
             return Err(format!(
                 "notAfter {} has passed",
@@ -394,6 +475,12 @@ impl UpstreamIssuer {
                         return Err("its key usage allows signing certificates or CRLs".into());
                     }
                     digital_signature = ku.digital_signature();
+                    if !digital_signature {
+                        return Err("its key usage lacks digitalSignature".into());
+                    }
+                    if ku.flags != 1 {
+                        return Err(format!("its key usage ({ku}) goes beyond digitalSignature"));
+                    }
                 }
                 ParsedExtension::ExtendedKeyUsage(eku) => {
                     if eku.any || eku.server_auth || eku.code_signing || eku.email_protection {
@@ -405,9 +492,13 @@ impl UpstreamIssuer {
                     client_auth = eku.client_auth;
                 }
                 ParsedExtension::SubjectAlternativeName(san) => {
-                    if let Some(name) = san.general_names.first() {
-                        return Err(format!("it names {name} payra did not ask for"));
-                    }
+                    return Err(match san.general_names.first() {
+                        Some(name) => format!("it names {name} payra did not ask for"),
+                        None => "it carries an empty subjectAltName".into(),
+                    });
+                }
+                ParsedExtension::ParseError { error } => {
+                    return Err(format!("its extension {} does not parse: {error}", ext.oid))
                 }
                 ParsedExtension::CRLDistributionPoints(points) => {
                     for point in points.iter() {
@@ -437,6 +528,11 @@ impl UpstreamIssuer {
                 ParsedExtension::SubjectKeyIdentifier(_)
                 | ParsedExtension::AuthorityKeyIdentifier(_)
                 | ParsedExtension::CertificatePolicies(_) => {}
+                // Whatever x509-parser does not decode: a subjectAltName payra did not ask
+                // for all the same.
+                _ if ext.oid == x509_parser::oid_registry::OID_X509_EXT_SUBJECT_ALT_NAME => {
+                    return Err("it carries a subjectAltName payra did not ask for".into())
+                }
                 _ if ext.critical => {
                     return Err(format!(
                         "it carries an unknown critical extension {}",
@@ -464,6 +560,43 @@ impl UpstreamIssuer {
         }
         Ok(())
     }
+}
+
+/// Refuses, in RA mode, a CSR the upstream would read more from than its key: a subject with
+/// anything besides a CN (CFSSL copies C, ST, L, O and OU into the certificate where payra
+/// sets none) or requested extensions. Such a certificate would fail payra's check after the
+/// upstream had issued it; refusing first costs the upstream nothing.
+pub fn check_csr_for_upstream(csr_der: &[u8]) -> Result<()> {
+    use x509_parser::certification_request::X509CertificationRequest;
+    let (_, csr) = X509CertificationRequest::from_der(csr_der)
+        .map_err(|_| Error::invalid("csr_der", "is not a DER PKCS#10 certification request"))?;
+    let info = &csr.certification_request_info;
+    let only_cn = info
+        .subject
+        .iter_attributes()
+        .all(|attribute| *attribute.attr_type() == x509_parser::oid_registry::OID_X509_COMMON_NAME);
+    if !only_cn {
+        return Err(Error::invalid(
+            "csr_der",
+            format!(
+                "its subject {} holds more than a CN; here the certificate authority would copy \
+                 it into the certificate, so build the request with a CN only (payra sets the \
+                 certificate's subject)",
+                info.subject
+            ),
+        ));
+    }
+    if csr
+        .requested_extensions()
+        .is_some_and(|mut e| e.next().is_some())
+    {
+        return Err(Error::invalid(
+            "csr_der",
+            "requests extensions; here the certificate authority may copy them into the \
+             certificate, so build the request without any (payra decides every extension)",
+        ));
+    }
+    Ok(())
 }
 
 /// The subject must be exactly `CN=<subscriber>, O=payra device` (in either order).

@@ -160,7 +160,16 @@ fn a_certificate_in_the_profile_is_accepted_with_its_serial_and_dates() {
 
 #[test]
 fn a_certificate_outside_the_profile_is_refused_naming_what_differs() {
-    let cases: [(&str, Adjust); 10] = [
+    let cases: [(&str, Adjust); 13] = [
+        ("goes beyond digitalSignature", |p| {
+            p.key_usages.push(KeyUsagePurpose::ContentCommitment)
+        }),
+        ("lies further back", |p| {
+            p.not_before = OffsetDateTime::now_utc() - Duration::days(3)
+        }),
+        ("payra did not ask for", |p| {
+            p.subject_alt_names = vec![SanType::URI("urn:x".try_into().unwrap())]
+        }),
         ("beyond clientAuth", |p| {
             p.extended_key_usages
                 .push(ExtendedKeyUsagePurpose::ServerAuth)
@@ -189,8 +198,8 @@ fn a_certificate_outside_the_profile_is_refused_naming_what_differs() {
             p.not_before = OffsetDateTime::now_utc() + Duration::days(2)
         }),
         ("has passed", |p| {
-            p.not_before = OffsetDateTime::now_utc() - Duration::days(10);
-            p.not_after = OffsetDateTime::now_utc() - Duration::days(1);
+            p.not_before = OffsetDateTime::now_utc() - Duration::minutes(5);
+            p.not_after = OffsetDateTime::now_utc() - Duration::minutes(1);
         }),
     ];
     for (expected, adjust) in cases {
@@ -290,7 +299,7 @@ fn an_issuer_file_must_start_with_a_ca_certificate() {
 }
 
 #[tokio::test]
-async fn a_call_past_its_deadline_or_beyond_the_in_flight_bound_is_unreachable() {
+async fn a_call_past_its_deadline_or_beyond_the_in_flight_bound_is_unreachable_and_handed_back() {
     struct Silent;
     impl UpstreamCa for Silent {
         fn describe(&self) -> String {
@@ -322,18 +331,37 @@ async fn a_call_past_its_deadline_or_beyond_the_in_flight_bound_is_unreachable()
         authority_key_id: vec![],
         reason: RevocationReason::KeyCompromise,
     };
-    let waiting = tokio::spawn({
+    let signing = SigningRequest {
+        csr_der: vec![],
+        common_name: "x".into(),
+        organization: DEVICE_ORGANIZATION.into(),
+        validity_s: 86_400,
+    };
+    let first = tokio::spawn({
         let issuer = issuer.clone();
-        let request = request.clone();
-        async move { issuer.revoke(&request).await }
+        let signing = signing.clone();
+        async move { issuer.sign(signing).await }
     });
     tokio::task::yield_now().await;
-    // The first call holds the only permit until its deadline.
-    let busy = issuer.revoke(&request).await.unwrap_err();
-    assert!(busy.to_string().contains("max_in_flight"), "{busy}");
-    let late = waiting.await.unwrap().unwrap_err();
+    // The first call holds the only signing permit, past its deadline too.
+    let (busy, late) = issuer.sign(signing.clone()).await.unwrap_err();
+    assert_eq!(busy.brief(), "too many requests are waiting for it");
+    assert!(late.is_none());
+    let (timed_out, late) = first.await.unwrap().unwrap_err();
     assert!(
-        late.to_string().contains("no answer within 50 ms"),
-        "{late}"
+        timed_out.to_string().contains("no answer within 50 ms"),
+        "{timed_out}"
+    );
+    assert_eq!(timed_out.brief(), "it did not answer in time");
+    let late = late.expect("the call is handed back");
+    assert!(!late.is_finished());
+    let (still_busy, _) = issuer.sign(signing).await.unwrap_err();
+    assert_eq!(still_busy.brief(), "too many requests are waiting for it");
+    late.abort();
+    // Revocations take no signing permit; each has the deadline.
+    let late_revoke = issuer.revoke(&request).await.unwrap_err();
+    assert!(
+        late_revoke.to_string().contains("no answer within 50 ms"),
+        "{late_revoke}"
     );
 }

@@ -752,6 +752,10 @@ impl Store for PgStore {
                 tx.execute(&prepared_tx(tx, "DELETE FROM revoked WHERE serial = ANY($1)").await?, &[&serials])
                     .await
                     .map_err(db_error)?;
+                // Their upstream revocation entries go with them (RA mode).
+                tx.execute(&prepared_tx(tx, "DELETE FROM upstream_revocations WHERE serial = ANY($1)").await?, &[&serials])
+                    .await
+                    .map_err(db_error)?;
                 let parsed = serials
                     .iter()
                     .map(|bytes| serial_of(bytes))

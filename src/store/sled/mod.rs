@@ -730,12 +730,24 @@ impl Store for SledStore {
             &self.audit,
             &self.meta,
             &self.summaries,
+            &self.upstream_revocations,
         )
             .transaction(
-                |(certificates, by_customer, by_device, revoked, log, meta, summaries)| {
+                |(
+                    certificates,
+                    by_customer,
+                    by_device,
+                    revoked,
+                    log,
+                    meta,
+                    summaries,
+                    upstream,
+                )| {
                     for record in &expired {
                         certificates.remove(record.serial.as_bytes())?;
                         summaries.remove(record.serial.as_bytes())?;
+                        // Its upstream revocation entry goes with it (RA mode).
+                        upstream.remove(record.serial.as_bytes())?;
                         by_customer
                             .remove(index_key(record.customer_id.as_str(), &record.serial))?;
                         by_device.remove(index_key(record.device_id.as_str(), &record.serial))?;
