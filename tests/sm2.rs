@@ -1092,30 +1092,6 @@ async fn sm2_keys_stay_on_their_own_paths() {
     );
 }
 
-/// `payra device pay` of 1.00 CNY with a PIN from the device directory `dir`: its JSON answer.
-fn cli_pay(server: &TestServer, dir: &Path, order: &str) -> serde_json::Value {
-    let (ok, stdout, stderr) = run_payra_at(
-        server,
-        &[
-            "device",
-            "pay",
-            "--device-dir",
-            path_str(dir),
-            "--merchant",
-            "m-1",
-            "--order",
-            order,
-            "--amount",
-            "1.00",
-            "--factor",
-            "payment_pin",
-            "--json",
-        ],
-    );
-    assert!(ok, "{stdout} {stderr}");
-    serde_json::from_str(&stdout).unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_enrolls_pays_and_renews_an_sm2_device() {
     let server = TestServer::start().await;

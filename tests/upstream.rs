@@ -326,6 +326,50 @@ async fn enroll_with(
         .map(|issued| (key, issued))
 }
 
+/// Renews certificate `serial` to `new_key` without a client certificate, by a proof that
+/// `signer` signs.
+async fn renew_by_proof(
+    server: &TestServer,
+    signer: &DeviceKey,
+    serial: &str,
+    new_key: &DeviceKey,
+) -> Result<proto::EnrollResponse, payra::client::ClientError> {
+    let csr = new_key.csr_der("phone-1").unwrap();
+    let proof = signer
+        .renewal_proof(serial, &csr, server.clock.now_s())
+        .unwrap();
+    server
+        .anonymous()
+        .await
+        .renew_with_proof(csr, None, proof)
+        .await
+}
+
+/// Enrolls through `enroll_on`, stops the upstream and revokes the certificate through
+/// `revoke_on` (keyCompromise): a payment through `enroll_on` is refused at once, and after a
+/// pass the revocation is pending there. The certificate, and what is pending.
+async fn revoked_while_the_upstream_is_down(
+    cfssl: &mut Cfssl,
+    enroll_on: &TestServer,
+    revoke_on: &TestServer,
+) -> (proto::EnrollResponse, Vec<proto::UpstreamRevocation>) {
+    let (key, issued) = enroll_with(enroll_on, &enroll_on.token("acme").await, "phone-1")
+        .await
+        .unwrap();
+    cfssl.stop();
+    revoke_on
+        .revoke(&issued.serial, proto::RevocationReason::KeyCompromise)
+        .await;
+    assert_eq!(
+        pay(enroll_on, &key, &issued.serial, "acme", "phone-1").await,
+        proto::Verdict::CertificateRevoked
+    );
+    let pending = pending_after_retry(enroll_on).await;
+    assert_eq!(pending.len(), 1, "{pending:?}");
+    assert_eq!(pending[0].serial, issued.serial);
+    (issued, pending)
+}
+
 /// What is still pending upstream after one more pass.
 async fn pending_after_retry(server: &TestServer) -> Vec<proto::UpstreamRevocation> {
     server
@@ -420,14 +464,7 @@ async fn devices_enroll_pay_renew_and_are_revoked_through_a_cfssl_upstream() {
     // Renewal by proof (payra's TLS listener does not take the upstream's certificate); the
     // superseded certificate is revoked upstream.
     let new_key = DeviceKey::generate();
-    let csr = new_key.csr_der("phone-1").unwrap();
-    let proof = key
-        .renewal_proof(&issued.serial, &csr, server.clock.now_s())
-        .unwrap();
-    let renewed = server
-        .anonymous()
-        .await
-        .renew_with_proof(csr, None, proof)
+    let renewed = renew_by_proof(&server, &key, &issued.serial, &new_key)
         .await
         .expect("renewal by proof");
     assert_ne!(renewed.serial, issued.serial);
@@ -445,14 +482,7 @@ async fn devices_enroll_pay_renew_and_are_revoked_through_a_cfssl_upstream() {
 
     // A proof from another key does not renew.
     let stranger = DeviceKey::generate();
-    let csr = stranger.csr_der("phone-1").unwrap();
-    let forged = stranger
-        .renewal_proof(&renewed.serial, &csr, server.clock.now_s())
-        .unwrap();
-    let refused = server
-        .anonymous()
-        .await
-        .renew_with_proof(csr, None, forged)
+    let refused = renew_by_proof(&server, &stranger, &renewed.serial, &stranger)
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
@@ -700,21 +730,7 @@ async fn a_revocation_while_the_upstream_is_down_is_effective_at_once_and_retrie
 {
     let mut cfssl = Cfssl::start(DEVICE_USAGES);
     let mut server = TestServer::start_with(|config| cfssl.payra_config(config)).await;
-    let (key, issued) = enroll_with(&server, &server.token("acme").await, "phone-1")
-        .await
-        .unwrap();
-    cfssl.stop();
-
-    server
-        .revoke(&issued.serial, proto::RevocationReason::KeyCompromise)
-        .await;
-    assert_eq!(
-        pay(&server, &key, &issued.serial, "acme", "phone-1").await,
-        proto::Verdict::CertificateRevoked
-    );
-    let pending = pending_after_retry(&server).await;
-    assert_eq!(pending.len(), 1, "{pending:?}");
-    assert_eq!(pending[0].serial, issued.serial);
+    let (issued, pending) = revoked_while_the_upstream_is_down(&mut cfssl, &server, &server).await;
     assert_eq!(
         pending[0].reason,
         proto::RevocationReason::KeyCompromise as i32
@@ -755,14 +771,7 @@ async fn a_revocation_while_the_upstream_is_down_is_effective_at_once_and_retrie
 async fn renewal_by_proof_is_refused_for_payra_issued_p256_certificates() {
     let server = TestServer::start().await;
     let (key, issued) = server.enroll("acme", "phone-1").await;
-    let csr = DeviceKey::generate().csr_der("phone-1").unwrap();
-    let proof = key
-        .renewal_proof(&issued.serial, &csr, server.clock.now_s())
-        .unwrap();
-    let refused = server
-        .anonymous()
-        .await
-        .renew_with_proof(csr, None, proof)
+    let refused = renew_by_proof(&server, &key, &issued.serial, &DeviceKey::generate())
         .await
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
@@ -807,20 +816,7 @@ async fn replicas_on_postgresql_share_the_upstream_backlog() {
     })
     .await;
 
-    let (key, issued) = enroll_with(&first, &first.token("acme").await, "phone-1")
-        .await
-        .unwrap();
-    cfssl.stop();
-    second
-        .revoke(&issued.serial, proto::RevocationReason::KeyCompromise)
-        .await;
-    assert_eq!(
-        pay(&first, &key, &issued.serial, "acme", "phone-1").await,
-        proto::Verdict::CertificateRevoked
-    );
-    let pending = pending_after_retry(&first).await;
-    assert_eq!(pending.len(), 1, "{pending:?}");
-    assert_eq!(pending[0].serial, issued.serial);
+    let (issued, _) = revoked_while_the_upstream_is_down(&mut cfssl, &first, &second).await;
 
     cfssl.start_again();
     assert_eq!(pending_after_retry(&second).await, vec![]);
@@ -982,4 +978,46 @@ async fn a_certificate_issued_after_the_deadline_is_revoked_upstream() {
         .await
         .unwrap();
     assert!(listed.certificates.is_empty(), "nothing stored");
+}
+
+/// The CLI acts as a phone in RA mode: it enrolls, pays, and renews by proof by itself (the
+/// upstream's certificate carries no payra role, so it is not presented over TLS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_enrolls_pays_and_renews_through_the_upstream() {
+    let cfssl = Cfssl::start(DEVICE_USAGES);
+    let server = TestServer::start_with(|config| cfssl.payra_config(config)).await;
+    let dir = server.dir.path().join("cli-upstream");
+    let token = server.token("acme").await;
+    let (ok, stdout, stderr) = run_payra_at(
+        &server,
+        &[
+            "device",
+            "enroll",
+            "--token",
+            &token,
+            "--device",
+            "phone-1",
+            "--out",
+            path_str(&dir),
+        ],
+    );
+    assert!(ok, "{stderr}");
+    let serial = stdout.trim().to_string();
+    assert_eq!(cfssl.db_status(&serial), Some(("good".into(), 0)));
+    assert_eq!(cli_pay(&server, &dir, "o-1")["verdict"], "VERIFIED");
+
+    let (ok, stdout, stderr) = run_payra_at(
+        &server,
+        &["device", "renew", "--device-dir", path_str(&dir)],
+    );
+    assert!(ok, "{stderr}");
+    let renewed = stdout.trim().to_string();
+    assert_ne!(renewed, serial);
+    assert_eq!(cfssl.db_status(&renewed), Some(("good".into(), 0)));
+    assert_eq!(cli_pay(&server, &dir, "o-2")["verdict"], "VERIFIED");
+    let (ok, stdout, _) = run_payra_at(&server, &["certs", "show", &renewed]);
+    assert!(
+        ok && stdout.contains("the upstream CA (RA mode)"),
+        "{stdout}"
+    );
 }

@@ -57,6 +57,25 @@ impl CliKey {
             CliKey::Sm2(key) => key.sign_intent(intent_bytes),
         }
     }
+
+    fn algorithm(&self) -> BenchKeyAlgorithm {
+        match self {
+            CliKey::P256(_) => BenchKeyAlgorithm::P256,
+            CliKey::Sm2(_) => BenchKeyAlgorithm::Sm2,
+        }
+    }
+
+    fn renewal_proof(
+        &self,
+        serial: &str,
+        csr_der: &[u8],
+        now_s: i64,
+    ) -> payra::error::Result<payra::wire::proto::RenewalProof> {
+        match self {
+            CliKey::P256(key) => key.renewal_proof(serial, csr_der, now_s),
+            CliKey::Sm2(key) => key.renewal_proof(serial, csr_der, now_s),
+        }
+    }
 }
 
 pub(crate) async fn pay(args: PayArgs) -> CliResult {
@@ -287,67 +306,39 @@ pub(crate) async fn renew_device(
         }
         Err(_) => String::from("device"),
     };
-    let issued = match CliKey::read(&dir.join("device.key"))? {
-        // A certificate from an upstream CA (RA mode) is not one payra's TLS listener
-        // accepts: its key signs a renewal proof instead.
-        CliKey::P256(current) if !carries_payra_role(&dir.join("device.pem"))? => {
-            let serial = std::fs::read_to_string(dir.join("serial"))
-                .map_err(|e| format!("{}: {e}", dir.join("serial").display()))?;
-            if platform.is_some() {
-                return Err(
-                    "--platform: a renewal by proof keeps the device info on record \
-                            (the proof does not cover it)"
-                        .into(),
-                );
-            }
-            let key = CliKey::generate(BenchKeyAlgorithm::P256);
-            let csr = key.csr_der(&device)?;
-            let now_s = payra::clock::Clock::now_s(&SystemClock);
-            let proof = current
-                .renewal_proof(serial.trim(), &csr, now_s)
-                .map_err(|e| e.to_string())?;
-            let client = connect(connection, Credential::None).await?;
-            let issued = client
-                .renew_with_proof(csr, None, proof)
-                .await
-                .map_err(status_message)?;
-            (key, issued)
+    let current = CliKey::read(&dir.join("device.key"))?;
+    let algorithm = current.algorithm();
+    let key = CliKey::generate(algorithm);
+    let csr = key.csr_der(&device)?;
+    // An SM2 certificate, or one from an upstream CA (RA mode), is not one payra's TLS
+    // listener accepts: its key signs a renewal proof instead.
+    let by_proof =
+        algorithm == BenchKeyAlgorithm::Sm2 || !carries_payra_role(&dir.join("device.pem"))?;
+    let issued = if by_proof {
+        if platform.is_some() {
+            return Err(
+                "--platform: a renewal by proof keeps the device info on record (the \
+                        proof does not cover it)"
+                    .into(),
+            );
         }
-        CliKey::P256(_) => {
-            let key = CliKey::generate(BenchKeyAlgorithm::P256);
-            let csr = key.csr_der(&device)?;
-            let client = connect(connection, Credential::device(dir)).await?;
-            let issued = client
-                .renew(csr, platform.map(cli_device_info))
-                .await
-                .map_err(status_message)?;
-            (key, issued)
-        }
-        CliKey::Sm2(current) => {
-            if platform.is_some() {
-                return Err(
-                    "--platform: a renewal by SM2 proof keeps the device info on \
-                            record (the proof does not cover it)"
-                        .into(),
-                );
-            }
-            let serial = std::fs::read_to_string(dir.join("serial"))
-                .map_err(|e| format!("{}: {e}", dir.join("serial").display()))?;
-            let key = CliKey::generate(BenchKeyAlgorithm::Sm2);
-            let csr = key.csr_der(&device)?;
-            let now_s = payra::clock::Clock::now_s(&SystemClock);
-            let proof = current
-                .renewal_proof(serial.trim(), &csr, now_s)
-                .map_err(|e| e.to_string())?;
-            let client = connect(connection, Credential::None).await?;
-            let issued = client
-                .renew_with_proof(csr, None, proof)
-                .await
-                .map_err(status_message)?;
-            (key, issued)
-        }
-    };
-    let (key, issued) = issued;
+        let serial = std::fs::read_to_string(dir.join("serial"))
+            .map_err(|e| format!("{}: {e}", dir.join("serial").display()))?;
+        let now_s = payra::clock::Clock::now_s(&SystemClock);
+        let proof = current
+            .renewal_proof(serial.trim(), &csr, now_s)
+            .map_err(|e| e.to_string())?;
+        connect(connection, Credential::None)
+            .await?
+            .renew_with_proof(csr, None, proof)
+            .await
+    } else {
+        connect(connection, Credential::device(dir))
+            .await?
+            .renew(csr, platform.map(cli_device_info))
+            .await
+    }
+    .map_err(status_message)?;
     write_device_dir(dir, &key, &issued)?;
     println!("{}", issued.serial);
     eprintln!(

@@ -92,14 +92,10 @@ impl DeviceKey {
         now_s: i64,
     ) -> Result<proto::RenewalProof> {
         use p256::ecdsa::signature::Signer;
-        let serial = crate::model::Serial::parse("current_serial", current_serial)?;
-        let message = crate::ra::renewal_proof_message(&serial, now_s, csr_der);
         let key = p256::ecdsa::SigningKey::from(&self.secret);
-        let signature: p256::ecdsa::Signature = key.sign(&message);
-        Ok(proto::RenewalProof {
-            current_serial: serial.to_hex(),
-            signed_at_unix_s: now_s,
-            signature: signature.to_der().as_bytes().to_vec(),
+        renewal_proof(current_serial, csr_der, now_s, |message| {
+            let signature: p256::ecdsa::Signature = key.sign(message);
+            signature.to_der().as_bytes().to_vec()
         })
     }
 }
@@ -201,12 +197,25 @@ impl Sm2DeviceKey {
         csr_der: &[u8],
         now_s: i64,
     ) -> Result<proto::RenewalProof> {
-        let serial = crate::model::Serial::parse("current_serial", current_serial)?;
-        let message = crate::ra::renewal_proof_message(&serial, now_s, csr_der);
-        Ok(proto::RenewalProof {
-            current_serial: serial.to_hex(),
-            signed_at_unix_s: now_s,
-            signature: self.sign_der(&message),
+        renewal_proof(current_serial, csr_der, now_s, |message| {
+            self.sign_der(message)
         })
     }
+}
+
+/// A `RenewalProof` of the certificate `current_serial` (hex) for `csr_der` at `now_s`, signed
+/// by `sign` over [`crate::ra::renewal_proof_message`].
+fn renewal_proof(
+    current_serial: &str,
+    csr_der: &[u8],
+    now_s: i64,
+    sign: impl FnOnce(&[u8]) -> Vec<u8>,
+) -> Result<proto::RenewalProof> {
+    let serial = crate::model::Serial::parse("current_serial", current_serial)?;
+    let message = crate::ra::renewal_proof_message(&serial, now_s, csr_der);
+    Ok(proto::RenewalProof {
+        current_serial: serial.to_hex(),
+        signed_at_unix_s: now_s,
+        signature: sign(&message),
+    })
 }

@@ -643,3 +643,27 @@ impl TestServer {
             .await
     }
 }
+
+/// `payra device pay` of 1.00 CNY with a PIN from the device directory `dir`: its JSON answer.
+pub fn cli_pay(server: &TestServer, dir: &Path, order: &str) -> serde_json::Value {
+    let (ok, stdout, stderr) = run_payra_at(
+        server,
+        &[
+            "device",
+            "pay",
+            "--device-dir",
+            path_str(dir),
+            "--merchant",
+            "m-1",
+            "--order",
+            order,
+            "--amount",
+            "1.00",
+            "--factor",
+            "payment_pin",
+            "--json",
+        ],
+    );
+    assert!(ok, "{stdout} {stderr}");
+    serde_json::from_str(&stdout).unwrap()
+}
