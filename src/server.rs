@@ -303,6 +303,7 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
     if let Some(upstream) = ra.upstream() {
         tracing::info!(
             upstream = %upstream.describe(),
+            status = ?upstream.status_source(),
             "RA mode: the upstream CA signs and revokes device certificates"
         );
     }

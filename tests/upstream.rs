@@ -16,6 +16,10 @@ use payra::clock::Clock;
 use payra::config::{CaMode, Config};
 use payra::wire::proto;
 
+/// Where the upstream's signing profile says its CRL and OCSP responder are.
+const UPSTREAM_CRL: &str = "http://crl.licensed-ca.example/device.crl";
+const UPSTREAM_OCSP: &str = "http://ocsp.licensed-ca.example";
+
 /// The usages of a signing profile that matches payra's device profile.
 const DEVICE_USAGES: &[&str] = &["digital signature", "client auth"];
 
@@ -144,6 +148,8 @@ impl Cfssl {
                             "usages": usages,
                             "expiry": "8760h",
                             "auth_key": "payra",
+                            "crl_url": UPSTREAM_CRL,
+                            "ocsp_url": UPSTREAM_OCSP,
                         }
                     }
                 },
@@ -234,6 +240,8 @@ impl Cfssl {
         upstream.issuer_file = Some(self.path("issuing.pem"));
         upstream.auth_key_file = Some(self.path("auth.key"));
         upstream.timeout_ms = 5_000;
+        upstream.crl_url = Some(UPSTREAM_CRL.into());
+        upstream.ocsp_url = Some(UPSTREAM_OCSP.into());
     }
 }
 
@@ -765,6 +773,8 @@ async fn a_revocation_while_the_upstream_is_down_is_effective_at_once_and_retrie
     let listed: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(listed["pending"], serde_json::json!([]));
     assert_eq!(listed["upstream"], format!("cfssl at {}", cfssl.url()));
+    assert_eq!(listed["crl_url"], UPSTREAM_CRL);
+    assert_eq!(listed["ocsp_url"], UPSTREAM_OCSP);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

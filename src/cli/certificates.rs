@@ -365,7 +365,12 @@ fn print_upstream_pending(
             .collect();
         println!(
             "{}",
-            serde_json::json!({ "upstream": answer.upstream, "pending": pending })
+            serde_json::json!({
+                "upstream": answer.upstream,
+                "crl_url": answer.crl_url,
+                "ocsp_url": answer.ocsp_url,
+                "pending": pending,
+            })
         );
         return;
     }
@@ -374,6 +379,14 @@ fn print_upstream_pending(
         return;
     }
     println!("upstream     {}", answer.upstream);
+    if answer.crl_url.is_empty() && answer.ocsp_url.is_empty() {
+        println!("status       payra's own view (the upstream publishes none payra knows of)");
+    } else {
+        println!(
+            "status       CRL {:?}, OCSP {:?}",
+            answer.crl_url, answer.ocsp_url
+        );
+    }
     println!("pending      {}", answer.pending.len());
     let now = human::now_s();
     for p in &answer.pending {

@@ -385,12 +385,20 @@ impl proto::admin_server::Admin for AdminService {
             None => Ok(Vec::new()),
         })
         .await?;
+        let (crl_url, ocsp_url) = match self.ra.upstream().map(|u| u.status_source()) {
+            Some(crate::ca::upstream::StatusSource::Upstream { crl_url, ocsp_url }) => {
+                (crl_url.clone(), ocsp_url.clone())
+            }
+            _ => (None, None),
+        };
         Ok(Response::new(proto::ListUpstreamRevocationsResponse {
             upstream: self
                 .ra
                 .upstream()
                 .map(|upstream| upstream.describe())
                 .unwrap_or_default(),
+            crl_url: crl_url.unwrap_or_default(),
+            ocsp_url: ocsp_url.unwrap_or_default(),
             pending: pending
                 .into_iter()
                 .map(upstream_revocation_to_proto)

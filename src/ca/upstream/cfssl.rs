@@ -23,6 +23,7 @@ const RECORD_NOT_FOUND: i64 = 11200;
 /// A CFSSL server's HTTP API.
 pub struct Cfssl {
     url: String,
+    status: super::StatusSource,
     target: HttpTarget,
     profile: String,
     auth_key: ring::hmac::Key,
@@ -80,6 +81,9 @@ impl Cfssl {
                 config.max_in_flight,
             )?,
             url,
+            // `cfssl serve` publishes no CRL or OCSP of its own (`cfssl ocspserve` and a CRL
+            // job do, at the URLs its signing profile puts into certificates).
+            status: super::StatusSource::from_config(config),
             profile: config.profile.clone(),
             auth_key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key),
         })
@@ -124,6 +128,10 @@ impl Cfssl {
 impl UpstreamCa for Cfssl {
     fn describe(&self) -> String {
         format!("cfssl at {}", self.url)
+    }
+
+    fn status_source(&self) -> super::StatusSource {
+        self.status.clone()
     }
 
     fn sign<'a>(

@@ -83,10 +83,40 @@ impl UpstreamFailure {
     }
 }
 
+/// Where relying parties learn the status of an upstream's certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatusSource {
+    /// The upstream publishes it: its CRL and OCSP URLs (as its certificates carry them;
+    /// payra checks that they do).
+    Upstream {
+        crl_url: Option<String>,
+        ocsp_url: Option<String>,
+    },
+    /// The upstream publishes nothing payra knows of: payra's own view
+    /// (`GetCertificateStatus`, `VerifyPayment`) is the status.
+    PayraView,
+}
+
+impl StatusSource {
+    /// What `ca.upstream.crl_url` and `ocsp_url` say: the upstream's URLs when either is set.
+    pub fn from_config(config: &UpstreamConfig) -> StatusSource {
+        match (&config.crl_url, &config.ocsp_url) {
+            (None, None) => StatusSource::PayraView,
+            (crl_url, ocsp_url) => StatusSource::Upstream {
+                crl_url: crl_url.clone(),
+                ocsp_url: ocsp_url.clone(),
+            },
+        }
+    }
+}
+
 /// An external CA's signing and revocation interface.
 pub trait UpstreamCa: Send + Sync {
     /// Names the upstream in messages and logs, e.g. `cfssl at http://ca.internal:8888`.
     fn describe(&self) -> String;
+
+    /// Where the status of its certificates is published.
+    fn status_source(&self) -> StatusSource;
 
     /// Has the upstream sign `request`; answers the certificate's DER.
     fn sign<'a>(
@@ -114,8 +144,7 @@ pub struct UpstreamIssuer {
     timeout: Duration,
     /// Signing calls in flight (a call past its deadline keeps its permit until it ends).
     in_flight: Arc<tokio::sync::Semaphore>,
-    expected_crl_url: Option<String>,
-    expected_ocsp_url: Option<String>,
+    status: StatusSource,
 }
 
 impl std::fmt::Debug for UpstreamIssuer {
@@ -211,20 +240,24 @@ impl UpstreamIssuer {
         }
         let issuer_not_after_s = issuer.validity().not_after.timestamp();
         Ok(UpstreamIssuer {
-            connector,
+            connector: connector.clone(),
             issuer_not_after_s,
             issuer_der,
             chain_der,
             timeout: Duration::from_millis(u64::from(config.timeout_ms)),
             in_flight: Arc::new(tokio::sync::Semaphore::new(config.max_in_flight)),
-            expected_crl_url: config.crl_url.clone(),
-            expected_ocsp_url: config.ocsp_url.clone(),
+            status: connector.status_source(),
         })
     }
 
     /// Names the upstream.
     pub fn describe(&self) -> String {
         self.connector.describe()
+    }
+
+    /// Where the status of its certificates is published.
+    pub fn status_source(&self) -> &StatusSource {
+        &self.status
     }
 
     /// The upstream's issuing CA certificate.
@@ -548,9 +581,13 @@ impl UpstreamIssuer {
         if !client_auth {
             return Err("its extended key usage lacks clientAuth".into());
         }
+        let (crl_url, ocsp_url) = match &self.status {
+            StatusSource::Upstream { crl_url, ocsp_url } => (crl_url, ocsp_url),
+            StatusSource::PayraView => (&None, &None),
+        };
         for (what, expected, found) in [
-            ("CRL distribution point", &self.expected_crl_url, &crl_urls),
-            ("OCSP URL", &self.expected_ocsp_url, &ocsp_urls),
+            ("CRL distribution point", crl_url, &crl_urls),
+            ("OCSP URL", ocsp_url, &ocsp_urls),
         ] {
             if let Some(expected) = expected {
                 if found.as_slice() != std::slice::from_ref(expected) {

@@ -17,6 +17,8 @@ use crate::config::UpstreamConfig;
 /// An upstream CA in-process: it signs what payra asks with rcgen, as a CFSSL profile for
 /// devices would, with `adjust` applied to every certificate, and records revocations.
 pub(crate) struct LocalUpstream {
+    /// As configured by the last [`LocalUpstream::issuer`].
+    status: Mutex<StatusSource>,
     issuer: Issuer<'static, KeyPair>,
     pub(crate) issuer_der: Vec<u8>,
     adjust: fn(&mut CertificateParams),
@@ -36,6 +38,7 @@ impl LocalUpstream {
         params.not_after = OffsetDateTime::now_utc() + Duration::days(3650);
         let issuer_der = params.self_signed(&key).unwrap().der().to_vec();
         LocalUpstream {
+            status: Mutex::new(StatusSource::PayraView),
             issuer: Issuer::new(params, key),
             issuer_der,
             adjust,
@@ -46,6 +49,7 @@ impl LocalUpstream {
 
     /// An issuer around it, with `config`'s limits.
     pub(crate) fn issuer(self: &Arc<Self>, config: &UpstreamConfig) -> UpstreamIssuer {
+        *self.status.lock().unwrap() = StatusSource::from_config(config);
         UpstreamIssuer::new(self.clone(), vec![self.issuer_der.clone()], config).unwrap()
     }
 
@@ -73,6 +77,10 @@ impl LocalUpstream {
 impl UpstreamCa for LocalUpstream {
     fn describe(&self) -> String {
         "an in-process test upstream".into()
+    }
+
+    fn status_source(&self) -> StatusSource {
+        self.status.lock().unwrap().clone()
     }
 
     fn sign<'a>(
@@ -304,6 +312,9 @@ async fn a_call_past_its_deadline_or_beyond_the_in_flight_bound_is_unreachable_a
     impl UpstreamCa for Silent {
         fn describe(&self) -> String {
             "silent".into()
+        }
+        fn status_source(&self) -> StatusSource {
+            StatusSource::PayraView
         }
         fn sign<'a>(
             &'a self,
