@@ -342,6 +342,9 @@ async fn upstream_loop(ra: Arc<Ra>, interval: std::time::Duration) {
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "bringing revocations to the upstream CA failed"),
         }
+        // At most one pass a second, however often revocations wake it: each reads the
+        // revoked index whole.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         ra.upstream_sync_due(interval).await;
     }
 }

@@ -515,7 +515,7 @@ async fn devices_enroll_pay_renew_and_are_revoked_through_a_cfssl_upstream() {
         "keyCompromise"
     );
 
-    // payra's own CRL lists none of the upstream's certificates; the upstream's CRL does.
+    // payra's own CRL lists none of the upstream's certificates (they are on the upstream's).
     let crl = fetch_crl(&server).await;
     let (_, crl_text) = openssl(&[
         "crl",

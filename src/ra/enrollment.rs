@@ -163,7 +163,7 @@ impl Ra {
     /// certificate record commit together (one journaled batch): a request that fails at any
     /// step changes nothing, and of concurrent uses of one token exactly one gets a
     /// certificate. A losing request's signed certificate is dropped unseen; it never leaves
-    /// the process.
+    /// the process. (In RA mode the upstream holds it: it is revoked there as an orphan.)
     ///
     /// Two halves: [`Ra::prepare_enrollment`] checks and signs, on the calling task's thread
     /// (about 80 µs of CPU with the key-file signer, much as a payment verification);
@@ -183,8 +183,12 @@ impl Ra {
         // certificate the upstream issued: the enrollment still commits, or leaves an orphan
         // to be revoked upstream.
         let checked = self.check_enrollment(request)?;
+        let claim = self
+            .upstream_claims
+            .claim(checked.hash.0.to_vec(), "this enrollment token")?;
         let (ra, actor) = (self.clone(), actor.clone());
         let enrollment = async move {
+            let _claim = claim;
             let (record, certificate_der) = ra
                 .sign_upstream(
                     &upstream,
@@ -413,7 +417,7 @@ impl Ra {
         };
         if !matches!(outcome, Ok(IssueOutcome::Issued)) {
             // An upstream certificate no record holds is revoked upstream.
-            self.uncommitted_upstream(&orphan);
+            self.uncommitted_upstream(&orphan).await;
         }
         match outcome? {
             IssueOutcome::Issued => Ok(self.issued(record, certificate_der)),

@@ -151,7 +151,11 @@ pub struct Ra {
     last_signed_heads: std::sync::Mutex<Option<(crate::store::ChainHead, crate::store::ChainHead)>>,
     /// Woken when a revocation (or an orphaned upstream certificate) is stored, so the
     /// upstream hears of it at once rather than at the next retry (RA mode).
-    upstream_wake: tokio::sync::Notify,
+    upstream_wake: Arc<tokio::sync::Notify>,
+    /// Held by a pass of [`Ra::sync_upstream`].
+    upstream_pass: tokio::sync::Mutex<()>,
+    /// Tokens and renewing certificates with a signing request upstream right now.
+    upstream_claims: upstream::UpstreamClaims,
 }
 
 impl Ra {
@@ -292,7 +296,9 @@ impl Ra {
             metrics,
             revocation_cache_turn: std::sync::Mutex::new(()),
             last_signed_heads: std::sync::Mutex::new(None),
-            upstream_wake: tokio::sync::Notify::new(),
+            upstream_wake: Arc::new(tokio::sync::Notify::new()),
+            upstream_pass: tokio::sync::Mutex::new(()),
+            upstream_claims: Default::default(),
         })
     }
 

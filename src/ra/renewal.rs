@@ -33,6 +33,13 @@ pub struct RenewalProof {
     pub signature: Vec<u8>,
 }
 
+/// The upstream claim of a renewal of `serial` (never 32 octets long, so never a token hash).
+fn renewal_claim_key(serial: &Serial) -> Vec<u8> {
+    let mut key = b"renew:".to_vec();
+    key.extend_from_slice(serial.as_bytes());
+    key
+}
+
 /// The bytes a [`RenewalProof`] signs: `"payra.v1.RenewalProof\n" || serial (hex) || "\n" ||
 /// signed_at_s (decimal) || "\n" || csr_der`.
 pub fn renewal_proof_message(serial: &Serial, signed_at_s: i64, csr_der: &[u8]) -> Vec<u8> {
@@ -131,6 +138,14 @@ impl Ra {
         self.check_renewal_rate(&current, now_s)?;
         // The CSR's own signature is checked once the caller has proven the certificate.
         let public_key = self.accepted_device_key(&request.csr_der)?;
+        // RA mode: one renewal of a certificate at a time goes upstream.
+        let _upstream_claim = match self.policy.upstream {
+            Some(_) => Some(self.upstream_claims.claim(
+                renewal_claim_key(&current.serial),
+                "this certificate's renewal",
+            )?),
+            None => None,
+        };
         // A renewal may keep its key; a new key must not be another holder's.
         let _key_claim = self.keys_in_flight.claim(
             &self.cache,
@@ -185,9 +200,12 @@ impl Ra {
             },
         );
         let renewed = self.store.renew(&current.serial, &record, now_s, &audit);
-        if !matches!(renewed, Ok(Ok(()))) {
-            // An upstream certificate no record holds is revoked upstream.
-            self.uncommitted_upstream(&record);
+        if !matches!(renewed, Ok(Ok(()))) && record.issued_upstream {
+            // An upstream certificate no record holds is revoked upstream. (Its signing ran
+            // on this blocking thread in the runtime, as this does.)
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.block_on(self.uncommitted_upstream(&record));
+            }
         }
         match renewed? {
             Ok(()) => {}

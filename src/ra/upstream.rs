@@ -62,6 +62,41 @@ fn record_orphan(
     }
 }
 
+/// Tokens and certificates a signing request is being sent upstream for right now, in this
+/// process: one token (or one certificate renewing) has one request at a time, so copies of
+/// a request sent at once cannot have the upstream issue a certificate each.
+#[derive(Default)]
+pub(super) struct UpstreamClaims(Arc<std::sync::Mutex<std::collections::HashSet<Vec<u8>>>>);
+
+/// A claim of [`UpstreamClaims`], given back when dropped.
+pub(super) struct UpstreamClaim {
+    claims: Arc<std::sync::Mutex<std::collections::HashSet<Vec<u8>>>>,
+    key: Vec<u8>,
+}
+
+impl UpstreamClaims {
+    /// Claims `key`; `what` names it in the refusal when another request holds it.
+    pub(super) fn claim(&self, key: Vec<u8>, what: &str) -> Result<UpstreamClaim> {
+        use crate::sync::Unpoisoned;
+        if !self.0.lock().unpoisoned().insert(key.clone()) {
+            return Err(Error::FailedPrecondition(format!(
+                "{what} is being used by another request right now; wait for its answer"
+            )));
+        }
+        Ok(UpstreamClaim {
+            claims: self.0.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for UpstreamClaim {
+    fn drop(&mut self) {
+        use crate::sync::Unpoisoned;
+        self.claims.lock().unpoisoned().remove(&self.key);
+    }
+}
+
 /// What one pass of [`Ra::sync_upstream`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UpstreamSync {
@@ -100,8 +135,7 @@ impl Ra {
             .await;
         let outcome = match &answer {
             Ok(_) => "ok",
-            Err(failure) if failure.refused.is_some() => "mismatch",
-            Err(_) => "unreachable",
+            Err(failure) => failure.outcome,
         };
         self.metrics
             .upstream_requests
@@ -111,7 +145,8 @@ impl Ra {
             Ok(issued) => issued,
             Err(failure) => {
                 if let Some((serial, authority_key_id)) = &failure.refused {
-                    self.orphaned_upstream(serial, authority_key_id, "payra refused it");
+                    self.orphaned_upstream(serial, authority_key_id, "payra refused it")
+                        .await;
                 }
                 if let Some(late) = failure.late {
                     self.watch_late_answer(upstream, late);
@@ -147,26 +182,33 @@ impl Ra {
         upstream: &Arc<UpstreamIssuer>,
         late: crate::ca::upstream::LateAnswer,
     ) {
-        let (upstream, store, clock) = (upstream.clone(), self.store.clone(), self.clock.clone());
+        let (upstream, store, clock, wake) = (
+            upstream.clone(),
+            self.store.clone(),
+            self.clock.clone(),
+            self.upstream_wake.clone(),
+        );
         tokio::spawn(async move {
             let Some((serial, authority_key_id)) = upstream.late_certificate(late).await else {
                 return;
             };
             let _ = tokio::task::spawn_blocking(move || {
-                record_orphan(
+                if record_orphan(
                     store.as_ref(),
                     clock.as_ref(),
                     &serial,
                     &authority_key_id,
                     "it answered after the deadline",
-                )
+                ) {
+                    wake.notify_one();
+                }
             })
             .await;
         });
     }
 
     /// [`Ra::orphaned_upstream`] for a record that did not commit.
-    pub(super) fn uncommitted_upstream(&self, record: &CertificateRecord) {
+    pub(super) async fn uncommitted_upstream(&self, record: &CertificateRecord) {
         if record.issued_upstream {
             let authority_key_id = record
                 .certificate_der()
@@ -176,23 +218,35 @@ impl Ra {
                 &record.serial,
                 &authority_key_id,
                 "its enrollment or renewal did not commit",
-            );
+            )
+            .await;
         }
     }
 
     /// Records an upstream certificate that no record will hold (payra refused it, or its
     /// enrollment or renewal did not commit), so it is revoked upstream; best effort, logged
     /// when it cannot be.
-    fn orphaned_upstream(&self, serial: &Serial, authority_key_id: &[u8], why: &str) {
-        if record_orphan(
-            self.store.as_ref(),
-            self.clock.as_ref(),
-            serial,
-            authority_key_id,
-            why,
-        ) {
-            self.upstream_wake.notify_one();
-        }
+    async fn orphaned_upstream(&self, serial: &Serial, authority_key_id: &[u8], why: &str) {
+        let (store, clock, wake) = (
+            self.store.clone(),
+            self.clock.clone(),
+            self.upstream_wake.clone(),
+        );
+        let (serial, authority_key_id, why) =
+            (serial.clone(), authority_key_id.to_vec(), why.to_string());
+        // A durable write: off the executor.
+        let _ = tokio::task::spawn_blocking(move || {
+            if record_orphan(
+                store.as_ref(),
+                clock.as_ref(),
+                &serial,
+                &authority_key_id,
+                &why,
+            ) {
+                wake.notify_one();
+            }
+        })
+        .await;
     }
 
     /// Refuses what the upstream cannot do for a certificate it issued: release a hold (in
@@ -235,11 +289,15 @@ impl Ra {
             match known.remove(&revoked.serial) {
                 Some(entry)
                     if entry.confirmed_at_s.is_some()
+                        && !entry.orphan
                         && entry.revocation.reason == revoked.revocation.reason => {}
                 Some(mut entry) => {
-                    if entry.revocation.reason != revoked.revocation.reason {
+                    // An orphan entry for a certificate payra holds and has now revoked (its
+                    // enrollment committed after all) becomes that revocation.
+                    if entry.orphan || entry.revocation.reason != revoked.revocation.reason {
                         entry.revocation = revoked.revocation;
                         entry.confirmed_at_s = None;
+                        entry.orphan = false;
                     }
                     pending.push(entry);
                 }
@@ -283,6 +341,8 @@ impl Ra {
         let Some(upstream) = self.policy.upstream.clone() else {
             return Ok(UpstreamSync::default());
         };
+        // One pass at a time in this process (the loop's and an operator's `--retry`).
+        let _pass = self.upstream_pass.lock().await;
         let backlog = self.on_store(|ra| ra.upstream_backlog()).await?;
         let mut sync = UpstreamSync::default();
         let total = backlog.len();
@@ -544,6 +604,124 @@ mod tests {
             entry.last_error.as_deref(),
             Some("payra holds its record after all; not revoked upstream")
         );
+
+        // Revoked later, even for the orphan's own reason, it goes upstream all the same.
+        ra.revoke_certificate(
+            &actor,
+            &issued.record.serial,
+            RevocationReason::CessationOfOperation,
+        )
+        .unwrap();
+        assert_eq!(ra.sync_upstream().await.unwrap().confirmed, 1);
+        assert_eq!(
+            *upstream.revoked.lock().unwrap(),
+            vec![(
+                issued.record.serial.clone(),
+                RevocationReason::CessationOfOperation
+            )]
+        );
+        assert_eq!(ra.upstream_backlog().unwrap(), vec![]);
+        ra.close_decisions().unwrap();
+    }
+
+    /// A hold made permanent while the hold is being sent upstream is not recorded as
+    /// confirmed: the reason read after the answer differs, and the next pass sends the new
+    /// one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reason_changed_while_it_is_sent_is_sent_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = Arc::new(LocalUpstream::new(|_| {}));
+        let ra = upstream_ra(dir.path(), &upstream);
+        let actor = Actor::system();
+        let customer = CustomerId::parse("customer_id", "racing").unwrap();
+        let token = ra
+            .create_enrollment_token(&actor, customer, 0)
+            .unwrap()
+            .token;
+        let serial = ra
+            .enroll(&actor, request(&token, "phone"))
+            .await
+            .unwrap()
+            .record
+            .serial;
+        ra.revoke_certificate(&actor, &serial, RevocationReason::CertificateHold)
+            .unwrap();
+        // Another replica makes it permanent while the upstream is handling the hold.
+        let store = ra.store.clone();
+        *upstream.on_revoke.lock().unwrap() = Some(Box::new(move |serial: &Serial| {
+            let permanent = Revocation {
+                revoked_at_s: 1,
+                reason: RevocationReason::KeyCompromise,
+            };
+            let audit = AuditEvent::new(1, &Actor::system(), "test", "", "");
+            let _ = store.revoke(std::slice::from_ref(serial), &permanent, &audit);
+        }));
+        let sync = ra.sync_upstream().await.unwrap();
+        assert_eq!(
+            sync,
+            UpstreamSync {
+                confirmed: 0,
+                pending: 1
+            }
+        );
+        *upstream.on_revoke.lock().unwrap() = None;
+        let backlog = ra.upstream_backlog().unwrap();
+        assert_eq!(backlog.len(), 1);
+        assert_eq!(
+            backlog[0].revocation.reason,
+            RevocationReason::KeyCompromise
+        );
+        assert_eq!(
+            ra.sync_upstream().await.unwrap(),
+            UpstreamSync {
+                confirmed: 1,
+                pending: 0
+            }
+        );
+        assert_eq!(
+            *upstream.revoked.lock().unwrap(),
+            vec![
+                (serial.clone(), RevocationReason::CertificateHold),
+                (serial, RevocationReason::KeyCompromise)
+            ]
+        );
+        ra.close_decisions().unwrap();
+    }
+
+    /// Copies of one enrollment sent at once: one signing request goes upstream, the others
+    /// are told the token is in use.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn copies_of_one_enrollment_send_one_signing_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = Arc::new(LocalUpstream::new(|_| {}));
+        let ra = upstream_ra(dir.path(), &upstream);
+        let actor = Actor::system();
+        let customer = CustomerId::parse("customer_id", "copies").unwrap();
+        let token = ra
+            .create_enrollment_token(&actor, customer, 0)
+            .unwrap()
+            .token;
+        // Hold the token's claim as an enrollment in flight does.
+        let held = ra
+            .upstream_claims
+            .claim(
+                crate::store::TokenHash::of(&token).0.to_vec(),
+                "this enrollment token",
+            )
+            .unwrap();
+        let refused = ra
+            .enroll(&actor, request(&token, "phone"))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.kind(), crate::error::ErrorKind::FailedPrecondition);
+        assert!(
+            refused
+                .to_string()
+                .contains("being used by another request"),
+            "{refused}"
+        );
+        drop(held);
+        ra.enroll(&actor, request(&token, "phone")).await.unwrap();
         ra.close_decisions().unwrap();
     }
 

@@ -168,6 +168,8 @@ pub const LATE_ANSWER_WAIT: Duration = Duration::from_secs(120);
 #[derive(Debug)]
 pub struct IssueFailure {
     pub error: Error,
+    /// The metrics' word for it: `unreachable`, `refused` or `mismatch`.
+    pub outcome: &'static str,
     pub refused: Option<(Serial, Vec<u8>)>,
     pub late: Option<LateAnswer>,
 }
@@ -296,6 +298,10 @@ impl UpstreamIssuer {
                      stored and the enrollment token is still usable, retry later",
                     failure.brief()
                 )),
+                outcome: match failure {
+                    UpstreamFailure::Refused(_) => "refused",
+                    UpstreamFailure::Unreachable(_) => "unreachable",
+                },
                 refused: None,
                 late,
             }
@@ -316,6 +322,7 @@ impl UpstreamIssuer {
                          profile"
                             .into(),
                     ),
+                    outcome: "mismatch",
                     refused: self.signed_by_upstream(&der),
                     late: None,
                 }
@@ -623,9 +630,11 @@ pub fn check_csr_for_upstream(csr_der: &[u8]) -> Result<()> {
             ),
         ));
     }
-    if csr
-        .requested_extensions()
-        .is_some_and(|mut e| e.next().is_some())
+    let extension_request = x509_parser::oid_registry::OID_PKCS9_EXTENSION_REQUEST;
+    if info
+        .attributes()
+        .iter()
+        .any(|attribute| attribute.oid == extension_request)
     {
         return Err(Error::invalid(
             "csr_der",

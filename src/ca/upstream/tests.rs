@@ -25,6 +25,8 @@ pub(crate) struct LocalUpstream {
     pub(crate) revoked: Mutex<Vec<(Serial, RevocationReason)>>,
     /// While set, every call fails as an unreachable upstream's would.
     pub(crate) down: std::sync::atomic::AtomicBool,
+    /// Run with each revocation request, before it is answered.
+    pub(crate) on_revoke: Mutex<Option<RevokeHook>>,
 }
 
 impl LocalUpstream {
@@ -44,6 +46,7 @@ impl LocalUpstream {
             adjust,
             revoked: Mutex::new(Vec::new()),
             down: Default::default(),
+            on_revoke: Mutex::new(None),
         }
     }
 
@@ -103,6 +106,9 @@ impl UpstreamCa for LocalUpstream {
             if self.down.load(std::sync::atomic::Ordering::SeqCst) {
                 return Err(UpstreamFailure::Unreachable("connection refused".into()));
             }
+            if let Some(hook) = self.on_revoke.lock().unwrap().as_mut() {
+                hook(&request.serial);
+            }
             self.revoked
                 .lock()
                 .unwrap()
@@ -111,6 +117,9 @@ impl UpstreamCa for LocalUpstream {
         })
     }
 }
+
+/// Run by [`LocalUpstream`] with each revocation request.
+pub(crate) type RevokeHook = Box<dyn FnMut(&Serial) + Send>;
 
 /// A change to a certificate's parameters before it is signed.
 type Adjust = fn(&mut CertificateParams);
