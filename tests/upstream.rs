@@ -40,42 +40,48 @@ impl Cfssl {
             let (ok, out) = openssl(args);
             assert!(ok, "openssl {args:?}: {out}");
         };
-        run(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            path_str(&d.join("root.key")),
-            "-out",
-            path_str(&d.join("root.pem")),
-            "-subj",
-            "/C=CN/O=Licensed CA/CN=Licensed Root",
-            "-days",
-            "3650",
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-        ]);
-        run(&[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            path_str(&d.join("issuing.key")),
-            "-out",
-            path_str(&d.join("issuing.csr")),
-            "-subj",
-            "/C=CN/O=Licensed CA/CN=Licensed Device CA",
-        ]);
+        // `openssl req` with a new P-256 key in `key`, then `rest`.
+        let req_with_new_key = |key: &str, rest: &[&str]| {
+            let key = d.join(key);
+            let mut args = vec![
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                path_str(&key),
+            ];
+            args.extend_from_slice(rest);
+            run(&args);
+        };
+        req_with_new_key(
+            "root.key",
+            &[
+                "-x509",
+                "-out",
+                path_str(&d.join("root.pem")),
+                "-subj",
+                "/C=CN/O=Licensed CA/CN=Licensed Root",
+                "-days",
+                "3650",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+        );
+        req_with_new_key(
+            "issuing.key",
+            &[
+                "-new",
+                "-out",
+                path_str(&d.join("issuing.csr")),
+                "-subj",
+                "/C=CN/O=Licensed CA/CN=Licensed Device CA",
+            ],
+        );
         std::fs::write(
             d.join("issuing.ext"),
             "basicConstraints=critical,CA:TRUE,pathlen:0\n\

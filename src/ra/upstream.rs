@@ -509,6 +509,24 @@ mod tests {
         )
     }
 
+    /// A fresh enrollment token for `customer`.
+    fn token(ra: &Ra, customer: &str) -> String {
+        let customer = CustomerId::parse("customer_id", customer).unwrap();
+        ra.create_enrollment_token(&Actor::system(), customer, 0)
+            .unwrap()
+            .token
+    }
+
+    /// A device of `customer` enrolled through the upstream: its certificate's serial.
+    async fn enrolled(ra: &Arc<Ra>, customer: &str) -> Serial {
+        let token = token(ra, customer);
+        ra.enroll(&Actor::system(), request(&token, "phone"))
+            .await
+            .unwrap()
+            .record
+            .serial
+    }
+
     fn request(token: &str, device: &str) -> EnrollRequest {
         EnrollRequest {
             peer: None,
@@ -530,12 +548,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let upstream = Arc::new(LocalUpstream::new(|_| {}));
         let ra = upstream_ra(dir.path(), &upstream);
-        let actor = Actor::system();
-        let customer = CustomerId::parse("customer_id", "racer").unwrap();
-        let token = ra
-            .create_enrollment_token(&actor, customer, 0)
-            .unwrap()
-            .token;
+        let token = token(&ra, "racer");
         let (first, second) = {
             let (ra1, ra2) = (ra.clone(), ra.clone());
             let (r1, r2) = (request(&token, "phone-a"), request(&token, "phone-b"));
@@ -581,16 +594,11 @@ mod tests {
         let upstream = Arc::new(LocalUpstream::new(|_| {}));
         let ra = upstream_ra(dir.path(), &upstream);
         let actor = Actor::system();
-        let customer = CustomerId::parse("customer_id", "stored").unwrap();
-        let token = ra
-            .create_enrollment_token(&actor, customer, 0)
-            .unwrap()
-            .token;
-        let issued = ra.enroll(&actor, request(&token, "phone")).await.unwrap();
+        let serial = enrolled(&ra, "stored").await;
         assert!(record_orphan(
             ra.store.as_ref(),
             ra.clock.as_ref(),
-            &issued.record.serial,
+            &serial,
             &[],
             "the store answered with an error"
         ));
@@ -606,19 +614,12 @@ mod tests {
         );
 
         // Revoked later, even for the orphan's own reason, it goes upstream all the same.
-        ra.revoke_certificate(
-            &actor,
-            &issued.record.serial,
-            RevocationReason::CessationOfOperation,
-        )
-        .unwrap();
+        ra.revoke_certificate(&actor, &serial, RevocationReason::CessationOfOperation)
+            .unwrap();
         assert_eq!(ra.sync_upstream().await.unwrap().confirmed, 1);
         assert_eq!(
             *upstream.revoked.lock().unwrap(),
-            vec![(
-                issued.record.serial.clone(),
-                RevocationReason::CessationOfOperation
-            )]
+            vec![(serial.clone(), RevocationReason::CessationOfOperation)]
         );
         assert_eq!(ra.upstream_backlog().unwrap(), vec![]);
         ra.close_decisions().unwrap();
@@ -633,17 +634,7 @@ mod tests {
         let upstream = Arc::new(LocalUpstream::new(|_| {}));
         let ra = upstream_ra(dir.path(), &upstream);
         let actor = Actor::system();
-        let customer = CustomerId::parse("customer_id", "racing").unwrap();
-        let token = ra
-            .create_enrollment_token(&actor, customer, 0)
-            .unwrap()
-            .token;
-        let serial = ra
-            .enroll(&actor, request(&token, "phone"))
-            .await
-            .unwrap()
-            .record
-            .serial;
+        let serial = enrolled(&ra, "racing").await;
         ra.revoke_certificate(&actor, &serial, RevocationReason::CertificateHold)
             .unwrap();
         // Another replica makes it permanent while the upstream is handling the hold.
@@ -696,11 +687,7 @@ mod tests {
         let upstream = Arc::new(LocalUpstream::new(|_| {}));
         let ra = upstream_ra(dir.path(), &upstream);
         let actor = Actor::system();
-        let customer = CustomerId::parse("customer_id", "copies").unwrap();
-        let token = ra
-            .create_enrollment_token(&actor, customer, 0)
-            .unwrap()
-            .token;
+        let token = token(&ra, "copies");
         // Hold the token's claim as an enrollment in flight does.
         let held = ra
             .upstream_claims
