@@ -15,6 +15,7 @@ mod renewal;
 mod retention;
 mod revocation;
 pub mod signature;
+mod signing;
 mod status;
 mod throttle;
 pub mod tiers;

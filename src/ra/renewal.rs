@@ -7,7 +7,8 @@ use crate::error::{Error, Result};
 use crate::model::{DeviceInfo, KeyAlgorithm, Serial};
 use crate::store::{Actor, AuditEvent, CertificateRecord, RevokeRejection};
 
-use super::enrollment::{Holder, Issued};
+use super::enrollment::Issued;
+use super::signing::Holder;
 use crate::ca::SubscriberRef;
 
 /// A parsed `Renew` request; the current certificate comes from mutual TLS.

@@ -120,7 +120,7 @@ impl Ra {
         upstream: &Arc<UpstreamIssuer>,
         public_key: &crate::ca::DevicePublicKey,
         csr_der: &[u8],
-        holder: super::enrollment::Holder,
+        holder: super::signing::Holder,
         renewed_from: Option<Serial>,
         now_s: i64,
     ) -> Result<(CertificateRecord, Vec<u8>)> {
@@ -154,7 +154,7 @@ impl Ra {
                 return Err(failure.error);
             }
         };
-        let super::enrollment::Holder {
+        let super::signing::Holder {
             customer,
             device,
             device_info,

@@ -7,6 +7,7 @@
 //! never stored.
 
 pub mod cfssl;
+pub mod config;
 mod http;
 
 use std::future::Future;
