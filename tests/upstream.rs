@@ -340,6 +340,27 @@ async fn enroll_with(
         .map(|issued| (key, issued))
 }
 
+/// Enrolls a fresh key with `token` and expects it refused with `code`, the message saying
+/// `says`: the refusal.
+async fn enrollment_refused(
+    server: &TestServer,
+    token: &str,
+    code: tonic::Code,
+    says: &str,
+) -> payra::client::ClientError {
+    let refused = enroll_with(server, token, "phone-1")
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(refused.code(), code, "{refused:?}");
+    assert!(
+        refused.message().contains(says),
+        "{says}: {}",
+        refused.message()
+    );
+    refused
+}
+
 /// Renews certificate `serial` to `new_key` without a client certificate, by a proof that
 /// `signer` signs.
 async fn renew_by_proof(
@@ -571,18 +592,14 @@ async fn an_upstream_that_is_down_fails_enrollment_cleanly_and_the_token_works_w
     let token = server.token("acme").await;
     cfssl.stop();
 
-    let down = enroll_with(&server, &token, "phone-1")
-        .await
-        .err()
-        .expect("refused");
-    assert_eq!(down.code(), tonic::Code::Unavailable, "{down:?}");
+    let down = enrollment_refused(
+        &server,
+        &token,
+        tonic::Code::Unavailable,
+        "the certificate authority did not issue the certificate (it could not be reached",
+    )
+    .await;
     let message = down.message();
-    assert!(
-        message.contains(
-            "the certificate authority did not issue the certificate (it could not be reached"
-        ),
-        "{message}"
-    );
     assert!(
         !message.contains(&cfssl.url()) && !message.contains("cfssl"),
         "the phone is not told where the upstream is: {message}"
@@ -648,9 +665,7 @@ async fn a_slow_upstream_or_one_answering_garbage_is_unavailable_and_nothing_is_
         })
         .await;
         let token = server.token("acme").await;
-        let refused = enroll_with(&server, &token, "phone-1").await.err().expect("refused");
-        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-        assert!(refused.message().contains(expected), "{expected}: {}", refused.message());
+        enrollment_refused(&server, &token, tonic::Code::Unavailable, expected).await;
         let listed = server
             .operator()
             .await
@@ -671,20 +686,13 @@ async fn a_certificate_outside_the_profile_is_refused_unstored_and_revoked_upstr
     let server = TestServer::start_with(|config| cfssl.payra_config(config)).await;
     let token = server.token("acme").await;
 
-    let refused = enroll_with(&server, &token, "phone-1")
-        .await
-        .err()
-        .expect("refused");
-    assert_eq!(
-        refused.code(),
+    enrollment_refused(
+        &server,
+        &token,
         tonic::Code::FailedPrecondition,
-        "{refused:?}"
-    );
-    assert!(
-        refused.message().contains("outside payra's profile"),
-        "{}",
-        refused.message()
-    );
+        "outside payra's profile",
+    )
+    .await;
     let listed = server
         .operator()
         .await
@@ -726,16 +734,13 @@ async fn a_wrong_hmac_key_is_refused_by_the_upstream_and_named() {
     })
     .await;
     let token = server.token("acme").await;
-    let refused = enroll_with(&server, &token, "phone-1")
-        .await
-        .err()
-        .expect("refused");
-    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-    assert!(
-        refused.message().contains("(it refused the request)"),
-        "{}",
-        refused.message()
-    );
+    enrollment_refused(
+        &server,
+        &token,
+        tonic::Code::Unavailable,
+        "(it refused the request)",
+    )
+    .await;
     assert_eq!(cfssl.db_count(), 0);
 }
 
@@ -957,16 +962,13 @@ async fn a_certificate_issued_after_the_deadline_is_revoked_upstream() {
     })
     .await;
     let token = server.token("acme").await;
-    let late = enroll_with(&server, &token, "phone-1")
-        .await
-        .err()
-        .expect("refused");
-    assert_eq!(late.code(), tonic::Code::Unavailable, "{late:?}");
-    assert!(
-        late.message().contains("did not answer in time"),
-        "{}",
-        late.message()
-    );
+    enrollment_refused(
+        &server,
+        &token,
+        tonic::Code::Unavailable,
+        "did not answer in time",
+    )
+    .await;
 
     // The late answer comes, is recorded as an orphan and revoked: wait for that state, a
     // bounded number of passes.

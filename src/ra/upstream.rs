@@ -487,17 +487,20 @@ mod tests {
     use crate::model::{CustomerId, DeviceId, DeviceInfo};
     use crate::ra::EnrollRequest;
 
-    /// An RA in RA mode over `upstream`, on a fresh development PKI and sled database.
-    fn upstream_ra(dir: &std::path::Path, upstream: &Arc<LocalUpstream>) -> Arc<Ra> {
-        let certs = dir.join("certs");
+    /// An RA in RA mode over an in-process upstream, on a fresh development PKI and sled
+    /// database in a temporary directory (kept alive by the first value).
+    fn upstream_ra() -> (tempfile::TempDir, Arc<LocalUpstream>, Arc<Ra>) {
+        let dir = tempfile::tempdir().unwrap();
+        let upstream = Arc::new(LocalUpstream::new(|_| {}));
+        let certs = dir.path().join("certs");
         crate::ca::pki::init_dev_pki(&certs, false).unwrap();
         let config = crate::config::Config {
-            data_dir: dir.join("data"),
+            data_dir: dir.path().join("data"),
             ..crate::config::Config::default()
         };
         let mut policy = super::super::RaPolicy::from_config(&config).unwrap();
         policy.upstream = Some(Arc::new(upstream.issuer(&config.ca.upstream)));
-        Arc::new(
+        let ra = Arc::new(
             Ra::new(
                 Arc::new(crate::store::SledStore::open(&config.data_dir).unwrap()),
                 Arc::new(crate::ca::CaMaterial::load(&certs, None).unwrap()),
@@ -506,7 +509,8 @@ mod tests {
                 Arc::new(crate::metrics::Metrics::new()),
             )
             .unwrap(),
-        )
+        );
+        (dir, upstream, ra)
     }
 
     /// A fresh enrollment token for `customer`.
@@ -545,9 +549,7 @@ mod tests {
     /// record, and is revoked upstream as cessationOfOperation.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_losing_certificate_of_a_token_race_is_revoked_upstream() {
-        let dir = tempfile::tempdir().unwrap();
-        let upstream = Arc::new(LocalUpstream::new(|_| {}));
-        let ra = upstream_ra(dir.path(), &upstream);
+        let (_dir, upstream, ra) = upstream_ra();
         let token = token(&ra, "racer");
         let (first, second) = {
             let (ra1, ra2) = (ra.clone(), ra.clone());
@@ -590,9 +592,7 @@ mod tests {
     /// revoked upstream: it is payra's certificate.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_orphan_payra_holds_a_record_of_is_not_revoked_upstream() {
-        let dir = tempfile::tempdir().unwrap();
-        let upstream = Arc::new(LocalUpstream::new(|_| {}));
-        let ra = upstream_ra(dir.path(), &upstream);
+        let (_dir, upstream, ra) = upstream_ra();
         let actor = Actor::system();
         let serial = enrolled(&ra, "stored").await;
         assert!(record_orphan(
@@ -630,9 +630,7 @@ mod tests {
     /// one.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_reason_changed_while_it_is_sent_is_sent_again() {
-        let dir = tempfile::tempdir().unwrap();
-        let upstream = Arc::new(LocalUpstream::new(|_| {}));
-        let ra = upstream_ra(dir.path(), &upstream);
+        let (_dir, upstream, ra) = upstream_ra();
         let actor = Actor::system();
         let serial = enrolled(&ra, "racing").await;
         ra.revoke_certificate(&actor, &serial, RevocationReason::CertificateHold)
@@ -683,9 +681,7 @@ mod tests {
     /// are told the token is in use.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn copies_of_one_enrollment_send_one_signing_request() {
-        let dir = tempfile::tempdir().unwrap();
-        let upstream = Arc::new(LocalUpstream::new(|_| {}));
-        let ra = upstream_ra(dir.path(), &upstream);
+        let (_dir, _upstream, ra) = upstream_ra();
         let actor = Actor::system();
         let token = token(&ra, "copies");
         // Hold the token's claim as an enrollment in flight does.
@@ -716,9 +712,7 @@ mod tests {
     /// upstream that is down leaves the rest of a pass for the next one.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_hold_made_permanent_goes_upstream_again_and_an_outage_ends_a_pass() {
-        let dir = tempfile::tempdir().unwrap();
-        let upstream = Arc::new(LocalUpstream::new(|_| {}));
-        let ra = upstream_ra(dir.path(), &upstream);
+        let (_dir, upstream, ra) = upstream_ra();
         let actor = Actor::system();
         let customer = CustomerId::parse("customer_id", "holder").unwrap();
         let mut serials = Vec::new();
