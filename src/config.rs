@@ -258,11 +258,20 @@ impl Default for RetentionConfig {
 pub struct VerificationConfig {
     /// How far an intent's created_at may be from the server's clock, either way.
     pub skew_s: u32,
+    /// The most memory the certificate cache takes, in bytes (0: no cache; every
+    /// verification reads the store). About 180 bytes a certificate.
+    pub cache_bytes: u64,
 }
+
+/// The certificate cache's default size: about 1.5 million certificates.
+pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
 
 impl Default for VerificationConfig {
     fn default() -> Self {
-        VerificationConfig { skew_s: 120 }
+        VerificationConfig {
+            skew_s: 120,
+            cache_bytes: DEFAULT_CACHE_BYTES,
+        }
     }
 }
 
@@ -682,6 +691,12 @@ impl Config {
             return Err(Error::invalid(
                 "verification.skew_s",
                 "must be between 1 and 3600",
+            ));
+        }
+        if self.verification.cache_bytes > 1 << 40 {
+            return Err(Error::invalid(
+                "verification.cache_bytes",
+                "must be at most 1 TiB (1099511627776)",
             ));
         }
         if self.ledger.utc_offset_s.abs() > 14 * 3600 {

@@ -27,6 +27,11 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     pub ocsp_responses: IntCounterVec,
     pub enroll_throttled: IntCounter,
+    /// Certificate cache lookups by result (hit, miss), evictions, and what it holds.
+    pub certificate_cache_lookups: IntCounterVec,
+    pub certificate_cache_evictions: IntCounter,
+    pub certificate_cache_entries: IntGauge,
+    pub certificate_cache_bytes: IntGauge,
     /// Calls to the upstream CA (RA mode) by operation (sign, revoke) and outcome.
     pub upstream_requests: IntCounterVec,
     /// Revocations payra has made that the upstream CA has not confirmed yet.
@@ -232,6 +237,37 @@ impl Metrics {
                     "payra_ocsp_responses_total",
                     "OCSP answers by source (cache, signed, error)",
                     &["source"],
+                ),
+            ),
+            certificate_cache_lookups: register(
+                &registry,
+                counter_vec(
+                    "payra_certificate_cache_lookups_total",
+                    "certificate cache lookups (VerifyPayment, GetCertificateStatus) by result: \
+                     hit, or miss (read from the store)",
+                    &["result"],
+                ),
+            ),
+            certificate_cache_evictions: register(
+                &registry,
+                IntCounter::new(
+                    "payra_certificate_cache_evictions_total",
+                    "certificates evicted from the cache to keep it within verification.cache_bytes",
+                )
+                .unwrap_or_else(|e| panic!("metric payra_certificate_cache_evictions_total: {e}")),
+            ),
+            certificate_cache_entries: register(
+                &registry,
+                gauge(
+                    "payra_certificate_cache_entries",
+                    "certificates in the cache",
+                ),
+            ),
+            certificate_cache_bytes: register(
+                &registry,
+                gauge(
+                    "payra_certificate_cache_bytes",
+                    "bytes the cached certificates take, as verification.cache_bytes counts them",
                 ),
             ),
             enroll_throttled: register(

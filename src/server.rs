@@ -36,6 +36,10 @@ pub struct RunningServer {
     /// Applies other payra processes' changes (a shared store only).
     changes_task: JoinHandle<()>,
     checkpoint_task: JoinHandle<()>,
+    /// Counts certificates by status; stopped through `count_stop`, never aborted (its pass
+    /// over the store runs on a blocking thread that holds the store).
+    count_task: JoinHandle<()>,
+    count_stop: Arc<tokio::sync::Notify>,
     audit_head_task: JoinHandle<()>,
     upstream_task: JoinHandle<()>,
     store: Arc<dyn Store>,
@@ -292,6 +296,8 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
         std::time::Duration::from_secs(u64::from(config.retention.interval_s.max(60))),
     ));
     let checkpoint_task = tokio::spawn(checkpoint_loop(ra.clone()));
+    let count_stop = Arc::new(tokio::sync::Notify::new());
+    let count_task = tokio::spawn(count_loop(ra.clone(), count_stop.clone()));
     let audit_head_task = tokio::spawn(audit_head_loop(
         ra.clone(),
         std::time::Duration::from_secs(u64::from(config.audit.head_interval_s)),
@@ -319,6 +325,8 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
         purge_task,
         changes_task,
         checkpoint_task,
+        count_task,
+        count_stop,
         audit_head_task,
         upstream_task,
         store,
@@ -375,6 +383,27 @@ async fn audit_head_loop(ra: Arc<Ra>, interval: std::time::Duration) {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "signing the audit heads failed"),
             Err(e) => tracing::error!(error = %e, "audit head task failed"),
+        }
+    }
+}
+
+/// How often the certificates are counted by status for the metrics: a pass over every
+/// certificate's summary in the store (about a second per million on sled).
+const COUNT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Counts the certificates by status at start and every [`COUNT_INTERVAL`], until `stop`
+/// (a pass under way is finished first).
+async fn count_loop(ra: Arc<Ra>, stop: Arc<tokio::sync::Notify>) {
+    loop {
+        let run = ra.clone();
+        match tokio::task::spawn_blocking(move || run.count_certificates()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "counting certificates failed"),
+            Err(e) => tracing::error!(error = %e, "counting certificates failed"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(COUNT_INTERVAL) => {}
+            _ = stop.notified() => return,
         }
     }
 }
@@ -482,12 +511,15 @@ impl RunningServer {
         self.purge_task.abort();
         self.changes_task.abort();
         self.checkpoint_task.abort();
+        // notify_one keeps the wake-up for a loop that is counting now.
+        self.count_stop.notify_one();
         self.audit_head_task.abort();
         self.upstream_task.abort();
         let _ = self.crl_task.await;
         let _ = self.purge_task.await;
         let _ = self.changes_task.await;
         let _ = self.checkpoint_task.await;
+        let _ = self.count_task.await;
         let _ = self.audit_head_task.await;
         let _ = self.upstream_task.await;
         let ra = self.ra.clone();

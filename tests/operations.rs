@@ -99,7 +99,16 @@ async fn ok_metrics_parse_and_move_with_traffic() {
         delta("payra_certificates_revoked_total{reason=\"key-compromise\"}"),
         1.0
     );
-    assert_eq!(value(&after, "payra_certificates{status=\"revoked\"}"), 1.0);
+    assert_eq!(
+        delta("payra_certificate_cache_lookups_total{result=\"miss\"}"),
+        1.0,
+        "the first verification reads the certificate from the store"
+    );
+    assert_eq!(
+        value(&after, "payra_certificate_cache_entries"),
+        0.0,
+        "the revocation emptied its slot"
+    );
     assert!(value(&after, "payra_crl_number") >= 1.0);
     assert!(value(&after, "payra_storage_syncs") >= 1.0);
     assert_eq!(
@@ -117,6 +126,79 @@ async fn ok_metrics_parse_and_move_with_traffic() {
         delta("payra_rpc_duration_seconds_count{code=\"OK\",method=\"Enroll\"}") == 1.0,
         "latency histogram counts the call"
     );
+}
+
+/// The certificate cache changes how often the store is read, never an answer: with the
+/// default cache and with none (`cache_bytes = 0`) each verification of a valid certificate
+/// passes and one of a revoked certificate is refused, cached before or not; the lookups
+/// are counted as hits and misses.
+#[tokio::test]
+async fn ok_verification_answers_alike_with_and_without_a_cache() {
+    for cache_bytes in [payra::config::DEFAULT_CACHE_BYTES, 0] {
+        let server =
+            TestServer::start_with(|config| config.verification.cache_bytes = cache_bytes).await;
+        let mut phones = Vec::new();
+        for device in ["c-1", "c-2"] {
+            phones.push(server.enroll("cached", device).await);
+        }
+        let before = scrape(&server).await;
+        let pay = |n: usize, order: &str| {
+            let (key, issued) = &phones[n];
+            let intent = payment_intent(
+                "cached",
+                &format!("c-{}", n + 1),
+                order,
+                100,
+                payra::clock::Clock::now_ms(&server.clock),
+            );
+            signed_payment(key, &issued.serial, &intent, vec![], false)
+        };
+        let verdict = |answer: proto::VerifyPaymentResponse| answer.verdict;
+        let service = server.service().await;
+        for (n, order) in [(0, "o-1"), (0, "o-2"), (1, "o-3")] {
+            let answer = service.verify_payment(pay(n, order)).await.unwrap();
+            assert_eq!(
+                verdict(answer),
+                proto::Verdict::Verified as i32,
+                "{cache_bytes}"
+            );
+        }
+        let after = scrape(&server).await;
+        let delta = |key: &str| value(&after, key) - value(&before, key);
+        let lookups = |result: &str| {
+            delta(&format!(
+                "payra_certificate_cache_lookups_total{{result=\"{result}\"}}"
+            ))
+        };
+        let cached = if cache_bytes == 0 { 0.0 } else { 1.0 };
+        assert_eq!((lookups("hit"), lookups("miss")), (cached, 3.0 - cached));
+        assert_eq!(
+            value(&after, "payra_certificate_cache_entries"),
+            2.0 * cached
+        );
+
+        // The first phone's certificate is cached (with a cache), the second's too; one is
+        // revoked by serial, the other on hold.
+        server
+            .revoke(&phones[0].1.serial, proto::RevocationReason::KeyCompromise)
+            .await;
+        server
+            .revoke(
+                &phones[1].1.serial,
+                proto::RevocationReason::CertificateHold,
+            )
+            .await;
+        for (n, order) in [(0, "o-4"), (1, "o-5")] {
+            let answer = service.verify_payment(pay(n, order)).await.unwrap();
+            assert_eq!(
+                verdict(answer),
+                proto::Verdict::CertificateRevoked as i32,
+                "{cache_bytes}"
+            );
+        }
+        let status = server.status(&phones[1].1.serial).await;
+        assert_eq!(status.status, proto::CertificateStatus::OnHold as i32);
+    }
 }
 
 #[tokio::test]

@@ -1,16 +1,25 @@
-//! The in-memory view of every certificate the verifier needs: key, identity, validity and
-//! revocation. Loaded at start, updated after each durable change and before the change is
-//! acknowledged, so the hot path reads no disk and a revocation is effective for the very
-//! next verification.
+//! The certificate facts the verifier needs (key, identity, validity, revocation), kept for
+//! the certificates verified lately in a cache of bounded size, with the store as the source
+//! of truth behind it: a replica's memory does not grow with the number of devices.
+//!
+//! Freshness: the cache only ever holds what the store held at some moment, and a change
+//! the store has made visible empties the certificate's slot before the change is
+//! acknowledged. A lookup that misses takes a ticket (its shard's epoch) before it reads the
+//! store; the entry it then fills is dropped if an invalidation touched the shard meanwhile.
+//! So a revocation is effective for the very next verification, whether the certificate
+//! was cached or not.
+//!
+//! Eviction is CLOCK: each entry has a referenced bit a hit sets; the hand clears set bits
+//! and evicts the first entry it finds clear. A hit takes a shard's read lock only.
 
 use crate::sync::Unpoisoned;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use crate::attestation::AttestationClass;
-use crate::error::Result;
 use crate::model::{CustomerId, DeviceId, KeyAlgorithm, RevocationReason, Serial};
-use crate::store::{CertificateRecord, Revocation, Store};
+use crate::store::{CertificateSummary, Revocation};
 
 /// What the verifier knows about one certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,9 +37,24 @@ pub struct CachedCertificate {
     pub key_algorithm: KeyAlgorithm,
 }
 
-/// One certificate as the map keeps it: a single allocation of about 150 bytes holding
-/// the serial, the key, validity, revocation and both identifiers, so that a million
-/// certificates take about 200 MB with the table (one pointer per slot).
+impl CachedCertificate {
+    /// The facts a stored summary holds.
+    pub fn of(summary: &CertificateSummary) -> CachedCertificate {
+        CachedCertificate {
+            public_key: summary.public_key,
+            customer: summary.customer_id.clone(),
+            device: summary.device_id.clone(),
+            not_before_s: summary.not_before_s,
+            not_after_s: summary.not_after_s,
+            revocation: summary.revocation,
+            attestation: summary.attestation,
+            key_algorithm: summary.key_algorithm,
+        }
+    }
+}
+
+/// One certificate as the cache keeps it: a single allocation of about 130 bytes holding
+/// the serial, the key, validity, revocation and both identifiers.
 ///
 /// Layout: serial length (1) | serial (up to 20) | public key (65) | notBefore i64 LE |
 /// notAfter i64 LE | revocation: reason code + 1, or 0 for none (1) | revoked_at_s i64 LE |
@@ -42,7 +66,7 @@ const MAX_SERIAL: usize = 20;
 const KEY_LEN: usize = 65;
 
 impl Entry {
-    fn new(summary: &crate::store::CertificateSummary) -> Option<Entry> {
+    fn new(summary: &CertificateSummary) -> Option<Entry> {
         let serial = summary.serial.as_bytes();
         let customer = summary.customer_id.as_str().as_bytes();
         let device = summary.device_id.as_str().as_bytes();
@@ -80,12 +104,6 @@ impl Entry {
         let mut word = [0u8; 8];
         word.copy_from_slice(&self.0[at..at + 8]);
         i64::from_le_bytes(word)
-    }
-
-    fn public_key(&self) -> &[u8; KEY_LEN] {
-        let at = self.fixed();
-        // The layout puts exactly KEY_LEN bytes here.
-        self.0[at..at + KEY_LEN].try_into().unwrap_or(&[0; KEY_LEN])
     }
 
     fn not_before_s(&self) -> i64 {
@@ -143,60 +161,133 @@ impl Entry {
     }
 }
 
-#[cfg(test)]
-fn public_key(hex_text: &str) -> Option<[u8; 65]> {
-    let mut key = [0u8; 65];
-    hex::decode_to_slice(hex_text, &mut key).ok()?;
-    Some(key)
+/// What one cached certificate costs besides its entry's bytes: the allocator's header, the
+/// slot (pointer, length, referenced bit) and the index (a slot number and a control byte at
+/// most 7/8 full).
+const ENTRY_OVERHEAD: usize = 48;
+
+/// One cached certificate and its CLOCK bit.
+struct Slot {
+    entry: Option<Entry>,
+    referenced: AtomicBool,
 }
 
-/// The entries, found by their serial (SipHash with a random key: serials in requests come
-/// from callers).
+/// One shard's entries: slots found by serial through `index`, and the CLOCK hand.
 #[derive(Default)]
 struct Table {
-    entries: hashbrown::HashTable<Entry>,
+    index: hashbrown::HashTable<u32>,
+    slots: Vec<Slot>,
+    /// Slots whose entry was invalidated, to be reused first.
+    free: Vec<u32>,
+    hand: usize,
+    /// Entries' bytes plus [`ENTRY_OVERHEAD`] each.
+    bytes: usize,
 }
 
 impl Table {
-    fn get(&self, hash: u64, serial: &[u8]) -> Option<&Entry> {
-        self.entries.find(hash, |entry| entry.serial() == serial)
+    fn find(&self, hash: u64, serial: &[u8]) -> Option<u32> {
+        let slots = &self.slots;
+        self.index
+            .find(hash, |&at| {
+                slots[at as usize]
+                    .entry
+                    .as_ref()
+                    .is_some_and(|entry| entry.serial() == serial)
+            })
+            .copied()
     }
 
-    fn get_mut(&mut self, hash: u64, serial: &[u8]) -> Option<&mut Entry> {
-        self.entries
-            .find_mut(hash, |entry| entry.serial() == serial)
+    fn cost(entry: &Entry) -> usize {
+        entry.0.len() + ENTRY_OVERHEAD
     }
 
-    fn insert(&mut self, hash: u64, entry: Entry, hasher: &RandomState) {
-        match self.entries.entry(
-            hash,
-            |e| e.serial() == entry.serial(),
-            |e| hasher.hash_one(e.serial()),
-        ) {
-            hashbrown::hash_table::Entry::Occupied(mut occupied) => *occupied.get_mut() = entry,
-            hashbrown::hash_table::Entry::Vacant(vacant) => {
-                vacant.insert(entry);
-            }
-        }
-    }
-
-    fn remove(&mut self, hash: u64, serial: &[u8]) {
-        if let Ok(found) = self
-            .entries
-            .find_entry(hash, |entry| entry.serial() == serial)
-        {
+    /// Takes the entry at `at` out of the slot and the index; the slot is reused later.
+    fn evict(&mut self, at: u32, hasher: &RandomState) {
+        let Some(entry) = self.slots[at as usize].entry.take() else {
+            return;
+        };
+        let hash = hasher.hash_one(entry.serial());
+        if let Ok(found) = self.index.find_entry(hash, |&other| other == at) {
             found.remove();
         }
+        self.bytes -= Self::cost(&entry);
+        self.free.push(at);
+    }
+
+    fn remove(&mut self, hash: u64, serial: &[u8], hasher: &RandomState) {
+        if let Some(at) = self.find(hash, serial) {
+            self.evict(at, hasher);
+        }
+    }
+
+    /// Evicts entries by CLOCK until `needed` more bytes fit in `budget`; how many went.
+    fn make_room(&mut self, needed: usize, budget: usize, hasher: &RandomState) -> u64 {
+        let mut evicted = 0;
+        // Two turns of the hand find an entry whose bit is clear, if any entry is left.
+        let mut steps = 2 * self.slots.len();
+        while self.bytes + needed > budget && self.bytes > 0 && steps > 0 {
+            steps -= 1;
+            if self.hand >= self.slots.len() {
+                self.hand = 0;
+            }
+            let at = self.hand;
+            self.hand += 1;
+            let slot = &self.slots[at];
+            if slot.entry.is_none() {
+                continue;
+            }
+            if slot.referenced.swap(false, Ordering::Relaxed) {
+                continue;
+            }
+            self.evict(at as u32, hasher);
+            evicted += 1;
+        }
+        evicted
+    }
+
+    /// Puts `entry` in (replacing one of the same serial), evicting others to keep within
+    /// `budget`; how many were evicted. An entry larger than the budget is not kept.
+    fn insert(&mut self, hash: u64, entry: Entry, budget: usize, hasher: &RandomState) -> u64 {
+        self.remove(hash, entry.serial(), hasher);
+        let cost = Self::cost(&entry);
+        if cost > budget {
+            return 0;
+        }
+        let evicted = self.make_room(cost, budget, hasher);
+        let slot = Slot {
+            entry: Some(entry),
+            referenced: AtomicBool::new(false),
+        };
+        let at = match self.free.pop() {
+            Some(at) => {
+                self.slots[at as usize] = slot;
+                at
+            }
+            None => {
+                self.slots.push(slot);
+                (self.slots.len() - 1) as u32
+            }
+        };
+        let slots = &self.slots;
+        self.index.insert_unique(hash, at, |&other| {
+            slots[other as usize]
+                .entry
+                .as_ref()
+                .map_or(0, |entry| hasher.hash_one(entry.serial()))
+        });
+        self.bytes += cost;
+        evicted
+    }
+
+    fn len(&self) -> usize {
+        self.index.len()
     }
 }
 
 type RandomState = std::collections::hash_map::RandomState;
-use std::collections::HashMap;
 
-/// How many tables the cache is split into, each behind its own lock. A scan for the
-/// metrics holds one table's lock at a time: with a million certificates, one lock over
-/// the whole table was held for about 50 ms per `/metrics` scrape, and every writer (an
-/// enrollment, a revocation) and, behind the waiting writer, every verification waited.
+/// How many tables the cache is split into, each behind its own lock and with its own
+/// epoch: an invalidation turns away the fills in flight of 1/64 of the serials.
 const SHARDS: usize = 64;
 
 /// The table that holds a serial of this hash. Bits 32–37: hashbrown takes a slot from the
@@ -205,164 +296,114 @@ fn shard_of(hash: u64) -> usize {
     (hash >> 32) as usize % SHARDS
 }
 
-/// A serial as the key index holds it: length and up to 20 octets, no allocation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct SerialSlot {
-    len: u8,
-    octets: [u8; MAX_SERIAL],
+struct Shard {
+    table: RwLock<Table>,
+    /// Bumped, under the table's write lock, by every invalidation of one of its serials.
+    epoch: AtomicU64,
 }
 
-impl SerialSlot {
-    fn of(serial: &[u8]) -> Option<SerialSlot> {
-        let mut octets = [0u8; MAX_SERIAL];
-        octets.get_mut(..serial.len())?.copy_from_slice(serial);
-        Some(SerialSlot {
-            len: serial.len() as u8,
-            octets,
-        })
-    }
-
-    fn bytes(&self) -> &[u8] {
-        &self.octets[..usize::from(self.len)]
-    }
+/// Counters the cache keeps as it is used (the metrics' counters, or detached ones).
+#[derive(Clone)]
+pub struct CacheCounters {
+    pub hits: prometheus::IntCounter,
+    pub misses: prometheus::IntCounter,
+    pub evictions: prometheus::IntCounter,
 }
 
-/// The certificates of one device key: almost always one (a renewal that keeps the key adds
-/// one), so the common case needs no allocation.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum KeyHolders {
-    One(SerialSlot),
-    Many(Vec<SerialSlot>),
-}
-
-impl KeyHolders {
-    fn add(&mut self, slot: SerialSlot) {
-        match self {
-            KeyHolders::One(one) if *one == slot => {}
-            KeyHolders::One(one) => *self = KeyHolders::Many(vec![*one, slot]),
-            KeyHolders::Many(many) => {
-                if !many.contains(&slot) {
-                    many.push(slot);
-                }
-            }
-        }
-    }
-
-    /// Removes `serial`; true when none is left.
-    fn remove(&mut self, serial: &[u8]) -> bool {
-        match self {
-            KeyHolders::One(one) => one.bytes() == serial,
-            KeyHolders::Many(many) => {
-                many.retain(|slot| slot.bytes() != serial);
-                many.is_empty()
-            }
-        }
-    }
-
-    fn slots(&self) -> &[SerialSlot] {
-        match self {
-            KeyHolders::One(one) => std::slice::from_ref(one),
-            KeyHolders::Many(many) => many,
+impl CacheCounters {
+    /// Counters nobody exports (tests).
+    #[cfg(test)]
+    pub fn detached() -> CacheCounters {
+        let counter = |name: &str| {
+            prometheus::IntCounter::new(name, name)
+                .unwrap_or_else(|e| panic!("counter {name}: {e}"))
+        };
+        CacheCounters {
+            hits: counter("hits"),
+            misses: counter("misses"),
+            evictions: counter("evictions"),
         }
     }
 }
 
-/// serial → certificate facts, shared by all request threads; and, for each device key, every
-/// certificate of it.
+/// What a lookup that missed must hand back with the store's answer: where the serial
+/// lives and the epoch its shard had before the store was read.
+#[derive(Debug, Clone, Copy)]
+pub struct Ticket {
+    hash: u64,
+    epoch: u64,
+}
+
+/// A lookup's outcome.
+pub enum Lookup<T> {
+    Hit(T),
+    /// Not cached: read the store, then [`CertificateCache::fill`] with this ticket.
+    Miss(Ticket),
+}
+
+/// serial → certificate facts, for the certificates verified lately, within a byte budget.
 pub struct CertificateCache {
-    shards: Box<[RwLock<Table>]>,
+    shards: Box<[Shard]>,
     hasher: RandomState,
-    /// Key fingerprint (keyed SipHash of the SEC1 point) → the serials certifying the key:
-    /// about 40 bytes a certificate. A fingerprint collision (about 2^-64 a pair) only adds a
-    /// candidate; [`CertificateCache::key_holders`] compares the whole key.
-    keys: RwLock<HashMap<u64, KeyHolders>>,
-    /// Fingerprints of keys a certificate was revoked for keyCompromise with: such a key is
-    /// never certified again, however many certificates it had.
-    compromised: RwLock<std::collections::HashSet<u64>>,
-}
-
-/// What the one-key-one-device check needs to know of a key.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct KeyStanding {
-    /// A certificate of the key was revoked for keyCompromise.
-    pub compromised: bool,
-    /// The newest live (valid or held, unexpired) certificate of the key, with its holder.
-    pub live_holder: Option<(Serial, CustomerId, DeviceId)>,
-}
-
-impl Default for CertificateCache {
-    fn default() -> Self {
-        CertificateCache {
-            shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
-            hasher: RandomState::new(),
-            keys: RwLock::default(),
-            compromised: RwLock::default(),
-        }
-    }
+    /// Each shard's share of the budget.
+    shard_budget: usize,
+    counters: CacheCounters,
 }
 
 impl CertificateCache {
-    /// Reads every certificate's summary from `store`.
-    pub fn load(store: &dyn Store) -> Result<CertificateCache> {
-        let cache = CertificateCache::default();
-        let mut tables: Vec<Table> = (0..SHARDS).map(|_| Table::default()).collect();
-        let mut keys: HashMap<u64, KeyHolders> = HashMap::new();
-        let mut compromised = std::collections::HashSet::new();
-        store.for_each_certificate_summary(&mut |summary| {
-            if summary.revocation.map(|r| r.reason) == Some(RevocationReason::KeyCompromise) {
-                compromised.insert(cache.hasher.hash_one(summary.public_key));
-            }
-            if let Some(slot) = SerialSlot::of(summary.serial.as_bytes()) {
-                let fingerprint = cache.hasher.hash_one(summary.public_key);
-                match keys.get_mut(&fingerprint) {
-                    Some(holders) => holders.add(slot),
-                    None => {
-                        keys.insert(fingerprint, KeyHolders::One(slot));
-                    }
-                }
-            }
-            if let Some(entry) = Entry::new(&summary) {
-                let hash = cache.hasher.hash_one(entry.serial());
-                tables[shard_of(hash)].insert(hash, entry, &cache.hasher);
-            }
-        })?;
-        for (shard, mut table) in cache.shards.iter().zip(tables) {
-            let hasher = &cache.hasher;
-            table.entries.shrink_to_fit(|e| hasher.hash_one(e.serial()));
-            *shard.write().unpoisoned() = table;
+    /// An empty cache that keeps at most about `budget_bytes` of certificates (0: none).
+    pub fn new(budget_bytes: u64, counters: CacheCounters) -> CertificateCache {
+        CertificateCache {
+            shards: (0..SHARDS)
+                .map(|_| Shard {
+                    table: RwLock::default(),
+                    epoch: AtomicU64::new(0),
+                })
+                .collect(),
+            hasher: RandomState::new(),
+            shard_budget: usize::try_from(budget_bytes / SHARDS as u64).unwrap_or(usize::MAX),
+            counters,
         }
-        *cache.keys.write().unpoisoned() = keys;
-        *cache.compromised.write().unpoisoned() = compromised;
-        Ok(cache)
     }
 
-    /// The hash of `serial` and the lock of the table that holds it.
-    fn locate(&self, serial: &[u8]) -> (u64, &RwLock<Table>) {
+    /// The hash of `serial` and its shard.
+    fn locate(&self, serial: &[u8]) -> (u64, &Shard) {
         let hash = self.hasher.hash_one(serial);
         (hash, &self.shards[shard_of(hash)])
     }
 
-    fn read(shard: &RwLock<Table>) -> std::sync::RwLockReadGuard<'_, Table> {
-        shard.read().unpoisoned()
-    }
-
-    fn write(shard: &RwLock<Table>) -> std::sync::RwLockWriteGuard<'_, Table> {
-        shard.write().unpoisoned()
-    }
-
-    /// The facts about `serial`, if payra issued it.
-    pub fn get(&self, serial: &Serial) -> Option<CachedCertificate> {
+    /// Finds `serial` and reads what `read` takes from its entry; on a miss, the ticket to
+    /// fill it with.
+    fn look<T>(&self, serial: &Serial, read: impl FnOnce(&Entry) -> T) -> Lookup<T> {
         let (hash, shard) = self.locate(serial.as_bytes());
-        Self::read(shard)
-            .get(hash, serial.as_bytes())
-            .map(Entry::view)
+        let table = shard.table.read().unpoisoned();
+        if let Some(at) = table.find(hash, serial.as_bytes()) {
+            let slot = &table.slots[at as usize];
+            if let Some(entry) = &slot.entry {
+                if !slot.referenced.load(Ordering::Relaxed) {
+                    slot.referenced.store(true, Ordering::Relaxed);
+                }
+                self.counters.hits.inc();
+                return Lookup::Hit(read(entry));
+            }
+        }
+        self.counters.misses.inc();
+        // Read under the table's lock: no invalidation of this shard is half done.
+        Lookup::Miss(Ticket {
+            hash,
+            epoch: shard.epoch.load(Ordering::Acquire),
+        })
+    }
+
+    /// The facts about `serial`, or the ticket to read them from the store with.
+    pub fn get(&self, serial: &Serial) -> Lookup<CachedCertificate> {
+        self.look(serial, Entry::view)
     }
 
     /// Validity and revocation of `serial` (what a status query needs), without building the
-    /// identifiers.
-    pub fn standing(&self, serial: &Serial) -> Option<(i64, i64, Option<Revocation>)> {
-        let (hash, shard) = self.locate(serial.as_bytes());
-        Self::read(shard).get(hash, serial.as_bytes()).map(|entry| {
+    /// identifiers; or the ticket to read them from the store with.
+    pub fn standing(&self, serial: &Serial) -> Lookup<(i64, i64, Option<Revocation>)> {
+        self.look(serial, |entry| {
             (
                 entry.not_before_s(),
                 entry.not_after_s(),
@@ -371,380 +412,235 @@ impl CertificateCache {
         })
     }
 
-    /// Adds or replaces a certificate from its stored summary.
-    pub fn put_summary(&self, summary: &crate::store::CertificateSummary) {
-        self.put_summary_with(summary, false);
-    }
-
-    /// Adds a certificate from its stored summary unless the cache has it: an entry put
-    /// meanwhile (by a newer read) is kept.
-    pub fn put_summary_if_absent(&self, summary: &crate::store::CertificateSummary) {
-        self.put_summary_with(summary, true);
-    }
-
-    fn put_summary_with(&self, summary: &crate::store::CertificateSummary, if_absent: bool) {
-        self.insert(Entry::new(summary), &summary.serial, if_absent);
-    }
-
-    /// Adds or replaces a certificate.
-    pub fn put(&self, record: &CertificateRecord) {
-        self.put_with(record, false);
-    }
-
-    /// Adds a just-issued certificate unless the cache has it already: with a store shared by
-    /// several processes, another process's change to it (a revocation by device) may have
-    /// arrived first, and is newer.
-    pub fn put_if_absent(&self, record: &CertificateRecord) {
-        self.put_with(record, true);
-    }
-
-    fn put_with(&self, record: &CertificateRecord, if_absent: bool) {
-        let entry = crate::store::CertificateSummary::of(record)
-            .ok()
-            .and_then(|summary| Entry::new(&summary));
-        self.insert(entry, &record.serial, if_absent);
-    }
-
-    fn insert(&self, entry: Option<Entry>, serial: &Serial, if_absent: bool) {
-        match entry {
-            Some(entry) => {
-                if let Some(slot) = SerialSlot::of(entry.serial()) {
-                    let fingerprint = self.hasher.hash_one(entry.public_key());
-                    let mut keys = self.keys.write().unpoisoned();
-                    match keys.get_mut(&fingerprint) {
-                        Some(holders) => holders.add(slot),
-                        None => {
-                            keys.insert(fingerprint, KeyHolders::One(slot));
-                        }
-                    }
-                }
-                let (hash, shard) = self.locate(entry.serial());
-                let mut table = Self::write(shard);
-                if !(if_absent && table.get(hash, entry.serial()).is_some()) {
-                    table.insert(hash, entry, &self.hasher);
-                }
-            }
-            None => tracing::error!(serial = %serial, "certificate not cacheable"),
+    /// Caches what the store answered to a lookup that missed, unless the certificate's
+    /// shard was invalidated since the ticket was taken (the answer may predate a change).
+    /// The store's "no such certificate" is not cached: it can be issued any moment.
+    pub fn fill(&self, ticket: Ticket, summary: &CertificateSummary) {
+        if self.shard_budget == 0 {
+            return;
         }
+        let Some(entry) = Entry::new(summary) else {
+            tracing::error!(serial = %summary.serial, "certificate not cacheable");
+            return;
+        };
+        let shard = &self.shards[shard_of(ticket.hash)];
+        let mut table = shard.table.write().unpoisoned();
+        if shard.epoch.load(Ordering::Acquire) != ticket.epoch {
+            return;
+        }
+        let evicted = table.insert(ticket.hash, entry, self.shard_budget, &self.hasher);
+        self.counters.evictions.inc_by(evicted);
     }
 
-    /// Sets (or clears, with `None`) the revocation of known serials.
-    pub fn set_revocation(&self, serials: &[Serial], revocation: Option<Revocation>) {
-        let compromise = revocation.map(|r| r.reason) == Some(RevocationReason::KeyCompromise);
+    /// Forgets `serials`: called once a change to them (revocation, release, renewal,
+    /// deletion, or another process's change) is visible in the store, before it is
+    /// acknowledged. Lookups in flight on their shards do not fill what they read.
+    pub fn invalidate(&self, serials: &[Serial]) {
         for serial in serials {
             let (hash, shard) = self.locate(serial.as_bytes());
-            if let Some(entry) = Self::write(shard).get_mut(hash, serial.as_bytes()) {
-                entry.set_revocation(revocation);
-                if compromise {
-                    let fingerprint = self.hasher.hash_one(entry.public_key());
-                    self.compromised.write().unpoisoned().insert(fingerprint);
-                }
-            }
+            let mut table = shard.table.write().unpoisoned();
+            shard.epoch.fetch_add(1, Ordering::AcqRel);
+            table.remove(hash, serial.as_bytes(), &self.hasher);
         }
     }
 
-    /// Where `public_key` stands for a new certificate: compromised or not, and its newest
-    /// live holder. Looks at the key's certificates newest first and stops at the first live
-    /// one (every live certificate of a key has one holder: Enroll and Renew see to it), so a
-    /// key enrolled many times costs no more than one lookup while its newest is live.
-    pub fn key_standing(&self, public_key: &[u8; 65], now_s: i64) -> KeyStanding {
-        let fingerprint = self.hasher.hash_one(public_key);
-        let compromised = self.compromised.read().unpoisoned().contains(&fingerprint);
-        let slots: Vec<SerialSlot> = match self.keys.read().unpoisoned().get(&fingerprint) {
-            Some(holders) => holders.slots().to_vec(),
-            None => Vec::new(),
-        };
-        let mut live_holder = None;
-        for slot in slots.iter().rev() {
-            let (hash, shard) = self.locate(slot.bytes());
-            let table = Self::read(shard);
-            let Some(entry) = table.get(hash, slot.bytes()) else {
-                continue;
-            };
-            let live = now_s < entry.not_after_s()
-                && entry
-                    .revocation()
-                    .is_none_or(|r| r.reason == RevocationReason::CertificateHold);
-            if live && entry.public_key() == public_key {
-                let view = entry.view();
-                if let Ok(serial) = Serial::from_bytes("serial", slot.bytes()) {
-                    live_holder = Some((serial, view.customer, view.device));
-                    break;
-                }
-            }
-        }
-        KeyStanding {
-            compromised,
-            live_holder,
-        }
-    }
-
-    /// Forgets deleted certificates.
-    pub fn remove(&self, serials: &[Serial]) {
-        for serial in serials {
-            let (hash, shard) = self.locate(serial.as_bytes());
-            let key = Self::read(shard)
-                .get(hash, serial.as_bytes())
-                .map(|entry| *entry.public_key());
-            if let Some(key) = key {
-                let fingerprint = self.hasher.hash_one(key);
-                let mut keys = self.keys.write().unpoisoned();
-                if keys
-                    .get_mut(&fingerprint)
-                    .is_some_and(|holders| holders.remove(serial.as_bytes()))
-                {
-                    keys.remove(&fingerprint);
-                }
-            }
-            Self::write(shard).remove(hash, serial.as_bytes());
-        }
-    }
-
-    /// Every cached certificate of `public_key`, with its serial.
-    pub fn key_holders(&self, public_key: &[u8; 65]) -> Vec<(Serial, CachedCertificate)> {
-        let fingerprint = self.hasher.hash_one(public_key);
-        let slots: Vec<SerialSlot> = match self.keys.read().unpoisoned().get(&fingerprint) {
-            Some(holders) => holders.slots().to_vec(),
-            None => return Vec::new(),
-        };
-        slots
-            .iter()
-            .filter_map(|slot| {
-                let serial = Serial::from_bytes("serial", slot.bytes()).ok()?;
-                let holder = self.get(&serial)?;
-                (holder.public_key == *public_key).then_some((serial, holder))
-            })
-            .collect()
-    }
-
-    /// Certificates by status name at `now_s`.
-    pub fn count_by_status(&self, now_s: i64) -> Vec<(&'static str, usize)> {
-        use super::status::{CertificateStatus, StatusView};
-        let mut counts = [0usize; 6];
-        // One table at a time: the counts are each table's at the moment it is read.
+    /// Forgets everything (after changes may have been missed).
+    pub fn clear(&self) {
         for shard in self.shards.iter() {
-            let table = Self::read(shard);
-            for cert in table.entries.iter() {
-                let view = StatusView::at(
-                    cert.not_before_s(),
-                    cert.not_after_s(),
-                    cert.revocation(),
-                    now_s,
-                );
-                let index = match view.status {
-                    CertificateStatus::Valid => 0,
-                    CertificateStatus::Revoked => 1,
-                    CertificateStatus::Expired => 2,
-                    CertificateStatus::Superseded => 3,
-                    CertificateStatus::OnHold => 4,
-                    CertificateStatus::NotYetValid => 5,
-                };
-                counts[index] += 1;
-            }
+            let mut table = shard.table.write().unpoisoned();
+            shard.epoch.fetch_add(1, Ordering::AcqRel);
+            *table = Table::default();
         }
-        [
-            "valid",
-            "revoked",
-            "expired",
-            "superseded",
-            "on_hold",
-            "not_yet_valid",
-        ]
-        .into_iter()
-        .zip(counts)
-        .collect()
     }
 
-    /// How many certificates are cached.
-    pub(crate) fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|shard| Self::read(shard).entries.len())
-            .sum()
+    /// How many certificates are cached, and their bytes as the budget counts them.
+    pub fn usage(&self) -> (usize, usize) {
+        self.shards.iter().fold((0, 0), |(len, bytes), shard| {
+            let table = shard.table.read().unpoisoned();
+            (len + table.len(), bytes + table.bytes)
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::DeviceInfo;
 
-    fn record(serial: &[u8], customer: &str, device: &str) -> CertificateRecord {
-        let mut key = [0u8; 65];
-        key[0] = 4;
-        key[1..]
+    fn summary(serial: &[u8], customer: &str, device: &str) -> CertificateSummary {
+        let mut public_key = [0u8; 65];
+        public_key[0] = 4;
+        public_key[1..]
             .iter_mut()
             .enumerate()
-            .for_each(|(i, b)| *b = i as u8);
-        CertificateRecord {
-            version: 1,
+            .for_each(|(i, b)| *b = i as u8 ^ serial[serial.len() - 1]);
+        CertificateSummary {
             serial: Serial::from_bytes("serial", serial).unwrap(),
             customer_id: CustomerId::parse("customer", customer).unwrap(),
             device_id: DeviceId::parse("device", device).unwrap(),
-            device_info: DeviceInfo::default(),
-            subject: String::new(),
             not_before_s: -5,
             not_after_s: 1_900_000_000,
-            issued_at_s: 0,
-            public_key_hex: hex::encode(key),
-            key_algorithm: Default::default(),
-            certificate_b64: String::new(),
+            public_key,
             revocation: None,
-            renewed_from: None,
-            superseded_by: None,
-            subscriber_ref: None,
-            attestation: None,
-            issued_upstream: false,
+            attestation: AttestationClass::NONE,
+            key_algorithm: KeyAlgorithm::P256,
         }
     }
 
-    fn expected(record: &CertificateRecord) -> CachedCertificate {
-        CachedCertificate {
-            public_key: public_key(&record.public_key_hex).unwrap(),
-            customer: record.customer_id.clone(),
-            device: record.device_id.clone(),
-            not_before_s: record.not_before_s,
-            not_after_s: record.not_after_s,
-            revocation: record.revocation,
-            attestation: AttestationClass::NONE,
-            key_algorithm: record.key_algorithm,
+    fn cache(budget: u64) -> CertificateCache {
+        CertificateCache::new(budget, CacheCounters::detached())
+    }
+
+    /// Looks `summary` up and, on a miss, fills it as the store's answer.
+    fn look_up_or_fill(cache: &CertificateCache, summary: &CertificateSummary) -> bool {
+        match cache.get(&summary.serial) {
+            Lookup::Hit(found) => {
+                assert_eq!(found, CachedCertificate::of(summary));
+                true
+            }
+            Lookup::Miss(ticket) => {
+                cache.fill(ticket, summary);
+                false
+            }
+        }
+    }
+
+    fn hit(cache: &CertificateCache, serial: &Serial) -> Option<CachedCertificate> {
+        match cache.get(serial) {
+            Lookup::Hit(found) => Some(found),
+            Lookup::Miss(_) => None,
         }
     }
 
     #[test]
-    fn entries_give_back_what_was_put_for_every_serial_and_identifier_length() {
-        let cache = CertificateCache::default();
+    fn a_filled_entry_gives_back_the_summary_for_every_serial_and_identifier_length() {
+        let cache = cache(1 << 20);
         let longest_customer = "c".repeat(CustomerId::MAX_LEN);
         let longest_device = "d".repeat(DeviceId::MAX_LEN);
-        let records = [
-            record(&[1], "a", "b"),
-            record(&[0x7f; 20], &longest_customer, &longest_device),
-            record(&[0x40, 2, 3], "cust-1", "phone.1:x@y-z"),
-        ];
-        for r in &records {
-            cache.put(r);
-        }
-        assert_eq!(cache.len(), 3);
-        for r in &records {
-            assert_eq!(cache.get(&r.serial), Some(expected(r)));
-            assert_eq!(
-                cache.standing(&r.serial),
-                Some((r.not_before_s, r.not_after_s, None))
-            );
-        }
-        let unknown = Serial::from_bytes("serial", &[9, 9]).unwrap();
-        assert_eq!(cache.get(&unknown), None);
-    }
-
-    #[test]
-    fn the_key_index_names_every_certificate_of_a_key() {
-        let cache = CertificateCache::default();
-        let first = record(&[1, 2, 3], "alice", "phone");
-        let second = record(&[4, 5, 6], "alice", "phone");
-        let key = public_key(&first.public_key_hex).unwrap();
-        assert!(cache.key_holders(&key).is_empty());
-        cache.put(&first);
-        cache.put(&first);
-        assert_eq!(cache.key_holders(&key).len(), 1, "a put again adds nothing");
-        cache.put(&second);
-        let serials: Vec<Serial> = cache.key_holders(&key).into_iter().map(|h| h.0).collect();
-        assert_eq!(serials, vec![first.serial.clone(), second.serial.clone()]);
-        let mut other_key = key;
-        other_key[64] ^= 1;
-        assert!(cache.key_holders(&other_key).is_empty());
-        cache.remove(std::slice::from_ref(&second.serial));
-        assert_eq!(
-            cache.key_holders(&key)[0].0,
-            first.serial,
-            "the older one is still found"
-        );
-        cache.remove(std::slice::from_ref(&first.serial));
-        assert!(cache.key_holders(&key).is_empty());
-    }
-
-    #[test]
-    fn revocation_is_set_and_cleared_in_place_and_a_put_replaces() {
-        let cache = CertificateCache::default();
-        let first = record(&[0x41; 16], "cust", "dev-1");
-        let second = record(&[0x42; 16], "cust", "dev-2");
-        cache.put(&first);
-        cache.put(&second);
+        let mut revoked = summary(&[0x40, 2, 3], "cust-1", "phone.1:x@y-z");
         for reason in RevocationReason::ALL {
-            let revocation = Revocation {
+            revoked.revocation = Some(Revocation {
                 revoked_at_s: 1_700_000_123,
                 reason,
-            };
-            cache.set_revocation(std::slice::from_ref(&first.serial), Some(revocation));
-            assert_eq!(
-                cache.get(&first.serial).unwrap().revocation,
-                Some(revocation)
-            );
-            assert_eq!(cache.get(&second.serial), Some(expected(&second)));
+            });
+            let cache = self::cache(1 << 20);
+            assert!(!look_up_or_fill(&cache, &revoked));
+            assert!(look_up_or_fill(&cache, &revoked), "{reason:?}");
         }
-        cache.set_revocation(std::slice::from_ref(&first.serial), None);
-        assert_eq!(cache.get(&first.serial), Some(expected(&first)));
-
-        let mut renewed = first.clone();
-        renewed.not_after_s = 2_000_000_000;
-        renewed.device_id = DeviceId::parse("device", "dev-1-new").unwrap();
-        cache.put(&renewed);
-        assert_eq!(cache.len(), 2);
-        assert_eq!(cache.get(&first.serial), Some(expected(&renewed)));
+        let summaries = [
+            summary(&[1], "a", "b"),
+            summary(&[0x7f; 20], &longest_customer, &longest_device),
+            revoked,
+        ];
+        for s in &summaries {
+            assert!(!look_up_or_fill(&cache, s), "the first lookup misses");
+        }
+        for s in &summaries {
+            assert!(look_up_or_fill(&cache, s), "the second one hits");
+            match cache.standing(&s.serial) {
+                Lookup::Hit(standing) => {
+                    assert_eq!(standing, (s.not_before_s, s.not_after_s, s.revocation))
+                }
+                Lookup::Miss(_) => panic!("standing missed"),
+            }
+        }
+        assert_eq!(cache.usage().0, 3);
+        assert_eq!(cache.counters.hits.get(), 3 + 3);
+        assert_eq!(cache.counters.misses.get(), 3);
     }
 
     #[test]
-    fn removed_serials_are_gone_and_counts_follow_status() {
-        let cache = CertificateCache::default();
-        let records: Vec<_> = (1..=50u8)
-            .map(|i| record(&[0x40, i], "cust", &format!("dev-{i}")))
-            .collect();
-        for r in &records {
-            cache.put(r);
-        }
-        let revoked = Revocation {
-            revoked_at_s: 10,
-            reason: RevocationReason::KeyCompromise,
+    fn a_fill_read_before_an_invalidation_of_its_shard_is_not_kept() {
+        let cache = cache(1 << 20);
+        let s = summary(&[0x41; 16], "cust", "dev-1");
+        let Lookup::Miss(ticket) = cache.get(&s.serial) else {
+            panic!("an empty cache hit");
         };
-        cache.set_revocation(&[records[0].serial.clone()], Some(revoked));
-        cache.remove(&[records[1].serial.clone(), records[2].serial.clone()]);
-        assert_eq!(cache.len(), 48);
-        assert_eq!(cache.get(&records[1].serial), None);
-        assert_eq!(cache.get(&records[3].serial), Some(expected(&records[3])));
-        let counts: std::collections::HashMap<_, _> =
-            cache.count_by_status(100).into_iter().collect();
-        assert_eq!(counts["valid"], 47);
-        assert_eq!(counts["revoked"], 1);
+        // The store's answer was read, then the certificate was revoked and invalidated.
+        cache.invalidate(std::slice::from_ref(&s.serial));
+        cache.fill(ticket, &s);
+        assert_eq!(hit(&cache, &s.serial), None, "the stale answer was kept");
+
+        let Lookup::Miss(ticket) = cache.get(&s.serial) else {
+            panic!("hit after an invalidation");
+        };
+        cache.clear();
+        cache.fill(ticket, &s);
+        assert_eq!(
+            hit(&cache, &s.serial),
+            None,
+            "clear turns away fills in flight"
+        );
+
+        let Lookup::Miss(ticket) = cache.get(&s.serial) else {
+            panic!("hit after clear");
+        };
+        cache.fill(ticket, &s);
+        assert_eq!(hit(&cache, &s.serial), Some(CachedCertificate::of(&s)));
+        cache.invalidate(std::slice::from_ref(&s.serial));
+        assert_eq!(hit(&cache, &s.serial), None, "invalidated entries are gone");
+        assert_eq!(cache.usage(), (0, 0));
     }
 
     #[test]
-    fn thousands_of_certificates_spread_over_every_table_and_are_all_found() {
-        let cache = CertificateCache::default();
-        let records: Vec<_> = (0..4_000u16)
+    fn the_cache_stays_within_its_budget_and_keeps_what_is_looked_up_often() {
+        let one = Table::cost(&Entry::new(&summary(&[0x40, 0, 0], "cust", "dev-0000")).unwrap());
+        // Room for about 1,000 entries over the 64 shards.
+        let budget = (1_000 * one) as u64;
+        let cache = cache(budget);
+        let all: Vec<_> = (0..20_000u16)
             .map(|i| {
-                record(
+                summary(
                     &[0x40, (i >> 8) as u8, i as u8],
                     "cust",
-                    &format!("dev-{i}"),
+                    &format!("dev-{i:04}"),
                 )
             })
             .collect();
-        for r in &records {
-            cache.put(r);
+        let hot = &all[..50];
+        for s in hot {
+            look_up_or_fill(&cache, s);
         }
-        assert_eq!(cache.len(), records.len());
-        assert!(cache
-            .shards
+        for s in &all[50..] {
+            look_up_or_fill(&cache, s);
+            // The hot set is looked up between cold fills, as a skewed load does.
+            for h in hot.iter().step_by(7) {
+                look_up_or_fill(&cache, h);
+            }
+            let (_, bytes) = cache.usage();
+            assert!(
+                bytes as u64 <= budget,
+                "{bytes} bytes over a budget of {budget}"
+            );
+        }
+        let (entries, bytes) = cache.usage();
+        assert!(entries > 800 && entries <= 1_000, "{entries} entries");
+        assert!(bytes as u64 > budget * 8 / 10);
+        assert!(cache.counters.evictions.get() >= (all.len() - 1_000) as u64);
+        let kept = hot
             .iter()
-            .all(|shard| !CertificateCache::read(shard).entries.is_empty()));
-        for r in &records {
-            assert_eq!(cache.get(&r.serial), Some(expected(r)));
-        }
-        let (gone, kept) = records.split_at(1_000);
-        cache.remove(&gone.iter().map(|r| r.serial.clone()).collect::<Vec<_>>());
-        assert_eq!(cache.len(), kept.len());
-        assert!(gone.iter().all(|r| cache.get(&r.serial).is_none()));
-        let counts: std::collections::HashMap<_, _> =
-            cache.count_by_status(100).into_iter().collect();
-        assert_eq!(counts["valid"], kept.len());
+            .step_by(7)
+            .filter(|s| hit(&cache, &s.serial).is_some())
+            .count();
+        assert_eq!(
+            kept,
+            hot.iter().step_by(7).count(),
+            "hot entries were evicted"
+        );
+        // Every entry still cached is what was filled for its serial.
+        let found = all
+            .iter()
+            .filter_map(|s| hit(&cache, &s.serial).map(|found| (found, s)))
+            .inspect(|(found, s)| assert_eq!(*found, CachedCertificate::of(s)))
+            .count();
+        assert_eq!(found, entries);
+    }
+
+    #[test]
+    fn a_cache_of_no_bytes_keeps_nothing() {
+        let cache = cache(0);
+        let s = summary(&[7, 7], "cust", "dev");
+        assert!(!look_up_or_fill(&cache, &s));
+        assert!(!look_up_or_fill(&cache, &s));
+        assert_eq!(cache.usage(), (0, 0));
     }
 }

@@ -7,7 +7,7 @@ use super::Ra;
 use crate::ca::SubscriberRef;
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, DeviceId, DeviceInfo, KeyAlgorithm};
-use crate::store::{Actor, AuditEvent};
+use crate::store::{Actor, AuditEvent, KeyRefusal};
 use crate::store::{
     CertificateRecord, IssueOutcome, TokenHash, TokenRecord, TokenRejection, RECORD_VERSION,
 };
@@ -312,7 +312,7 @@ impl Ra {
                 .inc();
         }
         let key_claim = self.keys_in_flight.claim(
-            &self.cache,
+            self.store.as_ref(),
             public_key.point(),
             &token.customer_id,
             &request.device_id,
@@ -375,10 +375,8 @@ impl Ra {
     /// answering once both are durable.
     ///
     /// The store runs [`Ra::on_enrollment_committed`] as soon as the certificate is stored,
-    /// before its write turn passes to anyone else: the verification cache gets the new
-    /// certificate before a revocation of its device or customer can commit (and so before
-    /// the revocation marks the cache), and it gets it even if this future is dropped (a
-    /// cancelled RPC, a deadline) once the batch is queued.
+    /// even if this future is dropped (a cancelled RPC, a deadline) once the batch is
+    /// queued; the device key stays claimed until then.
     pub async fn commit_enrollment(
         self: &std::sync::Arc<Self>,
         prepared: PreparedEnrollment,
@@ -400,8 +398,8 @@ impl Ra {
             now_s,
             &record,
             &audit,
-            // The key stays claimed until the certificate is in the cache's key index (or
-            // the batch is dropped).
+            // The key stays claimed until the certificate is in the store (or the batch is
+            // dropped).
             Box::new(move || {
                 span.in_scope(|| ra.on_enrollment_committed(&committed));
                 drop(key_claim);
@@ -421,18 +419,18 @@ impl Ra {
         match outcome? {
             IssueOutcome::Issued => Ok(self.issued(record, certificate_der)),
             IssueOutcome::TokenRejected(rejection) => Err(Error::Token(rejection)),
-            IssueOutcome::KeyHeldElsewhere => Err(super::key_claims::conflict()),
-            IssueOutcome::KeyCompromised => Err(super::key_claims::compromised()),
+            IssueOutcome::KeyHeldElsewhere => Err(KeyRefusal::held_elsewhere_error()),
+            IssueOutcome::KeyCompromised => Err(KeyRefusal::compromised_error()),
             IssueOutcome::SerialTaken => Err(Error::internal(
                 "random serial collided with an existing one",
             )),
         }
     }
 
-    /// Run by the store once an enrollment's certificate is stored, while no other write can
-    /// commit: the verification cache, the metric and the log line.
+    /// Run by the store once an enrollment's certificate is stored: the metric and the log
+    /// line. (The verification cache reads the certificate from the store when it is first
+    /// verified.)
     fn on_enrollment_committed(&self, record: &CertificateRecord) {
-        self.cache.put_if_absent(record);
         self.metrics
             .certificates_issued
             .with_label_values(&["enroll"])
@@ -513,16 +511,19 @@ mod tests {
         .unwrap()
     }
 
-    /// Once an enrollment's batch is stored, a revocation of its customer could commit and
-    /// mark the cache before the enrollment put its certificate there, leaving it valid in
-    /// the cache. The store's hook closes that: it runs under the write turn, which the
-    /// revocation needs to commit (the conformance test
-    /// `sled_store_async_and_blocking_enrollments_share_the_queue_and_a_token_still_works_once`
-    /// checks that the turn is held while it runs). Here the caller goes away right after
-    /// queuing its batch: the certificate must still reach the cache, and a revocation after
-    /// it must mark it.
+    /// What the verifier finds for `serial` now.
+    async fn facts(
+        ra: &Ra,
+        serial: &crate::model::Serial,
+    ) -> super::super::cache::CachedCertificate {
+        ra.certificate_facts(serial).await.unwrap().expect("issued")
+    }
+
+    /// The caller goes away right after queuing its enrollment's batch (a cancelled RPC):
+    /// the certificate is still stored, the key claim given back, and a revocation after it
+    /// refuses it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cancelled_enrollment_still_reaches_the_cache_and_a_later_revocation_marks_it() {
+    async fn a_cancelled_enrollment_still_commits_and_a_later_revocation_refuses_it() {
         let dir = tempfile::tempdir().unwrap();
         let ra = test_ra(&dir);
         let actor = Actor::system();
@@ -538,14 +539,16 @@ mod tests {
         // A blocking enrollment commits whatever is still queued before its own returns.
         let second = prepare(&ra, &customer, "second-phone");
         let store = ra.store.clone();
+        let (hash, now_s, record, audit) = (second.hash, second.now_s, second.record, second.audit);
         let outcome = tokio::task::spawn_blocking(move || {
-            store.issue_with_token(&second.hash, second.now_s, &second.record, &second.audit)
+            store.issue_with_token(&hash, now_s, &record, &audit)
         })
         .await
         .unwrap()
         .unwrap();
         assert_eq!(outcome, IssueOutcome::Issued);
-        assert_eq!(ra.cache.get(&serial).unwrap().revocation, None);
+        drop(second.key_claim);
+        assert_eq!(facts(&ra, &serial).await.revocation, None);
         assert_eq!(
             ra.metrics
                 .certificates_issued
@@ -553,69 +556,87 @@ mod tests {
                 .get(),
             1
         );
+        assert!(ra.keys_in_flight_is_empty(), "a key claim was kept");
 
         let revoked = ra
             .revoke_customer(&actor, &customer, RevocationReason::KeyCompromise, false)
             .unwrap();
         assert!(revoked.serials.contains(&serial));
-        let cached = ra.cache.get(&serial).unwrap().revocation.expect("revoked");
+        let cached = facts(&ra, &serial).await.revocation.expect("revoked");
         assert_eq!(cached.reason, RevocationReason::KeyCompromise);
         ra.close_decisions().unwrap();
     }
 
-    /// A release from hold and a revocation of one certificate commit in that order, but
-    /// their cache updates arrive in the other: the cache must end as the store is.
+    /// Every change to a certificate's revocation is what the next lookup finds, whether
+    /// the certificate was cached before the change or not.
     #[tokio::test]
-    async fn revocation_states_reaching_the_cache_out_of_order_end_as_stored() {
+    async fn each_revocation_change_is_what_the_next_lookup_finds_cached_or_not() {
         let dir = tempfile::tempdir().unwrap();
         let ra = test_ra(&dir);
         let actor = Actor::system();
         let customer = CustomerId::parse("customer_id", "held").unwrap();
-        let issued = ra
-            .commit_enrollment(prepare(&ra, &customer, "held-phone"))
-            .await
-            .unwrap();
-        let serial = issued.record.serial.clone();
-        ra.revoke_certificate(&actor, &serial, RevocationReason::CertificateHold)
-            .unwrap();
+        let mut serials = Vec::new();
+        for device in ["held-phone", "cold-phone"] {
+            let issued = ra
+                .commit_enrollment(prepare(&ra, &customer, device))
+                .await
+                .unwrap();
+            assert_eq!(issued.chain_der, vec![ra.ca.issuing_der.clone()]);
+            serials.push(issued.record.serial);
+        }
+        let (warm, cold) = (&serials[0], &serials[1]);
+        assert_eq!(facts(&ra, warm).await.revocation, None);
+        let reason_of =
+            |facts: super::super::cache::CachedCertificate| facts.revocation.map(|r| r.reason);
+        for serial in [warm, cold] {
+            ra.revoke_certificate(&actor, serial, RevocationReason::CertificateHold)
+                .unwrap();
+        }
         assert_eq!(
-            ra.cache.get(&serial).unwrap().revocation.unwrap().reason,
-            RevocationReason::CertificateHold
+            reason_of(facts(&ra, warm).await),
+            Some(RevocationReason::CertificateHold)
         );
-
-        let audit = || AuditEvent::new(1, &actor, "test", "", "");
-        ra.store.unhold(&serial, &audit()).unwrap().unwrap();
-        let compromise = crate::store::Revocation {
-            revoked_at_s: 5,
-            reason: RevocationReason::KeyCompromise,
-        };
-        ra.store
-            .revoke(std::slice::from_ref(&serial), &compromise, &audit())
-            .unwrap()
-            .unwrap();
-        // The revocation's update first, then the release's, late.
-        ra.cache_stored_revocations(std::slice::from_ref(&serial), Some(compromise));
-        ra.cache_stored_revocations(std::slice::from_ref(&serial), None);
-        let cached = ra
-            .cache
-            .get(&serial)
-            .unwrap()
-            .revocation
-            .expect("still revoked");
-        assert_eq!(cached.reason, RevocationReason::KeyCompromise);
+        ra.unhold_certificate(&actor, warm).unwrap();
+        assert_eq!(reason_of(facts(&ra, warm).await), None);
+        for serial in [warm, cold] {
+            ra.revoke_certificate(&actor, serial, RevocationReason::KeyCompromise)
+                .unwrap();
+            assert_eq!(
+                reason_of(facts(&ra, serial).await),
+                Some(RevocationReason::KeyCompromise)
+            );
+        }
         ra.close_decisions().unwrap();
     }
 
     #[tokio::test]
-    async fn an_enrollment_answers_with_its_certificate_in_the_cache() {
+    async fn certificates_are_counted_by_status_from_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let ra = test_ra(&dir);
-        let customer = CustomerId::parse("customer_id", "plain").unwrap();
-        let prepared = prepare(&ra, &customer, "plain-phone");
-        let issued = ra.commit_enrollment(prepared).await.unwrap();
-        let cached = ra.cache.get(&issued.record.serial).expect("cached");
-        assert_eq!(cached.revocation, None);
-        assert_eq!(issued.chain_der, vec![ra.ca.issuing_der.clone()]);
+        let customer = CustomerId::parse("customer_id", "counted").unwrap();
+        let mut serials = Vec::new();
+        for device in ["one", "two", "three"] {
+            let prepared = prepare(&ra, &customer, device);
+            serials.push(ra.commit_enrollment(prepared).await.unwrap().record.serial);
+        }
+        let actor = Actor::system();
+        ra.revoke_certificate(&actor, &serials[0], RevocationReason::KeyCompromise)
+            .unwrap();
+        ra.revoke_certificate(&actor, &serials[1], RevocationReason::CertificateHold)
+            .unwrap();
+        let gauge = |status: &str| ra.metrics.certificates.with_label_values(&[status]).get();
+        ra.refresh_gauges(0);
+        assert_eq!(
+            gauge("valid"),
+            0,
+            "nothing is counted before the first pass"
+        );
+        ra.count_certificates().unwrap();
+        ra.refresh_gauges(0);
+        assert_eq!(
+            ["valid", "revoked", "on_hold", "expired", "superseded"].map(gauge),
+            [1, 1, 1, 0, 0]
+        );
         ra.close_decisions().unwrap();
     }
 

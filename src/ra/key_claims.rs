@@ -4,18 +4,20 @@
 //!
 //! A key once revoked for keyCompromise is never certified again.
 //!
-//! The check reads the verification cache's key index ([`super::cache::CertificateCache::key_holders`]),
-//! and a key stays claimed here from the check until its certificate is in that index (or the
-//! request failed), so two concurrent requests cannot both certify one key for different
-//! holders.
+//! The check reads every certificate of the key from the store
+//! ([`crate::store::Store::certificates_with_key`]). A key is claimed here before that read
+//! and stays claimed until its new certificate is in the store (or the request failed), so
+//! two concurrent requests of this process cannot both certify one key for different
+//! holders: the later claim is refused, or its read sees the earlier certificate. (A store
+//! several processes share checks again as it commits.)
 
 use crate::sync::Unpoisoned;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::cache::CertificateCache;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::model::{CustomerId, DeviceId};
+use crate::store::{KeyRefusal, Store};
 
 /// Keys being certified right now, with their holder and how many requests claim them.
 #[derive(Default)]
@@ -41,57 +43,53 @@ impl Drop for KeyClaim {
     }
 }
 
-/// A key reported compromised.
-pub(super) fn compromised() -> Error {
-    Error::AlreadyExists("this device key was reported compromised; generate a new key pair".into())
-}
-
-pub(super) fn conflict() -> Error {
-    Error::AlreadyExists(
-        "this device key already has a live certificate for another customer or device; \
-         generate a new key pair for this enrollment"
-            .into(),
-    )
-}
-
 impl KeysInFlight {
+    /// Whether no key is claimed now (tests).
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.claims.lock().unpoisoned().is_empty()
+    }
+
     /// Claims `key` for `customer` / `device`, refusing it when a live certificate (valid or
     /// on hold, at `now_s`) or a request in flight holds it for someone else.
     pub fn claim(
         self: &Arc<Self>,
-        cache: &CertificateCache,
+        store: &dyn Store,
         key: &[u8; 65],
         customer: &CustomerId,
         device: &DeviceId,
         now_s: i64,
     ) -> Result<KeyClaim> {
-        let mut claims = self.claims.lock().unpoisoned();
-        let standing = cache.key_standing(key, now_s);
-        if standing.compromised {
-            tracing::warn!(customer = %customer, "refused to certify a key reported compromised");
-            return Err(compromised());
-        }
-        if let Some((serial, holder_customer, holder_device)) = standing.live_holder {
-            if holder_customer != *customer || holder_device != *device {
-                tracing::warn!(
-                    holder = %serial,
-                    customer = %customer,
-                    device = %device,
-                    "refused to certify a key another customer or device holds"
-                );
-                return Err(conflict());
+        {
+            let mut claims = self.claims.lock().unpoisoned();
+            match claims.get_mut(key) {
+                Some((c, d, count)) if c == customer && d == device => *count += 1,
+                Some(_) => return Err(KeyRefusal::held_elsewhere_error()),
+                None => {
+                    claims.insert(*key, (customer.clone(), device.clone(), 1));
+                }
             }
         }
-        match claims.get_mut(key) {
-            Some((c, d, count)) if c == customer && d == device => *count += 1,
-            Some(_) => return Err(conflict()),
-            None => {
-                claims.insert(*key, (customer.clone(), device.clone(), 1));
-            }
-        }
-        Ok(KeyClaim {
+        // Claimed before the read; given back (dropped) on a refusal.
+        let claim = KeyClaim {
             keys: self.clone(),
             key: *key,
-        })
+        };
+        let holders = store.certificates_with_key(key)?;
+        let Some(refusal) = KeyRefusal::of(&holders, customer, device, now_s) else {
+            return Ok(claim);
+        };
+        match &refusal {
+            KeyRefusal::Compromised => {
+                tracing::warn!(customer = %customer, "refused to certify a key reported compromised")
+            }
+            KeyRefusal::HeldElsewhere(holder) => tracing::warn!(
+                holder = %holder,
+                customer = %customer,
+                device = %device,
+                "refused to certify a key another customer or device holds"
+            ),
+        }
+        Err(refusal.error())
     }
 }

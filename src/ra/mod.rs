@@ -36,7 +36,7 @@ pub use verification::{
 };
 
 use crate::sync::Unpoisoned;
-use cache::CertificateCache;
+use cache::{CachedCertificate, CertificateCache};
 use throttle::FailureThrottle;
 
 use std::sync::Arc;
@@ -80,6 +80,8 @@ pub struct RaPolicy {
     /// RA mode: the external CA that signs and revokes device certificates (`None`: payra's
     /// own issuing CA signs them).
     pub upstream: Option<Arc<crate::ca::upstream::UpstreamIssuer>>,
+    /// The certificate cache's size in bytes.
+    pub cache_bytes: u64,
 }
 
 impl RaPolicy {
@@ -125,6 +127,7 @@ impl RaPolicy {
                     crate::ca::upstream::UpstreamIssuer::from_config(&config.ca.upstream)?,
                 )),
             },
+            cache_bytes: config.verification.cache_bytes,
         })
     }
 }
@@ -145,9 +148,8 @@ pub struct Ra {
     keys_in_flight: std::sync::Arc<key_claims::KeysInFlight>,
     clients: ClientRegistry,
     metrics: Arc<Metrics>,
-    /// Held while a revocation state read from the store is put into the cache
-    /// ([`Ra::cache_stored_revocations`]).
-    revocation_cache_turn: std::sync::Mutex<()>,
+    /// Certificates by status, as last counted ([`Ra::count_certificates`]).
+    certificate_counts: std::sync::Mutex<Option<Vec<(&'static str, u64)>>>,
     /// The chain heads last signed ([`Ra::sign_audit_head`]); held while one is signed.
     last_signed_heads: std::sync::Mutex<Option<(crate::store::ChainHead, crate::store::ChainHead)>>,
     /// Woken when a revocation (or an orphaned upstream certificate) is stored, so the
@@ -242,7 +244,18 @@ impl Ra {
             }
         }
         let policy_failures = policy.enroll_failures_per_minute;
-        let cache = CertificateCache::load(store.as_ref())?;
+        let cache = CertificateCache::new(
+            policy.cache_bytes,
+            cache::CacheCounters {
+                hits: metrics
+                    .certificate_cache_lookups
+                    .with_label_values(&["hit"]),
+                misses: metrics
+                    .certificate_cache_lookups
+                    .with_label_values(&["miss"]),
+                evictions: metrics.certificate_cache_evictions.clone(),
+            },
+        );
         let clients = ClientRegistry::load(store.as_ref())?;
         let agreed_limits =
             agreed_limits::AgreedLimits::load(store.as_ref(), policy.ledger.max_agreed_limit_fen)?;
@@ -256,9 +269,9 @@ impl Ra {
             claim_horizon_ms: 2 * policy.ledger.skew_ms + 60_000,
         })?;
         tracing::info!(
-            certificates = cache.len(),
+            cache_bytes = policy.cache_bytes,
             agreed_limits = agreed_limits.len(),
-            "certificate cache and agreed limits loaded"
+            "agreed limits loaded; certificates are read from the store as they are verified"
         );
         let ledger = &policy.ledger;
         tracing::info!(
@@ -295,7 +308,7 @@ impl Ra {
             keys_in_flight: Default::default(),
             clients,
             metrics,
-            revocation_cache_turn: std::sync::Mutex::new(()),
+            certificate_counts: std::sync::Mutex::new(None),
             last_signed_heads: std::sync::Mutex::new(None),
             upstream_wake: Arc::new(tokio::sync::Notify::new()),
             upstream_pass: tokio::sync::Mutex::new(()),
@@ -328,12 +341,21 @@ impl Ra {
                 .set(i64::try_from(free).unwrap_or(i64::MAX));
         }
         let now_s = self.clock.now_s();
-        for (status, count) in self.cache.count_by_status(now_s) {
-            self.metrics
-                .certificates
-                .with_label_values(&[status])
-                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        if let Some(counts) = self.certificate_counts.lock().unpoisoned().as_ref() {
+            for (status, count) in counts {
+                self.metrics
+                    .certificates
+                    .with_label_values(&[status])
+                    .set(i64::try_from(*count).unwrap_or(i64::MAX));
+            }
         }
+        let (entries, bytes) = self.cache.usage();
+        self.metrics
+            .certificate_cache_entries
+            .set(i64::try_from(entries).unwrap_or(i64::MAX));
+        self.metrics
+            .certificate_cache_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         // A scrape also looks for a new status file, so a list nobody enrolls against is
         // still read, and its age is there to alert on.
         if let Some(status) = &self.policy.attestation.status {
@@ -494,19 +516,7 @@ impl Ra {
     fn apply_change(&self, change: crate::store::StoreChange) -> Result<()> {
         use crate::store::StoreChange;
         match change {
-            StoreChange::Certificates(serials) => {
-                let _turn = self.revocation_cache_turn.lock().unpoisoned();
-                for serial in &serials {
-                    match self.store.certificate_summary(serial)? {
-                        Some(summary) => {
-                            self.cache.put_summary(&summary);
-                            self.cache
-                                .set_revocation(std::slice::from_ref(serial), summary.revocation);
-                        }
-                        None => self.cache.remove(std::slice::from_ref(serial)),
-                    }
-                }
-            }
+            StoreChange::Certificates(serials) => self.cache.invalidate(&serials),
             StoreChange::ClientCertificates(serials) => {
                 for serial in &serials {
                     if let Some(record) = self.store.client_certificate(serial)? {
@@ -519,21 +529,11 @@ impl Ra {
             }
             StoreChange::Everything => {
                 self.agreed_limits.reload(self.store.as_ref())?;
-                let _turn = self.revocation_cache_turn.lock().unpoisoned();
-                let mut count = 0usize;
-                self.store.for_each_certificate_summary(&mut |summary| {
-                    self.cache.put_summary(&summary);
-                    self.cache
-                        .set_revocation(std::slice::from_ref(&summary.serial), summary.revocation);
-                    count += 1;
-                })?;
+                self.cache.clear();
                 for record in self.store.client_certificates()? {
                     self.clients.refresh(&record);
                 }
-                tracing::info!(
-                    certificates = count,
-                    "reloaded revocation states after lost notifications"
-                );
+                tracing::info!("emptied the certificate cache after lost notifications");
             }
         }
         Ok(())
@@ -549,11 +549,17 @@ impl Ra {
         StatusView::of(record, self.clock.now_s())
     }
 
-    /// Where a certificate stands now; from memory, no disk read.
-    pub fn certificate_status(&self, serial: &Serial) -> Result<StatusView> {
+    /// Where a certificate stands now: from the cache, or the store's summary.
+    pub async fn certificate_status(&self, serial: &Serial) -> Result<StatusView> {
         let (not_before_s, not_after_s, revocation) = self
-            .cache
-            .standing(serial)
+            .read_through(serial, CertificateCache::standing, |summary| {
+                (
+                    summary.not_before_s,
+                    summary.not_after_s,
+                    summary.revocation,
+                )
+            })
+            .await?
             .ok_or_else(|| Error::NotFound(format!("no certificate with serial {serial}")))?;
         Ok(StatusView::at(
             not_before_s,
@@ -561,6 +567,78 @@ impl Ra {
             revocation,
             self.clock.now_s(),
         ))
+    }
+
+    /// Whether no device key is claimed by a request in flight (tests).
+    #[cfg(test)]
+    pub(crate) fn keys_in_flight_is_empty(&self) -> bool {
+        self.keys_in_flight.is_empty()
+    }
+
+    /// What the verifier needs of `serial`'s certificate: from the cache, or read from the
+    /// store (and cached) on a miss. `None`: payra issued no certificate with this serial.
+    pub async fn certificate_facts(&self, serial: &Serial) -> Result<Option<CachedCertificate>> {
+        self.read_through(serial, CertificateCache::get, CachedCertificate::of)
+            .await
+    }
+
+    /// `lookup` in the cache; on a miss, the store's summary (read on a blocking thread),
+    /// which fills the cache, taken apart by `from`.
+    async fn read_through<T>(
+        &self,
+        serial: &Serial,
+        lookup: impl Fn(&CertificateCache, &Serial) -> cache::Lookup<T>,
+        from: impl Fn(&crate::store::CertificateSummary) -> T,
+    ) -> Result<Option<T>> {
+        let ticket = match lookup(&self.cache, serial) {
+            cache::Lookup::Hit(found) => return Ok(Some(found)),
+            cache::Lookup::Miss(ticket) => ticket,
+        };
+        let store = self.store.clone();
+        let wanted = serial.clone();
+        let summary = tokio::task::spawn_blocking(move || store.certificate_summary(&wanted))
+            .await
+            .map_err(|e| Error::internal(format!("reading a certificate: {e}")))??;
+        Ok(summary.map(|summary| {
+            self.cache.fill(ticket, &summary);
+            from(&summary)
+        }))
+    }
+
+    /// Counts the certificates by status (a pass over every summary in the store) for the
+    /// `payra_certificates` gauge; run now and then by a background task, never by a scrape.
+    pub fn count_certificates(&self) -> Result<()> {
+        use status::CertificateStatus;
+        let now_s = self.clock.now_s();
+        let mut counts = [0u64; 6];
+        self.store.for_each_certificate_summary(&mut |summary| {
+            let view = StatusView::at(
+                summary.not_before_s,
+                summary.not_after_s,
+                summary.revocation,
+                now_s,
+            );
+            let index = match view.status {
+                CertificateStatus::Valid => 0,
+                CertificateStatus::Revoked => 1,
+                CertificateStatus::Expired => 2,
+                CertificateStatus::Superseded => 3,
+                CertificateStatus::OnHold => 4,
+                CertificateStatus::NotYetValid => 5,
+            };
+            counts[index] += 1;
+        })?;
+        let names = [
+            "valid",
+            "revoked",
+            "expired",
+            "superseded",
+            "on_hold",
+            "not_yet_valid",
+        ];
+        *self.certificate_counts.lock().unpoisoned() =
+            Some(names.into_iter().zip(counts).collect());
+        Ok(())
     }
 }
 

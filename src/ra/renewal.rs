@@ -149,7 +149,7 @@ impl Ra {
         };
         // A renewal may keep its key; a new key must not be another holder's.
         let _key_claim = self.keys_in_flight.claim(
-            &self.cache,
+            self.store.as_ref(),
             public_key.point(),
             &current.customer_id,
             &current.device_id,
@@ -217,14 +217,8 @@ impl Ra {
             }
             Err(other) => return Err(Error::internal(format!("renew: {other:?}"))),
         }
-        self.cache_committed(&record);
-        self.cache_stored_revocations(
-            std::slice::from_ref(&current.serial),
-            Some(crate::store::Revocation {
-                revoked_at_s: now_s,
-                reason: crate::model::RevocationReason::Superseded,
-            }),
-        );
+        // The renewed certificate is superseded: no verification may find it valid.
+        self.cache.invalidate(std::slice::from_ref(&current.serial));
         self.revocations_stored();
         self.metrics
             .certificates_issued

@@ -56,7 +56,7 @@ impl Ra {
                 let serials = self
                     .store
                     .purge_expired_certificates(before_s, BATCH, &audit)?;
-                self.cache.remove(&serials);
+                self.cache.invalidate(&serials);
                 done.certificates += serials.len() as u64;
                 progress(&done);
                 if serials.len() < BATCH {

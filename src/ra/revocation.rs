@@ -5,7 +5,6 @@ use super::Ra;
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, DeviceId, RevocationReason, Serial};
 use crate::store::{Actor, AuditEvent, CertificateRecord, Revocation};
-use crate::sync::Unpoisoned;
 
 /// What a revocation call did (or, with `dry_run`, would do).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,24 +116,12 @@ impl Ra {
         }
         let mut same_key = Vec::new();
         let key = crate::store::CertificateSummary::of(&record)?.public_key;
-        // A shared store knows every certificate of the key; this process's cache may not.
-        let holders: Vec<(Serial, Option<crate::store::Revocation>, i64)> =
-            match self.store.certificates_with_key(&key)? {
-                Some(summaries) => summaries
-                    .into_iter()
-                    .map(|s| (s.serial, s.revocation, s.not_after_s))
-                    .collect(),
-                None => self
-                    .cache
-                    .key_holders(&key)
-                    .into_iter()
-                    .map(|(other, holder)| (other, holder.revocation, holder.not_after_s))
-                    .collect(),
-            };
-        for (other, revocation, not_after_s) in holders {
-            if other != *serial && !targets.contains(&other) && changeable(revocation, not_after_s)
+        for holder in self.store.certificates_with_key(&key)? {
+            if holder.serial != *serial
+                && !targets.contains(&holder.serial)
+                && changeable(holder.revocation, holder.not_after_s)
             {
-                same_key.push(other);
+                same_key.push(holder.serial);
             }
         }
         targets.extend(same_key.iter().cloned());
@@ -266,7 +253,7 @@ impl Ra {
                 ),
             )?
             .map_err(Error::Revoke)?;
-        self.cache_stored_revocations(&serials, Some(revocation));
+        self.cache.invalidate(&serials);
         self.metrics
             .certificates_revoked
             .with_label_values(&[reason.cli_name()])
@@ -283,44 +270,6 @@ impl Ra {
         })
     }
 
-    /// Puts the revocation state the store holds now for each of `serials` into the cache,
-    /// after this caller's own change committed; `committed` is that change.
-    ///
-    /// Two changes to one certificate (a release from hold and a revocation, say) commit in
-    /// one order but may reach this point in the other. Each reads the store's state after
-    /// its own commit, one caller at a time, so the last to put its state here has read the
-    /// latest: the cache ends with what the store holds, whichever order they arrive in.
-    /// The state is read from the certificate's summary (a few dozen bytes), not the record.
-    /// If a read fails, a revocation is put as made (the cache errs towards refusing) and a
-    /// release leaves the cache as it is.
-    pub(crate) fn cache_stored_revocations(
-        &self,
-        serials: &[Serial],
-        committed: Option<crate::store::Revocation>,
-    ) {
-        let _turn = self.revocation_cache_turn.lock().unpoisoned();
-        for serial in serials {
-            let state = match self.store.revocation_state(serial) {
-                Ok(Some(state)) => state,
-                // Purged meanwhile: nothing in the cache to keep right.
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::error!(
-                        serial = %serial,
-                        error = %e,
-                        "reading back a revocation state failed; the cache keeps a revocation as made and ignores a release"
-                    );
-                    match committed {
-                        Some(revocation) => Some(revocation),
-                        None => continue,
-                    }
-                }
-            };
-            self.cache
-                .set_revocation(std::slice::from_ref(serial), state);
-        }
-    }
-
     /// Releases a certificate from certificateHold: it is good again everywhere.
     pub fn unhold_certificate(&self, actor: &Actor, serial: &Serial) -> Result<CertificateRecord> {
         self.check_upstream_unhold(serial)?;
@@ -332,7 +281,7 @@ impl Ra {
             "ok",
         );
         let record = self.store.unhold(serial, &audit)?.map_err(Error::Revoke)?;
-        self.cache_stored_revocations(std::slice::from_ref(serial), None);
+        self.cache.invalidate(std::slice::from_ref(serial));
         self.publication.revocation_changed();
         tracing::info!(serial = %serial, "certificate released from hold");
         Ok(record)

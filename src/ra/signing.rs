@@ -1,6 +1,6 @@
 //! What enrollment and renewal share: the device key a CSR may carry, the signature (payra's
 //! issuing CA, or the upstream CA in RA mode), the record of the certificate, the answer to
-//! the phone, and a renewed certificate's way into the cache.
+//! the phone.
 
 use super::enrollment::Issued;
 use super::Ra;
@@ -10,18 +10,6 @@ use crate::ca::{
 use crate::error::{Error, Result};
 use crate::model::{CustomerId, DeviceId, DeviceInfo, KeyAlgorithm, Serial};
 use crate::store::{CertificateRecord, RECORD_VERSION};
-
-impl Ra {
-    /// Puts a certificate the store has just committed (a renewal) into the verification
-    /// cache. A change to its revocation state (a hold, say) that committed just after it
-    /// may have reached the cache first and found nothing to mark there; so the state the
-    /// store holds is put in after the entry, in turn with every other revocation change
-    /// ([`Ra::cache_stored_revocations`]).
-    pub(super) fn cache_committed(&self, record: &CertificateRecord) {
-        self.cache.put(record);
-        self.cache_stored_revocations(std::slice::from_ref(&record.serial), record.revocation);
-    }
-}
 
 /// Whom a device certificate is for: the ids go into payra's record, the reference into the
 /// certificate.

@@ -36,7 +36,13 @@ impl Ra {
     }
 
     /// Runs the checks of VerifyPayment in the BRIEF's order and says where they stopped.
-    fn check_payment(&self, request: &VerifyRequest, now_ms: i64) -> Checked {
+    /// `certificate`: what the cache or store holds for the request's serial.
+    fn check_payment(
+        &self,
+        request: &VerifyRequest,
+        certificate: Option<super::cache::CachedCertificate>,
+        now_ms: i64,
+    ) -> Checked {
         let now_s = now_ms.div_euclid(1000);
         let fail = |verdict, reason: String, customer: Option<CustomerId>| Checked {
             verdict,
@@ -51,7 +57,7 @@ impl Ra {
             nonce: None,
             attestation: crate::attestation::AttestationClass::NONE,
         };
-        let Some(cert) = self.cache.get(&request.serial) else {
+        let Some(cert) = certificate else {
             return fail(
                 Verdict::UnknownCertificate,
                 format!(
@@ -206,8 +212,8 @@ impl Ra {
             ));
         }
         let now_ms = self.clock.now_ms();
-        self.cache_from_store(&request.serial).await?;
-        let checked = self.check_payment(&request, now_ms);
+        let certificate = self.certificate_facts(&request.serial).await?;
+        let checked = self.check_payment(&request, certificate, now_ms);
         let draft = self.draft(actor, "verify_payment", now_ms, &checked, &request);
         let recheck = (checked.verdict == Verdict::Verified).then(|| request.serial.clone());
         self.decide(
@@ -385,26 +391,6 @@ impl Ra {
             .ok_or_else(|| Error::internal("a committed decision left no answer"))?;
         self.count(&decision, reserving);
         Ok(decision)
-    }
-
-    /// With a store other processes write too, puts the certificate with `serial` into the
-    /// cache from the store when the cache does not have it (another process issued it). A
-    /// store only this process writes has every certificate in the cache already: an unknown
-    /// serial costs no read.
-    pub async fn cache_from_store(&self, serial: &Serial) -> Result<()> {
-        if !self.store.shared() || self.cache.standing(serial).is_some() {
-            return Ok(());
-        }
-        let store = self.store.clone();
-        let serial = serial.clone();
-        let summary = tokio::task::spawn_blocking(move || store.certificate_summary(&serial))
-            .await
-            .map_err(|e| Error::internal(format!("reading a certificate: {e}")))??;
-        if let Some(summary) = summary {
-            // A notification may have put a newer state meanwhile: keep it.
-            self.cache.put_summary_if_absent(&summary);
-        }
-        Ok(())
     }
 
     /// Counts a decision in the metrics, once it is durable.

@@ -95,7 +95,61 @@ conformance!(
     an_attestation_is_kept_through_revocation_and_in_the_summaries,
     an_sm2_certificate_keeps_its_algorithm_in_record_summary_and_crl_index,
     upstream_certificates_are_marked_on_the_crl_index_and_their_revocations_tracked,
+    every_certificate_of_a_key_is_found_by_the_key,
 );
+
+/// The key index finds every certificate of a device key (enrolled and renewed with it),
+/// none of another key that shares its x coordinate and the parity of y, and none once
+/// they are purged.
+fn every_certificate_of_a_key_is_found_by_the_key(store: Arc<dyn Store>) {
+    let key_of = |cert: &CertificateRecord| CertificateSummary::of(cert).unwrap().public_key;
+    let first = issue(store.as_ref(), "c-key", "d-key");
+    let key = key_of(&first);
+    let mut renewed = certificate("c-key", "d-key");
+    renewed.public_key_hex = first.public_key_hex.clone();
+    renewed.renewed_from = Some(first.serial.clone());
+    store
+        .renew(&first.serial, &renewed, 40, &ev())
+        .unwrap()
+        .unwrap();
+    // Same x, same parity of y (the last octet), another y.
+    let mut twin_key = key;
+    twin_key[33] ^= 0x80;
+    let mut twin = certificate("c-twin", "d-twin");
+    twin.public_key_hex = hex::encode(twin_key);
+    issue_record(store.as_ref(), &twin);
+    issue(store.as_ref(), "c-other", "d-other");
+
+    let serials_of = |key: &[u8; 65]| {
+        let mut serials: Vec<Serial> = store
+            .certificates_with_key(key)
+            .unwrap()
+            .into_iter()
+            .map(|summary| summary.serial)
+            .collect();
+        serials.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        serials
+    };
+    let mut expected = vec![first.serial.clone(), renewed.serial.clone()];
+    expected.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    assert_eq!(serials_of(&key), expected);
+    let holders = store.certificates_with_key(&key).unwrap();
+    let superseded = holders.iter().find(|h| h.serial == first.serial).unwrap();
+    assert_eq!(
+        superseded.revocation.map(|r| r.reason),
+        Some(RevocationReason::Superseded),
+        "the summaries are current"
+    );
+    assert_eq!(serials_of(&twin_key), vec![twin.serial.clone()]);
+    let mut unknown = key;
+    unknown[1] ^= 1;
+    assert!(serials_of(&unknown).is_empty());
+
+    let purged = store.purge_expired_certificates(2_000, 100, &ev()).unwrap();
+    assert_eq!(purged.len(), 4);
+    assert!(serials_of(&key).is_empty());
+    assert!(serials_of(&twin_key).is_empty());
+}
 
 /// An upstream CA's certificate (RA mode) keeps its mark in its record and in the revoked
 /// index (by revocation and by renewal), and the upstream revocation entries are kept, replaced
@@ -1570,6 +1624,25 @@ fn sled_store_survives_reopen() {
     assert_eq!(summaries(&store)[0].revocation, Some(revocation));
     store.purge_expired_certificates(2_000, 10, &ev()).unwrap();
     assert!(summaries(&store).is_empty());
+}
+
+#[test]
+fn the_key_index_is_built_for_a_database_that_lacks_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = certificate("c-migrate", "d");
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        issue_record(&store, &cert);
+        store.danger_clear_key_index().unwrap();
+        let key = CertificateSummary::of(&cert).unwrap().public_key;
+        assert!(store.certificates_with_key(&key).unwrap().is_empty());
+    }
+    let store = SledStore::open(dir.path()).unwrap();
+    let key = CertificateSummary::of(&cert).unwrap().public_key;
+    assert_eq!(
+        store.certificates_with_key(&key).unwrap(),
+        vec![CertificateSummary::of(&cert).unwrap()]
+    );
 }
 
 #[test]

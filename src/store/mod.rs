@@ -15,8 +15,8 @@ pub use audit::{Actor, AuditCheck, AuditEntry, AuditEvent, ChainHead};
 pub use decision_log::{Books, DecisionLog, ForgottenDays, LedgerCheckpoint, LogRecord};
 pub use postgres::PgStore;
 pub use records::{
-    CertificateRecord, CertificateSummary, ClientCertificateRecord, EvidenceRecord, Revocation,
-    RevokedEntry, TokenHash, TokenRecord, UpstreamRevocation, RECORD_VERSION,
+    CertificateRecord, CertificateSummary, ClientCertificateRecord, EvidenceRecord, KeyRefusal,
+    Revocation, RevokedEntry, TokenHash, TokenRecord, UpstreamRevocation, RECORD_VERSION,
 };
 pub use sled::GroupCommit;
 pub use sled::{LocalDecisions, SledStore};
@@ -554,14 +554,9 @@ pub trait Store: Send + Sync {
     /// miss: the certificate may have been issued by another payra process).
     fn certificate_summary(&self, serial: &Serial) -> Result<Option<CertificateSummary>>;
 
-    /// Every certificate of the device key `public_key`, for a store several payra processes
-    /// share; `None` where this process's own cache knows them all.
-    fn certificates_with_key(
-        &self,
-        _public_key: &[u8; 65],
-    ) -> Result<Option<Vec<CertificateSummary>>> {
-        Ok(None)
-    }
+    /// Every certificate of the device key `public_key` (the one-key-one-device check, and
+    /// revocations for keyCompromise).
+    fn certificates_with_key(&self, public_key: &[u8; 65]) -> Result<Vec<CertificateSummary>>;
 
     /// Opens the store's decisions (once per store): where verifications, reservations,
     /// releases and nonce claims are recorded.

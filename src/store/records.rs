@@ -64,6 +64,63 @@ pub struct CertificateSummary {
 
 const SUMMARY_VERSION: u8 = 1;
 
+/// Why a device key may not be certified for a holder now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyRefusal {
+    /// A certificate of the key was revoked for keyCompromise: it is never certified again.
+    Compromised,
+    /// A live certificate (valid or on hold, unexpired) of the key is another customer's or
+    /// device's: this one.
+    HeldElsewhere(Serial),
+}
+
+impl KeyRefusal {
+    /// Whether `customer` / `device` may have a certificate of a key whose certificates are
+    /// `holders` (every one the store has), at `now_s`.
+    pub fn of(
+        holders: &[CertificateSummary],
+        customer: &CustomerId,
+        device: &DeviceId,
+        now_s: i64,
+    ) -> Option<KeyRefusal> {
+        let reasons = || holders.iter().map(|h| (h, h.revocation.map(|r| r.reason)));
+        if reasons().any(|(_, reason)| reason == Some(RevocationReason::KeyCompromise)) {
+            return Some(KeyRefusal::Compromised);
+        }
+        reasons()
+            .find(|(holder, reason)| {
+                matches!(reason, None | Some(RevocationReason::CertificateHold))
+                    && holder.not_after_s > now_s
+                    && (holder.customer_id != *customer || holder.device_id != *device)
+            })
+            .map(|(holder, _)| KeyRefusal::HeldElsewhere(holder.serial.clone()))
+    }
+
+    /// The answer to the request that asked for it.
+    pub fn error(&self) -> Error {
+        match self {
+            KeyRefusal::Compromised => Self::compromised_error(),
+            KeyRefusal::HeldElsewhere(_) => Self::held_elsewhere_error(),
+        }
+    }
+
+    /// The answer to a request for a key reported compromised.
+    pub fn compromised_error() -> Error {
+        Error::AlreadyExists(
+            "this device key was reported compromised; generate a new key pair".into(),
+        )
+    }
+
+    /// The answer to a request for a key another customer or device holds.
+    pub fn held_elsewhere_error() -> Error {
+        Error::AlreadyExists(
+            "this device key already has a live certificate for another customer or device; \
+             generate a new key pair for this enrollment"
+                .into(),
+        )
+    }
+}
+
 impl CertificateSummary {
     /// The summary of `record`.
     pub fn of(record: &CertificateRecord) -> Result<CertificateSummary> {

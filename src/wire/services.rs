@@ -222,8 +222,7 @@ impl proto::verification_server::Verification for VerificationService {
         request: Request<proto::GetCertificateStatusRequest>,
     ) -> Result<Response<proto::GetCertificateStatusResponse>, Status> {
         let serial = Serial::parse("serial", &request.into_inner().serial)?;
-        self.ra.cache_from_store(&serial).await?;
-        let view = self.ra.certificate_status(&serial)?;
+        let view = self.ra.certificate_status(&serial).await?;
         Ok(Response::new(proto::GetCertificateStatusResponse {
             serial: serial.to_hex(),
             status: status_to_proto(view.status) as i32,

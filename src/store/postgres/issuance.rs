@@ -18,7 +18,9 @@ use super::{db_error, json, pool_error, prepared_tx};
 use crate::error::{Error, Result};
 use crate::model::RevocationReason;
 use crate::store::audit::{chain_hash, AuditBody, AuditEntry, AuditEvent};
-use crate::store::records::{CertificateRecord, CertificateSummary, TokenHash, TokenRecord};
+use crate::store::records::{
+    CertificateRecord, CertificateSummary, KeyRefusal, TokenHash, TokenRecord,
+};
 use crate::store::{IssueOutcome, OnIssued, TokenRejection};
 
 /// The most jobs one transaction takes.
@@ -154,30 +156,21 @@ pub(super) async fn key_refusal(
         )
         .await
         .map_err(db_error)?;
-    for row in rows {
-        let serial: Vec<u8> = row.get(0);
-        let summary: Vec<u8> = row.get(1);
-        let holder = CertificateSummary::decode(&serial, &summary)?;
-        let reason = holder.revocation.map(|r| r.reason);
-        if reason == Some(RevocationReason::KeyCompromise) {
-            return Ok(Some(Error::AlreadyExists(
-                "this device key was reported compromised; generate a new key pair".into(),
-            )));
-        }
-        let live = matches!(reason, None | Some(RevocationReason::CertificateHold))
-            && holder.not_after_s > now_s;
-        if live
-            && (holder.customer_id != certificate.customer_id
-                || holder.device_id != certificate.device_id)
-        {
-            return Ok(Some(Error::AlreadyExists(
-                "this device key already has a live certificate for another customer or \
-                 device; generate a new key pair for this enrollment"
-                    .into(),
-            )));
-        }
-    }
-    Ok(None)
+    let holders = rows
+        .iter()
+        .map(|row| {
+            let serial: Vec<u8> = row.get(0);
+            let summary: Vec<u8> = row.get(1);
+            CertificateSummary::decode(&serial, &summary)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(KeyRefusal::of(
+        &holders,
+        &certificate.customer_id,
+        &certificate.device_id,
+        now_s,
+    )
+    .map(|refusal| refusal.error()))
 }
 
 /// Who holds a key, as the batch decides: (customer, device, usable again later?).

@@ -161,10 +161,7 @@ impl Store for PgStore {
         })
     }
 
-    fn certificates_with_key(
-        &self,
-        public_key: &[u8; 65],
-    ) -> Result<Option<Vec<CertificateSummary>>> {
+    fn certificates_with_key(&self, public_key: &[u8; 65]) -> Result<Vec<CertificateSummary>> {
         let key = public_key.to_vec();
         self.read(move |client| {
             Box::pin(async move {
@@ -187,7 +184,6 @@ impl Store for PgStore {
                         CertificateSummary::decode(&serial, &summary)
                     })
                     .collect::<Result<Vec<_>>>()
-                    .map(Some)
             })
         })
     }

@@ -39,6 +39,7 @@ impl SledStore {
             tokens: db.open_tree("tokens")?,
             by_customer: db.open_tree("by_customer")?,
             by_device: db.open_tree("by_device")?,
+            by_key: db.open_tree("by_key")?,
             revoked: db.open_tree("revoked")?,
             meta: db.open_tree("meta")?,
             write_turn: std::sync::Mutex::new(()),
@@ -64,7 +65,15 @@ impl SledStore {
         };
         store.recover_issuance(journaled)?;
         store.build_missing_summaries()?;
+        store.build_missing_key_index()?;
         Ok(store)
+    }
+
+    /// Empties the key index, as a database from before it existed would be (tests).
+    #[cfg(test)]
+    pub fn danger_clear_key_index(&self) -> Result<()> {
+        self.by_key.clear()?;
+        self.sync_sled()
     }
 
     /// Empties the summaries tree, as a database from before it existed would be (tests).
@@ -77,23 +86,60 @@ impl SledStore {
     /// A database written before the `cert_summaries` tree existed gets it built once, from
     /// the full records.
     pub(super) fn build_missing_summaries(&self) -> Result<()> {
-        if !self.summaries.is_empty() || self.certificates.is_empty() {
+        self.build_missing(
+            &self.summaries,
+            &self.certificates,
+            "summaries",
+            |serial, value| {
+                let record: CertificateRecord = decode(value)?;
+                Ok((serial.to_vec(), CertificateSummary::of(&record)?.encode()))
+            },
+        )
+    }
+
+    /// A database written before the `by_key` tree existed gets it built once, from the
+    /// summaries.
+    pub(super) fn build_missing_key_index(&self) -> Result<()> {
+        self.build_missing(
+            &self.by_key,
+            &self.summaries,
+            "key index",
+            |serial, value| {
+                let summary = CertificateSummary::decode(serial, value)?;
+                Ok((
+                    key_index_key(&summary.public_key, &summary.serial),
+                    Vec::new(),
+                ))
+            },
+        )
+    }
+
+    /// Fills an empty `tree` with what `entry` makes of each entry of `source` (if `source`
+    /// has any), in batches, then syncs.
+    fn build_missing(
+        &self,
+        tree: &Tree,
+        source: &Tree,
+        what: &str,
+        entry: impl Fn(&[u8], &[u8]) -> Result<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<()> {
+        if !tree.is_empty() || source.is_empty() {
             return Ok(());
         }
         let mut batch = sled::Batch::default();
         let mut count = 0u64;
-        for entry in self.certificates.iter() {
-            let (serial, value) = entry?;
-            let record: CertificateRecord = decode(&value)?;
-            batch.insert(serial, CertificateSummary::of(&record)?.encode());
+        for item in source.iter() {
+            let (key, value) = item?;
+            let (key, value) = entry(&key, &value)?;
+            batch.insert(key, value);
             count += 1;
             if count % 10_000 == 0 {
-                self.summaries.apply_batch(std::mem::take(&mut batch))?;
+                tree.apply_batch(std::mem::take(&mut batch))?;
             }
         }
-        self.summaries.apply_batch(batch)?;
+        tree.apply_batch(batch)?;
         self.sync_sled()?;
-        tracing::info!(certificates = count, "built the certificate summaries");
+        tracing::info!(certificates = count, "built the certificates' {what}");
         Ok(())
     }
 
@@ -248,14 +294,17 @@ impl SledStore {
         let mut certificates = sled::Batch::default();
         let mut by_customer = sled::Batch::default();
         let mut by_device = sled::Batch::default();
+        let mut by_key = sled::Batch::default();
         let mut summaries = sled::Batch::default();
         let mut pending = 0;
         for record in records {
             certificates.insert(record.serial.as_bytes(), encode(&record)?);
-            summaries.insert(
-                record.serial.as_bytes(),
-                CertificateSummary::of(&record)?.encode(),
+            let summary = CertificateSummary::of(&record)?;
+            by_key.insert(
+                key_index_key(&summary.public_key, &record.serial),
+                &[] as &[u8],
             );
+            summaries.insert(record.serial.as_bytes(), summary.encode());
             by_customer.insert(
                 index_key(record.customer_id.as_str(), &record.serial),
                 &[] as &[u8],
@@ -272,6 +321,7 @@ impl SledStore {
                 self.by_customer
                     .apply_batch(std::mem::take(&mut by_customer))?;
                 self.by_device.apply_batch(std::mem::take(&mut by_device))?;
+                self.by_key.apply_batch(std::mem::take(&mut by_key))?;
                 self.summaries.apply_batch(std::mem::take(&mut summaries))?;
                 pending = 0;
             }
@@ -279,6 +329,7 @@ impl SledStore {
         self.certificates.apply_batch(certificates)?;
         self.by_customer.apply_batch(by_customer)?;
         self.by_device.apply_batch(by_device)?;
+        self.by_key.apply_batch(by_key)?;
         self.summaries.apply_batch(summaries)?;
         self.sync_sled()?;
         Ok(count)

@@ -45,6 +45,8 @@ pub(super) enum JobWork {
         summary: Vec<u8>,
         customer_key: Vec<u8>,
         device_key: Vec<u8>,
+        /// The certificate's entry in the key index.
+        key_key: Vec<u8>,
     },
     /// A new enrollment token is stored under its hash.
     Token { hash: TokenHash, value: Vec<u8> },
@@ -68,15 +70,17 @@ impl IssueJob {
         certificate: &CertificateRecord,
         audit: &AuditEvent,
     ) -> Result<IssueJob> {
+        let summary = CertificateSummary::of(certificate)?;
         Ok(IssueJob::with(
             JobWork::Enroll {
                 hash: *hash,
                 now_s,
                 serial: certificate.serial.clone(),
                 cert_value: encode(certificate)?,
-                summary: CertificateSummary::of(certificate)?.encode(),
+                summary: summary.encode(),
                 customer_key: index_key(certificate.customer_id.as_str(), &certificate.serial),
                 device_key: index_key(certificate.device_id.as_str(), &certificate.serial),
+                key_key: key_index_key(&summary.public_key, &certificate.serial),
             },
             audit,
         ))
@@ -196,6 +200,7 @@ impl SledStore {
             JournalTree::Summaries => &self.summaries,
             JournalTree::ByCustomer => &self.by_customer,
             JournalTree::ByDevice => &self.by_device,
+            JournalTree::ByKey => &self.by_key,
             JournalTree::Audit => &self.audit,
             JournalTree::Meta => &self.meta,
         }
@@ -349,7 +354,7 @@ impl SledStore {
             })
         };
         for job in batch {
-            let (hash, now_s, serial, cert_value, summary, customer_key, device_key) =
+            let (hash, now_s, serial, cert_value, summary, customer_key, device_key, key_key) =
                 match &job.work {
                     JobWork::Token { hash, value } => {
                         if minted.contains(&hash.0)
@@ -375,6 +380,7 @@ impl SledStore {
                         summary,
                         customer_key,
                         device_key,
+                        key_key,
                     } => (
                         hash,
                         *now_s,
@@ -383,6 +389,7 @@ impl SledStore {
                         summary,
                         customer_key,
                         device_key,
+                        key_key,
                     ),
                 };
             let serial_key = serial.as_bytes();
@@ -414,6 +421,7 @@ impl SledStore {
             put(JournalTree::Summaries, serial_key, summary.clone());
             put(JournalTree::ByCustomer, customer_key, Vec::new());
             put(JournalTree::ByDevice, device_key, Vec::new());
+            put(JournalTree::ByKey, key_key, Vec::new());
             put(JournalTree::Audit, &audit_key, entry);
             head = next_head;
             used.insert(hash.0, now_s);

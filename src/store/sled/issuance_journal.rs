@@ -37,6 +37,7 @@ pub(super) enum JournalTree {
     ByDevice = 5,
     Audit = 6,
     Meta = 7,
+    ByKey = 8,
 }
 
 impl JournalTree {
@@ -49,6 +50,7 @@ impl JournalTree {
             5 => JournalTree::ByDevice,
             6 => JournalTree::Audit,
             7 => JournalTree::Meta,
+            8 => JournalTree::ByKey,
             _ => return None,
         })
     }

@@ -3,7 +3,8 @@
 //! this backend), the signed audit heads, the backup format, the data directory.
 //!
 //! Trees: `certificates` (serial → JSON record), `tokens` (token hash → JSON record),
-//! `by_customer` and `by_device` (`<id>\0<serial>` → empty), `revoked` (serial → JSON
+//! `by_customer` and `by_device` (`<id>\0<serial>` → empty), `by_key` (the device key,
+//! compressed, then the serial → empty), `revoked` (serial → JSON
 //! [`RevokedEntry`]) and `meta` (counters). Records are JSON with a version field.
 
 use crate::sync::Unpoisoned;
@@ -55,6 +56,9 @@ pub struct SledStore {
     tokens: Tree,
     by_customer: Tree,
     by_device: Tree,
+    /// Compressed device key ‖ serial → empty: every certificate of a key, for the
+    /// one-key-one-device check and revocations for keyCompromise.
+    by_key: Tree,
     revoked: Tree,
     meta: Tree,
     /// Held by every write transaction (not by the sync that follows) and by a backup.
@@ -132,6 +136,21 @@ fn index_key(id: &str, serial: &Serial) -> Vec<u8> {
     let mut key = Vec::with_capacity(id.len() + 1 + serial.as_bytes().len());
     key.extend_from_slice(id.as_bytes());
     key.push(0);
+    key.extend_from_slice(serial.as_bytes());
+    key
+}
+
+/// A device key as the key index starts its entries: SEC1 compressed (the parity of y, then
+/// x), 33 octets. Two keys with one prefix are told apart by the summaries' full keys.
+fn key_index_prefix(public_key: &[u8; 65]) -> [u8; 33] {
+    let mut prefix = [0u8; 33];
+    prefix[0] = 2 | (public_key[64] & 1);
+    prefix[1..].copy_from_slice(&public_key[1..33]);
+    prefix
+}
+
+fn key_index_key(public_key: &[u8; 65], serial: &Serial) -> Vec<u8> {
+    let mut key = key_index_prefix(public_key).to_vec();
     key.extend_from_slice(serial.as_bytes());
     key
 }
@@ -274,6 +293,23 @@ impl Store for SledStore {
             .transpose()
     }
 
+    fn certificates_with_key(&self, public_key: &[u8; 65]) -> Result<Vec<CertificateSummary>> {
+        let prefix = key_index_prefix(public_key);
+        let mut holders = Vec::new();
+        for entry in self.by_key.scan_prefix(prefix) {
+            let (key, _) = entry?;
+            let serial = &key[prefix.len()..];
+            // An entry whose summary is gone (purged between the two reads) is skipped.
+            if let Some(bytes) = self.summaries.get(serial)? {
+                let summary = CertificateSummary::decode(serial, &bytes)?;
+                if summary.public_key == *public_key {
+                    holders.push(summary);
+                }
+            }
+        }
+        Ok(holders)
+    }
+
     fn certificate(&self, serial: &Serial) -> Result<Option<CertificateRecord>> {
         self.certificates
             .get(serial.as_bytes())?
@@ -396,18 +432,21 @@ impl Store for SledStore {
     ) -> Result<std::result::Result<(), RevokeRejection>> {
         let writing = self.writing();
         let new_value = encode(new)?;
-        let new_summary = CertificateSummary::of(new)?.encode();
+        let new_summary = CertificateSummary::of(new)?;
+        let new_key_entry = key_index_key(&new_summary.public_key, &new.serial);
+        let new_summary = new_summary.encode();
         let outcome = (
             &self.certificates,
             &self.revoked,
             &self.by_customer,
             &self.by_device,
+            &self.by_key,
             &self.audit,
             &self.meta,
             &self.summaries,
         )
             .transaction(
-                |(certificates, revoked, by_customer, by_device, log, meta, summaries)| {
+                |(certificates, revoked, by_customer, by_device, by_key, log, meta, summaries)| {
                     let Some(bytes) = certificates.get(old.as_bytes())? else {
                         return Ok(Err(RevokeRejection::NotFound(old.clone())));
                     };
@@ -434,6 +473,7 @@ impl Store for SledStore {
                     )?;
                     by_device
                         .insert(index_key(new.device_id.as_str(), &new.serial), &[] as &[u8])?;
+                    by_key.insert(new_key_entry.as_slice(), &[] as &[u8])?;
                     append_audit(log, meta, audit)?;
                     Ok(Ok(()))
                 },
@@ -713,7 +753,9 @@ impl Store for SledStore {
             let (_, value) = entry?;
             let record: CertificateRecord = decode(&value)?;
             if record.not_after_s < before_s {
-                expired.push(record);
+                let key = CertificateSummary::of(&record)?.public_key;
+                let key_entry = key_index_key(&key, &record.serial);
+                expired.push((record, key_entry));
                 if expired.len() == limit {
                     break;
                 }
@@ -731,6 +773,7 @@ impl Store for SledStore {
             &self.meta,
             &self.summaries,
             &self.upstream_revocations,
+            &self.by_key,
         )
             .transaction(
                 |(
@@ -742,8 +785,9 @@ impl Store for SledStore {
                     meta,
                     summaries,
                     upstream,
+                    by_key,
                 )| {
-                    for record in &expired {
+                    for (record, key_entry) in &expired {
                         certificates.remove(record.serial.as_bytes())?;
                         summaries.remove(record.serial.as_bytes())?;
                         // Its upstream revocation entry goes with it (RA mode).
@@ -751,6 +795,7 @@ impl Store for SledStore {
                         by_customer
                             .remove(index_key(record.customer_id.as_str(), &record.serial))?;
                         by_device.remove(index_key(record.device_id.as_str(), &record.serial))?;
+                        by_key.remove(key_entry.as_slice())?;
                         revoked.remove(record.serial.as_bytes())?;
                     }
                     let mut event = audit.clone();
@@ -764,7 +809,7 @@ impl Store for SledStore {
             drop(writing);
             self.sync_sled()
         }?;
-        Ok(expired.into_iter().map(|r| r.serial).collect())
+        Ok(expired.into_iter().map(|(r, _)| r.serial).collect())
     }
 
     fn probe_write(&self) -> Result<()> {
