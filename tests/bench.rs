@@ -35,7 +35,51 @@ fn settings(server: &TestServer, scenario: Scenario, client: ClientKind) -> Benc
         client,
         progress: false,
         key_algorithm: payra::model::KeyAlgorithm::P256,
+        population: None,
+        skew: 0.0,
     }
+}
+
+/// Devices written by `payra bench populate` pay and are asked about: every payment signed
+/// with a population key verifies against its record, uniformly and with a Zipf skew, and
+/// the report gives the server's cache hit rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populated_devices_verify_and_answer_status_with_and_without_skew() {
+    let mut server = TestServer::start().await;
+    server.stop().await;
+    {
+        use payra::bench::population;
+        let store = payra::store::SledStore::open(&server.config.data_dir).unwrap();
+        let now = payra::clock::Clock::now_s(&server.clock);
+        let certificate = population::certificate_b64();
+        let records = population::PublicKeys::from(0)
+            .zip(0..300)
+            .filter_map(|(key, i)| population::record(i, now, &key, &certificate));
+        assert_eq!(store.danger_bulk_insert_certificates(records).unwrap(), 300);
+        store.close().unwrap();
+    }
+    server.start_again().await;
+    for skew in [0.0, 1.0] {
+        for scenario in [Scenario::Verify, Scenario::Status] {
+            let mut populated = settings(&server, scenario, ClientKind::Lean);
+            populated.population = Some(300);
+            populated.skew = skew;
+            populated.max_requests = 300;
+            let report = run(populated)
+                .await
+                .unwrap_or_else(|e| panic!("{scenario:?} {skew}: {e}"));
+            assert!(report.requests > 0, "{scenario:?} {skew}: no requests");
+            assert_eq!(report.errors, 0, "{scenario:?} {skew}: not every answer was good");
+            let hit_rate = report.cache_hit_rate.expect("the server's lookups were read");
+            assert!((0.0..=1.0).contains(&hit_rate));
+        }
+    }
+    // A device the population does not have is unknown: the bench counts it as an error.
+    let mut beyond = settings(&server, Scenario::Status, ClientKind::Lean);
+    beyond.population = Some(1_000);
+    beyond.max_requests = 200;
+    let report = run(beyond).await.unwrap();
+    assert!(report.errors > 0, "devices past the populated ones were found");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

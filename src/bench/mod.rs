@@ -16,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::wire::proto;
 
 mod grpc;
+pub mod population;
 mod prepare;
 mod server_side;
 
@@ -80,6 +81,12 @@ pub struct BenchSettings {
     /// Verify and enroll scenarios: the devices' key algorithm (P-256, or SM2 from the SM2
     /// issuing CA). The raw rates are then of the same algorithm.
     pub key_algorithm: crate::model::KeyAlgorithm,
+    /// Verify and status scenarios: the devices of `payra bench populate` (this many, the
+    /// first ones), instead of one enrolled per worker.
+    pub population: Option<u64>,
+    /// With `population`: 0 picks devices uniformly, otherwise by a Zipf law of this
+    /// exponent.
+    pub skew: f64,
 }
 
 /// Latency in microseconds at the usual percentiles.
@@ -126,6 +133,8 @@ pub struct BenchReport {
     /// difference from `latency` is the transport's and the generator's share. `None` for OCSP
     /// (plain HTTP) or if `/metrics` could not be read.
     pub server_latency_at_most: Option<ServerLatency>,
+    /// The share of the server's certificate cache lookups during the run that hit.
+    pub cache_hit_rate: Option<f64>,
 }
 
 /// Percentiles of the server's histogram, in microseconds, each the upper bound of its bucket
@@ -462,7 +471,9 @@ async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> 
             }
         }
         Work::Status { client, serials } => {
-            let mut i = 0;
+            // Each worker starts at a place of its own in the list, so that workers do not
+            // ask about one serial together.
+            let mut i = rand::Rng::gen_range(&mut rand::thread_rng(), 0..serials.len());
             while counters.take() {
                 i += 1;
                 let request = proto::GetCertificateStatusRequest {
@@ -600,6 +611,10 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
         (Some(before), Some(after)) if method.is_some() => after.latency_since(before),
         _ => None,
     };
+    let cache_hit_rate = match (&server_before, &server_after) {
+        (Some(before), Some(after)) => after.cache_hit_rate_since(before),
+        _ => None,
+    };
     if settings.progress {
         eprintln!();
     }
@@ -657,5 +672,6 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
             _ => None,
         },
         server_latency_at_most,
+        cache_hit_rate,
     })
 }

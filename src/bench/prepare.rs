@@ -109,6 +109,8 @@ pub(super) fn ocsp_request(issuer_der: &[u8], certificate_der: &[u8]) -> Result<
 /// Pre-signed intents are sized for at most this closed-loop rate (twice the raw verify rate of
 /// a 2-core machine); `--rate` or `--max-requests` size them otherwise.
 const MAX_CLOSED_LOOP_VERIFY_RATE: f64 = 40_000.0;
+/// How many serials a status run over a population asks about, in turn.
+const STATUS_PICKS: usize = 200_000;
 /// Upper bound on pre-signed intents (about 400 bytes each).
 const MAX_PRESIGNED: u64 = 500_000;
 
@@ -127,24 +129,101 @@ pub(super) fn presign(
         }
         BenchKey::P256(key) => key,
     };
+    let signer = ring_signer(key.secret())?;
+    presign_with(identity, count, reserve, |bytes| ring_sign(&signer, bytes))
+}
+
+/// A P-256 device key loaded into ring, which signs several times faster than p256.
+fn ring_signer(secret: &p256::SecretKey) -> Result<ring::signature::EcdsaKeyPair> {
     use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_ASN1_SIGNING};
-    let rng = ring::rand::SystemRandom::new();
-    let secret = key.secret();
     let public =
         p256::elliptic_curve::sec1::ToEncodedPoint::to_encoded_point(&secret.public_key(), false);
-    let signer = EcdsaKeyPair::from_private_key_and_public_key(
+    EcdsaKeyPair::from_private_key_and_public_key(
         &ECDSA_P256_SHA256_ASN1_SIGNING,
         &secret.to_bytes(),
         public.as_bytes(),
-        &rng,
+        &ring::rand::SystemRandom::new(),
     )
-    .map_err(|e| Error::internal(format!("loading the device key into ring: {e}")))?;
-    presign_with(identity, count, reserve, |bytes| {
-        signer
-            .sign(&rng, &crate::ra::signature::signed_message(bytes))
-            .map(|signature| signature.as_ref().to_vec())
-            .map_err(|e| Error::internal(format!("signing: {e}")))
+    .map_err(|e| Error::internal(format!("loading the device key into ring: {e}")))
+}
+
+/// A payment signature over `intent` bytes, as docs/payment-signature.md says.
+fn ring_sign(signer: &ring::signature::EcdsaKeyPair, intent: &[u8]) -> Result<Vec<u8>> {
+    signer
+        .sign(
+            &ring::rand::SystemRandom::new(),
+            &crate::ra::signature::signed_message(intent),
+        )
+        .map(|signature| signature.as_ref().to_vec())
+        .map_err(|e| Error::internal(format!("signing: {e}")))
+}
+
+/// A request for each device of `devices` (indexes into the population `payra bench
+/// populate` wrote), each device's key loaded into `signers` once.
+fn presign_population(
+    signers: &mut std::collections::HashMap<u64, ring::signature::EcdsaKeyPair>,
+    devices: &[u64],
+    reserve: bool,
+) -> Result<Vec<proto::VerifyPaymentRequest>> {
+    devices
+        .iter()
+        .map(|&i| {
+            let signer = match signers.entry(i) {
+                std::collections::hash_map::Entry::Occupied(found) => found.into_mut(),
+                std::collections::hash_map::Entry::Vacant(slot) => {
+                    slot.insert(ring_signer(&population::secret_key(i))?)
+                }
+            };
+            let identity = DeviceIdentity {
+                customer_id: population::customer(i),
+                device_id: population::device(i),
+                serial: population::serial(i).to_hex(),
+            };
+            presign_with(&identity, 1, reserve, |bytes| ring_sign(signer, bytes))?
+                .pop()
+                .ok_or_else(|| Error::internal("nothing signed"))
+        })
+        .collect()
+}
+
+/// `work` applied to each of `items`, on two threads (the server is idle meanwhile), each
+/// with its own scratch state; the results in the items' order.
+async fn on_two_threads<T, S, R>(
+    items: Vec<T>,
+    work: impl Fn(&mut S, &T) -> Result<R> + Send + Sync + 'static,
+) -> Result<Vec<R>>
+where
+    T: Send + Sync + 'static,
+    S: Default,
+    R: Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        let half = items.len().div_ceil(2).max(1);
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = items
+                .chunks(half)
+                .map(|part| {
+                    let work = &work;
+                    scope.spawn(move || {
+                        let mut scratch = S::default();
+                        part.iter()
+                            .map(|item| work(&mut scratch, item))
+                            .collect::<Result<Vec<_>>>()
+                    })
+                })
+                .collect();
+            let mut all = Vec::new();
+            for part in parts {
+                all.extend(
+                    part.join()
+                        .map_err(|_| Error::internal("signing thread panicked"))??,
+                );
+            }
+            Ok(all)
+        })
     })
+    .await
+    .map_err(|e| Error::internal(format!("signing intents: {e}")))?
 }
 
 /// [`presign`] with the device's signature over intent bytes made by `sign`.
@@ -208,43 +287,35 @@ pub(super) async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
                 .min(settings.max_requests)
                 .min(MAX_PRESIGNED);
             let per_worker = (total / settings.concurrency as u64).max(1) as usize;
-            let mut devices = Vec::with_capacity(settings.concurrency);
-            for worker in 0..settings.concurrency {
-                let customer = format!("bench-{}-{worker}", random_suffix());
-                let (key, identity, _) =
-                    enroll_device(settings, &service, &customer, &format!("{customer}-phone"))
-                        .await?;
-                devices.push((key, identity));
-            }
-            // Signed on two threads; the server is idle meanwhile.
             let reserve = settings.reserve;
-            let signed = tokio::task::spawn_blocking(move || {
-                let half = devices.len().div_ceil(2);
-                std::thread::scope(|scope| {
-                    let parts: Vec<_> = devices
-                        .chunks(half.max(1))
-                        .map(|part| {
-                            scope.spawn(move || {
-                                part.iter()
-                                    .map(|(key, identity)| {
-                                        presign(key, identity, per_worker, reserve)
-                                    })
-                                    .collect::<Result<Vec<_>>>()
-                            })
-                        })
+            let signed = match settings.population {
+                Some(size) => {
+                    let chooser = population::Chooser::new(size, settings.skew)
+                        .map_err(|e| Error::invalid("population", e))?;
+                    let mut rng = rand::thread_rng();
+                    let picks: Vec<Vec<u64>> = (0..settings.concurrency)
+                        .map(|_| (0..per_worker).map(|_| chooser.pick(&mut rng)).collect())
                         .collect();
-                    let mut all = Vec::new();
-                    for part in parts {
-                        all.extend(
-                            part.join()
-                                .map_err(|_| Error::internal("signing thread panicked"))??,
-                        );
+                    on_two_threads(picks, move |signers, devices| {
+                        presign_population(signers, devices, reserve)
+                    })
+                    .await?
+                }
+                None => {
+                    let mut devices = Vec::with_capacity(settings.concurrency);
+                    for worker in 0..settings.concurrency {
+                        let customer = format!("bench-{}-{worker}", random_suffix());
+                        let phone = format!("{customer}-phone");
+                        let (key, identity, _) =
+                            enroll_device(settings, &service, &customer, &phone).await?;
+                        devices.push((key, identity));
                     }
-                    Ok::<_, Error>(all)
-                })
-            })
-            .await
-            .map_err(|e| Error::internal(format!("signing intents: {e}")))??;
+                    on_two_threads(devices, move |_: &mut (), (key, identity)| {
+                        presign(key, identity, per_worker, reserve)
+                    })
+                    .await?
+                }
+            };
             // A payment service multiplexes its calls over a few HTTP/2 connections.
             let mut clients = Vec::new();
             for _ in 0..settings.connections.clamp(1, settings.concurrency) {
@@ -313,7 +384,15 @@ pub(super) async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
             let issuer = crate::ca::pki::read_certificate_der(&settings.certs.join("issuing.pem"))?;
             let mut serials = Vec::new();
             let mut requests = Vec::new();
-            for i in 0..16 {
+            if let (Scenario::Status, Some(size)) = (settings.scenario, settings.population) {
+                let chooser = population::Chooser::new(size, settings.skew)
+                    .map_err(|e| Error::invalid("population", e))?;
+                let mut rng = rand::thread_rng();
+                serials = (0..STATUS_PICKS)
+                    .map(|_| population::serial(chooser.pick(&mut rng)).to_hex())
+                    .collect();
+            }
+            for i in 0..if serials.is_empty() { 16 } else { 0 } {
                 let customer = format!("bench-{}-{i}", random_suffix());
                 let (_, identity, der) =
                     enroll_device(settings, &service, &customer, &format!("{customer}-phone"))

@@ -64,6 +64,8 @@ pub(super) async fn ocsp_post(
 pub(super) struct ServerReading {
     /// `process_cpu_seconds_total`.
     pub(super) cpu_seconds: Option<f64>,
+    /// `payra_certificate_cache_lookups_total`: hits and misses.
+    pub(super) cache_lookups: (f64, f64),
     /// Cumulative `payra_rpc_duration_seconds` buckets of one method, summed over its status
     /// codes: (upper bound in seconds, count), in the page's order (ascending, `+Inf` last).
     buckets: Vec<(f64, u64)>,
@@ -76,6 +78,20 @@ impl ServerReading {
         for line in page.lines() {
             if let Some(value) = line.strip_prefix("process_cpu_seconds_total ") {
                 reading.cpu_seconds = value.trim().parse().ok();
+                continue;
+            }
+            let lookups = |result| {
+                line.strip_prefix(&format!(
+                    "payra_certificate_cache_lookups_total{{result=\"{result}\"}} "
+                ))
+                .and_then(|value| value.trim().parse::<f64>().ok())
+            };
+            if let Some(hits) = lookups("hit") {
+                reading.cache_lookups.0 = hits;
+                continue;
+            }
+            if let Some(misses) = lookups("miss") {
+                reading.cache_lookups.1 = misses;
                 continue;
             }
             let (Some(method), Some(rest)) = (
@@ -116,6 +132,13 @@ impl ServerReading {
             .buckets
             .sort_by(|a, b| a.0.partial_cmp(&b.0).unwrap_or(std::cmp::Ordering::Equal));
         reading
+    }
+
+    /// The share of certificate cache lookups between `before` and `self` that hit.
+    pub(super) fn cache_hit_rate_since(&self, before: &ServerReading) -> Option<f64> {
+        let hits = self.cache_lookups.0 - before.cache_lookups.0;
+        let misses = self.cache_lookups.1 - before.cache_lookups.1;
+        (hits + misses > 0.0).then(|| hits / (hits + misses))
     }
 
     /// The percentiles of what was observed between `before` and `self`.

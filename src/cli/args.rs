@@ -620,6 +620,14 @@ pub(crate) struct BenchArgs {
     /// the raw rates reported are of the same algorithm.
     #[arg(long, value_enum, default_value = "p256")]
     pub(crate) key_algorithm: BenchKeyAlgorithm,
+    /// Verify and status scenarios: pay as (or ask about) the first N devices `payra bench
+    /// populate` wrote, instead of enrolling a device per worker.
+    #[arg(long)]
+    pub(crate) population: Option<u64>,
+    /// With --population: how the devices are chosen; 0 is uniform, otherwise the exponent
+    /// of a Zipf law (1.0: the classic skew, a few devices pay most).
+    #[arg(long, default_value_t = 0.0)]
+    pub(crate) skew: f64,
     /// The server's HTTP listener: the ocsp scenario's target, and where the server's CPU
     /// per request and its own latency for the scenario's RPC are read (`/metrics`).
     #[arg(long, default_value = "http://127.0.0.1:8080")]

@@ -8,66 +8,23 @@ use super::args::*;
 use crate::CliResult;
 
 pub(crate) fn populate(data: &Path, records: u64) -> CliResult {
-    use payra::model::{CustomerId, DeviceId};
-    use payra::store::{CertificateRecord, RECORD_VERSION};
+    use payra::bench::population;
     let store = payra::store::SledStore::open(data).map_err(|e| e.to_string())?;
-    // One real-looking record, varied in serial, customer, device and key.
-    let certificate_b64 = CertificateRecord::encode_der(&[0x30; 620]);
+    let certificate_b64 = population::certificate_b64();
     let now = payra::clock::Clock::now_s(&SystemClock);
     let started = std::time::Instant::now();
-    let make = |i: u64| -> Option<CertificateRecord> {
-        Some(CertificateRecord {
-            version: RECORD_VERSION,
-            serial: ascending_serial(i),
-            customer_id: CustomerId::parse("customer_id", &format!("cust-{}", i / 2)).ok()?,
-            device_id: DeviceId::parse("device_id", &format!("dev-{i}")).ok()?,
-            device_info: Default::default(),
-            subject: format!("CN={:032x},O=payra device", i),
-            not_before_s: now - 300,
-            not_after_s: now + 365 * 86_400,
-            issued_at_s: now,
-            public_key_hex: synthetic_key_hex(i),
-            key_algorithm: Default::default(),
-            certificate_b64: certificate_b64.clone(),
-            revocation: None,
-            renewed_from: None,
-            superseded_by: None,
-            subscriber_ref: Some(format!("{i:032x}")),
-            attestation: None,
-            issued_upstream: false,
-        })
-    };
     let count = store
-        .danger_bulk_insert_certificates((0..records).filter_map(make))
+        .danger_bulk_insert_certificates(
+            population::PublicKeys::from(0)
+                .zip(0..records)
+                .filter_map(|(key, i)| population::record(i, now, &key, &certificate_b64)),
+        )
         .map_err(|e| e.to_string())?;
     println!(
         "inserted {count} synthetic certificate records in {:.1} s",
         started.elapsed().as_secs_f64()
     );
     Ok(())
-}
-
-/// A distinct 65-octet uncompressed key for record `i` (not a curve point: no payment is
-/// verified against a populated record). One key for every record would make the cache's
-/// index of key holders one list of millions, which production never sees: a key belongs to
-/// one device.
-fn synthetic_key_hex(i: u64) -> String {
-    use sha2::Digest;
-    let x = sha2::Sha256::digest(i.to_be_bytes());
-    let y = sha2::Sha256::digest(x);
-    format!("04{}{}", hex::encode(x), hex::encode(y))
-}
-
-/// The `i`th of a run of ascending serials, as `Serial::time_ordered` makes them in
-/// production: 16 octets, `0x40` first, then `i` big-endian. Random serials made sled take
-/// the inserts at random places in its trees: 1M records then took 77 s, 3.5 GB of peak RSS
-/// and 5.7 GB of disk, against 35 s, 0.57 GB and 3.0 GB in order.
-fn ascending_serial(i: u64) -> payra::model::Serial {
-    let mut bytes = [0u8; 16];
-    bytes[0] = 0x40;
-    bytes[8..].copy_from_slice(&i.to_be_bytes());
-    payra::model::Serial::from_bytes("serial", &bytes)
-        .unwrap_or_else(|_| payra::model::Serial::random())
 }
 
 /// `payra bench`.
@@ -94,6 +51,8 @@ pub(crate) async fn bench(args: BenchArgs) -> CliResult {
             client,
             reserve,
             key_algorithm,
+            population,
+            skew,
             http,
             json,
             connection,
@@ -126,6 +85,8 @@ pub(crate) async fn bench(args: BenchArgs) -> CliResult {
                     BenchKeyAlgorithm::P256 => payra::model::KeyAlgorithm::P256,
                     BenchKeyAlgorithm::Sm2 => payra::model::KeyAlgorithm::Sm2,
                 },
+                population,
+                skew,
             })
             .await
             .map_err(|e| e.to_string())?;
@@ -180,6 +141,9 @@ pub(crate) async fn bench(args: BenchArgs) -> CliResult {
                         ""
                     };
                     println!("generator    {:.0} % of one core{note}", share * 100.0);
+                }
+                if let Some(hit_rate) = report.cache_hit_rate {
+                    println!("cache        {:.1} % of lookups hit", hit_rate * 100.0);
                 }
                 if let Some(server) = &report.server_latency_at_most {
                     let bound = |us: Option<u64>| {

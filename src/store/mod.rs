@@ -554,6 +554,13 @@ pub trait Store: Send + Sync {
     /// miss: the certificate may have been issued by another payra process).
     fn certificate_summary(&self, serial: &Serial) -> Result<Option<CertificateSummary>>;
 
+    /// Whether [`Store::certificate_summary`] answers in microseconds without waiting on a
+    /// network (an embedded database whose file the operating system caches), so that an
+    /// async caller may call it on its own thread rather than hand it to a blocking one.
+    fn summary_reads_are_quick(&self) -> bool {
+        false
+    }
+
     /// Every certificate of the device key `public_key` (the one-key-one-device check, and
     /// revocations for keyCompromise).
     fn certificates_with_key(&self, public_key: &[u8; 65]) -> Result<Vec<CertificateSummary>>;

@@ -293,6 +293,10 @@ impl Store for SledStore {
             .transpose()
     }
 
+    fn summary_reads_are_quick(&self) -> bool {
+        true
+    }
+
     fn certificates_with_key(&self, public_key: &[u8; 65]) -> Result<Vec<CertificateSummary>> {
         let prefix = key_index_prefix(public_key);
         let mut holders = Vec::new();
