@@ -40,6 +40,59 @@ fn settings(server: &TestServer, scenario: Scenario, client: ClientKind) -> Benc
     }
 }
 
+/// The first `size` population devices pay (every payment VERIFIED) and are asked about,
+/// uniformly and with a Zipf skew, and the reports give the server's cache hit rate.
+async fn assert_populated_devices_pay(server: &TestServer, size: u64) {
+    for skew in [0.0, 1.0] {
+        for scenario in [Scenario::Verify, Scenario::Status] {
+            let mut populated = settings(server, scenario, ClientKind::Lean);
+            populated.population = Some(size);
+            populated.skew = skew;
+            populated.max_requests = 300;
+            let report = run(populated)
+                .await
+                .unwrap_or_else(|e| panic!("{scenario:?} {skew}: {e}"));
+            assert!(report.requests > 0, "{scenario:?} {skew}: no requests");
+            assert_eq!(
+                report.errors, 0,
+                "{scenario:?} {skew}: not every answer was good"
+            );
+            let hit_rate = report
+                .cache_hit_rate
+                .expect("the server's lookups were read");
+            assert!((0.0..=1.0).contains(&hit_rate));
+        }
+    }
+}
+
+/// On PostgreSQL, `payra bench populate --store-url` writes the population with COPY (here
+/// while a server runs on the database) and its devices pay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn populated_devices_on_postgresql_verify() {
+    let name = "bench::populated_devices_on_postgresql_verify";
+    let Some(store) = payra::store::postgres::testing::fresh_database(name) else {
+        return;
+    };
+    payra::store::PgStore::migrate(&store).unwrap();
+    let store_config = store.clone();
+    let server = TestServer::start_with(move |config| config.store = store_config).await;
+    let url = store.url.clone().unwrap();
+    let mut populate = std::process::Command::new(env!("CARGO_BIN_EXE_payra"));
+    populate.args(["bench", "populate", "--store-url", &url, "--records", "250"]);
+    if let Ok(password) = std::env::var(payra::store::postgres::testing::PASSWORD_VARIABLE) {
+        populate.env("PAYRA_DB_PASSWORD", password);
+    }
+    let output = populate.output().unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{out}{err}");
+    assert!(
+        out.contains("inserted 250 synthetic certificate records"),
+        "{out}"
+    );
+    assert_populated_devices_pay(&server, 250).await;
+}
+
 /// Devices written by `payra bench populate` pay and are asked about: every payment signed
 /// with a population key verifies against its record, uniformly and with a Zipf skew, and
 /// the report gives the server's cache hit rate.
@@ -59,27 +112,16 @@ async fn populated_devices_verify_and_answer_status_with_and_without_skew() {
         store.close().unwrap();
     }
     server.start_again().await;
-    for skew in [0.0, 1.0] {
-        for scenario in [Scenario::Verify, Scenario::Status] {
-            let mut populated = settings(&server, scenario, ClientKind::Lean);
-            populated.population = Some(300);
-            populated.skew = skew;
-            populated.max_requests = 300;
-            let report = run(populated)
-                .await
-                .unwrap_or_else(|e| panic!("{scenario:?} {skew}: {e}"));
-            assert!(report.requests > 0, "{scenario:?} {skew}: no requests");
-            assert_eq!(report.errors, 0, "{scenario:?} {skew}: not every answer was good");
-            let hit_rate = report.cache_hit_rate.expect("the server's lookups were read");
-            assert!((0.0..=1.0).contains(&hit_rate));
-        }
-    }
+    assert_populated_devices_pay(&server, 300).await;
     // A device the population does not have is unknown: the bench counts it as an error.
     let mut beyond = settings(&server, Scenario::Status, ClientKind::Lean);
     beyond.population = Some(1_000);
     beyond.max_requests = 200;
     let report = run(beyond).await.unwrap();
-    assert!(report.errors > 0, "devices past the populated ones were found");
+    assert!(
+        report.errors > 0,
+        "devices past the populated ones were found"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

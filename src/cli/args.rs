@@ -374,8 +374,17 @@ pub(crate) enum BenchCommand {
     /// Fill a stopped server's data directory with synthetic certificate records (not in the
     /// audit chain), to measure start-up, memory and disk at scale.
     Populate {
+        /// The sled data directory (the server stopped).
+        #[arg(
+            long,
+            required_unless_present = "store_url",
+            conflicts_with = "store_url"
+        )]
+        data: Option<PathBuf>,
+        /// A PostgreSQL database instead, postgres://user@host:port/database (the password
+        /// from $PAYRA_DB_PASSWORD); written with COPY, servers may run.
         #[arg(long)]
-        data: PathBuf,
+        store_url: Option<String>,
         #[arg(long)]
         records: u64,
     },

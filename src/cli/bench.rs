@@ -7,19 +7,29 @@ use payra::clock::SystemClock;
 use super::args::*;
 use crate::CliResult;
 
-pub(crate) fn populate(data: &Path, records: u64) -> CliResult {
+pub(crate) fn populate(data: Option<&Path>, store_url: Option<String>, records: u64) -> CliResult {
     use payra::bench::population;
-    let store = payra::store::SledStore::open(data).map_err(|e| e.to_string())?;
     let certificate_b64 = population::certificate_b64();
     let now = payra::clock::Clock::now_s(&SystemClock);
     let started = std::time::Instant::now();
-    let count = store
-        .danger_bulk_insert_certificates(
-            population::PublicKeys::from(0)
-                .zip(0..records)
-                .filter_map(|(key, i)| population::record(i, now, &key, &certificate_b64)),
-        )
-        .map_err(|e| e.to_string())?;
+    let population = population::PublicKeys::from(0)
+        .zip(0..records)
+        .filter_map(|(key, i)| population::record(i, now, &key, &certificate_b64));
+    let count = match (data, store_url) {
+        (_, Some(url)) => {
+            let config = payra::config::StoreConfig {
+                backend: payra::config::Backend::Postgres,
+                url: Some(url),
+                ..Default::default()
+            };
+            payra::store::PgStore::connect(&config)
+                .and_then(|store| store.danger_bulk_insert_certificates(population))
+        }
+        (Some(data), None) => payra::store::SledStore::open(data)
+            .and_then(|store| store.danger_bulk_insert_certificates(population)),
+        (None, None) => return Err("name --data or --store-url".into()),
+    }
+    .map_err(|e| e.to_string())?;
     println!(
         "inserted {count} synthetic certificate records in {:.1} s",
         started.elapsed().as_secs_f64()
@@ -31,9 +41,14 @@ pub(crate) fn populate(data: &Path, records: u64) -> CliResult {
 pub(crate) async fn bench(args: BenchArgs) -> CliResult {
     match args {
         BenchArgs {
-            command: Some(BenchCommand::Populate { data, records }),
+            command:
+                Some(BenchCommand::Populate {
+                    data,
+                    store_url,
+                    records,
+                }),
             ..
-        } => populate(&data, records),
+        } => populate(data.as_deref(), store_url, records),
         BenchArgs {
             command: None,
             scenario: None,

@@ -11,6 +11,7 @@
 //! that runtime and waits for the answer, so it works from any thread, inside another
 //! runtime or not.
 
+mod bulk;
 mod changes;
 mod decisions;
 mod issuance;
