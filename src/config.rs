@@ -265,6 +265,8 @@ pub struct VerificationConfig {
 
 /// The certificate cache's default size: about 1.5 million certificates.
 pub const DEFAULT_CACHE_BYTES: u64 = 256 * 1024 * 1024;
+/// The smallest cache: its 64 shards hold about 90 certificates each.
+pub const MIN_CACHE_BYTES: u64 = 1024 * 1024;
 
 impl Default for VerificationConfig {
     fn default() -> Self {
@@ -693,10 +695,11 @@ impl Config {
                 "must be between 1 and 3600",
             ));
         }
-        if self.verification.cache_bytes > 1 << 40 {
+        let cache_bytes = self.verification.cache_bytes;
+        if cache_bytes != 0 && !(MIN_CACHE_BYTES..=1 << 40).contains(&cache_bytes) {
             return Err(Error::invalid(
                 "verification.cache_bytes",
-                "must be at most 1 TiB (1099511627776)",
+                "must be 0 (no cache) or from 1 MiB (1048576) to 1 TiB (1099511627776)",
             ));
         }
         if self.ledger.utc_offset_s.abs() > 14 * 3600 {

@@ -37,9 +37,10 @@ pub struct RunningServer {
     changes_task: JoinHandle<()>,
     checkpoint_task: JoinHandle<()>,
     /// Counts certificates by status; stopped through `count_stop`, never aborted (its pass
-    /// over the store runs on a blocking thread that holds the store).
+    /// over the store runs on a blocking thread that holds the store), and a pass under way
+    /// ends at its next certificate.
     count_task: JoinHandle<()>,
-    count_stop: Arc<tokio::sync::Notify>,
+    count_stop: Arc<CountStop>,
     audit_head_task: JoinHandle<()>,
     upstream_task: JoinHandle<()>,
     store: Arc<dyn Store>,
@@ -296,7 +297,7 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
         std::time::Duration::from_secs(u64::from(config.retention.interval_s.max(60))),
     ));
     let checkpoint_task = tokio::spawn(checkpoint_loop(ra.clone()));
-    let count_stop = Arc::new(tokio::sync::Notify::new());
+    let count_stop = Arc::new(CountStop::default());
     let count_task = tokio::spawn(count_loop(ra.clone(), count_stop.clone()));
     let audit_head_task = tokio::spawn(audit_head_loop(
         ra.clone(),
@@ -391,19 +392,25 @@ async fn audit_head_loop(ra: Arc<Ra>, interval: std::time::Duration) {
 /// certificate's summary in the store (about a second per million on sled).
 const COUNT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// Counts the certificates by status at start and every [`COUNT_INTERVAL`], until `stop`
-/// (a pass under way is finished first).
-async fn count_loop(ra: Arc<Ra>, stop: Arc<tokio::sync::Notify>) {
+/// Stops [`count_loop`]: the flag ends a pass under way, the notification the wait.
+#[derive(Default)]
+struct CountStop {
+    flag: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
+}
+
+/// Counts the certificates by status at start and every [`COUNT_INTERVAL`], until `stop`.
+async fn count_loop(ra: Arc<Ra>, stop: Arc<CountStop>) {
     loop {
-        let run = ra.clone();
-        match tokio::task::spawn_blocking(move || run.count_certificates()).await {
+        let (run, flag) = (ra.clone(), stop.clone());
+        match tokio::task::spawn_blocking(move || run.count_certificates(&flag.flag)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::error!(error = %e, "counting certificates failed"),
             Err(e) => tracing::error!(error = %e, "counting certificates failed"),
         }
         tokio::select! {
             _ = tokio::time::sleep(COUNT_INTERVAL) => {}
-            _ = stop.notified() => return,
+            _ = stop.wake.notified() => return,
         }
     }
 }
@@ -512,7 +519,10 @@ impl RunningServer {
         self.changes_task.abort();
         self.checkpoint_task.abort();
         // notify_one keeps the wake-up for a loop that is counting now.
-        self.count_stop.notify_one();
+        self.count_stop
+            .flag
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.count_stop.wake.notify_one();
         self.audit_head_task.abort();
         self.upstream_task.abort();
         let _ = self.crl_task.await;

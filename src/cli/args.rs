@@ -371,8 +371,9 @@ impl SceneArg {
 #[cfg(feature = "bench")]
 #[derive(Subcommand)]
 pub(crate) enum BenchCommand {
-    /// Fill a stopped server's data directory with synthetic certificate records (not in the
-    /// audit chain), to measure start-up, memory and disk at scale.
+    /// Fill a stopped server's sled data directory, or a PostgreSQL database, with synthetic
+    /// certificate records (not in the audit chain), to measure start-up, memory and disk at
+    /// scale; record i's key is derived from i, so `payra bench --population` can pay as it.
     Populate {
         /// The sled data directory (the server stopped).
         #[arg(
@@ -387,6 +388,12 @@ pub(crate) enum BenchCommand {
         store_url: Option<String>,
         #[arg(long)]
         records: u64,
+    },
+    /// Where a stopped server's sled database spends its bytes: each tree's entries, key
+    /// and value bytes, and the database's size on disk.
+    Sizes {
+        #[arg(long)]
+        data: PathBuf,
     },
 }
 

@@ -37,6 +37,55 @@ pub(crate) fn populate(data: Option<&Path>, store_url: Option<String>, records: 
     Ok(())
 }
 
+/// `payra bench sizes`: a table of the trees, largest first.
+pub(crate) fn sizes(data: &Path) -> CliResult {
+    let store = payra::store::SledStore::open(data).map_err(|e| e.to_string())?;
+    let (mut trees, on_disk) = store.tree_sizes().map_err(|e| e.to_string())?;
+    trees.sort_by_key(|t| std::cmp::Reverse(t.key_bytes + t.value_bytes));
+    let certificates = trees
+        .iter()
+        .find(|t| t.name == "certificates")
+        .map_or(0, |t| t.entries);
+    let per = |bytes: u64| match certificates {
+        0 => "-".to_string(),
+        n => format!("{:.0}", bytes as f64 / n as f64),
+    };
+    println!(
+        "{:<24} {:>12} {:>14} {:>14} {:>12}",
+        "tree", "entries", "key bytes", "value bytes", "per record"
+    );
+    let mut logical = 0;
+    for tree in &trees {
+        let bytes = tree.key_bytes + tree.value_bytes;
+        logical += bytes;
+        println!(
+            "{:<24} {:>12} {:>14} {:>14} {:>12}",
+            tree.name,
+            tree.entries,
+            tree.key_bytes,
+            tree.value_bytes,
+            per(bytes)
+        );
+    }
+    println!(
+        "{:<24} {:>12} {:>14} {:>14} {:>12}",
+        "all trees",
+        "",
+        "",
+        logical,
+        per(logical)
+    );
+    println!(
+        "{:<24} {:>12} {:>14} {:>14} {:>12}",
+        "on disk (sled)",
+        "",
+        "",
+        on_disk,
+        per(on_disk)
+    );
+    Ok(())
+}
+
 /// `payra bench`.
 pub(crate) async fn bench(args: BenchArgs) -> CliResult {
     match args {
@@ -49,6 +98,10 @@ pub(crate) async fn bench(args: BenchArgs) -> CliResult {
                 }),
             ..
         } => populate(data.as_deref(), store_url, records),
+        BenchArgs {
+            command: Some(BenchCommand::Sizes { data }),
+            ..
+        } => sizes(&data),
         BenchArgs {
             command: None,
             scenario: None,

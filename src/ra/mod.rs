@@ -331,8 +331,8 @@ impl Ra {
         Ok(())
     }
 
-    /// Brings the state gauges (certificates by status, CRL age, syncs) up to date; called
-    /// when `/metrics` is scraped.
+    /// Brings the state gauges (certificates by status as last counted, the cache's size, CRL
+    /// age, syncs) up to date; called when `/metrics` is scraped.
     pub fn refresh_gauges(&self, storage_syncs: u64) {
         if let Ok(stat) = rustix::fs::statvfs(&self.policy.scratch_dir) {
             let free = stat.f_bavail.saturating_mul(stat.f_frsize);
@@ -528,8 +528,9 @@ impl Ra {
                 self.agreed_limits.reload(self.store.as_ref())?;
             }
             StoreChange::Everything => {
-                self.agreed_limits.reload(self.store.as_ref())?;
+                // First, so that a failed reload below does not leave old states cached.
                 self.cache.clear();
+                self.agreed_limits.reload(self.store.as_ref())?;
                 for record in self.store.client_certificates()? {
                     self.clients.refresh(&record);
                 }
@@ -611,11 +612,17 @@ impl Ra {
 
     /// Counts the certificates by status (a pass over every summary in the store) for the
     /// `payra_certificates` gauge; run now and then by a background task, never by a scrape.
-    pub fn count_certificates(&self) -> Result<()> {
+    /// A pass that sees `stop` set ends early and changes nothing.
+    pub fn count_certificates(&self, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
         use status::CertificateStatus;
         let now_s = self.clock.now_s();
         let mut counts = [0u64; 6];
+        let mut stopped = false;
         self.store.for_each_certificate_summary(&mut |summary| {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                stopped = true;
+                return false;
+            }
             let view = StatusView::at(
                 summary.not_before_s,
                 summary.not_after_s,
@@ -631,7 +638,11 @@ impl Ra {
                 CertificateStatus::NotYetValid => 5,
             };
             counts[index] += 1;
+            true
         })?;
+        if stopped {
+            return Ok(());
+        }
         let names = [
             "valid",
             "revoked",

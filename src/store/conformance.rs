@@ -259,6 +259,7 @@ fn an_sm2_certificate_keeps_its_algorithm_in_record_summary_and_crl_index(store:
                 if summary.serial == *serial {
                     found = Some(summary.key_algorithm);
                 }
+                true
             })
             .unwrap();
         found.expect("summary")
@@ -327,6 +328,7 @@ fn an_attestation_is_kept_through_revocation_and_in_the_summaries(store: Arc<dyn
                 if summary.serial == *serial {
                     found = Some(summary.attestation);
                 }
+                true
             })
             .unwrap();
         found.expect("summary")
@@ -599,7 +601,10 @@ fn summaries_and_pages_follow_every_change(store: Arc<dyn Store>) {
         .unwrap();
     let mut summaries = Vec::new();
     store
-        .for_each_certificate_summary(&mut |summary| summaries.push(summary))
+        .for_each_certificate_summary(&mut |summary| {
+            summaries.push(summary);
+            true
+        })
         .unwrap();
     assert_eq!(summaries.len(), 5);
     for summary in &summaries {
@@ -1224,7 +1229,10 @@ fn sled_store_applies_journaled_enrollments_the_database_lacks_when_it_opens() {
     );
     let mut summaries = Vec::new();
     store
-        .for_each_certificate_summary(&mut |s| summaries.push(s))
+        .for_each_certificate_summary(&mut |s| {
+            summaries.push(s);
+            true
+        })
         .unwrap();
     assert_eq!(summaries.len(), 2);
     assert_eq!(
@@ -1605,7 +1613,10 @@ fn sled_store_survives_reopen() {
     let summaries = |store: &SledStore| {
         let mut all = Vec::new();
         store
-            .for_each_certificate_summary(&mut |s| all.push(s))
+            .for_each_certificate_summary(&mut |s| {
+                all.push(s);
+                true
+            })
             .unwrap();
         all
     };
@@ -1661,7 +1672,10 @@ fn summaries_are_built_for_a_database_that_lacks_them() {
     let store = SledStore::open(dir.path()).unwrap();
     let mut all = Vec::new();
     store
-        .for_each_certificate_summary(&mut |s| all.push(s))
+        .for_each_certificate_summary(&mut |s| {
+            all.push(s);
+            true
+        })
         .unwrap();
     assert_eq!(all, vec![CertificateSummary::of(&cert).unwrap()]);
 }

@@ -19,7 +19,7 @@ pub use records::{
     Revocation, RevokedEntry, TokenHash, TokenRecord, UpstreamRevocation, RECORD_VERSION,
 };
 pub use sled::GroupCommit;
-pub use sled::{LocalDecisions, SledStore};
+pub use sled::{LocalDecisions, SledStore, TreeSize};
 
 /// Hands each (record number, frame) of the decision log to its argument, in order (for
 /// backups).
@@ -398,9 +398,12 @@ pub trait Store: Send + Sync {
         limit: usize,
     ) -> Result<Vec<CertificateRecord>>;
 
-    /// Hands `each` what the verification cache needs of every certificate, decoding on all
-    /// cores, without holding all records in memory at once.
-    fn for_each_certificate_summary(&self, each: &mut dyn FnMut(CertificateSummary)) -> Result<()>;
+    /// Hands `each` the summary of every certificate (the count by status), without holding
+    /// them all in memory at once, until `each` returns false.
+    fn for_each_certificate_summary(
+        &self,
+        each: &mut dyn FnMut(CertificateSummary) -> bool,
+    ) -> Result<()>;
 
     /// Revokes every serial in `serials` with `revocation`, all or none: if any is unknown or
     /// already revoked, nothing is written and the first such serial is reported. A

@@ -1,9 +1,9 @@
 //! What other payra processes changed: every transaction that changes a certificate's
 //! revocation state, removes certificates or revokes a client certificate sends a
 //! notification (`NOTIFY payra_changes`, delivered when it commits); each process listens on
-//! a connection of its own and hands the serials to the RA, which refreshes its memory from
-//! the database. After a lost connection it says "anything may have changed" once the new
-//! one listens, and the RA reloads every revocation state.
+//! a connection of its own and hands the serials to the RA, which drops them from its
+//! certificate cache (the next lookup reads the database). After a lost connection it says
+//! "anything may have changed" once the new one listens, and the RA empties the cache.
 //!
 //! Notifications arrive a few milliseconds after the commit. What depends on them is the
 //! status answers, OCSP and CRL of the other processes; a verification re-reads the

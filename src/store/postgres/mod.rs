@@ -244,7 +244,10 @@ impl Store for PgStore {
         })
     }
 
-    fn for_each_certificate_summary(&self, each: &mut dyn FnMut(CertificateSummary)) -> Result<()> {
+    fn for_each_certificate_summary(
+        &self,
+        each: &mut dyn FnMut(CertificateSummary) -> bool,
+    ) -> Result<()> {
         // The rows stream from the store's runtime in chunks through a bounded channel:
         // memory stays bounded however many certificates there are.
         const CHUNK: usize = 4096;
@@ -304,9 +307,12 @@ impl Store for PgStore {
                 send(Ok(chunk)).await;
             }
         });
+        // Returning drops the receiver: the stream stops at its next chunk.
         for chunk in rx {
             for summary in chunk? {
-                each(summary);
+                if !each(summary) {
+                    return Ok(());
+                }
             }
         }
         Ok(())

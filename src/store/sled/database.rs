@@ -4,6 +4,15 @@
 
 use super::*;
 
+/// One tree's share of the database ([`SledStore::tree_sizes`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TreeSize {
+    pub name: String,
+    pub entries: u64,
+    pub key_bytes: u64,
+    pub value_bytes: u64,
+}
+
 impl SledStore {
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<SledStore> {
@@ -115,12 +124,12 @@ impl SledStore {
     }
 
     /// Fills an empty `tree` with what `entry` makes of each entry of `source` (if `source`
-    /// has any), in batches, then syncs.
+    /// has any), in batches, then syncs and logs `done`.
     fn build_missing(
         &self,
         tree: &Tree,
         source: &Tree,
-        what: &str,
+        done: &str,
         entry: impl Fn(&[u8], &[u8]) -> Result<(Vec<u8>, Vec<u8>)>,
     ) -> Result<()> {
         if !tree.is_empty() || source.is_empty() {
@@ -139,7 +148,7 @@ impl SledStore {
         }
         tree.apply_batch(batch)?;
         self.sync_sled()?;
-        tracing::info!(certificates = count, "built the certificates' {what}");
+        tracing::info!(certificates = count, "{done}");
         Ok(())
     }
 
@@ -333,6 +342,27 @@ impl SledStore {
         self.summaries.apply_batch(summaries)?;
         self.sync_sled()?;
         Ok(count)
+    }
+
+    /// Every tree's entries and the bytes of their keys and values (a pass over the whole
+    /// database), and the database's size on disk: where the bytes go.
+    pub fn tree_sizes(&self) -> Result<(Vec<TreeSize>, u64)> {
+        let mut sizes = Vec::new();
+        for name in self.db.tree_names() {
+            let tree = self.db.open_tree(&name)?;
+            let mut size = TreeSize {
+                name: String::from_utf8_lossy(&name).into_owned(),
+                ..TreeSize::default()
+            };
+            for entry in tree.iter() {
+                let (key, value) = entry?;
+                size.entries += 1;
+                size.key_bytes += key.len() as u64;
+                size.value_bytes += value.len() as u64;
+            }
+            sizes.push(size);
+        }
+        Ok((sizes, self.db.size_on_disk()?))
     }
 
     /// The durability barrier, for metrics and tests of batching.

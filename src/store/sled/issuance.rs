@@ -123,7 +123,7 @@ impl IssueJob {
             // stop the journal (and every later enrollment) or leave this batch unanswered.
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(on_issued)).is_err() {
                 tracing::error!(
-                    "an enrollment's commit hook panicked; the certificate is stored, but the verification cache may lack it until restart"
+                    "an enrollment's commit hook panicked; the certificate is stored, but its metric and log line are missing"
                 );
             }
         }

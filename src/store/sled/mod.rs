@@ -70,7 +70,7 @@ pub struct SledStore {
     issue_queue: std::sync::Mutex<IssueQueue>,
     ledger: Tree,
     releases: Tree,
-    /// serial → [`CertificateSummary`] (binary), what the verification cache loads.
+    /// serial → [`CertificateSummary`] (binary): what a verification cache miss reads.
     summaries: Tree,
     agreed_limits: Tree,
     /// Serial → [`UpstreamRevocation`] (RA mode).
@@ -186,6 +186,7 @@ const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 mod chain;
 mod database;
+pub use database::TreeSize;
 
 use chain::*;
 
@@ -349,10 +350,15 @@ impl Store for SledStore {
             .collect()
     }
 
-    fn for_each_certificate_summary(&self, each: &mut dyn FnMut(CertificateSummary)) -> Result<()> {
+    fn for_each_certificate_summary(
+        &self,
+        each: &mut dyn FnMut(CertificateSummary) -> bool,
+    ) -> Result<()> {
         for entry in self.summaries.iter() {
             let (serial, value) = entry?;
-            each(CertificateSummary::decode(&serial, &value)?);
+            if !each(CertificateSummary::decode(&serial, &value)?) {
+                break;
+            }
         }
         Ok(())
     }
