@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# payra at scale on sled: populates RECORDS synthetic devices (once per DATA directory), then
-# starts a release server on them and measures what docs/performance.md reports: populate
-# time and peak RSS, disk, ready time after a restart, RSS, and VerifyPayment and
-# GetCertificateStatus with a uniform and a Zipf (skew 1.0) choice of devices, with the
-# cache's hit rate. Not part of CI. Usage:
+# payra at scale: populates RECORDS synthetic devices (once per DATA directory), then starts
+# a release server on them and measures what docs/performance.md reports: populate time and
+# peak RSS, disk, ready time after a restart, RSS, and VerifyPayment and GetCertificateStatus
+# with a uniform and a Zipf (skew 1.0) choice of devices, with the cache's hit rate. Not part
+# of CI. Usage:
 #   bash bench/scale.sh RECORDS DATA [RUNS] [DURATION_S]
-# DATA is kept (populating 10M takes minutes); remove it when done. CACHE_BYTES sets
-# verification.cache_bytes (default: payra's default).
+# DATA is kept (populating 10M takes minutes); remove it when done (with BACKEND=postgres,
+# stop its cluster first: PAYRA_TEST_POSTGRES_DIR=DATA/pg scripts/test-postgres.sh stop).
+# CACHE_BYTES sets verification.cache_bytes (default: payra's default). BACKEND=postgres
+# puts the certificates in a PostgreSQL cluster of its own under DATA/pg
+# (scripts/test-postgres.sh), populated with COPY.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECORDS=${1:?records}
@@ -17,15 +20,48 @@ cargo build --release --locked --bin payra >&2
 BIN=$PWD/target/release/payra
 mkdir -p "$DATA"
 OUT="$DATA/results.jsonl"
+STORE=()
+if [ "${BACKEND:-sled}" = postgres ]; then
+    export PAYRA_TEST_POSTGRES_DIR="$DATA/pg"
+    if [ -f "$DATA/pg/env" ]; then
+        scripts/test-postgres.sh resume 2>/dev/null || true
+    else
+        scripts/test-postgres.sh start >/dev/null
+    fi
+    # shellcheck disable=SC1091
+    source "$DATA/pg/env"
+    export PAYRA_DB_PASSWORD=$PAYRA_TEST_POSTGRES_PASSWORD
+    URL=${PAYRA_TEST_POSTGRES_URL%/postgres}/payra
+    psql() { PGPASSWORD=$PAYRA_DB_PASSWORD "$PAYRA_TEST_POSTGRES_BIN/psql" -qtA "$@"; }
+    psql "$PAYRA_TEST_POSTGRES_URL" -c "CREATE DATABASE payra" 2>/dev/null || true
+    STORE=(--store-url "$URL")
+    WHERE=(--store-url "$URL")
+else
+    WHERE=(--data "$DATA/data")
+fi
 if [ ! -f "$DATA/populated" ]; then
     rm -rf "$DATA/certs" "$DATA/data"
     "$BIN" init --dir "$DATA/certs" >/dev/null
+    if [ "${BACKEND:-sled}" = postgres ]; then
+        "$BIN" db migrate "${STORE[@]}" >&2
+    fi
     /usr/bin/time -f '%e s, %M KB peak RSS' -o "$DATA/populate.time" \
-        "$BIN" bench populate --data "$DATA/data" --records "$RECORDS" >&2
-    chmod -R go-rwx "$DATA/data"
+        "$BIN" bench populate "${WHERE[@]}" --records "$RECORDS" >&2
     echo "populate: $(cat "$DATA/populate.time")" | tee "$DATA/populated"
 fi
-echo "disk: $(du -sb "$DATA/data" | cut -f1) bytes for $RECORDS records" | tee -a "$DATA/populated"
+mkdir -p "$DATA/data"
+chmod -R go-rwx "$DATA/data"
+if [ "${BACKEND:-sled}" = postgres ]; then
+    psql "$URL" -c "VACUUM ANALYZE certificates"
+    echo "certificates table, heap + TOAST / indexes (bytes), rows:"
+    psql "$URL" -c "SELECT pg_table_size('certificates'), pg_indexes_size('certificates'), \
+        (SELECT count(*) FROM certificates)"
+    psql "$URL" -c "SELECT indexrelid::regclass, pg_relation_size(indexrelid) FROM pg_index \
+        WHERE indrelid = 'certificates'::regclass"
+    echo "database: $(psql "$URL" -c "SELECT pg_database_size('payra')") bytes"
+else
+    echo "disk: $(du -sb "$DATA/data" | cut -f1) bytes for $RECORDS records"
+fi
 CONFIG="$DATA/payra.toml"
 echo "[verification]" >"$CONFIG"
 [ -n "${CACHE_BYTES:-}" ] && echo "cache_bytes = $CACHE_BYTES" >>"$CONFIG"
@@ -33,7 +69,7 @@ SERVER=
 trap 'kill $SERVER 2>/dev/null || true' EXIT
 start() {
     local started=$EPOCHREALTIME
-    RUST_LOG=warn "$BIN" serve --config "$CONFIG" --certs "$DATA/certs" --data "$DATA/data" \
+    RUST_LOG=warn "$BIN" serve --config "$CONFIG" --certs "$DATA/certs" --data "$DATA/data" "${STORE[@]}" \
         --grpc-addr 127.0.0.1:18443 --http-addr 127.0.0.1:18080 >>"$DATA/server.log" 2>&1 &
     SERVER=$!
     until curl -sf http://127.0.0.1:18080/readyz >/dev/null 2>&1; do

@@ -268,6 +268,8 @@ enum Work {
     Status {
         client: Caller,
         serials: Arc<Vec<String>>,
+        /// Devices of `payra bench populate` to pick from instead of `serials`.
+        population: Option<Arc<population::Chooser>>,
     },
     Ocsp {
         address: SocketAddr,
@@ -470,15 +472,21 @@ async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> 
                 record(started, ok, &counters);
             }
         }
-        Work::Status { client, serials } => {
-            // Each worker starts at a place of its own in the list, so that workers do not
-            // ask about one serial together.
-            let mut i = rand::Rng::gen_range(&mut rand::thread_rng(), 0..serials.len());
+        Work::Status {
+            client,
+            serials,
+            population,
+        } => {
+            let mut i = 0;
             while counters.take() {
                 i += 1;
-                let request = proto::GetCertificateStatusRequest {
-                    serial: serials[i % serials.len()].clone(),
+                let serial = match &population {
+                    Some(chooser) => {
+                        population::serial(chooser.pick(&mut rand::thread_rng())).to_hex()
+                    }
+                    None => serials[i % serials.len()].clone(),
                 };
+                let request = proto::GetCertificateStatusRequest { serial };
                 let started = Instant::now();
                 let ok = client.certificate_status(request).await.is_ok();
                 record(started, ok, &counters);

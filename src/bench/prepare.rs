@@ -109,8 +109,6 @@ pub(super) fn ocsp_request(issuer_der: &[u8], certificate_der: &[u8]) -> Result<
 /// Pre-signed intents are sized for at most this closed-loop rate (twice the raw verify rate of
 /// a 2-core machine); `--rate` or `--max-requests` size them otherwise.
 const MAX_CLOSED_LOOP_VERIFY_RATE: f64 = 40_000.0;
-/// How many serials a status run over a population asks about, in turn.
-const STATUS_PICKS: usize = 200_000;
 /// Upper bound on pre-signed intents (about 400 bytes each).
 const MAX_PRESIGNED: u64 = 500_000;
 
@@ -384,15 +382,15 @@ pub(super) async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
             let issuer = crate::ca::pki::read_certificate_der(&settings.certs.join("issuing.pem"))?;
             let mut serials = Vec::new();
             let mut requests = Vec::new();
-            if let (Scenario::Status, Some(size)) = (settings.scenario, settings.population) {
-                let chooser = population::Chooser::new(size, settings.skew)
-                    .map_err(|e| Error::invalid("population", e))?;
-                let mut rng = rand::thread_rng();
-                serials = (0..STATUS_PICKS)
-                    .map(|_| population::serial(chooser.pick(&mut rng)).to_hex())
-                    .collect();
-            }
-            for i in 0..if serials.is_empty() { 16 } else { 0 } {
+            // A status run over a population picks a device per request.
+            let population = match (settings.scenario, settings.population) {
+                (Scenario::Status, Some(size)) => Some(Arc::new(
+                    population::Chooser::new(size, settings.skew)
+                        .map_err(|e| Error::invalid("population", e))?,
+                )),
+                _ => None,
+            };
+            for i in 0..if population.is_some() { 0 } else { 16 } {
                 let customer = format!("bench-{}-{i}", random_suffix());
                 let (_, identity, der) =
                     enroll_device(settings, &service, &customer, &format!("{customer}-phone"))
@@ -412,6 +410,7 @@ pub(super) async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
                         )
                         .await?,
                         serials: serials.clone(),
+                        population: population.clone(),
                     },
                     _ => Work::Ocsp {
                         address,
