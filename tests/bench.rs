@@ -57,10 +57,15 @@ async fn assert_populated_devices_pay(server: &TestServer, size: u64) {
                 report.errors, 0,
                 "{scenario:?} {skew}: not every answer was good"
             );
+            // 300 choices among at most 300 devices repeat some: those are hits (and the
+            // runs before this one cached devices too).
             let hit_rate = report
                 .cache_hit_rate
                 .expect("the server's lookups were read");
-            assert!((0.0..=1.0).contains(&hit_rate));
+            assert!(
+                hit_rate > 0.0 && hit_rate <= 1.0,
+                "{scenario:?} {skew}: {hit_rate}"
+            );
         }
     }
 }

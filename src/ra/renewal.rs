@@ -201,6 +201,9 @@ impl Ra {
             },
         );
         let renewed = self.store.renew(&current.serial, &record, now_s, &audit);
+        // The renewed certificate is superseded, or was revoked meanwhile, or the change
+        // committed and failed its sync: whichever, no verification may find it cached valid.
+        self.cache.invalidate(std::slice::from_ref(&current.serial));
         if !matches!(renewed, Ok(Ok(()))) && record.issued_upstream {
             // An upstream certificate no record holds is revoked upstream. (Its signing ran
             // on this blocking thread in the runtime, as this does.)
@@ -217,8 +220,6 @@ impl Ra {
             }
             Err(other) => return Err(Error::internal(format!("renew: {other:?}"))),
         }
-        // The renewed certificate is superseded: no verification may find it valid.
-        self.cache.invalidate(std::slice::from_ref(&current.serial));
         self.revocations_stored();
         self.metrics
             .certificates_issued

@@ -240,20 +240,21 @@ impl Ra {
             revoked_at_s,
             reason,
         };
-        self.store
-            .revoke(
-                &serials,
-                &revocation,
-                &AuditEvent::new(
-                    self.clock.now_ms(),
-                    actor,
-                    "certificate.revoked",
-                    "",
-                    reason.cli_name(),
-                ),
-            )?
-            .map_err(Error::Revoke)?;
+        let revoked = self.store.revoke(
+            &serials,
+            &revocation,
+            &AuditEvent::new(
+                self.clock.now_ms(),
+                actor,
+                "certificate.revoked",
+                "",
+                reason.cli_name(),
+            ),
+        );
+        // Whatever the answer: a change that committed but failed its sync, or one made
+        // before ("already revoked"), is visible to readers, and must not stay cached.
         self.cache.invalidate(&serials);
+        revoked?.map_err(Error::Revoke)?;
         self.metrics
             .certificates_revoked
             .with_label_values(&[reason.cli_name()])
@@ -280,8 +281,9 @@ impl Ra {
             serial.to_hex(),
             "ok",
         );
-        let record = self.store.unhold(serial, &audit)?.map_err(Error::Revoke)?;
+        let released = self.store.unhold(serial, &audit);
         self.cache.invalidate(std::slice::from_ref(serial));
+        let record = released?.map_err(Error::Revoke)?;
         self.publication.revocation_changed();
         tracing::info!(serial = %serial, "certificate released from hold");
         Ok(record)

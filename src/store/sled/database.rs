@@ -78,10 +78,16 @@ impl SledStore {
         Ok(store)
     }
 
-    /// Empties the key index, as a database from before it existed would be (tests).
+    /// Empties the key index and its completion mark, as a database from before it existed
+    /// would be (tests); with `partial`, leaves one entry in it, as a build a crash
+    /// interrupted might.
     #[cfg(test)]
-    pub fn danger_clear_key_index(&self) -> Result<()> {
+    pub fn danger_clear_key_index(&self, partial: Option<&[u8]>) -> Result<()> {
         self.by_key.clear()?;
+        if let Some(entry) = partial {
+            self.by_key.insert(entry, &[] as &[u8])?;
+        }
+        self.meta.remove(KEY_INDEX_COMPLETE_KEY)?;
         self.sync_sled()
     }
 
@@ -95,46 +101,47 @@ impl SledStore {
     /// A database written before the `cert_summaries` tree existed gets it built once, from
     /// the full records.
     pub(super) fn build_missing_summaries(&self) -> Result<()> {
-        self.build_missing(
-            &self.summaries,
-            &self.certificates,
-            "summaries",
-            |serial, value| {
-                let record: CertificateRecord = decode(value)?;
-                Ok((serial.to_vec(), CertificateSummary::of(&record)?.encode()))
-            },
-        )
+        if !self.summaries.is_empty() || self.certificates.is_empty() {
+            return Ok(());
+        }
+        self.build_from(&self.summaries, &self.certificates, |serial, value| {
+            let record: CertificateRecord = decode(value)?;
+            Ok((serial.to_vec(), CertificateSummary::of(&record)?.encode()))
+        })
+        .map(|count| tracing::info!(certificates = count, "built the certificate summaries"))
     }
 
-    /// A database written before the `by_key` tree existed gets it built once, from the
-    /// summaries.
+    /// The key index is complete once `meta` says so: a database from before the `by_key`
+    /// tree, or a build a crash interrupted (some of its batches may be on disk), gets it
+    /// built again from the summaries, from empty, and marked complete after a sync.
     pub(super) fn build_missing_key_index(&self) -> Result<()> {
-        self.build_missing(
-            &self.by_key,
-            &self.summaries,
-            "key index",
-            |serial, value| {
-                let summary = CertificateSummary::decode(serial, value)?;
-                Ok((
-                    key_index_key(&summary.public_key, &summary.serial),
-                    Vec::new(),
-                ))
-            },
-        )
+        if self.meta.get(KEY_INDEX_COMPLETE_KEY)?.is_some() {
+            return Ok(());
+        }
+        self.by_key.clear()?;
+        let count = self.build_from(&self.by_key, &self.summaries, |serial, value| {
+            let summary = CertificateSummary::decode(serial, value)?;
+            Ok((
+                key_index_key(&summary.public_key, &summary.serial),
+                Vec::new(),
+            ))
+        })?;
+        self.meta.insert(KEY_INDEX_COMPLETE_KEY, &[1u8] as &[u8])?;
+        self.sync_sled()?;
+        if count > 0 {
+            tracing::info!(certificates = count, "built the device key index");
+        }
+        Ok(())
     }
 
-    /// Fills an empty `tree` with what `entry` makes of each entry of `source` (if `source`
-    /// has any), in batches, then syncs and logs `done`.
-    fn build_missing(
+    /// Puts what `entry` makes of each entry of `source` into `tree`, in batches, then syncs;
+    /// how many.
+    fn build_from(
         &self,
         tree: &Tree,
         source: &Tree,
-        done: &str,
         entry: impl Fn(&[u8], &[u8]) -> Result<(Vec<u8>, Vec<u8>)>,
-    ) -> Result<()> {
-        if !tree.is_empty() || source.is_empty() {
-            return Ok(());
-        }
+    ) -> Result<u64> {
         let mut batch = sled::Batch::default();
         let mut count = 0u64;
         for item in source.iter() {
@@ -148,8 +155,7 @@ impl SledStore {
         }
         tree.apply_batch(batch)?;
         self.sync_sled()?;
-        tracing::info!(certificates = count, "{done}");
-        Ok(())
+        Ok(count)
     }
 
     /// Deletes up to `limit` entries of `tree` after the key `after` that `old` picks (key,

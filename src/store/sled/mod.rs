@@ -118,6 +118,9 @@ const AUDIT_HEAD_KEY: &[u8] = b"audit_head";
 /// The last decision-log record the saved ledger covers.
 const LEDGER_THROUGH_KEY: &[u8] = b"ledger_through_seq";
 const CRL_NUMBER_KEY: &[u8] = b"crl_number";
+/// Present once the `by_key` tree holds every certificate's entry (see
+/// `build_missing_key_index`).
+const KEY_INDEX_COMPLETE_KEY: &[u8] = b"key_index_complete";
 /// The last issuance-journal batch whose writes are in the trees.
 const ISSUANCE_APPLIED_KEY: &[u8] = b"issuance_applied_seq";
 
@@ -149,7 +152,7 @@ fn key_index_prefix(public_key: &[u8; 65]) -> [u8; 33] {
     prefix
 }
 
-fn key_index_key(public_key: &[u8; 65], serial: &Serial) -> Vec<u8> {
+pub(in crate::store) fn key_index_key(public_key: &[u8; 65], serial: &Serial) -> Vec<u8> {
     let mut key = key_index_prefix(public_key).to_vec();
     key.extend_from_slice(serial.as_bytes());
     key
