@@ -162,9 +162,9 @@ pub type OnIssued = Box<dyn FnOnce() + Send>;
 pub struct DecisionContext {
     pub evidence_id: String,
     /// When [`DecisionJob::recheck`] asked for it: the certificate's revocation as committed
-    /// now (`Some(None)`: not revoked; `None`: no such certificate). A store that only this
-    /// process writes answers `Some(None)`: the process's own cache, changed before any
-    /// revocation is acknowledged, has answered already.
+    /// now (`Some(None)`: not revoked; `None`: no such certificate), read as the decision is
+    /// recorded, so that a verification that looked its certificate up before a revocation
+    /// was acknowledged, and is recorded after, is refused.
     pub certificate: Option<Option<Revocation>>,
     /// What became of [`DecisionJob::nonce`].
     pub nonce: NonceCheck,

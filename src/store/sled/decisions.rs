@@ -27,6 +27,10 @@ pub struct LocalDecisions {
     replay: Arc<ReplayGuard>,
     clock: Arc<dyn Clock>,
     dir: PathBuf,
+    /// The store's certificate summaries, where a decision re-reads its certificate's
+    /// revocation as it is appended ([`LocalDecisions::reading_summaries`]); `None` (tests
+    /// of the log alone): every certificate counts as unrevoked.
+    summaries: Option<sled::Tree>,
 }
 
 /// A nonce claim made for a decision: its key and expiry, given back if the decision is
@@ -101,7 +105,33 @@ impl LocalDecisions {
             replay: Arc::new(replay),
             clock: setup.clock.clone(),
             dir: data_dir.join("decisions"),
+            summaries: None,
         })
+    }
+
+    /// Re-reads a decision's certificate from `summaries` as the decision is appended: a
+    /// verification that found its certificate valid in the cache, and is recorded after a
+    /// revocation of it was acknowledged, is refused.
+    pub(super) fn reading_summaries(mut self, summaries: sled::Tree) -> LocalDecisions {
+        self.summaries = Some(summaries);
+        self
+    }
+
+    /// `serial`'s revocation as stored now (`None`: no such certificate).
+    fn stored_revocation(
+        &self,
+        serial: &crate::model::Serial,
+    ) -> Result<Option<Option<crate::store::Revocation>>> {
+        let Some(summaries) = &self.summaries else {
+            return Ok(Some(None));
+        };
+        summaries
+            .get(serial.as_bytes())?
+            .map(|bytes| {
+                crate::store::CertificateSummary::decode(serial.as_bytes(), &bytes)
+                    .map(|summary| summary.revocation)
+            })
+            .transpose()
     }
 
     /// The decision recorded under `evidence_id` and its record number.
@@ -143,7 +173,10 @@ impl LocalDecisions {
             let buckets = job.buckets.as_ref();
             let context = DecisionContext {
                 evidence_id: evidence_id_for(seq, random),
-                certificate: job.recheck.as_ref().map(|_| None),
+                certificate: match &job.recheck {
+                    Some(serial) => self.stored_revocation(serial)?,
+                    None => None,
+                },
                 nonce,
                 used: buckets.map(|b| [0, 1, 2, 3].map(|t| books.used(&b[t]))),
             };
@@ -351,6 +384,72 @@ mod tests {
         assert!(decisions.append(&job).is_err());
         let seen = *seen.lock().unwrap();
         seen.expect("the closure ran")
+    }
+
+    /// A decision re-reads its certificate's revocation from the summaries as it is
+    /// appended: revoked, unrevoked and unknown are what the store holds then.
+    #[test]
+    fn a_decision_sees_its_certificates_revocation_as_stored_when_appended() {
+        use crate::store::CertificateSummary;
+        let dir = tempfile::tempdir().unwrap();
+        let setup = DecisionSetup {
+            clock: Arc::new(crate::clock::ManualClock::new(1_800_000_000_000)),
+            min_day: "2027-01-01".into(),
+            claim_horizon_ms: 660_000,
+        };
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let summaries = db.open_tree("cert_summaries").unwrap();
+        let decisions =
+            LocalDecisions::open(dir.path(), &setup, LedgerCheckpoint::default(), &|_| {
+                Ok(None)
+            })
+            .unwrap()
+            .reading_summaries(summaries.clone());
+        let serial = crate::model::Serial::random();
+        let mut summary = CertificateSummary {
+            serial: serial.clone(),
+            customer_id: crate::model::CustomerId::parse("c", "cust").unwrap(),
+            device_id: crate::model::DeviceId::parse("d", "dev").unwrap(),
+            not_before_s: 0,
+            not_after_s: 10,
+            public_key: [4; 65],
+            revocation: None,
+            attestation: crate::attestation::AttestationClass::NONE,
+            key_algorithm: Default::default(),
+        };
+        let seen = |serial: &crate::model::Serial| {
+            let seen = Arc::new(std::sync::Mutex::new(None));
+            let job = DecisionJob {
+                now_ms: 0,
+                recheck: Some(serial.clone()),
+                nonce: None,
+                buckets: None,
+                decide: {
+                    let seen = seen.clone();
+                    Box::new(move |context: &DecisionContext| {
+                        *seen.lock().unwrap() = Some(context.certificate);
+                        Err(Error::internal("the test stops here"))
+                    })
+                },
+            };
+            assert!(decisions.append(&job).is_err());
+            let seen = *seen.lock().unwrap();
+            seen.expect("the closure ran")
+        };
+        assert_eq!(seen(&serial), None, "no such certificate");
+        summaries
+            .insert(serial.as_bytes(), summary.encode())
+            .unwrap();
+        assert_eq!(seen(&serial), Some(None), "stored, unrevoked");
+        let revocation = crate::store::Revocation {
+            revoked_at_s: 5,
+            reason: crate::model::RevocationReason::KeyCompromise,
+        };
+        summary.revocation = Some(revocation);
+        summaries
+            .insert(serial.as_bytes(), summary.encode())
+            .unwrap();
+        assert_eq!(seen(&serial), Some(Some(revocation)), "revoked since");
     }
 
     #[test]

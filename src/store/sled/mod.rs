@@ -271,7 +271,8 @@ impl Store for SledStore {
         }
         let opened = LocalDecisions::open(&self.dir, setup, checkpoint, &|serial| {
             Ok(self.certificate_summary(serial)?.map(|s| s.public_key))
-        });
+        })
+        .map(|decisions| decisions.reading_summaries(self.summaries.clone()));
         match opened {
             Ok(decisions) => Ok(std::sync::Arc::new(decisions)),
             Err(e) => {
