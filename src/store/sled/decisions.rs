@@ -367,22 +367,32 @@ mod tests {
     /// What the decide closure saw of the job's nonce; the closure then refuses, so nothing
     /// is appended.
     fn nonce_seen(decisions: &LocalDecisions, key: &[u8], expires_at_ms: i64) -> NonceCheck {
+        context_seen(decisions, None, Some((key.to_vec(), expires_at_ms))).nonce
+    }
+
+    /// The context the decide closure saw for a job with `recheck` and `nonce`; the closure
+    /// then refuses, so nothing is appended.
+    fn context_seen(
+        decisions: &LocalDecisions,
+        recheck: Option<crate::model::Serial>,
+        nonce: Option<(Vec<u8>, i64)>,
+    ) -> DecisionContext {
         let seen = Arc::new(std::sync::Mutex::new(None));
         let job = DecisionJob {
             now_ms: 0,
-            recheck: None,
-            nonce: Some((key.to_vec(), expires_at_ms)),
+            recheck,
+            nonce,
             buckets: None,
             decide: {
                 let seen = seen.clone();
                 Box::new(move |context: &DecisionContext| {
-                    *seen.lock().unwrap() = Some(context.nonce);
+                    *seen.lock().unwrap() = Some(context.clone());
                     Err(Error::internal("the test stops here"))
                 })
             },
         };
         assert!(decisions.append(&job).is_err());
-        let seen = *seen.lock().unwrap();
+        let seen = seen.lock().unwrap().take();
         seen.expect("the closure ran")
     }
 
@@ -418,23 +428,7 @@ mod tests {
             key_algorithm: Default::default(),
         };
         let seen = |serial: &crate::model::Serial| {
-            let seen = Arc::new(std::sync::Mutex::new(None));
-            let job = DecisionJob {
-                now_ms: 0,
-                recheck: Some(serial.clone()),
-                nonce: None,
-                buckets: None,
-                decide: {
-                    let seen = seen.clone();
-                    Box::new(move |context: &DecisionContext| {
-                        *seen.lock().unwrap() = Some(context.certificate);
-                        Err(Error::internal("the test stops here"))
-                    })
-                },
-            };
-            assert!(decisions.append(&job).is_err());
-            let seen = *seen.lock().unwrap();
-            seen.expect("the closure ran")
+            context_seen(&decisions, Some(serial.clone()), None).certificate
         };
         assert_eq!(seen(&serial), None, "no such certificate");
         summaries
