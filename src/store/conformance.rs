@@ -1702,3 +1702,54 @@ fn summaries_are_built_for_a_database_that_lacks_them() {
         .unwrap();
     assert_eq!(all, vec![CertificateSummary::of(&cert).unwrap()]);
 }
+
+#[test]
+fn records_stored_as_json_still_read_and_are_rewritten_compact() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut old = certificate("c-json", "d");
+    old.certificate_b64 = CertificateRecord::encode_der(&[0x30, 0x03, 0x02, 0x01, 0x07]);
+    old.subscriber_ref = Some("00112233445566778899aabbccddeeff".into());
+    let mut held = certificate("c-json", "e");
+    held.certificate_b64 = old.certificate_b64.clone();
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        issue_record(&store, &old);
+        issue_record(&store, &held);
+        store.danger_store_as_json(&old.serial).unwrap();
+        store.danger_store_as_json(&held.serial).unwrap();
+    }
+    let store = SledStore::open(dir.path()).unwrap();
+    assert_eq!(store.danger_stored_form(&old.serial).unwrap(), b'{');
+    assert_eq!(store.certificate(&old.serial).unwrap(), Some(old.clone()));
+    let listed = store.certificates_after(None, 10).unwrap();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.contains(&old) && listed.contains(&held));
+
+    // A renewal and a revocation rewrite the records they change, in the compact form.
+    let mut new = certificate("c-json", "d");
+    new.public_key_hex = old.public_key_hex.clone();
+    new.renewed_from = Some(old.serial.clone());
+    store.renew(&old.serial, &new, 7, &ev()).unwrap().unwrap();
+    let renewed = store.certificate(&old.serial).unwrap().unwrap();
+    assert_eq!(renewed.superseded_by, Some(new.serial.clone()));
+    assert_eq!(renewed.certificate_b64, old.certificate_b64);
+    let hold = Revocation {
+        revoked_at_s: 8,
+        reason: RevocationReason::CertificateHold,
+    };
+    store
+        .revoke(std::slice::from_ref(&held.serial), &hold, &ev())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.certificate(&held.serial).unwrap().unwrap(),
+        CertificateRecord {
+            revocation: Some(hold),
+            ..held.clone()
+        }
+    );
+    assert_eq!(store.certificate(&new.serial).unwrap(), Some(new.clone()));
+    for serial in [&old.serial, &held.serial, &new.serial] {
+        assert_eq!(store.danger_stored_form(serial).unwrap(), 0xC2);
+    }
+}

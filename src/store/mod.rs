@@ -3,6 +3,7 @@
 //! is on stable storage, and changes that belong together commit atomically.
 
 pub mod audit;
+mod compact;
 #[cfg(test)]
 mod conformance;
 pub mod postgres;

@@ -91,6 +91,24 @@ impl SledStore {
         self.sync_sled()
     }
 
+    /// Rewrites a certificate's record as JSON, the form stores before the compact one wrote
+    /// (tests).
+    #[cfg(test)]
+    pub fn danger_store_as_json(&self, serial: &Serial) -> Result<()> {
+        let stored = self.certificates.get(serial.as_bytes())?;
+        let record = decode_certificate(&stored.expect("the certificate is stored"))?;
+        self.certificates
+            .insert(serial.as_bytes(), encode(&record)?)?;
+        self.sync_sled()
+    }
+
+    /// The first octet of a certificate's stored record: `{` for JSON (tests).
+    #[cfg(test)]
+    pub fn danger_stored_form(&self, serial: &Serial) -> Result<u8> {
+        let stored = self.certificates.get(serial.as_bytes())?;
+        Ok(stored.expect("the certificate is stored")[0])
+    }
+
     /// Empties the summaries tree, as a database from before it existed would be (tests).
     #[cfg(test)]
     pub fn danger_clear_summaries(&self) -> Result<()> {
@@ -105,7 +123,7 @@ impl SledStore {
             return Ok(());
         }
         self.build_from(&self.summaries, &self.certificates, |serial, value| {
-            let record: CertificateRecord = decode(value)?;
+            let record = decode_certificate(value)?;
             Ok((serial.to_vec(), CertificateSummary::of(&record)?.encode()))
         })
         .map(|count| tracing::info!(certificates = count, "built the certificate summaries"))
@@ -313,7 +331,7 @@ impl SledStore {
         let mut summaries = sled::Batch::default();
         let mut pending = 0;
         for record in records {
-            certificates.insert(record.serial.as_bytes(), encode(&record)?);
+            certificates.insert(record.serial.as_bytes(), encode_certificate(&record)?);
             let summary = CertificateSummary::of(&record)?;
             by_key.insert(
                 key_index_key(&summary.public_key, &record.serial),

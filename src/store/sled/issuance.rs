@@ -76,7 +76,7 @@ impl IssueJob {
                 hash: *hash,
                 now_s,
                 serial: certificate.serial.clone(),
-                cert_value: encode(certificate)?,
+                cert_value: encode_certificate(certificate)?,
                 summary: summary.encode(),
                 customer_key: index_key(certificate.customer_id.as_str(), &certificate.serial),
                 device_key: index_key(certificate.device_id.as_str(), &certificate.serial),

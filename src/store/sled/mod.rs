@@ -135,6 +135,16 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| Error::internal(format!("decoding record: {e}")))
 }
 
+/// A certificate record in the form this store writes (compact binary).
+fn encode_certificate(record: &CertificateRecord) -> Result<Vec<u8>> {
+    record.to_compact()
+}
+
+/// A stored certificate record, compact or JSON (as stores before the compact form wrote).
+fn decode_certificate(bytes: &[u8]) -> Result<CertificateRecord> {
+    CertificateRecord::from_stored(bytes)
+}
+
 fn index_key(id: &str, serial: &Serial) -> Vec<u8> {
     let mut key = Vec::with_capacity(id.len() + 1 + serial.as_bytes().len());
     key.extend_from_slice(id.as_bytes());
@@ -322,7 +332,7 @@ impl Store for SledStore {
     fn certificate(&self, serial: &Serial) -> Result<Option<CertificateRecord>> {
         self.certificates
             .get(serial.as_bytes())?
-            .map(|bytes| decode(&bytes))
+            .map(|bytes| decode_certificate(&bytes))
             .transpose()
     }
 
@@ -350,7 +360,7 @@ impl Store for SledStore {
         };
         iter.values()
             .take(limit)
-            .map(|value| decode(&value?))
+            .map(|value| decode_certificate(&value?))
             .collect()
     }
 
@@ -384,7 +394,7 @@ impl Store for SledStore {
                         let Some(bytes) = certificates.get(serial.as_bytes())? else {
                             return Ok(Err(RevokeRejection::NotFound(serial.clone())));
                         };
-                        let mut record: CertificateRecord = decode(&bytes).map_err(abort)?;
+                        let mut record = decode_certificate(&bytes).map_err(abort)?;
                         match revocation.applied_over(record.revocation) {
                             Some(applied) => record.revocation = Some(applied),
                             None => {
@@ -398,8 +408,10 @@ impl Store for SledStore {
                     }
                     for record in records {
                         put_revoked(revoked, &record).map_err(abort)?;
-                        certificates
-                            .insert(record.serial.as_bytes(), encode(&record).map_err(abort)?)?;
+                        certificates.insert(
+                            record.serial.as_bytes(),
+                            encode_certificate(&record).map_err(abort)?,
+                        )?;
                         put_summary(summaries, &record)?;
                         let mut event = audit.clone();
                         event.target = record.serial.to_hex();
@@ -422,14 +434,17 @@ impl Store for SledStore {
                     let Some(bytes) = certificates.get(serial.as_bytes())? else {
                         return Ok(Err(RevokeRejection::NotFound(serial.clone())));
                     };
-                    let mut record: CertificateRecord = decode(&bytes).map_err(abort)?;
+                    let mut record = decode_certificate(&bytes).map_err(abort)?;
                     match record.revocation {
                         Some(r) if r.reason == RevocationReason::CertificateHold => {}
                         _ => return Ok(Err(RevokeRejection::NotOnHold(serial.clone()))),
                     }
                     record.revocation = None;
                     revoked.remove(serial.as_bytes())?;
-                    certificates.insert(serial.as_bytes(), encode(&record).map_err(abort)?)?;
+                    certificates.insert(
+                        serial.as_bytes(),
+                        encode_certificate(&record).map_err(abort)?,
+                    )?;
                     put_summary(summaries, &record)?;
                     append_audit(log, meta, audit)?;
                     Ok(Ok(record))
@@ -445,7 +460,7 @@ impl Store for SledStore {
         audit: &AuditEvent,
     ) -> Result<std::result::Result<(), RevokeRejection>> {
         let writing = self.writing();
-        let new_value = encode(new)?;
+        let new_value = encode_certificate(new)?;
         let new_summary = CertificateSummary::of(new)?;
         let new_key_entry = key_index_key(&new_summary.public_key, &new.serial);
         let new_summary = new_summary.encode();
@@ -464,7 +479,7 @@ impl Store for SledStore {
                     let Some(bytes) = certificates.get(old.as_bytes())? else {
                         return Ok(Err(RevokeRejection::NotFound(old.clone())));
                     };
-                    let mut record: CertificateRecord = decode(&bytes).map_err(abort)?;
+                    let mut record = decode_certificate(&bytes).map_err(abort)?;
                     if let Some(existing) = record.revocation {
                         return Ok(Err(RevokeRejection::AlreadyRevoked(old.clone(), existing)));
                     }
@@ -477,7 +492,8 @@ impl Store for SledStore {
                     });
                     record.superseded_by = Some(new.serial.clone());
                     put_revoked(revoked, &record).map_err(abort)?;
-                    certificates.insert(old.as_bytes(), encode(&record).map_err(abort)?)?;
+                    certificates
+                        .insert(old.as_bytes(), encode_certificate(&record).map_err(abort)?)?;
                     put_summary(summaries, &record)?;
                     certificates.insert(new.serial.as_bytes(), new_value.as_slice())?;
                     summaries.insert(new.serial.as_bytes(), new_summary.as_slice())?;
@@ -765,7 +781,7 @@ impl Store for SledStore {
         let mut expired = Vec::new();
         for entry in self.certificates.iter() {
             let (_, value) = entry?;
-            let record: CertificateRecord = decode(&value)?;
+            let record = decode_certificate(&value)?;
             if record.not_after_s < before_s {
                 let key = CertificateSummary::of(&record)?.public_key;
                 let key_entry = key_index_key(&key, &record.serial);
