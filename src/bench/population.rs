@@ -81,12 +81,7 @@ impl Iterator for PublicKeys {
 }
 
 /// Record `i` with its `public_key`, valid from 5 minutes before `now_s` for a year.
-pub fn record(
-    i: u64,
-    now_s: i64,
-    public_key: &[u8; 65],
-    certificate_b64: &str,
-) -> Option<CertificateRecord> {
+pub fn record(i: u64, now_s: i64, public_key: &[u8; 65]) -> Option<CertificateRecord> {
     Some(CertificateRecord {
         version: RECORD_VERSION,
         serial: serial(i),
@@ -99,7 +94,7 @@ pub fn record(
         issued_at_s: now_s,
         public_key_hex: hex::encode(public_key),
         key_algorithm: Default::default(),
-        certificate_b64: certificate_b64.to_string(),
+        certificate_b64: CertificateRecord::encode_der(&stand_in_certificate(i)),
         revocation: None,
         renewed_from: None,
         superseded_by: None,
@@ -109,9 +104,22 @@ pub fn record(
     })
 }
 
-/// The stand-in certificate every record carries, base64.
-pub fn certificate_b64() -> String {
-    CertificateRecord::encode_der(&[0x30; CERTIFICATE_DER_LEN])
+/// The stand-in for record `i`'s certificate: as long as a real one, and as hard to
+/// compress (a certificate is mostly keys, serials, identifiers and a signature), so what a
+/// store's compression does with it is what it would do with real ones.
+pub fn stand_in_certificate(i: u64) -> Vec<u8> {
+    // SplitMix64 seeded by the index.
+    let mut state = i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut der = Vec::with_capacity(CERTIFICATE_DER_LEN + 8);
+    while der.len() < CERTIFICATE_DER_LEN {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        der.extend_from_slice(&(z ^ (z >> 31)).to_le_bytes());
+    }
+    der.truncate(CERTIFICATE_DER_LEN);
+    der
 }
 
 /// Picks devices of a population of `size`: uniformly, or by a Zipf law of exponent `skew`
@@ -179,7 +187,9 @@ mod tests {
     #[test]
     fn records_carry_their_index_in_serial_and_ids() {
         let key = PublicKeys::from(7).next().unwrap();
-        let record = record(7, 1_000_000, &key, &certificate_b64()).unwrap();
+        let record = record(7, 1_000_000, &key).unwrap();
+        assert_eq!(record.certificate_der().unwrap(), stand_in_certificate(7));
+        assert_ne!(stand_in_certificate(7), stand_in_certificate(8));
         assert_eq!(record.serial, serial(7));
         assert!(serial(7).as_bytes() < serial(256).as_bytes(), "ascending");
         assert_eq!(

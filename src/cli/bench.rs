@@ -9,12 +9,11 @@ use crate::CliResult;
 
 pub(crate) fn populate(data: Option<&Path>, store_url: Option<String>, records: u64) -> CliResult {
     use payra::bench::population;
-    let certificate_b64 = population::certificate_b64();
     let now = payra::clock::Clock::now_s(&SystemClock);
     let started = std::time::Instant::now();
     let population = population::PublicKeys::from(0)
         .zip(0..records)
-        .filter_map(|(key, i)| population::record(i, now, &key, &certificate_b64));
+        .filter_map(|(key, i)| population::record(i, now, &key));
     let count = match (data, store_url) {
         (_, Some(url)) => {
             let config = payra::config::StoreConfig {

@@ -24,10 +24,6 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "upstream revocations (RA mode)",
         include_str!("migrations/0003_upstream.sql"),
     ),
-    (
-        "narrow certificate rows",
-        include_str!("migrations/0004_narrow_certificate_rows.sql"),
-    ),
 ];
 
 /// The schema version this payra runs on.
