@@ -610,26 +610,17 @@ impl Ra {
         }))
     }
 
-    /// Counts the certificates by status (a pass over every summary in the store) for the
-    /// `payra_certificates` gauge; run now and then by a background task, never by a scrape.
-    /// A pass that sees `stop` set ends early and changes nothing.
+    /// Counts the certificates by status (`Store::count_by_standing`: where the store can,
+    /// in the store) for the `payra_certificates` gauge; run now and then by a background
+    /// task, never by a scrape. A count that sees `stop` set ends early and changes nothing.
     pub fn count_certificates(&self, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
         use status::CertificateStatus;
-        let now_s = self.clock.now_s();
+        let Some(standings) = self.store.count_by_standing(self.clock.now_s(), stop)? else {
+            return Ok(());
+        };
         let mut counts = [0u64; 6];
-        let mut stopped = false;
-        self.store.for_each_certificate_summary(&mut |summary| {
-            if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                stopped = true;
-                return false;
-            }
-            let view = StatusView::at(
-                summary.not_before_s,
-                summary.not_after_s,
-                summary.revocation,
-                now_s,
-            );
-            let index = match view.status {
+        for (standing, count) in standings {
+            let index = match CertificateStatus::of(standing) {
                 CertificateStatus::Valid => 0,
                 CertificateStatus::Revoked => 1,
                 CertificateStatus::Expired => 2,
@@ -637,11 +628,7 @@ impl Ra {
                 CertificateStatus::OnHold => 4,
                 CertificateStatus::NotYetValid => 5,
             };
-            counts[index] += 1;
-            true
-        })?;
-        if stopped {
-            return Ok(());
+            counts[index] += count;
         }
         let names = [
             "valid",

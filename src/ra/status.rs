@@ -15,6 +15,20 @@ pub enum CertificateStatus {
     OnHold,
 }
 
+impl CertificateStatus {
+    /// The status of a certificate that stands so.
+    pub fn of(standing: crate::store::Standing) -> CertificateStatus {
+        match standing.revocation {
+            Some(RevocationReason::CertificateHold) => CertificateStatus::OnHold,
+            Some(RevocationReason::Superseded) => CertificateStatus::Superseded,
+            Some(_) => CertificateStatus::Revoked,
+            None if standing.not_yet_valid => CertificateStatus::NotYetValid,
+            None if standing.expired => CertificateStatus::Expired,
+            None => CertificateStatus::Valid,
+        }
+    }
+}
+
 /// A certificate's status with the facts behind it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StatusView {
@@ -41,20 +55,11 @@ impl StatusView {
         revocation: Option<Revocation>,
         now_s: i64,
     ) -> StatusView {
-        let status = match revocation {
-            Some(Revocation {
-                reason: RevocationReason::CertificateHold,
-                ..
-            }) => CertificateStatus::OnHold,
-            Some(Revocation {
-                reason: RevocationReason::Superseded,
-                ..
-            }) => CertificateStatus::Superseded,
-            Some(_) => CertificateStatus::Revoked,
-            None if now_s < not_before_s => CertificateStatus::NotYetValid,
-            None if now_s >= not_after_s => CertificateStatus::Expired,
-            None => CertificateStatus::Valid,
-        };
+        let status = CertificateStatus::of(crate::store::Standing {
+            revocation: revocation.map(|r| r.reason),
+            not_yet_valid: now_s < not_before_s,
+            expired: now_s >= not_after_s,
+        });
         StatusView {
             status,
             not_after_s,

@@ -96,7 +96,89 @@ conformance!(
     an_sm2_certificate_keeps_its_algorithm_in_record_summary_and_crl_index,
     upstream_certificates_are_marked_on_the_crl_index_and_their_revocations_tracked,
     every_certificate_of_a_key_is_found_by_the_key,
+    certificates_are_counted_by_standing,
 );
+
+/// The count by status: where each certificate stands at a moment, counted by the store (in
+/// the database, for PostgreSQL) as a walk of the summaries would count it.
+fn certificates_are_counted_by_standing(store: Arc<dyn Store>) {
+    let stored = |customer: &str, change: &dyn Fn(&mut CertificateRecord)| {
+        let mut cert = certificate(customer, "d");
+        change(&mut cert);
+        issue_record(store.as_ref(), &cert);
+        cert
+    };
+    stored("c-valid", &|c| c.not_before_s = -5);
+    stored("c-early", &|c| c.not_before_s = 600);
+    stored("c-expired", &|c| c.not_after_s = 400);
+    let compromised = stored("c-compromised", &|c| c.not_after_s = 400);
+    let held = stored("c-held", &|_| {});
+    let old = stored("c-renewed", &|_| {});
+    let revoke = |serial: &Serial, reason| {
+        let revocation = Revocation {
+            revoked_at_s: 10,
+            reason,
+        };
+        store
+            .revoke(std::slice::from_ref(serial), &revocation, &ev())
+            .unwrap()
+            .unwrap();
+    };
+    revoke(&compromised.serial, RevocationReason::KeyCompromise);
+    revoke(&held.serial, RevocationReason::CertificateHold);
+    let mut new = certificate("c-renewed", "d");
+    new.renewed_from = Some(old.serial.clone());
+    store.renew(&old.serial, &new, 20, &ev()).unwrap().unwrap();
+
+    let now_s = 500;
+    let standing = |revocation, not_yet_valid, expired| Standing {
+        revocation,
+        not_yet_valid,
+        expired,
+    };
+    let expected: std::collections::HashMap<Standing, u64> = [
+        (standing(None, false, false), 2),
+        (standing(None, true, false), 1),
+        (standing(None, false, true), 1),
+        (
+            standing(Some(RevocationReason::KeyCompromise), false, true),
+            1,
+        ),
+        (
+            standing(Some(RevocationReason::CertificateHold), false, false),
+            1,
+        ),
+        (
+            standing(Some(RevocationReason::Superseded), false, false),
+            1,
+        ),
+    ]
+    .into();
+    let go_on = std::sync::atomic::AtomicBool::new(false);
+    let counted = store.count_by_standing(now_s, &go_on).unwrap().unwrap();
+    assert_eq!(
+        counted.len(),
+        expected.len(),
+        "one row per standing: {counted:?}"
+    );
+    assert_eq!(
+        counted
+            .into_iter()
+            .collect::<std::collections::HashMap<_, _>>(),
+        expected
+    );
+    let mut walked = std::collections::HashMap::<Standing, u64>::new();
+    store
+        .for_each_certificate_summary(&mut |summary| {
+            *walked.entry(Standing::of(&summary, now_s)).or_default() += 1;
+            true
+        })
+        .unwrap();
+    assert_eq!(walked, expected);
+
+    let stopped = std::sync::atomic::AtomicBool::new(true);
+    assert_eq!(store.count_by_standing(now_s, &stopped).unwrap(), None);
+}
 
 /// The key index finds every certificate of a device key (enrolled and renewed with it),
 /// none of another key that shares its x coordinate and the parity of y, and none once

@@ -17,7 +17,7 @@ pub use decision_log::{Books, DecisionLog, ForgottenDays, LedgerCheckpoint, LogR
 pub use postgres::PgStore;
 pub use records::{
     CertificateRecord, CertificateSummary, ClientCertificateRecord, EvidenceRecord, KeyRefusal,
-    Revocation, RevokedEntry, TokenHash, TokenRecord, UpstreamRevocation, RECORD_VERSION,
+    Revocation, RevokedEntry, Standing, TokenHash, TokenRecord, UpstreamRevocation, RECORD_VERSION,
 };
 pub use sled::GroupCommit;
 pub use sled::{LocalDecisions, SledStore, TreeSize};
@@ -405,6 +405,27 @@ pub trait Store: Send + Sync {
         &self,
         each: &mut dyn FnMut(CertificateSummary) -> bool,
     ) -> Result<()>;
+
+    /// How many certificates there are of each [`Standing`] at `now_s` (the count by status),
+    /// or `None` if `stop` was set before the count was done. This walks every summary; a
+    /// store that can count where the data is counts there instead.
+    fn count_by_standing(
+        &self,
+        now_s: i64,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<Option<Vec<(Standing, u64)>>> {
+        let mut counts = std::collections::HashMap::<Standing, u64>::new();
+        let mut stopped = false;
+        self.for_each_certificate_summary(&mut |summary| {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                stopped = true;
+                return false;
+            }
+            *counts.entry(Standing::of(&summary, now_s)).or_default() += 1;
+            true
+        })?;
+        Ok((!stopped).then(|| counts.into_iter().collect()))
+    }
 
     /// Revokes every serial in `serials` with `revocation`, all or none: if any is unknown or
     /// already revoked, nothing is written and the first such serial is reported. A

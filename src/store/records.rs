@@ -180,6 +180,28 @@ impl CertificateSummary {
         out
     }
 
+    /// The revocation alone from a binary form, without decoding (or allocating) the rest:
+    /// what a decision re-reads under the decision log's lock.
+    pub fn revocation_in(bytes: &[u8]) -> Result<Option<Revocation>> {
+        const FLAG: usize = 1 + 65 + 8 + 8;
+        let bad = |what: &str| Error::internal(format!("certificate summary: {what}"));
+        if bytes.first() != Some(&SUMMARY_VERSION) {
+            return Err(bad("unknown version"));
+        }
+        let Some(&[flag, a, b, c, d, e, f, g, h, code]) = bytes.get(FLAG..FLAG + 10) else {
+            return Err(bad("truncated"));
+        };
+        match flag {
+            0 => Ok(None),
+            1 => Ok(Some(Revocation {
+                revoked_at_s: i64::from_be_bytes([a, b, c, d, e, f, g, h]),
+                reason: RevocationReason::from_code(code)
+                    .ok_or_else(|| bad("unknown reason code"))?,
+            })),
+            _ => Err(bad("revocation flag")),
+        }
+    }
+
     /// Reads the binary form stored under `serial`.
     pub fn decode(serial: &[u8], bytes: &[u8]) -> Result<CertificateSummary> {
         let bad = |what: &str| Error::internal(format!("certificate summary: {what}"));
@@ -247,6 +269,28 @@ impl CertificateSummary {
             attestation,
             key_algorithm,
         })
+    }
+}
+
+/// What a certificate's status depends on at a moment: its revocation's reason, and where the
+/// moment falls in its validity. Certificates are counted by it (`Store::count_by_standing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Standing {
+    pub revocation: Option<RevocationReason>,
+    /// The moment is before notBefore.
+    pub not_yet_valid: bool,
+    /// The moment is at or after notAfter.
+    pub expired: bool,
+}
+
+impl Standing {
+    /// Where `summary` stands at `now_s`.
+    pub fn of(summary: &CertificateSummary, now_s: i64) -> Standing {
+        Standing {
+            revocation: summary.revocation.map(|r| r.reason),
+            not_yet_valid: now_s < summary.not_before_s,
+            expired: now_s >= summary.not_after_s,
+        }
     }
 }
 
@@ -486,9 +530,15 @@ mod tests {
             CertificateSummary::decode(summary.serial.as_bytes(), &bytes).unwrap(),
             summary
         );
+        assert_eq!(
+            CertificateSummary::revocation_in(&bytes).unwrap(),
+            summary.revocation
+        );
         let mut unrevoked = summary.clone();
         unrevoked.revocation = None;
         let encoded = unrevoked.encode();
+        assert_eq!(CertificateSummary::revocation_in(&encoded).unwrap(), None);
+        assert!(CertificateSummary::revocation_in(&encoded[..91]).is_err());
         assert_eq!(
             CertificateSummary::decode(unrevoked.serial.as_bytes(), &encoded).unwrap(),
             unrevoked

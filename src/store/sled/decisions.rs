@@ -127,10 +127,7 @@ impl LocalDecisions {
         };
         summaries
             .get(serial.as_bytes())?
-            .map(|bytes| {
-                crate::store::CertificateSummary::decode(serial.as_bytes(), &bytes)
-                    .map(|summary| summary.revocation)
-            })
+            .map(|bytes| crate::store::CertificateSummary::revocation_in(&bytes))
             .transpose()
     }
 
