@@ -1835,3 +1835,28 @@ fn records_stored_as_json_still_read_and_are_rewritten_compact() {
         assert_eq!(store.danger_stored_form(serial).unwrap(), 0xC2);
     }
 }
+
+#[test]
+fn a_record_the_compact_form_cannot_hold_is_stored_as_json_and_still_revocable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let mut damaged = certificate("c-damaged", "d");
+    damaged.certificate_b64 = "AA!C".into();
+    issue_record(&store, &damaged);
+    assert_eq!(store.danger_stored_form(&damaged.serial).unwrap(), b'{');
+    let revocation = Revocation {
+        revoked_at_s: 9,
+        reason: RevocationReason::KeyCompromise,
+    };
+    store
+        .revoke(std::slice::from_ref(&damaged.serial), &revocation, &ev())
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        store.certificate(&damaged.serial).unwrap().unwrap(),
+        CertificateRecord {
+            revocation: Some(revocation),
+            ..damaged
+        }
+    );
+}

@@ -2,10 +2,11 @@
 //! issuance journal, the decision log (decisions and the ledger live in the process with
 //! this backend), the signed audit heads, the backup format, the data directory.
 //!
-//! Trees: `certificates` (serial → JSON record), `tokens` (token hash → JSON record),
+//! Trees: `certificates` (serial → compact record, `store::compact`; JSON as older versions
+//! wrote it), `cert_summaries` (serial → binary summary), `tokens` (token hash → JSON record),
 //! `by_customer` and `by_device` (`<id>\0<serial>` → empty), `by_key` (the device key,
 //! compressed, then the serial → empty), `revoked` (serial → JSON
-//! [`RevokedEntry`]) and `meta` (counters). Records are JSON with a version field.
+//! [`RevokedEntry`]) and `meta` (counters). Other records are JSON with a version field.
 
 use crate::sync::Unpoisoned;
 use std::path::Path;
@@ -135,9 +136,11 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| Error::internal(format!("decoding record: {e}")))
 }
 
-/// A certificate record in the form this store writes (compact binary).
+/// A certificate record in the form this store writes: compact binary, or JSON for a record
+/// the compact form cannot hold (a damaged certificate, an over-long field), so that a
+/// revocation never fails on a field it does not change.
 fn encode_certificate(record: &CertificateRecord) -> Result<Vec<u8>> {
-    record.to_compact()
+    record.to_compact().or_else(|_| encode(record))
 }
 
 /// A stored certificate record, compact or JSON (as stores before the compact form wrote).
