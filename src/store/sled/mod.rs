@@ -781,13 +781,14 @@ impl Store for SledStore {
         audit: &AuditEvent,
     ) -> Result<Vec<Serial>> {
         let writing = self.writing();
+        // The summaries hold everything a purge needs (serial, ids, key, notAfter) in about
+        // 130 bytes, against about 850 for the record: the walk reads those.
         let mut expired = Vec::new();
-        for entry in self.certificates.iter() {
-            let (_, value) = entry?;
-            let record = decode_certificate(&value)?;
+        for entry in self.summaries.iter() {
+            let (serial, value) = entry?;
+            let record = CertificateSummary::decode(&serial, &value)?;
             if record.not_after_s < before_s {
-                let key = CertificateSummary::of(&record)?.public_key;
-                let key_entry = key_index_key(&key, &record.serial);
+                let key_entry = key_index_key(&record.public_key, &record.serial);
                 expired.push((record, key_entry));
                 if expired.len() == limit {
                     break;
