@@ -1764,25 +1764,42 @@ fn the_key_index_is_built_for_a_database_that_lacks_it() {
 #[test]
 fn summaries_are_built_for_a_database_that_lacks_them() {
     let dir = tempfile::tempdir().unwrap();
-    let cert = certificate("c-migrate", "d");
+    let certs = [certificate("c-migrate", "d"), certificate("c-migrate", "e")];
+    let summaries = |store: &SledStore| {
+        let mut all = Vec::new();
+        store
+            .for_each_certificate_summary(&mut |s| {
+                all.push(s);
+                true
+            })
+            .unwrap();
+        all.sort_by(|a, b| a.serial.as_bytes().cmp(b.serial.as_bytes()));
+        all
+    };
+    let mut expected: Vec<_> = certs
+        .iter()
+        .map(|c| CertificateSummary::of(c).unwrap())
+        .collect();
+    expected.sort_by(|a, b| a.serial.as_bytes().cmp(b.serial.as_bytes()));
     {
         let store = SledStore::open(dir.path()).unwrap();
-        let hash = TokenHash::of("t-migrate");
-        store
-            .put_token(&hash, &token("c-migrate", 100), &ev())
-            .unwrap();
-        store.issue_with_token(&hash, 1, &cert, &ev()).unwrap();
+        for cert in &certs {
+            issue_record(&store, cert);
+        }
         store.danger_clear_summaries().unwrap();
     }
+    {
+        let store = SledStore::open(dir.path()).unwrap();
+        assert_eq!(summaries(&store), expected);
+        // A build a crash interrupted: one summary on disk, the build still marked.
+        store
+            .danger_interrupt_summaries_build(&certs[0].serial)
+            .unwrap();
+        assert_eq!(summaries(&store).len(), 1);
+    }
+    // The partial tree is built again, whole.
     let store = SledStore::open(dir.path()).unwrap();
-    let mut all = Vec::new();
-    store
-        .for_each_certificate_summary(&mut |s| {
-            all.push(s);
-            true
-        })
-        .unwrap();
-    assert_eq!(all, vec![CertificateSummary::of(&cert).unwrap()]);
+    assert_eq!(summaries(&store), expected);
 }
 
 #[test]

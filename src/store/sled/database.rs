@@ -117,16 +117,38 @@ impl SledStore {
     }
 
     /// A database written before the `cert_summaries` tree existed gets it built once, from
-    /// the full records.
+    /// the full records. A build is marked in `meta` while it runs, so one a crash
+    /// interrupted (some of its entries may be on disk) is done again from empty.
     pub(super) fn build_missing_summaries(&self) -> Result<()> {
-        if !self.summaries.is_empty() || self.certificates.is_empty() {
+        let interrupted = self.meta.get(SUMMARIES_BUILDING_KEY)?.is_some();
+        if !interrupted && (!self.summaries.is_empty() || self.certificates.is_empty()) {
             return Ok(());
         }
-        self.build_from(&self.summaries, &self.certificates, |serial, value| {
+        self.meta.insert(SUMMARIES_BUILDING_KEY, &[1u8] as &[u8])?;
+        self.sync_sled()?;
+        self.summaries.clear()?;
+        let count = self.build_from(&self.summaries, &self.certificates, |serial, value| {
             let record = decode_certificate(value)?;
             Ok((serial.to_vec(), CertificateSummary::of(&record)?.encode()))
-        })
-        .map(|count| tracing::info!(certificates = count, "built the certificate summaries"))
+        })?;
+        self.meta.remove(SUMMARIES_BUILDING_KEY)?;
+        self.sync_sled()?;
+        tracing::info!(certificates = count, "built the certificate summaries");
+        Ok(())
+    }
+
+    /// Leaves the summaries as a crash in the middle of their build would: `kept`'s alone,
+    /// and the build marked as under way (tests).
+    #[cfg(test)]
+    pub fn danger_interrupt_summaries_build(&self, kept: &Serial) -> Result<()> {
+        for key in self.summaries.iter().keys() {
+            let key = key?;
+            if key.as_ref() != kept.as_bytes() {
+                self.summaries.remove(key)?;
+            }
+        }
+        self.meta.insert(SUMMARIES_BUILDING_KEY, &[1u8] as &[u8])?;
+        self.sync_sled()
     }
 
     /// The key index is complete once `meta` says so: a database from before the `by_key`
@@ -152,8 +174,7 @@ impl SledStore {
         Ok(())
     }
 
-    /// Puts what `entry` makes of each entry of `source` into `tree`, in batches, then syncs;
-    /// how many.
+    /// Puts what `entry` makes of each entry of `source` into `tree`, then syncs; how many.
     fn build_from(
         &self,
         tree: &Tree,
@@ -163,7 +184,7 @@ impl SledStore {
         // Plain inserts: sled 0.34 holds on to what a large batch of inserts at random places
         // touches (a million random keys in batches of 10,000 grew the process by about 5 GB,
         // the same keys inserted one by one by 0.2 GB), and nothing here needs atomicity: the
-        // caller marks the tree complete only after the sync.
+        // callers mark a build in `meta` and redo one a crash interrupted.
         let mut count = 0u64;
         for item in source.iter() {
             let (key, value) = item?;

@@ -122,6 +122,8 @@ const CRL_NUMBER_KEY: &[u8] = b"crl_number";
 /// Present once the `by_key` tree holds every certificate's entry (see
 /// `build_missing_key_index`).
 const KEY_INDEX_COMPLETE_KEY: &[u8] = b"key_index_complete";
+/// Present while the `cert_summaries` tree is being built (see `build_missing_summaries`).
+const SUMMARIES_BUILDING_KEY: &[u8] = b"summaries_building";
 /// The last issuance-journal batch whose writes are in the trees.
 const ISSUANCE_APPLIED_KEY: &[u8] = b"issuance_applied_seq";
 
