@@ -109,9 +109,10 @@ async fn populated_devices_verify_and_answer_status_with_and_without_skew() {
         use payra::bench::population;
         let store = payra::store::SledStore::open(&server.config.data_dir).unwrap();
         let now = payra::clock::Clock::now_s(&server.clock);
+        let certificates = population::StandIns::new(now).unwrap();
         let records = population::PublicKeys::from(0)
             .zip(0..300)
-            .filter_map(|(key, i)| population::record(i, now, &key));
+            .filter_map(|(key, i)| population::record(i, &certificates, &key));
         assert_eq!(store.danger_bulk_insert_certificates(records).unwrap(), 300);
         store.close().unwrap();
     }

@@ -11,9 +11,10 @@ pub(crate) fn populate(data: Option<&Path>, store_url: Option<String>, records: 
     use payra::bench::population;
     let now = payra::clock::Clock::now_s(&SystemClock);
     let started = std::time::Instant::now();
+    let certificates = population::StandIns::new(now).map_err(|e| e.to_string())?;
     let population = population::PublicKeys::from(0)
         .zip(0..records)
-        .filter_map(|(key, i)| population::record(i, now, &key));
+        .filter_map(|(key, i)| population::record(i, &certificates, &key));
     let count = match (data, store_url) {
         (_, Some(url)) => {
             let config = payra::config::StoreConfig {

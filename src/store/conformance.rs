@@ -1762,6 +1762,92 @@ fn the_key_index_is_built_for_a_database_that_lacks_it() {
 }
 
 #[test]
+fn sled_purge_skips_what_another_run_purged_after_its_walk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SledStore::open(dir.path()).unwrap();
+    let first = issue(&store, "c-walk", "d0");
+    let second = issue(&store, "c-walk", "d1");
+    // This run walks (without the write turn) and finds both.
+    let mut found = store.expired_candidates(2_000, 10).unwrap();
+    found.sort_by(|a, b| a.serial.as_bytes().cmp(b.serial.as_bytes()));
+    let mut both = vec![first.serial.clone(), second.serial.clone()];
+    both.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    assert_eq!(
+        found.iter().map(|s| s.serial.clone()).collect::<Vec<_>>(),
+        both
+    );
+    assert_eq!(store.expired_candidates(2_000, 1).unwrap().len(), 1);
+    assert!(store.expired_candidates(2_000, 0).unwrap().is_empty());
+    // Another run purges one of them before this one gets the turn.
+    let other = store
+        .purge_candidates(
+            found
+                .iter()
+                .filter(|s| s.serial == first.serial)
+                .cloned()
+                .collect(),
+            &ev(),
+        )
+        .unwrap();
+    assert_eq!(other, vec![first.serial.clone()]);
+    let entries = store.audit_entries(0, 1_000).unwrap().len();
+    // This run deletes only what is left, and says so in its audit entry.
+    assert_eq!(
+        store.purge_candidates(found.clone(), &ev()).unwrap(),
+        vec![second.serial.clone()]
+    );
+    let log = store.audit_entries(0, 1_000).unwrap();
+    assert_eq!(log.len(), entries + 1);
+    assert_eq!(
+        log.last().unwrap().body.event.outcome,
+        "1 certificate records"
+    );
+    assert!(store.certificate(&second.serial).unwrap().is_none());
+    // Nothing left: no deletion and no audit entry.
+    assert!(store.purge_candidates(found, &ev()).unwrap().is_empty());
+    assert_eq!(store.audit_entries(0, 1_000).unwrap().len(), entries + 1);
+}
+
+#[test]
+fn new_sled_databases_compress_and_an_older_uncompressed_one_stays_so() {
+    let compression = |dir: &std::path::Path| {
+        // Lines of text, then sled's CRC.
+        let conf = std::fs::read(dir.join("conf")).unwrap();
+        String::from_utf8_lossy(&conf)
+            .lines()
+            .find_map(|line| line.strip_prefix("use_compression: "))
+            .map(str::to_string)
+    };
+    let new = tempfile::tempdir().unwrap();
+    let cert = certificate("c-zstd", "d");
+    {
+        let store = SledStore::open(new.path()).unwrap();
+        issue_record(&store, &cert);
+    }
+    assert_eq!(compression(new.path()).as_deref(), Some("true"));
+    let store = SledStore::open(new.path()).unwrap();
+    assert_eq!(store.certificate(&cert.serial).unwrap(), Some(cert.clone()));
+    drop(store);
+
+    // As payra made databases before: sled's defaults, pages stored as they are. sled
+    // refuses to open one with compression on, so payra keeps it off.
+    let old = tempfile::tempdir().unwrap();
+    ::sled::Config::new()
+        .path(old.path())
+        .open()
+        .unwrap()
+        .flush()
+        .unwrap();
+    {
+        let store = SledStore::open(old.path()).unwrap();
+        issue_record(&store, &cert);
+    }
+    let store = SledStore::open(old.path()).unwrap();
+    assert_eq!(store.certificate(&cert.serial).unwrap(), Some(cert));
+    assert_eq!(compression(old.path()).as_deref(), Some("false"));
+}
+
+#[test]
 fn summaries_are_built_for_a_database_that_lacks_them() {
     let dir = tempfile::tempdir().unwrap();
     let certs = [certificate("c-migrate", "d"), certificate("c-migrate", "e")];

@@ -325,8 +325,7 @@ pub fn import_backup(path: &Path, dir: &Path) -> Result<BackupSummary> {
     std::fs::create_dir_all(dir)?;
     // Refuses a directory that already holds a decision log, before anything is created.
     let mut log = super::decision_log::LogImporter::new(&dir.join("decisions"))?;
-    let db = sled::Config::new()
-        .path(dir)
+    let db = super::sled_config(dir)?
         .open()
         .map_err(|e| Error::internal(format!("opening {}: {e}", dir.display())))?;
     let mut tree: Option<sled::Tree> = None;

@@ -14,14 +14,104 @@ pub struct TreeSize {
 }
 
 impl SledStore {
+    /// Up to `limit` certificates whose notAfter is before `before_s`, found by a walk of
+    /// the summaries (about 130 bytes each, and they hold everything a purge removes).
+    /// Takes no write turn: notAfter never changes, so what the walk finds stays expired.
+    pub(in crate::store) fn expired_candidates(
+        &self,
+        before_s: i64,
+        limit: usize,
+    ) -> Result<Vec<CertificateSummary>> {
+        let mut expired = Vec::new();
+        if limit == 0 {
+            return Ok(expired);
+        }
+        for entry in self.summaries.iter() {
+            let (serial, value) = entry?;
+            let summary = CertificateSummary::decode(&serial, &value)?;
+            if summary.not_after_s < before_s {
+                expired.push(summary);
+                if expired.len() == limit {
+                    break;
+                }
+            }
+        }
+        Ok(expired)
+    }
+
+    /// Deletes `candidates` (from [`SledStore::expired_candidates`]) with their indexes and
+    /// CRL entries in one audited transaction, skipping any already gone. Returns the
+    /// serials deleted.
+    pub(in crate::store) fn purge_candidates(
+        &self,
+        candidates: Vec<CertificateSummary>,
+        audit: &AuditEvent,
+    ) -> Result<Vec<Serial>> {
+        if candidates.is_empty() {
+            return Ok(Vec::new());
+        }
+        let writing = self.writing();
+        let outcome = (
+            &self.certificates,
+            &self.by_customer,
+            &self.by_device,
+            &self.revoked,
+            &self.audit,
+            &self.meta,
+            &self.summaries,
+            &self.upstream_revocations,
+            &self.by_key,
+        )
+            .transaction(
+                |(
+                    certificates,
+                    by_customer,
+                    by_device,
+                    revoked,
+                    log,
+                    meta,
+                    summaries,
+                    upstream,
+                    by_key,
+                )| {
+                    let mut purged = Vec::with_capacity(candidates.len());
+                    for record in &candidates {
+                        // Gone since the walk: another run purged it first.
+                        if summaries.get(record.serial.as_bytes())?.is_none() {
+                            continue;
+                        }
+                        purged.push(record.serial.clone());
+                        certificates.remove(record.serial.as_bytes())?;
+                        summaries.remove(record.serial.as_bytes())?;
+                        // Its upstream revocation entry goes with it (RA mode).
+                        upstream.remove(record.serial.as_bytes())?;
+                        by_customer
+                            .remove(index_key(record.customer_id.as_str(), &record.serial))?;
+                        by_device.remove(index_key(record.device_id.as_str(), &record.serial))?;
+                        by_key.remove(key_index_key(&record.public_key, &record.serial))?;
+                        revoked.remove(record.serial.as_bytes())?;
+                    }
+                    if purged.is_empty() {
+                        return Ok(purged);
+                    }
+                    let mut event = audit.clone();
+                    event.outcome = format!("{} certificate records", purged.len());
+                    append_audit(log, meta, &event)?;
+                    Ok(purged)
+                },
+            );
+        let purged = finish(outcome)?;
+        {
+            drop(writing);
+            self.sync_sled()
+        }?;
+        Ok(purged)
+    }
+
     /// Opens (or creates) the database in `dir`.
     pub fn open(dir: &Path) -> Result<SledStore> {
         std::fs::create_dir_all(dir)?;
-        // sled's page cache defaults to 1 GiB; payra keeps what the hot path needs in its own
-        // maps, so a small cache suffices and keeps the resident size down.
-        let config = sled::Config::new()
-            .path(dir)
-            .cache_capacity(SLED_CACHE_BYTES);
+        let config = sled_config(dir)?;
         // sled's I/O threads can hold the database's file lock for a moment after the last
         // handle in this process is gone (a reopen in the same process, as a restore or a test
         // does), so a held lock is tried again for up to LOCK_WAIT. Another process holding it

@@ -127,8 +127,37 @@ const SUMMARIES_BUILDING_KEY: &[u8] = b"summaries_building";
 /// The last issuance-journal batch whose writes are in the trees.
 const ISSUANCE_APPLIED_KEY: &[u8] = b"issuance_applied_seq";
 
-/// sled's page cache size.
+/// sled's page cache size. sled's default is 1 GiB; payra keeps what the hot path needs in
+/// its own maps, so a small cache suffices and keeps the resident size down.
 const SLED_CACHE_BYTES: u64 = 32 * 1024 * 1024;
+
+/// The zstd level of a compressed database's pages (zstd's own default).
+const SLED_COMPRESSION_LEVEL: i32 = 3;
+
+/// sled's configuration for the database in `dir`. A new database compresses its pages with
+/// zstd: a page holds many records whose certificates share their issuer, extensions and
+/// layout, and compression halves the disk per certificate (docs/performance.md, "Where the
+/// bytes go on sled"). sled cannot change this for an existing database, so one created
+/// without it keeps it off; sled records the choice in its `conf` file, read here.
+fn sled_config(dir: &Path) -> Result<sled::Config> {
+    let compressed = match std::fs::read(dir.join("conf")) {
+        Ok(conf) => !conf
+            .split(|b| *b == b'\n')
+            .any(|line| line == b"use_compression: false"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => {
+            return Err(Error::internal(format!(
+                "reading {}: {e}",
+                dir.join("conf").display()
+            )))
+        }
+    };
+    Ok(sled::Config::new()
+        .path(dir)
+        .cache_capacity(SLED_CACHE_BYTES)
+        .use_compression(compressed)
+        .compression_factor(SLED_COMPRESSION_LEVEL))
+}
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(|e| Error::internal(format!("encoding record: {e}")))
@@ -782,70 +811,10 @@ impl Store for SledStore {
         limit: usize,
         audit: &AuditEvent,
     ) -> Result<Vec<Serial>> {
-        let writing = self.writing();
-        // The summaries hold everything a purge needs (serial, ids, key, notAfter) in about
-        // 130 bytes, against about 850 for the record: the walk reads those.
-        let mut expired = Vec::new();
-        for entry in self.summaries.iter() {
-            let (serial, value) = entry?;
-            let record = CertificateSummary::decode(&serial, &value)?;
-            if record.not_after_s < before_s {
-                let key_entry = key_index_key(&record.public_key, &record.serial);
-                expired.push((record, key_entry));
-                if expired.len() == limit {
-                    break;
-                }
-            }
-        }
-        if expired.is_empty() {
-            return Ok(Vec::new());
-        }
-        let outcome = (
-            &self.certificates,
-            &self.by_customer,
-            &self.by_device,
-            &self.revoked,
-            &self.audit,
-            &self.meta,
-            &self.summaries,
-            &self.upstream_revocations,
-            &self.by_key,
-        )
-            .transaction(
-                |(
-                    certificates,
-                    by_customer,
-                    by_device,
-                    revoked,
-                    log,
-                    meta,
-                    summaries,
-                    upstream,
-                    by_key,
-                )| {
-                    for (record, key_entry) in &expired {
-                        certificates.remove(record.serial.as_bytes())?;
-                        summaries.remove(record.serial.as_bytes())?;
-                        // Its upstream revocation entry goes with it (RA mode).
-                        upstream.remove(record.serial.as_bytes())?;
-                        by_customer
-                            .remove(index_key(record.customer_id.as_str(), &record.serial))?;
-                        by_device.remove(index_key(record.device_id.as_str(), &record.serial))?;
-                        by_key.remove(key_entry.as_slice())?;
-                        revoked.remove(record.serial.as_bytes())?;
-                    }
-                    let mut event = audit.clone();
-                    event.outcome = format!("{} certificate records", expired.len());
-                    append_audit(log, meta, &event)?;
-                    Ok(())
-                },
-            );
-        finish(outcome)?;
-        {
-            drop(writing);
-            self.sync_sled()
-        }?;
-        Ok(expired.into_iter().map(|(r, _)| r.serial).collect())
+        // The walk runs before the write turn is taken: at tens of millions of records it
+        // would otherwise hold up every enrollment and revocation for its whole length.
+        let candidates = self.expired_candidates(before_s, limit)?;
+        self.purge_candidates(candidates, audit)
     }
 
     fn probe_write(&self) -> Result<()> {
