@@ -490,6 +490,15 @@ mod tests {
     }
 
     fn prepare(ra: &Ra, customer: &CustomerId, device: &str) -> PreparedEnrollment {
+        prepare_with_key(ra, customer, device, &crate::client::DeviceKey::generate())
+    }
+
+    fn prepare_with_key(
+        ra: &Ra,
+        customer: &CustomerId,
+        device: &str,
+        key: &crate::client::DeviceKey,
+    ) -> PreparedEnrollment {
         let actor = Actor::system();
         let token = ra
             .create_enrollment_token(&actor, customer.clone(), 0)
@@ -500,9 +509,7 @@ mod tests {
             EnrollRequest {
                 peer: None,
                 token: token.token,
-                csr_der: crate::client::DeviceKey::generate()
-                    .csr_der(device.as_str())
-                    .unwrap(),
+                csr_der: key.csr_der(device.as_str()).unwrap(),
                 device_id: device,
                 device_info: DeviceInfo::default(),
                 attestation: None,
@@ -606,6 +613,104 @@ mod tests {
                 Some(RevocationReason::KeyCompromise)
             );
         }
+        ra.close_decisions().unwrap();
+    }
+
+    /// An enrollment whose key check ran before a keyCompromise revocation of the same key
+    /// commits after it: the store refuses it as it commits.
+    #[tokio::test]
+    async fn an_enrollment_checked_before_its_key_was_reported_compromised_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let ra = test_ra(&dir);
+        let customer = CustomerId::parse("customer_id", "raced").unwrap();
+        let key = crate::client::DeviceKey::generate();
+        let first = ra
+            .commit_enrollment(prepare_with_key(&ra, &customer, "phone", &key))
+            .await
+            .unwrap()
+            .record;
+        // The same phone enrolls again with its key: checked, signed, not yet committed.
+        let again = prepare_with_key(&ra, &customer, "phone", &key);
+        let outcome = ra
+            .revoke_certificate(
+                &Actor::system(),
+                &first.serial,
+                RevocationReason::KeyCompromise,
+            )
+            .unwrap();
+        assert_eq!(outcome.serials, vec![first.serial.clone()]);
+        let refused = ra.commit_enrollment(again).await.unwrap_err();
+        assert_eq!(
+            refused.to_string(),
+            crate::store::KeyRefusal::compromised_error().to_string()
+        );
+        let holders = ra
+            .store
+            .certificates_with_key(
+                &crate::store::CertificateSummary::of(&first)
+                    .unwrap()
+                    .public_key,
+            )
+            .unwrap();
+        assert_eq!(holders.len(), 1, "only the revoked certificate is stored");
+        ra.close_decisions().unwrap();
+    }
+
+    /// An enrollment of a key commits after a keyCompromise revocation listed the key's
+    /// certificates and before it committed: the revocation's second look revokes it.
+    #[tokio::test]
+    async fn a_certificate_stored_while_its_key_is_revoked_is_revoked_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let ra = test_ra(&dir);
+        let customer = CustomerId::parse("customer_id", "raced").unwrap();
+        let key = crate::client::DeviceKey::generate();
+        let first = ra
+            .commit_enrollment(prepare_with_key(&ra, &customer, "phone", &key))
+            .await
+            .unwrap()
+            .record;
+        // The revocation has listed its targets (the first certificate only) when the
+        // second enrollment commits.
+        let targets = vec![first.serial.clone()];
+        let second = ra
+            .commit_enrollment(prepare_with_key(&ra, &customer, "phone", &key))
+            .await
+            .unwrap()
+            .record;
+        assert_eq!(facts(&ra, &second.serial).await.revocation, None);
+        let outcome = ra
+            .revoke_batch(
+                &Actor::system(),
+                targets,
+                RevocationReason::KeyCompromise,
+                false,
+            )
+            .unwrap();
+        assert_eq!(
+            outcome.serials,
+            vec![first.serial.clone(), second.serial.clone()]
+        );
+        for serial in [&first.serial, &second.serial] {
+            assert_eq!(
+                facts(&ra, serial).await.revocation.map(|r| r.reason),
+                Some(RevocationReason::KeyCompromise)
+            );
+        }
+        // Another key's revocation reaches no further than its own certificates.
+        let other = ra
+            .commit_enrollment(prepare(&ra, &customer, "tablet"))
+            .await
+            .unwrap()
+            .record;
+        let outcome = ra
+            .revoke_batch(
+                &Actor::system(),
+                vec![other.serial.clone()],
+                RevocationReason::KeyCompromise,
+                false,
+            )
+            .unwrap();
+        assert_eq!(outcome.serials, vec![other.serial]);
         ra.close_decisions().unwrap();
     }
 

@@ -220,7 +220,7 @@ impl Ra {
         Ok(live)
     }
 
-    fn revoke_batch(
+    pub(super) fn revoke_batch(
         &self,
         actor: &Actor,
         serials: Vec<Serial>,
@@ -263,12 +263,91 @@ impl Ra {
         for serial in &serials {
             tracing::info!(serial = %serial, reason = reason.cli_name(), "certificate revoked");
         }
+        let mut serials = serials;
+        if reason == RevocationReason::KeyCompromise {
+            serials.extend(self.revoke_late_certificates_of_keys(actor, &serials, revocation)?);
+        }
         Ok(RevokeOutcome {
             serials,
             revoked_at_s,
             dry_run,
             note: None,
         })
+    }
+
+    /// The second look after a keyCompromise revocation: revokes, for the same reason, the
+    /// live certificates of the revoked certificates' keys that the revocation did not name.
+    /// An enrollment checks the key as it commits, under the lock a revocation takes (the
+    /// write turn on sled, the key's transaction lock on PostgreSQL), so one that commits
+    /// after the revocation is refused; one that committed before it, after its targets were
+    /// listed, is found here. Returns the serials revoked.
+    fn revoke_late_certificates_of_keys(
+        &self,
+        actor: &Actor,
+        revoked: &[Serial],
+        revocation: Revocation,
+    ) -> Result<Vec<Serial>> {
+        let mut keys = Vec::new();
+        for serial in revoked {
+            if let Some(summary) = self.store.certificate_summary(serial)? {
+                if !keys.contains(&summary.public_key) {
+                    keys.push(summary.public_key);
+                }
+            }
+        }
+        let now_s = self.clock.now_s();
+        let mut late = Vec::new();
+        for key in &keys {
+            for holder in self.store.certificates_with_key(key)? {
+                let live = holder
+                    .revocation
+                    .is_none_or(|r| r.reason == RevocationReason::CertificateHold)
+                    && now_s < holder.not_after_s;
+                if live && !revoked.contains(&holder.serial) && !late.contains(&holder.serial) {
+                    late.push(holder.serial);
+                }
+            }
+        }
+        let mut done = Vec::with_capacity(late.len());
+        // One at a time: one that somebody else revoked or purged meanwhile is no reason to
+        // leave the others live.
+        for serial in late {
+            let stored = self.store.revoke(
+                std::slice::from_ref(&serial),
+                &revocation,
+                &AuditEvent::new(
+                    self.clock.now_ms(),
+                    actor,
+                    "certificate.revoked",
+                    "",
+                    revocation.reason.cli_name(),
+                ),
+            );
+            self.cache.invalidate(std::slice::from_ref(&serial));
+            match stored? {
+                Ok(()) => {
+                    tracing::warn!(
+                        serial = %serial,
+                        "a certificate of a key reported compromised was stored while the key \
+                         was being revoked; revoked it too"
+                    );
+                    done.push(serial);
+                }
+                Err(rejection) => tracing::info!(
+                    serial = %serial,
+                    "a certificate of a key reported compromised was changed meanwhile: {}",
+                    Error::Revoke(rejection)
+                ),
+            }
+        }
+        if !done.is_empty() {
+            self.metrics
+                .certificates_revoked
+                .with_label_values(&[revocation.reason.cli_name()])
+                .inc_by(done.len() as u64);
+            self.revocations_stored();
+        }
+        Ok(done)
     }
 
     /// Releases a certificate from certificateHold: it is good again everywhere.

@@ -76,6 +76,7 @@ macro_rules! conformance {
 
 conformance!(
     token_is_consumed_once,
+    an_enrollment_of_a_key_reported_compromised_is_refused_as_it_commits,
     expired_and_unknown_tokens_write_nothing,
     concurrent_token_use_issues_exactly_once,
     indexes_list_by_customer_and_device,
@@ -911,6 +912,39 @@ fn audit_chain_links_every_change(store: Arc<dyn Store>) {
         last[0].hash,
         hex::encode(head.hash),
         "the head names the last entry"
+    );
+}
+
+/// The RA checks a key before it signs; a keyCompromise revocation can commit between that
+/// check and the enrollment's commit, so the store checks again as it commits.
+fn an_enrollment_of_a_key_reported_compromised_is_refused_as_it_commits(store: Arc<dyn Store>) {
+    let first = issue(store.as_ref(), "c-key", "d");
+    store
+        .revoke(
+            std::slice::from_ref(&first.serial),
+            &Revocation {
+                revoked_at_s: 5,
+                reason: RevocationReason::KeyCompromise,
+            },
+            &ev(),
+        )
+        .unwrap()
+        .unwrap();
+    let hash = TokenHash::of("t-after-compromise");
+    store.put_token(&hash, &token("c-key", 100), &ev()).unwrap();
+    let mut again = certificate("c-key", "d");
+    again.public_key_hex = first.public_key_hex.clone();
+    assert_eq!(
+        store.issue_with_token(&hash, 10, &again, &ev()).unwrap(),
+        IssueOutcome::KeyCompromised
+    );
+    assert!(store.certificate(&again.serial).unwrap().is_none());
+    assert_eq!(store.token(&hash).unwrap().unwrap().used_at_s, None);
+    // Another key is enrolled with the same token as usual.
+    let other = certificate("c-key", "d");
+    assert_eq!(
+        store.issue_with_token(&hash, 11, &other, &ev()).unwrap(),
+        IssueOutcome::Issued
     );
 }
 

@@ -130,6 +130,35 @@ fn key_lock(public_key: &[u8; 65]) -> i64 {
     i64::from_be_bytes(first)
 }
 
+/// Takes the transaction locks of `records`' keys, in the one order every process uses. A
+/// keyCompromise revocation holds them as it commits, as an enrollment batch does while it
+/// reads the key's certificates and stores a new one: an enrollment either commits first
+/// (and the revocation's second look, `Ra::revoke_batch`, finds its certificate) or reads
+/// the revocation and is refused. The certificate rows are locked before the keys, as a
+/// renewal locks them, so the two never wait on each other in a cycle.
+pub(super) async fn lock_keys_of(
+    tx: &deadpool_postgres::Transaction<'_>,
+    records: &[CertificateRecord],
+) -> Result<()> {
+    let mut locks = records
+        .iter()
+        .map(|record| Ok(key_lock(&CertificateSummary::of(record)?.public_key)))
+        .collect::<Result<Vec<i64>>>()?;
+    locks.sort();
+    locks.dedup();
+    tx.execute(
+        &prepared_tx(
+            tx,
+            "SELECT pg_advisory_xact_lock(l) FROM (SELECT unnest($1::bigint[]) AS l) AS locks",
+        )
+        .await?,
+        &[&locks],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(())
+}
+
 /// Why `certificate`'s key may not be certified now, if it may not (for a renewal, one
 /// certificate at a time): another customer's or device's live certificate holds it, or it
 /// was reported compromised. Takes the key's transaction lock first, as a batch does.

@@ -402,6 +402,9 @@ impl Store for PgStore {
                     }
                     changed.push(record);
                 }
+                if revocation.reason == RevocationReason::KeyCompromise {
+                    issuance::lock_keys_of(tx, &changed).await?;
+                }
                 for record in &changed {
                     put_certificate(tx, record, false).await?;
                     put_revoked(tx, record).await?;

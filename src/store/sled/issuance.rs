@@ -323,6 +323,19 @@ impl SledStore {
 
     /// Decides every job of `batch` in order, journals and applies the writes of those that
     /// succeed, and returns each job's outcome (a job-level error as its message).
+    /// Whether a certificate of `public_key` was revoked for keyCompromise. An enrollment
+    /// batch asks under the write turn, which every revocation takes too: a key reported
+    /// compromised before the batch is refused, and a certificate the batch stores is one a
+    /// later revocation's second look finds (`Ra::revoke_batch`).
+    fn key_compromised(&self, public_key: &[u8; 65]) -> Result<bool> {
+        Ok(self
+            .certificates_with_key(public_key)?
+            .iter()
+            .any(|holder| {
+                holder.revocation.map(|r| r.reason) == Some(RevocationReason::KeyCompromise)
+            }))
+    }
+
     pub(super) fn issue_batch(
         &self,
         batch: &[std::sync::Arc<IssueJob>],
@@ -411,6 +424,13 @@ impl SledStore {
             };
             if serials.contains(serial_key) || self.certificates.contains_key(serial_key)? {
                 outcomes.push(Ok(IssueOutcome::SerialTaken));
+                continue;
+            }
+            // The enrollment's key claim read the key's certificates before this turn; a
+            // keyCompromise revocation may have committed since (revocations take no claim).
+            let key = CertificateSummary::decode(serial_key, summary)?.public_key;
+            if self.key_compromised(&key)? {
+                outcomes.push(Ok(IssueOutcome::KeyCompromised));
                 continue;
             }
             token.used_at_s = Some(now_s);
