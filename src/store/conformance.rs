@@ -624,35 +624,58 @@ fn expired_tokens_and_certificates_are_purged_in_batches(store: Arc<dyn Store>) 
     let mut lasting = certificate("c-purge", "d2");
     lasting.not_after_s = 5000;
     issue_record(store.as_ref(), &lasting);
-    store
-        .revoke(
-            std::slice::from_ref(&revoked.serial),
-            &Revocation {
-                revoked_at_s: 5,
-                reason: RevocationReason::KeyCompromise,
-            },
-            &ev(),
-        )
-        .unwrap()
-        .unwrap();
+    let compromised = issue(store.as_ref(), "c-purge", "d3");
+    for (serial, reason) in [
+        (&revoked.serial, RevocationReason::CessationOfOperation),
+        (&compromised.serial, RevocationReason::KeyCompromise),
+    ] {
+        store
+            .revoke(
+                std::slice::from_ref(serial),
+                &Revocation {
+                    revoked_at_s: 5,
+                    reason,
+                },
+                &ev(),
+            )
+            .unwrap()
+            .unwrap();
+    }
     let mut purged = store.purge_expired_certificates(2000, 1, &ev()).unwrap();
     assert_eq!(purged.len(), 1, "at most the batch size");
     purged.extend(store.purge_expired_certificates(2000, 10, &ev()).unwrap());
     purged.sort();
     let mut expected = vec![revoked.serial.clone(), plain.serial.clone()];
     expected.sort();
-    assert_eq!(purged, expected, "every record with notAfter before 2000");
-    assert!(
-        store.revoked_entries().unwrap().is_empty(),
+    assert_eq!(
+        purged, expected,
+        "every record with notAfter before 2000, except the compromised one"
+    );
+    assert_eq!(
+        store
+            .revoked_entries()
+            .unwrap()
+            .iter()
+            .map(|e| e.serial.clone())
+            .collect::<Vec<_>>(),
+        vec![compromised.serial.clone()],
         "CRL entries go with their records"
     );
     let customer = CustomerId::parse("customer_id", "c-purge").unwrap();
-    assert_eq!(
-        store.serials_by_customer(&customer).unwrap(),
-        vec![lasting.serial.clone()]
-    );
+    let mut kept = vec![lasting.serial.clone(), compromised.serial.clone()];
+    kept.sort();
+    let mut listed = store.serials_by_customer(&customer).unwrap();
+    listed.sort();
+    assert_eq!(listed, kept);
     assert_eq!(store.revocation_state(&revoked.serial).unwrap(), None);
     assert!(store.certificate(&plain.serial).unwrap().is_none());
+    // The compromised key stays refused, however long ago its certificate expired.
+    let key = CertificateSummary::of(&compromised).unwrap().public_key;
+    let holders = store.certificates_with_key(&key).unwrap();
+    assert_eq!(
+        KeyRefusal::of(&holders, &customer, &compromised.device_id, 1_000_000),
+        Some(KeyRefusal::Compromised)
+    );
     assert!(store
         .purge_expired_certificates(2000, 10, &ev())
         .unwrap()

@@ -64,6 +64,15 @@ pub struct CertificateSummary {
 
 const SUMMARY_VERSION: u8 = 1;
 
+impl CertificateSummary {
+    /// Whether the certificate was revoked for keyCompromise. Retention keeps such a
+    /// certificate when it expires: its record is what refuses its key for ever
+    /// ([`KeyRefusal::Compromised`]).
+    pub fn key_compromised(&self) -> bool {
+        self.revocation.map(|r| r.reason) == Some(RevocationReason::KeyCompromise)
+    }
+}
+
 /// Why a device key may not be certified for a holder now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyRefusal {

@@ -800,9 +800,14 @@ impl Store for PgStore {
         let serials = self.transaction(move |tx| {
             Box::pin(async move {
                 let rows = tx.query(&prepared_tx(tx, "DELETE FROM certificates WHERE serial IN (SELECT serial FROM certificates \
-                         WHERE not_after_s < $1 ORDER BY serial LIMIT $2 FOR UPDATE) \
+                         WHERE not_after_s < $1 \
+                         AND NOT (get_byte(summary, 82) = 1 AND get_byte(summary, 91) = $3) \
+                         ORDER BY serial LIMIT $2 FOR UPDATE) \
                          RETURNING serial").await?,
-                        &[&before_s, &count],
+                        // Kept: a certificate revoked for keyCompromise refuses its key for
+                        // ever (`CertificateSummary::key_compromised`; the summary's
+                        // revocation flag and reason, as `count_by_standing` reads them).
+                        &[&before_s, &count, &i32::from(RevocationReason::KeyCompromise.code())],
                     )
                     .await
                     .map_err(db_error)?;

@@ -17,6 +17,7 @@ impl SledStore {
     /// Up to `limit` certificates whose notAfter is before `before_s`, found by a walk of
     /// the summaries (about 130 bytes each, and they hold everything a purge removes).
     /// Takes no write turn: notAfter never changes, so what the walk finds stays expired.
+    /// A certificate revoked for keyCompromise is kept: it is what refuses its key for ever.
     pub(in crate::store) fn expired_candidates(
         &self,
         before_s: i64,
@@ -29,7 +30,7 @@ impl SledStore {
         for entry in self.summaries.iter() {
             let (serial, value) = entry?;
             let summary = CertificateSummary::decode(&serial, &value)?;
-            if summary.not_after_s < before_s {
+            if summary.not_after_s < before_s && !summary.key_compromised() {
                 expired.push(summary);
                 if expired.len() == limit {
                     break;
