@@ -583,8 +583,9 @@ impl Ra {
             .await
     }
 
-    /// `lookup` in the cache; on a miss, the store's summary (read on a blocking thread),
-    /// which fills the cache, taken apart by `from`.
+    /// `lookup` in the cache; on a miss, the store's summary (read by the store's async path
+    /// where it has one, else in place if quick, else on a blocking thread), which fills the
+    /// cache, taken apart by `from`.
     async fn read_through<T>(
         &self,
         serial: &Serial,
@@ -595,7 +596,11 @@ impl Ra {
             cache::Lookup::Hit(found) => return Ok(Some(found)),
             cache::Lookup::Miss(ticket) => ticket,
         };
-        let summary = if self.store.summary_reads_are_quick() {
+        let summary = if let Some(reading) = self.store.certificate_summary_async(serial) {
+            reading.await.map_err(|_| {
+                Error::Unavailable("the database's reader stopped (shutting down)".into())
+            })??
+        } else if self.store.summary_reads_are_quick() {
             self.store.certificate_summary(serial)?
         } else {
             let store = self.store.clone();

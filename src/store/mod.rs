@@ -334,6 +334,9 @@ pub enum StoreChange {
 }
 
 /// Persistent state of the RA and CA.
+/// The answer to [`Store::certificate_summary_async`].
+pub type SummaryReceiver = tokio::sync::oneshot::Receiver<Result<Option<CertificateSummary>>>;
+
 pub trait Store: Send + Sync {
     /// Stores a new enrollment token under its hash. Durable on return.
     fn put_token(&self, hash: &TokenHash, token: &TokenRecord, audit: &AuditEvent) -> Result<()>;
@@ -578,6 +581,14 @@ pub trait Store: Send + Sync {
     /// The summary of the certificate with `serial`, if payra issued it (a verification cache
     /// miss: the certificate may have been issued by another payra process).
     fn certificate_summary(&self, serial: &Serial) -> Result<Option<CertificateSummary>>;
+
+    /// [`Store::certificate_summary`] for an async caller, where the store reads without
+    /// holding a thread of the caller's: PostgreSQL reads on its own runtime, and reads the
+    /// misses that arrive while others are being read in one statement. `None` where the
+    /// store has no such path: the caller then uses `certificate_summary`.
+    fn certificate_summary_async(&self, _serial: &Serial) -> Option<SummaryReceiver> {
+        None
+    }
 
     /// Whether [`Store::certificate_summary`] answers in microseconds without waiting on a
     /// network (an embedded database whose file the operating system caches), so that an

@@ -121,6 +121,8 @@ impl PgStore {
         let write_turn = Arc::new(tokio::sync::Mutex::new(()));
         let (issue_queue, jobs) = tokio::sync::mpsc::channel(issuance::MAX_WAITING);
         handle.spawn(issuance::committer(pool.clone(), write_turn.clone(), jobs));
+        let (summary_reads, reads) = tokio::sync::mpsc::unbounded_channel();
+        handle.spawn(super::summaries::reader(pool.clone(), reads));
         Ok(PgStore {
             issue_queue,
             pool,
@@ -131,6 +133,7 @@ impl PgStore {
             pg_config,
             tls,
             changes: std::sync::Mutex::new(None),
+            summary_reads,
         })
     }
 

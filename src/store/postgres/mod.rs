@@ -59,6 +59,8 @@ pub struct PgStore {
     issue_queue: tokio::sync::mpsc::Sender<issuance::IssueJob>,
     /// Changes of other processes, until the RA takes the receiver.
     changes: std::sync::Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<super::StoreChange>>>,
+    /// Verification cache misses for [`summaries::reader`].
+    summary_reads: tokio::sync::mpsc::UnboundedSender<summaries::SummaryRead>,
 }
 
 impl Drop for PgStore {
@@ -71,6 +73,7 @@ impl Drop for PgStore {
 
 mod connection;
 mod sql;
+mod summaries;
 
 use sql::*;
 
@@ -139,6 +142,10 @@ impl Store for PgStore {
             "SELECT record FROM certificates WHERE serial = $1",
             serial.as_bytes().to_vec(),
         )
+    }
+
+    fn certificate_summary_async(&self, serial: &Serial) -> Option<super::SummaryReceiver> {
+        Some(summaries::queue(&self.summary_reads, serial))
     }
 
     fn certificate_summary(&self, serial: &Serial) -> Result<Option<CertificateSummary>> {

@@ -1,0 +1,173 @@
+//! Verification cache misses on PostgreSQL ([`Store::certificate_summary_async`]): read on
+//! the store's runtime, so no caller's thread waits on the network, and the misses that
+//! arrive while earlier ones are being read go together in one statement.
+//!
+//! [`Store::certificate_summary_async`]: crate::store::Store::certificate_summary_async
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+
+use super::{db_error, pool_error, prepared};
+use crate::error::{Error, ErrorKind, Result};
+use crate::model::Serial;
+use crate::store::{CertificateSummary, SummaryReceiver};
+
+/// One cache miss waiting to be read.
+pub(super) struct SummaryRead {
+    pub(super) serial: Serial,
+    pub(super) answer: tokio::sync::oneshot::Sender<Result<Option<CertificateSummary>>>,
+}
+
+/// Statements reading misses at the same time. While they are all busy, new misses wait and
+/// go into the next statement together.
+const READERS: usize = 4;
+
+/// The most serials one statement reads.
+const MAX_BATCH: usize = 256;
+
+/// Queues the read of `serial`'s summary for [`reader`].
+pub(super) fn queue(
+    reads: &tokio::sync::mpsc::UnboundedSender<SummaryRead>,
+    serial: &Serial,
+) -> SummaryReceiver {
+    let (answer, receiver) = tokio::sync::oneshot::channel();
+    // A reader that has stopped (the store is shutting down) drops the sender, and the
+    // caller's receiver says so.
+    let _ = reads.send(SummaryRead {
+        serial: serial.clone(),
+        answer,
+    });
+    receiver
+}
+
+/// Reads queued misses until the store is dropped: each batch is what has queued up, at
+/// most [`MAX_BATCH`], read by one statement while at most [`READERS`] run.
+pub(super) async fn reader(
+    pool: Pool,
+    mut reads: tokio::sync::mpsc::UnboundedReceiver<SummaryRead>,
+) {
+    let readers = Arc::new(tokio::sync::Semaphore::new(READERS));
+    loop {
+        let Ok(permit) = readers.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = reads.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match reads.try_recv() {
+                Ok(read) => batch.push(read),
+                Err(_) => break,
+            }
+        }
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let found = read_batch(&pool, &batch).await;
+            for read in batch {
+                let answer = match &found {
+                    Ok(found) => found
+                        .get(read.serial.as_bytes())
+                        .map(|bytes| CertificateSummary::decode(read.serial.as_bytes(), bytes))
+                        .transpose(),
+                    Err(e) => Err(shared(e)),
+                };
+                // A caller that went away (a cancelled RPC) does not need its answer.
+                let _ = read.answer.send(answer);
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// The stored summaries of `batch`'s serials, by serial.
+async fn read_batch(pool: &Pool, batch: &[SummaryRead]) -> Result<HashMap<Vec<u8>, Vec<u8>>> {
+    let serials: Vec<&[u8]> = batch.iter().map(|read| read.serial.as_bytes()).collect();
+    let client = pool.get().await.map_err(pool_error)?;
+    let rows = client
+        .query(
+            &prepared(
+                &client,
+                "SELECT serial, summary FROM certificates WHERE serial = ANY($1)",
+            )
+            .await?,
+            &[&serials],
+        )
+        .await
+        .map_err(db_error)?;
+    Ok(rows
+        .iter()
+        .map(|row| (row.get::<_, Vec<u8>>(0), row.get::<_, Vec<u8>>(1)))
+        .collect())
+}
+
+/// One statement's failure, for each miss it read: unavailable stays unavailable (the
+/// caller may retry elsewhere); anything else is internal.
+fn shared(e: &Error) -> Error {
+    match e.kind() {
+        ErrorKind::Unavailable => Error::Unavailable(e.to_string()),
+        _ => Error::internal(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::bench::population;
+    use crate::store::Store;
+
+    /// Concurrent misses, of stored and unknown serials, answered through the async path
+    /// exactly as the blocking read answers each.
+    #[test]
+    fn concurrent_misses_are_answered_as_the_blocking_read_answers_them() {
+        let Some(store) =
+            super::super::testing::fresh_store("summaries::concurrent_misses_are_answered")
+        else {
+            return;
+        };
+        let now_s = 1_800_000_000;
+        let certificates = population::StandIns::new(now_s).unwrap();
+        let records = population::PublicKeys::from(0)
+            .zip(0..300)
+            .filter_map(|(key, i)| population::record(i, &certificates, &key));
+        assert_eq!(store.danger_bulk_insert_certificates(records).unwrap(), 300);
+        // Stored serials, some asked twice, and serials never issued.
+        let serials: Vec<_> = (0..300)
+            .chain(0..50)
+            .chain(1_000..1_100)
+            .map(population::serial)
+            .collect();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap();
+        let answers = runtime.block_on(async {
+            let reads: Vec<_> = serials
+                .iter()
+                .map(|serial| store.certificate_summary_async(serial).unwrap())
+                .collect();
+            let mut answers = Vec::new();
+            for read in reads {
+                answers.push(read.await.unwrap().unwrap());
+            }
+            answers
+        });
+        for (serial, answer) in serials.iter().zip(&answers) {
+            assert_eq!(
+                *answer,
+                store.certificate_summary(serial).unwrap(),
+                "{serial}"
+            );
+        }
+        assert_eq!(answers.iter().filter(|a| a.is_some()).count(), 350);
+        // A store that is gone answers no more: the caller hears so instead of waiting.
+        let late = store.certificate_summary_async(&serials[0]).unwrap();
+        drop(store);
+        let after = runtime.block_on(late);
+        assert!(
+            matches!(after, Err(_) | Ok(Ok(Some(_)))),
+            "answered before the store went, or told it went: {after:?}"
+        );
+    }
+}
