@@ -1902,6 +1902,13 @@ fn new_sled_databases_compress_and_an_older_uncompressed_one_stays_so() {
     let store = SledStore::open(old.path()).unwrap();
     assert_eq!(store.certificate(&cert.serial).unwrap(), Some(cert));
     assert_eq!(compression(old.path()).as_deref(), Some("false"));
+    drop(store);
+
+    // A database whose conf file is gone is refused, not opened with a guess.
+    std::fs::remove_file(old.path().join("conf")).unwrap();
+    let refused = SledStore::open(old.path()).err().unwrap().to_string();
+    assert!(refused.contains("conf file"), "{refused}");
+    assert!(!old.path().join("conf").exists(), "nothing written");
 }
 
 #[test]

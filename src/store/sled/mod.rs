@@ -144,6 +144,15 @@ fn sled_config(dir: &Path) -> Result<sled::Config> {
         Ok(conf) => !conf
             .split(|b| *b == b'\n')
             .any(|line| line == b"use_compression: false"),
+        // Without its conf file sled would take a database for new and read it with the
+        // wrong setting; refused rather than guessed.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.join("db").exists() => {
+            return Err(Error::internal(format!(
+                "{} holds a sled database but not its conf file, which says whether its pages \
+                 are compressed; restore the data directory from a backup",
+                dir.display()
+            )))
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
         Err(e) => {
             return Err(Error::internal(format!(
