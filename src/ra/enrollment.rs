@@ -174,7 +174,18 @@ impl Ra {
         request: EnrollRequest,
     ) -> Result<Issued> {
         let Some(upstream) = self.policy.upstream.clone() else {
-            let prepared = self.prepare_enrollment(actor, request)?;
+            let prepared = if self.store.summary_reads_are_quick() {
+                self.prepare_enrollment(actor, request)?
+            } else {
+                // The token and the key's certificates are read over the network
+                // (PostgreSQL): on a blocking thread, not an executor's.
+                let (ra, actor, span) = (self.clone(), actor.clone(), tracing::Span::current());
+                tokio::task::spawn_blocking(move || {
+                    span.in_scope(|| ra.prepare_enrollment(&actor, request))
+                })
+                .await
+                .map_err(|e| Error::internal(format!("preparing an enrollment: {e}")))??
+            };
             return self.commit_enrollment(prepared).await;
         };
         // RA mode: the wait for the upstream's answer holds no thread, and runs as a task of
@@ -690,6 +701,8 @@ mod tests {
             outcome.serials,
             vec![first.serial.clone(), second.serial.clone()]
         );
+        let note = outcome.note.unwrap_or_default();
+        assert!(note.contains(&second.serial.to_hex()), "{note}");
         for serial in [&first.serial, &second.serial] {
             assert_eq!(
                 facts(&ra, serial).await.revocation.map(|r| r.reason),

@@ -158,6 +158,7 @@ impl Ra {
         if outcome.serials.is_empty() {
             notes.push("nothing changed".into());
         }
+        notes.extend(outcome.note.take());
         outcome.note = Some(notes.join("; "));
         Ok(Some(outcome))
     }
@@ -264,14 +265,43 @@ impl Ra {
             tracing::info!(serial = %serial, reason = reason.cli_name(), "certificate revoked");
         }
         let mut serials = serials;
+        let mut note = None;
         if reason == RevocationReason::KeyCompromise {
-            serials.extend(self.revoke_late_certificates_of_keys(actor, &serials, revocation)?);
+            let (late, failed) = self.revoke_late_certificates_of_keys(actor, &serials, revocation);
+            let mut notes = Vec::new();
+            if !late.is_empty() {
+                notes.push(format!(
+                    "certificates {} of the same key, stored while it was being revoked, were \
+                     revoked for keyCompromise too",
+                    late.iter()
+                        .map(Serial::to_hex)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+            serials.extend(late);
+            // The revocation asked for stands; the caller hears what could not be checked.
+            if let Some(e) = failed {
+                tracing::error!(error = %e, "the second look after a keyCompromise revocation failed");
+                let why = match e.kind() {
+                    crate::error::ErrorKind::Internal => "an internal error; see the log".into(),
+                    _ => e.to_string(),
+                };
+                notes.push(format!(
+                    "the revocation stands, but looking for certificates of the same key stored \
+                     meanwhile failed ({why}); revoke the device's certificates for \
+                     keyCompromise to be sure"
+                ));
+            }
+            if !notes.is_empty() {
+                note = Some(notes.join("; "));
+            }
         }
         Ok(RevokeOutcome {
             serials,
             revoked_at_s,
             dry_run,
-            note: None,
+            note,
         })
     }
 
@@ -286,7 +316,30 @@ impl Ra {
         actor: &Actor,
         revoked: &[Serial],
         revocation: Revocation,
-    ) -> Result<Vec<Serial>> {
+    ) -> (Vec<Serial>, Option<Error>) {
+        let mut done = Vec::new();
+        let failed = self
+            .revoke_late_into(actor, revoked, revocation, &mut done)
+            .err();
+        if !done.is_empty() {
+            self.metrics
+                .certificates_revoked
+                .with_label_values(&[revocation.reason.cli_name()])
+                .inc_by(done.len() as u64);
+            self.revocations_stored();
+        }
+        (done, failed)
+    }
+
+    /// [`Ra::revoke_late_certificates_of_keys`]'s work: what it revoked goes into `done` as
+    /// it goes, so an error part way keeps them.
+    fn revoke_late_into(
+        &self,
+        actor: &Actor,
+        revoked: &[Serial],
+        revocation: Revocation,
+        done: &mut Vec<Serial>,
+    ) -> Result<()> {
         let mut keys = Vec::new();
         for serial in revoked {
             if let Some(summary) = self.store.certificate_summary(serial)? {
@@ -308,7 +361,6 @@ impl Ra {
                 }
             }
         }
-        let mut done = Vec::with_capacity(late.len());
         // One at a time: one that somebody else revoked or purged meanwhile is no reason to
         // leave the others live.
         for serial in late {
@@ -340,14 +392,7 @@ impl Ra {
                 ),
             }
         }
-        if !done.is_empty() {
-            self.metrics
-                .certificates_revoked
-                .with_label_values(&[revocation.reason.cli_name()])
-                .inc_by(done.len() as u64);
-            self.revocations_stored();
-        }
-        Ok(done)
+        Ok(())
     }
 
     /// Releases a certificate from certificateHold: it is good again everywhere.

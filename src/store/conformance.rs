@@ -1863,6 +1863,24 @@ fn sled_purge_skips_what_another_run_purged_after_its_walk() {
     // Nothing left: no deletion and no audit entry.
     assert!(store.purge_candidates(found, &ev()).unwrap().is_empty());
     assert_eq!(store.audit_entries(0, 1_000).unwrap().len(), entries + 1);
+
+    // Revoked for keyCompromise after the walk found it: kept, since it refuses its key.
+    let third = issue(&store, "c-walk", "d2");
+    let found = store.expired_candidates(2_000, 10).unwrap();
+    assert_eq!(found.len(), 1);
+    store
+        .revoke(
+            std::slice::from_ref(&third.serial),
+            &Revocation {
+                revoked_at_s: 5,
+                reason: RevocationReason::KeyCompromise,
+            },
+            &ev(),
+        )
+        .unwrap()
+        .unwrap();
+    assert!(store.purge_candidates(found, &ev()).unwrap().is_empty());
+    assert!(store.certificate(&third.serial).unwrap().is_some());
 }
 
 #[test]
@@ -1904,11 +1922,22 @@ fn new_sled_databases_compress_and_an_older_uncompressed_one_stays_so() {
     assert_eq!(compression(old.path()).as_deref(), Some("false"));
     drop(store);
 
-    // A database whose conf file is gone is refused, not opened with a guess.
-    std::fs::remove_file(old.path().join("conf")).unwrap();
-    let refused = SledStore::open(old.path()).err().unwrap().to_string();
-    assert!(refused.contains("conf file"), "{refused}");
-    assert!(!old.path().join("conf").exists(), "nothing written");
+    // A database whose conf file is empty, cut short or gone is refused, not opened with a
+    // guess.
+    let conf = std::fs::read(old.path().join("conf")).unwrap();
+    for damaged in [Some(Vec::new()), Some(conf[..20].to_vec()), None] {
+        match &damaged {
+            Some(bytes) => std::fs::write(old.path().join("conf"), bytes).unwrap(),
+            None => std::fs::remove_file(old.path().join("conf")).unwrap(),
+        }
+        let refused = SledStore::open(old.path()).err().unwrap().to_string();
+        assert!(refused.contains("conf file"), "{refused}");
+        assert_eq!(
+            std::fs::read(old.path().join("conf")).ok(),
+            damaged,
+            "left as it was"
+        );
+    }
 }
 
 #[test]

@@ -590,9 +590,10 @@ pub trait Store: Send + Sync {
         None
     }
 
-    /// Whether [`Store::certificate_summary`] answers in microseconds without waiting on a
-    /// network (an embedded database whose file the operating system caches), so that an
-    /// async caller may call it on its own thread rather than hand it to a blocking one.
+    /// Whether [`Store::certificate_summary`] (and the store's other point reads: a token, a
+    /// key's certificates) answers in microseconds without waiting on a network (an embedded
+    /// database whose file the operating system caches), so that an async caller may call
+    /// it on its own thread rather than hand it to a blocking one.
     fn summary_reads_are_quick(&self) -> bool {
         false
     }

@@ -77,8 +77,14 @@ impl SledStore {
                 )| {
                     let mut purged = Vec::with_capacity(candidates.len());
                     for record in &candidates {
-                        // Gone since the walk: another run purged it first.
-                        if summaries.get(record.serial.as_bytes())?.is_none() {
+                        // Gone since the walk (another run purged it first), or revoked for
+                        // keyCompromise since (kept: it refuses its key for ever).
+                        let Some(now) = summaries.get(record.serial.as_bytes())? else {
+                            continue;
+                        };
+                        let now = CertificateSummary::decode(record.serial.as_bytes(), &now)
+                            .map_err(abort)?;
+                        if now.key_compromised() {
                             continue;
                         }
                         purged.push(record.serial.clone());

@@ -321,8 +321,6 @@ impl SledStore {
         }
     }
 
-    /// Decides every job of `batch` in order, journals and applies the writes of those that
-    /// succeed, and returns each job's outcome (a job-level error as its message).
     /// Whether a certificate of `public_key` was revoked for keyCompromise. An enrollment
     /// batch asks under the write turn, which every revocation takes too: a key reported
     /// compromised before the batch is refused, and a certificate the batch stores is one a
@@ -336,6 +334,8 @@ impl SledStore {
             }))
     }
 
+    /// Decides every job of `batch` in order, journals and applies the writes of those that
+    /// succeed, and returns each job's outcome (a job-level error as its message).
     pub(super) fn issue_batch(
         &self,
         batch: &[std::sync::Arc<IssueJob>],

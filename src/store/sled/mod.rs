@@ -140,18 +140,32 @@ const SLED_COMPRESSION_LEVEL: i32 = 3;
 /// bytes go on sled"). sled cannot change this for an existing database, so one created
 /// without it keeps it off; sled records the choice in its `conf` file, read here.
 fn sled_config(dir: &Path) -> Result<sled::Config> {
+    let unreadable = || {
+        Error::internal(format!(
+            "{} holds a sled database but not a readable conf file, which says whether its \
+             pages are compressed; restore the data directory from a backup",
+            dir.display()
+        ))
+    };
     let compressed = match std::fs::read(dir.join("conf")) {
-        Ok(conf) => !conf
-            .split(|b| *b == b'\n')
-            .any(|line| line == b"use_compression: false"),
+        Ok(conf) => {
+            let says = |value: &[u8]| conf.split(|b| *b == b'\n').any(|line| line == value);
+            match (
+                says(b"use_compression: true"),
+                says(b"use_compression: false"),
+            ) {
+                (true, false) => true,
+                (false, true) => false,
+                // Empty or cut short (sled writes it in place): a guess could read every
+                // page wrongly. sled takes an empty one for absent, so it is refused too.
+                _ if dir.join("db").exists() => return Err(unreadable()),
+                _ => true,
+            }
+        }
         // Without its conf file sled would take a database for new and read it with the
         // wrong setting; refused rather than guessed.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir.join("db").exists() => {
-            return Err(Error::internal(format!(
-                "{} holds a sled database but not its conf file, which says whether its pages \
-                 are compressed; restore the data directory from a backup",
-                dir.display()
-            )))
+            return Err(unreadable())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
         Err(e) => {
