@@ -137,6 +137,11 @@ pub struct StoreConfig {
     /// Decision writers per process (each a chain of its own in the database): while one
     /// batch of verifications waits for its commit, the next is written.
     pub decision_writers: usize,
+    /// sled: create a new database with its pages compressed (zstd). 1.6 KB of disk per
+    /// certificate instead of 3.7, for CPU on writes and cache misses and a recovery after
+    /// a crash that reads and decompresses sled's log (seconds to a minute instead of under
+    /// one). An existing database keeps what it was created with.
+    pub sled_compression: bool,
 }
 
 impl Default for StoreConfig {
@@ -150,6 +155,7 @@ impl Default for StoreConfig {
             ca_file: None,
             connect_timeout_s: 5,
             decision_writers: 2,
+            sled_compression: false,
         }
     }
 }

@@ -120,7 +120,12 @@ async fn run(cli: Cli) -> CliResult {
         Command::Backup { out, connection } => backup(&out, &connection).await,
         #[cfg(feature = "bench")]
         Command::Bench(args) => bench::bench(args).await,
-        Command::Restore { file, data, force } => restore(&file, &data, force),
+        Command::Restore {
+            file,
+            data,
+            force,
+            compress,
+        } => restore(&file, &data, force, compress),
         Command::IssueClient {
             role,
             name,

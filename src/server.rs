@@ -137,7 +137,10 @@ fn ca_key_passphrase(config: &Config) -> Result<Option<String>> {
 /// schema checked: an unmigrated database is refused with the command to run).
 fn open_store(config: &Config) -> Result<Arc<dyn Store>> {
     Ok(match config.store.backend {
-        crate::config::Backend::Sled => Arc::new(SledStore::open(&config.data_dir)?),
+        crate::config::Backend::Sled => Arc::new(SledStore::open_with(
+            &config.data_dir,
+            config.store.sled_compression,
+        )?),
         crate::config::Backend::Postgres => {
             let store = PgStore::connect(&config.store)?;
             tracing::info!("storage: PostgreSQL");

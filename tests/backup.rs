@@ -65,9 +65,22 @@ async fn backup_restore_round_trip_and_guard() {
         "{stderr}"
     );
 
-    // Into an empty directory: the state equals the snapshot.
-    let (ok, _, stderr) = payra(&["restore", path_str(&file), "--data", path_str(&fresh)]);
+    // Into an empty directory, compressed (how an existing database is compressed): the
+    // state equals the snapshot, and the server reads it with compression off in its
+    // configuration.
+    let (ok, _, stderr) = payra(&[
+        "restore",
+        path_str(&file),
+        "--data",
+        path_str(&fresh),
+        "--compress",
+    ]);
     assert!(ok, "{stderr}");
+    let conf = std::fs::read(fresh.join("conf")).unwrap();
+    assert!(
+        String::from_utf8_lossy(&conf).contains("use_compression: true"),
+        "restored compressed"
+    );
     // A restore holds no signed heads (they cover the source's later state).
     let (ok, stdout, stderr) = payra(&[
         "audit",

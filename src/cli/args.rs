@@ -106,6 +106,10 @@ pub(crate) enum Command {
         /// Restore even though revocations in the current data would be lost.
         #[arg(long)]
         force: bool,
+        /// Write the restored database with its pages compressed (store.sled_compression):
+        /// how an existing database is compressed, or uncompressed again.
+        #[arg(long)]
+        compress: bool,
     },
     /// Retention: purge expired nonces, tokens and old certificate records (as an operator).
     Retention {
@@ -388,6 +392,9 @@ pub(crate) enum BenchCommand {
         store_url: Option<String>,
         #[arg(long)]
         records: u64,
+        /// sled: create the database with its pages compressed (store.sled_compression).
+        #[arg(long, conflicts_with = "store_url")]
+        compress: bool,
     },
     /// Where a stopped server's sled database spends its bytes: each tree's entries, key
     /// and value bytes, and the database's size on disk.

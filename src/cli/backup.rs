@@ -49,7 +49,7 @@ pub(crate) async fn backup(out: &Path, connection: &Connection) -> CliResult {
     Ok(())
 }
 
-pub(crate) fn restore(file: &Path, data: &Path, force: bool) -> CliResult {
+pub(crate) fn restore(file: &Path, data: &Path, force: bool, compress: bool) -> CliResult {
     use payra::store::backup::{import_backup, plan_restore};
     let plan = plan_restore(file, data).map_err(|e| e.to_string())?;
     let lost: Vec<String> = plan
@@ -89,7 +89,7 @@ pub(crate) fn restore(file: &Path, data: &Path, force: bool) -> CliResult {
             );
         }
     }
-    import_backup(file, data).map_err(|e| e.to_string())?;
+    import_backup(file, data, compress).map_err(|e| e.to_string())?;
     println!(
         "restored {} entries in {} trees into {} (backup sha256 {})",
         plan.summary.entries,

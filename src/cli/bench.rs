@@ -7,7 +7,12 @@ use payra::clock::SystemClock;
 use super::args::*;
 use crate::CliResult;
 
-pub(crate) fn populate(data: Option<&Path>, store_url: Option<String>, records: u64) -> CliResult {
+pub(crate) fn populate(
+    data: Option<&Path>,
+    store_url: Option<String>,
+    records: u64,
+    compress: bool,
+) -> CliResult {
     use payra::bench::population;
     let now = payra::clock::Clock::now_s(&SystemClock);
     let started = std::time::Instant::now();
@@ -25,7 +30,7 @@ pub(crate) fn populate(data: Option<&Path>, store_url: Option<String>, records: 
             payra::store::PgStore::connect(&config)
                 .and_then(|store| store.danger_bulk_insert_certificates(population))
         }
-        (Some(data), None) => payra::store::SledStore::open(data)
+        (Some(data), None) => payra::store::SledStore::open_with(data, compress)
             .and_then(|store| store.danger_bulk_insert_certificates(population)),
         (None, None) => return Err("name --data or --store-url".into()),
     }
@@ -95,9 +100,10 @@ pub(crate) async fn bench(args: BenchArgs) -> CliResult {
                     data,
                     store_url,
                     records,
+                    compress,
                 }),
             ..
-        } => populate(data.as_deref(), store_url, records),
+        } => populate(data.as_deref(), store_url, records, compress),
         BenchArgs {
             command: Some(BenchCommand::Sizes { data }),
             ..

@@ -1884,7 +1884,7 @@ fn sled_purge_skips_what_another_run_purged_after_its_walk() {
 }
 
 #[test]
-fn new_sled_databases_compress_and_an_older_uncompressed_one_stays_so() {
+fn sled_databases_are_compressed_when_created_so_and_keep_what_they_were_made_with() {
     let compression = |dir: &std::path::Path| {
         // Lines of text, then sled's CRC.
         let conf = std::fs::read(dir.join("conf")).unwrap();
@@ -1893,31 +1893,29 @@ fn new_sled_databases_compress_and_an_older_uncompressed_one_stays_so() {
             .find_map(|line| line.strip_prefix("use_compression: "))
             .map(str::to_string)
     };
-    let new = tempfile::tempdir().unwrap();
     let cert = certificate("c-zstd", "d");
+    // Created compressed (store.sled_compression); opened later with the setting off, it
+    // stays compressed.
+    let compressed = tempfile::tempdir().unwrap();
     {
-        let store = SledStore::open(new.path()).unwrap();
+        let store = SledStore::open_with(compressed.path(), true).unwrap();
         issue_record(&store, &cert);
     }
-    assert_eq!(compression(new.path()).as_deref(), Some("true"));
-    let store = SledStore::open(new.path()).unwrap();
+    assert_eq!(compression(compressed.path()).as_deref(), Some("true"));
+    let store = SledStore::open(compressed.path()).unwrap();
     assert_eq!(store.certificate(&cert.serial).unwrap(), Some(cert.clone()));
     drop(store);
+    assert_eq!(compression(compressed.path()).as_deref(), Some("true"));
 
-    // As payra made databases before: sled's defaults, pages stored as they are. sled
-    // refuses to open one with compression on, so payra keeps it off.
+    // Created plain (the default, and what payra made before), then opened with the setting
+    // on: it stays plain, since sled refuses to change it.
     let old = tempfile::tempdir().unwrap();
-    ::sled::Config::new()
-        .path(old.path())
-        .open()
-        .unwrap()
-        .flush()
-        .unwrap();
     {
         let store = SledStore::open(old.path()).unwrap();
         issue_record(&store, &cert);
     }
-    let store = SledStore::open(old.path()).unwrap();
+    assert_eq!(compression(old.path()).as_deref(), Some("false"));
+    let store = SledStore::open_with(old.path(), true).unwrap();
     assert_eq!(store.certificate(&cert.serial).unwrap(), Some(cert));
     assert_eq!(compression(old.path()).as_deref(), Some("false"));
     drop(store);
@@ -1930,7 +1928,10 @@ fn new_sled_databases_compress_and_an_older_uncompressed_one_stays_so() {
             Some(bytes) => std::fs::write(old.path().join("conf"), bytes).unwrap(),
             None => std::fs::remove_file(old.path().join("conf")).unwrap(),
         }
-        let refused = SledStore::open(old.path()).err().unwrap().to_string();
+        let refused = SledStore::open_with(old.path(), true)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(refused.contains("conf file"), "{refused}");
         assert_eq!(
             std::fs::read(old.path().join("conf")).ok(),

@@ -314,7 +314,9 @@ pub fn plan_restore(path: &Path, dir: &Path) -> Result<RestorePlan> {
     })
 }
 
-pub fn import_backup(path: &Path, dir: &Path) -> Result<BackupSummary> {
+/// Writes the backup at `path` into a new database in `dir` (its pages compressed if
+/// `compress`) and a new decision log beside it.
+pub fn import_backup(path: &Path, dir: &Path, compress: bool) -> Result<BackupSummary> {
     if dir.join("db").exists() || dir.join(super::ISSUANCE_JOURNAL_FILE).exists() {
         return Err(Error::AlreadyExists(format!(
             "{} already holds a database",
@@ -325,7 +327,7 @@ pub fn import_backup(path: &Path, dir: &Path) -> Result<BackupSummary> {
     std::fs::create_dir_all(dir)?;
     // Refuses a directory that already holds a decision log, before anything is created.
     let mut log = super::decision_log::LogImporter::new(&dir.join("decisions"))?;
-    let db = super::sled_config(dir)?
+    let db = super::sled_config(dir, compress)?
         .open()
         .map_err(|e| Error::internal(format!("opening {}: {e}", dir.display())))?;
     let mut tree: Option<sled::Tree> = None;

@@ -115,10 +115,17 @@ impl SledStore {
         Ok(purged)
     }
 
-    /// Opens (or creates) the database in `dir`.
+    /// Opens (or creates, uncompressed) the database in `dir`.
     pub fn open(dir: &Path) -> Result<SledStore> {
+        Self::open_with(dir, false)
+    }
+
+    /// Opens the database in `dir`, or creates it with its pages compressed if
+    /// `compress_if_new` (`store.sled_compression`). An existing database keeps what it was
+    /// created with.
+    pub fn open_with(dir: &Path, compress_if_new: bool) -> Result<SledStore> {
         std::fs::create_dir_all(dir)?;
-        let config = sled_config(dir)?;
+        let config = sled_config(dir, compress_if_new)?;
         // sled's I/O threads can hold the database's file lock for a moment after the last
         // handle in this process is gone (a reopen in the same process, as a restore or a test
         // does), so a held lock is tried again for up to LOCK_WAIT. Another process holding it
