@@ -255,9 +255,10 @@ fn upstream_certificates_are_marked_on_the_crl_index_and_their_revocations_track
         .renew(&upstream.serial, &renewed, 40, &ev())
         .unwrap()
         .unwrap();
+    // Not keyCompromise: retention keeps those, and a purge is expected below.
     let revocation = Revocation {
         revoked_at_s: 41,
-        reason: RevocationReason::KeyCompromise,
+        reason: RevocationReason::AffiliationChanged,
     };
     store
         .revoke(
@@ -1765,7 +1766,7 @@ fn sled_store_survives_reopen() {
     );
     let revocation = Revocation {
         revoked_at_s: 5,
-        reason: RevocationReason::KeyCompromise,
+        reason: RevocationReason::AffiliationChanged,
     };
     store
         .revoke(std::slice::from_ref(&cert.serial), &revocation, &ev())
