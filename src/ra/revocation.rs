@@ -241,21 +241,8 @@ impl Ra {
             revoked_at_s,
             reason,
         };
-        let revoked = self.store.revoke(
-            &serials,
-            &revocation,
-            &AuditEvent::new(
-                self.clock.now_ms(),
-                actor,
-                "certificate.revoked",
-                "",
-                reason.cli_name(),
-            ),
-        );
-        // Whatever the answer: a change that committed but failed its sync, or one made
-        // before ("already revoked"), is visible to readers, and must not stay cached.
-        self.cache.invalidate(&serials);
-        revoked?.map_err(Error::Revoke)?;
+        self.store_revocation(actor, &serials, revocation)?
+            .map_err(Error::Revoke)?;
         self.metrics
             .certificates_revoked
             .with_label_values(&[reason.cli_name()])
@@ -303,6 +290,31 @@ impl Ra {
             dry_run,
             note,
         })
+    }
+
+    /// Stores `revocation` of `serials` (audited as `actor`'s) and drops them from the
+    /// certificate cache whatever the answer: a change that committed but failed its sync,
+    /// or one made before ("already revoked"), is visible to readers, and must not stay
+    /// cached.
+    fn store_revocation(
+        &self,
+        actor: &Actor,
+        serials: &[Serial],
+        revocation: Revocation,
+    ) -> Result<std::result::Result<(), crate::store::RevokeRejection>> {
+        let stored = self.store.revoke(
+            serials,
+            &revocation,
+            &AuditEvent::new(
+                self.clock.now_ms(),
+                actor,
+                "certificate.revoked",
+                "",
+                revocation.reason.cli_name(),
+            ),
+        );
+        self.cache.invalidate(serials);
+        stored
     }
 
     /// The second look after a keyCompromise revocation: revokes, for the same reason, the
@@ -364,19 +376,7 @@ impl Ra {
         // One at a time: one that somebody else revoked or purged meanwhile is no reason to
         // leave the others live.
         for serial in late {
-            let stored = self.store.revoke(
-                std::slice::from_ref(&serial),
-                &revocation,
-                &AuditEvent::new(
-                    self.clock.now_ms(),
-                    actor,
-                    "certificate.revoked",
-                    "",
-                    revocation.reason.cli_name(),
-                ),
-            );
-            self.cache.invalidate(std::slice::from_ref(&serial));
-            match stored? {
+            match self.store_revocation(actor, std::slice::from_ref(&serial), revocation)? {
                 Ok(()) => {
                     tracing::warn!(
                         serial = %serial,

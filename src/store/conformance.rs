@@ -442,6 +442,21 @@ fn issue(store: &dyn Store, customer: &str, device: &str) -> CertificateRecord {
 }
 
 /// Issues `cert` through a new token.
+/// Revokes `serial` for `reason` at `revoked_at_s`, which must succeed.
+fn revoke_one(store: &dyn Store, serial: &Serial, reason: RevocationReason, revoked_at_s: i64) {
+    store
+        .revoke(
+            std::slice::from_ref(serial),
+            &Revocation {
+                revoked_at_s,
+                reason,
+            },
+            &ev(),
+        )
+        .unwrap()
+        .unwrap();
+}
+
 fn issue_record(store: &dyn Store, cert: &CertificateRecord) {
     let hash = TokenHash::of(&format!("t-{}", hex::encode(rand::random::<[u8; 8]>())));
     let customer = cert.customer_id.as_str();
@@ -630,17 +645,7 @@ fn expired_tokens_and_certificates_are_purged_in_batches(store: Arc<dyn Store>) 
         (&revoked.serial, RevocationReason::CessationOfOperation),
         (&compromised.serial, RevocationReason::KeyCompromise),
     ] {
-        store
-            .revoke(
-                std::slice::from_ref(serial),
-                &Revocation {
-                    revoked_at_s: 5,
-                    reason,
-                },
-                &ev(),
-            )
-            .unwrap()
-            .unwrap();
+        revoke_one(store.as_ref(), serial, reason, 5);
     }
     let mut purged = store.purge_expired_certificates(2000, 1, &ev()).unwrap();
     assert_eq!(purged.len(), 1, "at most the batch size");
@@ -943,17 +948,12 @@ fn audit_chain_links_every_change(store: Arc<dyn Store>) {
 /// check and the enrollment's commit, so the store checks again as it commits.
 fn an_enrollment_of_a_key_reported_compromised_is_refused_as_it_commits(store: Arc<dyn Store>) {
     let first = issue(store.as_ref(), "c-key", "d");
-    store
-        .revoke(
-            std::slice::from_ref(&first.serial),
-            &Revocation {
-                revoked_at_s: 5,
-                reason: RevocationReason::KeyCompromise,
-            },
-            &ev(),
-        )
-        .unwrap()
-        .unwrap();
+    revoke_one(
+        store.as_ref(),
+        &first.serial,
+        RevocationReason::KeyCompromise,
+        5,
+    );
     let hash = TokenHash::of("t-after-compromise");
     store.put_token(&hash, &token("c-key", 100), &ev()).unwrap();
     let mut again = certificate("c-key", "d");
@@ -1869,17 +1869,7 @@ fn sled_purge_skips_what_another_run_purged_after_its_walk() {
     let third = issue(&store, "c-walk", "d2");
     let found = store.expired_candidates(2_000, 10).unwrap();
     assert_eq!(found.len(), 1);
-    store
-        .revoke(
-            std::slice::from_ref(&third.serial),
-            &Revocation {
-                revoked_at_s: 5,
-                reason: RevocationReason::KeyCompromise,
-            },
-            &ev(),
-        )
-        .unwrap()
-        .unwrap();
+    revoke_one(&store, &third.serial, RevocationReason::KeyCompromise, 5);
     assert!(store.purge_candidates(found, &ev()).unwrap().is_empty());
     assert!(store.certificate(&third.serial).unwrap().is_some());
 }
