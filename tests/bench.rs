@@ -37,6 +37,7 @@ fn settings(server: &TestServer, scenario: Scenario, client: ClientKind) -> Benc
         key_algorithm: payra::model::KeyAlgorithm::P256,
         population: None,
         skew: 0.0,
+        batch: 1,
     }
 }
 
@@ -270,4 +271,46 @@ async fn the_lean_client_reports_the_servers_status_codes() {
         matches!(refused.code, Some(7) | Some(16)),
         "PERMISSION_DENIED or UNAUTHENTICATED, got {refused}"
     );
+}
+
+/// `--batch` sends VerifyPayments: every payment of every call VERIFIED, counted one by one,
+/// and the server's latency read from VerifyPayments' own histogram; a batch above 100 or
+/// outside the verify scenario is refused before anything runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_verify_scenario_sends_batches() {
+    let server = TestServer::start().await;
+    for client in [ClientKind::Lean, ClientKind::Tonic] {
+        let mut batched = settings(&server, Scenario::Verify, client);
+        batched.batch = 8;
+        let report = run(batched.clone())
+            .await
+            .unwrap_or_else(|e| panic!("{client:?}: {e}"));
+        assert_eq!(report.batch, 8);
+        assert!(report.requests >= 8, "{client:?}: {report:?}");
+        assert_eq!(report.errors, 0, "{client:?}: {report:?}");
+        let server_side = report
+            .server_latency_at_most
+            .expect("VerifyPayments latency");
+        // The server counts calls, the generator payments: about eight per call.
+        assert!(
+            server_side.requests * 4 <= report.requests
+                && report.requests <= (server_side.requests + 64) * 8,
+            "{client:?}: {} calls for {} payments",
+            server_side.requests,
+            report.requests
+        );
+    }
+    for (scenario, batch) in [
+        (Scenario::Verify, 101),
+        (Scenario::Verify, 0),
+        (Scenario::Status, 2),
+    ] {
+        let mut refused = settings(&server, scenario, ClientKind::Lean);
+        refused.batch = batch;
+        let err = run(refused).await.unwrap_err();
+        assert!(
+            err.to_string().starts_with("batch:"),
+            "{scenario:?} {batch}: {err}"
+        );
+    }
 }

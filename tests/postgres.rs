@@ -581,3 +581,80 @@ async fn fail_the_primary_fails_over_to_a_synchronous_standby_and_nothing_acknow
     );
     server.stop().await;
 }
+
+/// VerifyPayments on PostgreSQL: the payments of one batch reach the decision writer together
+/// and may share one transaction. A nonce sent four times verifies once; reservations of the
+/// batch stop at the tier's ceiling; every decision is chained, and a restart keeps the claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_a_batch_on_postgres_claims_each_nonce_once_and_never_overshoots() {
+    let Some((store, mut server)) = server_on_fresh_database(
+        "postgres::ok_a_batch_on_postgres_claims_each_nonce_once_and_never_overshoots",
+    )
+    .await
+    else {
+        return;
+    };
+    let (key, issued) = server.enroll("c-batch", "phone").await;
+    let intent_of = |order: &str, amount_fen| {
+        payment_intent("c-batch", "phone", order, amount_fen, server.clock.now_ms())
+    };
+    let twice = signed_payment(
+        &key,
+        &issued.serial,
+        &intent_of("o-twice", 100),
+        vec![],
+        true,
+    );
+    // Tier C (the certificate alone): 100,000 fen a day; 100 fen, then twelve of 20,000.
+    let mut batch = vec![twice.clone(); 4];
+    for n in 0..12 {
+        batch.push(signed_payment(
+            &key,
+            &issued.serial,
+            &intent_of(&format!("o-{n}"), 20_000),
+            vec![],
+            true,
+        ));
+    }
+    let results = server
+        .service()
+        .await
+        .verify_payments(batch)
+        .await
+        .expect("VerifyPayments answers");
+    let decisions: Vec<_> = results
+        .iter()
+        .map(|r| match &r.result {
+            Some(proto::verify_payment_result::Result::Decision(d)) => d.clone(),
+            other => panic!("expected a decision, got {other:?}"),
+        })
+        .collect();
+    let verified = |d: &&proto::VerifyPaymentResponse| d.verdict == proto::Verdict::Verified as i32;
+    assert_eq!(
+        decisions[..4].iter().filter(verified).count(),
+        1,
+        "{decisions:?}"
+    );
+    assert!(decisions[..4]
+        .iter()
+        .all(|d| verified(&d) || d.verdict == proto::Verdict::ReplayedNonce as i32));
+    assert!(decisions[4..].iter().all(|d| verified(&d)), "{decisions:?}");
+    let reserved = decisions
+        .iter()
+        .filter(|d| d.limit.as_ref().is_some_and(|l| l.reserved))
+        .count();
+    // The 100 fen fit with four of the 20,000 (80,100); a fifth would pass 100,000.
+    assert_eq!(reserved, 1 + 4, "{decisions:?}");
+
+    server.restart().await;
+    let again = server
+        .service()
+        .await
+        .verify_payment(twice)
+        .await
+        .expect("VerifyPayment answers");
+    assert_eq!(again.verdict, proto::Verdict::ReplayedNonce as i32);
+    let reader = PgStore::connect(&store).unwrap();
+    assert_eq!(reader.verify_decision_chains().unwrap(), Ok(17));
+    server.stop().await;
+}

@@ -870,3 +870,224 @@ async fn fail_a_compromised_key_is_revoked_everywhere_and_never_certified_again(
         assert!(err.message().contains("reported compromised"), "{err:?}");
     }
 }
+
+/// The decision of one payment of a VerifyPayments answer, or its error.
+fn decided(result: &proto::VerifyPaymentResult) -> &proto::VerifyPaymentResponse {
+    match &result.result {
+        Some(proto::verify_payment_result::Result::Decision(d)) => d,
+        other => panic!("expected a decision, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_a_batch_decides_each_payment_as_verify_payment_would() {
+    let server = TestServer::start().await;
+    let p = phone(&server, "kim", "k-1").await;
+    let other = phone(&server, "lou", "l-1").await;
+    let client = server.service().await;
+
+    let paid = intent(&server, &p, "o-paid", 1234);
+    let mut bad_signature = request(&p, &intent(&server, &p, "o-badsig", 100), vec![pin()], true);
+    bad_signature.signature = other.key.sign_intent(&bad_signature.intent);
+    let mut unknown = request(&p, &intent(&server, &p, "o-unknown", 100), vec![], false);
+    unknown.certificate_serial = "4ccccccccccccccccccccccccccccccc".into();
+    let mut malformed = request(&p, &intent(&server, &p, "o-malformed", 100), vec![], false);
+    malformed.transaction = None;
+    let mut stale = intent(&server, &p, "o-stale", 100);
+    stale.created_at_ms -= 121_000;
+    let batch = vec![
+        request(&p, &paid, vec![pin()], true),
+        bad_signature,
+        unknown,
+        malformed.clone(),
+        request(&p, &stale, vec![], false),
+        request(
+            &other,
+            &intent(&server, &other, "o-other", 500),
+            vec![sms()],
+            true,
+        ),
+    ];
+    let results = client.verify_payments(batch).await.unwrap();
+    assert_eq!(results.len(), 6, "one result per payment, in order");
+
+    let a = decided(&results[0]);
+    assert_eq!(verdict(a), Verdict::Verified, "{}", a.reason);
+    assert_eq!(a.tier, proto::Tier::A as i32);
+    assert!(a.limit.as_ref().unwrap().reserved);
+    assert_eq!(verdict(decided(&results[1])), Verdict::BadSignature);
+    assert_eq!(verdict(decided(&results[2])), Verdict::UnknownCertificate);
+    // A request VerifyPayment refuses with a gRPC error: the same code and message, for this
+    // payment alone.
+    let single = client.verify_payment(malformed).await.unwrap_err();
+    match &results[3].result {
+        Some(proto::verify_payment_result::Result::Error(e)) => {
+            assert_eq!(e.code, Code::InvalidArgument as i32);
+            assert_eq!(e.message, single.message());
+            assert!(e.message.starts_with("transaction"), "{}", e.message);
+        }
+        other => panic!("expected the payment's error, got {other:?}"),
+    }
+    assert_eq!(verdict(decided(&results[4])), Verdict::StaleTimestamp);
+    let c = decided(&results[5]);
+    assert_eq!(verdict(c), Verdict::Verified);
+    assert_eq!(c.tier, proto::Tier::C as i32);
+    assert_eq!(c.limit.as_ref().unwrap().used_fen, 500);
+
+    // Each decision is its own evidence, refusals included, and the ledger counted the two
+    // reservations.
+    let operator = server.operator().await;
+    let decisions: Vec<_> = [0, 1, 2, 4, 5].map(|i| decided(&results[i]).clone()).into();
+    let mut ids: Vec<_> = decisions.iter().map(|d| d.evidence_id.clone()).collect();
+    for (d, expected) in decisions.iter().zip([
+        "VERIFIED",
+        "BAD_SIGNATURE",
+        "UNKNOWN_CERTIFICATE",
+        "STALE_TIMESTAMP",
+        "VERIFIED",
+    ]) {
+        assert_eq!(
+            operator.evidence(&d.evidence_id).await.unwrap().verdict,
+            expected
+        );
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 5, "five distinct evidence records");
+    assert_eq!(
+        operator.evidence(&a.evidence_id).await.unwrap().intent,
+        encode_intent(&paid)
+    );
+
+    // The batch claimed the paid intent's nonce: sent again, alone or in a batch, it is a
+    // replay.
+    assert_eq!(
+        verdict(&verify(&server, request(&p, &paid, vec![pin()], true)).await),
+        Verdict::ReplayedNonce
+    );
+    let again = client
+        .verify_payments(vec![request(&p, &paid, vec![pin()], true)])
+        .await
+        .unwrap();
+    assert_eq!(verdict(decided(&again[0])), Verdict::ReplayedNonce);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_a_nonce_twice_in_one_batch_verifies_once() {
+    let server = TestServer::start().await;
+    let p = phone(&server, "max", "m-1").await;
+    let i = intent(&server, &p, "o-twice", 100);
+    let results = server
+        .service()
+        .await
+        .verify_payments(vec![request(&p, &i, vec![], true); 4])
+        .await
+        .unwrap();
+    let mut verdicts: Vec<_> = results.iter().map(|r| verdict(decided(r))).collect();
+    verdicts.sort_by_key(|v| *v as i32);
+    assert_eq!(
+        verdicts,
+        [
+            Verdict::Verified,
+            Verdict::ReplayedNonce,
+            Verdict::ReplayedNonce,
+            Verdict::ReplayedNonce
+        ]
+    );
+    let reserved: i64 = results
+        .iter()
+        .map(|r| decided(r).limit.as_ref().unwrap())
+        .filter(|l| l.reserved)
+        .count() as i64;
+    assert_eq!(reserved, 1, "only the verified payment reserved");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_reservations_in_one_batch_never_overshoot() {
+    let server = TestServer::start().await;
+    let p = phone(&server, "ned", "n-1").await;
+    // Tier C (certificate only): limit 100,000 fen; each payment is 20,000.
+    let batch: Vec<_> = (0..12)
+        .map(|n| {
+            request(
+                &p,
+                &intent(&server, &p, &format!("o-{n}"), 20_000),
+                vec![],
+                true,
+            )
+        })
+        .collect();
+    let results = server.service().await.verify_payments(batch).await.unwrap();
+    let limits: Vec<_> = results
+        .iter()
+        .map(|r| {
+            let d = decided(r);
+            assert_eq!(verdict(d), Verdict::Verified, "{}", d.reason);
+            d.limit.clone().unwrap()
+        })
+        .collect();
+    assert_eq!(limits.iter().filter(|l| l.reserved).count(), 5);
+    assert!(limits.iter().all(|l| l.reserved || !l.fits));
+    let q = server
+        .service()
+        .await
+        .qualify_transaction(proto::QualifyTransactionRequest {
+            reserve: false,
+            ..qualify_request("ned", "q", 1, vec![], proto::Scene::InApp)
+        })
+        .await
+        .unwrap();
+    assert_eq!(q.limit.unwrap().used_fen, 5 * 20_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_an_empty_oversized_or_too_large_batch_is_refused_whole() {
+    let server = TestServer::start().await;
+    let p = phone(&server, "ola", "o-1").await;
+    let client = server.service().await;
+
+    let err = client.verify_payments(vec![]).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(
+        err.message(),
+        "payments: must hold 1 to 100 payments; this batch holds 0"
+    );
+
+    let batch: Vec<_> = (0..101)
+        .map(|n| {
+            request(
+                &p,
+                &intent(&server, &p, &format!("o-{n}"), 100),
+                vec![],
+                true,
+            )
+        })
+        .collect();
+    let err = client.verify_payments(batch.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(
+        err.message().ends_with("this batch holds 101"),
+        "{}",
+        err.message()
+    );
+
+    // Over the server's message limit (64 KiB): refused before it is decoded.
+    let mut big = request(&p, &intent(&server, &p, "o-big", 100), vec![], false);
+    big.intent = vec![7; 4000];
+    let err = client.verify_payments(vec![big; 20]).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+
+    // Nothing of the refused batches was recorded: no nonce claimed, nothing reserved.
+    let first = verify(&server, batch[0].clone()).await;
+    assert_eq!(verdict(&first), Verdict::Verified, "{}", first.reason);
+    assert_eq!(first.limit.unwrap().used_fen, 100);
+    // The server keeps serving batches.
+    let results = client
+        .verify_payments(batch[1..100].to_vec())
+        .await
+        .unwrap();
+    assert_eq!(results.len(), 99);
+    assert!(results
+        .iter()
+        .all(|r| verdict(decided(r)) == Verdict::Verified));
+}

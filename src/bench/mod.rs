@@ -87,6 +87,9 @@ pub struct BenchSettings {
     /// With `population`: 0 picks devices uniformly, otherwise by a Zipf law of this
     /// exponent.
     pub skew: f64,
+    /// Verify scenario: payments per call. 1 sends VerifyPayment; 2 to 100 send
+    /// VerifyPayments with this many payments each.
+    pub batch: usize,
 }
 
 /// Latency in microseconds at the usual percentiles.
@@ -106,10 +109,15 @@ pub struct BenchReport {
     pub key_algorithm: &'static str,
     pub client: ClientKind,
     pub concurrency: usize,
+    /// Payments per call (verify scenario; 1 for every other).
+    pub batch: usize,
     pub seconds: f64,
+    /// Requests answered in the measured window; with `batch` > 1, payments (each call
+    /// counts its `batch` payments), so throughput and CPU per request are per payment.
     pub requests: u64,
     pub errors: u64,
     pub throughput_per_s: f64,
+    /// Per call: with `batch` > 1, of a whole VerifyPayments call.
     pub latency: Latency,
     /// Raw single-core verifications per second, measured in this run: ECDSA P-256 (ring), or
     /// SM2 with SM3 (the sm2 crate, through the function VerifyPayment calls).
@@ -256,6 +264,8 @@ enum Work {
         /// Intents signed before the run, as devices sign them before the payment service
         /// forwards them: the load generator spends no CPU on signing while it measures.
         requests: Vec<proto::VerifyPaymentRequest>,
+        /// Payments per call: 1 sends VerifyPayment, more send VerifyPayments.
+        batch: usize,
     },
     Enroll {
         client: Caller,
@@ -314,6 +324,19 @@ impl Caller {
                     .await
             }
             Caller::Tonic(c) => tonic_answer(c.verification().verify_payment(request).await),
+        }
+    }
+
+    async fn verify_payments(
+        &self,
+        request: proto::VerifyPaymentsRequest,
+    ) -> std::result::Result<proto::VerifyPaymentsResponse, CallError> {
+        match self {
+            Caller::Lean(c) => {
+                c.unary("/payra.v1.Verification/VerifyPayments", &request)
+                    .await
+            }
+            Caller::Tonic(c) => tonic_answer(c.verification().verify_payments(request).await),
         }
     }
 
@@ -385,12 +408,17 @@ struct Counters {
 impl Counters {
     /// Takes one request from the budget; false when the run must end.
     fn take(&self) -> bool {
+        self.take_many(1)
+    }
+
+    /// Takes `n` requests (a batch's payments) from the budget; false when the run must end.
+    fn take_many(&self, n: u64) -> bool {
         if self.stop.load(Ordering::Relaxed) {
             return false;
         }
         self.budget
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |left| {
-                left.checked_sub(1)
+                left.checked_sub(n)
             })
             .is_ok()
     }
@@ -406,25 +434,33 @@ struct Pace {
 
 async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> Vec<u32> {
     let mut latencies = Vec::new();
-    let mut record = |started: Instant, ok: bool, counters: &Counters| {
+    // One latency per call; `answered` requests (a batch's payments) of which `failed` failed.
+    let mut record_many = |started: Instant, answered: u64, failed: u64, counters: &Counters| {
         if counters.started.load(Ordering::Relaxed) {
             latencies.push(u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX));
-            counters.requests.fetch_add(1, Ordering::Relaxed);
-            if !ok {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-            }
+            counters.requests.fetch_add(answered, Ordering::Relaxed);
+            counters.errors.fetch_add(failed, Ordering::Relaxed);
         }
     };
+    let mut record = |started: Instant, ok: bool, counters: &Counters| {
+        record_many(started, 1, u64::from(!ok), counters)
+    };
     match work {
-        Work::Verify { client, requests } => {
+        Work::Verify {
+            client,
+            requests,
+            batch,
+        } => {
             let began = Instant::now() + pace.map_or(Duration::ZERO, |p| p.phase);
-            for (n, request) in requests.into_iter().enumerate() {
-                if !counters.take() {
+            let mut requests = requests.into_iter();
+            for n in 0.. {
+                let mut payments: Vec<_> = requests.by_ref().take(batch).collect();
+                if payments.is_empty() || !counters.take_many(payments.len() as u64) {
                     break;
                 }
                 let started = match pace {
                     Some(Pace { every, .. }) => {
-                        let scheduled = began + every * n as u32;
+                        let scheduled = began + every * n;
                         if Instant::now() < scheduled {
                             tokio::time::sleep_until(scheduled.into()).await;
                             Instant::now()
@@ -434,9 +470,34 @@ async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> 
                     }
                     None => Instant::now(),
                 };
-                let answer = client.verify_payment(request).await;
-                let ok = matches!(&answer, Ok(a) if a.verdict == proto::Verdict::Verified as i32);
-                record(started, ok, &counters);
+                let verified =
+                    |a: &proto::VerifyPaymentResponse| a.verdict == proto::Verdict::Verified as i32;
+                let sent = payments.len() as u64;
+                let failed = if batch == 1 {
+                    let Some(payment) = payments.pop() else {
+                        break;
+                    };
+                    let answer = client.verify_payment(payment).await;
+                    u64::from(!matches!(&answer, Ok(a) if verified(a)))
+                } else {
+                    let answer = client
+                        .verify_payments(proto::VerifyPaymentsRequest { payments })
+                        .await;
+                    let ok = answer.map_or(0, |a| {
+                        a.results
+                            .iter()
+                            .filter(|r| {
+                                matches!(
+                                    &r.result,
+                                    Some(proto::verify_payment_result::Result::Decision(d))
+                                        if verified(d)
+                                )
+                            })
+                            .count() as u64
+                    });
+                    sent - ok.min(sent)
+                };
+                record_many(started, sent, failed, &counters);
             }
         }
         Work::Enroll {
@@ -528,6 +589,17 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
     if settings.concurrency == 0 || settings.concurrency > 1024 {
         return Err(Error::invalid("concurrency", "must be 1 to 1024"));
     }
+    if !(1..=crate::ra::MAX_BATCH_PAYMENTS).contains(&settings.batch)
+        || (settings.batch > 1 && settings.scenario != Scenario::Verify)
+    {
+        return Err(Error::invalid(
+            "batch",
+            format!(
+                "must be 1 to {} payments per call, and above 1 only for the verify scenario",
+                crate::ra::MAX_BATCH_PAYMENTS
+            ),
+        ));
+    }
     if let Some(rate) = settings.rate {
         if settings.scenario != Scenario::Verify {
             return Err(Error::invalid(
@@ -562,9 +634,10 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
         errors: AtomicU64::new(0),
         budget: AtomicU64::new(settings.max_requests),
     });
-    let every = settings
-        .rate
-        .map(|rate| Duration::from_secs_f64(settings.concurrency as f64 / rate));
+    // Each worker's calls carry `batch` requests, so it calls `batch` times less often.
+    let every = settings.rate.map(|rate| {
+        Duration::from_secs_f64(settings.concurrency as f64 * settings.batch as f64 / rate)
+    });
     let handles: Vec<_> = work
         .into_iter()
         .enumerate()
@@ -578,7 +651,7 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
         .collect();
     tokio::time::sleep(settings.warmup).await;
     let server_http = require_loopback("HTTP address", &settings.http).ok();
-    let method = rpc_method(settings.scenario);
+    let method = rpc_method(settings.scenario, settings.batch);
     let server_before = match server_http {
         Some(http) => server_reading(http, method).await,
         None => None,
@@ -645,6 +718,7 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
         key_algorithm: settings.key_algorithm.name(),
         client: settings.client,
         concurrency: settings.concurrency,
+        batch: settings.batch,
         seconds,
         requests,
         errors: counters.errors.load(Ordering::Relaxed),

@@ -280,7 +280,10 @@ pub(super) async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
             // Enough signed intents for the whole run at the expected pace (or the request
             // budget, if smaller); a worker that runs out stops, which the report shows.
             let seconds = (settings.duration + settings.warmup).as_secs_f64();
-            let pace = settings.rate.unwrap_or(MAX_CLOSED_LOOP_VERIFY_RATE);
+            // Batches share the transport's cost, so they may go faster.
+            let closed_loop =
+                MAX_CLOSED_LOOP_VERIFY_RATE * if settings.batch > 1 { 1.5 } else { 1.0 };
+            let pace = settings.rate.unwrap_or(closed_loop);
             let total = ((pace * seconds * 1.1) as u64)
                 .min(settings.max_requests)
                 .min(MAX_PRESIGNED);
@@ -325,6 +328,7 @@ pub(super) async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
                 work.push(Work::Verify {
                     client: clients[i % clients.len()].clone(),
                     requests,
+                    batch: settings.batch,
                 });
             }
         }

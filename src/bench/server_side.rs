@@ -204,8 +204,9 @@ pub(super) fn parse_labels(text: &str) -> Option<(Vec<(String, String)>, &str)> 
 }
 
 /// The RPC whose server-side latency a scenario reports.
-pub(super) fn rpc_method(scenario: Scenario) -> Option<&'static str> {
+pub(super) fn rpc_method(scenario: Scenario, batch: usize) -> Option<&'static str> {
     match scenario {
+        Scenario::Verify if batch > 1 => Some("VerifyPayments"),
         Scenario::Verify => Some("VerifyPayment"),
         Scenario::Enroll => Some("Enroll"),
         Scenario::Token => Some("CreateEnrollmentToken"),

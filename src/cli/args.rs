@@ -651,6 +651,10 @@ pub(crate) struct BenchArgs {
     /// of a Zipf law (1.0: the classic skew, a few devices pay most).
     #[arg(long, default_value_t = 0.0)]
     pub(crate) skew: f64,
+    /// Verify scenario: payments per call. 1 sends VerifyPayment; 2 to 100 send
+    /// VerifyPayments, and throughput and CPU are then per payment, latency per call.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) batch: usize,
     /// The server's HTTP listener: the ocsp scenario's target, and where the server's CPU
     /// per request and its own latency for the scenario's RPC are read (`/metrics`).
     #[arg(long, default_value = "http://127.0.0.1:8080")]

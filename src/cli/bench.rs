@@ -127,6 +127,7 @@ pub(crate) async fn bench(args: BenchArgs) -> CliResult {
             key_algorithm,
             population,
             skew,
+            batch,
             http,
             json,
             connection,
@@ -161,6 +162,7 @@ pub(crate) async fn bench(args: BenchArgs) -> CliResult {
                 },
                 population,
                 skew,
+                batch,
             })
             .await
             .map_err(|e| e.to_string())?;
@@ -170,6 +172,13 @@ pub(crate) async fn bench(args: BenchArgs) -> CliResult {
                     serde_json::to_string(&report).map_err(|e| e.to_string())?
                 );
             } else {
+                if report.batch > 1 {
+                    println!(
+                        "batches      {} payments per VerifyPayments call: requests, throughput \
+                         and CPU are per payment, latency per call",
+                        report.batch
+                    );
+                }
                 println!(
                     "scenario {:?}, concurrency {}, {:.1} s: {} requests, {} errors",
                     report.scenario,

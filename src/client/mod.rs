@@ -331,6 +331,20 @@ impl Client {
             .into_inner())
     }
 
+    /// `Verification.VerifyPayments` (as the payment service): 1 to 100 payments, each
+    /// decided as `verify_payment` decides it; one result per payment, in order.
+    pub async fn verify_payments(
+        &self,
+        payments: Vec<proto::VerifyPaymentRequest>,
+    ) -> CallResult<Vec<proto::VerifyPaymentResult>> {
+        Ok(self
+            .verification()
+            .verify_payments(proto::VerifyPaymentsRequest { payments })
+            .await?
+            .into_inner()
+            .results)
+    }
+
     /// `Verification.QualifyTransaction` (as the payment service).
     pub async fn qualify_transaction(
         &self,

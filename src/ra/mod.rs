@@ -32,7 +32,7 @@ pub use revocation::{CertificatePage, CertificateQuery, RevokeOutcome, MAX_PAGE_
 pub use status::{CertificateStatus, StatusView};
 pub use verification::{
     Decision, LimitStatus, PaymentIntent, QualifyRequest, Transaction, Verdict, VerifyRequest,
-    MAX_INTENT_BYTES,
+    MAX_BATCH_PAYMENTS, MAX_INTENT_BYTES,
 };
 
 use crate::sync::Unpoisoned;

@@ -18,6 +18,9 @@ pub use super::decision::{
     VerifyRequest, MAX_INTENT_BYTES, NONCE_LEN,
 };
 
+/// The most payments one VerifyPayments call carries.
+pub const MAX_BATCH_PAYMENTS: usize = 100;
+
 /// How far the checks got.
 struct Checked {
     verdict: Verdict,
@@ -224,6 +227,50 @@ impl Ra {
             checked.nonce,
         )
         .await
+    }
+
+    /// VerifyPayments: each payment decided as [`Ra::verify_payment`] decides it, independently
+    /// of the others; the results in the payments' order. A payment whose request did not
+    /// convert keeps its error, and the others are decided all the same.
+    ///
+    /// Each payment is a task of its own, so a batch spreads over the runtime's threads and
+    /// other calls are served between its payments; their decisions reach the decision log
+    /// together and share its syncs. A caller that goes away does not stop the payments
+    /// already started: like a VerifyPayment whose caller left, they are decided and recorded.
+    pub async fn verify_payments(
+        self: &std::sync::Arc<Self>,
+        actor: &Actor,
+        payments: Vec<Result<VerifyRequest>>,
+    ) -> Result<Vec<Result<Decision>>> {
+        if payments.is_empty() || payments.len() > MAX_BATCH_PAYMENTS {
+            return Err(Error::invalid(
+                "payments",
+                format!(
+                    "must hold 1 to {MAX_BATCH_PAYMENTS} payments; this batch holds {}",
+                    payments.len()
+                ),
+            ));
+        }
+        let span = tracing::Span::current();
+        let tasks: Vec<_> = payments
+            .into_iter()
+            .map(|payment| {
+                let (ra, actor) = (self.clone(), actor.clone());
+                tokio::spawn(tracing::Instrument::instrument(
+                    async move { ra.verify_payment(&actor, payment?).await },
+                    span.clone(),
+                ))
+            })
+            .collect();
+        let mut results = Vec::with_capacity(tasks.len());
+        for task in tasks {
+            results.push(task.await.unwrap_or_else(|failed| {
+                Err(Error::internal(format!(
+                    "verifying a payment of the batch failed: {failed}"
+                )))
+            }));
+        }
+        Ok(results)
     }
 
     /// QualifyTransaction: the tier and limit from the service's factors alone (B, C or D).

@@ -59,6 +59,7 @@ pub enum Rpc {
     Renew,
     CreateEnrollmentToken,
     VerifyPayment,
+    VerifyPayments,
     QualifyTransaction,
     GetCertificateStatus,
     ReleaseReservation,
@@ -86,6 +87,7 @@ impl Rpc {
             ("payra.v1.Enrollment", "Renew") => Rpc::Renew,
             ("payra.v1.Registration", "CreateEnrollmentToken") => Rpc::CreateEnrollmentToken,
             ("payra.v1.Verification", "VerifyPayment") => Rpc::VerifyPayment,
+            ("payra.v1.Verification", "VerifyPayments") => Rpc::VerifyPayments,
             ("payra.v1.Verification", "QualifyTransaction") => Rpc::QualifyTransaction,
             ("payra.v1.Verification", "GetCertificateStatus") => Rpc::GetCertificateStatus,
             ("payra.v1.Verification", "ReleaseReservation") => Rpc::ReleaseReservation,
@@ -107,11 +109,12 @@ impl Rpc {
     }
 
     /// All RPCs, for tests that walk the whole matrix.
-    pub const ALL: [Rpc; 20] = [
+    pub const ALL: [Rpc; 21] = [
         Rpc::Enroll,
         Rpc::Renew,
         Rpc::CreateEnrollmentToken,
         Rpc::VerifyPayment,
+        Rpc::VerifyPayments,
         Rpc::QualifyTransaction,
         Rpc::GetCertificateStatus,
         Rpc::ReleaseReservation,
@@ -140,7 +143,10 @@ impl Rpc {
             // proves its certificate by a RenewalProof.
             Rpc::Renew => &[Anonymous, Device],
             Rpc::CreateEnrollmentToken => &[Service, Operator],
-            Rpc::VerifyPayment | Rpc::QualifyTransaction | Rpc::ReleaseReservation => &[Service],
+            Rpc::VerifyPayment
+            | Rpc::VerifyPayments
+            | Rpc::QualifyTransaction
+            | Rpc::ReleaseReservation => &[Service],
             Rpc::GetCertificateStatus | Rpc::GetLimits => &[Service, Operator],
             Rpc::RevokeCertificate
             | Rpc::RevokeDevice

@@ -141,6 +141,30 @@ impl proto::enrollment_server::Enrollment for EnrollmentService {
     }
 }
 
+/// VerifyPayment's answer for one decision (also one result of VerifyPayments).
+fn verify_payment_response(decision: Decision) -> proto::VerifyPaymentResponse {
+    let verdict = verdict_to_proto(decision.verdict);
+    let reason = decision.reason.clone();
+    let certificate_factor = match decision.certificate_factor {
+        None => proto::CertificateFactor::Unspecified,
+        Some(CertificateFactor::NotCounted) => proto::CertificateFactor::NotCounted,
+        Some(CertificateFactor::Possession) => proto::CertificateFactor::Possession,
+        Some(CertificateFactor::Certificate) => proto::CertificateFactor::Certificate,
+    } as i32;
+    let certificate_factor_reason = decision.certificate_factor_note.clone().unwrap_or_default();
+    let (tier, categories, limit, evidence_id) = decision_to_proto(decision);
+    proto::VerifyPaymentResponse {
+        verdict,
+        reason,
+        tier,
+        categories,
+        limit,
+        evidence_id,
+        certificate_factor,
+        certificate_factor_reason,
+    }
+}
+
 /// `payra.v1.Verification`.
 pub struct VerificationService {
     pub ra: Arc<Ra>,
@@ -161,27 +185,45 @@ impl proto::verification_server::Verification for VerificationService {
             .verify_payment(&actor, request)
             .await
             .map_err(Status::from)?;
-        let verdict = verdict_to_proto(decision.verdict);
-        let reason = decision.reason.clone();
-        let certificate_factor = match decision.certificate_factor {
-            None => proto::CertificateFactor::Unspecified,
-            Some(CertificateFactor::NotCounted) => proto::CertificateFactor::NotCounted,
-            Some(CertificateFactor::Possession) => proto::CertificateFactor::Possession,
-            Some(CertificateFactor::Certificate) => proto::CertificateFactor::Certificate,
-        } as i32;
-        let certificate_factor_reason =
-            decision.certificate_factor_note.clone().unwrap_or_default();
-        let (tier, categories, limit, evidence_id) = decision_to_proto(decision);
-        Ok(Response::new(proto::VerifyPaymentResponse {
-            verdict,
-            reason,
-            tier,
-            categories,
-            limit,
-            evidence_id,
-            certificate_factor,
-            certificate_factor_reason,
-        }))
+        Ok(Response::new(verify_payment_response(decision)))
+    }
+
+    async fn verify_payments(
+        &self,
+        request: Request<proto::VerifyPaymentsRequest>,
+    ) -> Result<Response<proto::VerifyPaymentsResponse>, Status> {
+        let actor = actor(&request);
+        let payments = request
+            .into_inner()
+            .payments
+            .into_iter()
+            .map(VerifyRequest::try_from)
+            .collect();
+        let decided = self
+            .ra
+            .verify_payments(&actor, payments)
+            .await
+            .map_err(Status::from)?;
+        let results = decided
+            .into_iter()
+            .map(|decided| proto::VerifyPaymentResult {
+                result: Some(match decided {
+                    Ok(decision) => proto::verify_payment_result::Result::Decision(
+                        verify_payment_response(decision),
+                    ),
+                    Err(error) => {
+                        // The status VerifyPayment would have answered with (internal
+                        // details logged, not sent).
+                        let status = Status::from(error);
+                        proto::verify_payment_result::Result::Error(proto::PaymentError {
+                            code: status.code() as i32,
+                            message: status.message().to_string(),
+                        })
+                    }
+                }),
+            })
+            .collect();
+        Ok(Response::new(proto::VerifyPaymentsResponse { results }))
     }
 
     async fn qualify_transaction(
