@@ -114,7 +114,12 @@ impl CertificateRecord {
     /// Reads a stored record in either form: compact, or JSON as version 1 wrote it.
     pub fn from_stored(bytes: &[u8]) -> Result<CertificateRecord> {
         match bytes.first() {
-            Some(&COMPACT_TAG) => Self::from_compact(&bytes[1..]),
+            // A stored field that does not parse is damage in the store, not a bad request:
+            // never INVALID_ARGUMENT, which would blame the caller.
+            Some(&COMPACT_TAG) => Self::from_compact(&bytes[1..]).map_err(|e| match e.kind() {
+                crate::error::ErrorKind::Internal => e,
+                _ => bad(&e.to_string()),
+            }),
             _ => serde_json::from_slice(bytes)
                 .map_err(|e| Error::internal(format!("decoding a certificate record: {e}"))),
         }
@@ -373,6 +378,18 @@ mod tests {
         let mut unknown_flag = compact.clone();
         *unknown_flag.last_mut().unwrap() = 64;
         assert!(CertificateRecord::from_stored(&unknown_flag).is_err());
+        // A field that reads but does not parse (a space in the customer id, "cust-1" after
+        // the tag and the 17 octets of the serial) is damage too, never the caller's error.
+        let mut bad_customer = compact.clone();
+        assert_eq!(&bad_customer[18..25], b"\x06cust-1");
+        bad_customer[19] = b' ';
+        let refused = CertificateRecord::from_stored(&bad_customer).unwrap_err();
+        assert_eq!(
+            refused.kind(),
+            crate::error::ErrorKind::Internal,
+            "{refused}"
+        );
+        assert!(refused.to_string().contains("customer_id"), "{refused}");
         let not_base64 = CertificateRecord {
             certificate_b64: "AA!C".into(),
             ..record()

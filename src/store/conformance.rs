@@ -2048,3 +2048,50 @@ fn a_record_the_compact_form_cannot_hold_is_stored_as_json_and_still_revocable()
         }
     );
 }
+
+/// PostgreSQL reads the summary's octets in SQL (the count, retention's keyCompromise
+/// filter). A summary of a layout this build does not know is refused by the count, not read
+/// at the wrong offsets, and retention leaves its certificate alone.
+#[test]
+fn postgres_summaries_of_another_version_are_neither_counted_nor_purged() {
+    let name = "conformance::postgres_summaries_of_another_version";
+    let Some(config) = crate::store::postgres::testing::fresh_database(name) else {
+        return;
+    };
+    crate::store::PgStore::migrate(&config).unwrap();
+    let store = crate::store::PgStore::connect(&config).unwrap();
+    let known = issue(&store, "c-v1", "d-v1");
+    let unknown = issue(&store, "c-v2", "d-v2");
+    let sql = format!(
+        "UPDATE certificates SET summary = set_byte(summary, 0, 2) WHERE serial = '\\x{}'",
+        hex::encode(unknown.serial.as_bytes())
+    );
+    let output = std::process::Command::new("psql")
+        .args([
+            config.url.as_deref().unwrap(),
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-qc",
+            &sql,
+        ])
+        .env(
+            "PGPASSWORD",
+            std::env::var(crate::store::postgres::testing::PASSWORD_VARIABLE).unwrap_or_default(),
+        )
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+
+    let go_on = std::sync::atomic::AtomicBool::new(false);
+    let refused = store.count_by_standing(500, &go_on).unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("certificate summary of version 2"),
+        "{refused}"
+    );
+    // Both expired long ago; only the one whose summary this build reads is purged.
+    let purged = store.purge_expired_certificates(2_000, 100, &ev()).unwrap();
+    assert_eq!(purged, vec![known.serial.clone()]);
+    assert!(store.certificate(&unknown.serial).unwrap().is_some());
+}

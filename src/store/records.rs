@@ -62,7 +62,8 @@ pub struct CertificateSummary {
     pub key_algorithm: KeyAlgorithm,
 }
 
-const SUMMARY_VERSION: u8 = 1;
+/// The summary layout this build writes and reads (its first octet).
+pub(crate) const SUMMARY_VERSION: u8 = 1;
 
 impl CertificateSummary {
     /// Whether the certificate was revoked for keyCompromise. Retention keeps such a

@@ -170,8 +170,10 @@ impl Store for PgStore {
     }
 
     /// Counted in the database, grouped there: no summary crosses the network. The summary's
-    /// binary form (`CertificateSummary`) holds notBefore at octets 66..74 and the revocation
-    /// flag and reason code at 82 and 91. One statement: `stop` is looked at after it.
+    /// binary form (`CertificateSummary`) holds its version at octet 0, notBefore at octets
+    /// 66..74 and the revocation flag and reason code at 82 and 91; a summary of another
+    /// version is refused rather than read at those offsets. One statement: `stop` is looked
+    /// at after it.
     fn count_by_standing(
         &self,
         now_s: i64,
@@ -187,8 +189,8 @@ impl Store for PgStore {
                                  THEN get_byte(summary, 91) END, \
                              $1 < ('x' || encode(substring(summary FROM 67 FOR 8), 'hex')) \
                                  ::bit(64)::bigint, \
-                             $1 >= not_after_s, count(*) \
-                             FROM certificates GROUP BY 1, 2, 3",
+                             $1 >= not_after_s, count(*), get_byte(summary, 0) \
+                             FROM certificates GROUP BY 1, 2, 3, 5",
                         )
                         .await?,
                         &[&now_s],
@@ -197,6 +199,14 @@ impl Store for PgStore {
                     .map_err(db_error)?;
                 rows.iter()
                     .map(|row| {
+                        let version: i32 = row.get(4);
+                        if version != i32::from(crate::store::records::SUMMARY_VERSION) {
+                            return Err(Error::internal(format!(
+                                "certificate summary of version {version}: this build reads \
+                                 version {} only and cannot count it",
+                                crate::store::records::SUMMARY_VERSION
+                            )));
+                        }
                         let code: Option<i32> = row.get(0);
                         let revocation = code
                             .map(|code| {
@@ -807,14 +817,20 @@ impl Store for PgStore {
         let serials = self.transaction(move |tx| {
             Box::pin(async move {
                 let rows = tx.query(&prepared_tx(tx, "DELETE FROM certificates WHERE serial IN (SELECT serial FROM certificates \
-                         WHERE not_after_s < $1 \
+                         WHERE not_after_s < $1 AND get_byte(summary, 0) = $4 \
                          AND NOT (get_byte(summary, 82) = 1 AND get_byte(summary, 91) = $3) \
                          ORDER BY serial LIMIT $2 FOR UPDATE) \
                          RETURNING serial").await?,
                         // Kept: a certificate revoked for keyCompromise refuses its key for
                         // ever (`CertificateSummary::key_compromised`; the summary's
                         // revocation flag and reason, as `count_by_standing` reads them).
-                        &[&before_s, &count, &i32::from(RevocationReason::KeyCompromise.code())],
+                        // Only summaries of the layout those offsets are of.
+                        &[
+                            &before_s,
+                            &count,
+                            &i32::from(RevocationReason::KeyCompromise.code()),
+                            &i32::from(crate::store::records::SUMMARY_VERSION),
+                        ],
                     )
                     .await
                     .map_err(db_error)?;
