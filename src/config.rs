@@ -456,6 +456,12 @@ pub struct LimitConfig {
     pub http_idle_timeout_s: u32,
     /// Longest an HTTP connection stays open, busy or not.
     pub http_max_connection_age_s: u32,
+    /// Most RPCs in progress on one gRPC connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS);
+    /// a client's further calls wait on its side.
+    pub max_streams_per_connection: u32,
+    /// Most payments of VerifyPayments batches being decided at once in this process; a
+    /// batch waits (within its deadline) until its payments fit. At least 100, one batch.
+    pub max_batched_payments: usize,
 }
 
 impl Default for Config {
@@ -523,6 +529,8 @@ impl Default for LimitConfig {
             http_max_connections_per_address: 64,
             http_idle_timeout_s: 15,
             http_max_connection_age_s: 300,
+            max_streams_per_connection: 1024,
+            max_batched_payments: 2048,
         }
     }
 }
@@ -545,10 +553,23 @@ impl LimitConfig {
                 "limits.http_max_connections_per_address",
                 self.http_max_connections_per_address,
             ),
+            (
+                "limits.max_streams_per_connection",
+                self.max_streams_per_connection as usize,
+            ),
         ] {
             if value == 0 {
                 return Err(Error::invalid(field, "must be at least 1"));
             }
+        }
+        if self.max_batched_payments < crate::ra::MAX_BATCH_PAYMENTS {
+            return Err(Error::invalid(
+                "limits.max_batched_payments",
+                format!(
+                    "must be at least {} (one full VerifyPayments batch)",
+                    crate::ra::MAX_BATCH_PAYMENTS
+                ),
+            ));
         }
         for (field, value) in [
             ("limits.request_timeout_s", self.request_timeout_s),
@@ -972,5 +993,22 @@ mod tests {
     fn fail_default_ttl_above_max() {
         let err = Config::from_toml("[tokens]\ndefault_ttl_s = 100\nmax_ttl_s = 50\n").unwrap_err();
         assert!(err.to_string().contains("tokens.default_ttl_s"), "{err}");
+    }
+
+    #[test]
+    fn fail_batch_and_stream_limits_below_one_batch_or_zero() {
+        let err = Config::from_toml("[limits]\nmax_batched_payments = 99\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("limits.max_batched_payments: must be at least 100"),
+            "{err}"
+        );
+        assert!(Config::from_toml("[limits]\nmax_batched_payments = 100\n").is_ok());
+        let err = Config::from_toml("[limits]\nmax_streams_per_connection = 0\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("limits.max_streams_per_connection"),
+            "{err}"
+        );
     }
 }

@@ -16,6 +16,9 @@ pub struct Metrics {
     pub certificates_issued: IntCounterVec,
     pub certificates_revoked: IntCounterVec,
     pub verifications: IntCounterVec,
+    /// Payments of VerifyPayments batches answered with an error instead of a decision, by
+    /// gRPC code (the call itself is OK).
+    pub batch_payment_errors: IntCounterVec,
     pub reservations: IntCounterVec,
     pub certificates: IntGaugeVec,
     pub crl_age_seconds: IntGauge,
@@ -126,8 +129,18 @@ impl Metrics {
                 &registry,
                 counter_vec(
                     "payra_verifications_total",
-                    "VerifyPayment and QualifyTransaction decisions by verdict and tier",
+                    "VerifyPayment (alone or in VerifyPayments batches) and QualifyTransaction \
+                     decisions by verdict and tier",
                     &["verdict", "tier"],
+                ),
+            ),
+            batch_payment_errors: register(
+                &registry,
+                counter_vec(
+                    "payra_batch_payment_errors_total",
+                    "payments of VerifyPayments batches answered with an error instead of a \
+                     decision, by gRPC code",
+                    &["code"],
                 ),
             ),
             upstream_requests: register(

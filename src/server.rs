@@ -210,7 +210,8 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
     let mut builder = Server::builder()
         .timeout(seconds(limits.request_timeout_s))
         .http2_keepalive_interval(Some(seconds(limits.keepalive_interval_s)))
-        .http2_keepalive_timeout(Some(seconds(limits.keepalive_timeout_s)));
+        .http2_keepalive_timeout(Some(seconds(limits.keepalive_timeout_s)))
+        .max_concurrent_streams(Some(limits.max_streams_per_connection));
     if limits.max_connection_age_s > 0 {
         builder = builder
             .max_connection_age(seconds(limits.max_connection_age_s))
@@ -239,6 +240,7 @@ pub async fn start(mut config: Config, clock: Arc<dyn Clock>) -> Result<RunningS
         .add_service(
             proto::verification_server::VerificationServer::new(VerificationService {
                 ra: ra.clone(),
+                batch_admission: Arc::new(tokio::sync::Semaphore::new(limits.max_batched_payments)),
             })
             .max_decoding_message_size(max),
         )

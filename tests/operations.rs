@@ -494,6 +494,17 @@ async fn ok_the_dashboard_and_alert_rules_name_only_metrics_that_exist() {
         ))
         .await
         .unwrap();
+    // A batch whose one payment has no shape: its error is counted by code.
+    let results = server
+        .service()
+        .await
+        .verify_payments(vec![proto::VerifyPaymentRequest::default()])
+        .await
+        .unwrap();
+    assert!(matches!(
+        &results[0].result,
+        Some(proto::verify_payment_result::Result::Error(e)) if e.code == tonic::Code::InvalidArgument as i32
+    ));
     server
         .revoke(&issued.serial, proto::RevocationReason::Superseded)
         .await;

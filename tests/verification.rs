@@ -934,8 +934,14 @@ async fn ok_a_batch_decides_each_payment_as_verify_payment_would() {
     assert_eq!(c.tier, proto::Tier::C as i32);
     assert_eq!(c.limit.as_ref().unwrap().used_fen, 500);
 
-    // Each decision is its own evidence, refusals included, and the ledger counted the two
-    // reservations.
+    // The ledger counted kim's one reservation (the refused payments reserved nothing) and
+    // lou's; each decision is its own evidence, refusals included.
+    let limits = server.service().await.limits("kim").await.unwrap();
+    assert_eq!(limits.tiers[0].tier, proto::Tier::A as i32);
+    assert_eq!(limits.tiers[0].used_fen, 1234, "{limits:?}");
+    let limits = server.service().await.limits("lou").await.unwrap();
+    assert_eq!(limits.tiers[2].tier, proto::Tier::C as i32);
+    assert_eq!(limits.tiers[2].used_fen, 500, "{limits:?}");
     let operator = server.operator().await;
     let decisions: Vec<_> = [0, 1, 2, 4, 5].map(|i| decided(&results[i]).clone()).into();
     let mut ids: Vec<_> = decisions.iter().map(|d| d.evidence_id.clone()).collect();
@@ -1090,4 +1096,37 @@ async fn fail_an_empty_oversized_or_too_large_batch_is_refused_whole() {
     assert!(results
         .iter()
         .all(|r| verdict(decided(r)) == Verdict::Verified));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ok_batches_beyond_the_admission_limit_are_all_decided() {
+    // Room for one full batch at a time: three sent at once are all decided, so each batch
+    // gives its permits back (one that kept them would hold the others until their deadline).
+    let server = Arc::new(TestServer::start_with(|c| c.limits.max_batched_payments = 100).await);
+    let p = Arc::new(phone(&server, "pia", "p-1").await);
+    let mut calls = Vec::new();
+    for round in 0..3 {
+        let (server, p) = (server.clone(), p.clone());
+        let batch: Vec<_> = (0..100)
+            .map(|n| {
+                request(
+                    &p,
+                    &intent(&server, &p, &format!("o-{round}-{n}"), 1),
+                    vec![],
+                    false,
+                )
+            })
+            .collect();
+        let client = server.service().await;
+        calls.push(tokio::spawn(
+            async move { client.verify_payments(batch).await },
+        ));
+    }
+    for call in calls {
+        let results = call.await.unwrap().unwrap();
+        assert_eq!(results.len(), 100);
+        assert!(results
+            .iter()
+            .all(|r| verdict(decided(r)) == Verdict::Verified));
+    }
 }

@@ -287,7 +287,9 @@ pub(super) async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
             let total = ((pace * seconds * 1.1) as u64)
                 .min(settings.max_requests)
                 .min(MAX_PRESIGNED);
-            let per_worker = (total / settings.concurrency as u64).max(1) as usize;
+            // At least one full batch each, so every call carries `batch` payments.
+            let per_worker =
+                (total / settings.concurrency as u64).max(settings.batch as u64) as usize;
             let reserve = settings.reserve;
             let signed = match settings.population {
                 Some(size) => {

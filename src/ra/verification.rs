@@ -21,6 +21,20 @@ pub use super::decision::{
 /// The most payments one VerifyPayments call carries.
 pub const MAX_BATCH_PAYMENTS: usize = 100;
 
+/// The tasks of one VerifyPayments batch. Dropped before they finish (the call was dropped),
+/// the unfinished ones are aborted at their next await: a payment not yet in the decision
+/// log is not decided, and on PostgreSQL one queued for the decision writer is skipped, as
+/// for a VerifyPayment whose caller left.
+struct BatchTasks(Vec<tokio::task::JoinHandle<Result<Decision>>>);
+
+impl Drop for BatchTasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
 /// How far the checks got.
 struct Checked {
     verdict: Verdict,
@@ -235,8 +249,9 @@ impl Ra {
     ///
     /// Each payment is a task of its own, so a batch spreads over the runtime's threads and
     /// other calls are served between its payments; their decisions reach the decision log
-    /// together and share its syncs. A caller that goes away does not stop the payments
-    /// already started: like a VerifyPayment whose caller left, they are decided and recorded.
+    /// together and share its syncs. If the batch is dropped (its caller went away, or its
+    /// deadline passed), its unfinished tasks are aborted: each payment then ends as a
+    /// VerifyPayment whose caller left at that moment would.
     pub async fn verify_payments(
         self: &std::sync::Arc<Self>,
         actor: &Actor,
@@ -252,18 +267,20 @@ impl Ra {
             ));
         }
         let span = tracing::Span::current();
-        let tasks: Vec<_> = payments
-            .into_iter()
-            .map(|payment| {
-                let (ra, actor) = (self.clone(), actor.clone());
-                tokio::spawn(tracing::Instrument::instrument(
-                    async move { ra.verify_payment(&actor, payment?).await },
-                    span.clone(),
-                ))
-            })
-            .collect();
-        let mut results = Vec::with_capacity(tasks.len());
-        for task in tasks {
+        let mut tasks = BatchTasks(
+            payments
+                .into_iter()
+                .map(|payment| {
+                    let (ra, actor) = (self.clone(), actor.clone());
+                    tokio::spawn(tracing::Instrument::instrument(
+                        async move { ra.verify_payment(&actor, payment?).await },
+                        span.clone(),
+                    ))
+                })
+                .collect(),
+        );
+        let mut results = Vec::with_capacity(tasks.0.len());
+        for task in &mut tasks.0 {
             results.push(task.await.unwrap_or_else(|failed| {
                 Err(Error::internal(format!(
                     "verifying a payment of the batch failed: {failed}"

@@ -62,7 +62,12 @@ fn code_of<B>(response: &http::Response<B>) -> &'static str {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<i32>().ok())
         .unwrap_or(0);
-    match tonic::Code::from_i32(code) {
+    code_name(tonic::Code::from_i32(code))
+}
+
+/// The name of a gRPC status code, as in the `code` label.
+pub(crate) fn code_name(code: tonic::Code) -> &'static str {
+    match code {
         tonic::Code::Ok => "OK",
         tonic::Code::Cancelled => "CANCELLED",
         tonic::Code::Unknown => "UNKNOWN",

@@ -168,6 +168,42 @@ fn verify_payment_response(decision: Decision) -> proto::VerifyPaymentResponse {
 /// `payra.v1.Verification`.
 pub struct VerificationService {
     pub ra: Arc<Ra>,
+    /// One permit per payment of a VerifyPayments batch being decided
+    /// (`limits.max_batched_payments`).
+    pub batch_admission: Arc<tokio::sync::Semaphore>,
+}
+
+/// What VerifyPayment would have answered with for payment `index` of a batch, as that
+/// payment's result: the code and message of its status. Internal details are logged with
+/// the payment's index, never sent.
+fn payment_error(
+    metrics: &crate::metrics::Metrics,
+    index: usize,
+    error: Error,
+) -> proto::PaymentError {
+    let answer = match error.kind() {
+        crate::error::ErrorKind::Internal => {
+            tracing::error!(payment = index, error = %error, "internal error");
+            proto::PaymentError {
+                code: tonic::Code::Internal as i32,
+                message: "internal error; the server log has the details".into(),
+            }
+        }
+        _ => {
+            let status = Status::from(error);
+            proto::PaymentError {
+                code: status.code() as i32,
+                message: status.message().to_string(),
+            }
+        }
+    };
+    metrics
+        .batch_payment_errors
+        .with_label_values(&[super::observe::code_name(tonic::Code::from_i32(
+            answer.code,
+        ))])
+        .inc();
+    answer
 }
 
 #[tonic::async_trait]
@@ -193,12 +229,27 @@ impl proto::verification_server::Verification for VerificationService {
         request: Request<proto::VerifyPaymentsRequest>,
     ) -> Result<Response<proto::VerifyPaymentsResponse>, Status> {
         let actor = actor(&request);
-        let payments = request
-            .into_inner()
-            .payments
-            .into_iter()
-            .map(VerifyRequest::try_from)
-            .collect();
+        let payments = request.into_inner().payments;
+        // Counted before anything is converted: a message of empty entries holds thousands.
+        let count = payments.len();
+        if count == 0 || count > crate::ra::MAX_BATCH_PAYMENTS {
+            return Err(Status::from(Error::invalid(
+                "payments",
+                format!(
+                    "must hold 1 to {} payments; this batch holds {count}",
+                    crate::ra::MAX_BATCH_PAYMENTS
+                ),
+            )));
+        }
+        // Waits, within the call's deadline, until the batch's payments fit beside those
+        // being decided; released when the batch is answered or dropped.
+        let _admitted = self
+            .batch_admission
+            .clone()
+            .acquire_many_owned(count as u32)
+            .await
+            .map_err(|_| Status::unavailable("payra is shutting down"))?;
+        let payments = payments.into_iter().map(VerifyRequest::try_from).collect();
         let decided = self
             .ra
             .verify_payments(&actor, payments)
@@ -206,20 +257,17 @@ impl proto::verification_server::Verification for VerificationService {
             .map_err(Status::from)?;
         let results = decided
             .into_iter()
-            .map(|decided| proto::VerifyPaymentResult {
+            .enumerate()
+            .map(|(index, decided)| proto::VerifyPaymentResult {
                 result: Some(match decided {
                     Ok(decision) => proto::verify_payment_result::Result::Decision(
                         verify_payment_response(decision),
                     ),
-                    Err(error) => {
-                        // The status VerifyPayment would have answered with (internal
-                        // details logged, not sent).
-                        let status = Status::from(error);
-                        proto::verify_payment_result::Result::Error(proto::PaymentError {
-                            code: status.code() as i32,
-                            message: status.message().to_string(),
-                        })
-                    }
+                    Err(error) => proto::verify_payment_result::Result::Error(payment_error(
+                        self.ra.metrics(),
+                        index,
+                        error,
+                    )),
                 }),
             })
             .collect();
@@ -636,5 +684,48 @@ impl proto::admin_server::Admin for AdminService {
                 .collect::<Result<_, _>>()?,
             next_page_token: page.next.map(|s| s.to_hex()).unwrap_or_default(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch's payment gets the code and message VerifyPayment would answer with; an
+    /// internal error's details stay in the log; each is counted by code.
+    #[test]
+    fn a_payments_error_is_verify_payments_status_without_internal_details() {
+        let metrics = crate::metrics::Metrics::new();
+        let invalid = payment_error(&metrics, 3, Error::invalid("signature", "must be 1 to 72"));
+        assert_eq!(invalid.code, tonic::Code::InvalidArgument as i32);
+        assert_eq!(invalid.message, "signature: must be 1 to 72");
+        let internal = payment_error(
+            &metrics,
+            4,
+            Error::internal("syncing /var/lib/payra/decisions/0000000000000001.log"),
+        );
+        assert_eq!(internal.code, tonic::Code::Internal as i32);
+        assert!(
+            !internal.message.contains("/var/lib"),
+            "{}",
+            internal.message
+        );
+        let unavailable = payment_error(
+            &metrics,
+            5,
+            Error::Unavailable("payra is shutting down".into()),
+        );
+        assert_eq!(unavailable.code, tonic::Code::Unavailable as i32);
+        assert_eq!(unavailable.message, "payra is shutting down");
+        for code in ["INVALID_ARGUMENT", "INTERNAL", "UNAVAILABLE"] {
+            assert_eq!(
+                metrics
+                    .batch_payment_errors
+                    .with_label_values(&[code])
+                    .get(),
+                1,
+                "{code}"
+            );
+        }
     }
 }
