@@ -271,12 +271,10 @@ def fen_to_cny(fen):
 # ---------------------------------------------------------------------------------------
 
 
-def pay(pb, stub, server, private_key, serial, customer_id, device_id, order_id,
-        amount_fen, encoding):
-    """Signs one payment as the phone and verifies it as the payment service.
-
-    Returns True when the verdict is VERIFIED and the tier is A.
-    """
+def payment_request(pb, private_key, serial, customer_id, device_id, order_id, amount_fen,
+                    encoding):
+    """Signs one payment as the phone; returns the VerifyPaymentRequest the payment service
+    sends for it."""
     v = pb["verification_pb2"]
     merchant_id = "m-coffee-42"
 
@@ -328,12 +326,17 @@ def pay(pb, stub, server, private_key, serial, customer_id, device_id, order_id,
         # back with Verification/ReleaseReservation(evidence_id).
         reserve=True,
     )
-    response = call("VerifyPayment", server, stub.VerifyPayment, request)
+    return request
 
+
+def show(pb, request, response, encoding):
+    """Prints one payment's answer; True when the verdict is VERIFIED and the tier is A."""
+    v = pb["verification_pb2"]
+    tx = request.transaction
     # A refused payment is an OK response with a verdict and a reason, not a gRPC error.
     limit = response.limit
-    print(f"payment {order_id}: {fen_to_cny(amount_fen)}, "
-          f"{encoding.upper()} signature ({len(signature)} bytes)")
+    print(f"payment {tx.order_id}: {fen_to_cny(tx.amount_fen)}, "
+          f"{encoding.upper()} signature ({len(request.signature)} bytes)")
     print(f"  verdict:    {v.Verdict.Name(response.verdict)}")
     if response.reason:
         print(f"  reason:     {response.reason}")
@@ -427,20 +430,47 @@ def run(args):
         # (3) Two payments: one with the DER signature as cryptography returns it, one with
         # the same kind of signature converted to raw r||s. Both must be VERIFIED in tier A.
         verification = verification_grpc.VerificationStub(service_channel)
+        v = pb["verification_pb2"]
         results = []
         for order_id, amount_fen, encoding in (
             (f"order-{secrets.token_hex(4)}-1", 1234, "der"),  # 12.34 CNY
             (f"order-{secrets.token_hex(4)}-2", 500, "raw"),   #  5.00 CNY
         ):
-            results.append(pay(
-                pb, verification, args.server, device_key, enroll_response.serial,
-                args.customer, args.device, order_id, amount_fen, encoding,
-            ))
+            request = payment_request(
+                pb, device_key, enroll_response.serial, args.customer, args.device,
+                order_id, amount_fen, encoding,
+            )
+            response = call("VerifyPayment", args.server, verification.VerifyPayment, request)
+            results.append(show(pb, request, response, encoding))
 
-    if all(results):
-        print("OK: both payments VERDICT_VERIFIED, TIER_A")
+        # (4) At a peak, the payment service may gather the payments that arrived together
+        # and send up to 100 in one VerifyPayments call: each is decided exactly as
+        # VerifyPayment would decide it, and its result comes back at its index, either a
+        # decision (a verdict, as above) or the error VerifyPayment would have returned.
+        batch = [
+            payment_request(
+                pb, device_key, enroll_response.serial, args.customer, args.device,
+                f"order-{secrets.token_hex(4)}-{n}", 100 * n, "der",
+            )
+            for n in (3, 4)
+        ]
+        answer = call(
+            "VerifyPayments", args.server, verification.VerifyPayments,
+            v.VerifyPaymentsRequest(payments=batch),
+        )
+        print(f"batch of {len(batch)} in one VerifyPayments call:")
+        for request, result in zip(batch, answer.results):
+            if result.WhichOneof("result") == "decision":
+                results.append(show(pb, request, result.decision, "der"))
+            else:
+                print(f"  payment {request.transaction.order_id}: error {result.error.code}: "
+                      f"{result.error.message}")
+                results.append(False)
+
+    if all(results) and len(results) == 4:
+        print("OK: all four payments VERDICT_VERIFIED, TIER_A")
         return 0
-    print("FAILED: expected VERDICT_VERIFIED and TIER_A for both payments", file=sys.stderr)
+    print("FAILED: expected VERDICT_VERIFIED and TIER_A for all four payments", file=sys.stderr)
     return 1
 
 
