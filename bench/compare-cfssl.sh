@@ -49,7 +49,7 @@ done
 RESULTS="$WORK/results.txt"
 for run in $(seq 1 "$RUNS"); do
     payra_rate=$("$BIN" bench --scenario enroll --concurrency "$CONCURRENCY" \
-        --duration-s "$DURATION" --warmup-s 1 --max-requests 40000 \
+        --duration-s "$DURATION" --warmup-s 1 --max-requests 200000 \
         --server https://localhost:18443 --certs "$WORK/certs" --json \
         | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["throughput_per_s"]))')
     cfssl_rate=$(wrk -t2 -c"$CONCURRENCY" -d"${DURATION}s" -s "$WORK/sign.lua" \

@@ -29,9 +29,9 @@ for run in $(seq 1 "$RUNS"); do
             "${COMMON[@]}" | python3 -c "import json,sys; r=json.load(sys.stdin); r['scenario']='verify_open_${share}'; print(json.dumps(r))" \
             | tee -a "$OUT"
     done
-    "$BIN" bench --scenario enroll --concurrency 16 --max-requests 20000 "${COMMON[@]}" | tee -a "$OUT"
+    "$BIN" bench --scenario enroll --concurrency 16 --max-requests 100000 "${COMMON[@]}" | tee -a "$OUT"
     # Enroll with 64 in flight (many phones onboarding at once): bigger journal batches.
-    "$BIN" bench --scenario enroll --concurrency 64 --max-requests 60000 "${COMMON[@]}" \
+    "$BIN" bench --scenario enroll --concurrency 64 --max-requests 200000 "${COMMON[@]}" \
         | python3 -c "import json,sys; r=json.load(sys.stdin); r['scenario']='enroll_c64'; print(json.dumps(r))" \
         | tee -a "$OUT"
     # The payment service minting enrollment tokens (one per phone that will enroll).

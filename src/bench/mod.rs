@@ -269,8 +269,9 @@ enum Work {
     },
     Enroll {
         client: Caller,
-        tokens: Vec<String>,
-        csrs: Arc<Vec<Vec<u8>>>,
+        /// One per enrollment, as phones enroll: a token, and a CSR of a key of its own for
+        /// a device of its own (both made before the run).
+        enrollments: Vec<(String, Vec<u8>, String)>,
     },
     Token {
         client: Caller,
@@ -502,18 +503,16 @@ async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> 
         }
         Work::Enroll {
             client,
-            tokens,
-            csrs,
+            enrollments,
         } => {
-            for (i, token) in tokens.into_iter().enumerate() {
+            for (token, csr_der, device_id) in enrollments {
                 if !counters.take() {
                     break;
                 }
                 let request = proto::EnrollRequest {
                     token,
-                    csr_der: csrs[i % csrs.len()].clone(),
-                    // One key, one device: each reused CSR always enrolls its own device.
-                    device_id: format!("bench-device-{}", i % csrs.len()),
+                    csr_der,
+                    device_id,
                     device_info: None,
                     attestation: None,
                 };

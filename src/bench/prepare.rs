@@ -109,6 +109,10 @@ pub(super) fn ocsp_request(issuer_der: &[u8], certificate_der: &[u8]) -> Result<
 /// Pre-signed intents are sized for at most this closed-loop rate (twice the raw verify rate of
 /// a 2-core machine); `--rate` or `--max-requests` size them otherwise.
 const MAX_CLOSED_LOOP_VERIFY_RATE: f64 = 40_000.0;
+/// Enrollments (a token and a fresh key each, made before the run) are sized for at most this
+/// closed-loop rate, P-256 and SM2.
+const MAX_CLOSED_LOOP_ENROLL_RATE: f64 = 10_000.0;
+const MAX_CLOSED_LOOP_ENROLL_RATE_SM2: f64 = 3_000.0;
 /// Upper bound on pre-signed intents (about 400 bytes each).
 const MAX_PRESIGNED: u64 = 500_000;
 
@@ -335,14 +339,27 @@ pub(super) async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
             }
         }
         Scenario::Enroll => {
-            let csrs: Arc<Vec<Vec<u8>>> = Arc::new(
-                (0..64)
-                    .map(|i| {
-                        BenchKey::generate(settings.key_algorithm).csr_der(&format!("bench-{i}"))
-                    })
-                    .collect::<Result<_>>()?,
-            );
-            let per_worker = (settings.max_requests / settings.concurrency as u64).clamp(1, 20_000);
+            // Enough for the whole run at the expected pace (or the request budget, if
+            // smaller); a worker that runs out stops, which the report shows.
+            let seconds = (settings.duration + settings.warmup).as_secs_f64();
+            let pace = match settings.key_algorithm {
+                KeyAlgorithm::P256 => MAX_CLOSED_LOOP_ENROLL_RATE,
+                KeyAlgorithm::Sm2 => MAX_CLOSED_LOOP_ENROLL_RATE_SM2,
+            };
+            let total = ((pace * seconds * 1.2) as u64).min(settings.max_requests);
+            let per_worker = (total / settings.concurrency as u64).clamp(1, 20_000);
+            // Every enrollment is a phone of its own: its own key, CSR and device id, as in
+            // the field (a key enrolled again is checked against all its certificates).
+            let run = random_suffix();
+            let devices: Vec<String> = (0..settings.concurrency as u64 * per_worker)
+                .map(|n| format!("bench-{run}-{n}"))
+                .collect();
+            let algorithm = settings.key_algorithm;
+            let csrs = on_two_threads(devices.clone(), move |_: &mut (), device| {
+                BenchKey::generate(algorithm).csr_der(device)
+            })
+            .await?;
+            let mut phones = csrs.into_iter().zip(devices);
             // The workers' tokens are created concurrently, as many calls in flight as the
             // run will have, so that a large run does not spend minutes on its set-up.
             let mut minting = tokio::task::JoinSet::new();
@@ -369,10 +386,14 @@ pub(super) async fn prepare(settings: &BenchSettings) -> Result<Vec<Work>> {
                 );
             }
             for tokens in minted {
+                let enrollments = tokens
+                    .into_iter()
+                    .zip(phones.by_ref())
+                    .map(|(token, (csr, device))| (token, csr, device))
+                    .collect();
                 work.push(Work::Enroll {
                     client: Caller::connect(settings, Credential::None).await?,
-                    tokens,
-                    csrs: csrs.clone(),
+                    enrollments,
                 });
             }
         }

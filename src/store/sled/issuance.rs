@@ -325,13 +325,27 @@ impl SledStore {
     /// batch asks under the write turn, which every revocation takes too: a key reported
     /// compromised before the batch is refused, and a certificate the batch stores is one a
     /// later revocation's second look finds (`Ra::revoke_batch`).
+    ///
+    /// It runs in the write turn, so it reads only the key and the revocation octets of each
+    /// of the key's summaries, decoding nothing else.
     fn key_compromised(&self, public_key: &[u8; 65]) -> Result<bool> {
-        Ok(self
-            .certificates_with_key(public_key)?
-            .iter()
-            .any(|holder| {
-                holder.revocation.map(|r| r.reason) == Some(RevocationReason::KeyCompromise)
-            }))
+        let prefix = super::key_index_prefix(public_key);
+        for entry in self.by_key.scan_prefix(prefix) {
+            let (key, _) = entry?;
+            // An entry whose summary is gone (purged between the two reads) is skipped.
+            let Some(bytes) = self.summaries.get(&key[prefix.len()..])? else {
+                continue;
+            };
+            // Checks the summary's version; the index holds the x coordinate and y's parity,
+            // the summary (octets 1 to 65) the whole key.
+            let reason = CertificateSummary::revocation_in(&bytes)?.map(|r| r.reason);
+            if reason == Some(RevocationReason::KeyCompromise)
+                && bytes.get(1..66) == Some(&public_key[..])
+            {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Decides every job of `batch` in order, journals and applies the writes of those that
