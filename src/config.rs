@@ -535,6 +535,10 @@ impl Default for LimitConfig {
     }
 }
 
+/// The most `limits.max_batched_payments` may be: a million payments in flight is minutes of
+/// work for any machine payra runs on.
+const MAX_BATCHED_PAYMENTS: usize = 1_000_000;
+
 impl LimitConfig {
     fn validate(&self) -> Result<()> {
         for (field, value) in [
@@ -562,11 +566,14 @@ impl LimitConfig {
                 return Err(Error::invalid(field, "must be at least 1"));
             }
         }
-        if self.max_batched_payments < crate::ra::MAX_BATCH_PAYMENTS {
+        if !(crate::ra::MAX_BATCH_PAYMENTS..=MAX_BATCHED_PAYMENTS)
+            .contains(&self.max_batched_payments)
+        {
             return Err(Error::invalid(
                 "limits.max_batched_payments",
                 format!(
-                    "must be at least {} (one full VerifyPayments batch)",
+                    "must be at least {} (one full VerifyPayments batch) and at most \
+                     {MAX_BATCHED_PAYMENTS}",
                     crate::ra::MAX_BATCH_PAYMENTS
                 ),
             ));
@@ -1004,6 +1011,9 @@ mod tests {
             "{err}"
         );
         assert!(Config::from_toml("[limits]\nmax_batched_payments = 100\n").is_ok());
+        // Above it the semaphore could not be made.
+        let err = Config::from_toml("[limits]\nmax_batched_payments = 1000001\n").unwrap_err();
+        assert!(err.to_string().contains("at most 1000000"), "{err}");
         let err = Config::from_toml("[limits]\nmax_streams_per_connection = 0\n").unwrap_err();
         assert!(
             err.to_string()
