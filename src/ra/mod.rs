@@ -31,8 +31,8 @@ pub use retention::RetentionProgress;
 pub use revocation::{CertificatePage, CertificateQuery, RevokeOutcome, MAX_PAGE_SIZE};
 pub use status::{CertificateStatus, StatusView};
 pub use verification::{
-    Decision, LimitStatus, PaymentIntent, QualifyRequest, Transaction, Verdict, VerifyRequest,
-    MAX_BATCH_PAYMENTS, MAX_INTENT_BYTES,
+    check_batch_size, Decision, LimitStatus, PaymentIntent, QualifyRequest, Transaction, Verdict,
+    VerifyRequest, MAX_BATCH_PAYMENTS, MAX_INTENT_BYTES,
 };
 
 use crate::sync::Unpoisoned;

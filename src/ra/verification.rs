@@ -21,6 +21,17 @@ pub use super::decision::{
 /// The most payments one VerifyPayments call carries.
 pub const MAX_BATCH_PAYMENTS: usize = 100;
 
+/// Refuses a VerifyPayments batch of no payments or more than [`MAX_BATCH_PAYMENTS`].
+pub fn check_batch_size(count: usize) -> Result<()> {
+    if count == 0 || count > MAX_BATCH_PAYMENTS {
+        return Err(Error::invalid(
+            "payments",
+            format!("must hold 1 to {MAX_BATCH_PAYMENTS} payments; this batch holds {count}"),
+        ));
+    }
+    Ok(())
+}
+
 /// The tasks of one VerifyPayments batch. Dropped before they finish (the call was dropped),
 /// the unfinished ones are aborted at their next await: a payment not yet in the decision
 /// log is not decided, and on PostgreSQL one queued for the decision writer is skipped, as
@@ -257,15 +268,7 @@ impl Ra {
         actor: &Actor,
         payments: Vec<Result<VerifyRequest>>,
     ) -> Result<Vec<Result<Decision>>> {
-        if payments.is_empty() || payments.len() > MAX_BATCH_PAYMENTS {
-            return Err(Error::invalid(
-                "payments",
-                format!(
-                    "must hold 1 to {MAX_BATCH_PAYMENTS} payments; this batch holds {}",
-                    payments.len()
-                ),
-            ));
-        }
+        check_batch_size(payments.len())?;
         let span = tracing::Span::current();
         let mut tasks = BatchTasks(
             payments

@@ -232,15 +232,7 @@ impl proto::verification_server::Verification for VerificationService {
         let payments = request.into_inner().payments;
         // Counted before anything is converted: a message of empty entries holds thousands.
         let count = payments.len();
-        if count == 0 || count > crate::ra::MAX_BATCH_PAYMENTS {
-            return Err(Status::from(Error::invalid(
-                "payments",
-                format!(
-                    "must hold 1 to {} payments; this batch holds {count}",
-                    crate::ra::MAX_BATCH_PAYMENTS
-                ),
-            )));
-        }
+        crate::ra::check_batch_size(count)?;
         // Waits, within the call's deadline, until the batch's payments fit beside those
         // being decided; released when the batch is answered or dropped.
         let _admitted = self
