@@ -680,7 +680,9 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
     }
     counters.stop.store(true, Ordering::Relaxed);
     let seconds = measured.elapsed().as_secs_f64();
+    // Both read when the window closes: calls answered later are in neither.
     let requests = counters.requests.load(Ordering::Relaxed);
+    let errors = counters.errors.load(Ordering::Relaxed);
     let own_cpu_after = crate::metrics::process_cpu_seconds();
     let server_after = match server_http {
         Some(http) => server_reading(http, method).await,
@@ -720,7 +722,7 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
         batch: settings.batch,
         seconds,
         requests,
-        errors: counters.errors.load(Ordering::Relaxed),
+        errors,
         throughput_per_s,
         latency: Latency {
             p50_us: percentile(&latencies, 0.50),
