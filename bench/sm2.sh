@@ -19,7 +19,7 @@ for run in $(seq 1 "$RUNS"); do
         "$BIN" bench --scenario verify --key-algorithm "$alg" --concurrency 512 --connections 1 \
             --rate $((RAW * 80 / 100)) "${COMMON[@]}" | name "verify_open_80_$alg" | tee -a "$OUT"
         "$BIN" bench --scenario enroll --key-algorithm "$alg" --concurrency 16 \
-            --max-requests 20000 "${COMMON[@]}" | name "enroll_$alg" | tee -a "$OUT"
+            --max-requests 100000 "${COMMON[@]}" | name "enroll_$alg" | tee -a "$OUT"
     done
 done
 python3 - "$OUT" <<'PY'
