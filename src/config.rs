@@ -536,7 +536,7 @@ impl Default for LimitConfig {
 }
 
 /// The most `limits.max_batched_payments` may be: a million payments in flight is minutes of
-/// work for any machine payra runs on.
+/// work for any machine payra runs on, so a larger value is a typo.
 const MAX_BATCHED_PAYMENTS: usize = 1_000_000;
 
 impl LimitConfig {
@@ -1011,7 +1011,7 @@ mod tests {
             "{err}"
         );
         assert!(Config::from_toml("[limits]\nmax_batched_payments = 100\n").is_ok());
-        // Above it the semaphore could not be made.
+        // A million payments in flight is minutes of work: a bound, not a tuning value.
         let err = Config::from_toml("[limits]\nmax_batched_payments = 1000001\n").unwrap_err();
         assert!(err.to_string().contains("at most 1000000"), "{err}");
         let err = Config::from_toml("[limits]\nmax_streams_per_connection = 0\n").unwrap_err();

@@ -185,15 +185,18 @@ impl Store for PgStore {
                     .query(
                         &prepared(
                             client,
-                            "SELECT CASE WHEN get_byte(summary, 82) = 1 \
-                                 THEN get_byte(summary, 91) END, \
-                             $1 < ('x' || encode(substring(summary FROM 67 FOR 8), 'hex')) \
-                                 ::bit(64)::bigint, \
+                            // A summary of another version (perhaps shorter) is read no
+                            // further than its version octet: CASE evaluates in order.
+                            "SELECT CASE WHEN get_byte(summary, 0) <> $2 THEN NULL \
+                                 WHEN get_byte(summary, 82) = 1 THEN get_byte(summary, 91) END, \
+                             CASE WHEN get_byte(summary, 0) = $2 THEN \
+                                 $1 < ('x' || encode(substring(summary FROM 67 FOR 8), 'hex')) \
+                                 ::bit(64)::bigint END, \
                              $1 >= not_after_s, count(*), get_byte(summary, 0) \
                              FROM certificates GROUP BY 1, 2, 3, 5",
                         )
                         .await?,
-                        &[&now_s],
+                        &[&now_s, &i32::from(crate::store::records::SUMMARY_VERSION)],
                     )
                     .await
                     .map_err(db_error)?;
@@ -817,8 +820,9 @@ impl Store for PgStore {
         let serials = self.transaction(move |tx| {
             Box::pin(async move {
                 let rows = tx.query(&prepared_tx(tx, "DELETE FROM certificates WHERE serial IN (SELECT serial FROM certificates \
-                         WHERE not_after_s < $1 AND get_byte(summary, 0) = $4 \
-                         AND NOT (get_byte(summary, 82) = 1 AND get_byte(summary, 91) = $3) \
+                         WHERE not_after_s < $1 \
+                         AND CASE WHEN get_byte(summary, 0) <> $4 THEN false \
+                             ELSE NOT (get_byte(summary, 82) = 1 AND get_byte(summary, 91) = $3) END \
                          ORDER BY serial LIMIT $2 FOR UPDATE) \
                          RETURNING serial").await?,
                         // Kept: a certificate revoked for keyCompromise refuses its key for

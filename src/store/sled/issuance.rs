@@ -327,7 +327,8 @@ impl SledStore {
     /// later revocation's second look finds (`Ra::revoke_batch`).
     ///
     /// It runs in the write turn, so it reads only the key and the revocation octets of each
-    /// of the key's summaries, decoding nothing else.
+    /// of the key's summaries, decoding nothing else, and stops at the first compromised one:
+    /// damage elsewhere in a summary is found by the readers that decode it, not here.
     fn key_compromised(&self, public_key: &[u8; 65]) -> Result<bool> {
         let prefix = super::key_index_prefix(public_key);
         for entry in self.by_key.scan_prefix(prefix) {
