@@ -314,3 +314,18 @@ async fn the_verify_scenario_sends_batches() {
         );
     }
 }
+
+/// A run whose workers use up their prepared requests while it goes on says how many did:
+/// the calls in flight fell below `concurrency`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_whose_prepared_requests_run_out_says_so() {
+    let server = TestServer::start().await;
+    let mut short = settings(&server, Scenario::Verify, ClientKind::Lean);
+    // A budget of 10 prepares two signed intents for each of the 4 workers: all four run out
+    // with budget left, before the 5-second window could end (the run ends when they have).
+    short.max_requests = 10;
+    short.duration = Duration::from_secs(5);
+    let report = run(short).await.unwrap();
+    assert!(report.requests <= 8, "{report:?}");
+    assert_eq!(report.workers_ran_out, 4, "{report:?}");
+}

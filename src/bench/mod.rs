@@ -117,6 +117,10 @@ pub struct BenchReport {
     pub requests: u64,
     pub errors: u64,
     pub throughput_per_s: f64,
+    /// Workers (verify, enroll) whose requests prepared before the run ran out before the
+    /// window closed: the run then had fewer calls in flight than `concurrency`. Size the
+    /// run with `--max-requests`, or shorten it.
+    pub workers_ran_out: u64,
     /// Per call: with `batch` > 1, of a whole VerifyPayments call.
     pub latency: Latency,
     /// Raw single-core verifications per second, measured in this run: ECDSA P-256 (ring), or
@@ -404,9 +408,19 @@ struct Counters {
     requests: AtomicU64,
     errors: AtomicU64,
     budget: AtomicU64,
+    /// Workers whose prepared requests ran out before the run ended.
+    ran_out: AtomicU64,
 }
 
 impl Counters {
+    /// Counts a worker that ended because its prepared requests ran out (`ran_out`) while
+    /// the run went on.
+    fn note_ran_out(&self, ran_out: bool) {
+        if ran_out && !self.stop.load(Ordering::Relaxed) {
+            self.ran_out.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Takes one request from the budget; false when the run must end.
     fn take(&self) -> bool {
         self.take_many(1)
@@ -454,9 +468,14 @@ async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> 
         } => {
             let began = Instant::now() + pace.map_or(Duration::ZERO, |p| p.phase);
             let mut requests = requests.into_iter();
+            let mut ran_out = true;
             for n in 0.. {
                 let mut payments: Vec<_> = requests.by_ref().take(batch).collect();
-                if payments.is_empty() || !counters.take_many(payments.len() as u64) {
+                if payments.is_empty() {
+                    break;
+                }
+                if !counters.take_many(payments.len() as u64) {
+                    ran_out = false;
                     break;
                 }
                 let started = match pace {
@@ -500,13 +519,16 @@ async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> 
                 };
                 record_many(started, sent, failed, &counters);
             }
+            counters.note_ran_out(ran_out);
         }
         Work::Enroll {
             client,
             enrollments,
         } => {
+            let mut ran_out = true;
             for (token, csr_der, device_id) in enrollments {
                 if !counters.take() {
+                    ran_out = false;
                     break;
                 }
                 let request = proto::EnrollRequest {
@@ -520,6 +542,7 @@ async fn run_worker(work: Work, counters: Arc<Counters>, pace: Option<Pace>) -> 
                 let ok = client.enroll(request).await.is_ok();
                 record(started, ok, &counters);
             }
+            counters.note_ran_out(ran_out);
         }
         Work::Token { client } => {
             while counters.take() {
@@ -632,6 +655,7 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
         requests: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         budget: AtomicU64::new(settings.max_requests),
+        ran_out: AtomicU64::new(0),
     });
     // Each worker's calls carry `batch` requests, so it calls `batch` times less often.
     let every = settings.rate.map(|rate| {
@@ -683,6 +707,7 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
     // Both read when the window closes: calls answered later are in neither.
     let requests = counters.requests.load(Ordering::Relaxed);
     let errors = counters.errors.load(Ordering::Relaxed);
+    let workers_ran_out = counters.ran_out.load(Ordering::Relaxed);
     let own_cpu_after = crate::metrics::process_cpu_seconds();
     let server_after = match server_http {
         Some(http) => server_reading(http, method).await,
@@ -723,6 +748,7 @@ pub async fn run(settings: BenchSettings) -> Result<BenchReport> {
         seconds,
         requests,
         errors,
+        workers_ran_out,
         throughput_per_s,
         latency: Latency {
             p50_us: percentile(&latencies, 0.50),

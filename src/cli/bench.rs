@@ -188,6 +188,13 @@ pub(crate) async fn bench(args: BenchArgs) -> CliResult {
                     report.errors
                 );
                 println!("throughput   {:.0} per s", report.throughput_per_s);
+                if report.workers_ran_out > 0 {
+                    println!(
+                        "note         {} of {} workers ran out of prepared requests before \
+                         the window closed: fewer calls were in flight at the end",
+                        report.workers_ran_out, report.concurrency
+                    );
+                }
                 println!(
                     "latency      p50 {} us, p90 {} us, p99 {} us, max {} us",
                     report.latency.p50_us,
