@@ -627,12 +627,17 @@ mod tests {
         ra.close_decisions().unwrap();
     }
 
-    /// An enrollment whose key check ran before a keyCompromise revocation of the same key
-    /// commits after it: the store refuses it as it commits.
-    #[tokio::test]
-    async fn an_enrollment_checked_before_its_key_was_reported_compromised_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let ra = test_ra(&dir);
+    /// An RA in `dir` where customer "raced" has enrolled its "phone" with a fresh key once:
+    /// the RA, the customer, the key and the certificate.
+    async fn enrolled_once(
+        dir: &tempfile::TempDir,
+    ) -> (
+        std::sync::Arc<Ra>,
+        CustomerId,
+        crate::client::DeviceKey,
+        CertificateRecord,
+    ) {
+        let ra = test_ra(dir);
         let customer = CustomerId::parse("customer_id", "raced").unwrap();
         let key = crate::client::DeviceKey::generate();
         let first = ra
@@ -640,6 +645,15 @@ mod tests {
             .await
             .unwrap()
             .record;
+        (ra, customer, key, first)
+    }
+
+    /// An enrollment whose key check ran before a keyCompromise revocation of the same key
+    /// commits after it: the store refuses it as it commits.
+    #[tokio::test]
+    async fn an_enrollment_checked_before_its_key_was_reported_compromised_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ra, customer, key, first) = enrolled_once(&dir).await;
         // The same phone enrolls again with its key: checked, signed, not yet committed.
         let again = prepare_with_key(&ra, &customer, "phone", &key);
         let outcome = ra
@@ -672,14 +686,7 @@ mod tests {
     #[tokio::test]
     async fn a_certificate_stored_while_its_key_is_revoked_is_revoked_too() {
         let dir = tempfile::tempdir().unwrap();
-        let ra = test_ra(&dir);
-        let customer = CustomerId::parse("customer_id", "raced").unwrap();
-        let key = crate::client::DeviceKey::generate();
-        let first = ra
-            .commit_enrollment(prepare_with_key(&ra, &customer, "phone", &key))
-            .await
-            .unwrap()
-            .record;
+        let (ra, customer, key, first) = enrolled_once(&dir).await;
         // The revocation has listed its targets (the first certificate only) when the
         // second enrollment commits.
         let targets = vec![first.serial.clone()];
