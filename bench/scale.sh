@@ -7,17 +7,22 @@
 #   bash bench/scale.sh RECORDS DATA [RUNS] [DURATION_S]
 # DATA is kept (populating 10M takes minutes); remove it when done (with BACKEND=postgres,
 # stop its cluster first: PAYRA_TEST_POSTGRES_DIR=DATA/pg scripts/test-postgres.sh stop).
-# CACHE_BYTES sets verification.cache_bytes (default: payra's default). BACKEND=postgres
-# puts the certificates in a PostgreSQL cluster of its own under DATA/pg
-# (scripts/test-postgres.sh), populated with COPY.
+# PAYRA_BIN runs that binary instead of building this tree's. CACHE_BYTES sets
+# verification.cache_bytes (default: payra's default). BACKEND=postgres puts the certificates
+# in a PostgreSQL cluster of its own under DATA/pg (scripts/test-postgres.sh), populated with
+# COPY.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RECORDS=${1:?records}
 DATA=${2:?data directory}
 RUNS=${3:-3}
 DURATION=${4:-10}
-cargo build --release --locked --bin payra >&2
-BIN=$PWD/target/release/payra
+if [ -n "${PAYRA_BIN:-}" ]; then
+    BIN=$PAYRA_BIN
+else
+    cargo build --release --locked --bin payra >&2
+    BIN=$PWD/target/release/payra
+fi
 mkdir -p "$DATA"
 OUT="$DATA/results.jsonl"
 STORE=()

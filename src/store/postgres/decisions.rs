@@ -313,11 +313,7 @@ async fn commit(
         if !serials.is_empty() {
             for row in tx
                 .query(
-                    &super::prepared_tx(
-                        &tx,
-                        "SELECT serial, summary FROM certificates WHERE serial = ANY($1)",
-                    )
-                    .await?,
+                    &super::prepared_tx(&tx, super::summaries::SUMMARIES_OF).await?,
                     &[&serials],
                 )
                 .await

@@ -24,6 +24,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "upstream revocations (RA mode)",
         include_str!("migrations/0003_upstream.sql"),
     ),
+    (
+        "certificate summaries in the primary key",
+        include_str!("migrations/0004_covered_summaries.sql"),
+    ),
 ];
 
 /// The schema version this payra runs on.

@@ -154,8 +154,7 @@ impl Store for PgStore {
             Box::pin(async move {
                 let row = client
                     .query_opt(
-                        &prepared(client, "SELECT summary FROM certificates WHERE serial = $1")
-                            .await?,
+                        &prepared(client, summaries::SUMMARY_OF).await?,
                         &[&serial.as_bytes()],
                     )
                     .await
@@ -169,11 +168,9 @@ impl Store for PgStore {
         })
     }
 
-    /// Counted in the database, grouped there: no summary crosses the network. The summary's
-    /// binary form (`CertificateSummary`) holds its version at octet 0, notBefore at octets
-    /// 66..74 and the revocation flag and reason code at 82 and 91; a summary of another
-    /// version is refused rather than read at those offsets. One statement: `stop` is looked
-    /// at after it.
+    /// Counted in the database, grouped there ([`summaries::COUNT_BY_STANDING`]): no summary
+    /// crosses the network. A summary of another version is refused rather than read at
+    /// version 1's offsets. One statement: `stop` is looked at after it.
     fn count_by_standing(
         &self,
         now_s: i64,
@@ -183,19 +180,7 @@ impl Store for PgStore {
             Box::pin(async move {
                 let rows = client
                     .query(
-                        &prepared(
-                            client,
-                            // A summary of another version (perhaps shorter) is read no
-                            // further than its version octet: CASE evaluates in order.
-                            "SELECT CASE WHEN get_byte(summary, 0) <> $2 THEN NULL \
-                                 WHEN get_byte(summary, 82) = 1 THEN get_byte(summary, 91) END, \
-                             CASE WHEN get_byte(summary, 0) = $2 THEN \
-                                 $1 < ('x' || encode(substring(summary FROM 67 FOR 8), 'hex')) \
-                                 ::bit(64)::bigint END, \
-                             $1 >= not_after_s, count(*), get_byte(summary, 0) \
-                             FROM certificates GROUP BY 1, 2, 3, 5",
-                        )
-                        .await?,
+                        &prepared(client, summaries::COUNT_BY_STANDING).await?,
                         &[&now_s, &i32::from(crate::store::records::SUMMARY_VERSION)],
                     )
                     .await

@@ -86,14 +86,22 @@ pub fn create_database(admin_url: &str, password: Option<&str>, test: &str) -> S
         .collect();
     name.truncate(40);
     let name = format!("t_{name}_{}", hex::encode(rand::random::<[u8; 6]>()));
+    text_rows(admin_url, password, &[format!("CREATE DATABASE {name}")]);
+    with_database(admin_url, &name)
+}
+
+/// Runs `statements` one by one on one connection to `url` (as the simple query protocol
+/// runs them: `VACUUM` and `EXPLAIN` too) and returns the first column of every row they
+/// return, as text. Panics, naming the statement, if one fails.
+pub fn text_rows(url: &str, password: Option<&str>, statements: &[String]) -> Vec<String> {
     // On a thread of its own: the caller may be inside a runtime.
-    let (url, create) = (admin_url.to_string(), format!("CREATE DATABASE {name}"));
+    let (url, statements) = (url.to_string(), statements.to_vec());
     let password = password.map(str::to_string);
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .expect("a runtime for the test database");
+            .expect("a runtime for the test cluster");
         runtime.block_on(async {
             let mut config: tokio_postgres::Config = url.parse().expect("the cluster's URL");
             if let Some(password) = password {
@@ -104,15 +112,23 @@ pub fn create_database(admin_url: &str, password: Option<&str>, test: &str) -> S
                 .await
                 .expect("connecting to the test cluster");
             tokio::spawn(connection);
-            client
-                .batch_execute(&create)
-                .await
-                .expect("creating a test database");
+            let mut rows = Vec::new();
+            for statement in &statements {
+                let messages = client
+                    .simple_query(statement)
+                    .await
+                    .unwrap_or_else(|e| panic!("{statement}: {e}"));
+                for message in messages {
+                    if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+                        rows.push(row.get(0).unwrap_or_default().to_string());
+                    }
+                }
+            }
+            rows
         })
     })
     .join()
-    .expect("creating a test database");
-    with_database(admin_url, &name)
+    .expect("running statements on the test cluster")
 }
 
 /// A migrated store on a fresh database, or `None` when there is no test cluster.
