@@ -756,7 +756,7 @@ mod tests {
             0,
             "nothing is counted before the first pass"
         );
-        ra.count_certificates(&Default::default()).unwrap();
+        ra.count_certificates(0, &Default::default()).unwrap();
         ra.refresh_gauges(0);
         assert_eq!(
             ["valid", "revoked", "on_hold", "expired", "superseded"].map(gauge),

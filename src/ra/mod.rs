@@ -618,9 +618,18 @@ impl Ra {
     /// Counts the certificates by status (`Store::count_by_standing`: where the store can,
     /// in the store) for the `payra_certificates` gauge; run now and then by a background
     /// task, never by a scrape. A count that sees `stop` set ends early and changes nothing.
-    pub fn count_certificates(&self, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+    /// On a store shared by replicas, a count another one made less than `reuse_within_s`
+    /// seconds ago is taken instead of counting again.
+    pub fn count_certificates(
+        &self,
+        reuse_within_s: i64,
+        stop: &std::sync::atomic::AtomicBool,
+    ) -> Result<()> {
         use status::CertificateStatus;
-        let Some(standings) = self.store.count_by_standing(self.clock.now_s(), stop)? else {
+        let Some(standings) =
+            self.store
+                .count_by_standing(self.clock.now_s(), reuse_within_s, stop)?
+        else {
             return Ok(());
         };
         let mut counts = [0u64; 6];

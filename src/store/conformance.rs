@@ -156,7 +156,7 @@ fn certificates_are_counted_by_standing(store: Arc<dyn Store>) {
     ]
     .into();
     let go_on = std::sync::atomic::AtomicBool::new(false);
-    let counted = store.count_by_standing(now_s, &go_on).unwrap().unwrap();
+    let counted = store.count_by_standing(now_s, 0, &go_on).unwrap().unwrap();
     assert_eq!(
         counted.len(),
         expected.len(),
@@ -178,7 +178,7 @@ fn certificates_are_counted_by_standing(store: Arc<dyn Store>) {
     assert_eq!(walked, expected);
 
     let stopped = std::sync::atomic::AtomicBool::new(true);
-    assert_eq!(store.count_by_standing(now_s, &stopped).unwrap(), None);
+    assert_eq!(store.count_by_standing(now_s, 0, &stopped).unwrap(), None);
 }
 
 /// The key index finds every certificate of a device key (enrolled and renewed with it),
@@ -2085,7 +2085,7 @@ fn postgres_summaries_of_another_version_are_neither_counted_nor_purged() {
     assert!(output.status.success(), "{output:?}");
 
     let go_on = std::sync::atomic::AtomicBool::new(false);
-    let refused = store.count_by_standing(500, &go_on).unwrap_err();
+    let refused = store.count_by_standing(500, 0, &go_on).unwrap_err();
     assert!(
         refused
             .to_string()

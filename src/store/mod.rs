@@ -411,12 +411,17 @@ pub trait Store: Send + Sync {
 
     /// How many certificates there are of each [`Standing`] at `now_s` (the count by status),
     /// or `None` if `stop` was set before the count was done. This walks every summary; a
-    /// store that can count where the data is counts there instead.
+    /// store that can count where the data is counts there instead. A store shared by several
+    /// processes may answer with a count another one made less than `reuse_within_s` seconds
+    /// before `now_s` (or `None` while the first count of all is under way elsewhere); 0
+    /// asks for a count of its own.
     fn count_by_standing(
         &self,
         now_s: i64,
+        reuse_within_s: i64,
         stop: &std::sync::atomic::AtomicBool,
     ) -> Result<Option<Vec<(Standing, u64)>>> {
+        let _ = reuse_within_s;
         let mut counts = std::collections::HashMap::<Standing, u64>::new();
         let mut stopped = false;
         self.for_each_certificate_summary(&mut |summary| {

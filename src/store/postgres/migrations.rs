@@ -28,6 +28,10 @@ const MIGRATIONS: &[(&str, &str)] = &[
         "certificate summaries in the primary key",
         include_str!("migrations/0004_covered_summaries.sql"),
     ),
+    (
+        "the count by status shared by the replicas",
+        include_str!("migrations/0005_shared_count.sql"),
+    ),
 ];
 
 /// The schema version this payra runs on.

@@ -168,58 +168,22 @@ impl Store for PgStore {
         })
     }
 
-    /// Counted in the database, grouped there ([`summaries::COUNT_BY_STANDING`]): no summary
-    /// crosses the network. A summary of another version is refused rather than read at
-    /// version 1's offsets. One statement: `stop` is looked at after it.
+    /// Counted in the database, grouped there, and shared by the replicas
+    /// ([`summaries::count_by_standing`]): no summary crosses the network. A summary of
+    /// another version is refused rather than read at version 1's offsets. One statement:
+    /// `stop` is looked at after it.
     fn count_by_standing(
         &self,
         now_s: i64,
+        reuse_within_s: i64,
         stop: &std::sync::atomic::AtomicBool,
     ) -> Result<Option<Vec<(Standing, u64)>>> {
-        let counts = self.read(move |client| {
-            Box::pin(async move {
-                let rows = client
-                    .query(
-                        &prepared(client, summaries::COUNT_BY_STANDING).await?,
-                        &[&now_s, &i32::from(crate::store::records::SUMMARY_VERSION)],
-                    )
-                    .await
-                    .map_err(db_error)?;
-                rows.iter()
-                    .map(|row| {
-                        let version: i32 = row.get(4);
-                        if version != i32::from(crate::store::records::SUMMARY_VERSION) {
-                            return Err(Error::internal(format!(
-                                "certificate summary of version {version}: this build reads \
-                                 version {} only and cannot count it",
-                                crate::store::records::SUMMARY_VERSION
-                            )));
-                        }
-                        let code: Option<i32> = row.get(0);
-                        let revocation = code
-                            .map(|code| {
-                                u8::try_from(code)
-                                    .ok()
-                                    .and_then(RevocationReason::from_code)
-                                    .ok_or_else(|| {
-                                        Error::internal(format!(
-                                            "certificate summary: unknown reason code {code}"
-                                        ))
-                                    })
-                            })
-                            .transpose()?;
-                        let standing = Standing {
-                            revocation,
-                            not_yet_valid: row.get(1),
-                            expired: row.get(2),
-                        };
-                        let count: i64 = row.get(3);
-                        Ok((standing, count.max(0) as u64))
-                    })
-                    .collect::<Result<Vec<_>>>()
-            })
-        })?;
-        Ok((!stop.load(std::sync::atomic::Ordering::Relaxed)).then_some(counts))
+        let counts = self.block(summaries::count_by_standing(
+            self.pool.clone(),
+            now_s,
+            reuse_within_s,
+        ))?;
+        Ok(counts.filter(|_| !stop.load(std::sync::atomic::Ordering::Relaxed)))
     }
 
     fn certificates_with_key(&self, public_key: &[u8; 65]) -> Result<Vec<CertificateSummary>> {

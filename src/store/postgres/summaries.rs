@@ -9,10 +9,11 @@ use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 
-use super::{db_error, pool_error, prepared};
+use super::{db_error, in_transaction, pool_error, prepared, Committed};
 use crate::error::{Error, ErrorKind, Result};
-use crate::model::Serial;
-use crate::store::{CertificateSummary, SummaryReceiver};
+use crate::model::{RevocationReason, Serial};
+use crate::store::records::SUMMARY_VERSION;
+use crate::store::{CertificateSummary, Standing, SummaryReceiver};
 
 /// The summaries of a set of serials (`$1`, `bytea[]`): what a batch of cache misses and a
 /// decision's re-read of revocations run. The primary key carries the summary (schema 4),
@@ -35,6 +36,106 @@ pub(super) const COUNT_BY_STANDING: &str = "SELECT CASE WHEN get_byte(summary, 0
          $1 < ('x' || encode(substring(summary FROM 67 FOR 8), 'hex'))::bit(64)::bigint END, \
      $1 >= not_after_s, count(*), get_byte(summary, 0) \
      FROM certificates GROUP BY 1, 2, 3, 5";
+
+/// The key of the advisory lock a replica holds while it counts by status ("count" in
+/// ASCII).
+const COUNT_LOCK: i64 = 0x0063_6f75_6e74;
+
+/// The count by status at `now_s`, shared by the replicas on this database (schema 5): the
+/// count stored in `standing_counts` if it was made less than `reuse_within_s` seconds from
+/// `now_s` (either way: a replica's clock may be behind), or while another replica holds the
+/// count's lock; otherwise a fresh count, stored for the others in the same transaction.
+/// `None` while the very first count is under way elsewhere.
+pub(super) async fn count_by_standing(
+    pool: Pool,
+    now_s: i64,
+    reuse_within_s: i64,
+) -> Result<Option<Vec<(Standing, u64)>>> {
+    let version = i32::from(SUMMARY_VERSION);
+    in_transaction(&pool, move |tx| {
+        Box::pin(async move {
+            let counting: bool = tx
+                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&COUNT_LOCK])
+                .await
+                .map_err(db_error)?
+                .get(0);
+            let counted_at_s: i64 = tx
+                .query_one(
+                    "SELECT value FROM counters WHERE name = 'standings_counted_at_s'",
+                    &[],
+                )
+                .await
+                .map_err(db_error)?
+                .get(0);
+            let stored = counted_at_s != 0;
+            if counting && (!stored || (now_s - counted_at_s).abs() >= reuse_within_s) {
+                tx.execute("DELETE FROM standing_counts", &[])
+                    .await
+                    .map_err(db_error)?;
+                tx.execute(
+                    &format!(
+                        "INSERT INTO standing_counts (reason, not_yet_valid, expired, count, \
+                         version) {COUNT_BY_STANDING}"
+                    ),
+                    &[&now_s, &version],
+                )
+                .await
+                .map_err(db_error)?;
+                tx.execute(
+                    "UPDATE counters SET value = $1 WHERE name = 'standings_counted_at_s'",
+                    &[&now_s],
+                )
+                .await
+                .map_err(db_error)?;
+            } else if !stored {
+                return Ok(Committed::No(None));
+            }
+            let rows = tx
+                .query(
+                    "SELECT reason, not_yet_valid, expired, count, version FROM standing_counts",
+                    &[],
+                )
+                .await
+                .map_err(db_error)?;
+            let counts = rows
+                .iter()
+                .map(standing_count)
+                .collect::<Result<Vec<_>>>()?;
+            Ok(Committed::Yes(Some(counts)))
+        })
+    })
+    .await
+}
+
+/// One row of [`COUNT_BY_STANDING`] (or of `standing_counts`, which holds them): the
+/// standing and its count. A summary of another version cannot be counted.
+fn standing_count(row: &tokio_postgres::Row) -> Result<(Standing, u64)> {
+    let version: i32 = row.get(4);
+    if version != i32::from(SUMMARY_VERSION) {
+        return Err(Error::internal(format!(
+            "certificate summary of version {version}: this build reads version \
+             {SUMMARY_VERSION} only and cannot count it"
+        )));
+    }
+    let code: Option<i32> = row.get(0);
+    let revocation = code
+        .map(|code| {
+            u8::try_from(code)
+                .ok()
+                .and_then(RevocationReason::from_code)
+                .ok_or_else(|| {
+                    Error::internal(format!("certificate summary: unknown reason code {code}"))
+                })
+        })
+        .transpose()?;
+    let standing = Standing {
+        revocation,
+        not_yet_valid: row.get(1),
+        expired: row.get(2),
+    };
+    let count: i64 = row.get(3);
+    Ok((standing, count.max(0) as u64))
+}
 
 /// One cache miss waiting to be read.
 pub(super) struct SummaryRead {
@@ -142,13 +243,107 @@ mod tests {
 
     /// Stores the stand-in certificates of serials 0..300, valid at the time it returns.
     fn with_300_certificates(store: &super::super::PgStore) -> i64 {
+        with_certificates(store, 0..300)
+    }
+
+    /// Stores the stand-in certificates of `serials`, valid at the time it returns.
+    fn with_certificates(store: &super::super::PgStore, serials: std::ops::Range<u64>) -> i64 {
         let now_s = 1_800_000_000;
         let certificates = population::StandIns::new(now_s).unwrap();
-        let records = population::PublicKeys::from(0)
-            .zip(0..300)
+        let expected = serials.end - serials.start;
+        let records = population::PublicKeys::from(serials.start)
+            .zip(serials)
             .filter_map(|(key, i)| population::record(i, &certificates, &key));
-        assert_eq!(store.danger_bulk_insert_certificates(records).unwrap(), 300);
+        assert_eq!(
+            store.danger_bulk_insert_certificates(records).unwrap(),
+            expected
+        );
         now_s
+    }
+
+    /// Two replicas on one database count by status once between them: the second takes the
+    /// first's stored count while it is younger than its window (seen by certificates added
+    /// since, which it does not count), counts afresh once the count is older, or far in the
+    /// future (a clock that was wrong), and a window of 0 always counts. While another
+    /// process holds the count's lock, the stored count is given however old, or none
+    /// before the first.
+    #[test]
+    fn replicas_share_the_count_by_status() {
+        let name = "summaries::replicas_share_the_count_by_status";
+        let Some(config) = super::super::testing::fresh_database(name) else {
+            return;
+        };
+        super::super::PgStore::migrate(&config).unwrap();
+        let first = super::super::PgStore::connect(&config).unwrap();
+        let second = super::super::PgStore::connect(&config).unwrap();
+        let go_on = std::sync::atomic::AtomicBool::new(false);
+        let total = |store: &super::super::PgStore, at_s: i64, window_s: i64| -> u64 {
+            let counts = store.count_by_standing(at_s, window_s, &go_on).unwrap();
+            counts.unwrap().iter().map(|(_, count)| count).sum()
+        };
+        // Another process holding the count's lock is counting: until a count is stored
+        // there is none to give, and after that the stored one is given, however old.
+        let hold = |store: &super::super::PgStore| {
+            let pool = store.pool.clone();
+            store
+                .block(async move {
+                    let client = pool.get().await.map_err(super::pool_error)?;
+                    client
+                        .execute("SELECT pg_advisory_lock($1)", &[&super::COUNT_LOCK])
+                        .await
+                        .map_err(super::db_error)?;
+                    Ok(client)
+                })
+                .unwrap()
+        };
+        let release = |store: &super::super::PgStore, client: deadpool_postgres::Object| {
+            store
+                .block(async move {
+                    client
+                        .execute("SELECT pg_advisory_unlock($1)", &[&super::COUNT_LOCK])
+                        .await
+                        .map_err(super::db_error)
+                })
+                .unwrap()
+        };
+        let held = hold(&first);
+        let now_s = with_300_certificates(&first);
+        assert_eq!(second.count_by_standing(now_s, 150, &go_on).unwrap(), None);
+        release(&first, held);
+        assert_eq!(total(&first, now_s, 150), 300, "the first count of all");
+        with_certificates(&first, 300..310);
+        assert_eq!(
+            total(&second, now_s + 149, 150),
+            300,
+            "taken from the first"
+        );
+        assert_eq!(total(&second, now_s + 150, 150), 310, "counted again");
+        with_certificates(&first, 310..315);
+        assert_eq!(
+            total(&first, now_s + 200, 150),
+            310,
+            "taken from the second"
+        );
+        assert_eq!(total(&first, now_s + 200, 0), 315, "a window of 0 counts");
+        with_certificates(&first, 315..320);
+        assert_eq!(
+            total(&second, now_s, 150),
+            320,
+            "stored 200 s in its future"
+        );
+        with_certificates(&first, 320..325);
+        let held = hold(&first);
+        assert_eq!(
+            total(&second, now_s + 1_000, 150),
+            320,
+            "counting elsewhere"
+        );
+        release(&first, held);
+        assert_eq!(
+            total(&second, now_s + 1_000, 150),
+            325,
+            "counted once released"
+        );
     }
 
     /// Concurrent misses, of stored and unknown serials, answered through the async path
