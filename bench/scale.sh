@@ -7,7 +7,7 @@
 #   bash bench/scale.sh RECORDS DATA [RUNS] [DURATION_S]
 # DATA is kept (populating 10M takes minutes); remove it when done (with BACKEND=postgres,
 # stop its cluster first: PAYRA_TEST_POSTGRES_DIR=DATA/pg scripts/test-postgres.sh stop).
-# PAYRA_BIN runs that binary instead of building this tree's. CACHE_BYTES sets
+# PAYRA_BIN (an absolute path) runs that binary instead of building this tree's. CACHE_BYTES sets
 # verification.cache_bytes (default: payra's default). BACKEND=postgres puts the certificates
 # in a PostgreSQL cluster of its own under DATA/pg (scripts/test-postgres.sh), populated with
 # COPY.

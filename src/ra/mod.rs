@@ -617,7 +617,8 @@ impl Ra {
 
     /// Counts the certificates by status (`Store::count_by_standing`: where the store can,
     /// in the store) for the `payra_certificates` gauge; run now and then by a background
-    /// task, never by a scrape. A count that sees `stop` set ends early and changes nothing.
+    /// task, never by a scrape. A count that sees `stop` set ends early and leaves the gauge
+    /// as it was.
     /// On a store shared by replicas, a count another one made less than `reuse_within_s`
     /// seconds ago is taken instead of counting again.
     pub fn count_certificates(

@@ -413,8 +413,9 @@ pub trait Store: Send + Sync {
     /// or `None` if `stop` was set before the count was done. This walks every summary; a
     /// store that can count where the data is counts there instead. A store shared by several
     /// processes may answer with a count another one made less than `reuse_within_s` seconds
-    /// before `now_s` (or `None` while the first count of all is under way elsewhere); 0
-    /// asks for a count of its own.
+    /// from `now_s`, or wait (for a while) for one another process is making, and after that
+    /// wait answer with the count stored before it (`None` if there is none yet); with 0 it
+    /// counts afresh, after the count under way elsewhere.
     fn count_by_standing(
         &self,
         now_s: i64,

@@ -170,8 +170,8 @@ impl Store for PgStore {
 
     /// Counted in the database, grouped there, and shared by the replicas
     /// ([`summaries::count_by_standing`]): no summary crosses the network. A summary of
-    /// another version is refused rather than read at version 1's offsets. One statement:
-    /// `stop` is looked at after it.
+    /// another version is refused rather than read at version 1's offsets. One transaction:
+    /// `stop` is looked at after it (a count it made is stored for the others all the same).
     fn count_by_standing(
         &self,
         now_s: i64,
@@ -182,6 +182,7 @@ impl Store for PgStore {
             self.pool.clone(),
             now_s,
             reuse_within_s,
+            summaries::COUNT_LOCK_WAIT_MS,
         ))?;
         Ok(counts.filter(|_| !stop.load(std::sync::atomic::Ordering::Relaxed)))
     }

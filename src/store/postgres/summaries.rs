@@ -9,11 +9,12 @@ use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 
-use super::{db_error, in_transaction, pool_error, prepared, Committed};
+use super::{db_error, in_transaction, pool_error, prepared, prepared_tx, Committed};
 use crate::error::{Error, ErrorKind, Result};
 use crate::model::{RevocationReason, Serial};
 use crate::store::records::SUMMARY_VERSION;
 use crate::store::{CertificateSummary, Standing, SummaryReceiver};
+use deadpool_postgres::Transaction;
 
 /// The summaries of a set of serials (`$1`, `bytea[]`): what a batch of cache misses and a
 /// decision's re-read of revocations run. The primary key carries the summary (schema 4),
@@ -41,54 +42,63 @@ pub(super) const COUNT_BY_STANDING: &str = "SELECT CASE WHEN get_byte(summary, 0
 /// ASCII).
 const COUNT_LOCK: i64 = 0x0063_6f75_6e74;
 
+/// How long a replica waits for another one's count before it takes the count stored
+/// before that one (a shutdown waits as long at most).
+pub(super) const COUNT_LOCK_WAIT_MS: u32 = 10_000;
+
 /// The count by status at `now_s`, shared by the replicas on this database (schema 5): the
 /// count stored in `standing_counts` if it was made less than `reuse_within_s` seconds from
-/// `now_s` (either way: a replica's clock may be behind), or while another replica holds the
-/// count's lock; otherwise a fresh count, stored for the others in the same transaction.
-/// `None` while the very first count is under way elsewhere.
+/// `now_s` (either way: a replica's clock may be behind); otherwise a fresh count under the
+/// count's advisory lock, stored for the others in the same transaction. A replica that
+/// finds another one counting waits for it, up to `lock_wait_ms`, and takes its count; after
+/// that it takes the older stored count, or `None` if there is none yet.
 pub(super) async fn count_by_standing(
     pool: Pool,
     now_s: i64,
     reuse_within_s: i64,
+    lock_wait_ms: u32,
 ) -> Result<Option<Vec<(Standing, u64)>>> {
     let version = i32::from(SUMMARY_VERSION);
+    let window_s = u64::try_from(reuse_within_s).unwrap_or(0);
+    let fresh =
+        move |counted_at_s: i64| counted_at_s != 0 && now_s.abs_diff(counted_at_s) < window_s;
     in_transaction(&pool, move |tx| {
         Box::pin(async move {
-            let counting: bool = tx
-                .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&COUNT_LOCK])
-                .await
-                .map_err(db_error)?
-                .get(0);
-            let counted_at_s: i64 = tx
-                .query_one(
-                    "SELECT value FROM counters WHERE name = 'standings_counted_at_s'",
-                    &[],
-                )
-                .await
-                .map_err(db_error)?
-                .get(0);
-            let stored = counted_at_s != 0;
-            if counting && (!stored || (now_s - counted_at_s).abs() >= reuse_within_s) {
-                tx.execute("DELETE FROM standing_counts", &[])
+            // A counter whose client has gone quiet does not keep the lock for long.
+            tx.batch_execute(&format!(
+                "SET LOCAL idle_in_transaction_session_timeout = '60s'; \
+                 SET LOCAL lock_timeout = '{lock_wait_ms}ms'"
+            ))
+            .await
+            .map_err(db_error)?;
+            let counted_at_s = counted_at(tx).await?;
+            if !fresh(counted_at_s) {
+                tx.batch_execute("SAVEPOINT count_lock")
                     .await
                     .map_err(db_error)?;
-                tx.execute(
-                    &format!(
-                        "INSERT INTO standing_counts (reason, not_yet_valid, expired, count, \
-                         version) {COUNT_BY_STANDING}"
-                    ),
-                    &[&now_s, &version],
-                )
-                .await
-                .map_err(db_error)?;
-                tx.execute(
-                    "UPDATE counters SET value = $1 WHERE name = 'standings_counted_at_s'",
-                    &[&now_s],
-                )
-                .await
-                .map_err(db_error)?;
-            } else if !stored {
-                return Ok(Committed::No(None));
+                match tx
+                    .execute("SELECT pg_advisory_xact_lock($1)", &[&COUNT_LOCK])
+                    .await
+                {
+                    // Another replica may have counted while this one waited for the lock.
+                    Ok(_) if fresh(counted_at(tx).await?) => {}
+                    Ok(_) => {
+                        let counted = count_and_store(tx, now_s, version).await?;
+                        return Ok(Committed::Yes(Some(counted)));
+                    }
+                    Err(e)
+                        if e.code()
+                            == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) =>
+                    {
+                        tx.batch_execute("ROLLBACK TO SAVEPOINT count_lock")
+                            .await
+                            .map_err(db_error)?;
+                        if counted_at_s == 0 {
+                            return Ok(Committed::No(None));
+                        }
+                    }
+                    Err(e) => return Err(db_error(e)),
+                }
             }
             let rows = tx
                 .query(
@@ -105,6 +115,62 @@ pub(super) async fn count_by_standing(
         })
     })
     .await
+}
+
+/// When the stored count was made (0: never).
+async fn counted_at(tx: &Transaction<'_>) -> Result<i64> {
+    Ok(tx
+        .query_one(
+            "SELECT value FROM counters WHERE name = 'standings_counted_at_s'",
+            &[],
+        )
+        .await
+        .map_err(db_error)?
+        .get(0))
+}
+
+/// Counts by status at `now_s` ([`COUNT_BY_STANDING`], a plain query, so PostgreSQL may run
+/// it in parallel) and replaces the stored count with it. A summary of another version is
+/// refused before anything is stored.
+async fn count_and_store(
+    tx: &Transaction<'_>,
+    now_s: i64,
+    version: i32,
+) -> Result<Vec<(Standing, u64)>> {
+    let rows = tx
+        .query(
+            &prepared_tx(tx, COUNT_BY_STANDING).await?,
+            &[&now_s, &version],
+        )
+        .await
+        .map_err(db_error)?;
+    let counted = rows
+        .iter()
+        .map(standing_count)
+        .collect::<Result<Vec<_>>>()?;
+    let reasons: Vec<Option<i32>> = rows.iter().map(|row| row.get(0)).collect();
+    let not_yet_valid: Vec<Option<bool>> = rows.iter().map(|row| row.get(1)).collect();
+    let expired: Vec<bool> = rows.iter().map(|row| row.get(2)).collect();
+    let counts: Vec<i64> = rows.iter().map(|row| row.get(3)).collect();
+    let versions: Vec<i32> = rows.iter().map(|row| row.get(4)).collect();
+    tx.execute("DELETE FROM standing_counts", &[])
+        .await
+        .map_err(db_error)?;
+    tx.execute(
+        "INSERT INTO standing_counts (reason, not_yet_valid, expired, count, version) \
+         SELECT * FROM UNNEST($1::integer[], $2::boolean[], $3::boolean[], $4::bigint[], \
+         $5::integer[])",
+        &[&reasons, &not_yet_valid, &expired, &counts, &versions],
+    )
+    .await
+    .map_err(db_error)?;
+    tx.execute(
+        "UPDATE counters SET value = $1 WHERE name = 'standings_counted_at_s'",
+        &[&now_s],
+    )
+    .await
+    .map_err(db_error)?;
+    Ok(counted)
 }
 
 /// One row of [`COUNT_BY_STANDING`] (or of `standing_counts`, which holds them): the
@@ -265,8 +331,9 @@ mod tests {
     /// first's stored count while it is younger than its window (seen by certificates added
     /// since, which it does not count), counts afresh once the count is older, or far in the
     /// future (a clock that was wrong), and a window of 0 always counts. While another
-    /// process holds the count's lock, the stored count is given however old, or none
-    /// before the first.
+    /// process holds the count's lock (is counting), a fresh stored count is taken at once,
+    /// and a replica without one waits for the lock, then counts; if the wait runs out it
+    /// takes the older stored count, or none.
     #[test]
     fn replicas_share_the_count_by_status() {
         let name = "summaries::replicas_share_the_count_by_status";
@@ -281,69 +348,99 @@ mod tests {
             let counts = store.count_by_standing(at_s, window_s, &go_on).unwrap();
             counts.unwrap().iter().map(|(_, count)| count).sum()
         };
-        // Another process holding the count's lock is counting: until a count is stored
-        // there is none to give, and after that the stored one is given, however old.
-        let hold = |store: &super::super::PgStore| {
-            let pool = store.pool.clone();
-            store
+        // The count's lock, taken or given back on a connection of `first`'s pool.
+        let lock = |client: Option<deadpool_postgres::Object>, sql: &'static str| {
+            let pool = first.pool.clone();
+            first
                 .block(async move {
-                    let client = pool.get().await.map_err(super::pool_error)?;
+                    let client = match client {
+                        Some(client) => client,
+                        None => pool.get().await.map_err(super::pool_error)?,
+                    };
                     client
-                        .execute("SELECT pg_advisory_lock($1)", &[&super::COUNT_LOCK])
+                        .execute(sql, &[&super::COUNT_LOCK])
                         .await
                         .map_err(super::db_error)?;
                     Ok(client)
                 })
                 .unwrap()
         };
-        let release = |store: &super::super::PgStore, client: deadpool_postgres::Object| {
-            store
-                .block(async move {
-                    client
-                        .execute("SELECT pg_advisory_unlock($1)", &[&super::COUNT_LOCK])
-                        .await
-                        .map_err(super::db_error)
-                })
-                .unwrap()
+        let url = config.url.as_deref().unwrap();
+        let password = std::env::var(super::super::testing::PASSWORD_VARIABLE).ok();
+        let waiting_for_the_lock = || {
+            super::super::testing::text_rows(
+                url,
+                password.as_deref(),
+                &[format!(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                     AND database = (SELECT oid FROM pg_database \
+                     WHERE datname = current_database()) AND classid = {} AND objid = {}",
+                    super::COUNT_LOCK >> 32,
+                    super::COUNT_LOCK & 0xffff_ffff
+                )],
+            ) == ["1"]
         };
-        let held = hold(&first);
+
+        // Waiting briefly for a count that does not end: the count stored before it, or none.
+        let impatient = |at_s: i64| {
+            second
+                .block(super::count_by_standing(second.pool.clone(), at_s, 150, 50))
+                .unwrap()
+                .map(|counts| counts.iter().map(|(_, count)| count).sum::<u64>())
+        };
+
         let now_s = with_300_certificates(&first);
-        assert_eq!(second.count_by_standing(now_s, 150, &go_on).unwrap(), None);
-        release(&first, held);
-        assert_eq!(total(&first, now_s, 150), 300, "the first count of all");
+        let held = lock(None, "SELECT pg_advisory_lock($1)");
+        assert_eq!(impatient(now_s), None, "nothing stored yet");
+        std::thread::scope(|scope| {
+            let waiter = scope.spawn(|| total(&second, now_s, 150));
+            // Bounded: a waiter that never queues for the lock fails here, not by hanging.
+            let mut polls = 0;
+            while !waiting_for_the_lock() {
+                assert!(
+                    !waiter.is_finished(),
+                    "counted without waiting for the lock"
+                );
+                polls += 1;
+                assert!(polls < 3_000, "the count never waited for the lock");
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            drop(lock(Some(held), "SELECT pg_advisory_unlock($1)"));
+            assert_eq!(
+                waiter.join().unwrap(),
+                300,
+                "counted once the lock was free"
+            );
+        });
         with_certificates(&first, 300..310);
         assert_eq!(
-            total(&second, now_s + 149, 150),
+            total(&first, now_s + 149, 150),
             300,
-            "taken from the first"
-        );
-        assert_eq!(total(&second, now_s + 150, 150), 310, "counted again");
-        with_certificates(&first, 310..315);
-        assert_eq!(
-            total(&first, now_s + 200, 150),
-            310,
             "taken from the second"
         );
-        assert_eq!(total(&first, now_s + 200, 0), 315, "a window of 0 counts");
+        assert_eq!(total(&first, now_s + 150, 150), 310, "counted again");
+        with_certificates(&first, 310..315);
+        assert_eq!(
+            total(&second, now_s + 200, 150),
+            310,
+            "taken from the first"
+        );
+        assert_eq!(total(&second, now_s + 200, 0), 315, "a window of 0 counts");
         with_certificates(&first, 315..320);
-        assert_eq!(
-            total(&second, now_s, 150),
-            320,
-            "stored 200 s in its future"
-        );
+        assert_eq!(total(&first, now_s, 150), 320, "stored 200 s in its future");
         with_certificates(&first, 320..325);
-        let held = hold(&first);
+        let held = lock(None, "SELECT pg_advisory_lock($1)");
         assert_eq!(
-            total(&second, now_s + 1_000, 150),
+            total(&second, now_s + 100, 150),
             320,
-            "counting elsewhere"
+            "a fresh count is taken while another replica counts"
         );
-        release(&first, held);
         assert_eq!(
-            total(&second, now_s + 1_000, 150),
-            325,
-            "counted once released"
+            impatient(now_s + 1_000),
+            Some(320),
+            "an older count is taken after the wait"
         );
+        drop(lock(Some(held), "SELECT pg_advisory_unlock($1)"));
     }
 
     /// Concurrent misses, of stored and unknown serials, answered through the async path

@@ -7,8 +7,9 @@
 -- the heap's 2 KB row with the JSON record. At 100M devices that is a 19 GB working set
 -- instead of 200 GB, and the count reads a tenth of the bytes.
 --
--- The rebuild locks the table for writes while it runs: about 1.3 s per million
--- certificates on a 2-core machine (operations.md, "Upgrading a PostgreSQL deployment").
+-- The rebuild holds an ACCESS EXCLUSIVE lock on the table until the migration commits: about
+-- 0.9 s per million certificates on a 2-core machine (operations.md, "Upgrading a PostgreSQL
+-- deployment to schemas 4 and 5").
 ALTER TABLE certificates
     DROP CONSTRAINT certificates_pkey,
     ADD CONSTRAINT certificates_pkey PRIMARY KEY (serial) INCLUDE (not_after_s, summary);

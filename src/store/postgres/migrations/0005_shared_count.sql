@@ -3,11 +3,12 @@
 -- Every replica publishes `payra_certificates` from a count of the certificates by status,
 -- at start and every 5 minutes. At 100M certificates one count reads the whole primary key
 -- (19 GB) and takes about 37 s of a PostgreSQL core. A replica now counts only when the
--- last count stored here is older than half its interval, and under an advisory lock, so one
+-- last count stored here is older than half its interval, under an advisory lock; one
 -- replica counts and the others read its result.
 
 -- The last count: one row per standing, as `Store::count_by_standing` groups them.
 CREATE TABLE standing_counts (
+    id            bigint  GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     reason        integer,
     not_yet_valid boolean,
     expired       boolean NOT NULL,
