@@ -117,11 +117,12 @@ pub(super) async fn count_by_standing(
     .await
 }
 
-/// When the stored count was made (0: never).
+/// When the stored count was made (0: never, or its row is gone).
 async fn counted_at(tx: &Transaction<'_>) -> Result<i64> {
     Ok(tx
         .query_one(
-            "SELECT value FROM counters WHERE name = 'standings_counted_at_s'",
+            "SELECT coalesce((SELECT value FROM counters \
+             WHERE name = 'standings_counted_at_s'), 0)",
             &[],
         )
         .await
@@ -165,7 +166,8 @@ async fn count_and_store(
     .await
     .map_err(db_error)?;
     tx.execute(
-        "UPDATE counters SET value = $1 WHERE name = 'standings_counted_at_s'",
+        "INSERT INTO counters (name, value) VALUES ('standings_counted_at_s', $1) \
+         ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
         &[&now_s],
     )
     .await
@@ -333,7 +335,7 @@ mod tests {
     /// future (a clock that was wrong), and a window of 0 always counts. While another
     /// process holds the count's lock (is counting), a fresh stored count is taken at once,
     /// and a replica without one waits for the lock, then counts; if the wait runs out it
-    /// takes the older stored count, or none.
+    /// takes the older stored count, or none. A lost timestamp counts as no count.
     #[test]
     fn replicas_share_the_count_by_status() {
         let name = "summaries::replicas_share_the_count_by_status";
@@ -441,6 +443,16 @@ mod tests {
             "an older count is taken after the wait"
         );
         drop(lock(Some(held), "SELECT pg_advisory_unlock($1)"));
+        // A lost timestamp row is a count never made: counted afresh, and the row is back.
+        let forget = "DELETE FROM counters WHERE name = 'standings_counted_at_s'";
+        super::super::testing::text_rows(url, password.as_deref(), &[forget.to_string()]);
+        assert_eq!(total(&second, now_s + 100, 150), 325, "no timestamp");
+        with_certificates(&first, 325..330);
+        assert_eq!(
+            total(&first, now_s + 101, 150),
+            325,
+            "its timestamp is back"
+        );
     }
 
     /// Concurrent misses, of stored and unknown serials, answered through the async path
