@@ -450,27 +450,9 @@ async fn fail_a_changed_row_breaks_the_chains_and_audit_verify_names_it() {
     server.stop().await;
 }
 
-/// Runs `sql` on the database of `store` with psql.
+/// Runs `sql` on the database of `store`.
 fn psql(store: &StoreConfig, sql: &str) {
-    let output = std::process::Command::new("psql")
-        .args([
-            store.url.as_deref().unwrap(),
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-qc",
-            sql,
-        ])
-        .env(
-            "PGPASSWORD",
-            std::env::var(testing::PASSWORD_VARIABLE).unwrap_or_default(),
-        )
-        .output()
-        .expect("psql");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    testing::on_database(store, &[sql.to_string()]);
 }
 
 /// Retries `request` while payra answers `UNAVAILABLE` (the database is switching), for up

@@ -2055,11 +2055,10 @@ fn a_record_the_compact_form_cannot_hold_is_stored_as_json_and_still_revocable()
 #[test]
 fn postgres_summaries_of_another_version_are_neither_counted_nor_purged() {
     let name = "conformance::postgres_summaries_of_another_version";
-    let Some(config) = crate::store::postgres::testing::fresh_database(name) else {
+    let Some((store, config)) = crate::store::postgres::testing::fresh_store_and_config(name)
+    else {
         return;
     };
-    crate::store::PgStore::migrate(&config).unwrap();
-    let store = crate::store::PgStore::connect(&config).unwrap();
     let known = issue(&store, "c-v1", "d-v1");
     let unknown = issue(&store, "c-v2", "d-v2");
     // Version 2, and shorter than any offset version 1 has past its key.
@@ -2068,21 +2067,7 @@ fn postgres_summaries_of_another_version_are_neither_counted_nor_purged() {
          WHERE serial = '\\x{}'",
         hex::encode(unknown.serial.as_bytes())
     );
-    let output = std::process::Command::new("psql")
-        .args([
-            config.url.as_deref().unwrap(),
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-qc",
-            &sql,
-        ])
-        .env(
-            "PGPASSWORD",
-            std::env::var(crate::store::postgres::testing::PASSWORD_VARIABLE).unwrap_or_default(),
-        )
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{output:?}");
+    crate::store::postgres::testing::on_database(&config, &[sql]);
 
     let go_on = std::sync::atomic::AtomicBool::new(false);
     let refused = store.count_by_standing(500, 0, &go_on).unwrap_err();

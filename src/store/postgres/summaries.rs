@@ -339,11 +339,9 @@ mod tests {
     #[test]
     fn replicas_share_the_count_by_status() {
         let name = "summaries::replicas_share_the_count_by_status";
-        let Some(config) = super::super::testing::fresh_database(name) else {
+        let Some((first, config)) = super::super::testing::fresh_store_and_config(name) else {
             return;
         };
-        super::super::PgStore::migrate(&config).unwrap();
-        let first = super::super::PgStore::connect(&config).unwrap();
         let second = super::super::PgStore::connect(&config).unwrap();
         let go_on = std::sync::atomic::AtomicBool::new(false);
         let total = |store: &super::super::PgStore, at_s: i64, window_s: i64| -> u64 {
@@ -367,12 +365,9 @@ mod tests {
                 })
                 .unwrap()
         };
-        let url = config.url.as_deref().unwrap();
-        let password = std::env::var(super::super::testing::PASSWORD_VARIABLE).ok();
         let waiting_for_the_lock = || {
-            super::super::testing::text_rows(
-                url,
-                password.as_deref(),
+            super::super::testing::on_database(
+                &config,
                 &[format!(
                     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
                      AND database = (SELECT oid FROM pg_database \
@@ -445,7 +440,7 @@ mod tests {
         drop(lock(Some(held), "SELECT pg_advisory_unlock($1)"));
         // A lost timestamp row is a count never made: counted afresh, and the row is back.
         let forget = "DELETE FROM counters WHERE name = 'standings_counted_at_s'";
-        super::super::testing::text_rows(url, password.as_deref(), &[forget.to_string()]);
+        super::super::testing::on_database(&config, &[forget.to_string()]);
         assert_eq!(total(&second, now_s + 100, 150), 325, "no timestamp");
         with_certificates(&first, 325..330);
         assert_eq!(
@@ -504,16 +499,12 @@ mod tests {
     #[test]
     fn summaries_are_read_from_the_primary_key_alone() {
         let name = "summaries::summaries_are_read_from_the_primary_key_alone";
-        let Some(config) = super::super::testing::fresh_database(name) else {
+        let Some((store, config)) = super::super::testing::fresh_store_and_config(name) else {
             return;
         };
-        super::super::PgStore::migrate(&config).unwrap();
-        let store = super::super::PgStore::connect(&config).unwrap();
         let now_s = with_300_certificates(&store);
-        let url = config.url.as_deref().unwrap();
-        let password = std::env::var(super::super::testing::PASSWORD_VARIABLE).ok();
         let run = |statements: &[String]| {
-            super::super::testing::text_rows(url, password.as_deref(), statements).join("\n")
+            super::super::testing::on_database(&config, statements).join("\n")
         };
         run(&["VACUUM certificates".to_string()]);
         let serial = |i| {

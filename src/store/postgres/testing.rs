@@ -131,11 +131,25 @@ pub fn text_rows(url: &str, password: Option<&str>, statements: &[String]) -> Ve
     .expect("running statements on the test cluster")
 }
 
+/// [`text_rows`] on the test database `store` is configured for, with the test cluster's
+/// password.
+pub fn on_database(store: &StoreConfig, statements: &[String]) -> Vec<String> {
+    let url = store.url.as_deref().expect("a test database's URL");
+    let password = std::env::var(PASSWORD_VARIABLE).ok();
+    text_rows(url, password.as_deref(), statements)
+}
+
 /// A migrated store on a fresh database, or `None` when there is no test cluster.
 pub fn fresh_store(test: &str) -> Option<super::PgStore> {
+    fresh_store_and_config(test).map(|(store, _)| store)
+}
+
+/// [`fresh_store`] with its configuration (for a second store on it, or SQL of the test's).
+pub fn fresh_store_and_config(test: &str) -> Option<(super::PgStore, StoreConfig)> {
     let config = fresh_database(test)?;
     super::PgStore::migrate(&config).expect("migrating the test database");
-    Some(super::PgStore::connect(&config).expect("connecting to the test database"))
+    let store = super::PgStore::connect(&config).expect("connecting to the test database");
+    Some((store, config))
 }
 
 #[cfg(test)]
